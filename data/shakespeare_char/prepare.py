@@ -1,0 +1,81 @@
+"""Tiny Shakespeare -> char-level train.bin / val.bin (uint16) and meta.json."""
+
+import argparse
+import json
+import os
+import sys
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+
+URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+
+
+def read_text(path: Path) -> str:
+    """Return the file's text exactly as stored, or exit with one line on stderr."""
+    try:
+        # Bytes then decode: text mode would translate newlines and break exact round trips.
+        return path.read_bytes().decode("utf-8")
+    except FileNotFoundError:
+        sys.exit(f"prepare.py: input file not found: {path}")
+    except (OSError, UnicodeDecodeError) as e:
+        sys.exit(f"prepare.py: cannot read {path} as UTF-8 text: {e}")
+
+
+def download(path: Path) -> None:
+    """Fetch Tiny Shakespeare into path, or exit with one line on stderr."""
+    try:
+        with urllib.request.urlopen(URL, timeout=30) as response:
+            body = response.read()
+    except OSError as e:
+        sys.exit(f"prepare.py: could not download {URL} ({e}); pass --input PATH to a local copy")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Rename into place so a killed download never leaves a truncated input.txt to reuse.
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(body)
+    os.replace(tmp, path)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--input", help="Tiny Shakespeare text file (default: <out_dir>/input.txt, downloaded if absent)")
+    parser.add_argument("--out_dir", default=str(Path(__file__).resolve().parent))
+    args = parser.parse_args()
+    out_dir = Path(args.out_dir)
+
+    input_path = Path(args.input) if args.input else out_dir / "input.txt"
+    if args.input is None and not input_path.exists():
+        download(input_path)
+    text = read_text(input_path)
+
+    chars = sorted(set(text))
+    if len(chars) > 2**16:
+        sys.exit(f"prepare.py: {len(chars)} distinct characters do not fit uint16 token ids")
+    stoi = {c: i for i, c in enumerate(chars)}
+    ids = np.array([stoi[c] for c in text], dtype=np.uint16)
+    n_train = int(0.9 * len(ids))
+    splits = {"train": ids[:n_train], "val": ids[n_train:]}
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    # A stale meta.json beside half-replaced .bin files would vouch for the wrong data.
+    (out_dir / "meta.json").unlink(missing_ok=True)
+    for name, split_ids in splits.items():
+        split_ids.tofile(out_dir / f"{name}.bin.tmp")
+    for name in splits:
+        os.replace(out_dir / f"{name}.bin.tmp", out_dir / f"{name}.bin")
+    meta = {
+        "tokenizer": "char",
+        "vocab_size": len(chars),
+        "chars": chars,
+        "train_tokens": len(splits["train"]),
+        "val_tokens": len(splits["val"]),
+    }
+    # meta.json goes last: its presence is what marks the directory complete.
+    (out_dir / "meta.json.tmp").write_text(json.dumps(meta))
+    os.replace(out_dir / "meta.json.tmp", out_dir / "meta.json")
+    print(f"vocab size {len(chars)}; train {meta['train_tokens']:,} tokens, val {meta['val_tokens']:,} tokens -> {out_dir}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,175 @@
+"""Run configuration: frozen dataclasses, command-line overrides, JSON round trip."""
+
+import dataclasses
+import difflib
+import importlib
+import pkgutil
+import typing
+
+from midgpt.errors import MidgptError
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int
+    block_size: int  # longest context, in tokens
+    n_layer: int
+    n_head: int
+    n_embd: int
+    dropout: float = 0.0
+    rope_base: float = 10000.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    data_dir: str
+    model: ModelConfig
+    seed: int = 0
+    max_steps: int = 5000
+    batch_size: int = 64  # micro-batch rows; global batch is batch_size * g_accum_iters
+    g_accum_iters: int = 1
+    learning_rate: float = 1e-3  # peak
+    warmup_steps: int = 100
+    lr_decay_steps: int = 5000  # cosine reaches min_lr here
+    min_lr: float = 1e-4
+    beta1: float = 0.9
+    beta2: float = 0.99
+    weight_decay: float = 1e-4  # independent: not multiplied by the peak lr
+    grad_clip: float = 1.0
+    eval_interval: int = 250
+    eval_iters: int = 200
+    log_interval: int = 10
+    param_dtype: str = "float32"
+    compute_dtype: str = "bfloat16"
+
+
+def load_config(name: str) -> Config:
+    """Return the `config` defined by module midgpt.configs.<name>."""
+    configs = importlib.import_module("midgpt.configs")
+    available = sorted(m.name for m in pkgutil.iter_modules(configs.__path__))
+    # Check the name before importing so a typo never imports something else.
+    if name not in available:
+        hint = _did_you_mean(name, available)
+        raise MidgptError(f"unknown config {name!r}{hint} (available: {', '.join(available)})")
+    return importlib.import_module(f"midgpt.configs.{name}").config
+
+
+def apply_overrides(config: Config, overrides: list[str]) -> Config:
+    """Return config with each `--dotted.field=VALUE` applied in order."""
+    types = _leaf_types(type(config))
+    for arg in overrides:
+        if not arg.startswith("--") or "=" not in arg:
+            raise MidgptError(f"malformed override {arg!r}; expected --FIELD=VALUE, e.g. --model.n_layer=2")
+        name, _, text = arg[2:].partition("=")
+        if name not in types:
+            if any(t.startswith(name + ".") for t in types):
+                raise MidgptError(f"config field {name!r} is a group; set its fields, e.g. --{name}.FIELD=VALUE")
+            hint = _did_you_mean(name, types) or f"; known fields: {', '.join(types)}"
+            raise MidgptError(f"unknown config field {name!r}{hint}")
+        config = _replace(config, name, _parse(name, types[name], text))
+    return config
+
+
+def config_to_dict(config: Config) -> dict:
+    """Plain nested dict of config, ready for json.dumps."""
+    return dataclasses.asdict(config)
+
+
+def config_from_dict(d: dict) -> Config:
+    """Inverse of config_to_dict; bad keys or value types raise MidgptError."""
+    return _from_dict(Config, d, prefix="")
+
+
+def _leaf_types(cls: type, prefix: str = "") -> dict[str, type]:
+    """Dotted name -> annotated type, for every non-dataclass field under cls."""
+    hints = typing.get_type_hints(cls)
+    types = {}
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            types.update(_leaf_types(hints[f.name], f"{prefix}{f.name}."))
+        else:
+            types[prefix + f.name] = hints[f.name]
+    return types
+
+
+def _did_you_mean(name: str, choices) -> str:
+    """"; did you mean 'x'?" naming the nearest choices by difflib ratio, else ""."""
+    ratio = {c: difflib.SequenceMatcher(None, name, c).ratio() for c in choices}
+    best = max(ratio.values(), default=0.0)
+    # Near-ties only: 'model.n_layers' should suggest model.n_layer, not every model.n_* field.
+    close = sorted((c for c in ratio if ratio[c] >= max(0.6, best - 0.1)), key=lambda c: -ratio[c])[:3]
+    return f"; did you mean {' or '.join(map(repr, close))}?" if close else ""
+
+
+def _parse(name: str, type_: type, text: str):
+    """Parse one command-line value by the field's annotated type."""
+    try:
+        if type_ is bool:
+            return {"true": True, "1": True, "false": False, "0": False}[text.lower()]
+        return type_(text)  # int("1.5") raises, so a fractional int is rejected
+    except (KeyError, ValueError):
+        expected = "bool (true/false/1/0)" if type_ is bool else type_.__name__
+        raise MidgptError(f"config field {name!r} expects {expected}, got {text!r}") from None
+
+
+def _replace(obj, dotted: str, value):
+    """dataclasses.replace along a dotted path, rebuilding each frozen parent."""
+    head, _, rest = dotted.partition(".")
+    if rest:
+        value = _replace(getattr(obj, head), rest, value)
+    return dataclasses.replace(obj, **{head: value})
+
+
+def _from_dict(cls: type, d, prefix: str):
+    """Build dataclass cls from dict d, checking keys and leaf types."""
+    if not isinstance(d, dict):
+        raise MidgptError(f"config field {prefix.rstrip('.') or 'root'!r} must be a mapping, got {d!r}")
+    hints = typing.get_type_hints(cls)
+    unknown = sorted(set(d) - set(hints))
+    if unknown:
+        raise MidgptError(f"unknown config keys: {', '.join(prefix + k for k in unknown)}")
+    no_default = dataclasses.MISSING
+    required = {f.name for f in dataclasses.fields(cls) if f.default is no_default and f.default_factory is no_default}
+    missing = sorted(required - set(d))
+    if missing:
+        raise MidgptError(f"missing config keys: {', '.join(prefix + k for k in missing)}")
+    kwargs = {}
+    for key, value in d.items():
+        type_ = hints[key]
+        if dataclasses.is_dataclass(type_):
+            value = _from_dict(type_, value, f"{prefix}{key}.")
+        # A hand-edited JSON file may write 0 for a float; Python's bool is an int but never a valid number here.
+        elif type_ is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        elif not isinstance(value, type_) or (type_ is int and isinstance(value, bool)):
+            raise MidgptError(f"config field {prefix + key!r} expects {type_.__name__}, got {value!r}")
+        kwargs[key] = value
+    return cls(**kwargs)
+
+
+def check_config(config: Config) -> None:
+    """Raise MidgptError for values that parse but cannot run."""
+    m = config.model
+    positive = {
+        "model.vocab_size": m.vocab_size, "model.block_size": m.block_size, "model.n_layer": m.n_layer,
+        "model.n_head": m.n_head, "model.n_embd": m.n_embd, "max_steps": config.max_steps,
+        "batch_size": config.batch_size, "g_accum_iters": config.g_accum_iters,
+        "eval_interval": config.eval_interval, "eval_iters": config.eval_iters,
+        "log_interval": config.log_interval, "learning_rate": config.learning_rate,
+        "lr_decay_steps": config.lr_decay_steps,
+    }
+    for name, value in positive.items():
+        if value <= 0:
+            raise MidgptError(f"config field {name!r} must be positive, got {value}")
+    if m.n_embd % m.n_head or (m.n_embd // m.n_head) % 2:
+        raise MidgptError(
+            f"model.n_embd={m.n_embd} must split into model.n_head={m.n_head} heads of even width "
+            "(rotary embeddings rotate pairs of features)"
+        )
+    if not 0 <= m.dropout < 1:
+        raise MidgptError(f"config field 'model.dropout' must be in [0, 1), got {m.dropout}")
+    if not 0 <= config.warmup_steps <= config.lr_decay_steps:
+        raise MidgptError(f"warmup_steps={config.warmup_steps} must be in [0, lr_decay_steps={config.lr_decay_steps}]")
+    for name in ("param_dtype", "compute_dtype"):
+        if getattr(config, name) not in ("float32", "bfloat16", "float16"):
+            raise MidgptError(f"config field {name!r} must be float32, bfloat16 or float16, got {getattr(config, name)!r}")

@@ -1,0 +1,64 @@
+"""Token streams on disk: memory-mapped splits, random training windows, char tokenizer."""
+
+import json
+import os
+
+import numpy as np
+
+from midgpt.errors import MidgptError
+
+
+def _require(data_dir: str, name: str) -> str:
+    """Return data_dir/name, or raise MidgptError naming the missing path and how to make it."""
+    path = os.path.join(data_dir, name)
+    if not os.path.exists(path):
+        missing = path if os.path.isdir(data_dir) else data_dir
+        raise MidgptError(
+            f"{missing} not found; run python data/shakespeare_char/prepare.py "
+            "(or the dataset's own prepare script) to create it"
+        )
+    return path
+
+
+def load_tokens(data_dir: str, split: str) -> np.ndarray:
+    """Memory-map <data_dir>/<split>.bin as a flat uint16 token stream."""
+    return np.memmap(_require(data_dir, f"{split}.bin"), dtype=np.uint16, mode="r")
+
+
+def load_meta(data_dir: str) -> dict:
+    """Read <data_dir>/meta.json (tokenizer, vocabulary, token counts)."""
+    with open(_require(data_dir, "meta.json")) as f:
+        return json.load(f)
+
+
+def get_batch(
+    tokens: np.ndarray,
+    key: tuple[int, ...],
+    batch_size: int,
+    block_size: int,
+    rows: slice | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Return rows of the global batch fixed by key as int32 (x_BxT, y_BxT), y = x shifted by one."""
+    rng = np.random.default_rng(key)
+    # Every row's offset is drawn, so each process's share comes from the same global batch.
+    offsets_B = rng.integers(0, len(tokens) - block_size, size=batch_size)
+    if rows is not None:
+        offsets_B = offsets_B[rows]
+    # Fancy indexing reads only the selected windows from the memmap; each is T+1 long.
+    window_BxT1 = tokens[offsets_B[:, None] + np.arange(block_size + 1)].astype(np.int32)
+    return window_BxT1[:, :-1], window_BxT1[:, 1:]
+
+
+def encode(meta: dict, text: str) -> list[int]:
+    """Map text to token ids with the char vocabulary in meta."""
+    stoi = {c: i for i, c in enumerate(meta["chars"])}
+    unknown = sorted(set(text) - stoi.keys())
+    if unknown:
+        raise MidgptError(f"characters not in the vocabulary: {unknown}")
+    return [stoi[c] for c in text]
+
+
+def decode(meta: dict, ids) -> str:
+    """Map token ids back to text with the char vocabulary in meta."""
+    chars = meta["chars"]
+    return "".join(chars[i] for i in ids)

@@ -1,0 +1,194 @@
+"""GPT decoder: rotary positions, RMSNorm, QK-LayerNorm, tied embeddings, scanned layers.
+
+Initialisation: the tied embedding is N(0, 1/D), so that the logits of a fresh
+model have unit scale after the final RMSNorm; projections into the residual
+stream's readers (q, k, v, MLP in) are truncated N(0, 1/fan_in); projections
+that write back to the residual stream (attention out, MLP out) are scaled down
+further by 1/sqrt(2 L), as in GPT-2, so the stream does not grow with depth.
+Norm gains start at one.
+"""
+
+import math
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+
+from midgpt.config import ModelConfig
+
+
+class RMSNorm(eqx.Module):
+    weight_D: jax.Array
+    eps: float = eqx.field(static=True)
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        self.weight_D, self.eps = jnp.ones((dim,)), eps
+
+    def __call__(self, x_xD):
+        # Statistics in float32: bf16's 8-bit mantissa makes the mean square noisy.
+        x32_xD = x_xD.astype(jnp.float32)
+        ms_x1 = jnp.mean(jnp.square(x32_xD), axis=-1, keepdims=True)
+        return (x32_xD * jax.lax.rsqrt(ms_x1 + self.eps)).astype(x_xD.dtype) * self.weight_D
+
+
+class LayerNorm(RMSNorm):
+    """LayerNorm without bias: RMSNorm of the centred input."""
+
+    def __call__(self, x_xD):
+        return super().__call__(x_xD - jnp.mean(x_xD, axis=-1, keepdims=True))
+
+
+def _normal(key, shape, std):
+    return std * jax.random.truncated_normal(key, -2.0, 2.0, shape)
+
+
+def rotary_tables(positions_T, head_dim: int, base: float):
+    """sin and cos of each position's rotation angles, each (T, C), in float32."""
+    inv_freq_K = base ** (-jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
+    angle_TxK = positions_T.astype(jnp.float32)[:, None] * inv_freq_K
+    angle_TxC = jnp.concatenate([angle_TxK, angle_TxK], axis=-1)
+    return jnp.sin(angle_TxC), jnp.cos(angle_TxC)
+
+
+def apply_rotary(x_BxTxHxC, sin_TxC, cos_TxC):
+    """Rotate each (i, i + C/2) pair of features by its position's angle."""
+    x1, x2 = jnp.split(x_BxTxHxC, 2, axis=-1)
+    rotated_BxTxHxC = jnp.concatenate([-x2, x1], axis=-1)
+    sin_Tx1xC, cos_Tx1xC = sin_TxC[:, None, :], cos_TxC[:, None, :]
+    out = x_BxTxHxC * cos_Tx1xC + rotated_BxTxHxC * sin_Tx1xC
+    return out.astype(x_BxTxHxC.dtype)
+
+
+class Attention(eqx.Module):
+    wq_DxHxC: jax.Array
+    wk_DxHxC: jax.Array
+    wv_DxHxC: jax.Array
+    wo_HxCxD: jax.Array
+    q_norm: LayerNorm
+    k_norm: LayerNorm
+    dropout: eqx.nn.Dropout
+
+    def __init__(self, cfg: ModelConfig, *, key):
+        D, H = cfg.n_embd, cfg.n_head
+        C = D // H
+        kq, kk, kv, ko = jax.random.split(key, 4)
+        self.wq_DxHxC = _normal(kq, (D, H, C), 1 / math.sqrt(D))
+        self.wk_DxHxC = _normal(kk, (D, H, C), 1 / math.sqrt(D))
+        self.wv_DxHxC = _normal(kv, (D, H, C), 1 / math.sqrt(D))
+        self.wo_HxCxD = _normal(ko, (H, C, D), 1 / math.sqrt(D * 2 * cfg.n_layer))
+        self.q_norm, self.k_norm = LayerNorm(C), LayerNorm(C)
+        self.dropout = eqx.nn.Dropout(cfg.dropout)
+
+    @jax.named_scope("attention")
+    def __call__(self, x_BxTxD, sin_TxC, cos_TxC, *, key=None):
+        attn_key, out_key = jax.random.split(key) if key is not None else (None, None)
+        q_BxTxHxC = jnp.einsum("btd,dhc->bthc", x_BxTxD, self.wq_DxHxC)
+        k_BxTxHxC = jnp.einsum("btd,dhc->bthc", x_BxTxD, self.wk_DxHxC)
+        v_BxTxHxC = jnp.einsum("btd,dhc->bthc", x_BxTxD, self.wv_DxHxC)
+        # QK-LayerNorm bounds the attention logits, which otherwise grow and
+        # destabilise training (Wortsman et al. 2023).
+        q_BxTxHxC = apply_rotary(self.q_norm(q_BxTxHxC), sin_TxC, cos_TxC)
+        k_BxTxHxC = apply_rotary(self.k_norm(k_BxTxHxC), sin_TxC, cos_TxC)
+        T, C = x_BxTxD.shape[1], q_BxTxHxC.shape[-1]
+        # Scores and softmax in float32: bf16 loses the small probabilities.
+        att_BxHxTxT = jnp.einsum(
+            "bthc,bshc->bhts", q_BxTxHxC, k_BxTxHxC, preferred_element_type=jnp.float32
+        ) / math.sqrt(C)
+        causal_TxT = jnp.tril(jnp.ones((T, T), dtype=bool))
+        att_BxHxTxT = jnp.where(causal_TxT, att_BxHxTxT, -jnp.inf)
+        prob_BxHxTxT = jax.nn.softmax(att_BxHxTxT, axis=-1).astype(v_BxTxHxC.dtype)
+        prob_BxHxTxT = self.dropout(prob_BxHxTxT, key=attn_key, inference=key is None)
+        out_BxTxHxC = jnp.einsum("bhts,bshc->bthc", prob_BxHxTxT, v_BxTxHxC)
+        out_BxTxD = jnp.einsum("bthc,hcd->btd", out_BxTxHxC, self.wo_HxCxD)
+        return self.dropout(out_BxTxD, key=out_key, inference=key is None)
+
+
+class MLP(eqx.Module):
+    w_in_DxF: jax.Array
+    w_out_FxD: jax.Array
+    dropout: eqx.nn.Dropout
+
+    def __init__(self, cfg: ModelConfig, *, key):
+        D, F = cfg.n_embd, 4 * cfg.n_embd
+        k_in, k_out = jax.random.split(key)
+        self.w_in_DxF = _normal(k_in, (D, F), 1 / math.sqrt(D))
+        self.w_out_FxD = _normal(k_out, (F, D), 1 / math.sqrt(F * 2 * cfg.n_layer))
+        self.dropout = eqx.nn.Dropout(cfg.dropout)
+
+    @jax.named_scope("mlp")
+    def __call__(self, x_BxTxD, *, key=None):
+        h_BxTxF = jax.nn.gelu(jnp.einsum("btd,df->btf", x_BxTxD, self.w_in_DxF))
+        out_BxTxD = jnp.einsum("btf,fd->btd", h_BxTxF, self.w_out_FxD)
+        return self.dropout(out_BxTxD, key=key, inference=key is None)
+
+
+class Block(eqx.Module):
+    attn_norm: RMSNorm
+    attn: Attention
+    mlp_norm: RMSNorm
+    mlp: MLP
+
+    def __init__(self, cfg: ModelConfig, *, key):
+        k_attn, k_mlp = jax.random.split(key)
+        self.attn_norm, self.mlp_norm = RMSNorm(cfg.n_embd), RMSNorm(cfg.n_embd)
+        self.attn = Attention(cfg, key=k_attn)
+        self.mlp = MLP(cfg, key=k_mlp)
+
+    def __call__(self, x_BxTxD, sin_TxC, cos_TxC, *, key=None):
+        attn_key, mlp_key = jax.random.split(key) if key is not None else (None, None)
+        x_BxTxD = x_BxTxD + self.attn(self.attn_norm(x_BxTxD), sin_TxC, cos_TxC, key=attn_key)
+        return x_BxTxD + self.mlp(self.mlp_norm(x_BxTxD), key=mlp_key)
+
+
+class GPT(eqx.Module):
+    # One array serves as token embedding and output projection, so an update
+    # to one is an update to the other.
+    embed_VxD: jax.Array
+    blocks: Block  # every array has a leading L axis: layers stacked for lax.scan
+    final_norm: RMSNorm
+    dropout: eqx.nn.Dropout
+    config: ModelConfig = eqx.field(static=True)
+
+    def __init__(self, cfg: ModelConfig, *, key):
+        if cfg.n_embd % cfg.n_head or (cfg.n_embd // cfg.n_head) % 2:
+            raise ValueError("n_embd must split into n_head heads of even width")
+        k_embed, k_blocks = jax.random.split(key)
+        self.embed_VxD = jax.random.normal(k_embed, (cfg.vocab_size, cfg.n_embd)) / math.sqrt(cfg.n_embd)
+        make_block = lambda k: Block(cfg, key=k)
+        self.blocks = eqx.filter_vmap(make_block)(jax.random.split(k_blocks, cfg.n_layer))
+        self.final_norm = RMSNorm(cfg.n_embd)
+        self.dropout = eqx.nn.Dropout(cfg.dropout)
+        self.config = cfg
+
+    def __call__(self, tokens_BxT, *, key=None):
+        """Next-token logits (float32) for every position; dropout only when a key is given."""
+        cfg = self.config
+        embed_key, block_keys_L = None, None
+        if key is not None:
+            embed_key, blocks_key = jax.random.split(key)
+            block_keys_L = jax.random.split(blocks_key, cfg.n_layer)
+        x_BxTxD = jnp.take(self.embed_VxD, tokens_BxT, axis=0)
+        x_BxTxD = self.dropout(x_BxTxD, key=embed_key, inference=key is None)
+        T = tokens_BxT.shape[1]
+        sin_TxC, cos_TxC = rotary_tables(jnp.arange(T), cfg.n_embd // cfg.n_head, cfg.rope_base)
+
+        block_params, block_static = eqx.partition(self.blocks, eqx.is_array)
+
+        # Rematerialise each layer in the backward pass: activation memory then
+        # holds one layer's internals instead of all L.
+        @jax.checkpoint
+        def layer(x_BxTxD, params_and_key):
+            params, layer_key = params_and_key
+            block = eqx.combine(params, block_static)
+            return block(x_BxTxD, sin_TxC, cos_TxC, key=layer_key), None
+
+        x_BxTxD, _ = jax.lax.scan(layer, x_BxTxD, (block_params, block_keys_L))
+        x_BxTxD = self.final_norm(x_BxTxD)
+        return jnp.einsum(
+            "btd,vd->btv", x_BxTxD, self.embed_VxD, preferred_element_type=jnp.float32
+        )
+
+
+def count_params(model: GPT) -> int:
+    """Number of parameters (the tied embedding counted once)."""
+    return sum(x.size for x in jax.tree.leaves(eqx.filter(model, eqx.is_array)))

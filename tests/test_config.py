@@ -1,0 +1,170 @@
+"""Config promises: typed overrides by dotted name, helpful errors, JSON round trip, named configs."""
+
+import dataclasses
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from midgpt.config import Config, ModelConfig, apply_overrides, config_from_dict, config_to_dict, load_config
+from midgpt.errors import MidgptError
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def config():
+    return load_config("shakespeare_char_cpu")
+
+
+def test_top_level_and_nested_overrides_are_parsed_by_field_type(config):
+    new = apply_overrides(
+        config, ["--max_steps=100", "--learning_rate=1e-3", "--data_dir=elsewhere", "--model.n_layer=2", "--model.dropout=0.5"]
+    )
+    assert new.max_steps == 100 and type(new.max_steps) is int
+    assert new.learning_rate == 1e-3 and type(new.learning_rate) is float
+    assert new.data_dir == "elsewhere"
+    assert new.model.n_layer == 2 and type(new.model.n_layer) is int
+    assert new.model.dropout == 0.5 and type(new.model.dropout) is float
+    # Untouched fields survive, and the input config is left alone.
+    assert new.model.n_embd == config.model.n_embd and new.batch_size == config.batch_size
+    assert config.max_steps == 2000 and config.model.n_layer == 4
+
+
+def test_later_override_of_same_field_wins(config):
+    assert apply_overrides(config, ["--max_steps=1", "--max_steps=7"]).max_steps == 7
+
+
+def test_float_field_accepts_a_whole_number_as_float(config):
+    new = apply_overrides(config, ["--min_lr=0"])
+    assert new.min_lr == 0.0 and type(new.min_lr) is float
+
+
+@pytest.mark.parametrize("text, expected", [("true", True), ("True", True), ("1", True), ("false", False), ("0", False)])
+def test_bool_override_accepts_true_false_1_0(text, expected):
+    @dataclasses.dataclass(frozen=True)
+    class WithFlag:
+        flag: bool = False
+
+    assert apply_overrides(WithFlag(), [f"--flag={text}"]).flag is expected
+
+
+def test_bool_override_rejects_other_words():
+    @dataclasses.dataclass(frozen=True)
+    class WithFlag:
+        flag: bool = False
+
+    with pytest.raises(MidgptError, match="'flag'.*bool.*'yes'"):
+        apply_overrides(WithFlag(), ["--flag=yes"])
+
+
+def test_unknown_field_error_names_the_field_and_close_matches(config):
+    with pytest.raises(MidgptError) as info:
+        apply_overrides(config, ["--model.n_layers=2"])
+    assert str(info.value) == "unknown config field 'model.n_layers'; did you mean 'model.n_layer'?"
+    with pytest.raises(MidgptError, match="'max_step'.*did you mean 'max_steps'"):
+        apply_overrides(config, ["--max_step=3"])
+
+
+def test_unknown_field_without_close_match_lists_known_fields(config):
+    with pytest.raises(MidgptError) as info:
+        apply_overrides(config, ["--zzzz=1"])
+    message = str(info.value)
+    assert "'zzzz'" in message and "model.n_layer" in message and "max_steps" in message
+    assert "\n" not in message
+
+
+@pytest.mark.parametrize(
+    "arg, field, expected",
+    [("--model.n_layer=1.5", "model.n_layer", "int"), ("--max_steps=ten", "max_steps", "int"), ("--learning_rate=fast", "learning_rate", "float")],
+)
+def test_wrong_type_error_names_field_expected_type_and_value(config, arg, field, expected):
+    with pytest.raises(MidgptError) as info:
+        apply_overrides(config, [arg])
+    message = str(info.value)
+    assert f"'{field}'" in message and expected in message and repr(arg.partition("=")[2]) in message
+    assert "\n" not in message
+
+
+@pytest.mark.parametrize("arg", ["max_steps=3", "-max_steps=3", "--max_steps", "--model.n_layer 2"])
+def test_malformed_override_is_one_line_error(config, arg):
+    with pytest.raises(MidgptError, match="malformed override") as info:
+        apply_overrides(config, [arg])
+    assert "\n" not in str(info.value)
+
+
+def test_setting_a_nested_config_itself_is_an_error(config):
+    with pytest.raises(MidgptError, match="'model'"):
+        apply_overrides(config, ["--model=3"])
+
+
+@pytest.mark.parametrize("name", ["shakespeare_char", "shakespeare_char_cpu"])
+def test_config_survives_json_round_trip(name):
+    config = apply_overrides(load_config(name), ["--model.n_layer=2", "--learning_rate=3e-4"])
+    assert config_from_dict(json.loads(json.dumps(config_to_dict(config)))) == config
+
+
+def test_config_from_dict_names_unknown_keys(config):
+    d = config_to_dict(config)
+    d["bogus"] = 1
+    d["also_bogus"] = 2
+    with pytest.raises(MidgptError, match="also_bogus, bogus"):
+        config_from_dict(d)
+    d = config_to_dict(config)
+    d["model"]["n_layers"] = 2
+    with pytest.raises(MidgptError, match="model.n_layers"):
+        config_from_dict(d)
+
+
+def test_config_from_dict_rejects_missing_keys_and_wrong_types(config):
+    d = config_to_dict(config)
+    del d["model"]["vocab_size"]
+    with pytest.raises(MidgptError, match="model.vocab_size"):
+        config_from_dict(d)
+    d = config_to_dict(config)
+    d["model"]["n_layer"] = "6"
+    with pytest.raises(MidgptError, match="model.n_layer.*int"):
+        config_from_dict(d)
+
+
+def test_named_configs_load_as_frozen_configs():
+    full, cpu = load_config("shakespeare_char"), load_config("shakespeare_char_cpu")
+    for config in (full, cpu):
+        assert isinstance(config, Config) and isinstance(config.model, ModelConfig)
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            config.max_steps = 1
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            config.model.n_layer = 1
+    assert full.model == ModelConfig(vocab_size=65, block_size=256, n_layer=6, n_head=6, n_embd=384, dropout=0.2)
+    assert cpu.model == ModelConfig(vocab_size=65, block_size=64, n_layer=4, n_head=4, n_embd=128, dropout=0.0)
+    # The CPU config differs from the full one only where the laptop needs it to.
+    differing = {k for k, v in config_to_dict(cpu).items() if config_to_dict(full)[k] != v}
+    assert differing == {"model", "batch_size", "max_steps", "lr_decay_steps", "eval_iters", "compute_dtype"}
+    assert (cpu.batch_size, cpu.max_steps, cpu.lr_decay_steps, cpu.eval_iters, cpu.compute_dtype) == (12, 2000, 2000, 50, "float32")
+
+
+def test_unknown_config_name_lists_available_ones():
+    with pytest.raises(MidgptError) as info:
+        load_config("shakespeare_chr")
+    message = str(info.value)
+    assert "'shakespeare_chr'" in message and "did you mean" in message
+    assert "shakespeare_char" in message and "shakespeare_char_cpu" in message
+    assert "\n" not in message
+
+
+@pytest.mark.skipif(not (REPO_ROOT / "launch.py").exists(), reason="launch.py not written yet")
+def test_launch_with_misspelled_field_fails_in_one_line_before_creating_rundir(tmp_path):
+    rundir = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT / "src")}
+    result = subprocess.run(
+        [sys.executable, "launch.py", "--config=shakespeare_char_cpu", "--model.n_layers=2", f"--rundir={rundir}"],
+        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "model.n_layer" in lines[0], result.stderr
+    assert not rundir.exists()

@@ -1,0 +1,121 @@
+"""Data pipeline promises: prepare.py's files, deterministic batches, clear errors."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import PREPARE, REPO_ROOT
+from midgpt.data import decode, encode, get_batch, load_meta, load_tokens
+from midgpt.errors import MidgptError
+
+
+@pytest.fixture(scope="module")
+def text(shakespeare_text):
+    return Path(shakespeare_text).read_bytes().decode("utf-8")
+
+
+@pytest.fixture(scope="module")
+def meta(shakespeare_data_dir):
+    return load_meta(shakespeare_data_dir)
+
+
+def test_prepare_writes_only_complete_files_and_no_temp_files(shakespeare_data_dir):
+    assert sorted(os.listdir(shakespeare_data_dir)) == ["meta.json", "train.bin", "val.bin"]
+
+
+def test_prepare_splits_first_90_percent_train_and_last_10_percent_val(shakespeare_data_dir, text, meta):
+    train, val = load_tokens(shakespeare_data_dir, "train"), load_tokens(shakespeare_data_dir, "val")
+    n_train = int(0.9 * len(text))
+    assert (meta["train_tokens"], meta["val_tokens"]) == (len(train), len(val)) == (n_train, len(text) - n_train)
+    assert decode(meta, val) == text[n_train:]
+    assert decode(meta, np.concatenate([train, val])) == text
+    assert encode(meta, text) == np.concatenate([train, val]).tolist()
+
+
+def test_prepare_vocab_is_the_sorted_character_set(text, meta):
+    assert meta["tokenizer"] == "char"
+    assert meta["chars"] == sorted(set(text))
+    assert meta["vocab_size"] == len(meta["chars"])
+
+
+def test_prepare_with_missing_input_prints_one_line_and_writes_nothing(tmp_path):
+    out_dir = tmp_path / "out"
+    result = subprocess.run(
+        [sys.executable, str(PREPARE), "--input", str(tmp_path / "nope.txt"), "--out_dir", str(out_dir)],
+        capture_output=True, text=True,
+    )
+    assert result.returncode != 0
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "nope.txt" in result.stderr and "Traceback" not in result.stderr
+    assert not out_dir.exists()
+
+
+def test_same_key_gives_the_same_batch(shakespeare_data_dir):
+    tokens = load_tokens(shakespeare_data_dir, "train")
+    x1_BxT, y1_BxT = get_batch(tokens, (0, 5), 8, 32)
+    x2_BxT, y2_BxT = get_batch(tokens, (0, 5), 8, 32)
+    np.testing.assert_array_equal(x1_BxT, x2_BxT)
+    np.testing.assert_array_equal(y1_BxT, y2_BxT)
+
+
+def test_different_steps_give_different_batches(shakespeare_data_dir):
+    tokens = load_tokens(shakespeare_data_dir, "train")
+    assert not np.array_equal(get_batch(tokens, (0, 1), 8, 32)[0], get_batch(tokens, (0, 2), 8, 32)[0])
+
+
+def test_batch_is_int32_real_windows_with_y_shifted_by_one(shakespeare_data_dir, text, meta):
+    tokens = load_tokens(shakespeare_data_dir, "train")
+    x_BxT, y_BxT = get_batch(tokens, (3, 0), 8, 64)
+    assert x_BxT.shape == y_BxT.shape == (8, 64)
+    assert x_BxT.dtype == y_BxT.dtype == np.int32
+    np.testing.assert_array_equal(x_BxT[:, 1:], y_BxT[:, :-1])
+    train_text = text[: len(tokens)]
+    for x_T, y_T in zip(x_BxT, y_BxT):
+        assert decode(meta, [*x_T, y_T[-1]]) in train_text
+
+
+def test_windows_reach_every_start_offset_and_stay_in_bounds():
+    tokens = np.arange(10, dtype=np.uint16)
+    starts = {int(x_T[0]) for step in range(50) for x_T in get_batch(tokens, (0, step), 4, 4)[0]}
+    assert starts == set(range(6))  # offset 5 uses the last token as the final target
+
+
+CHILD = """
+import sys
+import numpy as np
+from midgpt.data import get_batch, load_tokens
+data_dir, start, stop, out = sys.argv[1:]
+x_BxT, y_BxT = get_batch(load_tokens(data_dir, "train"), (7, 3), 8, 16, rows=slice(int(start), int(stop)))
+np.savez(out, x=x_BxT, y=y_BxT)
+"""
+
+
+def test_two_processes_rows_concatenate_to_the_global_batch(shakespeare_data_dir, tmp_path):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
+    procs = [
+        subprocess.Popen([sys.executable, "-c", CHILD, shakespeare_data_dir, str(start), str(stop), str(tmp_path / f"{i}.npz")], env=env)
+        for i, (start, stop) in enumerate([(0, 4), (4, 8)])
+    ]
+    assert [p.wait() for p in procs] == [0, 0]
+    parts = [np.load(tmp_path / f"{i}.npz") for i in range(2)]
+    x_BxT, y_BxT = get_batch(load_tokens(shakespeare_data_dir, "train"), (7, 3), 8, 16)
+    np.testing.assert_array_equal(np.concatenate([p["x"] for p in parts]), x_BxT)
+    np.testing.assert_array_equal(np.concatenate([p["y"] for p in parts]), y_BxT)
+
+
+def test_missing_data_dir_error_names_the_path_and_prepare_script(tmp_path):
+    with pytest.raises(MidgptError, match="prepare.py") as info:
+        load_tokens(str(tmp_path / "no_such_dir"), "train")
+    assert str(tmp_path / "no_such_dir") in str(info.value)
+    with pytest.raises(MidgptError, match="meta.json"):
+        load_meta(str(tmp_path))
+
+
+def test_encode_rejects_unknown_characters_naming_them(meta):
+    with pytest.raises(MidgptError, match="€") as info:
+        encode(meta, "hello € world ¥")
+    assert "¥" in str(info.value)
