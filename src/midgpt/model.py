@@ -189,6 +189,12 @@ class GPT(eqx.Module):
         )
 
 
+def cast_floats(tree, dtype):
+    """Cast the floating-point arrays of a pytree; leave the rest alone."""
+    is_float = lambda x: eqx.is_array(x) and jnp.issubdtype(x.dtype, jnp.floating)
+    return jax.tree.map(lambda x: x.astype(dtype) if is_float(x) else x, tree)
+
+
 def count_params(model: GPT) -> int:
     """Number of parameters (the tied embedding counted once)."""
     return sum(x.size for x in jax.tree.leaves(eqx.filter(model, eqx.is_array)))

@@ -1,6 +1,5 @@
 """The training step (a pure function) and the plain Python loop around it."""
 
-import dataclasses
 import json
 import math
 import os
@@ -13,10 +12,10 @@ import numpy as np
 import optax
 from tqdm import tqdm
 
-from midgpt import data
+from midgpt import checkpoint, data
 from midgpt.config import Config, config_to_dict
 from midgpt.errors import MidgptError
-from midgpt.model import GPT, count_params
+from midgpt.model import GPT, cast_floats, count_params
 from midgpt.optimizer import lr_schedule, make_optimizer
 
 # Streams of batch keys (seed, stream, index): one per use, so they never collide.
@@ -27,12 +26,6 @@ class TrainState(eqx.Module):
     model: GPT  # parameters in param_dtype
     opt_state: optax.OptState
     step: jax.Array  # updates done so far
-
-
-def cast_floats(tree, dtype):
-    """Cast the floating-point arrays of a pytree; leave the rest alone."""
-    is_float = lambda x: eqx.is_array(x) and jnp.issubdtype(x.dtype, jnp.floating)
-    return jax.tree.map(lambda x: x.astype(dtype) if is_float(x) else x, tree)
 
 
 def loss_fn(model: GPT, x_BxT, y_BxT, key=None):
@@ -77,7 +70,7 @@ def make_train_step(config: Config, optimizer: optax.GradientTransformation):
         metrics = {
             "loss": loss_G.mean(),
             "lr": schedule(state.step),
-            "grad_norm": optax.global_norm(grads),
+            "grad_norm": optax.tree.norm(grads),
         }
         return TrainState(eqx.combine(params, static), opt_state, state.step + 1), metrics
 
@@ -133,7 +126,7 @@ def train(config: Config, rundir: str, debug: bool = False) -> GPT:
     """Train from scratch into rundir: config.json, metrics.jsonl and the final model.eqx."""
     train_tokens, val_tokens = check_data(config)
     start_rundir(config, rundir)
-    print(json.dumps(config_to_dict(config)))
+    print("config:", json.dumps(config_to_dict(config)))
 
     optimizer = make_optimizer(config)
     state = init_state(config, optimizer)
@@ -141,20 +134,21 @@ def train(config: Config, rundir: str, debug: bool = False) -> GPT:
     print(f"{count_params(state.model):,} parameters; run directory {rundir}")
     tokens_per_step = config.g_accum_iters * config.batch_size * config.model.block_size
     dropout_key = jax.random.key(config.seed + 1)
-    profile_steps = range(3, 6) if debug else range(0)  # steady state, after the compile
-    if debug:
+    # A few steady-state steps, after the compile, so the trace shows the step itself.
+    profile_steps = range(3, min(6, config.max_steps + 1)) if debug else range(0)
+    if profile_steps:
         print(f"debug: profiler trace of steps {profile_steps[0]}-{profile_steps[-1]} in {rundir}/profile")
 
     log = open(os.path.join(rundir, "metrics.jsonl"), "a")
     bar = tqdm(range(1, config.max_steps + 1), desc="train", dynamic_ncols=True)
     interval_start, interval_steps = time.perf_counter(), 0
     for step in bar:
-        if step == profile_steps.start:
+        if profile_steps and step == profile_steps[0]:
             jax.profiler.start_trace(os.path.join(rundir, "profile"))
         x_GxBxT, y_GxBxT = train_batch(train_tokens, config, step)
         state, metrics = train_step(state, x_GxBxT, y_GxBxT, jax.random.fold_in(dropout_key, step))
         interval_steps += 1
-        if step == profile_steps.stop - 1:
+        if profile_steps and step == profile_steps[-1]:
             jax.block_until_ready(state)
             jax.profiler.stop_trace()
         if step == 1:  # leave the compile out of the throughput
@@ -181,5 +175,5 @@ def train(config: Config, rundir: str, debug: bool = False) -> GPT:
         interval_start, interval_steps = time.perf_counter(), 0
     bar.close()
     log.close()
-    eqx.tree_serialise_leaves(os.path.join(rundir, "model.eqx"), state.model)
+    checkpoint.save_model(rundir, state.model)
     return state.model

@@ -1,0 +1,44 @@
+"""Generate text from a trained run: python sample.py --rundir=DIR [--start=TEXT] [--num_samples=N] ..."""
+
+import sys
+
+from midgpt.cli import ArgumentParser, run
+
+
+def main(argv: list[str]) -> None:
+    parser = ArgumentParser(description=__doc__, allow_abbrev=False)
+    parser.add_argument("--rundir", required=True, help="a run directory made by launch.py")
+    parser.add_argument("--start", default="\n", help="the prompt (default: a newline)")
+    parser.add_argument("--num_samples", type=int, default=1)
+    parser.add_argument("--max_new_tokens", type=int, default=500)
+    parser.add_argument("--temperature", type=float, default=0.8, help="0 is greedy")
+    parser.add_argument("--top_k", type=int, default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    if args.num_samples < 1 or args.max_new_tokens < 0 or args.temperature < 0 or (args.top_k is not None and args.top_k < 1):
+        parser.error("num_samples and top_k must be >= 1, max_new_tokens and temperature >= 0")
+
+    import jax  # only once the arguments are good
+    import jax.numpy as jnp
+
+    from midgpt import checkpoint, data
+    from midgpt.model import cast_floats
+    from midgpt.sample import generate
+
+    config = checkpoint.load_config_json(args.rundir)
+    meta = data.load_meta(config.data_dir)
+    model = checkpoint.load_model(args.rundir, config)
+    model = cast_floats(model, jnp.dtype(config.compute_dtype))
+    prompt_P = jnp.asarray(data.encode(meta, args.start), jnp.int32)
+    prompt_BxP = jnp.tile(prompt_P, (args.num_samples, 1))
+    top_k = min(args.top_k, config.model.vocab_size) if args.top_k else None
+    tokens_BxN = generate(model, prompt_BxP, args.max_new_tokens, jax.random.key(args.seed), args.temperature, top_k)
+    for i, row in enumerate(jax.device_get(tokens_BxN)):
+        if i:
+            print("-" * 40)
+        print(data.decode(meta, row.tolist()))
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    run(main)

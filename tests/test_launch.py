@@ -1,0 +1,114 @@
+"""launch.py and sample.py end to end, as a user runs them: real processes, real files."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO_ROOT
+
+TINY = ["--model.n_layer=2", "--model.n_embd=64", "--model.n_head=2", "--batch_size=8",
+        "--eval_iters=2", "--log_interval=5", "--warmup_steps=10"]
+
+
+def run(script, *args, cwd=REPO_ROOT):
+    return subprocess.run([sys.executable, str(REPO_ROOT / script), *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=600)
+
+
+def read_metrics(rundir):
+    with open(os.path.join(rundir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.fixture(scope="module")
+def short_run(shakespeare_data_dir, tmp_path_factory):
+    rundir = str(tmp_path_factory.mktemp("runs") / "short")
+    result = run("launch.py", "--config=shakespeare_char_cpu", f"--rundir={rundir}",
+                 f"--data_dir={shakespeare_data_dir}", "--max_steps=40", "--eval_interval=20", *TINY)
+    assert result.returncode == 0, result.stderr
+    return rundir
+
+
+def test_launch_writes_config_metrics_and_model(short_run, shakespeare_data_dir):
+    assert sorted(os.listdir(short_run)) == ["config.json", "metrics.jsonl", "model.eqx"]
+    with open(os.path.join(short_run, "config.json")) as f:
+        config = json.load(f)
+    assert config["max_steps"] == 40 and config["model"]["n_layer"] == 2
+    assert config["data_dir"] == shakespeare_data_dir
+
+
+def test_metrics_log_every_interval_and_evaluate_at_eval_steps_and_the_end(short_run):
+    records = read_metrics(short_run)
+    assert [r["step"] for r in records] == [5, 10, 15, 20, 25, 30, 35, 40]
+    for r in records:
+        assert {"step", "loss", "lr", "tokens_per_sec"} <= r.keys()
+        assert ("val_loss" in r) == (r["step"] in (20, 40)) == ("train_loss" in r)
+    assert records[1]["lr"] == pytest.approx(1e-3)  # step 10 ends the warmup
+
+
+def test_training_lowers_the_loss(short_run):
+    records = read_metrics(short_run)
+    assert records[-1]["loss"] < records[0]["loss"] - 0.5
+    evals = [r for r in records if "val_loss" in r]
+    assert evals[-1]["val_loss"] < 3.0  # a uniform guess over 65 characters scores 4.17
+
+
+def test_sample_prints_text_from_the_trained_run(short_run):
+    result = run("sample.py", f"--rundir={short_run}", "--start=ROMEO:", "--num_samples=2",
+                 "--max_new_tokens=50", "--seed=3")
+    assert result.returncode == 0, result.stderr
+    samples = result.stdout.split("-" * 40 + "\n")
+    assert len(samples) == 2
+    assert all(s.startswith("ROMEO:") and len(s.rstrip("\n")) == len("ROMEO:") + 50 for s in samples)
+    again = run("sample.py", f"--rundir={short_run}", "--start=ROMEO:", "--num_samples=2",
+                "--max_new_tokens=50", "--seed=3")
+    assert again.stdout == result.stdout
+
+
+def test_debug_writes_a_profiler_trace(shakespeare_data_dir, tmp_path):
+    rundir = tmp_path / "debug"
+    result = run("launch.py", "--config=shakespeare_char_cpu", f"--rundir={rundir}", "--debug",
+                 f"--data_dir={shakespeare_data_dir}", "--max_steps=6", *TINY)
+    assert result.returncode == 0, result.stderr
+    assert list((rundir / "profile").rglob("*.xplane.pb"))
+
+
+def assert_one_line_error(result, *fragments):
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+@pytest.mark.parametrize("args, fragments", [
+    (["--config=shakespeare_chars"], ["shakespeare_char"]),
+    (["--config=shakespeare_char_cpu", "--max_stepz=3"], ["max_steps"]),
+    (["--config=shakespeare_char_cpu", "--batch_size=many"], ["batch_size", "int"]),
+    (["--config=shakespeare_char_cpu", "--model.n_head=3"], ["model.n_head"]),
+    (["--config=shakespeare_char_cpu", "--data_dir=no/such/dir"], ["no/such/dir", "prepare.py"]),
+    ([], ["--config"]),
+])
+def test_bad_input_is_one_line_and_creates_nothing(args, fragments, tmp_path):
+    rundir = tmp_path / "run"
+    result = run("launch.py", f"--rundir={rundir}", *args, cwd=tmp_path)
+    assert_one_line_error(result, *fragments)
+    assert not rundir.exists() and not (tmp_path / "outputs").exists()
+
+
+def test_an_existing_run_is_not_overwritten(short_run, shakespeare_data_dir):
+    before = open(os.path.join(short_run, "metrics.jsonl")).read()
+    result = run("launch.py", "--config=shakespeare_char_cpu", f"--rundir={short_run}",
+                 f"--data_dir={shakespeare_data_dir}", "--max_steps=5", *TINY)
+    assert_one_line_error(result, short_run)
+    assert open(os.path.join(short_run, "metrics.jsonl")).read() == before
+
+
+def test_sample_errors_are_one_line(short_run, tmp_path):
+    assert_one_line_error(run("sample.py", f"--rundir={tmp_path}"), "config.json")
+    assert_one_line_error(run("sample.py", f"--rundir={short_run}", "--start=€"), "€")
+    assert_one_line_error(run("sample.py", f"--rundir={short_run}", "--num_samples=0"), "num_samples")
+    assert_one_line_error(run("sample.py", f"--rundir={short_run}", "--top_k=0"), "top_k")

@@ -1,0 +1,191 @@
+"""Model promises: causality, relative rotary positions, scan equals a loop, one tied embedding, dropout, bf16."""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from midgpt.config import Config, ModelConfig
+from midgpt.model import GPT, count_params, rotary_tables, apply_rotary
+from midgpt.optimizer import make_optimizer
+from midgpt.train import cast_floats, init_state, loss_fn, make_train_step
+
+V, T, L, H, D = 11, 16, 2, 2, 32  # V = 11 so no other leaf has the embedding's (V, D) shape
+C = D // H
+
+
+@pytest.fixture(autouse=True)
+def exact_float32_matmuls():
+    # GPUs run float32 matmuls as TF32 by default; the equivalences below compare
+    # two orders of the same float32 computation, so ask for full precision.
+    with jax.default_matmul_precision("highest"):
+        yield
+
+
+def model_config(dropout: float = 0.0) -> ModelConfig:
+    return ModelConfig(vocab_size=V, block_size=T, n_layer=L, n_head=H, n_embd=D, dropout=dropout)
+
+
+def make_model(dropout: float = 0.0, seed: int = 0) -> GPT:
+    return GPT(model_config(dropout), key=jax.random.key(seed))
+
+
+def random_tokens(seed: int, B: int = 3):
+    return np.random.default_rng(seed).integers(0, V, (B, T), dtype=np.int32)
+
+
+def logits_from_pieces(model: GPT, tokens_BxT, embed_in_VxD, embed_out_VxD):
+    """The model's forward written out by hand from its own pieces: the L blocks in
+    a Python loop (no scan, no checkpoint), and separate input and output embeddings."""
+    x_BxTxD = jnp.take(embed_in_VxD, tokens_BxT, axis=0)
+    sin_TxC, cos_TxC = rotary_tables(jnp.arange(tokens_BxT.shape[1]), C, model.config.rope_base)
+    block_params, block_static = eqx.partition(model.blocks, eqx.is_array)
+    for i in range(model.config.n_layer):
+        block = eqx.combine(jax.tree.map(lambda x: x[i], block_params), block_static)
+        x_BxTxD = block(x_BxTxD, sin_TxC, cos_TxC, key=None)
+    x_BxTxD = model.final_norm(x_BxTxD)
+    return jnp.einsum("btd,vd->btv", x_BxTxD, embed_out_VxD, preferred_element_type=jnp.float32)
+
+
+@eqx.filter_jit
+def forward(model: GPT, tokens_BxT, key=None):
+    return model(tokens_BxT, key=key)
+
+
+def vd_leaves(tree):
+    return [x for x in jax.tree.leaves(eqx.filter(tree, eqx.is_array)) if x.shape == (V, D)]
+
+
+def test_future_tokens_do_not_change_past_logits():
+    model = make_model()
+    tokens_BxT = random_tokens(0)
+    logits_BxTxV = forward(model, tokens_BxT)
+    assert logits_BxTxV.dtype == jnp.float32
+    for t in (1, 5, T - 1):
+        # Every token from t on is replaced by a different one.
+        changed_BxT = tokens_BxT.copy()
+        changed_BxT[:, t:] = (tokens_BxT[:, t:] + 1 + random_tokens(t)[:, t:] % (V - 1)) % V
+        assert np.all(changed_BxT[:, t:] != tokens_BxT[:, t:])
+        new_logits_BxTxV = forward(model, changed_BxT)
+        np.testing.assert_allclose(new_logits_BxTxV[:, :t], logits_BxTxV[:, :t], rtol=0, atol=1e-6)
+        # Not vacuous: the positions that see the change do move.
+        assert np.max(np.abs(new_logits_BxTxV[:, t:] - logits_BxTxV[:, t:])) > 1e-2
+
+
+def test_rotary_attention_scores_depend_on_relative_position_only():
+    positions = jnp.arange(64)
+    sin_TxC, cos_TxC = rotary_tables(positions, C, 10000.0)
+    kq, kk = jax.random.split(jax.random.key(0))
+    q_C = jax.random.normal(kq, (C,))
+    k_C = jax.random.normal(kk, (C,))
+    # The same query and key vector placed at every position: (B=1, T, H=1, C).
+    q_1xTx1xC = jnp.broadcast_to(q_C, (1, len(positions), 1, C))
+    k_1xTx1xC = jnp.broadcast_to(k_C, (1, len(positions), 1, C))
+    rq_TxC = apply_rotary(q_1xTx1xC, sin_TxC, cos_TxC)[0, :, 0]
+    rk_TxC = apply_rotary(k_1xTx1xC, sin_TxC, cos_TxC)[0, :, 0]
+    score = lambda m, n: float(jnp.dot(rq_TxC[m], rk_TxC[n]))
+
+    for m, n in [(3, 0), (7, 7), (2, 9), (20, 5)]:
+        for s in (1, 4, 17, 30):
+            np.testing.assert_allclose(score(m + s, n + s), score(m, n), rtol=1e-4, atol=1e-4)
+    # Rotation preserves length, and the score does change with the offset m - n.
+    np.testing.assert_allclose(jnp.linalg.norm(rq_TxC, axis=-1), jnp.linalg.norm(q_C), rtol=1e-5)
+    offsets = [score(10 + d, 10) for d in range(8)]
+    assert max(offsets) - min(offsets) > 0.5
+
+
+def test_scanned_checkpointed_layers_equal_a_python_loop_over_blocks():
+    model = make_model()
+    tokens_BxT, targets_BxT = random_tokens(1), random_tokens(2)
+    expected_BxTxV = eqx.filter_jit(logits_from_pieces)(model, tokens_BxT, model.embed_VxD, model.embed_VxD)
+    np.testing.assert_allclose(forward(model, tokens_BxT), expected_BxTxV, rtol=1e-5, atol=1e-5)
+
+    # The backward pass too: rematerialisation must not change the gradients.
+    def loop_loss(m):
+        logits_BxTxV = logits_from_pieces(m, tokens_BxT, m.embed_VxD, m.embed_VxD)
+        return optax.softmax_cross_entropy_with_integer_labels(logits_BxTxV, targets_BxT).mean()
+
+    grads = eqx.filter_jit(eqx.filter_grad(lambda m: loss_fn(m, tokens_BxT, targets_BxT)))(model)
+    loop_grads = eqx.filter_jit(eqx.filter_grad(loop_loss))(model)
+    leaves, loop_leaves = jax.tree.leaves(grads), jax.tree.leaves(loop_grads)
+    assert len(leaves) == len(loop_leaves) > 0
+    for g, lg in zip(leaves, loop_leaves):
+        np.testing.assert_allclose(g, lg, rtol=1e-4, atol=1e-6)
+
+
+def test_parameter_count_matches_formula_with_embedding_counted_once():
+    model = make_model()
+    assert len(vd_leaves(model)) == 1
+    per_layer = 4 * D * D + 2 * C + 2 * D + 8 * D * D  # attention, q/k gains, norm gains, MLP
+    expected = V * D + L * per_layer + D
+    assert count_params(model) == expected
+    assert sum(x.size for x in jax.tree.leaves(eqx.filter(model, eqx.is_array))) == expected
+
+
+def test_tied_embedding_gradient_is_sum_of_input_and_output_gradients():
+    model = make_model()
+    tokens_BxT, targets_BxT = random_tokens(3), random_tokens(4)
+
+    def untied_loss(embed_in_VxD, embed_out_VxD):
+        logits_BxTxV = logits_from_pieces(model, tokens_BxT, embed_in_VxD, embed_out_VxD)
+        return optax.softmax_cross_entropy_with_integer_labels(logits_BxTxV, targets_BxT).mean()
+
+    def tied_loss(embed_VxD):
+        return loss_fn(eqx.tree_at(lambda m: m.embed_VxD, model, embed_VxD), tokens_BxT, targets_BxT)
+
+    E = model.embed_VxD
+    untied, (grad_in_VxD, grad_out_VxD) = jax.jit(jax.value_and_grad(untied_loss, argnums=(0, 1)))(E, E)
+    tied, tied_grad_VxD = jax.jit(jax.value_and_grad(tied_loss))(E)
+    np.testing.assert_allclose(untied, tied, rtol=1e-6)
+    np.testing.assert_allclose(tied_grad_VxD, grad_in_VxD + grad_out_VxD, rtol=1e-4, atol=1e-7)
+    # Both paths contribute, so neither term alone would pass.
+    for part_VxD in (grad_in_VxD, grad_out_VxD):
+        assert np.max(np.abs(tied_grad_VxD - part_VxD)) > 1e-3
+
+
+def test_embedding_stays_one_array_through_an_optimiser_step():
+    config = Config(data_dir="unused", model=model_config(), batch_size=2, compute_dtype="float32")
+    optimizer = make_optimizer(config)
+    state = init_state(config, optimizer)
+    x_GxBxT = random_tokens(5, B=2)[None]
+    y_GxBxT = random_tokens(6, B=2)[None]
+    state, _ = make_train_step(config, optimizer)(state, x_GxBxT, y_GxBxT, jax.random.key(0))
+    assert len(vd_leaves(state.model)) == 1
+    adam_states = [s for s in jax.tree.leaves(state.opt_state, is_leaf=lambda s: isinstance(s, optax.ScaleByAdamState))
+                   if isinstance(s, optax.ScaleByAdamState)]
+    assert len(adam_states) == 1
+    assert len(vd_leaves(adam_states[0].mu)) == 1
+    assert len(vd_leaves(adam_states[0].nu)) == 1
+
+
+def test_dropout_only_with_a_key():
+    tokens_BxT = random_tokens(7)
+    dropped, plain = make_model(dropout=0.3), make_model(dropout=0.0)
+    # Without a key: deterministic, and the same as a model without dropout.
+    no_key_BxTxV = forward(dropped, tokens_BxT)
+    np.testing.assert_array_equal(forward(dropped, tokens_BxT), no_key_BxTxV)
+    np.testing.assert_allclose(no_key_BxTxV, forward(plain, tokens_BxT), rtol=1e-6, atol=1e-6)
+    # With keys: random, and reproducible for the same key.
+    a_BxTxV = forward(dropped, tokens_BxT, key=jax.random.key(1))
+    b_BxTxV = forward(dropped, tokens_BxT, key=jax.random.key(2))
+    np.testing.assert_array_equal(forward(dropped, tokens_BxT, key=jax.random.key(1)), a_BxTxV)
+    assert np.max(np.abs(a_BxTxV - b_BxTxV)) > 1e-2
+    assert np.max(np.abs(a_BxTxV - no_key_BxTxV)) > 1e-2
+    # dropout = 0: a key changes nothing.
+    np.testing.assert_allclose(forward(plain, tokens_BxT, key=jax.random.key(1)), forward(plain, tokens_BxT), rtol=1e-6, atol=1e-6)
+
+
+def test_bfloat16_compute_returns_float32_logits_close_to_float32_model():
+    model = make_model()
+    model_bf16 = cast_floats(model, jnp.bfloat16)
+    assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(eqx.filter(model_bf16, eqx.is_array)))
+    tokens_BxT = random_tokens(8)
+    logits_BxTxV = forward(model, tokens_BxT)
+    bf16_logits_BxTxV = forward(model_bf16, tokens_BxT)
+    assert bf16_logits_BxTxV.dtype == jnp.float32
+    diff = np.abs(np.asarray(bf16_logits_BxTxV) - np.asarray(logits_BxTxV))
+    assert diff.max() < 0.15 * np.abs(logits_BxTxV).max()
+    assert np.linalg.norm(diff) < 0.05 * np.linalg.norm(logits_BxTxV)
+    assert diff.max() > 0  # the bf16 model really computed in bf16
