@@ -89,6 +89,7 @@ def assert_one_line_error(result, *fragments):
     (["--config=shakespeare_char_cpu", "--max_stepz=3"], ["max_steps"]),
     (["--config=shakespeare_char_cpu", "--batch_size=many"], ["batch_size", "int"]),
     (["--config=shakespeare_char_cpu", "--model.n_head=3"], ["model.n_head"]),
+    (["--config=shakespeare_char_cpu", "--warmup_steps=2000"], ["warmup_steps", "lr_decay_steps"]),
     (["--config=shakespeare_char_cpu", "--data_dir=no/such/dir"], ["no/such/dir", "prepare.py"]),
     ([], ["--config"]),
 ])
@@ -112,3 +113,19 @@ def test_sample_errors_are_one_line(short_run, tmp_path):
     assert_one_line_error(run("sample.py", f"--rundir={short_run}", "--start=€"), "€")
     assert_one_line_error(run("sample.py", f"--rundir={short_run}", "--num_samples=0"), "num_samples")
     assert_one_line_error(run("sample.py", f"--rundir={short_run}", "--top_k=0"), "top_k")
+
+
+@pytest.mark.slow
+def test_shakespeare_char_cpu_reaches_val_loss_1_70(shakespeare_data_dir, tmp_path):
+    """The README's promise: the laptop config, unchanged, ends at val loss <= 1.70."""
+    with open(os.path.join(shakespeare_data_dir, "meta.json")) as f:
+        meta = json.load(f)
+    if (meta["train_tokens"], meta["val_tokens"]) != (1_003_854, 111_540):
+        pytest.skip("the 1.70 target is defined on the real Tiny Shakespeare, which was not found")
+    rundir = tmp_path / "run"
+    result = run("launch.py", "--config=shakespeare_char_cpu", f"--rundir={rundir}",
+                 f"--data_dir={shakespeare_data_dir}")
+    assert result.returncode == 0, result.stderr
+    final = read_metrics(rundir)[-1]
+    assert final["step"] == 2000
+    assert final["val_loss"] <= 1.70

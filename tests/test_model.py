@@ -8,9 +8,9 @@ import optax
 import pytest
 
 from midgpt.config import Config, ModelConfig
-from midgpt.model import GPT, count_params, rotary_tables, apply_rotary
+from midgpt.model import GPT, apply_rotary, cast_floats, count_params, rotary_tables
 from midgpt.optimizer import make_optimizer
-from midgpt.train import cast_floats, init_state, loss_fn, make_train_step
+from midgpt.train import init_state, loss_fn, make_train_step
 
 V, T, L, H, D = 11, 16, 2, 2, 32  # V = 11 so no other leaf has the embedding's (V, D) shape
 C = D // H
@@ -185,7 +185,7 @@ def test_bfloat16_compute_returns_float32_logits_close_to_float32_model():
     logits_BxTxV = forward(model, tokens_BxT)
     bf16_logits_BxTxV = forward(model_bf16, tokens_BxT)
     assert bf16_logits_BxTxV.dtype == jnp.float32
-    diff = np.abs(np.asarray(bf16_logits_BxTxV) - np.asarray(logits_BxTxV))
-    assert diff.max() < 0.15 * np.abs(logits_BxTxV).max()
-    assert np.linalg.norm(diff) < 0.05 * np.linalg.norm(logits_BxTxV)
-    assert diff.max() > 0  # the bf16 model really computed in bf16
+    err_BxTxV = np.abs(np.asarray(bf16_logits_BxTxV) - np.asarray(logits_BxTxV))
+    assert err_BxTxV.max() < 0.05 * np.abs(logits_BxTxV).max()
+    assert np.linalg.norm(err_BxTxV) < 0.03 * np.linalg.norm(logits_BxTxV)
+    assert err_BxTxV.max() > 0  # the cast model really computed in bf16

@@ -168,8 +168,8 @@ def check_config(config: Config) -> None:
         )
     if not 0 <= m.dropout < 1:
         raise MidgptError(f"config field 'model.dropout' must be in [0, 1), got {m.dropout}")
-    if not 0 <= config.warmup_steps <= config.lr_decay_steps:
-        raise MidgptError(f"warmup_steps={config.warmup_steps} must be in [0, lr_decay_steps={config.lr_decay_steps}]")
+    if not 0 <= config.warmup_steps < config.lr_decay_steps:
+        raise MidgptError(f"warmup_steps={config.warmup_steps} must be in [0, lr_decay_steps={config.lr_decay_steps})")
     for name in ("param_dtype", "compute_dtype"):
         if getattr(config, name) not in ("float32", "bfloat16", "float16"):
             raise MidgptError(f"config field {name!r} must be float32, bfloat16 or float16, got {getattr(config, name)!r}")

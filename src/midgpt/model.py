@@ -35,7 +35,8 @@ class LayerNorm(RMSNorm):
     """LayerNorm without bias: RMSNorm of the centred input."""
 
     def __call__(self, x_xD):
-        return super().__call__(x_xD - jnp.mean(x_xD, axis=-1, keepdims=True))
+        x32_xD = x_xD.astype(jnp.float32)
+        return super().__call__(x32_xD - jnp.mean(x32_xD, axis=-1, keepdims=True)).astype(x_xD.dtype)
 
 
 def _normal(key, shape, std):

@@ -1,0 +1,163 @@
+"""Optimiser promises: AdamW by hand, the warmup + cosine schedule, gradient accumulation, overfitting one batch."""
+
+import dataclasses
+import math
+
+import equinox as eqx
+import jax
+import numpy as np
+import pytest
+
+from midgpt.config import Config, ModelConfig
+from midgpt.model import GPT
+from midgpt.optimizer import lr_schedule, make_optimizer
+from midgpt.train import init_state, make_train_step
+
+T = 16
+
+
+@pytest.fixture(autouse=True)
+def exact_float32_matmuls():
+    # GPUs run float32 matmuls as TF32 by default; the equivalences below compare
+    # two orders of the same float32 computation, so ask for full precision.
+    with jax.default_matmul_precision("highest"):
+        yield
+
+
+def tiny_config(vocab_size: int = 11, **overrides) -> Config:
+    model = ModelConfig(vocab_size=vocab_size, block_size=T, n_layer=2, n_head=2, n_embd=32)
+    return Config(data_dir="unused", model=model, compute_dtype="float32", **overrides)
+
+
+def closed_form_lr(config: Config, count: int) -> float:
+    """The schedule written out: update count+1 of a linear warmup from 0, then a cosine to min_lr."""
+    step, peak, warmup, decay = count + 1, config.learning_rate, config.warmup_steps, config.lr_decay_steps
+    if step < warmup:
+        return peak * step / warmup
+    progress = min(step - warmup, decay - warmup) / (decay - warmup)
+    return config.min_lr + (peak - config.min_lr) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def is_norm_gain(path) -> bool:
+    # Every norm in the model is a field named *_norm: attn_norm, mlp_norm, q_norm, k_norm, final_norm.
+    return "norm" in jax.tree_util.keystr(path)
+
+
+@eqx.filter_jit
+def optimizer_step(optimizer, params, opt_state, grads):
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    return eqx.apply_updates(params, updates), opt_state
+
+
+def test_optimizer_step_matches_hand_computed_clipped_adamw():
+    config = tiny_config(
+        learning_rate=1e-2, warmup_steps=2, lr_decay_steps=10, min_lr=1e-3,
+        beta1=0.8, beta2=0.95, weight_decay=0.1, grad_clip=0.5,
+    )
+    optimizer = make_optimizer(config)
+    params = eqx.filter(GPT(config.model, key=jax.random.key(0)), eqx.is_array)
+    opt_state = optimizer.init(params)
+    paths_and_leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
+    paths = [path for path, _ in paths_and_leaves]
+    assert sum(map(is_norm_gain, paths)) == 5 and not all(map(is_norm_gain, paths))
+
+    rng = np.random.default_rng(0)
+    p = [np.asarray(leaf, np.float64) for _, leaf in paths_and_leaves]
+    m = [np.zeros_like(x) for x in p]
+    v = [np.zeros_like(x) for x in p]
+    b1, b2, eps = config.beta1, config.beta2, 1e-8
+    for t in (1, 2):
+        g = [rng.normal(size=x.shape).astype(np.float32) for x in p]
+        params, opt_state = optimizer_step(optimizer, params, opt_state, jax.tree.unflatten(treedef, g))
+
+        g = [x.astype(np.float64) for x in g]
+        norm = math.sqrt(sum(np.sum(x**2) for x in g))
+        assert norm > 10 * config.grad_clip  # clipping is active
+        g = [x * config.grad_clip / norm for x in g]
+        lr = closed_form_lr(config, t - 1)
+        for i, path in enumerate(paths):
+            m[i] = b1 * m[i] + (1 - b1) * g[i]
+            v[i] = b2 * v[i] + (1 - b2) * g[i] ** 2
+            adam = (m[i] / (1 - b1**t)) / (np.sqrt(v[i] / (1 - b2**t)) + eps)
+            decay = 0.0 if is_norm_gain(path) else config.weight_decay / config.learning_rate * p[i]
+            p[i] = p[i] - lr * (adam + decay)
+
+        for path, x, expected in zip(paths, jax.tree.leaves(params), p, strict=True):
+            np.testing.assert_allclose(x, expected, rtol=1e-5, atol=1e-6, err_msg=f"step {t}, {jax.tree_util.keystr(path)}")
+
+
+def test_weight_decay_shrinks_matrices_and_spares_norm_gains():
+    config = tiny_config(learning_rate=1e-2, warmup_steps=2, lr_decay_steps=10, weight_decay=0.1)
+    optimizer = make_optimizer(config)
+    params = eqx.filter(GPT(config.model, key=jax.random.key(0)), eqx.is_array)
+    opt_state = optimizer.init(params)
+    # A zero gradient leaves Adam's step at zero, so only the decay moves parameters.
+    new_params, _ = optimizer_step(optimizer, params, opt_state, jax.tree.map(np.zeros_like, params))
+    shrink = 1 - config.weight_decay * closed_form_lr(config, 0) / config.learning_rate
+    assert shrink < 0.96
+    for (path, old), new in zip(jax.tree_util.tree_flatten_with_path(params)[0], jax.tree.leaves(new_params), strict=True):
+        expected = old if is_norm_gain(path) else shrink * old
+        np.testing.assert_allclose(new, expected, rtol=1e-6, atol=1e-7, err_msg=jax.tree_util.keystr(path))
+
+
+def test_lr_schedule_warms_up_from_first_update_then_cosine_decays_to_min_lr():
+    config = tiny_config(learning_rate=1e-3, warmup_steps=10, lr_decay_steps=110, min_lr=1e-4)
+    schedule = lr_schedule(config)
+    lr = lambda count: float(schedule(count))
+    np.testing.assert_allclose(lr(0), 1e-3 / 10, rtol=1e-6)  # the first update already moves
+    np.testing.assert_allclose(lr(9), 1e-3, rtol=1e-6)  # update warmup_steps uses the peak
+    np.testing.assert_allclose(lr(109), 1e-4, rtol=1e-6)  # update lr_decay_steps reaches min_lr
+    np.testing.assert_allclose(lr(59), (1e-3 + 1e-4) / 2, rtol=1e-5)  # cosine halfway
+    np.testing.assert_allclose(lr(34), 1e-4 + 9e-4 * 0.5 * (1 + math.cos(math.pi / 4)), rtol=1e-5)
+    np.testing.assert_allclose(lr(500), 1e-4, rtol=1e-6)  # and stays there
+    for count in range(0, 130):
+        np.testing.assert_allclose(lr(count), closed_form_lr(config, count), rtol=1e-5, err_msg=f"count {count}")
+
+
+def test_gradient_accumulation_equals_one_step_on_the_whole_batch():
+    G, B = 2, 3
+    accum_config = tiny_config(g_accum_iters=G, batch_size=B)
+    whole_config = dataclasses.replace(accum_config, g_accum_iters=1, batch_size=G * B)
+    rng = np.random.default_rng(0)
+    x_GxBxT = rng.integers(0, 11, (G, B, T), dtype=np.int32)
+    y_GxBxT = rng.integers(0, 11, (G, B, T), dtype=np.int32)
+    key = jax.random.key(0)
+
+    def one_step(config, x, y):
+        optimizer = make_optimizer(config)
+        # The jitted step donates its inputs, so each call gets its own fresh state.
+        return make_train_step(config, optimizer)(init_state(config, optimizer), x, y, key)
+
+    initial = jax.tree.map(np.asarray, eqx.filter(init_state(accum_config, make_optimizer(accum_config)).model, eqx.is_array))
+    accum_state, accum_metrics = one_step(accum_config, x_GxBxT, y_GxBxT)
+    whole_state, whole_metrics = one_step(whole_config, x_GxBxT.reshape(1, G * B, T), y_GxBxT.reshape(1, G * B, T))
+
+    np.testing.assert_allclose(accum_metrics["loss"], whole_metrics["loss"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(accum_metrics["grad_norm"], whole_metrics["grad_norm"], rtol=1e-5, atol=1e-6)
+    accum_leaves = jax.tree.leaves(eqx.filter(accum_state.model, eqx.is_array))
+    whole_leaves = jax.tree.leaves(eqx.filter(whole_state.model, eqx.is_array))
+    assert len(accum_leaves) == len(whole_leaves) == len(jax.tree.leaves(initial))
+    for a, w, before in zip(accum_leaves, whole_leaves, jax.tree.leaves(initial)):
+        np.testing.assert_allclose(a, w, rtol=1e-5, atol=1e-6)
+        assert np.any(np.asarray(a) != before)  # the step did move every parameter
+
+
+def test_tiny_model_overfits_one_fixed_batch():
+    steps, B, V = 150, 8, 16
+    config = tiny_config(
+        vocab_size=V, batch_size=B, learning_rate=3e-3, warmup_steps=0, lr_decay_steps=steps,
+        min_lr=3e-4, weight_decay=0.0,
+    )
+    rng = np.random.default_rng(0)
+    seq_BxT1 = rng.integers(0, V, (B, T + 1), dtype=np.int32)
+    seq_BxT1[:, 0] = np.arange(B)  # distinct first tokens: every prefix has one continuation
+    x_GxBxT, y_GxBxT = seq_BxT1[None, :, :-1], seq_BxT1[None, :, 1:]
+    optimizer = make_optimizer(config)
+    state = init_state(config, optimizer)
+    train_step = make_train_step(config, optimizer)
+    losses = []
+    for step in range(steps):
+        state, metrics = train_step(state, x_GxBxT, y_GxBxT, jax.random.key(step))
+        losses.append(float(metrics["loss"]))
+    assert losses[0] > 2.0  # starts knowing nothing (log 16 = 2.8)
+    assert losses[-1] < 0.1, losses[::15]
