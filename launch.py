@@ -1,4 +1,4 @@
-"""Train a GPT: python launch.py --config=NAME [--rundir=DIR] [--debug] [--FIELD=VALUE ...]"""
+"""Train a GPT: python launch.py --config=NAME [--rundir=DIR] [--debug] [--multihost] [--FIELD=VALUE ...]"""
 
 import time
 
@@ -11,11 +11,25 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--config", required=True, help="a module of midgpt.configs, e.g. shakespeare_char")
     parser.add_argument("--rundir", default=None, help="run directory (default: outputs/<timestamp>)")
     parser.add_argument("--debug", action="store_true", help="write a profiler trace of a few steps")
+    parser.add_argument("--multihost", action="store_true",
+                        help="join the other processes with jax.distributed.initialize() (TPU pods, SLURM, ...)")
+    parser.add_argument("--coordinator_address", help="with --multihost, where auto-detection fails: HOST:PORT of process 0")
+    parser.add_argument("--num_processes", type=int, help="with --multihost, where auto-detection fails")
+    parser.add_argument("--process_id", type=int, help="with --multihost, where auto-detection fails")
     args, overrides = parser.parse_known_args(argv)
+    cluster = dict(coordinator_address=args.coordinator_address, num_processes=args.num_processes,
+                   process_id=args.process_id)
+    if not args.multihost and any(v is not None for v in cluster.values()):
+        parser.error("--coordinator_address, --num_processes and --process_id need --multihost")
     config = apply_overrides(load_config(args.config), overrides)
     check_config(config)
     rundir = args.rundir or time.strftime("outputs/%Y-%m-%d_%H-%M-%S")
-    from midgpt.train import train  # imports JAX: only once the arguments are good
+
+    import jax  # only once the arguments are good
+
+    if args.multihost:  # before anything touches a device
+        jax.distributed.initialize(**cluster)
+    from midgpt.train import train
 
     train(config, rundir, debug=args.debug)
 

@@ -10,6 +10,7 @@ import pytest
 from midgpt.config import Config, ModelConfig
 from midgpt.model import GPT, apply_rotary, cast_floats, count_params, rotary_tables
 from midgpt.optimizer import make_optimizer
+from midgpt.sharding import make_mesh
 from midgpt.train import init_state, loss_fn, make_train_step
 
 V, T, L, H, D = 11, 16, 2, 2, 32  # V = 11 so no other leaf has the embedding's (V, D) shape
@@ -148,10 +149,11 @@ def test_tied_embedding_gradient_is_sum_of_input_and_output_gradients():
 def test_embedding_stays_one_array_through_an_optimiser_step():
     config = Config(data_dir="unused", model=model_config(), batch_size=2, compute_dtype="float32")
     optimizer = make_optimizer(config)
-    state = init_state(config, optimizer)
+    mesh = make_mesh(config)
+    state = init_state(config, optimizer, mesh)
     x_GxBxT = random_tokens(5, B=2)[None]
     y_GxBxT = random_tokens(6, B=2)[None]
-    state, _ = make_train_step(config, optimizer)(state, x_GxBxT, y_GxBxT, jax.random.key(0))
+    state, _ = make_train_step(config, optimizer, mesh)(state, x_GxBxT, y_GxBxT)
     assert len(vd_leaves(state.model)) == 1
     adam_states = [s for s in jax.tree.leaves(state.opt_state, is_leaf=lambda s: isinstance(s, optax.ScaleByAdamState))
                    if isinstance(s, optax.ScaleByAdamState)]

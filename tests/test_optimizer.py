@@ -11,6 +11,7 @@ import pytest
 from midgpt.config import Config, ModelConfig
 from midgpt.model import GPT
 from midgpt.optimizer import lr_schedule, make_optimizer
+from midgpt.sharding import make_mesh
 from midgpt.train import init_state, make_train_step
 
 T = 16
@@ -121,14 +122,14 @@ def test_gradient_accumulation_equals_one_step_on_the_whole_batch():
     rng = np.random.default_rng(0)
     x_GxBxT = rng.integers(0, 11, (G, B, T), dtype=np.int32)
     y_GxBxT = rng.integers(0, 11, (G, B, T), dtype=np.int32)
-    key = jax.random.key(0)
 
     def one_step(config, x, y):
         optimizer = make_optimizer(config)
         # The jitted step donates its inputs, so each call gets its own fresh state.
-        return make_train_step(config, optimizer)(init_state(config, optimizer), x, y, key)
+        mesh = make_mesh(config)
+        return make_train_step(config, optimizer, mesh)(init_state(config, optimizer, mesh), x, y)
 
-    initial = jax.tree.map(np.asarray, eqx.filter(init_state(accum_config, make_optimizer(accum_config)).model, eqx.is_array))
+    initial = jax.tree.map(np.asarray, eqx.filter(init_state(accum_config, make_optimizer(accum_config), make_mesh(accum_config)).model, eqx.is_array))
     accum_state, accum_metrics = one_step(accum_config, x_GxBxT, y_GxBxT)
     whole_state, whole_metrics = one_step(whole_config, x_GxBxT.reshape(1, G * B, T), y_GxBxT.reshape(1, G * B, T))
 
@@ -153,11 +154,12 @@ def test_tiny_model_overfits_one_fixed_batch():
     seq_BxT1[:, 0] = np.arange(B)  # distinct first tokens: every prefix has one continuation
     x_GxBxT, y_GxBxT = seq_BxT1[None, :, :-1], seq_BxT1[None, :, 1:]
     optimizer = make_optimizer(config)
-    state = init_state(config, optimizer)
-    train_step = make_train_step(config, optimizer)
+    mesh = make_mesh(config)
+    state = init_state(config, optimizer, mesh)
+    train_step = make_train_step(config, optimizer, mesh)
     losses = []
     for step in range(steps):
-        state, metrics = train_step(state, x_GxBxT, y_GxBxT, jax.random.key(step))
+        state, metrics = train_step(state, x_GxBxT, y_GxBxT)
         losses.append(float(metrics["loss"]))
     assert losses[0] > 2.0  # starts knowing nothing (log 16 = 2.8)
     assert losses[-1] < 0.1, losses[::15]

@@ -6,6 +6,7 @@ import os
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+from jax.experimental import multihost_utils
 
 from midgpt.config import Config, config_from_dict
 from midgpt.errors import MidgptError
@@ -15,10 +16,16 @@ MODEL_FILE = "model.eqx"
 
 
 def save_model(rundir: str, model: GPT) -> None:
-    """Write the parameters to rundir/model.eqx, atomically: a killed save leaves no torn file."""
-    tmp = os.path.join(rundir, MODEL_FILE + ".tmp")
-    eqx.tree_serialise_leaves(tmp, model)
-    os.replace(tmp, os.path.join(rundir, MODEL_FILE))
+    """Write the parameters to rundir/model.eqx, atomically: a killed save leaves no torn file.
+
+    Every process must call it (the sharded parameters are gathered); process 0 writes.
+    """
+    arrays, static = eqx.partition(model, eqx.is_array)
+    arrays = multihost_utils.process_allgather(arrays, tiled=True)
+    if jax.process_index() == 0:
+        tmp = os.path.join(rundir, MODEL_FILE + ".tmp")
+        eqx.tree_serialise_leaves(tmp, eqx.combine(arrays, static))
+        os.replace(tmp, os.path.join(rundir, MODEL_FILE))
 
 
 def load_config_json(rundir: str) -> Config:

@@ -41,6 +41,10 @@ class Config:
     log_interval: int = 10
     param_dtype: str = "float32"
     compute_dtype: str = "bfloat16"
+    # Device mesh (replica, fsdp): one entry may be -1, "all remaining devices".
+    mesh_shape: tuple[int, int] = (1, -1)
+    shard_model: bool = True  # FSDP: shard parameters and optimiser state over the fsdp axis
+    fsdp_min_size: int = 2**16  # parameters with fewer elements stay replicated
 
 
 def load_config(name: str) -> Config:
@@ -106,9 +110,17 @@ def _parse(name: str, type_: type, text: str):
     try:
         if type_ is bool:
             return {"true": True, "1": True, "false": False, "0": False}[text.lower()]
+        if typing.get_origin(type_) is tuple:  # "2,4" or "(2,4)"
+            items = typing.get_args(type_)
+            values = tuple(int(v) for v in text.strip("()").split(","))
+            if len(values) != len(items):
+                raise ValueError
+            return values
         return type_(text)  # int("1.5") raises, so a fractional int is rejected
     except (KeyError, ValueError):
-        expected = "bool (true/false/1/0)" if type_ is bool else type_.__name__
+        expected = {bool: "bool (true/false/1/0)"}.get(type_, getattr(type_, "__name__", str(type_)))
+        if typing.get_origin(type_) is tuple:
+            expected = f"{len(typing.get_args(type_))} comma-separated ints"
         raise MidgptError(f"config field {name!r} expects {expected}, got {text!r}") from None
 
 
@@ -141,6 +153,11 @@ def _from_dict(cls: type, d, prefix: str):
         # A hand-edited JSON file may write 0 for a float; Python's bool is an int but never a valid number here.
         elif type_ is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
+        elif typing.get_origin(type_) is tuple:  # JSON has no tuples: it gives a list
+            if not (isinstance(value, list) and len(value) == len(typing.get_args(type_))
+                    and all(type(v) is int for v in value)):
+                raise MidgptError(f"config field {prefix + key!r} expects {len(typing.get_args(type_))} ints, got {value!r}")
+            value = tuple(value)
         elif not isinstance(value, type_) or (type_ is int and isinstance(value, bool)):
             raise MidgptError(f"config field {prefix + key!r} expects {type_.__name__}, got {value!r}")
         kwargs[key] = value
@@ -170,6 +187,9 @@ def check_config(config: Config) -> None:
         raise MidgptError(f"config field 'model.dropout' must be in [0, 1), got {m.dropout}")
     if not 0 <= config.warmup_steps < config.lr_decay_steps:
         raise MidgptError(f"warmup_steps={config.warmup_steps} must be in [0, lr_decay_steps={config.lr_decay_steps})")
+    replica, fsdp = config.mesh_shape
+    if (replica, fsdp).count(-1) > 1 or min(replica, fsdp) < -1 or 0 in (replica, fsdp):
+        raise MidgptError(f"mesh_shape={replica},{fsdp} needs positive sizes, at most one of them -1 (all remaining devices)")
     for name in ("param_dtype", "compute_dtype"):
         if getattr(config, name) not in ("float32", "bfloat16", "float16"):
             raise MidgptError(f"config field {name!r} must be float32, bfloat16 or float16, got {getattr(config, name)!r}")

@@ -12,7 +12,9 @@ import numpy as np
 import optax
 from tqdm import tqdm
 
-from midgpt import checkpoint, data
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from midgpt import checkpoint, data, sharding
 from midgpt.config import Config, config_to_dict
 from midgpt.errors import MidgptError
 from midgpt.model import GPT, cast_floats, count_params
@@ -34,25 +36,48 @@ def loss_fn(model: GPT, x_BxT, y_BxT, key=None):
     return optax.softmax_cross_entropy_with_integer_labels(logits_BxTxV, y_BxT).mean()
 
 
-def init_state(config: Config, optimizer: optax.GradientTransformation) -> TrainState:
+def fresh_state(config: Config, optimizer: optax.GradientTransformation) -> TrainState:
+    """A newly initialised state, before any placement on devices."""
     model = GPT(config.model, key=jax.random.key(config.seed))
     model = cast_floats(model, jnp.dtype(config.param_dtype))
     opt_state = optimizer.init(eqx.filter(model, eqx.is_array))
     return TrainState(model, opt_state, jnp.zeros((), jnp.int32))
 
 
-def make_train_step(config: Config, optimizer: optax.GradientTransformation):
-    """Build the jitted step (state, x_GxBxT, y_GxBxT, key) -> (state, metrics)."""
+def state_layout(config: Config, optimizer: optax.GradientTransformation, mesh: Mesh):
+    """(shardings of the state's arrays, the state's non-array part), without computing it."""
+    like = eqx.filter_eval_shape(fresh_state, config, optimizer)
+    arrays_like, static = eqx.partition(like, lambda x: isinstance(x, jax.ShapeDtypeStruct))
+    return sharding.state_shardings(arrays_like, mesh, config), static
+
+
+def init_state(config: Config, optimizer: optax.GradientTransformation, mesh: Mesh) -> TrainState:
+    """A fresh state, created in place on the mesh: no device ever holds all of it."""
+    shardings, static = state_layout(config, optimizer, mesh)
+    init = jax.jit(lambda: eqx.filter(fresh_state(config, optimizer), eqx.is_array), out_shardings=shardings)
+    return eqx.combine(init(), static)
+
+
+def make_train_step(config: Config, optimizer: optax.GradientTransformation, mesh: Mesh):
+    """Build the jitted step (state, x_GxBxT, y_GxBxT) -> (state, metrics).
+
+    Shardings are declared on its inputs and outputs, so the state stays in its
+    FSDP layout between steps and nothing is gathered by accident.
+    """
     compute_dtype = jnp.dtype(config.compute_dtype)
     schedule = lr_schedule(config)
+    dropout_key = jax.random.key(config.seed + 1)
+    state_shardings, static = state_layout(config, optimizer, mesh)
+    batch_sharding = sharding.batch_sharding(mesh, ndim=3, batch_axis=1)
 
-    def train_step(state: TrainState, x_GxBxT, y_GxBxT, key):
-        params, static = eqx.partition(state.model, eqx.is_array)
+    def step(state_arrays, x_GxBxT, y_GxBxT):
+        state = eqx.combine(state_arrays, static)
+        params, model_static = eqx.partition(state.model, eqx.is_array)
 
         # Differentiate with respect to the param_dtype copy, so gradients and
         # their sum over micro-batches stay in param_dtype.
         def micro_loss(params, x_BxT, y_BxT, micro_key):
-            model = eqx.combine(cast_floats(params, compute_dtype), static)
+            model = eqx.combine(cast_floats(params, compute_dtype), model_static)
             return loss_fn(model, x_BxT, y_BxT, micro_key)
 
         def accumulate(grad_sum, micro_batch):
@@ -60,7 +85,8 @@ def make_train_step(config: Config, optimizer: optax.GradientTransformation):
             return jax.tree.map(jnp.add, grad_sum, grad), loss
 
         G = x_GxBxT.shape[0]
-        keys_G = jax.random.split(key, G)
+        # Dropout masks follow from (seed, step): a property of the run, not of its history.
+        keys_G = jax.random.split(jax.random.fold_in(dropout_key, state.step), G)
         grad_sum, loss_G = jax.lax.scan(
             accumulate, jax.tree.map(jnp.zeros_like, params), (x_GxBxT, y_GxBxT, keys_G)
         )
@@ -72,33 +98,53 @@ def make_train_step(config: Config, optimizer: optax.GradientTransformation):
             "lr": schedule(state.step),
             "grad_norm": optax.tree.norm(grads),
         }
-        return TrainState(eqx.combine(params, static), opt_state, state.step + 1), metrics
+        new_state = TrainState(eqx.combine(params, model_static), opt_state, state.step + 1)
+        return eqx.filter(new_state, eqx.is_array), metrics
 
-    return eqx.filter_jit(train_step, donate="all")
+    replicated = NamedSharding(mesh, P())
+    step = jax.jit(
+        step,
+        in_shardings=(state_shardings, batch_sharding, batch_sharding),
+        out_shardings=(state_shardings, replicated),
+        donate_argnums=0,
+    )
+
+    def train_step(state: TrainState, x_GxBxT, y_GxBxT):
+        state_arrays, metrics = step(eqx.filter(state, eqx.is_array), x_GxBxT, y_GxBxT)
+        return eqx.combine(state_arrays, static), metrics
+
+    # For inspecting the compiled step (memory, collectives), as with any jitted function.
+    train_step.lower = lambda state, x, y: step.lower(eqx.filter(state, eqx.is_array), x, y)
+    return train_step
 
 
 @eqx.filter_jit
-def eval_loss(model: GPT, x_BxT, y_BxT):
-    return loss_fn(model, x_BxT, y_BxT)
+def eval_loss(model: GPT, x_1xBxT, y_1xBxT, compute_dtype: str):
+    return loss_fn(cast_floats(model, jnp.dtype(compute_dtype)), x_1xBxT[0], y_1xBxT[0])
 
 
-def evaluate(model: GPT, tokens, config: Config, stream: int) -> float:
+def evaluate(model: GPT, tokens, config: Config, mesh: Mesh, stream: int) -> float:
     """Mean loss over eval_iters batches; the same batches at every evaluation."""
-    model = cast_floats(model, jnp.dtype(config.compute_dtype))
     losses = []
     for i in range(config.eval_iters):
-        x_BxT, y_BxT = data.get_batch(
-            tokens, (config.seed, stream, i), config.batch_size, config.model.block_size
-        )
-        losses.append(eval_loss(model, x_BxT, y_BxT))
+        x_1xBxT, y_1xBxT = global_batch(tokens, (config.seed, stream, i), 1, config, mesh)
+        losses.append(eval_loss(model, x_1xBxT, y_1xBxT, config.compute_dtype))
     return float(np.mean(jax.device_get(losses)))
 
 
-def train_batch(tokens, config: Config, step: int):
-    """The global batch of update `step`, shaped (G, B, T): the same on every call."""
-    G, B, T = config.g_accum_iters, config.batch_size, config.model.block_size
-    x, y = data.get_batch(tokens, (config.seed, TRAIN_STREAM, step), G * B, T)
-    return x.reshape(G, B, T), y.reshape(G, B, T)
+def global_batch(tokens, key: tuple[int, ...], G: int, config: Config, mesh: Mesh):
+    """The batch fixed by key, (G, B, T), on the mesh: each process reads only its own rows."""
+    B, T = config.batch_size, config.model.block_size
+    batch_sharding = sharding.batch_sharding(mesh, ndim=3, batch_axis=1)
+    rows = sharding.process_rows(batch_sharding, (G, B, T), batch_axis=1)
+    # Row b of micro-batch g is row g * B + b of the G * B rows drawn for the key.
+    index = (np.arange(G)[:, None] * B + np.arange(B)[rows]).ravel()
+    x, y = data.get_batch(tokens, key, G * B, T, rows=index)
+    local_shape = (G, rows.stop - rows.start, T)
+    return tuple(
+        jax.make_array_from_process_local_data(batch_sharding, a.reshape(local_shape), (G, B, T))
+        for a in (x, y)
+    )
 
 
 def check_data(config: Config):
@@ -117,43 +163,54 @@ def start_rundir(config: Config, rundir: str):
         raise MidgptError(
             f"{rundir} already holds a run; pass a new --rundir (resuming is not supported yet)"
         )
-    os.makedirs(rundir, exist_ok=True)
-    with open(os.path.join(rundir, "config.json"), "w") as f:
-        json.dump(config_to_dict(config), f, indent=2)
+    if jax.process_index() == 0:
+        os.makedirs(rundir, exist_ok=True)
+        with open(os.path.join(rundir, "config.json"), "w") as f:
+            json.dump(config_to_dict(config), f, indent=2)
 
 
 def train(config: Config, rundir: str, debug: bool = False) -> GPT:
-    """Train from scratch into rundir: config.json, metrics.jsonl and the final model.eqx."""
+    """Train from scratch into rundir: config.json, metrics.jsonl and the final model.eqx.
+
+    Every process runs this loop (JAX's multi-controller model); only process 0
+    writes files and prints.
+    """
     train_tokens, val_tokens = check_data(config)
+    mesh = sharding.make_mesh(config)
     start_rundir(config, rundir)
-    print("config:", json.dumps(config_to_dict(config)))
+    is_main = jax.process_index() == 0
+    say = tqdm.write if is_main else lambda _: None
+    say("config: " + json.dumps(config_to_dict(config)))
 
     optimizer = make_optimizer(config)
-    state = init_state(config, optimizer)
-    train_step = make_train_step(config, optimizer)
-    print(f"{count_params(state.model):,} parameters; run directory {rundir}")
+    state = init_state(config, optimizer, mesh)
+    train_step = make_train_step(config, optimizer, mesh)
+    say(f"{count_params(state.model):,} parameters; mesh {dict(mesh.shape)} over "
+        f"{jax.device_count()} {jax.devices()[0].platform} devices in {jax.process_count()} processes; "
+        f"run directory {rundir}")
     tokens_per_step = config.g_accum_iters * config.batch_size * config.model.block_size
-    dropout_key = jax.random.key(config.seed + 1)
     # A few steady-state steps, after the compile, so the trace shows the step itself.
-    profile_steps = range(3, min(6, config.max_steps + 1)) if debug else range(0)
+    profile_steps = range(3, min(6, config.max_steps + 1)) if debug and is_main else range(0)
     if profile_steps:
-        print(f"debug: profiler trace of steps {profile_steps[0]}-{profile_steps[-1]} in {rundir}/profile")
+        say(f"debug: profiler trace of steps {profile_steps[0]}-{profile_steps[-1]} in {rundir}/profile")
 
-    log = open(os.path.join(rundir, "metrics.jsonl"), "a")
-    bar = tqdm(range(1, config.max_steps + 1), desc="train", dynamic_ncols=True)
+    log = open(os.path.join(rundir, "metrics.jsonl"), "a") if is_main else None
+    bar = tqdm(range(1, config.max_steps + 1), desc="train", dynamic_ncols=True, disable=not is_main)
     interval_start, interval_steps = time.perf_counter(), 0
     for step in bar:
         if profile_steps and step == profile_steps[0]:
             jax.profiler.start_trace(os.path.join(rundir, "profile"))
-        x_GxBxT, y_GxBxT = train_batch(train_tokens, config, step)
-        state, metrics = train_step(state, x_GxBxT, y_GxBxT, jax.random.fold_in(dropout_key, step))
+        x_GxBxT, y_GxBxT = global_batch(
+            train_tokens, (config.seed, TRAIN_STREAM, step), config.g_accum_iters, config, mesh
+        )
+        state, metrics = train_step(state, x_GxBxT, y_GxBxT)
         interval_steps += 1
         if profile_steps and step == profile_steps[-1]:
             jax.block_until_ready(state)
             jax.profiler.stop_trace()
         if step == 1:  # leave the compile out of the throughput
             jax.block_until_ready(state)
-            tqdm.write(f"step 1 (compile included) took {time.perf_counter() - interval_start:.1f} s")
+            say(f"step 1 (compile included) took {time.perf_counter() - interval_start:.1f} s")
             interval_start, interval_steps = time.perf_counter(), 0
 
         is_eval = step % config.eval_interval == 0 or step == config.max_steps
@@ -167,13 +224,15 @@ def train(config: Config, rundir: str, debug: bool = False) -> GPT:
         bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
                         tok_s=f"{record['tokens_per_sec'] or 0:,.0f}")
         if is_eval:
-            record["train_loss"] = evaluate(state.model, train_tokens, config, EVAL_TRAIN_STREAM)
-            record["val_loss"] = evaluate(state.model, val_tokens, config, EVAL_VAL_STREAM)
-            tqdm.write(f"step {step}: train loss {record['train_loss']:.4f}, val loss {record['val_loss']:.4f}")
-        log.write(json.dumps(record) + "\n")
-        log.flush()
+            record["train_loss"] = evaluate(state.model, train_tokens, config, mesh, EVAL_TRAIN_STREAM)
+            record["val_loss"] = evaluate(state.model, val_tokens, config, mesh, EVAL_VAL_STREAM)
+            say(f"step {step}: train loss {record['train_loss']:.4f}, val loss {record['val_loss']:.4f}")
+        if log:
+            log.write(json.dumps(record) + "\n")
+            log.flush()
         interval_start, interval_steps = time.perf_counter(), 0
     bar.close()
-    log.close()
+    if log:
+        log.close()
     checkpoint.save_model(rundir, state.model)
     return state.model

@@ -1,0 +1,88 @@
+"""Device mesh (replica, fsdp) and the rules that place parameters and batches on it.
+
+Parameters, gradients and optimiser state are sharded over the fsdp axis (FSDP);
+batches are split over both axes, so replica is pure data parallelism. Inside the
+jitted step, XLA gathers one layer's parameters at a time (the layers run under
+lax.scan) and reduce-scatters their gradients.
+"""
+
+import jax
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+from midgpt.config import Config
+from midgpt.errors import MidgptError
+
+REPLICA, FSDP = "replica", "fsdp"
+DATA_AXES = (REPLICA, FSDP)  # a batch's rows are split over every device
+
+
+def make_mesh(config: Config) -> Mesh:
+    """The (replica, fsdp) mesh over all devices of all processes; -1 takes the rest.
+
+    Also checks that every device gets a whole number of each batch's rows.
+    """
+    n = jax.device_count()
+    replica, fsdp = config.mesh_shape
+    if replica == -1 and n % fsdp == 0:
+        replica = n // fsdp
+    elif fsdp == -1 and n % replica == 0:
+        fsdp = n // replica
+    if replica * fsdp != n:
+        raise MidgptError(
+            f"mesh_shape={','.join(map(str, config.mesh_shape))} does not fit the {n} devices; "
+            f"use sizes whose product is {n}, e.g. --mesh_shape=1,-1"
+        )
+    if config.batch_size % n:
+        raise MidgptError(
+            f"batch_size={config.batch_size} does not split over the {n} devices of the mesh; "
+            f"use a multiple of {n} (and raise g_accum_iters to keep the global batch)"
+        )
+    # Auto axes: XLA propagates shardings from the declared inputs and outputs.
+    return jax.make_mesh((replica, fsdp), DATA_AXES, axis_types=(AxisType.Auto,) * 2)
+
+
+def param_spec(x, stacked: bool, config: Config, fsdp_size: int) -> P:
+    """Shard the largest dimension that fsdp divides; small arrays are replicated.
+
+    Never the leading layer axis of stacked blocks: lax.scan reads one layer per
+    iteration, and each layer must be spread over all devices, not held by one.
+    """
+    if not config.shard_model or fsdp_size == 1 or x.size < config.fsdp_min_size:
+        return P()
+    dims = [i for i in range(int(stacked), x.ndim) if x.shape[i] % fsdp_size == 0]
+    if not dims:
+        return P()
+    axis = max(dims, key=lambda i: x.shape[i])
+    return P(*[FSDP if i == axis else None for i in range(x.ndim)])
+
+
+def state_shardings(tree, mesh: Mesh, config: Config):
+    """NamedSharding for every array of a pytree of parameters or optimiser state.
+
+    Adam's moments have the same paths below their root as their parameters, so
+    they get the same sharding: the optimiser state follows its parameter.
+    """
+    fsdp_size = mesh.shape[FSDP]
+
+    def sharding(path, x):
+        stacked = any(getattr(k, "name", None) == "blocks" for k in path)
+        return NamedSharding(mesh, param_spec(x, stacked, config, fsdp_size))
+
+    return jax.tree_util.tree_map_with_path(sharding, tree)
+
+
+def batch_sharding(mesh: Mesh, ndim: int, batch_axis: int) -> NamedSharding:
+    spec = [None] * ndim
+    spec[batch_axis] = DATA_AXES
+    return NamedSharding(mesh, P(*spec))
+
+
+def process_rows(sharding: NamedSharding, shape: tuple[int, ...], batch_axis: int) -> slice:
+    """The rows of a global batch that this process's devices hold, as one slice."""
+    starts, stops = [], []
+    for index in sharding.addressable_devices_indices_map(shape).values():
+        rows = index[batch_axis]
+        starts.append(rows.start or 0)
+        stops.append(shape[batch_axis] if rows.stop is None else rows.stop)
+    return slice(min(starts), max(stops))
+
