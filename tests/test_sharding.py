@@ -1,0 +1,156 @@
+"""FSDP and data parallelism: same numbers on any mesh, 1/fsdp of the state per device,
+and real multi-process training through jax.distributed."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+
+import equinox as eqx
+import jax
+import numpy as np
+import pytest
+
+from conftest import REPO_ROOT
+from midgpt.config import Config, ModelConfig
+from midgpt.optimizer import make_optimizer
+from midgpt.sharding import make_mesh
+from midgpt.train import init_state, make_train_step
+
+# Width 64 and fsdp_min_size 1024: every matrix is sharded, the norm gains are not.
+CONFIG = Config(data_dir="unused", model=ModelConfig(vocab_size=64, block_size=16, n_layer=2, n_head=4, n_embd=64),
+                batch_size=8, g_accum_iters=2, compute_dtype="float32", fsdp_min_size=1024)
+PREAMBLE = """
+import dataclasses, json, sys
+import equinox as eqx, jax, numpy as np
+from midgpt.config import Config, ModelConfig
+from midgpt.optimizer import make_optimizer
+from midgpt.sharding import make_mesh
+from midgpt.train import init_state, make_train_step
+CONFIG = {config!r}
+"""
+
+
+def on_devices(n: int, code: str, **env) -> dict:
+    """Run code in a fresh Python with n CPU devices; return the JSON it prints last."""
+    source = PREAMBLE.format(config=CONFIG) + textwrap.dedent(code)
+    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={n}", **env}
+    result = subprocess.run([sys.executable, "-c", source], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def batch():
+    rng = np.random.default_rng(0)
+    return tuple(rng.integers(0, 64, (2, 8, 16), dtype=np.int32) for _ in range(2))
+
+
+def one_step_params(config):
+    optimizer, mesh = make_optimizer(config), make_mesh(config)
+    state, metrics = make_train_step(config, optimizer, mesh)(init_state(config, optimizer, mesh), *batch())
+    return float(metrics["loss"]), [np.asarray(x) for x in jax.tree.leaves(eqx.filter(state.model, eqx.is_array))]
+
+
+def test_one_step_on_every_mesh_matches_one_device(tmp_path):
+    on_devices(8, f"""
+        from test_sharding import one_step_params
+        out = {{}}
+        for shape in [(1, 8), (2, 4), (8, 1)]:
+            loss, leaves = one_step_params(dataclasses.replace(CONFIG, mesh_shape=shape))
+            out.update({{f"{{shape}}/loss": loss}}, **{{f"{{shape}}/{{i}}": x for i, x in enumerate(leaves)}})
+        np.savez("{tmp_path}/meshes.npz", **out)
+        print("{{}}")
+    """, PYTHONPATH=str(REPO_ROOT / "tests"))
+    loss, leaves = one_step_params(CONFIG)
+    meshes = np.load(tmp_path / "meshes.npz")
+    for shape in [(1, 8), (2, 4), (8, 1)]:
+        np.testing.assert_allclose(meshes[f"{shape}/loss"], loss, rtol=1e-6)
+        for i, leaf in enumerate(leaves):
+            np.testing.assert_allclose(meshes[f"{shape}/{i}"], leaf, rtol=1e-5, atol=1e-6, err_msg=f"{shape} leaf {i}")
+
+
+def test_fsdp_holds_one_eighth_of_each_large_parameter_and_its_adam_moments():
+    shards = on_devices(8, """
+        config = dataclasses.replace(CONFIG, mesh_shape=(1, 8))
+        state = init_state(config, make_optimizer(config), make_mesh(config))
+        rows = []
+        for path, x in jax.tree_util.tree_leaves_with_path(eqx.filter(state, eqx.is_array)):
+            shard_sizes = {s.data.size for s in x.addressable_shards}
+            rows.append([jax.tree_util.keystr(path), x.size, sorted(shard_sizes), len(x.addressable_shards)])
+        print(json.dumps(rows))
+    """)
+    large = [r for r in shards if r[1] >= CONFIG.fsdp_min_size]
+    # Parameters, and Adam's mu and nu for each.
+    assert len(large) == 3 * (1 + 6)  # the embedding and six stacked matrices per block stack
+    assert sum(".mu." in r[0] for r in large) == sum(".nu." in r[0] for r in large) == 7
+    for path, size, shard_sizes, n_shards in large:
+        assert n_shards == 8 and shard_sizes == [size // 8], path
+    for path, size, shard_sizes, _ in shards:
+        if size < CONFIG.fsdp_min_size:
+            assert shard_sizes == [size], path  # small arrays stay whole on every device
+
+
+def test_compiled_step_never_holds_more_than_a_few_layers_of_parameters():
+    # Parameters dominate activations here, so temporaries show what the step gathers.
+    memory = on_devices(8, """
+        config = dataclasses.replace(CONFIG, model=ModelConfig(64, 8, 8, 4, 256), g_accum_iters=1, mesh_shape=(1, 8))
+        optimizer, mesh = make_optimizer(config), make_mesh(config)
+        state = init_state(config, optimizer, mesh)
+        x = np.zeros((1, 8, 8), np.int32)
+        analysis = make_train_step(config, optimizer, mesh).lower(state, x, x).compile().memory_analysis()
+        params = sum(a.nbytes for a in jax.tree.leaves(eqx.filter(state.model, eqx.is_array)))
+        print(json.dumps({"params": params, "temp": analysis.temp_size_in_bytes,
+                          "args": analysis.argument_size_in_bytes}))
+    """)
+    layer = memory["params"] / 8  # 8 layers hold nearly all parameters
+    assert memory["args"] < 1.1 * 3 * memory["params"] / 8  # params, mu, nu: an eighth of each
+    assert memory["temp"] < 3 * layer, memory
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(*args, devices: int, cwd=REPO_ROOT):
+    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+    return subprocess.Popen([sys.executable, str(REPO_ROOT / "launch.py"), *args], cwd=cwd, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.slow
+def test_two_processes_train_like_one_process_with_eight_devices(shakespeare_data_dir, tmp_path):
+    common = ["--config=shakespeare_char_cpu", f"--data_dir={shakespeare_data_dir}", "--batch_size=16",
+              "--g_accum_iters=2", "--max_steps=12", "--eval_interval=6", "--eval_iters=2", "--log_interval=3"]
+    port = free_port()
+    procs = [launch(*common, f"--rundir={tmp_path}/multi{i}", "--multihost", f"--coordinator_address=127.0.0.1:{port}",
+                    "--num_processes=2", f"--process_id={i}", devices=4) for i in range(2)]
+    single = launch(*common, f"--rundir={tmp_path}/single", devices=8)
+    for p in [*procs, single]:
+        _, stderr = p.communicate(timeout=600)
+        assert p.returncode == 0, stderr
+    assert not (tmp_path / "multi1").exists()  # only process 0 writes
+    multi = [json.loads(line) for line in open(tmp_path / "multi0" / "metrics.jsonl")]
+    alone = [json.loads(line) for line in open(tmp_path / "single" / "metrics.jsonl")]
+    assert [r["step"] for r in multi] == [r["step"] for r in alone] == [3, 6, 9, 12]
+    for m, a in zip(multi, alone):
+        for key in ("loss", "grad_norm", "train_loss", "val_loss"):
+            if key in a:
+                assert m[key] == pytest.approx(a[key], rel=1e-5), (m["step"], key)
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--mesh_shape=3,-1"], "mesh_shape=3,-1 does not fit the 8 devices"),
+    (["--mesh_shape=2,2"], "mesh_shape=2,2 does not fit the 8 devices"),
+    (["--batch_size=12"], "batch_size=12 does not split over the 8 devices"),
+])
+def test_a_mesh_that_does_not_fit_or_a_batch_that_does_not_divide_is_one_line(args, fragment, shakespeare_data_dir, tmp_path):
+    p = launch("--config=shakespeare_char_cpu", f"--data_dir={shakespeare_data_dir}", f"--rundir={tmp_path}/run",
+               *args, devices=8)
+    _, stderr = p.communicate(timeout=120)
+    assert p.returncode == 1
+    assert stderr.strip().splitlines() == [stderr.strip()] and fragment in stderr, stderr
+    assert not (tmp_path / "run").exists()
