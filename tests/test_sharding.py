@@ -154,3 +154,15 @@ def test_a_mesh_that_does_not_fit_or_a_batch_that_does_not_divide_is_one_line(ar
     assert p.returncode == 1
     assert stderr.strip().splitlines() == [stderr.strip()] and fragment in stderr, stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_openwebtext_xl_state_is_sharded_over_all_devices():
+    # The layout only (no allocation): 1.3B parameters do not fit this machine three times over.
+    result = subprocess.run([sys.executable, str(REPO_ROOT / "benchmarks" / "fsdp_memory.py"),
+                             "--config=openwebtext_xl", "--devices=8", "--abstract"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["mesh"] == {"replica": 1, "fsdp": 8}
+    assert report["parameters"] > 1.3e9
+    assert report["per_device_fraction"] < 0.126  # an eighth, plus the replicated norm gains

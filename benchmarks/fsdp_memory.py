@@ -1,0 +1,57 @@
+"""Bytes of parameters + optimiser state per device under FSDP, against one device.
+
+python benchmarks/fsdp_memory.py --config=shakespeare_char --devices=8 [--FIELD=VALUE ...]
+prints one JSON line. --devices fakes that many CPU devices. --abstract computes the
+layout without allocating (for models too large for this machine).
+"""
+
+import argparse
+import json
+import math
+import os
+import sys
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--devices", type=int, default=8)
+    parser.add_argument("--abstract", action="store_true")
+    args, overrides = parser.parse_known_args()
+    os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={args.devices}"  # before JAX starts
+
+    import equinox as eqx
+    import jax
+
+    from midgpt.config import apply_overrides, load_config
+    from midgpt.optimizer import make_optimizer
+    from midgpt.sharding import make_mesh
+    from midgpt.train import fresh_state, init_state, state_layout
+
+    config = apply_overrides(load_config(args.config), overrides)
+    optimizer, mesh = make_optimizer(config), make_mesh(config)
+    shardings, _ = state_layout(config, optimizer, mesh)
+    is_shape = lambda x: isinstance(x, jax.ShapeDtypeStruct)
+    like = eqx.filter_eval_shape(fresh_state, config, optimizer)
+    arrays = jax.tree.leaves(eqx.filter(like, is_shape))
+    total = sum(x.size * x.dtype.itemsize for x in arrays)
+    if args.abstract:  # every device holds the same share
+        per_device = [sum(math.prod(s.shard_shape(x.shape)) * x.dtype.itemsize
+                          for x, s in zip(arrays, jax.tree.leaves(shardings)))]
+    else:
+        state = init_state(config, optimizer, mesh)
+        bytes_on = {d: 0 for d in jax.devices()}
+        for x in jax.tree.leaves(eqx.filter(state, eqx.is_array)):
+            for shard in x.addressable_shards:
+                bytes_on[shard.device] += shard.data.nbytes
+        per_device = list(bytes_on.values())
+    print(json.dumps({
+        "config": args.config, "overrides": overrides, "devices": jax.device_count(),
+        "mesh": dict(mesh.shape), "parameters": sum(x.size for x in jax.tree.leaves(eqx.filter(like.model, is_shape))),
+        "state_bytes_one_device": total, "state_bytes_per_device_max": max(per_device),
+        "per_device_fraction": max(per_device) / total, "measured_on_arrays": not args.abstract,
+    }))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
