@@ -101,9 +101,21 @@ def test_setting_a_nested_config_itself_is_an_error(config):
         apply_overrides(config, ["--model=3"])
 
 
-@pytest.mark.parametrize("name", ["shakespeare_char", "shakespeare_char_cpu"])
+@pytest.mark.parametrize("text", ["2,4", "(2,4)", "2,-1"])
+def test_mesh_shape_override_is_a_pair_of_ints(config, text):
+    new = apply_overrides(config, [f"--mesh_shape={text}"])
+    assert new.mesh_shape == tuple(int(v) for v in text.strip("()").split(","))
+
+
+@pytest.mark.parametrize("text", ["8", "2,4,1", "a,b", "2.5,4"])
+def test_bad_mesh_shape_is_one_line_error_naming_the_field(config, text):
+    with pytest.raises(MidgptError, match="'mesh_shape' expects 2 comma-separated ints"):
+        apply_overrides(config, [f"--mesh_shape={text}"])
+
+
+@pytest.mark.parametrize("name", ["shakespeare_char", "shakespeare_char_cpu", "openwebtext_xl"])
 def test_config_survives_json_round_trip(name):
-    config = apply_overrides(load_config(name), ["--model.n_layer=2", "--learning_rate=3e-4"])
+    config = apply_overrides(load_config(name), ["--model.n_layer=2", "--learning_rate=3e-4", "--mesh_shape=2,-1"])
     assert config_from_dict(json.loads(json.dumps(config_to_dict(config)))) == config
 
 
