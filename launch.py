@@ -1,9 +1,13 @@
-"""Train a GPT: python launch.py --config=NAME [--rundir=DIR] [--debug] [--multihost] [--FIELD=VALUE ...]"""
+"""Train a GPT: python launch.py --config=NAME [--rundir=DIR] [--debug] [--multihost] [--FIELD=VALUE ...]
 
+A --rundir that already holds a run resumes it from its newest checkpoint.
+"""
+
+import os
 import time
 
 from midgpt.cli import ArgumentParser, run
-from midgpt.config import apply_overrides, check_config, load_config
+from midgpt.config import apply_overrides, check_config, load_config, read_config_json, resume_config
 
 
 def main(argv: list[str]) -> None:
@@ -22,16 +26,21 @@ def main(argv: list[str]) -> None:
     if not args.multihost and any(v is not None for v in cluster.values()):
         parser.error("--coordinator_address, --num_processes and --process_id need --multihost")
     config = apply_overrides(load_config(args.config), overrides)
-    check_config(config)
     rundir = args.rundir or time.strftime("outputs/%Y-%m-%d_%H-%M-%S")
+    resume = os.path.exists(os.path.join(rundir, "config.json"))
+    if resume:  # the run's own config, with the overrides that keep it the same run
+        config, changes = resume_config(read_config_json(rundir), config, overrides)
+    check_config(config)
 
     import jax  # only once the arguments are good
 
     if args.multihost:  # before anything touches a device
         jax.distributed.initialize(**cluster)
+    if resume and jax.process_index() == 0:
+        print(f"resuming the run in {rundir}" + "".join(f"; {c}" for c in changes))
     from midgpt.train import train
 
-    train(config, rundir, debug=args.debug)
+    train(config, rundir, debug=args.debug, resume=resume)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--temperature", type=float, default=0.8, help="0 is greedy")
     parser.add_argument("--top_k", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--step", type=int, default=None, help="the checkpoint to use (default: the newest)")
     args = parser.parse_args(argv)
     if args.num_samples < 1 or args.max_new_tokens < 0 or args.temperature < 0 or (args.top_k is not None and args.top_k < 1):
         parser.error("num_samples and top_k must be >= 1, max_new_tokens and temperature >= 0")
@@ -21,13 +22,12 @@ def main(argv: list[str]) -> None:
     import jax  # only once the arguments are good
     import jax.numpy as jnp
 
-    from midgpt import checkpoint, data
+    from midgpt import data
     from midgpt.model import cast_floats
-    from midgpt.sample import generate
+    from midgpt.sample import generate, load_model
 
-    config = checkpoint.load_config_json(args.rundir)
+    config, model = load_model(args.rundir, args.step)
     meta = data.load_meta(config.data_dir)
-    model = checkpoint.load_model(args.rundir, config)
     model = cast_floats(model, jnp.dtype(config.compute_dtype))
     prompt_P = jnp.asarray(data.encode(meta, args.start), jnp.int32)
     prompt_BxP = jnp.tile(prompt_P, (args.num_samples, 1))

@@ -32,8 +32,9 @@ def short_run(shakespeare_data_dir, tmp_path_factory):
     return rundir
 
 
-def test_launch_writes_config_metrics_and_model(short_run, shakespeare_data_dir):
-    assert sorted(os.listdir(short_run)) == ["config.json", "metrics.jsonl", "model.eqx"]
+def test_launch_writes_config_metrics_and_checkpoints(short_run, shakespeare_data_dir):
+    assert sorted(os.listdir(short_run)) == ["checkpoints", "config.json", "metrics.jsonl"]
+    assert os.listdir(os.path.join(short_run, "checkpoints")) == ["40"]  # the end of the run
     with open(os.path.join(short_run, "config.json")) as f:
         config = json.load(f)
     assert config["max_steps"] == 40 and config["model"]["n_layer"] == 2
@@ -74,6 +75,8 @@ def test_debug_writes_a_profiler_trace(shakespeare_data_dir, tmp_path):
                  f"--data_dir={shakespeare_data_dir}", "--max_steps=6", *TINY)
     assert result.returncode == 0, result.stderr
     assert list((rundir / "profile").rglob("*.xplane.pb"))
+    assert "no checkpoints are written" in result.stdout + result.stderr
+    assert not (rundir / "checkpoints").exists()
 
 
 def assert_one_line_error(result, *fragments):
@@ -100,11 +103,20 @@ def test_bad_input_is_one_line_and_creates_nothing(args, fragments, tmp_path):
     assert not rundir.exists() and not (tmp_path / "outputs").exists()
 
 
-def test_an_existing_run_is_not_overwritten(short_run, shakespeare_data_dir):
+def test_relaunching_a_finished_run_changes_nothing(short_run, shakespeare_data_dir):
     before = open(os.path.join(short_run, "metrics.jsonl")).read()
     result = run("launch.py", "--config=shakespeare_char_cpu", f"--rundir={short_run}",
-                 f"--data_dir={shakespeare_data_dir}", "--max_steps=5", *TINY)
-    assert_one_line_error(result, short_run)
+                 f"--data_dir={shakespeare_data_dir}", "--max_steps=40", "--eval_interval=20", *TINY)
+    assert result.returncode == 0, result.stderr
+    assert "resuming from checkpoint 40" in result.stdout + result.stderr
+    assert open(os.path.join(short_run, "metrics.jsonl")).read() == before
+
+
+def test_resuming_with_another_model_is_refused(short_run, shakespeare_data_dir):
+    before = open(os.path.join(short_run, "metrics.jsonl")).read()
+    result = run("launch.py", "--config=shakespeare_char_cpu", f"--rundir={short_run}",
+                 f"--data_dir={shakespeare_data_dir}", "--max_steps=40", *TINY, "--model.n_layer=3")
+    assert_one_line_error(result, "model.n_layer", "new --rundir")
     assert open(os.path.join(short_run, "metrics.jsonl")).read() == before
 
 
@@ -113,6 +125,7 @@ def test_sample_errors_are_one_line(short_run, tmp_path):
     assert_one_line_error(run("sample.py", f"--rundir={short_run}", "--start=€"), "€")
     assert_one_line_error(run("sample.py", f"--rundir={short_run}", "--num_samples=0"), "num_samples")
     assert_one_line_error(run("sample.py", f"--rundir={short_run}", "--top_k=0"), "top_k")
+    assert_one_line_error(run("sample.py", f"--rundir={short_run}", "--step=7"), "no checkpoint at step 7")
 
 
 @pytest.mark.slow

@@ -1,50 +1,74 @@
-"""What a run leaves on disk for later use: its config and its final parameters."""
+"""Checkpoints under RUNDIR/checkpoints: orbax, asynchronous, atomic; resume from the newest good one.
 
-import json
+A checkpoint holds the whole TrainState (parameters, optimiser state, step, dropout
+key; the step is also the data position, since batches are drawn by (seed, step))
+and the run's config.
+"""
+
 import os
+import shutil
+import time
 
 import equinox as eqx
 import jax
-import jax.numpy as jnp
+import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
-from midgpt.config import Config, config_from_dict
-from midgpt.errors import MidgptError
-from midgpt.model import GPT, cast_floats
+from midgpt.config import Config, config_to_dict
 
-MODEL_FILE = "model.eqx"
+# orbax writes this file into a step's directory when the save commits; a step
+# without it was cut short, whatever else is there.
+COMMIT_MARKER = "commit_success.txt"
 
 
-def save_model(rundir: str, model: GPT) -> None:
-    """Write the parameters to rundir/model.eqx, atomically: a killed save leaves no torn file.
+def directory(rundir: str) -> str:
+    return os.path.join(os.path.abspath(rundir), "checkpoints")
 
-    Every process must call it (the sharded parameters are gathered); process 0 writes.
+
+def make_manager(rundir: str, config: Config) -> ocp.CheckpointManager:
+    # orbax deletes the oldest only after a newer one commits, so the last good
+    # copy is never the one removed.
+    options = ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True,
+                                           enable_async_checkpointing=True)
+    return ocp.CheckpointManager(directory(rundir), options=options)
+
+
+def save(manager: ocp.CheckpointManager, step: int, state, config: Config) -> None:
+    """Start an asynchronous save: the arrays are copied off the devices, then written in the background."""
+    args = ocp.args.Composite(state=ocp.args.StandardSave(eqx.filter(state, eqx.is_array)),
+                              config=ocp.args.JsonSave(config_to_dict(config)))
+    manager.save(step, args=args, force=True)
+
+
+def restore(manager: ocp.CheckpointManager, step: int, like, shardings):
+    """The state saved at step, placed by shardings (the saving mesh does not matter)."""
+    arrays_like, static = eqx.partition(like, lambda x: isinstance(x, jax.ShapeDtypeStruct))
+    target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), arrays_like, shardings)
+    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
+    return eqx.combine(restored["state"], static)
+
+
+def restore_newest(manager: ocp.CheckpointManager, rundir: str, like, shardings, say):
+    """(state, step) from the newest checkpoint that restores, or None if there is none.
+
+    like is a state with ShapeDtypeStruct leaves; shardings places each array on
+    the current mesh, which may differ from the one that saved it. Damaged
+    checkpoints are moved to RUNDIR/checkpoints_damaged (nothing is deleted).
     """
-    arrays, static = eqx.partition(model, eqx.is_array)
-    arrays = multihost_utils.process_allgather(arrays, tiled=True)
-    if jax.process_index() == 0:
-        tmp = os.path.join(rundir, MODEL_FILE + ".tmp")
-        eqx.tree_serialise_leaves(tmp, eqx.combine(arrays, static))
-        os.replace(tmp, os.path.join(rundir, MODEL_FILE))
-
-
-def load_config_json(rundir: str) -> Config:
-    path = os.path.join(rundir, "config.json")
-    if not os.path.exists(path):
-        raise MidgptError(f"{path} not found; is {rundir} a run directory made by launch.py?")
-    with open(path) as f:
-        return config_from_dict(json.load(f))
-
-
-def load_model(rundir: str, config: Config) -> GPT:
-    """The parameters that training saved at its end, in param_dtype."""
-    path = os.path.join(rundir, MODEL_FILE)
-    if not os.path.exists(path):
-        raise MidgptError(f"{path} not found; the run has not finished training yet")
-    # Shapes only: no need to spend time initialising weights that are overwritten.
-    dtype = jnp.dtype(config.param_dtype)
-    like = eqx.filter_eval_shape(lambda: cast_floats(GPT(config.model, key=jax.random.key(0)), dtype))
-    try:
-        return eqx.tree_deserialise_leaves(path, like)
-    except Exception as e:
-        raise MidgptError(f"{path} is unreadable ({type(e).__name__}: {e}); train the run again") from None
+    for step in sorted(manager.all_steps(), reverse=True):
+        path = os.path.join(directory(rundir), str(step))
+        if not os.path.exists(os.path.join(path, COMMIT_MARKER)):
+            problem = f"no {COMMIT_MARKER}: its save did not finish"
+        else:
+            try:
+                return restore(manager, step, like, shardings), step
+            except Exception as e:  # orbax and tensorstore raise many types for damaged files
+                problem = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
+        aside = os.path.join(os.path.abspath(rundir), "checkpoints_damaged", f"{step}.{time.time_ns()}")
+        say(f"checkpoint {step} is damaged ({problem}); moved to {aside}, resuming from an older one")
+        if jax.process_index() == 0:
+            os.makedirs(os.path.dirname(aside), exist_ok=True)
+            shutil.move(path, aside)
+        multihost_utils.sync_global_devices(f"checkpoint {step} moved aside")
+        manager.reload()
+    return None

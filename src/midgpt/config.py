@@ -3,6 +3,8 @@
 import dataclasses
 import difflib
 import importlib
+import json
+import os
 import pkgutil
 import typing
 
@@ -45,6 +47,8 @@ class Config:
     mesh_shape: tuple[int, int] = (1, -1)
     shard_model: bool = True  # FSDP: shard parameters and optimiser state over the fsdp axis
     fsdp_min_size: int = 2**16  # parameters with fewer elements stay replicated
+    checkpoint_interval: int = 500  # steps between checkpoints; one is also written at the end
+    keep_checkpoints: int = 3  # the newest this many are kept
 
 
 def load_config(name: str) -> Config:
@@ -71,6 +75,44 @@ def apply_overrides(config: Config, overrides: list[str]) -> Config:
             hint = _did_you_mean(name, types) or f"; known fields: {', '.join(types)}"
             raise MidgptError(f"unknown config field {name!r}{hint}")
         config = _replace(config, name, _parse(name, types[name], text))
+    return config
+
+
+# Changing one of these on resume would make it another run: another model or other data.
+FIXED_ON_RESUME = ("model", "data_dir", "seed", "batch_size", "g_accum_iters", "param_dtype")
+
+
+def read_config_json(rundir: str) -> Config:
+    """The config a run saved in rundir/config.json."""
+    path = os.path.join(rundir, "config.json")
+    if not os.path.exists(path):
+        raise MidgptError(f"{path} not found; is {rundir} a run directory made by launch.py?")
+    with open(path) as f:
+        return config_from_dict(json.load(f))
+
+
+def resume_config(saved: Config, requested: Config, overrides: list[str]) -> tuple[Config, list[str]]:
+    """The saved config with the command line's overrides, and the changes to report.
+
+    The named config and overrides must agree with the saved run on the model and
+    the data; anything else (max_steps, eval_interval, learning_rate, ...) may change.
+    """
+    resumed = apply_overrides(saved, overrides)
+    for name in _leaf_types(Config):
+        ran, asked = _get(saved, name), _get(requested, name)
+        if name.split(".")[0] in FIXED_ON_RESUME and ran != asked:
+            raise MidgptError(
+                f"the run in this --rundir has {name}={ran!r} but this command asks for {asked!r}; "
+                "that is another model or other data: pass a new --rundir"
+            )
+    changes = [f"{n}: {_get(saved, n)!r} -> {_get(resumed, n)!r}"
+               for n in _leaf_types(Config) if _get(saved, n) != _get(resumed, n)]
+    return resumed, changes
+
+
+def _get(config, dotted: str):
+    for part in dotted.split("."):
+        config = getattr(config, part)
     return config
 
 
@@ -173,7 +215,8 @@ def check_config(config: Config) -> None:
         "batch_size": config.batch_size, "g_accum_iters": config.g_accum_iters,
         "eval_interval": config.eval_interval, "eval_iters": config.eval_iters,
         "log_interval": config.log_interval, "learning_rate": config.learning_rate,
-        "lr_decay_steps": config.lr_decay_steps,
+        "lr_decay_steps": config.lr_decay_steps, "checkpoint_interval": config.checkpoint_interval,
+        "keep_checkpoints": config.keep_checkpoints,
     }
     for name, value in positive.items():
         if value <= 0:

@@ -1,10 +1,40 @@
-"""Text generation from a trained model: temperature, top-k, a sliding context window."""
+"""Text generation from a trained run: temperature, top-k, a sliding context window."""
+
+import os
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+from jax.sharding import SingleDeviceSharding
 
+from midgpt import checkpoint
+from midgpt.config import Config, read_config_json
+from midgpt.errors import MidgptError
 from midgpt.model import GPT
+from midgpt.optimizer import make_optimizer
+from midgpt.train import fresh_state
+
+
+def load_model(rundir: str, step: int | None = None) -> tuple[Config, GPT]:
+    """The run's config and its parameters at step (default: the newest checkpoint), on one device."""
+    config = read_config_json(rundir)
+    if not os.path.isdir(checkpoint.directory(rundir)):
+        raise MidgptError(f"{rundir} has no checkpoints yet (runs with --debug write none)")
+    manager = checkpoint.make_manager(rundir, config)
+    steps = manager.all_steps()
+    step = max(steps, default=None) if step is None else step
+    if step not in steps:
+        raise MidgptError(f"{rundir} has no checkpoint at step {step}; it has {sorted(steps) or 'none'}")
+    like = eqx.filter_eval_shape(fresh_state, config, make_optimizer(config))
+    is_shape = lambda x: isinstance(x, jax.ShapeDtypeStruct)
+    one_device = jax.tree.map(lambda _: SingleDeviceSharding(jax.devices()[0]), eqx.filter(like, is_shape))
+    try:
+        state = checkpoint.restore(manager, step, like, one_device)
+    except Exception as e:  # orbax and tensorstore raise many types for damaged files
+        raise MidgptError(f"checkpoint {step} of {rundir} does not restore ({type(e).__name__}); try --step") from None
+    finally:
+        manager.close()
+    return config, state.model
 
 
 def sample_token(logits_BxV, key, temperature: float, top_k: int | None):

@@ -3,6 +3,8 @@
 import json
 import math
 import os
+import signal
+import sys
 import time
 
 import equinox as eqx
@@ -10,9 +12,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from tqdm import tqdm
-
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from tqdm import tqdm
 
 from midgpt import checkpoint, data, sharding
 from midgpt.config import Config, config_to_dict
@@ -25,9 +27,12 @@ TRAIN_STREAM, EVAL_TRAIN_STREAM, EVAL_VAL_STREAM = 0, 1, 2
 
 
 class TrainState(eqx.Module):
+    """Everything the next step depends on; the step also fixes the next batch."""
+
     model: GPT  # parameters in param_dtype
     opt_state: optax.OptState
     step: jax.Array  # updates done so far
+    dropout_key: jax.Array  # raw key data (uint32), so checkpoints hold plain arrays
 
 
 def loss_fn(model: GPT, x_BxT, y_BxT, key=None):
@@ -41,7 +46,8 @@ def fresh_state(config: Config, optimizer: optax.GradientTransformation) -> Trai
     model = GPT(config.model, key=jax.random.key(config.seed))
     model = cast_floats(model, jnp.dtype(config.param_dtype))
     opt_state = optimizer.init(eqx.filter(model, eqx.is_array))
-    return TrainState(model, opt_state, jnp.zeros((), jnp.int32))
+    dropout_key = jax.random.key_data(jax.random.key(config.seed + 1))
+    return TrainState(model, opt_state, jnp.zeros((), jnp.int32), dropout_key)
 
 
 def state_layout(config: Config, optimizer: optax.GradientTransformation, mesh: Mesh):
@@ -66,7 +72,6 @@ def make_train_step(config: Config, optimizer: optax.GradientTransformation, mes
     """
     compute_dtype = jnp.dtype(config.compute_dtype)
     schedule = lr_schedule(config)
-    dropout_key = jax.random.key(config.seed + 1)
     state_shardings, static = state_layout(config, optimizer, mesh)
     batch_sharding = sharding.batch_sharding(mesh, ndim=3, batch_axis=1)
 
@@ -86,7 +91,7 @@ def make_train_step(config: Config, optimizer: optax.GradientTransformation, mes
 
         G = x_GxBxT.shape[0]
         # Dropout masks follow from (seed, step): a property of the run, not of its history.
-        keys_G = jax.random.split(jax.random.fold_in(dropout_key, state.step), G)
+        keys_G = jax.random.split(jax.random.fold_in(jax.random.wrap_key_data(state.dropout_key), state.step), G)
         grad_sum, loss_G = jax.lax.scan(
             accumulate, jax.tree.map(jnp.zeros_like, params), (x_GxBxT, y_GxBxT, keys_G)
         )
@@ -98,7 +103,7 @@ def make_train_step(config: Config, optimizer: optax.GradientTransformation, mes
             "lr": schedule(state.step),
             "grad_norm": optax.tree.norm(grads),
         }
-        new_state = TrainState(eqx.combine(params, model_static), opt_state, state.step + 1)
+        new_state = TrainState(eqx.combine(params, model_static), opt_state, state.step + 1, state.dropout_key)
         return eqx.filter(new_state, eqx.is_array), metrics
 
     replicated = NamedSharding(mesh, P())
@@ -158,81 +163,157 @@ def check_data(config: Config):
     return data.load_tokens(config.data_dir, "train"), data.load_tokens(config.data_dir, "val")
 
 
-def start_rundir(config: Config, rundir: str):
-    if os.path.exists(os.path.join(rundir, "config.json")):
-        raise MidgptError(
-            f"{rundir} already holds a run; pass a new --rundir (resuming is not supported yet)"
-        )
+def write_config(config: Config, rundir: str):
     if jax.process_index() == 0:
         os.makedirs(rundir, exist_ok=True)
         with open(os.path.join(rundir, "config.json"), "w") as f:
             json.dump(config_to_dict(config), f, indent=2)
 
 
-def train(config: Config, rundir: str, debug: bool = False) -> GPT:
-    """Train from scratch into rundir: config.json, metrics.jsonl and the final model.eqx.
+def rewind_metrics(path: str, step: int):
+    """Keep the records up to step: a resumed run logs the later ones again."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = [line for line in f if line.endswith("\n")]  # a killed write leaves a torn last line
+    kept = [line for line in lines if json.loads(line)["step"] <= step]
+    with open(path + ".tmp", "w") as f:
+        f.writelines(kept)
+    os.replace(path + ".tmp", path)
+
+
+def check_finite(metrics: dict, step: int, last_checkpoint: int | None):
+    for name in ("loss", "grad_norm"):
+        value = float(metrics[name])
+        if not math.isfinite(value):
+            kept = (f"checkpoint {last_checkpoint} is untouched: lower --learning_rate and run the same "
+                    "command to resume from it" if last_checkpoint else "no checkpoint was written")
+            raise MidgptError(f"{name} is {value} at step {step}: training diverged; {kept}")
+
+
+class StopSignals:
+    """SIGINT/SIGTERM ask for a stop after the current step; a second one stops at once."""
+
+    def __init__(self, say):
+        self.received, self.say = None, say
+
+    def __enter__(self):
+        self.previous = {sig: signal.signal(sig, self.handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    def handle(self, signum, frame):
+        if self.received:
+            print(f"\n{signal.Signals(signum).name} again: stopping now, without a checkpoint", file=sys.stderr)
+            os._exit(128 + signum)
+        self.received = signal.Signals(signum).name
+        self.say(f"{self.received}: stopping after this step, with a checkpoint (again to stop at once)")
+
+
+def train(config: Config, rundir: str, debug: bool = False, resume: bool = False) -> GPT:
+    """Train into rundir (config.json, metrics.jsonl, checkpoints/), resuming its newest checkpoint if asked.
 
     Every process runs this loop (JAX's multi-controller model); only process 0
     writes files and prints.
     """
+    if debug and resume:
+        raise MidgptError(f"{rundir} holds a run and --debug writes no checkpoints; use a new --rundir")
     train_tokens, val_tokens = check_data(config)
     mesh = sharding.make_mesh(config)
-    start_rundir(config, rundir)
     is_main = jax.process_index() == 0
     say = tqdm.write if is_main else lambda _: None
+    write_config(config, rundir)
     say("config: " + json.dumps(config_to_dict(config)))
-
     optimizer = make_optimizer(config)
-    state = init_state(config, optimizer, mesh)
+    manager = None if debug else checkpoint.make_manager(rundir, config)
+    if debug:
+        say("debug: no checkpoints are written")
+
+    state, start = None, 0
+    if resume:
+        shardings, _ = state_layout(config, optimizer, mesh)
+        like = eqx.filter_eval_shape(fresh_state, config, optimizer)
+        found = checkpoint.restore_newest(manager, rundir, like, shardings, say)
+        if found:
+            state, start = found
+        say(f"resuming from checkpoint {start}" if found else "no checkpoint to resume from: starting at step 0")
+    if state is None:
+        state = init_state(config, optimizer, mesh)
+    metrics_path = os.path.join(rundir, "metrics.jsonl")
+    if is_main:
+        rewind_metrics(metrics_path, start)
     train_step = make_train_step(config, optimizer, mesh)
     say(f"{count_params(state.model):,} parameters; mesh {dict(mesh.shape)} over "
         f"{jax.device_count()} {jax.devices()[0].platform} devices in {jax.process_count()} processes; "
         f"run directory {rundir}")
     tokens_per_step = config.g_accum_iters * config.batch_size * config.model.block_size
     # A few steady-state steps, after the compile, so the trace shows the step itself.
-    profile_steps = range(3, min(6, config.max_steps + 1)) if debug and is_main else range(0)
+    profile_steps = range(start + 3, min(start + 6, config.max_steps + 1)) if debug and is_main else range(0)
     if profile_steps:
         say(f"debug: profiler trace of steps {profile_steps[0]}-{profile_steps[-1]} in {rundir}/profile")
 
-    log = open(os.path.join(rundir, "metrics.jsonl"), "a") if is_main else None
-    bar = tqdm(range(1, config.max_steps + 1), desc="train", dynamic_ncols=True, disable=not is_main)
+    last_checkpoint = start or None
+    log = open(metrics_path, "a") if is_main else None
+    bar = tqdm(range(start + 1, config.max_steps + 1), initial=start, total=config.max_steps,
+               desc="train", dynamic_ncols=True, disable=not is_main)
     interval_start, interval_steps = time.perf_counter(), 0
-    for step in bar:
-        if profile_steps and step == profile_steps[0]:
-            jax.profiler.start_trace(os.path.join(rundir, "profile"))
-        x_GxBxT, y_GxBxT = global_batch(
-            train_tokens, (config.seed, TRAIN_STREAM, step), config.g_accum_iters, config, mesh
-        )
-        state, metrics = train_step(state, x_GxBxT, y_GxBxT)
-        interval_steps += 1
-        if profile_steps and step == profile_steps[-1]:
-            jax.block_until_ready(state)
-            jax.profiler.stop_trace()
-        if step == 1:  # leave the compile out of the throughput
-            jax.block_until_ready(state)
-            say(f"step 1 (compile included) took {time.perf_counter() - interval_start:.1f} s")
-            interval_start, interval_steps = time.perf_counter(), 0
+    with StopSignals(say) as signals:
+        try:
+            for step in bar:
+                if profile_steps and step == profile_steps[0]:
+                    jax.profiler.start_trace(os.path.join(rundir, "profile"))
+                x_GxBxT, y_GxBxT = global_batch(
+                    train_tokens, (config.seed, TRAIN_STREAM, step), config.g_accum_iters, config, mesh
+                )
+                state, metrics = train_step(state, x_GxBxT, y_GxBxT)
+                interval_steps += 1
+                if profile_steps and step == profile_steps[-1]:
+                    jax.block_until_ready(state)
+                    jax.profiler.stop_trace()
+                if step == start + 1:  # leave the compile out of the throughput
+                    jax.block_until_ready(state)
+                    say(f"step {step} (compile included) took {time.perf_counter() - interval_start:.1f} s")
+                    interval_start, interval_steps = time.perf_counter(), 0
 
-        is_eval = step % config.eval_interval == 0 or step == config.max_steps
-        if not (is_eval or step % config.log_interval == 0):
-            continue
-        record = {"step": step, **{k: float(v) for k, v in metrics.items()}}
-        if not math.isfinite(record["loss"]):
-            raise MidgptError(f"loss is {record['loss']} at step {step}; lower learning_rate")
-        elapsed = time.perf_counter() - interval_start
-        record["tokens_per_sec"] = interval_steps * tokens_per_step / elapsed if interval_steps else None
-        bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
-                        tok_s=f"{record['tokens_per_sec'] or 0:,.0f}")
-        if is_eval:
-            record["train_loss"] = evaluate(state.model, train_tokens, config, mesh, EVAL_TRAIN_STREAM)
-            record["val_loss"] = evaluate(state.model, val_tokens, config, mesh, EVAL_VAL_STREAM)
-            say(f"step {step}: train loss {record['train_loss']:.4f}, val loss {record['val_loss']:.4f}")
-        if log:
-            log.write(json.dumps(record) + "\n")
-            log.flush()
-        interval_start, interval_steps = time.perf_counter(), 0
-    bar.close()
-    if log:
-        log.close()
-    checkpoint.save_model(rundir, state.model)
+                is_eval = step % config.eval_interval == 0 or step == config.max_steps
+                if is_eval or step % config.log_interval == 0:
+                    check_finite(metrics, step, last_checkpoint)
+                    record = {"step": step, **{k: float(v) for k, v in metrics.items()}}
+                    elapsed = time.perf_counter() - interval_start
+                    record["tokens_per_sec"] = interval_steps * tokens_per_step / elapsed if interval_steps else None
+                    bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
+                                    tok_s=f"{record['tokens_per_sec'] or 0:,.0f}")
+                    if is_eval:
+                        record["train_loss"] = evaluate(state.model, train_tokens, config, mesh, EVAL_TRAIN_STREAM)
+                        record["val_loss"] = evaluate(state.model, val_tokens, config, mesh, EVAL_VAL_STREAM)
+                        say(f"step {step}: train loss {record['train_loss']:.4f}, val loss {record['val_loss']:.4f}")
+                    if log:
+                        log.write(json.dumps(record) + "\n")
+                        log.flush()
+                    interval_start, interval_steps = time.perf_counter(), 0
+
+                stop = signals.received is not None
+                if jax.process_count() > 1:  # every process must stop at the same step
+                    stop = bool(multihost_utils.process_allgather(np.int32(stop)).any())
+                if manager and (step % config.checkpoint_interval == 0 or step == config.max_steps or stop):
+                    check_finite(metrics, step, last_checkpoint)  # never save a diverged state
+                    checkpoint.save(manager, step, state, config)
+                    last_checkpoint = step
+                if stop:
+                    if manager:
+                        manager.wait_until_finished()
+                    say(f"stopped after step {step} ({signals.received}); " + (
+                        "run the same command to resume from checkpoint " + str(step) if manager
+                        else "no checkpoint was written (--debug)"))
+                    break
+        finally:
+            bar.close()
+            if log:
+                log.close()
+            if manager:  # let committed saves finish, even when leaving on an error
+                manager.wait_until_finished()
+                manager.close()
     return state.model
