@@ -1,0 +1,191 @@
+"""Runs that survive: real processes, real signals, real damaged files; resumed runs are bit-identical."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import REPO_ROOT
+
+STEPS = 60  # checkpoints at 20, 40 and 60
+ARGS = ["--config=shakespeare_char_cpu", "--model.n_layer=2", "--max_steps=60", "--checkpoint_interval=20",
+        "--eval_interval=30", "--eval_iters=2", "--log_interval=5", "--model.dropout=0.1"]
+
+
+def launch(rundir, data_dir, *extra, devices=None):
+    env = dict(os.environ)
+    if devices:
+        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    return subprocess.Popen([sys.executable, str(REPO_ROOT / "launch.py"), *ARGS, f"--rundir={rundir}",
+                             f"--data_dir={data_dir}", *extra], cwd=REPO_ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finish(proc):
+    out, err = proc.communicate(timeout=600)
+    return proc.returncode, out + err
+
+
+def metrics(rundir):
+    """metrics.jsonl without its timings."""
+    with open(os.path.join(rundir, "metrics.jsonl")) as f:
+        return [{k: v for k, v in json.loads(line).items() if k != "tokens_per_sec"} for line in f]
+
+
+def final_params(rundir, step=STEPS):
+    from midgpt.sample import load_model
+
+    _, model = load_model(str(rundir), step)
+    return [np.asarray(x) for x in jax.tree.leaves(model) if hasattr(x, "shape")]
+
+
+def assert_same_run(rundir, reference):
+    assert metrics(rundir) == metrics(reference)
+    for a, b in zip(final_params(rundir), final_params(reference), strict=True):
+        np.testing.assert_array_equal(a, b)  # bitwise, not approximately
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(shakespeare_data_dir, tmp_path_factory):
+    rundir = tmp_path_factory.mktemp("uninterrupted") / "run"
+    code, output = finish(launch(rundir, shakespeare_data_dir))
+    assert code == 0, output
+    assert sorted(os.listdir(rundir / "checkpoints"), key=int) == ["20", "40", "60"]
+    return rundir
+
+
+def wait_for_step(rundir, step, proc, timeout=120):
+    """Block until metrics.jsonl has logged step (the process is then a little past it)."""
+    path, start = os.path.join(rundir, "metrics.jsonl"), time.time()
+    while time.time() - start < timeout:
+        assert proc.poll() is None, finish(proc)[1]
+        if os.path.exists(path) and any(json.loads(line)["step"] >= step for line in open(path) if line.endswith("\n")):
+            return
+        time.sleep(0.005)
+    raise TimeoutError(f"step {step} never logged")
+
+
+def test_resume_after_kill_matches_uninterrupted_run(uninterrupted, shakespeare_data_dir, tmp_path):
+    rundir = tmp_path / "run"
+    proc = launch(rundir, shakespeare_data_dir)
+    wait_for_step(rundir, 45, proc)  # between the checkpoints at 40 and 60
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert max(r["step"] for r in metrics(rundir)) < STEPS
+    code, output = finish(launch(rundir, shakespeare_data_dir))
+    assert code == 0, output
+    assert "resuming from checkpoint 40" in output
+    assert_same_run(rundir, uninterrupted)
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_0_then_resumes_exactly(uninterrupted, shakespeare_data_dir, tmp_path):
+    rundir = tmp_path / "run"
+    proc = launch(rundir, shakespeare_data_dir)
+    wait_for_step(rundir, 45, proc)
+    proc.send_signal(signal.SIGTERM)
+    code, output = finish(proc)
+    assert code == 0, output
+    stopped = int(output.split("stopped after step ")[1].split(" ")[0])
+    assert 45 <= stopped < STEPS
+    assert f"resume from checkpoint {stopped}" in output
+    assert str(stopped) in os.listdir(rundir / "checkpoints")
+    code, output = finish(launch(rundir, shakespeare_data_dir))
+    assert code == 0, output
+    assert f"resuming from checkpoint {stopped}" in output
+    assert_same_run(rundir, uninterrupted)
+
+
+def truncate_data_file(step_dir):
+    data = max((os.path.join(d, f) for d, _, fs in os.walk(step_dir) for f in fs if "/d" in d), key=os.path.getsize)
+    with open(data, "r+b") as f:
+        f.truncate(os.path.getsize(data) // 2)
+
+
+def delete_data_files(step_dir):
+    for d, _, files in os.walk(step_dir):
+        for f in files:
+            if "/d" in d:
+                os.remove(os.path.join(d, f))
+
+
+def remove_commit_marker(step_dir):
+    os.remove(os.path.join(step_dir, "commit_success.txt"))
+
+
+@pytest.mark.parametrize("damage", [truncate_data_file, delete_data_files, remove_commit_marker])
+def test_damaged_newest_checkpoint_is_skipped_and_kept(damage, uninterrupted, shakespeare_data_dir, tmp_path):
+    rundir = tmp_path / "run"
+    shutil.copytree(uninterrupted, rundir)
+    damage(str(rundir / "checkpoints" / "60"))
+    code, output = finish(launch(rundir, shakespeare_data_dir))
+    assert code == 0, output
+    damaged_lines = [line for line in output.splitlines() if "checkpoint 60 is damaged" in line]
+    assert len(damaged_lines) == 1
+    assert "resuming from checkpoint 40" in output
+    assert len(os.listdir(rundir / "checkpoints_damaged")) == 1  # moved aside, not deleted
+    assert_same_run(rundir, uninterrupted)  # steps 41-60 were trained again, identically
+
+
+def test_divergence_stops_naming_the_step_and_keeps_the_last_checkpoint(uninterrupted, shakespeare_data_dir, tmp_path):
+    rundir = tmp_path / "run"
+    shutil.copytree(uninterrupted, rundir)
+    code, output = finish(launch(rundir, shakespeare_data_dir, "--max_steps=200", "--learning_rate=1e12"))
+    assert code == 1
+    error = [line for line in output.splitlines() if line.startswith("error: ")]
+    assert len(error) == 1 and "training diverged" in error[0] and "checkpoint 60 is untouched" in error[0], output
+    assert int(error[0].split(" at step ")[1].split(":")[0]) > STEPS
+    assert sorted(os.listdir(rundir / "checkpoints"), key=int) == ["20", "40", "60"]  # no diverged one
+    assert metrics(rundir)[: len(metrics(uninterrupted))] == metrics(uninterrupted)
+    for a, b in zip(final_params(rundir), final_params(uninterrupted), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_checkpoint_saved_on_eight_devices_restores_on_one(shakespeare_data_dir, tmp_path):
+    rundir = tmp_path / "run"
+    code, output = finish(launch(rundir, shakespeare_data_dir, "--max_steps=20", "--batch_size=16", devices=8))
+    assert code == 0, output
+    dump = tmp_path / "eight.npz"
+    script = f"""
+import jax, numpy as np
+from midgpt.config import read_config_json
+from midgpt.optimizer import make_optimizer
+from midgpt.sharding import make_mesh
+from midgpt.train import fresh_state, state_layout
+from midgpt import checkpoint
+import equinox as eqx
+config = read_config_json("{rundir}")
+optimizer, mesh = make_optimizer(config), make_mesh(config)
+shardings, _ = state_layout(config, optimizer, mesh)
+like = eqx.filter_eval_shape(fresh_state, config, optimizer)
+state = checkpoint.restore(checkpoint.make_manager("{rundir}", config), 20, like, shardings)
+assert state.model.blocks.mlp.w_in_DxF.sharding.spec == jax.sharding.PartitionSpec(None, None, "fsdp")
+np.savez("{dump}", *[np.asarray(x) for x in jax.tree.leaves(state.model) if hasattr(x, "shape")])
+"""
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    eight = np.load(dump)
+    one = final_params(rundir, step=20)
+    assert len(one) == len(eight.files)
+    for i, leaf in enumerate(one):
+        np.testing.assert_array_equal(eight[f"arr_{i}"], leaf)
+
+
+def test_second_interrupt_stops_at_once(shakespeare_data_dir, tmp_path):
+    rundir = tmp_path / "run"
+    # Steps of about half a second, so the second signal comes while the first one's step runs.
+    proc = launch(rundir, shakespeare_data_dir, "--max_steps=100000", "--model.n_embd=512", "--batch_size=64")
+    wait_for_step(rundir, 5, proc)
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.1)  # two signals sent at once may arrive as one
+    proc.send_signal(signal.SIGINT)
+    code, output = finish(proc)
+    assert code == 128 + signal.SIGINT, output
+    assert "SIGINT again: stopping now, without a checkpoint" in output
