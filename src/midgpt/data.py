@@ -36,7 +36,7 @@ def get_batch(
     key: tuple[int, ...],
     batch_size: int,
     block_size: int,
-    rows: slice | None = None,
+    rows: slice | np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Return rows of the global batch fixed by key as int32 (x_BxT, y_BxT), y = x shifted by one."""
     rng = np.random.default_rng(key)

@@ -90,8 +90,9 @@ def make_train_step(config: Config, optimizer: optax.GradientTransformation, mes
             return jax.tree.map(jnp.add, grad_sum, grad), loss
 
         G = x_GxBxT.shape[0]
-        # Dropout masks follow from (seed, step): a property of the run, not of its history.
-        keys_G = jax.random.split(jax.random.fold_in(jax.random.wrap_key_data(state.dropout_key), state.step), G)
+        # Dropout masks follow from the run's key and the step, so a resumed run draws the same ones.
+        step_key = jax.random.fold_in(jax.random.wrap_key_data(state.dropout_key), state.step)
+        keys_G = jax.random.split(step_key, G)
         grad_sum, loss_G = jax.lax.scan(
             accumulate, jax.tree.map(jnp.zeros_like, params), (x_GxBxT, y_GxBxT, keys_G)
         )
@@ -279,7 +280,8 @@ def train(config: Config, rundir: str, debug: bool = False, resume: bool = False
                     interval_start, interval_steps = time.perf_counter(), 0
 
                 is_eval = step % config.eval_interval == 0 or step == config.max_steps
-                if is_eval or step % config.log_interval == 0:
+                is_log = is_eval or step % config.log_interval == 0
+                if is_log:
                     check_finite(metrics, step, last_checkpoint)
                     record = {"step": step, **{k: float(v) for k, v in metrics.items()}}
                     elapsed = time.perf_counter() - interval_start
@@ -296,8 +298,8 @@ def train(config: Config, rundir: str, debug: bool = False, resume: bool = False
                     interval_start, interval_steps = time.perf_counter(), 0
 
                 stop = signals.received is not None
-                if jax.process_count() > 1:  # every process must stop at the same step
-                    stop = bool(multihost_utils.process_allgather(np.int32(stop)).any())
+                if jax.process_count() > 1:  # all stop at the same step; agreeing costs a sync, so only at log steps
+                    stop = is_log and bool(multihost_utils.process_allgather(np.int32(stop)).any())
                 if manager and (step % config.checkpoint_interval == 0 or step == config.max_steps or stop):
                     check_finite(metrics, step, last_checkpoint)  # never save a diverged state
                     checkpoint.save(manager, step, state, config)
