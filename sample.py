@@ -1,4 +1,8 @@
-"""Generate text from a trained run: python sample.py --rundir=DIR [--start=TEXT] [--num_samples=N] ..."""
+"""Generate text from a trained run.
+
+python sample.py --rundir=DIR [--start=TEXT | --start=FILE:path] [--num_samples=N] [--max_new_tokens=M]
+                 [--temperature=T] [--top_k=K] [--seed=S] [--step=STEP]
+"""
 
 import sys
 
@@ -8,7 +12,7 @@ from midgpt.cli import ArgumentParser, run
 def main(argv: list[str]) -> None:
     parser = ArgumentParser(description=__doc__, allow_abbrev=False)
     parser.add_argument("--rundir", required=True, help="a run directory made by launch.py")
-    parser.add_argument("--start", default="\n", help="the prompt (default: a newline)")
+    parser.add_argument("--start", default="\n", help="the prompt, or FILE:path to read it from a file (default: a newline)")
     parser.add_argument("--num_samples", type=int, default=1)
     parser.add_argument("--max_new_tokens", type=int, default=500)
     parser.add_argument("--temperature", type=float, default=0.8, help="0 is greedy")
@@ -18,6 +22,16 @@ def main(argv: list[str]) -> None:
     args = parser.parse_args(argv)
     if args.num_samples < 1 or args.max_new_tokens < 0 or args.temperature < 0 or (args.top_k is not None and args.top_k < 1):
         parser.error("num_samples and top_k must be >= 1, max_new_tokens and temperature >= 0")
+
+    start = args.start
+    if start.startswith("FILE:"):
+        try:
+            with open(start.removeprefix("FILE:"), encoding="utf-8") as f:
+                start = f.read()
+        except OSError as e:
+            parser.error(f"cannot read the prompt file: {e}")
+    if not start:
+        parser.error("the prompt is empty; give --start at least one character")
 
     import jax  # only once the arguments are good
     import jax.numpy as jnp
@@ -29,7 +43,8 @@ def main(argv: list[str]) -> None:
     config, model = load_model(args.rundir, args.step)
     meta = data.load_meta(config.data_dir)
     model = cast_floats(model, jnp.dtype(config.compute_dtype))
-    prompt_P = jnp.asarray(data.encode(meta, args.start), jnp.int32)
+    # The model sees at most block_size tokens: a longer prompt keeps its end.
+    prompt_P = jnp.asarray(data.encode(meta, start)[-config.model.block_size:], jnp.int32)
     prompt_BxP = jnp.tile(prompt_P, (args.num_samples, 1))
     top_k = min(args.top_k, config.model.vocab_size) if args.top_k else None
     tokens_BxN = generate(model, prompt_BxP, args.max_new_tokens, jax.random.key(args.seed), args.temperature, top_k)

@@ -69,6 +69,16 @@ def test_sample_prints_text_from_the_trained_run(short_run):
     assert again.stdout == result.stdout
 
 
+def test_sample_reads_a_prompt_file_and_keeps_the_end_of_a_long_prompt(short_run, tmp_path):
+    prompt = "ROMEO:\nWhat say you, my lord? " * 6  # longer than block_size (64)
+    (tmp_path / "prompt.txt").write_text(prompt)
+    result = run("sample.py", f"--rundir={short_run}", f"--start=FILE:{tmp_path}/prompt.txt",
+                 "--max_new_tokens=20", "--temperature=0")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(prompt[-64:]) and len(result.stdout.rstrip("\n")) >= 64 + 19
+    assert not result.stdout.startswith(prompt[-65:])
+
+
 def test_debug_writes_a_profiler_trace(shakespeare_data_dir, tmp_path):
     rundir = tmp_path / "debug"
     result = run("launch.py", "--config=shakespeare_char_cpu", f"--rundir={rundir}", "--debug",
@@ -126,6 +136,9 @@ def test_sample_errors_are_one_line(short_run, tmp_path):
     assert_one_line_error(run("sample.py", f"--rundir={short_run}", "--num_samples=0"), "num_samples")
     assert_one_line_error(run("sample.py", f"--rundir={short_run}", "--top_k=0"), "top_k")
     assert_one_line_error(run("sample.py", f"--rundir={short_run}", "--step=7"), "no checkpoint at step 7")
+    assert_one_line_error(run("sample.py", f"--rundir={short_run}", "--start=FILE:/no/such/prompt"), "/no/such/prompt")
+    assert_one_line_error(run("sample.py", f"--rundir={short_run}", "--start="), "prompt is empty")
+    assert_one_line_error(run("sample.py", f"--rundir={short_run}", "--temperature=hot"), "temperature")
 
 
 @pytest.mark.slow

@@ -9,6 +9,7 @@ Norm gains start at one.
 """
 
 import math
+from typing import NamedTuple
 
 import equinox as eqx
 import jax
@@ -60,6 +61,24 @@ def apply_rotary(x_BxTxHxC, sin_TxC, cos_TxC):
     return out.astype(x_BxTxHxC.dtype)
 
 
+class LayerCache(NamedTuple):
+    """One layer's keys and values for the S = block_size most recent positions."""
+
+    k_BxSxHxC: jax.Array
+    v_BxSxHxC: jax.Array
+
+
+class KVCache(eqx.Module):
+    """Every layer's keys and values, a ring buffer: position p lives in slot p % block_size."""
+
+    k_LxBxSxHxC: jax.Array
+    v_LxBxSxHxC: jax.Array
+    positions_S: jax.Array  # the position held by each slot; EMPTY where none is yet
+
+
+EMPTY = -(2**30)  # a position that no query may attend to
+
+
 class Attention(eqx.Module):
     wq_DxHxC: jax.Array
     wk_DxHxC: jax.Array
@@ -81,7 +100,11 @@ class Attention(eqx.Module):
         self.dropout = eqx.nn.Dropout(cfg.dropout)
 
     @jax.named_scope("attention")
-    def __call__(self, x_BxTxD, sin_TxC, cos_TxC, *, key=None):
+    def __call__(self, x_BxTxD, sin_TxC, cos_TxC, mask_TxS, *, key=None, cache=None, slots_T=None):
+        """Attention of the T tokens to S keys: themselves, or the cache once they are written to it.
+
+        With a cache, the new keys and values go to slots_T first; returns (out, cache).
+        """
         attn_key, out_key = jax.random.split(key) if key is not None else (None, None)
         q_BxTxHxC = jnp.einsum("btd,dhc->bthc", x_BxTxD, self.wq_DxHxC)
         k_BxTxHxC = jnp.einsum("btd,dhc->bthc", x_BxTxD, self.wk_DxHxC)
@@ -90,18 +113,22 @@ class Attention(eqx.Module):
         # destabilise training (Wortsman et al. 2023).
         q_BxTxHxC = apply_rotary(self.q_norm(q_BxTxHxC), sin_TxC, cos_TxC)
         k_BxTxHxC = apply_rotary(self.k_norm(k_BxTxHxC), sin_TxC, cos_TxC)
-        T, C = x_BxTxD.shape[1], q_BxTxHxC.shape[-1]
+        k_BxSxHxC, v_BxSxHxC = k_BxTxHxC, v_BxTxHxC
+        if cache is not None:
+            k_BxSxHxC = cache.k_BxSxHxC.at[:, slots_T].set(k_BxTxHxC)
+            v_BxSxHxC = cache.v_BxSxHxC.at[:, slots_T].set(v_BxTxHxC)
+        C = q_BxTxHxC.shape[-1]
         # Scores and softmax in float32: bf16 loses the small probabilities.
-        att_BxHxTxT = jnp.einsum(
-            "bthc,bshc->bhts", q_BxTxHxC, k_BxTxHxC, preferred_element_type=jnp.float32
+        att_BxHxTxS = jnp.einsum(
+            "bthc,bshc->bhts", q_BxTxHxC, k_BxSxHxC, preferred_element_type=jnp.float32
         ) / math.sqrt(C)
-        causal_TxT = jnp.tril(jnp.ones((T, T), dtype=bool))
-        att_BxHxTxT = jnp.where(causal_TxT, att_BxHxTxT, -jnp.inf)
-        prob_BxHxTxT = jax.nn.softmax(att_BxHxTxT, axis=-1).astype(v_BxTxHxC.dtype)
-        prob_BxHxTxT = self.dropout(prob_BxHxTxT, key=attn_key, inference=key is None)
-        out_BxTxHxC = jnp.einsum("bhts,bshc->bthc", prob_BxHxTxT, v_BxTxHxC)
+        att_BxHxTxS = jnp.where(mask_TxS, att_BxHxTxS, -jnp.inf)
+        prob_BxHxTxS = jax.nn.softmax(att_BxHxTxS, axis=-1).astype(v_BxSxHxC.dtype)
+        prob_BxHxTxS = self.dropout(prob_BxHxTxS, key=attn_key, inference=key is None)
+        out_BxTxHxC = jnp.einsum("bhts,bshc->bthc", prob_BxHxTxS, v_BxSxHxC)
         out_BxTxD = jnp.einsum("bthc,hcd->btd", out_BxTxHxC, self.wo_HxCxD)
-        return self.dropout(out_BxTxD, key=out_key, inference=key is None)
+        out_BxTxD = self.dropout(out_BxTxD, key=out_key, inference=key is None)
+        return out_BxTxD if cache is None else (out_BxTxD, LayerCache(k_BxSxHxC, v_BxSxHxC))
 
 
 class MLP(eqx.Module):
@@ -135,10 +162,14 @@ class Block(eqx.Module):
         self.attn = Attention(cfg, key=k_attn)
         self.mlp = MLP(cfg, key=k_mlp)
 
-    def __call__(self, x_BxTxD, sin_TxC, cos_TxC, *, key=None):
+    def __call__(self, x_BxTxD, sin_TxC, cos_TxC, mask_TxS, *, key=None, cache=None, slots_T=None):
         attn_key, mlp_key = jax.random.split(key) if key is not None else (None, None)
-        x_BxTxD = x_BxTxD + self.attn(self.attn_norm(x_BxTxD), sin_TxC, cos_TxC, key=attn_key)
-        return x_BxTxD + self.mlp(self.mlp_norm(x_BxTxD), key=mlp_key)
+        attended = self.attn(self.attn_norm(x_BxTxD), sin_TxC, cos_TxC, mask_TxS,
+                             key=attn_key, cache=cache, slots_T=slots_T)
+        attn_BxTxD, cache = attended if cache is not None else (attended, None)
+        x_BxTxD = x_BxTxD + attn_BxTxD
+        x_BxTxD = x_BxTxD + self.mlp(self.mlp_norm(x_BxTxD), key=mlp_key)
+        return x_BxTxD if cache is None else (x_BxTxD, cache)
 
 
 class GPT(eqx.Module):
@@ -161,8 +192,13 @@ class GPT(eqx.Module):
         self.dropout = eqx.nn.Dropout(cfg.dropout)
         self.config = cfg
 
-    def __call__(self, tokens_BxT, *, key=None):
-        """Next-token logits (float32) for every position; dropout only when a key is given."""
+    def __call__(self, tokens_BxT, *, key=None, positions_T=None, cache: KVCache | None = None):
+        """Next-token logits (float32) for every position; dropout only when a key is given.
+
+        Each token attends to itself and the block_size - 1 tokens before it: the
+        causal mask within block_size, a sliding window beyond. With a cache, the
+        tokens sit at positions_T after those already in it; returns (logits, cache).
+        """
         cfg = self.config
         embed_key, block_keys_L = None, None
         if key is not None:
@@ -170,24 +206,44 @@ class GPT(eqx.Module):
             block_keys_L = jax.random.split(blocks_key, cfg.n_layer)
         x_BxTxD = jnp.take(self.embed_VxD, tokens_BxT, axis=0)
         x_BxTxD = self.dropout(x_BxTxD, key=embed_key, inference=key is None)
-        T = tokens_BxT.shape[1]
-        sin_TxC, cos_TxC = rotary_tables(jnp.arange(T), cfg.n_embd // cfg.n_head, cfg.rope_base)
+        if positions_T is None:
+            positions_T = jnp.arange(tokens_BxT.shape[1])
+        sin_TxC, cos_TxC = rotary_tables(positions_T, cfg.n_embd // cfg.n_head, cfg.rope_base)
+        slots_T, key_positions_S, layer_caches = None, positions_T, None
+        if cache is not None:
+            slots_T = positions_T % cfg.block_size
+            key_positions_S = cache.positions_S.at[slots_T].set(positions_T)
+            layer_caches = LayerCache(cache.k_LxBxSxHxC, cache.v_LxBxSxHxC)
+        distance_TxS = positions_T[:, None] - key_positions_S[None, :]
+        mask_TxS = (distance_TxS >= 0) & (distance_TxS < cfg.block_size)
 
         block_params, block_static = eqx.partition(self.blocks, eqx.is_array)
 
         # Rematerialise each layer in the backward pass: activation memory then
         # holds one layer's internals instead of all L.
         @jax.checkpoint
-        def layer(x_BxTxD, params_and_key):
-            params, layer_key = params_and_key
+        def layer(x_BxTxD, inputs):
+            params, layer_key, layer_cache = inputs
             block = eqx.combine(params, block_static)
-            return block(x_BxTxD, sin_TxC, cos_TxC, key=layer_key), None
+            out = block(x_BxTxD, sin_TxC, cos_TxC, mask_TxS, key=layer_key, cache=layer_cache, slots_T=slots_T)
+            return out if cache is not None else (out, None)
 
-        x_BxTxD, _ = jax.lax.scan(layer, x_BxTxD, (block_params, block_keys_L))
+        x_BxTxD, layer_caches = jax.lax.scan(layer, x_BxTxD, (block_params, block_keys_L, layer_caches))
         x_BxTxD = self.final_norm(x_BxTxD)
-        return jnp.einsum(
+        logits_BxTxV = jnp.einsum(
             "btd,vd->btv", x_BxTxD, self.embed_VxD, preferred_element_type=jnp.float32
         )
+        if cache is None:
+            return logits_BxTxV
+        return logits_BxTxV, KVCache(layer_caches.k_BxSxHxC, layer_caches.v_BxSxHxC, key_positions_S)
+
+    def empty_cache(self, batch_size: int) -> KVCache:
+        """A KV cache for batch_size sequences, in the dtype of the model's parameters."""
+        cfg = self.config
+        H, S = cfg.n_head, cfg.block_size
+        shape = (cfg.n_layer, batch_size, S, H, cfg.n_embd // H)
+        dtype = self.embed_VxD.dtype
+        return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.full((S,), EMPTY, jnp.int32))
 
 
 def cast_floats(tree, dtype):

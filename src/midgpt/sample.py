@@ -51,20 +51,23 @@ def sample_token(logits_BxV, key, temperature: float, top_k: int | None):
 def generate(model: GPT, prompt_BxP, max_new_tokens: int, key, temperature: float = 1.0, top_k: int | None = None):
     """Prompt followed by max_new_tokens generated tokens, (B, P + max_new_tokens).
 
-    Each new token sees at most the last block_size tokens: the window slides
-    once the sequence outgrows the model's context. Every step recomputes the
-    whole window (no key/value cache yet).
+    One prefill of the prompt fills the KV cache, then each new token costs one
+    position's forward pass. Past block_size the context slides: every token sees
+    the block_size most recent ones, as the model's own forward pass defines.
     """
     B, P = prompt_BxP.shape
-    total = P + max_new_tokens
-    W = min(model.config.block_size, total)
-    tokens_BxN = jnp.zeros((B, total), jnp.int32).at[:, :P].set(prompt_BxP)
+    if P > model.config.block_size:
+        raise ValueError("the prompt must fit block_size; keep its last block_size tokens")
+    logits_BxPxV, cache = model(prompt_BxP, positions_T=jnp.arange(P), cache=model.empty_cache(B))
+    first_B = sample_token(logits_BxPxV[:, -1], jax.random.fold_in(key, P), temperature, top_k)
 
-    def add_token(i, tokens_BxN):
-        start = jnp.clip(i - W, 0, total - W)  # window [start, start + W) ends at or after i - 1
-        window_BxW = jax.lax.dynamic_slice(tokens_BxN, (0, start), (B, W))
-        logits_BxV = model(window_BxW)[:, i - 1 - start]
-        next_B = sample_token(logits_BxV, jax.random.fold_in(key, i), temperature, top_k)
-        return tokens_BxN.at[:, i].set(next_B)
+    def decode(carry, position):
+        cache, token_B = carry
+        logits_Bx1xV, cache = model(token_B[:, None], positions_T=position[None], cache=cache)
+        next_B = sample_token(logits_Bx1xV[:, 0], jax.random.fold_in(key, position + 1), temperature, top_k)
+        return (cache, next_B), next_B
 
-    return jax.lax.fori_loop(P, total, add_token, tokens_BxN)
+    positions = jnp.arange(P, P + max_new_tokens - 1)
+    _, rest_NxB = jax.lax.scan(decode, (cache, first_B), positions)
+    new_BxN = jnp.concatenate([first_B[:, None], rest_NxB.T], axis=1)[:, :max_new_tokens]
+    return jnp.concatenate([prompt_BxP, new_BxN.astype(prompt_BxP.dtype)], axis=1)

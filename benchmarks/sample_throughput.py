@@ -1,0 +1,68 @@
+"""New tokens per second of KV-cached generation against recomputing the whole context per token.
+
+python benchmarks/sample_throughput.py [--config=shakespeare_char] [--num_samples=8] [--max_new_tokens=500]
+prints one JSON line. Both paths are jitted, compiled before timing, and use the
+config's model (randomly initialised: speed does not depend on the weights) in its
+compute dtype.
+"""
+
+import argparse
+import json
+import time
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+
+from midgpt.config import apply_overrides, load_config
+from midgpt.model import GPT, cast_floats
+from midgpt.sample import generate, sample_token
+
+
+@eqx.filter_jit
+def generate_recomputing(model: GPT, prompt_BxP, max_new_tokens: int, key, temperature: float = 1.0):
+    """The reference path, for this comparison only: every token runs the model over a full window."""
+    B, P = prompt_BxP.shape
+    total = P + max_new_tokens
+    W = min(model.config.block_size, total)
+    tokens_BxN = jnp.zeros((B, total), jnp.int32).at[:, :P].set(prompt_BxP)
+
+    def add_token(i, tokens_BxN):
+        start = jnp.clip(i - W, 0, total - W)  # the window [start, start + W) ends at or after i - 1
+        window_BxW = jax.lax.dynamic_slice(tokens_BxN, (0, start), (B, W))
+        logits_BxV = model(window_BxW)[:, i - 1 - start]
+        return tokens_BxN.at[:, i].set(sample_token(logits_BxV, jax.random.fold_in(key, i), temperature, None))
+
+    return jax.lax.fori_loop(P, total, add_token, tokens_BxN)
+
+
+def tokens_per_sec(fn, *args) -> float:
+    jax.block_until_ready(fn(*args))  # compile
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    return args[1].shape[0] * args[2] / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--config", default="shakespeare_char")
+    parser.add_argument("--num_samples", type=int, default=8)
+    parser.add_argument("--max_new_tokens", type=int, default=500)
+    args, overrides = parser.parse_known_args()
+    config = apply_overrides(load_config(args.config), overrides)
+    model = cast_floats(GPT(config.model, key=jax.random.key(0)), jnp.dtype(config.compute_dtype))
+    prompt_BxP = jnp.zeros((args.num_samples, 1), jnp.int32)
+    key = jax.random.key(0)
+    cached = tokens_per_sec(generate, model, prompt_BxP, args.max_new_tokens, key)
+    recomputing = tokens_per_sec(generate_recomputing, model, prompt_BxP, args.max_new_tokens, key)
+    print(json.dumps({
+        "config": args.config, "overrides": overrides, "backend": jax.default_backend(),
+        "device": jax.devices()[0].device_kind, "compute_dtype": config.compute_dtype,
+        "num_samples": args.num_samples, "max_new_tokens": args.max_new_tokens,
+        "cached_tokens_per_sec": cached, "recompute_tokens_per_sec": recomputing,
+        "speedup": cached / recomputing,
+    }))
+
+
+if __name__ == "__main__":
+    main()
