@@ -138,6 +138,7 @@ def test_divergence_stops_naming_the_step_and_keeps_the_last_checkpoint(uninterr
     shutil.copytree(uninterrupted, rundir)
     code, output = finish(launch(rundir, shakespeare_data_dir, "--max_steps=200", "--learning_rate=1e12"))
     assert code == 1
+    assert "resuming the run in" in output and "learning_rate: 0.001 -> 1000000000000.0" in output
     error = [line for line in output.splitlines() if line.startswith("error: ")]
     assert len(error) == 1 and "training diverged" in error[0] and "checkpoint 60 is untouched" in error[0], output
     assert int(error[0].split(" at step ")[1].split(":")[0]) > STEPS
