@@ -36,7 +36,7 @@ def main(argv: list[str]) -> None:
     import jax  # only once the arguments are good
     import jax.numpy as jnp
 
-    from midgpt import data
+    from midgpt import data, tokenizer
     from midgpt.model import cast_floats
     from midgpt.sample import generate, load_model
 
@@ -44,14 +44,14 @@ def main(argv: list[str]) -> None:
     meta = data.load_meta(config.data_dir)
     model = cast_floats(model, jnp.dtype(config.compute_dtype))
     # The model sees at most block_size tokens: a longer prompt keeps its end.
-    prompt_P = jnp.asarray(data.encode(meta, start)[-config.model.block_size:], jnp.int32)
+    prompt_P = jnp.asarray(tokenizer.encode(meta, start)[-config.model.block_size:], jnp.int32)
     prompt_BxP = jnp.tile(prompt_P, (args.num_samples, 1))
     top_k = min(args.top_k, config.model.vocab_size) if args.top_k else None
     tokens_BxN = generate(model, prompt_BxP, args.max_new_tokens, jax.random.key(args.seed), args.temperature, top_k)
     for i, row in enumerate(jax.device_get(tokens_BxN)):
         if i:
             print("-" * 40)
-        print(data.decode(meta, row.tolist()))
+        print(tokenizer.decode(meta, row.tolist()))
     sys.stdout.flush()
 
 

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from conftest import PREPARE, REPO_ROOT
-from midgpt.data import decode, encode, get_batch, load_meta, load_tokens
+from midgpt.data import get_batch, load_meta, load_tokens
+from midgpt.tokenizer import decode, encode
 from midgpt.errors import MidgptError
 
 

@@ -155,3 +155,41 @@ def test_shakespeare_char_cpu_reaches_val_loss_1_70(shakespeare_data_dir, tmp_pa
     final = read_metrics(rundir)[-1]
     assert final["step"] == 2000
     assert final["val_loss"] <= 1.70
+
+
+@pytest.fixture(scope="module")
+def bpe_data_dir(shakespeare_text, tmp_path_factory):
+    """A small GPT-2 BPE dataset, written directly: prepare.py has tests of its own."""
+    import numpy as np
+
+    from midgpt.tokenizer import gpt2
+
+    out = tmp_path_factory.mktemp("bpe")
+    ids = np.array(gpt2().encode_ordinary(open(shakespeare_text).read()[:100_000]), np.uint16)
+    split = int(0.9 * len(ids))
+    ids[:split].tofile(out / "train.bin")
+    ids[split:].tofile(out / "val.bin")
+    (out / "meta.json").write_text(json.dumps({"tokenizer": "gpt2", "vocab_size": 50257}))
+    return str(out)
+
+
+SHRUNK = ["--model.n_layer=1", "--model.n_head=2", "--model.n_embd=64", "--model.block_size=32",
+          "--batch_size=2", "--g_accum_iters=2", "--max_steps=2", "--eval_iters=1", "--warmup_steps=1"]
+
+
+@pytest.mark.parametrize("name", ["openwebtext", "openwebtext_xl", "bpe_corpus"])
+def test_bpe_configs_shrunk_train_and_sample(name, bpe_data_dir, tmp_path):
+    rundir = tmp_path / "run"
+    result = run("launch.py", f"--config={name}", f"--rundir={rundir}", f"--data_dir={bpe_data_dir}", *SHRUNK)
+    assert result.returncode == 0, result.stderr
+    assert [r["step"] for r in read_metrics(rundir)] == [2]
+    sample = run("sample.py", f"--rundir={rundir}", "--start=ROMEO: my lord", "--max_new_tokens=5")
+    assert sample.returncode == 0, sample.stderr
+    assert sample.stdout.startswith("ROMEO: my lord") and len(sample.stdout) > len("ROMEO: my lord") + 1
+
+
+def test_a_vocabulary_smaller_than_the_data_is_refused(bpe_data_dir, tmp_path):
+    result = run("launch.py", "--config=openwebtext", f"--rundir={tmp_path}/run", f"--data_dir={bpe_data_dir}",
+                 *SHRUNK, "--model.vocab_size=1000")
+    assert_one_line_error(result, "50257", "--model.vocab_size=50257")
+    assert not (tmp_path / "run").exists()

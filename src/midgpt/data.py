@@ -1,4 +1,4 @@
-"""Token streams on disk: memory-mapped splits, random training windows, char tokenizer."""
+"""Token streams on disk: memory-mapped splits and random training windows."""
 
 import json
 import os
@@ -48,17 +48,3 @@ def get_batch(
     window_BxT1 = tokens[offsets_B[:, None] + np.arange(block_size + 1)].astype(np.int32)
     return window_BxT1[:, :-1], window_BxT1[:, 1:]
 
-
-def encode(meta: dict, text: str) -> list[int]:
-    """Map text to token ids with the char vocabulary in meta."""
-    stoi = {c: i for i, c in enumerate(meta["chars"])}
-    unknown = sorted(set(text) - stoi.keys())
-    if unknown:
-        raise MidgptError(f"characters not in the vocabulary: {unknown}")
-    return [stoi[c] for c in text]
-
-
-def decode(meta: dict, ids) -> str:
-    """Map token ids back to text with the char vocabulary in meta."""
-    chars = meta["chars"]
-    return "".join(chars[i] for i in ids)

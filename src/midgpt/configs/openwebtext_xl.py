@@ -1,7 +1,7 @@
 """The XL model (1.3B parameters) on OpenWebText (GPT-2 BPE), FSDP over every device of a pod or cluster.
 
 Parameters and optimiser state are sharded over the whole mesh; the global batch of
-1024 sequences is split over every device. Data: data/openwebtext (GPT-2 tokens).
+1024 sequences is split over every device. Data: python data/openwebtext/prepare.py.
 """
 
 from midgpt.config import Config, ModelConfig
@@ -21,6 +21,7 @@ config = Config(
     eval_interval=1000,
     eval_iters=50,
     log_interval=10,
+    checkpoint_interval=1000,
     compute_dtype="bfloat16",
     mesh_shape=(1, -1),
     shard_model=True,

