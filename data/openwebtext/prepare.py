@@ -1,0 +1,184 @@
+"""OpenWebText (or local text) -> GPT-2 BPE train.bin / val.bin (uint16) and meta.json.
+
+Sources, all streamed so memory stays flat however large the corpus:
+  default    the Hugging Face dataset --dataset (Skylion007/openwebtext), its parquet export
+  --input    local files: .txt holds ONE DOCUMENT PER BLANK-LINE-SEPARATED BLOCK (documents
+             separated by one or more empty or whitespace-only lines), .jsonl a "text" field
+             per line, .parquet a "text" column
+Every document's tokens are followed by EOT (50256). A document goes to val iff the first
+8 bytes of sha256(its UTF-8 text) fall under --val_fraction of 2**64: the same inputs give
+byte-identical outputs, and duplicate documents never straddle train and val.
+"""
+
+import argparse
+import functools
+import hashlib
+import itertools
+import json
+import multiprocessing
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from midgpt.errors import MidgptError
+from midgpt.tokenizer import gpt2
+
+DOCS_PER_TASK = 1024  # big enough to amortise pickling, small enough to keep RAM per worker low
+SPLITS = ("train", "val")
+REVISION = "refs/convert/parquet"  # the Hub's parquet export of a dataset
+
+
+def parquet_file(path: str):
+    import pyarrow.parquet  # imported here: .txt and .jsonl runs do not need pyarrow
+
+    return pyarrow.parquet.ParquetFile(path)
+
+
+def check_inputs(paths: list[str]) -> None:
+    """Raise MidgptError for a missing file, an unknown extension or a parquet without text."""
+    for path in paths:
+        if not os.path.isfile(path):
+            raise MidgptError(f"input file not found: {path}")
+        suffix = Path(path).suffix
+        if suffix not in (".txt", ".jsonl", ".parquet"):
+            raise MidgptError(f"{path}: unknown extension {suffix!r}; use .txt, .jsonl or .parquet")
+        if suffix == ".parquet" and "text" not in parquet_file(path).schema_arrow.names:
+            raise MidgptError(f"{path}: parquet file has no 'text' column")
+
+
+def file_documents(path: str):
+    """Yield the documents of one local file, reading it as a stream."""
+    if path.endswith(".parquet"):
+        for batch in parquet_file(path).iter_batches(batch_size=DOCS_PER_TASK, columns=["text"]):
+            for text in batch.column(0).to_pylist():
+                if text is None:
+                    raise MidgptError(f"{path}: a row's 'text' is null")
+                yield text
+        return
+    with open(path, encoding="utf-8") as f:
+        if path.endswith(".jsonl"):
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    text = json.loads(line)["text"]
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    text = None
+                if not isinstance(text, str):
+                    raise MidgptError(f"{path}:{lineno}: not a JSON object with a string 'text' field")
+                yield text
+            return
+        block = []
+        for line in itertools.chain(f, ["\n"]):  # the sentinel blank line flushes the last block
+            if line.strip():
+                block.append(line.rstrip("\n"))
+            elif block:
+                yield "\n".join(block)
+                block = []
+
+
+def hf_documents(name: str, data_files: list[str] | None = None):
+    """Yield the 'text' of each row of a Hugging Face dataset's train split, streamed."""
+    import datasets  # imported here: local-file runs should not pay for it
+
+    # The Hub's openwebtext is a loading script that datasets>=4 refuses; its parquet export is not.
+    where = {"data_files": data_files} if data_files else {"revision": REVISION}
+    try:
+        for row in datasets.load_dataset(name, split="train", streaming=True, **where):
+            if not isinstance(row.get("text"), str):
+                raise MidgptError(f"{name}: a row has no string 'text' field (columns: {sorted(row)})")
+            yield row["text"]
+    except (ConnectionError, TimeoutError) as e:  # how datasets reports an unreachable Hub
+        raise MidgptError(f"could not reach the Hugging Face Hub for {name} ({e}); pass --input FILES instead")
+
+
+def tokenize(docs: list[str], val_fraction: float) -> dict[str, np.ndarray]:
+    """Return one batch's uint16 tokens, EOT after each document, keyed by split."""
+    enc, ids = gpt2(), {s: [np.zeros(0, np.uint16)] for s in SPLITS}
+    for text in docs:
+        digest = hashlib.sha256(text.encode("utf-8")).digest()
+        split = "val" if int.from_bytes(digest[:8], "big") < val_fraction * 2**64 else "train"
+        # uint16 per document: a batch's tokens as Python ints would cost ~30x the memory.
+        # encode_ordinary never emits EOT, so the EOTs count the documents.
+        ids[split].append(np.array(enc.encode_ordinary(text) + [enc.eot_token], dtype=np.uint16))
+    return {s: np.concatenate(ids[s]) for s in SPLITS}
+
+
+def prepare(documents, out_dir: Path, num_proc: int, val_fraction: float, source: dict) -> None:
+    """Tokenize documents into out_dir's *.bin.tmp files, then rename them and write meta.json."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    # A stale meta.json beside half-replaced .bin files would vouch for the wrong data.
+    (out_dir / "meta.json").unlink(missing_ok=True)
+    tmp = {s: out_dir / f"{s}.bin.tmp" for s in SPLITS}
+    tokens, docs, sha = dict.fromkeys(SPLITS, 0), dict.fromkeys(SPLITS, 0), {s: hashlib.sha256() for s in SPLITS}
+    batches = iter(lambda: list(itertools.islice(documents, DOCS_PER_TASK)), [])
+    start = time.perf_counter()
+    try:
+        # delay: a run that fails at once (bad input, no Hub) prints only its one error line.
+        with multiprocessing.Pool(num_proc) as pool, open(tmp["train"], "wb") as train_f, \
+                open(tmp["val"], "wb") as val_f, tqdm(unit="doc", delay=2) as bar:
+            files = {"train": train_f, "val": val_f}
+            # imap keeps document order, so the output is the same for any num_proc.
+            for ids in pool.imap(functools.partial(tokenize, val_fraction=val_fraction), batches):
+                for s in SPLITS:
+                    ids[s].tofile(files[s])  # appended now, never held: memory is per batch
+                    sha[s].update(ids[s])
+                    tokens[s] += len(ids[s])
+                    docs[s] += int(np.count_nonzero(ids[s] == gpt2().eot_token))
+                n_tokens = sum(tokens.values())
+                bar.set_postfix(tokens=f"{n_tokens:,}", tok_s=f"{n_tokens / (time.perf_counter() - start):,.0f}",
+                                refresh=False)
+                bar.update(sum(docs.values()) - bar.n)
+        # data.py cannot memory-map an empty split, and training needs both.
+        if empty := [s for s in SPLITS if docs[s] == 0]:
+            raise MidgptError(f"no document went to {empty[0]} ({sum(docs.values())} documents, "
+                              f"--val_fraction {val_fraction}); change --val_fraction or add documents")
+    except BaseException:
+        for path in tmp.values():
+            path.unlink(missing_ok=True)
+        raise
+    seconds, n_docs, n_tokens = time.perf_counter() - start, sum(docs.values()), sum(tokens.values())
+    for s in SPLITS:
+        os.replace(tmp[s], out_dir / f"{s}.bin")
+    meta = {"tokenizer": "gpt2", "vocab_size": gpt2().n_vocab,
+            **{f"{s}_tokens": tokens[s] for s in SPLITS}, **{f"{s}_documents": docs[s] for s in SPLITS},
+            "sha256": {f"{s}.bin": sha[s].hexdigest() for s in SPLITS}, "source": source}
+    # meta.json goes last: its presence is what marks the directory complete.
+    (out_dir / "meta.json.tmp").write_text(json.dumps(meta))
+    os.replace(out_dir / "meta.json.tmp", out_dir / "meta.json")
+    print(f"{n_docs:,} documents, {n_tokens:,} tokens (val {tokens['val']:,}) in {seconds:.1f}s, "
+          f"{n_tokens / seconds:,.0f} tokens/s -> {out_dir}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--input", nargs="+", metavar="FILES",
+                        help=".txt (one document per blank-line-separated block), .jsonl or .parquet files")
+    parser.add_argument("--dataset", default="Skylion007/openwebtext", help="Hugging Face dataset (without --input)")
+    parser.add_argument("--data_files", nargs="+", help="data files for --dataset, e.g. --dataset parquet --data_files X")
+    parser.add_argument("--num_proc", type=int, default=os.cpu_count(), help="tokenizer processes (default: all CPUs)")
+    parser.add_argument("--val_fraction", type=float, default=0.0005, help="share of documents for val (default: 0.0005)")
+    parser.add_argument("--out_dir", default=str(Path(__file__).resolve().parent))
+    args = parser.parse_args()
+    try:
+        if not (0.0 <= args.val_fraction <= 1.0 and args.num_proc >= 1):
+            raise MidgptError(f"need 0 <= --val_fraction <= 1 and --num_proc >= 1, got {args.val_fraction}, {args.num_proc}")
+        gpt2()  # load the tokenizer once here, so forked workers inherit it
+        if args.input:
+            check_inputs(args.input)
+            documents, source = itertools.chain.from_iterable(map(file_documents, args.input)), {"input": args.input}
+        else:
+            documents = hf_documents(args.dataset, args.data_files)
+            where = {"data_files": args.data_files} if args.data_files else {"revision": REVISION}
+            source = {"dataset": args.dataset, **where}
+        prepare(documents, Path(args.out_dir), args.num_proc, args.val_fraction, source)
+    except (MidgptError, OSError, UnicodeDecodeError) as e:
+        sys.exit(f"prepare.py: {e}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,217 @@
+"""data/openwebtext/prepare.py: exact GPT-2 BPE round trips, a deterministic split, bounded memory, safe failure."""
+
+import collections
+import contextlib
+import hashlib
+import itertools
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import REPO_ROOT
+from midgpt.tokenizer import gpt2
+
+PREPARE = REPO_ROOT / "data" / "openwebtext" / "prepare.py"
+WORDS = ("the of and to in is was for that with as on by he she it they at from his her an were are "
+         "which this be or had not but first one their new after who been also time two would city "
+         "year state school world people government between during house music river café naïve "
+         "Zürich 東京 — “quoted” don't 1987 3.14 e-mail").split()
+
+
+def iter_documents(seed: int):
+    """Endless English-like documents of 1-4 lines, none blank, so every format can hold them exactly."""
+    rng = random.Random(seed)
+    while True:
+        yield "\n".join(" ".join(rng.choices(WORDS, k=rng.randint(3, 40))).capitalize() + rng.choice(".!?:")
+                        for _ in range(rng.randint(1, 4)))
+
+
+def write_corpus(path, docs: list[str]) -> str:
+    """Write docs to path in the format its extension names; return the path as a string."""
+    if path.suffix == ".txt":
+        path.write_text("\n\n".join(docs) + "\n", encoding="utf-8")
+    elif path.suffix == ".jsonl":
+        path.write_text("".join(json.dumps({"id": i, "text": d}) + "\n" for i, d in enumerate(docs)), encoding="utf-8")
+    else:  # small row groups, so the reader really walks several batches
+        pq.write_table(pa.table({"id": range(len(docs)), "text": docs}), path, row_group_size=300)
+    return str(path)
+
+
+def run_prepare(*args, env=None) -> subprocess.CompletedProcess:
+    """Run prepare.py with args, capturing its output."""
+    return subprocess.run([sys.executable, str(PREPARE), *map(str, args)], capture_output=True, text=True, env=env)
+
+
+def split_docs(out_dir, split: str) -> list[str]:
+    """Decode <split>.bin back into documents, cutting at EOT."""
+    ids = np.fromfile(out_dir / f"{split}.bin", dtype=np.uint16)
+    assert len(ids) and ids[-1] == gpt2().eot_token
+    docs_with_eot = np.split(ids, np.flatnonzero(ids == gpt2().eot_token) + 1)[:-1]
+    return [gpt2().decode(doc[:-1].tolist()) for doc in docs_with_eot]
+
+
+def read_bins(out_dir) -> dict[str, bytes]:
+    """The bytes of train.bin and val.bin."""
+    return {name: (out_dir / name).read_bytes() for name in ("train.bin", "val.bin")}
+
+
+# More documents than prepare.py's 1024 per task, so ordering across worker tasks is exercised.
+DOCS = list(itertools.islice(iter_documents(seed=0), 2500))
+
+
+def test_offline_gpt2_bpe_matches_known_ids():
+    assert gpt2().encode_ordinary("Hello world") == [15496, 995]
+    assert gpt2().eot_token == 50256
+
+
+def test_every_format_gives_the_same_exact_round_trip(tmp_path):
+    expected_tokens = sum(len(gpt2().encode_ordinary(d)) + 1 for d in DOCS)
+    outputs = {}
+    for ext in ("txt", "jsonl", "parquet"):
+        corpus = write_corpus(tmp_path / f"corpus.{ext}", DOCS)
+        out_dir = tmp_path / ext
+        result = run_prepare("--input", corpus, "--out_dir", out_dir, "--num_proc", 2, "--val_fraction", 0.1)
+        assert result.returncode == 0, result.stderr
+        meta = json.loads((out_dir / "meta.json").read_text())
+        assert meta["tokenizer"] == "gpt2" and meta["vocab_size"] == 50257
+        assert meta["train_tokens"] + meta["val_tokens"] == expected_tokens
+        assert meta["train_documents"] + meta["val_documents"] == len(DOCS)
+        train, val = split_docs(out_dir, "train"), split_docs(out_dir, "val")
+        assert (len(train), len(val)) == (meta["train_documents"], meta["val_documents"])
+        assert 0.05 * len(DOCS) < len(val) < 0.15 * len(DOCS)
+        assert collections.Counter(train + val) == collections.Counter(DOCS)
+        # Each split keeps the corpus order.
+        assert train == [d for d in DOCS if d not in set(val)]
+        assert val == [d for d in DOCS if d in set(val)]
+        outputs[ext] = read_bins(out_dir)
+    assert outputs["txt"] == outputs["jsonl"] == outputs["parquet"]
+
+
+def test_split_is_deterministic_and_independent_of_num_proc(tmp_path):
+    corpus = write_corpus(tmp_path / "corpus.txt", DOCS)
+    outputs = []
+    for run, num_proc in enumerate((2, 2, 1)):
+        out_dir = tmp_path / f"run{run}"
+        result = run_prepare("--input", corpus, "--out_dir", out_dir, "--num_proc", num_proc, "--val_fraction", 0.1)
+        assert result.returncode == 0, result.stderr
+        bins = read_bins(out_dir)
+        meta = json.loads((out_dir / "meta.json").read_text())
+        assert meta["sha256"] == {name: hashlib.sha256(data).hexdigest() for name, data in bins.items()}
+        outputs.append(bins)
+    assert outputs[0] == outputs[1] == outputs[2]
+
+
+def test_blank_line_blocks_are_documents(tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\nfirst line\nsecond line\n\n\n \nnext doc\n\nlast doc", encoding="utf-8")
+    result = run_prepare("--input", corpus, "--out_dir", tmp_path / "out", "--val_fraction", 0.5)
+    assert result.returncode == 0, result.stderr
+    docs = split_docs(tmp_path / "out", "train") + split_docs(tmp_path / "out", "val")
+    assert sorted(docs) == sorted(["first line\nsecond line", "next doc", "last doc"])
+
+
+def hf_env(tmp_path) -> dict:
+    """Environment that keeps datasets off the network and out of the user's cache."""
+    return {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+
+
+def test_hugging_face_streaming_route_matches_local_files(tmp_path):
+    corpus = write_corpus(tmp_path / "corpus.parquet", DOCS)
+    common = ("--num_proc", 2, "--val_fraction", 0.1)
+    hf = run_prepare("--dataset", "parquet", "--data_files", corpus, "--out_dir", tmp_path / "hf_out", *common,
+                     env=hf_env(tmp_path))
+    assert hf.returncode == 0, hf.stderr
+    local = run_prepare("--input", corpus, "--out_dir", tmp_path / "local_out", *common)
+    assert local.returncode == 0, local.stderr
+    assert read_bins(tmp_path / "hf_out") == read_bins(tmp_path / "local_out")
+    assert json.loads((tmp_path / "hf_out" / "meta.json").read_text())["source"]["dataset"] == "parquet"
+
+
+def test_unreachable_hub_says_to_pass_input(tmp_path):
+    result = run_prepare("--out_dir", tmp_path / "out", env=hf_env(tmp_path))
+    assert result.returncode == 1
+    assert result.stderr.count("\n") == 1 and "--input" in result.stderr and "Hub" in result.stderr
+    assert not list((tmp_path / "out").glob("*"))
+
+
+def bad_inputs(tmp_path) -> dict:
+    """One bad --input per failure case, keyed by the case's name."""
+    jsonl = tmp_path / "no_text.jsonl"
+    jsonl.write_text('{"text": "fine"}\n{"body": "no text field"}\n')
+    parquet = tmp_path / "no_text.parquet"
+    pq.write_table(pa.table({"body": ["a", "b"]}), parquet)
+    (tmp_path / "corpus.csv").write_text("text\nhello\n")
+    return {"missing file": tmp_path / "absent.txt", "unknown extension": tmp_path / "corpus.csv",
+            "jsonl line without text": jsonl, "parquet without text": parquet}
+
+
+@pytest.mark.parametrize("case", ["missing file", "unknown extension", "jsonl line without text", "parquet without text"])
+def test_bad_input_is_one_line_and_writes_nothing(tmp_path, case):
+    out_dir = tmp_path / "out"
+    result = run_prepare("--input", bad_inputs(tmp_path)[case], "--out_dir", out_dir)
+    assert result.returncode == 1
+    assert result.stderr.startswith("prepare.py: ") and result.stderr.count("\n") == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    assert not out_dir.exists() or not list(out_dir.iterdir())
+
+
+@pytest.fixture(scope="module")
+def corpora(tmp_path_factory) -> dict[int, str]:
+    """~2 MB and ~20 MB .txt corpora, keyed by size in MB."""
+    root = tmp_path_factory.mktemp("corpora")
+    paths = {}
+    for mb in (2, 20):
+        docs, size = [], 0
+        for doc in iter_documents(seed=mb):
+            if size >= mb * 2**20:
+                break
+            docs.append(doc)
+            size += len(doc.encode()) + 2
+        paths[mb] = write_corpus(root / f"corpus_{mb}mb.txt", docs)
+    return paths
+
+
+def peak_rss_kb(*args) -> int:
+    """Peak RSS of prepare.py's largest process, measured in a wrapper so each run stands alone."""
+    wrapper = ("import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True, stdout=subprocess.DEVNULL); "
+               "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
+    out = subprocess.run([sys.executable, "-c", wrapper, sys.executable, str(PREPARE), *map(str, args)],
+                         capture_output=True, text=True, check=True).stdout
+    return int(out)
+
+
+def test_peak_memory_stays_flat_as_corpus_grows_tenfold(tmp_path, corpora):
+    small, large = (peak_rss_kb("--input", corpora[mb], "--out_dir", tmp_path / str(mb), "--num_proc", 2)
+                    for mb in (2, 20))
+    # Tighter than 1.5x + 100 MB, which would pass even with the 20 MB corpus read whole (+78 MB measured).
+    assert large < small + 32 * 1024, f"peak RSS {small} KiB on 2 MB, {large} KiB on 20 MB"
+
+
+def test_killed_preparation_leaves_nothing_that_looks_complete(tmp_path, corpora):
+    out_dir = tmp_path / "out"
+    # The same file ten times: still running long after the first tokens land.
+    proc = subprocess.Popen([sys.executable, str(PREPARE), "--input", *[corpora[20]] * 10,
+                             "--out_dir", str(out_dir), "--num_proc", "2"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 30
+        tmp = out_dir / "train.bin.tmp"
+        while not (tmp.exists() and tmp.stat().st_size > 0) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert proc.poll() is None, "prepare.py finished before it could be killed"
+    finally:
+        # The whole session, workers included, so nothing of this run outlives the test.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert tmp.stat().st_size > 0
+    assert not {"train.bin", "val.bin", "meta.json"} & {p.name for p in out_dir.iterdir()}
