@@ -8,6 +8,7 @@ import urllib.request
 import warnings
 from pathlib import Path
 
+import jax
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -62,3 +63,11 @@ def shakespeare_data_dir(shakespeare_text, tmp_path_factory) -> str:
     )
     assert result.returncode == 0, result.stderr
     return str(out_dir)
+
+
+@pytest.fixture(autouse=True)
+def exact_float32_matmuls():
+    # GPUs run float32 matmuls as TF32 by default; the tests compare two orders of
+    # the same float32 computation, so they ask for full precision everywhere.
+    with jax.default_matmul_precision("highest"):
+        yield

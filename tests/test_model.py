@@ -5,7 +5,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import pytest
 
 from midgpt.config import Config, ModelConfig
 from midgpt.model import GPT, apply_rotary, cast_floats, count_params, rotary_tables
@@ -15,14 +14,6 @@ from midgpt.train import init_state, loss_fn, make_train_step
 
 V, T, L, H, D = 11, 16, 2, 2, 32  # V = 11 so no other leaf has the embedding's (V, D) shape
 C = D // H
-
-
-@pytest.fixture(autouse=True)
-def exact_float32_matmuls():
-    # GPUs run float32 matmuls as TF32 by default; the equivalences below compare
-    # two orders of the same float32 computation, so ask for full precision.
-    with jax.default_matmul_precision("highest"):
-        yield
 
 
 def model_config(dropout: float = 0.0) -> ModelConfig:

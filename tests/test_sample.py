@@ -15,12 +15,6 @@ from midgpt.train import init_state, make_train_step
 V, W = 11, 8  # vocabulary, block_size
 
 
-@pytest.fixture(autouse=True)
-def exact_float32_matmuls():
-    with jax.default_matmul_precision("highest"):
-        yield
-
-
 def tiny_model(seed=0) -> GPT:
     return GPT(ModelConfig(vocab_size=V, block_size=W, n_layer=2, n_head=2, n_embd=32), key=jax.random.key(seed))
 
