@@ -120,3 +120,9 @@ def test_encode_rejects_unknown_characters_naming_them(meta):
     with pytest.raises(MidgptError, match="€") as info:
         encode(meta, "hello € world ¥")
     assert "¥" in str(info.value)
+
+
+def test_missing_data_error_names_the_datasets_own_prepare_script(tmp_path):
+    (tmp_path / "prepare.py").write_text("")
+    with pytest.raises(MidgptError, match=f"run python {tmp_path}/prepare.py"):
+        load_meta(str(tmp_path))

@@ -13,10 +13,11 @@ def _require(data_dir: str, name: str) -> str:
     path = os.path.join(data_dir, name)
     if not os.path.exists(path):
         missing = path if os.path.isdir(data_dir) else data_dir
-        raise MidgptError(
-            f"{missing} not found; run python data/shakespeare_char/prepare.py "
-            "(or the dataset's own prepare script) to create it"
-        )
+        script = os.path.join(data_dir, "prepare.py")  # the datasets in data/ carry their own
+        how = (f"python {script}" if os.path.exists(script) else
+               f"python data/openwebtext/prepare.py --input YOUR_FILES --out_dir {data_dir} "
+               "(or data/shakespeare_char/prepare.py)")
+        raise MidgptError(f"{missing} not found; run {how} to create it")
     return path
 
 
