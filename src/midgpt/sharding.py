@@ -6,6 +6,8 @@ jitted step, XLA gathers one layer's parameters at a time (the layers run under
 lax.scan) and reduce-scatters their gradients.
 """
 
+import functools
+
 import jax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
@@ -77,6 +79,7 @@ def batch_sharding(mesh: Mesh, ndim: int, batch_axis: int) -> NamedSharding:
     return NamedSharding(mesh, P(*spec))
 
 
+@functools.cache  # asked for every batch; the answer never changes during a run
 def process_rows(sharding: NamedSharding, shape: tuple[int, ...], batch_axis: int) -> slice:
     """The rows of a global batch that this process's devices hold, as one slice."""
     starts, stops = [], []
