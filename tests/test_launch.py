@@ -33,7 +33,9 @@ def short_run(shakespeare_data_dir, tmp_path_factory):
 
 
 def test_launch_writes_config_metrics_and_checkpoints(short_run, shakespeare_data_dir):
-    assert sorted(os.listdir(short_run)) == ["checkpoints", "config.json", "metrics.jsonl"]
+    names = sorted(os.listdir(short_run))
+    assert names[:2] == ["checkpoints", "config.json"] and names[3:] == ["metrics.jsonl"]
+    assert names[2].startswith("events.out.tfevents.")  # TensorBoard
     assert os.listdir(os.path.join(short_run, "checkpoints")) == ["40"]  # the end of the run
     with open(os.path.join(short_run, "config.json")) as f:
         config = json.load(f)

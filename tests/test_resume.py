@@ -35,8 +35,9 @@ def finish(proc):
 
 def metrics(rundir):
     """metrics.jsonl without its timings."""
+    timings = {"tokens_per_sec", "step_ms", "mfu"}
     with open(os.path.join(rundir, "metrics.jsonl")) as f:
-        return [{k: v for k, v in json.loads(line).items() if k != "tokens_per_sec"} for line in f]
+        return [{k: v for k, v in json.loads(line).items() if k not in timings} for line in f]
 
 
 def final_params(rundir, step=STEPS):

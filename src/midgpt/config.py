@@ -20,6 +20,9 @@ class ModelConfig:
     n_embd: int
     dropout: float = 0.0
     rope_base: float = 10000.0
+    # How the step runs, not what it computes: these may change when a run resumes.
+    remat: str = "full"  # recompute in the backward pass: "full" (each layer), "dots" (all but weight matmuls), "none"
+    scan_unroll: int = 1  # layers per iteration of the scan over layers; n_layer unrolls it fully
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,6 +83,7 @@ def apply_overrides(config: Config, overrides: list[str]) -> Config:
 
 # Changing one of these on resume would make it another run: another model or other data.
 FIXED_ON_RESUME = ("model", "data_dir", "seed", "batch_size", "g_accum_iters", "param_dtype")
+FREE_ON_RESUME = ("model.remat", "model.scan_unroll")  # the same model, run another way
 
 
 def read_config_json(rundir: str) -> Config:
@@ -100,7 +104,8 @@ def resume_config(saved: Config, requested: Config, overrides: list[str]) -> tup
     resumed = apply_overrides(saved, overrides)
     for name in _leaf_types(Config):
         ran, asked = _get(saved, name), _get(requested, name)
-        if name.split(".")[0] in FIXED_ON_RESUME and ran != asked:
+        fixed = name.split(".")[0] in FIXED_ON_RESUME and name not in FREE_ON_RESUME
+        if fixed and ran != asked:
             raise MidgptError(
                 f"the run in this --rundir has {name}={ran!r} but this command asks for {asked!r}; "
                 "that is another model or other data: pass a new --rundir"
@@ -216,7 +221,7 @@ def check_config(config: Config) -> None:
         "eval_interval": config.eval_interval, "eval_iters": config.eval_iters,
         "log_interval": config.log_interval, "learning_rate": config.learning_rate,
         "lr_decay_steps": config.lr_decay_steps, "checkpoint_interval": config.checkpoint_interval,
-        "keep_checkpoints": config.keep_checkpoints,
+        "keep_checkpoints": config.keep_checkpoints, "model.scan_unroll": m.scan_unroll,
     }
     for name, value in positive.items():
         if value <= 0:
@@ -233,6 +238,8 @@ def check_config(config: Config) -> None:
     replica, fsdp = config.mesh_shape
     if (replica, fsdp).count(-1) > 1 or min(replica, fsdp) < -1 or 0 in (replica, fsdp):
         raise MidgptError(f"mesh_shape={replica},{fsdp} needs positive sizes, at most one of them -1 (all remaining devices)")
+    if m.remat not in ("full", "dots", "none"):
+        raise MidgptError(f"config field 'model.remat' must be full, dots or none, got {m.remat!r}")
     for name in ("param_dtype", "compute_dtype"):
         if getattr(config, name) not in ("float32", "bfloat16", "float16"):
             raise MidgptError(f"config field {name!r} must be float32, bfloat16 or float16, got {getattr(config, name)!r}")

@@ -172,6 +172,12 @@ class Block(eqx.Module):
         return x_BxTxD if cache is None else (x_BxTxD, cache)
 
 
+REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,  # keep only each layer's input
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep the weight matmuls' outputs
+}
+
+
 class GPT(eqx.Module):
     # One array serves as token embedding and output projection, so an update
     # to one is an update to the other.
@@ -219,16 +225,20 @@ class GPT(eqx.Module):
 
         block_params, block_static = eqx.partition(self.blocks, eqx.is_array)
 
-        # Rematerialise each layer in the backward pass: activation memory then
-        # holds one layer's internals instead of all L.
-        @jax.checkpoint
         def layer(x_BxTxD, inputs):
             params, layer_key, layer_cache = inputs
             block = eqx.combine(params, block_static)
             out = block(x_BxTxD, sin_TxC, cos_TxC, mask_TxS, key=layer_key, cache=layer_cache, slots_T=slots_T)
             return out if cache is not None else (out, None)
 
-        x_BxTxD, layer_caches = jax.lax.scan(layer, x_BxTxD, (block_params, block_keys_L, layer_caches))
+        # Rematerialise in the backward pass: activation memory then holds what
+        # the policy saves of each layer, and one layer's internals at a time.
+        if cfg.remat != "none":
+            layer = jax.checkpoint(layer, policy=REMAT_POLICIES[cfg.remat])
+
+        x_BxTxD, layer_caches = jax.lax.scan(
+            layer, x_BxTxD, (block_params, block_keys_L, layer_caches), unroll=cfg.scan_unroll
+        )
         x_BxTxD = self.final_norm(x_BxTxD)
         logits_BxTxV = jnp.einsum(
             "btd,vd->btv", x_BxTxD, self.embed_VxD, preferred_element_type=jnp.float32

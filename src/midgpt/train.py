@@ -16,9 +16,10 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
-from midgpt import checkpoint, data, sharding
+from midgpt import checkpoint, data, memory, mfu, sharding
 from midgpt.config import Config, config_to_dict
 from midgpt.errors import MidgptError
+from midgpt.metrics import MetricsLog
 from midgpt.model import GPT, cast_floats, count_params
 from midgpt.optimizer import lr_schedule, make_optimizer
 
@@ -103,6 +104,7 @@ def make_train_step(config: Config, optimizer: optax.GradientTransformation, mes
             "loss": loss_G.mean(),
             "lr": schedule(state.step),
             "grad_norm": optax.tree.norm(grads),
+            "param_norm": optax.tree.norm(params),
         }
         new_state = TrainState(eqx.combine(params, model_static), opt_state, state.step + 1, state.dropout_key)
         return eqx.filter(new_state, eqx.is_array), metrics
@@ -171,18 +173,6 @@ def write_config(config: Config, rundir: str):
             json.dump(config_to_dict(config), f, indent=2)
 
 
-def rewind_metrics(path: str, step: int):
-    """Keep the records up to step: a resumed run logs the later ones again."""
-    if not os.path.exists(path):
-        return
-    with open(path) as f:
-        lines = [line for line in f if line.endswith("\n")]  # a killed write leaves a torn last line
-    kept = [line for line in lines if json.loads(line)["step"] <= step]
-    with open(path + ".tmp", "w") as f:
-        f.writelines(kept)
-    os.replace(path + ".tmp", path)
-
-
 def check_finite(metrics: dict, step: int, last_checkpoint: int | None):
     for name in ("loss", "grad_norm"):
         value = float(metrics[name])
@@ -214,8 +204,20 @@ class StopSignals:
         self.say(f"{self.received}: stopping after this step, with a checkpoint (again to stop at once)")
 
 
+def plan_memory(config: Config, mesh: Mesh, optimizer, say) -> None:
+    """Print the per-device memory estimate; stop before compiling if it cannot fit."""
+    shardings, _ = state_layout(config, optimizer, mesh)
+    like = eqx.filter_eval_shape(fresh_state, config, optimizer)
+    parts = memory.estimate(config, mesh, like, shardings)
+    available, source = memory.device_memory()
+    say(f"memory per device, estimated (remat {config.model.remat}): "
+        + ", ".join(f"{k} {memory.gib(v)}" for k, v in parts.items())
+        + (f" of {memory.gib(available)} ({source})" if available else ""))
+    memory.check_fits(parts, available, config, mesh)
+
+
 def train(config: Config, rundir: str, debug: bool = False, resume: bool = False) -> GPT:
-    """Train into rundir (config.json, metrics.jsonl, checkpoints/), resuming its newest checkpoint if asked.
+    """Train into rundir (config.json, metrics.jsonl, TensorBoard events, checkpoints/), resuming if asked.
 
     Every process runs this loop (JAX's multi-controller model); only process 0
     writes files and prints.
@@ -226,9 +228,10 @@ def train(config: Config, rundir: str, debug: bool = False, resume: bool = False
     mesh = sharding.make_mesh(config)
     is_main = jax.process_index() == 0
     say = tqdm.write if is_main else lambda _: None
-    write_config(config, rundir)
     say("config: " + json.dumps(config_to_dict(config)))
     optimizer = make_optimizer(config)
+    plan_memory(config, mesh, optimizer, say)  # before anything is written, so a retry starts afresh
+    write_config(config, rundir)
     manager = None if debug else checkpoint.make_manager(rundir, config)
     if debug:
         say("debug: no checkpoints are written")
@@ -243,23 +246,26 @@ def train(config: Config, rundir: str, debug: bool = False, resume: bool = False
         say(f"resuming from checkpoint {start}" if found else "no checkpoint to resume from: starting at step 0")
     if state is None:
         state = init_state(config, optimizer, mesh)
-    metrics_path = os.path.join(rundir, "metrics.jsonl")
-    if is_main:
-        rewind_metrics(metrics_path, start)
     train_step = make_train_step(config, optimizer, mesh)
     say(f"{count_params(state.model):,} parameters; mesh {dict(mesh.shape)} over "
         f"{jax.device_count()} {jax.devices()[0].platform} devices in {jax.process_count()} processes; "
         f"run directory {rundir}")
     tokens_per_step = config.g_accum_iters * config.batch_size * config.model.block_size
+    peak, peak_source = mfu.device_peak(config.compute_dtype)
+    step_flops = mfu.flops_per_token(config.model) * tokens_per_step
+    say(f"MFU is against the {peak_source}: {peak / 1e12:.3g} TFLOP/s per device, "
+        f"{jax.device_count()} devices; {step_flops / 1e9:.4g} GFLOP a step")
     # A few steady-state steps, after the compile, so the trace shows the step itself.
     profile_steps = range(start + 3, min(start + 6, config.max_steps + 1)) if debug and is_main else range(0)
     if profile_steps:
         say(f"debug: profiler trace of steps {profile_steps[0]}-{profile_steps[-1]} in {rundir}/profile")
 
     last_checkpoint = start or None
-    log = open(metrics_path, "a") if is_main else None
-    bar = tqdm(range(start + 1, config.max_steps + 1), initial=start, total=config.max_steps,
-               desc="train", dynamic_ncols=True, disable=not is_main)
+    log = MetricsLog(rundir, start, json.dumps(config_to_dict(config), indent=2)) if is_main else None
+    # Off a terminal (CI, log files), redraw rarely rather than fill the log with frames.
+    bar = tqdm(range(start + 1, config.max_steps + 1), initial=start, total=config.max_steps, desc="train",
+               dynamic_ncols=True, disable=not is_main, mininterval=0.1 if sys.stderr.isatty() else 30)
+    peak_memory = None
     interval_start, interval_steps = time.perf_counter(), 0
     with StopSignals(say) as signals:
         try:
@@ -276,7 +282,9 @@ def train(config: Config, rundir: str, debug: bool = False, resume: bool = False
                     jax.profiler.stop_trace()
                 if step == start + 1:  # leave the compile out of the throughput
                     jax.block_until_ready(state)
-                    say(f"step {step} (compile included) took {time.perf_counter() - interval_start:.1f} s")
+                    peak_memory = memory.peak_in_use()
+                    say(f"step {step} (compile included) took {time.perf_counter() - interval_start:.1f} s"
+                        + (f"; peak memory {memory.gib(peak_memory)} per device" if peak_memory else ""))
                     interval_start, interval_steps = time.perf_counter(), 0
 
                 is_eval = step % config.eval_interval == 0 or step == config.max_steps
@@ -285,16 +293,21 @@ def train(config: Config, rundir: str, debug: bool = False, resume: bool = False
                     check_finite(metrics, step, last_checkpoint)
                     record = {"step": step, **{k: float(v) for k, v in metrics.items()}}
                     elapsed = time.perf_counter() - interval_start
-                    record["tokens_per_sec"] = interval_steps * tokens_per_step / elapsed if interval_steps else None
-                    bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
-                                    tok_s=f"{record['tokens_per_sec'] or 0:,.0f}")
+                    if interval_steps:  # none right after the compile step
+                        record["tokens_per_sec"] = interval_steps * tokens_per_step / elapsed
+                        record["step_ms"] = 1000 * elapsed / interval_steps
+                        record["mfu"] = step_flops * interval_steps / elapsed / (peak * jax.device_count())
+                        bar.set_postfix({"loss": f"{record['loss']:.4f}", "lr": f"{record['lr']:.2e}",
+                                         "tok/s": f"{record['tokens_per_sec']:,.0f}", "mfu": f"{record['mfu']:.1%}"},
+                                        refresh=False)
+                    if peak_memory:
+                        record["peak_memory_gib"] = memory.peak_in_use() / 2**30
                     if is_eval:
                         record["train_loss"] = evaluate(state.model, train_tokens, config, mesh, EVAL_TRAIN_STREAM)
                         record["val_loss"] = evaluate(state.model, val_tokens, config, mesh, EVAL_VAL_STREAM)
                         say(f"step {step}: train loss {record['train_loss']:.4f}, val loss {record['val_loss']:.4f}")
                     if log:
-                        log.write(json.dumps(record) + "\n")
-                        log.flush()
+                        log.write(record)
                     interval_start, interval_steps = time.perf_counter(), 0
 
                 stop = signals.received is not None

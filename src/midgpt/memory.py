@@ -1,0 +1,100 @@
+"""Per-device memory a run needs, estimated from the config and mesh before anything is allocated."""
+
+import math
+import os
+
+import equinox as eqx
+import jax
+import numpy as np
+from jax.sharding import Mesh
+
+from midgpt.config import Config
+from midgpt.errors import MidgptError
+
+
+def sharded_bytes(arrays_like, shardings) -> int:
+    """Bytes one device holds of a pytree of abstract arrays placed with these shardings."""
+    arrays = jax.tree.leaves(eqx.filter(arrays_like, lambda x: isinstance(x, jax.ShapeDtypeStruct)))
+    return sum(math.prod(s.shard_shape(x.shape)) * x.dtype.itemsize
+               for x, s in zip(arrays, jax.tree.leaves(shardings), strict=True))
+
+
+def activation_bytes(config: Config, mesh: Mesh) -> int:
+    """A rough count of one device's activation memory in a step, with remat as configured.
+
+    Backward needs, per layer, what remat saved in the forward pass; one layer's
+    internals at a time are recomputed (remat) and differentiated; then logits.
+    """
+    m = config.model
+    B = config.batch_size // mesh.size  # rows per device: the batch is split over every device
+    T, D, H, F, V = m.block_size, m.n_embd, m.n_head, 4 * m.n_embd, m.vocab_size
+    s = np.dtype(config.compute_dtype).itemsize
+    # Per layer: the inputs of norms and matmuls (9 D + 2 F per token), and per
+    # attention score, the float32 scores, softmax and its gradient, the
+    # compute-dtype probabilities (and the dropout mask). Calibrated against XLA's
+    # buffer assignment on CPU; flash attention (cudnn) never holds the scores.
+    internals = B * T * (9 * D + 2 * F) * s + B * H * T * T * (12 + s + (m.dropout > 0))
+    saved = {
+        "none": internals,
+        "dots": B * T * (6 * D + F) * s,  # the layer input and the outputs of its weight matmuls
+        "full": B * T * D * s,  # the layer input
+    }[m.remat]
+    logits = 3 * B * T * V * 4  # float32 logits, their softmax and gradient
+    return m.n_layer * saved + 2 * internals + logits
+
+
+def estimate(config: Config, mesh: Mesh, state_like, state_shardings) -> dict[str, int]:
+    """Per-device bytes of parameters, gradients, optimiser state and activations."""
+    params = sharded_bytes(state_like.model, state_shardings.model)
+    compute_copy = params * np.dtype(config.compute_dtype).itemsize // np.dtype(config.param_dtype).itemsize
+    parts = {
+        "parameters": params,
+        # Gradients, plus their running sum when micro-batches are accumulated.
+        "gradients": params * (2 if config.g_accum_iters > 1 else 1),
+        "optimizer": sharded_bytes(state_like.opt_state, state_shardings.opt_state),
+        "activations": activation_bytes(config, mesh) + compute_copy,
+    }
+    return {**parts, "total": sum(parts.values())}
+
+
+def device_memory() -> tuple[int | None, str]:
+    """(bytes one device may use, where that number comes from); None where nothing says."""
+    device = jax.local_devices()[0]
+    stats = device.memory_stats() or {}
+    if "bytes_limit" in stats:
+        return stats["bytes_limit"], f"{device.device_kind} memory"
+    if device.platform == "cpu":  # CPU devices share the host's memory
+        host = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        return host // jax.local_device_count(), "host memory" + (
+            f" / {jax.local_device_count()} devices" if jax.local_device_count() > 1 else "")
+    return None, "unknown"
+
+
+def peak_in_use() -> int | None:
+    """The most bytes a local device has held so far, where the runtime reports it."""
+    stats = jax.local_devices()[0].memory_stats() or {}
+    return stats.get("peak_bytes_in_use")
+
+
+def gib(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB"
+
+
+def check_fits(parts: dict[str, int], available: int | None, config: Config, mesh: Mesh) -> None:
+    """Raise MidgptError, with what to change, if the estimate exceeds the device's memory."""
+    if available is None or parts["total"] <= available:
+        return
+    fixes = []
+    rows = config.batch_size // mesh.size  # per device; keep whole rows on every device
+    if rows > 1:
+        smaller = config.batch_size // 2 if rows % 2 == 0 else mesh.size
+        accum = config.g_accum_iters * config.batch_size // smaller
+        fixes.append(f"a smaller batch with more accumulation (e.g. --batch_size={smaller} --g_accum_iters={accum})")
+    if config.model.remat != "full":
+        fixes.append("full remat (--model.remat=full)")
+    fixes.append("more devices on the fsdp axis (--mesh_shape)")
+    needs = ", ".join(f"{k} {gib(v)}" for k, v in parts.items() if k != "total")
+    raise MidgptError(
+        f"this run needs about {gib(parts['total'])} per device ({needs}) but a device has "
+        f"{gib(available)}; use " + ", or ".join(fixes)
+    )

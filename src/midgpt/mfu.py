@@ -1,0 +1,87 @@
+"""Model FLOPs utilisation: the FLOPs a step needs, over what the devices could do.
+
+Convention: MFU counts the model's own FLOPs (a multiply-add is 2), not the
+recomputation of rematerialisation, and counts causal attention honestly: a
+token attends to (T + 1) / 2 keys on average, not to T (PaLM's convention, with
+its 12 L D T attention term, counts the masked half too).
+"""
+
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from midgpt.config import ModelConfig
+
+# Dense peak FLOP/s of one JAX device, (bfloat16, float32), by a substring of
+# device.device_kind; the first match wins, so variants come before families.
+# float32 is the TF32 tensor-core rate on GPUs, which XLA uses for float32
+# matmuls at default precision; TPUs run them as bfloat16 passes at that rate.
+PEAK_FLOPS = [
+    ("H100 PCIe", 756e12, 378e12),
+    ("H100 NVL", 835e12, 418e12),
+    ("H100", 989e12, 494e12),  # SXM
+    ("H200", 989e12, 494e12),
+    ("B200", 2250e12, 1100e12),
+    ("A100", 312e12, 156e12),
+    ("L40S", 362e12, 183e12),
+    ("L4", 121e12, 60e12),
+    ("TPU v3", 61.5e12, 61.5e12),  # per core: each of a chip's 2 cores is a JAX device
+    ("TPU v4", 275e12, 275e12),
+    ("TPU v5 lite", 197e12, 197e12),  # v5e
+    ("TPU v5", 459e12, 459e12),  # v5p
+    ("TPU v6 lite", 918e12, 918e12),  # v6e (Trillium)
+]
+
+
+def flops_per_token(cfg: ModelConfig, causal: bool = True) -> float:
+    """Training FLOPs (forward and backward) per token: 6 per matmul weight, plus attention.
+
+    causal=False counts every query against all T keys, as XLA computes a masked attention.
+    """
+    L, D, T, V = cfg.n_layer, cfg.n_embd, cfg.block_size, cfg.vocab_size
+    matmul_weights = L * 12 * D * D + V * D  # q, k, v, out: 4 D^2; MLP: 8 D^2; the tied output layer
+    keys = (T + 1) / 2 if causal else T
+    # Per layer, q.k and prob.v are each 2 D FLOPs per key, forward; backward doubles it.
+    return 6 * matmul_weights + 3 * L * 4 * D * keys
+
+
+def table_peak(device_kind: str, dtype: str) -> float | None:
+    """The table's peak FLOP/s for one device of this kind, or None if it is not listed."""
+    for kind, bf16, f32 in PEAK_FLOPS:
+        if kind.lower() in device_kind.lower():
+            return f32 if dtype == "float32" else bf16
+    return None
+
+
+def measure_peak(dtype: str, size: int = 2048, seconds: float = 0.3) -> float:
+    """Best FLOP/s per device of a large matmul on every local device at once.
+
+    Run on all local devices together, so devices that share a host's cores (CPU)
+    share them here too. The matmul accumulates in float32, as the model's do.
+    """
+    devices = jax.local_devices()
+    mesh = jax.sharding.Mesh(np.array(devices), ("d",))
+    sharded = NamedSharding(mesh, P("d"))
+    x_NxSxS = jax.device_put(jnp.ones((len(devices), size, size), dtype), sharded)
+    matmul = jax.jit(lambda a, b: jnp.einsum("nij,njk->nik", a, b, preferred_element_type=jnp.float32))
+    matmul(x_NxSxS, x_NxSxS).block_until_ready()  # compile
+    best, deadline = float("inf"), time.perf_counter() + seconds
+    for _ in range(100):
+        start = time.perf_counter()
+        matmul(x_NxSxS, x_NxSxS).block_until_ready()
+        best = min(best, time.perf_counter() - start)
+        if time.perf_counter() > deadline:
+            break
+    return 2 * size**3 / best
+
+
+def device_peak(dtype: str) -> tuple[float, str]:
+    """(peak FLOP/s of one device, where the number comes from)."""
+    kind = jax.devices()[0].device_kind
+    peak = table_peak(kind, dtype)
+    if peak is not None:
+        return peak, f"{kind} {dtype} datasheet peak"
+    return measure_peak(dtype), f"measured {dtype} matmul peak of this {kind}"

@@ -1,0 +1,77 @@
+"""The memory estimate: exact for the state on any mesh, close for activations, and a stop before an over-large run."""
+
+import re
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import pytest
+
+from midgpt import memory
+from midgpt.config import Config, ModelConfig, apply_overrides, load_config
+from midgpt.errors import MidgptError
+from midgpt.optimizer import make_optimizer
+from midgpt.sharding import make_mesh
+from midgpt.train import fresh_state, init_state, make_train_step, state_layout
+from conftest import REPO_ROOT
+from test_launch import assert_one_line_error, run
+from test_sharding import on_devices
+
+
+def estimate(config):
+    optimizer, mesh = make_optimizer(config), make_mesh(config)
+    shardings, _ = state_layout(config, optimizer, mesh)
+    return memory.estimate(config, mesh, eqx.filter_eval_shape(fresh_state, config, optimizer), shardings)
+
+
+@pytest.mark.parametrize("devices", [1, 8])
+def test_state_estimate_is_the_bytes_of_the_sharded_arrays(devices):
+    out = on_devices(devices, """
+        from midgpt import memory
+        from test_memory import estimate
+        config, optimizer = CONFIG, make_optimizer(CONFIG)
+        state = init_state(config, optimizer, make_mesh(config))
+        def on_first_device(tree):
+            arrays = jax.tree.leaves(eqx.filter(tree, eqx.is_array))
+            return sum(s.data.nbytes for x in arrays for s in x.addressable_shards if s.device == jax.devices()[0])
+        parts = estimate(config)
+        print(json.dumps({"estimated": [parts["parameters"], parts["optimizer"]],
+                          "actual": [on_first_device(state.model), on_first_device(state.opt_state)],
+                          "whole": sum(x.nbytes for x in jax.tree.leaves(eqx.filter(state.model, eqx.is_array)))}))
+    """, PYTHONPATH=str(REPO_ROOT / "tests"))
+    assert out["estimated"] == out["actual"]
+    if devices == 8:  # every matrix is sharded, so a device holds little more than an eighth
+        assert out["actual"][0] < out["whole"] / 6
+
+
+@pytest.mark.parametrize("remat", ["full", "dots", "none"])
+def test_activation_estimate_is_close_to_what_xla_allocates(remat):
+    config = Config(data_dir="unused", batch_size=8, compute_dtype="bfloat16", model=ModelConfig(
+        vocab_size=256, block_size=128, n_layer=2, n_head=4, n_embd=128, dropout=0.1, remat=remat))
+    optimizer, mesh = make_optimizer(config), make_mesh(config)
+    state = init_state(config, optimizer, mesh)
+    batch_1xBxT = jax.ShapeDtypeStruct((1, config.batch_size, config.model.block_size), jnp.int32)
+    compiled = make_train_step(config, optimizer, mesh).lower(state, batch_1xBxT, batch_1xBxT).compile()
+    xla_bytes = compiled.memory_analysis().temp_size_in_bytes
+    # A rough count by design (XLA's buffer reuse differs between backends): within a factor of 2.5.
+    assert 0.4 < memory.activation_bytes(config, mesh) / xla_bytes < 1.5
+
+
+def test_an_over_large_run_suggests_a_change_that_keeps_the_global_batch():
+    config = load_config("openwebtext_xl")
+    parts = estimate(config)
+    with pytest.raises(MidgptError) as error:
+        memory.check_fits(parts, 16 * 2**30, config, make_mesh(config))
+    suggestion = re.search(r"--batch_size=\d+ --g_accum_iters=\d+", str(error.value)).group(0)
+    smaller = apply_overrides(config, suggestion.split())
+    assert smaller.batch_size * smaller.g_accum_iters == config.batch_size * config.g_accum_iters
+    assert estimate(smaller)["activations"] < parts["activations"]
+    memory.check_fits(parts, parts["total"], config, make_mesh(config))  # just fits: no error
+
+
+def test_launch_stops_an_over_large_model_before_compiling_and_writes_nothing(shakespeare_data_dir, tmp_path):
+    # 1.3B parameters and a batch of 1024 sequences: far beyond this host's memory.
+    result = run("launch.py", "--config=openwebtext_xl", f"--rundir={tmp_path}/run", f"--data_dir={shakespeare_data_dir}")
+    assert_one_line_error(result, "per device", "--batch_size=", "--g_accum_iters=", "--mesh_shape")
+    assert "parameters 4.88 GiB" in result.stderr  # 1.31B float32 parameters
+    assert not (tmp_path / "run").exists()

@@ -1,0 +1,48 @@
+"""MFU: the FLOPs formula against XLA's own count, and the peak it is divided by."""
+
+import time
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import pytest
+
+from midgpt import mfu
+from midgpt.config import ModelConfig
+from midgpt.model import GPT
+from midgpt.train import loss_fn
+
+
+def test_flops_per_token_matches_xla_count_of_forward_and_backward():
+    # Unrolled and without remat, XLA's count is the model's; it also counts the
+    # elementwise work (norms, softmax, loss), about 1.5% here, hence the tolerance.
+    cfg = ModelConfig(vocab_size=512, block_size=128, n_layer=2, n_head=4, n_embd=256, remat="none", scan_unroll=2)
+    params, static = eqx.partition(GPT(cfg, key=jax.random.key(0)), eqx.is_array)
+    tokens_BxT = jnp.zeros((4, cfg.block_size), jnp.int32)
+    grad = jax.jit(jax.value_and_grad(lambda p, x, y: loss_fn(eqx.combine(p, static), x, y)))
+    xla_flops = grad.lower(params, tokens_BxT, tokens_BxT).compile().cost_analysis()["flops"]
+    # XLA computes every masked score, so it matches the count without the causal saving.
+    assert xla_flops / (mfu.flops_per_token(cfg, causal=False) * tokens_BxT.size) == pytest.approx(1, abs=0.03)
+    assert mfu.flops_per_token(cfg) < mfu.flops_per_token(cfg, causal=False)
+
+
+@pytest.mark.parametrize("kind, dtype, peak", [
+    ("NVIDIA H100 80GB HBM3", "bfloat16", 989e12),
+    ("NVIDIA H100 PCIe", "bfloat16", 756e12),  # not the SXM part's number
+    ("NVIDIA H100 80GB HBM3", "float32", 494e12),
+    ("TPU v5 lite", "bfloat16", 197e12),  # v5e, not v5p
+    ("TPU v5", "bfloat16", 459e12),
+    ("cpu", "bfloat16", None),
+])
+def test_peak_table_matches_the_most_specific_device_kind(kind, dtype, peak):
+    assert mfu.table_peak(kind, dtype) == peak
+
+
+def test_measured_peak_is_what_a_matmul_reaches():
+    peak = mfu.measure_peak("float32", size=512, seconds=0.05)
+    x = jnp.ones((512, 512))
+    matmul = jax.jit(lambda a: a @ a)
+    matmul(x).block_until_ready()
+    start = time.perf_counter()
+    matmul(x).block_until_ready()
+    assert peak >= 0.5 * 2 * 512**3 / (time.perf_counter() - start)  # best-of, so at least one run's rate, within noise
