@@ -154,8 +154,8 @@ def test_named_configs_load_as_frozen_configs():
     assert cpu.model == ModelConfig(vocab_size=65, block_size=64, n_layer=4, n_head=4, n_embd=128, dropout=0.0)
     # The CPU config differs from the full one only where the laptop needs it to.
     differing = {k for k, v in config_to_dict(cpu).items() if config_to_dict(full)[k] != v}
-    assert differing == {"model", "batch_size", "max_steps", "lr_decay_steps", "eval_iters", "compute_dtype"}
-    assert (cpu.batch_size, cpu.max_steps, cpu.lr_decay_steps, cpu.eval_iters, cpu.compute_dtype) == (12, 2000, 2000, 50, "float32")
+    assert differing == {"model", "batch_size", "max_steps", "lr_decay_steps", "eval_iters"}
+    assert (cpu.batch_size, cpu.max_steps, cpu.lr_decay_steps, cpu.eval_iters, cpu.compute_dtype) == (12, 2000, 2000, 50, "bfloat16")
 
 
 def test_unknown_config_name_lists_available_ones():

@@ -1,5 +1,8 @@
 """MFU: the FLOPs formula against XLA's own count, and the peak it is divided by."""
 
+import json
+import subprocess
+import sys
 import time
 
 import equinox as eqx
@@ -7,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
+from conftest import REPO_ROOT
 from midgpt import mfu
 from midgpt.config import ModelConfig
 from midgpt.model import GPT
@@ -46,3 +50,16 @@ def test_measured_peak_is_what_a_matmul_reaches():
     start = time.perf_counter()
     matmul(x).block_until_ready()
     assert peak >= 0.5 * 2 * 512**3 / (time.perf_counter() - start)  # best-of, so at least one run's rate, within noise
+
+
+def test_throughput_benchmark_times_the_real_step_and_prints_json():
+    result = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "benchmarks" / "train_throughput.py"), "--config=shakespeare_char_cpu",
+         "--steps=3", "--model.n_layer=2", "--model.n_embd=64", "--model.n_head=2", "--batch_size=4"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    assert out["backend"] == "cpu" and out["device_count"] == 1 and out["tokens_per_step"] == 4 * 64
+    assert out["tokens_per_sec"] == pytest.approx(out["tokens_per_step"] / out["step_ms"] * 1000, rel=0.01)
+    assert 0 < out["mfu"] < 1 and out["peak_source"].startswith("measured bfloat16")

@@ -23,6 +23,9 @@ class ModelConfig:
     # How the step runs, not what it computes: these may change when a run resumes.
     remat: str = "full"  # recompute in the backward pass: "full" (each layer), "dots" (all but weight matmuls), "none"
     scan_unroll: int = 1  # layers per iteration of the scan over layers; n_layer unrolls it fully
+    # "einsum", or jax.nn.dot_product_attention's "xla" or "cudnn" (fused, GPU); "auto": cudnn on
+    # GPUs in bf16 when no attention dropout is drawn, einsum elsewhere (faster on CPUs)
+    attention: str = "auto"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,7 +86,7 @@ def apply_overrides(config: Config, overrides: list[str]) -> Config:
 
 # Changing one of these on resume would make it another run: another model or other data.
 FIXED_ON_RESUME = ("model", "data_dir", "seed", "batch_size", "g_accum_iters", "param_dtype")
-FREE_ON_RESUME = ("model.remat", "model.scan_unroll")  # the same model, run another way
+FREE_ON_RESUME = ("model.remat", "model.scan_unroll", "model.attention")  # the same model, run another way
 
 
 def read_config_json(rundir: str) -> Config:
@@ -238,6 +241,11 @@ def check_config(config: Config) -> None:
     replica, fsdp = config.mesh_shape
     if (replica, fsdp).count(-1) > 1 or min(replica, fsdp) < -1 or 0 in (replica, fsdp):
         raise MidgptError(f"mesh_shape={replica},{fsdp} needs positive sizes, at most one of them -1 (all remaining devices)")
+    if m.attention not in ("auto", "einsum", "xla", "cudnn"):
+        raise MidgptError(f"config field 'model.attention' must be auto, einsum, xla or cudnn, got {m.attention!r}")
+    if m.attention in ("xla", "cudnn") and m.dropout > 0:
+        raise MidgptError(f"model.attention={m.attention} (jax.nn.dot_product_attention) has no dropout; "
+                          "set --model.dropout=0 or --model.attention=einsum")
     if m.remat not in ("full", "dots", "none"):
         raise MidgptError(f"config field 'model.remat' must be full, dots or none, got {m.remat!r}")
     for name in ("param_dtype", "compute_dtype"):

@@ -8,6 +8,7 @@ further by 1/sqrt(2 L), as in GPT-2, so the stream does not grow with depth.
 Norm gains start at one.
 """
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -61,6 +62,34 @@ def apply_rotary(x_BxTxHxC, sin_TxC, cos_TxC):
     return out.astype(x_BxTxHxC.dtype)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def project(spec: str, x, w):
+    """einsum(spec, x, w) of activations and weights, accumulated and returned in float32.
+
+    Its gradients are computed alike, from a cotangent cast to x's dtype: autodiff
+    would make f32 x bf16 matmuls, which XLA runs at the f32 rate, while
+    bf16 x bf16 -> f32 runs about twice as fast (on CPUs with AVX512-BF16 or AMX too).
+    """
+    return jnp.einsum(spec, x, w, preferred_element_type=jnp.float32)
+
+
+def _project_fwd(spec, x, w):
+    return project(spec, x, w), (x, w)
+
+
+def _project_bwd(spec, residuals, g):
+    x, w = residuals
+    inputs, out = spec.split("->")
+    x_spec, w_spec = inputs.split(",")
+    g = g.astype(x.dtype)
+    dx = jnp.einsum(f"{out},{w_spec}->{x_spec}", g, w, preferred_element_type=jnp.float32)
+    dw = jnp.einsum(f"{out},{x_spec}->{w_spec}", g, x, preferred_element_type=jnp.float32)
+    return dx.astype(x.dtype), dw.astype(w.dtype)
+
+
+project.defvjp(_project_fwd, _project_bwd)
+
+
 class LayerCache(NamedTuple):
     """One layer's keys and values for the S = block_size most recent positions."""
 
@@ -87,6 +116,8 @@ class Attention(eqx.Module):
     q_norm: LayerNorm
     k_norm: LayerNorm
     dropout: eqx.nn.Dropout
+    attention: str = eqx.field(static=True)  # ModelConfig.attention
+    block_size: int = eqx.field(static=True)
 
     def __init__(self, cfg: ModelConfig, *, key):
         D, H = cfg.n_embd, cfg.n_head
@@ -98,6 +129,15 @@ class Attention(eqx.Module):
         self.wo_HxCxD = _normal(ko, (H, C, D), 1 / math.sqrt(D * 2 * cfg.n_layer))
         self.q_norm, self.k_norm = LayerNorm(C), LayerNorm(C)
         self.dropout = eqx.nn.Dropout(cfg.dropout)
+        self.attention, self.block_size = cfg.attention, cfg.block_size
+
+    def implementation(self, dtype, dropout: bool) -> str:
+        """"einsum", or one of jax.nn.dot_product_attention's ("xla", "cudnn"), which has no dropout."""
+        if self.attention != "auto":
+            return self.attention
+        # cuDNN's fused (flash) attention on NVIDIA GPUs; on CPUs the einsum path measured faster.
+        flash = jax.default_backend() == "gpu" and dtype in (jnp.bfloat16, jnp.float16)
+        return "cudnn" if flash and not dropout else "einsum"
 
     @jax.named_scope("attention")
     def __call__(self, x_BxTxD, sin_TxC, cos_TxC, mask_TxS, *, key=None, cache=None, slots_T=None):
@@ -106,9 +146,10 @@ class Attention(eqx.Module):
         With a cache, the new keys and values go to slots_T first; returns (out, cache).
         """
         attn_key, out_key = jax.random.split(key) if key is not None else (None, None)
-        q_BxTxHxC = jnp.einsum("btd,dhc->bthc", x_BxTxD, self.wq_DxHxC)
-        k_BxTxHxC = jnp.einsum("btd,dhc->bthc", x_BxTxD, self.wk_DxHxC)
-        v_BxTxHxC = jnp.einsum("btd,dhc->bthc", x_BxTxD, self.wv_DxHxC)
+        dtype = x_BxTxD.dtype
+        q_BxTxHxC = project("btd,dhc->bthc", x_BxTxD, self.wq_DxHxC).astype(dtype)
+        k_BxTxHxC = project("btd,dhc->bthc", x_BxTxD, self.wk_DxHxC).astype(dtype)
+        v_BxTxHxC = project("btd,dhc->bthc", x_BxTxD, self.wv_DxHxC).astype(dtype)
         # QK-LayerNorm bounds the attention logits, which otherwise grow and
         # destabilise training (Wortsman et al. 2023).
         q_BxTxHxC = apply_rotary(self.q_norm(q_BxTxHxC), sin_TxC, cos_TxC)
@@ -117,16 +158,26 @@ class Attention(eqx.Module):
         if cache is not None:
             k_BxSxHxC = cache.k_BxSxHxC.at[:, slots_T].set(k_BxTxHxC)
             v_BxSxHxC = cache.v_BxSxHxC.at[:, slots_T].set(v_BxTxHxC)
-        C = q_BxTxHxC.shape[-1]
-        # Scores and softmax in float32: bf16 loses the small probabilities.
-        att_BxHxTxS = jnp.einsum(
-            "bthc,bshc->bhts", q_BxTxHxC, k_BxSxHxC, preferred_element_type=jnp.float32
-        ) / math.sqrt(C)
-        att_BxHxTxS = jnp.where(mask_TxS, att_BxHxTxS, -jnp.inf)
-        prob_BxHxTxS = jax.nn.softmax(att_BxHxTxS, axis=-1).astype(v_BxSxHxC.dtype)
-        prob_BxHxTxS = self.dropout(prob_BxHxTxS, key=attn_key, inference=key is None)
-        out_BxTxHxC = jnp.einsum("bhts,bshc->bthc", prob_BxHxTxS, v_BxSxHxC)
-        out_BxTxD = jnp.einsum("bthc,hcd->btd", out_BxTxHxC, self.wo_HxCxD)
+        implementation = self.implementation(dtype, dropout=key is not None and self.dropout.p > 0)
+        if cache is None and implementation != "einsum":
+            # Without a cache, S = T and mask_TxS is causal within a window of block_size.
+            T = q_BxTxHxC.shape[1]
+            window = (self.block_size - 1, 0) if T > self.block_size else None
+            out_BxTxHxC = jax.nn.dot_product_attention(
+                q_BxTxHxC, k_BxSxHxC, v_BxSxHxC, is_causal=True, local_window_size=window,
+                implementation=implementation,
+            )
+        else:
+            C = q_BxTxHxC.shape[-1]
+            # Scores and softmax in float32: bf16 loses the small probabilities.
+            att_BxHxTxS = jnp.einsum(
+                "bthc,bshc->bhts", q_BxTxHxC, k_BxSxHxC, preferred_element_type=jnp.float32
+            ) / math.sqrt(C)
+            att_BxHxTxS = jnp.where(mask_TxS, att_BxHxTxS, -jnp.inf)
+            prob_BxHxTxS = jax.nn.softmax(att_BxHxTxS, axis=-1).astype(dtype)
+            prob_BxHxTxS = self.dropout(prob_BxHxTxS, key=attn_key, inference=key is None)
+            out_BxTxHxC = jnp.einsum("bhts,bshc->bthc", prob_BxHxTxS, v_BxSxHxC)
+        out_BxTxD = project("bthc,hcd->btd", out_BxTxHxC, self.wo_HxCxD).astype(dtype)
         out_BxTxD = self.dropout(out_BxTxD, key=out_key, inference=key is None)
         return out_BxTxD if cache is None else (out_BxTxD, LayerCache(k_BxSxHxC, v_BxSxHxC))
 
@@ -145,8 +196,8 @@ class MLP(eqx.Module):
 
     @jax.named_scope("mlp")
     def __call__(self, x_BxTxD, *, key=None):
-        h_BxTxF = jax.nn.gelu(jnp.einsum("btd,df->btf", x_BxTxD, self.w_in_DxF))
-        out_BxTxD = jnp.einsum("btf,fd->btd", h_BxTxF, self.w_out_FxD)
+        h_BxTxF = jax.nn.gelu(project("btd,df->btf", x_BxTxD, self.w_in_DxF).astype(x_BxTxD.dtype))
+        out_BxTxD = project("btf,fd->btd", h_BxTxF, self.w_out_FxD).astype(x_BxTxD.dtype)
         return self.dropout(out_BxTxD, key=key, inference=key is None)
 
 
@@ -240,9 +291,7 @@ class GPT(eqx.Module):
             layer, x_BxTxD, (block_params, block_keys_L, layer_caches), unroll=cfg.scan_unroll
         )
         x_BxTxD = self.final_norm(x_BxTxD)
-        logits_BxTxV = jnp.einsum(
-            "btd,vd->btv", x_BxTxD, self.embed_VxD, preferred_element_type=jnp.float32
-        )
+        logits_BxTxV = project("btd,vd->btv", x_BxTxD, self.embed_VxD)
         if cache is None:
             return logits_BxTxV
         return logits_BxTxV, KVCache(layer_caches.k_BxSxHxC, layer_caches.v_BxSxHxC, key_positions_S)

@@ -6,6 +6,7 @@ import os
 import signal
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import equinox as eqx
 import jax
@@ -127,17 +128,16 @@ def make_train_step(config: Config, optimizer: optax.GradientTransformation, mes
 
 
 @eqx.filter_jit
-def eval_loss(model: GPT, x_1xBxT, y_1xBxT, compute_dtype: str):
-    return loss_fn(cast_floats(model, jnp.dtype(compute_dtype)), x_1xBxT[0], y_1xBxT[0])
+def eval_loss(model: GPT, x_GxBxT, y_GxBxT, compute_dtype: str):
+    """Mean loss over G batches, in one call: one dispatch per evaluation, not per batch."""
+    model = cast_floats(model, jnp.dtype(compute_dtype))
+    return jax.lax.map(lambda batch: loss_fn(model, *batch), (x_GxBxT, y_GxBxT)).mean()
 
 
 def evaluate(model: GPT, tokens, config: Config, mesh: Mesh, stream: int) -> float:
     """Mean loss over eval_iters batches; the same batches at every evaluation."""
-    losses = []
-    for i in range(config.eval_iters):
-        x_1xBxT, y_1xBxT = global_batch(tokens, (config.seed, stream, i), 1, config, mesh)
-        losses.append(eval_loss(model, x_1xBxT, y_1xBxT, config.compute_dtype))
-    return float(np.mean(jax.device_get(losses)))
+    x_GxBxT, y_GxBxT = global_batch(tokens, (config.seed, stream), config.eval_iters, config, mesh)
+    return float(eval_loss(model, x_GxBxT, y_GxBxT, config.compute_dtype))
 
 
 def global_batch(tokens, key: tuple[int, ...], G: int, config: Config, mesh: Mesh):
@@ -153,6 +153,17 @@ def global_batch(tokens, key: tuple[int, ...], G: int, config: Config, mesh: Mes
         jax.make_array_from_process_local_data(batch_sharding, a.reshape(local_shape), (G, B, T))
         for a in (x, y)
     )
+
+
+def prefetch(make, steps: range):
+    """Yield (step, make(step)) for each step; a thread makes the next while the caller uses this one."""
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = pool.submit(make, steps[0]) if steps else None
+        for i, step in enumerate(steps):
+            ready = pending.result()
+            if i + 1 < len(steps):
+                pending = pool.submit(make, steps[i + 1])
+            yield step, ready
 
 
 def check_data(config: Config):
@@ -263,19 +274,20 @@ def train(config: Config, rundir: str, debug: bool = False, resume: bool = False
     last_checkpoint = start or None
     log = MetricsLog(rundir, start, json.dumps(config_to_dict(config), indent=2)) if is_main else None
     # Off a terminal (CI, log files), redraw rarely rather than fill the log with frames.
-    bar = tqdm(range(start + 1, config.max_steps + 1), initial=start, total=config.max_steps, desc="train",
-               dynamic_ncols=True, disable=not is_main, mininterval=0.1 if sys.stderr.isatty() else 30)
+    bar = tqdm(initial=start, total=config.max_steps, desc="train", dynamic_ncols=True, disable=not is_main,
+               mininterval=0.1 if sys.stderr.isatty() else 30)
+    make_batch = lambda step: global_batch(
+        train_tokens, (config.seed, TRAIN_STREAM, step), config.g_accum_iters, config, mesh
+    )
     peak_memory = None
     interval_start, interval_steps = time.perf_counter(), 0
     with StopSignals(say) as signals:
         try:
-            for step in bar:
+            for step, (x_GxBxT, y_GxBxT) in prefetch(make_batch, range(start + 1, config.max_steps + 1)):
                 if profile_steps and step == profile_steps[0]:
                     jax.profiler.start_trace(os.path.join(rundir, "profile"))
-                x_GxBxT, y_GxBxT = global_batch(
-                    train_tokens, (config.seed, TRAIN_STREAM, step), config.g_accum_iters, config, mesh
-                )
                 state, metrics = train_step(state, x_GxBxT, y_GxBxT)
+                bar.update()
                 interval_steps += 1
                 if profile_steps and step == profile_steps[-1]:
                     jax.block_until_ready(state)

@@ -1,0 +1,73 @@
+"""Every fast path against its reference: the same loss and gradients, to the precision of its dtype."""
+
+import dataclasses
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from midgpt.config import ModelConfig
+from midgpt.model import GPT, cast_floats, project
+from midgpt.train import loss_fn
+
+CONFIG = ModelConfig(vocab_size=64, block_size=16, n_layer=3, n_head=2, n_embd=32)
+
+
+def loss_and_grads(cfg: ModelConfig, tokens_BxT, dtype=jnp.float32, key=None):
+    """Loss and parameter gradients of the model initialised from seed 0 (the same for every cfg)."""
+    params, static = eqx.partition(GPT(cfg, key=jax.random.key(0)), eqx.is_array)
+    loss = lambda p: loss_fn(eqx.combine(cast_floats(p, dtype), static), tokens_BxT[:, :-1], tokens_BxT[:, 1:], key)
+    return jax.jit(jax.value_and_grad(loss))(params)
+
+
+def assert_same(a, b, rtol, atol=0.0):
+    (loss_a, grads_a), (loss_b, grads_b) = a, b
+    np.testing.assert_allclose(loss_a, loss_b, rtol=rtol)
+    for ga, gb in zip(jax.tree.leaves(grads_a), jax.tree.leaves(grads_b), strict=True):
+        np.testing.assert_allclose(ga, gb, rtol=rtol, atol=atol)
+
+
+def tokens(T: int = CONFIG.block_size + 1, seed: int = 0):
+    return jnp.asarray(np.random.default_rng(seed).integers(0, CONFIG.vocab_size, (4, T), dtype=np.int32))
+
+
+@pytest.mark.parametrize("dtype, rtol", [(jnp.float32, 1e-6), (jnp.bfloat16, 2e-2)])
+def test_project_and_its_gradients_match_autodiff_of_a_float32_einsum(dtype, rtol):
+    rng = np.random.default_rng(0)
+    x_BxTxD, w_DxF, g_BxTxF = (jnp.asarray(rng.normal(size=s), jnp.float32) for s in [(2, 5, 8), (8, 12), (2, 5, 12)])
+    reference = lambda x, w: jnp.einsum("btd,df->btf", x, w)
+    out, vjp = jax.vjp(lambda x, w: project("btd,df->btf", x, w), x_BxTxD.astype(dtype), w_DxF.astype(dtype))
+    want, want_vjp = jax.vjp(reference, x_BxTxD, w_DxF)
+    assert out.dtype == jnp.float32  # accumulated in float32 whatever the inputs
+    np.testing.assert_allclose(out, want, rtol=rtol, atol=rtol)
+    for got, expected in zip(vjp(g_BxTxF), want_vjp(g_BxTxF)):
+        assert got.dtype == dtype
+        np.testing.assert_allclose(got.astype(jnp.float32), expected, rtol=rtol, atol=3 * rtol)
+
+
+@pytest.mark.parametrize("T", [CONFIG.block_size + 1, 2 * CONFIG.block_size + 1])  # the second slides a window
+def test_dot_product_attention_matches_the_einsum_path(T):
+    batch = tokens(T)
+    reference = loss_and_grads(dataclasses.replace(CONFIG, attention="einsum"), batch)
+    assert_same(loss_and_grads(dataclasses.replace(CONFIG, attention="xla"), batch), reference, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("remat, unroll", [("dots", 1), ("none", 1), ("full", 3), ("none", 2)])
+def test_remat_policy_and_scan_unroll_change_nothing_but_speed(remat, unroll):
+    batch, key = tokens(), jax.random.key(1)  # dropout on: remat must redraw the same masks
+    cfg = dataclasses.replace(CONFIG, dropout=0.1)
+    reference = loss_and_grads(cfg, batch, key=key)
+    assert_same(loss_and_grads(dataclasses.replace(cfg, remat=remat, scan_unroll=unroll), batch, key=key),
+                reference, rtol=1e-5, atol=1e-7)
+
+
+def test_bfloat16_step_matches_float32_to_bfloat16_precision():
+    batch = tokens()
+    (loss16, grads16), (loss32, grads32) = loss_and_grads(CONFIG, batch, jnp.bfloat16), loss_and_grads(CONFIG, batch)
+    assert abs(float(loss16) - float(loss32)) < 0.02
+    for g16, g32 in zip(jax.tree.leaves(grads16), jax.tree.leaves(grads32)):
+        assert g16.dtype == jnp.float32  # gradients land in the parameters' dtype
+        cosine = jnp.vdot(g16, g32) / (jnp.linalg.norm(g16) * jnp.linalg.norm(g32))
+        assert cosine > 0.99
