@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from midgpt.config import ModelConfig
-from midgpt.model import GPT, cast_floats, project
+from midgpt.model import GPT, cast_floats, dropout, project
 from midgpt.train import loss_fn
 
 CONFIG = ModelConfig(vocab_size=64, block_size=16, n_layer=3, n_head=2, n_embd=32)
@@ -38,9 +38,8 @@ def test_project_and_its_gradients_match_autodiff_of_a_float32_einsum(dtype, rto
     rng = np.random.default_rng(0)
     x_BxTxD, w_DxF, g_BxTxF = (jnp.asarray(rng.normal(size=s), jnp.float32) for s in [(2, 5, 8), (8, 12), (2, 5, 12)])
     reference = lambda x, w: jnp.einsum("btd,df->btf", x, w)
-    out, vjp = jax.vjp(lambda x, w: project("btd,df->btf", x, w), x_BxTxD.astype(dtype), w_DxF.astype(dtype))
+    out, vjp = jax.vjp(lambda x, w: project("btd,df->btf", x, w, jnp.float32), x_BxTxD.astype(dtype), w_DxF.astype(dtype))
     want, want_vjp = jax.vjp(reference, x_BxTxD, w_DxF)
-    assert out.dtype == jnp.float32  # accumulated in float32 whatever the inputs
     np.testing.assert_allclose(out, want, rtol=rtol, atol=rtol)
     for got, expected in zip(vjp(g_BxTxF), want_vjp(g_BxTxF)):
         assert got.dtype == dtype
@@ -71,3 +70,13 @@ def test_bfloat16_step_matches_float32_to_bfloat16_precision():
         assert g16.dtype == jnp.float32  # gradients land in the parameters' dtype
         cosine = jnp.vdot(g16, g32) / (jnp.linalg.norm(g16) * jnp.linalg.norm(g32))
         assert cosine > 0.99
+
+
+def test_dropout_drops_at_its_rate_keeps_the_mean_and_redraws_per_key():
+    x = jnp.ones((1000, 999), jnp.bfloat16)  # a size that is no multiple of 4: the last draw is cut
+    a, b = dropout(x, 0.2, jax.random.key(0)), dropout(x, 0.2, jax.random.key(1))
+    assert a.shape == x.shape and a.dtype == x.dtype
+    assert float((a == 0).mean()) == pytest.approx(51 / 256, abs=0.003)  # 0.2 rounded to 1/256
+    assert float(a.astype(jnp.float32).mean()) == pytest.approx(1.0, abs=0.01)
+    assert float(((a == 0) != (b == 0)).mean()) > 0.2
+    assert dropout(x, 0.2, None) is x and dropout(x, 0.0, jax.random.key(0)) is x

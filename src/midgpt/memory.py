@@ -34,10 +34,11 @@ def activation_bytes(config: Config, mesh: Mesh) -> int:
     # compute-dtype probabilities (and the dropout mask). Calibrated against XLA's
     # buffer assignment on CPU; flash attention (cudnn) never holds the scores.
     internals = B * T * (9 * D + 2 * F) * s + B * H * T * T * (12 + s + (m.dropout > 0))
+    masks = (m.dropout > 0) * (B * H * T * T + 2 * B * T * D)  # dropout masks, one byte each, kept by remat
     saved = {
         "none": internals,
-        "dots": B * T * (6 * D + F) * s,  # the layer input and the outputs of its weight matmuls
-        "full": B * T * D * s,  # the layer input
+        "dots": B * T * (6 * D + F) * s + masks,  # the layer input and the outputs of its weight matmuls
+        "full": B * T * D * s + masks,  # the layer input
     }[m.remat]
     logits = 3 * B * T * V * 4  # float32 logits, their softmax and gradient
     return m.n_layer * saved + 2 * internals + logits

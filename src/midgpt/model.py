@@ -15,6 +15,7 @@ from typing import NamedTuple
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from midgpt.config import ModelConfig
 
@@ -62,19 +63,24 @@ def apply_rotary(x_BxTxHxC, sin_TxC, cos_TxC):
     return out.astype(x_BxTxHxC.dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def project(spec: str, x, w):
-    """einsum(spec, x, w) of activations and weights, accumulated and returned in float32.
+def project(spec: str, x, w, out_dtype=None):
+    """einsum(spec, x, w) of activations and weights, accumulated in float32, returned in out_dtype (x's).
 
     Its gradients are computed alike, from a cotangent cast to x's dtype: autodiff
     would make f32 x bf16 matmuls, which XLA runs at the f32 rate, while
     bf16 x bf16 -> f32 runs about twice as fast (on CPUs with AVX512-BF16 or AMX too).
+    The output is named for remat="dots", which keeps it.
     """
+    return checkpoint_name(_project(spec, x, w).astype(out_dtype or x.dtype), "projection")
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _project(spec: str, x, w):
     return jnp.einsum(spec, x, w, preferred_element_type=jnp.float32)
 
 
 def _project_fwd(spec, x, w):
-    return project(spec, x, w), (x, w)
+    return _project(spec, x, w), (x, w)
 
 
 def _project_bwd(spec, residuals, g):
@@ -87,7 +93,23 @@ def _project_bwd(spec, residuals, g):
     return dx.astype(x.dtype), dw.astype(w.dtype)
 
 
-project.defvjp(_project_fwd, _project_bwd)
+_project.defvjp(_project_fwd, _project_bwd)
+
+
+def dropout(x, rate: float, key):
+    """Zero each element with probability rate (rounded to 1/256), scaling the rest to keep the mean.
+
+    The identity without a key. Four elements share one 32-bit random draw, 8
+    bits each: drawing the bits is otherwise a third of a CPU step with attention
+    dropout. The mask is named so that remat keeps it rather than drawing it again.
+    """
+    if key is None or rate == 0:
+        return x
+    threshold = round(rate * 256)
+    words = jax.random.bits(key, (-(-x.size // 4),), jnp.uint32)
+    bytes_ = jax.lax.bitcast_convert_type(words, jnp.uint8).reshape(-1)[: x.size].reshape(x.shape)
+    keep = checkpoint_name(bytes_ >= threshold, "dropout_mask")
+    return jnp.where(keep, x / (1 - threshold / 256), 0).astype(x.dtype)
 
 
 class LayerCache(NamedTuple):
@@ -115,7 +137,7 @@ class Attention(eqx.Module):
     wo_HxCxD: jax.Array
     q_norm: LayerNorm
     k_norm: LayerNorm
-    dropout: eqx.nn.Dropout
+    dropout: float = eqx.field(static=True)
     attention: str = eqx.field(static=True)  # ModelConfig.attention
     block_size: int = eqx.field(static=True)
 
@@ -128,7 +150,7 @@ class Attention(eqx.Module):
         self.wv_DxHxC = _normal(kv, (D, H, C), 1 / math.sqrt(D))
         self.wo_HxCxD = _normal(ko, (H, C, D), 1 / math.sqrt(D * 2 * cfg.n_layer))
         self.q_norm, self.k_norm = LayerNorm(C), LayerNorm(C)
-        self.dropout = eqx.nn.Dropout(cfg.dropout)
+        self.dropout = cfg.dropout
         self.attention, self.block_size = cfg.attention, cfg.block_size
 
     def implementation(self, dtype, dropout: bool) -> str:
@@ -147,9 +169,9 @@ class Attention(eqx.Module):
         """
         attn_key, out_key = jax.random.split(key) if key is not None else (None, None)
         dtype = x_BxTxD.dtype
-        q_BxTxHxC = project("btd,dhc->bthc", x_BxTxD, self.wq_DxHxC).astype(dtype)
-        k_BxTxHxC = project("btd,dhc->bthc", x_BxTxD, self.wk_DxHxC).astype(dtype)
-        v_BxTxHxC = project("btd,dhc->bthc", x_BxTxD, self.wv_DxHxC).astype(dtype)
+        q_BxTxHxC = project("btd,dhc->bthc", x_BxTxD, self.wq_DxHxC)
+        k_BxTxHxC = project("btd,dhc->bthc", x_BxTxD, self.wk_DxHxC)
+        v_BxTxHxC = project("btd,dhc->bthc", x_BxTxD, self.wv_DxHxC)
         # QK-LayerNorm bounds the attention logits, which otherwise grow and
         # destabilise training (Wortsman et al. 2023).
         q_BxTxHxC = apply_rotary(self.q_norm(q_BxTxHxC), sin_TxC, cos_TxC)
@@ -158,7 +180,7 @@ class Attention(eqx.Module):
         if cache is not None:
             k_BxSxHxC = cache.k_BxSxHxC.at[:, slots_T].set(k_BxTxHxC)
             v_BxSxHxC = cache.v_BxSxHxC.at[:, slots_T].set(v_BxTxHxC)
-        implementation = self.implementation(dtype, dropout=key is not None and self.dropout.p > 0)
+        implementation = self.implementation(dtype, dropout=key is not None and self.dropout > 0)
         if cache is None and implementation != "einsum":
             # Without a cache, S = T and mask_TxS is causal within a window of block_size.
             T = q_BxTxHxC.shape[1]
@@ -175,30 +197,30 @@ class Attention(eqx.Module):
             ) / math.sqrt(C)
             att_BxHxTxS = jnp.where(mask_TxS, att_BxHxTxS, -jnp.inf)
             prob_BxHxTxS = jax.nn.softmax(att_BxHxTxS, axis=-1).astype(dtype)
-            prob_BxHxTxS = self.dropout(prob_BxHxTxS, key=attn_key, inference=key is None)
+            prob_BxHxTxS = dropout(prob_BxHxTxS, self.dropout, attn_key)
             out_BxTxHxC = jnp.einsum("bhts,bshc->bthc", prob_BxHxTxS, v_BxSxHxC)
-        out_BxTxD = project("bthc,hcd->btd", out_BxTxHxC, self.wo_HxCxD).astype(dtype)
-        out_BxTxD = self.dropout(out_BxTxD, key=out_key, inference=key is None)
+        out_BxTxD = project("bthc,hcd->btd", out_BxTxHxC, self.wo_HxCxD)
+        out_BxTxD = dropout(out_BxTxD, self.dropout, out_key)
         return out_BxTxD if cache is None else (out_BxTxD, LayerCache(k_BxSxHxC, v_BxSxHxC))
 
 
 class MLP(eqx.Module):
     w_in_DxF: jax.Array
     w_out_FxD: jax.Array
-    dropout: eqx.nn.Dropout
+    dropout: float = eqx.field(static=True)
 
     def __init__(self, cfg: ModelConfig, *, key):
         D, F = cfg.n_embd, 4 * cfg.n_embd
         k_in, k_out = jax.random.split(key)
         self.w_in_DxF = _normal(k_in, (D, F), 1 / math.sqrt(D))
         self.w_out_FxD = _normal(k_out, (F, D), 1 / math.sqrt(F * 2 * cfg.n_layer))
-        self.dropout = eqx.nn.Dropout(cfg.dropout)
+        self.dropout = cfg.dropout
 
     @jax.named_scope("mlp")
     def __call__(self, x_BxTxD, *, key=None):
-        h_BxTxF = jax.nn.gelu(project("btd,df->btf", x_BxTxD, self.w_in_DxF).astype(x_BxTxD.dtype))
-        out_BxTxD = project("btf,fd->btd", h_BxTxF, self.w_out_FxD).astype(x_BxTxD.dtype)
-        return self.dropout(out_BxTxD, key=key, inference=key is None)
+        h_BxTxF = jax.nn.gelu(project("btd,df->btf", x_BxTxD, self.w_in_DxF))
+        out_BxTxD = project("btf,fd->btd", h_BxTxF, self.w_out_FxD)
+        return dropout(out_BxTxD, self.dropout, key)
 
 
 class Block(eqx.Module):
@@ -223,9 +245,9 @@ class Block(eqx.Module):
         return x_BxTxD if cache is None else (x_BxTxD, cache)
 
 
-REMAT_POLICIES = {
-    "full": jax.checkpoint_policies.nothing_saveable,  # keep only each layer's input
-    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep the weight matmuls' outputs
+REMAT_POLICIES = {  # what each layer keeps for the backward pass besides its input, by checkpoint_name
+    "full": jax.checkpoint_policies.save_only_these_names("dropout_mask"),
+    "dots": jax.checkpoint_policies.save_only_these_names("dropout_mask", "projection"),  # the weight matmuls' outputs
 }
 
 
@@ -235,7 +257,7 @@ class GPT(eqx.Module):
     embed_VxD: jax.Array
     blocks: Block  # every array has a leading L axis: layers stacked for lax.scan
     final_norm: RMSNorm
-    dropout: eqx.nn.Dropout
+    dropout: float = eqx.field(static=True)
     config: ModelConfig = eqx.field(static=True)
 
     def __init__(self, cfg: ModelConfig, *, key):
@@ -246,7 +268,7 @@ class GPT(eqx.Module):
         make_block = lambda k: Block(cfg, key=k)
         self.blocks = eqx.filter_vmap(make_block)(jax.random.split(k_blocks, cfg.n_layer))
         self.final_norm = RMSNorm(cfg.n_embd)
-        self.dropout = eqx.nn.Dropout(cfg.dropout)
+        self.dropout = cfg.dropout
         self.config = cfg
 
     def __call__(self, tokens_BxT, *, key=None, positions_T=None, cache: KVCache | None = None):
@@ -262,7 +284,7 @@ class GPT(eqx.Module):
             embed_key, blocks_key = jax.random.split(key)
             block_keys_L = jax.random.split(blocks_key, cfg.n_layer)
         x_BxTxD = jnp.take(self.embed_VxD, tokens_BxT, axis=0)
-        x_BxTxD = self.dropout(x_BxTxD, key=embed_key, inference=key is None)
+        x_BxTxD = dropout(x_BxTxD, self.dropout, embed_key)
         if positions_T is None:
             positions_T = jnp.arange(tokens_BxT.shape[1])
         sin_TxC, cos_TxC = rotary_tables(positions_T, cfg.n_embd // cfg.n_head, cfg.rope_base)
@@ -291,7 +313,7 @@ class GPT(eqx.Module):
             layer, x_BxTxD, (block_params, block_keys_L, layer_caches), unroll=cfg.scan_unroll
         )
         x_BxTxD = self.final_norm(x_BxTxD)
-        logits_BxTxV = project("btd,vd->btv", x_BxTxD, self.embed_VxD)
+        logits_BxTxV = project("btd,vd->btv", x_BxTxD, self.embed_VxD, out_dtype=jnp.float32)
         if cache is None:
             return logits_BxTxV
         return logits_BxTxV, KVCache(layer_caches.k_BxSxHxC, layer_caches.v_BxSxHxC, key_positions_S)
