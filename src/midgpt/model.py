@@ -192,13 +192,15 @@ class Attention(eqx.Module):
         else:
             C = q_BxTxHxC.shape[-1]
             # Scores and softmax in float32: bf16 loses the small probabilities.
+            # Heads before positions: batched matmuls in the layout XLA's CPU kernels take without copies.
+            q_BxHxTxC, k_BxHxSxC, v_BxHxSxC = (a.transpose(0, 2, 1, 3) for a in (q_BxTxHxC, k_BxSxHxC, v_BxSxHxC))
             att_BxHxTxS = jnp.einsum(
-                "bthc,bshc->bhts", q_BxTxHxC, k_BxSxHxC, preferred_element_type=jnp.float32
+                "bhtc,bhsc->bhts", q_BxHxTxC, k_BxHxSxC, preferred_element_type=jnp.float32
             ) / math.sqrt(C)
             att_BxHxTxS = jnp.where(mask_TxS, att_BxHxTxS, -jnp.inf)
             prob_BxHxTxS = jax.nn.softmax(att_BxHxTxS, axis=-1).astype(dtype)
             prob_BxHxTxS = dropout(prob_BxHxTxS, self.dropout, attn_key)
-            out_BxTxHxC = jnp.einsum("bhts,bshc->bthc", prob_BxHxTxS, v_BxSxHxC)
+            out_BxTxHxC = jnp.einsum("bhts,bhsc->bhtc", prob_BxHxTxS, v_BxHxSxC).transpose(0, 2, 1, 3)
         out_BxTxD = project("bthc,hcd->btd", out_BxTxHxC, self.wo_HxCxD)
         out_BxTxD = dropout(out_BxTxD, self.dropout, out_key)
         return out_BxTxD if cache is None else (out_BxTxD, LayerCache(k_BxSxHxC, v_BxSxHxC))
