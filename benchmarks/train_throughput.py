@@ -67,7 +67,7 @@ def main() -> None:
         "first_step_s": round(first_step_s, 2),
         "step_ms": round(1000 * step_s, 2),
         "tokens_per_sec": round(tokens_per_sec, 1),
-        "mfu": round(mfu.flops_per_token(config.model) * tokens_per_sec / (peak * jax.device_count()), 4),
+        "mfu": round(mfu.utilisation(config.model, tokens_per_sec, peak), 4),
         "peak_flops_per_device": peak,
         "peak_source": source,
     }))

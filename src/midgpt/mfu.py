@@ -48,6 +48,11 @@ def flops_per_token(cfg: ModelConfig, causal: bool = True) -> float:
     return 6 * matmul_weights + 3 * L * 4 * D * keys
 
 
+def utilisation(cfg: ModelConfig, tokens_per_sec: float, peak_per_device: float) -> float:
+    """MFU: the model's FLOP/s at this throughput over the peak of every device in use."""
+    return flops_per_token(cfg) * tokens_per_sec / (peak_per_device * jax.device_count())
+
+
 def table_peak(device_kind: str, dtype: str) -> float | None:
     """The table's peak FLOP/s for one device of this kind, or None if it is not listed."""
     for kind, bf16, f32 in PEAK_FLOPS:

@@ -215,10 +215,8 @@ class StopSignals:
         self.say(f"{self.received}: stopping after this step, with a checkpoint (again to stop at once)")
 
 
-def plan_memory(config: Config, mesh: Mesh, optimizer, say) -> None:
+def plan_memory(config: Config, mesh: Mesh, like: TrainState, shardings, say) -> None:
     """Print the per-device memory estimate; stop before compiling if it cannot fit."""
-    shardings, _ = state_layout(config, optimizer, mesh)
-    like = eqx.filter_eval_shape(fresh_state, config, optimizer)
     parts = memory.estimate(config, mesh, like, shardings)
     available, source = memory.device_memory()
     say(f"memory per device, estimated (remat {config.model.remat}): "
@@ -241,7 +239,10 @@ def train(config: Config, rundir: str, debug: bool = False, resume: bool = False
     say = tqdm.write if is_main else lambda _: None
     say("config: " + json.dumps(config_to_dict(config)))
     optimizer = make_optimizer(config)
-    plan_memory(config, mesh, optimizer, say)  # before anything is written, so a retry starts afresh
+    # The state's shapes and layout, without computing it: for the memory plan and a restore.
+    like = eqx.filter_eval_shape(fresh_state, config, optimizer)
+    shardings, _ = state_layout(config, optimizer, mesh)
+    plan_memory(config, mesh, like, shardings, say)  # before anything is written, so a retry starts afresh
     write_config(config, rundir)
     manager = None if debug else checkpoint.make_manager(rundir, config)
     if debug:
@@ -249,8 +250,6 @@ def train(config: Config, rundir: str, debug: bool = False, resume: bool = False
 
     state, start = None, 0
     if resume:
-        shardings, _ = state_layout(config, optimizer, mesh)
-        like = eqx.filter_eval_shape(fresh_state, config, optimizer)
         found = checkpoint.restore_newest(manager, rundir, like, shardings, say)
         if found:
             state, start = found
@@ -308,7 +307,7 @@ def train(config: Config, rundir: str, debug: bool = False, resume: bool = False
                     if interval_steps:  # none right after the compile step
                         record["tokens_per_sec"] = interval_steps * tokens_per_step / elapsed
                         record["step_ms"] = 1000 * elapsed / interval_steps
-                        record["mfu"] = step_flops * interval_steps / elapsed / (peak * jax.device_count())
+                        record["mfu"] = mfu.utilisation(config.model, record["tokens_per_sec"], peak)
                         bar.set_postfix({"loss": f"{record['loss']:.4f}", "lr": f"{record['lr']:.2e}",
                                          "tok/s": f"{record['tokens_per_sec']:,.0f}", "mfu": f"{record['mfu']:.1%}"},
                                         refresh=False)
