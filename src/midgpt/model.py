@@ -28,10 +28,11 @@ class RMSNorm(eqx.Module):
         self.weight_D, self.eps = jnp.ones((dim,)), eps
 
     def __call__(self, x_xD):
-        # Statistics in float32: bf16's 8-bit mantissa makes the mean square noisy.
+        # In float32, rounded once: bf16's 8-bit mantissa makes the mean square
+        # noisy, and XLA's CPU loops round (and run slower) after each bf16 op.
         x32_xD = x_xD.astype(jnp.float32)
         ms_x1 = jnp.mean(jnp.square(x32_xD), axis=-1, keepdims=True)
-        return (x32_xD * jax.lax.rsqrt(ms_x1 + self.eps)).astype(x_xD.dtype) * self.weight_D
+        return (x32_xD * jax.lax.rsqrt(ms_x1 + self.eps) * self.weight_D.astype(jnp.float32)).astype(x_xD.dtype)
 
 
 class LayerNorm(RMSNorm):
@@ -220,7 +221,9 @@ class MLP(eqx.Module):
 
     @jax.named_scope("mlp")
     def __call__(self, x_BxTxD, *, key=None):
-        h_BxTxF = jax.nn.gelu(project("btd,df->btf", x_BxTxD, self.w_in_DxF))
+        h_BxTxF = project("btd,df->btf", x_BxTxD, self.w_in_DxF)
+        # GELU in float32, rounded once: in bf16, XLA rounds after each of its ten elementwise ops.
+        h_BxTxF = jax.nn.gelu(h_BxTxF.astype(jnp.float32)).astype(x_BxTxD.dtype)
         out_BxTxD = project("btf,fd->btd", h_BxTxF, self.w_out_FxD)
         return dropout(out_BxTxD, self.dropout, key)
 
