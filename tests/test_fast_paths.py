@@ -10,7 +10,7 @@ import pytest
 
 from midgpt.config import ModelConfig
 from midgpt.model import GPT, cast_floats, dropout, project
-from midgpt.train import loss_fn
+from midgpt.train import EVAL_TOKENS_AT_ONCE, eval_loss, loss_fn
 
 CONFIG = ModelConfig(vocab_size=64, block_size=16, n_layer=3, n_head=2, n_embd=32)
 
@@ -80,3 +80,13 @@ def test_dropout_drops_at_its_rate_keeps_the_mean_and_redraws_per_key():
     assert float(a.astype(jnp.float32).mean()) == pytest.approx(1.0, abs=0.01)
     assert float(((a == 0) != (b == 0)).mean()) > 0.2
     assert dropout(x, 0.2, None) is x and dropout(x, 0.0, jax.random.key(0)) is x
+
+
+def test_evaluating_batches_several_at_a_time_gives_the_mean_of_their_losses():
+    model = GPT(CONFIG, key=jax.random.key(0))
+    B, T = 16, CONFIG.block_size
+    G = 2 * (EVAL_TOKENS_AT_ONCE // (B * T)) + 3  # more than one group, and a remainder
+    tokens_GxBxT1 = np.random.default_rng(0).integers(0, CONFIG.vocab_size, (G, B, T + 1), dtype=np.int32)
+    x_GxBxT, y_GxBxT = jnp.asarray(tokens_GxBxT1[..., :-1]), jnp.asarray(tokens_GxBxT1[..., 1:])
+    each = [jax.jit(loss_fn)(model, x_GxBxT[g], y_GxBxT[g]) for g in range(G)]
+    np.testing.assert_allclose(eval_loss(model, x_GxBxT, y_GxBxT, "float32"), np.mean(each), rtol=1e-6)

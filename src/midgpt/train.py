@@ -127,11 +127,17 @@ def make_train_step(config: Config, optimizer: optax.GradientTransformation, mes
     return train_step
 
 
+# Batches smaller than this are evaluated several at a time: their matmuls are too
+# small to keep a CPU busy (shakespeare_char_cpu's evaluation: 0.34 s -> 0.21 s here).
+EVAL_TOKENS_AT_ONCE = 4096
+
+
 @eqx.filter_jit
 def eval_loss(model: GPT, x_GxBxT, y_GxBxT, compute_dtype: str):
     """Mean loss over G batches, in one call: one dispatch per evaluation, not per batch."""
     model = cast_floats(model, jnp.dtype(compute_dtype))
-    return jax.lax.map(lambda batch: loss_fn(model, *batch), (x_GxBxT, y_GxBxT)).mean()
+    at_once = max(1, EVAL_TOKENS_AT_ONCE // x_GxBxT[0].size)
+    return jax.lax.map(lambda batch: loss_fn(model, *batch), (x_GxBxT, y_GxBxT), batch_size=at_once).mean()
 
 
 def evaluate(model: GPT, tokens, config: Config, mesh: Mesh, stream: int) -> float:
