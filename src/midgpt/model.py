@@ -113,6 +113,16 @@ def dropout(x, rate: float, key):
     return jnp.where(keep, x / (1 - threshold / 256), 0).astype(x.dtype)
 
 
+def softmax_attention(q_BxHxTxC, k_BxHxSxC, v_BxHxSxC, mask_TxS, rate: float, key):
+    """Each query's average of the values, weighted by the softmax of its scores against the keys it may see."""
+    # Scores and softmax in float32: bf16 loses the small probabilities.
+    att_BxHxTxS = jnp.einsum("bhtc,bhsc->bhts", q_BxHxTxC, k_BxHxSxC, preferred_element_type=jnp.float32)
+    att_BxHxTxS = jnp.where(mask_TxS, att_BxHxTxS / math.sqrt(q_BxHxTxC.shape[-1]), -jnp.inf)
+    prob_BxHxTxS = jax.nn.softmax(att_BxHxTxS, axis=-1).astype(q_BxHxTxC.dtype)
+    prob_BxHxTxS = dropout(prob_BxHxTxS, rate, key)
+    return jnp.einsum("bhts,bhsc->bhtc", prob_BxHxTxS, v_BxHxSxC)
+
+
 class LayerCache(NamedTuple):
     """One layer's keys and values for the S = block_size most recent positions."""
 
@@ -191,17 +201,20 @@ class Attention(eqx.Module):
                 implementation=implementation,
             )
         else:
-            C = q_BxTxHxC.shape[-1]
-            # Scores and softmax in float32: bf16 loses the small probabilities.
             # Heads before positions: batched matmuls in the layout XLA's CPU kernels take without copies.
             q_BxHxTxC, k_BxHxSxC, v_BxHxSxC = (a.transpose(0, 2, 1, 3) for a in (q_BxTxHxC, k_BxSxHxC, v_BxSxHxC))
-            att_BxHxTxS = jnp.einsum(
-                "bhtc,bhsc->bhts", q_BxHxTxC, k_BxHxSxC, preferred_element_type=jnp.float32
-            ) / math.sqrt(C)
-            att_BxHxTxS = jnp.where(mask_TxS, att_BxHxTxS, -jnp.inf)
-            prob_BxHxTxS = jax.nn.softmax(att_BxHxTxS, axis=-1).astype(dtype)
-            prob_BxHxTxS = dropout(prob_BxHxTxS, self.dropout, attn_key)
-            out_BxTxHxC = jnp.einsum("bhts,bhsc->bhtc", prob_BxHxTxS, v_BxHxSxC).transpose(0, 2, 1, 3)
+            T, S = q_BxHxTxC.shape[2], k_BxHxSxC.shape[2]
+            # Without a cache the mask is causal, so the first half of the queries sees
+            # only the first half of the keys: scoring them against those alone skips a
+            # quarter of the work (shakespeare_char on a CPU: 5.0 s -> 4.4 s a step).
+            parts = [(0, T // 2, T // 2), (T // 2, T, S)] if cache is None else [(0, T, S)]  # (query from, to, keys to)
+            keys = jax.random.split(attn_key, len(parts)) if attn_key is not None else [None] * len(parts)
+            out_BxHxTxC = jnp.concatenate([
+                softmax_attention(q_BxHxTxC[:, :, t0:t1], k_BxHxSxC[:, :, :s1], v_BxHxSxC[:, :, :s1],
+                                  mask_TxS[t0:t1, :s1], self.dropout, part_key)
+                for (t0, t1, s1), part_key in zip(parts, keys)
+            ], axis=2)
+            out_BxTxHxC = out_BxHxTxC.transpose(0, 2, 1, 3)
         out_BxTxD = project("bthc,hcd->btd", out_BxTxHxC, self.wo_HxCxD)
         out_BxTxD = dropout(out_BxTxD, self.dropout, out_key)
         return out_BxTxD if cache is None else (out_BxTxD, LayerCache(k_BxSxHxC, v_BxSxHxC))
