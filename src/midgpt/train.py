@@ -136,7 +136,8 @@ EVAL_TOKENS_AT_ONCE = 4096
 def eval_loss(model: GPT, x_GxBxT, y_GxBxT, compute_dtype: str):
     """Mean loss over G batches, in one call: one dispatch per evaluation, not per batch."""
     model = cast_floats(model, jnp.dtype(compute_dtype))
-    at_once = max(1, EVAL_TOKENS_AT_ONCE // x_GxBxT[0].size)
+    B, T = x_GxBxT.shape[1:]
+    at_once = max(1, EVAL_TOKENS_AT_ONCE // (B * T))
     return jax.lax.map(lambda batch: loss_fn(model, *batch), (x_GxBxT, y_GxBxT), batch_size=at_once).mean()
 
 
