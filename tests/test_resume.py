@@ -134,6 +134,22 @@ def test_damaged_newest_checkpoint_is_skipped_and_kept(damage, uninterrupted, sh
     assert_same_run(rundir, uninterrupted)  # steps 41-60 were trained again, identically
 
 
+def test_checkpoint_of_another_model_is_refused_not_taken_for_damage(uninterrupted, shakespeare_data_dir, tmp_path):
+    rundir = tmp_path / "run"
+    shutil.copytree(uninterrupted, rundir)
+    # Checkpoints whose arrays are not the model's, as another version of midgpt would leave them.
+    config = json.loads((rundir / "config.json").read_text())
+    config["model"]["n_head"] = 2
+    (rundir / "config.json").write_text(json.dumps(config))
+    before = {p: p.read_bytes() for p in sorted(rundir.rglob("*")) if p.is_file()}
+    code, output = finish(launch(rundir, shakespeare_data_dir, "--max_steps=80", "--model.n_head=2"))
+    assert code == 1, output
+    errors = [line for line in output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "checkpoints/60 holds other arrays than this model" in errors[0], output
+    assert "model.blocks.attn.k_norm.weight_D: saved (2, 32), this model (2, 64)" in errors[0]
+    assert {p: p.read_bytes() for p in sorted(rundir.rglob("*")) if p.is_file()} == before  # nothing touched
+
+
 def test_divergence_stops_naming_the_step_and_keeps_the_last_checkpoint(uninterrupted, shakespeare_data_dir, tmp_path):
     rundir = tmp_path / "run"
     shutil.copytree(uninterrupted, rundir)

@@ -15,6 +15,7 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 from midgpt.config import Config, config_to_dict
+from midgpt.errors import MidgptError
 
 # orbax writes this file into a step's directory when the save commits; a step
 # without it was cut short, whatever else is there.
@@ -48,6 +49,28 @@ def restore(manager: ocp.CheckpointManager, step: int, like, shardings):
     return eqx.combine(restored["state"], static)
 
 
+def array_shapes(tree) -> dict[str, tuple[int, ...]]:
+    """{dotted path: shape} of a tree's arrays; a state and orbax's metadata of it give the same keys."""
+    name = lambda k: str(getattr(k, "name", getattr(k, "key", getattr(k, "idx", k))))
+    return {".".join(map(name, path)): tuple(x.shape)
+            for path, x in jax.tree_util.tree_flatten_with_path(tree)[0] if hasattr(x, "shape")}
+
+
+def check_arrays(step_dir: str, like) -> None:
+    """Raise MidgptError if the checkpoint holds other arrays than like: another model, not damage."""
+    try:
+        saved = array_shapes(ocp.StandardCheckpointer().metadata(os.path.join(step_dir, "state")).item_metadata)
+    except Exception:  # unreadable metadata is damage, which the restore reports
+        return
+    wanted = array_shapes(like)
+    if saved and saved != wanted:  # no metadata at all is damage too
+        differ = sorted(k for k in saved.keys() | wanted.keys() if saved.get(k) != wanted.get(k))
+        shown = "; ".join(f"{k}: saved {saved.get(k, 'none')}, this model {wanted.get(k, 'none')}" for k in differ[:3])
+        raise MidgptError(
+            f"checkpoint {step_dir} holds other arrays than this model ({shown}): it was written by another "
+            "version of midgpt; resume it with that version, or train in a new --rundir")
+
+
 def restore_newest(manager: ocp.CheckpointManager, rundir: str, like, shardings, say):
     """(state, step) from the newest checkpoint that restores, or None if there is none.
 
@@ -60,6 +83,7 @@ def restore_newest(manager: ocp.CheckpointManager, rundir: str, like, shardings,
         if not os.path.exists(os.path.join(path, COMMIT_MARKER)):
             problem = f"no {COMMIT_MARKER}: its save did not finish"
         else:
+            check_arrays(path, like)
             try:
                 return restore(manager, step, like, shardings), step
             except Exception as e:  # orbax and tensorstore raise many types for damaged files

@@ -250,7 +250,6 @@ def train(config: Config, rundir: str, debug: bool = False, resume: bool = False
     like = eqx.filter_eval_shape(fresh_state, config, optimizer)
     shardings, _ = state_layout(config, optimizer, mesh)
     plan_memory(config, mesh, like, shardings, say)  # before anything is written, so a retry starts afresh
-    write_config(config, rundir)
     manager = None if debug else checkpoint.make_manager(rundir, config)
     if debug:
         say("debug: no checkpoints are written")
@@ -261,6 +260,7 @@ def train(config: Config, rundir: str, debug: bool = False, resume: bool = False
         if found:
             state, start = found
         say(f"resuming from checkpoint {start}" if found else "no checkpoint to resume from: starting at step 0")
+    write_config(config, rundir)  # after the restore, which may refuse the run directory
     if state is None:
         state = init_state(config, optimizer, mesh)
     train_step = make_train_step(config, optimizer, mesh)
