@@ -65,36 +65,69 @@ def apply_rotary(x_BxTxHxC, sin_TxC, cos_TxC):
 
 
 def project(spec: str, x, w, out_dtype=None):
-    """einsum(spec, x, w) of activations and weights, accumulated in float32, returned in out_dtype (x's).
+    """matmul(spec, x, w) of activations and weights, returned in out_dtype (x's).
 
-    Its gradients are computed alike, from a cotangent cast to x's dtype: autodiff
-    would make f32 x bf16 matmuls, which XLA runs at the f32 rate, while
-    bf16 x bf16 -> f32 runs about twice as fast (on CPUs with AVX512-BF16 or AMX too).
     The output is named for remat="dots", which keeps it.
     """
-    return checkpoint_name(_project(spec, x, w).astype(out_dtype or x.dtype), "projection")
+    return checkpoint_name(matmul(spec, x, w).astype(out_dtype or x.dtype), "projection")
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _project(spec: str, x, w):
-    return jnp.einsum(spec, x, w, preferred_element_type=jnp.float32)
+def matmul(spec: str, x, y):
+    """einsum(spec, x, y) accumulated in float32, and its gradients computed alike.
+
+    Autodiff would multiply the float32 cotangent with a bf16 operand, which XLA runs at
+    the f32 rate; cast to bf16 first, bf16 x bf16 -> f32 runs about twice as fast (on
+    CPUs with AVX512-BF16 or AMX too). x's gradient contracts y's trailing axes; y's
+    contracts leading axes (batch, positions), which `_leading_contraction` arranges.
+    """
+    return jnp.einsum(spec, x, y, preferred_element_type=jnp.float32)
 
 
-def _project_fwd(spec, x, w):
-    return _project(spec, x, w), (x, w)
+def _matmul_fwd(spec, x, y):
+    return matmul(spec, x, y), (x, y)
 
 
-def _project_bwd(spec, residuals, g):
-    x, w = residuals
+def _matmul_bwd(spec, residuals, g):
+    x, y = residuals
     inputs, out = spec.split("->")
-    x_spec, w_spec = inputs.split(",")
+    x_spec, y_spec = inputs.split(",")
     g = g.astype(x.dtype)
-    dx = jnp.einsum(f"{out},{w_spec}->{x_spec}", g, w, preferred_element_type=jnp.float32)
-    dw = jnp.einsum(f"{out},{x_spec}->{w_spec}", g, x, preferred_element_type=jnp.float32)
-    return dx.astype(x.dtype), dw.astype(w.dtype)
+    dx = jnp.einsum(f"{out},{y_spec}->{x_spec}", g, y, preferred_element_type=jnp.float32)
+    dy = _leading_contraction(g, out, x, x_spec, y_spec)
+    return dx.astype(x.dtype), dy.astype(y.dtype)
 
 
-_project.defvjp(_project_fwd, _project_bwd)
+matmul.defvjp(_matmul_fwd, _matmul_bwd)
+
+
+def _leading_contraction(a, a_spec: str, b, b_spec: str, spec: str):
+    """einsum of a and b into spec, in float32, summing over axes that lead them: transposes the smaller.
+
+    A matmul kernel wants its left operand's summed axes last, so XLA transposes the
+    operand whose axes lead the output. Lead with the smaller one, then transpose the
+    (weight-sized) result into spec; the barrier stops XLA folding that transpose back
+    into the matmul, where it would transpose the larger operand instead.
+    """
+    def layout(first: str, second: str) -> str:
+        shared = [c for c in spec if c in first and c in second]
+        return "".join(shared + [c for c in spec if c in first and c not in shared]
+                       + [c for c in spec if c in second and c not in shared])
+
+    def cost(first, first_spec: str, second_spec: str):
+        batch = "".join(c for c in first_spec if c in second_spec and c in spec)
+        # An operand whose batch axes lead needs only its last axes swapped: XLA:CPU folds
+        # that transpose into a bf16 matmul that neither of its CPU kernels then runs (jax
+        # 0.10: "UNIMPLEMENTED"). Avoid it; then the smaller, and on a tie no result transpose.
+        return bool(batch) and first_spec.startswith(batch), first.size, layout(first_spec, second_spec) != spec
+
+    (first, first_spec), (second, second_spec) = min(
+        [((a, a_spec), (b, b_spec)), ((b, b_spec), (a, a_spec))], key=lambda p: cost(p[0][0], p[0][1], p[1][1]))
+    order = layout(first_spec, second_spec)
+    out = jnp.einsum(f"{first_spec},{second_spec}->{order}", first, second, preferred_element_type=jnp.float32)
+    if order == spec:
+        return out
+    return jnp.transpose(jax.lax.optimization_barrier(out), [order.index(c) for c in spec])
 
 
 def dropout(x, rate: float, key):
@@ -113,14 +146,14 @@ def dropout(x, rate: float, key):
     return jnp.where(keep, x / (1 - threshold / 256), 0).astype(x.dtype)
 
 
-def softmax_attention(q_BxHxTxC, k_BxHxSxC, v_BxHxSxC, mask_TxS, rate: float, key):
+def softmax_attention(q_BxTxHxC, k_BxSxHxC, v_BxSxHxC, mask_TxS, rate: float, key):
     """Each query's average of the values, weighted by the softmax of its scores against the keys it may see."""
     # Scores and softmax in float32: bf16 loses the small probabilities.
-    att_BxHxTxS = jnp.einsum("bhtc,bhsc->bhts", q_BxHxTxC, k_BxHxSxC, preferred_element_type=jnp.float32)
-    att_BxHxTxS = jnp.where(mask_TxS, att_BxHxTxS / math.sqrt(q_BxHxTxC.shape[-1]), -jnp.inf)
-    prob_BxHxTxS = jax.nn.softmax(att_BxHxTxS, axis=-1).astype(q_BxHxTxC.dtype)
+    att_BxHxTxS = matmul("bthc,bshc->bhts", q_BxTxHxC, k_BxSxHxC)
+    att_BxHxTxS = jnp.where(mask_TxS, att_BxHxTxS / math.sqrt(q_BxTxHxC.shape[-1]), -jnp.inf)
+    prob_BxHxTxS = jax.nn.softmax(att_BxHxTxS, axis=-1).astype(q_BxTxHxC.dtype)
     prob_BxHxTxS = dropout(prob_BxHxTxS, rate, key)
-    return jnp.einsum("bhts,bhsc->bhtc", prob_BxHxTxS, v_BxHxSxC)
+    return matmul("bhts,bshc->bthc", prob_BxHxTxS, v_BxSxHxC).astype(q_BxTxHxC.dtype)
 
 
 class LayerCache(NamedTuple):
@@ -201,20 +234,19 @@ class Attention(eqx.Module):
                 implementation=implementation,
             )
         else:
-            # Heads before positions: batched matmuls in the layout XLA's CPU kernels take without copies.
-            q_BxHxTxC, k_BxHxSxC, v_BxHxSxC = (a.transpose(0, 2, 1, 3) for a in (q_BxTxHxC, k_BxSxHxC, v_BxSxHxC))
-            T, S = q_BxHxTxC.shape[2], k_BxHxSxC.shape[2]
+            # Positions before heads, as projected: XLA:CPU's bf16 matmul kernels do not take
+            # the layout that a transpose to heads first gives, and would run in float32.
+            T, S = q_BxTxHxC.shape[1], k_BxSxHxC.shape[1]
             # Without a cache the mask is causal, so the first half of the queries sees
             # only the first half of the keys: scoring them against those alone skips a
             # quarter of the work (shakespeare_char on a CPU: 5.0 s -> 4.4 s a step).
             parts = [(0, T // 2, T // 2), (T // 2, T, S)] if cache is None else [(0, T, S)]  # (query from, to, keys to)
             keys = jax.random.split(attn_key, len(parts)) if attn_key is not None else [None] * len(parts)
-            out_BxHxTxC = jnp.concatenate([
-                softmax_attention(q_BxHxTxC[:, :, t0:t1], k_BxHxSxC[:, :, :s1], v_BxHxSxC[:, :, :s1],
+            out_BxTxHxC = jnp.concatenate([
+                softmax_attention(q_BxTxHxC[:, t0:t1], k_BxSxHxC[:, :s1], v_BxSxHxC[:, :s1],
                                   mask_TxS[t0:t1, :s1], self.dropout, part_key)
                 for (t0, t1, s1), part_key in zip(parts, keys)
-            ], axis=2)
-            out_BxTxHxC = out_BxHxTxC.transpose(0, 2, 1, 3)
+            ], axis=1)
         out_BxTxD = project("bthc,hcd->btd", out_BxTxHxC, self.wo_HxCxD)
         out_BxTxD = dropout(out_BxTxD, self.dropout, out_key)
         return out_BxTxD if cache is None else (out_BxTxD, LayerCache(k_BxSxHxC, v_BxSxHxC))
@@ -222,14 +254,14 @@ class Attention(eqx.Module):
 
 class MLP(eqx.Module):
     w_in_DxF: jax.Array
-    w_out_FxD: jax.Array
+    w_out_DxF: jax.Array  # D x F like w_in: its gradient then transposes the D-wide cotangent, not the F-wide hidden
     dropout: float = eqx.field(static=True)
 
     def __init__(self, cfg: ModelConfig, *, key):
         D, F = cfg.n_embd, 4 * cfg.n_embd
         k_in, k_out = jax.random.split(key)
         self.w_in_DxF = _normal(k_in, (D, F), 1 / math.sqrt(D))
-        self.w_out_FxD = _normal(k_out, (F, D), 1 / math.sqrt(F * 2 * cfg.n_layer))
+        self.w_out_DxF = _normal(k_out, (D, F), 1 / math.sqrt(F * 2 * cfg.n_layer))
         self.dropout = cfg.dropout
 
     @jax.named_scope("mlp")
@@ -237,7 +269,7 @@ class MLP(eqx.Module):
         h_BxTxF = project("btd,df->btf", x_BxTxD, self.w_in_DxF)
         # GELU in float32, rounded once: in bf16, XLA rounds after each of its ten elementwise ops.
         h_BxTxF = jax.nn.gelu(h_BxTxF.astype(jnp.float32)).astype(x_BxTxD.dtype)
-        out_BxTxD = project("btf,fd->btd", h_BxTxF, self.w_out_FxD)
+        out_BxTxD = project("btf,df->btd", h_BxTxF, self.w_out_DxF)
         return dropout(out_BxTxD, self.dropout, key)
 
 
