@@ -11,8 +11,8 @@ import pytest
 from midgpt.config import Config, ModelConfig
 from midgpt.model import GPT
 from midgpt.optimizer import lr_schedule, make_optimizer
-from midgpt.sharding import make_mesh
-from midgpt.train import init_state, make_train_step
+from midgpt.sharding import DATA_AXES, make_mesh
+from midgpt.train import init_state, make_train_step, pieces_per_micro_batch
 
 T = 16
 
@@ -141,6 +141,27 @@ def test_gradient_accumulation_equals_one_step_on_the_whole_batch():
     for a, w, before in zip(accum_leaves, whole_leaves, jax.tree.leaves(initial)):
         np.testing.assert_allclose(a, w, rtol=1e-5, atol=1e-6)
         assert np.any(np.asarray(a) != before)  # the step did move every parameter
+
+
+def test_micro_batches_cut_into_pieces_give_the_same_step():
+    config = tiny_config(batch_size=6)
+    rng = np.random.default_rng(0)
+    x_GxBxT, y_GxBxT = (rng.integers(0, 11, (1, 6, T), dtype=np.int32) for _ in range(2))
+    optimizer, mesh = make_optimizer(config), make_mesh(config)
+    steps = [make_train_step(config, optimizer, mesh, pieces=p)(init_state(config, optimizer, mesh), x_GxBxT, y_GxBxT)
+             for p in (1, 3)]
+    (whole_state, whole_metrics), (cut_state, cut_metrics) = steps
+    np.testing.assert_allclose(cut_metrics["loss"], whole_metrics["loss"], rtol=1e-5, atol=1e-6)
+    for a, w in zip(jax.tree.leaves(eqx.filter(cut_state.model, eqx.is_array)),
+                    jax.tree.leaves(eqx.filter(whole_state.model, eqx.is_array)), strict=True):
+        np.testing.assert_allclose(a, w, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("batch_size, block_size, pieces", [(64, 256, 16), (12, 64, 1), (10, 300, 5), (6, 2048, 6)])
+def test_a_lone_cpu_runs_pieces_of_at_most_1024_tokens(batch_size, block_size, pieces):
+    config = dataclasses.replace(tiny_config(batch_size=batch_size), model=ModelConfig(11, block_size, 2, 2, 32))
+    lone_cpu = jax.sharding.Mesh(np.array(jax.devices("cpu")[:1]).reshape(1, 1), DATA_AXES)
+    assert pieces_per_micro_batch(config, lone_cpu) == pieces
 
 
 def test_tiny_model_overfits_one_fixed_batch():
