@@ -114,15 +114,16 @@ def _leading_contraction(a, a_spec: str, b, b_spec: str, spec: str):
         return "".join(shared + [c for c in spec if c in first and c not in shared]
                        + [c for c in spec if c in second and c not in shared])
 
-    def cost(first, first_spec: str, second_spec: str):
-        batch = "".join(c for c in first_spec if c in second_spec and c in spec)
+    def cost(lead, other):
+        (x, x_spec), (_, other_spec) = lead, other
+        batch = "".join(c for c in x_spec if c in other_spec and c in spec)
         # An operand whose batch axes lead needs only its last axes swapped: XLA:CPU folds
         # that transpose into a bf16 matmul that neither of its CPU kernels then runs (jax
         # 0.10: "UNIMPLEMENTED"). Avoid it; then the smaller, and on a tie no result transpose.
-        return bool(batch) and first_spec.startswith(batch), first.size, layout(first_spec, second_spec) != spec
+        return bool(batch) and x_spec.startswith(batch), x.size, layout(x_spec, other_spec) != spec
 
     (first, first_spec), (second, second_spec) = min(
-        [((a, a_spec), (b, b_spec)), ((b, b_spec), (a, a_spec))], key=lambda p: cost(p[0][0], p[0][1], p[1][1]))
+        [((a, a_spec), (b, b_spec)), ((b, b_spec), (a, a_spec))], key=lambda pair: cost(*pair))
     order = layout(first_spec, second_spec)
     out = jnp.einsum(f"{first_spec},{second_spec}->{order}", first, second, preferred_element_type=jnp.float32)
     if order == spec:
