@@ -282,11 +282,11 @@ def train(config: Config, rundir: str, debug: bool = False, resume: bool = False
     write_config(config, rundir)  # after the restore, which may refuse the run directory
     if state is None:
         state = init_state(config, optimizer, mesh)
-    train_step = make_train_step(config, optimizer, mesh)
+    pieces = pieces_per_micro_batch(config, mesh)
+    train_step = make_train_step(config, optimizer, mesh, pieces)
     say(f"{count_params(state.model):,} parameters; mesh {dict(mesh.shape)} over "
         f"{jax.device_count()} {jax.devices()[0].platform} devices in {jax.process_count()} processes; "
         f"run directory {rundir}")
-    pieces = pieces_per_micro_batch(config, mesh)
     if pieces > 1:
         say(f"each micro-batch of {config.batch_size} rows runs as {pieces} of {config.batch_size // pieces} "
             f"(at most {CPU_TOKENS_AT_ONCE} tokens): faster on a lone CPU")
