@@ -7,7 +7,9 @@ from midgpt.configs import shakespeare_char
 config = dataclasses.replace(
     shakespeare_char.config,
     model=dataclasses.replace(shakespeare_char.config.model, n_layer=4, n_head=4, n_embd=128, block_size=64, dropout=0.0,
-                              remat="dots"),  # measured a little faster here than full; memory is no concern
+                              # a scan of the layers with remat "dots": 19 ms a step here, against 37 ms
+                              # without remat and 27 ms unrolled (the full config's choices)
+                              remat="dots", scan_unroll=1),
     batch_size=12,
     max_steps=2000,
     lr_decay_steps=2000,
