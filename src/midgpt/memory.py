@@ -19,14 +19,15 @@ def sharded_bytes(arrays_like, shardings) -> int:
                for x, s in zip(arrays, jax.tree.leaves(shardings), strict=True))
 
 
-def activation_bytes(config: Config, mesh: Mesh) -> int:
+def activation_bytes(config: Config, mesh: Mesh, pieces: int = 1) -> int:
     """A rough count of one device's activation memory in a step, with remat as configured.
 
     Backward needs, per layer, what remat saved in the forward pass; one layer's
     internals at a time are recomputed (remat) and differentiated; then logits.
+    Only one of the `pieces` that the step cuts a micro-batch into is alive at a time.
     """
     m = config.model
-    B = config.batch_size // mesh.size  # rows per device: the batch is split over every device
+    B = config.batch_size // mesh.size // pieces  # rows per device at once: the batch is split over every device
     T, D, H, F, V = m.block_size, m.n_embd, m.n_head, 4 * m.n_embd, m.vocab_size
     s = np.dtype(config.compute_dtype).itemsize
     # Per layer: the inputs of norms and matmuls (9 D + 2 F per token), and per
@@ -44,16 +45,19 @@ def activation_bytes(config: Config, mesh: Mesh) -> int:
     return m.n_layer * saved + 2 * internals + logits
 
 
-def estimate(config: Config, mesh: Mesh, state_like, state_shardings) -> dict[str, int]:
-    """Per-device bytes of parameters, gradients, optimiser state and activations."""
+def estimate(config: Config, mesh: Mesh, state_like, state_shardings, pieces: int = 1) -> dict[str, int]:
+    """Per-device bytes of parameters, gradients, optimiser state and activations.
+
+    pieces: into how many the step cuts each micro-batch (train.pieces_per_micro_batch).
+    """
     params = sharded_bytes(state_like.model, state_shardings.model)
     compute_copy = params * np.dtype(config.compute_dtype).itemsize // np.dtype(config.param_dtype).itemsize
     parts = {
         "parameters": params,
-        # Gradients, plus their running sum when micro-batches are accumulated.
-        "gradients": params * (2 if config.g_accum_iters > 1 else 1),
+        # Gradients, plus their running sum when micro-batches (or their pieces) are accumulated.
+        "gradients": params * (2 if config.g_accum_iters * pieces > 1 else 1),
         "optimizer": sharded_bytes(state_like.opt_state, state_shardings.opt_state),
-        "activations": activation_bytes(config, mesh) + compute_copy,
+        "activations": activation_bytes(config, mesh, pieces) + compute_copy,
     }
     return {**parts, "total": sum(parts.values())}
 

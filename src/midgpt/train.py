@@ -241,9 +241,9 @@ class StopSignals:
         self.say(f"{self.received}: stopping after this step, with a checkpoint (again to stop at once)")
 
 
-def plan_memory(config: Config, mesh: Mesh, like: TrainState, shardings, say) -> None:
+def plan_memory(config: Config, mesh: Mesh, like: TrainState, shardings, pieces: int, say) -> None:
     """Print the per-device memory estimate; stop before compiling if it cannot fit."""
-    parts = memory.estimate(config, mesh, like, shardings)
+    parts = memory.estimate(config, mesh, like, shardings, pieces)
     available, source = memory.device_memory()
     say(f"memory per device, estimated (remat {config.model.remat}): "
         + ", ".join(f"{k} {memory.gib(v)}" for k, v in parts.items())
@@ -268,7 +268,8 @@ def train(config: Config, rundir: str, debug: bool = False, resume: bool = False
     # The state's shapes and layout, without computing it: for the memory plan and a restore.
     like = eqx.filter_eval_shape(fresh_state, config, optimizer)
     shardings, _ = state_layout(config, optimizer, mesh)
-    plan_memory(config, mesh, like, shardings, say)  # before anything is written, so a retry starts afresh
+    pieces = pieces_per_micro_batch(config, mesh)
+    plan_memory(config, mesh, like, shardings, pieces, say)  # before anything is written, so a retry starts afresh
     manager = None if debug else checkpoint.make_manager(rundir, config)
     if debug:
         say("debug: no checkpoints are written")
@@ -282,7 +283,6 @@ def train(config: Config, rundir: str, debug: bool = False, resume: bool = False
     write_config(config, rundir)  # after the restore, which may refuse the run directory
     if state is None:
         state = init_state(config, optimizer, mesh)
-    pieces = pieces_per_micro_batch(config, mesh)
     train_step = make_train_step(config, optimizer, mesh, pieces)
     say(f"{count_params(state.model):,} parameters; mesh {dict(mesh.shape)} over "
         f"{jax.device_count()} {jax.devices()[0].platform} devices in {jax.process_count()} processes; "
