@@ -10,7 +10,7 @@ import pytest
 
 from midgpt.config import ModelConfig
 from midgpt.model import GPT, cast_floats, dropout, project
-from midgpt.train import EVAL_TOKENS_AT_ONCE, eval_loss, loss_fn
+from midgpt.train import ACTIVATIONS_AT_ONCE, eval_loss, loss_fn
 
 CONFIG = ModelConfig(vocab_size=64, block_size=16, n_layer=3, n_head=2, n_embd=32)
 
@@ -99,11 +99,13 @@ def test_dropout_drops_at_its_rate_keeps_the_mean_and_redraws_per_key():
     assert dropout(x, 0.2, None) is x and dropout(x, 0.0, jax.random.key(0)) is x
 
 
-def test_evaluating_batches_several_at_a_time_gives_the_mean_of_their_losses():
+# Small batches run several at a time, in groups with a remainder; one of 1024 x 16 x 32 runs alone.
+@pytest.mark.parametrize("B, pieces", [(16, 1), (16, 4), (1024, 1)])
+def test_evaluating_batches_in_pieces_gives_the_mean_of_their_losses(B, pieces):
     model = GPT(CONFIG, key=jax.random.key(0))
-    B, T = 16, CONFIG.block_size
-    G = 2 * (EVAL_TOKENS_AT_ONCE // (B * T)) + 3  # more than one group, and a remainder
+    T = CONFIG.block_size
+    G = 2 * (ACTIVATIONS_AT_ONCE // (B * T * CONFIG.n_embd)) + 3
     tokens_GxBxT1 = np.random.default_rng(0).integers(0, CONFIG.vocab_size, (G, B, T + 1), dtype=np.int32)
     x_GxBxT, y_GxBxT = jnp.asarray(tokens_GxBxT1[..., :-1]), jnp.asarray(tokens_GxBxT1[..., 1:])
     each = [jax.jit(loss_fn)(model, x_GxBxT[g], y_GxBxT[g]) for g in range(G)]
-    np.testing.assert_allclose(eval_loss(model, x_GxBxT, y_GxBxT, "float32"), np.mean(each), rtol=1e-6)
+    np.testing.assert_allclose(eval_loss(model, x_GxBxT, y_GxBxT, "float32", pieces), np.mean(each), rtol=1e-6)

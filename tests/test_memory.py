@@ -45,7 +45,7 @@ def test_state_estimate_is_the_bytes_of_the_sharded_arrays(devices):
 
 
 @pytest.mark.parametrize("remat", ["full", "dots", "none"])
-@pytest.mark.parametrize("batch_size", [8, 32])  # on this lone CPU device: 1 piece of 1024 tokens, or 4
+@pytest.mark.parametrize("batch_size", [8, 32])  # on this lone CPU device: 1 piece of 1024 tokens, or 2 of 2048
 def test_activation_estimate_is_close_to_what_xla_allocates(remat, batch_size):
     config = Config(data_dir="unused", batch_size=batch_size, compute_dtype="bfloat16", model=ModelConfig(
         vocab_size=256, block_size=128, n_layer=2, n_head=4, n_embd=128, dropout=0.1, remat=remat))
@@ -55,7 +55,7 @@ def test_activation_estimate_is_close_to_what_xla_allocates(remat, batch_size):
     compiled = make_train_step(config, optimizer, mesh).lower(state, batch_1xBxT, batch_1xBxT).compile()
     xla_bytes = compiled.memory_analysis().temp_size_in_bytes
     pieces = pieces_per_micro_batch(config, mesh)
-    assert pieces == batch_size // 8
+    assert pieces == {8: 1, 32: 2}[batch_size]
     # A rough count by design (XLA's buffer reuse differs between backends): within a factor of 2.5.
     assert 0.4 < memory.activation_bytes(config, mesh, pieces) / xla_bytes < 1.5
 

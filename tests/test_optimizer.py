@@ -157,9 +157,10 @@ def test_micro_batches_cut_into_pieces_give_the_same_step():
         np.testing.assert_allclose(a, w, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("batch_size, block_size, pieces", [(64, 256, 16), (12, 64, 1), (10, 300, 5), (6, 2048, 6)])
-def test_a_lone_cpu_runs_pieces_of_at_most_1024_tokens(batch_size, block_size, pieces):
-    config = dataclasses.replace(tiny_config(batch_size=batch_size), model=ModelConfig(11, block_size, 2, 2, 32))
+@pytest.mark.parametrize("batch_size, block_size, n_embd, pieces", [
+    (64, 256, 384, 16), (12, 64, 128, 1), (64, 64, 128, 2), (10, 300, 384, 5), (6, 2048, 384, 6)])
+def test_a_lone_cpu_runs_pieces_of_at_most_1024_tokens_of_width_384(batch_size, block_size, n_embd, pieces):
+    config = dataclasses.replace(tiny_config(batch_size=batch_size), model=ModelConfig(11, block_size, 2, 2, n_embd))
     lone_cpu = jax.sharding.Mesh(np.array(jax.devices("cpu")[:1]).reshape(1, 1), DATA_AXES)
     assert pieces_per_micro_batch(config, lone_cpu) == pieces
 
