@@ -63,3 +63,4 @@ def test_throughput_benchmark_times_the_real_step_and_prints_json():
     assert out["backend"] == "cpu" and out["device_count"] == 1 and out["tokens_per_step"] == 4 * 64
     assert out["tokens_per_sec"] == pytest.approx(out["tokens_per_step"] / out["step_ms"] * 1000, rel=0.01)
     assert 0 < out["mfu"] < 1 and out["peak_source"].startswith("measured bfloat16")
+    assert 0 < out["compile_s"] < out["first_step_s"]
