@@ -7,7 +7,6 @@ layout without allocating (for models too large for this machine).
 
 import argparse
 import json
-import math
 import os
 import sys
 
@@ -24,6 +23,7 @@ def main() -> None:
     import jax
 
     from midgpt.config import apply_overrides, load_config
+    from midgpt.memory import sharded_bytes
     from midgpt.optimizer import make_optimizer
     from midgpt.sharding import make_mesh
     from midgpt.train import fresh_state, init_state, state_layout
@@ -36,8 +36,7 @@ def main() -> None:
     arrays = jax.tree.leaves(eqx.filter(like, is_shape))
     total = sum(x.size * x.dtype.itemsize for x in arrays)
     if args.abstract:  # every device holds the same share
-        per_device = [sum(math.prod(s.shard_shape(x.shape)) * x.dtype.itemsize
-                          for x, s in zip(arrays, jax.tree.leaves(shardings)))]
+        per_device = [sharded_bytes(like, shardings)]
     else:
         state = init_state(config, optimizer, mesh)
         bytes_on = {d: 0 for d in jax.devices()}
