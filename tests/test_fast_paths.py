@@ -70,7 +70,8 @@ def test_dot_product_attention_matches_the_einsum_path(T):
     assert_same(loss_and_grads(dataclasses.replace(CONFIG, attention="xla"), batch), reference, rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize("remat, unroll", [("dots", 1), ("none", 1), ("full", 3), ("none", 2)])
+# ("none", 3): no remat, every layer unrolled, as shakespeare_char runs
+@pytest.mark.parametrize("remat, unroll", [("dots", 1), ("none", 1), ("full", 3), ("none", 2), ("none", 3)])
 def test_remat_policy_and_scan_unroll_change_nothing_but_speed(remat, unroll):
     batch, key = tokens(), jax.random.key(1)  # dropout on: remat must redraw the same masks
     cfg = dataclasses.replace(CONFIG, dropout=0.1)
