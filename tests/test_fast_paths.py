@@ -100,8 +100,9 @@ def test_dropout_drops_at_its_rate_keeps_the_mean_and_redraws_per_key():
     assert dropout(x, 0.2, None) is x and dropout(x, 0.0, jax.random.key(0)) is x
 
 
-# Small batches run several at a time, in groups with a remainder; one of 1024 x 16 x 32 runs alone.
-@pytest.mark.parametrize("B, pieces", [(16, 1), (16, 4), (1024, 1)])
+# Small batches run several at a time, in groups with a remainder; 512 x 16 x 32 fills
+# ACTIVATIONS_AT_ONCE (a plain scan), 1024 x 16 x 32 outgrows it (lax.map's batch_size=1).
+@pytest.mark.parametrize("B, pieces", [(16, 1), (16, 4), (512, 1), (1024, 1)])
 def test_evaluating_batches_in_pieces_gives_the_mean_of_their_losses(B, pieces):
     model = GPT(CONFIG, key=jax.random.key(0))
     T = CONFIG.block_size
