@@ -80,14 +80,26 @@ def test_remat_policy_and_scan_unroll_change_nothing_but_speed(remat, unroll):
                 reference, rtol=1e-5, atol=1e-7)
 
 
+def assert_same_to_bfloat16_precision(a, b):
+    (loss_a, grads_a), (loss_b, grads_b) = a, b
+    assert abs(float(loss_a) - float(loss_b)) < 0.02
+    for ga, gb in zip(jax.tree.leaves(grads_a), jax.tree.leaves(grads_b), strict=True):
+        assert ga.dtype == jnp.float32  # gradients land in the parameters' dtype
+        cosine = jnp.vdot(ga, gb) / (jnp.linalg.norm(ga) * jnp.linalg.norm(gb))
+        assert cosine > 0.99
+
+
 def test_bfloat16_step_matches_float32_to_bfloat16_precision():
     batch = tokens()
-    (loss16, grads16), (loss32, grads32) = loss_and_grads(CONFIG, batch, jnp.bfloat16), loss_and_grads(CONFIG, batch)
-    assert abs(float(loss16) - float(loss32)) < 0.02
-    for g16, g32 in zip(jax.tree.leaves(grads16), jax.tree.leaves(grads32)):
-        assert g16.dtype == jnp.float32  # gradients land in the parameters' dtype
-        cosine = jnp.vdot(g16, g32) / (jnp.linalg.norm(g16) * jnp.linalg.norm(g32))
-        assert cosine > 0.99
+    assert_same_to_bfloat16_precision(loss_and_grads(CONFIG, batch, jnp.bfloat16), loss_and_grads(CONFIG, batch))
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN's fused attention runs on NVIDIA GPUs only")
+def test_cudnn_attention_matches_the_einsum_path_in_bfloat16():
+    batch = tokens()
+    cudnn, einsum = (loss_and_grads(dataclasses.replace(CONFIG, attention=a), batch, jnp.bfloat16)
+                     for a in ("cudnn", "einsum"))
+    assert_same_to_bfloat16_precision(cudnn, einsum)
 
 
 def test_dropout_drops_at_its_rate_keeps_the_mean_and_redraws_per_key():

