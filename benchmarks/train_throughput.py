@@ -23,12 +23,9 @@ from midgpt.sharding import batch_sharding, make_mesh
 from midgpt.train import init_state, make_train_step
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--config", required=True)
-    parser.add_argument("--steps", type=int, default=20, help="timed steps, after the compile and 2 warm-up steps")
-    args, overrides = parser.parse_known_args()
-    config = apply_overrides(load_config(args.config), overrides)
+def setup(name: str, overrides: list[str]):
+    """(config, fresh state, the jitted step, 4 random batches already on the devices)."""
+    config = apply_overrides(load_config(name), overrides)
     check_config(config)
     optimizer, mesh = make_optimizer(config), make_mesh(config)
     state = init_state(config, optimizer, mesh)
@@ -38,6 +35,15 @@ def main() -> None:
     # A few distinct batches, already on the devices: this measures the step, not the data.
     batches = [jax.device_put(rng.integers(0, config.model.vocab_size, shape, dtype=np.int32),
                               batch_sharding(mesh, ndim=3, batch_axis=1)) for _ in range(4)]
+    return config, state, train_step, batches
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--steps", type=int, default=20, help="timed steps, after the compile and 2 warm-up steps")
+    args, overrides = parser.parse_known_args()
+    config, state, train_step, batches = setup(args.config, overrides)
 
     # JAX reports how long it traces, lowers and compiles; their sum is the compile.
     compile_s = []
@@ -62,7 +68,7 @@ def main() -> None:
     step_s = statistics.median(times[2:])
 
     peak, source = mfu.device_peak(config.compute_dtype)
-    tokens_per_step = np.prod(shape)
+    tokens_per_step = batches[0].size
     tokens_per_sec = tokens_per_step / step_s
     print(json.dumps({
         "backend": jax.default_backend(),

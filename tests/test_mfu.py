@@ -1,6 +1,7 @@
 """MFU: the FLOPs formula against XLA's own count, and the peak it is divided by."""
 
 import json
+import statistics
 import subprocess
 import sys
 import time
@@ -64,3 +65,18 @@ def test_throughput_benchmark_times_the_real_step_and_prints_json():
     assert out["tokens_per_sec"] == pytest.approx(out["tokens_per_step"] / out["step_ms"] * 1000, rel=0.01)
     assert 0 < out["mfu"] < 1 and out["peak_source"].startswith("measured bfloat16")
     assert 0 < out["compile_s"] < out["first_step_s"]
+
+
+def test_step_ratios_times_each_variant_every_round_against_the_first():
+    small = "--model.n_layer=2 --model.n_embd=64 --model.n_head=2 --batch_size=4"
+    result = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "benchmarks" / "step_ratios.py"), "--config=shakespeare_char_cpu",
+         "--rounds=2", "--steps=2", "--", small, small + " --model.remat=full"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    first, second = (json.loads(line) for line in result.stdout.strip().splitlines())
+    assert [first["variant"], second["variant"]] == [small, small + " --model.remat=full"]
+    assert len(first["step_ms_per_round"]) == len(second["step_ms_per_round"]) == 2 and first["ratio"] == 1.0
+    ratio = statistics.median(second["step_ms_per_round"]) / statistics.median(first["step_ms_per_round"])
+    assert second["ratio"] == pytest.approx(ratio, rel=0.01)
