@@ -10,11 +10,10 @@ and the median of those over the first variant's.
 import argparse
 import json
 import statistics
-import time
 
 import jax
 
-from train_throughput import setup
+from train_throughput import setup, time_steps
 
 
 def main() -> None:
@@ -27,19 +26,11 @@ def main() -> None:
     runs = []
     for variant in args.variants:
         _, state, train_step, batches = setup(args.config, variant.split())
-        for _ in range(2):  # the compile, and a warm-up
-            state, metrics = train_step(state, batches[0], batches[0])
-        jax.block_until_ready(metrics)
+        state, _ = time_steps(train_step, state, batches, 2)  # the compile, and a warm-up
         runs.append({"variant": variant, "state": state, "step": train_step, "batches": batches, "step_ms": []})
     for _ in range(args.rounds):
         for run in runs:
-            times = []
-            for i in range(args.steps):
-                x = run["batches"][i % len(run["batches"])]
-                start = time.perf_counter()
-                run["state"], metrics = run["step"](run["state"], x, x)
-                jax.block_until_ready(metrics)
-                times.append(time.perf_counter() - start)
+            run["state"], times = time_steps(run["step"], run["state"], run["batches"], args.steps)
             run["step_ms"].append(round(1000 * statistics.median(times), 1))
     first = statistics.median(runs[0]["step_ms"])
     for run in runs:

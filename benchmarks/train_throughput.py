@@ -38,6 +38,18 @@ def setup(name: str, overrides: list[str]):
     return config, state, train_step, batches
 
 
+def time_steps(train_step, state, batches, n: int):
+    """(state after n steps, each step's seconds), waiting for each step to finish."""
+    times = []
+    for i in range(n):
+        x = batches[i % len(batches)]
+        start = time.perf_counter()
+        state, metrics = train_step(state, x, x)
+        jax.block_until_ready(metrics)
+        times.append(time.perf_counter() - start)
+    return state, times
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--config", required=True)
@@ -53,18 +65,9 @@ def main() -> None:
             compile_s.append(seconds)
 
     jax.monitoring.register_event_duration_secs_listener(on_event)
-    start = time.perf_counter()
-    state, metrics = train_step(state, batches[0], batches[0])
-    jax.block_until_ready(metrics)
-    first_step_s = time.perf_counter() - start
+    state, (first_step_s,) = time_steps(train_step, state, batches, 1)
     jax.monitoring.unregister_event_duration_listener(on_event)
-    times = []
-    for i in range(2 + args.steps):
-        x = batches[i % len(batches)]
-        start = time.perf_counter()
-        state, metrics = train_step(state, x, x)
-        jax.block_until_ready(metrics)
-        times.append(time.perf_counter() - start)
+    state, times = time_steps(train_step, state, batches, 2 + args.steps)
     step_s = statistics.median(times[2:])
 
     peak, source = mfu.device_peak(config.compute_dtype)
