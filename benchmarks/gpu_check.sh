@@ -38,8 +38,9 @@ echo "== each with $args:"
 "$python" - "$out/throughput.jsonl" $args <<'EOF'
 import json, sys
 runs = [json.loads(line) for line in open(sys.argv[1]) if line.startswith("{")]
-common = len([a for a in sys.argv[2:] if a.startswith("--") and not a.startswith("--steps")])
+common = set(sys.argv[2:])  # each run's own flags are those it does not share with ARGS
 print(f"{'overrides':58} {'compile s':>9} {'step ms':>9} {'tokens/s':>11} {'MFU':>6}")
 for r in runs:
-    print(f"{' '.join(r['overrides'][common:]) or '(as configured)':58} {r['compile_s']:9.1f} {r['step_ms']:9.1f} {r['tokens_per_sec']:11,.0f} {r['mfu']:6.1%}")
+    own = ' '.join(o for o in r['overrides'] if o not in common) or '(as configured)'
+    print(f"{own:58} {r['compile_s']:9.1f} {r['step_ms']:9.1f} {r['tokens_per_sec']:11,.0f} {r['mfu']:6.1%}")
 EOF
