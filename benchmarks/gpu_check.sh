@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One call on a lent GPU: the fast paths against their references, then the training step
-# timed for each remat policy and attention path. A JSON line per run, a table last.
+# timed for each remat policy and attention path (a JSON line per run, then a table), and
+# last, where the configured step's time goes, by kind of op and the longest ops.
 #
 #   bash benchmarks/gpu_check.sh                      # openwebtext, 16 x 1024-token micro-batches
 #   PYTHON=.venv/bin/python CONFIG=shakespeare_char_cpu ARGS=--steps=3 bash benchmarks/gpu_check.sh   # a rehearsal on a CPU
@@ -43,4 +44,16 @@ print(f"{'overrides':58} {'compile s':>9} {'step ms':>9} {'tokens/s':>11} {'MFU'
 for r in runs:
     own = ' '.join(o for o in r['overrides'] if o not in common) or '(as configured)'
     print(f"{own:58} {r['compile_s']:9.1f} {r['step_ms']:9.1f} {r['tokens_per_sec']:11,.0f} {r['mfu']:6.1%}")
+EOF
+
+echo "== where the time goes: $config $args"
+# shellcheck disable=SC2086
+timeout 200 "$python" benchmarks/step_profile.py --config="$config" $args --steps=3 --top=12 \
+    2>>"$out/profile.log" >"$out/profile.json" || echo "failed or timed out: see $out/profile.log"
+"$python" - "$out/profile.json" <<'EOF'
+import json, sys
+for p in (json.loads(line) for line in open(sys.argv[1]) if line.startswith("{")):
+    print(f"step {p['step_ms']} ms; its ops {p['op_ms_per_step']} ms, by kind:", p["by_kind_ms"])
+    for op in p["top"]:
+        print(f"{op['ms']:9.2f} ms {op['calls']:5.0f}x {op['kind']:13} {op['hlo'][:90]}")
 EOF

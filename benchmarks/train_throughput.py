@@ -38,6 +38,12 @@ def setup(name: str, overrides: list[str]):
     return config, state, train_step, batches
 
 
+def run_fields(name: str, overrides: list[str]) -> dict:
+    """What a result was measured on, and of what: the first fields of a benchmark's JSON line."""
+    return {"backend": jax.default_backend(), "device_kind": jax.devices()[0].device_kind,
+            "device_count": jax.device_count(), "config": name, "overrides": overrides}
+
+
 def time_steps(train_step, state, batches, n: int):
     """(state after n steps, each step's seconds), waiting for each step to finish."""
     times = []
@@ -74,11 +80,7 @@ def main() -> None:
     tokens_per_step = batches[0].size
     tokens_per_sec = tokens_per_step / step_s
     print(json.dumps({
-        "backend": jax.default_backend(),
-        "device_kind": jax.devices()[0].device_kind,
-        "device_count": jax.device_count(),
-        "config": args.config,
-        "overrides": overrides,
+        **run_fields(args.config, overrides),
         "parameters": count_params(state.model),
         "compute_dtype": config.compute_dtype,
         "tokens_per_step": int(tokens_per_step),

@@ -1,6 +1,7 @@
 """MFU: the FLOPs formula against XLA's own count, and the peak it is divided by."""
 
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -80,3 +81,20 @@ def test_step_ratios_times_each_variant_every_round_against_the_first():
     assert len(first["step_ms_per_round"]) == len(second["step_ms_per_round"]) == 2 and first["ratio"] == 1.0
     ratio = statistics.median(second["step_ms_per_round"]) / statistics.median(first["step_ms_per_round"])
     assert second["ratio"] == pytest.approx(ratio, rel=0.01)
+
+
+def test_step_profile_sums_the_step_ops_by_kind_and_names_them_in_its_hlo():
+    result = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "benchmarks" / "step_profile.py"), "--config=shakespeare_char_cpu",
+         "--steps=3", "--top=5", "--model.n_layer=2", "--model.n_embd=64", "--model.n_head=2", "--batch_size=4"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    # Op time is summed over the CPU's threads, so it may exceed the step, but not every thread's whole step.
+    assert 0 < out["op_ms_per_step"] <= out["step_ms"] * (os.cpu_count() + 1) and out["timelines"]
+    assert sum(out["by_kind_ms"].values()) == pytest.approx(out["op_ms_per_step"], abs=0.01)
+    assert out["by_kind_ms"]["matmul"] > 0
+    top = out["top"]
+    assert len(top) == 5 and [op["ms"] for op in top] == sorted((op["ms"] for op in top), reverse=True)
+    assert all(op["hlo"].startswith(f"%{op['op']} = ") and op["calls"] >= 1 for op in top)

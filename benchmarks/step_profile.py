@@ -1,0 +1,128 @@
+"""Where the training step's time goes: its XLA ops, traced with jax.profiler, summed by op and by kind.
+
+python benchmarks/step_profile.py --config=shakespeare_char [--steps=5] [--top=15] [--FIELD=VALUE ...]
+compiles the step that launch.py runs, traces `steps` steps of it and prints one JSON line: the
+median step, the op time a step (summed over a CPU's threads, or over the GPUs), that time by kind
+(matmul, attention, collective, copy, other fusion, other) and the `top` ops with their HLO.
+Runs unchanged on a CPU or a GPU.
+"""
+
+import argparse
+import collections
+import json
+import re
+import statistics
+import tempfile
+from pathlib import Path
+
+import equinox as eqx
+import jax
+
+from train_throughput import run_fields, setup, time_steps
+
+COLLECTIVE = re.compile(r" (all-gather|all-reduce|reduce-scatter|collective-permute|all-to-all)(-start|-done)?\(")
+MATMUL = re.compile(r" (dot|convolution)\(")
+# Timelines that profilers derive from the kernels' own (xprof's names): they would count each op twice.
+DERIVED = {"XLA Ops", "XLA Modules", "Steps", "Framework Ops", "Framework Name Scope", "Source code"}
+
+
+def hlo_lines(hlo_text: str) -> tuple[dict[str, str], dict[str, str]]:
+    """({instruction name: its line}, {computation name: its body}) of a compiled module's text."""
+    instructions, bodies, computation = {}, collections.defaultdict(str), None
+    for line in hlo_text.splitlines():
+        if line.endswith("{") and not line.startswith(" "):  # a computation's header
+            computation = line.split()[1 if line.startswith("ENTRY") else 0].lstrip("%")
+        elif m := re.match(r"\s+(?:ROOT )?%?([\w.\-]+) = ", line):
+            instructions[m.group(1)] = line.strip()
+            bodies[computation] += line + "\n"
+    return instructions, bodies
+
+
+def kind(line: str, bodies: dict[str, str]) -> str:
+    """What an instruction does, for the summary: the fusions that hold a matmul count as matmuls."""
+    target = re.search(r'custom_call_target="([^"]*)"', line)
+    target = target.group(1).lower() if target else ""
+    if any(name in target for name in ("fmha", "flash", "attention")):
+        return "attention"
+    if COLLECTIVE.search(line):
+        return "collective"
+    called = re.search(r"calls=%?([\w.\-]+)", line)
+    if MATMUL.search(line) or "gemm" in target or "matmul" in target or (
+            called and MATMUL.search(bodies.get(called.group(1), ""))):
+        return "matmul"
+    if " fusion(" in line:
+        return "other fusion"
+    if re.search(r" (copy|transpose)\(", line):
+        return "copy"
+    return "other"
+
+
+def op_times(trace_dir: str, module: str) -> tuple[collections.Counter, collections.Counter, list[str]]:
+    """({HLO op: its own nanoseconds}, {HLO op: calls}, the timelines they came from) of a trace.
+
+    GPU kernels, where a device plane has them; else the host threads' op events (a CPU's).
+    Time inside a nested op event (a loop's body) counts for the inner op only.
+    """
+    (path,) = Path(trace_dir).rglob("*.xplane.pb")
+    found = []  # (is a device, timeline, own ns, calls)
+    for plane in jax.profiler.ProfileData.from_file(str(path)).planes:
+        for line in (line for line in plane.lines if line.name not in DERIVED):
+            own, calls = collections.Counter(), collections.Counter()
+            stack = []  # the enclosing op events: (op, end_ns)
+            for event in sorted(line.events, key=lambda e: (e.start_ns, -e.duration_ns)):
+                stats = dict(event.stats)
+                if "hlo_op" not in stats or not str(stats.get("hlo_module", module)).startswith(module):
+                    continue
+                while stack and stack[-1][1] <= event.start_ns:
+                    stack.pop()
+                if stack:
+                    own[stack[-1][0]] -= event.duration_ns
+                own[stats["hlo_op"]] += event.duration_ns
+                calls[stats["hlo_op"]] += 1
+                stack.append((stats["hlo_op"], event.end_ns))
+            if calls:
+                found.append((plane.name.startswith("/device:"), f"{plane.name} {line.name}", own, calls))
+    if any(on_device for on_device, *_ in found):
+        found = [f for f in found if f[0]]
+    return (sum((f[2] for f in found), collections.Counter()), sum((f[3] for f in found), collections.Counter()),
+            sorted({f[1] for f in found}))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--steps", type=int, default=5, help="traced steps, after the compile and 2 warm-up steps")
+    parser.add_argument("--top", type=int, default=15, help="ops to list, the longest first")
+    args, overrides = parser.parse_known_args()
+    _, state, train_step, batches = setup(args.config, overrides)
+
+    # The compiled step itself, so that its HLO names the ops of the trace.
+    compiled = train_step.lower(state, batches[0], batches[0]).compile()
+    hlo = compiled.as_text()
+    module = re.match(r"HloModule ([\w.\-]+)", hlo).group(1)
+    # It takes and returns the state's arrays, as the step inside train_step does.
+    arrays, _ = time_steps(compiled, eqx.filter(state, eqx.is_array), batches, 2)
+    with tempfile.TemporaryDirectory() as trace_dir:
+        jax.profiler.start_trace(trace_dir)
+        arrays, times = time_steps(compiled, arrays, batches, args.steps)
+        jax.profiler.stop_trace()
+        own_ns, calls, timelines = op_times(trace_dir, module)
+
+    instructions, bodies = hlo_lines(hlo)
+    ms = lambda ns: round(ns / args.steps / 1e6, 3)
+    by_kind = collections.Counter()
+    for op, ns in own_ns.items():
+        by_kind[kind(instructions.get(op, ""), bodies)] += ns
+    print(json.dumps({
+        **run_fields(args.config, overrides),
+        "step_ms": round(1000 * statistics.median(times), 2),
+        "op_ms_per_step": ms(sum(own_ns.values())),
+        "by_kind_ms": {k: ms(ns) for k, ns in by_kind.most_common()},
+        "top": [{"op": op, "ms": ms(ns), "calls": calls[op] / args.steps, "kind": kind(instructions.get(op, ""), bodies),
+                 "hlo": instructions.get(op, "")[:200]} for op, ns in own_ns.most_common(args.top)],
+        "timelines": timelines,
+    }))
+
+
+if __name__ == "__main__":
+    main()
