@@ -322,19 +322,23 @@ class GPT(eqx.Module):
         self.dropout = cfg.dropout
         self.config = cfg
 
-    def __call__(self, tokens_BxT, *, key=None, positions_T=None, cache: KVCache | None = None):
+    def __call__(self, tokens_BxT, *, key=None, positions_T=None, cache: KVCache | None = None, gather=None):
         """Next-token logits (float32) for every position; dropout only when a key is given.
 
         Each token attends to itself and the block_size - 1 tokens before it: the
         causal mask within block_size, a sliding window beyond. With a cache, the
         tokens sit at positions_T after those already in it; returns (logits, cache).
+        gather, if given, takes the embedding and each layer's parameters just before
+        their use (FSDP's all-gather: sharding.gather_params).
         """
         cfg = self.config
         embed_key, block_keys_L = None, None
         if key is not None:
             embed_key, blocks_key = jax.random.split(key)
             block_keys_L = jax.random.split(blocks_key, cfg.n_layer)
-        x_BxTxD = jnp.take(self.embed_VxD, tokens_BxT, axis=0)
+        gather = gather or (lambda params: params)
+        embed_VxD = gather(self.embed_VxD)  # for the lookup and the output layer
+        x_BxTxD = jnp.take(embed_VxD, tokens_BxT, axis=0)
         x_BxTxD = dropout(x_BxTxD, self.dropout, embed_key)
         if positions_T is None:
             positions_T = jnp.arange(tokens_BxT.shape[1])
@@ -351,7 +355,7 @@ class GPT(eqx.Module):
 
         def layer(x_BxTxD, inputs):
             params, layer_key, layer_cache = inputs
-            block = eqx.combine(params, block_static)
+            block = eqx.combine(gather(params), block_static)
             out = block(x_BxTxD, sin_TxC, cos_TxC, mask_TxS, key=layer_key, cache=layer_cache, slots_T=slots_T)
             return out if cache is not None else (out, None)
 
@@ -364,7 +368,7 @@ class GPT(eqx.Module):
             layer, x_BxTxD, (block_params, block_keys_L, layer_caches), unroll=cfg.scan_unroll
         )
         x_BxTxD = self.final_norm(x_BxTxD)
-        logits_BxTxV = project("btd,vd->btv", x_BxTxD, self.embed_VxD, out_dtype=jnp.float32)
+        logits_BxTxV = project("btd,vd->btv", x_BxTxD, embed_VxD, out_dtype=jnp.float32)
         if cache is None:
             return logits_BxTxV
         return logits_BxTxV, KVCache(layer_caches.k_BxSxHxC, layer_caches.v_BxSxHxC, key_positions_S)

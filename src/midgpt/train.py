@@ -37,9 +37,9 @@ class TrainState(eqx.Module):
     dropout_key: jax.Array  # raw key data (uint32), so checkpoints hold plain arrays
 
 
-def loss_fn(model: GPT, x_BxT, y_BxT, key=None):
+def loss_fn(model: GPT, x_BxT, y_BxT, key=None, gather=None):
     """Mean next-token cross-entropy, in float32."""
-    logits_BxTxV = model(x_BxT, key=key)
+    logits_BxTxV = model(x_BxT, key=key, gather=gather)
     return optax.softmax_cross_entropy_with_integer_labels(logits_BxTxV, y_BxT).mean()
 
 
@@ -95,6 +95,7 @@ def make_train_step(config: Config, optimizer: optax.GradientTransformation, mes
     state_shardings, static = state_layout(config, optimizer, mesh)
     batch_sharding = sharding.batch_sharding(mesh, ndim=3, batch_axis=1)
     pieces = pieces or pieces_per_micro_batch(config, mesh)
+    gather = sharding.gather_params(mesh)
 
     def step(state_arrays, x_GxBxT, y_GxBxT):
         state = eqx.combine(state_arrays, static)
@@ -104,7 +105,7 @@ def make_train_step(config: Config, optimizer: optax.GradientTransformation, mes
         # their sum over micro-batches stay in param_dtype.
         def micro_loss(params, x_BxT, y_BxT, micro_key):
             model = eqx.combine(cast_floats(params, compute_dtype), model_static)
-            return loss_fn(model, x_BxT, y_BxT, micro_key)
+            return loss_fn(model, x_BxT, y_BxT, micro_key, gather)
 
         def accumulate(grad_sum, micro_batch):
             loss, grad = jax.value_and_grad(micro_loss)(params, *micro_batch)
@@ -149,7 +150,7 @@ def make_train_step(config: Config, optimizer: optax.GradientTransformation, mes
 
 
 @eqx.filter_jit
-def eval_loss(model: GPT, x_GxBxT, y_GxBxT, compute_dtype: str, pieces: int = 1):
+def eval_loss(model: GPT, x_GxBxT, y_GxBxT, compute_dtype: str, pieces: int = 1, gather=None):
     """Mean loss over G batches, each cut into `pieces`, in one call: one dispatch per evaluation."""
     model = cast_floats(model, jnp.dtype(compute_dtype))
     G, B, T = x_GxBxT.shape
@@ -160,7 +161,7 @@ def eval_loss(model: GPT, x_GxBxT, y_GxBxT, compute_dtype: str, pieces: int = 1)
     # budget (shakespeare_char's) but in a quarter less time on its whole 64-row batches:
     # batches over the budget keep it.
     at_once = ACTIVATIONS_AT_ONCE // (B // pieces * T * model.config.n_embd)
-    loss_M = jax.lax.map(lambda batch: loss_fn(model, *batch), (x_MxbxT, y_MxbxT),
+    loss_M = jax.lax.map(lambda batch: loss_fn(model, *batch, gather=gather), (x_MxbxT, y_MxbxT),
                          batch_size=None if at_once == 1 else max(1, at_once))
     return loss_M.mean()
 
@@ -168,7 +169,8 @@ def eval_loss(model: GPT, x_GxBxT, y_GxBxT, compute_dtype: str, pieces: int = 1)
 def evaluate(model: GPT, tokens, config: Config, mesh: Mesh, stream: int) -> float:
     """Mean loss over eval_iters batches; the same batches at every evaluation."""
     x_GxBxT, y_GxBxT = global_batch(tokens, (config.seed, stream), config.eval_iters, config, mesh)
-    return float(eval_loss(model, x_GxBxT, y_GxBxT, config.compute_dtype, pieces_per_micro_batch(config, mesh)))
+    return float(eval_loss(model, x_GxBxT, y_GxBxT, config.compute_dtype, pieces_per_micro_batch(config, mesh),
+                           sharding.gather_params(mesh)))
 
 
 def global_batch(tokens, key: tuple[int, ...], G: int, config: Config, mesh: Mesh):
