@@ -328,8 +328,8 @@ class GPT(eqx.Module):
         Each token attends to itself and the block_size - 1 tokens before it: the
         causal mask within block_size, a sliding window beyond. With a cache, the
         tokens sit at positions_T after those already in it; returns (logits, cache).
-        gather, if given, takes the embedding and each layer's parameters just before
-        their use (FSDP's all-gather: sharding.gather_params).
+        gather, if given, takes the parameters just before their use (the embedding, each
+        layer's, the final norm's): FSDP's all-gather, sharding.gather_params.
         """
         cfg = self.config
         embed_key, block_keys_L = None, None
@@ -367,7 +367,7 @@ class GPT(eqx.Module):
         x_BxTxD, layer_caches = jax.lax.scan(
             layer, x_BxTxD, (block_params, block_keys_L, layer_caches), unroll=cfg.scan_unroll
         )
-        x_BxTxD = self.final_norm(x_BxTxD)
+        x_BxTxD = gather(self.final_norm)(x_BxTxD)
         logits_BxTxV = project("btd,vd->btv", x_BxTxD, embed_VxD, out_dtype=jnp.float32)
         if cache is None:
             return logits_BxTxV
