@@ -110,15 +110,16 @@ def main() -> None:
 
     instructions, bodies = hlo_lines(hlo)
     ms = lambda ns: round(ns / args.steps / 1e6, 3)
+    kinds = {op: kind(instructions.get(op, ""), bodies) for op in own_ns}
     by_kind = collections.Counter()
     for op, ns in own_ns.items():
-        by_kind[kind(instructions.get(op, ""), bodies)] += ns
+        by_kind[kinds[op]] += ns
     print(json.dumps({
         **run_fields(args.config, overrides),
         "step_ms": round(1000 * statistics.median(times), 2),
         "op_ms_per_step": ms(sum(own_ns.values())),
         "by_kind_ms": {k: ms(ns) for k, ns in by_kind.most_common()},
-        "top": [{"op": op, "ms": ms(ns), "calls": calls[op] / args.steps, "kind": kind(instructions.get(op, ""), bodies),
+        "top": [{"op": op, "ms": ms(ns), "calls": calls[op] / args.steps, "kind": kinds[op],
                  "hlo": instructions.get(op, "")[:200]} for op, ns in own_ns.most_common(args.top)],
         "timelines": timelines,
     }))

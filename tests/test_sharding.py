@@ -118,11 +118,11 @@ def test_fsdp_moves_weights_between_devices_never_activations():
         import math, re
         from midgpt.model import count_params
         from midgpt.train import eval_loss
-        from midgpt.sharding import gather_params
+        from midgpt.sharding import batch_sharding, gather_params
         config = dataclasses.replace(CONFIG, model=ModelConfig(64, 128, 2, 2, 32), batch_size=64, g_accum_iters=1)
         optimizer, mesh = make_optimizer(config), make_mesh(config)
         state = init_state(config, optimizer, mesh)
-        x = jax.device_put(np.zeros((1, 64, 128), np.int32), jax.NamedSharding(mesh, jax.P(None, ("replica", "fsdp"))))
+        x = jax.device_put(np.zeros((1, 64, 128), np.int32), batch_sharding(mesh, ndim=3, batch_axis=1))
         step = make_train_step(config, optimizer, mesh).lower(state, x, x).compile().as_text()
         evaluation = eval_loss.lower(state.model, x, x, "float32", 1, gather_params(mesh)).compile().compiled.as_text()
         ops = r"= (\\S.*?) (?:all-gather|all-reduce|reduce-scatter|all-to-all|collective-permute)(?:-start)?\\("
