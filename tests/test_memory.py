@@ -60,21 +60,31 @@ def test_activation_estimate_is_close_to_what_xla_allocates(remat, batch_size):
     assert 0.4 < memory.activation_bytes(config, mesh, pieces) / xla_bytes < 1.5
 
 
-def test_an_over_large_run_suggests_a_change_that_keeps_the_global_batch():
+def test_an_over_large_run_suggests_the_largest_micro_batch_that_fits_and_keeps_the_global_batch():
     config = load_config("openwebtext_xl")
     parts = estimate(config)
+    available = 40 * 2**30  # 1024 rows need 1.3 TiB
     with pytest.raises(MidgptError) as error:
-        memory.check_fits(parts, 16 * 2**30, config, make_mesh(config))
+        memory.check_fits(config, make_mesh(config), available, estimate)
     suggestion = re.search(r"--batch_size=\d+ --g_accum_iters=\d+", str(error.value)).group(0)
     smaller = apply_overrides(config, suggestion.split())
     assert smaller.batch_size * smaller.g_accum_iters == config.batch_size * config.g_accum_iters
-    assert estimate(smaller)["activations"] < parts["activations"]
-    memory.check_fits(parts, parts["total"], config, make_mesh(config))  # just fits: no error
+    assert estimate(smaller)["total"] <= available < parts["total"]
+    # The largest that fits: twice the rows (still a divisor of 1024) does not.
+    assert estimate(apply_overrides(config, [f"--batch_size={2 * smaller.batch_size}"]))["total"] > available
+    memory.check_fits(config, make_mesh(config), parts["total"], estimate)  # just fits: no error
+
+
+def test_a_run_that_no_batch_fits_suggests_no_batch():
+    config = load_config("openwebtext_xl")  # its 20 GiB of parameters and optimiser state alone outgrow 16 GiB
+    with pytest.raises(MidgptError) as error:
+        memory.check_fits(config, make_mesh(config), 16 * 2**30, estimate)
+    assert "--batch_size" not in str(error.value) and "--mesh_shape" in str(error.value)
 
 
 def test_launch_stops_an_over_large_model_before_compiling_and_writes_nothing(shakespeare_data_dir, tmp_path):
     # 1.3B parameters and a batch of 1024 sequences: far beyond this host's memory.
     result = run("launch.py", "--config=openwebtext_xl", f"--rundir={tmp_path}/run", f"--data_dir={shakespeare_data_dir}")
-    assert_one_line_error(result, "per device", "--batch_size=", "--g_accum_iters=", "--mesh_shape")
+    assert_one_line_error(result, "per device", "--mesh_shape")  # and a smaller batch, where one would fit
     assert "parameters 4.88 GiB" in result.stderr  # 1.31B float32 parameters
     assert not (tmp_path / "run").exists()

@@ -1,5 +1,6 @@
 """Per-device memory a run needs, estimated from the config and mesh before anything is allocated."""
 
+import dataclasses
 import math
 import os
 
@@ -85,16 +86,33 @@ def gib(n: int) -> str:
     return f"{n / 2**30:.2f} GiB"
 
 
-def check_fits(parts: dict[str, int], available: int | None, config: Config, mesh: Mesh) -> None:
-    """Raise MidgptError, with what to change, if the estimate exceeds the device's memory."""
+def smaller_batch(config: Config, mesh: Mesh, available: int, estimate_for) -> Config | None:
+    """The run with the largest smaller micro-batch that estimate_for fits in available bytes, or None.
+
+    Its batch divides batch_size, keeps whole rows on every device and the global batch.
+    """
+    B, devices = config.batch_size, mesh.size
+    for b in range(B - devices, 0, -devices):
+        if B % b == 0:
+            smaller = dataclasses.replace(config, batch_size=b, g_accum_iters=config.g_accum_iters * B // b)
+            if estimate_for(smaller)["total"] <= available:
+                return smaller
+    return None
+
+
+def check_fits(config: Config, mesh: Mesh, available: int | None, estimate_for) -> None:
+    """Raise MidgptError, with what to change, if the estimate exceeds the device's memory.
+
+    estimate_for: a config -> estimate (this module's parts) for the run's mesh and state.
+    """
+    parts = estimate_for(config)
     if available is None or parts["total"] <= available:
         return
     fixes = []
-    rows = config.batch_size // mesh.size  # per device; keep whole rows on every device
-    if rows > 1:
-        smaller = config.batch_size // 2 if rows % 2 == 0 else mesh.size
-        accum = config.g_accum_iters * config.batch_size // smaller
-        fixes.append(f"a smaller batch with more accumulation (e.g. --batch_size={smaller} --g_accum_iters={accum})")
+    smaller = smaller_batch(config, mesh, available, estimate_for)
+    if smaller:
+        fixes.append(f"a smaller batch with more accumulation (--batch_size={smaller.batch_size} "
+                     f"--g_accum_iters={smaller.g_accum_iters})")
     if config.model.remat != "full":
         fixes.append("full remat (--model.remat=full)")
     fixes.append("more devices on the fsdp axis (--mesh_shape)")

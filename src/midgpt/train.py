@@ -248,14 +248,15 @@ class StopSignals:
         self.say(f"{self.received}: stopping after this step, with a checkpoint (again to stop at once)")
 
 
-def plan_memory(config: Config, mesh: Mesh, like: TrainState, shardings, pieces: int, say) -> None:
+def plan_memory(config: Config, mesh: Mesh, like: TrainState, shardings, say) -> None:
     """Print the per-device memory estimate; stop before compiling if it cannot fit."""
-    parts = memory.estimate(config, mesh, like, shardings, pieces)
+    estimate_for = lambda c: memory.estimate(c, mesh, like, shardings, pieces_per_micro_batch(c, mesh))
+    parts = estimate_for(config)
     available, source = memory.device_memory()
     say(f"memory per device, estimated (remat {config.model.remat}): "
         + ", ".join(f"{k} {memory.gib(v)}" for k, v in parts.items())
         + (f" of {memory.gib(available)} ({source})" if available else ""))
-    memory.check_fits(parts, available, config, mesh)
+    memory.check_fits(config, mesh, available, estimate_for)
 
 
 def train(config: Config, rundir: str, debug: bool = False, resume: bool = False) -> GPT:
@@ -275,8 +276,8 @@ def train(config: Config, rundir: str, debug: bool = False, resume: bool = False
     # The state's shapes and layout, without computing it: for the memory plan and a restore.
     like = eqx.filter_eval_shape(fresh_state, config, optimizer)
     shardings, _ = state_layout(config, optimizer, mesh)
+    plan_memory(config, mesh, like, shardings, say)  # before anything is written, so a retry starts afresh
     pieces = pieces_per_micro_batch(config, mesh)
-    plan_memory(config, mesh, like, shardings, pieces, say)  # before anything is written, so a retry starts afresh
     manager = None if debug else checkpoint.make_manager(rundir, config)
     if debug:
         say("debug: no checkpoints are written")
