@@ -60,6 +60,20 @@ def test_activation_estimate_is_close_to_what_xla_allocates(remat, batch_size):
     assert 0.4 < memory.activation_bytes(config, mesh, pieces) / xla_bytes < 1.5
 
 
+@pytest.mark.parametrize("remat", ["full", "none"])
+def test_flash_attention_activations_grow_with_tokens_not_with_each_rows_length(remat):
+    def activations(attention, batch_size, block_size):
+        config = apply_overrides(load_config("openwebtext"), [
+            f"--batch_size={batch_size}", f"--model.block_size={block_size}",
+            f"--model.attention={attention}", f"--model.remat={remat}"])
+        return memory.activation_bytes(config, make_mesh(config))
+
+    # The same 16,384 tokens in rows twice as long: only the einsum path's T x T scores grow.
+    assert activations("cudnn", 16, 1024) == activations("cudnn", 32, 512)
+    assert activations("einsum", 16, 1024) > 1.2 * activations("einsum", 32, 512)
+    assert activations("cudnn", 16, 1024) < activations("einsum", 16, 1024)
+
+
 def test_an_over_large_run_suggests_the_largest_micro_batch_that_fits_and_keeps_the_global_batch():
     config = load_config("openwebtext_xl")
     parts = estimate(config)

@@ -11,6 +11,7 @@ from jax.sharding import Mesh
 
 from midgpt.config import Config
 from midgpt.errors import MidgptError
+from midgpt.model import attention_implementation
 
 
 def sharded_bytes(arrays_like, shardings) -> int:
@@ -35,8 +36,9 @@ def activation_bytes(config: Config, mesh: Mesh, pieces: int = 1) -> int:
     # attention score, the float32 scores, softmax and its gradient, the
     # compute-dtype probabilities (and the dropout mask). Calibrated against XLA's
     # buffer assignment on CPU; flash attention (cudnn) never holds the scores.
-    internals = B * T * (9 * D + 2 * F) * s + B * H * T * T * (12 + s + (m.dropout > 0))
-    masks = (m.dropout > 0) * (B * H * T * T + 2 * B * T * D)  # dropout masks, one byte each, kept by remat
+    flash = attention_implementation(m.attention, config.compute_dtype, m.dropout > 0) == "cudnn"
+    internals = B * T * (9 * D + 2 * F) * s + (not flash) * B * H * T * T * (12 + s + (m.dropout > 0))
+    masks = (m.dropout > 0) * ((not flash) * B * H * T * T + 2 * B * T * D)  # dropout masks, a byte each, kept by remat
     saved = {
         "none": internals,
         "dots": B * T * (6 * D + F) * s + masks,  # the layer input and the outputs of its weight matmuls

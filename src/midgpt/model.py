@@ -157,6 +157,15 @@ def softmax_attention(q_BxTxHxC, k_BxSxHxC, v_BxSxHxC, mask_TxS, rate: float, ke
     return matmul("bhts,bshc->bthc", prob_BxHxTxS, v_BxSxHxC).astype(q_BxTxHxC.dtype)
 
 
+def attention_implementation(attention: str, dtype, dropout: bool) -> str:
+    """What ModelConfig.attention runs as: "einsum", or jax.nn.dot_product_attention's "xla" or "cudnn" (no dropout)."""
+    if attention != "auto":
+        return attention
+    # cuDNN's fused (flash) attention on NVIDIA GPUs; on CPUs the einsum path measured faster.
+    flash = jax.default_backend() == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+    return "cudnn" if flash and not dropout else "einsum"
+
+
 class LayerCache(NamedTuple):
     """One layer's keys and values for the S = block_size most recent positions."""
 
@@ -198,14 +207,6 @@ class Attention(eqx.Module):
         self.dropout = cfg.dropout
         self.attention, self.block_size = cfg.attention, cfg.block_size
 
-    def implementation(self, dtype, dropout: bool) -> str:
-        """"einsum", or one of jax.nn.dot_product_attention's ("xla", "cudnn"), which has no dropout."""
-        if self.attention != "auto":
-            return self.attention
-        # cuDNN's fused (flash) attention on NVIDIA GPUs; on CPUs the einsum path measured faster.
-        flash = jax.default_backend() == "gpu" and dtype in (jnp.bfloat16, jnp.float16)
-        return "cudnn" if flash and not dropout else "einsum"
-
     @jax.named_scope("attention")
     def __call__(self, x_BxTxD, sin_TxC, cos_TxC, mask_TxS, *, key=None, cache=None, slots_T=None):
         """Attention of the T tokens to S keys: themselves, or the cache once they are written to it.
@@ -225,7 +226,7 @@ class Attention(eqx.Module):
         if cache is not None:
             k_BxSxHxC = cache.k_BxSxHxC.at[:, slots_T].set(k_BxTxHxC)
             v_BxSxHxC = cache.v_BxSxHxC.at[:, slots_T].set(v_BxTxHxC)
-        implementation = self.implementation(dtype, dropout=key is not None and self.dropout > 0)
+        implementation = attention_implementation(self.attention, dtype, dropout=key is not None and self.dropout > 0)
         if cache is None and implementation != "einsum":
             # Without a cache, S = T and mask_TxS is causal within a window of block_size.
             T = q_BxTxHxC.shape[1]
