@@ -21,7 +21,7 @@ from midgpt import checkpoint, data, memory, mfu, sharding
 from midgpt.config import Config, config_to_dict
 from midgpt.errors import MidgptError
 from midgpt.metrics import MetricsLog
-from midgpt.model import GPT, cast_floats, count_params
+from midgpt.model import GPT, attention_implementation, cast_floats, count_params
 from midgpt.optimizer import lr_schedule, make_optimizer
 
 # Streams of batch keys (seed, stream, index): one per use, so they never collide.
@@ -253,7 +253,8 @@ def plan_memory(config: Config, mesh: Mesh, like: TrainState, shardings, say) ->
     estimate_for = lambda c: memory.estimate(c, mesh, like, shardings, pieces_per_micro_batch(c, mesh))
     parts = estimate_for(config)
     available, source = memory.device_memory()
-    say(f"memory per device, estimated (remat {config.model.remat}): "
+    attention = attention_implementation(config.model.attention, config.compute_dtype, config.model.dropout > 0)
+    say(f"memory per device, estimated (remat {config.model.remat}, attention {attention}): "
         + ", ".join(f"{k} {memory.gib(v)}" for k, v in parts.items())
         + (f" of {memory.gib(available)} ({source})" if available else ""))
     memory.check_fits(config, mesh, available, estimate_for)
