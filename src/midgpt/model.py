@@ -131,6 +131,29 @@ def _leading_contraction(a, a_spec: str, b, b_spec: str, spec: str):
     return jnp.transpose(jax.lax.optimization_barrier(out), [order.index(c) for c in spec])
 
 
+@jax.custom_vjp
+def lookup(table_VxD, tokens):
+    """The table's rows for the tokens; its gradient is summed in float32 and rounded once.
+
+    Autodiff would scatter-add a bf16 table's gradient in bf16: over 17k tokens of text,
+    13% off (the most frequent token's row 18%), against 0.5% this way.
+    """
+    return jnp.take(table_VxD, tokens, axis=0)
+
+
+def _lookup_fwd(table_VxD, tokens):
+    return lookup(table_VxD, tokens), (table_VxD, tokens)  # kept anyway: the table is the output layer too
+
+
+def _lookup_bwd(residuals, g):
+    table_VxD, tokens = residuals
+    grad_VxD = jnp.zeros(table_VxD.shape, jnp.float32).at[tokens].add(g.astype(jnp.float32))
+    return grad_VxD.astype(table_VxD.dtype), None
+
+
+lookup.defvjp(_lookup_fwd, _lookup_bwd)
+
+
 def dropout(x, rate: float, key):
     """Zero each element with probability rate (rounded to 1/256), scaling the rest to keep the mean.
 
@@ -339,7 +362,7 @@ class GPT(eqx.Module):
             block_keys_L = jax.random.split(blocks_key, cfg.n_layer)
         gather = gather or (lambda params: params)
         embed_VxD = gather(self.embed_VxD)  # for the lookup and the output layer
-        x_BxTxD = jnp.take(embed_VxD, tokens_BxT, axis=0)
+        x_BxTxD = lookup(embed_VxD, tokens_BxT)
         x_BxTxD = dropout(x_BxTxD, self.dropout, embed_key)
         if positions_T is None:
             positions_T = jnp.arange(tokens_BxT.shape[1])

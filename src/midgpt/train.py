@@ -104,7 +104,11 @@ def make_train_step(config: Config, optimizer: optax.GradientTransformation, mes
         # Differentiate with respect to the param_dtype copy, so gradients and
         # their sum over micro-batches stay in param_dtype.
         def micro_loss(params, x_BxT, y_BxT, micro_key):
-            model = eqx.combine(cast_floats(params, compute_dtype), model_static)
+            # Cast each device's shard, then gather: left to itself, XLA gathered the float32
+            # embedding and cast it after, moving twice the bytes.
+            compute_params = cast_floats(params, compute_dtype)
+            compute_params = jax.lax.with_sharding_constraint(compute_params, state_shardings.model)
+            model = eqx.combine(compute_params, model_static)
             return loss_fn(model, x_BxT, y_BxT, micro_key, gather)
 
         def accumulate(grad_sum, micro_batch):
