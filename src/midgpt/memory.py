@@ -12,6 +12,7 @@ from jax.sharding import Mesh
 from midgpt.config import Config
 from midgpt.errors import MidgptError
 from midgpt.model import attention_implementation
+from midgpt.sharding import FSDP
 
 
 def sharded_bytes(arrays_like, shardings) -> int:
@@ -48,8 +49,24 @@ def activation_bytes(config: Config, mesh: Mesh, pieces: int = 1) -> int:
     return m.n_layer * saved + 2 * internals + logits
 
 
+def gathered_bytes(config: Config, mesh: Mesh, state_like) -> int:
+    """Bytes of the parameters that FSDP gathers onto each device, at the most at once.
+
+    The embedding (forward to backward), two layers (the one running and the next, or its
+    gradient), and without remat every layer: backward keeps each layer's gathered weights.
+    """
+    if mesh.shape[FSDP] == 1 or not config.shard_model:
+        return 0
+    m = config.model
+    layer = sum(x.size for x in jax.tree.leaves(state_like.model.blocks)) // m.n_layer
+    layers = 2 + (m.remat == "none") * m.n_layer
+    # XLA:CPU runs bf16 collectives in float32; GPUs and TPUs gather the compute dtype.
+    itemsize = 4 if mesh.devices.flat[0].platform == "cpu" else np.dtype(config.compute_dtype).itemsize
+    return (layers * layer + state_like.model.embed_VxD.size) * itemsize
+
+
 def estimate(config: Config, mesh: Mesh, state_like, state_shardings, pieces: int = 1) -> dict[str, int]:
-    """Per-device bytes of parameters, gradients, optimiser state and activations.
+    """Per-device bytes of parameters, gradients, optimiser state, activations and gathered parameters.
 
     pieces: into how many the step cuts each micro-batch (train.pieces_per_micro_batch).
     """
@@ -61,6 +78,7 @@ def estimate(config: Config, mesh: Mesh, state_like, state_shardings, pieces: in
         "gradients": params * (2 if config.g_accum_iters * pieces > 1 else 1),
         "optimizer": sharded_bytes(state_like.opt_state, state_shardings.opt_state),
         "activations": activation_bytes(config, mesh, pieces) + compute_copy,
+        "gathered": gathered_bytes(config, mesh, state_like),
     }
     return {**parts, "total": sum(parts.values())}
 
@@ -118,7 +136,7 @@ def check_fits(config: Config, mesh: Mesh, available: int | None, estimate_for) 
     if config.model.remat != "full":
         fixes.append("full remat (--model.remat=full)")
     fixes.append("more devices on the fsdp axis (--mesh_shape)")
-    needs = ", ".join(f"{k} {gib(v)}" for k, v in parts.items() if k != "total")
+    needs = ", ".join(f"{k} {gib(v)}" for k, v in parts.items() if k != "total" and v)
     raise MidgptError(
         f"this run needs about {gib(parts['total'])} per device ({needs}) but a device has "
         f"{gib(available)}; use " + ", or ".join(fixes)
