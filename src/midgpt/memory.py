@@ -12,14 +12,17 @@ from jax.sharding import Mesh
 from midgpt.config import Config
 from midgpt.errors import MidgptError
 from midgpt.model import attention_implementation
-from midgpt.sharding import FSDP
+
+
+def placed(arrays_like, shardings):
+    """(abstract array, its sharding) for each array of a pytree."""
+    arrays = jax.tree.leaves(eqx.filter(arrays_like, lambda x: isinstance(x, jax.ShapeDtypeStruct)))
+    return zip(arrays, jax.tree.leaves(shardings), strict=True)
 
 
 def sharded_bytes(arrays_like, shardings) -> int:
     """Bytes one device holds of a pytree of abstract arrays placed with these shardings."""
-    arrays = jax.tree.leaves(eqx.filter(arrays_like, lambda x: isinstance(x, jax.ShapeDtypeStruct)))
-    return sum(math.prod(s.shard_shape(x.shape)) * x.dtype.itemsize
-               for x, s in zip(arrays, jax.tree.leaves(shardings), strict=True))
+    return sum(math.prod(s.shard_shape(x.shape)) * x.dtype.itemsize for x, s in placed(arrays_like, shardings))
 
 
 def activation_bytes(config: Config, mesh: Mesh, pieces: int = 1) -> int:
@@ -49,20 +52,19 @@ def activation_bytes(config: Config, mesh: Mesh, pieces: int = 1) -> int:
     return m.n_layer * saved + 2 * internals + logits
 
 
-def gathered_bytes(config: Config, mesh: Mesh, state_like) -> int:
-    """Bytes of the parameters that FSDP gathers onto each device, at the most at once.
+def gathered_bytes(config: Config, mesh: Mesh, state_like, state_shardings) -> int:
+    """Bytes of the sharded parameters that FSDP gathers onto each device, at the most at once.
 
     The embedding (forward to backward), two layers (the one running and the next, or its
     gradient), and without remat every layer: backward keeps each layer's gathered weights.
     """
-    if mesh.shape[FSDP] == 1 or not config.shard_model:
-        return 0
-    m = config.model
-    layer = sum(x.size for x in jax.tree.leaves(state_like.model.blocks)) // m.n_layer
+    elements = lambda like, shardings: sum(x.size for x, s in placed(like, shardings) if not s.is_fully_replicated)
+    model, shardings, m = state_like.model, state_shardings.model, config.model
     layers = 2 + (m.remat == "none") * m.n_layer
     # XLA:CPU runs bf16 collectives in float32; GPUs and TPUs gather the compute dtype.
     itemsize = 4 if mesh.devices.flat[0].platform == "cpu" else np.dtype(config.compute_dtype).itemsize
-    return (layers * layer + state_like.model.embed_VxD.size) * itemsize
+    return (layers * elements(model.blocks, shardings.blocks) // m.n_layer
+            + elements(model.embed_VxD, shardings.embed_VxD)) * itemsize
 
 
 def estimate(config: Config, mesh: Mesh, state_like, state_shardings, pieces: int = 1) -> dict[str, int]:
@@ -78,7 +80,7 @@ def estimate(config: Config, mesh: Mesh, state_like, state_shardings, pieces: in
         "gradients": params * (2 if config.g_accum_iters * pieces > 1 else 1),
         "optimizer": sharded_bytes(state_like.opt_state, state_shardings.opt_state),
         "activations": activation_bytes(config, mesh, pieces) + compute_copy,
-        "gathered": gathered_bytes(config, mesh, state_like),
+        "gathered": gathered_bytes(config, mesh, state_like, state_shardings),
     }
     return {**parts, "total": sum(parts.values())}
 
