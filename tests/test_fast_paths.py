@@ -6,6 +6,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from midgpt.config import ModelConfig
@@ -123,6 +124,26 @@ def test_evaluating_batches_in_pieces_gives_the_mean_of_their_losses(B, pieces):
     x_GxBxT, y_GxBxT = jnp.asarray(tokens_GxBxT1[..., :-1]), jnp.asarray(tokens_GxBxT1[..., 1:])
     each = [jax.jit(loss_fn)(model, x_GxBxT[g], y_GxBxT[g]) for g in range(G)]
     np.testing.assert_allclose(eval_loss(model, x_GxBxT, y_GxBxT, "float32", pieces), np.mean(each), rtol=1e-6)
+
+
+def reference_loss(model: GPT, x_BxT, y_BxT):
+    """Autodiff through the whole float32 logits: what precision.cross_entropy computes in slices."""
+    return optax.softmax_cross_entropy_with_integer_labels(model(x_BxT), y_BxT).mean()
+
+
+@pytest.mark.parametrize("chunks", [1, 4, 16])
+@pytest.mark.parametrize("dtype, rtol", [(jnp.float32, 1e-5), (jnp.bfloat16, 1e-3)])
+def test_loss_in_slices_matches_autodiff_of_the_whole_logits(chunks, dtype, rtol):
+    params, static = eqx.partition(GPT(CONFIG, key=jax.random.key(0)), eqx.is_array)
+    x_BxT, y_BxT = tokens()[:, :-1], tokens()[:, 1:]
+    at = lambda p: eqx.combine(cast_floats(p, dtype), static)
+    loss, grads = jax.jit(jax.value_and_grad(lambda p: loss_fn(at(p), x_BxT, y_BxT, chunks=chunks)))(params)
+    want_loss, want_grads = jax.jit(jax.value_and_grad(lambda p: reference_loss(at(p), x_BxT, y_BxT)))(params)
+    np.testing.assert_allclose(loss, want_loss, rtol=1e-6)
+    # Not differentiated (evaluation), it computes the loss alone.
+    np.testing.assert_allclose(jax.jit(lambda p: loss_fn(at(p), x_BxT, y_BxT, chunks=chunks))(params), want_loss, rtol=1e-6)
+    for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads), strict=True):
+        assert float(jnp.linalg.norm(got - want) / jnp.linalg.norm(want)) < rtol
 
 
 def test_bfloat16_embedding_gradient_is_summed_in_float32():

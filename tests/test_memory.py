@@ -1,18 +1,23 @@
 """The memory estimate: exact for the state on any mesh, close for activations, and a stop before an over-large run."""
 
+import json
 import re
+import subprocess
+import sys
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from midgpt import memory
 from midgpt.config import Config, ModelConfig, apply_overrides, load_config
 from midgpt.errors import MidgptError
 from midgpt.optimizer import make_optimizer
-from midgpt.sharding import make_mesh
-from midgpt.train import fresh_state, init_state, make_train_step, pieces_per_micro_batch, state_layout
+from midgpt.sharding import DATA_AXES, make_mesh
+from midgpt.train import (estimate_memory, fresh_state, init_state, loss_chunks, make_train_step,
+                          pieces_per_micro_batch, state_layout)
 from conftest import REPO_ROOT
 from test_launch import assert_one_line_error, run
 from test_sharding import on_devices
@@ -21,7 +26,7 @@ from test_sharding import on_devices
 def estimate(config):
     optimizer, mesh = make_optimizer(config), make_mesh(config)
     shardings, _ = state_layout(config, optimizer, mesh)
-    return memory.estimate(config, mesh, eqx.filter_eval_shape(fresh_state, config, optimizer), shardings)
+    return estimate_memory(config, mesh, eqx.filter_eval_shape(fresh_state, config, optimizer), shardings)
 
 
 @pytest.mark.parametrize("devices", [1, 8])
@@ -58,6 +63,30 @@ def test_activation_estimate_is_close_to_what_xla_allocates(remat, batch_size):
     assert pieces == {8: 1, 32: 2}[batch_size]
     # A rough count by design (XLA's buffer reuse differs between backends): within a factor of 2.5.
     assert 0.4 < memory.activation_bytes(config, mesh, pieces) / xla_bytes < 1.5
+
+
+def test_the_loss_in_slices_bounds_the_logits_memory_and_the_estimate_follows():
+    # A large vocabulary, whose float32 logits (128 MiB here) outweigh everything else.
+    config = Config(data_dir="unused", batch_size=16, compute_dtype="bfloat16", model=ModelConfig(
+        vocab_size=16384, block_size=128, n_layer=2, n_head=4, n_embd=128))
+    optimizer, mesh = make_optimizer(config), make_mesh(config)
+    state, batch_1xBxT = init_state(config, optimizer, mesh), jax.ShapeDtypeStruct((1, 16, 128), jnp.int32)
+    xla_bytes = {chunks: make_train_step(config, optimizer, mesh, pieces=1, chunks=chunks).lower(
+        state, batch_1xBxT, batch_1xBxT).compile().memory_analysis().temp_size_in_bytes for chunks in (1, 8)}
+    logits_bytes = 16 * 128 * 16384 * 4
+    # Measured: 289 MB -> 68 MB. Slices save more than a whole float32 copy of the logits.
+    assert xla_bytes[1] - xla_bytes[8] > logits_bytes
+    for chunks, xla in xla_bytes.items():
+        assert 0.6 < memory.activation_bytes(config, mesh, 1, chunks) / xla < 1.5
+
+
+@pytest.mark.parametrize("batch_size, pieces, chunks", [(128, 1, 8), (16, 1, 1), (128, 16, 1), (2**15, 1, 1024)])
+def test_the_loss_makes_at_most_4_gib_of_float32_logits_at_once(batch_size, pieces, chunks):
+    # openwebtext's own 128 x 1024-token micro-batch on one GPU: 8 slices of 4 GiB or less;
+    # one slice in 16 rows; and with more rows than the budget, single positions.
+    config = apply_overrides(load_config("openwebtext"), [f"--batch_size={batch_size}"])
+    lone_device = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1), DATA_AXES)
+    assert loss_chunks(config, lone_device, pieces) == chunks
 
 
 def test_fsdp_estimate_counts_the_gathered_parameters():
@@ -121,3 +150,17 @@ def test_launch_stops_an_over_large_model_before_compiling_and_writes_nothing(sh
     assert_one_line_error(result, "per device", "--mesh_shape")  # and a smaller batch, where one would fit
     assert "parameters 4.88 GiB" in result.stderr  # 1.31B float32 parameters
     assert not (tmp_path / "run").exists()
+
+
+def test_step_memory_benchmark_prints_xla_beside_the_estimate_for_each_slicing():
+    result = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "benchmarks" / "step_memory.py"), "--config=shakespeare_char_cpu",
+         "--model.vocab_size=4096", "--chunks=1,4", "--pieces=1"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    whole, sliced = (json.loads(line) for line in result.stdout.strip().splitlines())
+    assert (whole["chunks"], sliced["chunks"], whole["pieces"]) == (1, 4, 1)
+    assert sliced["xla_temp_bytes"] < whole["xla_temp_bytes"]  # 12 x 64 x 4096 float32 logits, in 4 slices
+    assert sliced["estimate_bytes"]["activations"] < whole["estimate_bytes"]["activations"]
+    assert whole["xla_argument_bytes"] == sliced["xla_argument_bytes"] > whole["estimate_bytes"]["parameters"]

@@ -48,28 +48,33 @@ def batch():
     return tuple(rng.integers(0, 64, (2, 8, 16), dtype=np.int32) for _ in range(2))
 
 
-def one_step_params(config):
+def one_step_params(config, chunks=None):
     optimizer, mesh = make_optimizer(config), make_mesh(config)
-    state, metrics = make_train_step(config, optimizer, mesh)(init_state(config, optimizer, mesh), *batch())
+    state, metrics = make_train_step(config, optimizer, mesh, chunks=chunks)(init_state(config, optimizer, mesh), *batch())
     return float(metrics["loss"]), [np.asarray(x) for x in jax.tree.leaves(eqx.filter(state.model, eqx.is_array))]
+
+
+MESHES = [((1, 8), None), ((2, 4), None), ((8, 1), None), ((1, 8), 4)]  # (shape, loss slices)
 
 
 def test_one_step_on_every_mesh_matches_one_device(tmp_path):
     on_devices(8, f"""
-        from test_sharding import one_step_params
+        from test_sharding import MESHES, one_step_params
         out = {{}}
-        for shape in [(1, 8), (2, 4), (8, 1)]:
-            loss, leaves = one_step_params(dataclasses.replace(CONFIG, mesh_shape=shape))
-            out.update({{f"{{shape}}/loss": loss}}, **{{f"{{shape}}/{{i}}": x for i, x in enumerate(leaves)}})
+        for shape, chunks in MESHES:
+            loss, leaves = one_step_params(dataclasses.replace(CONFIG, mesh_shape=shape), chunks)
+            key = f"{{shape}}/{{chunks}}"
+            out.update({{f"{{key}}/loss": loss}}, **{{f"{{key}}/{{i}}": x for i, x in enumerate(leaves)}})
         np.savez("{tmp_path}/meshes.npz", **out)
         print("{{}}")
     """, PYTHONPATH=str(REPO_ROOT / "tests"))
     loss, leaves = one_step_params(CONFIG)
     meshes = np.load(tmp_path / "meshes.npz")
-    for shape in [(1, 8), (2, 4), (8, 1)]:
-        np.testing.assert_allclose(meshes[f"{shape}/loss"], loss, rtol=1e-6)
+    for shape, chunks in MESHES:
+        key = f"{shape}/{chunks}"
+        np.testing.assert_allclose(meshes[f"{key}/loss"], loss, rtol=1e-6)
         for i, leaf in enumerate(leaves):
-            np.testing.assert_allclose(meshes[f"{shape}/{i}"], leaf, rtol=1e-5, atol=1e-6, err_msg=f"{shape} leaf {i}")
+            np.testing.assert_allclose(meshes[f"{key}/{i}"], leaf, rtol=1e-5, atol=1e-6, err_msg=f"{key} leaf {i}")
 
 
 def test_fsdp_holds_one_eighth_of_each_large_parameter_and_its_adam_moments():

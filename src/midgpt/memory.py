@@ -25,12 +25,13 @@ def sharded_bytes(arrays_like, shardings) -> int:
     return sum(math.prod(s.shard_shape(x.shape)) * x.dtype.itemsize for x, s in placed(arrays_like, shardings))
 
 
-def activation_bytes(config: Config, mesh: Mesh, pieces: int = 1) -> int:
+def activation_bytes(config: Config, mesh: Mesh, pieces: int = 1, chunks: int = 1) -> int:
     """A rough count of one device's activation memory in a step, with remat as configured.
 
     Backward needs, per layer, what remat saved in the forward pass; one layer's
-    internals at a time are recomputed (remat) and differentiated; then logits.
-    Only one of the `pieces` that the step cuts a micro-batch into is alive at a time.
+    internals at a time are recomputed (remat) and differentiated; before them, the
+    loss makes one of its `chunks` slices of logits at a time. Only one of the `pieces`
+    that the step cuts a micro-batch into is alive at a time.
     """
     m = config.model
     B = config.batch_size // mesh.size // pieces  # rows per device at once: the batch is split over every device
@@ -48,7 +49,9 @@ def activation_bytes(config: Config, mesh: Mesh, pieces: int = 1) -> int:
         "dots": B * T * (6 * D + F) * s + masks,  # the layer input and the outputs of its weight matmuls
         "full": B * T * D * s + masks,  # the layer input
     }[m.remat]
-    logits = 3 * B * T * V * 4  # float32 logits, their softmax and gradient
+    # A slice's float32 logits and their gradient in the compute dtype (XLA computes the
+    # exponentials inside both); the loss's gradients, for the hidden states and the table.
+    logits = B * T // chunks * V * (4 + s) + B * T * D * s + V * D * (4 + s)
     return m.n_layer * saved + 2 * internals + logits
 
 
@@ -67,10 +70,12 @@ def gathered_bytes(config: Config, mesh: Mesh, state_like, state_shardings) -> i
             + elements(model.embed_VxD, shardings.embed_VxD)) * itemsize
 
 
-def estimate(config: Config, mesh: Mesh, state_like, state_shardings, pieces: int = 1) -> dict[str, int]:
+def estimate(config: Config, mesh: Mesh, state_like, state_shardings, pieces: int = 1,
+             chunks: int = 1) -> dict[str, int]:
     """Per-device bytes of parameters, gradients, optimiser state, activations and gathered parameters.
 
-    pieces: into how many the step cuts each micro-batch (train.pieces_per_micro_batch).
+    pieces: into how many the step cuts each micro-batch (train.pieces_per_micro_batch);
+    chunks: into how many slices the loss cuts a piece's logits (train.loss_chunks).
     """
     params = sharded_bytes(state_like.model, state_shardings.model)
     compute_copy = params * np.dtype(config.compute_dtype).itemsize // np.dtype(config.param_dtype).itemsize
@@ -79,7 +84,7 @@ def estimate(config: Config, mesh: Mesh, state_like, state_shardings, pieces: in
         # Gradients, plus their running sum when micro-batches (or their pieces) are accumulated.
         "gradients": params * (2 if config.g_accum_iters * pieces > 1 else 1),
         "optimizer": sharded_bytes(state_like.opt_state, state_shardings.opt_state),
-        "activations": activation_bytes(config, mesh, pieces) + compute_copy,
+        "activations": activation_bytes(config, mesh, pieces, chunks) + compute_copy,
         "gathered": gathered_bytes(config, mesh, state_like, state_shardings),
     }
     return {**parts, "total": sum(parts.values())}

@@ -8,7 +8,6 @@ further by 1/sqrt(2 L), as in GPT-2, so the stream does not grow with depth.
 Norm gains start at one.
 """
 
-import functools
 import math
 from typing import NamedTuple
 
@@ -18,6 +17,7 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from midgpt.config import ModelConfig
+from midgpt.precision import lookup, matmul
 
 
 class RMSNorm(eqx.Module):
@@ -70,88 +70,6 @@ def project(spec: str, x, w, out_dtype=None):
     The output is named for remat="dots", which keeps it.
     """
     return checkpoint_name(matmul(spec, x, w).astype(out_dtype or x.dtype), "projection")
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def matmul(spec: str, x, y):
-    """einsum(spec, x, y) accumulated in float32, and its gradients computed alike.
-
-    Autodiff would multiply the float32 cotangent with a bf16 operand, which XLA runs at
-    the f32 rate; cast to bf16 first, bf16 x bf16 -> f32 runs about twice as fast (on
-    CPUs with AVX512-BF16 or AMX too). x's gradient contracts y's trailing axes; y's
-    contracts leading axes (batch, positions), which `_leading_contraction` arranges.
-    """
-    return jnp.einsum(spec, x, y, preferred_element_type=jnp.float32)
-
-
-def _matmul_fwd(spec, x, y):
-    return matmul(spec, x, y), (x, y)
-
-
-def _matmul_bwd(spec, residuals, g):
-    x, y = residuals
-    inputs, out = spec.split("->")
-    x_spec, y_spec = inputs.split(",")
-    g = g.astype(x.dtype)
-    dx = jnp.einsum(f"{out},{y_spec}->{x_spec}", g, y, preferred_element_type=jnp.float32)
-    dy = _leading_contraction(g, out, x, x_spec, y_spec)
-    return dx.astype(x.dtype), dy.astype(y.dtype)
-
-
-matmul.defvjp(_matmul_fwd, _matmul_bwd)
-
-
-def _leading_contraction(a, a_spec: str, b, b_spec: str, spec: str):
-    """einsum of a and b into spec, in float32, summing over axes that lead them: transposes the smaller.
-
-    A matmul kernel wants its left operand's summed axes last, so XLA transposes the
-    operand whose axes lead the output. Lead with the smaller one, then transpose the
-    (weight-sized) result into spec; the barrier stops XLA folding that transpose back
-    into the matmul, where it would transpose the larger operand instead.
-    """
-    def layout(first: str, second: str) -> str:
-        shared = [c for c in spec if c in first and c in second]
-        return "".join(shared + [c for c in spec if c in first and c not in shared]
-                       + [c for c in spec if c in second and c not in shared])
-
-    def cost(lead, other):
-        (x, x_spec), (_, other_spec) = lead, other
-        batch = "".join(c for c in x_spec if c in other_spec and c in spec)
-        # An operand whose batch axes lead needs only its last axes swapped: XLA:CPU folds
-        # that transpose into a bf16 matmul that neither of its CPU kernels then runs (jax
-        # 0.10: "UNIMPLEMENTED"). Avoid it; then the smaller, and on a tie no result transpose.
-        return bool(batch) and x_spec.startswith(batch), x.size, layout(x_spec, other_spec) != spec
-
-    (first, first_spec), (second, second_spec) = min(
-        [((a, a_spec), (b, b_spec)), ((b, b_spec), (a, a_spec))], key=lambda pair: cost(*pair))
-    order = layout(first_spec, second_spec)
-    out = jnp.einsum(f"{first_spec},{second_spec}->{order}", first, second, preferred_element_type=jnp.float32)
-    if order == spec:
-        return out
-    return jnp.transpose(jax.lax.optimization_barrier(out), [order.index(c) for c in spec])
-
-
-@jax.custom_vjp
-def lookup(table_VxD, tokens):
-    """The table's rows for the tokens; its gradient is summed in float32 and rounded once.
-
-    Autodiff would scatter-add a bf16 table's gradient in bf16: over 17k tokens of text,
-    13% off (the most frequent token's row 18%), against 0.5% this way.
-    """
-    return jnp.take(table_VxD, tokens, axis=0)
-
-
-def _lookup_fwd(table_VxD, tokens):
-    return lookup(table_VxD, tokens), (table_VxD, tokens)  # kept anyway: the table is the output layer too
-
-
-def _lookup_bwd(residuals, g):
-    table_VxD, tokens = residuals
-    grad_VxD = jnp.zeros(table_VxD.shape, jnp.float32).at[tokens].add(g.astype(jnp.float32))
-    return grad_VxD.astype(table_VxD.dtype), None
-
-
-lookup.defvjp(_lookup_fwd, _lookup_bwd)
 
 
 def dropout(x, rate: float, key):
@@ -347,11 +265,18 @@ class GPT(eqx.Module):
         self.config = cfg
 
     def __call__(self, tokens_BxT, *, key=None, positions_T=None, cache: KVCache | None = None, gather=None):
-        """Next-token logits (float32) for every position; dropout only when a key is given.
+        """Next-token logits (float32) for every position; with a cache, (logits, cache). See `hidden`."""
+        x_BxTxD, embed_VxD, cache = self.hidden(tokens_BxT, key=key, positions_T=positions_T, cache=cache,
+                                                gather=gather)
+        logits_BxTxV = project("btd,vd->btv", x_BxTxD, embed_VxD, out_dtype=jnp.float32)
+        return logits_BxTxV if cache is None else (logits_BxTxV, cache)
+
+    def hidden(self, tokens_BxT, *, key=None, positions_T=None, cache: KVCache | None = None, gather=None):
+        """(final hidden states, the output layer's table, the updated cache or None); dropout only with a key.
 
         Each token attends to itself and the block_size - 1 tokens before it: the
         causal mask within block_size, a sliding window beyond. With a cache, the
-        tokens sit at positions_T after those already in it; returns (logits, cache).
+        tokens sit at positions_T after those already in it.
         gather, if given, takes the parameters just before their use (the embedding, each
         layer's, the final norm's): FSDP's all-gather, sharding.gather_params.
         """
@@ -392,10 +317,9 @@ class GPT(eqx.Module):
             layer, x_BxTxD, (block_params, block_keys_L, layer_caches), unroll=cfg.scan_unroll
         )
         x_BxTxD = gather(self.final_norm)(x_BxTxD)
-        logits_BxTxV = project("btd,vd->btv", x_BxTxD, embed_VxD, out_dtype=jnp.float32)
-        if cache is None:
-            return logits_BxTxV
-        return logits_BxTxV, KVCache(layer_caches.k_BxSxHxC, layer_caches.v_BxSxHxC, key_positions_S)
+        if cache is not None:
+            cache = KVCache(layer_caches.k_BxSxHxC, layer_caches.v_BxSxHxC, key_positions_S)
+        return x_BxTxD, embed_VxD, cache
 
     def empty_cache(self, batch_size: int) -> KVCache:
         """A KV cache for batch_size sequences, in the dtype of the model's parameters."""

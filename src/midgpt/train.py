@@ -23,6 +23,7 @@ from midgpt.errors import MidgptError
 from midgpt.metrics import MetricsLog
 from midgpt.model import GPT, attention_implementation, cast_floats, count_params
 from midgpt.optimizer import lr_schedule, make_optimizer
+from midgpt.precision import cross_entropy
 
 # Streams of batch keys (seed, stream, index): one per use, so they never collide.
 TRAIN_STREAM, EVAL_TRAIN_STREAM, EVAL_VAL_STREAM = 0, 1, 2
@@ -37,10 +38,10 @@ class TrainState(eqx.Module):
     dropout_key: jax.Array  # raw key data (uint32), so checkpoints hold plain arrays
 
 
-def loss_fn(model: GPT, x_BxT, y_BxT, key=None, gather=None):
-    """Mean next-token cross-entropy, in float32."""
-    logits_BxTxV = model(x_BxT, key=key, gather=gather)
-    return optax.softmax_cross_entropy_with_integer_labels(logits_BxTxV, y_BxT).mean()
+def loss_fn(model: GPT, x_BxT, y_BxT, key=None, gather=None, chunks: int = 1):
+    """Mean next-token cross-entropy, in float32; the logits made `chunks` slices of T at a time."""
+    x_BxTxD, embed_VxD, _ = model.hidden(x_BxT, key=key, gather=gather)
+    return cross_entropy(x_BxTxD, embed_VxD, y_BxT, chunks)
 
 
 def fresh_state(config: Config, optimizer: optax.GradientTransformation) -> TrainState:
@@ -82,19 +83,35 @@ def pieces_per_micro_batch(config: Config, mesh: Mesh) -> int:
     return next(k for k in range(1, B + 1) if B % k == 0 and (B // k * T * D <= ACTIVATIONS_AT_ONCE or k == B))
 
 
+# Float32 logits (tokens x vocab) outgrow everything else at a large vocabulary, so the loss
+# makes at most this many at a time on a device (4 GiB): openwebtext's 128 x 1024-token
+# micro-batch in 8 slices on one GPU, whole from 8 GPUs on. Not fewer: on several devices
+# each slice sums the output layer's gradient over them.
+LOGITS_AT_ONCE = 2**30
+
+
+def loss_chunks(config: Config, mesh: Mesh, pieces: int) -> int:
+    """Into how many slices of the sequence the loss cuts each piece's logits (precision.cross_entropy)."""
+    rows = max(1, config.batch_size // pieces // mesh.size)  # per device
+    T, V = config.model.block_size, config.model.vocab_size
+    return next(c for c in range(1, T + 1) if T % c == 0 and (rows * T // c * V <= LOGITS_AT_ONCE or c == T))
+
+
 def make_train_step(config: Config, optimizer: optax.GradientTransformation, mesh: Mesh,
-                    pieces: int | None = None):
+                    pieces: int | None = None, chunks: int | None = None):
     """Build the jitted step (state, x_GxBxT, y_GxBxT) -> (state, metrics).
 
     Shardings are declared on its inputs and outputs, so the state stays in its
     FSDP layout between steps and nothing is gathered by accident. Each of the G
-    micro-batches runs as `pieces` (default: pieces_per_micro_batch) smaller ones.
+    micro-batches runs as `pieces` (default: pieces_per_micro_batch) smaller ones, whose
+    logits the loss makes in `chunks` (default: loss_chunks) slices of the sequence.
     """
     compute_dtype = jnp.dtype(config.compute_dtype)
     schedule = lr_schedule(config)
     state_shardings, static = state_layout(config, optimizer, mesh)
     batch_sharding = sharding.batch_sharding(mesh, ndim=3, batch_axis=1)
     pieces = pieces or pieces_per_micro_batch(config, mesh)
+    chunks = chunks or loss_chunks(config, mesh, pieces)
     gather = sharding.gather_params(mesh)
 
     def step(state_arrays, x_GxBxT, y_GxBxT):
@@ -109,7 +126,7 @@ def make_train_step(config: Config, optimizer: optax.GradientTransformation, mes
             compute_params = cast_floats(params, compute_dtype)
             compute_params = jax.lax.with_sharding_constraint(compute_params, state_shardings.model)
             model = eqx.combine(compute_params, model_static)
-            return loss_fn(model, x_BxT, y_BxT, micro_key, gather)
+            return loss_fn(model, x_BxT, y_BxT, micro_key, gather, chunks)
 
         def accumulate(grad_sum, micro_batch):
             loss, grad = jax.value_and_grad(micro_loss)(params, *micro_batch)
@@ -154,8 +171,8 @@ def make_train_step(config: Config, optimizer: optax.GradientTransformation, mes
 
 
 @eqx.filter_jit
-def eval_loss(model: GPT, x_GxBxT, y_GxBxT, compute_dtype: str, pieces: int = 1, gather=None):
-    """Mean loss over G batches, each cut into `pieces`, in one call: one dispatch per evaluation."""
+def eval_loss(model: GPT, x_GxBxT, y_GxBxT, compute_dtype: str, pieces: int = 1, gather=None, chunks: int = 1):
+    """Mean loss over G batches, each cut into `pieces` (its logits into `chunks`), in one call: one dispatch."""
     model = cast_floats(model, jnp.dtype(compute_dtype))
     G, B, T = x_GxBxT.shape
     x_MxbxT, y_MxbxT = (a.reshape(G * pieces, B // pieces, T) for a in (x_GxBxT, y_GxBxT))
@@ -165,7 +182,7 @@ def eval_loss(model: GPT, x_GxBxT, y_GxBxT, compute_dtype: str, pieces: int = 1,
     # budget (shakespeare_char's) but in a quarter less time on its whole 64-row batches:
     # batches over the budget keep it.
     at_once = ACTIVATIONS_AT_ONCE // (B // pieces * T * model.config.n_embd)
-    loss_M = jax.lax.map(lambda batch: loss_fn(model, *batch, gather=gather), (x_MxbxT, y_MxbxT),
+    loss_M = jax.lax.map(lambda batch: loss_fn(model, *batch, gather=gather, chunks=chunks), (x_MxbxT, y_MxbxT),
                          batch_size=None if at_once == 1 else max(1, at_once))
     return loss_M.mean()
 
@@ -173,8 +190,9 @@ def eval_loss(model: GPT, x_GxBxT, y_GxBxT, compute_dtype: str, pieces: int = 1,
 def evaluate(model: GPT, tokens, config: Config, mesh: Mesh, stream: int) -> float:
     """Mean loss over eval_iters batches; the same batches at every evaluation."""
     x_GxBxT, y_GxBxT = global_batch(tokens, (config.seed, stream), config.eval_iters, config, mesh)
-    return float(eval_loss(model, x_GxBxT, y_GxBxT, config.compute_dtype, pieces_per_micro_batch(config, mesh),
-                           sharding.gather_params(mesh)))
+    pieces = pieces_per_micro_batch(config, mesh)
+    return float(eval_loss(model, x_GxBxT, y_GxBxT, config.compute_dtype, pieces, sharding.gather_params(mesh),
+                           loss_chunks(config, mesh, pieces)))
 
 
 def global_batch(tokens, key: tuple[int, ...], G: int, config: Config, mesh: Mesh):
@@ -252,9 +270,15 @@ class StopSignals:
         self.say(f"{self.received}: stopping after this step, with a checkpoint (again to stop at once)")
 
 
+def estimate_memory(config: Config, mesh: Mesh, like: TrainState, shardings) -> dict[str, int]:
+    """memory.estimate of the step as make_train_step runs it: in its pieces, the loss in its slices."""
+    pieces = pieces_per_micro_batch(config, mesh)
+    return memory.estimate(config, mesh, like, shardings, pieces, loss_chunks(config, mesh, pieces))
+
+
 def plan_memory(config: Config, mesh: Mesh, like: TrainState, shardings, say) -> None:
     """Print the per-device memory estimate; stop before compiling if it cannot fit."""
-    estimate_for = lambda c: memory.estimate(c, mesh, like, shardings, pieces_per_micro_batch(c, mesh))
+    estimate_for = lambda c: estimate_memory(c, mesh, like, shardings)
     parts = estimate_for(config)
     available, source = memory.device_memory()
     attention = attention_implementation(config.model.attention, config.compute_dtype, config.model.dropout > 0)

@@ -1,0 +1,50 @@
+"""Memory of the real training step, as XLA compiles it, against the estimate that launch.py prints.
+
+python benchmarks/step_memory.py --config=openwebtext [--chunks=1,8] [--pieces=1] [--FIELD=VALUE ...]
+compiles the step without running it and prints one JSON line per loss slicing (--chunks; by
+default the one training uses): XLA's temporary, argument and output bytes on the first
+device, and memory.estimate's parts. Runs unchanged on a CPU, a GPU or a TPU.
+"""
+
+import argparse
+import json
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+
+from midgpt import memory
+from midgpt.config import apply_overrides, check_config, load_config
+from midgpt.optimizer import make_optimizer
+from midgpt.sharding import make_mesh
+from midgpt.train import fresh_state, init_state, loss_chunks, make_train_step, pieces_per_micro_batch, state_layout
+from train_throughput import run_fields
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--chunks", help="comma-separated slice counts for the loss (default: training's)")
+    parser.add_argument("--pieces", type=int, help="pieces per micro-batch (default: training's)")
+    args, overrides = parser.parse_known_args()
+    config = apply_overrides(load_config(args.config), overrides)
+    check_config(config)
+    optimizer, mesh = make_optimizer(config), make_mesh(config)
+    pieces = args.pieces or pieces_per_micro_batch(config, mesh)
+    state = init_state(config, optimizer, mesh)
+    shardings, _ = state_layout(config, optimizer, mesh)
+    like = eqx.filter_eval_shape(fresh_state, config, optimizer)
+    batch = jax.ShapeDtypeStruct((config.g_accum_iters, config.batch_size, config.model.block_size), jnp.int32)
+    for chunks in map(int, args.chunks.split(",")) if args.chunks else [loss_chunks(config, mesh, pieces)]:
+        compiled = make_train_step(config, optimizer, mesh, pieces, chunks).lower(state, batch, batch).compile()
+        xla = compiled.memory_analysis()
+        print(json.dumps({
+            **run_fields(args.config, overrides), "pieces": pieces, "chunks": chunks,
+            "xla_temp_bytes": xla.temp_size_in_bytes, "xla_argument_bytes": xla.argument_size_in_bytes,
+            "xla_output_bytes": xla.output_size_in_bytes,
+            "estimate_bytes": memory.estimate(config, mesh, like, shardings, pieces, chunks),
+        }), flush=True)
+
+
+if __name__ == "__main__":
+    main()
