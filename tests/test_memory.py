@@ -16,8 +16,8 @@ from midgpt.config import Config, ModelConfig, apply_overrides, load_config
 from midgpt.errors import MidgptError
 from midgpt.optimizer import make_optimizer
 from midgpt.sharding import DATA_AXES, make_mesh
-from midgpt.train import (estimate_memory, fresh_state, init_state, loss_chunks, make_train_step,
-                          pieces_per_micro_batch, state_layout)
+from midgpt.train import (fresh_state, init_state, loss_chunks, make_train_step, pieces_per_micro_batch,
+                          state_layout)
 from conftest import REPO_ROOT
 from test_launch import assert_one_line_error, run
 from test_sharding import on_devices
@@ -26,7 +26,7 @@ from test_sharding import on_devices
 def estimate(config):
     optimizer, mesh = make_optimizer(config), make_mesh(config)
     shardings, _ = state_layout(config, optimizer, mesh)
-    return estimate_memory(config, mesh, eqx.filter_eval_shape(fresh_state, config, optimizer), shardings)
+    return memory.estimate(config, mesh, eqx.filter_eval_shape(fresh_state, config, optimizer), shardings)
 
 
 @pytest.mark.parametrize("devices", [1, 8])
@@ -133,7 +133,8 @@ def test_an_over_large_run_suggests_the_largest_micro_batch_that_fits_and_keeps_
     assert smaller.batch_size * smaller.g_accum_iters == config.batch_size * config.g_accum_iters
     assert estimate(smaller)["total"] <= available < parts["total"]
     # The largest that fits: twice the rows (still a divisor of 1024) does not.
-    assert estimate(apply_overrides(config, [f"--batch_size={2 * smaller.batch_size}"]))["total"] > available
+    twice = [f"--batch_size={2 * smaller.batch_size}", f"--g_accum_iters={smaller.g_accum_iters // 2}"]
+    assert estimate(apply_overrides(config, twice))["total"] > available
     memory.check_fits(config, make_mesh(config), parts["total"], estimate)  # just fits: no error
 
 
@@ -155,7 +156,7 @@ def test_launch_stops_an_over_large_model_before_compiling_and_writes_nothing(sh
 def test_step_memory_benchmark_prints_xla_beside_the_estimate_for_each_slicing():
     result = subprocess.run(
         [sys.executable, str(REPO_ROOT / "benchmarks" / "step_memory.py"), "--config=shakespeare_char_cpu",
-         "--model.vocab_size=4096", "--chunks=1,4", "--pieces=1"],
+         "--model.vocab_size=4096", "--model.n_layer=1", "--chunks=1,4", "--pieces=1"],
         capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stderr

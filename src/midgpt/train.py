@@ -270,15 +270,12 @@ class StopSignals:
         self.say(f"{self.received}: stopping after this step, with a checkpoint (again to stop at once)")
 
 
-def estimate_memory(config: Config, mesh: Mesh, like: TrainState, shardings) -> dict[str, int]:
-    """memory.estimate of the step as make_train_step runs it: in its pieces, the loss in its slices."""
-    pieces = pieces_per_micro_batch(config, mesh)
-    return memory.estimate(config, mesh, like, shardings, pieces, loss_chunks(config, mesh, pieces))
-
-
 def plan_memory(config: Config, mesh: Mesh, like: TrainState, shardings, say) -> None:
     """Print the per-device memory estimate; stop before compiling if it cannot fit."""
-    estimate_for = lambda c: estimate_memory(c, mesh, like, shardings)
+    def estimate_for(c: Config) -> dict[str, int]:  # the step as make_train_step runs it
+        pieces = pieces_per_micro_batch(c, mesh)
+        return memory.estimate(c, mesh, like, shardings, pieces, loss_chunks(c, mesh, pieces))
+
     parts = estimate_for(config)
     available, source = memory.device_memory()
     attention = attention_implementation(config.model.attention, config.compute_dtype, config.model.dropout > 0)
