@@ -17,7 +17,7 @@ from midgpt import memory
 from midgpt.config import apply_overrides, check_config, load_config
 from midgpt.optimizer import make_optimizer
 from midgpt.sharding import make_mesh
-from midgpt.train import fresh_state, init_state, loss_chunks, make_train_step, pieces_per_micro_batch, state_layout
+from midgpt.train import fresh_state, init_state, make_train_step, pieces_per_micro_batch, state_layout
 from train_throughput import run_fields
 
 
@@ -35,7 +35,7 @@ def main() -> None:
     shardings, _ = state_layout(config, optimizer, mesh)
     like = eqx.filter_eval_shape(fresh_state, config, optimizer)
     batch = jax.ShapeDtypeStruct((config.g_accum_iters, config.batch_size, config.model.block_size), jnp.int32)
-    for chunks in map(int, args.chunks.split(",")) if args.chunks else [loss_chunks(config, mesh, pieces)]:
+    for chunks in map(int, args.chunks.split(",")) if args.chunks else [memory.loss_chunks(config, mesh, pieces)]:
         compiled = make_train_step(config, optimizer, mesh, pieces, chunks).lower(state, batch, batch).compile()
         xla = compiled.memory_analysis()
         print(json.dumps({

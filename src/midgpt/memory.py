@@ -25,6 +25,20 @@ def sharded_bytes(arrays_like, shardings) -> int:
     return sum(math.prod(s.shard_shape(x.shape)) * x.dtype.itemsize for x, s in placed(arrays_like, shardings))
 
 
+# Float32 logits (tokens x vocab) outgrow everything else at a large vocabulary, so the loss
+# makes at most this many at a time on a device (4 GiB): openwebtext's 128 x 1024-token
+# micro-batch in 8 slices on one GPU, whole from 8 GPUs on. Not fewer: on several devices
+# each slice sums the output layer's gradient over them.
+LOGITS_AT_ONCE = 2**30
+
+
+def loss_chunks(config: Config, mesh: Mesh, pieces: int) -> int:
+    """Into how many slices of the sequence the loss cuts each piece's logits (precision.cross_entropy)."""
+    rows = max(1, config.batch_size // pieces // mesh.size)  # per device
+    T, V = config.model.block_size, config.model.vocab_size
+    return next(c for c in range(1, T + 1) if T % c == 0 and (rows * T // c * V <= LOGITS_AT_ONCE or c == T))
+
+
 def activation_bytes(config: Config, mesh: Mesh, pieces: int = 1, chunks: int = 1) -> int:
     """A rough count of one device's activation memory in a step, with remat as configured.
 
@@ -75,7 +89,7 @@ def estimate(config: Config, mesh: Mesh, state_like, state_shardings, pieces: in
     """Per-device bytes of parameters, gradients, optimiser state, activations and gathered parameters.
 
     pieces: into how many the step cuts each micro-batch (train.pieces_per_micro_batch);
-    chunks: into how many slices the loss cuts a piece's logits (train.loss_chunks).
+    chunks: into how many slices the loss cuts a piece's logits (loss_chunks).
     """
     params = sharded_bytes(state_like.model, state_shardings.model)
     compute_copy = params * np.dtype(config.compute_dtype).itemsize // np.dtype(config.param_dtype).itemsize

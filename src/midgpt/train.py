@@ -83,20 +83,6 @@ def pieces_per_micro_batch(config: Config, mesh: Mesh) -> int:
     return next(k for k in range(1, B + 1) if B % k == 0 and (B // k * T * D <= ACTIVATIONS_AT_ONCE or k == B))
 
 
-# Float32 logits (tokens x vocab) outgrow everything else at a large vocabulary, so the loss
-# makes at most this many at a time on a device (4 GiB): openwebtext's 128 x 1024-token
-# micro-batch in 8 slices on one GPU, whole from 8 GPUs on. Not fewer: on several devices
-# each slice sums the output layer's gradient over them.
-LOGITS_AT_ONCE = 2**30
-
-
-def loss_chunks(config: Config, mesh: Mesh, pieces: int) -> int:
-    """Into how many slices of the sequence the loss cuts each piece's logits (precision.cross_entropy)."""
-    rows = max(1, config.batch_size // pieces // mesh.size)  # per device
-    T, V = config.model.block_size, config.model.vocab_size
-    return next(c for c in range(1, T + 1) if T % c == 0 and (rows * T // c * V <= LOGITS_AT_ONCE or c == T))
-
-
 def make_train_step(config: Config, optimizer: optax.GradientTransformation, mesh: Mesh,
                     pieces: int | None = None, chunks: int | None = None):
     """Build the jitted step (state, x_GxBxT, y_GxBxT) -> (state, metrics).
@@ -104,14 +90,14 @@ def make_train_step(config: Config, optimizer: optax.GradientTransformation, mes
     Shardings are declared on its inputs and outputs, so the state stays in its
     FSDP layout between steps and nothing is gathered by accident. Each of the G
     micro-batches runs as `pieces` (default: pieces_per_micro_batch) smaller ones, whose
-    logits the loss makes in `chunks` (default: loss_chunks) slices of the sequence.
+    logits the loss makes in `chunks` (default: memory.loss_chunks) slices of the sequence.
     """
     compute_dtype = jnp.dtype(config.compute_dtype)
     schedule = lr_schedule(config)
     state_shardings, static = state_layout(config, optimizer, mesh)
     batch_sharding = sharding.batch_sharding(mesh, ndim=3, batch_axis=1)
     pieces = pieces or pieces_per_micro_batch(config, mesh)
-    chunks = chunks or loss_chunks(config, mesh, pieces)
+    chunks = chunks or memory.loss_chunks(config, mesh, pieces)
     gather = sharding.gather_params(mesh)
 
     def step(state_arrays, x_GxBxT, y_GxBxT):
@@ -192,7 +178,7 @@ def evaluate(model: GPT, tokens, config: Config, mesh: Mesh, stream: int) -> flo
     x_GxBxT, y_GxBxT = global_batch(tokens, (config.seed, stream), config.eval_iters, config, mesh)
     pieces = pieces_per_micro_batch(config, mesh)
     return float(eval_loss(model, x_GxBxT, y_GxBxT, config.compute_dtype, pieces, sharding.gather_params(mesh),
-                           loss_chunks(config, mesh, pieces)))
+                           memory.loss_chunks(config, mesh, pieces)))
 
 
 def global_batch(tokens, key: tuple[int, ...], G: int, config: Config, mesh: Mesh):
@@ -274,7 +260,7 @@ def plan_memory(config: Config, mesh: Mesh, like: TrainState, shardings, say) ->
     """Print the per-device memory estimate; stop before compiling if it cannot fit."""
     def estimate_for(c: Config) -> dict[str, int]:  # the step as make_train_step runs it
         pieces = pieces_per_micro_batch(c, mesh)
-        return memory.estimate(c, mesh, like, shardings, pieces, loss_chunks(c, mesh, pieces))
+        return memory.estimate(c, mesh, like, shardings, pieces, memory.loss_chunks(c, mesh, pieces))
 
     parts = estimate_for(config)
     available, source = memory.device_memory()
