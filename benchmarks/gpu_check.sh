@@ -24,6 +24,10 @@ if [ -d .whl ]; then
 fi
 export PYTHONPATH=src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,memory.total --format=csv
+# The image's versions, which may not be those tested here (pyproject.toml's lower bounds).
+"$python" -c 'import sys, importlib.metadata as m
+print("python", sys.version.split()[0], *(f"{p} {m.version(p)}" for p in
+      ("jax", "jaxlib", "equinox", "optax", "orbax-checkpoint", "tensorboardX")))'
 
 # The GPU-only test first, the other fast paths (run on every CPU CI) last: what is new here
 # comes before what a short lease may cut off.
