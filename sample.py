@@ -46,8 +46,8 @@ def main(argv: list[str]) -> None:
     # The model sees at most block_size tokens: a longer prompt keeps its end.
     prompt_P = jnp.asarray(tokenizer.encode(meta, start)[-config.model.block_size:], jnp.int32)
     prompt_BxP = jnp.tile(prompt_P, (args.num_samples, 1))
-    top_k = min(args.top_k, config.model.vocab_size) if args.top_k else None
-    tokens_BxN = generate(model, prompt_BxP, args.max_new_tokens, jax.random.key(args.seed), args.temperature, top_k)
+    tokens_BxN = generate(model, prompt_BxP, args.max_new_tokens, jax.random.key(args.seed), args.temperature,
+                          args.top_k, vocab=meta["vocab_size"])  # the tokenizer's ids: the table may have more rows
     for i, row in enumerate(jax.device_get(tokens_BxN)):
         if i:
             print("-" * 40)

@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import REPO_ROOT
-from midgpt.tokenizer import gpt2
+from midgpt.tokenizer import encode, gpt2
 
 PREPARE = REPO_ROOT / "data" / "openwebtext" / "prepare.py"
 WORDS = ("the of and to in is was for that with as on by he she it they at from his her an were are "
@@ -71,6 +71,8 @@ DOCS = list(itertools.islice(iter_documents(seed=0), 2500))
 def test_offline_gpt2_bpe_matches_known_ids():
     assert gpt2().encode_ordinary("Hello world") == [15496, 995]
     assert gpt2().eot_token == 50256
+    # A prompt (sample.py's --start) may begin a document as the training data does.
+    assert encode({"tokenizer": "gpt2"}, "<|endoftext|>Hello world") == [50256, 15496, 995]
 
 
 def test_every_format_gives_the_same_exact_round_trip(tmp_path):

@@ -71,3 +71,14 @@ def test_same_seed_same_samples_and_top_k_1_is_greedy():
     greedy = sample(0, temperature=0.0)
     assert np.array_equal(sample(5, temperature=1.0, top_k=1), greedy)
     assert np.array_equal(greedy[0], greedy[1])
+
+
+@pytest.mark.parametrize("sampling", [dict(temperature=1.0), dict(temperature=2.0, top_k=V), dict(temperature=0.0)])
+def test_samples_only_the_tokenizers_ids_of_a_padded_table(sampling):
+    # openwebtext's table has 50304 rows for GPT-2's 50257 ids: the rest decode to nothing.
+    model, vocab = tiny_model(seed=2), 7
+    prompt_BxP = jnp.array([[1, 2, 3]] * 4, jnp.int32)
+    sample = lambda **kw: np.asarray(generate(model, prompt_BxP, 4 * W, jax.random.key(0), **sampling, **kw))
+    if sampling["temperature"] > 0:  # the test's premise: unrestricted, padded ids come up
+        assert sample().max() >= vocab
+    assert sample(vocab=vocab).max() < vocab

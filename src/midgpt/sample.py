@@ -37,19 +37,23 @@ def load_model(rundir: str, step: int | None = None) -> tuple[Config, GPT]:
     return config, state.model
 
 
-def sample_token(logits_BxV, key, temperature: float, top_k: int | None):
-    """Draw one token id per row; temperature 0 is greedy."""
+def sample_token(logits_BxV, key, temperature: float, top_k: int | None, vocab: int | None = None):
+    """Draw one token id per row, below vocab if given; temperature 0 is greedy."""
+    # vocab is the tokenizer's: a table padded for speed (openwebtext's 50304 rows for GPT-2's
+    # 50257 ids) has rows that were never a target and that no tokenizer decodes.
+    logits_BxV = logits_BxV[:, :vocab]
     if temperature == 0:
         return jnp.argmax(logits_BxV, axis=-1)
     if top_k is not None:
-        kth_Bx1 = jax.lax.top_k(logits_BxV, top_k)[0][:, -1:]
+        kth_Bx1 = jax.lax.top_k(logits_BxV, min(top_k, logits_BxV.shape[-1]))[0][:, -1:]
         logits_BxV = jnp.where(logits_BxV < kth_Bx1, -jnp.inf, logits_BxV)
     return jax.random.categorical(key, logits_BxV / temperature, axis=-1)
 
 
 @eqx.filter_jit
-def generate(model: GPT, prompt_BxP, max_new_tokens: int, key, temperature: float = 1.0, top_k: int | None = None):
-    """Prompt followed by max_new_tokens generated tokens, (B, P + max_new_tokens).
+def generate(model: GPT, prompt_BxP, max_new_tokens: int, key, temperature: float = 1.0, top_k: int | None = None,
+             vocab: int | None = None):
+    """Prompt followed by max_new_tokens generated tokens, (B, P + max_new_tokens); new ids below vocab if given.
 
     One prefill of the prompt fills the KV cache, then each new token costs one
     position's forward pass. Past block_size the context slides: every token sees
@@ -59,12 +63,12 @@ def generate(model: GPT, prompt_BxP, max_new_tokens: int, key, temperature: floa
     if P > model.config.block_size:
         raise ValueError("the prompt must fit block_size; keep its last block_size tokens")
     logits_BxPxV, cache = model(prompt_BxP, positions_T=jnp.arange(P), cache=model.empty_cache(B))
-    first_B = sample_token(logits_BxPxV[:, -1], jax.random.fold_in(key, P), temperature, top_k)
+    first_B = sample_token(logits_BxPxV[:, -1], jax.random.fold_in(key, P), temperature, top_k, vocab)
 
     def decode(carry, position):
         cache, token_B = carry
         logits_Bx1xV, cache = model(token_B[:, None], positions_T=position[None], cache=cache)
-        next_B = sample_token(logits_Bx1xV[:, 0], jax.random.fold_in(key, position + 1), temperature, top_k)
+        next_B = sample_token(logits_Bx1xV[:, 0], jax.random.fold_in(key, position + 1), temperature, top_k, vocab)
         return (cache, next_B), next_B
 
     positions = jnp.arange(P, P + max_new_tokens - 1)

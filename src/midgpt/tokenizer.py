@@ -29,9 +29,9 @@ def gpt2() -> tiktoken.Encoding:
 
 
 def encode(meta: dict, text: str) -> list[int]:
-    """Token ids of text under the dataset's tokenizer."""
+    """Token ids of text under the dataset's tokenizer; GPT-2's "<|endoftext|>" is its separator, as in the data."""
     if meta["tokenizer"] == "gpt2":
-        return gpt2().encode_ordinary(text)
+        return gpt2().encode(text, allowed_special={EOT})
     stoi = {c: i for i, c in enumerate(meta["chars"])}
     unknown = sorted(set(text) - stoi.keys())
     if unknown:
