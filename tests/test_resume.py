@@ -19,18 +19,22 @@ ARGS = ["--config=shakespeare_char_cpu", "--model.n_layer=2", "--max_steps=60", 
         "--eval_interval=30", "--eval_iters=2", "--log_interval=5", "--model.dropout=0.1"]
 
 
-def launch(rundir, data_dir, *extra, devices=None):
+def launch(rundir, data_dir, *extra, devices=None, stdout=subprocess.PIPE):
     env = dict(os.environ)
     if devices:
         env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
     return subprocess.Popen([sys.executable, str(REPO_ROOT / "launch.py"), *ARGS, f"--rundir={rundir}",
                              f"--data_dir={data_dir}", *extra], cwd=REPO_ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=stdout, stderr=subprocess.PIPE, text=True)
 
 
-def finish(proc):
-    out, err = proc.communicate(timeout=600)
-    return proc.returncode, out + err
+def finish(proc, timeout=600):
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()  # not left training in the background
+        raise
+    return proc.returncode, (out or "") + err
 
 
 def metrics(rundir):
@@ -101,6 +105,21 @@ def test_sigterm_saves_a_checkpoint_and_exits_0_then_resumes_exactly(uninterrupt
     assert code == 0, output
     assert f"resuming from checkpoint {stopped}" in output
     assert_same_run(rundir, uninterrupted)
+
+
+def test_a_stop_signal_saves_and_exits_0_when_nobody_reads_stdout(shakespeare_data_dir, tmp_path):
+    # Ctrl-C in a terminal also ends the `tee` of `launch.py | tee log`: stdout is a pipe without a reader.
+    rundir = tmp_path / "run"
+    read_end, write_end = os.pipe()
+    proc = launch(rundir, shakespeare_data_dir, "--max_steps=100000", stdout=write_end)
+    os.close(write_end)
+    wait_for_step(rundir, 5, proc)
+    os.close(read_end)
+    proc.send_signal(signal.SIGINT)
+    code, errors = finish(proc, timeout=120)
+    assert code == 0, errors
+    [saved] = os.listdir(rundir / "checkpoints")
+    assert int(saved) >= 5 and "Error" not in errors, errors
 
 
 def truncate_data_file(step_dir):

@@ -1,7 +1,12 @@
-"""Command-line plumbing shared by launch.py and sample.py: input errors are one line."""
+"""Command-line plumbing: input errors are one line, output survives a closed pipe, signals ask for a stop."""
 
 import argparse
+import contextlib
+import os
+import signal
 import sys
+
+from tqdm import tqdm
 
 from midgpt.errors import MidgptError
 
@@ -19,3 +24,46 @@ def run(main) -> None:
         main(sys.argv[1:])
     except MidgptError as e:
         sys.exit(f"error: {e}")
+
+
+def say(line: str) -> None:
+    """Print a line above the progress bar, now; a closed stdout (`| tee` ended by Ctrl-C) stops no run."""
+    try:
+        tqdm.write(line)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # Later lines, and Python's flush at exit, then go nowhere instead of failing again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
+class StopSignals:
+    """SIGINT/SIGTERM ask for a stop after the current step; a second one stops at once.
+
+    The handler only records the first: printing there could re-enter a write it interrupted.
+    """
+
+    def __init__(self):
+        self.received, self.noticed = None, False
+
+    def __enter__(self):
+        self.previous = {sig: signal.signal(sig, self.handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    def handle(self, signum, frame):
+        if self.received:
+            with contextlib.suppress(OSError):  # os.write: unbuffered, so nothing to re-enter
+                os.write(sys.stderr.fileno(), f"\n{signal.Signals(signum).name} again: stopping now, "
+                         "without a checkpoint\n".encode())
+            os._exit(128 + signum)
+        self.received = signal.Signals(signum).name
+
+    def notice(self) -> str | None:
+        """What to say, once, after the first signal."""
+        if self.received and not self.noticed:
+            self.noticed = True
+            return f"{self.received}: stopping after this step, with a checkpoint (again to stop at once)"
+        return None

@@ -3,7 +3,6 @@
 import json
 import math
 import os
-import signal
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -17,7 +16,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
-from midgpt import checkpoint, data, memory, mfu, sharding
+from midgpt import checkpoint, cli, data, memory, mfu, sharding
 from midgpt.config import Config, config_to_dict
 from midgpt.errors import MidgptError
 from midgpt.metrics import MetricsLog
@@ -234,28 +233,6 @@ def check_finite(metrics: dict, step: int, last_checkpoint: int | None):
             raise MidgptError(f"{name} is {value} at step {step}: training diverged; {kept}")
 
 
-class StopSignals:
-    """SIGINT/SIGTERM ask for a stop after the current step; a second one stops at once."""
-
-    def __init__(self, say):
-        self.received, self.say = None, say
-
-    def __enter__(self):
-        self.previous = {sig: signal.signal(sig, self.handle) for sig in (signal.SIGINT, signal.SIGTERM)}
-        return self
-
-    def __exit__(self, *exc):
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-
-    def handle(self, signum, frame):
-        if self.received:
-            print(f"\n{signal.Signals(signum).name} again: stopping now, without a checkpoint", file=sys.stderr)
-            os._exit(128 + signum)
-        self.received = signal.Signals(signum).name
-        self.say(f"{self.received}: stopping after this step, with a checkpoint (again to stop at once)")
-
-
 def plan_memory(config: Config, mesh: Mesh, like: TrainState, shardings, say) -> None:
     """Print the per-device memory estimate; stop before compiling if it cannot fit."""
     def estimate_for(c: Config) -> dict[str, int]:  # the step as make_train_step runs it
@@ -282,7 +259,7 @@ def train(config: Config, rundir: str, debug: bool = False, resume: bool = False
     train_tokens, val_tokens = check_data(config)
     mesh = sharding.make_mesh(config)
     is_main = jax.process_index() == 0
-    say = tqdm.write if is_main else lambda _: None
+    say = cli.say if is_main else lambda _: None
     say("config: " + json.dumps(config_to_dict(config)))
     optimizer = make_optimizer(config)
     # The state's shapes and layout, without computing it: for the memory plan and a restore.
@@ -330,7 +307,7 @@ def train(config: Config, rundir: str, debug: bool = False, resume: bool = False
     )
     peak_memory = None
     interval_start, interval_steps = time.perf_counter(), 0
-    with StopSignals(say) as signals:
+    with cli.StopSignals() as signals:
         try:
             for step, (x_GxBxT, y_GxBxT) in prefetch(make_batch, range(start + 1, config.max_steps + 1)):
                 if profile_steps and step == profile_steps[0]:
@@ -371,6 +348,8 @@ def train(config: Config, rundir: str, debug: bool = False, resume: bool = False
                         log.write(record)
                     interval_start, interval_steps = time.perf_counter(), 0
 
+                if notice := signals.notice():
+                    say(notice)
                 stop = signals.received is not None
                 if jax.process_count() > 1:  # all stop at the same step; agreeing costs a sync, so only at log steps
                     stop = is_log and bool(multihost_utils.process_allgather(np.int32(stop)).any())
@@ -381,7 +360,7 @@ def train(config: Config, rundir: str, debug: bool = False, resume: bool = False
                 if stop:
                     if manager:
                         manager.wait_until_finished()
-                    say(f"stopped after step {step} ({signals.received}); " + (
+                    say(f"stopped after step {step} ({signals.received or 'another process was signalled'}); " + (
                         "run the same command to resume from checkpoint " + str(step) if manager
                         else "no checkpoint was written (--debug)"))
                     break
