@@ -25,6 +25,8 @@ def main(argv: list[str]) -> None:
                    process_id=args.process_id)
     if not args.multihost and any(v is not None for v in cluster.values()):
         parser.error("--coordinator_address, --num_processes and --process_id need --multihost")
+    if args.multihost and not args.rundir:  # each process would name its own from its clock
+        parser.error("--multihost needs --rundir: one directory that every process writes to")
     config = apply_overrides(load_config(args.config), overrides)
     rundir = args.rundir or time.strftime("outputs/%Y-%m-%d_%H-%M-%S")
     resume = os.path.exists(os.path.join(rundir, "config.json"))

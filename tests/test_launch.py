@@ -115,6 +115,15 @@ def test_bad_input_is_one_line_and_creates_nothing(args, fragments, tmp_path):
     assert not rundir.exists() and not (tmp_path / "outputs").exists()
 
 
+@pytest.mark.parametrize("args, fragment", [
+    (["--multihost"], "--multihost needs --rundir"),  # each process would name one from its own clock
+    (["--process_id=1"], "need --multihost"),
+])
+def test_multihost_flags_are_checked_before_anything_starts(args, fragment, tmp_path):
+    assert_one_line_error(run("launch.py", "--config=shakespeare_char_cpu", *args, cwd=tmp_path), fragment)
+    assert not (tmp_path / "outputs").exists()
+
+
 def test_relaunching_a_finished_run_changes_nothing(short_run, shakespeare_data_dir):
     before = open(os.path.join(short_run, "metrics.jsonl")).read()
     result = run("launch.py", "--config=shakespeare_char_cpu", f"--rundir={short_run}",
