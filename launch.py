@@ -29,7 +29,9 @@ def main(argv: list[str]) -> None:
         parser.error("--multihost needs --rundir: one directory that every process writes to")
     config = apply_overrides(load_config(args.config), overrides)
     rundir = args.rundir or time.strftime("outputs/%Y-%m-%d_%H-%M-%S")
-    resume = os.path.exists(os.path.join(rundir, "config.json"))
+    # A directory that --debug made holds no checkpoints: a second --debug there starts afresh.
+    resume = os.path.exists(os.path.join(rundir, "config.json")) and not (
+        args.debug and not os.path.exists(os.path.join(rundir, "checkpoints")))
     if resume:  # the run's own config, with the overrides that keep it the same run
         config, changes = resume_config(read_config_json(rundir), config, overrides)
     check_config(config)

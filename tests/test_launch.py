@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -81,14 +82,17 @@ def test_sample_reads_a_prompt_file_and_keeps_the_end_of_a_long_prompt(short_run
     assert not result.stdout.startswith(prompt[-65:])
 
 
-def test_debug_writes_a_profiler_trace(shakespeare_data_dir, tmp_path):
+def test_debug_writes_a_profiler_trace_each_time_and_never_over_a_run(short_run, shakespeare_data_dir, tmp_path):
     rundir = tmp_path / "debug"
-    result = run("launch.py", "--config=shakespeare_char_cpu", f"--rundir={rundir}", "--debug",
-                 f"--data_dir={shakespeare_data_dir}", "--max_steps=6", *TINY)
-    assert result.returncode == 0, result.stderr
-    assert list((rundir / "profile").rglob("*.xplane.pb"))
+    debug = lambda rundir: run("launch.py", "--config=shakespeare_char_cpu", f"--rundir={rundir}", "--debug",
+                               f"--data_dir={shakespeare_data_dir}", "--max_steps=6", *TINY)
+    for traces in (1, 2):  # the README's profiling command, run again
+        result = debug(rundir)
+        assert result.returncode == 0, result.stderr
+        assert len(list((rundir / "profile").rglob("*.xplane.pb"))) == traces
     assert "no checkpoints are written" in result.stdout + result.stderr
     assert not (rundir / "checkpoints").exists()
+    assert_one_line_error(debug(short_run), "--debug writes no checkpoints")
 
 
 def assert_one_line_error(result, *fragments):
@@ -106,6 +110,8 @@ def assert_one_line_error(result, *fragments):
     (["--config=shakespeare_char_cpu", "--model.n_head=3"], ["model.n_head"]),
     (["--config=shakespeare_char_cpu", "--warmup_steps=2000"], ["warmup_steps", "lr_decay_steps"]),
     (["--config=shakespeare_char_cpu", "--data_dir=no/such/dir"], ["no/such/dir", "prepare.py"]),
+    (["--config=shakespeare_char_cpu", "--compute_dtype=float16"], ["compute_dtype", "loss scaling"]),
+    (["--config=shakespeare_char_cpu", "--seed=-1"], ["seed"]),
     ([], ["--config"]),
 ])
 def test_bad_input_is_one_line_and_creates_nothing(args, fragments, tmp_path):
@@ -113,6 +119,22 @@ def test_bad_input_is_one_line_and_creates_nothing(args, fragments, tmp_path):
     result = run("launch.py", f"--rundir={rundir}", *args, cwd=tmp_path)
     assert_one_line_error(result, *fragments)
     assert not rundir.exists() and not (tmp_path / "outputs").exists()
+
+
+def test_a_split_shorter_than_one_window_is_one_line(shakespeare_data_dir, tmp_path):
+    # prepare.py's val split can be that short: a few documents of a small corpus.
+    data_dir = tmp_path / "data"
+    shutil.copytree(shakespeare_data_dir, data_dir)
+    (data_dir / "val.bin").write_bytes((data_dir / "val.bin").read_bytes()[:2 * 64])  # 64 tokens: block_size
+    result = run("launch.py", "--config=shakespeare_char_cpu", f"--rundir={tmp_path}/run", f"--data_dir={data_dir}")
+    assert_one_line_error(result, "val.bin holds 64 tokens", "65")
+    assert not (tmp_path / "run").exists()
+
+
+def test_an_unreadable_config_json_is_one_line(tmp_path):
+    (tmp_path / "config.json").write_text('{"seed": 0')  # a hand edit gone wrong
+    for script, args in (("launch.py", ["--config=shakespeare_char_cpu"]), ("sample.py", [])):
+        assert_one_line_error(run(script, f"--rundir={tmp_path}", *args), "config.json is not valid JSON")
 
 
 @pytest.mark.parametrize("args, fragment", [
@@ -130,6 +152,7 @@ def test_relaunching_a_finished_run_changes_nothing(short_run, shakespeare_data_
                  f"--data_dir={shakespeare_data_dir}", "--max_steps=40", "--eval_interval=20", *TINY)
     assert result.returncode == 0, result.stderr
     assert "resuming from checkpoint 40" in result.stdout + result.stderr
+    assert "max_steps=40 is reached: nothing to train" in result.stdout
     assert open(os.path.join(short_run, "metrics.jsonl")).read() == before
 
 

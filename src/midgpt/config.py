@@ -95,7 +95,10 @@ def read_config_json(rundir: str) -> Config:
     if not os.path.exists(path):
         raise MidgptError(f"{path} not found; is {rundir} a run directory made by launch.py?")
     with open(path) as f:
-        return config_from_dict(json.load(f))
+        try:
+            return config_from_dict(json.load(f))
+        except json.JSONDecodeError as e:
+            raise MidgptError(f"{path} is not valid JSON ({e}); restore it or pass a new --rundir") from None
 
 
 def resume_config(saved: Config, requested: Config, overrides: list[str]) -> tuple[Config, list[str]]:
@@ -229,6 +232,8 @@ def check_config(config: Config) -> None:
     for name, value in positive.items():
         if value <= 0:
             raise MidgptError(f"config field {name!r} must be positive, got {value}")
+    if config.seed < 0:  # numpy's generators, which draw the batches, take none
+        raise MidgptError(f"config field 'seed' must be 0 or more, got {config.seed}")
     if m.n_embd % m.n_head or (m.n_embd // m.n_head) % 2:
         raise MidgptError(
             f"model.n_embd={m.n_embd} must split into model.n_head={m.n_head} heads of even width "
@@ -249,5 +254,7 @@ def check_config(config: Config) -> None:
     if m.remat not in ("full", "dots", "none"):
         raise MidgptError(f"config field 'model.remat' must be full, dots or none, got {m.remat!r}")
     for name in ("param_dtype", "compute_dtype"):
-        if getattr(config, name) not in ("float32", "bfloat16", "float16"):
-            raise MidgptError(f"config field {name!r} must be float32, bfloat16 or float16, got {getattr(config, name)!r}")
+        # float16's range would need loss scaling: its gradients underflow (and Adam's second moment).
+        if getattr(config, name) not in ("float32", "bfloat16"):
+            raise MidgptError(f"config field {name!r} must be float32 or bfloat16 (float16 would need loss "
+                              f"scaling, which midgpt does not do), got {getattr(config, name)!r}")

@@ -103,7 +103,7 @@ def attention_implementation(attention: str, dtype, dropout: bool) -> str:
     if attention != "auto":
         return attention
     # cuDNN's fused (flash) attention on NVIDIA GPUs; on CPUs the einsum path measured faster.
-    flash = jax.default_backend() == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+    flash = jax.default_backend() == "gpu" and jnp.dtype(dtype) == jnp.bfloat16
     return "cudnn" if flash and not dropout else "einsum"
 
 

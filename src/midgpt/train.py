@@ -207,21 +207,28 @@ def prefetch(make, steps: range):
 
 
 def check_data(config: Config):
-    """Open the token files and check that the model's vocabulary covers them."""
+    """Open the token files; check that the model's vocabulary covers them and that each holds a window."""
     meta = data.load_meta(config.data_dir)
     if meta["vocab_size"] > config.model.vocab_size:
         raise MidgptError(
             f"{config.data_dir} has {meta['vocab_size']} token ids but model.vocab_size is "
             f"{config.model.vocab_size}; set --model.vocab_size={meta['vocab_size']} or more"
         )
-    return data.load_tokens(config.data_dir, "train"), data.load_tokens(config.data_dir, "val")
+    splits = {split: data.load_tokens(config.data_dir, split) for split in ("train", "val")}
+    for split, tokens in splits.items():
+        if len(tokens) <= config.model.block_size:  # a window is block_size + 1 tokens: inputs and targets
+            raise MidgptError(f"{config.data_dir}/{split}.bin holds {len(tokens)} tokens, too few for one window of "
+                              f"model.block_size + 1 = {config.model.block_size + 1}; give it more text")
+    return splits["train"], splits["val"]
 
 
 def write_config(config: Config, rundir: str):
     if jax.process_index() == 0:
         os.makedirs(rundir, exist_ok=True)
-        with open(os.path.join(rundir, "config.json"), "w") as f:
+        path = os.path.join(rundir, "config.json")
+        with open(path + ".tmp", "w") as f:  # then renamed: a kill while writing leaves the old one whole
             json.dump(config_to_dict(config), f, indent=2)
+        os.replace(path + ".tmp", path)
 
 
 def check_finite(metrics: dict, step: int, last_checkpoint: int | None):
@@ -277,6 +284,8 @@ def train(config: Config, rundir: str, debug: bool = False, resume: bool = False
         if found:
             state, start = found
         say(f"resuming from checkpoint {start}" if found else "no checkpoint to resume from: starting at step 0")
+        if start >= config.max_steps:
+            say(f"max_steps={config.max_steps} is reached: nothing to train (a larger --max_steps goes on)")
     write_config(config, rundir)  # after the restore, which may refuse the run directory
     if state is None:
         state = init_state(config, optimizer, mesh)
