@@ -37,6 +37,9 @@ def test_flops_per_token_matches_xla_count_of_forward_and_backward():
     ("NVIDIA H100 PCIe", "bfloat16", 756e12),  # not the SXM part's number
     ("NVIDIA H100 80GB HBM3", "float32", 494e12),
     ("TPU v5 lite", "bfloat16", 197e12),  # v5e, not v5p
+    ("NVIDIA L40", "bfloat16", 181e12),  # not the L4's, nor the L40S's
+    ("NVIDIA L4", "bfloat16", 121e12),
+    ("TPU v4 lite", "bfloat16", 138e12),
     ("TPU v5", "bfloat16", 459e12),
     ("cpu", "bfloat16", None),
 ])

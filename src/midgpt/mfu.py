@@ -27,8 +27,10 @@ PEAK_FLOPS = [
     ("B200", 2250e12, 1100e12),
     ("A100", 312e12, 156e12),
     ("L40S", 362e12, 183e12),
+    ("L40", 181e12, 90.5e12),
     ("L4", 121e12, 60e12),
     ("TPU v3", 61.5e12, 61.5e12),  # per core: each of a chip's 2 cores is a JAX device
+    ("TPU v4 lite", 138e12, 138e12),  # v4i
     ("TPU v4", 275e12, 275e12),
     ("TPU v5 lite", 197e12, 197e12),  # v5e
     ("TPU v5", 459e12, 459e12),  # v5p

@@ -276,7 +276,9 @@ class GPT(eqx.Module):
 
         Each token attends to itself and the block_size - 1 tokens before it: the
         causal mask within block_size, a sliding window beyond. With a cache, the
-        tokens sit at positions_T after those already in it.
+        tokens sit at positions_T after those already in it; their keys are written
+        before they attend, so several at once must not pass position block_size
+        (one token at a time past it, as sample.generate decodes).
         gather, if given, takes the parameters just before their use (the embedding, each
         layer's, the final norm's): FSDP's all-gather, sharding.gather_params.
         """
