@@ -55,6 +55,20 @@ def test_prepare_with_missing_input_prints_one_line_and_writes_nothing(tmp_path)
     assert not out_dir.exists()
 
 
+def test_prepare_refuses_a_text_too_short_for_two_splits(tmp_path):
+    (tmp_path / "one.txt").write_text("a")
+    result = subprocess.run([sys.executable, str(PREPARE), "--input", str(tmp_path / "one.txt"),
+                             "--out_dir", str(tmp_path / "out")], capture_output=True, text=True)
+    assert result.returncode != 0 and "too few for a train and a val split" in result.stderr, result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_empty_token_file_is_one_line_error(tmp_path):
+    (tmp_path / "train.bin").write_bytes(b"")
+    with pytest.raises(MidgptError, match="train.bin is empty"):
+        load_tokens(str(tmp_path), "train")
+
+
 def test_same_key_gives_the_same_batch(shakespeare_data_dir):
     tokens = load_tokens(shakespeare_data_dir, "train")
     x1_BxT, y1_BxT = get_batch(tokens, (0, 5), 8, 32)

@@ -152,18 +152,48 @@ def bad_inputs(tmp_path) -> dict:
     parquet = tmp_path / "no_text.parquet"
     pq.write_table(pa.table({"body": ["a", "b"]}), parquet)
     (tmp_path / "corpus.csv").write_text("text\nhello\n")
+    (tmp_path / "truncated.parquet").write_bytes(b"PAR1 not the rest")
+    pq.write_table(pa.table({"text": [b"bytes", b"not strings"]}), tmp_path / "bytes.parquet")
+    # The bad byte far into the file: past the first read buffer, whose offsets the decoder would give.
+    (tmp_path / "latin1.txt").write_bytes("fine text\n\n".encode() * 20_000 + "café".encode("latin-1"))
     return {"missing file": tmp_path / "absent.txt", "unknown extension": tmp_path / "corpus.csv",
-            "jsonl line without text": jsonl, "parquet without text": parquet}
+            "jsonl line without text": jsonl, "parquet without text": parquet,
+            "not parquet": tmp_path / "truncated.parquet", "parquet of bytes": tmp_path / "bytes.parquet",
+            "not UTF-8": tmp_path / "latin1.txt"}
 
 
-@pytest.mark.parametrize("case", ["missing file", "unknown extension", "jsonl line without text", "parquet without text"])
-def test_bad_input_is_one_line_and_writes_nothing(tmp_path, case):
-    out_dir = tmp_path / "out"
-    result = run_prepare("--input", bad_inputs(tmp_path)[case], "--out_dir", out_dir)
+@pytest.mark.parametrize("case", ["missing file", "unknown extension", "jsonl line without text", "parquet without text",
+                                  "not parquet", "parquet of bytes", "not UTF-8"])
+def test_bad_input_is_one_line_naming_the_file_and_writes_nothing(tmp_path, case):
+    out_dir, bad = tmp_path / "out", bad_inputs(tmp_path)[case]
+    result = run_prepare("--input", bad, "--out_dir", out_dir)
     assert result.returncode == 1
     assert result.stderr.startswith("prepare.py: ") and result.stderr.count("\n") == 1, result.stderr
-    assert "Traceback" not in result.stderr
+    assert str(bad) in result.stderr
     assert not out_dir.exists() or not list(out_dir.iterdir())
+
+
+def test_a_failed_run_leaves_a_prepared_dataset_as_it_was(tmp_path):
+    corpus, out_dir = write_corpus(tmp_path / "corpus.txt", DOCS[:200]), tmp_path / "out"
+    assert run_prepare("--input", corpus, "--out_dir", out_dir, "--val_fraction", 0.1).returncode == 0
+    before = {path.name: path.read_bytes() for path in out_dir.iterdir()}
+    broken = tmp_path / "broken.jsonl"  # found only when its turn comes, after corpus.txt's documents
+    broken.write_text('{"text": "fine"}\n{"body": "no text"}\n')
+    result = run_prepare("--input", corpus, broken, "--out_dir", out_dir, "--val_fraction", 0.1)
+    assert result.returncode == 1 and "broken.jsonl:2" in result.stderr, result.stderr
+    assert {path.name: path.read_bytes() for path in out_dir.iterdir()} == before
+
+
+def test_repeated_input_flags_add_up_and_a_byte_order_mark_is_not_text(tmp_path):
+    # Windows editors save UTF-8 with a byte-order mark; it would become three tokens of the first document.
+    (tmp_path / "a.txt").write_text("\ufeffFirst doc.", encoding="utf-8")
+    (tmp_path / "b.jsonl").write_text('\ufeff{"text": "Second doc."}\n', encoding="utf-8")
+    corpus, out_dir = write_corpus(tmp_path / "corpus.txt", DOCS[:100]), tmp_path / "out"
+    result = run_prepare("--input", tmp_path / "a.txt", "--input", tmp_path / "b.jsonl", corpus,
+                         "--out_dir", out_dir, "--val_fraction", 0.1)
+    assert result.returncode == 0, result.stderr
+    docs = split_docs(out_dir, "train") + split_docs(out_dir, "val")
+    assert len(docs) == 102 and {"First doc.", "Second doc."} <= set(docs)
 
 
 @pytest.fixture(scope="module")

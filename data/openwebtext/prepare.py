@@ -35,23 +35,37 @@ REVISION = "refs/convert/parquet"  # the Hub's parquet export of a dataset
 def parquet_file(path: str):
     import pyarrow.parquet  # imported here: .txt and .jsonl runs do not need pyarrow
 
-    return pyarrow.parquet.ParquetFile(path)
+    try:
+        return pyarrow.parquet.ParquetFile(path)
+    except pyarrow.ArrowException as e:  # a truncated download, another format
+        raise MidgptError(f"{path}: not a readable parquet file ({e})") from None
 
 
 def check_inputs(paths: list[str]) -> None:
-    """Raise MidgptError for a missing file, an unknown extension or a parquet without text."""
+    """Raise MidgptError for a missing file, an unknown extension or a parquet without a text column."""
     for path in paths:
         if not os.path.isfile(path):
             raise MidgptError(f"input file not found: {path}")
         suffix = Path(path).suffix
         if suffix not in (".txt", ".jsonl", ".parquet"):
             raise MidgptError(f"{path}: unknown extension {suffix!r}; use .txt, .jsonl or .parquet")
-        if suffix == ".parquet" and "text" not in parquet_file(path).schema_arrow.names:
-            raise MidgptError(f"{path}: parquet file has no 'text' column")
+        if suffix == ".parquet":
+            schema = parquet_file(path).schema_arrow
+            if "text" not in schema.names:
+                raise MidgptError(f"{path}: parquet file has no 'text' column")
+            if str(schema.field("text").type) not in ("string", "large_string", "string_view"):
+                raise MidgptError(f"{path}: its 'text' column holds {schema.field('text').type}, not strings")
 
 
 def file_documents(path: str):
     """Yield the documents of one local file, reading it as a stream."""
+    try:
+        yield from _file_documents(path)
+    except UnicodeDecodeError as e:  # its position would count from a read buffer, not the file
+        raise MidgptError(f"{path}: not UTF-8 text ({e.reason})") from None
+
+
+def _file_documents(path: str):
     if path.endswith(".parquet"):
         for batch in parquet_file(path).iter_batches(batch_size=DOCS_PER_TASK, columns=["text"]):
             for text in batch.column(0).to_pylist():
@@ -59,7 +73,7 @@ def file_documents(path: str):
                     raise MidgptError(f"{path}: a row's 'text' is null")
                 yield text
         return
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:  # -sig: a byte-order mark is not text
         if path.endswith(".jsonl"):
             for lineno, line in enumerate(f, 1):
                 if not line.strip():
@@ -111,8 +125,6 @@ def tokenize(docs: list[str], val_fraction: float) -> dict[str, np.ndarray]:
 def prepare(documents, out_dir: Path, num_proc: int, val_fraction: float, source: dict) -> None:
     """Tokenize documents into out_dir's *.bin.tmp files, then rename them and write meta.json."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    # A stale meta.json beside half-replaced .bin files would vouch for the wrong data.
-    (out_dir / "meta.json").unlink(missing_ok=True)
     tmp = {s: out_dir / f"{s}.bin.tmp" for s in SPLITS}
     tokens, docs, sha = dict.fromkeys(SPLITS, 0), dict.fromkeys(SPLITS, 0), {s: hashlib.sha256() for s in SPLITS}
     batches = iter(lambda: list(itertools.islice(documents, DOCS_PER_TASK)), [])
@@ -142,6 +154,9 @@ def prepare(documents, out_dir: Path, num_proc: int, val_fraction: float, source
             path.unlink(missing_ok=True)
         raise
     seconds, n_docs, n_tokens = time.perf_counter() - start, sum(docs.values()), sum(tokens.values())
+    # Only now, when new files replace them: a stale meta.json would vouch for half-replaced ones,
+    # and a failed run leaves a complete dataset complete.
+    (out_dir / "meta.json").unlink(missing_ok=True)
     for s in SPLITS:
         os.replace(tmp[s], out_dir / f"{s}.bin")
     meta = {"tokenizer": "gpt2", "vocab_size": gpt2().n_vocab,
@@ -156,10 +171,10 @@ def prepare(documents, out_dir: Path, num_proc: int, val_fraction: float, source
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--input", nargs="+", metavar="FILES",
+    parser.add_argument("--input", nargs="+", action="extend", metavar="FILES",
                         help=".txt (one document per blank-line-separated block), .jsonl or .parquet files")
     parser.add_argument("--dataset", default="Skylion007/openwebtext", help="Hugging Face dataset (without --input)")
-    parser.add_argument("--data_files", nargs="+", help="data files for --dataset, e.g. --dataset parquet --data_files X")
+    parser.add_argument("--data_files", nargs="+", action="extend", help="data files for --dataset, e.g. --dataset parquet --data_files X")
     parser.add_argument("--num_proc", type=int, default=os.cpu_count(), help="tokenizer processes (default: all CPUs)")
     parser.add_argument("--val_fraction", type=float, default=0.0005, help="share of documents for val (default: 0.0005)")
     parser.add_argument("--out_dir", default=str(Path(__file__).resolve().parent))

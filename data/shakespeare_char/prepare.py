@@ -56,8 +56,13 @@ def main() -> None:
     ids = np.array([stoi[c] for c in text], dtype=np.uint16)
     n_train = int(0.9 * len(ids))
     splits = {"train": ids[:n_train], "val": ids[n_train:]}
+    if n_train == 0:  # training needs both splits, and data.py cannot memory-map an empty one
+        sys.exit(f"prepare.py: {input_path} holds {len(ids)} characters, too few for a train and a val split")
 
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        sys.exit(f"prepare.py: cannot make --out_dir {out_dir}: {e}")
     # A stale meta.json beside half-replaced .bin files would vouch for the wrong data.
     (out_dir / "meta.json").unlink(missing_ok=True)
     for name, split_ids in splits.items():

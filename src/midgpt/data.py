@@ -23,7 +23,10 @@ def _require(data_dir: str, name: str) -> str:
 
 def load_tokens(data_dir: str, split: str) -> np.ndarray:
     """Memory-map <data_dir>/<split>.bin as a flat uint16 token stream."""
-    return np.memmap(_require(data_dir, f"{split}.bin"), dtype=np.uint16, mode="r")
+    path = _require(data_dir, f"{split}.bin")
+    if os.path.getsize(path) == 0:  # which np.memmap cannot map
+        raise MidgptError(f"{path} is empty; prepare the data again, with more text")
+    return np.memmap(path, dtype=np.uint16, mode="r")
 
 
 def load_meta(data_dir: str) -> dict:
