@@ -1,6 +1,7 @@
 """Tiny Shakespeare -> char-level train.bin / val.bin (uint16) and meta.json."""
 
 import argparse
+import http.client
 import json
 import os
 import sys
@@ -28,7 +29,7 @@ def download(path: Path) -> None:
     try:
         with urllib.request.urlopen(URL, timeout=30) as response:
             body = response.read()
-    except OSError as e:
+    except (OSError, http.client.HTTPException) as e:  # a cut connection is IncompleteRead, not an OSError
         sys.exit(f"prepare.py: could not download {URL} ({e}); pass --input PATH to a local copy")
     path.parent.mkdir(parents=True, exist_ok=True)
     # Rename into place so a killed download never leaves a truncated input.txt to reuse.
