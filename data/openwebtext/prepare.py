@@ -174,7 +174,8 @@ def main() -> None:
     parser.add_argument("--input", nargs="+", action="extend", metavar="FILES",
                         help=".txt (one document per blank-line-separated block), .jsonl or .parquet files")
     parser.add_argument("--dataset", default="Skylion007/openwebtext", help="Hugging Face dataset (without --input)")
-    parser.add_argument("--data_files", nargs="+", action="extend", help="data files for --dataset, e.g. --dataset parquet --data_files X")
+    parser.add_argument("--data_files", nargs="+", action="extend",
+                        help="data files for --dataset, e.g. --dataset parquet --data_files X")
     parser.add_argument("--num_proc", type=int, default=os.cpu_count(), help="tokenizer processes (default: all CPUs)")
     parser.add_argument("--val_fraction", type=float, default=0.0005, help="share of documents for val (default: 0.0005)")
     parser.add_argument("--out_dir", default=str(Path(__file__).resolve().parent))
