@@ -30,6 +30,7 @@ def main(argv: list[str]) -> None:
     config = apply_overrides(load_config(args.config), overrides)
     rundir = args.rundir or time.strftime("outputs/%Y-%m-%d_%H-%M-%S")
     # A directory that --debug made holds no checkpoints: a second --debug there starts afresh.
+    # (checkpoint.directory names that folder; importing it here would load orbax before the checks.)
     resume = os.path.exists(os.path.join(rundir, "config.json")) and not (
         args.debug and not os.path.exists(os.path.join(rundir, "checkpoints")))
     if resume:  # the run's own config, with the overrides that keep it the same run
