@@ -7,7 +7,7 @@ import os
 import time
 
 from midgpt.cli import ArgumentParser, run
-from midgpt.config import apply_overrides, check_config, load_config, read_config_json, resume_config
+from midgpt.config import apply_overrides, check_config, load_config, read_config_json, resume_config, saved_steps
 
 
 def main(argv: list[str]) -> None:
@@ -29,10 +29,9 @@ def main(argv: list[str]) -> None:
         parser.error("--multihost needs --rundir: one directory that every process writes to")
     config = apply_overrides(load_config(args.config), overrides)
     rundir = args.rundir or time.strftime("outputs/%Y-%m-%d_%H-%M-%S")
+    # Checkpoints without a config.json are a run too: reading it says how to put it back.
     # A directory that --debug made holds no checkpoints: a second --debug there starts afresh.
-    # (checkpoint.directory names that folder; importing it here would load orbax before the checks.)
-    resume = os.path.exists(os.path.join(rundir, "config.json")) and not (
-        args.debug and not os.path.exists(os.path.join(rundir, "checkpoints")))
+    resume = bool(saved_steps(rundir)) or (os.path.exists(os.path.join(rundir, "config.json")) and not args.debug)
     if resume:  # the run's own config, with the overrides that keep it the same run
         config, changes = resume_config(read_config_json(rundir), config, overrides)
     check_config(config)

@@ -89,10 +89,19 @@ FIXED_ON_RESUME = ("model", "data_dir", "seed", "batch_size", "g_accum_iters", "
 FREE_ON_RESUME = ("model.remat", "model.scan_unroll", "model.attention")  # the same model, run another way
 
 
+def saved_steps(rundir: str) -> list[int]:
+    """The steps of rundir's checkpoints, read from their folder names, without loading orbax."""
+    folder = os.path.join(rundir, "checkpoints")
+    return [int(name) for name in os.listdir(folder) if name.isdigit()] if os.path.isdir(folder) else []
+
+
 def read_config_json(rundir: str) -> Config:
     """The config a run saved in rundir/config.json."""
     path = os.path.join(rundir, "config.json")
     if not os.path.exists(path):
+        if steps := saved_steps(rundir):  # each checkpoint holds a copy, in orbax's JSON item "config"
+            raise MidgptError(f"{path} is missing but {rundir} holds checkpoints; put the newest one's copy back: "
+                              f"cp {rundir}/checkpoints/{max(steps)}/config/metadata {path}")
         raise MidgptError(f"{path} not found; is {rundir} a run directory made by launch.py?")
     with open(path) as f:
         try:
