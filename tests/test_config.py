@@ -9,7 +9,8 @@ import sys
 
 import pytest
 
-from midgpt.config import Config, ModelConfig, apply_overrides, config_from_dict, config_to_dict, load_config
+from midgpt.config import (Config, ModelConfig, apply_overrides, check_config, config_from_dict, config_to_dict,
+                           load_config)
 from midgpt.errors import MidgptError
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -157,6 +158,25 @@ def test_named_configs_load_as_frozen_configs():
     differing = {k for k, v in config_to_dict(cpu).items() if config_to_dict(full)[k] != v}
     assert differing == {"model", "batch_size", "max_steps", "lr_decay_steps", "eval_iters"}
     assert (cpu.batch_size, cpu.max_steps, cpu.lr_decay_steps, cpu.eval_iters, cpu.compute_dtype) == (12, 2000, 2000, 50, "bfloat16")
+
+
+@pytest.mark.parametrize("override, fragment", [
+    ("--grad_clip=-1", "'grad_clip' must be 0 or more"),  # a negative norm limit would reverse the updates
+    ("--weight_decay=-0.1", "'weight_decay' must be 0 or more"),
+    ("--learning_rate=nan", "'learning_rate' must be a finite number"),  # nan <= 0 is False
+    ("--model.dropout=nan", "'model.dropout' must be a finite number"),
+    ("--min_lr=1", "min_lr=1.0 must be in [0, learning_rate=0.001]"),
+    ("--min_lr=-1e-4", "min_lr=-0.0001 must be in"),
+    ("--beta2=1.5", "'beta2' must be in [0, 1)"),
+    ("--beta1=1", "'beta1' must be in [0, 1)"),
+    ("--model.rope_base=0", "'model.rope_base' must be positive"),
+    ("--seed=9223372036854775807", "'seed' must be in [0, 2**63 - 1)"),  # jax.random.key(seed + 1) overflows
+])
+def test_values_that_parse_but_cannot_train_are_refused(config, override, fragment):
+    check_config(config)  # the config itself is fine
+    with pytest.raises(MidgptError) as info:
+        check_config(apply_overrides(config, [override]))
+    assert fragment in str(info.value)
 
 
 def test_unknown_config_name_lists_available_ones():

@@ -4,6 +4,7 @@ import dataclasses
 import difflib
 import importlib
 import json
+import math
 import os
 import pkgutil
 import typing
@@ -43,7 +44,7 @@ class Config:
     beta1: float = 0.9
     beta2: float = 0.99
     weight_decay: float = 1e-4  # independent: not multiplied by the peak lr
-    grad_clip: float = 1.0
+    grad_clip: float = 1.0  # the global gradient norm is clipped to this; 0: no clipping
     eval_interval: int = 250
     eval_iters: int = 200
     log_interval: int = 10
@@ -237,12 +238,25 @@ def check_config(config: Config) -> None:
         "log_interval": config.log_interval, "learning_rate": config.learning_rate,
         "lr_decay_steps": config.lr_decay_steps, "checkpoint_interval": config.checkpoint_interval,
         "keep_checkpoints": config.keep_checkpoints, "model.scan_unroll": m.scan_unroll,
+        "model.rope_base": m.rope_base,
     }
+    for name, type_ in _leaf_types(Config).items():  # nan passes every comparison below
+        if type_ is float and not math.isfinite(_get(config, name)):
+            raise MidgptError(f"config field {name!r} must be a finite number, got {_get(config, name)}")
     for name, value in positive.items():
         if value <= 0:
             raise MidgptError(f"config field {name!r} must be positive, got {value}")
-    if config.seed < 0:  # numpy's generators, which draw the batches, take none
-        raise MidgptError(f"config field 'seed' must be 0 or more, got {config.seed}")
+    # numpy's generators, which draw the batches, take no negative seed; jax.random.key(seed + 1) an int64
+    if not 0 <= config.seed < 2**63 - 1:
+        raise MidgptError(f"config field 'seed' must be in [0, 2**63 - 1), got {config.seed}")
+    if not 0 <= config.min_lr <= config.learning_rate:
+        raise MidgptError(f"min_lr={config.min_lr} must be in [0, learning_rate={config.learning_rate}]")
+    for name in ("beta1", "beta2"):
+        if not 0 <= getattr(config, name) < 1:
+            raise MidgptError(f"config field {name!r} must be in [0, 1), got {getattr(config, name)}")
+    for name in ("weight_decay", "grad_clip", "fsdp_min_size"):  # grad_clip=0: no clipping, as in nanoGPT
+        if getattr(config, name) < 0:
+            raise MidgptError(f"config field {name!r} must be 0 or more, got {getattr(config, name)}")
     if m.n_embd % m.n_head or (m.n_embd // m.n_head) % 2:
         raise MidgptError(
             f"model.n_embd={m.n_embd} must split into model.n_head={m.n_head} heads of even width "

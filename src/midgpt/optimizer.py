@@ -34,7 +34,7 @@ def make_optimizer(config: Config) -> optax.GradientTransformation:
     it follows the schedule's shape, but its size does not change with the peak lr.
     """
     return optax.chain(
-        optax.clip_by_global_norm(config.grad_clip),
+        optax.clip_by_global_norm(config.grad_clip) if config.grad_clip else optax.identity(),
         optax.scale_by_adam(b1=config.beta1, b2=config.beta2),
         optax.add_decayed_weights(config.weight_decay / config.learning_rate, mask=decay_mask),
         optax.scale_by_learning_rate(lr_schedule(config)),
