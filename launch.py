@@ -1,9 +1,8 @@
 """Train a GPT: python launch.py --config=NAME [--rundir=DIR] [--debug] [--multihost] [--FIELD=VALUE ...]
 
-A --rundir that already holds a run resumes it from its newest checkpoint.
+A --rundir that holds checkpoints resumes the run from its newest one.
 """
 
-import os
 import time
 
 from midgpt.cli import ArgumentParser, run
@@ -29,9 +28,9 @@ def main(argv: list[str]) -> None:
         parser.error("--multihost needs --rundir: one directory that every process writes to")
     config = apply_overrides(load_config(args.config), overrides)
     rundir = args.rundir or time.strftime("outputs/%Y-%m-%d_%H-%M-%S")
-    # Checkpoints without a config.json are a run too: reading it says how to put it back.
-    # A directory that --debug made holds no checkpoints: a second --debug there starts afresh.
-    resume = bool(saved_steps(rundir)) or (os.path.exists(os.path.join(rundir, "config.json")) and not args.debug)
+    # A run is its checkpoints: a directory without any (--debug's, a run killed before its
+    # first save) starts afresh from this command, as its config.json would start at step 0 too.
+    resume = bool(saved_steps(rundir))
     if resume:  # the run's own config, with the overrides that keep it the same run
         config, changes = resume_config(read_config_json(rundir), config, overrides)
     check_config(config)

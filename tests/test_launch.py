@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from conftest import REPO_ROOT
+from midgpt.config import load_config
 
 TINY = ["--model.n_layer=2", "--model.n_embd=64", "--model.n_head=2", "--batch_size=8",
         "--eval_iters=2", "--log_interval=5", "--warmup_steps=10"]
@@ -72,6 +73,15 @@ def test_sample_prints_text_from_the_trained_run(short_run):
     assert again.stdout == result.stdout
 
 
+def test_sample_takes_the_newest_checkpoint_whose_save_finished(short_run, tmp_path):
+    rundir = tmp_path / "run"  # a copy: the other tests share short_run
+    shutil.copytree(short_run, rundir)
+    (rundir / "checkpoints" / "50").mkdir()  # a save cut short, as resuming would skip it
+    args = ["--start=ROMEO:", "--max_new_tokens=20", "--seed=3"]
+    result = run("sample.py", f"--rundir={rundir}", *args)
+    assert result.returncode == 0 and result.stdout == run("sample.py", f"--rundir={short_run}", *args).stdout
+
+
 def test_sample_reads_a_prompt_file_and_keeps_the_end_of_a_long_prompt(short_run, tmp_path):
     prompt = "ROMEO:\nWhat say you, my lord? " * 6  # longer than block_size (64)
     (tmp_path / "prompt.txt").write_text(prompt)
@@ -84,15 +94,20 @@ def test_sample_reads_a_prompt_file_and_keeps_the_end_of_a_long_prompt(short_run
 
 def test_debug_writes_a_profiler_trace_each_time_and_never_over_a_run(short_run, shakespeare_data_dir, tmp_path):
     rundir = tmp_path / "debug"
-    debug = lambda rundir: run("launch.py", "--config=shakespeare_char_cpu", f"--rundir={rundir}", "--debug",
-                               f"--data_dir={shakespeare_data_dir}", "--max_steps=6", *TINY)
+    launch = lambda rundir, *args: run("launch.py", "--config=shakespeare_char_cpu", f"--rundir={rundir}",
+                                       f"--data_dir={shakespeare_data_dir}", "--max_steps=6", *TINY, *args)
     for traces in (1, 2):  # the README's profiling command, run again
-        result = debug(rundir)
+        result = launch(rundir, "--debug", "--learning_rate=0.01")
         assert result.returncode == 0, result.stderr
         assert len(list((rundir / "profile").rglob("*.xplane.pb"))) == traces
     assert "no checkpoints are written" in result.stdout + result.stderr
     assert not (rundir / "checkpoints").exists()
-    assert_one_line_error(debug(short_run), "--debug writes no checkpoints")
+    # Then the real run in the same directory: its own config, none of the profiling run's overrides.
+    result = launch(rundir)
+    assert result.returncode == 0 and "resuming" not in result.stdout, result.stderr
+    assert json.loads((rundir / "config.json").read_text())["learning_rate"] == load_config("shakespeare_char_cpu").learning_rate
+    assert os.listdir(rundir / "checkpoints") == ["6"]
+    assert_one_line_error(launch(short_run, "--debug"), "--debug writes no checkpoints")
 
 
 def assert_one_line_error(result, *fragments):
@@ -133,6 +148,7 @@ def test_a_split_shorter_than_one_window_is_one_line(shakespeare_data_dir, tmp_p
 
 def test_an_unreadable_config_json_is_one_line(tmp_path):
     (tmp_path / "config.json").write_text('{"seed": 0')  # a hand edit gone wrong
+    (tmp_path / "checkpoints" / "20").mkdir(parents=True)  # of a run: without checkpoints, launch.py starts afresh
     for script, args in (("launch.py", ["--config=shakespeare_char_cpu"]), ("sample.py", [])):
         assert_one_line_error(run(script, f"--rundir={tmp_path}", *args), "config.json is not valid JSON")
 

@@ -153,6 +153,20 @@ def test_damaged_newest_checkpoint_is_skipped_and_kept(damage, uninterrupted, sh
     assert_same_run(rundir, uninterrupted)  # steps 41-60 were trained again, identically
 
 
+def test_when_no_checkpoint_restores_the_run_stops_and_moves_nothing(uninterrupted, shakespeare_data_dir, tmp_path):
+    # Starting over would rewind metrics.jsonl; the cause may be the machine, not the files.
+    rundir = tmp_path / "run"
+    shutil.copytree(uninterrupted, rundir)
+    for step in ("20", "40", "60"):
+        truncate_data_file(str(rundir / "checkpoints" / step))
+    before = {p: p.read_bytes() for p in sorted(rundir.rglob("*")) if p.is_file()}
+    code, output = finish(launch(rundir, shakespeare_data_dir, "--max_steps=80"))
+    assert code == 1, output
+    errors = [line for line in output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "no checkpoint in" in errors[0] and "checkpoint 60: " in errors[0], output
+    assert {p: p.read_bytes() for p in sorted(rundir.rglob("*")) if p.is_file()} == before  # nothing touched
+
+
 def test_checkpoint_of_another_model_is_refused_not_taken_for_damage(uninterrupted, shakespeare_data_dir, tmp_path):
     rundir = tmp_path / "run"
     shutil.copytree(uninterrupted, rundir)

@@ -26,6 +26,11 @@ def directory(rundir: str) -> str:
     return os.path.join(os.path.abspath(rundir), "checkpoints")
 
 
+def committed(rundir: str, step: int) -> bool:
+    """Whether the save of step finished."""
+    return os.path.exists(os.path.join(directory(rundir), str(step), COMMIT_MARKER))
+
+
 def make_manager(rundir: str, config: Config) -> ocp.CheckpointManager:
     # orbax deletes the oldest only after a newer one commits, so the last good
     # copy is never the one removed.
@@ -72,27 +77,38 @@ def check_arrays(step_dir: str, like) -> None:
 
 
 def restore_newest(manager: ocp.CheckpointManager, rundir: str, like, shardings, say):
-    """(state, step) from the newest checkpoint that restores, or None if there is none.
+    """(state, step) from the newest checkpoint that restores, or None if no save ever finished.
 
     like is a state with ShapeDtypeStruct leaves; shardings places each array on
     the current mesh, which may differ from the one that saved it. Damaged
-    checkpoints are moved to RUNDIR/checkpoints_damaged (nothing is deleted).
+    checkpoints newer than the one restored are moved to RUNDIR/checkpoints_damaged.
+    If none restores, nothing is moved: a run started over would rewind the logs, and
+    the cause may be this machine (memory, files) rather than the checkpoints.
     """
+    found, damaged = None, []  # (step, problem, whether its save finished), newest first
     for step in sorted(manager.all_steps(), reverse=True):
-        path = os.path.join(directory(rundir), str(step))
-        if not os.path.exists(os.path.join(path, COMMIT_MARKER)):
-            problem = f"no {COMMIT_MARKER}: its save did not finish"
-        else:
-            check_arrays(path, like)
+        if finished := committed(rundir, step):
+            check_arrays(os.path.join(directory(rundir), str(step)), like)
             try:
-                return restore(manager, step, like, shardings), step
+                found = restore(manager, step, like, shardings), step
+                break
             except Exception as e:  # orbax and tensorstore raise many types for damaged files
                 problem = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
+        else:
+            problem = f"no {COMMIT_MARKER}: its save did not finish"
+        damaged.append((step, problem, finished))
+    if not found and (unreadable := [(step, problem) for step, problem, finished in damaged if finished]):
+        step, problem = unreadable[0]
+        raise MidgptError(f"no checkpoint in {directory(rundir)} restores (checkpoint {step}: {problem}); nothing "
+                          "was moved or overwritten: fix the cause and run again, or train in a new --rundir")
+    for step, problem, _ in damaged:
         aside = os.path.join(os.path.abspath(rundir), "checkpoints_damaged", f"{step}.{time.time_ns()}")
-        say(f"checkpoint {step} is damaged ({problem}); moved to {aside}, resuming from an older one")
+        say(f"checkpoint {step} is damaged ({problem}); moved to {aside}"
+            + (f", resuming from checkpoint {found[1]}" if found else ""))
         if jax.process_index() == 0:
             os.makedirs(os.path.dirname(aside), exist_ok=True)
-            shutil.move(path, aside)
-        multihost_utils.sync_global_devices(f"checkpoint {step} moved aside")
+            shutil.move(os.path.join(directory(rundir), str(step)), aside)
+    if damaged:
+        multihost_utils.sync_global_devices("damaged checkpoints moved aside")
         manager.reload()
-    return None
+    return found

@@ -22,7 +22,10 @@ def load_model(rundir: str, step: int | None = None) -> tuple[Config, GPT]:
         raise MidgptError(f"{rundir} has no checkpoints yet (runs with --debug write none)")
     manager = checkpoint.make_manager(rundir, config)
     steps = manager.all_steps()
-    step = max(steps, default=None) if step is None else step
+    if step is None:  # the newest whose save finished, as a resume would take it
+        step = max((s for s in steps if checkpoint.committed(rundir, s)), default=None)
+        if step is None:
+            raise MidgptError(f"{rundir} has no finished checkpoint yet")
     if step not in steps:
         raise MidgptError(f"{rundir} has no checkpoint at step {step}; it has {sorted(steps) or 'none'}")
     like = eqx.filter_eval_shape(fresh_state, config, make_optimizer(config))
@@ -31,7 +34,8 @@ def load_model(rundir: str, step: int | None = None) -> tuple[Config, GPT]:
     try:
         state = checkpoint.restore(manager, step, like, one_device)
     except Exception as e:  # orbax and tensorstore raise many types for damaged files
-        raise MidgptError(f"checkpoint {step} of {rundir} does not restore ({type(e).__name__}); try --step") from None
+        raise MidgptError(f"checkpoint {step} of {rundir} does not restore ({type(e).__name__}); "
+                          f"try --step= another of {sorted(steps)}") from None
     finally:
         manager.close()
     return config, state.model
