@@ -3,10 +3,25 @@
 A --rundir that holds checkpoints resumes the run from its newest one.
 """
 
+import itertools
+import os
 import time
 
 from midgpt.cli import ArgumentParser, run
 from midgpt.config import apply_overrides, check_config, load_config, read_config_json, resume_config, saved_steps
+from midgpt.errors import MidgptError
+
+
+def new_rundir() -> str:
+    """outputs/<timestamp>, made now: launches in the same second (a sweep) each get their own."""
+    stamp = time.strftime("outputs/%Y-%m-%d_%H-%M-%S")
+    for n in itertools.count(1):
+        rundir = stamp if n == 1 else f"{stamp}_{n}"
+        try:
+            os.makedirs(rundir)  # fails if it exists, even if another launch made it a moment ago
+            return rundir
+        except FileExistsError:
+            pass
 
 
 def main(argv: list[str]) -> None:
@@ -27,13 +42,15 @@ def main(argv: list[str]) -> None:
     if args.multihost and not args.rundir:  # each process would name its own from its clock
         parser.error("--multihost needs --rundir: one directory that every process writes to")
     config = apply_overrides(load_config(args.config), overrides)
-    rundir = args.rundir or time.strftime("outputs/%Y-%m-%d_%H-%M-%S")
     # A run is its checkpoints: a directory without any (--debug's, a run killed before its
     # first save) starts afresh from this command, as its config.json would start at step 0 too.
-    resume = bool(saved_steps(rundir))
+    resume = bool(args.rundir and saved_steps(args.rundir))
+    if resume and args.debug:
+        raise MidgptError(f"{args.rundir} holds a run and --debug writes no checkpoints; use a new --rundir")
     if resume:  # the run's own config, with the overrides that keep it the same run
-        config, changes = resume_config(read_config_json(rundir), config, overrides)
+        config, changes = resume_config(read_config_json(args.rundir), config, overrides)
     check_config(config)
+    rundir = args.rundir or new_rundir()  # made only now that the arguments are good
 
     import jax  # only once the arguments are good
 

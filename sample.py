@@ -20,8 +20,12 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--step", type=int, default=None, help="the checkpoint to use (default: the newest)")
     args = parser.parse_args(argv)
-    if args.num_samples < 1 or args.max_new_tokens < 0 or args.temperature < 0 or (args.top_k is not None and args.top_k < 1):
-        parser.error("num_samples and top_k must be >= 1, max_new_tokens and temperature >= 0")
+    if args.num_samples < 1 or args.max_new_tokens < 0 or (args.top_k is not None and args.top_k < 1):
+        parser.error("num_samples and top_k must be >= 1, max_new_tokens >= 0")
+    if not 0 <= args.temperature < float("inf"):  # also refuses nan, which would draw token 0 every time
+        parser.error(f"temperature must be a number >= 0, got {args.temperature}")
+    if not 0 <= args.seed < 2**63:  # what jax.random.key takes
+        parser.error(f"seed must be in [0, 2**63), got {args.seed}")
 
     start = args.start
     if start.startswith("FILE:"):

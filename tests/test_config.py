@@ -90,11 +90,13 @@ def test_wrong_type_error_names_field_expected_type_and_value(config, arg, field
     assert "\n" not in message
 
 
-@pytest.mark.parametrize("arg", ["max_steps=3", "-max_steps=3", "--max_steps", "--model.n_layer 2"])
-def test_malformed_override_is_one_line_error(config, arg):
+@pytest.mark.parametrize("arg, example", [("max_steps=3", "--model.n_layer=2"), ("-max_steps=3", "--model.n_layer=2"),
+                                          ("--max_steps", "--max_steps=VALUE"),  # from "--max_steps 100"
+                                          ("--model.n_layer 2", "--model.n_layer=VALUE")])
+def test_malformed_override_is_one_line_error(config, arg, example):
     with pytest.raises(MidgptError, match="malformed override") as info:
         apply_overrides(config, [arg])
-    assert "\n" not in str(info.value)
+    assert "\n" not in str(info.value) and f"e.g. {example}" in str(info.value)
 
 
 def test_setting_a_nested_config_itself_is_an_error(config):
@@ -170,6 +172,7 @@ def test_named_configs_load_as_frozen_configs():
     ("--beta2=1.5", "'beta2' must be in [0, 1)"),
     ("--beta1=1", "'beta1' must be in [0, 1)"),
     ("--model.rope_base=0", "'model.rope_base' must be positive"),
+    ("--data_dir=", "'data_dir' is empty"),
     ("--seed=9223372036854775807", "'seed' must be in [0, 2**63 - 1)"),  # jax.random.key(seed + 1) overflows
 ])
 def test_values_that_parse_but_cannot_train_are_refused(config, override, fragment):

@@ -1,5 +1,6 @@
 """launch.py and sample.py end to end, as a user runs them: real processes, real files."""
 
+import importlib.util
 import json
 import os
 import shutil
@@ -107,7 +108,21 @@ def test_debug_writes_a_profiler_trace_each_time_and_never_over_a_run(short_run,
     assert result.returncode == 0 and "resuming" not in result.stdout, result.stderr
     assert json.loads((rundir / "config.json").read_text())["learning_rate"] == load_config("shakespeare_char_cpu").learning_rate
     assert os.listdir(rundir / "checkpoints") == ["6"]
-    assert_one_line_error(launch(short_run, "--debug"), "--debug writes no checkpoints")
+    result = launch(short_run, "--debug")
+    assert_one_line_error(result, "--debug writes no checkpoints")
+    assert not result.stdout  # it said "resuming the run" before refusing it
+
+
+def test_launches_in_the_same_second_get_a_run_directory_each(tmp_path, monkeypatch):
+    # A sweep started by a loop: two runs in one directory corrupted each other's checkpoints.
+    spec = importlib.util.spec_from_file_location("launch", REPO_ROOT / "launch.py")
+    launch = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(launch)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(launch.time, "strftime", lambda _: "outputs/one-second")
+    made = [launch.new_rundir() for _ in range(3)]
+    assert made == ["outputs/one-second", "outputs/one-second_2", "outputs/one-second_3"]
+    assert sorted(os.listdir("outputs")) == ["one-second", "one-second_2", "one-second_3"]
 
 
 def assert_one_line_error(result, *fragments):
@@ -202,6 +217,8 @@ def test_sample_errors_are_one_line(short_run, tmp_path):
     assert_one_line_error(run("sample.py", f"--rundir={short_run}", "--start=FILE:/no/such/prompt"), "/no/such/prompt")
     assert_one_line_error(run("sample.py", f"--rundir={short_run}", "--start="), "prompt is empty")
     assert_one_line_error(run("sample.py", f"--rundir={short_run}", "--temperature=hot"), "temperature")
+    assert_one_line_error(run("sample.py", f"--rundir={short_run}", "--temperature=nan"), "temperature")
+    assert_one_line_error(run("sample.py", f"--rundir={short_run}", "--seed=-1"), "seed must be in [0, 2**63)")
 
 
 @pytest.mark.slow

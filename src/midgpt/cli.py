@@ -14,8 +14,18 @@ from midgpt.errors import MidgptError
 class ArgumentParser(argparse.ArgumentParser):
     """argparse whose errors are MidgptError, so they print as one line like every other."""
 
+    def __init__(self, **kwargs):  # --help shows the docstring's usage lines as written
+        super().__init__(formatter_class=argparse.RawDescriptionHelpFormatter, **kwargs)
+
     def error(self, message):
         raise MidgptError(f"{message} (see python {self.prog} --help)")
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number above 0."""
+    if int(text) <= 0:  # int's ValueError reads "invalid positive_int value: ..."
+        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+    return int(text)
 
 
 def run(main) -> None:

@@ -74,7 +74,8 @@ def apply_overrides(config: Config, overrides: list[str]) -> Config:
     types = _leaf_types(type(config))
     for arg in overrides:
         if not arg.startswith("--") or "=" not in arg:
-            raise MidgptError(f"malformed override {arg!r}; expected --FIELD=VALUE, e.g. --model.n_layer=2")
+            example = f"{arg.split()[0]}=VALUE" if arg.startswith("--") else "--model.n_layer=2"  # "--max_steps 100"
+            raise MidgptError(f"malformed override {arg!r}; expected --FIELD=VALUE, e.g. {example}")
         name, _, text = arg[2:].partition("=")
         if name not in types:
             if any(t.startswith(name + ".") for t in types):
@@ -243,6 +244,8 @@ def check_config(config: Config) -> None:
     for name, type_ in _leaf_types(Config).items():  # nan passes every comparison below
         if type_ is float and not math.isfinite(_get(config, name)):
             raise MidgptError(f"config field {name!r} must be a finite number, got {_get(config, name)}")
+    if not config.data_dir:
+        raise MidgptError("config field 'data_dir' is empty; give the folder that prepare.py wrote")
     for name, value in positive.items():
         if value <= 0:
             raise MidgptError(f"config field {name!r} must be positive, got {value}")

@@ -261,8 +261,6 @@ def train(config: Config, rundir: str, debug: bool = False, resume: bool = False
     Every process runs this loop (JAX's multi-controller model); only process 0
     writes files and prints.
     """
-    if debug and resume:
-        raise MidgptError(f"{rundir} holds a run and --debug writes no checkpoints; use a new --rundir")
     train_tokens, val_tokens = check_data(config)
     mesh = sharding.make_mesh(config)
     is_main = jax.process_index() == 0
