@@ -197,6 +197,7 @@ def test_relaunching_a_finished_run_changes_nothing(short_run, shakespeare_data_
     assert result.returncode == 0, result.stderr
     assert "resuming from checkpoint 40" in result.stdout + result.stderr
     assert "max_steps=40 is reached: nothing to train" in result.stdout
+    assert "WARNING" not in result.stderr, result.stderr  # orbax warned on every resume
     assert open(os.path.join(short_run, "metrics.jsonl")).read() == before
 
 

@@ -6,6 +6,7 @@ and the run's config.
 """
 
 import os
+import pathlib
 import shutil
 import time
 
@@ -64,7 +65,9 @@ def array_shapes(tree) -> dict[str, tuple[int, ...]]:
 def check_arrays(step_dir: str, like) -> None:
     """Raise MidgptError if the checkpoint holds other arrays than like: another model, not damage."""
     try:
-        saved = array_shapes(ocp.StandardCheckpointer().metadata(os.path.join(step_dir, "state")).item_metadata)
+        # The item's handler, not a StandardCheckpointer: that one looks for a step's metadata
+        # file in the item's folder and logs a warning on every resume.
+        saved = array_shapes(ocp.StandardCheckpointHandler().metadata(pathlib.Path(step_dir, "state")))
     except Exception:  # unreadable metadata is damage, which the restore reports
         return
     wanted = array_shapes(like)
