@@ -8,7 +8,8 @@ import os
 import time
 
 from midgpt.cli import ArgumentParser, run
-from midgpt.config import apply_overrides, check_config, load_config, read_config_json, resume_config, saved_steps
+from midgpt.config import (apply_overrides, check_config, config_names, load_config, read_config_json, resume_config,
+                           saved_steps)
 from midgpt.errors import MidgptError
 
 
@@ -25,8 +26,10 @@ def new_rundir() -> str:
 
 
 def main(argv: list[str]) -> None:
-    parser = ArgumentParser(description=__doc__, allow_abbrev=False)
-    parser.add_argument("--config", required=True, help="a module of midgpt.configs, e.g. shakespeare_char")
+    parser = ArgumentParser(description=__doc__, allow_abbrev=False,
+                            epilog="Any field of the config may follow as --FIELD=VALUE, e.g.\n"
+                                   "--max_steps=100 --model.n_layer=2 (the fields: src/midgpt/config.py).")
+    parser.add_argument("--config", required=True, help=f"a config of midgpt.configs: {', '.join(config_names())}")
     parser.add_argument("--rundir", default=None, help="run directory (default: outputs/<timestamp>)")
     parser.add_argument("--debug", action="store_true", help="write a profiler trace of a few steps")
     parser.add_argument("--multihost", action="store_true",

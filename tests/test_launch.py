@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from conftest import REPO_ROOT
-from midgpt.config import load_config
+from midgpt.config import config_names, load_config
 
 TINY = ["--model.n_layer=2", "--model.n_embd=64", "--model.n_head=2", "--batch_size=8",
         "--eval_iters=2", "--log_interval=5", "--warmup_steps=10"]
@@ -111,6 +111,13 @@ def test_debug_writes_a_profiler_trace_each_time_and_never_over_a_run(short_run,
     result = launch(short_run, "--debug")
     assert_one_line_error(result, "--debug writes no checkpoints")
     assert not result.stdout  # it said "resuming the run" before refusing it
+
+
+def test_help_keeps_the_usage_line_and_names_the_configs():
+    result = run("launch.py", "--help")
+    assert result.returncode == 0
+    assert "\nTrain a GPT: python launch.py --config=NAME [--rundir=DIR]" in result.stdout  # not reflowed
+    assert all(name in result.stdout for name in config_names()) and "--FIELD=VALUE" in result.stdout
 
 
 def test_launches_in_the_same_second_get_a_run_directory_each(tmp_path, monkeypatch):

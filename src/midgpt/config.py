@@ -58,10 +58,14 @@ class Config:
     keep_checkpoints: int = 3  # the newest this many are kept
 
 
+def config_names() -> list[str]:
+    """The named configs: the modules of midgpt.configs."""
+    return sorted(m.name for m in pkgutil.iter_modules(importlib.import_module("midgpt.configs").__path__))
+
+
 def load_config(name: str) -> Config:
     """Return the `config` defined by module midgpt.configs.<name>."""
-    configs = importlib.import_module("midgpt.configs")
-    available = sorted(m.name for m in pkgutil.iter_modules(configs.__path__))
+    available = config_names()
     # Check the name before importing so a typo never imports something else.
     if name not in available:
         hint = _did_you_mean(name, available)
