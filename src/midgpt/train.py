@@ -232,7 +232,7 @@ def write_config(config: Config, rundir: str):
 
 
 def check_finite(metrics: dict, step: int, last_checkpoint: int | None):
-    for name in ("loss", "grad_norm"):
+    for name in ("loss", "grad_norm", "param_norm"):  # param_norm: of the updated parameters, which a checkpoint saves
         value = float(metrics[name])
         if not math.isfinite(value):
             kept = (f"checkpoint {last_checkpoint} is untouched: lower --learning_rate and run the same "
