@@ -6,7 +6,6 @@ run after the compile, alternating, in the same process, so their ratio is what 
 --steps=0 measures the checkpoint alone.
 """
 
-import argparse
 import itertools
 import json
 import os
@@ -19,24 +18,30 @@ import jax
 import numpy as np
 
 from midgpt import checkpoint
-from midgpt.config import apply_overrides, load_config
+from midgpt.cli import ArgumentParser, positive_int, run
 from midgpt.optimizer import make_optimizer
 from midgpt.sharding import make_mesh
 from midgpt.train import init_state, make_train_step
+from train_throughput import checked_config
 
 
 def directory_bytes(path: str) -> int:
     return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+def main(argv: list[str]) -> None:
+    parser = ArgumentParser(description=__doc__)
     parser.add_argument("--config", required=True)
-    parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--interval", type=int, default=100)
-    parser.add_argument("--rounds", type=int, default=2)
-    args, overrides = parser.parse_known_args()
-    config = apply_overrides(load_config(args.config), [*overrides, "--keep_checkpoints=1000000"])
+    parser.add_argument("--steps", type=int, default=300, help="training steps a loop (0: time one save only)")
+    parser.add_argument("--interval", type=positive_int, default=100, help="steps between checkpoints")
+    parser.add_argument("--rounds", type=positive_int, default=2)
+    args, overrides = parser.parse_known_args(argv)
+    if args.steps < 0:
+        parser.error(f"--steps must be 0 or more, got {args.steps}")
+    if 0 < args.steps < args.interval:  # the loop with checkpoints would save none
+        parser.error(f"--interval={args.interval} saves no checkpoint in --steps={args.steps}; "
+                     "use an interval of at most --steps")
+    config = checked_config(args.config, [*overrides, "--keep_checkpoints=1000000"])
     optimizer, mesh = make_optimizer(config), make_mesh(config)
     state = init_state(config, optimizer, mesh)
     train_step = make_train_step(config, optimizer, mesh)
@@ -92,4 +97,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -5,30 +5,30 @@ prints one JSON line. --devices fakes that many CPU devices. --abstract computes
 layout without allocating (for models too large for this machine).
 """
 
-import argparse
 import json
 import os
-import sys
+
+from midgpt.cli import ArgumentParser, positive_int, run
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+def main(argv: list[str]) -> None:
+    parser = ArgumentParser(description=__doc__)
     parser.add_argument("--config", required=True)
-    parser.add_argument("--devices", type=int, default=8)
+    parser.add_argument("--devices", type=positive_int, default=8)
     parser.add_argument("--abstract", action="store_true")
-    args, overrides = parser.parse_known_args()
+    args, overrides = parser.parse_known_args(argv)
     os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={args.devices}"  # before JAX starts
 
     import equinox as eqx
     import jax
 
-    from midgpt.config import apply_overrides, load_config
     from midgpt.memory import sharded_bytes
     from midgpt.optimizer import make_optimizer
     from midgpt.sharding import make_mesh
     from midgpt.train import fresh_state, init_state, state_layout
+    from train_throughput import checked_config
 
-    config = apply_overrides(load_config(args.config), overrides)
+    config = checked_config(args.config, overrides)
     optimizer, mesh = make_optimizer(config), make_mesh(config)
     shardings, _ = state_layout(config, optimizer, mesh)
     is_shape = lambda x: isinstance(x, jax.ShapeDtypeStruct)
@@ -53,4 +53,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run(main)

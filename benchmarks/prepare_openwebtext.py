@@ -8,7 +8,6 @@ peak_rss_mb is the largest single process of the tree: getrusage(RUSAGE_CHILDREN
 reports the largest child, so the prepare parent's own peak and its workers' are given apart.
 """
 
-import argparse
 import itertools
 import json
 import os
@@ -17,6 +16,9 @@ import subprocess
 import sys
 import tempfile
 import time
+
+from midgpt.cli import ArgumentParser, positive_int, run
+from midgpt.errors import MidgptError
 
 PREPARE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "data", "openwebtext", "prepare.py")
 # Runs prepare.py in this very process, so RUSAGE_SELF is the parent's peak, RUSAGE_CHILDREN the workers'.
@@ -31,10 +33,23 @@ finally:
 """
 
 
-def write_corpus_from(path: str, size_mb: int, source: str, seed: int = 0) -> None:
-    """Write ~size_mb MiB of documents drawn from the blank-line-separated blocks of real text."""
+def text_blocks(source: str) -> list[str]:
+    """The blank-line-separated blocks of a real text; a MidgptError if it has none."""
+    try:
+        with open(source, encoding="utf-8") as f:
+            blocks = [b.strip() for b in f.read().split("\n\n") if b.strip()]
+    except OSError as e:
+        raise MidgptError(f"cannot read --text {source}: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise MidgptError(f"--text {source}: not UTF-8 text ({e.reason})") from None
+    if not blocks:
+        raise MidgptError(f"--text {source}: holds no text to draw documents from")
+    return blocks
+
+
+def write_corpus_from(path: str, size_mb: int, blocks: list[str], seed: int = 0) -> None:
+    """Write ~size_mb MiB of documents drawn from the blocks of a real text."""
     rng = random.Random(seed)
-    blocks = [b.strip() for b in open(source, encoding="utf-8").read().split("\n\n") if b.strip()]
     size = 0
     with open(path, "w", encoding="utf-8") as f:
         while size < size_mb * 2**20:
@@ -66,8 +81,11 @@ def measure(corpus: str, out_dir: str, num_proc: int, val_fraction: float) -> di
     args = [sys.executable, "-c", WRAPPER, report, PREPARE, "--input", corpus, "--out_dir", out_dir,
             "--num_proc", str(num_proc), "--val_fraction", str(val_fraction)]
     start = time.perf_counter()
-    subprocess.run(args, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    result = subprocess.run(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     seconds = time.perf_counter() - start
+    if result.returncode:  # its last line says why (prepare.py's one-line error)
+        why = result.stderr.strip().splitlines()[-1:] or [f"exit status {result.returncode}"]
+        raise MidgptError(f"{why[0]} (on {os.path.basename(corpus)})")
     with open(os.path.join(out_dir, "meta.json")) as f:
         meta = json.load(f)
     with open(report) as f:
@@ -86,24 +104,27 @@ def measure(corpus: str, out_dir: str, num_proc: int, val_fraction: float) -> di
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes_mb", type=int, nargs="+", default=[10, 100])
-    parser.add_argument("--num_proc", type=int, default=2)
+def main(argv: list[str]) -> None:
+    parser = ArgumentParser(description=__doc__)
+    parser.add_argument("--sizes_mb", type=positive_int, nargs="+", default=[10, 100])
+    parser.add_argument("--num_proc", type=positive_int, default=2)
     # 0.01, not prepare.py's 0.0005: a 10 MB corpus holds ~2,000 documents, and val must not be empty.
     parser.add_argument("--val_fraction", type=float, default=0.01)
     parser.add_argument("--text", help="build the corpora from this real text's paragraphs instead of made-up words")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    if not 0 < args.val_fraction < 1:  # train and val both need documents
+        parser.error(f"--val_fraction must be between 0 and 1, got {args.val_fraction}")
+    blocks = text_blocks(args.text) if args.text else None
     with tempfile.TemporaryDirectory() as tmp:
         for size_mb in args.sizes_mb:
             corpus, out_dir = os.path.join(tmp, f"corpus_{size_mb}mb.txt"), os.path.join(tmp, f"out_{size_mb}mb")
             os.makedirs(out_dir)
             if args.text:
-                write_corpus_from(corpus, size_mb, args.text)
+                write_corpus_from(corpus, size_mb, blocks)
             else:
                 write_corpus(corpus, size_mb)
             print(json.dumps(measure(corpus, out_dir, args.num_proc, args.val_fraction)), flush=True)
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -6,7 +6,6 @@ config's model (randomly initialised: speed does not depend on the weights) in i
 compute dtype.
 """
 
-import argparse
 import json
 import time
 
@@ -14,9 +13,10 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 
-from midgpt.config import apply_overrides, load_config
+from midgpt.cli import ArgumentParser, positive_int, run
 from midgpt.model import GPT, cast_floats
 from midgpt.sample import generate, sample_token
+from train_throughput import checked_config
 
 
 @eqx.filter_jit
@@ -43,13 +43,13 @@ def tokens_per_sec(fn, *args) -> float:
     return args[1].shape[0] * args[2] / (time.perf_counter() - start)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+def main(argv: list[str]) -> None:
+    parser = ArgumentParser(description=__doc__)
     parser.add_argument("--config", default="shakespeare_char")
-    parser.add_argument("--num_samples", type=int, default=8)
-    parser.add_argument("--max_new_tokens", type=int, default=500)
-    args, overrides = parser.parse_known_args()
-    config = apply_overrides(load_config(args.config), overrides)
+    parser.add_argument("--num_samples", type=positive_int, default=8)
+    parser.add_argument("--max_new_tokens", type=positive_int, default=500)
+    args, overrides = parser.parse_known_args(argv)
+    config = checked_config(args.config, overrides)
     model = cast_floats(GPT(config.model, key=jax.random.key(0)), jnp.dtype(config.compute_dtype))
     prompt_BxP = jnp.zeros((args.num_samples, 1), jnp.int32)
     key = jax.random.key(0)
@@ -65,4 +65,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

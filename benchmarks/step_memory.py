@@ -6,7 +6,6 @@ default the one training uses): XLA's temporary, argument and output bytes on th
 device, and memory.estimate's parts. Runs unchanged on a CPU, a GPU or a TPU.
 """
 
-import argparse
 import json
 
 import equinox as eqx
@@ -14,28 +13,39 @@ import jax
 import jax.numpy as jnp
 
 from midgpt import memory
-from midgpt.config import apply_overrides, check_config, load_config
+from midgpt.cli import ArgumentParser, positive_int, run
 from midgpt.optimizer import make_optimizer
 from midgpt.sharding import make_mesh
 from midgpt.train import fresh_state, init_state, make_train_step, pieces_per_micro_batch, state_layout
-from train_throughput import run_fields
+from train_throughput import checked_config, run_fields
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+def positive_ints(text: str) -> list[int]:
+    """An argparse type: comma-separated whole numbers above 0."""
+    return [positive_int(n) for n in text.split(",")]
+
+
+def main(argv: list[str]) -> None:
+    parser = ArgumentParser(description=__doc__)
     parser.add_argument("--config", required=True)
-    parser.add_argument("--chunks", help="comma-separated slice counts for the loss (default: training's)")
-    parser.add_argument("--pieces", type=int, help="pieces per micro-batch (default: training's)")
-    args, overrides = parser.parse_known_args()
-    config = apply_overrides(load_config(args.config), overrides)
-    check_config(config)
+    parser.add_argument("--chunks", type=positive_ints, help="comma-separated slice counts for the loss (default: training's)")
+    parser.add_argument("--pieces", type=positive_int, help="pieces per micro-batch (default: training's)")
+    args, overrides = parser.parse_known_args(argv)
+    config = checked_config(args.config, overrides)
+    B, T = config.batch_size, config.model.block_size
+    # The step cuts the batch's rows into pieces, and each piece's sequence into chunks, of equal sizes.
+    if args.pieces and B % args.pieces:
+        parser.error(f"--pieces={args.pieces} does not divide batch_size={B}; use a divisor of it")
+    for chunks in args.chunks or []:
+        if T % chunks:
+            parser.error(f"--chunks={chunks} does not divide model.block_size={T}; use divisors of it")
     optimizer, mesh = make_optimizer(config), make_mesh(config)
     pieces = args.pieces or pieces_per_micro_batch(config, mesh)
     state = init_state(config, optimizer, mesh)
     shardings, _ = state_layout(config, optimizer, mesh)
     like = eqx.filter_eval_shape(fresh_state, config, optimizer)
     batch = jax.ShapeDtypeStruct((config.g_accum_iters, config.batch_size, config.model.block_size), jnp.int32)
-    for chunks in map(int, args.chunks.split(",")) if args.chunks else [memory.loss_chunks(config, mesh, pieces)]:
+    for chunks in args.chunks or [memory.loss_chunks(config, mesh, pieces)]:
         compiled = make_train_step(config, optimizer, mesh, pieces, chunks).lower(state, batch, batch).compile()
         xla = compiled.memory_analysis()
         print(json.dumps({
@@ -47,4 +57,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -7,7 +7,6 @@ median step, the op time a step (summed over a CPU's threads, or over the GPUs),
 Runs unchanged on a CPU or a GPU.
 """
 
-import argparse
 import collections
 import json
 import re
@@ -18,7 +17,8 @@ from pathlib import Path
 import equinox as eqx
 import jax
 
-from train_throughput import run_fields, setup, time_steps
+from midgpt.cli import ArgumentParser, positive_int, run
+from train_throughput import checked_config, run_fields, setup, time_steps
 
 COLLECTIVE = re.compile(r" (all-gather|all-reduce|reduce-scatter|collective-permute|all-to-all)(-start|-done)?\(")
 MATMUL = re.compile(r" (dot|convolution)\(")
@@ -88,13 +88,13 @@ def op_times(trace_dir: str, module: str) -> tuple[collections.Counter, collecti
             sorted({f[1] for f in found}))
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+def main(argv: list[str]) -> None:
+    parser = ArgumentParser(description=__doc__)
     parser.add_argument("--config", required=True)
-    parser.add_argument("--steps", type=int, default=5, help="traced steps, after the compile and 2 warm-up steps")
-    parser.add_argument("--top", type=int, default=15, help="ops to list, the longest first")
-    args, overrides = parser.parse_known_args()
-    _, state, train_step, batches = setup(args.config, overrides)
+    parser.add_argument("--steps", type=positive_int, default=5, help="traced steps, after the compile and 2 warm-up steps")
+    parser.add_argument("--top", type=positive_int, default=15, help="ops to list, the longest first")
+    args, overrides = parser.parse_known_args(argv)
+    state, train_step, batches = setup(checked_config(args.config, overrides))
 
     # The compiled step itself, so that its HLO names the ops of the trace.
     compiled = train_step.lower(state, batches[0], batches[0]).compile()
@@ -126,4 +126,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -7,25 +7,36 @@ drifts slows them alike. Prints one JSON line a variant: its median step time ea
 and the median of those over the first variant's.
 """
 
-import argparse
 import json
 import statistics
 
 import jax
 
-from train_throughput import setup, time_steps
+from midgpt import cli
+from midgpt.cli import ArgumentParser, positive_int
+from midgpt.errors import MidgptError
+from midgpt.sharding import make_mesh
+from train_throughput import checked_config, setup, time_steps
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+def main(argv: list[str]) -> None:
+    parser = ArgumentParser(description=__doc__)
     parser.add_argument("--config", required=True)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=3, help="timed steps of each variant per round")
+    parser.add_argument("--rounds", type=positive_int, default=3)
+    parser.add_argument("--steps", type=positive_int, default=3, help="timed steps of each variant per round")
     parser.add_argument("variants", nargs="+")
-    args = parser.parse_args()
-    runs = []
+    args = parser.parse_args(argv)
+    # Every variant is checked before the first compiles: a typo in the last should not cost minutes.
+    configs = []
     for variant in args.variants:
-        _, state, train_step, batches = setup(args.config, variant.split())
+        try:
+            configs.append(checked_config(args.config, variant.split()))
+            make_mesh(configs[-1])  # its batch must split over the devices
+        except MidgptError as e:
+            raise MidgptError(f"variant {variant!r}: {e}") from None
+    runs = []
+    for variant, config in zip(args.variants, configs):
+        state, train_step, batches = setup(config)
         state, _ = time_steps(train_step, state, batches, 2)  # the compile, and a warm-up
         runs.append({"variant": variant, "state": state, "step": train_step, "batches": batches, "step_ms": []})
     for _ in range(args.rounds):
@@ -41,4 +52,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)  # qualified: main names each variant's record `run`

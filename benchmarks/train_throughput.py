@@ -7,7 +7,6 @@ CPU, a GPU or a TPU; with XLA_FLAGS=--xla_force_host_platform_device_count=N, on
 CPU devices.
 """
 
-import argparse
 import json
 import statistics
 import time
@@ -16,17 +15,23 @@ import jax
 import numpy as np
 
 from midgpt import mfu
-from midgpt.config import apply_overrides, check_config, load_config
+from midgpt.cli import ArgumentParser, positive_int, run
+from midgpt.config import Config, apply_overrides, check_config, load_config
 from midgpt.model import count_params
 from midgpt.optimizer import make_optimizer
 from midgpt.sharding import batch_sharding, make_mesh
 from midgpt.train import init_state, make_train_step
 
 
-def setup(name: str, overrides: list[str]):
-    """(config, fresh state, the jitted step, 4 random batches already on the devices)."""
+def checked_config(name: str, overrides: list[str]) -> Config:
+    """Config `name` with the overrides; a MidgptError, before anything compiles, if it cannot run."""
     config = apply_overrides(load_config(name), overrides)
     check_config(config)
+    return config
+
+
+def setup(config: Config):
+    """(fresh state, the jitted step, 4 random batches already on the devices)."""
     optimizer, mesh = make_optimizer(config), make_mesh(config)
     state = init_state(config, optimizer, mesh)
     train_step = make_train_step(config, optimizer, mesh)
@@ -35,7 +40,7 @@ def setup(name: str, overrides: list[str]):
     # A few distinct batches, already on the devices: this measures the step, not the data.
     batches = [jax.device_put(rng.integers(0, config.model.vocab_size, shape, dtype=np.int32),
                               batch_sharding(mesh, ndim=3, batch_axis=1)) for _ in range(4)]
-    return config, state, train_step, batches
+    return state, train_step, batches
 
 
 def run_fields(name: str, overrides: list[str]) -> dict:
@@ -56,12 +61,13 @@ def time_steps(train_step, state, batches, n: int):
     return state, times
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+def main(argv: list[str]) -> None:
+    parser = ArgumentParser(description=__doc__)
     parser.add_argument("--config", required=True)
-    parser.add_argument("--steps", type=int, default=20, help="timed steps, after the compile and 2 warm-up steps")
-    args, overrides = parser.parse_known_args()
-    config, state, train_step, batches = setup(args.config, overrides)
+    parser.add_argument("--steps", type=positive_int, default=20, help="timed steps, after the compile and 2 warm-up steps")
+    args, overrides = parser.parse_known_args(argv)
+    config = checked_config(args.config, overrides)
+    state, train_step, batches = setup(config)
 
     # JAX reports how long it traces, lowers and compiles; their sum is the compile.
     compile_s = []
@@ -95,4 +101,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -1,0 +1,39 @@
+"""The benchmarks refuse bad input in one line, before anything compiles (their results: test_mfu, test_memory)."""
+
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO_ROOT
+
+CONFIG = "--config=shakespeare_char_cpu"
+TINY = ["--model.n_layer=1", "--model.n_embd=32", "--model.n_head=2", "--batch_size=4", "--model.block_size=32"]
+
+
+@pytest.mark.parametrize("script, args, fragment", [
+    ("train_throughput", [CONFIG, "--model.n_layers=2"], "model.n_layer"),
+    ("train_throughput", ["--config=nope"], "nope"),
+    ("train_throughput", [CONFIG, "--steps=0"], "--steps"),
+    ("step_profile", [CONFIG, "--model.remat=bogus"], "model.remat"),
+    # The second variant is refused before the first compiles.
+    ("step_ratios", [CONFIG, "--rounds=1", "--steps=1", "--", " ".join(TINY), " ".join(TINY) + " --model.remat=ful"],
+     "model.remat"),
+    ("fsdp_memory", [CONFIG, "--devices=0"], "--devices"),
+    ("fsdp_memory", [CONFIG, "--devices=3", "--batch_size=4"], "batch_size"),
+    ("fsdp_memory", [CONFIG, "--compute_dtype=float16"], "compute_dtype"),
+    ("sample_throughput", [CONFIG, "--model.n_head=3"], "model.n_head"),
+    ("sample_throughput", [CONFIG, "--max_new_tokens=0"], "--max_new_tokens"),
+    ("checkpoint_cost", [CONFIG, "--interval=0"], "--interval"),
+    ("step_memory", [CONFIG, *TINY, "--chunks=1,3"], "--chunks"),
+    ("step_memory", [CONFIG, *TINY, "--pieces=3"], "--pieces"),
+    ("prepare_openwebtext", ["--num_proc=0"], "--num_proc"),
+    ("prepare_openwebtext", ["--text", "no_such_file.txt"], "--text"),
+])
+def test_benchmark_refuses_bad_input_in_one_line(script, args, fragment):
+    result = subprocess.run([sys.executable, f"benchmarks/{script}.py", *args], cwd=REPO_ROOT,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert fragment in lines[0] and "Traceback" not in result.stderr
