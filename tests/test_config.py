@@ -4,13 +4,14 @@ import dataclasses
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
 import pytest
 
 from midgpt.config import (Config, ModelConfig, apply_overrides, check_config, config_from_dict, config_to_dict,
-                           load_config)
+                           load_config, resume_config)
 from midgpt.errors import MidgptError
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -180,6 +181,21 @@ def test_values_that_parse_but_cannot_train_are_refused(config, override, fragme
     with pytest.raises(MidgptError) as info:
         check_config(apply_overrides(config, [override]))
     assert fragment in str(info.value)
+
+
+@pytest.mark.parametrize("override", ["--model.remat=full", "--model.scan_unroll=2", "--model.attention=einsum",
+                                      "--learning_rate=1e-4", "--max_steps=4000", "--eval_interval=100"])
+def test_resume_applies_and_reports_what_runs_the_same_model_on_the_same_data(config, override):
+    resumed, changes = resume_config(config, apply_overrides(config, [override]), [override])
+    assert resumed == apply_overrides(config, [override])
+    assert len(changes) == 1 and changes[0].startswith(override[2:].split("=")[0] + ":")
+
+
+@pytest.mark.parametrize("override", ["--seed=1", "--batch_size=24", "--g_accum_iters=2", "--data_dir=x",
+                                      "--param_dtype=bfloat16", "--model.dropout=0.1", "--model.n_layer=2"])
+def test_resume_refuses_another_model_or_other_data(config, override):
+    with pytest.raises(MidgptError, match=re.escape(override[2:].split("=")[0]) + ".*new --rundir"):
+        resume_config(config, apply_overrides(config, [override]), [override])
 
 
 def test_unknown_config_name_lists_available_ones():

@@ -11,6 +11,7 @@ import pytest
 
 from midgpt.config import ModelConfig
 from midgpt.model import GPT, cast_floats, dropout, project
+from midgpt.precision import cross_entropy
 from midgpt.train import ACTIVATIONS_AT_ONCE, eval_loss, loss_fn
 
 CONFIG = ModelConfig(vocab_size=64, block_size=16, n_layer=3, n_head=2, n_embd=32)
@@ -144,6 +145,20 @@ def test_loss_in_slices_matches_autodiff_of_the_whole_logits(dtype, rtol):
         np.testing.assert_allclose(jax.jit(loss)(params), want_loss, rtol=1e-6)  # not differentiated: the loss alone
         for got, want in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads), strict=True):
             assert float(jnp.linalg.norm(got - want) / jnp.linalg.norm(want)) < rtol, chunks
+
+
+@pytest.mark.parametrize("chunks", [1, 4])
+def test_the_loss_gradients_follow_the_cotangent(chunks):
+    # Training differentiates the loss alone (a cotangent of 1); a weighted or summed loss must scale too.
+    rng = np.random.default_rng(0)
+    x_BxTxD = jnp.asarray(rng.normal(size=(2, 8, 4)), jnp.float32)
+    table_VxD = jnp.asarray(rng.normal(size=(5, 4)), jnp.float32)
+    y_BxT = jnp.asarray(rng.integers(0, 5, (2, 8)), jnp.int32)
+    grads = lambda scale: jax.grad(lambda x, t: scale * cross_entropy(x, t, y_BxT, chunks), argnums=(0, 1))(
+        x_BxTxD, table_VxD)
+    for once, thrice in zip(grads(1.0), grads(3.0), strict=True):
+        np.testing.assert_allclose(thrice, 3 * once, rtol=1e-6)
+        assert float(jnp.abs(once).max()) > 1e-3
 
 
 def test_bfloat16_embedding_gradient_is_summed_in_float32():

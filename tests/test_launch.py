@@ -30,7 +30,8 @@ def read_metrics(rundir):
 def short_run(shakespeare_data_dir, tmp_path_factory):
     rundir = str(tmp_path_factory.mktemp("runs") / "short")
     result = run("launch.py", "--config=shakespeare_char_cpu", f"--rundir={rundir}",
-                 f"--data_dir={shakespeare_data_dir}", "--max_steps=40", "--eval_interval=20", *TINY)
+                 f"--data_dir={shakespeare_data_dir}", "--max_steps=40", "--eval_interval=20",
+                 "--checkpoint_interval=15", "--keep_checkpoints=2", *TINY)
     assert result.returncode == 0, result.stderr
     return rundir
 
@@ -39,7 +40,8 @@ def test_launch_writes_config_metrics_and_checkpoints(short_run, shakespeare_dat
     names = sorted(os.listdir(short_run))
     assert names[:2] == ["checkpoints", "config.json"] and names[3:] == ["metrics.jsonl"]
     assert names[2].startswith("events.out.tfevents.")  # TensorBoard
-    assert os.listdir(os.path.join(short_run, "checkpoints")) == ["40"]  # the end of the run
+    # Saved at 15 and 30 and at the end; the newest keep_checkpoints=2 are kept.
+    assert sorted(os.listdir(os.path.join(short_run, "checkpoints")), key=int) == ["30", "40"]
     with open(os.path.join(short_run, "config.json")) as f:
         config = json.load(f)
     assert config["max_steps"] == 40 and config["model"]["n_layer"] == 2

@@ -42,7 +42,7 @@ def test_state_estimate_is_the_bytes_of_the_sharded_arrays(devices):
         print(json.dumps({"estimated": [parts["parameters"], parts["optimizer"]],
                           "actual": [on_first_device(state.model), on_first_device(state.opt_state)],
                           "whole": sum(x.nbytes for x in jax.tree.leaves(eqx.filter(state.model, eqx.is_array)))}))
-    """, PYTHONPATH=str(REPO_ROOT / "tests"))
+    """)
     assert out["estimated"] == out["actual"]
     if devices == 8:  # every matrix is sharded, so a device holds little more than an eighth
         assert out["actual"][0] < out["whole"] / 6
@@ -103,7 +103,7 @@ def test_fsdp_estimate_counts_the_gathered_parameters():
                 init_state(config, optimizer, mesh), x, x).compile().memory_analysis()
             ratios[remat] = estimate(config)["total"] / (xla.temp_size_in_bytes + xla.argument_size_in_bytes)
         print(json.dumps(ratios))
-    """, PYTHONPATH=str(REPO_ROOT / "tests"))
+    """)
     assert all(0.8 < ratio < 1.25 for ratio in out.values()), out
 
 
@@ -135,6 +135,8 @@ def test_an_over_large_run_suggests_the_largest_micro_batch_that_fits_and_keeps_
     twice = [f"--batch_size={2 * smaller.batch_size}", f"--g_accum_iters={smaller.g_accum_iters // 2}"]
     assert estimate(apply_overrides(config, twice))["total"] > available
     memory.check_fits(config, make_mesh(config), parts["total"], estimate)  # just fits: no error
+    with pytest.raises(MidgptError):  # a byte less does not
+        memory.check_fits(config, make_mesh(config), parts["total"] - 1, estimate)
 
 
 def test_a_run_that_no_batch_fits_suggests_no_batch():

@@ -89,6 +89,22 @@ def test_rotary_attention_scores_depend_on_relative_position_only():
     assert max(offsets) - min(offsets) > 0.5
 
 
+def test_the_models_logits_depend_on_relative_positions_only():
+    # Rotary on the queries only, or on neither, would pass the test above; the model must rotate both.
+    model, tokens_BxT = make_model(), random_tokens(3)
+    tokens_BxT[:, 1] = (tokens_BxT[:, 0] + 1) % V  # two different tokens to swap below
+    logits_BxTxV = forward(model, tokens_BxT)
+    shifted_BxTxV = eqx.filter_jit(lambda m, t: m(t, positions_T=jnp.arange(T) + 37))(model, tokens_BxT)
+    np.testing.assert_allclose(shifted_BxTxV, logits_BxTxV, rtol=1e-4, atol=1e-4)
+    # Positions are used at all: in one layer (more would tell positions by the causal mask alone),
+    # swapping two earlier tokens moves a later logit.
+    one_layer = GPT(ModelConfig(vocab_size=V, block_size=T, n_layer=1, n_head=H, n_embd=D), key=jax.random.key(0))
+    swapped_BxT = tokens_BxT.copy()
+    swapped_BxT[:, [0, 1]] = tokens_BxT[:, [1, 0]]
+    moved_BxV = forward(one_layer, swapped_BxT)[:, 5] - forward(one_layer, tokens_BxT)[:, 5]
+    assert np.min(np.max(np.abs(moved_BxV), axis=-1)) > 1e-3
+
+
 def test_scanned_checkpointed_layers_equal_a_python_loop_over_blocks():
     model = make_model()
     tokens_BxT, targets_BxT = random_tokens(1), random_tokens(2)

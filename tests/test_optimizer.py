@@ -5,6 +5,7 @@ import math
 
 import equinox as eqx
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -157,6 +158,20 @@ def test_micro_batches_cut_into_pieces_give_the_same_step():
     for a, w in zip(jax.tree.leaves(eqx.filter(cut_state.model, eqx.is_array)),
                     jax.tree.leaves(eqx.filter(whole_state.model, eqx.is_array)), strict=True):
         np.testing.assert_allclose(a, w, rtol=1e-5, atol=1e-6)
+
+
+def test_each_step_draws_its_own_dropout_masks():
+    config = tiny_config(batch_size=2)
+    config = dataclasses.replace(config, model=dataclasses.replace(config.model, dropout=0.5))
+    optimizer, mesh = make_optimizer(config), make_mesh(config)
+    train_step = make_train_step(config, optimizer, mesh)
+    x_GxBxT = np.random.default_rng(0).integers(0, 11, (1, 2, T), dtype=np.int32)
+
+    def loss_at(step):  # the same parameters and batch: only the step, which the masks follow, differs
+        state = eqx.tree_at(lambda s: s.step, init_state(config, optimizer, mesh), jnp.asarray(step, jnp.int32))
+        return float(train_step(state, x_GxBxT, x_GxBxT)[1]["loss"])
+
+    assert loss_at(0) == loss_at(0) != loss_at(1)
 
 
 @pytest.mark.parametrize("batch_size, block_size, n_embd, pieces", [

@@ -8,7 +8,7 @@ import pytest
 from midgpt.config import Config, ModelConfig
 from midgpt.model import GPT
 from midgpt.optimizer import make_optimizer
-from midgpt.sample import generate
+from midgpt.sample import generate, sample_token
 from midgpt.sharding import make_mesh
 from midgpt.train import init_state, make_train_step
 
@@ -71,6 +71,15 @@ def test_same_seed_same_samples_and_top_k_1_is_greedy():
     greedy = sample(0, temperature=0.0)
     assert np.array_equal(sample(5, temperature=1.0, top_k=1), greedy)
     assert np.array_equal(greedy[0], greedy[1])
+
+
+def test_top_k_draws_from_exactly_the_k_most_likely_tokens_in_proportion():
+    probs_V = np.array([0.1, 0.3, 0.05, 0.4, 0.15])
+    logits_NxV = jnp.log(jnp.tile(jnp.asarray(probs_V, jnp.float32), (20000, 1)))
+    drawn_N = np.asarray(sample_token(logits_NxV, jax.random.key(0), 1.0, top_k=3))
+    assert set(np.unique(drawn_N)) == {1, 3, 4}
+    kept = probs_V[[1, 3, 4]] / probs_V[[1, 3, 4]].sum()
+    np.testing.assert_allclose(np.bincount(drawn_N, minlength=5)[[1, 3, 4]] / len(drawn_N), kept, atol=0.015)
 
 
 @pytest.mark.parametrize("sampling", [dict(temperature=1.0), dict(temperature=2.0, top_k=V), dict(temperature=0.0)])

@@ -1,6 +1,7 @@
 """FSDP and data parallelism: same numbers on any mesh, 1/fsdp of the state per device,
 and real multi-process training through jax.distributed."""
 
+import dataclasses
 import json
 import os
 import re
@@ -11,13 +12,15 @@ import textwrap
 
 import equinox as eqx
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import PartitionSpec as P
 
 from conftest import REPO_ROOT
 from midgpt.config import Config, ModelConfig
 from midgpt.optimizer import make_optimizer
-from midgpt.sharding import make_mesh
+from midgpt.sharding import FSDP, make_mesh, param_spec
 from midgpt.train import init_state, make_train_step
 
 # Width 64 and fsdp_min_size 1024: every matrix is sharded, the norm gains are not.
@@ -37,7 +40,9 @@ CONFIG = {config!r}
 def on_devices(n: int, code: str, **env) -> dict:
     """Run code in a fresh Python with n CPU devices; return the JSON it prints last."""
     source = PREAMBLE.format(config=CONFIG) + textwrap.dedent(code)
-    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={n}", **env}
+    # This tree's src/ first: an installed midgpt (another checkout's) must not answer for it.
+    path = os.pathsep.join([str(REPO_ROOT / "src"), str(REPO_ROOT / "tests"), os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={n}", "PYTHONPATH": path, **env}
     result = subprocess.run([sys.executable, "-c", source], capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout.strip().splitlines()[-1])
@@ -67,7 +72,7 @@ def test_one_step_on_every_mesh_matches_one_device(tmp_path):
             out.update({{f"{{key}}/loss": loss}}, **{{f"{{key}}/{{i}}": x for i, x in enumerate(leaves)}})
         np.savez("{tmp_path}/meshes.npz", **out)
         print("{{}}")
-    """, PYTHONPATH=str(REPO_ROOT / "tests"))
+    """)
     loss, leaves = one_step_params(CONFIG)
     meshes = np.load(tmp_path / "meshes.npz")
     for shape, chunks in MESHES:
@@ -75,6 +80,17 @@ def test_one_step_on_every_mesh_matches_one_device(tmp_path):
         np.testing.assert_allclose(meshes[f"{key}/loss"], loss, rtol=1e-6)
         for i, leaf in enumerate(leaves):
             np.testing.assert_allclose(meshes[f"{key}/{i}"], leaf, rtol=1e-5, atol=1e-6, err_msg=f"{key} leaf {i}")
+
+
+def test_fsdp_shards_the_largest_dimension_it_divides_but_never_the_layer_axis():
+    config = dataclasses.replace(CONFIG, fsdp_min_size=1)
+    spec = lambda shape, stacked: param_spec(jax.ShapeDtypeStruct(shape, jnp.float32), stacked, config, 8)
+    assert spec((64, 8, 16), stacked=True) == P(None, None, FSDP)  # 64 layers: each layer spread, not one a device
+    assert spec((64, 8, 16), stacked=False) == P(FSDP, None, None)
+    assert spec((2, 12, 32, 16), stacked=True) == P(None, None, FSDP, None)  # 12 does not divide by 8
+    assert spec((2, 12, 6), stacked=True) == P()  # nothing divides: replicated
+    assert param_spec(jax.ShapeDtypeStruct((64, 8), jnp.float32), False, CONFIG, 8) == P()  # under fsdp_min_size
+    assert param_spec(jax.ShapeDtypeStruct((64, 8), jnp.float32), False, config, 1) == P()  # one device
 
 
 def test_fsdp_holds_one_eighth_of_each_large_parameter_and_its_adam_moments():
