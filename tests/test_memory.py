@@ -48,11 +48,12 @@ def test_state_estimate_is_the_bytes_of_the_sharded_arrays(devices):
         assert out["actual"][0] < out["whole"] / 6
 
 
-@pytest.mark.parametrize("remat", ["full", "dots", "none"])
+# Unrolled, remat saves nothing: the layers of one iteration keep their internals.
+@pytest.mark.parametrize("remat, unroll", [("full", 1), ("dots", 1), ("none", 1), ("full", 2)])
 @pytest.mark.parametrize("batch_size", [8, 32])  # on this lone CPU device: 1 piece of 1024 tokens, or 2 of 2048
-def test_activation_estimate_is_close_to_what_xla_allocates(remat, batch_size):
+def test_activation_estimate_is_close_to_what_xla_allocates(remat, unroll, batch_size):
     config = Config(data_dir="unused", batch_size=batch_size, compute_dtype="bfloat16", model=ModelConfig(
-        vocab_size=256, block_size=128, n_layer=2, n_head=4, n_embd=128, dropout=0.1, remat=remat))
+        vocab_size=256, block_size=128, n_layer=2, n_head=4, n_embd=128, dropout=0.1, remat=remat, scan_unroll=unroll))
     optimizer, mesh = make_optimizer(config), make_mesh(config)
     state = init_state(config, optimizer, mesh)
     batch_1xBxT = jax.ShapeDtypeStruct((1, config.batch_size, config.model.block_size), jnp.int32)
@@ -143,13 +144,26 @@ def test_a_run_that_no_batch_fits_suggests_no_batch():
     config = load_config("openwebtext_xl")  # its 20 GiB of parameters and optimiser state alone outgrow 16 GiB
     with pytest.raises(MidgptError) as error:
         memory.check_fits(config, make_mesh(config), 16 * 2**30, estimate)
-    assert "--batch_size" not in str(error.value) and "--mesh_shape" in str(error.value)
+    assert "--batch_size" not in str(error.value) and str(error.value).endswith("use more devices")
+
+
+@pytest.mark.parametrize("overrides, mesh_shape, advice", [
+    ([], (1, 2), "more devices"),  # already all on the fsdp axis
+    ([], (2, 1), "all devices on the fsdp axis (--mesh_shape=1,-1)"),
+    (["--shard_model=false"], (1, 2), "sharded parameters (--shard_model=true)"),
+])
+def test_an_over_large_run_is_told_what_would_shrink_it(overrides, mesh_shape, advice):
+    config = apply_overrides(load_config("openwebtext_xl"), overrides)
+    mesh = jax.sharding.AbstractMesh(mesh_shape, DATA_AXES)  # check_fits reads only its shape
+    with pytest.raises(MidgptError) as error:
+        memory.check_fits(config, mesh, 16 * 2**30, estimate)
+    assert str(error.value).endswith(advice) and "--model.remat" not in str(error.value)  # remat full already
 
 
 def test_launch_stops_an_over_large_model_before_compiling_and_writes_nothing(shakespeare_data_dir, tmp_path):
     # 1.3B parameters and a batch of 1024 sequences: far beyond this host's memory.
     result = run("launch.py", "--config=openwebtext_xl", f"--rundir={tmp_path}/run", f"--data_dir={shakespeare_data_dir}")
-    assert_one_line_error(result, "per device", "--mesh_shape")  # and a smaller batch, where one would fit
+    assert_one_line_error(result, "per device", "more devices")  # and a smaller batch, where one would fit
     assert "parameters 4.88 GiB" in result.stderr  # 1.31B float32 parameters
     assert not (tmp_path / "run").exists()
 
