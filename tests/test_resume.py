@@ -122,6 +122,19 @@ def test_a_stop_signal_saves_and_exits_0_when_nobody_reads_stdout(shakespeare_da
     assert int(saved) >= 5 and "Error" not in errors, errors
 
 
+def test_a_stop_signal_before_the_first_step_is_heard_too(shakespeare_data_dir, tmp_path):
+    # Alone, it used to kill the run; under jax.distributed, JAX's own handler noted it and training went on.
+    rundir = tmp_path / "run"
+    proc = launch(rundir, shakespeare_data_dir, "--max_steps=100000")
+    for line in proc.stdout:
+        if line.startswith("config:"):  # training has begun: the data check, then the memory plan and compile
+            break
+    proc.send_signal(signal.SIGTERM)
+    code, output = finish(proc, timeout=120)
+    assert code == 0 and "stopped after step 1 (SIGTERM)" in output, output
+    assert os.listdir(rundir / "checkpoints") == ["1"]
+
+
 def truncate_data_file(step_dir):
     data = max((os.path.join(d, f) for d, _, fs in os.walk(step_dir) for f in fs if "/d" in d), key=os.path.getsize)
     with open(data, "r+b") as f:

@@ -187,16 +187,23 @@ def launch(*args, devices: int, cwd=REPO_ROOT):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+def two_processes(*args, extra=([], [])):
+    """launch.py as processes 0 and 1 of one run, 4 CPU devices each."""
+    port = free_port()
+    return [launch(*args, *extra[i], "--multihost", f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+                   f"--process_id={i}", devices=4) for i in range(2)]
+
+
 @pytest.mark.slow
 def test_two_processes_train_like_one_process_with_eight_devices(shakespeare_data_dir, tmp_path):
     # float32: the two runs reduce in different orders, and bf16 would round those differences up.
+    # fsdp_min_size=0: every array sharded, so each process's checkpoint files hold only its own shards.
     common = ["--config=shakespeare_char_cpu", f"--data_dir={shakespeare_data_dir}", "--compute_dtype=float32", "--batch_size=16",
-              "--g_accum_iters=2", "--max_steps=12", "--eval_interval=6", "--eval_iters=2", "--log_interval=3"]
-    port = free_port()
+              "--g_accum_iters=2", "--max_steps=12", "--eval_interval=6", "--eval_iters=2", "--log_interval=3",
+              "--fsdp_min_size=0"]
     # One run directory for both, as on a cluster's shared filesystem: orbax's
     # multi-process checkpoints need every process to see the same directory.
-    procs = [launch(*common, f"--rundir={tmp_path}/multi", "--multihost", f"--coordinator_address=127.0.0.1:{port}",
-                    "--num_processes=2", f"--process_id={i}", devices=4) for i in range(2)]
+    procs = two_processes(*common, f"--rundir={tmp_path}/multi")
     single = launch(*common, f"--rundir={tmp_path}/single", devices=8)
     for p in [*procs, single]:
         _, stderr = p.communicate(timeout=300)
@@ -210,6 +217,30 @@ def test_two_processes_train_like_one_process_with_eight_devices(shakespeare_dat
         for key in ("loss", "grad_norm", "train_loss", "val_loss"):
             if key in a:
                 assert m[key] == pytest.approx(a[key], rel=1e-5), (m["step"], key)
+
+    # Damaged for process 0 only: process 1 restores it, and used to wait for process 0 for ever.
+    for f in (tmp_path / "multi" / "checkpoints" / "12" / "state").glob("ocdbt.process_0/d/*"):
+        f.write_bytes(f.read_bytes()[:10])
+    before = sorted(p.relative_to(tmp_path) for p in (tmp_path / "multi").rglob("*"))
+    resumed = two_processes(*common, f"--rundir={tmp_path}/multi", "--max_steps=15")
+    results = [p.communicate(timeout=120) for p in resumed]
+    assert [p.returncode for p in resumed] == [1, 1], results
+    assert results[0][1].strip().splitlines()[-1].startswith(
+        "error: checkpoint 12 does not restore on process 0"), results[0][1]
+    assert sorted(p.relative_to(tmp_path) for p in (tmp_path / "multi").rglob("*")) == before  # nothing moved
+
+
+def test_processes_started_with_different_arguments_stop_in_one_line(shakespeare_data_dir, tmp_path):
+    # Another max_steps on one process used to hang the other at the end; another learning rate
+    # trained a run that config.json did not record.
+    common = ["--config=shakespeare_char_cpu", f"--data_dir={shakespeare_data_dir}", "--batch_size=16",
+              f"--rundir={tmp_path}/run"]
+    procs = two_processes(*common, extra=[[], ["--max_steps=13"]])
+    for p in procs:
+        _, stderr = p.communicate(timeout=120)
+        assert p.returncode == 1 and stderr.strip().splitlines()[-1].startswith(
+            "error: the processes were started with different configs"), stderr
+    assert not (tmp_path / "run" / "checkpoints").exists()
 
 
 @pytest.mark.parametrize("args, fragment", [

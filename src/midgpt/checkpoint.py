@@ -86,17 +86,25 @@ def restore_newest(manager: ocp.CheckpointManager, rundir: str, like, shardings,
     the current mesh, which may differ from the one that saved it. Damaged
     checkpoints newer than the one restored are moved to RUNDIR/checkpoints_damaged.
     If none restores, nothing is moved: a run started over would rewind the logs, and
-    the cause may be this machine (memory, files) rather than the checkpoints.
+    the cause may be this machine (memory, files) rather than the checkpoints. With
+    several processes, a failed restore stops the run (the others cannot follow a fallback).
     """
     found, damaged = None, []  # (step, problem, whether its save finished), newest first
     for step in sorted(manager.all_steps(), reverse=True):
         if finished := committed(rundir, step):
-            check_arrays(os.path.join(directory(rundir), str(step)), like)
+            path = os.path.join(directory(rundir), str(step))
+            check_arrays(path, like)
             try:
                 found = restore(manager, step, like, shardings), step
                 break
             except Exception as e:  # orbax and tensorstore raise many types for damaged files
                 problem = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
+                # The other processes may have restored it and wait in orbax's barrier: no fallback
+                # could stay in step with them, so stop, and let the user set it aside.
+                if jax.process_count() > 1:
+                    aside = os.path.join(os.path.abspath(rundir), "checkpoints_damaged")
+                    raise MidgptError(f"checkpoint {step} does not restore on process {jax.process_index()} ({problem}); "
+                                      f"move it aside (mkdir -p {aside} && mv {path} {aside}/) and run again") from None
         else:
             problem = f"no {COMMIT_MARKER}: its save did not finish"
         damaged.append((step, problem, finished))

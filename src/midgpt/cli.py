@@ -33,7 +33,11 @@ def run(main) -> None:
     try:
         main(sys.argv[1:])
     except MidgptError as e:
-        sys.exit(f"error: {e}")
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        jax = sys.modules.get("jax")
+        if jax and jax.process_count() > 1:
+            os._exit(1)  # not jax.distributed's exit barrier, which waits for processes that may never come
+        sys.exit(1)
 
 
 def say(line: str) -> None:

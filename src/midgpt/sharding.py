@@ -8,11 +8,15 @@ back into the shards.
 """
 
 import functools
+import hashlib
+import json
 
 import jax
+import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from midgpt.config import Config
+from midgpt.config import Config, config_to_dict
 from midgpt.errors import MidgptError
 
 REPLICA, FSDP = "replica", "fsdp"
@@ -78,6 +82,17 @@ def batch_sharding(mesh: Mesh, ndim: int, batch_axis: int) -> NamedSharding:
     spec = [None] * ndim
     spec[batch_axis] = DATA_AXES
     return NamedSharding(mesh, P(*spec))
+
+
+def check_same_config(config: Config) -> None:
+    """Raise MidgptError unless every process runs this config: a process with other arguments
+    would hang the others at its first collective, or train a run that config.json does not record."""
+    if jax.process_count() == 1:
+        return
+    digest = np.frombuffer(hashlib.sha256(json.dumps(config_to_dict(config)).encode()).digest()[:4], np.int32)
+    if len(set(multihost_utils.process_allgather(digest).ravel().tolist())) > 1:
+        raise MidgptError("the processes were started with different configs (other --FIELD=VALUE overrides or "
+                          "--config); start every process with the same arguments")
 
 
 @functools.cache  # the same function for the same mesh: jitted callers take it as a static argument

@@ -259,8 +259,16 @@ def train(config: Config, rundir: str, debug: bool = False, resume: bool = False
     """Train into rundir (config.json, metrics.jsonl, TensorBoard events, checkpoints/), resuming if asked.
 
     Every process runs this loop (JAX's multi-controller model); only process 0
-    writes files and prints.
+    writes files and prints. SIGINT/SIGTERM stop it after a step, with a checkpoint.
     """
+    # Heard from the start, not only in the loop: after jax.distributed.initialize, JAX's own
+    # SIGTERM handler would take a signal during the restore or the compile and only note it.
+    with cli.StopSignals() as signals:
+        return _train(config, rundir, debug, resume, signals)
+
+
+def _train(config: Config, rundir: str, debug: bool, resume: bool, signals: cli.StopSignals) -> GPT:
+    sharding.check_same_config(config)
     train_tokens, val_tokens = check_data(config)
     mesh = sharding.make_mesh(config)
     is_main = jax.process_index() == 0
@@ -314,68 +322,67 @@ def train(config: Config, rundir: str, debug: bool = False, resume: bool = False
     )
     peak_memory = None
     interval_start, interval_steps = time.perf_counter(), 0
-    with cli.StopSignals() as signals:
-        try:
-            for step, (x_GxBxT, y_GxBxT) in prefetch(make_batch, range(start + 1, config.max_steps + 1)):
-                if profile_steps and step == profile_steps[0]:
-                    jax.profiler.start_trace(os.path.join(rundir, "profile"))
-                state, metrics = train_step(state, x_GxBxT, y_GxBxT)
-                bar.update()
-                interval_steps += 1
-                if profile_steps and step == profile_steps[-1]:
-                    jax.block_until_ready(state)
-                    jax.profiler.stop_trace()
-                if step == start + 1:  # leave the compile out of the throughput
-                    jax.block_until_ready(state)
-                    peak_memory = memory.peak_in_use()
-                    say(f"step {step} (compile included) took {time.perf_counter() - interval_start:.1f} s"
-                        + (f"; peak memory {memory.gib(peak_memory)} per device" if peak_memory else ""))
-                    interval_start, interval_steps = time.perf_counter(), 0
+    try:
+        for step, (x_GxBxT, y_GxBxT) in prefetch(make_batch, range(start + 1, config.max_steps + 1)):
+            if profile_steps and step == profile_steps[0]:
+                jax.profiler.start_trace(os.path.join(rundir, "profile"))
+            state, metrics = train_step(state, x_GxBxT, y_GxBxT)
+            bar.update()
+            interval_steps += 1
+            if profile_steps and step == profile_steps[-1]:
+                jax.block_until_ready(state)
+                jax.profiler.stop_trace()
+            if step == start + 1:  # leave the compile out of the throughput
+                jax.block_until_ready(state)
+                peak_memory = memory.peak_in_use()
+                say(f"step {step} (compile included) took {time.perf_counter() - interval_start:.1f} s"
+                    + (f"; peak memory {memory.gib(peak_memory)} per device" if peak_memory else ""))
+                interval_start, interval_steps = time.perf_counter(), 0
 
-                is_eval = step % config.eval_interval == 0 or step == config.max_steps
-                is_log = is_eval or step % config.log_interval == 0
-                if is_log:
-                    check_finite(metrics, step, last_checkpoint)
-                    record = {"step": step, **{k: float(v) for k, v in metrics.items()}}
-                    elapsed = time.perf_counter() - interval_start
-                    if interval_steps:  # none right after the compile step
-                        record["tokens_per_sec"] = interval_steps * tokens_per_step / elapsed
-                        record["step_ms"] = 1000 * elapsed / interval_steps
-                        record["mfu"] = mfu.utilisation(config.model, record["tokens_per_sec"], peak)
-                        bar.set_postfix({"loss": f"{record['loss']:.4f}", "lr": f"{record['lr']:.2e}",
-                                         "tok/s": f"{record['tokens_per_sec']:,.0f}", "mfu": f"{record['mfu']:.1%}"},
-                                        refresh=False)
-                    if peak_memory:
-                        record["peak_memory_gib"] = memory.peak_in_use() / 2**30
-                    if is_eval:
-                        record["train_loss"] = evaluate(state.model, train_tokens, config, mesh, EVAL_TRAIN_STREAM)
-                        record["val_loss"] = evaluate(state.model, val_tokens, config, mesh, EVAL_VAL_STREAM)
-                        say(f"step {step}: train loss {record['train_loss']:.4f}, val loss {record['val_loss']:.4f}")
-                    if log:
-                        log.write(record)
-                    interval_start, interval_steps = time.perf_counter(), 0
+            is_eval = step % config.eval_interval == 0 or step == config.max_steps
+            is_log = is_eval or step % config.log_interval == 0
+            if is_log:
+                check_finite(metrics, step, last_checkpoint)
+                record = {"step": step, **{k: float(v) for k, v in metrics.items()}}
+                elapsed = time.perf_counter() - interval_start
+                if interval_steps:  # none right after the compile step
+                    record["tokens_per_sec"] = interval_steps * tokens_per_step / elapsed
+                    record["step_ms"] = 1000 * elapsed / interval_steps
+                    record["mfu"] = mfu.utilisation(config.model, record["tokens_per_sec"], peak)
+                    bar.set_postfix({"loss": f"{record['loss']:.4f}", "lr": f"{record['lr']:.2e}",
+                                     "tok/s": f"{record['tokens_per_sec']:,.0f}", "mfu": f"{record['mfu']:.1%}"},
+                                    refresh=False)
+                if peak_memory:
+                    record["peak_memory_gib"] = memory.peak_in_use() / 2**30
+                if is_eval:
+                    record["train_loss"] = evaluate(state.model, train_tokens, config, mesh, EVAL_TRAIN_STREAM)
+                    record["val_loss"] = evaluate(state.model, val_tokens, config, mesh, EVAL_VAL_STREAM)
+                    say(f"step {step}: train loss {record['train_loss']:.4f}, val loss {record['val_loss']:.4f}")
+                if log:
+                    log.write(record)
+                interval_start, interval_steps = time.perf_counter(), 0
 
-                if notice := signals.notice():
-                    say(notice)
-                stop = signals.received is not None
-                if jax.process_count() > 1:  # all stop at the same step; agreeing costs a sync, so only at log steps
-                    stop = is_log and bool(multihost_utils.process_allgather(np.int32(stop)).any())
-                if manager and (step % config.checkpoint_interval == 0 or step == config.max_steps or stop):
-                    check_finite(metrics, step, last_checkpoint)  # never save a diverged state
-                    checkpoint.save(manager, step, state, config)
-                    last_checkpoint = step
-                if stop:
-                    if manager:
-                        manager.wait_until_finished()
-                    say(f"stopped after step {step} ({signals.received or 'another process was signalled'}); " + (
-                        "run the same command to resume from checkpoint " + str(step) if manager
-                        else "no checkpoint was written (--debug)"))
-                    break
-        finally:
-            bar.close()
-            if log:
-                log.close()
-            if manager:  # let committed saves finish, even when leaving on an error
-                manager.wait_until_finished()
-                manager.close()
+            if notice := signals.notice():
+                say(notice)
+            stop = signals.received is not None
+            if jax.process_count() > 1:  # all stop at the same step; agreeing costs a sync, so only at log steps
+                stop = is_log and bool(multihost_utils.process_allgather(np.int32(stop)).any())
+            if manager and (step % config.checkpoint_interval == 0 or step == config.max_steps or stop):
+                check_finite(metrics, step, last_checkpoint)  # never save a diverged state
+                checkpoint.save(manager, step, state, config)
+                last_checkpoint = step
+            if stop:
+                if manager:
+                    manager.wait_until_finished()
+                say(f"stopped after step {step} ({signals.received or 'another process was signalled'}); " + (
+                    "run the same command to resume from checkpoint " + str(step) if manager
+                    else "no checkpoint was written (--debug)"))
+                break
+    finally:
+        bar.close()
+        if log:
+            log.close()
+        if manager:  # let committed saves finish, even when leaving on an error
+            manager.wait_until_finished()
+            manager.close()
     return state.model
