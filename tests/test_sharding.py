@@ -5,6 +5,7 @@ import dataclasses
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -228,6 +229,21 @@ def test_two_processes_train_like_one_process_with_eight_devices(shakespeare_dat
     assert results[0][1].strip().splitlines()[-1].startswith(
         "error: checkpoint 12 does not restore on process 0"), results[0][1]
     assert sorted(p.relative_to(tmp_path) for p in (tmp_path / "multi").rglob("*")) == before  # nothing moved
+
+
+def test_a_signalled_process_stops_both_at_the_next_log_step_with_a_checkpoint(shakespeare_data_dir, tmp_path):
+    from test_resume import wait_for_step
+
+    rundir = tmp_path / "run"
+    procs = two_processes("--config=shakespeare_char_cpu", f"--data_dir={shakespeare_data_dir}", "--batch_size=16",
+                          "--max_steps=100000", "--log_interval=7", f"--rundir={rundir}")
+    wait_for_step(rundir, 7, procs[0])
+    procs[0].send_signal(signal.SIGTERM)  # process 0's alone: it tells process 1 at the next log step
+    (out, err), _ = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], err
+    assert "SIGTERM: stopping at the next log step, with a checkpoint" in out, out
+    stopped = int(out.split("stopped after step ")[1].split(" ")[0])
+    assert stopped % 7 == 0 and os.listdir(rundir / "checkpoints") == [str(stopped)]
 
 
 def test_processes_started_with_different_arguments_stop_in_one_line(shakespeare_data_dir, tmp_path):

@@ -75,9 +75,9 @@ class StopSignals:
             os._exit(128 + signum)
         self.received = signal.Signals(signum).name
 
-    def notice(self) -> str | None:
-        """What to say, once, after the first signal."""
+    def notice(self, when: str = "after this step") -> str | None:
+        """What to say, once, after the first signal; `when` the stop comes."""
         if self.received and not self.noticed:
             self.noticed = True
-            return f"{self.received}: stopping after this step, with a checkpoint (again to stop at once)"
+            return f"{self.received}: stopping {when}, with a checkpoint (again to stop at once)"
         return None

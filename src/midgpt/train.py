@@ -362,7 +362,8 @@ def _train(config: Config, rundir: str, debug: bool, resume: bool, signals: cli.
                     log.write(record)
                 interval_start, interval_steps = time.perf_counter(), 0
 
-            if notice := signals.notice():
+            # Several processes agree on a stop only at log steps, where they sync anyway.
+            if notice := signals.notice("at the next log step" if jax.process_count() > 1 else "after this step"):
                 say(notice)
             stop = signals.received is not None
             if jax.process_count() > 1:  # all stop at the same step; agreeing costs a sync, so only at log steps
