@@ -27,9 +27,13 @@ def directory(rundir: str) -> str:
     return os.path.join(os.path.abspath(rundir), "checkpoints")
 
 
+def step_directory(rundir: str, step: int) -> str:
+    return os.path.join(directory(rundir), str(step))
+
+
 def committed(rundir: str, step: int) -> bool:
     """Whether the save of step finished."""
-    return os.path.exists(os.path.join(directory(rundir), str(step), COMMIT_MARKER))
+    return os.path.exists(os.path.join(step_directory(rundir, step), COMMIT_MARKER))
 
 
 def make_manager(rundir: str, config: Config) -> ocp.CheckpointManager:
@@ -90,9 +94,10 @@ def restore_newest(manager: ocp.CheckpointManager, rundir: str, like, shardings,
     several processes, a failed restore stops the run (the others cannot follow a fallback).
     """
     found, damaged = None, []  # (step, problem, whether its save finished), newest first
+    aside = os.path.join(os.path.abspath(rundir), "checkpoints_damaged")
     for step in sorted(manager.all_steps(), reverse=True):
         if finished := committed(rundir, step):
-            path = os.path.join(directory(rundir), str(step))
+            path = step_directory(rundir, step)
             check_arrays(path, like)
             try:
                 found = restore(manager, step, like, shardings), step
@@ -102,7 +107,6 @@ def restore_newest(manager: ocp.CheckpointManager, rundir: str, like, shardings,
                 # The other processes may have restored it and wait in orbax's barrier: no fallback
                 # could stay in step with them, so stop, and let the user set it aside.
                 if jax.process_count() > 1:
-                    aside = os.path.join(os.path.abspath(rundir), "checkpoints_damaged")
                     raise MidgptError(f"checkpoint {step} does not restore on process {jax.process_index()} ({problem}); "
                                       f"move it aside (mkdir -p {aside} && mv {path} {aside}/) and run again") from None
         else:
@@ -113,12 +117,12 @@ def restore_newest(manager: ocp.CheckpointManager, rundir: str, like, shardings,
         raise MidgptError(f"no checkpoint in {directory(rundir)} restores (checkpoint {step}: {problem}); nothing "
                           "was moved or overwritten: fix the cause and run again, or train in a new --rundir")
     for step, problem, _ in damaged:
-        aside = os.path.join(os.path.abspath(rundir), "checkpoints_damaged", f"{step}.{time.time_ns()}")
-        say(f"checkpoint {step} is damaged ({problem}); moved to {aside}"
+        moved = os.path.join(aside, f"{step}.{time.time_ns()}")
+        say(f"checkpoint {step} is damaged ({problem}); moved to {moved}"
             + (f", resuming from checkpoint {found[1]}" if found else ""))
         if jax.process_index() == 0:
-            os.makedirs(os.path.dirname(aside), exist_ok=True)
-            shutil.move(os.path.join(directory(rundir), str(step)), aside)
+            os.makedirs(aside, exist_ok=True)
+            shutil.move(step_directory(rundir, step), moved)
     if damaged:
         multihost_utils.sync_global_devices("damaged checkpoints moved aside")
         manager.reload()
