@@ -170,6 +170,7 @@ def test_named_configs_load_as_frozen_configs():
     ("--model.dropout=nan", "'model.dropout' must be a finite number"),
     ("--min_lr=1", "min_lr=1.0 must be in [0, learning_rate=0.001]"),
     ("--min_lr=-1e-4", "min_lr=-0.0001 must be in"),
+    ("--lr_decay_steps=1", "lr_decay_steps=1 must be at least 2"),  # the first update uses the peak
     ("--beta2=1.5", "'beta2' must be in [0, 1)"),
     ("--beta1=1", "'beta1' must be in [0, 1)"),
     ("--model.rope_base=0", "'model.rope_base' must be positive"),

@@ -33,7 +33,7 @@ def tiny_config(vocab_size: int = 11, **overrides) -> Config:
 
 def closed_form_lr(config: Config, count: int) -> float:
     """The schedule written out: update count+1 of a linear warmup from 0, then a cosine to min_lr."""
-    step, peak, warmup, decay = count + 1, config.learning_rate, config.warmup_steps, config.lr_decay_steps
+    step, peak, warmup, decay = count + 1, config.learning_rate, max(config.warmup_steps, 1), config.lr_decay_steps
     if step < warmup:
         return peak * step / warmup
     progress = min(step - warmup, decay - warmup) / (decay - warmup)
@@ -115,6 +115,16 @@ def test_lr_schedule_warms_up_from_first_update_then_cosine_decays_to_min_lr():
     np.testing.assert_allclose(lr(34), 1e-4 + 9e-4 * 0.5 * (1 + math.cos(math.pi / 4)), rtol=1e-5)
     np.testing.assert_allclose(lr(500), 1e-4, rtol=1e-6)  # and stays there
     for count in range(0, 130):
+        np.testing.assert_allclose(lr(count), closed_form_lr(config, count), rtol=1e-5, err_msg=f"count {count}")
+
+
+@pytest.mark.parametrize("warmup_steps", [0, 1])
+def test_lr_schedule_without_warmup_starts_at_the_peak(warmup_steps):
+    config = tiny_config(learning_rate=1e-3, warmup_steps=warmup_steps, lr_decay_steps=10, min_lr=1e-4)
+    lr = lambda count: float(lr_schedule(config)(count))
+    np.testing.assert_allclose(lr(0), 1e-3, rtol=1e-6)
+    np.testing.assert_allclose(lr(9), 1e-4, rtol=1e-6)  # update lr_decay_steps reaches min_lr
+    for count in range(0, 12):
         np.testing.assert_allclose(lr(count), closed_form_lr(config, count), rtol=1e-5, err_msg=f"count {count}")
 
 

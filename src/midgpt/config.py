@@ -271,6 +271,8 @@ def check_config(config: Config) -> None:
         )
     if not 0 <= m.dropout < 1:
         raise MidgptError(f"config field 'model.dropout' must be in [0, 1), got {m.dropout}")
+    if config.lr_decay_steps < 2:  # the first update uses the peak, update lr_decay_steps min_lr
+        raise MidgptError(f"lr_decay_steps={config.lr_decay_steps} must be at least 2")
     if not 0 <= config.warmup_steps < config.lr_decay_steps:
         raise MidgptError(f"warmup_steps={config.warmup_steps} must be in [0, lr_decay_steps={config.lr_decay_steps})")
     replica, fsdp = config.mesh_shape

@@ -13,11 +13,10 @@ def lr_schedule(config: Config) -> optax.Schedule:
 
     The first update already uses peak / warmup_steps (optax's warmup starts at 0,
     which would waste a step), update warmup_steps uses the peak, and the cosine
-    reaches min_lr at update lr_decay_steps.
+    reaches min_lr at update lr_decay_steps. warmup_steps=0 is 1: the first update uses the peak.
     """
-    cosine = optax.warmup_cosine_decay_schedule(
-        0.0, config.learning_rate, config.warmup_steps, config.lr_decay_steps, config.min_lr
-    )
+    warmup = max(config.warmup_steps, 1)
+    cosine = optax.warmup_cosine_decay_schedule(0.0, config.learning_rate, warmup, config.lr_decay_steps, config.min_lr)
     return lambda count: cosine(count + 1)
 
 
