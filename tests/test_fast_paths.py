@@ -1,6 +1,7 @@
 """Every fast path against its reference: the same loss and gradients, to the precision of its dtype."""
 
 import dataclasses
+from types import SimpleNamespace
 
 import equinox as eqx
 import jax
@@ -10,7 +11,7 @@ import optax
 import pytest
 
 from midgpt.config import ModelConfig
-from midgpt.model import GPT, cast_floats, dropout, project
+from midgpt.model import GPT, attention_implementation, cast_floats, cudnn_flash_fits, dropout, project
 from midgpt.precision import cross_entropy
 from midgpt.train import ACTIVATIONS_AT_ONCE, eval_loss, loss_fn
 
@@ -102,6 +103,39 @@ def test_cudnn_attention_matches_the_einsum_path_in_bfloat16():
     cudnn, einsum = (loss_and_grads(dataclasses.replace(CONFIG, attention=a), batch, jnp.bfloat16)
                      for a in ("cudnn", "einsum"))
     assert_same_to_bfloat16_precision(cudnn, einsum)
+
+
+def described_device(platform_version: str, compute_capability: str = "9.0"):
+    """What cudnn_flash_fits reads of a GPU, for the GPUs this machine does not have."""
+    return SimpleNamespace(platform="gpu", client=SimpleNamespace(platform_version=platform_version),
+                           compute_capability=compute_capability)
+
+
+def test_auto_attention_takes_cudnn_only_where_it_runs():
+    hopper, ampere, turing = (described_device("cuda 12080", c) for c in ("9.0", "8.0", "7.5"))
+    assert cudnn_flash_fits(jnp.bfloat16, 64, hopper) and cudnn_flash_fits(jnp.bfloat16, 256, hopper)
+    assert cudnn_flash_fits(jnp.bfloat16, 128, ampere) and not cudnn_flash_fits(jnp.bfloat16, 256, ampere)
+    assert not cudnn_flash_fits(jnp.bfloat16, 72 + 4, hopper)  # not a multiple of 8
+    assert not cudnn_flash_fits(jnp.bfloat16, 264, hopper)
+    assert not cudnn_flash_fits(jnp.float32, 64, hopper)
+    assert not cudnn_flash_fits(jnp.bfloat16, 64, turing)  # a T4 or a V100: before Ampere
+    assert not cudnn_flash_fits(jnp.bfloat16, 64, described_device("rocm 6.4"))  # an AMD GPU
+    assert not cudnn_flash_fits(jnp.bfloat16, 64, jax.devices("cpu")[0])
+    assert attention_implementation("auto", jnp.bfloat16, True, 64) == "einsum"  # dropout: einsum only
+    assert attention_implementation("xla", jnp.float32, False, 76) == "xla"  # as configured
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN's fused attention runs on NVIDIA GPUs only")
+@pytest.mark.parametrize("head_dim", [64, 76, 128, 256, 264])
+def test_cudnn_runs_exactly_the_head_widths_auto_gives_it(head_dim):
+    q_BxTxHxC = jnp.ones((1, 128, 2, head_dim), jnp.bfloat16)
+    attend = lambda: jax.nn.dot_product_attention(q_BxTxHxC, q_BxTxHxC, q_BxTxHxC, is_causal=True,
+                                                  implementation="cudnn").block_until_ready()
+    if attention_implementation("auto", jnp.bfloat16, False, head_dim) == "cudnn":
+        attend()
+    else:
+        with pytest.raises(Exception):
+            attend()
 
 
 def test_dropout_drops_at_its_rate_keeps_the_mean_and_redraws_per_key():

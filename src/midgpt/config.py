@@ -25,7 +25,8 @@ class ModelConfig:
     remat: str = "full"  # recompute in the backward pass: "full" (each layer), "dots" (all but weight matmuls), "none"
     scan_unroll: int = 1  # layers per iteration of the scan over layers; n_layer unrolls it fully
     # "einsum", or jax.nn.dot_product_attention's "xla" or "cudnn" (fused, GPU); "auto": cudnn on
-    # GPUs in bf16 when no attention dropout is drawn, einsum elsewhere (faster on CPUs)
+    # NVIDIA GPUs (Ampere on) in bf16 for head widths it takes (a multiple of 8, to 128; 256 from
+    # Hopper) when no attention dropout is drawn, einsum elsewhere (faster on CPUs)
     attention: str = "auto"
 
 

@@ -98,13 +98,21 @@ def softmax_attention(q_BxTxHxC, k_BxSxHxC, v_BxSxHxC, mask_TxS, rate: float, ke
     return matmul("bhts,bshc->bthc", prob_BxHxTxS, v_BxSxHxC).astype(q_BxTxHxC.dtype)
 
 
-def attention_implementation(attention: str, dtype, dropout: bool) -> str:
+def attention_implementation(attention: str, dtype, dropout: bool, head_dim: int) -> str:
     """What ModelConfig.attention runs as: "einsum", or jax.nn.dot_product_attention's "xla" or "cudnn" (no dropout)."""
     if attention != "auto":
         return attention
-    # cuDNN's fused (flash) attention on NVIDIA GPUs; on CPUs the einsum path measured faster.
-    flash = jax.default_backend() == "gpu" and jnp.dtype(dtype) == jnp.bfloat16
-    return "cudnn" if flash and not dropout else "einsum"
+    # cuDNN's fused (flash) attention where it takes the shape; on CPUs the einsum path measured faster.
+    return "cudnn" if not dropout and cudnn_flash_fits(dtype, head_dim, jax.devices()[0]) else "einsum"
+
+
+def cudnn_flash_fits(dtype, head_dim: int, device) -> bool:
+    """Whether cuDNN's flash attention runs this dtype and head width on the device (jax checks it only when called)."""
+    if device.platform != "gpu" or "cuda" not in device.client.platform_version:
+        return False  # a CPU, a TPU or an AMD GPU
+    major = int(device.compute_capability.split(".")[0])  # flash attention needs Ampere (8) or later
+    widest = 256 if major >= 9 else 128
+    return jnp.dtype(dtype) == jnp.bfloat16 and major >= 8 and head_dim % 8 == 0 and head_dim <= widest
 
 
 class LayerCache(NamedTuple):
@@ -167,7 +175,8 @@ class Attention(eqx.Module):
         if cache is not None:
             k_BxSxHxC = cache.k_BxSxHxC.at[:, slots_T].set(k_BxTxHxC)
             v_BxSxHxC = cache.v_BxSxHxC.at[:, slots_T].set(v_BxTxHxC)
-        implementation = attention_implementation(self.attention, dtype, dropout=key is not None and self.dropout > 0)
+        implementation = attention_implementation(
+            self.attention, dtype, dropout=key is not None and self.dropout > 0, head_dim=q_BxTxHxC.shape[-1])
         if cache is None and implementation != "einsum":
             # Without a cache, S = T and mask_TxS is causal within a window of block_size.
             T = q_BxTxHxC.shape[1]

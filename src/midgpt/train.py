@@ -248,8 +248,9 @@ def plan_memory(config: Config, mesh: Mesh, like: TrainState, shardings, say) ->
 
     parts = estimate_for(config)
     available, source = memory.device_memory()
-    attention = attention_implementation(config.model.attention, config.compute_dtype, config.model.dropout > 0)
-    say(f"memory per device, estimated (remat {config.model.remat}, attention {attention}): "
+    m = config.model
+    attention = attention_implementation(m.attention, config.compute_dtype, m.dropout > 0, m.n_embd // m.n_head)
+    say(f"memory per device, estimated (remat {m.remat}, attention {attention}): "
         + ", ".join(f"{k} {memory.gib(v)}" for k, v in parts.items() if v)
         + (f" of {memory.gib(available)} ({source})" if available else ""))
     memory.check_fits(config, mesh, available, estimate_for)
