@@ -121,6 +121,21 @@ def test_blank_line_blocks_are_documents(tmp_path):
     assert sorted(docs) == sorted(["first line\nsecond line", "next doc", "last doc"])
 
 
+@pytest.mark.parametrize("ext", ["jsonl", "parquet"])
+def test_empty_rows_are_no_documents(tmp_path, ext):
+    docs = DOCS[:40]
+    with_empty = [d for i, doc in enumerate(docs) for d in ([doc, "", " \n\t"] if i % 7 == 0 else [doc])]
+    outputs = []
+    for name, corpus_docs in (("clean", docs), ("with_empty", with_empty)):
+        corpus = write_corpus(tmp_path / f"{name}.{ext}", corpus_docs)
+        result = run_prepare("--input", corpus, "--out_dir", tmp_path / name, "--val_fraction", 0.1)
+        assert result.returncode == 0, result.stderr
+        outputs.append((read_bins(tmp_path / name), json.loads((tmp_path / name / "meta.json").read_text())))
+    (clean_bins, clean_meta), (bins, meta) = outputs
+    assert bins == clean_bins
+    assert meta["train_documents"] + meta["val_documents"] == len(docs)
+
+
 def hf_env(tmp_path) -> dict:
     """Environment that keeps datasets off the network and out of the user's cache."""
     return {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}

@@ -5,7 +5,7 @@ Sources, all streamed so memory stays flat however large the corpus:
   --input    local files: .txt holds ONE DOCUMENT PER BLANK-LINE-SEPARATED BLOCK (documents
              separated by one or more empty or whitespace-only lines), .jsonl a "text" field
              per line, .parquet a "text" column
-Every document's tokens are followed by EOT (50256). A document goes to val iff the first
+Every document's tokens are followed by EOT (50256); empty or whitespace-only rows are no documents. A document goes to val iff the first
 8 bytes of sha256(its UTF-8 text) fall under --val_fraction of 2**64: the same inputs give
 byte-identical outputs, and duplicate documents never straddle train and val.
 """
@@ -114,6 +114,8 @@ def tokenize(docs: list[str], val_fraction: float) -> dict[str, np.ndarray]:
     """Return one batch's uint16 tokens, EOT after each document, keyed by split."""
     enc, ids = gpt2(), {s: [np.zeros(0, np.uint16)] for s in SPLITS}
     for text in docs:
+        if not text.strip():  # a lone EOT would teach the model nothing
+            continue
         digest = hashlib.sha256(text.encode("utf-8")).digest()
         split = "val" if int.from_bytes(digest[:8], "big") < val_fraction * 2**64 else "train"
         # uint16 per document: a batch's tokens as Python ints would cost ~30x the memory.
