@@ -4,8 +4,6 @@ python sample.py --rundir=DIR [--start=TEXT | --start=FILE:path] [--num_samples=
                  [--temperature=T] [--top_k=K] [--seed=S] [--step=STEP]
 """
 
-import sys
-
 from midgpt.cli import ArgumentParser, run
 
 
@@ -20,19 +18,19 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--step", type=int, default=None, help="the checkpoint to use (default: the newest)")
     args = parser.parse_args(argv)
-    if args.num_samples < 1 or args.max_new_tokens < 0 or (args.top_k is not None and args.top_k < 1):
-        parser.error("num_samples and top_k must be >= 1, max_new_tokens >= 0")
+    if args.num_samples < 1 or not 0 <= args.max_new_tokens <= 2**30 or (args.top_k is not None and args.top_k < 1):
+        parser.error("num_samples and top_k must be >= 1, max_new_tokens in [0, 2**30] (int32 positions)")
     if not 0 <= args.temperature < float("inf"):  # also refuses nan, which would draw token 0 every time
         parser.error(f"temperature must be a number >= 0, got {args.temperature}")
-    if not 0 <= args.seed < 2**63:  # what jax.random.key takes
-        parser.error(f"seed must be in [0, 2**63), got {args.seed}")
+    if not 0 <= args.seed < 2**32:  # jax.random.key keeps 32 bits: 2**32 would draw as 0 does
+        parser.error(f"seed must be in [0, 2**32), got {args.seed}")
 
     start = args.start
     if start.startswith("FILE:"):
         try:
             with open(start.removeprefix("FILE:"), encoding="utf-8") as f:
                 start = f.read()
-        except OSError as e:
+        except (OSError, UnicodeDecodeError) as e:
             parser.error(f"cannot read the prompt file: {e}")
     if not start:
         parser.error("the prompt is empty; give --start at least one character")
@@ -40,12 +38,13 @@ def main(argv: list[str]) -> None:
     import jax  # only once the arguments are good
     import jax.numpy as jnp
 
-    from midgpt import data, tokenizer
+    from midgpt import tokenizer
+    from midgpt.cli import say
     from midgpt.model import cast_floats
-    from midgpt.sample import generate, load_model
+    from midgpt.sample import generate, load_model, run_meta
 
     config, model = load_model(args.rundir, args.step)
-    meta = data.load_meta(config.data_dir)
+    meta = run_meta(args.rundir, config)
     model = cast_floats(model, jnp.dtype(config.compute_dtype))
     # The model sees at most block_size tokens: a longer prompt keeps its end.
     prompt_P = jnp.asarray(tokenizer.encode(meta, start)[-config.model.block_size:], jnp.int32)
@@ -53,10 +52,7 @@ def main(argv: list[str]) -> None:
     tokens_BxN = generate(model, prompt_BxP, args.max_new_tokens, jax.random.key(args.seed), args.temperature,
                           args.top_k, vocab=meta["vocab_size"])  # the tokenizer's ids: the table may have more rows
     for i, row in enumerate(jax.device_get(tokens_BxN)):
-        if i:
-            print("-" * 40)
-        print(tokenizer.decode(meta, row.tolist()))
-    sys.stdout.flush()
+        say(("-" * 40 + "\n" if i else "") + tokenizer.decode(meta, row.tolist()))
 
 
 if __name__ == "__main__":

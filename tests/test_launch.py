@@ -38,8 +38,10 @@ def short_run(shakespeare_data_dir, tmp_path_factory):
 
 def test_launch_writes_config_metrics_and_checkpoints(short_run, shakespeare_data_dir):
     names = sorted(os.listdir(short_run))
-    assert names[:2] == ["checkpoints", "config.json"] and names[3:] == ["metrics.jsonl"]
+    assert names[:2] == ["checkpoints", "config.json"] and names[3:] == ["meta.json", "metrics.jsonl"]
     assert names[2].startswith("events.out.tfevents.")  # TensorBoard
+    with open(os.path.join(short_run, "meta.json")) as f, open(os.path.join(shakespeare_data_dir, "meta.json")) as g:
+        assert json.load(f) == json.load(g)  # the tokenizer, with the run
     # Saved at 15 and 30 and at the end; the newest keep_checkpoints=2 are kept.
     assert sorted(os.listdir(os.path.join(short_run, "checkpoints")), key=int) == ["30", "40"]
     with open(os.path.join(short_run, "config.json")) as f:
@@ -83,6 +85,24 @@ def test_sample_takes_the_newest_checkpoint_whose_save_finished(short_run, tmp_p
     args = ["--start=ROMEO:", "--max_new_tokens=20", "--seed=3"]
     result = run("sample.py", f"--rundir={rundir}", *args)
     assert result.returncode == 0 and result.stdout == run("sample.py", f"--rundir={short_run}", *args).stdout
+
+
+def test_sample_runs_from_any_directory_with_the_runs_own_tokenizer(short_run, tmp_path):
+    rundir = tmp_path / "run"  # a copy whose data_dir is not there from here, as a relative path from elsewhere
+    shutil.copytree(short_run, rundir)
+    config = json.loads((rundir / "config.json").read_text())
+    (rundir / "config.json").write_text(json.dumps({**config, "data_dir": "data/shakespeare_char"}))
+    args = ["--start=ROMEO:", "--max_new_tokens=20", "--seed=3"]
+    result = run("sample.py", f"--rundir={rundir}", *args, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == run("sample.py", f"--rundir={short_run}", *args).stdout
+
+
+def test_sample_into_a_closed_pipe_exits_0_without_a_traceback(short_run):
+    # `| head` closes the pipe early; `| true` before the first sample is written, every time.
+    result = subprocess.run(f"set -o pipefail; {sys.executable} sample.py --rundir={short_run} --num_samples=2 | true",
+                            shell=True, executable="/bin/bash", cwd=REPO_ROOT, capture_output=True, text=True)
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
 
 
 def test_sample_reads_a_prompt_file_and_keeps_the_end_of_a_long_prompt(short_run, tmp_path):
@@ -228,7 +248,13 @@ def test_sample_errors_are_one_line(short_run, tmp_path):
     assert_one_line_error(run("sample.py", f"--rundir={short_run}", "--start="), "prompt is empty")
     assert_one_line_error(run("sample.py", f"--rundir={short_run}", "--temperature=hot"), "temperature")
     assert_one_line_error(run("sample.py", f"--rundir={short_run}", "--temperature=nan"), "temperature")
-    assert_one_line_error(run("sample.py", f"--rundir={short_run}", "--seed=-1"), "seed must be in [0, 2**63)")
+    assert_one_line_error(run("sample.py", f"--rundir={short_run}", "--seed=-1"), "seed must be in [0, 2**32)")
+    # jax.random.key keeps 32 bits: 2**32 would draw as seed 0 does
+    assert_one_line_error(run("sample.py", f"--rundir={short_run}", f"--seed={2**32}"), "seed must be in [0, 2**32)")
+    assert_one_line_error(run("sample.py", f"--rundir={short_run}", f"--max_new_tokens={2**31}"), "max_new_tokens")
+    (tmp_path / "latin1.txt").write_bytes("café".encode("latin-1"))
+    assert_one_line_error(run("sample.py", f"--rundir={short_run}", f"--start=FILE:{tmp_path}/latin1.txt"),
+                          "cannot read the prompt file")
 
 
 @pytest.mark.slow

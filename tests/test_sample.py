@@ -82,6 +82,28 @@ def test_top_k_draws_from_exactly_the_k_most_likely_tokens_in_proportion():
     np.testing.assert_allclose(np.bincount(drawn_N, minlength=5)[[1, 3, 4]] / len(drawn_N), kept, atol=0.015)
 
 
+def test_top_k_keeps_exactly_k_tokens_when_logits_tie():
+    logits_NxV = jnp.tile(jnp.array([0.0, 1.0, 1.0, 1.0, 0.5]), (2000, 1))
+    for k in (1, 2):
+        drawn_N = np.asarray(sample_token(logits_NxV, jax.random.key(k), 1.0, top_k=k))
+        assert len(np.unique(drawn_N)) == k and set(np.unique(drawn_N)) <= {1, 2, 3}
+
+
+@pytest.mark.parametrize("temperature", [1e-39, 1e-37, 1e-30])
+def test_a_tiny_temperature_is_greedy(temperature):
+    # Divided as they are, these logits overflow to three tied infs (1e-39 is flushed to 0 in float32).
+    logits_2xV = jnp.array([[100.0, 300.0, 200.0, -50.0], [30.0, 10.0, 20.0, 29.0]])
+    for seed in range(5):
+        np.testing.assert_array_equal(sample_token(logits_2xV, jax.random.key(seed), temperature, None), [1, 0])
+
+
+@pytest.mark.parametrize("temperature", [1e38, 3e38])
+def test_a_huge_temperature_draws_the_top_k_evenly(temperature):
+    logits_NxV = jnp.tile(jnp.array([0.0, 5.0, 4.0, -3.0, 1.0]), (4000, 1))
+    drawn_N = np.asarray(sample_token(logits_NxV, jax.random.key(0), temperature, top_k=2))
+    np.testing.assert_allclose(np.bincount(drawn_N, minlength=5) / len(drawn_N), [0, 0.5, 0.5, 0, 0], atol=0.03)
+
+
 @pytest.mark.parametrize("sampling", [dict(temperature=1.0), dict(temperature=2.0, top_k=V), dict(temperature=0.0)])
 def test_samples_only_the_tokenizers_ids_of_a_padded_table(sampling):
     # openwebtext's table has 50304 rows for GPT-2's 50257 ids: the rest decode to nothing.

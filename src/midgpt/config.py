@@ -254,9 +254,10 @@ def check_config(config: Config) -> None:
     for name, value in positive.items():
         if value <= 0:
             raise MidgptError(f"config field {name!r} must be positive, got {value}")
-    # numpy's generators, which draw the batches, take no negative seed; jax.random.key(seed + 1) an int64
-    if not 0 <= config.seed < 2**63 - 1:
-        raise MidgptError(f"config field 'seed' must be in [0, 2**63 - 1), got {config.seed}")
+    # numpy's generators, which draw the batches, take no negative seed; jax.random.key(seed + 1) keeps
+    # 32 bits (without jax_enable_x64), so 2**32 would initialise the model as 0 does
+    if not 0 <= config.seed < 2**32 - 1:
+        raise MidgptError(f"config field 'seed' must be in [0, 2**32 - 1), got {config.seed}")
     if not 0 <= config.min_lr <= config.learning_rate:
         raise MidgptError(f"min_lr={config.min_lr} must be in [0, learning_rate={config.learning_rate}]")
     for name in ("beta1", "beta2"):

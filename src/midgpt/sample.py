@@ -5,9 +5,10 @@ import os
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import SingleDeviceSharding
 
-from midgpt import checkpoint
+from midgpt import checkpoint, data
 from midgpt.config import Config, read_config_json
 from midgpt.errors import MidgptError
 from midgpt.model import GPT
@@ -41,17 +42,26 @@ def load_model(rundir: str, step: int | None = None) -> tuple[Config, GPT]:
     return config, state.model
 
 
+def run_meta(rundir: str, config: Config) -> dict:
+    """The tokenizer the run trained with: its copy of the data's meta.json (older runs: the data's own)."""
+    return data.load_meta(rundir if os.path.exists(os.path.join(rundir, "meta.json")) else config.data_dir)
+
+
 def sample_token(logits_BxV, key, temperature: float, top_k: int | None, vocab: int | None = None):
     """Draw one token id per row, below vocab if given; temperature 0 is greedy."""
     # vocab is the tokenizer's: a table padded for speed (openwebtext's 50304 rows for GPT-2's
     # 50257 ids) has rows that were never a target and that no tokenizer decodes.
     logits_BxV = logits_BxV[:, :vocab]
-    if temperature == 0:
+    if temperature < np.finfo(np.float32).tiny:  # 0, or one that float32 arithmetic flushes to 0
         return jnp.argmax(logits_BxV, axis=-1)
-    if top_k is not None:
-        kth_Bx1 = jax.lax.top_k(logits_BxV, min(top_k, logits_BxV.shape[-1]))[0][:, -1:]
-        logits_BxV = jnp.where(logits_BxV < kth_Bx1, -jnp.inf, logits_BxV)
-    return jax.random.categorical(key, logits_BxV / temperature, axis=-1)
+    # Shifted to a maximum of 0, so that a small temperature cannot overflow the likeliest tokens into tied infs.
+    scaled_BxV = (logits_BxV - logits_BxV.max(axis=-1, keepdims=True)) / temperature
+    if top_k is not None:  # exactly k, ties or not; masked after the division, which a huge temperature makes 0 * inf
+        B, V = logits_BxV.shape
+        top_BxK = jax.lax.top_k(logits_BxV, min(top_k, V))[1]
+        keep_BxV = jnp.zeros((B, V), bool).at[jnp.arange(B)[:, None], top_BxK].set(True)
+        scaled_BxV = jnp.where(keep_BxV, scaled_BxV, -jnp.inf)
+    return jax.random.categorical(key, scaled_BxV, axis=-1)
 
 
 @eqx.filter_jit

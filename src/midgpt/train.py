@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -223,12 +224,16 @@ def check_data(config: Config):
 
 
 def write_config(config: Config, rundir: str):
+    """config.json, and the data's meta.json: the run decodes its tokens from any directory, as trained."""
     if jax.process_index() == 0:
         os.makedirs(rundir, exist_ok=True)
         path = os.path.join(rundir, "config.json")
         with open(path + ".tmp", "w") as f:  # then renamed: a kill while writing leaves the old one whole
             json.dump(config_to_dict(config), f, indent=2)
         os.replace(path + ".tmp", path)
+        meta = os.path.join(rundir, "meta.json")
+        shutil.copyfile(os.path.join(config.data_dir, "meta.json"), meta + ".tmp")
+        os.replace(meta + ".tmp", meta)
 
 
 def check_finite(metrics: dict, step: int, last_checkpoint: int | None):
