@@ -19,13 +19,13 @@ ARGS = ["--config=shakespeare_char_cpu", "--model.n_layer=2", "--max_steps=60", 
         "--eval_interval=30", "--eval_iters=2", "--log_interval=5", "--model.dropout=0.1"]
 
 
-def launch(rundir, data_dir, *extra, devices=None, stdout=subprocess.PIPE):
+def launch(rundir, data_dir, *extra, devices=None, stdout=subprocess.PIPE, stderr=subprocess.PIPE):
     env = dict(os.environ)
     if devices:
         env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
     return subprocess.Popen([sys.executable, str(REPO_ROOT / "launch.py"), *ARGS, f"--rundir={rundir}",
                              f"--data_dir={data_dir}", *extra], cwd=REPO_ROOT, env=env,
-                            stdout=stdout, stderr=subprocess.PIPE, text=True)
+                            stdout=stdout, stderr=stderr, text=True)
 
 
 def finish(proc, timeout=600):
@@ -34,7 +34,7 @@ def finish(proc, timeout=600):
     except subprocess.TimeoutExpired:
         proc.kill()  # not left training in the background
         raise
-    return proc.returncode, (out or "") + err
+    return proc.returncode, (out or "") + (err or "")
 
 
 def metrics(rundir):
@@ -107,11 +107,14 @@ def test_sigterm_saves_a_checkpoint_and_exits_0_then_resumes_exactly(uninterrupt
     assert_same_run(rundir, uninterrupted)
 
 
-def test_a_stop_signal_saves_and_exits_0_when_nobody_reads_stdout(shakespeare_data_dir, tmp_path):
-    # Ctrl-C in a terminal also ends the `tee` of `launch.py | tee log`: stdout is a pipe without a reader.
+@pytest.mark.parametrize("streams", ["stdout", "stdout and stderr"])
+def test_a_stop_signal_saves_and_exits_0_when_nobody_reads_the_output(shakespeare_data_dir, tmp_path, streams):
+    # Ctrl-C in a terminal also ends the `tee` of `launch.py | tee log` (or `2>&1 | tee log`, with the progress
+    # bar): the output is a pipe without a reader.
     rundir = tmp_path / "run"
     read_end, write_end = os.pipe()
-    proc = launch(rundir, shakespeare_data_dir, "--max_steps=100000", stdout=write_end)
+    stderr = write_end if streams == "stdout and stderr" else subprocess.PIPE
+    proc = launch(rundir, shakespeare_data_dir, "--max_steps=100000", stdout=write_end, stderr=stderr)
     os.close(write_end)
     wait_for_step(rundir, 5, proc)
     os.close(read_end)

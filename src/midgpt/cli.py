@@ -46,8 +46,35 @@ def say(line: str) -> None:
         tqdm.write(line)
         sys.stdout.flush()
     except BrokenPipeError:
-        # Later lines, and Python's flush at exit, then go nowhere instead of failing again.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        _discard(sys.stdout)
+
+
+def _discard(stream) -> None:
+    """Point a stream whose reader is gone at /dev/null: later writes, and Python's flush at exit, go nowhere."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())
+
+
+class PipeSafe:
+    """A stream for the progress bar that survives a closed pipe (`2>&1 | tee log` ended by Ctrl-C)."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self.stream.write(text)
+        except BrokenPipeError:
+            _discard(self.stream)
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self.stream.flush()
+        except BrokenPipeError:
+            _discard(self.stream)
+
+    def __getattr__(self, name):  # isatty, fileno, encoding: the stream's own
+        return getattr(self.stream, name)
 
 
 class StopSignals:

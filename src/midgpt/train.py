@@ -322,7 +322,7 @@ def _train(config: Config, rundir: str, debug: bool, resume: bool, signals: cli.
     log = MetricsLog(rundir, start, json.dumps(config_to_dict(config), indent=2)) if is_main else None
     # Off a terminal (CI, log files), redraw rarely rather than fill the log with frames.
     bar = tqdm(initial=start, total=config.max_steps, desc="train", dynamic_ncols=True, disable=not is_main,
-               mininterval=0.1 if sys.stderr.isatty() else 30)
+               mininterval=0.1 if sys.stderr.isatty() else 30, file=cli.PipeSafe(sys.stderr))
     make_batch = lambda step: global_batch(
         train_tokens, (config.seed, TRAIN_STREAM, step), config.g_accum_iters, config, mesh
     )
