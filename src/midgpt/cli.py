@@ -34,10 +34,12 @@ def run(main) -> None:
         main(sys.argv[1:])
     except MidgptError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
-        jax = sys.modules.get("jax")
-        if jax and jax.process_count() > 1:
-            os._exit(1)  # not jax.distributed's exit barrier, which waits for processes that may never come
-        sys.exit(1)
+        with contextlib.suppress(BrokenPipeError):
+            sys.stdout.flush()
+        # Not the interpreter's teardown: jax.distributed's exit barrier waits for processes that may
+        # never come, and orbax's abandoned reads of a damaged checkpoint print tracebacks as they are
+        # collected. Files are closed and saves finished before an error gets here.
+        os._exit(1)
 
 
 def say(line: str) -> None:
