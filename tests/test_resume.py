@@ -169,6 +169,18 @@ def test_damaged_newest_checkpoint_is_skipped_and_kept(damage, uninterrupted, sh
     assert_same_run(rundir, uninterrupted)  # steps 41-60 were trained again, identically
 
 
+def test_unfinished_saves_alone_are_set_aside_and_the_run_starts_over(uninterrupted, shakespeare_data_dir, tmp_path):
+    # Killed during its first save: no checkpoint, so step 0 and a metrics.jsonl that starts again.
+    rundir = tmp_path / "run"
+    shutil.copytree(uninterrupted, rundir)
+    for step in ("20", "40", "60"):
+        remove_commit_marker(str(rundir / "checkpoints" / step))
+    code, output = finish(launch(rundir, shakespeare_data_dir))
+    assert code == 0 and "no checkpoint to resume from: starting at step 0" in output, output
+    assert len(os.listdir(rundir / "checkpoints_damaged")) == 3
+    assert_same_run(rundir, uninterrupted)
+
+
 def test_when_no_checkpoint_restores_the_run_stops_and_moves_nothing(uninterrupted, shakespeare_data_dir, tmp_path):
     # Starting over would rewind metrics.jsonl; the cause may be the machine, not the files.
     rundir = tmp_path / "run"
