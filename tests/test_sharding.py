@@ -195,6 +195,40 @@ def two_processes(*args, extra=([], [])):
                    f"--process_id={i}", devices=4) for i in range(2)]
 
 
+INTERLEAVED_BATCH = """
+import json, sys
+import jax, numpy as np
+from jax.sharding import Mesh
+from midgpt import data, sharding
+from midgpt.config import Config, ModelConfig
+from midgpt.train import global_batch
+jax.distributed.initialize(coordinator_address=sys.argv[1], num_processes=2, process_id=int(sys.argv[2]))
+# The processes' devices alternate along the fsdp axis, as a topology-ordered mesh may lay them out.
+devices = sorted(jax.devices(), key=lambda d: (d.id % 4, d.process_index))
+mesh = Mesh(np.array(devices).reshape(1, 8), sharding.DATA_AXES)
+config = Config(data_dir="unused", batch_size=16,
+                model=ModelConfig(vocab_size=64, block_size=8, n_layer=1, n_head=1, n_embd=8))
+tokens = np.arange(1000, dtype=np.uint16)
+x_GxBxT, _ = global_batch(tokens, (0, 5), 3, config, mesh)
+want_GxBxT = data.get_batch(tokens, (0, 5), 3 * 16, 8)[0].reshape(3, 16, 8)
+print(json.dumps({"rows": sharding.process_rows(x_GxBxT.sharding, (3, 16, 8), 1).tolist(),
+                  "same": all(np.array_equal(s.data, want_GxBxT[s.index]) for s in x_GxBxT.addressable_shards)}))
+"""
+
+
+def test_each_process_reads_its_own_rows_when_the_mesh_interleaves_processes():
+    port = free_port()
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+           "PYTHONPATH": os.pathsep.join([str(REPO_ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
+    procs = [subprocess.Popen([sys.executable, "-c", INTERLEAVED_BATCH, f"127.0.0.1:{port}", str(i)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    results = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], results
+    rows = [json.loads(out.strip().splitlines()[-1]) for out, _ in results]
+    assert rows[0] == {"rows": [0, 1, 4, 5, 8, 9, 12, 13], "same": True}
+    assert rows[1] == {"rows": [2, 3, 6, 7, 10, 11, 14, 15], "same": True}
+
+
 @pytest.mark.slow
 def test_two_processes_train_like_one_process_with_eight_devices(shakespeare_data_dir, tmp_path):
     # float32: the two runs reduce in different orders, and bf16 would round those differences up.

@@ -108,12 +108,8 @@ def gather_params(mesh: Mesh):
 
 
 @functools.cache  # asked for every batch; the answer never changes during a run
-def process_rows(sharding: NamedSharding, shape: tuple[int, ...], batch_axis: int) -> slice:
-    """The rows of a global batch that this process's devices hold, as one slice."""
-    starts, stops = [], []
-    for index in sharding.addressable_devices_indices_map(shape).values():
-        rows = index[batch_axis]
-        starts.append(rows.start or 0)
-        stops.append(shape[batch_axis] if rows.stop is None else rows.stop)
-    return slice(min(starts), max(stops))
-
+def process_rows(sharding: NamedSharding, shape: tuple[int, ...], batch_axis: int) -> np.ndarray:
+    """The rows of a global batch that this process's devices hold, in order (a mesh may interleave processes)."""
+    rows_B = np.arange(shape[batch_axis])
+    held = [rows_B[index[batch_axis]] for index in sharding.addressable_devices_indices_map(shape).values()]
+    return np.unique(np.concatenate(held))

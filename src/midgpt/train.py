@@ -187,9 +187,9 @@ def global_batch(tokens, key: tuple[int, ...], G: int, config: Config, mesh: Mes
     batch_sharding = sharding.batch_sharding(mesh, ndim=3, batch_axis=1)
     rows = sharding.process_rows(batch_sharding, (G, B, T), batch_axis=1)
     # Row b of micro-batch g is row g * B + b of the G * B rows drawn for the key.
-    index = (np.arange(G)[:, None] * B + np.arange(B)[rows]).ravel()
+    index = (np.arange(G)[:, None] * B + rows).ravel()
     x, y = data.get_batch(tokens, key, G * B, T, rows=index)
-    local_shape = (G, rows.stop - rows.start, T)
+    local_shape = (G, len(rows), T)
     return tuple(
         jax.make_array_from_process_local_data(batch_sharding, a.reshape(local_shape), (G, B, T))
         for a in (x, y)
