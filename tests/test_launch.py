@@ -230,6 +230,19 @@ def test_relaunching_a_finished_run_changes_nothing(short_run, shakespeare_data_
     assert open(os.path.join(short_run, "metrics.jsonl")).read() == before
 
 
+def test_resuming_on_data_prepared_again_with_another_vocabulary_is_refused(short_run, shakespeare_data_dir, tmp_path):
+    rundir = tmp_path / "run"  # trained, as far as its meta.json says, on upper-case text only
+    shutil.copytree(short_run, rundir)
+    meta = json.loads((rundir / "meta.json").read_text())
+    chars = [c for c in meta["chars"] if not c.islower()]
+    (rundir / "meta.json").write_text(json.dumps({**meta, "chars": chars, "vocab_size": len(chars)}))
+    before = {p: p.read_bytes() for p in sorted(rundir.rglob("*")) if p.is_file()}
+    result = run("launch.py", "--config=shakespeare_char_cpu", f"--rundir={rundir}",
+                 f"--data_dir={shakespeare_data_dir}", "--max_steps=45", *TINY)
+    assert_one_line_error(result, "another vocabulary", "new --rundir")
+    assert {p: p.read_bytes() for p in sorted(rundir.rglob("*")) if p.is_file()} == before
+
+
 def test_resuming_with_another_model_is_refused(short_run, shakespeare_data_dir):
     before = open(os.path.join(short_run, "metrics.jsonl")).read()
     result = run("launch.py", "--config=shakespeare_char_cpu", f"--rundir={short_run}",

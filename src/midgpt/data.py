@@ -35,6 +35,18 @@ def load_meta(data_dir: str) -> dict:
         return json.load(f)
 
 
+def check_vocabulary(rundir: str, data_dir: str) -> None:
+    """Refuse data whose ids mean other tokens than the run trained on (prepared again from other text)."""
+    saved = os.path.join(rundir, "meta.json")
+    if not os.path.exists(saved):  # a run from before runs kept a copy
+        return
+    with open(saved) as f:
+        trained = json.load(f)
+    if any(trained.get(k) != load_meta(data_dir).get(k) for k in ("tokenizer", "vocab_size", "chars")):
+        raise MidgptError(f"{data_dir} now holds another vocabulary than this run trained on ({saved}); "
+                          "prepare it again from the same text, or train in a new --rundir")
+
+
 def get_batch(
     tokens: np.ndarray,
     key: tuple[int, ...],

@@ -276,6 +276,8 @@ def train(config: Config, rundir: str, debug: bool = False, resume: bool = False
 def _train(config: Config, rundir: str, debug: bool, resume: bool, signals: cli.StopSignals) -> GPT:
     sharding.check_same_config(config)
     train_tokens, val_tokens = check_data(config)
+    if resume:
+        data.check_vocabulary(rundir, config.data_dir)
     mesh = sharding.make_mesh(config)
     is_main = jax.process_index() == 0
     say = cli.say if is_main else lambda _: None
