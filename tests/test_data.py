@@ -63,6 +63,18 @@ def test_prepare_refuses_a_text_too_short_for_two_splits(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_prepare_drops_a_byte_order_mark(tmp_path):
+    outputs = []
+    for name, data in (("plain", b"hello\r\nworld\n" * 20), ("bom", b"\xef\xbb\xbf" + b"hello\r\nworld\n" * 20)):
+        (tmp_path / f"{name}.txt").write_bytes(data)
+        result = subprocess.run([sys.executable, str(PREPARE), "--input", str(tmp_path / f"{name}.txt"),
+                                 "--out_dir", str(tmp_path / name)], capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr
+        outputs.append([(tmp_path / name / f).read_bytes() for f in ("meta.json", "train.bin", "val.bin")])
+    assert outputs[0] == outputs[1]
+    assert "\r" in load_meta(tmp_path / "bom")["chars"]  # otherwise the text stays exactly as stored
+
+
 def test_an_empty_token_file_is_one_line_error(tmp_path):
     (tmp_path / "train.bin").write_bytes(b"")
     with pytest.raises(MidgptError, match="train.bin is empty"):

@@ -14,10 +14,10 @@ URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshake
 
 
 def read_text(path: Path) -> str:
-    """Return the file's text exactly as stored, or exit with one line on stderr."""
+    """Return the file's text exactly as stored but for a byte-order mark, or exit with one line on stderr."""
     try:
         # Bytes then decode: text mode would translate newlines and break exact round trips.
-        return path.read_bytes().decode("utf-8")
+        return path.read_bytes().decode("utf-8-sig")  # -sig: a byte-order mark is not text
     except FileNotFoundError:
         sys.exit(f"prepare.py: input file not found: {path}")
     except (OSError, UnicodeDecodeError) as e:
