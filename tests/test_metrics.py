@@ -3,17 +3,29 @@
 import shutil
 
 import pytest
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboardX import SummaryWriter
+from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+from tensorboard.util.tensor_util import make_ndarray
 
-from midgpt.metrics import TAGS
+from midgpt.metrics import TAGS, rewind_events
 from test_launch import TINY, read_metrics, run
 
 
+def points(rundir) -> dict[str, list[tuple[int, object]]]:
+    """Every point of every curve in the run's event files, by step, as any TensorBoard loader finds them."""
+    found = {}
+    for path in sorted(rundir.glob("events.out.tfevents.*")):
+        for event in EventFileLoader(str(path)).Load():
+            for v in event.summary.value:
+                value = v.simple_value if v.HasField("simple_value") else make_ndarray(v.tensor)
+                found.setdefault(v.tag, []).append((event.step, value))
+    return {tag: sorted(values, key=lambda point: point[0]) for tag, values in found.items()}
+
+
 def scalars(rundir) -> dict[str, list[tuple[int, float]]]:
-    """Every scalar curve of the run, as TensorBoard reads it."""
-    events = EventAccumulator(str(rundir))
-    events.Reload()
-    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+    """Every scalar curve of the run."""
+    return {tag: [(step, float(value)) for step, value in values]
+            for tag, values in points(rundir).items() if not tag.startswith("config")}
 
 
 @pytest.fixture(scope="module")
@@ -51,6 +63,10 @@ def test_a_resumed_run_continues_the_curves_without_going_back(resumed_run):
     assert [step for step, _ in after["eval/val_loss"]] == [20, 40]  # 30 ended only the first attempt
     # Steps up to the checkpoint keep the first run's values; resume is exact, so 25 and 30 agree too.
     assert after["train/loss"][:6] == before["train/loss"]
+    # Each attempt's config, at the step it started from: the resume's shows its max_steps.
+    configs = points(rundir)["config/text_summary"]
+    assert [step for step, _ in configs] == [0, 20]
+    assert '"max_steps": 30' in str(configs[0][1]) and '"max_steps": 40' in str(configs[1][1])
 
 
 def test_progress_bar_shows_mfu_and_the_peak_it_uses(resumed_run):
@@ -58,3 +74,18 @@ def test_progress_bar_shows_mfu_and_the_peak_it_uses(resumed_run):
     output = first.stdout + first.stderr
     assert "MFU is against the measured bfloat16 matmul peak of this cpu" in output  # no table entry for CPUs
     assert "mfu=" in output and "tok/s=" in output
+
+
+def test_rewinding_event_files_keeps_the_steps_up_to_the_checkpoint_and_drops_a_torn_record(tmp_path):
+    with SummaryWriter(str(tmp_path)) as writer:
+        writer.add_text("config", "first attempt", 0)
+        for step in range(1, 11):
+            writer.add_scalar("train/loss", 1 / step, step)
+    [path] = tmp_path.glob("events.out.tfevents.*")
+    path.write_bytes(path.read_bytes()[:-7])  # step 10's record cut short by a kill
+    rewind_events(str(tmp_path), 10)
+    assert [step for step, _ in scalars(tmp_path)["train/loss"]] == list(range(1, 10))
+    rewind_events(str(tmp_path), 5)
+    assert [step for step, _ in scalars(tmp_path)["train/loss"]] == [1, 2, 3, 4, 5]
+    rewind_events(str(tmp_path), 0)  # started over: not even the config is left
+    assert points(tmp_path) == {}

@@ -1,9 +1,13 @@
 """A run's metrics, written by process 0: metrics.jsonl and TensorBoard event files in the run directory."""
 
+import glob
 import json
 import os
+import struct
 
+from google.protobuf.message import DecodeError
 from tensorboardX import SummaryWriter
+from tensorboardX.proto.event_pb2 import Event
 
 # TensorBoard tag of each metric; metrics.jsonl keeps the plain names.
 TAGS = {
@@ -32,18 +36,41 @@ def rewind_jsonl(path: str, step: int):
     os.replace(path + ".tmp", path)
 
 
+def rewind_events(rundir: str, step: int):
+    """Keep the TensorBoard events up to step, but for the config of an attempt that started there.
+
+    SummaryWriter's purge_step would only hide later ones, and TensorBoard's default
+    (fast) loader ignores it, so the files themselves are cut.
+    """
+    for path in glob.glob(os.path.join(rundir, "events.out.tfevents.*")):
+        with open(path, "rb") as f:
+            data = f.read()
+        kept, at = [], 0
+        while at + 12 <= len(data):  # a record: length (8 bytes), its crc (4), the event, its crc (4)
+            end = at + 16 + struct.unpack("<Q", data[at:at + 8])[0]
+            try:
+                event = Event.FromString(data[at + 12:end - 4])
+            except DecodeError:  # torn by a kill, as is all that follows
+                break
+            is_config = any(v.tag.startswith("config") for v in event.summary.value)
+            if end <= len(data) and (event.step < step or event.step == step and not is_config):
+                kept.append(data[at:end])
+            at = end
+        with open(path + ".tmp", "wb") as f:
+            f.writelines(kept)
+        os.replace(path + ".tmp", path)
+
+
 class MetricsLog:
     """Appends one record per log step; a run resumed at `start` continues the same curves."""
 
     def __init__(self, rundir: str, start: int, config_json: str):
         self.path = os.path.join(rundir, "metrics.jsonl")
         rewind_jsonl(self.path, start)
+        rewind_events(rundir, start)  # so curves never jump back
         self.jsonl = open(self.path, "a")
-        # purge_step hides what an earlier attempt logged after `start` (TensorBoard
-        # drops those events when it reads this file), so curves never jump back.
-        self.writer = SummaryWriter(rundir, purge_step=start + 1, filename_suffix=f".{os.getpid()}")
-        if start == 0:
-            self.writer.add_text("config", f"```\n{config_json}\n```", 0)
+        self.writer = SummaryWriter(rundir, filename_suffix=f".{os.getpid()}")
+        self.writer.add_text("config", f"```\n{config_json}\n```", start)  # with a resume's overrides
 
     def write(self, record: dict):
         self.jsonl.write(json.dumps(record) + "\n")
