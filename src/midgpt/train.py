@@ -340,6 +340,7 @@ def _train(config: Config, rundir: str, debug: bool, resume: bool, signals: cli.
             if profile_steps and step == profile_steps[-1]:
                 jax.block_until_ready(state)
                 jax.profiler.stop_trace()
+                interval_start, interval_steps = time.perf_counter(), 0  # traced steps are slower: not timed
             if step == start + 1:  # leave the compile out of the throughput
                 jax.block_until_ready(state)
                 peak_memory = memory.peak_in_use()
