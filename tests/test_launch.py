@@ -267,6 +267,11 @@ def test_sample_errors_are_one_line(short_run, tmp_path):
     # jax.random.key keeps 32 bits: 2**32 would draw as seed 0 does
     assert_one_line_error(run("sample.py", f"--rundir={short_run}", f"--seed={2**32}"), "seed must be in [0, 2**32)")
     assert_one_line_error(run("sample.py", f"--rundir={short_run}", f"--max_new_tokens={2**31}"), "max_new_tokens")
+    edited = tmp_path / "edited"  # config.json says another model than the checkpoints hold
+    shutil.copytree(short_run, edited)
+    config = json.loads((edited / "config.json").read_text())
+    (edited / "config.json").write_text(json.dumps({**config, "model": {**config["model"], "n_layer": 3}}))
+    assert_one_line_error(run("sample.py", f"--rundir={edited}"), "holds other arrays than this model")
     (tmp_path / "latin1.txt").write_bytes("café".encode("latin-1"))
     assert_one_line_error(run("sample.py", f"--rundir={short_run}", f"--start=FILE:{tmp_path}/latin1.txt"),
                           "cannot read the prompt file")

@@ -80,7 +80,7 @@ def check_arrays(step_dir: str, like) -> None:
         shown = "; ".join(f"{k}: saved {saved.get(k, 'none')}, this model {wanted.get(k, 'none')}" for k in differ[:3])
         raise MidgptError(
             f"checkpoint {step_dir} holds other arrays than this model ({shown}): it was written by another "
-            "version of midgpt; resume it with that version, or train in a new --rundir")
+            "version of midgpt (or config.json was edited); use that version, or train in a new --rundir")
 
 
 def restore_newest(manager: ocp.CheckpointManager, rundir: str, like, shardings, say):

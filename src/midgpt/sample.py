@@ -33,7 +33,10 @@ def load_model(rundir: str, step: int | None = None) -> tuple[Config, GPT]:
     is_shape = lambda x: isinstance(x, jax.ShapeDtypeStruct)
     one_device = jax.tree.map(lambda _: SingleDeviceSharding(jax.devices()[0]), eqx.filter(like, is_shape))
     try:
+        checkpoint.check_arrays(checkpoint.step_directory(rundir, step), like)  # another model is no damage
         state = checkpoint.restore(manager, step, like, one_device)
+    except MidgptError:
+        raise
     except Exception as e:  # orbax and tensorstore raise many types for damaged files
         raise MidgptError(f"checkpoint {step} of {rundir} does not restore ({type(e).__name__}); "
                           f"try --step= another of {sorted(steps)}") from None
