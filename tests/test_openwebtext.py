@@ -136,6 +136,30 @@ def test_empty_rows_are_no_documents(tmp_path, ext):
     assert meta["train_documents"] + meta["val_documents"] == len(docs)
 
 
+def test_a_lone_surrogate_in_jsonl_becomes_a_replacement_character(tmp_path):
+    # json.loads makes "\ud83d" (half an emoji, cut by a scraper) a string that UTF-8 cannot encode.
+    corpus = tmp_path / "cut.jsonl"
+    corpus.write_text('{"text": "broken emoji \\ud83d here"}\n' + "".join(json.dumps({"text": d}) + "\n" for d in DOCS[:20]))
+    result = run_prepare("--input", corpus, "--out_dir", tmp_path / "out", "--val_fraction", 0.1)
+    assert result.returncode == 0, result.stderr
+    assert "broken emoji \ufffd here" in split_docs(tmp_path / "out", "train") + split_docs(tmp_path / "out", "val")
+
+
+@pytest.mark.parametrize("val_fraction", ["0", "1"])
+def test_a_val_fraction_that_leaves_a_split_empty_is_refused_before_tokenizing(tmp_path, val_fraction):
+    corpus = write_corpus(tmp_path / "corpus.txt", DOCS[:20])
+    result = run_prepare("--input", corpus, "--out_dir", tmp_path / "out", "--val_fraction", val_fraction)
+    assert result.returncode == 1 and "need 0 < --val_fraction < 1" in result.stderr, result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_your_own_text_gets_a_val_split_by_default(tmp_path):
+    corpus = write_corpus(tmp_path / "corpus.txt", DOCS[:1000])  # at OpenWebText's 0.0005, none would be val
+    result = run_prepare("--input", corpus, "--out_dir", tmp_path / "out")
+    assert result.returncode == 0, result.stderr
+    assert 3 <= json.loads((tmp_path / "out" / "meta.json").read_text())["val_documents"] <= 25
+
+
 def hf_env(tmp_path) -> dict:
     """Environment that keeps datasets off the network and out of the user's cache."""
     return {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
@@ -171,14 +195,20 @@ def bad_inputs(tmp_path) -> dict:
     pq.write_table(pa.table({"text": [b"bytes", b"not strings"]}), tmp_path / "bytes.parquet")
     # The bad byte far into the file: past the first read buffer, whose offsets the decoder would give.
     (tmp_path / "latin1.txt").write_bytes("fine text\n\n".encode() * 20_000 + "café".encode("latin-1"))
+    # A footer that reads over a damaged page: the first string's length prefix made huge.
+    pq.write_table(pa.table({"text": ["first document", "second"]}), tmp_path / "damaged.parquet",
+                   compression="none", use_dictionary=False)
+    data = (tmp_path / "damaged.parquet").read_bytes()
+    at = data.index(b"first document") - 4
+    (tmp_path / "damaged.parquet").write_bytes(data[:at] + b"\xff\xff\xff\x7f" + data[at + 4:])
     return {"missing file": tmp_path / "absent.txt", "unknown extension": tmp_path / "corpus.csv",
             "jsonl line without text": jsonl, "parquet without text": parquet,
             "not parquet": tmp_path / "truncated.parquet", "parquet of bytes": tmp_path / "bytes.parquet",
-            "not UTF-8": tmp_path / "latin1.txt"}
+            "not UTF-8": tmp_path / "latin1.txt", "damaged parquet page": tmp_path / "damaged.parquet"}
 
 
 @pytest.mark.parametrize("case", ["missing file", "unknown extension", "jsonl line without text", "parquet without text",
-                                  "not parquet", "parquet of bytes", "not UTF-8"])
+                                  "not parquet", "parquet of bytes", "not UTF-8", "damaged parquet page"])
 def test_bad_input_is_one_line_naming_the_file_and_writes_nothing(tmp_path, case):
     out_dir, bad = tmp_path / "out", bad_inputs(tmp_path)[case]
     result = run_prepare("--input", bad, "--out_dir", out_dir)

@@ -5,9 +5,10 @@ Sources, all streamed so memory stays flat however large the corpus:
   --input    local files: .txt holds ONE DOCUMENT PER BLANK-LINE-SEPARATED BLOCK (documents
              separated by one or more empty or whitespace-only lines), .jsonl a "text" field
              per line, .parquet a "text" column
-Every document's tokens are followed by EOT (50256); empty or whitespace-only rows are no documents. A document goes to val iff the first
-8 bytes of sha256(its UTF-8 text) fall under --val_fraction of 2**64: the same inputs give
-byte-identical outputs, and duplicate documents never straddle train and val.
+Every document's tokens are followed by EOT (50256); empty or whitespace-only rows are no
+documents. A document goes to val iff the first 8 bytes of sha256(its UTF-8 text) fall under
+--val_fraction of 2**64: the same inputs give byte-identical outputs, and duplicate documents
+never straddle train and val.
 """
 
 import argparse
@@ -67,11 +68,16 @@ def file_documents(path: str):
 
 def _file_documents(path: str):
     if path.endswith(".parquet"):
-        for batch in parquet_file(path).iter_batches(batch_size=DOCS_PER_TASK, columns=["text"]):
-            for text in batch.column(0).to_pylist():
-                if text is None:
-                    raise MidgptError(f"{path}: a row's 'text' is null")
-                yield text
+        import pyarrow
+
+        try:
+            for batch in parquet_file(path).iter_batches(batch_size=DOCS_PER_TASK, columns=["text"]):
+                for text in batch.column(0).to_pylist():
+                    if text is None:
+                        raise MidgptError(f"{path}: a row's 'text' is null")
+                    yield text
+        except (pyarrow.ArrowException, OSError) as e:  # a footer that reads, over damaged pages
+            raise MidgptError(f"{path}: damaged parquet data ({str(e).strip().splitlines()[0]})") from None
         return
     with open(path, encoding="utf-8-sig") as f:  # -sig: a byte-order mark is not text
         if path.endswith(".jsonl"):
@@ -84,7 +90,8 @@ def _file_documents(path: str):
                     text = None
                 if not isinstance(text, str):
                     raise MidgptError(f"{path}:{lineno}: not a JSON object with a string 'text' field")
-                yield text
+                # A "\ud83d" escape (an emoji cut in two, common in scraped text) is no UTF-8: U+FFFD, as tiktoken would.
+                yield text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
             return
         block = []
         for line in itertools.chain(f, ["\n"]):  # the sentinel blank line flushes the last block
@@ -179,12 +186,17 @@ def main() -> None:
     parser.add_argument("--data_files", nargs="+", action="extend",
                         help="data files for --dataset, e.g. --dataset parquet --data_files X")
     parser.add_argument("--num_proc", type=int, default=os.cpu_count(), help="tokenizer processes (default: all CPUs)")
-    parser.add_argument("--val_fraction", type=float, default=0.0005, help="share of documents for val (default: 0.0005)")
-    parser.add_argument("--out_dir", default=str(Path(__file__).resolve().parent))
+    parser.add_argument("--val_fraction", type=float, help="share of documents for val (default: 0.0005 of "
+                        "OpenWebText's 8M; 0.01 of --input files, which hold far fewer)")
+    parser.add_argument("--out_dir", help="default: data/openwebtext, or data/bpe_corpus with --input")
     args = parser.parse_args()
+    if args.val_fraction is None:
+        args.val_fraction = 0.01 if args.input else 0.0005
+    if args.out_dir is None:  # your own text never replaces a prepared OpenWebText
+        args.out_dir = str(Path(__file__).resolve().parent.parent / ("bpe_corpus" if args.input else "openwebtext"))
     try:
-        if not (0.0 <= args.val_fraction <= 1.0 and args.num_proc >= 1):
-            raise MidgptError(f"need 0 <= --val_fraction <= 1 and --num_proc >= 1, got {args.val_fraction}, {args.num_proc}")
+        if not (0.0 < args.val_fraction < 1.0 and args.num_proc >= 1):  # 0 or 1 leaves a split empty
+            raise MidgptError(f"need 0 < --val_fraction < 1 and --num_proc >= 1, got {args.val_fraction}, {args.num_proc}")
         gpt2()  # load the tokenizer once here, so forked workers inherit it
         if args.input:
             check_inputs(args.input)
