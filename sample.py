@@ -28,7 +28,7 @@ def main(argv: list[str]) -> None:
     start = args.start
     if start.startswith("FILE:"):
         try:
-            with open(start.removeprefix("FILE:"), encoding="utf-8") as f:
+            with open(start.removeprefix("FILE:"), encoding="utf-8-sig") as f:  # -sig: a byte-order mark is no text
                 start = f.read()
         except (OSError, UnicodeDecodeError) as e:
             parser.error(f"cannot read the prompt file: {e}")

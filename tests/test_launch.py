@@ -113,6 +113,9 @@ def test_sample_reads_a_prompt_file_and_keeps_the_end_of_a_long_prompt(short_run
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith(prompt[-64:]) and len(result.stdout.rstrip("\n")) >= 64 + 19
     assert not result.stdout.startswith(prompt[-65:])
+    (tmp_path / "bom.txt").write_text("\ufeffROMEO:")  # as Windows editors save it: the mark is no text
+    result = run("sample.py", f"--rundir={short_run}", f"--start=FILE:{tmp_path}/bom.txt", "--max_new_tokens=5")
+    assert result.returncode == 0 and result.stdout.startswith("ROMEO:"), result.stderr
 
 
 def test_debug_writes_a_profiler_trace_each_time_and_never_over_a_run(short_run, shakespeare_data_dir, tmp_path):
