@@ -38,7 +38,7 @@ def load_meta(data_dir: str) -> dict:
 def check_vocabulary(rundir: str, data_dir: str) -> None:
     """Refuse data whose ids mean other tokens than the run trained on (prepared again from other text)."""
     saved = os.path.join(rundir, "meta.json")
-    if not os.path.exists(saved):  # a run from before runs kept a copy
+    if not os.path.exists(saved):  # a run made before runs kept a copy has none to compare
         return
     with open(saved) as f:
         trained = json.load(f)
