@@ -42,7 +42,8 @@ def check_vocabulary(rundir: str, data_dir: str) -> None:
         return
     with open(saved) as f:
         trained = json.load(f)
-    if any(trained.get(k) != load_meta(data_dir).get(k) for k in ("tokenizer", "vocab_size", "chars")):
+    now = load_meta(data_dir)
+    if any(trained.get(k) != now.get(k) for k in ("tokenizer", "vocab_size", "chars")):
         raise MidgptError(f"{data_dir} now holds another vocabulary than this run trained on ({saved}); "
                           "prepare it again from the same text, or train in a new --rundir")
 
