@@ -1,12 +1,15 @@
 """What a run reports: TensorBoard curves that survive a resume, MFU in the log and the bar."""
 
 import shutil
+import sys
 
 import pytest
 from tensorboardX import SummaryWriter
+from tqdm import tqdm
 from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 from tensorboard.util.tensor_util import make_ndarray
 
+from midgpt import cli
 from midgpt.metrics import TAGS, rewind_events
 from test_launch import TINY, read_metrics, run
 
@@ -89,3 +92,15 @@ def test_rewinding_event_files_keeps_the_steps_up_to_the_checkpoint_and_drops_a_
     assert [step for step, _ in scalars(tmp_path)["train/loss"]] == [1, 2, 3, 4, 5]
     rewind_events(str(tmp_path), 0)  # started over: not even the config is left
     assert points(tmp_path) == {}
+
+
+def test_a_printed_line_clears_the_progress_bar_and_redraws_it_below(capsys):
+    # The bar writes through cli.PipeSafe, which tqdm must still take for sys.stderr.
+    bar = tqdm(total=10, desc="train", file=cli.PipeSafe(sys.stderr))
+    bar.update()
+    capsys.readouterr()
+    cli.say("step 1: a line")
+    out, err = capsys.readouterr()
+    bar.close()
+    assert out == "step 1: a line\n"
+    assert err.startswith("\r ") and "train:  10%" in err  # cleared first, then drawn again

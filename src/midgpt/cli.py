@@ -44,11 +44,9 @@ def run(main) -> None:
 
 def say(line: str) -> None:
     """Print a line above the progress bar, now; a closed stdout (`| tee` ended by Ctrl-C) stops no run."""
-    try:
-        tqdm.write(line)
-        sys.stdout.flush()
-    except BrokenPipeError:
-        _discard(sys.stdout)
+    stdout = PipeSafe(sys.stdout)
+    tqdm.write(line, file=stdout)
+    stdout.flush()
 
 
 def _discard(stream) -> None:
@@ -77,6 +75,12 @@ class PipeSafe:
 
     def __getattr__(self, name):  # isatty, fileno, encoding: the stream's own
         return getattr(self.stream, name)
+
+    def __eq__(self, other):  # tqdm.write clears the bars on sys.stdout/sys.stderr, found by ==
+        return self.stream == getattr(other, "stream", other)
+
+    def __hash__(self):
+        return hash(self.stream)
 
 
 class StopSignals:
