@@ -201,7 +201,6 @@ import jax, numpy as np
 from jax.sharding import Mesh
 from midgpt import data, sharding
 from midgpt.config import Config, ModelConfig
-from midgpt.train import global_batch
 jax.distributed.initialize(coordinator_address=sys.argv[1], num_processes=2, process_id=int(sys.argv[2]))
 # The processes' devices alternate along the fsdp axis, as a topology-ordered mesh may lay them out.
 devices = sorted(jax.devices(), key=lambda d: (d.id % 4, d.process_index))
@@ -209,7 +208,7 @@ mesh = Mesh(np.array(devices).reshape(1, 8), sharding.DATA_AXES)
 config = Config(data_dir="unused", batch_size=16,
                 model=ModelConfig(vocab_size=64, block_size=8, n_layer=1, n_head=1, n_embd=8))
 tokens = np.arange(1000, dtype=np.uint16)
-x_GxBxT, _ = global_batch(tokens, (0, 5), 3, config, mesh)
+x_GxBxT, _ = data.global_batch(tokens, (0, 5), 3, config, mesh)
 want_GxBxT = data.get_batch(tokens, (0, 5), 3 * 16, 8)[0].reshape(3, 16, 8)
 print(json.dumps({"rows": sharding.process_rows(x_GxBxT.sharding, (3, 16, 8), 1).tolist(),
                   "same": all(np.array_equal(s.data, want_GxBxT[s.index]) for s in x_GxBxT.addressable_shards)}))

@@ -1,10 +1,15 @@
-"""Token streams on disk: memory-mapped splits and random training windows."""
+"""Token streams on disk: memory-mapped splits, random training windows, and batches on the mesh."""
 
 import json
 import os
+from concurrent.futures import ThreadPoolExecutor
 
+import jax
 import numpy as np
+from jax.sharding import Mesh
 
+from midgpt import sharding
+from midgpt.config import Config
 from midgpt.errors import MidgptError
 
 
@@ -33,6 +38,22 @@ def load_meta(data_dir: str) -> dict:
     """Read <data_dir>/meta.json (tokenizer, vocabulary, token counts)."""
     with open(_require(data_dir, "meta.json")) as f:
         return json.load(f)
+
+
+def load_splits(config: Config) -> tuple[np.ndarray, np.ndarray]:
+    """Memory-map train and val; check that the model's vocabulary covers them and that each holds a window."""
+    meta = load_meta(config.data_dir)
+    if meta["vocab_size"] > config.model.vocab_size:
+        raise MidgptError(
+            f"{config.data_dir} has {meta['vocab_size']} token ids but model.vocab_size is "
+            f"{config.model.vocab_size}; set --model.vocab_size={meta['vocab_size']} or more"
+        )
+    splits = {split: load_tokens(config.data_dir, split) for split in ("train", "val")}
+    for split, tokens in splits.items():
+        if len(tokens) <= config.model.block_size:  # a window is block_size + 1 tokens: inputs and targets
+            raise MidgptError(f"{config.data_dir}/{split}.bin holds {len(tokens)} tokens, too few for one window of "
+                              f"model.block_size + 1 = {config.model.block_size + 1}; give it more text")
+    return splits["train"], splits["val"]
 
 
 def check_vocabulary(rundir: str, data_dir: str) -> None:
@@ -65,3 +86,28 @@ def get_batch(
     window_BxT1 = tokens[offsets_B[:, None] + np.arange(block_size + 1)].astype(np.int32)
     return window_BxT1[:, :-1], window_BxT1[:, 1:]
 
+
+def global_batch(tokens: np.ndarray, key: tuple[int, ...], G: int, config: Config, mesh: Mesh):
+    """The batch fixed by key, (x_GxBxT, y_GxBxT), on the mesh: each process reads only its own rows."""
+    B, T = config.batch_size, config.model.block_size
+    batch_sharding = sharding.batch_sharding(mesh, ndim=3, batch_axis=1)
+    rows = sharding.process_rows(batch_sharding, (G, B, T), batch_axis=1)
+    # Row b of micro-batch g is row g * B + b of the G * B rows drawn for the key.
+    index = (np.arange(G)[:, None] * B + rows).ravel()
+    x, y = get_batch(tokens, key, G * B, T, rows=index)
+    local_shape = (G, len(rows), T)
+    return tuple(
+        jax.make_array_from_process_local_data(batch_sharding, a.reshape(local_shape), (G, B, T))
+        for a in (x, y)
+    )
+
+
+def prefetch(make, steps: range):
+    """Yield (step, make(step)) for each step; a thread makes the next while the caller uses this one."""
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = pool.submit(make, steps[0]) if steps else None
+        for i, step in enumerate(steps):
+            ready = pending.result()
+            if i + 1 < len(steps):
+                pending = pool.submit(make, steps[i + 1])
+            yield step, ready

@@ -9,6 +9,8 @@ from google.protobuf.message import DecodeError
 from tensorboardX import SummaryWriter
 from tensorboardX.proto.event_pb2 import Event
 
+from midgpt.files import write_atomically
+
 # TensorBoard tag of each metric; metrics.jsonl keeps the plain names.
 TAGS = {
     "loss": "train/loss",
@@ -30,10 +32,7 @@ def rewind_jsonl(path: str, step: int):
         return
     with open(path) as f:
         lines = [line for line in f if line.endswith("\n")]  # a killed write leaves a torn last line
-    kept = [line for line in lines if json.loads(line)["step"] <= step]
-    with open(path + ".tmp", "w") as f:
-        f.writelines(kept)
-    os.replace(path + ".tmp", path)
+    write_atomically(path, "".join(line for line in lines if json.loads(line)["step"] <= step))
 
 
 def rewind_events(rundir: str, step: int):
@@ -56,9 +55,7 @@ def rewind_events(rundir: str, step: int):
             if end <= len(data) and (event.step < step or event.step == step and not is_config):
                 kept.append(data[at:end])
             at = end
-        with open(path + ".tmp", "wb") as f:
-            f.writelines(kept)
-        os.replace(path + ".tmp", path)
+        write_atomically(path, b"".join(kept))
 
 
 class MetricsLog:

@@ -3,10 +3,9 @@
 import json
 import math
 import os
-import shutil
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import equinox as eqx
 import jax
@@ -20,6 +19,7 @@ from tqdm import tqdm
 from midgpt import checkpoint, cli, data, memory, mfu, sharding
 from midgpt.config import Config, config_to_dict
 from midgpt.errors import MidgptError
+from midgpt.files import write_atomically
 from midgpt.metrics import MetricsLog
 from midgpt.model import GPT, attention_implementation, cast_floats, count_params
 from midgpt.optimizer import lr_schedule, make_optimizer
@@ -175,65 +175,18 @@ def eval_loss(model: GPT, x_GxBxT, y_GxBxT, compute_dtype: str, pieces: int = 1,
 
 def evaluate(model: GPT, tokens, config: Config, mesh: Mesh, stream: int) -> float:
     """Mean loss over eval_iters batches; the same batches at every evaluation."""
-    x_GxBxT, y_GxBxT = global_batch(tokens, (config.seed, stream), config.eval_iters, config, mesh)
+    x_GxBxT, y_GxBxT = data.global_batch(tokens, (config.seed, stream), config.eval_iters, config, mesh)
     pieces = pieces_per_micro_batch(config, mesh)
     return float(eval_loss(model, x_GxBxT, y_GxBxT, config.compute_dtype, pieces, sharding.gather_params(mesh),
                            memory.loss_chunks(config, mesh, pieces)))
-
-
-def global_batch(tokens, key: tuple[int, ...], G: int, config: Config, mesh: Mesh):
-    """The batch fixed by key, (G, B, T), on the mesh: each process reads only its own rows."""
-    B, T = config.batch_size, config.model.block_size
-    batch_sharding = sharding.batch_sharding(mesh, ndim=3, batch_axis=1)
-    rows = sharding.process_rows(batch_sharding, (G, B, T), batch_axis=1)
-    # Row b of micro-batch g is row g * B + b of the G * B rows drawn for the key.
-    index = (np.arange(G)[:, None] * B + rows).ravel()
-    x, y = data.get_batch(tokens, key, G * B, T, rows=index)
-    local_shape = (G, len(rows), T)
-    return tuple(
-        jax.make_array_from_process_local_data(batch_sharding, a.reshape(local_shape), (G, B, T))
-        for a in (x, y)
-    )
-
-
-def prefetch(make, steps: range):
-    """Yield (step, make(step)) for each step; a thread makes the next while the caller uses this one."""
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        pending = pool.submit(make, steps[0]) if steps else None
-        for i, step in enumerate(steps):
-            ready = pending.result()
-            if i + 1 < len(steps):
-                pending = pool.submit(make, steps[i + 1])
-            yield step, ready
-
-
-def check_data(config: Config):
-    """Open the token files; check that the model's vocabulary covers them and that each holds a window."""
-    meta = data.load_meta(config.data_dir)
-    if meta["vocab_size"] > config.model.vocab_size:
-        raise MidgptError(
-            f"{config.data_dir} has {meta['vocab_size']} token ids but model.vocab_size is "
-            f"{config.model.vocab_size}; set --model.vocab_size={meta['vocab_size']} or more"
-        )
-    splits = {split: data.load_tokens(config.data_dir, split) for split in ("train", "val")}
-    for split, tokens in splits.items():
-        if len(tokens) <= config.model.block_size:  # a window is block_size + 1 tokens: inputs and targets
-            raise MidgptError(f"{config.data_dir}/{split}.bin holds {len(tokens)} tokens, too few for one window of "
-                              f"model.block_size + 1 = {config.model.block_size + 1}; give it more text")
-    return splits["train"], splits["val"]
 
 
 def write_config(config: Config, rundir: str):
     """config.json, and the data's meta.json: the run decodes its tokens from any directory, as trained."""
     if jax.process_index() == 0:
         os.makedirs(rundir, exist_ok=True)
-        path = os.path.join(rundir, "config.json")
-        with open(path + ".tmp", "w") as f:  # then renamed: a kill while writing leaves the old one whole
-            json.dump(config_to_dict(config), f, indent=2)
-        os.replace(path + ".tmp", path)
-        meta = os.path.join(rundir, "meta.json")
-        shutil.copyfile(os.path.join(config.data_dir, "meta.json"), meta + ".tmp")
-        os.replace(meta + ".tmp", meta)
+        write_atomically(os.path.join(rundir, "config.json"), json.dumps(config_to_dict(config), indent=2))
+        write_atomically(os.path.join(rundir, "meta.json"), Path(config.data_dir, "meta.json").read_bytes())
 
 
 def check_finite(metrics: dict, step: int, last_checkpoint: int | None):
@@ -275,7 +228,7 @@ def train(config: Config, rundir: str, debug: bool = False, resume: bool = False
 
 def _train(config: Config, rundir: str, debug: bool, resume: bool, signals: cli.StopSignals) -> GPT:
     sharding.check_same_config(config)
-    train_tokens, val_tokens = check_data(config)
+    train_tokens, val_tokens = data.load_splits(config)
     if resume:
         data.check_vocabulary(rundir, config.data_dir)
     mesh = sharding.make_mesh(config)
@@ -325,13 +278,13 @@ def _train(config: Config, rundir: str, debug: bool, resume: bool, signals: cli.
     # Off a terminal (CI, log files), redraw rarely rather than fill the log with frames.
     bar = tqdm(initial=start, total=config.max_steps, desc="train", dynamic_ncols=True, disable=not is_main,
                mininterval=0.1 if sys.stderr.isatty() else 30, file=cli.PipeSafe(sys.stderr))
-    make_batch = lambda step: global_batch(
+    make_batch = lambda step: data.global_batch(
         train_tokens, (config.seed, TRAIN_STREAM, step), config.g_accum_iters, config, mesh
     )
     peak_memory = None
     interval_start, interval_steps = time.perf_counter(), 0
     try:
-        for step, (x_GxBxT, y_GxBxT) in prefetch(make_batch, range(start + 1, config.max_steps + 1)):
+        for step, (x_GxBxT, y_GxBxT) in data.prefetch(make_batch, range(start + 1, config.max_steps + 1)):
             if profile_steps and step == profile_steps[0]:
                 jax.profiler.start_trace(os.path.join(rundir, "profile"))
             state, metrics = train_step(state, x_GxBxT, y_GxBxT)
