@@ -2,6 +2,7 @@
 
 import shutil
 import sys
+import time
 
 import pytest
 from tensorboardX import SummaryWriter
@@ -9,8 +10,10 @@ from tqdm import tqdm
 from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 from tensorboard.util.tensor_util import make_ndarray
 
-from midgpt import cli
+from midgpt import checkpoint, cli
+from midgpt.config import apply_overrides, load_config
 from midgpt.metrics import TAGS, rewind_events
+from midgpt.train import train
 from test_launch import TINY, read_metrics, run
 
 
@@ -104,3 +107,15 @@ def test_a_printed_line_clears_the_progress_bar_and_redraws_it_below(capsys):
     bar.close()
     assert out == "step 1: a line\n"
     assert err.startswith("\r ") and "train:  10%" in err  # cleared first, then drawn again
+
+
+def test_step_ms_leaves_out_the_time_a_checkpoint_save_blocks(shakespeare_data_dir, tmp_path, monkeypatch):
+    # A save that blocks for a second: were it counted, the 2 steps after it would log >= 500 ms each.
+    save = checkpoint.save
+    monkeypatch.setattr(checkpoint, "save", lambda *args: (time.sleep(1.0), save(*args)))
+    config = apply_overrides(load_config("shakespeare_char_cpu"), [
+        f"--data_dir={shakespeare_data_dir}", "--max_steps=10", "--log_interval=2", "--checkpoint_interval=4",
+        "--eval_interval=100", "--model.n_layer=1", "--model.n_embd=32", "--model.n_head=2", "--batch_size=4"])
+    train(config, str(tmp_path))
+    timed = [record["step_ms"] for record in read_metrics(tmp_path) if "step_ms" in record]
+    assert len(timed) == 5 and max(timed) < 250, timed

@@ -331,8 +331,10 @@ def _train(config: Config, rundir: str, debug: bool, resume: bool, signals: cli.
             if jax.process_count() > 1:  # all stop at the same step; agreeing costs a sync, so only at log steps
                 stop = is_log and bool(multihost_utils.process_allgather(np.int32(stop)).any())
             if manager and (step % config.checkpoint_interval == 0 or step == config.max_steps or stop):
-                check_finite(metrics, step, last_checkpoint)  # never save a diverged state
+                check_finite(metrics, step, last_checkpoint)  # never save a diverged state; waits for the step
+                saving = time.perf_counter()
                 checkpoint.save(manager, step, state, config)
+                interval_start += time.perf_counter() - saving  # the save's copy to host is no step's time
                 last_checkpoint = step
             if stop:
                 if manager:
