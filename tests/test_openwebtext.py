@@ -201,21 +201,46 @@ def bad_inputs(tmp_path) -> dict:
     data = (tmp_path / "damaged.parquet").read_bytes()
     at = data.index(b"first document") - 4
     (tmp_path / "damaged.parquet").write_bytes(data[:at] + b"\xff\xff\xff\x7f" + data[at + 4:])
-    return {"missing file": tmp_path / "absent.txt", "unknown extension": tmp_path / "corpus.csv",
+    # A null text in the second batch read, so its row number counts across batches.
+    pq.write_table(pa.table({"text": DOCS[:1100] + [None]}), tmp_path / "null.parquet", row_group_size=300)
+    return {"null row 1101": tmp_path / "null.parquet", "missing file": tmp_path / "absent.txt", "unknown extension": tmp_path / "corpus.csv",
             "jsonl line without text": jsonl, "parquet without text": parquet,
             "not parquet": tmp_path / "truncated.parquet", "parquet of bytes": tmp_path / "bytes.parquet",
             "not UTF-8": tmp_path / "latin1.txt", "damaged parquet page": tmp_path / "damaged.parquet"}
 
 
 @pytest.mark.parametrize("case", ["missing file", "unknown extension", "jsonl line without text", "parquet without text",
-                                  "not parquet", "parquet of bytes", "not UTF-8", "damaged parquet page"])
+                                  "not parquet", "parquet of bytes", "not UTF-8", "damaged parquet page",
+                                  "null row 1101"])
 def test_bad_input_is_one_line_naming_the_file_and_writes_nothing(tmp_path, case):
     out_dir, bad = tmp_path / "out", bad_inputs(tmp_path)[case]
     result = run_prepare("--input", bad, "--out_dir", out_dir)
     assert result.returncode == 1
     assert result.stderr.startswith("prepare.py: ") and result.stderr.count("\n") == 1, result.stderr
     assert "Traceback" not in result.stderr and str(bad) in result.stderr
+    if case.startswith("null"):
+        assert "row 1101's 'text' is null" in result.stderr
     assert not out_dir.exists() or not list(out_dir.iterdir())
+
+
+def test_a_dictionary_encoded_text_column_reads_as_strings(tmp_path):
+    plain = write_corpus(tmp_path / "plain.parquet", DOCS[:300])
+    encoded = tmp_path / "encoded.parquet"  # as pandas writes a categorical column
+    pq.write_table(pa.table({"text": pa.array(DOCS[:300]).dictionary_encode()}), encoded)
+    assert pa.types.is_dictionary(pq.ParquetFile(encoded).schema_arrow.field("text").type)
+    for corpus, out_dir in ((plain, tmp_path / "plain"), (encoded, tmp_path / "encoded")):
+        result = run_prepare("--input", corpus, "--out_dir", out_dir, "--val_fraction", 0.1)
+        assert result.returncode == 0, result.stderr
+    assert read_bins(tmp_path / "encoded") == read_bins(tmp_path / "plain")
+
+
+@pytest.mark.parametrize("hub_flag", [["--dataset", "parquet"], ["--data_files", "x.parquet"]])
+def test_hub_flags_with_input_are_refused_not_ignored(tmp_path, hub_flag):
+    corpus = write_corpus(tmp_path / "corpus.txt", DOCS[:20])
+    result = run_prepare("--input", corpus, *hub_flag, "--out_dir", tmp_path / "out")
+    assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr
+    assert "--input reads only local files" in result.stderr
+    assert not (tmp_path / "out").exists()
 
 
 def test_a_failed_run_leaves_a_prepared_dataset_as_it_was(tmp_path):
@@ -292,3 +317,27 @@ def test_killed_preparation_leaves_nothing_that_looks_complete(tmp_path, corpora
         proc.wait()
     assert tmp.stat().st_size > 0
     assert not {"train.bin", "val.bin", "meta.json"} & {p.name for p in out_dir.iterdir()}
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=lambda sig: sig.name)
+def test_a_stop_signal_ends_with_one_line_and_removes_the_unfinished_files(tmp_path, corpora, sig):
+    out_dir, small = tmp_path / "out", write_corpus(tmp_path / "small.txt", DOCS[:200])
+    assert run_prepare("--input", small, "--out_dir", out_dir, "--val_fraction", 0.1).returncode == 0
+    before = {path.name: path.read_bytes() for path in out_dir.iterdir()}
+    proc = subprocess.Popen([sys.executable, str(PREPARE), "--input", *[corpora[20]] * 10,
+                             "--out_dir", str(out_dir), "--num_proc", "2"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not (out_dir / "train.bin.tmp").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        # Ctrl-C reaches the whole process group, workers included; `kill` reaches the main process only.
+        os.killpg(proc.pid, sig) if sig == signal.SIGINT else proc.send_signal(sig)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 128 + sig, err
+    assert "Traceback" not in err
+    assert err.splitlines()[-1].startswith(f"prepare.py: stopped by {sig.name}; nothing prepared before was replaced")
+    assert {path.name: path.read_bytes() for path in out_dir.iterdir()} == before  # no .tmp files either

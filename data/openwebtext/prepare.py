@@ -11,13 +11,13 @@ documents. A document goes to val iff the first 8 bytes of sha256(its UTF-8 text
 never straddle train and val.
 """
 
-import argparse
 import functools
 import hashlib
 import itertools
 import json
 import multiprocessing
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -25,7 +25,9 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from midgpt.cli import ArgumentParser
 from midgpt.errors import MidgptError
+from midgpt.files import write_atomically
 from midgpt.tokenizer import gpt2
 
 DOCS_PER_TASK = 1024  # big enough to amortise pickling, small enough to keep RAM per worker low
@@ -51,10 +53,15 @@ def check_inputs(paths: list[str]) -> None:
         if suffix not in (".txt", ".jsonl", ".parquet"):
             raise MidgptError(f"{path}: unknown extension {suffix!r}; use .txt, .jsonl or .parquet")
         if suffix == ".parquet":
+            import pyarrow
+
             schema = parquet_file(path).schema_arrow
             if "text" not in schema.names:
                 raise MidgptError(f"{path}: parquet file has no 'text' column")
-            if str(schema.field("text").type) not in ("string", "large_string", "string_view"):
+            kind = schema.field("text").type
+            if pyarrow.types.is_dictionary(kind):  # strings stored once each, as pandas' categoricals are
+                kind = kind.value_type
+            if str(kind) not in ("string", "large_string", "string_view"):
                 raise MidgptError(f"{path}: its 'text' column holds {schema.field('text').type}, not strings")
 
 
@@ -70,12 +77,12 @@ def _file_documents(path: str):
     if path.endswith(".parquet"):
         import pyarrow
 
+        batches = parquet_file(path).iter_batches(batch_size=DOCS_PER_TASK, columns=["text"])
         try:
-            for batch in parquet_file(path).iter_batches(batch_size=DOCS_PER_TASK, columns=["text"]):
-                for text in batch.column(0).to_pylist():
-                    if text is None:
-                        raise MidgptError(f"{path}: a row's 'text' is null")
-                    yield text
+            for row, text in enumerate((text for batch in batches for text in batch.column(0).to_pylist()), 1):
+                if text is None:
+                    raise MidgptError(f"{path}: row {row}'s 'text' is null")
+                yield text
         except (pyarrow.ArrowException, OSError) as e:  # a footer that reads, over damaged pages
             raise MidgptError(f"{path}: damaged parquet data ({str(e).strip().splitlines()[0]})") from None
         return
@@ -131,6 +138,20 @@ def tokenize(docs: list[str], val_fraction: float) -> dict[str, np.ndarray]:
     return {s: np.concatenate(ids[s]) for s in SPLITS}
 
 
+class Stopped(BaseException):
+    """SIGINT or SIGTERM, raised in the main process so that the unfinished files are removed."""
+
+
+def raise_stopped(signum, frame):
+    raise Stopped(signal.Signals(signum).name)
+
+
+def quiet_worker():
+    """Leave signals to the main process: Ctrl-C reaches every worker too, and each would print a traceback."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # how the pool ends its workers
+
+
 def prepare(documents, out_dir: Path, num_proc: int, val_fraction: float, source: dict) -> None:
     """Tokenize documents into out_dir's *.bin.tmp files, then rename them and write meta.json."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -140,7 +161,7 @@ def prepare(documents, out_dir: Path, num_proc: int, val_fraction: float, source
     start = time.perf_counter()
     try:
         # delay: a run that fails at once (bad input, no Hub) prints only its one error line.
-        with multiprocessing.Pool(num_proc) as pool, open(tmp["train"], "wb") as train_f, \
+        with multiprocessing.Pool(num_proc, quiet_worker) as pool, open(tmp["train"], "wb") as train_f, \
                 open(tmp["val"], "wb") as val_f, tqdm(unit="doc", delay=2) as bar:
             files = {"train": train_f, "val": val_f}
             # imap keeps document order, so the output is the same for any num_proc.
@@ -172,29 +193,32 @@ def prepare(documents, out_dir: Path, num_proc: int, val_fraction: float, source
             **{f"{s}_tokens": tokens[s] for s in SPLITS}, **{f"{s}_documents": docs[s] for s in SPLITS},
             "sha256": {f"{s}.bin": sha[s].hexdigest() for s in SPLITS}, "source": source}
     # meta.json goes last: its presence is what marks the directory complete.
-    (out_dir / "meta.json.tmp").write_text(json.dumps(meta))
-    os.replace(out_dir / "meta.json.tmp", out_dir / "meta.json")
+    write_atomically(out_dir / "meta.json", json.dumps(meta))
     print(f"{n_docs:,} documents, {n_tokens:,} tokens (val {tokens['val']:,}) in {seconds:.1f}s, "
           f"{n_tokens / seconds:,.0f} tokens/s -> {out_dir}")
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, prog="data/openwebtext/prepare.py")
     parser.add_argument("--input", nargs="+", action="extend", metavar="FILES",
                         help=".txt (one document per blank-line-separated block), .jsonl or .parquet files")
-    parser.add_argument("--dataset", default="Skylion007/openwebtext", help="Hugging Face dataset (without --input)")
+    parser.add_argument("--dataset", help="Hugging Face dataset, without --input (default: Skylion007/openwebtext)")
     parser.add_argument("--data_files", nargs="+", action="extend",
                         help="data files for --dataset, e.g. --dataset parquet --data_files X")
     parser.add_argument("--num_proc", type=int, default=os.cpu_count(), help="tokenizer processes (default: all CPUs)")
     parser.add_argument("--val_fraction", type=float, help="share of documents for val (default: 0.0005 of "
                         "OpenWebText's 8M; 0.01 of --input files, which hold far fewer)")
     parser.add_argument("--out_dir", help="default: data/openwebtext, or data/bpe_corpus with --input")
-    args = parser.parse_args()
-    if args.val_fraction is None:
-        args.val_fraction = 0.01 if args.input else 0.0005
-    if args.out_dir is None:  # your own text never replaces a prepared OpenWebText
-        args.out_dir = str(Path(__file__).resolve().parent.parent / ("bpe_corpus" if args.input else "openwebtext"))
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, raise_stopped)
     try:
+        args = parser.parse_args()
+        if args.input and (args.dataset or args.data_files):
+            parser.error("--dataset and --data_files read from the Hub; --input reads only local files")
+        if args.val_fraction is None:
+            args.val_fraction = 0.01 if args.input else 0.0005
+        if args.out_dir is None:  # your own text never replaces a prepared OpenWebText
+            args.out_dir = str(Path(__file__).resolve().parent.parent / ("bpe_corpus" if args.input else "openwebtext"))
         if not (0.0 < args.val_fraction < 1.0 and args.num_proc >= 1):  # 0 or 1 leaves a split empty
             raise MidgptError(f"need 0 < --val_fraction < 1 and --num_proc >= 1, got {args.val_fraction}, {args.num_proc}")
         gpt2()  # load the tokenizer once here, so forked workers inherit it
@@ -202,12 +226,17 @@ def main() -> None:
             check_inputs(args.input)
             documents, source = itertools.chain.from_iterable(map(file_documents, args.input)), {"input": args.input}
         else:
-            documents = hf_documents(args.dataset, args.data_files)
+            dataset = args.dataset or "Skylion007/openwebtext"
+            documents = hf_documents(dataset, args.data_files)
             where = {"data_files": args.data_files} if args.data_files else {"revision": REVISION}
-            source = {"dataset": args.dataset, **where}
+            source = {"dataset": dataset, **where}
         prepare(documents, Path(args.out_dir), args.num_proc, args.val_fraction, source)
     except (MidgptError, OSError, UnicodeDecodeError) as e:
         sys.exit(f"prepare.py: {e}")
+    except Stopped as e:
+        print(f"prepare.py: stopped by {e}; nothing prepared before was replaced, and the unfinished "
+              ".tmp files are removed", file=sys.stderr)
+        sys.exit(128 + signal.Signals[str(e)])
 
 
 if __name__ == "__main__":
