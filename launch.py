@@ -1,6 +1,7 @@
 """Train a GPT: python launch.py --config=NAME [--rundir=DIR] [--debug] [--multihost] [--FIELD=VALUE ...]
 
-A --rundir that holds checkpoints resumes the run from its newest one.
+A --rundir that holds checkpoints resumes the run from its newest one. Where --multihost cannot
+detect the cluster: --coordinator_address=HOST:PORT --num_processes=N --process_id=I.
 """
 
 import itertools
