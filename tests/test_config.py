@@ -176,6 +176,11 @@ def test_named_configs_load_as_frozen_configs():
     ("--model.rope_base=0", "'model.rope_base' must be positive"),
     ("--data_dir=", "'data_dir' is empty"),
     ("--seed=4294967295", "'seed' must be in [0, 2**32 - 1)"),  # jax.random.key(seed + 1) keeps 32 bits
+    # Masks are drawn in steps of 1/256: 0.999 would keep every element and divide it by 0, 0.001 drop none.
+    ("--model.dropout=0.999", "'model.dropout' must be 0 or from 1/256 to 255/256"),
+    ("--model.dropout=0.001", "'model.dropout' must be 0 or from 1/256 to 255/256"),
+    ("--model.dropout=-0.5", "'model.dropout' must be 0 or from 1/256 to 255/256"),
+    ("--param_dtype=bfloat16", "'param_dtype' must be float32"),  # weight decay would round away
 ])
 def test_values_that_parse_but_cannot_train_are_refused(config, override, fragment):
     check_config(config)  # the config itself is fine

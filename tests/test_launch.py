@@ -176,6 +176,7 @@ def assert_one_line_error(result, *fragments):
     (["--config=shakespeare_char_cpu", "--data_dir=no/such/dir"], ["no/such/dir", "prepare.py"]),
     (["--config=shakespeare_char_cpu", "--compute_dtype=float16"], ["compute_dtype", "loss scaling"]),
     (["--config=shakespeare_char_cpu", "--seed=-1"], ["seed"]),
+    (["--config=shakespeare_char_cpu", "--model.attention=cudnn"], ["model.attention=cudnn does not run on cpu"]),
     ([], ["--config"]),
 ])
 def test_bad_input_is_one_line_and_creates_nothing(args, fragments, tmp_path):

@@ -49,7 +49,7 @@ class Config:
     eval_interval: int = 250
     eval_iters: int = 200
     log_interval: int = 10
-    param_dtype: str = "float32"
+    param_dtype: str = "float32"  # the only choice (check_config says why); config.json names it
     compute_dtype: str = "bfloat16"
     # Device mesh (replica, fsdp): one entry may be -1, "all remaining devices".
     mesh_shape: tuple[int, int] = (1, -1)
@@ -271,8 +271,10 @@ def check_config(config: Config) -> None:
             f"model.n_embd={m.n_embd} must split into model.n_head={m.n_head} heads of even width "
             "(rotary embeddings rotate pairs of features)"
         )
-    if not 0 <= m.dropout < 1:
-        raise MidgptError(f"config field 'model.dropout' must be in [0, 1), got {m.dropout}")
+    # model.dropout draws its masks 8 bits at a time: a rate rounds to k/256, and k must be 1-255.
+    if not (m.dropout == 0 or 0 < round(m.dropout * 256) < 256):
+        raise MidgptError(f"config field 'model.dropout' must be 0 or from 1/256 to 255/256 (it is drawn in "
+                          f"steps of 1/256), got {m.dropout}")
     if config.lr_decay_steps < 2:  # the first update uses the peak, update lr_decay_steps min_lr
         raise MidgptError(f"lr_decay_steps={config.lr_decay_steps} must be at least 2")
     if not 0 <= config.warmup_steps < config.lr_decay_steps:
@@ -287,8 +289,11 @@ def check_config(config: Config) -> None:
                           "set --model.dropout=0 or --model.attention=einsum")
     if m.remat not in ("full", "dots", "none"):
         raise MidgptError(f"config field 'model.remat' must be full, dots or none, got {m.remat!r}")
-    for name in ("param_dtype", "compute_dtype"):
-        # float16's range would need loss scaling: its gradients underflow (and Adam's second moment).
-        if getattr(config, name) not in ("float32", "bfloat16"):
-            raise MidgptError(f"config field {name!r} must be float32 or bfloat16 (float16 would need loss "
-                              f"scaling, which midgpt does not do), got {getattr(config, name)!r}")
+    # float16's range would need loss scaling: its gradients underflow (and Adam's second moment).
+    if config.compute_dtype not in ("float32", "bfloat16"):
+        raise MidgptError(f"config field 'compute_dtype' must be float32 or bfloat16 (float16 would need loss "
+                          f"scaling, which midgpt does not do), got {config.compute_dtype!r}")
+    if config.param_dtype != "float32":  # bf16's 8 bits round away updates under 0.4% of a weight
+        raise MidgptError(f"config field 'param_dtype' must be float32, got {config.param_dtype!r}: in bfloat16, "
+                          "weight decay and the norm gains' updates round away; --compute_dtype=bfloat16 "
+                          "already runs the matmuls in bfloat16")

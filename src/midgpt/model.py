@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from midgpt.config import ModelConfig
+from midgpt.errors import MidgptError
 from midgpt.precision import lookup, matmul
 
 
@@ -113,6 +114,15 @@ def cudnn_flash_fits(dtype, head_dim: int, device) -> bool:
     major = int(device.compute_capability.split(".")[0])  # flash attention needs Ampere (8) or later
     widest = 256 if major >= 9 else 128
     return jnp.dtype(dtype) == jnp.bfloat16 and major >= 8 and head_dim % 8 == 0 and head_dim <= widest
+
+
+def check_cudnn(cfg: ModelConfig, dtype, device) -> None:
+    """Refuse attention="cudnn" where cuDNN cannot run it: jax would fail only in the compile, with a traceback."""
+    if cfg.attention == "cudnn" and not cudnn_flash_fits(dtype, cfg.n_embd // cfg.n_head, device):
+        raise MidgptError(f"model.attention=cudnn does not run on {device.device_kind} with {jnp.dtype(dtype).name} "
+                          f"and heads {cfg.n_embd // cfg.n_head} wide: it needs an NVIDIA GPU from Ampere on, "
+                          "compute_dtype=bfloat16 and a head width that is a multiple of 8, up to 128 (256 from "
+                          "Hopper); use --model.attention=auto")
 
 
 class LayerCache(NamedTuple):

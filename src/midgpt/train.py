@@ -21,7 +21,7 @@ from midgpt.config import Config, config_to_dict
 from midgpt.errors import MidgptError
 from midgpt.files import write_atomically
 from midgpt.metrics import MetricsLog
-from midgpt.model import GPT, attention_implementation, cast_floats, count_params
+from midgpt.model import GPT, attention_implementation, cast_floats, check_cudnn, count_params
 from midgpt.optimizer import lr_schedule, make_optimizer
 from midgpt.precision import cross_entropy
 
@@ -228,6 +228,7 @@ def train(config: Config, rundir: str, debug: bool = False, resume: bool = False
 
 def _train(config: Config, rundir: str, debug: bool, resume: bool, signals: cli.StopSignals) -> GPT:
     sharding.check_same_config(config)
+    check_cudnn(config.model, config.compute_dtype, jax.devices()[0])
     train_tokens, val_tokens = data.load_splits(config)
     if resume:
         data.check_vocabulary(rundir, config.data_dir)
