@@ -17,7 +17,9 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--devices", type=positive_int, default=8)
     parser.add_argument("--abstract", action="store_true")
     args, overrides = parser.parse_known_args(argv)
-    os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={args.devices}"  # before JAX starts
+    # Before JAX starts; on CPU devices, which alone can be faked, also on a GPU host.
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={args.devices}"
+    os.environ["JAX_PLATFORMS"] = "cpu"
 
     import equinox as eqx
     import jax

