@@ -4,22 +4,22 @@ python sample.py --rundir=DIR [--start=TEXT | --start=FILE:path] [--num_samples=
                  [--temperature=T] [--top_k=K] [--seed=S] [--step=STEP]
 """
 
-from midgpt.cli import ArgumentParser, run
+from midgpt.cli import ArgumentParser, positive_int, run
 
 
 def main(argv: list[str]) -> None:
     parser = ArgumentParser(description=__doc__, allow_abbrev=False)
     parser.add_argument("--rundir", required=True, help="a run directory made by launch.py")
     parser.add_argument("--start", default="\n", help="the prompt, or FILE:path to read it from a file (default: a newline)")
-    parser.add_argument("--num_samples", type=int, default=1)
+    parser.add_argument("--num_samples", type=positive_int, default=1)
     parser.add_argument("--max_new_tokens", type=int, default=500)
     parser.add_argument("--temperature", type=float, default=0.8, help="0 is greedy")
-    parser.add_argument("--top_k", type=int, default=None)
+    parser.add_argument("--top_k", type=positive_int, default=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--step", type=int, default=None, help="the checkpoint to use (default: the newest)")
     args = parser.parse_args(argv)
-    if args.num_samples < 1 or not 0 <= args.max_new_tokens <= 2**30 or (args.top_k is not None and args.top_k < 1):
-        parser.error("num_samples and top_k must be >= 1, max_new_tokens in [0, 2**30] (int32 positions)")
+    if not 0 <= args.max_new_tokens <= 2**30:
+        parser.error(f"max_new_tokens must be in [0, 2**30] (int32 positions), got {args.max_new_tokens}")
     if not 0 <= args.temperature < float("inf"):  # also refuses nan, which would draw token 0 every time
         parser.error(f"temperature must be a number >= 0, got {args.temperature}")
     if not 0 <= args.seed < 2**32:  # jax.random.key keeps 32 bits: 2**32 would draw as 0 does

@@ -89,7 +89,7 @@ def restore_newest(manager: ocp.CheckpointManager, rundir: str, like, shardings,
     like is a state with ShapeDtypeStruct leaves; shardings places each array on
     the current mesh, which may differ from the one that saved it. Damaged
     checkpoints newer than the one restored are moved to RUNDIR/checkpoints_damaged.
-    If none restores, nothing is moved: a run started over would rewind the logs, and
+    If finished ones exist but none restores, nothing is moved: a run started over would rewind the logs, and
     the cause may be this machine (memory, files) rather than the checkpoints. With
     several processes, a failed restore stops the run (the others cannot follow a fallback).
     """

@@ -29,6 +29,10 @@ class ModelConfig:
     # Hopper) when no attention dropout is drawn, einsum elsewhere (faster on CPUs)
     attention: str = "auto"
 
+    @property
+    def head_dim(self) -> int:  # C in array names
+        return self.n_embd // self.n_head
+
 
 @dataclasses.dataclass(frozen=True)
 class Config:
@@ -254,8 +258,8 @@ def check_config(config: Config) -> None:
     for name, value in positive.items():
         if value <= 0:
             raise MidgptError(f"config field {name!r} must be positive, got {value}")
-    # numpy's generators, which draw the batches, take no negative seed; jax.random.key(seed + 1) keeps
-    # 32 bits (without jax_enable_x64), so 2**32 would initialise the model as 0 does
+    # numpy's generators, which draw the batches, take no negative seed; jax.random.key keeps 32 bits
+    # (without jax_enable_x64), and the dropout key is key(seed + 1), so seed + 1 must stay below 2**32
     if not 0 <= config.seed < 2**32 - 1:
         raise MidgptError(f"config field 'seed' must be in [0, 2**32 - 1), got {config.seed}")
     if not 0 <= config.min_lr <= config.learning_rate:
@@ -266,7 +270,7 @@ def check_config(config: Config) -> None:
     for name in ("weight_decay", "grad_clip", "fsdp_min_size"):  # grad_clip=0: no clipping, as in nanoGPT
         if getattr(config, name) < 0:
             raise MidgptError(f"config field {name!r} must be 0 or more, got {getattr(config, name)}")
-    if m.n_embd % m.n_head or (m.n_embd // m.n_head) % 2:
+    if m.n_embd % m.n_head or m.head_dim % 2:
         raise MidgptError(
             f"model.n_embd={m.n_embd} must split into model.n_head={m.n_head} heads of even width "
             "(rotary embeddings rotate pairs of features)"

@@ -61,9 +61,7 @@ def check_vocabulary(rundir: str, data_dir: str) -> None:
     saved = os.path.join(rundir, "meta.json")
     if not os.path.exists(saved):  # a run made before runs kept a copy has none to compare
         return
-    with open(saved) as f:
-        trained = json.load(f)
-    now = load_meta(data_dir)
+    trained, now = load_meta(rundir), load_meta(data_dir)
     if any(trained.get(k) != now.get(k) for k in ("tokenizer", "vocab_size", "chars")):
         raise MidgptError(f"{data_dir} now holds another vocabulary than this run trained on ({saved}); "
                           "prepare it again from the same text, or train in a new --rundir")
@@ -76,29 +74,27 @@ def get_batch(
     block_size: int,
     rows: slice | np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Return rows of the global batch fixed by key as int32 (x_BxT, y_BxT), y = x shifted by one."""
+    """The global batch fixed by key, or its rows, as int32 (x_bxT, y_bxT), y = x shifted by one."""
     rng = np.random.default_rng(key)
     # Every row's offset is drawn, so each process's share comes from the same global batch.
     offsets_B = rng.integers(0, len(tokens) - block_size, size=batch_size)
-    if rows is not None:
-        offsets_B = offsets_B[rows]
+    offsets_b = offsets_B if rows is None else offsets_B[rows]  # the b rows asked for
     # Fancy indexing reads only the selected windows from the memmap; each is T+1 long.
-    window_BxT1 = tokens[offsets_B[:, None] + np.arange(block_size + 1)].astype(np.int32)
-    return window_BxT1[:, :-1], window_BxT1[:, 1:]
+    window_bxT1 = tokens[offsets_b[:, None] + np.arange(block_size + 1)].astype(np.int32)
+    return window_bxT1[:, :-1], window_bxT1[:, 1:]
 
 
 def global_batch(tokens: np.ndarray, key: tuple[int, ...], G: int, config: Config, mesh: Mesh):
     """The batch fixed by key, (x_GxBxT, y_GxBxT), on the mesh: each process reads only its own rows."""
     B, T = config.batch_size, config.model.block_size
     batch_sharding = sharding.batch_sharding(mesh, ndim=3, batch_axis=1)
-    rows = sharding.process_rows(batch_sharding, (G, B, T), batch_axis=1)
+    rows_b = sharding.process_rows(batch_sharding, (G, B, T), batch_axis=1)  # this process's b of the B rows
     # Row b of micro-batch g is row g * B + b of the G * B rows drawn for the key.
-    index = (np.arange(G)[:, None] * B + rows).ravel()
-    x, y = get_batch(tokens, key, G * B, T, rows=index)
-    local_shape = (G, len(rows), T)
+    index_Gb = (np.arange(G)[:, None] * B + rows_b).ravel()
+    x_GbxT, y_GbxT = get_batch(tokens, key, G * B, T, rows=index_Gb)
     return tuple(
-        jax.make_array_from_process_local_data(batch_sharding, a.reshape(local_shape), (G, B, T))
-        for a in (x, y)
+        jax.make_array_from_process_local_data(batch_sharding, a_GbxT.reshape(G, len(rows_b), T), (G, B, T))
+        for a_GbxT in (x_GbxT, y_GbxT)
     )
 
 

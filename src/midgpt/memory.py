@@ -56,7 +56,7 @@ def activation_bytes(config: Config, mesh: Mesh, pieces: int = 1, chunks: int = 
     # attention score, the float32 scores, softmax and its gradient, the
     # compute-dtype probabilities (and the dropout mask). Calibrated against XLA's
     # buffer assignment on CPU; flash attention (cudnn) never holds the scores.
-    flash = attention_implementation(m.attention, config.compute_dtype, m.dropout > 0, D // H) == "cudnn"
+    flash = attention_implementation(m.attention, config.compute_dtype, m.dropout > 0, m.head_dim) == "cudnn"
     internals = B * T * (9 * D + 2 * F) * s + (not flash) * B * H * T * T * (12 + s + (m.dropout > 0))
     masks = (m.dropout > 0) * ((not flash) * B * H * T * T + 2 * B * T * D)  # dropout masks, a byte each, kept by remat
     saved = {

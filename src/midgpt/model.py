@@ -2,7 +2,8 @@
 
 Initialisation: the tied embedding is N(0, 1/D), so that the logits of a fresh
 model have unit scale after the final RMSNorm; projections into the residual
-stream's readers (q, k, v, MLP in) are truncated N(0, 1/fan_in); projections
+stream's readers (q, k, v, MLP in) are N(0, 1/fan_in) truncated at 2 sigma (so their
+std is 0.88/sqrt(fan_in)); projections
 that write back to the residual stream (attention out, MLP out) are scaled down
 further by 1/sqrt(2 L), as in GPT-2, so the stream does not grow with depth.
 Norm gains start at one.
@@ -50,19 +51,19 @@ def _normal(key, shape, std):
 
 def rotary_tables(positions_T, head_dim: int, base: float):
     """sin and cos of each position's rotation angles, each (T, C), in float32."""
-    inv_freq_K = base ** (-jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
-    angle_TxK = positions_T.astype(jnp.float32)[:, None] * inv_freq_K
-    angle_TxC = jnp.concatenate([angle_TxK, angle_TxK], axis=-1)
+    inv_freq_R = base ** (-jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)  # R = C/2 rotated pairs
+    angle_TxR = positions_T.astype(jnp.float32)[:, None] * inv_freq_R
+    angle_TxC = jnp.concatenate([angle_TxR, angle_TxR], axis=-1)
     return jnp.sin(angle_TxC), jnp.cos(angle_TxC)
 
 
 def apply_rotary(x_BxTxHxC, sin_TxC, cos_TxC):
     """Rotate each (i, i + C/2) pair of features by its position's angle."""
-    x1, x2 = jnp.split(x_BxTxHxC, 2, axis=-1)
-    rotated_BxTxHxC = jnp.concatenate([-x2, x1], axis=-1)
+    x1_BxTxHxR, x2_BxTxHxR = jnp.split(x_BxTxHxC, 2, axis=-1)
+    rotated_BxTxHxC = jnp.concatenate([-x2_BxTxHxR, x1_BxTxHxR], axis=-1)
     sin_Tx1xC, cos_Tx1xC = sin_TxC[:, None, :], cos_TxC[:, None, :]
-    out = x_BxTxHxC * cos_Tx1xC + rotated_BxTxHxC * sin_Tx1xC
-    return out.astype(x_BxTxHxC.dtype)
+    out_BxTxHxC = x_BxTxHxC * cos_Tx1xC + rotated_BxTxHxC * sin_Tx1xC
+    return out_BxTxHxC.astype(x_BxTxHxC.dtype)
 
 
 def project(spec: str, x, w, out_dtype=None):
@@ -118,9 +119,9 @@ def cudnn_flash_fits(dtype, head_dim: int, device) -> bool:
 
 def check_cudnn(cfg: ModelConfig, dtype, device) -> None:
     """Refuse attention="cudnn" where cuDNN cannot run it: jax would fail only in the compile, with a traceback."""
-    if cfg.attention == "cudnn" and not cudnn_flash_fits(dtype, cfg.n_embd // cfg.n_head, device):
+    if cfg.attention == "cudnn" and not cudnn_flash_fits(dtype, cfg.head_dim, device):
         raise MidgptError(f"model.attention=cudnn does not run on {device.device_kind} with {jnp.dtype(dtype).name} "
-                          f"and heads {cfg.n_embd // cfg.n_head} wide: it needs an NVIDIA GPU from Ampere on, "
+                          f"and heads {cfg.head_dim} wide: it needs an NVIDIA GPU from Ampere on, "
                           "compute_dtype=bfloat16 and a head width that is a multiple of 8, up to 128 (256 from "
                           "Hopper); use --model.attention=auto")
 
@@ -273,7 +274,7 @@ class GPT(eqx.Module):
     config: ModelConfig = eqx.field(static=True)
 
     def __init__(self, cfg: ModelConfig, *, key):
-        if cfg.n_embd % cfg.n_head or (cfg.n_embd // cfg.n_head) % 2:
+        if cfg.n_embd % cfg.n_head or (cfg.head_dim) % 2:
             raise ValueError("n_embd must split into n_head heads of even width")
         k_embed, k_blocks = jax.random.split(key)
         self.embed_VxD = jax.random.normal(k_embed, (cfg.vocab_size, cfg.n_embd)) / math.sqrt(cfg.n_embd)
@@ -312,7 +313,7 @@ class GPT(eqx.Module):
         x_BxTxD = dropout(x_BxTxD, self.dropout, embed_key)
         if positions_T is None:
             positions_T = jnp.arange(tokens_BxT.shape[1])
-        sin_TxC, cos_TxC = rotary_tables(positions_T, cfg.n_embd // cfg.n_head, cfg.rope_base)
+        sin_TxC, cos_TxC = rotary_tables(positions_T, cfg.head_dim, cfg.rope_base)
         slots_T, key_positions_S, layer_caches = None, positions_T, None
         if cache is not None:
             slots_T = positions_T % cfg.block_size
@@ -346,7 +347,7 @@ class GPT(eqx.Module):
         """A KV cache for batch_size sequences, in the dtype of the model's parameters."""
         cfg = self.config
         H, S = cfg.n_head, cfg.block_size
-        shape = (cfg.n_layer, batch_size, S, H, cfg.n_embd // H)
+        shape = (cfg.n_layer, batch_size, S, H, cfg.head_dim)
         dtype = self.embed_VxD.dtype
         return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.full((S,), EMPTY, jnp.int32))
 

@@ -116,7 +116,7 @@ def make_train_step(config: Config, optimizer: optax.GradientTransformation, mes
 
         def accumulate(grad_sum, micro_batch):
             loss, grad = jax.value_and_grad(micro_loss)(params, *micro_batch)
-            return jax.tree.map(jnp.add, grad_sum, grad), loss
+            return optax.tree.add(grad_sum, grad), loss
 
         G, B, T = x_GxBxT.shape
         M = G * pieces  # equal micro-batches of b rows: the mean of their losses is the batch's
@@ -125,9 +125,9 @@ def make_train_step(config: Config, optimizer: optax.GradientTransformation, mes
         step_key = jax.random.fold_in(jax.random.wrap_key_data(state.dropout_key), state.step)
         keys_M = jax.random.split(step_key, M)
         grad_sum, loss_M = jax.lax.scan(
-            accumulate, jax.tree.map(jnp.zeros_like, params), (x_MxbxT, y_MxbxT, keys_M)
+            accumulate, optax.tree.zeros_like(params), (x_MxbxT, y_MxbxT, keys_M)
         )
-        grads = jax.tree.map(lambda g: g / M, grad_sum)
+        grads = optax.tree.scale(1 / M, grad_sum)
         updates, opt_state = optimizer.update(grads, state.opt_state, params)
         params = optax.apply_updates(params, updates)
         metrics = {
@@ -207,7 +207,7 @@ def plan_memory(config: Config, mesh: Mesh, like: TrainState, shardings, say) ->
     parts = estimate_for(config)
     available, source = memory.device_memory()
     m = config.model
-    attention = attention_implementation(m.attention, config.compute_dtype, m.dropout > 0, m.n_embd // m.n_head)
+    attention = attention_implementation(m.attention, config.compute_dtype, m.dropout > 0, m.head_dim)
     say(f"memory per device, estimated (remat {m.remat}, attention {attention}): "
         + ", ".join(f"{k} {memory.gib(v)}" for k, v in parts.items() if v)
         + (f" of {memory.gib(available)} ({source})" if available else ""))
@@ -348,7 +348,7 @@ def _train(config: Config, rundir: str, debug: bool, resume: bool, signals: cli.
         bar.close()
         if log:
             log.close()
-        if manager:  # let committed saves finish, even when leaving on an error
+        if manager:  # let started saves commit, even when leaving on an error
             manager.wait_until_finished()
             manager.close()
     return state.model
