@@ -33,12 +33,17 @@ def run(main) -> None:
     try:
         main(sys.argv[1:])
     except MidgptError as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
         with contextlib.suppress(BrokenPipeError):
             sys.stdout.flush()
+            sys.stderr.flush()
+        # Other threads are silenced before the line is written: orbax's abandoned reads of a damaged
+        # checkpoint print tracebacks as they are collected, in some runs just after it.
+        stderr = os.dup(sys.stderr.fileno())
+        _discard(sys.stderr)
+        with contextlib.suppress(BrokenPipeError):
+            os.write(stderr, f"error: {e}\n".encode())
         # Not the interpreter's teardown: jax.distributed's exit barrier waits for processes that may
-        # never come, and orbax's abandoned reads of a damaged checkpoint print tracebacks as they are
-        # collected. Files are closed and saves finished before an error gets here.
+        # never come. Files are closed and saves finished before an error gets here.
         os._exit(1)
 
 
