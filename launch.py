@@ -26,6 +26,17 @@ def new_rundir() -> str:
             pass
 
 
+def check_new_rundir(rundir: str) -> None:
+    """Refuse a --rundir where a new run would overwrite files that are not a run's."""
+    if os.path.exists(rundir) and not os.path.isdir(rundir):
+        raise MidgptError(f"--rundir={rundir} is a file, not a directory; pass a new --rundir")
+    if os.path.isdir(rundir) and os.listdir(rundir):
+        if not os.path.exists(os.path.join(rundir, "config.json")):
+            raise MidgptError(f"--rundir={rundir} holds files but no run (no config.json), which a new run could "
+                              "overwrite; pass a new or empty --rundir")
+        read_config_json(rundir)  # a run without checkpoints (--debug's, killed early) starts afresh
+
+
 def main(argv: list[str]) -> None:
     parser = ArgumentParser(description=__doc__, allow_abbrev=False,
                             epilog="Any field of the config may follow as --FIELD=VALUE, e.g.\n"
@@ -43,6 +54,8 @@ def main(argv: list[str]) -> None:
                    process_id=args.process_id)
     if not args.multihost and any(v is not None for v in cluster.values()):
         parser.error("--coordinator_address, --num_processes and --process_id need --multihost")
+    if args.rundir == "":  # an unset $RUNDIR in a resume script would otherwise start a new run
+        parser.error("--rundir is empty")
     if args.multihost and not args.rundir:  # each process would name its own from its clock
         parser.error("--multihost needs --rundir: one directory that every process writes to")
     config = apply_overrides(load_config(args.config), overrides)
@@ -54,6 +67,8 @@ def main(argv: list[str]) -> None:
     if resume:  # the run's own config, with the overrides that keep it the same run
         config, changes = resume_config(read_config_json(args.rundir), config, overrides)
     check_config(config)
+    if args.rundir and not resume:
+        check_new_rundir(args.rundir)
     rundir = args.rundir or new_rundir()  # made only now that the arguments are good
 
     import jax  # only once the arguments are good

@@ -141,6 +141,10 @@ def test_config_from_dict_rejects_missing_keys_and_wrong_types(config):
     with pytest.raises(MidgptError, match="model.vocab_size"):
         config_from_dict(d)
     d = config_to_dict(config)
+    del d["lr_decay_steps"]  # it has a default, but a resume with it would be another schedule, silently
+    with pytest.raises(MidgptError, match="missing config keys: lr_decay_steps"):
+        config_from_dict(d)
+    d = config_to_dict(config)
     d["model"]["n_layer"] = "6"
     with pytest.raises(MidgptError, match="model.n_layer.*int"):
         config_from_dict(d)

@@ -81,6 +81,27 @@ def test_an_empty_token_file_is_one_line_error(tmp_path):
         load_tokens(str(tmp_path), "train")
 
 
+@pytest.mark.parametrize("name, content, fragment", [
+    ("train.bin", b"\x01\x00\x02", "odd number of bytes"),  # a copy cut short: np.memmap would raise
+    ("meta.json", b'{"vocab_size": 6', "cannot read"),
+    ("meta.json", b"\xff\xfe", "cannot read"),
+    ("meta.json", b'{"tokenizer": "char"}', "names no vocab_size"),
+])
+def test_a_damaged_data_file_is_one_line_saying_to_prepare_again(tmp_path, name, content, fragment):
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(MidgptError, match=fragment) as info:
+        load_tokens(str(tmp_path), "train") if name == "train.bin" else load_meta(str(tmp_path))
+    assert "prepare the data again" in str(info.value)
+
+
+def test_a_missing_file_outside_data_names_both_prepare_scripts_with_its_directory(tmp_path):
+    with pytest.raises(MidgptError) as info:
+        load_meta(str(tmp_path))
+    for script in ("shakespeare_char", "openwebtext"):
+        assert f"data/{script}/prepare.py --input" in str(info.value)
+    assert str(info.value).count(f"--out_dir {tmp_path}") == 2
+
+
 def test_same_key_gives_the_same_batch(shakespeare_data_dir):
     tokens = load_tokens(shakespeare_data_dir, "train")
     x1_BxT, y1_BxT = get_batch(tokens, (0, 5), 8, 32)

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from conftest import REPO_ROOT
-from midgpt.config import config_names, load_config
+from midgpt.config import config_names, config_to_dict, load_config
 
 TINY = ["--model.n_layer=2", "--model.n_embd=64", "--model.n_head=2", "--batch_size=8",
         "--eval_iters=2", "--log_interval=5", "--warmup_steps=10"]
@@ -176,6 +176,7 @@ def assert_one_line_error(result, *fragments):
     (["--config=shakespeare_char_cpu", "--data_dir=no/such/dir"], ["no/such/dir", "prepare.py"]),
     (["--config=shakespeare_char_cpu", "--compute_dtype=float16"], ["compute_dtype", "loss scaling"]),
     (["--config=shakespeare_char_cpu", "--seed=-1"], ["seed"]),
+    (["--config=shakespeare_char_cpu", "--rundir="], ["--rundir is empty"]),  # an unset $RUNDIR: no new run
     (["--config=shakespeare_char_cpu", "--model.attention=cudnn"], ["model.attention=cudnn does not run on cpu"]),
     ([], ["--config"]),
 ])
@@ -196,11 +197,16 @@ def test_a_split_shorter_than_one_window_is_one_line(shakespeare_data_dir, tmp_p
     assert not (tmp_path / "run").exists()
 
 
-def test_an_unreadable_config_json_is_one_line(tmp_path):
-    (tmp_path / "config.json").write_text('{"seed": 0')  # a hand edit gone wrong
+@pytest.mark.parametrize("damage", ["a hand edit gone wrong", "not UTF-8", "a directory"])
+def test_an_unreadable_config_json_is_one_line(tmp_path, damage):
+    path = tmp_path / "config.json"
+    if damage == "a directory":
+        path.mkdir()
+    else:
+        path.write_bytes(b'{"seed": 0' if damage.startswith("a hand") else b'{"data_dir": "caf\xe9"}')
     (tmp_path / "checkpoints" / "20").mkdir(parents=True)  # of a run: without checkpoints, launch.py starts afresh
     for script, args in (("launch.py", ["--config=shakespeare_char_cpu"]), ("sample.py", [])):
-        assert_one_line_error(run(script, f"--rundir={tmp_path}", *args), "config.json is not valid JSON")
+        assert_one_line_error(run(script, f"--rundir={tmp_path}", *args), "cannot read", "config.json as JSON")
 
 
 def test_checkpoints_without_their_config_json_are_refused_and_say_how_to_put_it_back(short_run, tmp_path):
@@ -249,6 +255,41 @@ def test_resuming_on_data_prepared_again_with_another_vocabulary_is_refused(shor
     assert {p: p.read_bytes() for p in sorted(rundir.rglob("*")) if p.is_file()} == before
 
 
+def test_resuming_on_data_with_a_larger_vocabulary_says_so_not_to_grow_the_model(short_run, shakespeare_data_dir,
+                                                                                 tmp_path):
+    # A run trained on its own copy of the data, which is then prepared again from text with Greek in it.
+    data_dir, rundir = shutil.copytree(shakespeare_data_dir, tmp_path / "data"), shutil.copytree(short_run, tmp_path / "run")
+    config = json.loads((rundir / "config.json").read_text())
+    (rundir / "config.json").write_text(json.dumps({**config, "data_dir": str(data_dir)}))
+    meta = json.loads((data_dir / "meta.json").read_text())
+    chars = meta["chars"] + [chr(0x3b1 + i) for i in range(24)]
+    (data_dir / "meta.json").write_text(json.dumps({**meta, "chars": chars, "vocab_size": len(chars)}))
+    result = run("launch.py", "--config=shakespeare_char_cpu", f"--rundir={rundir}", f"--data_dir={data_dir}",
+                 "--max_steps=45", *TINY)
+    assert_one_line_error(result, "another vocabulary")  # not "set --model.vocab_size", which a resume refuses
+
+
+@pytest.mark.parametrize("case", ["a file", "foreign files", "a file where checkpoints go"])
+def test_a_new_run_never_overwrites_what_its_rundir_holds(shakespeare_data_dir, tmp_path, case):
+    rundir = tmp_path / "run"
+    if case == "a file":
+        rundir.write_text("notes")
+    else:
+        rundir.mkdir()
+        (rundir / "meta.json").write_text('{"tokenizer": "gpt2"}')
+        (rundir / "metrics.jsonl").write_text("not a run's\n")
+    if case == "a file where checkpoints go":  # a run's config.json: a new run may start over here, but cannot write
+        (rundir / "config.json").write_text(json.dumps(config_to_dict(load_config("shakespeare_char_cpu"))))
+        (rundir / "checkpoints").write_text("in the way")
+    before = {p: p.read_bytes() for p in sorted(tmp_path.rglob("*")) if p.is_file()}
+    result = run("launch.py", "--config=shakespeare_char_cpu", f"--rundir={rundir}",
+                 f"--data_dir={shakespeare_data_dir}", "--max_steps=5", *TINY)
+    fragment = {"a file": "is a file, not a directory", "foreign files": "holds files but no run",
+                "a file where checkpoints go": "cannot write to"}[case]
+    assert_one_line_error(result, fragment)
+    assert {p: p.read_bytes() for p in sorted(tmp_path.rglob("*")) if p.is_file()} == before
+
+
 def test_resuming_with_another_model_is_refused(short_run, shakespeare_data_dir):
     before = open(os.path.join(short_run, "metrics.jsonl")).read()
     result = run("launch.py", "--config=shakespeare_char_cpu", f"--rundir={short_run}",
@@ -276,6 +317,8 @@ def test_sample_errors_are_one_line(short_run, tmp_path):
     config = json.loads((edited / "config.json").read_text())
     (edited / "config.json").write_text(json.dumps({**config, "model": {**config["model"], "n_layer": 3}}))
     assert_one_line_error(run("sample.py", f"--rundir={edited}"), "holds other arrays than this model")
+    (edited / "config.json").write_text(json.dumps({**config, "model": {**config["model"], "remat": "bogus"}}))
+    assert_one_line_error(run("sample.py", f"--rundir={edited}"), "model.remat")  # as launch.py would refuse it
     (tmp_path / "latin1.txt").write_bytes("café".encode("latin-1"))
     assert_one_line_error(run("sample.py", f"--rundir={short_run}", f"--start=FILE:{tmp_path}/latin1.txt"),
                           "cannot read the prompt file")

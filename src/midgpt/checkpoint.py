@@ -41,6 +41,8 @@ def make_manager(rundir: str, config: Config) -> ocp.CheckpointManager:
     # copy is never the one removed.
     options = ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True,
                                            enable_async_checkpointing=True)
+    # Made here, not by orbax: a file in the way fails now, in one line, rather than at the first save.
+    os.makedirs(directory(rundir), exist_ok=True)
     return ocp.CheckpointManager(directory(rundir), options=options)
 
 

@@ -114,11 +114,11 @@ def read_config_json(rundir: str) -> Config:
             raise MidgptError(f"{path} is missing but {rundir} holds checkpoints; put the newest one's copy back: "
                               f"cp {rundir}/checkpoints/{max(steps)}/config/metadata {path}")
         raise MidgptError(f"{path} not found; is {rundir} a run directory made by launch.py?")
-    with open(path) as f:
-        try:
+    try:
+        with open(path, encoding="utf-8") as f:
             return config_from_dict(json.load(f))
-        except json.JSONDecodeError as e:
-            raise MidgptError(f"{path} is not valid JSON ({e}); restore it or pass a new --rundir") from None
+    except (OSError, ValueError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise MidgptError(f"cannot read {path} as JSON ({e}); restore it or pass a new --rundir") from None
 
 
 def resume_config(saved: Config, requested: Config, overrides: list[str]) -> tuple[Config, list[str]]:
@@ -213,9 +213,8 @@ def _from_dict(cls: type, d, prefix: str):
     unknown = sorted(set(d) - set(hints))
     if unknown:
         raise MidgptError(f"unknown config keys: {', '.join(prefix + k for k in unknown)}")
-    no_default = dataclasses.MISSING
-    required = {f.name for f in dataclasses.fields(cls) if f.default is no_default and f.default_factory is no_default}
-    missing = sorted(required - set(d))
+    # Every field, defaults too: a run resumed with a default it never had would silently be another run.
+    missing = sorted(set(hints) - set(d))
     if missing:
         raise MidgptError(f"missing config keys: {', '.join(prefix + k for k in missing)}")
     kwargs = {}

@@ -20,8 +20,8 @@ def _require(data_dir: str, name: str) -> str:
         missing = path if os.path.isdir(data_dir) else data_dir
         script = os.path.join(data_dir, "prepare.py")  # the datasets in data/ carry their own
         how = (f"python {script}" if os.path.exists(script) else
-               f"python data/openwebtext/prepare.py --input YOUR_FILES --out_dir {data_dir} "
-               "(or data/shakespeare_char/prepare.py)")
+               f"python data/shakespeare_char/prepare.py --input TEXT --out_dir {data_dir} (characters) or "
+               f"python data/openwebtext/prepare.py --input FILES --out_dir {data_dir} (GPT-2 BPE)")
         raise MidgptError(f"{missing} not found; run {how} to create it")
     return path
 
@@ -31,13 +31,22 @@ def load_tokens(data_dir: str, split: str) -> np.ndarray:
     path = _require(data_dir, f"{split}.bin")
     if os.path.getsize(path) == 0:  # which np.memmap cannot map
         raise MidgptError(f"{path} is empty; prepare the data again, with more text")
+    if os.path.getsize(path) % 2:
+        raise MidgptError(f"{path} holds an odd number of bytes, so no uint16 tokens (cut short?); prepare the data again")
     return np.memmap(path, dtype=np.uint16, mode="r")
 
 
 def load_meta(data_dir: str) -> dict:
     """Read <data_dir>/meta.json (tokenizer, vocabulary, token counts)."""
-    with open(_require(data_dir, "meta.json")) as f:
-        return json.load(f)
+    path = _require(data_dir, "meta.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            meta = json.load(f)
+    except (OSError, ValueError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise MidgptError(f"cannot read {path} as JSON ({e}); prepare the data again") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("vocab_size"), int):
+        raise MidgptError(f"{path} names no vocab_size; prepare the data again")
+    return meta
 
 
 def load_splits(config: Config) -> tuple[np.ndarray, np.ndarray]:

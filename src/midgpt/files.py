@@ -1,6 +1,9 @@
 """Files a kill cannot tear: each is written beside its path, then renamed over it."""
 
+import contextlib
 import os
+
+from midgpt.errors import MidgptError
 
 
 def write_atomically(path: str | os.PathLike, data: str | bytes) -> None:
@@ -9,3 +12,12 @@ def write_atomically(path: str | os.PathLike, data: str | bytes) -> None:
     with open(tmp, "wb" if isinstance(data, bytes) else "w") as f:
         f.write(data)
     os.replace(tmp, path)  # atomic on POSIX within one file system
+
+
+@contextlib.contextmanager
+def writing_to(rundir: str):
+    """Turn an OSError (a read-only or full disk, a file in the way) into one line naming the run directory."""
+    try:
+        yield
+    except OSError as e:
+        raise MidgptError(f"cannot write to {rundir} ({e}); free space, or pass a --rundir you can write to") from None

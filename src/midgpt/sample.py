@@ -9,7 +9,7 @@ import numpy as np
 from jax.sharding import SingleDeviceSharding
 
 from midgpt import checkpoint, data
-from midgpt.config import Config, read_config_json
+from midgpt.config import Config, check_config, read_config_json
 from midgpt.errors import MidgptError
 from midgpt.model import GPT
 from midgpt.optimizer import make_optimizer
@@ -19,6 +19,7 @@ from midgpt.train import fresh_state
 def load_model(rundir: str, step: int | None = None) -> tuple[Config, GPT]:
     """The run's config and its parameters at step (default: the newest checkpoint), on one device."""
     config = read_config_json(rundir)
+    check_config(config)  # a hand edit launch.py would refuse
     if not os.path.isdir(checkpoint.directory(rundir)):
         raise MidgptError(f"{rundir} has no checkpoints yet (runs with --debug write none)")
     manager = checkpoint.make_manager(rundir, config)
@@ -38,8 +39,10 @@ def load_model(rundir: str, step: int | None = None) -> tuple[Config, GPT]:
     except MidgptError:
         raise
     except Exception as e:  # orbax and tensorstore raise many types for damaged files
-        raise MidgptError(f"checkpoint {step} of {rundir} does not restore ({type(e).__name__}); "
-                          f"try --step= another of {sorted(steps)}") from None
+        others = sorted(set(steps) - {step})
+        raise MidgptError(f"checkpoint {step} of {rundir} does not restore ({type(e).__name__}: "
+                          f"{str(e).strip().splitlines()[0][:120] if str(e).strip() else 'no detail'}); "
+                          + (f"try --step= another of {others}" if others else "it is the run's only one")) from None
     finally:
         manager.close()
     return config, state.model

@@ -19,7 +19,7 @@ from tqdm import tqdm
 from midgpt import checkpoint, cli, data, memory, mfu, sharding
 from midgpt.config import Config, config_to_dict
 from midgpt.errors import MidgptError
-from midgpt.files import write_atomically
+from midgpt.files import write_atomically, writing_to
 from midgpt.metrics import MetricsLog
 from midgpt.model import GPT, attention_implementation, cast_floats, check_cudnn, count_params
 from midgpt.optimizer import lr_schedule, make_optimizer
@@ -229,9 +229,9 @@ def train(config: Config, rundir: str, debug: bool = False, resume: bool = False
 def _train(config: Config, rundir: str, debug: bool, resume: bool, signals: cli.StopSignals) -> GPT:
     sharding.check_same_config(config)
     check_cudnn(config.model, config.compute_dtype, jax.devices()[0])
-    train_tokens, val_tokens = data.load_splits(config)
-    if resume:
+    if resume:  # first: load_splits' advice for a larger vocabulary would be another model
         data.check_vocabulary(rundir, config.data_dir)
+    train_tokens, val_tokens = data.load_splits(config)
     mesh = sharding.make_mesh(config)
     is_main = jax.process_index() == 0
     say = cli.say if is_main else lambda _: None
@@ -242,7 +242,8 @@ def _train(config: Config, rundir: str, debug: bool, resume: bool, signals: cli.
     shardings, _ = state_layout(config, optimizer, mesh)
     plan_memory(config, mesh, like, shardings, say)  # before anything is written, so a retry starts afresh
     pieces = pieces_per_micro_batch(config, mesh)
-    manager = None if debug else checkpoint.make_manager(rundir, config)
+    with writing_to(rundir):
+        manager = None if debug else checkpoint.make_manager(rundir, config)
     if debug:
         say("debug: no checkpoints are written")
 
@@ -254,7 +255,8 @@ def _train(config: Config, rundir: str, debug: bool, resume: bool, signals: cli.
         say(f"resuming from checkpoint {start}" if found else "no checkpoint to resume from: starting at step 0")
         if start >= config.max_steps:
             say(f"max_steps={config.max_steps} is reached: nothing to train (a larger --max_steps goes on)")
-    write_config(config, rundir)  # after the restore, which may refuse the run directory
+    with writing_to(rundir):
+        write_config(config, rundir)  # after the restore, which may refuse the run directory
     if state is None:
         state = init_state(config, optimizer, mesh)
     train_step = make_train_step(config, optimizer, mesh, pieces)
