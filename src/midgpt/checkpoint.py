@@ -85,6 +85,12 @@ def check_arrays(step_dir: str, like) -> None:
             "version of midgpt (or config.json was edited); use that version, or train in a new --rundir")
 
 
+def describe(e: Exception) -> str:
+    """An exception from a failed restore as a short phrase: its type and the start of its first line."""
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0][:160] if lines else 'no detail'}"
+
+
 def restore_newest(manager: ocp.CheckpointManager, rundir: str, like, shardings, say):
     """(state, step) from the newest checkpoint that restores, or None if no save ever finished.
 
@@ -105,7 +111,7 @@ def restore_newest(manager: ocp.CheckpointManager, rundir: str, like, shardings,
                 found = restore(manager, step, like, shardings), step
                 break
             except Exception as e:  # orbax and tensorstore raise many types for damaged files
-                problem = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
+                problem = describe(e)
                 # The other processes may have restored it and wait in orbax's barrier: no fallback
                 # could stay in step with them, so stop, and let the user set it aside.
                 if jax.process_count() > 1:

@@ -274,7 +274,7 @@ class GPT(eqx.Module):
     config: ModelConfig = eqx.field(static=True)
 
     def __init__(self, cfg: ModelConfig, *, key):
-        if cfg.n_embd % cfg.n_head or (cfg.head_dim) % 2:
+        if cfg.n_embd % cfg.n_head or cfg.head_dim % 2:
             raise ValueError("n_embd must split into n_head heads of even width")
         k_embed, k_blocks = jax.random.split(key)
         self.embed_VxD = jax.random.normal(k_embed, (cfg.vocab_size, cfg.n_embd)) / math.sqrt(cfg.n_embd)

@@ -40,8 +40,7 @@ def load_model(rundir: str, step: int | None = None) -> tuple[Config, GPT]:
         raise
     except Exception as e:  # orbax and tensorstore raise many types for damaged files
         others = sorted(set(steps) - {step})
-        raise MidgptError(f"checkpoint {step} of {rundir} does not restore ({type(e).__name__}: "
-                          f"{str(e).strip().splitlines()[0][:120] if str(e).strip() else 'no detail'}); "
+        raise MidgptError(f"checkpoint {step} of {rundir} does not restore ({checkpoint.describe(e)}); "
                           + (f"try --step= another of {others}" if others else "it is the run's only one")) from None
     finally:
         manager.close()
