@@ -278,6 +278,14 @@ np.savez("{dump}", *[np.asarray(x) for x in jax.tree.leaves(state.model) if hasa
     for i, leaf in enumerate(one):
         np.testing.assert_array_equal(eight[f"arr_{i}"], leaf)
 
+    # A resume keeps batch_size=16, so advising another batch (as for a new run) would be refused.
+    before = sorted(os.listdir(rundir)), os.path.getsize(rundir / "metrics.jsonl")
+    code, output = finish(launch(rundir, shakespeare_data_dir, "--max_steps=40", "--batch_size=16", devices=3))
+    assert code == 1 and output.strip().splitlines()[-1] == (
+        "error: this run's batch_size=16 does not split over the 3 devices of the mesh; "
+        "resume it on a device count that divides 16 (1, 2, 4, 8 or 16)"), output
+    assert (sorted(os.listdir(rundir)), os.path.getsize(rundir / "metrics.jsonl")) == before
+
 
 def test_second_interrupt_stops_at_once(shakespeare_data_dir, tmp_path):
     rundir = tmp_path / "run"

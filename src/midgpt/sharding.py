@@ -23,7 +23,7 @@ REPLICA, FSDP = "replica", "fsdp"
 DATA_AXES = (REPLICA, FSDP)  # a batch's rows are split over every device
 
 
-def make_mesh(config: Config) -> Mesh:
+def make_mesh(config: Config, resuming: bool = False) -> Mesh:
     """The (replica, fsdp) mesh over all devices of all processes; -1 takes the rest.
 
     Also checks that every device gets a whole number of each batch's rows.
@@ -39,9 +39,17 @@ def make_mesh(config: Config) -> Mesh:
             f"mesh_shape={','.join(map(str, config.mesh_shape))} does not fit the {n} devices; "
             f"use sizes whose product is {n}, e.g. --mesh_shape=1,-1"
         )
-    if config.batch_size % n:
+    B = config.batch_size
+    if B % n and resuming:  # a resumed run keeps its batch, so the devices must change instead
+        *smaller, largest = [str(d) for d in range(1, B + 1) if B % d == 0]
+        counts = f"{', '.join(smaller)} or {largest}" if smaller else largest
         raise MidgptError(
-            f"batch_size={config.batch_size} does not split over the {n} devices of the mesh; "
+            f"this run's batch_size={B} does not split over the {n} devices of the mesh; "
+            f"resume it on a device count that divides {B} ({counts})"
+        )
+    if B % n:
+        raise MidgptError(
+            f"batch_size={B} does not split over the {n} devices of the mesh; "
             f"use a multiple of {n} (and raise g_accum_iters to keep the global batch)"
         )
     # Auto axes: XLA propagates shardings from the declared inputs and outputs.

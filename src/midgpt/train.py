@@ -232,7 +232,7 @@ def _train(config: Config, rundir: str, debug: bool, resume: bool, signals: cli.
     if resume:  # first: load_splits' advice for a larger vocabulary would be another model
         data.check_vocabulary(rundir, config.data_dir)
     train_tokens, val_tokens = data.load_splits(config)
-    mesh = sharding.make_mesh(config)
+    mesh = sharding.make_mesh(config, resuming=resume)
     is_main = jax.process_index() == 0
     say = cli.say if is_main else lambda _: None
     say("config: " + json.dumps(config_to_dict(config)))
