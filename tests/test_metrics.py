@@ -1,5 +1,6 @@
 """What a run reports: TensorBoard curves that survive a resume, MFU in the log and the bar."""
 
+import json
 import shutil
 import sys
 import time
@@ -12,7 +13,8 @@ from tensorboard.util.tensor_util import make_ndarray
 
 from midgpt import checkpoint, cli
 from midgpt.config import apply_overrides, load_config
-from midgpt.metrics import TAGS, rewind_events
+from midgpt.errors import MidgptError
+from midgpt.metrics import TAGS, rewind_events, rewind_jsonl
 from midgpt.train import train
 from test_launch import TINY, read_metrics, run
 
@@ -95,6 +97,18 @@ def test_rewinding_event_files_keeps_the_steps_up_to_the_checkpoint_and_drops_a_
     assert [step for step, _ in scalars(tmp_path)["train/loss"]] == [1, 2, 3, 4, 5]
     rewind_events(str(tmp_path), 0)  # started over: not even the config is left
     assert points(tmp_path) == {}
+
+
+def test_rewinding_metrics_jsonl_drops_a_torn_line_and_refuses_one_not_written_by_a_run(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(f'{{"step": {s}, "loss": {1 / s}}}\n' for s in range(1, 8)) + '{"step": 8, "lo')
+    rewind_jsonl(str(path), 5)
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2, 3, 4, 5]
+    edited = path.read_text().replace('{"step": 3', 'my note\n{"step": 3')
+    path.write_text(edited)
+    with pytest.raises(MidgptError, match=f"line 3 of {path} is not a metrics record; fix or remove it, then resume"):
+        rewind_jsonl(str(path), 4)
+    assert path.read_text() == edited
 
 
 def test_a_printed_line_clears_the_progress_bar_and_redraws_it_below(capsys):

@@ -9,6 +9,7 @@ from google.protobuf.message import DecodeError
 from tensorboardX import SummaryWriter
 from tensorboardX.proto.event_pb2 import Event
 
+from midgpt.errors import MidgptError
 from midgpt.files import write_atomically
 
 # TensorBoard tag of each metric; metrics.jsonl keeps the plain names.
@@ -32,7 +33,15 @@ def rewind_jsonl(path: str, step: int):
         return
     with open(path) as f:
         lines = [line for line in f if line.endswith("\n")]  # a killed write leaves a torn last line
-    write_atomically(path, "".join(line for line in lines if json.loads(line)["step"] <= step))
+    kept = []
+    for number, line in enumerate(lines, 1):
+        try:
+            logged = json.loads(line)["step"]
+        except (ValueError, TypeError, KeyError):  # not written by a run: someone's edit, left for them to fix
+            raise MidgptError(f"line {number} of {path} is not a metrics record; fix or remove it, then resume") from None
+        if logged <= step:
+            kept.append(line)
+    write_atomically(path, "".join(kept))
 
 
 def rewind_events(rundir: str, step: int):
