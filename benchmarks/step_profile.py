@@ -61,7 +61,6 @@ def op_times(trace_dir: str, module: str) -> tuple[collections.Counter, collecti
     """({HLO op: its own nanoseconds}, {HLO op: calls}, the timelines they came from) of a trace.
 
     GPU kernels, where a device plane has them; else the host threads' op events (a CPU's).
-    Time inside a nested op event (a loop's body) counts for the inner op only.
     """
     (path,) = Path(trace_dir).rglob("*.xplane.pb")
     found = []  # (is a device, timeline, own ns, calls)
@@ -75,7 +74,7 @@ def op_times(trace_dir: str, module: str) -> tuple[collections.Counter, collecti
                     continue
                 while stack and stack[-1][1] <= event.start_ns:
                     stack.pop()
-                if stack:
+                if stack:  # time inside a nested op event (a loop's body) counts for the inner op only
                     own[stack[-1][0]] -= event.duration_ns
                 own[stats["hlo_op"]] += event.duration_ns
                 calls[stats["hlo_op"]] += 1

@@ -94,12 +94,7 @@ def describe(e: Exception) -> str:
 def restore_newest(manager: ocp.CheckpointManager, rundir: str, like, shardings, say):
     """(state, step) from the newest checkpoint that restores, or None if no save ever finished.
 
-    like is a state with ShapeDtypeStruct leaves; shardings places each array on
-    the current mesh, which may differ from the one that saved it. Damaged
-    checkpoints newer than the one restored are moved to RUNDIR/checkpoints_damaged.
-    If finished ones exist but none restores, nothing is moved: a run started over would rewind the logs, and
-    the cause may be this machine (memory, files) rather than the checkpoints. With
-    several processes, a failed restore stops the run (the others cannot follow a fallback).
+    Damaged checkpoints newer than the one restored are moved to RUNDIR/checkpoints_damaged.
     """
     found, damaged = None, []  # (step, problem, whether its save finished), newest first
     aside = os.path.join(os.path.abspath(rundir), "checkpoints_damaged")
@@ -120,6 +115,8 @@ def restore_newest(manager: ocp.CheckpointManager, rundir: str, like, shardings,
         else:
             problem = f"no {COMMIT_MARKER}: its save did not finish"
         damaged.append((step, problem, finished))
+    # If finished ones exist but none restores, nothing is moved: a run started over would rewind the logs,
+    # and the cause may be this machine (memory, files) rather than the checkpoints.
     if not found and (unreadable := [(step, problem) for step, problem, finished in damaged if finished]):
         step, problem = unreadable[0]
         raise MidgptError(f"no checkpoint in {directory(rundir)} restores (checkpoint {step}: {problem}); nothing "

@@ -124,8 +124,7 @@ def read_config_json(rundir: str) -> Config:
 def resume_config(saved: Config, requested: Config, overrides: list[str]) -> tuple[Config, list[str]]:
     """The saved config with the command line's overrides, and the changes to report.
 
-    The named config and overrides must agree with the saved run on the model and
-    the data; anything else (max_steps, eval_interval, learning_rate, ...) may change.
+    The model and the data must stay the run's; anything else (max_steps, learning_rate, ...) may change.
     """
     resumed = apply_overrides(saved, overrides)
     for name in _leaf_types(Config):

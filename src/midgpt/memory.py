@@ -43,10 +43,7 @@ def loss_chunks(config: Config, mesh: Mesh, pieces: int) -> int:
 def activation_bytes(config: Config, mesh: Mesh, pieces: int = 1, chunks: int = 1) -> int:
     """A rough count of one device's activation memory in a step, with remat as configured.
 
-    Backward needs, per layer, what remat saved in the forward pass; one layer's
-    internals at a time are recomputed (remat) and differentiated; before them, the
-    loss makes one of its `chunks` slices of logits at a time. Only one of the `pieces`
-    that the step cuts a micro-batch into is alive at a time.
+    Per layer what remat saved, one layer's internals, one loss slice's logits; one of the `pieces` at a time.
     """
     m = config.model
     B = config.batch_size // mesh.size // pieces  # rows per device at once: the batch is split over every device
@@ -74,11 +71,9 @@ def activation_bytes(config: Config, mesh: Mesh, pieces: int = 1, chunks: int = 
 
 
 def gathered_bytes(config: Config, mesh: Mesh, state_like, state_shardings) -> int:
-    """Bytes of the sharded parameters that FSDP gathers onto each device, at the most at once.
-
-    The embedding (forward to backward), two layers (the one running and the next, or its
-    gradient), and without remat every layer: backward keeps each layer's gathered weights.
-    """
+    """Bytes of the sharded parameters that FSDP gathers onto each device, at the most at once."""
+    # The embedding (forward to backward), two layers (the one running and the next, or its
+    # gradient), and without remat every layer: backward keeps each layer's gathered weights.
     elements = lambda like, shardings: sum(x.size for x, s in placed(like, shardings) if not s.is_fully_replicated)
     model, shardings, m = state_like.model, state_shardings.model, config.model
     layers = 2 + (m.remat == "none") * m.n_layer
@@ -92,8 +87,7 @@ def estimate(config: Config, mesh: Mesh, state_like, state_shardings, pieces: in
              chunks: int = 1) -> dict[str, int]:
     """Per-device bytes of parameters, gradients, optimiser state, activations and gathered parameters.
 
-    pieces: into how many the step cuts each micro-batch (train.pieces_per_micro_batch);
-    chunks: into how many slices the loss cuts a piece's logits (loss_chunks).
+    pieces and chunks: as the step cuts micro-batches (train.pieces_per_micro_batch) and logits (loss_chunks).
     """
     params = sharded_bytes(state_like.model, state_shardings.model)
     compute_copy = params * np.dtype(config.compute_dtype).itemsize // np.dtype(config.param_dtype).itemsize

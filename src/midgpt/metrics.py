@@ -36,20 +36,18 @@ def rewind_jsonl(path: str, step: int):
     kept = []
     for number, line in enumerate(lines, 1):
         try:
-            logged = json.loads(line)["step"]
-        except (ValueError, TypeError, KeyError):  # not written by a run: someone's edit, left for them to fix
-            raise MidgptError(f"line {number} of {path} is not a metrics record; fix or remove it, then resume") from None
-        if logged <= step:
-            kept.append(line)
+            if json.loads(line)["step"] <= step:
+                kept.append(line)
+        except (ValueError, TypeError, KeyError):  # someone's edit: theirs to fix, not ours to drop
+            raise MidgptError(f"line {number} of {path} is not a metrics record; fix or remove it, "
+                              "then resume") from None
     write_atomically(path, "".join(kept))
 
 
 def rewind_events(rundir: str, step: int):
-    """Keep the TensorBoard events up to step, but for the config of an attempt that started there.
-
-    SummaryWriter's purge_step would only hide later ones, and TensorBoard's default
-    (fast) loader ignores it, so the files themselves are cut.
-    """
+    """Keep the TensorBoard events up to step, but for the config of an attempt that started there."""
+    # The files themselves are cut: SummaryWriter's purge_step would only hide later events,
+    # and TensorBoard's default (fast) loader ignores it.
     for path in glob.glob(os.path.join(rundir, "events.out.tfevents.*")):
         with open(path, "rb") as f:
             data = f.read()

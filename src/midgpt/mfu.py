@@ -68,10 +68,9 @@ def table_peak(device_kind: str, dtype: str) -> float | None:
 
 
 def measure_peak(dtype: str, size: int = 2048, seconds: float = 0.3) -> float:
-    """Best FLOP/s per device of a large matmul on every local device at once.
+    """Best FLOP/s per device of a large matmul, accumulated in float32 as the model's are.
 
-    Run on all local devices together, so devices that share a host's cores (CPU)
-    share them here too. The matmul accumulates in float32, as the model's do.
+    All local devices run at once, so devices that share a host's cores (CPU) share them here too.
     """
     devices = jax.local_devices()
     mesh = jax.sharding.Mesh(np.array(devices), ("d",))

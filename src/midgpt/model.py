@@ -77,16 +77,16 @@ def project(spec: str, x, w, out_dtype=None):
 def dropout(x, rate: float, key):
     """Zero each element with probability rate (rounded to 1/256), scaling the rest to keep the mean.
 
-    The identity without a key. Four elements share one 32-bit random draw, 8
-    bits each: drawing the bits is otherwise a third of a CPU step with attention
-    dropout. The mask is named so that remat keeps it rather than drawing it again.
+    The identity without a key.
     """
     if key is None or rate == 0:
         return x
     threshold = round(rate * 256)
+    # Four elements share one 32-bit random draw, 8 bits each: a draw per element
+    # was a third of a CPU step with attention dropout.
     words = jax.random.bits(key, (-(-x.size // 4),), jnp.uint32)
     bytes_ = jax.lax.bitcast_convert_type(words, jnp.uint8).reshape(-1)[: x.size].reshape(x.shape)
-    keep = checkpoint_name(bytes_ >= threshold, "dropout_mask")
+    keep = checkpoint_name(bytes_ >= threshold, "dropout_mask")  # named: remat keeps it, not redraws it
     return jnp.where(keep, x / (1 - threshold / 256), 0).astype(x.dtype)
 
 
@@ -294,13 +294,7 @@ class GPT(eqx.Module):
     def hidden(self, tokens_BxT, *, key=None, positions_T=None, cache: KVCache | None = None, gather=None):
         """(final hidden states, the output layer's table, the updated cache or None); dropout only with a key.
 
-        Each token attends to itself and the block_size - 1 tokens before it: the
-        causal mask within block_size, a sliding window beyond. With a cache, the
-        tokens sit at positions_T after those already in it; their keys are written
-        before they attend, so several at once must not pass position block_size
-        (one token at a time past it, as sample.generate decodes).
-        gather, if given, takes the parameters just before their use (the embedding, each
-        layer's, the final norm's): FSDP's all-gather, sharding.gather_params.
+        gather, if given, takes parameters just before their use: FSDP's all-gather (sharding.gather_params).
         """
         cfg = self.config
         embed_key, block_keys_L = None, None
@@ -316,9 +310,13 @@ class GPT(eqx.Module):
         sin_TxC, cos_TxC = rotary_tables(positions_T, cfg.head_dim, cfg.rope_base)
         slots_T, key_positions_S, layer_caches = None, positions_T, None
         if cache is not None:
+            # The tokens sit at positions_T after those already cached. Their keys are written before
+            # they attend, so several at once must not pass position block_size (one at a time past it,
+            # as sample.generate decodes): they would overwrite keys that earlier ones still see.
             slots_T = positions_T % cfg.block_size
             key_positions_S = cache.positions_S.at[slots_T].set(positions_T)
             layer_caches = LayerCache(cache.k_LxBxSxHxC, cache.v_LxBxSxHxC)
+        # Each token sees itself and the block_size - 1 before it: causal within block_size, a sliding window beyond.
         distance_TxS = positions_T[:, None] - key_positions_S[None, :]
         mask_TxS = (distance_TxS >= 0) & (distance_TxS < cfg.block_size)
 

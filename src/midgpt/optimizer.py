@@ -11,10 +11,9 @@ from midgpt.model import RMSNorm
 def lr_schedule(config: Config) -> optax.Schedule:
     """Learning rate of the update that follows `count` earlier ones.
 
-    The first update already uses peak / warmup_steps (optax's warmup starts at 0,
-    which would waste a step), update warmup_steps uses the peak, and the cosine
-    reaches min_lr at update lr_decay_steps. warmup_steps=0 is 1: the first update uses the peak.
+    Update 1 uses peak / warmup_steps, update warmup_steps the peak, update lr_decay_steps min_lr.
     """
+    # Shifted by one: optax's warmup starts at 0, which would waste a step. warmup_steps=0 acts as 1.
     warmup = max(config.warmup_steps, 1)
     cosine = optax.warmup_cosine_decay_schedule(0.0, config.learning_rate, warmup, config.lr_decay_steps, config.min_lr)
     return lambda count: cosine(count + 1)
@@ -29,8 +28,7 @@ def decay_mask(params):
 def make_optimizer(config: Config) -> optax.GradientTransformation:
     """update = -lr(t) * (adam + weight_decay / learning_rate * param).
 
-    Dividing by the peak lr makes the decay independent (Wortsman et al. 2023):
-    it follows the schedule's shape, but its size does not change with the peak lr.
+    Independent decay (Wortsman et al. 2023): it follows the schedule's shape, not the peak lr's size.
     """
     return optax.chain(
         optax.clip_by_global_norm(config.grad_clip) if config.grad_clip else optax.identity(),

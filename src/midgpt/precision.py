@@ -12,13 +12,7 @@ import jax.numpy as jnp
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def matmul(spec: str, x, y):
-    """einsum(spec, x, y) accumulated in float32, and its gradients computed alike.
-
-    Autodiff would multiply the float32 cotangent with a bf16 operand, which XLA runs at
-    the f32 rate; cast to bf16 first, bf16 x bf16 -> f32 runs about twice as fast (on
-    CPUs with AVX512-BF16 or AMX too). x's gradient contracts y's trailing axes; y's
-    contracts leading axes (batch, positions), which `_leading_contraction` arranges.
-    """
+    """einsum(spec, x, y) accumulated in float32, and its gradients computed alike."""
     return jnp.einsum(spec, x, y, preferred_element_type=jnp.float32)
 
 
@@ -30,9 +24,11 @@ def _matmul_bwd(spec, residuals, g):
     x, y = residuals
     inputs, out = spec.split("->")
     x_spec, y_spec = inputs.split(",")
+    # Autodiff would multiply the float32 cotangent with a bf16 operand, which XLA runs at the f32
+    # rate; cast to bf16 first, bf16 x bf16 -> f32 runs about twice as fast (CPUs with AVX512-BF16 or AMX too).
     g = g.astype(x.dtype)
     dx = jnp.einsum(f"{out},{y_spec}->{x_spec}", g, y, preferred_element_type=jnp.float32)
-    dy = _leading_contraction(g, out, x, x_spec, y_spec)
+    dy = _leading_contraction(g, out, x, x_spec, y_spec)  # sums the leading axes: batch, positions
     return dx.astype(x.dtype), dy.astype(y.dtype)
 
 
@@ -40,13 +36,9 @@ matmul.defvjp(_matmul_fwd, _matmul_bwd)
 
 
 def _leading_contraction(a, a_spec: str, b, b_spec: str, spec: str):
-    """einsum of a and b into spec, in float32, summing over axes that lead them: transposes the smaller.
-
-    A matmul kernel wants its left operand's summed axes last, so XLA transposes the
-    operand whose axes lead the output. Lead with the smaller one, then transpose the
-    (weight-sized) result into spec; the barrier stops XLA folding that transpose back
-    into the matmul, where it would transpose the larger operand instead.
-    """
+    """einsum of a and b into spec, in float32, summing over axes that lead them: transposes the smaller."""
+    # A matmul kernel wants its left operand's summed axes last, so XLA transposes the operand
+    # whose axes lead the output. Lead with the smaller one, then transpose the (weight-sized) result.
     def layout(first: str, second: str) -> str:
         shared = [c for c in spec if c in first and c in second]
         return "".join(shared + [c for c in spec if c in first and c not in shared]
@@ -66,16 +58,13 @@ def _leading_contraction(a, a_spec: str, b, b_spec: str, spec: str):
     out = jnp.einsum(f"{first_spec},{second_spec}->{order}", first, second, preferred_element_type=jnp.float32)
     if order == spec:
         return out
+    # The barrier stops XLA folding this transpose back into the matmul, onto the larger operand.
     return jnp.transpose(jax.lax.optimization_barrier(out), [order.index(c) for c in spec])
 
 
 @jax.custom_vjp
 def lookup(table_VxD, tokens):
-    """The table's rows for the tokens; its gradient is summed in float32 and rounded once.
-
-    Autodiff would scatter-add a bf16 table's gradient in bf16: over 17k tokens of text,
-    13% off (the most frequent token's row 18%), against 0.5% this way.
-    """
+    """The table's rows for the tokens; its gradient is summed in float32 and rounded once."""
     return jnp.take(table_VxD, tokens, axis=0)
 
 
@@ -85,6 +74,8 @@ def _lookup_fwd(table_VxD, tokens):
 
 def _lookup_bwd(residuals, g):
     table_VxD, tokens = residuals
+    # Autodiff would scatter-add a bf16 table's gradient in bf16: over 17k tokens of text,
+    # 13% off (the most frequent token's row 18%), against 0.5% this way.
     grad_VxD = jnp.zeros(table_VxD.shape, jnp.float32).at[tokens].add(g.astype(jnp.float32))
     return grad_VxD.astype(table_VxD.dtype), None
 
@@ -96,9 +87,7 @@ lookup.defvjp(_lookup_fwd, _lookup_bwd)
 def cross_entropy(x_BxTxD, table_VxD, targets_BxT, chunks: int = 1):
     """Mean cross-entropy (float32) of the logits x @ table.T against the targets, `chunks` slices of T at a time.
 
-    Only one slice's logits exist at once: differentiated, each slice's gradients are
-    made with its logits, in the forward pass. Autodiff would keep all of them for the
-    backward pass: 26 GB in float32 for openwebtext's 128 x 1024-token micro-batch.
+    Only one slice's logits exist at once, in the backward pass too (see _cross_entropy_fwd).
     """
     def add(loss, slice_):
         return loss + _softmax_parts(*slice_, table_VxD)[0], None
@@ -125,6 +114,8 @@ def _softmax_parts(x_BxtxD, targets_Bxt, table_VxD):
 
 
 def _cross_entropy_fwd(x_BxTxD, table_VxD, targets_BxT, chunks):
+    # Each slice's gradients are made here, with its logits: autodiff would keep every slice's logits
+    # for the backward pass, 26 GB in float32 for openwebtext's 128 x 1024-token micro-batch.
     n = targets_BxT.size
 
     def add(carry, slice_):

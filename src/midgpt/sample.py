@@ -74,13 +74,12 @@ def generate(model: GPT, prompt_BxP, max_new_tokens: int, key, temperature: floa
              vocab: int | None = None):
     """Prompt followed by max_new_tokens generated tokens, (B, P + max_new_tokens); new ids below vocab if given.
 
-    One prefill of the prompt fills the KV cache, then each new token costs one
-    position's forward pass. Past block_size the context slides: every token sees
-    the block_size most recent ones, as the model's own forward pass defines.
+    Past block_size the context slides: each token sees the block_size latest ones, as in the model's forward pass.
     """
     B, P = prompt_BxP.shape
     if P > model.config.block_size:
         raise ValueError("the prompt must fit block_size; keep its last block_size tokens")
+    # One prefill of the prompt fills the KV cache; then each new token costs one position's forward pass.
     logits_BxPxV, cache = model(prompt_BxP, positions_T=jnp.arange(P), cache=model.empty_cache(B))
     first_B = sample_token(logits_BxPxV[:, -1], jax.random.fold_in(key, P), temperature, top_k, vocab)
 

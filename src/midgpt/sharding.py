@@ -57,13 +57,10 @@ def make_mesh(config: Config, resuming: bool = False) -> Mesh:
 
 
 def param_spec(x, stacked: bool, config: Config, fsdp_size: int) -> P:
-    """Shard the largest dimension that fsdp divides; small arrays are replicated.
-
-    Never the leading layer axis of stacked blocks: lax.scan reads one layer per
-    iteration, and each layer must be spread over all devices, not held by one.
-    """
+    """Shard the largest dimension that fsdp divides, never a stacked layer axis; small arrays are replicated."""
     if not config.shard_model or fsdp_size == 1 or x.size < config.fsdp_min_size:
         return P()
+    # Not the layer axis: lax.scan reads one layer per iteration, which must be spread over all devices.
     dims = [i for i in range(int(stacked), x.ndim) if x.shape[i] % fsdp_size == 0]
     if not dims:
         return P()
@@ -74,8 +71,7 @@ def param_spec(x, stacked: bool, config: Config, fsdp_size: int) -> P:
 def state_shardings(tree, mesh: Mesh, config: Config):
     """NamedSharding for every array of a pytree of parameters or optimiser state.
 
-    Adam's moments have the same paths below their root as their parameters, so
-    they get the same sharding: the optimiser state follows its parameter.
+    Adam's moments have their parameters' paths below their root, so they get their parameters' shardings.
     """
     fsdp_size = mesh.shape[FSDP]
 
@@ -107,10 +103,10 @@ def check_same_config(config: Config) -> None:
 def gather_params(mesh: Mesh):
     """A function that replicates a pytree of parameters over the mesh, inside jit: FSDP's all-gather.
 
-    The model applies it to each layer's parameters just before their use. Left to itself, XLA
-    keeps the weights sharded and moves activations instead: on 8 devices, openwebtext's step
-    all-gathered the whole batch's tokens and all-reduced [B, T, D] activations in every layer.
+    The model applies it to each layer's parameters just before their use.
     """
+    # Left to itself, XLA keeps the weights sharded and moves activations instead: on 8 devices,
+    # openwebtext's step all-gathered the whole batch's tokens and all-reduced [B, T, D] activations per layer.
     replicated = NamedSharding(mesh, P())
     return lambda params: jax.lax.with_sharding_constraint(params, replicated)
 

@@ -87,10 +87,7 @@ def make_train_step(config: Config, optimizer: optax.GradientTransformation, mes
                     pieces: int | None = None, chunks: int | None = None):
     """Build the jitted step (state, x_GxBxT, y_GxBxT) -> (state, metrics).
 
-    Shardings are declared on its inputs and outputs, so the state stays in its
-    FSDP layout between steps and nothing is gathered by accident. Each of the G
-    micro-batches runs as `pieces` (default: pieces_per_micro_batch) smaller ones, whose
-    logits the loss makes in `chunks` (default: memory.loss_chunks) slices of the sequence.
+    Each micro-batch runs as `pieces` smaller ones, whose logits the loss makes in `chunks` slices of T.
     """
     compute_dtype = jnp.dtype(config.compute_dtype)
     schedule = lr_schedule(config)
@@ -140,6 +137,7 @@ def make_train_step(config: Config, optimizer: optax.GradientTransformation, mes
         return eqx.filter(new_state, eqx.is_array), metrics
 
     replicated = NamedSharding(mesh, P())
+    # Declared shardings keep the state in its FSDP layout between steps: nothing is gathered by accident.
     step = jax.jit(
         step,
         in_shardings=(state_shardings, batch_sharding, batch_sharding),
@@ -217,8 +215,7 @@ def plan_memory(config: Config, mesh: Mesh, like: TrainState, shardings, say) ->
 def train(config: Config, rundir: str, debug: bool = False, resume: bool = False) -> GPT:
     """Train into rundir (config.json, metrics.jsonl, TensorBoard events, checkpoints/), resuming if asked.
 
-    Every process runs this loop (JAX's multi-controller model); only process 0
-    writes files and prints. SIGINT/SIGTERM stop it after a step, with a checkpoint.
+    Every process runs this loop (JAX's multi-controller model); only process 0 writes files and prints.
     """
     # Heard from the start, not only in the loop: after jax.distributed.initialize, JAX's own
     # SIGTERM handler would take a signal during the restore or the compile and only note it.
