@@ -63,8 +63,7 @@ def restore(manager: ocp.CheckpointManager, step: int, like, shardings):
 
 def array_shapes(tree) -> dict[str, tuple[int, ...]]:
     """{dotted path: shape} of a tree's arrays; a state and orbax's metadata of it give the same keys."""
-    name = lambda k: str(getattr(k, "name", getattr(k, "key", getattr(k, "idx", k))))
-    return {".".join(map(name, path)): tuple(x.shape)
+    return {jax.tree_util.keystr(path, simple=True, separator="."): tuple(x.shape)
             for path, x in jax.tree_util.tree_flatten_with_path(tree)[0] if hasattr(x, "shape")}
 
 

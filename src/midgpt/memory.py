@@ -33,11 +33,22 @@ def sharded_bytes(arrays_like, shardings) -> int:
 LOGITS_AT_ONCE = 2**30
 
 
+def fewest_parts(n: int, fits) -> int:
+    """The fewest equal parts of n for which fits(parts) holds; n if none does."""
+    return next(k for k in range(1, n + 1) if n % k == 0 and (fits(k) or k == n))
+
+
 def loss_chunks(config: Config, mesh: Mesh, pieces: int) -> int:
     """Into how many slices of the sequence the loss cuts each piece's logits (precision.cross_entropy)."""
     rows = max(1, config.batch_size // pieces // mesh.size)  # per device
     T, V = config.model.block_size, config.model.vocab_size
-    return next(c for c in range(1, T + 1) if T % c == 0 and (rows * T // c * V <= LOGITS_AT_ONCE or c == T))
+    return fewest_parts(T, lambda c: rows * T // c * V <= LOGITS_AT_ONCE)
+
+
+def training_attention(config: Config) -> str:
+    """The attention implementation that the training step runs (model.attention_implementation)."""
+    m = config.model
+    return attention_implementation(m.attention, config.compute_dtype, m.dropout > 0, m.head_dim)
 
 
 def activation_bytes(config: Config, mesh: Mesh, pieces: int = 1, chunks: int = 1) -> int:
@@ -53,7 +64,7 @@ def activation_bytes(config: Config, mesh: Mesh, pieces: int = 1, chunks: int = 
     # attention score, the float32 scores, softmax and its gradient, the
     # compute-dtype probabilities (and the dropout mask). Calibrated against XLA's
     # buffer assignment on CPU; flash attention (cudnn) never holds the scores.
-    flash = attention_implementation(m.attention, config.compute_dtype, m.dropout > 0, m.head_dim) == "cudnn"
+    flash = training_attention(config) == "cudnn"
     internals = B * T * (9 * D + 2 * F) * s + (not flash) * B * H * T * T * (12 + s + (m.dropout > 0))
     masks = (m.dropout > 0) * ((not flash) * B * H * T * T + 2 * B * T * D)  # dropout masks, a byte each, kept by remat
     saved = {

@@ -21,7 +21,7 @@ from midgpt.config import Config, config_to_dict
 from midgpt.errors import MidgptError
 from midgpt.files import write_atomically, writing_to
 from midgpt.metrics import MetricsLog
-from midgpt.model import GPT, attention_implementation, cast_floats, check_cudnn, count_params
+from midgpt.model import GPT, cast_floats, check_cudnn, count_params
 from midgpt.optimizer import lr_schedule, make_optimizer
 from midgpt.precision import cross_entropy
 
@@ -80,7 +80,7 @@ def pieces_per_micro_batch(config: Config, mesh: Mesh) -> int:
     B, T, D = config.batch_size, config.model.block_size, config.model.n_embd
     if mesh.size > 1 or mesh.devices.flat[0].platform != "cpu":
         return 1
-    return next(k for k in range(1, B + 1) if B % k == 0 and (B // k * T * D <= ACTIVATIONS_AT_ONCE or k == B))
+    return memory.fewest_parts(B, lambda k: B // k * T * D <= ACTIVATIONS_AT_ONCE)
 
 
 def make_train_step(config: Config, optimizer: optax.GradientTransformation, mesh: Mesh,
@@ -204,9 +204,7 @@ def plan_memory(config: Config, mesh: Mesh, like: TrainState, shardings, say) ->
 
     parts = estimate_for(config)
     available, source = memory.device_memory()
-    m = config.model
-    attention = attention_implementation(m.attention, config.compute_dtype, m.dropout > 0, m.head_dim)
-    say(f"memory per device, estimated (remat {m.remat}, attention {attention}): "
+    say(f"memory per device, estimated (remat {config.model.remat}, attention {memory.training_attention(config)}): "
         + ", ".join(f"{k} {memory.gib(v)}" for k, v in parts.items() if v)
         + (f" of {memory.gib(available)} ({source})" if available else ""))
     memory.check_fits(config, mesh, available, estimate_for)
