@@ -197,11 +197,13 @@ def test_a_split_shorter_than_one_window_is_one_line(shakespeare_data_dir, tmp_p
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.parametrize("damage", ["a hand edit gone wrong", "not UTF-8", "a directory"])
+@pytest.mark.parametrize("damage", ["a hand edit gone wrong", "not UTF-8", "a directory", "a dangling symlink"])
 def test_an_unreadable_config_json_is_one_line(tmp_path, damage):
     path = tmp_path / "config.json"
     if damage == "a directory":
         path.mkdir()
+    elif damage == "a dangling symlink":  # not "missing": the advice to cp a copy there would not write through it
+        path.symlink_to(tmp_path / "moved_away.json")
     else:
         path.write_bytes(b'{"seed": 0' if damage.startswith("a hand") else b'{"data_dir": "caf\xe9"}')
     (tmp_path / "checkpoints" / "20").mkdir(parents=True)  # of a run: without checkpoints, launch.py starts afresh

@@ -109,7 +109,7 @@ def saved_steps(rundir: str) -> list[int]:
 def read_config_json(rundir: str) -> Config:
     """The config a run saved in rundir/config.json."""
     path = os.path.join(rundir, "config.json")
-    if not os.path.exists(path):
+    if not os.path.lexists(path):  # a dangling symlink is not missing: cp would not write through it
         if steps := saved_steps(rundir):  # each checkpoint holds a copy, in orbax's JSON item "config"
             raise MidgptError(f"{path} is missing but {rundir} holds checkpoints; put the newest one's copy back: "
                               f"cp {rundir}/checkpoints/{max(steps)}/config/metadata {path}")
