@@ -298,3 +298,15 @@ def test_second_interrupt_stops_at_once(shakespeare_data_dir, tmp_path):
     code, output = finish(proc)
     assert code == 128 + signal.SIGINT, output
     assert "SIGINT again: stopping now, without a checkpoint" in output
+
+
+def test_a_failed_restore_is_described_in_one_short_line_cut_between_words():
+    from midgpt.checkpoint import describe
+
+    assert describe(ValueError("")) == "ValueError: no detail"  # orbax raised some without text
+    assert describe(OSError("short\ntraceback lines")) == "OSError: short"
+    message = "tensorstore could not read the chunk " * 10
+    said = describe(ValueError(message)).removeprefix("ValueError: ")
+    assert said.endswith(" ...") and len(said) <= 164 and message.startswith(said.removesuffix(" ...") + " ")
+    path = "/runs/" + "x" * 300  # no space to cut at: cut anyway
+    assert describe(FileNotFoundError(path)) == "FileNotFoundError: " + path[:160] + " ..."

@@ -86,8 +86,11 @@ def check_arrays(step_dir: str, like) -> None:
 
 def describe(e: Exception) -> str:
     """An exception from a failed restore as a short phrase: its type and the start of its first line."""
-    lines = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {lines[0][:160] if lines else 'no detail'}"
+    first = (str(e).strip().splitlines() or ["no detail"])[0]
+    if len(first) > 160:  # cut at a space, unless that would lose most of it (a long path has none)
+        first = first[:160]
+        first = (first[:first.rfind(" ")] if first.rfind(" ") > 120 else first) + " ..."
+    return f"{type(e).__name__}: {first}"
 
 
 def restore_newest(manager: ocp.CheckpointManager, rundir: str, like, shardings, say):
