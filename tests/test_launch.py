@@ -3,13 +3,16 @@
 import importlib.util
 import json
 import os
+import resource
 import shutil
+import signal
 import subprocess
 import sys
 
 import pytest
 
 from conftest import REPO_ROOT
+from midgpt import checkpoint
 from midgpt.config import config_names, config_to_dict, load_config
 
 TINY = ["--model.n_layer=2", "--model.n_embd=64", "--model.n_head=2", "--batch_size=8",
@@ -195,6 +198,28 @@ def test_a_split_shorter_than_one_window_is_one_line(shakespeare_data_dir, tmp_p
     result = run("launch.py", "--config=shakespeare_char_cpu", f"--rundir={tmp_path}/run", f"--data_dir={data_dir}")
     assert_one_line_error(result, "val.bin holds 64 tokens", "65")
     assert not (tmp_path / "run").exists()
+
+
+def test_a_checkpoint_save_that_fails_is_one_line_and_keeps_the_last_good_one(short_run, shakespeare_data_dir, tmp_path):
+    # A full disk, played by a file size limit. orbax fails in its background threads and raises it at
+    # the next save: that was a traceback, after hundreds of lines of its threads' tracebacks.
+    rundir = tmp_path / "run"
+    shutil.copytree(short_run, rundir)
+
+    def small_files():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit then fails, as on a full disk
+        resource.setrlimit(resource.RLIMIT_FSIZE, (2**16, 2**16))  # the run's own files stay below it
+
+    result = subprocess.run([sys.executable, "launch.py", "--config=shakespeare_char_cpu", *TINY, f"--rundir={rundir}",
+                             f"--data_dir={shakespeare_data_dir}", "--max_steps=50", "--checkpoint_interval=5"],
+                            cwd=REPO_ROOT, capture_output=True, text=True, timeout=600, preexec_fn=small_files)
+    assert result.returncode == 1 and result.stderr.strip().splitlines()[-1] == (
+        "error: a checkpoint save failed (File too large); checkpoint 40 is intact: fix the cause and run "
+        "the same command to resume from it"), result.stderr
+    # No traceback of ours, nor of orbax's threads: they log a line each. (tensorstore's own
+    # "Event loop is closed" tracebacks, asyncio's frames only, are printed by C++ and stay.)
+    assert "launch.py" not in result.stderr and "orbax" + os.sep + "checkpoint" not in result.stderr
+    assert checkpoint.committed(str(rundir), 40)
 
 
 @pytest.mark.parametrize("damage", ["a hand edit gone wrong", "not UTF-8", "a directory", "a dangling symlink"])

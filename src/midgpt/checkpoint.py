@@ -5,8 +5,10 @@ key; the step is also the data position, since batches are drawn by (seed, step)
 and the run's config.
 """
 
+import contextlib
 import os
 import pathlib
+import re
 import shutil
 import time
 
@@ -15,7 +17,7 @@ import jax
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
-from midgpt.config import Config, config_to_dict
+from midgpt.config import Config, config_to_dict, saved_steps
 from midgpt.errors import MidgptError
 
 # orbax writes this file into a step's directory when the save commits; a step
@@ -50,7 +52,29 @@ def save(manager: ocp.CheckpointManager, step: int, state, config: Config) -> No
     """Start an asynchronous save: the arrays are copied off the devices, then written in the background."""
     args = ocp.args.Composite(state=ocp.args.StandardSave(eqx.filter(state, eqx.is_array)),
                               config=ocp.args.JsonSave(config_to_dict(config)))
-    manager.save(step, args=args, force=True)
+    with failed_saves_in_one_line(manager):
+        manager.save(step, args=args, force=True)
+
+
+def wait(manager: ocp.CheckpointManager) -> None:
+    """Block until every save started has finished."""
+    with failed_saves_in_one_line(manager):
+        manager.wait_until_finished()
+
+
+@contextlib.contextmanager
+def failed_saves_in_one_line(manager: ocp.CheckpointManager):
+    """A save that failed in the background (a full disk) as one line naming the newest intact checkpoint."""
+    try:
+        yield  # orbax raises a background failure at the next save or wait
+    except Exception as e:
+        rundir = os.path.dirname(str(manager.directory))
+        intact = [step for step in saved_steps(rundir) if committed(rundir, step)]
+        # tensorstore appends the OS error's number: "No space left on device" says more than its first words.
+        code = re.search(r"os_error_code='?(\d+)", str(e))
+        raise MidgptError(f"a checkpoint save failed ({os.strerror(int(code[1])) if code else describe(e)}); " + (
+            f"checkpoint {max(intact)} is intact: fix the cause and run the same command to resume from it"
+            if intact else "no checkpoint was finished: fix the cause and run again")) from None
 
 
 def restore(manager: ocp.CheckpointManager, step: int, like, shardings):

@@ -2,6 +2,7 @@
 
 import argparse
 import contextlib
+import logging
 import os
 import signal
 import sys
@@ -30,6 +31,9 @@ def positive_int(text: str) -> int:
 
 def run(main) -> None:
     """Call main(argv); a MidgptError becomes one line on stderr and exit status 1."""
+    # orbax's background threads log each failure with a traceback, and their first line would do:
+    # a failed save is raised again at the next save or wait, and becomes one line here.
+    logging.getLogger("absl").addFilter(_without_traceback)
     try:
         main(sys.argv[1:])
     except MidgptError as e:
@@ -45,6 +49,11 @@ def run(main) -> None:
         # Not the interpreter's teardown: jax.distributed's exit barrier waits for processes that may
         # never come. Files are closed and saves finished before an error gets here.
         os._exit(1)
+
+
+def _without_traceback(record: logging.LogRecord) -> bool:
+    record.exc_info, record.exc_text = None, None
+    return True
 
 
 def say(line: str) -> None:

@@ -336,7 +336,7 @@ def _train(config: Config, rundir: str, debug: bool, resume: bool, signals: cli.
                 last_checkpoint = step
             if stop:
                 if manager:
-                    manager.wait_until_finished()
+                    checkpoint.wait(manager)
                 say(f"stopped after step {step} ({signals.received or 'another process was signalled'}); " + (
                     "run the same command to resume from checkpoint " + str(step) if manager
                     else "no checkpoint was written (--debug)"))
@@ -346,6 +346,6 @@ def _train(config: Config, rundir: str, debug: bool, resume: bool, signals: cli.
         if log:
             log.close()
         if manager:  # let started saves commit, even when leaving on an error
-            manager.wait_until_finished()
+            checkpoint.wait(manager)
             manager.close()
     return state.model
