@@ -2,8 +2,10 @@
 
 import os
 import random
+import shutil
 import subprocess
 import sys
+import tempfile
 import urllib.request
 import warnings
 from pathlib import Path
@@ -12,6 +14,21 @@ import jax
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def pytest_configure(config):
+    # The tests start launch.py, sample.py and the benchmarks about a hundred times, mostly on the same
+    # small programs: those processes share XLA's compilation cache. This process had read its config at
+    # `import jax` above, so its own compiles (whose memory_analysis the tests read) stay uncached.
+    if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+        config._midgpt_xla_cache = tempfile.mkdtemp(prefix="midgpt-xla-cache-")
+        os.environ["JAX_COMPILATION_CACHE_DIR"] = config._midgpt_xla_cache
+        os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+
+
+def pytest_unconfigure(config):
+    if cache := getattr(config, "_midgpt_xla_cache", None):
+        shutil.rmtree(cache, ignore_errors=True)
 PREPARE = REPO_ROOT / "data" / "shakespeare_char" / "prepare.py"
 URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 
