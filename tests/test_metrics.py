@@ -11,11 +11,12 @@ from tqdm import tqdm
 from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 from tensorboard.util.tensor_util import make_ndarray
 
-from midgpt import checkpoint, cli
+from midgpt import checkpoint, cli, data
 from midgpt.config import apply_overrides, load_config
 from midgpt.errors import MidgptError
 from midgpt.metrics import TAGS, rewind_events, rewind_jsonl
-from midgpt.train import train
+from midgpt.sharding import make_mesh
+from midgpt.train import EVAL_TRAIN_STREAM, EVAL_VAL_STREAM, evaluate, train
 from test_launch import TINY, read_metrics, run
 
 
@@ -121,6 +122,21 @@ def test_a_printed_line_clears_the_progress_bar_and_redraws_it_below(capsys):
     bar.close()
     assert out == "step 1: a line\n"
     assert err.startswith("\r ") and "train:  10%" in err  # cleared first, then drawn again
+
+
+def test_the_evaluations_score_the_final_model_on_their_own_split(shakespeare_data_dir, tmp_path):
+    # Nothing else ties val_loss to val.bin: scored on training data, a run would only look better.
+    config = apply_overrides(load_config("shakespeare_char_cpu"), [
+        f"--data_dir={shakespeare_data_dir}", "--max_steps=6", "--log_interval=3", "--eval_interval=100",
+        "--eval_iters=2", "--model.n_layer=1", "--model.n_embd=32", "--model.n_head=2", "--batch_size=4"])
+    model = train(config, str(tmp_path))
+    final, mesh = read_metrics(tmp_path)[-1], make_mesh(config)
+    train_tokens, val_tokens = data.load_splits(config)
+    score = lambda tokens, stream: evaluate(model, tokens, config, mesh, stream)
+    assert final["step"] == 6
+    assert final["val_loss"] == pytest.approx(score(val_tokens, EVAL_VAL_STREAM), rel=1e-6)
+    assert final["train_loss"] == pytest.approx(score(train_tokens, EVAL_TRAIN_STREAM), rel=1e-6)
+    assert final["val_loss"] != pytest.approx(score(train_tokens, EVAL_VAL_STREAM), rel=1e-4)
 
 
 def test_step_ms_leaves_out_the_time_a_checkpoint_save_blocks(shakespeare_data_dir, tmp_path, monkeypatch):

@@ -44,6 +44,13 @@ def test_flops_per_token_matches_xla_count_of_forward_and_backward(block_size, n
     assert mfu.flops_per_token(cfg) < mfu.flops_per_token(cfg, causal=False)
 
 
+def test_flops_per_token_counts_causal_attention_over_the_keys_each_query_sees():
+    cfg = ModelConfig(vocab_size=5, block_size=3, n_layer=1, n_head=1, n_embd=2)
+    weights = 12 * 2 * 2 + 5 * 2  # q, k, v, out and the MLP (12 D^2 a layer), and the tied output layer
+    keys = (1 + 2 + 3) / 3  # the 3 queries see 1, 2 and 3 keys
+    assert mfu.flops_per_token(cfg) == 6 * weights + 3 * 2 * (2 * 2) * keys  # q.k and prob.v, 2 D each, x3 with backward
+
+
 @pytest.mark.parametrize("kind, dtype, peak", [
     ("NVIDIA H100 80GB HBM3", "bfloat16", 989e12),
     ("NVIDIA H100 PCIe", "bfloat16", 756e12),  # not the SXM part's number

@@ -236,16 +236,17 @@ def test_divergence_stops_naming_the_step_and_keeps_the_last_checkpoint(interval
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.parametrize("value", [float("inf"), float("nan")])
 @pytest.mark.parametrize("name", ["loss", "grad_norm", "param_norm"])
-def test_a_non_finite_metric_stops_the_run_before_its_checkpoint(name):
+def test_a_non_finite_metric_stops_the_run_before_its_checkpoint(name, value):
     # param_norm is the only one of the updated parameters: a finite loss and gradient can still overflow them.
     from midgpt.errors import MidgptError
     from midgpt.train import check_finite
 
     metrics = {"loss": 2.0, "grad_norm": 1.0, "param_norm": 30.0}
     check_finite(metrics, 7, 5)
-    with pytest.raises(MidgptError, match=f"{name} is inf at step 7: training diverged; checkpoint 5 is untouched"):
-        check_finite({**metrics, name: float("inf")}, 7, 5)
+    with pytest.raises(MidgptError, match=f"{name} is {value} at step 7: training diverged; checkpoint 5 is untouched"):
+        check_finite({**metrics, name: value}, 7, 5)
 
 
 def test_checkpoint_saved_on_eight_devices_restores_on_one(shakespeare_data_dir, tmp_path):

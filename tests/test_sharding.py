@@ -19,6 +19,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from conftest import REPO_ROOT
+from midgpt import mfu
 from midgpt.config import Config, ModelConfig
 from midgpt.optimizer import make_optimizer
 from midgpt.sharding import FSDP, make_mesh, param_spec
@@ -57,28 +58,34 @@ def batch():
 def one_step_params(config, chunks=None):
     optimizer, mesh = make_optimizer(config), make_mesh(config)
     state, metrics = make_train_step(config, optimizer, mesh, chunks=chunks)(init_state(config, optimizer, mesh), *batch())
-    return float(metrics["loss"]), [np.asarray(x) for x in jax.tree.leaves(eqx.filter(state.model, eqx.is_array))]
+    # The gradient's norm as well: Adam's first update is about sign(g), blind to a gradient off by a factor.
+    return ([float(metrics["loss"]), float(metrics["grad_norm"])],
+            [np.asarray(x) for x in jax.tree.leaves(eqx.filter(state.model, eqx.is_array))])
 
 
 MESHES = [((1, 8), None), ((2, 4), None), ((8, 1), None), ((1, 8), 4)]  # (shape, loss slices)
 
 
 def test_one_step_on_every_mesh_matches_one_device(tmp_path):
-    on_devices(8, f"""
+    out = on_devices(8, f"""
         from test_sharding import MESHES, one_step_params
+        from midgpt import mfu
         out = {{}}
         for shape, chunks in MESHES:
-            loss, leaves = one_step_params(dataclasses.replace(CONFIG, mesh_shape=shape), chunks)
+            loss_and_norm, leaves = one_step_params(dataclasses.replace(CONFIG, mesh_shape=shape), chunks)
             key = f"{{shape}}/{{chunks}}"
-            out.update({{f"{{key}}/loss": loss}}, **{{f"{{key}}/{{i}}": x for i, x in enumerate(leaves)}})
+            out.update({{f"{{key}}/loss": loss_and_norm}}, **{{f"{{key}}/{{i}}": x for i, x in enumerate(leaves)}})
         np.savez("{tmp_path}/meshes.npz", **out)
-        print("{{}}")
+        print(json.dumps({{"mfu": mfu.utilisation(CONFIG.model, 1000.0, 1e12)}}))
     """)
-    loss, leaves = one_step_params(CONFIG)
+    # MFU divides by the peak of all 8 devices, not of one.
+    assert out["mfu"] == pytest.approx(mfu.flops_per_token(CONFIG.model) * 1000.0 / (8 * 1e12), rel=1e-12)
+    loss_and_norm, leaves = one_step_params(CONFIG)
     meshes = np.load(tmp_path / "meshes.npz")
     for shape, chunks in MESHES:
         key = f"{shape}/{chunks}"
-        np.testing.assert_allclose(meshes[f"{key}/loss"], loss, rtol=1e-6)
+        np.testing.assert_allclose(meshes[f"{key}/loss"][0], loss_and_norm[0], rtol=1e-6)
+        np.testing.assert_allclose(meshes[f"{key}/loss"][1], loss_and_norm[1], rtol=1e-5)
         for i, leaf in enumerate(leaves):
             np.testing.assert_allclose(meshes[f"{key}/{i}"], leaf, rtol=1e-5, atol=1e-6, err_msg=f"{key} leaf {i}")
 
