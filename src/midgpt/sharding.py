@@ -39,19 +39,14 @@ def make_mesh(config: Config, resuming: bool = False) -> Mesh:
             f"mesh_shape={','.join(map(str, config.mesh_shape))} does not fit the {n} devices; "
             f"use sizes whose product is {n}, e.g. --mesh_shape=1,-1"
         )
-    B = config.batch_size
-    if B % n and resuming:  # a resumed run keeps its batch, so the devices must change instead
-        *smaller, largest = [str(d) for d in range(1, B + 1) if B % d == 0]
-        counts = f"{', '.join(smaller)} or {largest}" if smaller else largest
-        raise MidgptError(
-            f"this run's batch_size={B} does not split over the {n} devices of the mesh; "
-            f"resume it on a device count that divides {B} ({counts})"
-        )
-    if B % n:
-        raise MidgptError(
-            f"batch_size={B} does not split over the {n} devices of the mesh; "
-            f"use a multiple of {n} (and raise g_accum_iters to keep the global batch)"
-        )
+    if (B := config.batch_size) % n:
+        if resuming:  # a resumed run keeps its batch, so the devices must change instead
+            *smaller, largest = [str(d) for d in range(1, B + 1) if B % d == 0]
+            counts = f"{', '.join(smaller)} or {largest}" if smaller else largest
+            raise MidgptError(f"this run's batch_size={B} does not split over the {n} devices of the mesh; "
+                              f"resume it on a device count that divides {B} ({counts})")
+        raise MidgptError(f"batch_size={B} does not split over the {n} devices of the mesh; "
+                          f"use a multiple of {n} (and raise g_accum_iters to keep the global batch)")
     # Auto axes: XLA propagates shardings from the declared inputs and outputs.
     return jax.make_mesh((replica, fsdp), DATA_AXES, axis_types=(AxisType.Auto,) * 2)
 
