@@ -46,9 +46,10 @@ def write_corpus(path, docs: list[str]) -> str:
     return str(path)
 
 
-def run_prepare(*args, env=None) -> subprocess.CompletedProcess:
+def run_prepare(*args, env=None, cwd=None) -> subprocess.CompletedProcess:
     """Run prepare.py with args, capturing its output."""
-    return subprocess.run([sys.executable, str(PREPARE), *map(str, args)], capture_output=True, text=True, env=env)
+    return subprocess.run([sys.executable, str(PREPARE), *map(str, args)], capture_output=True, text=True, env=env,
+                          cwd=cwd)
 
 
 def split_docs(out_dir, split: str) -> list[str]:
@@ -81,9 +82,11 @@ def test_every_format_gives_the_same_exact_round_trip(tmp_path):
     for ext in ("txt", "jsonl", "parquet"):
         corpus = write_corpus(tmp_path / f"corpus.{ext}", DOCS)
         out_dir = tmp_path / ext
-        result = run_prepare("--input", corpus, "--out_dir", out_dir, "--num_proc", 2, "--val_fraction", 0.1)
+        result = run_prepare("--input", os.path.basename(corpus), "--out_dir", out_dir, "--num_proc", 2,
+                             "--val_fraction", 0.1, cwd=tmp_path)
         assert result.returncode == 0, result.stderr
         meta = json.loads((out_dir / "meta.json").read_text())
+        assert meta["source"] == {"input": [corpus]}  # absolute: the path as typed means nothing elsewhere
         assert meta["tokenizer"] == "gpt2" and meta["vocab_size"] == 50257
         assert meta["train_tokens"] + meta["val_tokens"] == expected_tokens
         assert meta["train_documents"] + meta["val_documents"] == len(DOCS)
