@@ -194,7 +194,8 @@ def test_values_that_parse_but_cannot_train_are_refused(config, override, fragme
 
 
 @pytest.mark.parametrize("override", ["--model.remat=full", "--model.scan_unroll=2", "--model.attention=einsum",
-                                      "--learning_rate=1e-4", "--max_steps=4000", "--eval_interval=100"])
+                                      "--learning_rate=1e-4", "--max_steps=4000", "--eval_interval=100",
+                                      "--data_dir=./data/shakespeare_char/"])  # the same folder, spelled otherwise
 def test_resume_applies_and_reports_what_runs_the_same_model_on_the_same_data(config, override):
     resumed, changes = resume_config(config, apply_overrides(config, [override]), [override])
     assert resumed == apply_overrides(config, [override])

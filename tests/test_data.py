@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from conftest import PREPARE, REPO_ROOT
-from midgpt.data import get_batch, load_meta, load_tokens
+from midgpt.config import apply_overrides, load_config
+from midgpt.data import get_batch, load_meta, load_splits, load_tokens
 from midgpt.tokenizer import decode, encode
 from midgpt.errors import MidgptError
 
@@ -92,6 +93,17 @@ def test_a_damaged_data_file_is_one_line_saying_to_prepare_again(tmp_path, name,
     with pytest.raises(MidgptError, match=fragment) as info:
         load_tokens(str(tmp_path), "train") if name == "train.bin" else load_meta(str(tmp_path))
     assert "prepare the data again" in str(info.value)
+
+
+def test_a_split_shorter_than_its_meta_json_says_is_one_line(shakespeare_data_dir, tmp_path):
+    # Cut at an even byte, as a copy cut short may be: the odd-size check cannot see it.
+    for name in ("meta.json", "train.bin", "val.bin"):
+        (tmp_path / name).write_bytes((Path(shakespeare_data_dir) / name).read_bytes())
+    (tmp_path / "train.bin").write_bytes((tmp_path / "train.bin").read_bytes()[:1000])
+    config = apply_overrides(load_config("shakespeare_char_cpu"), [f"--data_dir={tmp_path}"])
+    with pytest.raises(MidgptError, match=f"train.bin holds 500 tokens but its meta.json says "
+                                          f"{load_meta(shakespeare_data_dir)['train_tokens']}; prepare the data again"):
+        load_splits(config)
 
 
 def test_a_missing_file_outside_data_names_both_prepare_scripts_with_its_directory(tmp_path):

@@ -197,6 +197,8 @@ def test_a_split_shorter_than_one_window_is_one_line(shakespeare_data_dir, tmp_p
     data_dir = tmp_path / "data"
     shutil.copytree(shakespeare_data_dir, data_dir)
     (data_dir / "val.bin").write_bytes((data_dir / "val.bin").read_bytes()[:2 * 64])  # 64 tokens: block_size
+    meta = json.loads((data_dir / "meta.json").read_text())
+    (data_dir / "meta.json").write_text(json.dumps({**meta, "val_tokens": 64}))
     result = run("launch.py", "--config=shakespeare_char_cpu", f"--rundir={tmp_path}/run", f"--data_dir={data_dir}")
     assert_one_line_error(result, "val.bin holds 64 tokens", "65")
     assert not (tmp_path / "run").exists()

@@ -59,6 +59,9 @@ def load_splits(config: Config) -> tuple[np.ndarray, np.ndarray]:
         )
     splits = {split: load_tokens(config.data_dir, split) for split in ("train", "val")}
     for split, tokens in splits.items():
+        if len(tokens) != meta.get(f"{split}_tokens", len(tokens)):  # cut short (at an even byte) or replaced
+            raise MidgptError(f"{config.data_dir}/{split}.bin holds {len(tokens)} tokens but its meta.json says "
+                              f"{meta[f'{split}_tokens']}; prepare the data again")
         if len(tokens) <= config.model.block_size:  # a window is block_size + 1 tokens: inputs and targets
             raise MidgptError(f"{config.data_dir}/{split}.bin holds {len(tokens)} tokens, too few for one window of "
                               f"model.block_size + 1 = {config.model.block_size + 1}; give it more text")
