@@ -1,5 +1,6 @@
 """Generation promises: the KV cache changes nothing, greedy continues a learned pattern, seeds repeat."""
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -113,3 +114,13 @@ def test_samples_only_the_tokenizers_ids_of_a_padded_table(sampling):
     if sampling["temperature"] > 0:  # the test's premise: unrestricted, padded ids come up
         assert sample().max() >= vocab
     assert sample(vocab=vocab).max() < vocab
+
+
+def test_the_prompt_pass_makes_the_logits_of_its_last_position_only():
+    # A large vocabulary and a long prompt: all P positions' float32 logits would be 128 MiB here.
+    B, P, vocab = 4, 512, 16384
+    model = GPT(ModelConfig(vocab_size=vocab, block_size=P, n_layer=1, n_head=2, n_embd=32), key=jax.random.key(0))
+    params, static = eqx.partition(model, eqx.is_array)
+    sample = jax.jit(lambda params, prompt, key: generate(eqx.combine(params, static), prompt, 2, key))
+    compiled = sample.lower(params, jnp.zeros((B, P), jnp.int32), jax.random.key(0)).compile()
+    assert compiled.memory_analysis().temp_size_in_bytes < B * P * vocab * 4 / 4
