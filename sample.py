@@ -4,6 +4,8 @@ python sample.py --rundir=DIR [--start=TEXT | --start=FILE:path] [--num_samples=
                  [--temperature=T] [--top_k=K] [--seed=S] [--step=STEP]
 """
 
+import sys
+
 from midgpt.cli import ArgumentParser, positive_int, run
 
 
@@ -40,18 +42,33 @@ def main(argv: list[str]) -> None:
 
     from midgpt import tokenizer
     from midgpt.cli import say
+    from midgpt.errors import MidgptError
     from midgpt.model import cast_floats
     from midgpt.sample import generate, load_model, run_meta
 
     config, model = load_model(args.rundir, args.step)
     meta = run_meta(args.rundir, config)
     model = cast_floats(model, jnp.dtype(config.compute_dtype))
-    # The model sees at most block_size tokens: a longer prompt keeps its end.
-    prompt_P = jnp.asarray(tokenizer.encode(meta, start)[-config.model.block_size:], jnp.int32)
-    prompt_BxP = jnp.tile(prompt_P, (args.num_samples, 1))
-    tokens_BxN = generate(model, prompt_BxP, args.max_new_tokens, jax.random.key(args.seed), args.temperature,
-                          args.top_k, vocab=meta["vocab_size"])  # the tokenizer's ids: the table may have more rows
-    for i, row in enumerate(jax.device_get(tokens_BxN)):
+    try:
+        ids = tokenizer.encode(meta, start)
+    except MidgptError as e:
+        if args.start != parser.get_default("start"):
+            raise
+        raise MidgptError(f"{e}, the default --start: pass --start=TEXT in this run's vocabulary") from None
+    T = config.model.block_size
+    if len(ids) > T:  # the model sees at most block_size tokens: a longer prompt keeps its end
+        print(f"the prompt's first {len(ids) - T} tokens are left out: the model sees its last {T}", file=sys.stderr)
+    prompt_BxP = jnp.tile(jnp.asarray(ids[-T:], jnp.int32), (args.num_samples, 1))
+    try:
+        tokens_BxN = jax.device_get(generate(
+            model, prompt_BxP, args.max_new_tokens, jax.random.key(args.seed), args.temperature, args.top_k,
+            vocab=meta["vocab_size"]))  # the tokenizer's ids: the table may have more rows
+    except jax.errors.JaxRuntimeError as e:
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        raise MidgptError(f"{args.num_samples} samples of {prompt_BxP.shape[1] + args.max_new_tokens} tokens do not "
+                          "fit the device's memory; lower --num_samples or --max_new_tokens") from None
+    for i, row in enumerate(tokens_BxN):
         say(("-" * 40 + "\n" if i else "") + tokenizer.decode(meta, row.tolist()))
 
 

@@ -116,6 +116,7 @@ def test_sample_reads_a_prompt_file_and_keeps_the_end_of_a_long_prompt(short_run
     result = run("sample.py", f"--rundir={short_run}", f"--start=FILE:{tmp_path}/prompt.txt",
                  "--max_new_tokens=20", "--temperature=0")
     assert result.returncode == 0, result.stderr
+    assert f"the prompt's first {len(prompt) - 64} tokens are left out" in result.stderr  # else silently
     assert result.stdout.startswith(prompt[-64:]) and len(result.stdout.rstrip("\n")) >= 64 + 19
     assert not result.stdout.startswith(prompt[-65:])
     (tmp_path / "bom.txt").write_text("\ufeffROMEO:")  # as Windows editors save it: the mark is no text
@@ -351,6 +352,15 @@ def test_sample_errors_are_one_line(short_run, tmp_path):
     (tmp_path / "latin1.txt").write_bytes("café".encode("latin-1"))
     assert_one_line_error(run("sample.py", f"--rundir={short_run}", f"--start=FILE:{tmp_path}/latin1.txt"),
                           "cannot read the prompt file")
+    # Too many samples for the memory: 8 GB of address space, as a device's memory would be.
+    small = subprocess.run(["bash", "-c", 'ulimit -v 8000000 && exec "$@"', "bash", sys.executable, "sample.py",
+                            f"--rundir={short_run}", "--num_samples=100000000", "--max_new_tokens=10"],
+                           cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    assert_one_line_error(small, "do not fit the device's memory; lower --num_samples")
+    meta = json.loads((edited / "meta.json").read_text())  # a vocabulary without a newline, the default --start
+    (edited / "config.json").write_text(json.dumps(config))
+    (edited / "meta.json").write_text(json.dumps({**meta, "chars": [c if c != "\n" else "~" for c in meta["chars"]]}))
+    assert_one_line_error(run("sample.py", f"--rundir={edited}"), "the default --start: pass --start=TEXT")
 
 
 @pytest.mark.slow
