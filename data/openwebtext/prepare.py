@@ -224,7 +224,8 @@ def main() -> None:
         gpt2()  # load the tokenizer once here, so forked workers inherit it
         if args.input:
             check_inputs(args.input)
-            documents, source = itertools.chain.from_iterable(map(file_documents, args.input)), {"input": list(map(os.path.abspath, args.input))}
+            documents = itertools.chain.from_iterable(map(file_documents, args.input))
+            source = {"input": list(map(os.path.abspath, args.input))}
         else:
             dataset = args.dataset or "Skylion007/openwebtext"
             documents = hf_documents(dataset, args.data_files)
