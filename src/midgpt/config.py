@@ -130,9 +130,9 @@ def resume_config(saved: Config, requested: Config, overrides: list[str]) -> tup
     for name in _leaf_types(Config):
         ran, asked = _get(saved, name), _get(requested, name)
         fixed = name.split(".")[0] in FIXED_ON_RESUME and name not in FREE_ON_RESUME
-        if name == "data_dir":  # the same folder however it is spelled (./data/x/, an absolute path)
-            ran, asked = os.path.realpath(ran), os.path.realpath(asked)
-        if fixed and ran != asked:
+        # data_dir: the same folder however it is spelled (./data/x/, an absolute path)
+        same = os.path.realpath(ran) == os.path.realpath(asked) if name == "data_dir" else ran == asked
+        if fixed and not same:
             raise MidgptError(
                 f"the run in this --rundir has {name}={ran!r} but this command asks for {asked!r}; "
                 "that is another model or other data: pass a new --rundir"
