@@ -74,7 +74,7 @@ def test_one_step_on_every_mesh_matches_one_device(tmp_path):
         for shape, chunks in MESHES:
             loss_and_norm, leaves = one_step_params(dataclasses.replace(CONFIG, mesh_shape=shape), chunks)
             key = f"{{shape}}/{{chunks}}"
-            out.update({{f"{{key}}/loss": loss_and_norm}}, **{{f"{{key}}/{{i}}": x for i, x in enumerate(leaves)}})
+            out.update({{f"{{key}}/loss_and_norm": loss_and_norm}}, **{{f"{{key}}/{{i}}": x for i, x in enumerate(leaves)}})
         np.savez("{tmp_path}/meshes.npz", **out)
         print(json.dumps({{"mfu": mfu.utilisation(CONFIG.model, 1000.0, 1e12)}}))
     """)
@@ -84,8 +84,8 @@ def test_one_step_on_every_mesh_matches_one_device(tmp_path):
     meshes = np.load(tmp_path / "meshes.npz")
     for shape, chunks in MESHES:
         key = f"{shape}/{chunks}"
-        np.testing.assert_allclose(meshes[f"{key}/loss"][0], loss_and_norm[0], rtol=1e-6)
-        np.testing.assert_allclose(meshes[f"{key}/loss"][1], loss_and_norm[1], rtol=1e-5)
+        np.testing.assert_allclose(meshes[f"{key}/loss_and_norm"][0], loss_and_norm[0], rtol=1e-6)
+        np.testing.assert_allclose(meshes[f"{key}/loss_and_norm"][1], loss_and_norm[1], rtol=1e-5)
         for i, leaf in enumerate(leaves):
             np.testing.assert_allclose(meshes[f"{key}/{i}"], leaf, rtol=1e-5, atol=1e-6, err_msg=f"{key} leaf {i}")
 

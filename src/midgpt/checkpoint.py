@@ -38,6 +38,11 @@ def committed(rundir: str, step: int) -> bool:
     return os.path.exists(os.path.join(step_directory(rundir, step), COMMIT_MARKER))
 
 
+def newest_committed(rundir: str) -> int | None:
+    """The newest step whose save finished, or None."""
+    return max((step for step in saved_steps(rundir) if committed(rundir, step)), default=None)
+
+
 def make_manager(rundir: str, config: Config) -> ocp.CheckpointManager:
     # orbax deletes the oldest only after a newer one commits, so the last good
     # copy is never the one removed.
@@ -68,13 +73,12 @@ def failed_saves_in_one_line(manager: ocp.CheckpointManager):
     try:
         yield  # orbax raises a background failure at the next save or wait
     except Exception as e:
-        rundir = os.path.dirname(str(manager.directory))
-        intact = [step for step in saved_steps(rundir) if committed(rundir, step)]
+        intact = newest_committed(os.path.dirname(str(manager.directory)))
         # tensorstore appends the OS error's number: "No space left on device" says more than its first words.
         code = re.search(r"os_error_code='?(\d+)", str(e))
         raise MidgptError(f"a checkpoint save failed ({os.strerror(int(code[1])) if code else describe(e)}); " + (
-            f"checkpoint {max(intact)} is intact: fix the cause and run the same command to resume from it"
-            if intact else "no checkpoint was finished: fix the cause and run again")) from None
+            f"checkpoint {intact} is intact: fix the cause and run the same command to resume from it"
+            if intact is not None else "no checkpoint was finished: fix the cause and run again")) from None
 
 
 def restore(manager: ocp.CheckpointManager, step: int, like, shardings):
@@ -109,7 +113,7 @@ def check_arrays(step_dir: str, like) -> None:
 
 
 def describe(e: Exception) -> str:
-    """An exception from a failed restore as a short phrase: its type and the start of its first line."""
+    """An exception from a failed restore or save as a short phrase: its type and the start of its first line."""
     first = (str(e).strip().splitlines() or ["no detail"])[0]
     if len(first) > 160:  # cut at a space, unless that would lose most of it (a long path has none)
         first = first[:160]

@@ -25,7 +25,7 @@ def load_model(rundir: str, step: int | None = None) -> tuple[Config, GPT]:
     manager = checkpoint.make_manager(rundir, config)
     steps = manager.all_steps()
     if step is None:  # the newest whose save finished, as a resume would take it
-        step = max((s for s in steps if checkpoint.committed(rundir, s)), default=None)
+        step = checkpoint.newest_committed(rundir)
         if step is None:
             raise MidgptError(f"{rundir} has no finished checkpoint yet")
     if step not in steps:
