@@ -34,6 +34,7 @@ def run(main) -> None:
     # orbax's background threads log each failure with a traceback, and their first line would do:
     # a failed save is raised again at the next save or wait, and becomes one line here.
     logging.getLogger("absl").addFilter(_without_traceback)
+    sys.unraisablehook = _ignoring_closed_event_loops(sys.unraisablehook)
     try:
         main(sys.argv[1:])
     except MidgptError as e:
@@ -54,6 +55,16 @@ def run(main) -> None:
 def _without_traceback(record: logging.LogRecord) -> bool:
     record.exc_info, record.exc_text = None, None
     return True
+
+
+def _ignoring_closed_event_loops(hook):
+    """An unraisable-exception hook that drops "Event loop is closed" and passes the rest to hook."""
+    def ignore(unraisable):
+        # tensorstore ends the reads and writes that orbax gave up on (a damaged checkpoint, a full
+        # disk) by calling back into orbax's closed event loop: a traceback each, in some runs.
+        if not (isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed"):
+            hook(unraisable)
+    return ignore
 
 
 def say(line: str) -> None:
