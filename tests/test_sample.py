@@ -4,14 +4,16 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
-from midgpt.config import Config, ModelConfig
+from midgpt import checkpoint
+from midgpt.config import Config, ModelConfig, apply_overrides, load_config
 from midgpt.model import GPT
 from midgpt.optimizer import make_optimizer
-from midgpt.sample import generate, sample_token
+from midgpt.sample import generate, load_model, sample_token
 from midgpt.sharding import make_mesh
-from midgpt.train import init_state, make_train_step
+from midgpt.train import fresh_state, init_state, make_train_step, write_config
 
 V, W = 11, 8  # vocabulary, block_size
 
@@ -124,3 +126,22 @@ def test_the_prompt_pass_makes_the_logits_of_its_last_position_only():
     sample = jax.jit(lambda params, prompt, key: generate(eqx.combine(params, static), prompt, 2, key))
     compiled = sample.lower(params, jnp.zeros((B, P), jnp.int32), jax.random.key(0)).compile()
     assert compiled.memory_analysis().temp_size_in_bytes < B * P * vocab * 4 / 4
+
+
+def test_sampling_reads_the_parameters_only(shakespeare_data_dir, tmp_path):
+    """A checkpoint whose optimiser state this version could not restore still samples: only the model is read."""
+    config = apply_overrides(load_config("shakespeare_char_cpu"), [
+        "--model.n_layer=1", "--model.n_embd=32", "--model.n_head=2", f"--data_dir={shakespeare_data_dir}"])
+    state = fresh_state(config, make_optimizer(config))
+    params = eqx.filter(state.model, eqx.is_array)
+    state = eqx.tree_at(lambda s: s.opt_state, state, optax.sgd(0.1, momentum=0.9).init(params))
+    rundir = str(tmp_path / "run")
+    write_config(config, rundir)
+    manager = checkpoint.make_manager(rundir, config)
+    checkpoint.save(manager, 7, state, config)
+    checkpoint.wait(manager)
+    manager.close()
+    loaded_config, model = load_model(rundir)
+    assert loaded_config == config
+    for a, b in zip(jax.tree.leaves(eqx.filter(model, eqx.is_array)), jax.tree.leaves(params), strict=True):
+        np.testing.assert_array_equal(a, b)

@@ -81,12 +81,26 @@ def failed_saves_in_one_line(manager: ocp.CheckpointManager):
             if intact is not None else "no checkpoint was finished: fix the cause and run again")) from None
 
 
+def placed(like, shardings):
+    """(like's arrays as ShapeDtypeStructs placed by shardings, the rest of like)."""
+    arrays_like, static = eqx.partition(like, lambda x: isinstance(x, jax.ShapeDtypeStruct))
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), arrays_like, shardings), static
+
+
 def restore(manager: ocp.CheckpointManager, step: int, like, shardings):
     """The state saved at step, placed by shardings (the saving mesh does not matter)."""
-    arrays_like, static = eqx.partition(like, lambda x: isinstance(x, jax.ShapeDtypeStruct))
-    target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), arrays_like, shardings)
+    target, static = placed(like, shardings)
     restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
     return eqx.combine(restored["state"], static)
+
+
+def restore_model(manager: ocp.CheckpointManager, step: int, like_model, shardings):
+    """The model alone of the state saved at step: the optimiser state, twice its size, is never read."""
+    target, static = placed(like_model, shardings)
+    item = {"model": target}  # the state's other fields are left out of the read
+    args = ocp.args.PyTreeRestore(item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+                                  partial_restore=True)
+    return eqx.combine(manager.restore(step, args=ocp.args.Composite(state=args))["state"]["model"], static)
 
 
 def array_shapes(tree) -> dict[str, tuple[int, ...]]:
@@ -95,15 +109,17 @@ def array_shapes(tree) -> dict[str, tuple[int, ...]]:
             for path, x in jax.tree_util.tree_flatten_with_path(tree)[0] if hasattr(x, "shape")}
 
 
-def check_arrays(step_dir: str, like) -> None:
-    """Raise MidgptError if the checkpoint holds other arrays than like: another model, not damage."""
+def check_arrays(step_dir: str, like, part: str | None = None) -> None:
+    """Raise MidgptError if the checkpoint (or its field part) holds other arrays than like: another model, not damage."""
     try:
         # The item's handler, not a StandardCheckpointer: that one looks for a step's metadata
         # file in the item's folder and logs a warning on every resume.
         saved = array_shapes(ocp.StandardCheckpointHandler().metadata(pathlib.Path(step_dir, "state")))
     except Exception:  # unreadable metadata is damage, which the restore reports
         return
-    wanted = array_shapes(like)
+    wanted = array_shapes({part: like} if part else like)
+    if part:
+        saved = {k: v for k, v in saved.items() if k.startswith(part + ".")}
     if saved and saved != wanted:  # no metadata at all is damage too
         differ = sorted(k for k in saved.keys() | wanted.keys() if saved.get(k) != wanted.get(k))
         shown = "; ".join(f"{k}: saved {saved.get(k, 'none')}, this model {wanted.get(k, 'none')}" for k in differ[:3])

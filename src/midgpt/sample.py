@@ -30,12 +30,12 @@ def load_model(rundir: str, step: int | None = None) -> tuple[Config, GPT]:
             raise MidgptError(f"{rundir} has no finished checkpoint yet")
     if step not in steps:
         raise MidgptError(f"{rundir} has no checkpoint at step {step}; it has {sorted(steps) or 'none'}")
-    like = eqx.filter_eval_shape(fresh_state, config, make_optimizer(config))
-    is_shape = lambda x: isinstance(x, jax.ShapeDtypeStruct)
-    one_device = jax.tree.map(lambda _: SingleDeviceSharding(jax.devices()[0]), eqx.filter(like, is_shape))
+    like = eqx.filter_eval_shape(fresh_state, config, make_optimizer(config)).model
+    one_device = jax.tree.map(lambda _: SingleDeviceSharding(jax.devices()[0]),
+                              eqx.filter(like, lambda x: isinstance(x, jax.ShapeDtypeStruct)))
     try:
-        checkpoint.check_arrays(checkpoint.step_directory(rundir, step), like)  # another model is no damage
-        state = checkpoint.restore(manager, step, like, one_device)
+        checkpoint.check_arrays(checkpoint.step_directory(rundir, step), like, part="model")  # another model is no damage
+        model = checkpoint.restore_model(manager, step, like, one_device)
     except MidgptError:
         raise
     except Exception as e:  # orbax and tensorstore raise many types for damaged files
@@ -44,7 +44,7 @@ def load_model(rundir: str, step: int | None = None) -> tuple[Config, GPT]:
                           + (f"try --step= another of {others}" if others else "it is the run's only one")) from None
     finally:
         manager.close()
-    return config, state.model
+    return config, model
 
 
 def run_meta(rundir: str, config: Config) -> dict:
