@@ -225,6 +225,25 @@ def test_a_checkpoint_save_that_fails_is_one_line_and_keeps_the_last_good_one(sh
     assert checkpoint.committed(str(rundir), 40)
 
 
+def test_a_log_write_that_fails_is_one_line_and_the_run_resumes(short_run, shakespeare_data_dir, tmp_path):
+    # The disk fills between checkpoints: metrics.jsonl and the event file meet the 64 KiB limit at a log
+    # step (about step 300) long before the final save. It was four tracebacks, one from TensorBoard's thread.
+    rundir = tmp_path / "run"
+    shutil.copytree(short_run, rundir)
+    small_files = ["bash", "-c", 'ulimit -f 64 && trap "" XFSZ && exec "$@"', "bash"]
+    args = ["launch.py", "--config=shakespeare_char_cpu", *TINY, f"--rundir={rundir}",
+            f"--data_dir={shakespeare_data_dir}", "--log_interval=1", "--checkpoint_interval=2000"]
+    result = subprocess.run([*small_files, sys.executable, *args, "--max_steps=2000"], cwd=REPO_ROOT,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 1 and result.stderr.strip().splitlines()[-1] == (
+        f"error: cannot write to {rundir} ([Errno 27] File too large); free space and run the same command to "
+        "resume from checkpoint 40"), result.stderr
+    assert "Traceback" not in result.stderr and "Exception" not in result.stderr, result.stderr
+    resumed = run(*args, "--max_steps=50")  # space freed: the torn records are dropped, the curves go on
+    assert resumed.returncode == 0, resumed.stderr
+    assert [r["step"] for r in read_metrics(rundir)][-11:] == list(range(40, 51))
+
+
 @pytest.mark.parametrize("damage", ["a hand edit gone wrong", "not UTF-8", "a directory", "a dangling symlink"])
 def test_an_unreadable_config_json_is_one_line(tmp_path, damage):
     path = tmp_path / "config.json"

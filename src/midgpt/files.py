@@ -15,9 +15,9 @@ def write_atomically(path: str | os.PathLike, data: str | bytes) -> None:
 
 
 @contextlib.contextmanager
-def writing_to(rundir: str):
+def writing_to(rundir: str, fix: str = "free space, or pass a --rundir you can write to"):
     """Turn an OSError (a read-only or full disk, a file in the way) into one line naming the run directory."""
     try:
         yield
     except OSError as e:
-        raise MidgptError(f"cannot write to {rundir} ({e}); free space, or pass a --rundir you can write to") from None
+        raise MidgptError(f"cannot write to {rundir} ({e}); {fix}") from None

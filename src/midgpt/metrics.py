@@ -1,13 +1,17 @@
 """A run's metrics, written by process 0: metrics.jsonl and TensorBoard event files in the run directory."""
 
+import contextlib
 import glob
 import json
 import os
 import struct
+import time
 
 from google.protobuf.message import DecodeError
-from tensorboardX import SummaryWriter
+from tensorboardX.event_file_writer import EventsWriter
 from tensorboardX.proto.event_pb2 import Event
+from tensorboardX.proto.summary_pb2 import Summary
+from tensorboardX.summary import scalar, text
 
 from midgpt.errors import MidgptError
 from midgpt.files import write_atomically
@@ -73,17 +77,23 @@ class MetricsLog:
         rewind_jsonl(self.path, start)
         rewind_events(rundir, start)  # so curves never jump back
         self.jsonl = open(self.path, "a")
-        self.writer = SummaryWriter(rundir, filename_suffix=f".{os.getpid()}")
-        self.writer.add_text("config", f"```\n{config_json}\n```", start)  # with a resume's overrides
+        # Written and flushed here rather than by SummaryWriter's thread: a full disk fails the
+        # log step that met it, once, instead of a thread and an exit handler each with a traceback.
+        self.events = EventsWriter(os.path.join(rundir, "events"), filename_suffix=f".{os.getpid()}")
+        self._add(start, text("config", f"```\n{config_json}\n```"))  # with a resume's overrides
+
+    def _add(self, step: int, summary: Summary):
+        self.events.write_event(Event(wall_time=time.time(), step=step, summary=summary))
+        self.events.flush()
 
     def write(self, record: dict):
         self.jsonl.write(json.dumps(record) + "\n")
         self.jsonl.flush()
-        for name, value in record.items():
-            if name in TAGS and value is not None:
-                self.writer.add_scalar(TAGS[name], value, record["step"])
-        self.writer.flush()
+        values = [scalar(TAGS[k], v).value[0] for k, v in record.items() if k in TAGS and v is not None]
+        self._add(record["step"], Summary(value=values))
 
     def close(self):
-        self.jsonl.close()
-        self.writer.close()
+        # Each write flushed both files, so only bytes of a write that failed, and raised, can be left.
+        for f in (self.jsonl, self.events):
+            with contextlib.suppress(OSError):
+                f.close()

@@ -272,7 +272,11 @@ def _train(config: Config, rundir: str, debug: bool, resume: bool, signals: cli.
         say(f"debug: profiler trace of steps {profile_steps[0]}-{profile_steps[-1]} in {rundir}/profile")
 
     last_checkpoint = start or None
-    log = MetricsLog(rundir, start, json.dumps(config_to_dict(config), indent=2)) if is_main else None
+    # Mid-run, the fix for a full disk is to resume, not to start over elsewhere.
+    resume_fix = lambda: "free space and run the same command to " + (
+        f"resume from checkpoint {last_checkpoint}" if last_checkpoint else "start again (no checkpoint yet)")
+    with writing_to(rundir, resume_fix()):
+        log = MetricsLog(rundir, start, json.dumps(config_to_dict(config), indent=2)) if is_main else None
     # Off a terminal (CI, log files), redraw rarely rather than fill the log with frames.
     bar = tqdm(initial=start, total=config.max_steps, desc="train", dynamic_ncols=True, disable=not is_main,
                mininterval=0.1 if sys.stderr.isatty() else 30, file=cli.PipeSafe(sys.stderr))
@@ -319,7 +323,8 @@ def _train(config: Config, rundir: str, debug: bool, resume: bool, signals: cli.
                     record["val_loss"] = evaluate(state.model, val_tokens, config, mesh, EVAL_VAL_STREAM)
                     say(f"step {step}: train loss {record['train_loss']:.4f}, val loss {record['val_loss']:.4f}")
                 if log:
-                    log.write(record)
+                    with writing_to(rundir, resume_fix()):
+                        log.write(record)
                 interval_start, interval_steps = time.perf_counter(), 0
 
             # Several processes agree on a stop only at log steps, where they sync anyway.
