@@ -6,6 +6,8 @@ detect the cluster: --coordinator_address=HOST:PORT --num_processes=N --process_
 
 import itertools
 import os
+import re
+import signal
 import time
 
 from midgpt.cli import ArgumentParser, run
@@ -24,6 +26,8 @@ def new_rundir() -> str:
             return rundir
         except FileExistsError:
             pass
+        except OSError as e:  # outputs/ is a file, or not ours to write
+            raise MidgptError(f"cannot make the run directory {rundir} ({e}); pass a --rundir you can write to") from None
 
 
 def check_new_rundir(rundir: str) -> None:
@@ -58,6 +62,13 @@ def main(argv: list[str]) -> None:
         parser.error("--rundir is empty")
     if args.multihost and not args.rundir:  # each process would name its own from its clock
         parser.error("--multihost needs --rundir: one directory that every process writes to")
+    if any(v is not None for v in cluster.values()):  # checked here: JAX's own errors are tracebacks
+        if any(v is None for v in cluster.values()):
+            parser.error("--coordinator_address, --num_processes and --process_id go together")
+        if not 0 <= args.process_id < args.num_processes:
+            parser.error(f"--process_id must be from 0 to --num_processes - 1 = {args.num_processes - 1}")
+        if not re.fullmatch(r".+:\d+", args.coordinator_address):
+            parser.error(f"--coordinator_address={args.coordinator_address} is not HOST:PORT")
     config = apply_overrides(load_config(args.config), overrides)
     # A run is its checkpoints: a directory without any (--debug's, a run killed before its
     # first save) starts afresh from this command, as its config.json would start at step 0 too.
@@ -74,7 +85,16 @@ def main(argv: list[str]) -> None:
     import jax  # only once the arguments are good
 
     if args.multihost:  # before anything touches a device
-        jax.distributed.initialize(**cluster)
+        # It waits in C++ for the other processes, where Python's handler never runs: let Ctrl-C kill it.
+        handler = signal.signal(signal.SIGINT, signal.SIG_DFL)
+        try:
+            jax.distributed.initialize(**cluster)
+        except (ValueError, RuntimeError) as e:  # no cluster detected, the coordinator never answered
+            raise MidgptError(f"--multihost could not join the other processes ({str(e).strip().splitlines()[0]}); "
+                              "where no cluster is detected, pass --coordinator_address=HOST:PORT "
+                              "--num_processes=N --process_id=I") from None
+        finally:
+            signal.signal(signal.SIGINT, handler)
     if resume and jax.process_index() == 0:
         print(f"resuming the run in {rundir}" + "".join(f"; {c}" for c in changes))
     from midgpt.train import train

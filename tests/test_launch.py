@@ -185,12 +185,25 @@ def assert_one_line_error(result, *fragments):
     (["--config=shakespeare_char_cpu", "--rundir="], ["--rundir is empty"]),  # an unset $RUNDIR: no new run
     (["--config=shakespeare_char_cpu", "--model.attention=cudnn"], ["model.attention=cudnn does not run on cpu"]),
     ([], ["--config"]),
+    # JAX's own errors for these were tracebacks.
+    (["--config=shakespeare_char_cpu", "--multihost"], ["could not join", "--coordinator_address=HOST:PORT"]),
+    (["--config=shakespeare_char_cpu", "--multihost", "--num_processes=2"], ["go together"]),
+    (["--config=shakespeare_char_cpu", "--multihost", "--coordinator_address=127.0.0.1:1234", "--num_processes=2",
+      "--process_id=2"], ["--process_id must be from 0 to"]),
+    (["--config=shakespeare_char_cpu", "--multihost", "--coordinator_address=127.0.0.1", "--num_processes=1",
+      "--process_id=0"], ["is not HOST:PORT"]),
 ])
 def test_bad_input_is_one_line_and_creates_nothing(args, fragments, tmp_path):
     rundir = tmp_path / "run"
     result = run("launch.py", f"--rundir={rundir}", *args, cwd=tmp_path)
     assert_one_line_error(result, *fragments)
     assert not rundir.exists() and not (tmp_path / "outputs").exists()
+
+
+def test_a_default_run_directory_that_cannot_be_made_is_one_line(tmp_path):
+    (tmp_path / "outputs").write_text("not a folder")
+    assert_one_line_error(run("launch.py", "--config=shakespeare_char_cpu", cwd=tmp_path),
+                          "cannot make the run directory outputs/", "pass a --rundir")
 
 
 def test_a_split_shorter_than_one_window_is_one_line(shakespeare_data_dir, tmp_path):

@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import time
 
 import equinox as eqx
 import jax
@@ -286,17 +287,32 @@ def test_a_signalled_process_stops_both_at_the_next_log_step_with_a_checkpoint(s
     assert stopped % 7 == 0 and os.listdir(rundir / "checkpoints") == [str(stopped)]
 
 
-def test_processes_started_with_different_arguments_stop_in_one_line(shakespeare_data_dir, tmp_path):
+@pytest.mark.parametrize("other", ["--max_steps=13", "--rundir=RUN_2"])
+def test_processes_started_with_different_arguments_stop_in_one_line(other, shakespeare_data_dir, tmp_path):
     # Another max_steps on one process used to hang the other at the end; another learning rate
-    # trained a run that config.json did not record.
+    # trained a run that config.json did not record; another run directory hung both at the first save.
     common = ["--config=shakespeare_char_cpu", f"--data_dir={shakespeare_data_dir}", "--batch_size=16",
-              f"--rundir={tmp_path}/run"]
-    procs = two_processes(*common, extra=[[], ["--max_steps=13"]])
+              f"--rundir={tmp_path}/run", "--max_steps=20", "--checkpoint_interval=5"]
+    procs = two_processes(*common, extra=[[], [other.replace("RUN_2", f"{tmp_path}/run_2")]])
     for p in procs:
         _, stderr = p.communicate(timeout=120)
         assert p.returncode == 1 and stderr.strip().splitlines()[-1].startswith(
-            "error: the processes were started with different configs"), stderr
+            "error: the processes were started with different arguments"), stderr
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_ctrl_c_stops_a_process_waiting_for_the_others_to_join(tmp_path):
+    # jax.distributed.initialize waits in C++ (5 minutes by default), where Python's handler never runs.
+    [proc] = [launch("--config=shakespeare_char_cpu", f"--rundir={tmp_path}/run", "--multihost", "--num_processes=2",
+                     "--process_id=0", f"--coordinator_address=127.0.0.1:{free_port()}", devices=4)]
+    time.sleep(5)  # into the wait: arguments parsed, JAX imported
+    assert proc.poll() is None, proc.communicate()
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.communicate(timeout=20)
+    finally:
+        proc.kill()  # not left waiting, if the signal was not heard
+    assert proc.returncode == -signal.SIGINT
 
 
 @pytest.mark.parametrize("args, fragment", [

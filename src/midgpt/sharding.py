@@ -10,6 +10,7 @@ back into the shards.
 import functools
 import hashlib
 import json
+import os
 
 import jax
 import numpy as np
@@ -83,15 +84,17 @@ def batch_sharding(mesh: Mesh, ndim: int, batch_axis: int) -> NamedSharding:
     return NamedSharding(mesh, P(*spec))
 
 
-def check_same_config(config: Config) -> None:
-    """Raise MidgptError unless every process runs this config: a process with other arguments
-    would hang the others at its first collective, or train a run that config.json does not record."""
+def check_same_config(config: Config, rundir: str, *flags) -> None:
+    """Raise MidgptError unless every process runs this config in this run directory, with these flags."""
+    # A process with other arguments hangs the others at its first collective (another --rundir:
+    # at the first save, in orbax's commit), or trains a run that config.json does not record.
     if jax.process_count() == 1:
         return
-    digest = np.frombuffer(hashlib.sha256(json.dumps(config_to_dict(config)).encode()).digest()[:4], np.int32)
+    arguments = json.dumps([config_to_dict(config), os.path.abspath(rundir), *flags])
+    digest = np.frombuffer(hashlib.sha256(arguments.encode()).digest()[:4], np.int32)
     if len(set(multihost_utils.process_allgather(digest).ravel().tolist())) > 1:
-        raise MidgptError("the processes were started with different configs (other --FIELD=VALUE overrides or "
-                          "--config); start every process with the same arguments")
+        raise MidgptError("the processes were started with different arguments (--config, --FIELD=VALUE overrides, "
+                          "--rundir as an absolute path, or --debug); start every process with the same ones")
 
 
 @functools.cache  # the same function for the same mesh: jitted callers take it as a static argument
