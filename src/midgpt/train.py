@@ -309,7 +309,7 @@ def _train(config: Config, rundir: str, debug: bool, resume: bool, signals: cli.
                 check_finite(metrics, step, last_checkpoint)
                 record = {"step": step, **{k: float(v) for k, v in metrics.items()}}
                 elapsed = time.perf_counter() - interval_start
-                if interval_steps:  # none right after the compile step
+                if interval_steps and step not in profile_steps:  # none after the compile step, or traced
                     record["tokens_per_sec"] = interval_steps * tokens_per_step / elapsed
                     record["step_ms"] = 1000 * elapsed / interval_steps
                     record["mfu"] = mfu.utilisation(config.model, record["tokens_per_sec"], peak)
