@@ -317,6 +317,27 @@ def test_resuming_on_data_prepared_again_with_another_vocabulary_is_refused(shor
     assert {p: p.read_bytes() for p in sorted(rundir.rglob("*")) if p.is_file()} == before
 
 
+def test_resuming_from_another_directory_on_other_text_is_refused(short_run, shakespeare_data_dir, shakespeare_text,
+                                                                 tmp_path):
+    # data_dir is saved as typed: from elsewhere, "data" is other files. Here, the same characters
+    # in reverse: the same vocabulary and sizes, which were all that was compared.
+    rundir = shutil.copytree(short_run, tmp_path / "run")
+    config = json.loads((rundir / "config.json").read_text())
+    (rundir / "config.json").write_text(json.dumps({**config, "data_dir": "data"}))
+    shutil.copytree(shakespeare_data_dir, tmp_path / "here" / "data")
+    (tmp_path / "reversed.txt").write_text(open(shakespeare_text).read()[::-1])
+    prepared = subprocess.run([sys.executable, str(REPO_ROOT / "data/shakespeare_char/prepare.py"), "--input",
+                               str(tmp_path / "reversed.txt"), "--out_dir", str(tmp_path / "elsewhere" / "data")],
+                              capture_output=True, text=True)
+    assert prepared.returncode == 0, prepared.stderr
+    resume = lambda cwd: run("launch.py", "--config=shakespeare_char_cpu", f"--rundir={rundir}", "--data_dir=data",
+                             "--max_steps=45", *TINY, cwd=cwd)
+    assert_one_line_error(resume(tmp_path / "elsewhere"), f"{tmp_path}/elsewhere/data holds other text",
+                          "sha256 differ", "a relative one is read from the current directory")
+    result = resume(tmp_path / "here")
+    assert result.returncode == 0 and "resuming from checkpoint 40" in result.stdout + result.stderr, result.stderr
+
+
 def test_resuming_on_data_with_a_larger_vocabulary_says_so_not_to_grow_the_model(short_run, shakespeare_data_dir,
                                                                                  tmp_path):
     # A run trained on its own copy of the data, which is then prepared again from text with Greek in it.
@@ -360,7 +381,7 @@ def test_resuming_with_another_model_is_refused(short_run, shakespeare_data_dir)
     assert open(os.path.join(short_run, "metrics.jsonl")).read() == before
 
 
-def test_sample_errors_are_one_line(short_run, tmp_path):
+def test_sample_errors_are_one_line(short_run, shakespeare_data_dir, tmp_path):
     assert_one_line_error(run("sample.py", f"--rundir={tmp_path}"), "config.json")
     assert_one_line_error(run("sample.py", f"--rundir={short_run}", "--start=€"), "€")
     assert_one_line_error(run("sample.py", f"--rundir={short_run}", "--num_samples=0"), "num_samples")
@@ -393,6 +414,11 @@ def test_sample_errors_are_one_line(short_run, tmp_path):
     (edited / "config.json").write_text(json.dumps(config))
     (edited / "meta.json").write_text(json.dumps({**meta, "chars": [c if c != "\n" else "~" for c in meta["chars"]]}))
     assert_one_line_error(run("sample.py", f"--rundir={edited}"), "the default --start: pass --start=TEXT")
+    (edited / "meta.json").write_text('{"vocab')  # the run's copy: preparing the data again would not mend it
+    for script, args in (("sample.py", []), ("launch.py", ["--config=shakespeare_char_cpu", "--max_steps=45", *TINY,
+                                                          f"--data_dir={shakespeare_data_dir}"])):
+        assert_one_line_error(run(script, f"--rundir={edited}", *args), f"cannot read {edited}/meta.json",
+                              f"the run's copy of its data's: put that back (cp {shakespeare_data_dir}/meta.json")
 
 
 @pytest.mark.slow

@@ -1,6 +1,7 @@
 """Tiny Shakespeare -> char-level train.bin / val.bin (uint16) and meta.json."""
 
 import argparse
+import hashlib
 import http.client
 import json
 import os
@@ -76,6 +77,7 @@ def main() -> None:
         "chars": chars,
         "train_tokens": len(splits["train"]),
         "val_tokens": len(splits["val"]),
+        "sha256": {f"{name}.bin": hashlib.sha256(split_ids.tobytes()).hexdigest() for name, split_ids in splits.items()},
     }
     # meta.json goes last: its presence is what marks the directory complete.
     (out_dir / "meta.json.tmp").write_text(json.dumps(meta))

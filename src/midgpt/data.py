@@ -36,17 +36,26 @@ def load_tokens(data_dir: str, split: str) -> np.ndarray:
     return np.memmap(path, dtype=np.uint16, mode="r")
 
 
-def load_meta(data_dir: str) -> dict:
+def load_meta(data_dir: str, fix: str = "prepare the data again") -> dict:
     """Read <data_dir>/meta.json (tokenizer, vocabulary, token counts)."""
     path = _require(data_dir, "meta.json")
     try:
         with open(path, encoding="utf-8") as f:
             meta = json.load(f)
     except (OSError, ValueError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-        raise MidgptError(f"cannot read {path} as JSON ({e}); prepare the data again") from None
+        raise MidgptError(f"cannot read {path} as JSON ({e}); {fix}") from None
     if not isinstance(meta, dict) or not isinstance(meta.get("vocab_size"), int):
-        raise MidgptError(f"{path} names no vocab_size; prepare the data again")
+        raise MidgptError(f"{path} names no vocab_size; {fix}")
     return meta
+
+
+def load_run_meta(rundir: str, data_dir: str) -> dict | None:
+    """The run's copy of its data's meta.json, or None for a run made before runs kept one."""
+    if not os.path.exists(os.path.join(rundir, "meta.json")):
+        return None
+    # Preparing the data again would not touch this copy.
+    return load_meta(rundir, fix=f"it is the run's copy of its data's: put that back (cp {data_dir}/meta.json "
+                                 f"{rundir}/) or remove it")
 
 
 def load_splits(config: Config) -> tuple[np.ndarray, np.ndarray]:
@@ -68,15 +77,23 @@ def load_splits(config: Config) -> tuple[np.ndarray, np.ndarray]:
     return splits["train"], splits["val"]
 
 
-def check_vocabulary(rundir: str, data_dir: str) -> None:
-    """Refuse data whose ids mean other tokens than the run trained on (prepared again from other text)."""
+# What says that two prepared datasets are the same: their vocabulary, their splits' sizes and
+# contents (a meta.json made before a key existed lacks it: compared where both have it).
+DATA_IDENTITY = ("tokenizer", "vocab_size", "chars", "train_tokens", "val_tokens", "sha256")
+
+
+def check_same_data(rundir: str, data_dir: str) -> None:
+    """Refuse data other than the run trained on: prepared again from other text, or found elsewhere."""
     saved = os.path.join(rundir, "meta.json")
-    if not os.path.exists(saved):  # a run made before runs kept a copy has none to compare
+    if (trained := load_run_meta(rundir, data_dir)) is None:  # nothing to compare
         return
-    trained, now = load_meta(rundir), load_meta(data_dir)
-    if any(trained.get(k) != now.get(k) for k in ("tokenizer", "vocab_size", "chars")):
-        raise MidgptError(f"{data_dir} now holds another vocabulary than this run trained on ({saved}); "
-                          "prepare it again from the same text, or train in a new --rundir")
+    now = load_meta(data_dir)
+    if differ := [k for k in DATA_IDENTITY if k in trained and k in now and trained[k] != now[k]]:
+        what = "another vocabulary" if {"tokenizer", "vocab_size", "chars"} & set(differ) else "other text"
+        raise MidgptError(f"{os.path.abspath(data_dir)} holds {what} than this run trained on ({', '.join(differ)} "
+                          f"differ from {saved}); run from where data_dir finds the run's data (a relative one is "
+                          "read from the current directory), or prepare it again from the same text, "
+                          "or train in a new --rundir")
 
 
 def get_batch(

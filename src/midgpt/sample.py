@@ -49,7 +49,7 @@ def load_model(rundir: str, step: int | None = None) -> tuple[Config, GPT]:
 
 def run_meta(rundir: str, config: Config) -> dict:
     """The tokenizer the run trained with: its copy of the data's meta.json (older runs: the data's own)."""
-    return data.load_meta(rundir if os.path.exists(os.path.join(rundir, "meta.json")) else config.data_dir)
+    return data.load_run_meta(rundir, config.data_dir) or data.load_meta(config.data_dir)
 
 
 def sample_token(logits_BxV, key, temperature: float, top_k: int | None, vocab: int | None = None):

@@ -225,7 +225,7 @@ def _train(config: Config, rundir: str, debug: bool, resume: bool, signals: cli.
     sharding.check_same_config(config, rundir, debug, resume)
     check_cudnn(config.model, config.compute_dtype, jax.devices()[0])
     if resume:  # first: load_splits' advice for a larger vocabulary would be another model
-        data.check_vocabulary(rundir, config.data_dir)
+        data.check_same_data(rundir, config.data_dir)
     train_tokens, val_tokens = data.load_splits(config)
     mesh = sharding.make_mesh(config, resuming=resume)
     is_main = jax.process_index() == 0
