@@ -146,10 +146,25 @@ def raise_stopped(signum, frame):
     raise Stopped(signal.Signals(signum).name)
 
 
+STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+
+
 def quiet_worker():
     """Leave signals to the main process: Ctrl-C reaches every worker too, and each would print a traceback."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # how the pool ends its workers
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+
+
+def quiet_pool(num_proc: int):
+    """A pool whose workers hold the stop signals until quiet_worker has set them."""
+    # Otherwise a Ctrl-C in the moment a worker starts raised Stopped in it, which could leave the
+    # pool's queue locked and the main process hung in its shutdown (seen under load).
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        return multiprocessing.Pool(num_proc, quiet_worker)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
 
 def prepare(documents, out_dir: Path, num_proc: int, val_fraction: float, source: dict) -> None:
@@ -159,10 +174,11 @@ def prepare(documents, out_dir: Path, num_proc: int, val_fraction: float, source
     tokens, docs, sha = dict.fromkeys(SPLITS, 0), dict.fromkeys(SPLITS, 0), {s: hashlib.sha256() for s in SPLITS}
     batches = iter(lambda: list(itertools.islice(documents, DOCS_PER_TASK)), [])
     start = time.perf_counter()
+    pool = quiet_pool(num_proc)
     try:
         # delay: a run that fails at once (bad input, no Hub) prints only its one error line.
-        with multiprocessing.Pool(num_proc, quiet_worker) as pool, open(tmp["train"], "wb") as train_f, \
-                open(tmp["val"], "wb") as val_f, tqdm(unit="doc", delay=2) as bar:
+        with open(tmp["train"], "wb") as train_f, open(tmp["val"], "wb") as val_f, \
+                tqdm(unit="doc", delay=2) as bar:
             files = {"train": train_f, "val": val_f}
             # imap keeps document order, so the output is the same for any num_proc.
             for ids in pool.imap(functools.partial(tokenize, val_fraction=val_fraction), batches):
@@ -180,9 +196,15 @@ def prepare(documents, out_dir: Path, num_proc: int, val_fraction: float, source
             raise MidgptError(f"no document went to {empty[0]} ({sum(docs.values())} documents, "
                               f"--val_fraction {val_fraction}); change --val_fraction or add documents")
     except BaseException:
+        # Killed, not pool.terminate(): that hung (under load) on a worker blocked sending a result
+        # nobody would read. The pool's locks die with them: main() must leave by os._exit.
+        for worker in multiprocessing.active_children():
+            worker.kill()
         for path in tmp.values():
             path.unlink(missing_ok=True)
         raise
+    pool.close()
+    pool.join()
     seconds, n_docs, n_tokens = time.perf_counter() - start, sum(docs.values()), sum(tokens.values())
     # Only now, when new files replace them: a stale meta.json would vouch for half-replaced ones,
     # and a failed run leaves a complete dataset complete.
@@ -233,11 +255,18 @@ def main() -> None:
             source = {"dataset": dataset, **where}
         prepare(documents, Path(args.out_dir), args.num_proc, args.val_fraction, source)
     except (MidgptError, OSError, UnicodeDecodeError) as e:
-        sys.exit(f"prepare.py: {e}")
+        leave(f"prepare.py: {e}", 1)
     except Stopped as e:
-        print(f"prepare.py: stopped by {e}; nothing prepared before was replaced, and the unfinished "
-              ".tmp files are removed", file=sys.stderr)
-        sys.exit(128 + signal.Signals[str(e)])
+        leave(f"prepare.py: stopped by {e}; nothing prepared before was replaced, and the unfinished "
+              ".tmp files are removed", 128 + signal.Signals[str(e)])
+
+
+def leave(message: str, code: int):
+    """Print message and exit at once: multiprocessing's exit handler would wait for the workers prepare() killed."""
+    print(message, file=sys.stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":
