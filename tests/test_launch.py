@@ -272,15 +272,16 @@ def test_an_unreadable_config_json_is_one_line(tmp_path, damage):
 
 
 def test_checkpoints_without_their_config_json_are_refused_and_say_how_to_put_it_back(short_run, tmp_path):
-    rundir = tmp_path / "run"  # a copy: the other tests share short_run
+    rundir = tmp_path / "my run"  # a copy: the other tests share short_run; a space, which the command quotes
     shutil.copytree(short_run, rundir)
     (rundir / "config.json").unlink()  # a user cleaning up; a fresh run here would rewind metrics.jsonl
+    (rundir / "checkpoints" / "50").mkdir()  # a save cut short: it holds no copy
     before = sorted(p.name for p in rundir.iterdir()), (rundir / "metrics.jsonl").read_text()
     for script, args in (("launch.py", ["--config=shakespeare_char_cpu", *TINY]), ("sample.py", [])):
         result = run(script, f"--rundir={rundir}", *args)
         assert_one_line_error(result, "config.json is missing", "cp ")
         assert (sorted(p.name for p in rundir.iterdir()), (rundir / "metrics.jsonl").read_text()) == before
-    subprocess.run(result.stderr.split("; put the newest one's copy back: ")[1].split(), check=True)
+    subprocess.run(["bash", "-c", result.stderr.split("; put the newest one's copy back: ")[1]], check=True)
     assert json.loads((rundir / "config.json").read_text()) == json.loads(open(f"{short_run}/config.json").read())
 
 

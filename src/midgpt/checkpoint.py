@@ -9,6 +9,7 @@ import contextlib
 import os
 import pathlib
 import re
+import shlex
 import shutil
 import time
 
@@ -157,7 +158,8 @@ def restore_newest(manager: ocp.CheckpointManager, rundir: str, like, shardings,
                 # could stay in step with them, so stop, and let the user set it aside.
                 if jax.process_count() > 1:
                     raise MidgptError(f"checkpoint {step} does not restore on process {jax.process_index()} ({problem}); "
-                                      f"move it aside (mkdir -p {aside} && mv {path} {aside}/) and run again") from None
+                                      f"move it aside (mkdir -p {shlex.quote(aside)} && mv {shlex.quote(path)} {shlex.quote(aside)}/) "
+                                      "and run again") from None
         else:
             problem = f"no {COMMIT_MARKER}: its save did not finish"
         damaged.append((step, problem, finished))

@@ -7,6 +7,7 @@ import json
 import math
 import os
 import pkgutil
+import shlex
 import typing
 
 from midgpt.errors import MidgptError
@@ -111,8 +112,10 @@ def read_config_json(rundir: str) -> Config:
     path = os.path.join(rundir, "config.json")
     if not os.path.lexists(path):  # a dangling symlink is not missing: cp would not write through it
         if steps := saved_steps(rundir):  # each checkpoint holds a copy, in orbax's JSON item "config"
+            copies = [os.path.join(rundir, "checkpoints", str(step), "config", "metadata") for step in sorted(steps)]
+            copy = next((c for c in reversed(copies) if os.path.isfile(c)), copies[-1])  # an unfinished save has none
             raise MidgptError(f"{path} is missing but {rundir} holds checkpoints; put the newest one's copy back: "
-                              f"cp {rundir}/checkpoints/{max(steps)}/config/metadata {path}")
+                              f"cp {shlex.quote(copy)} {shlex.quote(path)}")
         raise MidgptError(f"{path} not found; is {rundir} a run directory made by launch.py?")
     try:
         with open(path, encoding="utf-8") as f:
