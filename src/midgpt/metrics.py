@@ -53,6 +53,9 @@ def rewind_events(rundir: str, step: int):
     # The files themselves are cut: SummaryWriter's purge_step would only hide later events,
     # and TensorBoard's default (fast) loader ignores it.
     for path in glob.glob(os.path.join(rundir, "events.out.tfevents.*")):
+        if path.endswith(".tmp"):  # a rewrite cut short by a kill, before it replaced the file: TensorBoard
+            os.remove(path)        # would read it as one more event file, repeating the curves
+            continue
         with open(path, "rb") as f:
             data = f.read()
         kept, at = [], 0
