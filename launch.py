@@ -62,13 +62,12 @@ def main(argv: list[str]) -> None:
         parser.error("--rundir is empty")
     if args.multihost and not args.rundir:  # each process would name its own from its clock
         parser.error("--multihost needs --rundir: one directory that every process writes to")
-    if any(v is not None for v in cluster.values()):  # checked here: JAX's own errors are tracebacks
-        if any(v is None for v in cluster.values()):
-            parser.error("--coordinator_address, --num_processes and --process_id go together")
-        if not 0 <= args.process_id < args.num_processes:
-            parser.error(f"--process_id must be from 0 to --num_processes - 1 = {args.num_processes - 1}")
-        if not re.fullmatch(r".+:\d+", args.coordinator_address):
-            parser.error(f"--coordinator_address={args.coordinator_address} is not HOST:PORT")
+    # Checked here, as JAX's own errors are tracebacks; any of them may be given alone, to override
+    # what JAX detects of a cluster.
+    if args.process_id is not None and not 0 <= args.process_id < (args.num_processes or args.process_id + 1):
+        parser.error(f"--process_id must be from 0 to --num_processes - 1, got {args.process_id}")
+    if args.coordinator_address is not None and not re.fullmatch(r".+:\d+", args.coordinator_address):
+        parser.error(f"--coordinator_address={args.coordinator_address} is not HOST:PORT")
     config = apply_overrides(load_config(args.config), overrides)
     # A run is its checkpoints: a directory without any (--debug's, a run killed before its
     # first save) starts afresh from this command, as its config.json would start at step 0 too.

@@ -187,7 +187,8 @@ def assert_one_line_error(result, *fragments):
     ([], ["--config"]),
     # JAX's own errors for these were tracebacks.
     (["--config=shakespeare_char_cpu", "--multihost"], ["could not join", "--coordinator_address=HOST:PORT"]),
-    (["--config=shakespeare_char_cpu", "--multihost", "--num_processes=2"], ["go together"]),
+    (["--config=shakespeare_char_cpu", "--multihost", "--num_processes=2"], ["could not join"]),
+    (["--config=shakespeare_char_cpu", "--multihost", "--process_id=-1"], ["--process_id must be from 0 to"]),
     (["--config=shakespeare_char_cpu", "--multihost", "--coordinator_address=127.0.0.1:1234", "--num_processes=2",
       "--process_id=2"], ["--process_id must be from 0 to"]),
     (["--config=shakespeare_char_cpu", "--multihost", "--coordinator_address=127.0.0.1", "--num_processes=1",
@@ -419,7 +420,8 @@ def test_sample_errors_are_one_line(short_run, shakespeare_data_dir, tmp_path):
     for script, args in (("sample.py", []), ("launch.py", ["--config=shakespeare_char_cpu", "--max_steps=45", *TINY,
                                                           f"--data_dir={shakespeare_data_dir}"])):
         assert_one_line_error(run(script, f"--rundir={edited}", *args), f"cannot read {edited}/meta.json",
-                              f"the run's copy of its data's: put that back (cp {shakespeare_data_dir}/meta.json")
+                              "the run's copy of its data's: if data_dir holds the data this run trained on",
+                              f"put that back (cp {shakespeare_data_dir}/meta.json")
 
 
 @pytest.mark.slow

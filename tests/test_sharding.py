@@ -1,6 +1,7 @@
 """FSDP and data parallelism: same numbers on any mesh, 1/fsdp of the state per device,
 and real multi-process training through jax.distributed."""
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -303,10 +304,17 @@ def test_processes_started_with_different_arguments_stop_in_one_line(other, shak
 
 def test_ctrl_c_stops_a_process_waiting_for_the_others_to_join(tmp_path):
     # jax.distributed.initialize waits in C++ (5 minutes by default), where Python's handler never runs.
-    [proc] = [launch("--config=shakespeare_char_cpu", f"--rundir={tmp_path}/run", "--multihost", "--num_processes=2",
-                     "--process_id=0", f"--coordinator_address=127.0.0.1:{free_port()}", devices=4)]
-    time.sleep(5)  # into the wait: arguments parsed, JAX imported
-    assert proc.poll() is None, proc.communicate()
+    port = free_port()
+    proc = launch("--config=shakespeare_char_cpu", f"--rundir={tmp_path}/run", "--multihost", "--num_processes=2",
+                  "--process_id=0", f"--coordinator_address=127.0.0.1:{port}", devices=4)
+    deadline = time.monotonic() + 60
+    while True:  # into the wait: process 0's coordinator answers
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"no coordinator to wait with: {proc.communicate()}")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+            break
+        time.sleep(0.1)
     proc.send_signal(signal.SIGINT)
     try:
         proc.communicate(timeout=20)

@@ -19,7 +19,9 @@ import multiprocessing
 import os
 import signal
 import sys
+import threading
 import time
+import traceback
 from pathlib import Path
 
 import numpy as np
@@ -167,6 +169,18 @@ def quiet_pool(num_proc: int):
         signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
 
+def stop_workers(pool) -> None:
+    """End the pool's workers: terminate, or kill them where terminate hangs."""
+    # terminate() can wait for good on a worker blocked sending a result that nobody reads any more
+    # (seen under load); by then it has stopped the pool from starting new workers. The locks of the
+    # killed workers stay taken: main() leaves by os._exit, not through multiprocessing's exit handler.
+    stopping = threading.Thread(target=pool.terminate, daemon=True)
+    stopping.start()
+    stopping.join(timeout=3)
+    for worker in multiprocessing.active_children():
+        worker.kill()
+
+
 def prepare(documents, out_dir: Path, num_proc: int, val_fraction: float, source: dict) -> None:
     """Tokenize documents into out_dir's *.bin.tmp files, then rename them and write meta.json."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -191,20 +205,17 @@ def prepare(documents, out_dir: Path, num_proc: int, val_fraction: float, source
                 bar.set_postfix(tokens=f"{n_tokens:,}", tok_s=f"{n_tokens / (time.perf_counter() - start):,.0f}",
                                 refresh=False)
                 bar.update(sum(docs.values()) - bar.n)
+        pool.close()
+        pool.join()
         # data.py cannot memory-map an empty split, and training needs both.
         if empty := [s for s in SPLITS if docs[s] == 0]:
             raise MidgptError(f"no document went to {empty[0]} ({sum(docs.values())} documents, "
                               f"--val_fraction {val_fraction}); change --val_fraction or add documents")
     except BaseException:
-        # Killed, not pool.terminate(): that hung (under load) on a worker blocked sending a result
-        # nobody would read. The pool's locks die with them: main() must leave by os._exit.
-        for worker in multiprocessing.active_children():
-            worker.kill()
+        stop_workers(pool)
         for path in tmp.values():
             path.unlink(missing_ok=True)
         raise
-    pool.close()
-    pool.join()
     seconds, n_docs, n_tokens = time.perf_counter() - start, sum(docs.values()), sum(tokens.values())
     # Only now, when new files replace them: a stale meta.json would vouch for half-replaced ones,
     # and a failed run leaves a complete dataset complete.
@@ -259,6 +270,9 @@ def main() -> None:
     except Stopped as e:
         leave(f"prepare.py: stopped by {e}; nothing prepared before was replaced, and the unfinished "
               ".tmp files are removed", 128 + signal.Signals[str(e)])
+    except Exception:  # the Hub's or a reader's own: the traceback is the report, but leaving must not hang
+        traceback.print_exc()
+        leave("prepare.py: failed (above); nothing prepared before was replaced", 1)
 
 
 def leave(message: str, code: int):

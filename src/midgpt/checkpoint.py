@@ -118,10 +118,12 @@ def check_arrays(step_dir: str, like, part: str | None = None) -> None:
         saved = array_shapes(ocp.StandardCheckpointHandler().metadata(pathlib.Path(step_dir, "state")))
     except Exception:  # unreadable metadata is damage, which the restore reports
         return
+    if not saved:  # no metadata at all is damage too
+        return
     wanted = array_shapes({part: like} if part else like)
-    if part:
+    if part:  # none under it is another layout, which a partial restore would not notice
         saved = {k: v for k, v in saved.items() if k.startswith(part + ".")}
-    if saved and saved != wanted:  # no metadata at all is damage too
+    if saved != wanted:
         differ = sorted(k for k in saved.keys() | wanted.keys() if saved.get(k) != wanted.get(k))
         shown = "; ".join(f"{k}: saved {saved.get(k, 'none')}, this model {wanted.get(k, 'none')}" for k in differ[:3])
         raise MidgptError(

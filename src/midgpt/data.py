@@ -2,6 +2,7 @@
 
 import json
 import os
+import shlex
 from concurrent.futures import ThreadPoolExecutor
 
 import jax
@@ -54,8 +55,9 @@ def load_run_meta(rundir: str, data_dir: str) -> dict | None:
     if not os.path.exists(os.path.join(rundir, "meta.json")):
         return None
     # Preparing the data again would not touch this copy.
-    return load_meta(rundir, fix=f"it is the run's copy of its data's: put that back (cp {data_dir}/meta.json "
-                                 f"{rundir}/) or remove it")
+    return load_meta(rundir, fix="it is the run's copy of its data's: if data_dir holds the data this run trained on, "
+                                 f"put that back (cp {shlex.quote(os.path.join(data_dir, 'meta.json'))} "
+                                 f"{shlex.quote(rundir)}/)")
 
 
 def load_splits(config: Config) -> tuple[np.ndarray, np.ndarray]:

@@ -94,7 +94,8 @@ def check_same_config(config: Config, rundir: str, *flags) -> None:
     digest = np.frombuffer(hashlib.sha256(arguments.encode()).digest()[:4], np.int32)
     if len(set(multihost_utils.process_allgather(digest).ravel().tolist())) > 1:
         raise MidgptError("the processes were started with different arguments (--config, --FIELD=VALUE overrides, "
-                          "--rundir as an absolute path, or --debug); start every process with the same ones")
+                          "--rundir as an absolute path, or --debug), or see different files in --rundir (it must "
+                          "be on a filesystem every host sees); start every process with the same arguments")
 
 
 @functools.cache  # the same function for the same mesh: jitted callers take it as a static argument
