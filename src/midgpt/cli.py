@@ -6,6 +6,7 @@ import logging
 import os
 import signal
 import sys
+import traceback
 
 from tqdm import tqdm
 
@@ -34,7 +35,8 @@ def run(main) -> None:
     # orbax's background threads log each failure with a traceback, and their first line would do:
     # a failed save is raised again at the next save or wait, and becomes one line here.
     logging.getLogger("absl").addFilter(_without_traceback)
-    sys.unraisablehook = _ignoring_closed_event_loops(sys.unraisablehook)
+    sys.unraisablehook = _ignoring_abandoned_io(sys.unraisablehook)
+    logging.getLogger("asyncio").addFilter(_retrieved)
     try:
         main(sys.argv[1:])
     except MidgptError as e:
@@ -57,14 +59,29 @@ def _without_traceback(record: logging.LogRecord) -> bool:
     return True
 
 
-def _ignoring_closed_event_loops(hook):
-    """An unraisable-exception hook that drops "Event loop is closed" and passes the rest to hook."""
+def _abandoned_by_orbax(exc: BaseException) -> bool:
+    """Whether exc ended a read or write that orbax gave up on, whose failure its call raised already."""
+    # A damaged checkpoint's restore, or a failed save, raises once, in the call. What it abandoned ends
+    # when collected, in some runs before or after the error's line, a traceback each: tensorstore calls
+    # back into orbax's closed event loop, or orbax's coroutines and tasks raise their own copies.
+    if isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed":
+        return True
+    return any(f"{os.sep}orbax{os.sep}" in frame.filename for frame in traceback.extract_tb(exc.__traceback__))
+
+
+def _ignoring_abandoned_io(hook):
+    """An unraisable-exception hook that drops _abandoned_by_orbax's exceptions and passes the rest to hook."""
     def ignore(unraisable):
-        # tensorstore ends the reads and writes that orbax gave up on (a damaged checkpoint, a full
-        # disk) by calling back into orbax's closed event loop: a traceback each, in some runs.
-        if not (isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed"):
+        if unraisable.exc_value is None or not _abandoned_by_orbax(unraisable.exc_value):
             hook(unraisable)
     return ignore
+
+
+def _retrieved(record: logging.LogRecord) -> bool:
+    """A logging filter that drops asyncio's "Task (or Future) exception was never retrieved"."""
+    # midgpt runs no asyncio of its own: such a task or future is one that orbax or tensorstore
+    # abandoned, whose failure was raised once already (a tensorstore future's has no frames to tell).
+    return not record.getMessage().partition("\n")[0].endswith("exception was never retrieved")
 
 
 def say(line: str) -> None:
