@@ -84,7 +84,7 @@ def batch_sharding(mesh: Mesh, ndim: int, batch_axis: int) -> NamedSharding:
     return NamedSharding(mesh, P(*spec))
 
 
-def check_same_config(config: Config, rundir: str, *flags) -> None:
+def check_same_arguments(config: Config, rundir: str, *flags) -> None:
     """Raise MidgptError unless every process runs this config in this run directory, with these flags."""
     # A process with other arguments hangs the others at its first collective (another --rundir:
     # at the first save, in orbax's commit), or trains a run that config.json does not record.

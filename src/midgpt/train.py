@@ -222,7 +222,7 @@ def train(config: Config, rundir: str, debug: bool = False, resume: bool = False
 
 
 def _train(config: Config, rundir: str, debug: bool, resume: bool, signals: cli.StopSignals) -> GPT:
-    sharding.check_same_config(config, rundir, debug, resume)
+    sharding.check_same_arguments(config, rundir, debug, resume)
     check_cudnn(config.model, config.compute_dtype, jax.devices()[0])
     if resume:  # first: load_splits' advice for a larger vocabulary would be another model
         data.check_same_data(rundir, config.data_dir)
