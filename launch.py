@@ -75,7 +75,7 @@ def main(argv: list[str]) -> None:
     if resume and args.debug:
         raise MidgptError(f"{args.rundir} holds a run and --debug writes no checkpoints; use a new --rundir")
     if resume:  # the run's own config, with the overrides that keep it the same run
-        config, changes = resume_config(read_config_json(args.rundir), config, overrides)
+        config, changes, kept = resume_config(read_config_json(args.rundir), config, overrides)
     check_config(config)
     if args.rundir and not resume:
         check_new_rundir(args.rundir)
@@ -96,6 +96,8 @@ def main(argv: list[str]) -> None:
             signal.signal(signal.SIGINT, handler)
     if resume and jax.process_index() == 0:
         print(f"resuming the run in {rundir}" + "".join(f"; {c}" for c in changes))
+        if kept:  # a default changed since the run began, or another --config
+            print(f"the run keeps its saved values where --config={args.config} differs: {', '.join(kept)}")
     from midgpt.train import train
 
     train(config, rundir, debug=args.debug, resume=resume)

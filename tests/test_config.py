@@ -195,18 +195,31 @@ def test_values_that_parse_but_cannot_train_are_refused(config, override, fragme
 
 @pytest.mark.parametrize("override", ["--model.remat=full", "--model.scan_unroll=2", "--model.attention=einsum",
                                       "--learning_rate=1e-4", "--max_steps=4000", "--eval_interval=100",
-                                      "--data_dir=./data/shakespeare_char/"])  # the same folder, spelled otherwise
+                                      "--data_dir=/scratch/shakespeare_char"])  # moved: the data's meta.json is compared
 def test_resume_applies_and_reports_what_runs_the_same_model_on_the_same_data(config, override):
-    resumed, changes = resume_config(config, apply_overrides(config, [override]), [override])
+    resumed, changes, kept = resume_config(config, apply_overrides(config, [override]), [override])
     assert resumed == apply_overrides(config, [override])
     assert len(changes) == 1 and changes[0].startswith(override[2:].split("=")[0] + ":")
+    assert kept == []
 
 
-@pytest.mark.parametrize("override", ["--seed=1", "--batch_size=24", "--g_accum_iters=2", "--data_dir=x",
-                                      "--param_dtype=bfloat16", "--model.dropout=0.1", "--model.n_layer=2"])
-def test_resume_refuses_another_model_or_other_data(config, override):
+@pytest.mark.parametrize("override", ["--seed=1", "--batch_size=24", "--g_accum_iters=2", "--param_dtype=bfloat16",
+                                      "--model.dropout=0.1", "--model.n_layer=2"])
+def test_resume_refuses_another_model_or_other_batches(config, override):
     with pytest.raises(MidgptError, match=re.escape(override[2:].split("=")[0]) + ".*new --rundir"):
         resume_config(config, apply_overrides(config, [override]), [override])
+
+
+def test_resume_keeps_the_saved_run_where_the_named_config_differs_unless_an_override_changes_it(config):
+    saved = apply_overrides(config, ["--model.n_layer=2", "--max_steps=40"])  # the config's defaults changed since
+    resumed, changes, kept = resume_config(saved, config, [])
+    assert resumed == saved and changes == []
+    assert kept == [f"model.n_layer=2 (config: {config.model.n_layer})", f"max_steps=40 (config: {config.max_steps})"]
+    resumed, changes, kept = resume_config(saved, apply_overrides(config, ["--max_steps=60"]), ["--max_steps=60"])
+    assert resumed == apply_overrides(saved, ["--max_steps=60"]) and changes == ["max_steps: 40 -> 60"]
+    assert kept == [f"model.n_layer=2 (config: {config.model.n_layer})"]
+    with pytest.raises(MidgptError, match="model.n_layer=2 but this command asks for 3"):
+        resume_config(saved, apply_overrides(config, ["--model.n_layer=3"]), ["--model.n_layer=3"])
 
 
 def test_unknown_config_name_lists_available_ones():

@@ -1,5 +1,6 @@
 """launch.py and sample.py end to end, as a user runs them: real processes, real files."""
 
+import dataclasses
 import importlib.util
 import json
 import os
@@ -352,6 +353,23 @@ def test_resuming_on_data_with_a_larger_vocabulary_says_so_not_to_grow_the_model
     result = run("launch.py", "--config=shakespeare_char_cpu", f"--rundir={rundir}", f"--data_dir={data_dir}",
                  "--max_steps=45", *TINY)
     assert_one_line_error(result, "another vocabulary")  # not "set --model.vocab_size", which a resume refuses
+
+
+def test_resuming_keeps_the_run_where_its_config_changed_since_and_follows_moved_data(short_run, shakespeare_data_dir,
+                                                                                      tmp_path):
+    # The same command without the overrides it was started with: as if a git pull changed the
+    # config's defaults. And the data moved: to a faster disk, say.
+    rundir = shutil.copytree(short_run, tmp_path / "run")
+    moved = shutil.copytree(shakespeare_data_dir, tmp_path / "scratch" / "data")
+    before = (rundir / "metrics.jsonl").read_text()
+    result = run("launch.py", "--config=shakespeare_char_cpu", f"--rundir={rundir}", f"--data_dir={moved}",
+                 "--max_steps=40")
+    assert result.returncode == 0, result.stderr
+    assert "the run keeps its saved values where --config=shakespeare_char_cpu differs: " in result.stdout
+    assert "model.n_layer=2 (config: 4)" in result.stdout and "batch_size=8 (config: 12)" in result.stdout
+    assert "max_steps=40 is reached: nothing to train" in result.stdout
+    assert (rundir / "metrics.jsonl").read_text() == before
+    assert read_config_json(rundir) == dataclasses.replace(read_config_json(short_run), data_dir=str(moved))
 
 
 @pytest.mark.parametrize("case", ["a file", "foreign files", "a file where checkpoints go"])

@@ -96,8 +96,9 @@ def apply_overrides(config: Config, overrides: list[str]) -> Config:
     return config
 
 
-# Changing one of these on resume would make it another run: another model or other data.
-FIXED_ON_RESUME = ("model", "data_dir", "seed", "batch_size", "g_accum_iters", "param_dtype")
+# Changing one of these on resume would make it another run: another model or another sampling
+# of the data. The data itself may move (data_dir): the resume compares what it holds.
+FIXED_ON_RESUME = ("model", "seed", "batch_size", "g_accum_iters", "param_dtype")
 FREE_ON_RESUME = ("model.remat", "model.scan_unroll", "model.attention")  # the same model, run another way
 
 
@@ -124,25 +125,27 @@ def read_config_json(rundir: str) -> Config:
         raise MidgptError(f"cannot read {path} as JSON ({e}); restore it or pass a new --rundir") from None
 
 
-def resume_config(saved: Config, requested: Config, overrides: list[str]) -> tuple[Config, list[str]]:
-    """The saved config with the command line's overrides, and the changes to report.
+def resume_config(saved: Config, named: Config, overrides: list[str]) -> tuple[Config, list[str], list[str]]:
+    """The saved config with the command line's overrides; the changes they make; what the run keeps.
 
-    The model and the data must stay the run's; anything else (max_steps, learning_rate, ...) may change.
+    Only the overrides change a run: where the named config differs from the saved one (a default
+    changed since, another --config), the run keeps its own values. An override of its model or
+    its batches is refused; anything else (max_steps, learning_rate, ...) may change.
     """
     resumed = apply_overrides(saved, overrides)
-    for name in _leaf_types(Config):
-        ran, asked = _get(saved, name), _get(requested, name)
+    given = {arg[2:].partition("=")[0] for arg in overrides}
+    leaves = _leaf_types(Config)
+    for name in leaves:
         fixed = name.split(".")[0] in FIXED_ON_RESUME and name not in FREE_ON_RESUME
-        # data_dir: the same folder however it is spelled (./data/x/, an absolute path)
-        same = os.path.realpath(ran) == os.path.realpath(asked) if name == "data_dir" else ran == asked
-        if fixed and not same:
+        if fixed and _get(resumed, name) != _get(saved, name):
             raise MidgptError(
-                f"the run in this --rundir has {name}={ran!r} but this command asks for {asked!r}; "
-                "that is another model or other data: pass a new --rundir"
+                f"the run in this --rundir has {name}={_get(saved, name)!r} but this command asks for "
+                f"{_get(resumed, name)!r}; that is another model or other batches: pass a new --rundir"
             )
-    changes = [f"{n}: {_get(saved, n)!r} -> {_get(resumed, n)!r}"
-               for n in _leaf_types(Config) if _get(saved, n) != _get(resumed, n)]
-    return resumed, changes
+    changes = [f"{n}: {_get(saved, n)!r} -> {_get(resumed, n)!r}" for n in leaves if _get(saved, n) != _get(resumed, n)]
+    kept = [f"{n}={_get(saved, n)!r} (config: {_get(named, n)!r})"
+            for n in leaves if n not in given and _get(saved, n) != _get(named, n)]
+    return resumed, changes, kept
 
 
 def _get(config, dotted: str):

@@ -93,7 +93,7 @@ def check_same_data(rundir: str, data_dir: str) -> None:
     if differ := [k for k in DATA_IDENTITY if k in trained and k in now and trained[k] != now[k]]:
         what = "another vocabulary" if {"tokenizer", "vocab_size", "chars"} & set(differ) else "other text"
         raise MidgptError(f"{os.path.abspath(data_dir)} holds {what} than this run trained on ({', '.join(differ)} "
-                          f"differ from {saved}); run from where data_dir finds the run's data (a relative one is "
+                          f"differ from {saved}); pass the --data_dir that holds the run's data (a relative one is "
                           "read from the current directory), or prepare it again from the same text, "
                           "or train in a new --rundir")
 
