@@ -191,17 +191,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(*args, devices: int, cwd=REPO_ROOT):
+def launch(*args, devices: int, cwd=REPO_ROOT, wrapper=()):
     env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
-    return subprocess.Popen([sys.executable, str(REPO_ROOT / "launch.py"), *args], cwd=cwd, env=env,
+    return subprocess.Popen([*wrapper, sys.executable, str(REPO_ROOT / "launch.py"), *args], cwd=cwd, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def two_processes(*args, extra=([], [])):
+def two_processes(*args, extra=([], []), wrappers=((), ())):
     """launch.py as processes 0 and 1 of one run, 4 CPU devices each."""
     port = free_port()
     return [launch(*args, *extra[i], "--multihost", f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
-                   f"--process_id={i}", devices=4) for i in range(2)]
+                   f"--process_id={i}", devices=4, wrapper=wrappers[i]) for i in range(2)]
 
 
 INTERLEAVED_BATCH = """
@@ -286,6 +286,22 @@ def test_a_signalled_process_stops_both_at_the_next_log_step_with_a_checkpoint(s
     assert "SIGTERM: stopping at the next log step, with a checkpoint" in out, out
     stopped = int(out.split("stopped after step ")[1].split(" ")[0])
     assert stopped % 7 == 0 and os.listdir(rundir / "checkpoints") == [str(stopped)]
+
+
+def test_a_log_write_that_fails_on_process_0_stops_both_in_one_line(shakespeare_data_dir, tmp_path):
+    # The disk fills, played by a 16 KiB file size limit on process 0, which alone writes the logs;
+    # process 1 waited for it in the next step and died of JAX's heartbeat with a C++ stack.
+    small_files = ["bash", "-c", 'ulimit -f 16 && trap "" XFSZ && exec "$@"', "bash"]
+    rundir = tmp_path / "run"
+    procs = two_processes("--config=shakespeare_char_cpu", f"--data_dir={shakespeare_data_dir}", "--batch_size=16",
+                          "--model.n_layer=1", "--log_interval=1", "--max_steps=2000", f"--rundir={rundir}",
+                          wrappers=(small_files, ()))
+    results = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [1, 1], results
+    fix = "free space and run the same command to start again (no checkpoint yet)"
+    assert results[0][1].strip().splitlines()[-1] == f"error: cannot write to {rundir} ([Errno 27] File too large); {fix}"
+    assert results[1][1].strip().splitlines()[-1] == f"error: process 0 could not write to {rundir}; {fix}"
+    assert not any("Traceback" in err for _, err in results), results
 
 
 @pytest.mark.parametrize("other", ["--max_steps=13", "--rundir=RUN_2"])

@@ -305,6 +305,7 @@ def _train(config: Config, rundir: str, debug: bool, resume: bool, signals: cli.
 
             is_eval = step % config.eval_interval == 0 or step == config.max_steps
             is_log = is_eval or step % config.log_interval == 0
+            write_error = None
             if is_log:
                 check_finite(metrics, step, last_checkpoint)
                 record = {"step": step, **{k: float(v) for k, v in metrics.items()}}
@@ -323,16 +324,23 @@ def _train(config: Config, rundir: str, debug: bool, resume: bool, signals: cli.
                     record["val_loss"] = evaluate(state.model, val_tokens, config, mesh, EVAL_VAL_STREAM)
                     say(f"step {step}: train loss {record['train_loss']:.4f}, val loss {record['val_loss']:.4f}")
                 if log:
-                    with writing_to(rundir, resume_fix()):
-                        log.write(record)
+                    try:
+                        with writing_to(rundir, resume_fix()):
+                            log.write(record)
+                    except MidgptError as e:  # raised below, once the other processes know
+                        write_error = e
                 interval_start, interval_steps = time.perf_counter(), 0
 
-            # Several processes agree on a stop only at log steps, where they sync anyway.
             if notice := signals.notice("at the next log step" if jax.process_count() > 1 else "after this step"):
                 say(notice)
-            stop = signals.received is not None
-            if jax.process_count() > 1:  # all stop at the same step; agreeing costs a sync, so only at log steps
-                stop = is_log and bool(multihost_utils.process_allgather(np.int32(stop)).any())
+            stop, failed = signals.received is not None, write_error is not None
+            # Several processes agree at log steps only, where they sync anyway: all stop at the same
+            # step, and all leave when process 0 cannot write its log (else they would wait for it).
+            if jax.process_count() > 1:
+                flags_Px2 = multihost_utils.process_allgather(np.int32([stop, failed])) if is_log else np.zeros((1, 2))
+                stop, failed = flags_Px2.any(axis=0).tolist()
+            if failed:
+                raise write_error or MidgptError(f"process 0 could not write to {rundir}; {resume_fix()}")
             if manager and (step % config.checkpoint_interval == 0 or step == config.max_steps or stop):
                 check_finite(metrics, step, last_checkpoint)  # never save a diverged state; waits for the step
                 saving = time.perf_counter()
