@@ -1,7 +1,8 @@
 """Train a GPT: python launch.py --config=NAME [--rundir=DIR] [--debug] [--multihost] [--FIELD=VALUE ...]
 
-A --rundir that holds checkpoints resumes the run from its newest one. Where --multihost cannot
-detect the cluster: --coordinator_address=HOST:PORT --num_processes=N --process_id=I.
+A --rundir that holds checkpoints resumes the run from its newest one, with its saved config.json:
+only the --FIELD=VALUE given change it. Where --multihost cannot detect the cluster:
+--coordinator_address=HOST:PORT --num_processes=N --process_id=I.
 """
 
 import itertools

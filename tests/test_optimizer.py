@@ -186,6 +186,26 @@ def test_each_step_draws_its_own_dropout_masks():
     assert loss_at(0) == loss_at(0) != loss_at(1)
 
 
+@pytest.mark.parametrize("dropout", [0.0, 0.5])
+def test_each_micro_batch_draws_its_own_dropout_masks(dropout):
+    # One sequence repeated in every micro-batch: with one mask for all, the loss of 2 and of 4
+    # micro-batches would be that of any one of them.
+    config = tiny_config(batch_size=2)
+    config = dataclasses.replace(config, model=dataclasses.replace(config.model, dropout=dropout))
+    x_1xBxT = np.random.default_rng(0).integers(0, 11, (1, 2, T), dtype=np.int32)
+    losses = []
+    for G in (2, 4):
+        config = dataclasses.replace(config, g_accum_iters=G)
+        optimizer, mesh = make_optimizer(config), make_mesh(config)
+        x_GxBxT = np.repeat(x_1xBxT, G, axis=0)
+        losses.append(float(make_train_step(config, optimizer, mesh)(init_state(config, optimizer, mesh), x_GxBxT,
+                                                                     x_GxBxT)[1]["loss"]))
+    if dropout:
+        assert abs(losses[0] - losses[1]) > 1e-3, losses
+    else:
+        assert losses[0] == pytest.approx(losses[1], rel=1e-6)
+
+
 @pytest.mark.parametrize("batch_size, block_size, n_embd, pieces", [
     (64, 256, 384, 16), (12, 64, 128, 1), (64, 64, 128, 2), (10, 300, 384, 5), (6, 2048, 384, 6)])
 def test_a_lone_cpu_runs_pieces_of_at_most_1024_tokens_of_width_384(batch_size, block_size, n_embd, pieces):
