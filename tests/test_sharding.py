@@ -288,20 +288,25 @@ def test_a_signalled_process_stops_both_at_the_next_log_step_with_a_checkpoint(s
     assert stopped % 7 == 0 and os.listdir(rundir / "checkpoints") == [str(stopped)]
 
 
-def test_a_log_write_that_fails_on_process_0_stops_both_in_one_line(shakespeare_data_dir, tmp_path):
-    # The disk fills, played by a 16 KiB file size limit on process 0, which alone writes the logs;
-    # process 1 waited for it in the next step and died of JAX's heartbeat with a C++ stack.
-    small_files = ["bash", "-c", 'ulimit -f 16 && trap "" XFSZ && exec "$@"', "bash"]
+@pytest.mark.parametrize("limit_kib, fix", [
+    (0, "free space, or pass a --rundir you can write to"),  # its config.json, at the start
+    (16, "free space and run the same command to start again (no checkpoint yet)"),  # a log step's records
+])
+def test_a_write_that_fails_on_process_0_stops_both_in_one_line(limit_kib, fix, shakespeare_data_dir, tmp_path):
+    # The disk fills, played by a file size limit on process 0, which alone writes the run's files;
+    # process 1 waited for it at its next collective and died of JAX's heartbeat with a C++ stack.
+    small_files = ["bash", "-c", f'ulimit -f {limit_kib} && trap "" XFSZ && exec "$@"', "bash"]
     rundir = tmp_path / "run"
     procs = two_processes("--config=shakespeare_char_cpu", f"--data_dir={shakespeare_data_dir}", "--batch_size=16",
                           "--model.n_layer=1", "--log_interval=1", "--max_steps=2000", f"--rundir={rundir}",
                           wrappers=(small_files, ()))
     results = [p.communicate(timeout=300) for p in procs]
     assert [p.returncode for p in procs] == [1, 1], results
-    fix = "free space and run the same command to start again (no checkpoint yet)"
-    assert results[0][1].strip().splitlines()[-1] == f"error: cannot write to {rundir} ([Errno 27] File too large); {fix}"
-    assert results[1][1].strip().splitlines()[-1] == f"error: process 0 could not write to {rundir}; {fix}"
+    error = f"cannot write to {rundir} ([Errno 27] File too large); {fix}"
+    assert results[0][1].strip().splitlines()[-1] == f"error: {error}"
+    assert results[1][1].strip().splitlines()[-1] == f"error: process 0: {error}"
     assert not any("Traceback" in err for _, err in results), results
+    assert not list(rundir.glob("*.tmp"))  # no half-written file left behind
 
 
 @pytest.mark.parametrize("other", ["--max_steps=13", "--rundir=RUN_2"])

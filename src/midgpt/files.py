@@ -9,9 +9,14 @@ from midgpt.errors import MidgptError
 def write_atomically(path: str | os.PathLike, data: str | bytes) -> None:
     """Replace path's contents with data; a reader sees the old file whole or the new one whole."""
     tmp = f"{os.fspath(path)}.tmp"
-    with open(tmp, "wb" if isinstance(data, bytes) else "w") as f:
-        f.write(data)
-    os.replace(tmp, path)  # atomic on POSIX within one file system
+    try:
+        with open(tmp, "wb" if isinstance(data, bytes) else "w") as f:
+            f.write(data)
+        os.replace(tmp, path)  # atomic on POSIX within one file system
+    except OSError:  # a full disk: leave no half-written file behind
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
 
 
 @contextlib.contextmanager

@@ -98,6 +98,22 @@ def check_same_arguments(config: Config, rundir: str, *flags) -> None:
                           "be on a filesystem every host sees); start every process with the same arguments")
 
 
+def raise_on_every_process(error: MidgptError | None) -> None:
+    """Raise error, or the first that another process met here, on every process; nothing if none did.
+
+    Every process calls it at the same point: where one alone raised (process 0 writing the run's
+    files), the others would wait for it at their next collective, then abort with a C++ stack.
+    """
+    if jax.process_count() > 1:  # each process's error line, as UTF-8 bytes
+        line = str(error or "").encode()[:1024].ljust(1024, b"\0")
+        lines_Px1024 = multihost_utils.process_allgather(np.frombuffer(line, np.uint8))
+        if error is None and (met := [i for i, row in enumerate(lines_Px1024) if row.any()]):
+            text = bytes(lines_Px1024[met[0]]).rstrip(b"\0").decode(errors="replace")
+            error = MidgptError(f"process {met[0]}: {text}")
+    if error is not None:
+        raise error
+
+
 @functools.cache  # the same function for the same mesh: jitted callers take it as a static argument
 def gather_params(mesh: Mesh):
     """A function that replicates a pytree of parameters over the mesh, inside jit: FSDP's all-gather.

@@ -250,8 +250,18 @@ def _train(config: Config, rundir: str, debug: bool, resume: bool, signals: cli.
         say(f"resuming from checkpoint {start}" if found else "no checkpoint to resume from: starting at step 0")
         if start >= config.max_steps:
             say(f"max_steps={config.max_steps} is reached: nothing to train (a larger --max_steps goes on)")
-    with writing_to(rundir):
-        write_config(config, rundir)  # after the restore, which may refuse the run directory
+    last_checkpoint = start or None
+    # Mid-run, the fix for a full disk is to resume, not to start over elsewhere.
+    resume_fix = lambda: "free space and run the same command to " + (
+        f"resume from checkpoint {last_checkpoint}" if last_checkpoint else "start again (no checkpoint yet)")
+    log, error = None, None
+    try:  # after the restore, which may refuse the run directory
+        with writing_to(rundir, resume_fix()) if last_checkpoint else writing_to(rundir):
+            write_config(config, rundir)
+            log = MetricsLog(rundir, start, json.dumps(config_to_dict(config), indent=2)) if is_main else None
+    except MidgptError as e:  # a full disk, a hand-edited metrics.jsonl
+        error = e
+    sharding.raise_on_every_process(error)
     if state is None:
         state = init_state(config, optimizer, mesh)
     train_step = make_train_step(config, optimizer, mesh, pieces)
@@ -271,12 +281,6 @@ def _train(config: Config, rundir: str, debug: bool, resume: bool, signals: cli.
     if profile_steps:
         say(f"debug: profiler trace of steps {profile_steps[0]}-{profile_steps[-1]} in {rundir}/profile")
 
-    last_checkpoint = start or None
-    # Mid-run, the fix for a full disk is to resume, not to start over elsewhere.
-    resume_fix = lambda: "free space and run the same command to " + (
-        f"resume from checkpoint {last_checkpoint}" if last_checkpoint else "start again (no checkpoint yet)")
-    with writing_to(rundir, resume_fix()):
-        log = MetricsLog(rundir, start, json.dumps(config_to_dict(config), indent=2)) if is_main else None
     # Off a terminal (CI, log files), redraw rarely rather than fill the log with frames.
     bar = tqdm(initial=start, total=config.max_steps, desc="train", dynamic_ncols=True, disable=not is_main,
                mininterval=0.1 if sys.stderr.isatty() else 30, file=cli.PipeSafe(sys.stderr))
@@ -305,7 +309,6 @@ def _train(config: Config, rundir: str, debug: bool, resume: bool, signals: cli.
 
             is_eval = step % config.eval_interval == 0 or step == config.max_steps
             is_log = is_eval or step % config.log_interval == 0
-            write_error = None
             if is_log:
                 check_finite(metrics, step, last_checkpoint)
                 record = {"step": step, **{k: float(v) for k, v in metrics.items()}}
@@ -323,24 +326,22 @@ def _train(config: Config, rundir: str, debug: bool, resume: bool, signals: cli.
                     record["train_loss"] = evaluate(state.model, train_tokens, config, mesh, EVAL_TRAIN_STREAM)
                     record["val_loss"] = evaluate(state.model, val_tokens, config, mesh, EVAL_VAL_STREAM)
                     say(f"step {step}: train loss {record['train_loss']:.4f}, val loss {record['val_loss']:.4f}")
+                error = None
                 if log:
                     try:
                         with writing_to(rundir, resume_fix()):
                             log.write(record)
-                    except MidgptError as e:  # raised below, once the other processes know
-                        write_error = e
+                    except MidgptError as e:  # a full disk
+                        error = e
+                sharding.raise_on_every_process(error)
                 interval_start, interval_steps = time.perf_counter(), 0
 
+            # Several processes agree on a stop only at log steps, where they sync anyway.
             if notice := signals.notice("at the next log step" if jax.process_count() > 1 else "after this step"):
                 say(notice)
-            stop, failed = signals.received is not None, write_error is not None
-            # Several processes agree at log steps only, where they sync anyway: all stop at the same
-            # step, and all leave when process 0 cannot write its log (else they would wait for it).
-            if jax.process_count() > 1:
-                flags_Px2 = multihost_utils.process_allgather(np.int32([stop, failed])) if is_log else np.zeros((1, 2))
-                stop, failed = flags_Px2.any(axis=0).tolist()
-            if failed:
-                raise write_error or MidgptError(f"process 0 could not write to {rundir}; {resume_fix()}")
+            stop = signals.received is not None
+            if jax.process_count() > 1:  # all stop at the same step; agreeing costs a sync, so only at log steps
+                stop = is_log and bool(multihost_utils.process_allgather(np.int32(stop)).any())
             if manager and (step % config.checkpoint_interval == 0 or step == config.max_steps or stop):
                 check_finite(metrics, step, last_checkpoint)  # never save a diverged state; waits for the step
                 saving = time.perf_counter()
