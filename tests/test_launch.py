@@ -337,8 +337,27 @@ def test_resuming_from_another_directory_on_other_text_is_refused(short_run, sha
                              "--max_steps=45", *TINY, cwd=cwd)
     assert_one_line_error(resume(tmp_path / "elsewhere"), f"{tmp_path}/elsewhere/data holds other text",
                           "sha256 differ", "a relative one is read from the current directory")
+    (tmp_path / "nowhere").mkdir()
+    assert_one_line_error(resume(tmp_path / "nowhere"), f"{tmp_path}/nowhere/data holds no prepared data",
+                          "pass the --data_dir that holds the run's data")
     result = resume(tmp_path / "here")
     assert result.returncode == 0 and "resuming from checkpoint 40" in result.stdout + result.stderr, result.stderr
+
+
+def test_data_that_moved_is_refused_where_no_checksums_show_it_is_the_same(short_run, shakespeare_data_dir, tmp_path):
+    # A run made before runs kept a copy of their data's meta.json: nothing to compare moved data with.
+    rundir = shutil.copytree(short_run, tmp_path / "run")
+    (rundir / "meta.json").unlink()
+    moved = shutil.copytree(shakespeare_data_dir, tmp_path / "moved")
+    before = {p: p.read_bytes() for p in sorted(rundir.rglob("*")) if p.is_file()}
+    result = run("launch.py", "--config=shakespeare_char_cpu", f"--rundir={rundir}", f"--data_dir={moved}", *TINY,
+                 "--max_steps=40")
+    assert_one_line_error(result, f"this run trained on {shakespeare_data_dir}", "nothing shows",
+                          f"resume with --data_dir={shakespeare_data_dir}")
+    assert {p: p.read_bytes() for p in sorted(rundir.rglob("*")) if p.is_file()} == before
+    result = run("launch.py", "--config=shakespeare_char_cpu", f"--rundir={rundir}",
+                 f"--data_dir={shakespeare_data_dir}", *TINY, "--max_steps=40")
+    assert result.returncode == 0 and "nothing to train" in result.stdout, result.stderr
 
 
 def test_resuming_on_data_with_a_larger_vocabulary_says_so_not_to_grow_the_model(short_run, shakespeare_data_dir,

@@ -10,7 +10,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from midgpt import sharding
-from midgpt.config import Config
+from midgpt.config import Config, read_config_json
 from midgpt.errors import MidgptError
 
 
@@ -87,15 +87,20 @@ DATA_IDENTITY = ("tokenizer", "vocab_size", "chars", "train_tokens", "val_tokens
 def check_same_data(rundir: str, data_dir: str) -> None:
     """Refuse data other than the run trained on: prepared again from other text, or found elsewhere."""
     saved = os.path.join(rundir, "meta.json")
-    if (trained := load_run_meta(rundir, data_dir)) is None:  # nothing to compare
-        return
+    trained, ran_on = load_run_meta(rundir, data_dir), read_config_json(rundir).data_dir
+    advice = ("pass the --data_dir that holds the run's data (a relative one is read from the current directory), "
+              "or prepare it again from the same text, or train in a new --rundir")
+    if not os.path.isfile(os.path.join(data_dir, "meta.json")):
+        raise MidgptError(f"{os.path.abspath(data_dir)} holds no prepared data (no meta.json); {advice}")
     now = load_meta(data_dir)
-    if differ := [k for k in DATA_IDENTITY if k in trained and k in now and trained[k] != now[k]]:
+    if os.path.realpath(data_dir) != os.path.realpath(ran_on) and not (trained and "sha256" in trained and "sha256" in now):
+        raise MidgptError(f"this run trained on {ran_on}, and without the checksums that prepare.py now writes (in "
+                          f"{saved} and {data_dir}/meta.json) nothing shows that {data_dir} holds the same data; "
+                          f"resume with --data_dir={shlex.quote(ran_on)}, or train in a new --rundir")
+    if trained and (differ := [k for k in DATA_IDENTITY if k in trained and k in now and trained[k] != now[k]]):
         what = "another vocabulary" if {"tokenizer", "vocab_size", "chars"} & set(differ) else "other text"
         raise MidgptError(f"{os.path.abspath(data_dir)} holds {what} than this run trained on ({', '.join(differ)} "
-                          f"differ from {saved}); pass the --data_dir that holds the run's data (a relative one is "
-                          "read from the current directory), or prepare it again from the same text, "
-                          "or train in a new --rundir")
+                          f"differ from {saved}); {advice}")
 
 
 def get_batch(
