@@ -163,7 +163,8 @@ def test_named_configs_load_as_frozen_configs():
     assert cpu.model == ModelConfig(vocab_size=65, block_size=64, n_layer=4, n_head=4, n_embd=128, dropout=0.0, remat="dots")
     # The CPU config differs from the full one only where the laptop needs it to.
     differing = {k for k, v in config_to_dict(cpu).items() if config_to_dict(full)[k] != v}
-    assert differing == {"model", "batch_size", "max_steps", "lr_decay_steps", "eval_iters"}
+    assert differing == {"name", "model", "batch_size", "max_steps", "lr_decay_steps", "eval_iters"}
+    assert (full.name, cpu.name) == ("shakespeare_char", "shakespeare_char_cpu")  # as config.json records them
     assert (cpu.batch_size, cpu.max_steps, cpu.lr_decay_steps, cpu.eval_iters, cpu.compute_dtype) == (12, 2000, 2000, 50, "bfloat16")
 
 
@@ -220,6 +221,19 @@ def test_resume_keeps_the_saved_run_where_the_named_config_differs_unless_an_ove
     assert kept == [f"model.n_layer=2 (config: {config.model.n_layer})"]
     with pytest.raises(MidgptError, match="model.n_layer=2 but this command asks for 3"):
         resume_config(saved, apply_overrides(config, ["--model.n_layer=3"]), ["--model.n_layer=3"])
+
+
+def test_resume_refuses_another_named_config_but_takes_a_run_saved_before_configs_had_names(config):
+    other = load_config("shakespeare_char")
+    with pytest.raises(MidgptError, match="started with --config=shakespeare_char_cpu, not shakespeare_char; "
+                                          "resume it with --config=shakespeare_char_cpu"):
+        resume_config(config, other, [])
+    unnamed = json.loads(json.dumps(config_to_dict(config)))  # as a run saved it
+    del unnamed["name"]
+    resumed, changes, kept = resume_config(config_from_dict(unnamed), other, [])
+    assert resumed == dataclasses.replace(config, name="") and changes == [] and kept
+    with pytest.raises(MidgptError, match="'name' is the --config a run came from"):
+        apply_overrides(config, ["--name=mine"])
 
 
 def test_unknown_config_name_lists_available_ones():

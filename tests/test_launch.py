@@ -417,6 +417,8 @@ def test_resuming_with_another_model_is_refused(short_run, shakespeare_data_dir)
     result = run("launch.py", "--config=shakespeare_char_cpu", f"--rundir={short_run}",
                  f"--data_dir={shakespeare_data_dir}", "--max_steps=40", *TINY, "--model.n_layer=3")
     assert_one_line_error(result, "model.n_layer", "new --rundir")
+    result = run("launch.py", "--config=shakespeare_char", f"--rundir={short_run}")  # a sweep reusing a --rundir
+    assert_one_line_error(result, "started with --config=shakespeare_char_cpu, not shakespeare_char")
     assert open(os.path.join(short_run, "metrics.jsonl")).read() == before
 
 

@@ -39,6 +39,7 @@ class ModelConfig:
 class Config:
     data_dir: str
     model: ModelConfig
+    name: str = ""  # the named config it came from (launch.py --config); a resume keeps to it
     seed: int = 0
     max_steps: int = 5000
     batch_size: int = 64  # micro-batch rows; global batch is batch_size * g_accum_iters
@@ -76,7 +77,7 @@ def load_config(name: str) -> Config:
     if name not in available:
         hint = _did_you_mean(name, available)
         raise MidgptError(f"unknown config {name!r}{hint} (available: {', '.join(available)})")
-    return importlib.import_module(f"midgpt.configs.{name}").config
+    return dataclasses.replace(importlib.import_module(f"midgpt.configs.{name}").config, name=name)
 
 
 def apply_overrides(config: Config, overrides: list[str]) -> Config:
@@ -87,6 +88,8 @@ def apply_overrides(config: Config, overrides: list[str]) -> Config:
             example = f"{arg.split()[0]}=VALUE" if arg.startswith("--") else "--model.n_layer=2"  # "--max_steps 100"
             raise MidgptError(f"malformed override {arg!r}; expected --FIELD=VALUE, e.g. {example}")
         name, _, text = arg[2:].partition("=")
+        if name == "name":
+            raise MidgptError("config field 'name' is the --config a run came from; it cannot be overridden")
         if name not in types:
             if any(t.startswith(name + ".") for t in types):
                 raise MidgptError(f"config field {name!r} is a group; set its fields, e.g. --{name}.FIELD=VALUE")
@@ -128,13 +131,16 @@ def read_config_json(rundir: str) -> Config:
 def resume_config(saved: Config, named: Config, overrides: list[str]) -> tuple[Config, list[str], list[str]]:
     """The saved config with the command line's overrides; the changes they make; what the run keeps.
 
-    Only the overrides change a run: where the named config differs from the saved one (a default
-    changed since, another --config), the run keeps its own values. An override of its model or
-    its batches is refused; anything else (max_steps, learning_rate, ...) may change.
+    Only the overrides change a run: where its named config now differs (a default changed since
+    the run began), the run keeps its own values. Another named config, or an override of its model
+    or its batches, is refused; anything else (max_steps, learning_rate, ...) may change.
     """
+    if saved.name and saved.name != named.name:  # a run saved before configs had names has none
+        raise MidgptError(f"the run in this --rundir was started with --config={saved.name}, not {named.name}; "
+                          f"resume it with --config={saved.name}, or pass a new --rundir")
     resumed = apply_overrides(saved, overrides)
     given = {arg[2:].partition("=")[0] for arg in overrides}
-    leaves = _leaf_types(Config)
+    leaves = [name for name in _leaf_types(Config) if name != "name"]
     for name in leaves:
         fixed = name.split(".")[0] in FIXED_ON_RESUME and name not in FREE_ON_RESUME
         if fixed and _get(resumed, name) != _get(saved, name):
@@ -221,7 +227,8 @@ def _from_dict(cls: type, d, prefix: str):
     if unknown:
         raise MidgptError(f"unknown config keys: {', '.join(prefix + k for k in unknown)}")
     # Every field, defaults too: a run resumed with a default it never had would silently be another run.
-    missing = sorted(set(hints) - set(d))
+    # But for the name, which runs saved before configs had names lack.
+    missing = sorted(set(hints) - set(d) - {"name"})
     if missing:
         raise MidgptError(f"missing config keys: {', '.join(prefix + k for k in missing)}")
     kwargs = {}
