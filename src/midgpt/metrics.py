@@ -52,10 +52,10 @@ def rewind_events(rundir: str, step: int):
     """Keep the TensorBoard events up to step, but for the config of an attempt that started there."""
     # The files themselves are cut: SummaryWriter's purge_step would only hide later events,
     # and TensorBoard's default (fast) loader ignores it.
+    # First: the rewrite of a file below goes through its .tmp, which the glob may list after it.
+    for path in glob.glob(os.path.join(rundir, "events.out.tfevents.*.tmp")):
+        os.remove(path)  # a rewrite cut short by a kill: TensorBoard would read it as one more file, repeating the curves
     for path in glob.glob(os.path.join(rundir, "events.out.tfevents.*")):
-        if path.endswith(".tmp"):  # a rewrite cut short by a kill, before it replaced the file: TensorBoard
-            os.remove(path)        # would read it as one more event file, repeating the curves
-            continue
         with open(path, "rb") as f:
             data = f.read()
         kept, at = [], 0
