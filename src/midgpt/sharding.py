@@ -7,6 +7,7 @@ under lax.scan, and gather_params marks the spot) and XLA sums their gradients
 back into the shards.
 """
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -98,12 +99,18 @@ def check_same_arguments(config: Config, rundir: str, *flags) -> None:
                           "be on a filesystem every host sees); start every process with the same arguments")
 
 
-def raise_on_every_process(error: MidgptError | None) -> None:
-    """Raise error, or the first that another process met here, on every process; nothing if none did.
+@contextlib.contextmanager
+def failing_together():
+    """Run the block on every process; a MidgptError it raises on any process is raised on all as it ends.
 
-    Every process calls it at the same point: where one alone raised (process 0 writing the run's
-    files), the others would wait for it at their next collective, then abort with a C++ stack.
+    Where one process alone raised (process 0 writing the run's files), the others would wait for
+    it at their next collective, then abort with a C++ stack.
     """
+    error = None
+    try:
+        yield
+    except MidgptError as e:
+        error = e
     if jax.process_count() > 1:  # each process's error line, as UTF-8 bytes
         line = str(error or "").encode()[:1024].ljust(1024, b"\0")
         lines_Px1024 = multihost_utils.process_allgather(np.frombuffer(line, np.uint8))

@@ -254,14 +254,11 @@ def _train(config: Config, rundir: str, debug: bool, resume: bool, signals: cli.
     # Mid-run, the fix for a full disk is to resume, not to start over elsewhere.
     resume_fix = lambda: "free space and run the same command to " + (
         f"resume from checkpoint {last_checkpoint}" if last_checkpoint else "start again (no checkpoint yet)")
-    log, error = None, None
-    try:  # after the restore, which may refuse the run directory
-        with writing_to(rundir, resume_fix()) if last_checkpoint else writing_to(rundir):
-            write_config(config, rundir)
-            log = MetricsLog(rundir, start, json.dumps(config_to_dict(config), indent=2)) if is_main else None
-    except MidgptError as e:  # a full disk, a hand-edited metrics.jsonl
-        error = e
-    sharding.raise_on_every_process(error)
+    # After the restore, which may refuse the run directory. A full disk, a hand-edited metrics.jsonl:
+    # process 0's alone, and every process stops on it.
+    with sharding.failing_together(), writing_to(rundir, resume_fix()) if last_checkpoint else writing_to(rundir):
+        write_config(config, rundir)
+        log = MetricsLog(rundir, start, json.dumps(config_to_dict(config), indent=2)) if is_main else None
     if state is None:
         state = init_state(config, optimizer, mesh)
     train_step = make_train_step(config, optimizer, mesh, pieces)
@@ -326,14 +323,9 @@ def _train(config: Config, rundir: str, debug: bool, resume: bool, signals: cli.
                     record["train_loss"] = evaluate(state.model, train_tokens, config, mesh, EVAL_TRAIN_STREAM)
                     record["val_loss"] = evaluate(state.model, val_tokens, config, mesh, EVAL_VAL_STREAM)
                     say(f"step {step}: train loss {record['train_loss']:.4f}, val loss {record['val_loss']:.4f}")
-                error = None
-                if log:
-                    try:
-                        with writing_to(rundir, resume_fix()):
-                            log.write(record)
-                    except MidgptError as e:  # a full disk
-                        error = e
-                sharding.raise_on_every_process(error)
+                with sharding.failing_together(), writing_to(rundir, resume_fix()):  # a full disk
+                    if log:
+                        log.write(record)
                 interval_start, interval_steps = time.perf_counter(), 0
 
             # Several processes agree on a stop only at log steps, where they sync anyway.
