@@ -111,6 +111,9 @@ def test_rewinding_metrics_jsonl_drops_a_torn_line_and_refuses_one_not_written_b
     with pytest.raises(MidgptError, match=f"line 3 of {path} is not a metrics record; fix or remove it, then resume"):
         rewind_jsonl(str(path), 4)
     assert path.read_text() == edited
+    path.write_bytes(b'{"step": 1}\n{"step": 2, "note": "\xff"}\n')  # not UTF-8: a UnicodeDecodeError, once
+    with pytest.raises(MidgptError, match="line 2 of .* is not a metrics record"):
+        rewind_jsonl(str(path), 4)
 
 
 def test_a_printed_line_clears_the_progress_bar_and_redraws_it_below(capsys):

@@ -309,6 +309,36 @@ def test_a_write_that_fails_on_process_0_stops_both_in_one_line(limit_kib, fix, 
     assert not list(rundir.glob("*.tmp"))  # no half-written file left behind
 
 
+FAILING_TOGETHER = """
+import json, sys
+import jax
+from midgpt import sharding
+jax.distributed.initialize(coordinator_address=sys.argv[1], num_processes=2, process_id=int(sys.argv[2]))
+try:
+    with sharding.failing_together():
+        if jax.process_index() == 0:
+            b"\\xff".decode()  # a bug, not a MidgptError
+    print(json.dumps("no error"))
+except Exception as e:
+    print(json.dumps(f"{type(e).__name__}: {e}"))
+"""
+
+
+def test_any_error_on_one_process_stops_the_other_at_the_end_of_the_block():
+    # A metrics.jsonl with a byte that is not UTF-8 stopped process 0 with a UnicodeDecodeError,
+    # and process 1 waited for it at its next collective.
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
+    procs = [subprocess.Popen([sys.executable, "-c", FAILING_TOGETHER, f"127.0.0.1:{port}", str(i)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    results = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], results
+    raised = "'utf-8' codec can't decode byte 0xff in position 0: invalid start byte"
+    assert json.loads(results[0][0].splitlines()[-1]) == f"UnicodeDecodeError: {raised}"  # its own, as raised
+    assert json.loads(results[1][0].splitlines()[-1]) == ("MidgptError: process 0: "
+                                                          "UnicodeDecodeError('utf-8', b'\\xff', 0, 1, 'invalid start byte')")
+
+
 @pytest.mark.parametrize("other", ["--max_steps=13", "--rundir=RUN_2"])
 def test_processes_started_with_different_arguments_stop_in_one_line(other, shakespeare_data_dir, tmp_path):
     # Another max_steps on one process used to hang the other at the end; another learning rate

@@ -35,8 +35,8 @@ def rewind_jsonl(path: str, step: int):
     """Keep the records up to step: a resumed run logs the later ones again."""
     if not os.path.exists(path):
         return
-    with open(path) as f:
-        lines = [line for line in f if line.endswith("\n")]  # a killed write leaves a torn last line
+    with open(path, "rb") as f:  # bytes: json.loads checks the UTF-8 of each line, as a ValueError
+        lines = [line for line in f if line.endswith(b"\n")]  # a killed write leaves a torn last line
     kept = []
     for number, line in enumerate(lines, 1):
         try:
@@ -45,7 +45,7 @@ def rewind_jsonl(path: str, step: int):
         except (ValueError, TypeError, KeyError):  # someone's edit: theirs to fix, not ours to drop
             raise MidgptError(f"line {number} of {path} is not a metrics record; fix or remove it, "
                               "then resume") from None
-    write_atomically(path, "".join(kept))
+    write_atomically(path, b"".join(kept))
 
 
 def rewind_events(rundir: str, step: int):

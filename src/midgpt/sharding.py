@@ -101,7 +101,7 @@ def check_same_arguments(config: Config, rundir: str, *flags) -> None:
 
 @contextlib.contextmanager
 def failing_together():
-    """Run the block on every process; a MidgptError it raises on any process is raised on all as it ends.
+    """Run the block on every process; an error it raises on any process is raised on all as it ends.
 
     Where one process alone raised (process 0 writing the run's files), the others would wait for
     it at their next collective, then abort with a C++ stack.
@@ -109,11 +109,12 @@ def failing_together():
     error = None
     try:
         yield
-    except MidgptError as e:
+    except Exception as e:  # a bug's too: the raising process keeps its traceback, the others get its line
         error = e
     if jax.process_count() > 1:  # each process's error line, as UTF-8 bytes
-        line = str(error or "").encode()[:1024].ljust(1024, b"\0")
-        lines_Px1024 = multihost_utils.process_allgather(np.frombuffer(line, np.uint8))
+        line = "" if error is None else str(error) if isinstance(error, MidgptError) else repr(error)
+        line_bytes = line.encode()[:1024].ljust(1024, b"\0")
+        lines_Px1024 = multihost_utils.process_allgather(np.frombuffer(line_bytes, np.uint8))
         if error is None and (met := [i for i, row in enumerate(lines_Px1024) if row.any()]):
             text = bytes(lines_Px1024[met[0]]).rstrip(b"\0").decode(errors="replace")
             error = MidgptError(f"process {met[0]}: {text}")
