@@ -223,17 +223,25 @@ def test_resume_keeps_the_saved_run_where_the_named_config_differs_unless_an_ove
         resume_config(saved, apply_overrides(config, ["--model.n_layer=3"]), ["--model.n_layer=3"])
 
 
-def test_resume_refuses_another_named_config_but_takes_a_run_saved_before_configs_had_names(config):
+def test_resume_refuses_another_named_config_but_names_a_run_whose_config_has_none_or_is_gone(config):
     other = load_config("shakespeare_char")
     with pytest.raises(MidgptError, match="started with --config=shakespeare_char_cpu, not shakespeare_char; "
                                           "resume it with --config=shakespeare_char_cpu"):
         resume_config(config, other, [])
-    unnamed = json.loads(json.dumps(config_to_dict(config)))  # as a run saved it
+    unnamed = json.loads(json.dumps(config_to_dict(config)))  # as a run saved before configs had names
     del unnamed["name"]
     resumed, changes, kept = resume_config(config_from_dict(unnamed), other, [])
-    assert resumed == dataclasses.replace(config, name="") and changes == [] and kept
+    assert resumed == dataclasses.replace(config, name="shakespeare_char") and kept
+    assert changes == ["name: '' -> 'shakespeare_char'"]
+    # Its config renamed since: the advice to resume with --config=old_name could not be followed.
+    resumed, changes, kept = resume_config(dataclasses.replace(config, name="old_name"), other, [])
+    assert resumed == dataclasses.replace(config, name="shakespeare_char")
+    assert changes == ["name: 'old_name' -> 'shakespeare_char'"]
     with pytest.raises(MidgptError, match="'name' is the --config a run came from"):
         apply_overrides(config, ["--name=mine"])
+    with pytest.raises(MidgptError) as info:  # a typo is not offered the field that cannot be set
+        apply_overrides(config, ["--nam=mine"])
+    assert "'name'" not in str(info.value)
 
 
 def test_unknown_config_name_lists_available_ones():

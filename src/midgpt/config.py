@@ -82,7 +82,7 @@ def load_config(name: str) -> Config:
 
 def apply_overrides(config: Config, overrides: list[str]) -> Config:
     """Return config with each `--dotted.field=VALUE` applied in order."""
-    types = _leaf_types(type(config))
+    types = {name: type_ for name, type_ in _leaf_types(type(config)).items() if name != "name"}  # nor suggested
     for arg in overrides:
         if not arg.startswith("--") or "=" not in arg:
             example = f"{arg.split()[0]}=VALUE" if arg.startswith("--") else "--model.n_layer=2"  # "--max_steps 100"
@@ -135,10 +135,13 @@ def resume_config(saved: Config, named: Config, overrides: list[str]) -> tuple[C
     the run began), the run keeps its own values. Another named config, or an override of its model
     or its batches, is refused; anything else (max_steps, learning_rate, ...) may change.
     """
-    if saved.name and saved.name != named.name:  # a run saved before configs had names has none
+    # A run saved before configs had names has none; its config may also be renamed or removed
+    # since. Then it takes the name of the --config that resumes it, which names it from then on.
+    known = saved.name in config_names()
+    if known and saved.name != named.name:
         raise MidgptError(f"the run in this --rundir was started with --config={saved.name}, not {named.name}; "
                           f"resume it with --config={saved.name}, or pass a new --rundir")
-    resumed = apply_overrides(saved, overrides)
+    resumed = apply_overrides(dataclasses.replace(saved, name=saved.name if known else named.name), overrides)
     given = {arg[2:].partition("=")[0] for arg in overrides}
     leaves = [name for name in _leaf_types(Config) if name != "name"]
     for name in leaves:
@@ -148,7 +151,8 @@ def resume_config(saved: Config, named: Config, overrides: list[str]) -> tuple[C
                 f"the run in this --rundir has {name}={_get(saved, name)!r} but this command asks for "
                 f"{_get(resumed, name)!r}; that is another model or other batches: pass a new --rundir"
             )
-    changes = [f"{n}: {_get(saved, n)!r} -> {_get(resumed, n)!r}" for n in leaves if _get(saved, n) != _get(resumed, n)]
+    changes = [f"{n}: {_get(saved, n)!r} -> {_get(resumed, n)!r}"
+               for n in ["name", *leaves] if _get(saved, n) != _get(resumed, n)]
     kept = [f"{n}={_get(saved, n)!r} (config: {_get(named, n)!r})"
             for n in leaves if n not in given and _get(saved, n) != _get(named, n)]
     return resumed, changes, kept
