@@ -352,9 +352,15 @@ def test_data_that_moved_is_refused_where_no_checksums_show_it_is_the_same(short
     before = {p: p.read_bytes() for p in sorted(rundir.rglob("*")) if p.is_file()}
     result = run("launch.py", "--config=shakespeare_char_cpu", f"--rundir={rundir}", f"--data_dir={moved}", *TINY,
                  "--max_steps=40")
-    assert_one_line_error(result, f"this run trained on {shakespeare_data_dir}", "nothing shows",
-                          f"resume with --data_dir={shakespeare_data_dir}")
+    assert_one_line_error(result, f"this run trained on {shakespeare_data_dir}, and {rundir} keeps no copy of its "
+                          f"data's meta.json: nothing shows", f"resume with --data_dir={shakespeare_data_dir}, or")
     assert {p: p.read_bytes() for p in sorted(rundir.rglob("*")) if p.is_file()} == before
+    config = json.loads((rundir / "config.json").read_text())  # started where the data was ./data
+    (rundir / "config.json").write_text(json.dumps({**config, "data_dir": "data"}))
+    result = run("launch.py", "--config=shakespeare_char_cpu", f"--rundir={rundir}", f"--data_dir={moved}", *TINY,
+                 "--max_steps=40", cwd=tmp_path)
+    assert_one_line_error(result, "resume with --data_dir=data from the directory the run was started in, or")
+    (rundir / "config.json").write_text(json.dumps(config))
     result = run("launch.py", "--config=shakespeare_char_cpu", f"--rundir={rundir}",
                  f"--data_dir={shakespeare_data_dir}", *TINY, "--max_steps=40")
     assert result.returncode == 0 and "nothing to train" in result.stdout, result.stderr

@@ -93,10 +93,13 @@ def check_same_data(rundir: str, data_dir: str) -> None:
     if not os.path.isfile(os.path.join(data_dir, "meta.json")):
         raise MidgptError(f"{os.path.abspath(data_dir)} holds no prepared data (no meta.json); {advice}")
     now = load_meta(data_dir)
+    # A relative ran_on is compared as if typed here: the directory the run started in is not saved.
     if os.path.realpath(data_dir) != os.path.realpath(ran_on) and not (trained and "sha256" in trained and "sha256" in now):
-        raise MidgptError(f"this run trained on {ran_on}, and without the checksums that prepare.py now writes (in "
-                          f"{saved} and {data_dir}/meta.json) nothing shows that {data_dir} holds the same data; "
-                          f"resume with --data_dir={shlex.quote(ran_on)}, or train in a new --rundir")
+        why = (f"{rundir} keeps no copy of its data's meta.json" if trained is None else
+               f"{saved} or {data_dir}/meta.json lacks the checksums that prepare.py now writes")
+        where = "" if os.path.isabs(ran_on) else " from the directory the run was started in"
+        raise MidgptError(f"this run trained on {ran_on}, and {why}: nothing shows that {data_dir} holds the same "
+                          f"data; resume with --data_dir={shlex.quote(ran_on)}{where}, or train in a new --rundir")
     if trained and (differ := [k for k in DATA_IDENTITY if k in trained and k in now and trained[k] != now[k]]):
         what = "another vocabulary" if {"tokenizer", "vocab_size", "chars"} & set(differ) else "other text"
         raise MidgptError(f"{os.path.abspath(data_dir)} holds {what} than this run trained on ({', '.join(differ)} "
