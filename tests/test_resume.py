@@ -305,6 +305,35 @@ def test_second_interrupt_stops_at_once(shakespeare_data_dir, tmp_path):
     assert "SIGINT again: stopping now, without a checkpoint" in output
 
 
+WAITING_IN_CPP = """
+import os, signal, threading, time
+import jax, jax.numpy as jnp
+from midgpt import cli
+x_NxN = jnp.ones((2048, 2048)) / 2048
+matmuls = jax.jit(lambda x_NxN: jax.lax.fori_loop(0, 40, lambda i, y_NxN: y_NxN @ x_NxN, x_NxN))  # seconds
+matmuls(x_NxN).block_until_ready()  # compiled
+def interrupt_twice():
+    for _ in range(2):
+        time.sleep(0.2)
+        os.kill(os.getpid(), signal.SIGINT)
+with cli.StopSignals():
+    y_NxN = matmuls(x_NxN)
+    threading.Thread(target=interrupt_twice).start()
+    float(y_NxN[0, 0])  # as the loop waits at a log step, or an evaluation (block_until_ready runs handlers)
+    print("the wait ended first")
+"""
+
+
+def test_two_interrupts_during_a_wait_in_cpp_stop_at_once():
+    # Python runs a handler only between bytecodes, so it ran once for both, after the wait:
+    # the run went on to the next checkpoint.
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run([sys.executable, "-c", WAITING_IN_CPP], env=env, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 128 + signal.SIGINT, result
+    assert result.stderr.strip() == "SIGINT again: stopping now, without a checkpoint" and result.stdout == ""
+
+
 def test_a_failed_restore_is_described_in_one_short_line_cut_between_words():
     from midgpt.checkpoint import describe
 

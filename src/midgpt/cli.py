@@ -6,6 +6,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 import traceback
 
 from tqdm import tqdm
@@ -128,27 +129,40 @@ class PipeSafe:
 class StopSignals:
     """SIGINT/SIGTERM ask for a stop after the current step; a second one stops at once.
 
-    The handler only records the first: printing there could re-enter a write it interrupted.
+    Python runs a handler only when the main thread is back from C++ (a compile, a wait for the
+    device: seconds, or minutes), and takes two signals that came meanwhile for one. But the
+    interpreter writes a byte for each signal to its wakeup fd: a thread counts them there.
     """
 
     def __init__(self):
         self.received, self.noticed = None, False
 
     def __enter__(self):
-        self.previous = {sig: signal.signal(sig, self.handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+        # Python's own handler would raise KeyboardInterrupt; this one leaves all to the thread.
+        self.previous = {sig: signal.signal(sig, lambda signum, frame: None) for sig in (signal.SIGINT, signal.SIGTERM)}
+        read_fd, self.write_fd = os.pipe()
+        os.set_blocking(self.write_fd, False)  # as set_wakeup_fd requires
+        self.previous_fd = signal.set_wakeup_fd(self.write_fd)
+        threading.Thread(target=self._count, args=(read_fd,), daemon=True).start()
         return self
 
     def __exit__(self, *exc):
+        signal.set_wakeup_fd(self.previous_fd)
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
+        os.close(self.write_fd)  # the thread reads the end of the pipe, and ends
 
-    def handle(self, signum, frame):
-        if self.received:
-            with contextlib.suppress(OSError):  # os.write: unbuffered, so nothing to re-enter
-                os.write(sys.stderr.fileno(), f"\n{signal.Signals(signum).name} again: stopping now, "
-                         "without a checkpoint\n".encode())
-            os._exit(128 + signum)
-        self.received = signal.Signals(signum).name
+    def _count(self, read_fd: int):
+        with open(read_fd, "rb", buffering=0) as wakeups:
+            while byte := wakeups.read(1):
+                if byte[0] not in self.previous:  # a signal another library handles
+                    continue
+                name = signal.Signals(byte[0]).name
+                if self.received:  # os.write: unbuffered, so no write of the main thread's to run into
+                    with contextlib.suppress(OSError):
+                        os.write(sys.stderr.fileno(), f"\n{name} again: stopping now, without a checkpoint\n".encode())
+                    os._exit(128 + byte[0])
+                self.received = name
 
     def notice(self, when: str = "after this step") -> str | None:
         """What to say, once, after the first signal; `when` the stop comes."""
