@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO_ROOT
+from midgpt.checkpoint import committed
 
 STEPS = 60  # checkpoints at 20, 40 and 60
 ARGS = ["--config=shakespeare_char_cpu", "--model.n_layer=2", "--max_steps=60", "--checkpoint_interval=20",
@@ -78,9 +79,12 @@ def wait_for_step(rundir, step, proc, timeout=120):
 
 
 def test_resume_after_kill_matches_uninterrupted_run(uninterrupted, shakespeare_data_dir, tmp_path):
-    rundir = tmp_path / "run"
+    rundir, deadline = tmp_path / "run", time.time() + 120
     proc = launch(rundir, shakespeare_data_dir)
     wait_for_step(rundir, 45, proc)  # between the checkpoints at 40 and 60
+    while not committed(str(rundir), 40):  # its save finishes in the background, in milliseconds
+        assert proc.poll() is None and time.time() < deadline, finish(proc)[1]
+        time.sleep(0.005)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert max(r["step"] for r in metrics(rundir)) < STEPS
