@@ -29,6 +29,14 @@ def pytest_configure(config):
 def pytest_unconfigure(config):
     if cache := getattr(config, "_midgpt_xla_cache", None):
         shutil.rmtree(cache, ignore_errors=True)
+def small_files(kib: int) -> list[str]:
+    """A command prefix under which a write past kib KiB fails (File too large), as on a full disk."""
+    # Set by the shell: a preexec_fn would fork the multithreaded test process. SIGXFSZ ignored, the
+    # write fails instead of killing. No compilation cache: JAX writes an entry in place, and one cut
+    # short would warn in every later process.
+    return ["bash", "-c", f'ulimit -f {kib} && trap "" XFSZ && JAX_ENABLE_COMPILATION_CACHE=false exec "$@"', "bash"]
+
+
 PREPARE = REPO_ROOT / "data" / "shakespeare_char" / "prepare.py"
 URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 

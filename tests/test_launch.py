@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, small_files
 from test_optimizer import closed_form_lr
 from midgpt import checkpoint
 from midgpt.config import config_names, config_to_dict, load_config, read_config_json
@@ -225,10 +225,8 @@ def test_a_checkpoint_save_that_fails_is_one_line_and_keeps_the_last_good_one(sh
     # the next save: that was a traceback, after hundreds of lines of its threads' tracebacks.
     rundir = tmp_path / "run"
     shutil.copytree(short_run, rundir)
-    # Files of at most 64 KiB (the run's own stay below it); a write past it fails, as on a full disk, once
-    # SIGXFSZ is ignored. Set by the shell: a preexec_fn would fork this multithreaded process.
-    small_files = ["bash", "-c", 'ulimit -f 64 && trap "" XFSZ && exec "$@"', "bash"]
-    result = subprocess.run([*small_files, sys.executable, "launch.py", "--config=shakespeare_char_cpu", *TINY,
+    # Files of at most 64 KiB: the run's own stay below it.
+    result = subprocess.run([*small_files(64), sys.executable, "launch.py", "--config=shakespeare_char_cpu", *TINY,
                              f"--rundir={rundir}", f"--data_dir={shakespeare_data_dir}", "--max_steps=50",
                              "--checkpoint_interval=5"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 1 and result.stderr.strip().splitlines()[-1] == (
@@ -245,10 +243,9 @@ def test_a_log_write_that_fails_is_one_line_and_the_run_resumes(short_run, shake
     # step (about step 300) long before the final save. It was four tracebacks, one from TensorBoard's thread.
     rundir = tmp_path / "run"
     shutil.copytree(short_run, rundir)
-    small_files = ["bash", "-c", 'ulimit -f 64 && trap "" XFSZ && exec "$@"', "bash"]
     args = ["launch.py", "--config=shakespeare_char_cpu", *TINY, f"--rundir={rundir}",
             f"--data_dir={shakespeare_data_dir}", "--log_interval=1", "--checkpoint_interval=2000"]
-    result = subprocess.run([*small_files, sys.executable, *args, "--max_steps=2000"], cwd=REPO_ROOT,
+    result = subprocess.run([*small_files(64), sys.executable, *args, "--max_steps=2000"], cwd=REPO_ROOT,
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 1 and result.stderr.strip().splitlines()[-1] == (
         f"error: cannot write to {rundir} ([Errno 27] File too large); free space and run the same command to "

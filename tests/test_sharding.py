@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, small_files
 from midgpt import mfu
 from midgpt.config import Config, ModelConfig
 from midgpt.optimizer import make_optimizer
@@ -295,11 +295,10 @@ def test_a_signalled_process_stops_both_at_the_next_log_step_with_a_checkpoint(s
 def test_a_write_that_fails_on_process_0_stops_both_in_one_line(limit_kib, fix, shakespeare_data_dir, tmp_path):
     # The disk fills, played by a file size limit on process 0, which alone writes the run's files;
     # process 1 waited for it at its next collective and died of JAX's heartbeat with a C++ stack.
-    small_files = ["bash", "-c", f'ulimit -f {limit_kib} && trap "" XFSZ && exec "$@"', "bash"]
     rundir = tmp_path / "run"
     procs = two_processes("--config=shakespeare_char_cpu", f"--data_dir={shakespeare_data_dir}", "--batch_size=16",
                           "--model.n_layer=1", "--log_interval=1", "--max_steps=2000", f"--rundir={rundir}",
-                          wrappers=(small_files, ()))
+                          wrappers=(small_files(limit_kib), ()))
     results = [p.communicate(timeout=300) for p in procs]
     assert [p.returncode for p in procs] == [1, 1], results
     error = f"cannot write to {rundir} ([Errno 27] File too large); {fix}"
