@@ -112,8 +112,10 @@ def failing_together():
     except Exception as e:  # a bug's too: the raising process keeps its traceback, the others get its line
         error = e
     if jax.process_count() > 1:  # each process's error line, as UTF-8 bytes
-        line = "" if error is None else str(error) if isinstance(error, MidgptError) else repr(error)
-        line_bytes = line.encode()[:1024].ljust(1024, b"\0")
+        line = "" if error is None else str(error)
+        if error is not None and not isinstance(error, MidgptError):  # a bug's: name its type, as a traceback would
+            line = f"{type(error).__name__}: {line}"
+        line_bytes = line.encode(errors="backslashreplace")[:1024].ljust(1024, b"\0")  # a path may not be UTF-8
         lines_Px1024 = multihost_utils.process_allgather(np.frombuffer(line_bytes, np.uint8))
         if error is None and (met := [i for i, row in enumerate(lines_Px1024) if row.any()]):
             text = bytes(lines_Px1024[met[0]]).rstrip(b"\0").decode(errors="replace")
