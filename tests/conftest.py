@@ -29,6 +29,8 @@ def pytest_configure(config):
 def pytest_unconfigure(config):
     if cache := getattr(config, "_midgpt_xla_cache", None):
         shutil.rmtree(cache, ignore_errors=True)
+
+
 def small_files(kib: int) -> list[str]:
     """A command prefix under which a write past kib KiB fails (File too large), as on a full disk."""
     # Set by the shell: a preexec_fn would fork the multithreaded test process. SIGXFSZ ignored, the

@@ -7,6 +7,7 @@ import os
 import signal
 import sys
 import threading
+import time
 import traceback
 
 from tqdm import tqdm
@@ -138,31 +139,38 @@ class StopSignals:
         self.received, self.noticed = None, False
 
     def __enter__(self):
-        # Python's own handler would raise KeyboardInterrupt; this one leaves all to the thread.
-        self.previous = {sig: signal.signal(sig, lambda signum, frame: None) for sig in (signal.SIGINT, signal.SIGTERM)}
         read_fd, self.write_fd = os.pipe()
+        threading.Thread(target=self._count, args=(read_fd,), daemon=True).start()
         os.set_blocking(self.write_fd, False)  # as set_wakeup_fd requires
         self.previous_fd = signal.set_wakeup_fd(self.write_fd)
-        threading.Thread(target=self._count, args=(read_fd,), daemon=True).start()
+        self.previous = {sig: signal.signal(sig, self.handle) for sig in (signal.SIGINT, signal.SIGTERM)}
         return self
 
     def __exit__(self, *exc):
-        signal.set_wakeup_fd(self.previous_fd)
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
+        signal.set_wakeup_fd(self.previous_fd)
         os.close(self.write_fd)  # the thread reads the end of the pipe, and ends
 
+    def handle(self, signum, frame):
+        # Only records: printing here could re-enter a write it interrupted. The thread counts.
+        self.received = self.received or signal.Signals(signum).name
+
     def _count(self, read_fd: int):
+        first = None
         with open(read_fd, "rb", buffering=0) as wakeups:
             while byte := wakeups.read(1):
-                if byte[0] not in self.previous:  # a signal another library handles
+                if byte[0] not in (signal.SIGINT, signal.SIGTERM):  # a signal another library handles
                     continue
-                name = signal.Signals(byte[0]).name
-                if self.received:  # os.write: unbuffered, so no write of the main thread's to run into
-                    with contextlib.suppress(OSError):
-                        os.write(sys.stderr.fileno(), f"\n{name} again: stopping now, without a checkpoint\n".encode())
+                if first is None:
+                    first = time.monotonic()
+                    self.received = self.received or signal.Signals(byte[0]).name
+                # One Ctrl-C can come twice: from the terminal, and from a wrapper that passes it on.
+                elif time.monotonic() - first > 0.1:
+                    with contextlib.suppress(OSError):  # os.write: unbuffered, no buffer shared with the main thread
+                        os.write(sys.stderr.fileno(), f"\n{signal.Signals(byte[0]).name} again: stopping now, "
+                                 "without a checkpoint\n".encode())
                     os._exit(128 + byte[0])
-                self.received = name
 
     def notice(self, when: str = "after this step") -> str | None:
         """What to say, once, after the first signal; `when` the stop comes."""
