@@ -155,11 +155,40 @@ def delete_data_files(step_dir):
                 os.remove(os.path.join(d, f))
 
 
+def change_values_in_place(step_dir):
+    # Same files, same sizes: what a bad disk or a stray write leaves, and tensorstore reads without a word.
+    data = max((os.path.join(d, f) for d, _, fs in os.walk(step_dir) for f in fs if "/d" in d), key=os.path.getsize)
+    with open(data, "r+b") as f:
+        f.seek(os.path.getsize(data) // 2)
+        chunk = f.read(64)
+        f.seek(-len(chunk), os.SEEK_CUR)
+        f.write(bytes(b ^ 0x5A for b in chunk))
+
+
 def remove_commit_marker(step_dir):
     os.remove(os.path.join(step_dir, "commit_success.txt"))
 
 
-@pytest.mark.parametrize("damage", [truncate_data_file, delete_data_files, remove_commit_marker])
+def test_a_fingerprint_changes_with_any_one_value_or_an_order():
+    from midgpt.checkpoint import fingerprint_dict
+
+    rng = np.random.default_rng(0)
+    tree = {"w": rng.normal(size=(64, 48)).astype(np.float32), "step": np.int32(7),
+            "h": rng.normal(size=(5, 3)).astype(jax.numpy.bfloat16)}
+    before = fingerprint_dict(tree)
+    assert fingerprint_dict(tree) == before and list(before) == ["h", "step", "w"]
+    changed = []
+    for name, at in [("w", (10, 3)), ("h", (4, 2))]:  # the lowest bit of one value: one ulp
+        edited = {**tree, name: tree[name].copy()}
+        bits = edited[name].view(np.uint32 if name == "w" else np.uint16)
+        bits[at] ^= 1
+        changed.append(fingerprint_dict(edited))
+    changed.append(fingerprint_dict({**tree, "w": tree["w"][::-1]}))  # the same values, rows in another order
+    changed.append(fingerprint_dict({**tree, "step": np.int32(8)}))
+    assert all(c != before for c in changed)
+
+
+@pytest.mark.parametrize("damage", [truncate_data_file, delete_data_files, change_values_in_place, remove_commit_marker])
 def test_damaged_newest_checkpoint_is_skipped_and_kept(damage, uninterrupted, shakespeare_data_dir, tmp_path):
     rundir = tmp_path / "run"
     shutil.copytree(uninterrupted, rundir)

@@ -1,8 +1,8 @@
 """Checkpoints under RUNDIR/checkpoints: orbax, asynchronous, atomic; resume from the newest good one.
 
 A checkpoint holds the whole TrainState (parameters, optimiser state, step, dropout
-key; the step is also the data position, since batches are drawn by (seed, step))
-and the run's config.
+key; the step is also the data position, since batches are drawn by (seed, step)),
+the run's config, and a fingerprint of each array that a restore checks.
 """
 
 import contextlib
@@ -15,6 +15,7 @@ import time
 
 import equinox as eqx
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
@@ -54,10 +55,40 @@ def make_manager(rundir: str, config: Config) -> ocp.CheckpointManager:
     return ocp.CheckpointManager(directory(rundir), options=options)
 
 
+@jax.jit
+def fingerprints(arrays):
+    """Per array, its bits summed with odd weights modulo 2**32: exact on any mesh, and changed by any one changed value."""
+    def one(x):
+        bits = jax.lax.bitcast_convert_type(x, jnp.dtype(f"uint{8 * x.dtype.itemsize}")).astype(jnp.uint32)
+        weights = 2 * jax.lax.iota(jnp.uint32, x.size).reshape(x.shape) + 1  # odd: invertible modulo 2**32
+        return jnp.sum(bits * weights, dtype=jnp.uint32)
+    return jax.tree.map(one, arrays)
+
+
+def fingerprint_dict(tree) -> dict[str, int]:
+    """{dotted path: fingerprint} of a tree's arrays, keyed as array_shapes keys them."""
+    found = jax.device_get(fingerprints(eqx.filter(tree, eqx.is_array)))
+    return {jax.tree_util.keystr(path, simple=True, separator="."): int(x)
+            for path, x in jax.tree_util.tree_flatten_with_path(found)[0]}
+
+
+def check_fingerprints(manager: ocp.CheckpointManager, step: int, tree) -> None:
+    """Raise ValueError where a restored array is not what was saved: its files changed since, in place."""
+    # tensorstore checks the files' layout, not the bytes of the values; orbax has no checksum for them.
+    if not os.path.isdir(os.path.join(str(manager.directory), str(step), "fingerprints")):
+        return  # saved before checkpoints had them
+    saved = manager.restore(step, args=ocp.args.Composite(fingerprints=ocp.args.JsonRestore()))["fingerprints"]
+    changed = sorted(k for k, v in fingerprint_dict(tree).items() if saved.get(k, v) != v)
+    if changed:
+        raise ValueError(f"the values of {', '.join(changed[:3])}{' ...' if len(changed) > 3 else ''} are not "
+                         "those saved: its files were changed")
+
+
 def save(manager: ocp.CheckpointManager, step: int, state, config: Config) -> None:
     """Start an asynchronous save: the arrays are copied off the devices, then written in the background."""
-    args = ocp.args.Composite(state=ocp.args.StandardSave(eqx.filter(state, eqx.is_array)),
-                              config=ocp.args.JsonSave(config_to_dict(config)))
+    arrays = eqx.filter(state, eqx.is_array)
+    args = ocp.args.Composite(state=ocp.args.StandardSave(arrays), config=ocp.args.JsonSave(config_to_dict(config)),
+                              fingerprints=ocp.args.JsonSave(fingerprint_dict(arrays)))
     with failed_saves_in_one_line(manager):
         manager.save(step, args=args, force=True)
 
@@ -91,8 +122,9 @@ def placed(like, shardings):
 def restore(manager: ocp.CheckpointManager, step: int, like, shardings):
     """The state saved at step, placed by shardings (the saving mesh does not matter)."""
     target, static = placed(like, shardings)
-    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
-    return eqx.combine(restored["state"], static)
+    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
+    check_fingerprints(manager, step, restored)
+    return eqx.combine(restored, static)
 
 
 def restore_model(manager: ocp.CheckpointManager, step: int, like_model, shardings):
@@ -101,7 +133,9 @@ def restore_model(manager: ocp.CheckpointManager, step: int, like_model, shardin
     item = {"model": target}  # the state's other fields are left out of the read
     args = ocp.args.PyTreeRestore(item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
                                   partial_restore=True)
-    return eqx.combine(manager.restore(step, args=ocp.args.Composite(state=args))["state"]["model"], static)
+    restored = manager.restore(step, args=ocp.args.Composite(state=args))["state"]
+    check_fingerprints(manager, step, restored)
+    return eqx.combine(restored["model"], static)
 
 
 def array_shapes(tree) -> dict[str, tuple[int, ...]]:
