@@ -4,12 +4,16 @@ python sample.py --rundir=DIR [--start=TEXT | --start=FILE:path] [--num_samples=
                  [--temperature=T] [--top_k=K] [--seed=S] [--step=STEP]
 """
 
+import signal
 import sys
 
 from midgpt.cli import ArgumentParser, positive_int, run
 
 
 def main(argv: list[str]) -> None:
+    # Nothing to save: Ctrl-C ends it at once. Python's KeyboardInterrupt would wait for the
+    # generation, which runs in C++ (minutes, for a long sample), and end in a traceback.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
     parser = ArgumentParser(description=__doc__, allow_abbrev=False)
     parser.add_argument("--rundir", required=True, help="a run directory made by launch.py")
     parser.add_argument("--start", default="\n", help="the prompt, or FILE:path to read it from a file (default: a newline)")

@@ -5,8 +5,10 @@ import importlib.util
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -37,6 +39,23 @@ def short_run(shakespeare_data_dir, tmp_path_factory):
                  "--checkpoint_interval=15", "--keep_checkpoints=2", *TINY)
     assert result.returncode == 0, result.stderr
     return rundir
+
+
+def test_ctrl_c_stops_sampling_at_once(short_run):
+    # The generation waits in C++, where Python's KeyboardInterrupt never came: minutes, for a long sample.
+    proc = subprocess.Popen([sys.executable, "sample.py", f"--rundir={short_run}", "--start=" + "ROMEO: " * 100,
+                             "--max_new_tokens=10000000"], cwd=REPO_ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    for line in proc.stderr:  # said just before the generation starts
+        if "tokens are left out" in line:
+            break
+    time.sleep(1)
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.communicate(timeout=20)
+    finally:
+        proc.kill()
+    assert proc.returncode == -signal.SIGINT
 
 
 def test_launch_writes_config_metrics_and_checkpoints(short_run, shakespeare_data_dir):
