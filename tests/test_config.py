@@ -186,6 +186,9 @@ def test_named_configs_load_as_frozen_configs():
     ("--model.dropout=0.001", "'model.dropout' must be 0 or from 1/256 to 255/256"),
     ("--model.dropout=-0.5", "'model.dropout' must be 0 or from 1/256 to 255/256"),
     ("--param_dtype=bfloat16", "'param_dtype' must be float32"),  # weight decay would round away
+    # The memory plan's search for a batch that fits tried every divisor of 10**20: hours.
+    ("--batch_size=100000000000000000000", "g_accum_iters x batch_size x model.block_size is 6,400,000,000,"),
+    ("--batch_size=20000000", "eval_iters x batch_size x model.block_size is 64,000,000,000 tokens at once"),
 ])
 def test_values_that_parse_but_cannot_train_are_refused(config, override, fragment):
     check_config(config)  # the config itself is fine

@@ -147,6 +147,17 @@ def test_a_run_that_no_batch_fits_suggests_no_batch():
     assert "--batch_size" not in str(error.value) and str(error.value).endswith("use more devices")
 
 
+def test_a_batch_whose_tokens_alone_outgrow_the_device_is_told_to_have_fewer():
+    # A batch of 10M rows: the host ran out of memory cutting it, in a traceback, after the plan said 0.05 GiB.
+    config = apply_overrides(load_config("shakespeare_char_cpu"), ["--batch_size=10000000", "--eval_iters=1"])
+    parts = estimate(config)
+    tokens = (2 + 1) * 10_000_000 * 65  # the step's two in flight and the evaluation's, one more token a row
+    assert parts["batches"] >= tokens * 8  # x and y, int32
+    with pytest.raises(MidgptError) as error:
+        memory.check_fits(config, make_mesh(config), 16 * 2**30, estimate)
+    assert "use fewer tokens at once (a smaller --batch_size, --g_accum_iters or --eval_iters)" in str(error.value)
+
+
 @pytest.mark.parametrize("overrides, mesh_shape, advice", [
     ([], (1, 2), "more devices"),  # already all on the fsdp axis
     ([], (2, 1), "all devices on the fsdp axis (--mesh_shape=1,-1)"),

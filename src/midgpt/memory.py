@@ -102,6 +102,11 @@ def estimate(config: Config, mesh: Mesh, state_like, state_shardings, pieces: in
     """
     params = sharded_bytes(state_like.model, state_shardings.model)
     compute_copy = params * np.dtype(config.compute_dtype).itemsize // np.dtype(config.param_dtype).itemsize
+    # The micro-batches' tokens, x and y in int32: a step's twice (the next is prefetched), an
+    # evaluation's; on CPU also the int64 offsets and int32 windows that data.get_batch cuts them from.
+    rows = config.batch_size // mesh.size
+    on_cpu = mesh.devices.flat[0].platform == "cpu"
+    batches = (2 * config.g_accum_iters + config.eval_iters) * rows * (config.model.block_size + 1) * (8 + 12 * on_cpu)
     parts = {
         "parameters": params,
         # Gradients, plus their running sum when micro-batches (or their pieces) are accumulated.
@@ -109,6 +114,7 @@ def estimate(config: Config, mesh: Mesh, state_like, state_shardings, pieces: in
         "optimizer": sharded_bytes(state_like.opt_state, state_shardings.opt_state),
         "activations": activation_bytes(config, mesh, pieces, chunks) + compute_copy,
         "gathered": gathered_bytes(config, mesh, state_like, state_shardings),
+        "batches": batches,
     }
     return {**parts, "total": sum(parts.values())}
 
@@ -142,11 +148,12 @@ def smaller_batch(config: Config, mesh: Mesh, available: int, estimate_for) -> C
     Its batch divides batch_size, keeps whole rows on every device and the global batch.
     """
     B, devices = config.batch_size, mesh.size
-    for b in range(B - devices, 0, -devices):
-        if B % b == 0:
-            smaller = dataclasses.replace(config, batch_size=b, g_accum_iters=config.g_accum_iters * B // b)
-            if estimate_for(smaller)["total"] <= available:
-                return smaller
+    smaller = lambda b: dataclasses.replace(config, batch_size=b, g_accum_iters=config.g_accum_iters * B // b)
+    if B % devices or B == devices or estimate_for(smaller(devices))["total"] > available:
+        return None  # not even the smallest fits: the search would try every divisor
+    for k in range(2, B // devices + 1):  # b = B / k, from the largest
+        if B % k == 0 and B // k % devices == 0 and estimate_for(smaller(B // k))["total"] <= available:
+            return smaller(B // k)
     return None
 
 
@@ -159,6 +166,8 @@ def check_fits(config: Config, mesh: Mesh, available: int | None, estimate_for) 
     if available is None or parts["total"] <= available:
         return
     fixes = []
+    if parts["batches"] > available // 2:  # the tokens themselves: only fewer of them help
+        fixes.append("fewer tokens at once (a smaller --batch_size, --g_accum_iters or --eval_iters)")
     smaller = smaller_batch(config, mesh, available, estimate_for)
     if smaller:
         fixes.append(f"a smaller batch with more accumulation (--batch_size={smaller.batch_size} "
