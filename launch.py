@@ -47,7 +47,7 @@ def main(argv: list[str]) -> None:
                             epilog="Any field of the config may follow as --FIELD=VALUE, e.g.\n"
                                    "--max_steps=100 --model.n_layer=2 (the fields: src/midgpt/config.py).")
     parser.add_argument("--config", required=True, help=f"a config of midgpt.configs: {', '.join(config_names())}")
-    parser.add_argument("--rundir", default=None, help="run directory (default: outputs/<timestamp>)")
+    parser.add_argument("--rundir", default=None, type=os.path.expanduser, help="run directory (default: outputs/<timestamp>)")
     parser.add_argument("--debug", action="store_true", help="write a profiler trace of a few steps")
     parser.add_argument("--multihost", action="store_true",
                         help="join the other processes with jax.distributed.initialize() (TPU pods, SLURM, ...)")

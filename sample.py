@@ -4,6 +4,7 @@ python sample.py --rundir=DIR [--start=TEXT | --start=FILE:path] [--num_samples=
                  [--temperature=T] [--top_k=K] [--seed=S] [--step=STEP]
 """
 
+import os
 import signal
 import sys
 
@@ -15,7 +16,7 @@ def main(argv: list[str]) -> None:
     # generation, which runs in C++ (minutes, for a long sample), and end in a traceback.
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     parser = ArgumentParser(description=__doc__, allow_abbrev=False)
-    parser.add_argument("--rundir", required=True, help="a run directory made by launch.py")
+    parser.add_argument("--rundir", required=True, type=os.path.expanduser, help="a run directory made by launch.py")
     parser.add_argument("--start", default="\n", help="the prompt, or FILE:path to read it from a file (default: a newline)")
     parser.add_argument("--num_samples", type=positive_int, default=1)
     parser.add_argument("--max_new_tokens", type=int, default=500)

@@ -247,6 +247,11 @@ def test_resume_refuses_another_named_config_but_names_a_run_whose_config_has_no
     assert "'name'" not in str(info.value)
 
 
+def test_a_path_from_home_is_expanded_where_the_shell_leaves_it(config):
+    # --data_dir=~/data reaches us with its ~: the advice to prepare into it made a folder named "~".
+    assert apply_overrides(config, ["--data_dir=~/data"]).data_dir == os.path.expanduser("~/data")
+
+
 def test_unknown_config_name_lists_available_ones():
     with pytest.raises(MidgptError) as info:
         load_config("shakespeare_chr")

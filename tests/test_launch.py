@@ -41,6 +41,20 @@ def short_run(shakespeare_data_dir, tmp_path_factory):
     return rundir
 
 
+def test_a_rundir_from_home_is_expanded_where_the_shell_leaves_it(short_run, shakespeare_data_dir, tmp_path):
+    # --rundir=~/run reaches us with its ~: it made a folder named "~" in the current directory.
+    env = {**os.environ, "HOME": str(tmp_path)}
+    shutil.copytree(short_run, tmp_path / "run")
+    result = subprocess.run([sys.executable, str(REPO_ROOT / "sample.py"), "--rundir=~/run", "--max_new_tokens=5"],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    result = subprocess.run([sys.executable, str(REPO_ROOT / "launch.py"), "--config=shakespeare_char_cpu", *TINY,
+                             "--rundir=~/new", f"--data_dir={shakespeare_data_dir}", "--max_steps=1", "--debug"],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "new" / "config.json").exists() and not (tmp_path / "~").exists()
+
+
 def test_ctrl_c_stops_sampling_at_once(short_run):
     # The generation waits in C++, where Python's KeyboardInterrupt never came: minutes, for a long sample.
     proc = subprocess.Popen([sys.executable, "sample.py", f"--rundir={short_run}", "--start=" + "ROMEO: " * 100,

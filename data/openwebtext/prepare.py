@@ -233,7 +233,7 @@ def prepare(documents, out_dir: Path, num_proc: int, val_fraction: float, source
 
 def main() -> None:
     parser = ArgumentParser(description=__doc__, prog="data/openwebtext/prepare.py")
-    parser.add_argument("--input", nargs="+", action="extend", metavar="FILES",
+    parser.add_argument("--input", nargs="+", action="extend", type=os.path.expanduser, metavar="FILES",
                         help=".txt (one document per blank-line-separated block), .jsonl or .parquet files")
     parser.add_argument("--dataset", help="Hugging Face dataset, without --input (default: Skylion007/openwebtext)")
     parser.add_argument("--data_files", nargs="+", action="extend",
@@ -241,7 +241,7 @@ def main() -> None:
     parser.add_argument("--num_proc", type=int, default=os.cpu_count(), help="tokenizer processes (default: all CPUs)")
     parser.add_argument("--val_fraction", type=float, help="share of documents for val (default: 0.0005 of "
                         "OpenWebText's 8M; 0.01 of --input files, which hold far fewer)")
-    parser.add_argument("--out_dir", help="default: data/openwebtext, or data/bpe_corpus with --input")
+    parser.add_argument("--out_dir", type=os.path.expanduser, help="default: data/openwebtext, or data/bpe_corpus with --input")
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, raise_stopped)
     try:

@@ -41,8 +41,8 @@ def download(path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--input", help="Tiny Shakespeare text file (default: <out_dir>/input.txt, downloaded if absent)")
-    parser.add_argument("--out_dir", default=str(Path(__file__).resolve().parent))
+    parser.add_argument("--input", type=os.path.expanduser, help="Tiny Shakespeare text file (default: <out_dir>/input.txt, downloaded if absent)")
+    parser.add_argument("--out_dir", default=str(Path(__file__).resolve().parent), type=os.path.expanduser)
     args = parser.parse_args()
     out_dir = Path(args.out_dir)
 

@@ -95,6 +95,8 @@ def apply_overrides(config: Config, overrides: list[str]) -> Config:
                 raise MidgptError(f"config field {name!r} is a group; set its fields, e.g. --{name}.FIELD=VALUE")
             hint = _did_you_mean(name, types) or f"; known fields: {', '.join(types)}"
             raise MidgptError(f"unknown config field {name!r}{hint}")
+        if name == "data_dir":  # the shell leaves the ~ of --data_dir=~/data to us
+            text = os.path.expanduser(text)
         config = _replace(config, name, _parse(name, types[name], text))
     return config
 
