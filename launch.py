@@ -15,6 +15,7 @@ from midgpt.cli import ArgumentParser, run
 from midgpt.config import (apply_overrides, check_config, config_names, load_config, read_config_json, resume_config,
                            saved_steps)
 from midgpt.errors import MidgptError
+from midgpt.files import LOCK
 
 
 def new_rundir() -> str:
@@ -35,7 +36,7 @@ def check_new_rundir(rundir: str) -> None:
     """Refuse a --rundir where a new run would overwrite files that are not a run's."""
     if os.path.exists(rundir) and not os.path.isdir(rundir):
         raise MidgptError(f"--rundir={rundir} is a file, not a directory; pass a new --rundir")
-    if os.path.isdir(rundir) and os.listdir(rundir):
+    if os.path.isdir(rundir) and set(os.listdir(rundir)) - {LOCK}:  # a run killed before its config.json
         if not os.path.exists(os.path.join(rundir, "config.json")):
             raise MidgptError(f"--rundir={rundir} holds files but no run (no config.json), which a new run could "
                               "overwrite; pass a new or empty --rundir")

@@ -74,8 +74,8 @@ def test_ctrl_c_stops_sampling_at_once(short_run):
 
 def test_launch_writes_config_metrics_and_checkpoints(short_run, shakespeare_data_dir):
     names = sorted(os.listdir(short_run))
-    assert names[:2] == ["checkpoints", "config.json"] and names[3:] == ["meta.json", "metrics.jsonl"]
-    assert names[2].startswith("events.out.tfevents.")  # TensorBoard
+    assert names[:3] == [".lock", "checkpoints", "config.json"] and names[4:] == ["meta.json", "metrics.jsonl"]
+    assert names[3].startswith("events.out.tfevents.")  # TensorBoard
     with open(os.path.join(short_run, "meta.json")) as f, open(os.path.join(shakespeare_data_dir, "meta.json")) as g:
         assert json.load(f) == json.load(g)  # the tokenizer, with the run
     # Saved at 15 and 30 and at the end; the newest keep_checkpoints=2 are kept.
@@ -445,7 +445,8 @@ def test_a_new_run_never_overwrites_what_its_rundir_holds(shakespeare_data_dir, 
     fragment = {"a file": "is a file, not a directory", "foreign files": "holds files but no run",
                 "a file where checkpoints go": "cannot write to"}[case]
     assert_one_line_error(result, fragment)
-    assert {p: p.read_bytes() for p in sorted(tmp_path.rglob("*")) if p.is_file()} == before
+    after = {p: p.read_bytes() for p in sorted(tmp_path.rglob("*")) if p.is_file()}
+    assert after.pop(rundir / ".lock", b"") == b"" and after == before  # at most the run's empty lock file added
 
 
 def test_resuming_with_another_model_is_refused(short_run, shakespeare_data_dir):

@@ -94,6 +94,25 @@ def test_resume_after_kill_matches_uninterrupted_run(uninterrupted, shakespeare_
     assert_same_run(rundir, uninterrupted)
 
 
+def test_a_second_launch_on_a_run_in_training_stops_in_one_line_and_changes_nothing(shakespeare_data_dir, tmp_path):
+    # A job requeued while its first copy still ran: both trained, and the second's rewind dropped the first's metrics.
+    rundir = tmp_path / "run"
+    first = launch(rundir, shakespeare_data_dir, "--max_steps=100000")
+    wait_for_step(rundir, 5, first)
+    code, output = finish(launch(rundir, shakespeare_data_dir, "--max_steps=100000"))
+    assert code == 1 and output.strip().splitlines()[-1] == (
+        f"error: another launch.py is training the run in {rundir}; wait for it to end (or stop it), "
+        "or pass another --rundir"), output
+    wait_for_step(rundir, 10, first)  # undisturbed
+    first.send_signal(signal.SIGTERM)
+    code, output = finish(first)
+    assert code == 0, output
+    steps = [r["step"] for r in metrics(rundir)]
+    assert steps == list(range(5, steps[-1] + 1, 5))  # each once, none lost
+    code, output = finish(launch(rundir, shakespeare_data_dir, "--max_steps=1"))  # released at its end
+    assert code == 0 and "max_steps=1 is reached" in output, output
+
+
 def test_sigterm_saves_a_checkpoint_and_exits_0_then_resumes_exactly(uninterrupted, shakespeare_data_dir, tmp_path):
     rundir = tmp_path / "run"
     proc = launch(rundir, shakespeare_data_dir)

@@ -1,6 +1,7 @@
 """Files a kill cannot tear: each is written beside its path, then renamed over it."""
 
 import contextlib
+import fcntl
 import os
 
 from midgpt.errors import MidgptError
@@ -26,3 +27,23 @@ def writing_to(rundir: str, fix: str = "free space, or pass a --rundir you can w
         yield
     except OSError as e:
         raise MidgptError(f"cannot write to {rundir} ({e}); {fix}") from None
+
+
+LOCK = ".lock"  # in the run directory, held by the launch.py that trains it
+
+
+def lock_run(rundir: str):
+    """Open RUNDIR/.lock holding an exclusive lock, released when it is closed or the process ends."""
+    # Two copies of one run (a job requeued while it still runs) would write the same files, and
+    # the second's rewind would drop the first's metrics. flock dies with its process: no stale lock.
+    os.makedirs(rundir, exist_ok=True)
+    f = open(os.path.join(rundir, LOCK), "a")  # never written: a refused start changes no file
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.close()
+        raise MidgptError(f"another launch.py is training the run in {rundir}; wait for it to end (or stop it), "
+                          "or pass another --rundir") from None
+    except OSError:  # a filesystem without locks: train unguarded, as before
+        pass
+    return f

@@ -1,5 +1,6 @@
 """The training step (a pure function) and the plain Python loop around it."""
 
+import contextlib
 import json
 import math
 import os
@@ -19,7 +20,7 @@ from tqdm import tqdm
 from midgpt import checkpoint, cli, data, memory, mfu, sharding
 from midgpt.config import Config, config_to_dict
 from midgpt.errors import MidgptError
-from midgpt.files import write_atomically, writing_to
+from midgpt.files import lock_run, write_atomically, writing_to
 from midgpt.metrics import MetricsLog
 from midgpt.model import GPT, cast_floats, check_cudnn, count_params
 from midgpt.optimizer import lr_schedule, make_optimizer
@@ -217,11 +218,12 @@ def train(config: Config, rundir: str, debug: bool = False, resume: bool = False
     """
     # Heard from the start, not only in the loop: after jax.distributed.initialize, JAX's own
     # SIGTERM handler would take a signal during the restore or the compile and only note it.
-    with cli.StopSignals() as signals:
-        return _train(config, rundir, debug, resume, signals)
+    with cli.StopSignals() as signals, contextlib.ExitStack() as held:  # held: the run directory's lock
+        return _train(config, rundir, debug, resume, signals, held)
 
 
-def _train(config: Config, rundir: str, debug: bool, resume: bool, signals: cli.StopSignals) -> GPT:
+def _train(config: Config, rundir: str, debug: bool, resume: bool, signals: cli.StopSignals,
+           held: contextlib.ExitStack) -> GPT:
     sharding.check_same_arguments(config, rundir, debug, resume)
     check_cudnn(config.model, config.compute_dtype, jax.devices()[0])
     if resume:  # first: load_splits' advice for a larger vocabulary would be another model
@@ -237,6 +239,9 @@ def _train(config: Config, rundir: str, debug: bool, resume: bool, signals: cli.
     shardings, _ = state_layout(config, optimizer, mesh)
     plan_memory(config, mesh, like, shardings, say)  # before anything is written, so a retry starts afresh
     pieces = pieces_per_micro_batch(config, mesh)
+    with sharding.failing_together(), writing_to(rundir):  # before the first write
+        if is_main:
+            held.enter_context(lock_run(rundir))
     with writing_to(rundir):
         manager = None if debug else checkpoint.make_manager(rundir, config)
     if debug:
