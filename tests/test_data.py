@@ -64,6 +64,16 @@ def test_prepare_refuses_a_text_too_short_for_two_splits(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_prepare_sends_a_text_of_too_many_characters_to_bpe(tmp_path):
+    (tmp_path / "many.txt").write_text("".join(map(chr, range(0x10000, 0x10000 + 2**16 + 1))))  # no surrogates
+    result = subprocess.run([sys.executable, str(PREPARE), "--input", str(tmp_path / "many.txt"),
+                             "--out_dir", str(tmp_path / "out")], capture_output=True, text=True)
+    assert result.returncode != 0 and result.stderr == (
+        f"prepare.py: 65537 distinct characters do not fit uint16 token ids; for such text, use GPT-2 BPE: "
+        f"python data/openwebtext/prepare.py --input {tmp_path}/many.txt\n"), result.stderr
+    assert not (tmp_path / "out").exists()
+
+
 def test_prepare_drops_a_byte_order_mark(tmp_path):
     outputs = []
     for name, data in (("plain", b"hello\r\nworld\n" * 20), ("bom", b"\xef\xbb\xbf" + b"hello\r\nworld\n" * 20)):

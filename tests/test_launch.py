@@ -443,7 +443,7 @@ def test_a_new_run_never_overwrites_what_its_rundir_holds(shakespeare_data_dir, 
     result = run("launch.py", "--config=shakespeare_char_cpu", f"--rundir={rundir}",
                  f"--data_dir={shakespeare_data_dir}", "--max_steps=5", *TINY)
     fragment = {"a file": "is a file, not a directory", "foreign files": "holds files but no run",
-                "a file where checkpoints go": "cannot write to"}[case]
+                "a file where checkpoints go": "; fix that, or pass a --rundir you can write to"}[case]  # not "free space"
     assert_one_line_error(result, fragment)
     after = {p: p.read_bytes() for p in sorted(tmp_path.rglob("*")) if p.is_file()}
     assert after.pop(rundir / ".lock", b"") == b"" and after == before  # at most the run's empty lock file added
@@ -480,6 +480,9 @@ def test_sample_errors_are_one_line(short_run, shakespeare_data_dir, tmp_path):
     assert_one_line_error(run("sample.py", f"--rundir={edited}"), "holds other arrays than this model")
     (edited / "config.json").write_text(json.dumps({**config, "model": {**config["model"], "remat": "bogus"}}))
     assert_one_line_error(run("sample.py", f"--rundir={edited}"), "model.remat")  # as launch.py would refuse it
+    (edited / "config.json").write_text(json.dumps({**config, "note": "mine"}))
+    assert_one_line_error(run("sample.py", f"--rundir={edited}"), f"{edited}/config.json: unknown config keys: note; "
+                          "undo the edit, or use the version of midgpt that wrote it")
     (tmp_path / "latin1.txt").write_bytes("café".encode("latin-1"))
     assert_one_line_error(run("sample.py", f"--rundir={short_run}", f"--start=FILE:{tmp_path}/latin1.txt"),
                           "cannot read the prompt file")

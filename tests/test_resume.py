@@ -303,6 +303,9 @@ def test_a_non_finite_metric_stops_the_run_before_its_checkpoint(name, value):
     check_finite(metrics, 7, 5)
     with pytest.raises(MidgptError, match=f"{name} is {value} at step 7: training diverged; checkpoint 5 is untouched"):
         check_finite({**metrics, name: value}, 7, 5)
+    with pytest.raises(MidgptError, match="training diverged; no checkpoint was written: run the same command with "
+                                          "a lower --learning_rate to start again"):
+        check_finite({**metrics, name: value}, 7, None)
 
 
 def test_checkpoint_saved_on_eight_devices_restores_on_one(shakespeare_data_dir, tmp_path):

@@ -375,7 +375,9 @@ def test_ctrl_c_stops_a_process_waiting_for_the_others_to_join(tmp_path):
 @pytest.mark.parametrize("args, fragment", [
     (["--mesh_shape=3,-1"], "mesh_shape=3,-1 does not fit the 8 devices"),
     (["--mesh_shape=2,2"], "mesh_shape=2,2 does not fit the 8 devices"),
-    (["--batch_size=12"], "batch_size=12 does not split over the 8 devices"),
+    (["--batch_size=12"], "batch_size=12 does not split over the 8 devices of the mesh; use a multiple of 8 "
+                          "(--batch_size=8 or --batch_size=16; g_accum_iters can keep the global batch near 12 rows)"),
+    (["--batch_size=5"], "use a multiple of 8 (--batch_size=8; g_accum_iters"),  # no batch of 0
 ])
 def test_a_mesh_that_does_not_fit_or_a_batch_that_does_not_divide_is_one_line(args, fragment, shakespeare_data_dir, tmp_path):
     p = launch("--config=shakespeare_char_cpu", f"--data_dir={shakespeare_data_dir}", f"--rundir={tmp_path}/run",

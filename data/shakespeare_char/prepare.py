@@ -5,6 +5,7 @@ import hashlib
 import http.client
 import json
 import os
+import shlex
 import sys
 import urllib.request
 from pathlib import Path
@@ -53,7 +54,8 @@ def main() -> None:
 
     chars = sorted(set(text))
     if len(chars) > 2**16:
-        sys.exit(f"prepare.py: {len(chars)} distinct characters do not fit uint16 token ids")
+        sys.exit(f"prepare.py: {len(chars)} distinct characters do not fit uint16 token ids; for such text, "
+                 f"use GPT-2 BPE: python data/openwebtext/prepare.py --input {shlex.quote(str(input_path))}")
     stoi = {c: i for i, c in enumerate(chars)}
     ids = np.array([stoi[c] for c in text], dtype=np.uint16)
     n_train = int(0.9 * len(ids))

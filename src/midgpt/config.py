@@ -125,9 +125,13 @@ def read_config_json(rundir: str) -> Config:
         raise MidgptError(f"{path} not found; is {rundir} a run directory made by launch.py?")
     try:
         with open(path, encoding="utf-8") as f:
-            return config_from_dict(json.load(f))
+            saved = json.load(f)
     except (OSError, ValueError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise MidgptError(f"cannot read {path} as JSON ({e}); restore it or pass a new --rundir") from None
+    try:
+        return config_from_dict(saved)
+    except MidgptError as e:  # an edit, or another version of midgpt: which, only the user knows
+        raise MidgptError(f"{path}: {e}; undo the edit, or use the version of midgpt that wrote it") from None
 
 
 def resume_config(saved: Config, named: Config, overrides: list[str]) -> tuple[Config, list[str], list[str]]:

@@ -1,6 +1,7 @@
 """Files a kill cannot tear: each is written beside its path, then renamed over it."""
 
 import contextlib
+import errno
 import fcntl
 import os
 
@@ -21,12 +22,17 @@ def write_atomically(path: str | os.PathLike, data: str | bytes) -> None:
 
 
 @contextlib.contextmanager
-def writing_to(rundir: str, fix: str = "free space, or pass a --rundir you can write to"):
-    """Turn an OSError (a read-only or full disk, a file in the way) into one line naming the run directory."""
+def writing_to(rundir: str, then: str | None = None):
+    """Turn an OSError (a read-only or full disk, a file in the way) into one line naming the run directory.
+
+    then: what to do once the cause is fixed (default: pass another --rundir).
+    """
     try:
         yield
     except OSError as e:
-        raise MidgptError(f"cannot write to {rundir} ({e}); {fix}") from None
+        cause = "free space" if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) else "fix that"
+        raise MidgptError(f"cannot write to {rundir} ({e}); "
+                          + (f"{cause} and {then}" if then else f"{cause}, or pass a --rundir you can write to")) from None
 
 
 LOCK = ".lock"  # in the run directory, held by the launch.py that trains it

@@ -47,8 +47,9 @@ def make_mesh(config: Config, resuming: bool = False) -> Mesh:
             counts = f"{', '.join(smaller)} or {largest}" if smaller else largest
             raise MidgptError(f"this run's batch_size={B} does not split over the {n} devices of the mesh; "
                               f"resume it on a device count that divides {B} ({counts})")
-        raise MidgptError(f"batch_size={B} does not split over the {n} devices of the mesh; "
-                          f"use a multiple of {n} (and raise g_accum_iters to keep the global batch)")
+        near = " or ".join(f"--batch_size={b}" for b in (B // n * n, B // n * n + n) if b)
+        raise MidgptError(f"batch_size={B} does not split over the {n} devices of the mesh; use a multiple of {n} "
+                          f"({near}; g_accum_iters can keep the global batch near {B * config.g_accum_iters} rows)")
     # Auto axes: XLA propagates shardings from the declared inputs and outputs.
     return jax.make_mesh((replica, fsdp), DATA_AXES, axis_types=(AxisType.Auto,) * 2)
 

@@ -193,7 +193,8 @@ def check_finite(metrics: dict, step: int, last_checkpoint: int | None):
         value = float(metrics[name])
         if not math.isfinite(value):
             kept = (f"checkpoint {last_checkpoint} is untouched: lower --learning_rate and run the same "
-                    "command to resume from it" if last_checkpoint else "no checkpoint was written")
+                    "command to resume from it" if last_checkpoint else "no checkpoint was written: run the same command "
+                    "with a lower --learning_rate to start again")
             raise MidgptError(f"{name} is {value} at step {step}: training diverged; {kept}")
 
 
@@ -257,7 +258,7 @@ def _train(config: Config, rundir: str, debug: bool, resume: bool, signals: cli.
             say(f"max_steps={config.max_steps} is reached: nothing to train (a larger --max_steps goes on)")
     last_checkpoint = start or None
     # Mid-run, the fix for a full disk is to resume, not to start over elsewhere.
-    resume_fix = lambda: "free space and run the same command to " + (
+    resume_fix = lambda: "run the same command to " + (
         f"resume from checkpoint {last_checkpoint}" if last_checkpoint else "start again (no checkpoint yet)")
     # After the restore, which may refuse the run directory. A full disk, a hand-edited metrics.jsonl:
     # process 0's alone, and every process stops on it.
