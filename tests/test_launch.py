@@ -495,6 +495,9 @@ def test_sample_errors_are_one_line(short_run, shakespeare_data_dir, tmp_path):
     (edited / "config.json").write_text(json.dumps(config))
     (edited / "meta.json").write_text(json.dumps({**meta, "chars": [c if c != "\n" else "~" for c in meta["chars"]]}))
     assert_one_line_error(run("sample.py", f"--rundir={edited}"), "the default --start: pass --start=TEXT")
+    (edited / "meta.json").write_text(json.dumps({**meta, "chars": "abc"}))  # decoding id 3 was an IndexError
+    assert_one_line_error(run("sample.py", f"--rundir={edited}", "--start=a"), f"{edited}/meta.json describes no "
+                          "tokenizer (tokenizer 'char' with vocab_size characters in chars")
     (edited / "meta.json").write_text('{"vocab')  # the run's copy: preparing the data again would not mend it
     for script, args in (("sample.py", []), ("launch.py", ["--config=shakespeare_char_cpu", "--max_steps=45", *TINY,
                                                           f"--data_dir={shakespeare_data_dir}"])):

@@ -47,6 +47,12 @@ def load_meta(data_dir: str, fix: str = "prepare the data again") -> dict:
         raise MidgptError(f"cannot read {path} as JSON ({e}); {fix}") from None
     if not isinstance(meta, dict) or not isinstance(meta.get("vocab_size"), int):
         raise MidgptError(f"{path} names no vocab_size; {fix}")
+    # What decoding reads: a hand edit that breaks it would be an IndexError, or text from another vocabulary.
+    tokenizer, chars = meta.get("tokenizer"), meta.get("chars")
+    if not (tokenizer == "gpt2" and meta["vocab_size"] == 50257 or tokenizer == "char" and isinstance(chars, (list, str))
+            and len(chars) == meta["vocab_size"] and all(isinstance(c, str) and len(c) == 1 for c in chars)):
+        raise MidgptError(f"{path} describes no tokenizer (tokenizer 'char' with vocab_size characters in chars, "
+                          f"or 'gpt2' with vocab_size 50257); {fix}")
     return meta
 
 
