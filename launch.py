@@ -88,6 +88,9 @@ def main(argv: list[str]) -> None:
     if args.multihost:  # before anything touches a device
         # It waits in C++ for the other processes, where Python's handler never runs: let Ctrl-C kill it.
         handler = signal.signal(signal.SIGINT, signal.SIG_DFL)
+        # Said first: a process that never comes leaves the others silent for JAX's 5 minutes, then a C++ abort.
+        print("waiting for every process to join (jax.distributed.initialize, at most 5 minutes; Ctrl-C stops it)",
+              flush=True)
         try:
             jax.distributed.initialize(**cluster)
         except (ValueError, RuntimeError) as e:  # no cluster detected, the coordinator never answered

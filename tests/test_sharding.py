@@ -366,10 +366,11 @@ def test_ctrl_c_stops_a_process_waiting_for_the_others_to_join(tmp_path):
         time.sleep(0.1)
     proc.send_signal(signal.SIGINT)
     try:
-        proc.communicate(timeout=20)
+        out, _ = proc.communicate(timeout=20)
     finally:
         proc.kill()  # not left waiting, if the signal was not heard
     assert proc.returncode == -signal.SIGINT
+    assert out.startswith("waiting for every process to join (jax.distributed.initialize, at most 5 minutes"), out
 
 
 @pytest.mark.parametrize("args, fragment", [
