@@ -56,18 +56,17 @@ def make_manager(rundir: str, config: Config) -> ocp.CheckpointManager:
 
 
 @jax.jit
-def fingerprints(arrays):
-    """Per array, its bits summed with odd weights modulo 2**32: exact on any mesh, and changed by any one changed value."""
-    def one(x):
-        bits = jax.lax.bitcast_convert_type(x, jnp.dtype(f"uint{8 * x.dtype.itemsize}")).astype(jnp.uint32)
-        weights = 2 * jax.lax.iota(jnp.uint32, x.size).reshape(x.shape) + 1  # odd: invertible modulo 2**32
-        return jnp.sum(bits * weights, dtype=jnp.uint32)
-    return jax.tree.map(one, arrays)
+def fingerprint(x: jax.Array) -> jax.Array:
+    """x's bits summed with odd weights modulo 2**32: exact on any mesh, and changed by any one changed value."""
+    bits = jax.lax.bitcast_convert_type(x, jnp.dtype(f"uint{8 * x.dtype.itemsize}")).astype(jnp.uint32)
+    weights = 2 * jax.lax.iota(jnp.uint32, x.size).reshape(x.shape) + 1  # odd: invertible modulo 2**32
+    return jnp.sum(bits * weights, dtype=jnp.uint32)
 
 
 def fingerprint_dict(tree) -> dict[str, int]:
     """{dotted path: fingerprint} of a tree's arrays, keyed as array_shapes keys them."""
-    found = jax.device_get(fingerprints(eqx.filter(tree, eqx.is_array)))
+    # An array at a time: XLA:CPU holds the weighted bits whole, and a whole state's would be its size again.
+    found = jax.device_get(jax.tree.map(fingerprint, eqx.filter(tree, eqx.is_array)))
     return {jax.tree_util.keystr(path, simple=True, separator="."): int(x)
             for path, x in jax.tree_util.tree_flatten_with_path(found)[0]}
 
