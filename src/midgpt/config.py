@@ -285,8 +285,8 @@ def check_config(config: Config) -> None:
     # the ways to split a batch would take minutes before the memory plan could refuse it.
     for name, micro_batches in (("g_accum_iters", config.g_accum_iters), ("eval_iters", config.eval_iters)):
         if (tokens := micro_batches * config.batch_size * m.block_size) >= 2**31:
-            raise MidgptError(f"{name} x batch_size x model.block_size is {tokens:,} tokens at once, more than any "
-                              "device holds; lower them (below 2**31 together)")
+            raise MidgptError(f"{name} x batch_size x model.block_size is {tokens:,} tokens at once, far beyond "
+                              "any run (GPT-3 took 3.2M a step); lower them (below 2**31 together)")
     # numpy's generators, which draw the batches, take no negative seed; jax.random.key keeps 32 bits
     # (without jax_enable_x64), and the dropout key is key(seed + 1), so seed + 1 must stay below 2**32
     if not 0 <= config.seed < 2**32 - 1:
