@@ -31,6 +31,12 @@ def pytest_unconfigure(config):
         shutil.rmtree(cache, ignore_errors=True)
 
 
+def this_tree_env(**extra: str) -> dict[str, str]:
+    """The environment for a child Python that imports this tree's midgpt, not an installed one's."""
+    path = os.pathsep.join([str(REPO_ROOT / "src"), os.environ.get("PYTHONPATH", "")])
+    return {**os.environ, "PYTHONPATH": path, **extra}
+
+
 def small_files(kib: int) -> list[str]:
     """A command prefix under which a write past kib KiB fails (File too large), as on a full disk."""
     # Set by the shell: a preexec_fn would fork the multithreaded test process. SIGXFSZ ignored, the

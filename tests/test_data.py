@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import PREPARE, REPO_ROOT
+from conftest import PREPARE, this_tree_env
 from midgpt.config import apply_overrides, load_config
 from midgpt.data import get_batch, load_meta, load_splits, load_tokens
 from midgpt.tokenizer import decode, encode
@@ -165,7 +165,7 @@ np.savez(out, x=x_BxT, y=y_BxT)
 
 
 def test_two_processes_rows_concatenate_to_the_global_batch(shakespeare_data_dir, tmp_path):
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
+    env = this_tree_env()
     procs = [
         subprocess.Popen([sys.executable, "-c", CHILD, shakespeare_data_dir, str(start), str(stop), str(tmp_path / f"{i}.npz")], env=env)
         for i, (start, stop) in enumerate([(0, 4), (4, 8)])

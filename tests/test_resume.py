@@ -12,7 +12,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, this_tree_env
 from midgpt.checkpoint import committed
 
 STEPS = 60  # checkpoints at 20, 40 and 60
@@ -387,7 +387,7 @@ with cli.StopSignals() as signals:
 def test_two_interrupts_during_a_wait_in_cpp_stop_at_once_unless_they_come_as_one(gap_s):
     # Python runs a handler only between bytecodes, so it ran once for both, after the wait: the
     # run went on to the next checkpoint. Two a millisecond apart are one Ctrl-C passed on twice.
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
+    env = this_tree_env()
     result = subprocess.run([sys.executable, "-c", WAITING_IN_CPP, str(gap_s)], env=env, capture_output=True,
                             text=True, timeout=120)
     if gap_s > 0.1:

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from conftest import REPO_ROOT, small_files
+from conftest import REPO_ROOT, small_files, this_tree_env
 from midgpt import mfu
 from midgpt.config import Config, ModelConfig
 from midgpt.optimizer import make_optimizer
@@ -226,8 +226,7 @@ print(json.dumps({"rows": sharding.process_rows(x_GxBxT.sharding, (3, 16, 8), 1)
 
 def test_each_process_reads_its_own_rows_when_the_mesh_interleaves_processes():
     port = free_port()
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
-           "PYTHONPATH": os.pathsep.join([str(REPO_ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
+    env = this_tree_env(XLA_FLAGS="--xla_force_host_platform_device_count=4")
     procs = [subprocess.Popen([sys.executable, "-c", INTERLEAVED_BATCH, f"127.0.0.1:{port}", str(i)], env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
     results = [p.communicate(timeout=120) for p in procs]
@@ -327,7 +326,7 @@ def test_any_error_on_one_process_stops_the_other_at_the_end_of_the_block():
     # A metrics.jsonl with a byte that is not UTF-8 stopped process 0 with a UnicodeDecodeError,
     # and process 1 waited for it at its next collective.
     port = free_port()
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
+    env = this_tree_env()
     procs = [subprocess.Popen([sys.executable, "-c", FAILING_TOGETHER, f"127.0.0.1:{port}", str(i)], env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
     results = [p.communicate(timeout=120) for p in procs]
