@@ -11,6 +11,7 @@ import numpy as np
 import optax
 import pytest
 
+from midgpt import memory
 from midgpt.config import ModelConfig
 from midgpt.model import GPT, attention_implementation, cast_floats, cudnn_flash_fits, dropout, project
 from midgpt.precision import cross_entropy
@@ -83,8 +84,8 @@ def dropout_reference():
     return loss_and_grads(DROPOUT_CONFIG, tokens(), key=jax.random.key(DROPOUT_KEY))
 
 
-# ("none", 3): no remat, every layer unrolled, as shakespeare_char runs
-@pytest.mark.parametrize("remat, unroll", [("dots", 1), ("none", 1), ("full", 3), ("none", 2), ("none", 3)])
+# ("none", 3): no remat, every layer unrolled, as shakespeare_char runs; ("full", 2) as shakespeare_char_cpu
+@pytest.mark.parametrize("remat, unroll", [("dots", 1), ("none", 1), ("full", 2), ("full", 3), ("none", 2), ("none", 3)])
 def test_remat_policy_and_scan_unroll_change_nothing_but_speed(remat, unroll):
     assert (remat, unroll) != (CONFIG.remat, CONFIG.scan_unroll)
     variant = dataclasses.replace(DROPOUT_CONFIG, remat=remat, scan_unroll=unroll)
@@ -157,7 +158,7 @@ def test_dropout_drops_at_its_rate_keeps_the_mean_and_redraws_per_key():
     assert dropout(x, 0.2, None) is x and dropout(x, 0.0, jax.random.key(0)) is x
 
 
-# Small batches run several at a time, in groups with a remainder; 512 x 16 x 32 fills
+# Small batches run several at a time, in groups that divide G; 512 x 16 x 32 fills
 # ACTIVATIONS_AT_ONCE (a plain scan), 1024 x 16 x 32 outgrows it (lax.map's batch_size=1).
 @pytest.mark.parametrize("B, pieces", [(16, 1), (16, 4), (512, 1), (1024, 1)])
 def test_evaluating_batches_in_pieces_gives_the_mean_of_their_losses(B, pieces):
@@ -168,6 +169,21 @@ def test_evaluating_batches_in_pieces_gives_the_mean_of_their_losses(B, pieces):
     x_GxBxT, y_GxBxT = jnp.asarray(tokens_GxBxT1[..., :-1]), jnp.asarray(tokens_GxBxT1[..., 1:])
     each = [jax.jit(loss_fn)(model, x_GxBxT[g], y_GxBxT[g]) for g in range(G)]
     np.testing.assert_allclose(eval_loss(model, x_GxBxT, y_GxBxT, "float32", pieces), np.mean(each), rtol=1e-6)
+
+
+@pytest.mark.parametrize("G", [7, 50, 53])  # groups of 4 would leave 3, 2 and 1 batches
+def test_evaluation_compiles_the_model_once_whatever_the_number_of_batches(G):
+    B, T = 192, CONFIG.block_size
+    assert ACTIVATIONS_AT_ONCE // (B * T * CONFIG.n_embd) == 4  # batches to run at once
+    model = GPT(CONFIG, key=jax.random.key(0))
+    dots = lambda G: str(jax.make_jaxpr(lambda m, x: eval_loss(m, x, x, "float32"))(
+        model, jnp.zeros((G, B, T), jnp.int32))).count("dot_general")
+    assert dots(G) == dots(1)  # lax.map would trace the model again for a remainder
+
+
+def test_nearest_divisor():
+    assert [memory.nearest_divisor(50, k) for k in (1, 3, 4, 8, 40, 99)] == [1, 2, 5, 10, 50, 50]
+    assert memory.nearest_divisor(53, 4) == 1 and memory.nearest_divisor(12, 5) == 4  # the smaller of 4 and 6
 
 
 def reference_loss(model: GPT, x_BxT, y_BxT):

@@ -38,6 +38,11 @@ def fewest_parts(n: int, fits) -> int:
     return next(k for k in range(1, n + 1) if n % k == 0 and (fits(k) or k == n))
 
 
+def nearest_divisor(n: int, k: int) -> int:
+    """The divisor of n nearest k, the smaller of two as near."""
+    return min((d for d in range(1, n + 1) if n % d == 0), key=lambda d: abs(d - k))
+
+
 def loss_chunks(config: Config, mesh: Mesh, pieces: int) -> int:
     """Into how many slices of the sequence the loss cuts each piece's logits (precision.cross_entropy)."""
     rows = max(1, config.batch_size // pieces // mesh.size)  # per device

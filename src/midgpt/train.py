@@ -165,8 +165,11 @@ def eval_loss(model: GPT, x_GxBxT, y_GxBxT, compute_dtype: str, pieces: int = 1,
     # to keep a CPU busy (shakespeare_char_cpu's evaluation: 0.21 s -> 0.17 s here). lax.map's
     # batch_size=1 adds a vmap of one, which XLA:CPU ran 10% slower on pieces that fill the
     # budget (shakespeare_char's) but in a quarter less time on its whole 64-row batches:
-    # batches over the budget keep it.
+    # batches over the budget keep it. A group that does not divide the pieces leaves a remainder,
+    # for which lax.map compiles the model again (0.6 s of shakespeare_char_cpu's 1.8 s compile).
     at_once = ACTIVATIONS_AT_ONCE // (B // pieces * T * model.config.n_embd)
+    if at_once > 1:
+        at_once = memory.nearest_divisor(G * pieces, at_once)
     loss_M = jax.lax.map(lambda batch: loss_fn(model, *batch, gather=gather, chunks=chunks), (x_MxbxT, y_MxbxT),
                          batch_size=None if at_once == 1 else max(1, at_once))
     return loss_M.mean()
