@@ -100,9 +100,9 @@ def test_a_second_launch_on_a_run_in_training_stops_in_one_line_and_changes_noth
     first = launch(rundir, shakespeare_data_dir, "--max_steps=100000")
     wait_for_step(rundir, 5, first)
     code, output = finish(launch(rundir, shakespeare_data_dir, "--max_steps=100000"))
-    assert code == 1 and output.strip().splitlines()[-1] == (
+    assert code == 1 and output.strip().splitlines() == [(
         f"error: another launch.py is training the run in {rundir}; wait for it to end (or stop it), "
-        "or pass another --rundir"), output
+        "or pass another --rundir")], output
     wait_for_step(rundir, 10, first)  # undisturbed
     first.send_signal(signal.SIGTERM)
     code, output = finish(first)

@@ -236,6 +236,18 @@ def _train(config: Config, rundir: str, debug: bool, resume: bool, signals: cli.
     mesh = sharding.make_mesh(config, resuming=resume)
     is_main = jax.process_index() == 0
     say = cli.say if is_main else lambda _: None
+
+    def lock():  # process 0 holds it; if it is refused, every process stops
+        with sharding.failing_together(), writing_to(rundir):
+            if is_main:
+                held.enter_context(lock_run(rundir))
+
+    # A directory that exists may hold a run in training: locked before anything is said, a second
+    # launch prints only its refusal. A new one is made by its lock, at the first write, so that
+    # failed checks leave none. (Every process sees the one directory: all take the same branch.)
+    lock_now = os.path.isdir(rundir)
+    if lock_now:
+        lock()
     say("config: " + json.dumps(config_to_dict(config)))
     optimizer = make_optimizer(config)
     # The state's shapes and layout, without computing it: for the memory plan and a restore.
@@ -243,9 +255,8 @@ def _train(config: Config, rundir: str, debug: bool, resume: bool, signals: cli.
     shardings, _ = state_layout(config, optimizer, mesh)
     plan_memory(config, mesh, like, shardings, say)  # before anything is written, so a retry starts afresh
     pieces = pieces_per_micro_batch(config, mesh)
-    with sharding.failing_together(), writing_to(rundir):  # before the first write
-        if is_main:
-            held.enter_context(lock_run(rundir))
+    if not lock_now:  # before the first write
+        lock()
     with writing_to(rundir):
         manager = None if debug else checkpoint.make_manager(rundir, config)
     if debug:
