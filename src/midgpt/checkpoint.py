@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
+from midgpt import sharding
 from midgpt.config import Config, config_to_dict, saved_steps
 from midgpt.errors import MidgptError
 
@@ -114,7 +115,7 @@ def failed_saves_in_one_line(manager: ocp.CheckpointManager):
 
 def placed(like, shardings):
     """(like's arrays as ShapeDtypeStructs placed by shardings, the rest of like)."""
-    arrays_like, static = eqx.partition(like, lambda x: isinstance(x, jax.ShapeDtypeStruct))
+    arrays_like, static = eqx.partition(like, sharding.is_abstract)
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), arrays_like, shardings), static
 
 

@@ -12,12 +12,12 @@ from jax.sharding import Mesh
 from midgpt.config import Config
 from midgpt.errors import MidgptError
 from midgpt.model import attention_implementation
-from midgpt.sharding import REPLICA
+from midgpt.sharding import REPLICA, is_abstract, on_cpu
 
 
 def placed(arrays_like, shardings):
     """(abstract array, its sharding) for each array of a pytree."""
-    arrays = jax.tree.leaves(eqx.filter(arrays_like, lambda x: isinstance(x, jax.ShapeDtypeStruct)))
+    arrays = jax.tree.leaves(eqx.filter(arrays_like, is_abstract))
     return zip(arrays, jax.tree.leaves(shardings), strict=True)
 
 
@@ -94,7 +94,7 @@ def gathered_bytes(config: Config, mesh: Mesh, state_like, state_shardings) -> i
     model, shardings, m = state_like.model, state_shardings.model, config.model
     layers = 2 + (m.remat == "none") * m.n_layer
     # XLA:CPU runs bf16 collectives in float32; GPUs and TPUs gather the compute dtype.
-    itemsize = 4 if mesh.devices.flat[0].platform == "cpu" else np.dtype(config.compute_dtype).itemsize
+    itemsize = 4 if on_cpu(mesh) else np.dtype(config.compute_dtype).itemsize
     return (layers * elements(model.blocks, shardings.blocks) // m.n_layer
             + elements(model.embed_VxD, shardings.embed_VxD)) * itemsize
 
@@ -110,8 +110,8 @@ def estimate(config: Config, mesh: Mesh, state_like, state_shardings, pieces: in
     # The micro-batches' tokens, x and y in int32: a step's twice (the next is prefetched), an
     # evaluation's; on CPU also the int64 offsets and int32 windows that data.get_batch cuts them from.
     rows = config.batch_size // mesh.size
-    on_cpu = mesh.devices.flat[0].platform == "cpu"
-    batches = (2 * config.g_accum_iters + config.eval_iters) * rows * (config.model.block_size + 1) * (8 + 12 * on_cpu)
+    windows = (2 * config.g_accum_iters + config.eval_iters) * rows * (config.model.block_size + 1)
+    batches = windows * (8 + 12 * on_cpu(mesh))
     parts = {
         "parameters": params,
         # Gradients, plus their running sum when micro-batches (or their pieces) are accumulated.

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import SingleDeviceSharding
 
-from midgpt import checkpoint, data
+from midgpt import checkpoint, data, sharding
 from midgpt.config import Config, check_config, read_config_json
 from midgpt.errors import MidgptError
 from midgpt.model import GPT, project
@@ -32,7 +32,7 @@ def load_model(rundir: str, step: int | None = None) -> tuple[Config, GPT]:
         raise MidgptError(f"{rundir} has no checkpoint at step {step}; it has {sorted(steps) or 'none'}")
     like = eqx.filter_eval_shape(fresh_state, config, make_optimizer(config)).model
     one_device = jax.tree.map(lambda _: SingleDeviceSharding(jax.devices()[0]),
-                              eqx.filter(like, lambda x: isinstance(x, jax.ShapeDtypeStruct)))
+                              eqx.filter(like, sharding.is_abstract))
     try:
         checkpoint.check_arrays(checkpoint.step_directory(rundir, step), like, part="model")  # another model is no damage
         model = checkpoint.restore_model(manager, step, like, one_device)

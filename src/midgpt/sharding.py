@@ -54,6 +54,16 @@ def make_mesh(config: Config, resuming: bool = False) -> Mesh:
     return jax.make_mesh((replica, fsdp), DATA_AXES, axis_types=(AxisType.Auto,) * 2)
 
 
+def is_abstract(x) -> bool:
+    """Whether x is an array's shape and dtype alone, as eqx.filter_eval_shape leaves the arrays of a pytree."""
+    return isinstance(x, jax.ShapeDtypeStruct)
+
+
+def on_cpu(mesh: Mesh) -> bool:
+    """Whether the mesh is of CPU devices (a host's, or several faked by XLA_FLAGS)."""
+    return mesh.devices.flat[0].platform == "cpu"
+
+
 def param_spec(x, stacked: bool, config: Config, fsdp_size: int) -> P:
     """Shard the largest dimension that fsdp divides, never a stacked layer axis; small arrays are replicated."""
     if not config.shard_model or fsdp_size == 1 or x.size < config.fsdp_min_size:

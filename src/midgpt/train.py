@@ -57,7 +57,7 @@ def fresh_state(config: Config, optimizer: optax.GradientTransformation) -> Trai
 def state_layout(config: Config, optimizer: optax.GradientTransformation, mesh: Mesh):
     """(shardings of the state's arrays, the state's non-array part), without computing it."""
     like = eqx.filter_eval_shape(fresh_state, config, optimizer)
-    arrays_like, static = eqx.partition(like, lambda x: isinstance(x, jax.ShapeDtypeStruct))
+    arrays_like, static = eqx.partition(like, sharding.is_abstract)
     return sharding.state_shardings(arrays_like, mesh, config), static
 
 
@@ -79,7 +79,7 @@ ACTIVATIONS_AT_ONCE = 1024 * 384
 def pieces_per_micro_batch(config: Config, mesh: Mesh) -> int:
     """Into how many equal pieces the step and evaluation cut each micro-batch: more than one only on a lone CPU device."""
     B, T, D = config.batch_size, config.model.block_size, config.model.n_embd
-    if mesh.size > 1 or mesh.devices.flat[0].platform != "cpu":
+    if mesh.size > 1 or not sharding.on_cpu(mesh):
         return 1
     return memory.fewest_parts(B, lambda k: B // k * T * D <= ACTIVATIONS_AT_ONCE)
 
