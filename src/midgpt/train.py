@@ -228,6 +228,8 @@ def train(config: Config, rundir: str, debug: bool = False, resume: bool = False
 
 def _train(config: Config, rundir: str, debug: bool, resume: bool, signals: cli.StopSignals,
            held: contextlib.ExitStack) -> GPT:
+    # Read before the processes first meet, so before process 0 can have made it: all agree.
+    existed = os.path.isdir(rundir)
     sharding.check_same_arguments(config, rundir, debug, resume)
     check_cudnn(config.model, config.compute_dtype, jax.devices()[0])
     if resume:  # first: load_splits' advice for a larger vocabulary would be another model
@@ -244,9 +246,8 @@ def _train(config: Config, rundir: str, debug: bool, resume: bool, signals: cli.
 
     # A directory that exists may hold a run in training: locked before anything is said, a second
     # launch prints only its refusal. A new one is made by its lock, at the first write, so that
-    # failed checks leave none. (Every process sees the one directory: all take the same branch.)
-    lock_now = os.path.isdir(rundir)
-    if lock_now:
+    # failed checks leave none.
+    if existed:
         lock()
     say("config: " + json.dumps(config_to_dict(config)))
     optimizer = make_optimizer(config)
@@ -255,7 +256,7 @@ def _train(config: Config, rundir: str, debug: bool, resume: bool, signals: cli.
     shardings, _ = state_layout(config, optimizer, mesh)
     plan_memory(config, mesh, like, shardings, say)  # before anything is written, so a retry starts afresh
     pieces = pieces_per_micro_batch(config, mesh)
-    if not lock_now:  # before the first write
+    if not existed:  # before the first write
         lock()
     with writing_to(rundir):
         manager = None if debug else checkpoint.make_manager(rundir, config)
