@@ -26,16 +26,15 @@ def main(argv: list[str]) -> None:
 
     from midgpt.memory import sharded_bytes
     from midgpt.optimizer import make_optimizer
-    from midgpt.sharding import make_mesh
+    from midgpt.sharding import is_abstract, make_mesh
     from midgpt.train import fresh_state, init_state, state_layout
     from train_throughput import checked_config
 
     config = checked_config(args.config, overrides)
     optimizer, mesh = make_optimizer(config), make_mesh(config)
     shardings, _ = state_layout(config, optimizer, mesh)
-    is_shape = lambda x: isinstance(x, jax.ShapeDtypeStruct)
     like = eqx.filter_eval_shape(fresh_state, config, optimizer)
-    arrays = jax.tree.leaves(eqx.filter(like, is_shape))
+    arrays = jax.tree.leaves(eqx.filter(like, is_abstract))
     total = sum(x.size * x.dtype.itemsize for x in arrays)
     if args.abstract:  # every device holds the same share
         per_device = [sharded_bytes(like, shardings)]
@@ -48,7 +47,7 @@ def main(argv: list[str]) -> None:
         per_device = list(bytes_on.values())
     print(json.dumps({
         "config": args.config, "overrides": overrides, "devices": jax.device_count(),
-        "mesh": dict(mesh.shape), "parameters": sum(x.size for x in jax.tree.leaves(eqx.filter(like.model, is_shape))),
+        "mesh": dict(mesh.shape), "parameters": sum(x.size for x in jax.tree.leaves(eqx.filter(like.model, is_abstract))),
         "state_bytes_one_device": total, "state_bytes_per_device_max": max(per_device),
         "per_device_fraction": max(per_device) / total, "measured_on_arrays": not args.abstract,
     }))

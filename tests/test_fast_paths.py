@@ -11,7 +11,6 @@ import numpy as np
 import optax
 import pytest
 
-from midgpt import memory
 from midgpt.config import ModelConfig
 from midgpt.model import GPT, attention_implementation, cast_floats, cudnn_flash_fits, dropout, project
 from midgpt.precision import cross_entropy
@@ -158,8 +157,9 @@ def test_dropout_drops_at_its_rate_keeps_the_mean_and_redraws_per_key():
     assert dropout(x, 0.2, None) is x and dropout(x, 0.0, jax.random.key(0)) is x
 
 
-# Small batches run several at a time, in groups that divide G; 512 x 16 x 32 fills
-# ACTIVATIONS_AT_ONCE (a plain scan), 1024 x 16 x 32 outgrows it (lax.map's batch_size=1).
+# Small batches run several at a time, the last group filled up with batches left out of the mean
+# (G = 2 groups + 3); 512 x 16 x 32 fills ACTIVATIONS_AT_ONCE (a plain scan), 1024 x 16 x 32
+# outgrows it (lax.map's batch_size=1).
 @pytest.mark.parametrize("B, pieces", [(16, 1), (16, 4), (512, 1), (1024, 1)])
 def test_evaluating_batches_in_pieces_gives_the_mean_of_their_losses(B, pieces):
     model = GPT(CONFIG, key=jax.random.key(0))
@@ -179,11 +179,6 @@ def test_evaluation_compiles_the_model_once_whatever_the_number_of_batches(G):
     dots = lambda G: str(jax.make_jaxpr(lambda m, x: eval_loss(m, x, x, "float32"))(
         model, jnp.zeros((G, B, T), jnp.int32))).count("dot_general")
     assert dots(G) == dots(1)  # lax.map would trace the model again for a remainder
-
-
-def test_nearest_divisor():
-    assert [memory.nearest_divisor(50, k) for k in (1, 3, 4, 8, 40, 99)] == [1, 2, 5, 10, 50, 50]
-    assert memory.nearest_divisor(53, 4) == 1 and memory.nearest_divisor(12, 5) == 4  # the smaller of 4 and 6
 
 
 def reference_loss(model: GPT, x_BxT, y_BxT):

@@ -38,11 +38,6 @@ def fewest_parts(n: int, fits) -> int:
     return next(k for k in range(1, n + 1) if n % k == 0 and (fits(k) or k == n))
 
 
-def nearest_divisor(n: int, k: int) -> int:
-    """The divisor of n nearest k, the smaller of two as near."""
-    return min((d for d in range(1, n + 1) if n % d == 0), key=lambda d: abs(d - k))
-
-
 def loss_chunks(config: Config, mesh: Mesh, pieces: int) -> int:
     """Into how many slices of the sequence the loss cuts each piece's logits (precision.cross_entropy)."""
     rows = max(1, config.batch_size // pieces // mesh.size)  # per device
@@ -110,8 +105,8 @@ def estimate(config: Config, mesh: Mesh, state_like, state_shardings, pieces: in
     # The micro-batches' tokens, x and y in int32: a step's twice (the next is prefetched), an
     # evaluation's; on CPU also the int64 offsets and int32 windows that data.get_batch cuts them from.
     rows = config.batch_size // mesh.size
-    windows = (2 * config.g_accum_iters + config.eval_iters) * rows * (config.model.block_size + 1)
-    batches = windows * (8 + 12 * on_cpu(mesh))
+    tokens = (2 * config.g_accum_iters + config.eval_iters) * rows * (config.model.block_size + 1)
+    batches = tokens * (8 + 12 * on_cpu(mesh))
     parts = {
         "parameters": params,
         # Gradients, plus their running sum when micro-batches (or their pieces) are accumulated.

@@ -160,19 +160,21 @@ def eval_loss(model: GPT, x_GxBxT, y_GxBxT, compute_dtype: str, pieces: int = 1,
     """Mean loss over G batches, each cut into `pieces` (its logits into `chunks`), in one call: one dispatch."""
     model = cast_floats(model, jnp.dtype(compute_dtype))
     G, B, T = x_GxBxT.shape
-    x_MxbxT, y_MxbxT = (a.reshape(G * pieces, B // pieces, T) for a in (x_GxBxT, y_GxBxT))
+    M = G * pieces
+    x_MxbxT, y_MxbxT = (a.reshape(M, B // pieces, T) for a in (x_GxBxT, y_GxBxT))
     # Pieces smaller than ACTIVATIONS_AT_ONCE run several at a time: their matmuls are too small
     # to keep a CPU busy (shakespeare_char_cpu's evaluation: 0.21 s -> 0.17 s here). lax.map's
     # batch_size=1 adds a vmap of one, which XLA:CPU ran 10% slower on pieces that fill the
     # budget (shakespeare_char's) but in a quarter less time on its whole 64-row batches:
-    # batches over the budget keep it. A group that does not divide the pieces leaves a remainder,
-    # for which lax.map compiles the model again (0.6 s of shakespeare_char_cpu's 1.8 s compile).
-    at_once = ACTIVATIONS_AT_ONCE // (B // pieces * T * model.config.n_embd)
-    if at_once > 1:
-        at_once = memory.nearest_divisor(G * pieces, at_once)
-    loss_M = jax.lax.map(lambda batch: loss_fn(model, *batch, gather=gather, chunks=chunks), (x_MxbxT, y_MxbxT),
+    # batches over the budget keep it.
+    at_once = min(ACTIVATIONS_AT_ONCE // (B // pieces * T * model.config.n_embd), M)
+    # Whole groups, the last filled up with pieces that the mean leaves out: lax.map would trace the
+    # model a second time for a remainder (0.6 s of shakespeare_char_cpu's 1.8 s evaluation compile).
+    pad = -M % at_once if at_once > 1 else 0
+    x_NxbxT, y_NxbxT = (jnp.concatenate([a, a[:pad]]) for a in (x_MxbxT, y_MxbxT))
+    loss_N = jax.lax.map(lambda batch: loss_fn(model, *batch, gather=gather, chunks=chunks), (x_NxbxT, y_NxbxT),
                          batch_size=None if at_once == 1 else max(1, at_once))
-    return loss_M.mean()
+    return loss_N[:M].mean()
 
 
 def evaluate(model: GPT, tokens, config: Config, mesh: Mesh, stream: int) -> float:
@@ -245,8 +247,8 @@ def _train(config: Config, rundir: str, debug: bool, resume: bool, signals: cli.
                 held.enter_context(lock_run(rundir))
 
     # A directory that exists may hold a run in training: locked before anything is said, a second
-    # launch prints only its refusal. A new one is made by its lock, at the first write, so that
-    # failed checks leave none.
+    # launch prints only its refusal. A --rundir that does not exist yet is made by its lock, at the
+    # first write, so that failed checks leave none.
     if existed:
         lock()
     say("config: " + json.dumps(config_to_dict(config)))
