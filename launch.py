@@ -99,13 +99,14 @@ def main(argv: list[str]) -> None:
                               "--num_processes=N --process_id=I") from None
         finally:
             signal.signal(signal.SIGINT, handler)
-    if resume and jax.process_index() == 0:
-        print(f"resuming the run in {rundir}" + "".join(f"; {c}" for c in changes))
+    notes = []
+    if resume:
+        notes.append(f"resuming the run in {rundir}" + "".join(f"; {c}" for c in changes))
         if kept:  # a default changed since the run began, or another --config
-            print(f"the run keeps its saved values where --config={args.config} differs: {', '.join(kept)}")
+            notes.append(f"the run keeps its saved values where --config={args.config} differs: {', '.join(kept)}")
     from midgpt.train import train
 
-    train(config, rundir, debug=args.debug, resume=resume)
+    train(config, rundir, debug=args.debug, resume=resume, notes=notes)
 
 
 if __name__ == "__main__":

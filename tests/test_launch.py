@@ -1,6 +1,7 @@
 """launch.py and sample.py end to end, as a user runs them: real processes, real files."""
 
 import dataclasses
+import fcntl
 import importlib.util
 import json
 import os
@@ -55,6 +56,17 @@ def test_a_rundir_from_home_is_expanded_and_one_with_only_a_lock_is_new(short_ru
                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "new" / "config.json").exists() and not (tmp_path / "~").exists()
+
+
+def test_a_second_launch_on_a_run_with_checkpoints_prints_only_its_refusal(short_run, shakespeare_data_dir, tmp_path):
+    # A job requeued while its first copy still trains: the copy said "resuming the run in ..." first.
+    shutil.copytree(short_run, tmp_path / "run")
+    with open(tmp_path / "run" / ".lock", "a") as held:  # as the first launch.py holds it
+        fcntl.flock(held, fcntl.LOCK_EX)
+        result = run("launch.py", "--config=shakespeare_char_cpu", f"--rundir={tmp_path}/run",
+                     f"--data_dir={shakespeare_data_dir}", "--max_steps=60")
+    assert result.returncode == 1 and result.stdout == "", result.stdout
+    assert_one_line_error(result, "another launch.py is training the run")
 
 
 def test_ctrl_c_stops_sampling_at_once(short_run):

@@ -6,6 +6,7 @@ import math
 import os
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import equinox as eqx
@@ -217,18 +218,19 @@ def plan_memory(config: Config, mesh: Mesh, like: TrainState, shardings, say) ->
     memory.check_fits(config, mesh, available, estimate_for)
 
 
-def train(config: Config, rundir: str, debug: bool = False, resume: bool = False) -> GPT:
+def train(config: Config, rundir: str, debug: bool = False, resume: bool = False, notes: Sequence[str] = ()) -> GPT:
     """Train into rundir (config.json, metrics.jsonl, TensorBoard events, checkpoints/), resuming if asked.
 
-    Every process runs this loop (JAX's multi-controller model); only process 0 writes files and prints.
+    Every process runs this loop (JAX's multi-controller model); only process 0 writes files and prints,
+    first the notes (launch.py's word on a resume), once no other launch holds the run.
     """
     # Heard from the start, not only in the loop: after jax.distributed.initialize, JAX's own
     # SIGTERM handler would take a signal during the restore or the compile and only note it.
     with cli.StopSignals() as signals, contextlib.ExitStack() as held:  # held: the run directory's lock
-        return _train(config, rundir, debug, resume, signals, held)
+        return _train(config, rundir, debug, resume, notes, signals, held)
 
 
-def _train(config: Config, rundir: str, debug: bool, resume: bool, signals: cli.StopSignals,
+def _train(config: Config, rundir: str, debug: bool, resume: bool, notes: Sequence[str], signals: cli.StopSignals,
            held: contextlib.ExitStack) -> GPT:
     # Read before the processes first meet, so before process 0 can have made it: all agree.
     existed = os.path.isdir(rundir)
@@ -251,6 +253,8 @@ def _train(config: Config, rundir: str, debug: bool, resume: bool, signals: cli.
     # first write, so that failed checks leave none.
     if existed:
         lock()
+    for note in notes:
+        say(note)
     say("config: " + json.dumps(config_to_dict(config)))
     optimizer = make_optimizer(config)
     # The state's shapes and layout, without computing it: for the memory plan and a restore.
