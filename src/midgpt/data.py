@@ -48,9 +48,11 @@ def load_meta(data_dir: str, fix: str = "prepare the data again") -> dict:
     if not isinstance(meta, dict) or not isinstance(meta.get("vocab_size"), int):
         raise MidgptError(f"{path} names no vocab_size; {fix}")
     # What decoding reads: a hand edit that breaks it would be an IndexError, or text from another vocabulary.
-    tokenizer, chars = meta.get("tokenizer"), meta.get("chars")
-    if not (tokenizer == "gpt2" and meta["vocab_size"] == 50257 or tokenizer == "char" and isinstance(chars, (list, str))
-            and len(chars) == meta["vocab_size"] and all(isinstance(c, str) and len(c) == 1 for c in chars)):
+    tokenizer, chars, V = meta.get("tokenizer"), meta.get("chars"), meta["vocab_size"]
+    is_gpt2 = tokenizer == "gpt2" and V == 50257  # GPT-2 BPE's vocabulary, as prepare.py writes it
+    is_char = tokenizer == "char" and isinstance(chars, (list, str)) and len(chars) == V and all(
+        isinstance(c, str) and len(c) == 1 for c in chars)
+    if not (is_gpt2 or is_char):
         raise MidgptError(f"{path} describes no tokenizer (tokenizer 'char' with vocab_size characters in chars, "
                           f"or 'gpt2' with vocab_size 50257); {fix}")
     return meta
