@@ -37,12 +37,16 @@ def this_tree_env(**extra: str) -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": path, **extra}
 
 
-def small_files(kib: int) -> list[str]:
-    """A command prefix under which a write past kib KiB fails (File too large), as on a full disk."""
+def small_files(kib: int | None) -> list[str]:
+    """A command prefix under which a write past kib KiB fails (File too large), as on a full disk.
+
+    None sets no limit yet: the test sets one on the running process (resource.prlimit).
+    """
     # Set by the shell: a preexec_fn would fork the multithreaded test process. SIGXFSZ ignored, the
     # write fails instead of killing. No compilation cache: JAX writes an entry in place, and one cut
     # short would warn in every later process.
-    return ["bash", "-c", f'ulimit -f {kib} && trap "" XFSZ && JAX_ENABLE_COMPILATION_CACHE=false exec "$@"', "bash"]
+    limit = f"ulimit -f {kib} && " if kib is not None else ""
+    return ["bash", "-c", f'{limit}trap "" XFSZ && JAX_ENABLE_COMPILATION_CACHE=false exec "$@"', "bash"]
 
 
 PREPARE = REPO_ROOT / "data" / "shakespeare_char" / "prepare.py"

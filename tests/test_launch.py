@@ -5,6 +5,7 @@ import fcntl
 import importlib.util
 import json
 import os
+import resource
 import shutil
 import signal
 import subprocess
@@ -301,6 +302,27 @@ def test_a_log_write_that_fails_is_one_line_and_the_run_resumes(short_run, shake
     resumed = run(*args, "--max_steps=50")  # space freed: the torn records are dropped, the curves go on
     assert resumed.returncode == 0, resumed.stderr
     assert [r["step"] for r in read_metrics(rundir)][-11:] == list(range(40, 51))
+
+
+def test_a_disk_that_fills_between_checkpoints_is_one_line(shakespeare_data_dir, tmp_path):
+    # The disk fills once checkpoint 200 is written, played by a limit of 100 bytes a file put on the running
+    # process: the save of step 400 fails in orbax's threads, the save of step 600 raises it, and closing
+    # orbax's manager raised it again, a traceback ending in OSError after our line.
+    rundir = tmp_path / "run"
+    command = [*small_files(None), sys.executable, "launch.py", "--config=shakespeare_char_cpu", *TINY,
+               f"--rundir={rundir}", f"--data_dir={shakespeare_data_dir}", "--max_steps=800",
+               "--checkpoint_interval=200", "--log_interval=1000", "--eval_interval=1000"]
+    with subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) as p:
+        deadline = time.monotonic() + 300
+        while not checkpoint.committed(str(rundir), 200) and p.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        resource.prlimit(p.pid, resource.RLIMIT_FSIZE, (100, 100))  # bash has exec'd: p.pid is launch.py
+        _, stderr = p.communicate(timeout=600)
+    assert p.returncode == 1 and stderr.strip().splitlines()[-1] == (
+        "error: a checkpoint save failed (OSError: [Errno 27] File too large); checkpoint 200 is intact: fix the "
+        "cause and run the same command to resume from it"), stderr
+    assert "Traceback" not in stderr, stderr
+    assert checkpoint.newest_committed(str(rundir)) == 200
 
 
 @pytest.mark.parametrize("damage", ["a hand edit gone wrong", "not UTF-8", "a directory", "a dangling symlink"])

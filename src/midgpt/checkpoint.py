@@ -99,6 +99,12 @@ def wait(manager: ocp.CheckpointManager) -> None:
         manager.wait_until_finished()
 
 
+def close(manager: ocp.CheckpointManager) -> None:
+    """Let every save started finish, then release the manager's threads."""
+    with failed_saves_in_one_line(manager):  # a failed save can be raised again here, after wait passed
+        manager.close()
+
+
 @contextlib.contextmanager
 def failed_saves_in_one_line(manager: ocp.CheckpointManager):
     """A save that failed in the background (a full disk) as one line naming the newest intact checkpoint."""

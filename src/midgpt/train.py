@@ -374,11 +374,16 @@ def _train(config: Config, rundir: str, debug: bool, resume: bool, notes: Sequen
                     "run the same command to resume from checkpoint " + str(step) if manager
                     else "no checkpoint was written (--debug)"))
                 break
+    except BaseException:
+        if manager:  # started saves still commit; one that failed is not raised over the error that ends the run
+            with contextlib.suppress(Exception):
+                checkpoint.close(manager)
+        raise
+    else:
+        if manager:
+            checkpoint.close(manager)
     finally:
         bar.close()
         if log:
             log.close()
-        if manager:  # let started saves commit, even when leaving on an error
-            checkpoint.wait(manager)
-            manager.close()
     return state.model
