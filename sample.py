@@ -56,9 +56,9 @@ def main(argv: list[str]) -> None:
     model = cast_floats(model, jnp.dtype(config.compute_dtype))
     try:
         ids = tokenizer.encode(meta, start)
-    except MidgptError as e:
+    except tokenizer.UnknownCharacters as e:
         if args.start != parser.get_default("start"):
-            raise
+            raise MidgptError(f"{e}: leave them out of --start (the run knows the characters of its data only)") from None
         raise MidgptError(f"{e}, the default --start: pass --start=TEXT in this run's vocabulary") from None
     T = config.model.block_size
     if len(ids) > T:  # the model sees at most block_size tokens: a longer prompt keeps its end

@@ -497,7 +497,15 @@ def test_resuming_with_another_model_is_refused(short_run, shakespeare_data_dir)
 
 def test_sample_errors_are_one_line(short_run, shakespeare_data_dir, tmp_path):
     assert_one_line_error(run("sample.py", f"--rundir={tmp_path}"), "config.json")
-    assert_one_line_error(run("sample.py", f"--rundir={short_run}", "--start=€"), "€")
+    assert_one_line_error(run("sample.py", f"--rundir={os.path.join(short_run, 'config.json')}"),
+                          "config.json is a file: pass the run directory")
+    assert_one_line_error(run("sample.py", f"--rundir={short_run}", "--start=€"), "['€']: leave them out of --start")
+    unfinished = tmp_path / "unfinished"  # a run killed during its first save, or still before it
+    shutil.copytree(short_run, unfinished)
+    for marker in unfinished.glob(f"checkpoints/*/{checkpoint.COMMIT_MARKER}"):
+        marker.unlink()
+    assert_one_line_error(run("sample.py", f"--rundir={unfinished}"), "no finished checkpoint yet: sample once its "
+                          "training has saved one (every 15 steps")
     assert_one_line_error(run("sample.py", f"--rundir={short_run}", "--num_samples=0"), "num_samples")
     assert_one_line_error(run("sample.py", f"--rundir={short_run}", "--top_k=0"), "top_k")
     assert_one_line_error(run("sample.py", f"--rundir={short_run}", "--step=7"), "no checkpoint at step 7")

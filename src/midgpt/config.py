@@ -116,6 +116,8 @@ def saved_steps(rundir: str) -> list[int]:
 def read_config_json(rundir: str) -> Config:
     """The config a run saved in rundir/config.json."""
     path = os.path.join(rundir, "config.json")
+    if os.path.isfile(rundir):
+        raise MidgptError(f"{rundir} is a file: pass the run directory that holds it")
     if not os.path.lexists(path):  # a dangling symlink is not missing: cp would not write through it
         if steps := saved_steps(rundir):  # each checkpoint holds a copy, in orbax's JSON item "config"
             copies = [os.path.join(rundir, "checkpoints", str(step), "config", "metadata") for step in sorted(steps)]

@@ -27,7 +27,8 @@ def load_model(rundir: str, step: int | None = None) -> tuple[Config, GPT]:
     if step is None:  # the newest whose save finished, as a resume would take it
         step = checkpoint.newest_committed(rundir)
         if step is None:
-            raise MidgptError(f"{rundir} has no finished checkpoint yet")
+            raise MidgptError(f"{rundir} has no finished checkpoint yet: sample once its training has saved one "
+                              f"(every {config.checkpoint_interval} steps, and at its end or stop)")
     if step not in steps:
         raise MidgptError(f"{rundir} has no checkpoint at step {step}; it has {sorted(steps) or 'none'}")
     like = eqx.filter_eval_shape(fresh_state, config, make_optimizer(config)).model
@@ -41,7 +42,8 @@ def load_model(rundir: str, step: int | None = None) -> tuple[Config, GPT]:
     except Exception as e:  # orbax and tensorstore raise many types for damaged files
         others = sorted(set(steps) - {step})
         raise MidgptError(f"checkpoint {step} of {rundir} does not restore ({checkpoint.describe(e)}); "
-                          + (f"try --step= another of {others}" if others else "it is the run's only one")) from None
+                          + (f"try --step= another of {others}" if others
+                             else "it is the run's only one: fix the cause, or train the run again")) from None
     finally:
         manager.close()
     return config, model

@@ -10,6 +10,10 @@ from midgpt.errors import MidgptError
 EOT = "<|endoftext|>"  # GPT-2's document separator, id 50256
 
 
+class UnknownCharacters(MidgptError):
+    """Text with characters that a character-level run never saw."""
+
+
 @functools.cache
 def gpt2() -> tiktoken.Encoding:
     """GPT-2 BPE: tiktoken's own files, or, where they cannot be fetched (offline), the
@@ -35,7 +39,7 @@ def encode(meta: dict, text: str) -> list[int]:
     stoi = {c: i for i, c in enumerate(meta["chars"])}
     unknown = sorted(set(text) - stoi.keys())
     if unknown:
-        raise MidgptError(f"characters not in the vocabulary: {unknown}")
+        raise UnknownCharacters(f"characters not in the vocabulary: {unknown}")
     return [stoi[c] for c in text]
 
 
