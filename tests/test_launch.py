@@ -334,9 +334,18 @@ def test_an_unreadable_config_json_is_one_line(tmp_path, damage):
         path.symlink_to(tmp_path / "moved_away.json")
     else:
         path.write_bytes(b'{"seed": 0' if damage.startswith("a hand") else b'{"data_dir": "caf\xe9"}')
-    (tmp_path / "checkpoints" / "20").mkdir(parents=True)  # of a run: without checkpoints, launch.py starts afresh
+    # Of a run: without checkpoints, launch.py starts afresh. Each holds a copy of the config.
+    copy = tmp_path / "checkpoints" / "20" / "config" / "metadata"
+    copy.parent.mkdir(parents=True)
+    copy.write_text(json.dumps(config_to_dict(load_config("shakespeare_char_cpu"))))
+    in_place = damage in ("a hand edit gone wrong", "not UTF-8")  # where cp can write the copy back
+    fix = "put the newest checkpoint's copy back: cp " if in_place else "restore it or pass a new --rundir"
     for script, args in (("launch.py", ["--config=shakespeare_char_cpu"]), ("sample.py", [])):
-        assert_one_line_error(run(script, f"--rundir={tmp_path}", *args), "cannot read", "config.json as JSON")
+        result = run(script, f"--rundir={tmp_path}", *args)
+        assert_one_line_error(result, "cannot read", "config.json as JSON", fix)
+    if in_place:
+        subprocess.run(["bash", "-c", "cp " + result.stderr.split(fix)[1]], check=True)
+        assert read_config_json(str(tmp_path)) == load_config("shakespeare_char_cpu")
 
 
 def test_checkpoints_without_their_config_json_are_refused_and_say_how_to_put_it_back(short_run, tmp_path):
@@ -349,7 +358,7 @@ def test_checkpoints_without_their_config_json_are_refused_and_say_how_to_put_it
         result = run(script, f"--rundir={rundir}", *args)
         assert_one_line_error(result, "config.json is missing", "cp ")
         assert (sorted(p.name for p in rundir.iterdir()), (rundir / "metrics.jsonl").read_text()) == before
-    subprocess.run(["bash", "-c", result.stderr.split("; put the newest one's copy back: ")[1]], check=True)
+    subprocess.run(["bash", "-c", result.stderr.split("; put the newest checkpoint's copy back: ")[1]], check=True)
     assert json.loads((rundir / "config.json").read_text()) == json.loads(open(f"{short_run}/config.json").read())
 
 

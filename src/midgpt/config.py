@@ -118,18 +118,21 @@ def read_config_json(rundir: str) -> Config:
     path = os.path.join(rundir, "config.json")
     if os.path.isfile(rundir):
         raise MidgptError(f"{rundir} is a file: pass the run directory that holds it")
+    # Each checkpoint holds a copy, in orbax's JSON item "config"; an unfinished save has none.
+    copies = [os.path.join(rundir, "checkpoints", str(step), "config", "metadata") for step in sorted(saved_steps(rundir))]
+    copy = next((c for c in reversed(copies) if os.path.isfile(c)), copies[-1] if copies else None)
+    put_back = f"put the newest checkpoint's copy back: cp {shlex.quote(copy)} {shlex.quote(path)}" if copy else ""
     if not os.path.lexists(path):  # a dangling symlink is not missing: cp would not write through it
-        if steps := saved_steps(rundir):  # each checkpoint holds a copy, in orbax's JSON item "config"
-            copies = [os.path.join(rundir, "checkpoints", str(step), "config", "metadata") for step in sorted(steps)]
-            copy = next((c for c in reversed(copies) if os.path.isfile(c)), copies[-1])  # an unfinished save has none
-            raise MidgptError(f"{path} is missing but {rundir} holds checkpoints; put the newest one's copy back: "
-                              f"cp {shlex.quote(copy)} {shlex.quote(path)}")
+        if copy:
+            raise MidgptError(f"{path} is missing but {rundir} holds checkpoints; {put_back}")
         raise MidgptError(f"{path} not found; is {rundir} a run directory made by launch.py?")
     try:
         with open(path, encoding="utf-8") as f:
             saved = json.load(f)
     except (OSError, ValueError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-        raise MidgptError(f"cannot read {path} as JSON ({e}); restore it or pass a new --rundir") from None
+        # Over a damaged file, cp writes in place; not through a dangling symlink, nor over a directory.
+        fix = put_back if os.path.isfile(copy or "") and os.path.isfile(path) else "restore it or pass a new --rundir"
+        raise MidgptError(f"cannot read {path} as JSON ({e}); {fix}") from None
     try:
         return config_from_dict(saved)
     except MidgptError as e:  # an edit, or another version of midgpt: which, only the user knows
