@@ -142,8 +142,8 @@ def read_config_json(rundir: str) -> Config:
 def resume_config(saved: Config, named: Config, overrides: list[str]) -> tuple[Config, list[str], list[str]]:
     """The saved config with the command line's overrides; the changes they make; what the run keeps.
 
-    Only the overrides change a run: where its named config now differs (a default changed since
-    the run began), the run keeps its own values. Another named config, or an override of its model
+    Only the overrides change a run: where its named config differs (overrides the run began with,
+    or a default changed since), the run keeps its own values. Another named config, or an override of its model
     or its batches, is refused; anything else (max_steps, learning_rate, ...) may change.
     """
     # A run saved before configs had names has none; its config may also be renamed or removed
