@@ -132,11 +132,14 @@ class StopSignals:
 
     Python runs a handler only when the main thread is back from C++ (a compile, a wait for the
     device: seconds, or minutes), and takes two signals that came meanwhile for one. But the
-    interpreter writes a byte for each signal to its wakeup fd: a thread counts them there.
+    interpreter writes a byte for each signal to its wakeup fd: a thread counts them there, and
+    says the first one's notice at once, with `say`, the stop coming `when` it says.
     """
 
-    def __init__(self):
+    def __init__(self, say=None, when: str = "after this step"):
         self.received, self.noticed = None, False
+        self.say, self.when = say, when
+        self.noticing = threading.Lock()  # the thread and the main loop: one of them says the notice
 
     def __enter__(self):
         read_fd, self.write_fd = os.pipe()
@@ -165,6 +168,8 @@ class StopSignals:
                 if first is None:
                     first = time.monotonic()
                     self.received = self.received or signal.Signals(byte[0]).name
+                    if self.say and (notice := self.notice()):
+                        self.say(notice)
                 # One Ctrl-C can come twice: from the terminal, and from a wrapper that passes it on.
                 elif time.monotonic() - first > 0.1:
                     with contextlib.suppress(OSError):  # os.write: unbuffered, no buffer shared with the main thread
@@ -172,9 +177,10 @@ class StopSignals:
                                  "without a checkpoint\n".encode())
                     os._exit(128 + byte[0])
 
-    def notice(self, when: str = "after this step") -> str | None:
-        """What to say, once, after the first signal; `when` the stop comes."""
-        if self.received and not self.noticed:
-            self.noticed = True
-            return f"{self.received}: stopping {when}, with a checkpoint (again to stop at once)"
+    def notice(self) -> str | None:
+        """What to say, once, after the first signal (where the thread did not hear it, the main loop says it)."""
+        with self.noticing:
+            if self.received and not self.noticed:
+                self.noticed = True
+                return f"{self.received}: stopping {self.when}, with a checkpoint (again to stop at once)"
         return None

@@ -226,7 +226,10 @@ def train(config: Config, rundir: str, debug: bool = False, resume: bool = False
     """
     # Heard from the start, not only in the loop: after jax.distributed.initialize, JAX's own
     # SIGTERM handler would take a signal during the restore or the compile and only note it.
-    with cli.StopSignals() as signals, contextlib.ExitStack() as held:  # held: the run directory's lock
+    # Several processes agree on a stop only at log steps, where they sync anyway.
+    when = "at the next log step" if jax.process_count() > 1 else "after this step"
+    with (cli.StopSignals(cli.say if jax.process_index() == 0 else None, when) as signals,
+          contextlib.ExitStack() as held):  # held: the run directory's lock
         return _train(config, rundir, debug, resume, notes, signals, held)
 
 
@@ -355,8 +358,7 @@ def _train(config: Config, rundir: str, debug: bool, resume: bool, notes: Sequen
                         log.write(record)
                 interval_start, interval_steps = time.perf_counter(), 0
 
-            # Several processes agree on a stop only at log steps, where they sync anyway.
-            if notice := signals.notice("at the next log step" if jax.process_count() > 1 else "after this step"):
+            if notice := signals.notice():  # where the signal did not reach StopSignals' thread
                 say(notice)
             stop = signals.received is not None
             if jax.process_count() > 1:  # all stop at the same step; agreeing costs a sync, so only at log steps
