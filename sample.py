@@ -58,7 +58,7 @@ def main(argv: list[str]) -> None:
         ids = tokenizer.encode(meta, start)
     except tokenizer.UnknownCharacters as e:
         if args.start != parser.get_default("start"):
-            raise MidgptError(f"{e}: leave them out of --start (the run knows the characters of its data only)") from None
+            raise MidgptError(f"{e}: leave them out of the prompt (the run knows the characters of its data only)") from None
         raise MidgptError(f"{e}, the default --start: pass --start=TEXT in this run's vocabulary") from None
     T = config.model.block_size
     if len(ids) > T:  # the model sees at most block_size tokens: a longer prompt keeps its end

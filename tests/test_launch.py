@@ -5,6 +5,7 @@ import fcntl
 import importlib.util
 import json
 import os
+import re
 import resource
 import shutil
 import signal
@@ -304,25 +305,52 @@ def test_a_log_write_that_fails_is_one_line_and_the_run_resumes(short_run, shake
     assert [r["step"] for r in read_metrics(rundir)][-11:] == list(range(40, 51))
 
 
-def test_a_disk_that_fills_between_checkpoints_is_one_line(shakespeare_data_dir, tmp_path):
-    # The disk fills once checkpoint 200 is written, played by a limit of 100 bytes a file put on the running
-    # process: the save of step 400 fails in orbax's threads, the save of step 600 raises it, and closing
-    # orbax's manager raised it again, a traceback ending in OSError after our line.
-    rundir = tmp_path / "run"
+def fill_the_disk_after_checkpoint_200(data_dir, rundir, limit, *args) -> str:
+    """Run TINY to step 800, checkpoints every 200 steps, and once 200 is written limit each file of the
+    process to limit(rundir) bytes, as a disk that fills would; its stderr."""
     command = [*small_files(None), sys.executable, "launch.py", "--config=shakespeare_char_cpu", *TINY,
-               f"--rundir={rundir}", f"--data_dir={shakespeare_data_dir}", "--max_steps=800",
-               "--checkpoint_interval=200", "--log_interval=1000", "--eval_interval=1000"]
+               f"--rundir={rundir}", f"--data_dir={data_dir}", "--max_steps=800", "--checkpoint_interval=200",
+               "--eval_interval=1000", *args]
     with subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) as p:
         deadline = time.monotonic() + 300
         while not checkpoint.committed(str(rundir), 200) and p.poll() is None and time.monotonic() < deadline:
             time.sleep(0.01)
-        resource.prlimit(p.pid, resource.RLIMIT_FSIZE, (100, 100))  # bash has exec'd: p.pid is launch.py
-        _, stderr = p.communicate(timeout=600)
-    assert p.returncode == 1 and stderr.strip().splitlines()[-1] == (
-        "error: a checkpoint save failed (OSError: [Errno 27] File too large); checkpoint 200 is intact: fix the "
-        "cause and run the same command to resume from it"), stderr
+        assert checkpoint.committed(str(rundir), 200) and p.poll() is None, p.communicate(timeout=600)[1]
+        bytes_ = limit(rundir)
+        resource.prlimit(p.pid, resource.RLIMIT_FSIZE, (bytes_, bytes_))  # bash has exec'd: p.pid is launch.py
+        assert not (rundir / "checkpoints" / "400").exists()  # the limit came in time
+        return p.communicate(timeout=600)[1]
+
+
+def assert_save_failed_in_one_line(stderr: str, rundir):
+    lines = stderr.strip().splitlines()
+    assert lines[-1].startswith("error: a checkpoint save failed (") and lines[-1].endswith(
+        "File too large); checkpoint 200 is intact: fix the cause and run the same command to resume from it"), stderr
     assert "Traceback" not in stderr, stderr
     assert checkpoint.newest_committed(str(rundir)) == 200
+
+
+def test_a_disk_that_fills_between_checkpoints_is_one_line(shakespeare_data_dir, tmp_path):
+    # 100 bytes a file: the save of step 400 fails in orbax's threads, the save of step 600 raises it, and
+    # closing orbax's manager raised it again, a traceback ending in OSError after our line.
+    stderr = fill_the_disk_after_checkpoint_200(shakespeare_data_dir, tmp_path / "run", lambda _: 100,
+                                                "--log_interval=1000")
+    assert_save_failed_in_one_line(stderr, tmp_path / "run")
+
+
+def test_a_disk_that_fills_under_a_failed_save_names_the_checkpoint_before_it(shakespeare_data_dir, tmp_path):
+    # Room for about 30 more log records (step 500): the save of step 400 fails first, in the background.
+    # The failed log write would say to resume from checkpoint 400, which never was: the failed save is said.
+    def room_for_30_records(rundir):
+        logs = [rundir / "metrics.jsonl", *rundir.glob("events.out.tfevents.*")]
+        records = len(read_metrics(rundir))
+        return min(f.stat().st_size * (records + 30) // records for f in logs)
+
+    stderr = fill_the_disk_after_checkpoint_200(shakespeare_data_dir, tmp_path / "run", room_for_30_records,
+                                                "--log_interval=10")
+    assert_save_failed_in_one_line(stderr, tmp_path / "run")
+    logged = [int(s) for s in re.findall(r'"step": (\d+)', (tmp_path / "run" / "metrics.jsonl").read_text())]
+    assert 400 < logged[-1] < 600  # the log write failed after the save (its record torn where the file ends)
 
 
 @pytest.mark.parametrize("damage", ["a hand edit gone wrong", "not UTF-8", "a directory", "a dangling symlink"])
@@ -508,7 +536,7 @@ def test_sample_errors_are_one_line(short_run, shakespeare_data_dir, tmp_path):
     assert_one_line_error(run("sample.py", f"--rundir={tmp_path}"), "config.json")
     assert_one_line_error(run("sample.py", f"--rundir={os.path.join(short_run, 'config.json')}"),
                           "config.json is a file: pass the run directory")
-    assert_one_line_error(run("sample.py", f"--rundir={short_run}", "--start=€"), "['€']: leave them out of --start")
+    assert_one_line_error(run("sample.py", f"--rundir={short_run}", "--start=€"), "['€']: leave them out of the prompt")
     unfinished = tmp_path / "unfinished"  # a run killed during its first save, or still before it
     shutil.copytree(short_run, unfinished)
     for marker in unfinished.glob(f"checkpoints/*/{checkpoint.COMMIT_MARKER}"):

@@ -376,7 +376,9 @@ def interrupt_twice():
     time.sleep(float(sys.argv[1]))
     os.kill(os.getpid(), signal.SIGINT)
 waiting = True
-with cli.StopSignals(lambda line: print(("during" if waiting else "after") + f" the wait: {line}", flush=True)) as signals:
+with cli.StopSignals() as signals:
+    signals.speak(lambda line: print(("during" if waiting else "after") + f" the wait: {line}", flush=True),
+                  "after this step")
     y_NxN = matmuls(x_NxN, n)
     threading.Thread(target=interrupt_twice).start()
     float(y_NxN[0, 0])  # as the loop waits at a log step, or an evaluation (block_until_ready runs handlers)

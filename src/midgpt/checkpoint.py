@@ -105,6 +105,10 @@ def close(manager: ocp.CheckpointManager) -> None:
         manager.close()
 
 
+class SaveFailed(MidgptError):
+    """A checkpoint save failed; the line names the newest intact checkpoint."""
+
+
 @contextlib.contextmanager
 def failed_saves_in_one_line(manager: ocp.CheckpointManager):
     """A save that failed in the background (a full disk) as one line naming the newest intact checkpoint."""
@@ -114,7 +118,7 @@ def failed_saves_in_one_line(manager: ocp.CheckpointManager):
         intact = newest_committed(os.path.dirname(str(manager.directory)))
         # tensorstore appends the OS error's number: "No space left on device" says more than its first words.
         code = re.search(r"os_error_code='?(\d+)", str(e))
-        raise MidgptError(f"a checkpoint save failed ({os.strerror(int(code[1])) if code else describe(e)}); " + (
+        raise SaveFailed(f"a checkpoint save failed ({os.strerror(int(code[1])) if code else describe(e)}); " + (
             f"checkpoint {intact} is intact: fix the cause and run the same command to resume from it"
             if intact is not None else "no checkpoint was finished: fix the cause and run again")) from None
 

@@ -133,13 +133,19 @@ class StopSignals:
     Python runs a handler only when the main thread is back from C++ (a compile, a wait for the
     device: seconds, or minutes), and takes two signals that came meanwhile for one. But the
     interpreter writes a byte for each signal to its wakeup fd: a thread counts them there, and
-    says the first one's notice at once, with `say`, the stop coming `when` it says.
+    says the first one's notice at once once `speak` has said how.
     """
 
-    def __init__(self, say=None, when: str = "after this step"):
+    def __init__(self):
         self.received, self.noticed = None, False
-        self.say, self.when = say, when
+        self.say, self.when = None, "after this step"
         self.noticing = threading.Lock()  # the thread and the main loop: one of them says the notice
+
+    def speak(self, say, when: str) -> None:
+        """From now on, say the first signal's notice at once with say (None: say nothing); the stop comes `when`."""
+        self.say, self.when = say, when
+        if say and (notice := self.notice()):  # a signal that came before
+            say(notice)
 
     def __enter__(self):
         read_fd, self.write_fd = os.pipe()
@@ -169,7 +175,8 @@ class StopSignals:
                     first = time.monotonic()
                     self.received = self.received or signal.Signals(byte[0]).name
                     if self.say and (notice := self.notice()):
-                        self.say(notice)
+                        # Not here: a write to a stalled pipe would keep this thread from the second signal.
+                        threading.Thread(target=self.say, args=(notice,), daemon=True).start()
                 # One Ctrl-C can come twice: from the terminal, and from a wrapper that passes it on.
                 elif time.monotonic() - first > 0.1:
                     with contextlib.suppress(OSError):  # os.write: unbuffered, no buffer shared with the main thread

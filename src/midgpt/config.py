@@ -119,19 +119,22 @@ def read_config_json(rundir: str) -> Config:
     if os.path.isfile(rundir):
         raise MidgptError(f"{rundir} is a file: pass the run directory that holds it")
     # Each checkpoint holds a copy, in orbax's JSON item "config"; an unfinished save has none.
-    copies = [os.path.join(rundir, "checkpoints", str(step), "config", "metadata") for step in sorted(saved_steps(rundir))]
-    copy = next((c for c in reversed(copies) if os.path.isfile(c)), copies[-1] if copies else None)
-    put_back = f"put the newest checkpoint's copy back: cp {shlex.quote(copy)} {shlex.quote(path)}" if copy else ""
+    steps = sorted(saved_steps(rundir), reverse=True)
+    copies = [c for s in steps if os.path.isfile(c := os.path.join(rundir, "checkpoints", str(s), "config", "metadata"))]
+    put_back = f"put the newest checkpoint's copy back: cp {shlex.quote(copies[0])} {shlex.quote(path)}" if copies else ""
     if not os.path.lexists(path):  # a dangling symlink is not missing: cp would not write through it
-        if copy:
-            raise MidgptError(f"{path} is missing but {rundir} holds checkpoints; {put_back}")
+        if steps:
+            raise MidgptError(f"{path} is missing but {rundir} holds checkpoints; "
+                              + (put_back or "none holds a copy of it: pass a new --rundir"))
         raise MidgptError(f"{path} not found; is {rundir} a run directory made by launch.py?")
     try:
         with open(path, encoding="utf-8") as f:
             saved = json.load(f)
     except (OSError, ValueError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-        # Over a damaged file, cp writes in place; not through a dangling symlink, nor over a directory.
-        fix = put_back if os.path.isfile(copy or "") and os.path.isfile(path) else "restore it or pass a new --rundir"
+        # A damaged file, which cp writes over in place: not an unreadable one (permissions), a directory
+        # or a symlink (cp would write through it, to what it points at).
+        damaged = isinstance(e, ValueError) and os.path.isfile(path) and not os.path.islink(path)
+        fix = put_back if damaged and put_back else "restore it or pass a new --rundir"
         raise MidgptError(f"cannot read {path} as JSON ({e}); {fix}") from None
     try:
         return config_from_dict(saved)

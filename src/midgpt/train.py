@@ -226,10 +226,7 @@ def train(config: Config, rundir: str, debug: bool = False, resume: bool = False
     """
     # Heard from the start, not only in the loop: after jax.distributed.initialize, JAX's own
     # SIGTERM handler would take a signal during the restore or the compile and only note it.
-    # Several processes agree on a stop only at log steps, where they sync anyway.
-    when = "at the next log step" if jax.process_count() > 1 else "after this step"
-    with (cli.StopSignals(cli.say if jax.process_index() == 0 else None, when) as signals,
-          contextlib.ExitStack() as held):  # held: the run directory's lock
+    with cli.StopSignals() as signals, contextlib.ExitStack() as held:  # held: the run directory's lock
         return _train(config, rundir, debug, resume, notes, signals, held)
 
 
@@ -245,6 +242,8 @@ def _train(config: Config, rundir: str, debug: bool, resume: bool, notes: Sequen
     mesh = sharding.make_mesh(config, resuming=resume)
     is_main = jax.process_index() == 0
     say = cli.say if is_main else lambda _: None
+    # Several processes agree on a stop only at log steps, where they sync anyway.
+    signals.speak(cli.say if is_main else None, "at the next log step" if jax.process_count() > 1 else "after this step")
 
     def lock():  # process 0 holds it; if it is refused, every process stops
         with sharding.failing_together(), writing_to(rundir):
@@ -376,9 +375,11 @@ def _train(config: Config, rundir: str, debug: bool, resume: bool, notes: Sequen
                     "run the same command to resume from checkpoint " + str(step) if manager
                     else "no checkpoint was written (--debug)"))
                 break
-    except BaseException:
-        if manager:  # started saves still commit; one that failed is not raised over the error that ends the run
-            with contextlib.suppress(Exception):
+    except BaseException as e:
+        if manager:  # started saves still commit
+            # A failed one is raised over the error in flight, which may name its checkpoint as the one to
+            # resume from (a full disk met at a log step), unless that error is the failed save itself.
+            with contextlib.suppress(Exception) if isinstance(e, checkpoint.SaveFailed) else contextlib.nullcontext():
                 checkpoint.close(manager)
         raise
     else:
