@@ -132,8 +132,8 @@ class StopSignals:
 
     Python runs a handler only when the main thread is back from C++ (a compile, a wait for the
     device: seconds, or minutes), and takes two signals that came meanwhile for one. But the
-    interpreter writes a byte for each signal to its wakeup fd: a thread counts them there, and
-    says the first one's notice at once once `speak` has said how.
+    interpreter writes a byte for each signal to its wakeup fd: a thread counts them there and,
+    once told how (`speak`), says the first one's notice at once.
     """
 
     def __init__(self):
