@@ -113,19 +113,24 @@ def saved_steps(rundir: str) -> list[int]:
     return [int(name) for name in os.listdir(folder) if name.isdigit()] if os.path.isdir(folder) else []
 
 
+def _put_back(rundir: str, path: str) -> str:
+    """The advice to copy the newest checkpoint's config back to path, or "" if no checkpoint holds one."""
+    # Each checkpoint holds a copy, in orbax's JSON item "config"; an unfinished save has none.
+    for step in sorted(saved_steps(rundir), reverse=True):
+        if os.path.isfile(copy := os.path.join(rundir, "checkpoints", str(step), "config", "metadata")):
+            return f"put the newest checkpoint's copy back: cp {shlex.quote(copy)} {shlex.quote(path)}"
+    return ""
+
+
 def read_config_json(rundir: str) -> Config:
     """The config a run saved in rundir/config.json."""
     path = os.path.join(rundir, "config.json")
     if os.path.isfile(rundir):
         raise MidgptError(f"{rundir} is a file: pass the run directory that holds it")
-    # Each checkpoint holds a copy, in orbax's JSON item "config"; an unfinished save has none.
-    steps = sorted(saved_steps(rundir), reverse=True)
-    copies = [c for s in steps if os.path.isfile(c := os.path.join(rundir, "checkpoints", str(s), "config", "metadata"))]
-    put_back = f"put the newest checkpoint's copy back: cp {shlex.quote(copies[0])} {shlex.quote(path)}" if copies else ""
     if not os.path.lexists(path):  # a dangling symlink is not missing: cp would not write through it
-        if steps:
+        if saved_steps(rundir):
             raise MidgptError(f"{path} is missing but {rundir} holds checkpoints; "
-                              + (put_back or "none holds a copy of it: pass a new --rundir"))
+                              + (_put_back(rundir, path) or "none holds a copy of it: pass a new --rundir"))
         raise MidgptError(f"{path} not found; is {rundir} a run directory made by launch.py?")
     try:
         with open(path, encoding="utf-8") as f:
@@ -134,7 +139,7 @@ def read_config_json(rundir: str) -> Config:
         # A damaged file, which cp writes over in place: not an unreadable one (permissions), a directory
         # or a symlink (cp would write through it, to what it points at).
         damaged = isinstance(e, ValueError) and os.path.isfile(path) and not os.path.islink(path)
-        fix = put_back if damaged and put_back else "restore it or pass a new --rundir"
+        fix = damaged and _put_back(rundir, path) or "restore it or pass a new --rundir"
         raise MidgptError(f"cannot read {path} as JSON ({e}); {fix}") from None
     try:
         return config_from_dict(saved)
