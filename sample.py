@@ -49,11 +49,12 @@ def main(argv: list[str]) -> None:
     from midgpt.cli import say
     from midgpt.errors import MidgptError
     from midgpt.model import cast_floats
+    from midgpt.precision import compute_dtype
     from midgpt.sample import generate, load_model, run_meta
 
     config, model = load_model(args.rundir, args.step)
     meta = run_meta(args.rundir, config)
-    model = cast_floats(model, jnp.dtype(config.compute_dtype))
+    model = cast_floats(model, jnp.dtype(compute_dtype(config.compute_dtype)))
     try:
         ids = tokenizer.encode(meta, start)
     except tokenizer.UnknownCharacters as e:

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 
 from midgpt.cli import ArgumentParser, positive_int, run
 from midgpt.model import GPT, cast_floats
+from midgpt.precision import compute_dtype
 from midgpt.sample import generate, sample_token
 from train_throughput import checked_config
 
@@ -50,14 +51,15 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--max_new_tokens", type=positive_int, default=500)
     args, overrides = parser.parse_known_args(argv)
     config = checked_config(args.config, overrides)
-    model = cast_floats(GPT(config.model, key=jax.random.key(0)), jnp.dtype(config.compute_dtype))
+    dtype = compute_dtype(config.compute_dtype)
+    model = cast_floats(GPT(config.model, key=jax.random.key(0)), jnp.dtype(dtype))
     prompt_BxP = jnp.zeros((args.num_samples, 1), jnp.int32)
     key = jax.random.key(0)
     cached = tokens_per_sec(generate, model, prompt_BxP, args.max_new_tokens, key)
     recomputing = tokens_per_sec(generate_recomputing, model, prompt_BxP, args.max_new_tokens, key)
     print(json.dumps({
         "config": args.config, "overrides": overrides, "backend": jax.default_backend(),
-        "device": jax.devices()[0].device_kind, "compute_dtype": config.compute_dtype,
+        "device": jax.devices()[0].device_kind, "compute_dtype": dtype,
         "num_samples": args.num_samples, "max_new_tokens": args.max_new_tokens,
         "cached_tokens_per_sec": cached, "recompute_tokens_per_sec": recomputing,
         "speedup": cached / recomputing,

@@ -14,7 +14,7 @@ import time
 import jax
 import numpy as np
 
-from midgpt import mfu
+from midgpt import mfu, precision
 from midgpt.cli import ArgumentParser, positive_int, run
 from midgpt.config import Config, apply_overrides, check_config, load_config
 from midgpt.model import count_params
@@ -82,13 +82,14 @@ def main(argv: list[str]) -> None:
     state, times = time_steps(train_step, state, batches, 2 + args.steps)
     step_s = statistics.median(times[2:])
 
-    peak, source = mfu.device_peak(config.compute_dtype)
+    dtype = precision.compute_dtype(config.compute_dtype)
+    peak, source = mfu.device_peak(dtype)
     tokens_per_step = batches[0].size
     tokens_per_sec = tokens_per_step / step_s
     print(json.dumps({
         **run_fields(args.config, overrides),
         "parameters": count_params(state.model),
-        "compute_dtype": config.compute_dtype,
+        "compute_dtype": dtype,
         "tokens_per_step": int(tokens_per_step),
         "compile_s": round(sum(compile_s), 2),
         "first_step_s": round(first_step_s, 2),

@@ -13,7 +13,7 @@ import pytest
 
 from midgpt.config import ModelConfig
 from midgpt.model import GPT, attention_implementation, cast_floats, cudnn_flash_fits, dropout, project
-from midgpt.precision import cross_entropy
+from midgpt.precision import compute_dtype, cross_entropy, multiplies_bf16
 from midgpt.train import ACTIVATIONS_AT_ONCE, eval_loss, loss_fn
 
 CONFIG = ModelConfig(vocab_size=64, block_size=16, n_layer=3, n_head=2, n_embd=32)
@@ -132,6 +132,19 @@ def test_auto_attention_takes_cudnn_only_where_it_runs():
     assert not cudnn_flash_fits(jnp.bfloat16, 64, jax.devices("cpu")[0])
     assert attention_implementation("auto", jnp.bfloat16, True, 64) == "einsum"  # dropout: einsum only
     assert attention_implementation("xla", jnp.float32, False, 76) == "xla"  # as configured
+
+
+# /proc/cpuinfo's flags, cut to those that matter, of the processors midgpt was measured on
+@pytest.mark.parametrize("cpuinfo, multiplies", [
+    ("flags\t\t: fpu sse2 avx2 fma avx512f avx512_bf16\n" * 2, True),  # AMD EPYC (Zen 4): bf16 2x float32
+    ("flags\t\t: fpu sse2 avx2 fma avx512f avx512_bf16 amx_bf16 amx_tile\n", True),  # Intel Xeon: 3x
+    ("flags\t\t: fpu sse2 avx2 fma\nbugs\t\t: avx512_bf16\n", False),  # AMD EPYC (Zen 3): 0.6x
+    ("Features\t: fp asimd bf16 i8mm\n", False),  # Arm: how XLA runs bf16 there is not measured
+    ("", False),  # no /proc/cpuinfo: not Linux
+])
+def test_auto_compute_dtype_reads_the_bf16_instructions_from_cpuinfo(cpuinfo, multiplies):
+    assert multiplies_bf16(cpuinfo) == multiplies
+    assert compute_dtype("float32") == "float32" and compute_dtype("bfloat16") == "bfloat16"  # as configured
 
 
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN's fused attention runs on NVIDIA GPUs only")

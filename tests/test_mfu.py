@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import pytest
 
 from conftest import REPO_ROOT
-from midgpt import mfu
+from midgpt import mfu, precision
 from midgpt.config import ModelConfig
 from midgpt.model import GPT
 from midgpt.train import loss_fn
@@ -80,6 +80,14 @@ def test_measured_peak_is_what_a_matmul_reaches():
     assert peak >= 0.5 * 2 * 512**3 / (time.perf_counter() - start)  # best-of, so at least one run's rate, within noise
 
 
+def test_auto_compute_dtype_is_the_faster_of_the_two_here():
+    float32, bfloat16 = (mfu.measure_peak(dtype) for dtype in ("float32", "bfloat16"))
+    if max(float32, bfloat16) < 1.3 * min(float32, bfloat16):
+        pytest.skip(f"float32 and bfloat16 matmuls run too close here to tell them apart "
+                    f"({float32 / 1e12:.3g} and {bfloat16 / 1e12:.3g} TFLOP/s)")
+    assert precision.compute_dtype("auto") == ("float32" if float32 > bfloat16 else "bfloat16")
+
+
 def test_throughput_benchmark_times_the_real_step_and_prints_json():
     result = subprocess.run(
         [sys.executable, str(REPO_ROOT / "benchmarks" / "train_throughput.py"), "--config=shakespeare_char_cpu",
@@ -90,7 +98,7 @@ def test_throughput_benchmark_times_the_real_step_and_prints_json():
     out = json.loads(result.stdout.strip().splitlines()[-1])
     assert out["backend"] == "cpu" and out["device_count"] == 1 and out["tokens_per_step"] == 4 * 64
     assert out["tokens_per_sec"] == pytest.approx(out["tokens_per_step"] / out["step_ms"] * 1000, rel=0.01)
-    assert 0 < out["mfu"] < 1 and out["peak_source"].startswith("measured bfloat16")
+    assert 0 < out["mfu"] < 1 and out["peak_source"].startswith(f"measured {precision.compute_dtype('auto')}")
     assert 0 < out["compile_s"] < out["first_step_s"]
 
 

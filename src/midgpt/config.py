@@ -56,7 +56,10 @@ class Config:
     eval_iters: int = 200
     log_interval: int = 10
     param_dtype: str = "float32"  # the only choice (check_config says why); config.json names it
-    compute_dtype: str = "bfloat16"
+    # "bfloat16" (matmul inputs; sums in float32), "float32", or "auto": bfloat16, but float32 on a
+    # CPU that has no bf16 matmul instructions (precision.compute_dtype). Like the model's "how the
+    # step runs" fields, "auto" may change when a run resumes on another machine.
+    compute_dtype: str = "auto"
     # Device mesh (replica, fsdp): one entry may be -1, "all remaining devices".
     mesh_shape: tuple[int, int] = (1, -1)
     shard_model: bool = True  # FSDP: shard parameters and optimiser state over the fsdp axis
@@ -336,8 +339,8 @@ def check_config(config: Config) -> None:
     if m.remat not in ("full", "dots", "none"):
         raise MidgptError(f"config field 'model.remat' must be full, dots or none, got {m.remat!r}")
     # float16's range would need loss scaling: its gradients underflow (and Adam's second moment).
-    if config.compute_dtype not in ("float32", "bfloat16"):
-        raise MidgptError(f"config field 'compute_dtype' must be float32 or bfloat16 (float16 would need loss "
+    if config.compute_dtype not in ("auto", "float32", "bfloat16"):
+        raise MidgptError(f"config field 'compute_dtype' must be auto, float32 or bfloat16 (float16 would need loss "
                           f"scaling, which midgpt does not do), got {config.compute_dtype!r}")
     if config.param_dtype != "float32":  # bf16's 8 bits round away updates under 0.4% of a weight
         raise MidgptError(f"config field 'param_dtype' must be float32, got {config.param_dtype!r}: in bfloat16, "

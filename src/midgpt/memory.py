@@ -12,6 +12,7 @@ from jax.sharding import Mesh
 from midgpt.config import Config
 from midgpt.errors import MidgptError
 from midgpt.model import attention_implementation
+from midgpt.precision import compute_dtype
 from midgpt.sharding import REPLICA, is_abstract, on_cpu
 
 
@@ -48,7 +49,7 @@ def loss_chunks(config: Config, mesh: Mesh, pieces: int) -> int:
 def training_attention(config: Config) -> str:
     """The attention implementation that the training step runs (model.attention_implementation)."""
     m = config.model
-    return attention_implementation(m.attention, config.compute_dtype, m.dropout > 0, m.head_dim)
+    return attention_implementation(m.attention, compute_dtype(config.compute_dtype), m.dropout > 0, m.head_dim)
 
 
 def activation_bytes(config: Config, mesh: Mesh, pieces: int = 1, chunks: int = 1) -> int:
@@ -59,7 +60,7 @@ def activation_bytes(config: Config, mesh: Mesh, pieces: int = 1, chunks: int = 
     m = config.model
     B = config.batch_size // mesh.size // pieces  # rows per device at once: the batch is split over every device
     T, D, H, F, V = m.block_size, m.n_embd, m.n_head, 4 * m.n_embd, m.vocab_size
-    s = np.dtype(config.compute_dtype).itemsize
+    s = np.dtype(compute_dtype(config.compute_dtype)).itemsize
     # Per layer: the inputs of norms and matmuls (9 D + 2 F per token), and per
     # attention score, the float32 scores, softmax and its gradient, the
     # compute-dtype probabilities (and the dropout mask). Calibrated against XLA's
@@ -89,7 +90,7 @@ def gathered_bytes(config: Config, mesh: Mesh, state_like, state_shardings) -> i
     model, shardings, m = state_like.model, state_shardings.model, config.model
     layers = 2 + (m.remat == "none") * m.n_layer
     # XLA:CPU runs bf16 collectives in float32; GPUs and TPUs gather the compute dtype.
-    itemsize = 4 if on_cpu(mesh) else np.dtype(config.compute_dtype).itemsize
+    itemsize = 4 if on_cpu(mesh) else np.dtype(compute_dtype(config.compute_dtype)).itemsize
     return (layers * elements(model.blocks, shardings.blocks) // m.n_layer
             + elements(model.embed_VxD, shardings.embed_VxD)) * itemsize
 
@@ -101,7 +102,7 @@ def estimate(config: Config, mesh: Mesh, state_like, state_shardings, pieces: in
     pieces and chunks: as the step cuts micro-batches (train.pieces_per_micro_batch) and logits (loss_chunks).
     """
     params = sharded_bytes(state_like.model, state_shardings.model)
-    compute_copy = params * np.dtype(config.compute_dtype).itemsize // np.dtype(config.param_dtype).itemsize
+    compute_copy = params * np.dtype(compute_dtype(config.compute_dtype)).itemsize // np.dtype(config.param_dtype).itemsize
     # The micro-batches' tokens, x and y in int32: a step's twice (the next is prefetched), an
     # evaluation's; on CPU also the int64 offsets and int32 windows that data.get_batch cuts them from.
     rows = config.batch_size // mesh.size

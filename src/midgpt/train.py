@@ -18,7 +18,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
-from midgpt import checkpoint, cli, data, memory, mfu, sharding
+from midgpt import checkpoint, cli, data, memory, mfu, precision, sharding
 from midgpt.config import Config, config_to_dict
 from midgpt.errors import MidgptError
 from midgpt.files import lock_run, write_atomically, writing_to
@@ -91,7 +91,7 @@ def make_train_step(config: Config, optimizer: optax.GradientTransformation, mes
 
     Each micro-batch runs as `pieces` smaller ones, whose logits the loss makes in `chunks` slices of T.
     """
-    compute_dtype = jnp.dtype(config.compute_dtype)
+    compute_dtype = jnp.dtype(precision.compute_dtype(config.compute_dtype))
     schedule = lr_schedule(config)
     state_shardings, static = state_layout(config, optimizer, mesh)
     batch_sharding = sharding.batch_sharding(mesh, ndim=3, batch_axis=1)
@@ -159,7 +159,7 @@ def make_train_step(config: Config, optimizer: optax.GradientTransformation, mes
 @eqx.filter_jit
 def eval_loss(model: GPT, x_GxBxT, y_GxBxT, compute_dtype: str, pieces: int = 1, gather=None, chunks: int = 1):
     """Mean loss over G batches, each cut into `pieces` (its logits into `chunks`), in one call: one dispatch."""
-    model = cast_floats(model, jnp.dtype(compute_dtype))
+    model = cast_floats(model, jnp.dtype(precision.compute_dtype(compute_dtype)))
     G, B, T = x_GxBxT.shape
     M = G * pieces
     x_MxbxT, y_MxbxT = (a.reshape(M, B // pieces, T) for a in (x_GxBxT, y_GxBxT))
@@ -212,7 +212,8 @@ def plan_memory(config: Config, mesh: Mesh, like: TrainState, shardings, say) ->
 
     parts = estimate_for(config)
     available, source = memory.device_memory()
-    say(f"memory per device, estimated (remat {config.model.remat}, attention {memory.training_attention(config)}): "
+    say(f"memory per device, estimated ({precision.compute_dtype(config.compute_dtype)} compute, remat "
+        f"{config.model.remat}, attention {memory.training_attention(config)}): "
         + ", ".join(f"{k} {memory.gib(v)}" for k, v in parts.items() if v)
         + (f" of {memory.gib(available)} ({source})" if available else ""))
     memory.check_fits(config, mesh, available, estimate_for)
@@ -235,7 +236,7 @@ def _train(config: Config, rundir: str, debug: bool, resume: bool, notes: Sequen
     # Read before the processes first meet, so before process 0 can have made it: all agree.
     existed = os.path.isdir(rundir)
     sharding.check_same_arguments(config, rundir, debug, resume)
-    check_cudnn(config.model, config.compute_dtype, jax.devices()[0])
+    check_cudnn(config.model, precision.compute_dtype(config.compute_dtype), jax.devices()[0])
     if resume:  # first: load_splits' advice for a larger vocabulary would be another model
         data.check_same_data(rundir, config.data_dir)
     train_tokens, val_tokens = data.load_splits(config)
@@ -298,7 +299,7 @@ def _train(config: Config, rundir: str, debug: bool, resume: bool, notes: Sequen
         say(f"each micro-batch of {config.batch_size} rows runs as {pieces} of {config.batch_size // pieces} "
             "in training and evaluation: faster on a lone CPU")
     tokens_per_step = config.g_accum_iters * config.batch_size * config.model.block_size
-    peak, peak_source = mfu.device_peak(config.compute_dtype)
+    peak, peak_source = mfu.device_peak(precision.compute_dtype(config.compute_dtype))
     step_flops = mfu.flops_per_token(config.model) * tokens_per_step
     say(f"MFU is against the {peak_source}: {peak / 1e12:.3g} TFLOP/s per device, "
         f"{jax.device_count()} devices; {step_flops / 1e9:.4g} GFLOP a step")

@@ -20,5 +20,4 @@ config = Config(
     weight_decay=1e-4,
     eval_interval=250,
     eval_iters=50,
-    compute_dtype="bfloat16",
 )

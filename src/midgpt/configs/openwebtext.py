@@ -23,5 +23,4 @@ config = Config(
     eval_iters=50,
     log_interval=10,
     checkpoint_interval=1000,
-    compute_dtype="bfloat16",
 )

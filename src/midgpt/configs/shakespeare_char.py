@@ -21,5 +21,4 @@ config = Config(
     eval_interval=250,
     eval_iters=200,
     log_interval=10,
-    compute_dtype="bfloat16",
 )

@@ -16,6 +16,4 @@ config = dataclasses.replace(
     max_steps=2000,
     lr_decay_steps=2000,
     eval_iters=50,
-    # bf16 matmuls accumulating in f32: the same val loss at step 2000 as float32 (1.6407), a little faster
-    compute_dtype="bfloat16",
 )
