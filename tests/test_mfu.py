@@ -102,33 +102,6 @@ def test_throughput_benchmark_times_the_real_step_and_prints_json():
     assert 0 < out["compile_s"] < out["first_step_s"]
 
 
-# Page faults a float32 shakespeare_char_cpu step takes once warm, with cli.run's malloc settings ("run") or without.
-STEP_PAGE_FAULTS = """
-import resource, sys
-import train_throughput as bench
-from midgpt import cli
-
-def main(argv):
-    state, step, batches = bench.setup(bench.checked_config("shakespeare_char_cpu", ["--compute_dtype=float32"]))
-    state, _ = bench.time_steps(step, state, batches, 3)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    bench.time_steps(step, state, batches, 30)
-    print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 30)
-
-cli.run(main) if sys.argv[1:] == ["run"] else main([])
-"""
-
-
-def test_entry_points_keep_freed_memory_so_that_steps_do_not_fault_pages_in():
-    faults = lambda *how: float(subprocess.run(
-        [sys.executable, "-c", STEP_PAGE_FAULTS, *how], cwd=REPO_ROOT / "benchmarks", capture_output=True,
-        text=True, timeout=300, check=True).stdout)
-    bare, run = faults(), faults("run")
-    if bare < 1000:
-        pytest.skip(f"a step here faults {bare:.0f} pages in without cli.run's setting: nothing for it to save")
-    assert run < bare / 4, (run, bare)  # here: about 8,000 a step without (32 MB zeroed by the kernel)
-
-
 def test_step_ratios_times_each_variant_every_round_against_the_first():
     small = "--model.n_layer=2 --model.n_embd=64 --model.n_head=2 --batch_size=4"
     result = subprocess.run(

@@ -58,18 +58,21 @@ def run(main) -> None:
         os._exit(1)
 
 
-def keep_freed_memory(pad: int = 1 << 30) -> None:
-    """Have glibc's malloc keep up to `pad` bytes of freed memory for reuse, not hand them back to the kernel."""
+def keep_freed_memory(keep: int = 1 << 30) -> None:
+    """Have glibc's malloc keep up to `keep` bytes of freed memory for reuse, not hand them back to the kernel."""
     # XLA:CPU allocates a step's buffers and frees them each step. glibc gave the freed top of its
-    # heap back, and the kernel zero-filled those pages again at the next step: 300 steps of
-    # `launch.py --config=shakespeare_char_cpu` in float32 took 3.6M page faults (9.6 s of system
-    # time, 35 s wall) and 0.15M with this (0.9 s, 29 s wall), for 96 MB more memory at the peak.
+    # heaps back, and the kernel zero-filled those pages again at the next step. A fixed threshold
+    # also stops glibc from moving it as buffers come and go (evaluations had moved it, and the steps
+    # then faulted again). 300 steps of `launch.py --config=shakespeare_char_cpu --compute_dtype=float32
+    # --eval_interval=100 --eval_iters=10` took 2.6M page faults (9.4 s of system time, 42 s wall)
+    # and 0.19M with this (1.2 s, 36 s), for about 100 MB more memory at the peak.
     try:
         mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):  # not glibc (macOS): its allocator is its own
         return
-    M_TOP_PAD = -2  # malloc.h
-    mallopt(M_TOP_PAD, pad)
+    M_TRIM_THRESHOLD, M_TOP_PAD = -1, -2  # malloc.h
+    mallopt(M_TRIM_THRESHOLD, keep)  # give memory back only once this much is free at a heap's top,
+    mallopt(M_TOP_PAD, keep)  # and then keep this much
 
 
 def _without_traceback(record: logging.LogRecord) -> bool:
