@@ -13,8 +13,6 @@ from pathlib import Path
 import jax
 import pytest
 
-from midgpt import cli
-
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -26,7 +24,6 @@ def pytest_configure(config):
         config._midgpt_xla_cache = tempfile.mkdtemp(prefix="midgpt-xla-cache-")
         os.environ["JAX_COMPILATION_CACHE_DIR"] = config._midgpt_xla_cache
         os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
-    cli.keep_freed_memory()  # as launch.py's process does: the steps run here are faster with it
 
 
 def pytest_unconfigure(config):

@@ -11,6 +11,7 @@ import numpy as np
 import optax
 import pytest
 
+from midgpt import precision
 from midgpt.config import ModelConfig
 from midgpt.model import GPT, attention_implementation, cast_floats, cudnn_flash_fits, dropout, project
 from midgpt.precision import compute_dtype, cross_entropy, multiplies_bf16
@@ -134,17 +135,23 @@ def test_auto_attention_takes_cudnn_only_where_it_runs():
     assert attention_implementation("xla", jnp.float32, False, 76) == "xla"  # as configured
 
 
-# /proc/cpuinfo's flags, cut to those that matter, of the processors midgpt was measured on
+# /proc/cpuinfo's flags, cut to those that matter, of the processors midgpt was measured on (benchmarks/RESULTS.md)
 @pytest.mark.parametrize("cpuinfo, multiplies", [
-    ("flags\t\t: fpu sse2 avx2 fma avx512f avx512_bf16\n" * 2, True),  # AMD EPYC (Zen 4): bf16 2x float32
-    ("flags\t\t: fpu sse2 avx2 fma avx512f avx512_bf16 amx_bf16 amx_tile\n", True),  # Intel Xeon: 3x
-    ("flags\t\t: fpu sse2 avx2 fma\nbugs\t\t: avx512_bf16\n", False),  # AMD EPYC (Zen 3): 0.6x
-    ("Features\t: fp asimd bf16 i8mm\n", False),  # Arm: how XLA runs bf16 there is not measured
-    ("", False),  # no /proc/cpuinfo: not Linux
-])
-def test_auto_compute_dtype_reads_the_bf16_instructions_from_cpuinfo(cpuinfo, multiplies):
+    ("flags\t\t: fpu sse2 avx2 fma avx512f avx512_bf16\n" * 2, True),  # bf16 matmuls 2x float32's rate
+    ("flags\t\t: fpu sse2 avx2 fma avx512f avx512_bf16 amx_bf16 amx_tile\n", True),
+    ("flags\t\t: fpu sse2 avx2 fma\nbugs\t\t: avx512_bf16\n", False),  # bf16 0.6x float32's rate
+    ("Features\t: fp asimd bf16 i8mm\n", False),  # how XLA runs bf16 there is not measured
+    ("", False),
+], ids=["AMD EPYC Zen 4", "Intel Xeon AMX", "AMD EPYC Zen 3", "Arm", "not Linux"])
+def test_auto_compute_dtype_is_bfloat16_on_cpus_with_bf16_matmul_instructions(cpuinfo, multiplies, monkeypatch):
     assert multiplies_bf16(cpuinfo) == multiplies
-    assert compute_dtype("float32") == "float32" and compute_dtype("bfloat16") == "bfloat16"  # as configured
+    monkeypatch.setattr(precision, "_cpuinfo", lambda: cpuinfo)
+    on_cpu = jax.devices()[0].platform == "cpu"  # accelerators take bfloat16 whatever their host's CPU
+    assert compute_dtype("auto") == ("float32" if on_cpu and not multiplies else "bfloat16")
+
+
+def test_a_compute_dtype_other_than_auto_is_kept_whatever_the_cpu():
+    assert compute_dtype("float32") == "float32" and compute_dtype("bfloat16") == "bfloat16"
 
 
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN's fused attention runs on NVIDIA GPUs only")

@@ -61,16 +61,19 @@ def run(main) -> None:
 def keep_freed_memory(keep: int = 1 << 30) -> None:
     """Have glibc's malloc keep up to `keep` bytes of freed memory for reuse, not hand them back to the kernel."""
     # XLA:CPU allocates a step's buffers and frees them each step. glibc gave the freed top of its
-    # heaps back, and the kernel zero-filled those pages again at the next step. A fixed threshold
-    # also stops glibc from moving it as buffers come and go (evaluations had moved it, and the steps
-    # then faulted again). 300 steps of `launch.py --config=shakespeare_char_cpu --compute_dtype=float32
-    # --eval_interval=100 --eval_iters=10` took 2.6M page faults (9.4 s of system time, 42 s wall)
-    # and 0.19M with this (1.2 s, 36 s), for about 100 MB more memory at the peak.
+    # heaps back, or unmapped buffers it had mapped alone, and the kernel zero-filled those pages
+    # again at the next step. Its own thresholds move as buffers come and go (evaluations moved
+    # them, and the steps faulted again); fixed ones do not. 300 steps of `launch.py
+    # --config=shakespeare_char_cpu --compute_dtype=float32 --eval_interval=100 --eval_iters=10`
+    # took 2.6M page faults (9.4 s of system time, 42 s wall) and 0.19M with this (1.2 s, 36 s).
     try:
         mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):  # not glibc (macOS): its allocator is its own
+    except (OSError, AttributeError):  # not glibc (macOS, musl): their allocators are their own
         return
-    M_TRIM_THRESHOLD, M_TOP_PAD = -1, -2  # malloc.h
+    mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
+    M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3  # malloc.h
+    # Buffers under this come from the heaps, not from a mapping of their own; glibc before 2.35 takes at most 32 MiB.
+    mallopt(M_MMAP_THRESHOLD, keep) or mallopt(M_MMAP_THRESHOLD, 32 << 20)
     mallopt(M_TRIM_THRESHOLD, keep)  # give memory back only once this much is free at a heap's top,
     mallopt(M_TOP_PAD, keep)  # and then keep this much
 

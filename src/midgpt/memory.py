@@ -46,6 +46,11 @@ def loss_chunks(config: Config, mesh: Mesh, pieces: int) -> int:
     return fewest_parts(T, lambda c: rows * T // c * V <= LOGITS_AT_ONCE)
 
 
+def compute_itemsize(config: Config) -> int:
+    """Bytes of one element in the compute dtype that config.compute_dtype runs as."""
+    return np.dtype(compute_dtype(config.compute_dtype)).itemsize
+
+
 def training_attention(config: Config) -> str:
     """The attention implementation that the training step runs (model.attention_implementation)."""
     m = config.model
@@ -60,7 +65,7 @@ def activation_bytes(config: Config, mesh: Mesh, pieces: int = 1, chunks: int = 
     m = config.model
     B = config.batch_size // mesh.size // pieces  # rows per device at once: the batch is split over every device
     T, D, H, F, V = m.block_size, m.n_embd, m.n_head, 4 * m.n_embd, m.vocab_size
-    s = np.dtype(compute_dtype(config.compute_dtype)).itemsize
+    s = compute_itemsize(config)
     # Per layer: the inputs of norms and matmuls (9 D + 2 F per token), and per
     # attention score, the float32 scores, softmax and its gradient, the
     # compute-dtype probabilities (and the dropout mask). Calibrated against XLA's
@@ -90,7 +95,7 @@ def gathered_bytes(config: Config, mesh: Mesh, state_like, state_shardings) -> i
     model, shardings, m = state_like.model, state_shardings.model, config.model
     layers = 2 + (m.remat == "none") * m.n_layer
     # XLA:CPU runs bf16 collectives in float32; GPUs and TPUs gather the compute dtype.
-    itemsize = 4 if on_cpu(mesh) else np.dtype(compute_dtype(config.compute_dtype)).itemsize
+    itemsize = 4 if on_cpu(mesh) else compute_itemsize(config)
     return (layers * elements(model.blocks, shardings.blocks) // m.n_layer
             + elements(model.embed_VxD, shardings.embed_VxD)) * itemsize
 
@@ -102,7 +107,7 @@ def estimate(config: Config, mesh: Mesh, state_like, state_shardings, pieces: in
     pieces and chunks: as the step cuts micro-batches (train.pieces_per_micro_batch) and logits (loss_chunks).
     """
     params = sharded_bytes(state_like.model, state_shardings.model)
-    compute_copy = params * np.dtype(compute_dtype(config.compute_dtype)).itemsize // np.dtype(config.param_dtype).itemsize
+    compute_copy = params * compute_itemsize(config) // np.dtype(config.param_dtype).itemsize
     # The micro-batches' tokens, x and y in int32: a step's twice (the next is prefetched), an
     # evaluation's; on CPU also the int64 offsets and int32 windows that data.get_batch cuts them from.
     rows = config.batch_size // mesh.size

@@ -106,8 +106,9 @@ def check_same_arguments(config: Config, rundir: str, *flags) -> None:
     digest = np.frombuffer(hashlib.sha256(arguments.encode()).digest()[:4], np.int32)
     if len(set(multihost_utils.process_allgather(digest).ravel().tolist())) > 1:
         raise MidgptError("the processes were started with different arguments (--config, --FIELD=VALUE overrides, "
-                          "--rundir as an absolute path, or --debug), or see different files in --rundir (it must "
-                          "be on a filesystem every host sees); start every process with the same arguments")
+                          "--rundir as an absolute path, or --debug), see different files in --rundir (it must "
+                          "be on a filesystem every host sees), or resolve compute_dtype auto differently (CPUs of "
+                          "other kinds: pass --compute_dtype); start every process with the same arguments")
 
 
 @contextlib.contextmanager

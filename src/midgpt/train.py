@@ -235,8 +235,9 @@ def _train(config: Config, rundir: str, debug: bool, resume: bool, notes: Sequen
            held: contextlib.ExitStack) -> GPT:
     # Read before the processes first meet, so before process 0 can have made it: all agree.
     existed = os.path.isdir(rundir)
-    sharding.check_same_arguments(config, rundir, debug, resume)
-    check_cudnn(config.model, precision.compute_dtype(config.compute_dtype), jax.devices()[0])
+    compute_dtype = precision.compute_dtype(config.compute_dtype)  # "auto" by this host's CPU, so it is compared
+    sharding.check_same_arguments(config, rundir, debug, resume, compute_dtype)
+    check_cudnn(config.model, compute_dtype, jax.devices()[0])
     if resume:  # first: load_splits' advice for a larger vocabulary would be another model
         data.check_same_data(rundir, config.data_dir)
     train_tokens, val_tokens = data.load_splits(config)
@@ -299,7 +300,7 @@ def _train(config: Config, rundir: str, debug: bool, resume: bool, notes: Sequen
         say(f"each micro-batch of {config.batch_size} rows runs as {pieces} of {config.batch_size // pieces} "
             "in training and evaluation: faster on a lone CPU")
     tokens_per_step = config.g_accum_iters * config.batch_size * config.model.block_size
-    peak, peak_source = mfu.device_peak(precision.compute_dtype(config.compute_dtype))
+    peak, peak_source = mfu.device_peak(compute_dtype)
     step_flops = mfu.flops_per_token(config.model) * tokens_per_step
     say(f"MFU is against the {peak_source}: {peak / 1e12:.3g} TFLOP/s per device, "
         f"{jax.device_count()} devices; {step_flops / 1e9:.4g} GFLOP a step")
