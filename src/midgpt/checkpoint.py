@@ -46,11 +46,14 @@ def newest_committed(rundir: str) -> int | None:
     return max((step for step in saved_steps(rundir) if committed(rundir, step)), default=None)
 
 
-def make_manager(rundir: str, config: Config) -> ocp.CheckpointManager:
+def make_manager(rundir: str, config: Config, *, saves: bool) -> ocp.CheckpointManager:
+    """The run's checkpoint manager; saves: for the one process that trains it (launch.py holds its lock)."""
     # orbax deletes the oldest only after a newer one commits, so the last good
-    # copy is never the one removed.
+    # copy is never the one removed. A save cut short by a kill leaves a folder
+    # N.orbax-checkpoint-tmp as large as a checkpoint: the trainer deletes them, as
+    # no other save can be under way; sample.py, which may read a run in training, must not.
     options = ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True,
-                                           enable_async_checkpointing=True)
+                                           enable_async_checkpointing=True, cleanup_tmp_directories=saves)
     # Made here, not by orbax: a file in the way fails now, in one line, rather than at the first save.
     os.makedirs(directory(rundir), exist_ok=True)
     return ocp.CheckpointManager(directory(rundir), options=options)

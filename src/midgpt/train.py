@@ -269,7 +269,7 @@ def _train(config: Config, rundir: str, debug: bool, resume: bool, notes: Sequen
     if not existed:  # before the first write
         lock()
     with writing_to(rundir):
-        manager = None if debug else checkpoint.make_manager(rundir, config)
+        manager = None if debug else checkpoint.make_manager(rundir, config, saves=True)
     if debug:
         say("debug: no checkpoints are written")
 
