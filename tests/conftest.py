@@ -18,12 +18,13 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 def pytest_configure(config):
     # The tests start launch.py, sample.py and the benchmarks about a hundred times, mostly on the same
-    # small programs: those processes share XLA's compilation cache. This process had read its config at
-    # `import jax` above, so its own compiles (whose memory_analysis the tests read) stay uncached.
+    # small programs: those processes share XLA's compilation cache (pytest-xdist's workers inherit it
+    # from their controller). The tests' own compiles, whose memory_analysis they read, stay uncached.
     if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
         config._midgpt_xla_cache = tempfile.mkdtemp(prefix="midgpt-xla-cache-")
         os.environ["JAX_COMPILATION_CACHE_DIR"] = config._midgpt_xla_cache
         os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    jax.config.update("jax_enable_compilation_cache", False)
 
 
 def pytest_unconfigure(config):

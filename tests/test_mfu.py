@@ -81,7 +81,8 @@ def test_measured_peak_is_what_a_matmul_reaches():
 
 
 def test_auto_compute_dtype_is_the_faster_of_the_two_here():
-    float32, bfloat16 = (mfu.measure_peak(dtype) for dtype in ("float32", "bfloat16"))
+    # Interleaved, the best of three each: another test process (pytest -n 2) shares the cores.
+    float32, bfloat16 = map(max, zip(*[(mfu.measure_peak("float32"), mfu.measure_peak("bfloat16")) for _ in range(3)]))
     if max(float32, bfloat16) < 1.3 * min(float32, bfloat16):
         pytest.skip(f"float32 and bfloat16 matmuls run too close here to tell them apart "
                     f"({float32 / 1e12:.3g} and {bfloat16 / 1e12:.3g} TFLOP/s)")
