@@ -71,13 +71,18 @@ def test_peak_table_matches_the_most_specific_device_kind(kind, dtype, peak):
 
 
 def test_measured_peak_is_what_a_matmul_reaches():
-    peak = mfu.measure_peak("float32", size=512, seconds=0.05)
     x = jnp.ones((512, 512))
     matmul = jax.jit(lambda a: a @ a)
     matmul(x).block_until_ready()
-    start = time.perf_counter()
-    matmul(x).block_until_ready()
-    assert peak >= 0.5 * 2 * 512**3 / (time.perf_counter() - start)  # best-of, so at least one run's rate, within noise
+
+    def one_run():
+        start = time.perf_counter()
+        matmul(x).block_until_ready()
+        return 2 * 512**3 / (time.perf_counter() - start)
+
+    # Interleaved, the best of three each: another test process (pytest -n 2) shares the cores.
+    peak, rate = map(max, zip(*[(mfu.measure_peak("float32", size=512, seconds=0.05), one_run()) for _ in range(3)]))
+    assert peak >= 0.5 * rate  # best-of, so at least one run's rate, within noise
 
 
 def test_auto_compute_dtype_is_the_faster_of_the_two_here():
