@@ -70,6 +70,11 @@ def test_peak_table_matches_the_most_specific_device_kind(kind, dtype, peak):
     assert mfu.table_peak(kind, dtype) == peak
 
 
+def interleaved_best(*measures, rounds: int = 3) -> list[float]:
+    """Each measure's best of rounds, taken in turns: another test process (pytest -n 2) shares the cores."""
+    return [max(taken) for taken in zip(*[[measure() for measure in measures] for _ in range(rounds)])]
+
+
 def test_measured_peak_is_what_a_matmul_reaches():
     x = jnp.ones((512, 512))
     matmul = jax.jit(lambda a: a @ a)
@@ -80,14 +85,12 @@ def test_measured_peak_is_what_a_matmul_reaches():
         matmul(x).block_until_ready()
         return 2 * 512**3 / (time.perf_counter() - start)
 
-    # Interleaved, the best of three each: another test process (pytest -n 2) shares the cores.
-    peak, rate = map(max, zip(*[(mfu.measure_peak("float32", size=512, seconds=0.05), one_run()) for _ in range(3)]))
+    peak, rate = interleaved_best(lambda: mfu.measure_peak("float32", size=512, seconds=0.05), one_run)
     assert peak >= 0.5 * rate  # best-of, so at least one run's rate, within noise
 
 
 def test_auto_compute_dtype_is_the_faster_of_the_two_here():
-    # Interleaved, the best of three each: another test process (pytest -n 2) shares the cores.
-    float32, bfloat16 = map(max, zip(*[(mfu.measure_peak("float32"), mfu.measure_peak("bfloat16")) for _ in range(3)]))
+    float32, bfloat16 = interleaved_best(lambda: mfu.measure_peak("float32"), lambda: mfu.measure_peak("bfloat16"))
     if max(float32, bfloat16) < 1.3 * min(float32, bfloat16):
         pytest.skip(f"float32 and bfloat16 matmuls run too close here to tell them apart "
                     f"({float32 / 1e12:.3g} and {bfloat16 / 1e12:.3g} TFLOP/s)")
