@@ -65,7 +65,8 @@ def keep_freed_memory(keep: int = 1 << 30) -> None:
     # again at the next step. Its own thresholds move as buffers come and go (evaluations moved
     # them, and the steps faulted again); fixed ones do not. 300 steps of `launch.py
     # --config=shakespeare_char_cpu --compute_dtype=float32 --eval_interval=100 --eval_iters=10`
-    # took 2.6M page faults (9.4 s of system time, 42 s wall) and 0.19M with this (1.2 s, 36 s).
+    # took 2.6M page faults (9.4 s of system time, 42 s wall) and 0.19M with the trim threshold and
+    # the pad (1.2 s, 36 s); with the mmap threshold too, one later run took 0.16M (1.4 s).
     try:
         mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):  # not glibc (macOS, musl): their allocators are their own
