@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 from conftest import REPO_ROOT, this_tree_env
-from midgpt.checkpoint import committed
+from midgpt.checkpoint import committed, make_manager
+from midgpt.config import load_config
 
 STEPS = 60  # checkpoints at 20, 40 and 60
 ARGS = ["--config=shakespeare_char_cpu", "--model.n_layer=2", "--max_steps=60", "--checkpoint_interval=20",
@@ -96,6 +97,22 @@ def test_resume_after_kill_matches_uninterrupted_run(uninterrupted, shakespeare_
     assert "resuming from checkpoint 40" in output
     assert_same_run(rundir, uninterrupted)
     assert sorted(os.listdir(rundir / "checkpoints")) == ["20", "40", "60"]  # the unfinished save deleted
+
+
+def test_the_trainer_deletes_unfinished_saves_before_it_starts_and_a_reader_never(tmp_path):
+    # Before make_manager returns, not in a thread: a launch that saved nothing released the run's lock
+    # while orbax's cleanup thread still deleted. Many files, so a deletion in the background would show.
+    config = load_config("shakespeare_char_cpu")
+    unfinished = tmp_path / "checkpoints" / "50.orbax-checkpoint-tmp" / "state"
+    unfinished.mkdir(parents=True)
+    for i in range(3000):
+        (unfinished / f"d{i}").write_bytes(b"x")
+    (tmp_path / "checkpoints" / "40").mkdir()  # a finished one's folder is kept
+    make_manager(str(tmp_path), config, saves=False).close()  # sample.py may read a run in training
+    assert (unfinished / "d2999").exists()
+    manager = make_manager(str(tmp_path), config, saves=True)
+    assert os.listdir(tmp_path / "checkpoints") == ["40"]
+    manager.close()
 
 
 def test_a_second_launch_on_a_run_in_training_stops_in_one_line_and_changes_nothing(shakespeare_data_dir, tmp_path):
