@@ -64,15 +64,16 @@ def main(argv: list[str]) -> None:
     T = config.model.block_size
     if len(ids) > T:  # the model sees at most block_size tokens: a longer prompt keeps its end
         print(f"the prompt's first {len(ids) - T} tokens are left out: the model sees its last {T}", file=sys.stderr)
-    prompt_BxP = jnp.tile(jnp.asarray(ids[-T:], jnp.int32), (args.num_samples, 1))
-    try:
+        ids = ids[-T:]
+    try:  # a prompt of many tokens can fill the memory already in its copy for each sample
+        prompt_BxP = jnp.tile(jnp.asarray(ids, jnp.int32), (args.num_samples, 1))
         tokens_BxN = jax.device_get(generate(
             model, prompt_BxP, args.max_new_tokens, jax.random.key(args.seed), args.temperature, args.top_k,
             vocab=meta["vocab_size"]))  # the tokenizer's ids: the table may have more rows
     except jax.errors.JaxRuntimeError as e:
         if "RESOURCE_EXHAUSTED" not in str(e):
             raise
-        raise MidgptError(f"{args.num_samples} samples of {prompt_BxP.shape[1] + args.max_new_tokens} tokens do not "
+        raise MidgptError(f"{args.num_samples} samples of {len(ids) + args.max_new_tokens} tokens do not "
                           "fit the device's memory; lower --num_samples or --max_new_tokens") from None
     for i, row in enumerate(tokens_BxN):
         say(("-" * 40 + "\n" if i else "") + tokenizer.decode(meta, row.tolist()))

@@ -588,10 +588,23 @@ def test_sample_errors_are_one_line(short_run, shakespeare_data_dir, tmp_path):
     assert_one_line_error(run("sample.py", f"--rundir={short_run}", f"--start=FILE:{tmp_path}/latin1.txt"),
                           "cannot read the prompt file")
     # Too many samples for the memory: 8 GB of address space, as a device's memory would be.
-    small = subprocess.run(["bash", "-c", 'ulimit -v 8000000 && exec "$@"', "bash", sys.executable, "sample.py",
-                            f"--rundir={short_run}", "--num_samples=100000000", "--max_new_tokens=10"],
-                           cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
-    assert_one_line_error(small, "do not fit the device's memory; lower --num_samples")
+    # The default prompt, one token, fills it in the KV cache; one of 60 already in its copy for each sample.
+    for start in ("\n", "First Citizen:\nBefore we proceed any further, hear me speak."):
+        small = subprocess.run(["bash", "-c", 'ulimit -v 8000000 && exec "$@"', "bash", sys.executable, "sample.py",
+                                f"--rundir={short_run}", "--num_samples=100000000", "--max_new_tokens=10",
+                                f"--start={start}"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+        assert_one_line_error(small, f"100000000 samples of {len(start) + 10} tokens do not fit the device's memory; "
+                              "lower --num_samples")
+    # A path in bytes that are not UTF-8 (Python hands them over as surrogates): written back as given,
+    # not an encoding error that ended the process without a line.
+    # launch.py refuses one at once: orbax failed to write there, at the first save.
+    missing = os.fsencode(tmp_path) + b"/r\xe9"
+    for script, args in (("sample.py", []), ("launch.py", ["--config=shakespeare_char_cpu"])):
+        result = subprocess.run([sys.executable, script, b"--rundir=" + missing, *args], cwd=REPO_ROOT,
+                                capture_output=True, timeout=600)
+        assert result.returncode == 1 and result.stderr.startswith(b"error: ") and result.stderr.count(b"\n") == 1
+        assert missing in result.stderr, result.stderr
+    assert not os.path.exists(missing)
     meta = json.loads((edited / "meta.json").read_text())  # a vocabulary without a newline, the default --start
     (edited / "config.json").write_text(json.dumps(config))
     (edited / "meta.json").write_text(json.dumps({**meta, "chars": [c if c != "\n" else "~" for c in meta["chars"]]}))

@@ -52,7 +52,8 @@ def run(main) -> None:
         stderr = os.dup(sys.stderr.fileno())
         _discard(sys.stderr)
         with contextlib.suppress(BrokenPipeError):
-            os.write(stderr, f"error: {e}\n".encode())
+            # surrogateescape: a path given in bytes that are not UTF-8 is written back as it came
+            os.write(stderr, f"error: {e}\n".encode(errors="surrogateescape"))
         # Not the interpreter's teardown: jax.distributed's exit barrier waits for processes that may
         # never come. Files are closed and saves finished before an error gets here.
         os._exit(1)
