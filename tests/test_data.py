@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import PREPARE, this_tree_env
+from conftest import PREPARE, small_files, this_tree_env
 from midgpt.config import apply_overrides, load_config
 from midgpt.data import get_batch, load_meta, load_splits, load_tokens
 from midgpt.tokenizer import decode, encode
@@ -54,6 +54,19 @@ def test_prepare_with_missing_input_prints_one_line_and_writes_nothing(tmp_path)
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert "nope.txt" in result.stderr and "Traceback" not in result.stderr
     assert not out_dir.exists()
+
+
+def test_prepare_that_cannot_write_is_one_line_and_leaves_a_prepared_dataset_as_it_was(shakespeare_text, tmp_path):
+    out_dir = tmp_path / "out"
+    command = [sys.executable, str(PREPARE), "--input", shakespeare_text, "--out_dir", str(out_dir)]
+    assert subprocess.run(command, capture_output=True).returncode == 0
+    before = {p.name: p.read_bytes() for p in out_dir.iterdir()}
+    # A full disk, played by a 1 MiB file size limit: train.bin takes 2. meta.json was deleted first.
+    result = subprocess.run([*small_files(1024), *command], capture_output=True, text=True)
+    assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.startswith(f"prepare.py: cannot write to {out_dir} (") and result.stderr.endswith(
+        "nothing prepared before was replaced\n")
+    assert {p.name: p.read_bytes() for p in out_dir.iterdir()} == before  # and no .tmp files
 
 
 def test_prepare_refuses_a_text_too_short_for_two_splits(tmp_path):

@@ -1,6 +1,7 @@
 """Tiny Shakespeare -> char-level train.bin / val.bin (uint16) and meta.json."""
 
 import argparse
+import contextlib
 import hashlib
 import http.client
 import json
@@ -63,16 +64,6 @@ def main() -> None:
     if n_train == 0:  # training needs both splits, and data.py cannot memory-map an empty one
         sys.exit(f"prepare.py: {input_path} holds {len(ids)} characters, too few for a train and a val split")
 
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        sys.exit(f"prepare.py: cannot make --out_dir {out_dir}: {e}")
-    # A stale meta.json beside half-replaced .bin files would vouch for the wrong data.
-    (out_dir / "meta.json").unlink(missing_ok=True)
-    for name, split_ids in splits.items():
-        split_ids.tofile(out_dir / f"{name}.bin.tmp")
-    for name in splits:
-        os.replace(out_dir / f"{name}.bin.tmp", out_dir / f"{name}.bin")
     meta = {
         "tokenizer": "char",
         "vocab_size": len(chars),
@@ -81,9 +72,23 @@ def main() -> None:
         "val_tokens": len(splits["val"]),
         "sha256": {f"{name}.bin": hashlib.sha256(split_ids.tobytes()).hexdigest() for name, split_ids in splits.items()},
     }
-    # meta.json goes last: its presence is what marks the directory complete.
-    (out_dir / "meta.json.tmp").write_text(json.dumps(meta))
-    os.replace(out_dir / "meta.json.tmp", out_dir / "meta.json")
+    # Every file is written beside the old ones first: a full disk or a Ctrl-C leaves a prepared dataset as it was.
+    tmp = {name: out_dir / f"{name}.tmp" for name in ("train.bin", "val.bin", "meta.json")}
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for name, split_ids in splits.items():
+            split_ids.tofile(tmp[f"{name}.bin"])
+        tmp["meta.json"].write_text(json.dumps(meta))
+    except (OSError, KeyboardInterrupt) as e:
+        for path in tmp.values():
+            with contextlib.suppress(OSError):  # not there, or --out_dir is no directory
+                path.unlink()
+        sys.exit(f"prepare.py: cannot write to {out_dir} ({e or 'interrupted'}); nothing prepared before was replaced")
+    # A stale meta.json beside half-replaced .bin files would vouch for the wrong data; the new one goes
+    # last, as its presence is what marks the directory complete.
+    (out_dir / "meta.json").unlink(missing_ok=True)
+    for name in ("train.bin", "val.bin", "meta.json"):
+        os.replace(tmp[name], out_dir / name)
     print(f"vocab size {len(chars)}; train {meta['train_tokens']:,} tokens, val {meta['val_tokens']:,} tokens -> {out_dir}")
 
 
