@@ -257,6 +257,40 @@ def test_a_failed_run_leaves_a_prepared_dataset_as_it_was(tmp_path):
     assert {path.name: path.read_bytes() for path in out_dir.iterdir()} == before
 
 
+def test_a_stop_signal_while_the_new_files_replace_the_old_is_ignored(tmp_path):
+    # The microseconds of the renames, widened by a stop sent from the first: the stop left neither
+    # dataset whole, and said that nothing was replaced.
+    corpus, out_dir = write_corpus(tmp_path / "corpus.txt", DOCS[:200]), tmp_path / "out"
+    args = ["--input", corpus, "--out_dir", out_dir, "--val_fraction", 0.1]
+    assert run_prepare(*args).returncode == 0
+    expected = {path.name: path.read_bytes() for path in out_dir.iterdir()}
+    (out_dir / "val.bin").write_bytes(b"old")
+    stop_at_the_first_rename = f"""
+import os, runpy, signal, sys
+replace = os.replace
+def replace_then_stop(src, dst):
+    replace(src, dst)
+    if str(dst).endswith("train.bin"):
+        os.kill(os.getpid(), signal.SIGTERM)
+os.replace = replace_then_stop
+sys.argv = [{str(PREPARE)!r}, *{list(map(str, args))!r}]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+    result = subprocess.run([sys.executable, "-c", stop_at_the_first_rename], capture_output=True, text=True)
+    assert result.returncode == 0 and "tokens/s ->" in result.stdout, result.stderr
+    assert {path.name: path.read_bytes() for path in out_dir.iterdir()} == expected
+
+
+def test_a_txt_document_too_large_to_hold_is_refused_naming_blank_lines(tmp_path):
+    corpus = tmp_path / "lines.txt"  # one document per line, as in a .jsonl: one block of 70M characters
+    corpus.write_text(("x" * 999 + "\n") * 70_000)
+    result = run_prepare("--input", corpus, "--out_dir", tmp_path / "out")
+    assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr == (f"prepare.py: {corpus}:67109: a document of over 64M characters; in .txt files, blank "
+                             "lines separate documents (or use .jsonl, one per line)\n")
+    assert not list((tmp_path / "out").iterdir())
+
+
 def test_repeated_input_flags_add_up_and_a_byte_order_mark_is_not_text(tmp_path):
     # Windows editors save UTF-8 with a byte-order mark; it would become three tokens of the first document.
     (tmp_path / "a.txt").write_text("\ufeffFirst doc.", encoding="utf-8")

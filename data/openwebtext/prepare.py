@@ -29,9 +29,9 @@ from tqdm import tqdm
 
 from midgpt.cli import ArgumentParser
 from midgpt.errors import MidgptError
-from midgpt.files import write_atomically
 from midgpt.tokenizer import gpt2
 
+MAX_TXT_DOCUMENT = 64 << 20  # characters of one blank-line-separated block
 DOCS_PER_TASK = 1024  # big enough to amortise pickling, small enough to keep RAM per worker low
 SPLITS = ("train", "val")
 REVISION = "refs/convert/parquet"  # the Hub's parquet export of a dataset
@@ -102,13 +102,17 @@ def _file_documents(path: str):
                 # A "\ud83d" escape (an emoji cut in two, common in scraped text) is no UTF-8: U+FFFD, as tiktoken would.
                 yield text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
             return
-        block = []
-        for line in itertools.chain(f, ["\n"]):  # the sentinel blank line flushes the last block
+        block, size = [], 0
+        for lineno, line in enumerate(itertools.chain(f, ["\n"]), 1):  # the sentinel blank line flushes the last block
             if line.strip():
                 block.append(line.rstrip("\n"))
+                size += len(line)
+                if size > MAX_TXT_DOCUMENT:  # a file of one document per line, say: held whole, it took 14x its size
+                    raise MidgptError(f"{path}:{lineno}: a document of over {MAX_TXT_DOCUMENT >> 20}M characters; in "
+                                      ".txt files, blank lines separate documents (or use .jsonl, one per line)")
             elif block:
                 yield "\n".join(block)
-                block = []
+                block, size = [], 0
 
 
 def hf_documents(name: str, data_files: list[str] | None = None):
@@ -182,16 +186,16 @@ def stop_workers(pool) -> None:
 
 
 def prepare(documents, out_dir: Path, num_proc: int, val_fraction: float, source: dict) -> None:
-    """Tokenize documents into out_dir's *.bin.tmp files, then rename them and write meta.json."""
+    """Tokenize documents into out_dir's .tmp files, then rename them over the old ones, meta.json last."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = {s: out_dir / f"{s}.bin.tmp" for s in SPLITS}
+    tmp = {name: out_dir / f"{name}.tmp" for name in ("train.bin", "val.bin", "meta.json")}
     tokens, docs, sha = dict.fromkeys(SPLITS, 0), dict.fromkeys(SPLITS, 0), {s: hashlib.sha256() for s in SPLITS}
     batches = iter(lambda: list(itertools.islice(documents, DOCS_PER_TASK)), [])
     start = time.perf_counter()
     pool = quiet_pool(num_proc)
     try:
         # delay: a run that fails at once (bad input, no Hub) prints only its one error line.
-        with open(tmp["train"], "wb") as train_f, open(tmp["val"], "wb") as val_f, \
+        with open(tmp["train.bin"], "wb") as train_f, open(tmp["val.bin"], "wb") as val_f, \
                 tqdm(unit="doc", delay=2) as bar:
             files = {"train": train_f, "val": val_f}
             # imap keeps document order, so the output is the same for any num_proc.
@@ -210,23 +214,25 @@ def prepare(documents, out_dir: Path, num_proc: int, val_fraction: float, source
         # data.py cannot memory-map an empty split, and training needs both.
         if empty := [s for s in SPLITS if docs[s] == 0]:
             raise MidgptError(f"no document went to {empty[0]} ({sum(docs.values())} documents, "
-                              f"--val_fraction {val_fraction}); change --val_fraction or add documents")
+                              f"--val_fraction {val_fraction}); change --val_fraction or add documents "
+                              "(in .txt files, blank lines separate them)")
+        seconds, n_docs, n_tokens = time.perf_counter() - start, sum(docs.values()), sum(tokens.values())
+        meta = {"tokenizer": "gpt2", "vocab_size": gpt2().n_vocab,
+                **{f"{s}_tokens": tokens[s] for s in SPLITS}, **{f"{s}_documents": docs[s] for s in SPLITS},
+                "sha256": {f"{s}.bin": sha[s].hexdigest() for s in SPLITS}, "source": source}
+        tmp["meta.json"].write_text(json.dumps(meta))
     except BaseException:
         stop_workers(pool)
         for path in tmp.values():
             path.unlink(missing_ok=True)
         raise
-    seconds, n_docs, n_tokens = time.perf_counter() - start, sum(docs.values()), sum(tokens.values())
-    # Only now, when new files replace them: a stale meta.json would vouch for half-replaced ones,
-    # and a failed run leaves a complete dataset complete.
-    (out_dir / "meta.json").unlink(missing_ok=True)
-    for s in SPLITS:
-        os.replace(tmp[s], out_dir / f"{s}.bin")
-    meta = {"tokenizer": "gpt2", "vocab_size": gpt2().n_vocab,
-            **{f"{s}_tokens": tokens[s] for s in SPLITS}, **{f"{s}_documents": docs[s] for s in SPLITS},
-            "sha256": {f"{s}.bin": sha[s].hexdigest() for s in SPLITS}, "source": source}
-    # meta.json goes last: its presence is what marks the directory complete.
-    write_atomically(out_dir / "meta.json", json.dumps(meta))
+    # Only now, when every new file is written, are the old replaced: a failed run leaves a complete dataset
+    # complete. This takes microseconds, and a stop in them would leave neither whole: it is ignored.
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    (out_dir / "meta.json").unlink(missing_ok=True)  # a stale one would vouch for half-replaced files
+    for name in ("train.bin", "val.bin", "meta.json"):  # meta.json last: it marks the directory complete
+        os.replace(tmp[name], out_dir / name)
     print(f"{n_docs:,} documents, {n_tokens:,} tokens (val {tokens['val']:,}) in {seconds:.1f}s, "
           f"{n_tokens / seconds:,.0f} tokens/s -> {out_dir}")
 
