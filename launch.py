@@ -36,7 +36,12 @@ def check_new_rundir(rundir: str) -> None:
     """Refuse a --rundir where a new run would overwrite files that are not a run's."""
     if os.path.exists(rundir) and not os.path.isdir(rundir):
         raise MidgptError(f"--rundir={rundir} is a file, not a directory; pass a new --rundir")
-    if os.path.isdir(rundir) and set(os.listdir(rundir)) - {LOCK}:  # a run killed before its config.json
+    if not os.path.isdir(rundir):
+        return
+    checkpoints = os.path.join(rundir, "checkpoints")
+    # What a run stopped before its config.json (killed, or a full disk) leaves: its lock, an empty checkpoints/.
+    leftovers = {LOCK} | ({"checkpoints"} if os.path.isdir(checkpoints) and not os.listdir(checkpoints) else set())
+    if set(os.listdir(rundir)) - leftovers:
         if not os.path.exists(os.path.join(rundir, "config.json")):
             raise MidgptError(f"--rundir={rundir} holds files but no run (no config.json), which a new run could "
                               "overwrite; pass a new or empty --rundir")

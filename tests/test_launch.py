@@ -44,7 +44,7 @@ def short_run(shakespeare_data_dir, tmp_path_factory):
     return rundir
 
 
-def test_a_rundir_from_home_is_expanded_and_one_with_only_a_lock_is_new(short_run, shakespeare_data_dir, tmp_path):
+def test_a_rundir_from_home_is_expanded_and_one_with_only_a_lock_and_no_checkpoint_is_new(short_run, shakespeare_data_dir, tmp_path):
     # --rundir=~/run reaches us with its ~: it made a folder named "~" in the current directory.
     env = {**os.environ, "HOME": str(tmp_path)}
     shutil.copytree(short_run, tmp_path / "run")
@@ -52,7 +52,9 @@ def test_a_rundir_from_home_is_expanded_and_one_with_only_a_lock_is_new(short_ru
                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     (tmp_path / "new").mkdir()
-    (tmp_path / "new" / ".lock").touch()  # all a run killed before its config.json leaves: no files to overwrite
+    # All a run stopped before its config.json leaves (killed, or a full disk): no files to overwrite.
+    (tmp_path / "new" / ".lock").touch()
+    (tmp_path / "new" / "checkpoints").mkdir()
     result = subprocess.run([sys.executable, str(REPO_ROOT / "launch.py"), "--config=shakespeare_char_cpu", *TINY,
                              "--rundir=~/new", f"--data_dir={shakespeare_data_dir}", "--max_steps=1", "--debug"],
                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
