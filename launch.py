@@ -77,6 +77,8 @@ def main(argv: list[str]) -> None:
         parser.error("--multihost needs --rundir: one directory that every process writes to")
     # Checked here, as JAX's own errors are tracebacks; any of them may be given alone, to override
     # what JAX detects of a cluster.
+    if args.num_processes is not None and args.num_processes < 1:  # JAX's word for 0 was about process_id
+        parser.error(f"--num_processes must be at least 1, got {args.num_processes}")
     if args.process_id is not None and not 0 <= args.process_id < (args.num_processes or args.process_id + 1):
         parser.error(f"--process_id must be from 0 to --num_processes - 1, got {args.process_id}")
     if args.coordinator_address is not None and not re.fullmatch(r".+:\d+", args.coordinator_address):

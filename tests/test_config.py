@@ -93,7 +93,7 @@ def test_wrong_type_error_names_field_expected_type_and_value(config, arg, field
 
 @pytest.mark.parametrize("arg, example", [("max_steps=3", "--model.n_layer=2"), ("-max_steps=3", "--model.n_layer=2"),
                                           ("--max_steps", "--max_steps=VALUE"),  # from "--max_steps 100"
-                                          ("--model.n_layer 2", "--model.n_layer=VALUE")])
+                                          ("--model.n_layer 2", "--model.n_layer=VALUE"), ("--", "--model.n_layer=2")])
 def test_malformed_override_is_one_line_error(config, arg, example):
     with pytest.raises(MidgptError, match="malformed override") as info:
         apply_overrides(config, [arg])

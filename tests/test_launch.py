@@ -186,6 +186,9 @@ def test_debug_writes_a_profiler_trace_each_time_and_never_over_a_run(short_run,
         assert len(list((rundir / "profile").rglob("*.xplane.pb"))) == traces
     assert "no checkpoints are written" in result.stdout + result.stderr
     assert not (rundir / "checkpoints").exists()
+    short = launch(tmp_path / "short", "--debug", "--max_steps=2")  # said nothing, and wrote none
+    assert short.returncode == 0 and "debug: no profiler trace: it is of steps 3-5" in short.stdout, short.stderr
+    assert not (tmp_path / "short" / "profile").exists()
     # The traced steps (3-5) run slower: the log at 4 has no speed, the one at 6 only step 6's.
     assert [(r["step"], "step_ms" in r) for r in read_metrics(rundir)] == [(2, True), (4, False), (6, True)]
     # Then the real run in the same directory: its own config, none of the profiling run's overrides.
@@ -261,6 +264,8 @@ def assert_one_line_error(result, *fragments):
     (["--config=shakespeare_char_cpu", "--multihost"], ["could not join", "--coordinator_address=HOST:PORT"]),
     (["--config=shakespeare_char_cpu", "--multihost", "--num_processes=2"], ["could not join"]),
     (["--config=shakespeare_char_cpu", "--multihost", "--process_id=-1"], ["--process_id must be from 0 to"]),
+    (["--config=shakespeare_char_cpu", "--multihost", "--num_processes=0", "--process_id=0"],
+     ["--num_processes must be at least 1, got 0"]),
     (["--config=shakespeare_char_cpu", "--multihost", "--coordinator_address=127.0.0.1:1234", "--num_processes=2",
       "--process_id=2"], ["--process_id must be from 0 to"]),
     (["--config=shakespeare_char_cpu", "--multihost", "--coordinator_address=127.0.0.1", "--num_processes=1",

@@ -88,7 +88,8 @@ def apply_overrides(config: Config, overrides: list[str]) -> Config:
     types = {name: type_ for name, type_ in _leaf_types(type(config)).items() if name != "name"}  # nor suggested
     for arg in overrides:
         if not arg.startswith("--") or "=" not in arg:
-            example = f"{arg.split()[0]}=VALUE" if arg.startswith("--") else "--model.n_layer=2"  # "--max_steps 100"
+            named = arg.startswith("--") and arg[2:3].strip()  # "--max_steps 100" came as "--max_steps"; not "--"
+            example = f"{arg.split()[0]}=VALUE" if named else "--model.n_layer=2"
             raise MidgptError(f"malformed override {arg!r}; expected --FIELD=VALUE, e.g. {example}")
         name, _, text = arg[2:].partition("=")
         if name == "name":

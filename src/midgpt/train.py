@@ -308,6 +308,8 @@ def _train(config: Config, rundir: str, debug: bool, resume: bool, notes: Sequen
     profile_steps = range(start + 3, min(start + 6, config.max_steps + 1)) if debug and is_main else range(0)
     if profile_steps:
         say(f"debug: profiler trace of steps {profile_steps[0]}-{profile_steps[-1]} in {rundir}/profile")
+    elif debug:
+        say(f"debug: no profiler trace: it is of steps 3-5, after the compile, and max_steps={config.max_steps}")
 
     # Off a terminal (CI, log files), redraw rarely rather than fill the log with frames.
     bar = tqdm(initial=start, total=config.max_steps, desc="train", dynamic_ncols=True, disable=not is_main,
