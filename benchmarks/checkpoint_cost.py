@@ -69,7 +69,7 @@ def main(argv: list[str]) -> None:
         return time.perf_counter() - start, blocking
 
     with tempfile.TemporaryDirectory() as rundir:
-        manager = checkpoint.make_manager(rundir, config, saves=True)
+        manager = checkpoint.make_manager(rundir, config)
         t = time.perf_counter()
         checkpoint.save(manager, 0, state, config)
         first_blocking = time.perf_counter() - t

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO_ROOT, this_tree_env
-from midgpt.checkpoint import committed, make_manager
+from midgpt.checkpoint import committed, delete_unfinished_saves, make_manager
 from midgpt.config import load_config
 
 STEPS = 60  # checkpoints at 20, 40 and 60
@@ -99,20 +99,18 @@ def test_resume_after_kill_matches_uninterrupted_run(uninterrupted, shakespeare_
     assert sorted(os.listdir(rundir / "checkpoints")) == ["20", "40", "60"]  # the unfinished save deleted
 
 
-def test_the_trainer_deletes_unfinished_saves_before_it_starts_and_a_reader_never(tmp_path):
-    # Before make_manager returns, not in a thread: a launch that saved nothing released the run's lock
-    # while orbax's cleanup thread still deleted. Many files, so a deletion in the background would show.
-    config = load_config("shakespeare_char_cpu")
+def test_unfinished_saves_are_deleted_by_the_trainer_alone(tmp_path):
+    # A reader's manager leaves them: sample.py may read a run in training. Many files, so that a deletion
+    # in the background, as orbax's cleanup_tmp_directories makes, would show.
     unfinished = tmp_path / "checkpoints" / "50.orbax-checkpoint-tmp" / "state"
     unfinished.mkdir(parents=True)
     for i in range(3000):
         (unfinished / f"d{i}").write_bytes(b"x")
     (tmp_path / "checkpoints" / "40").mkdir()  # a finished one's folder is kept
-    make_manager(str(tmp_path), config, saves=False).close()  # sample.py may read a run in training
+    make_manager(str(tmp_path), load_config("shakespeare_char_cpu")).close()
     assert (unfinished / "d2999").exists()
-    manager = make_manager(str(tmp_path), config, saves=True)
+    delete_unfinished_saves(str(tmp_path))
     assert os.listdir(tmp_path / "checkpoints") == ["40"]
-    manager.close()
 
 
 def test_a_second_launch_on_a_run_in_training_stops_in_one_line_and_changes_nothing(shakespeare_data_dir, tmp_path):
@@ -346,7 +344,7 @@ config = read_config_json("{rundir}")
 optimizer, mesh = make_optimizer(config), make_mesh(config)
 shardings, _ = state_layout(config, optimizer, mesh)
 like = eqx.filter_eval_shape(fresh_state, config, optimizer)
-state = checkpoint.restore(checkpoint.make_manager("{rundir}", config, saves=False), 20, like, shardings)
+state = checkpoint.restore(checkpoint.make_manager("{rundir}", config), 20, like, shardings)
 assert state.model.blocks.mlp.w_in_DxF.sharding.spec == jax.sharding.PartitionSpec(None, None, "fsdp")
 np.savez("{dump}", *[np.asarray(x) for x in jax.tree.leaves(state.model) if hasattr(x, "shape")])
 """

@@ -137,7 +137,7 @@ def test_sampling_reads_the_parameters_only(shakespeare_data_dir, tmp_path):
     state = eqx.tree_at(lambda s: s.opt_state, state, optax.sgd(0.1, momentum=0.9).init(params))
     rundir = str(tmp_path / "run")
     write_config(config, rundir)
-    manager = checkpoint.make_manager(rundir, config, saves=True)
+    manager = checkpoint.make_manager(rundir, config)
     checkpoint.save(manager, 7, state, config)
     checkpoint.wait(manager)
     manager.close()

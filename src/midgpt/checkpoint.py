@@ -46,23 +46,22 @@ def newest_committed(rundir: str) -> int | None:
     return max((step for step in saved_steps(rundir) if committed(rundir, step)), default=None)
 
 
-def make_manager(rundir: str, config: Config, *, saves: bool) -> ocp.CheckpointManager:
-    """The run's checkpoint manager; saves: for the one process that trains it (launch.py holds its lock)."""
+def make_manager(rundir: str, config: Config) -> ocp.CheckpointManager:
+    """The run's checkpoint manager."""
     # orbax deletes the oldest only after a newer one commits, so the last good copy is never the one removed.
     options = ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True,
                                            enable_async_checkpointing=True)
     # Made here, not by orbax: a file in the way fails now, in one line, rather than at the first save.
     os.makedirs(directory(rundir), exist_ok=True)
-    if saves and jax.process_index() == 0:
-        delete_unfinished_saves(rundir)
     return ocp.CheckpointManager(directory(rundir), options=options)
 
 
 def delete_unfinished_saves(rundir: str) -> None:
     """Delete the folders N.orbax-checkpoint-tmp that saves cut short by a kill left, each as large as a checkpoint."""
-    # Only with the run's lock held: no other save can be under way. Not orbax's cleanup_tmp_directories,
-    # which deletes in a thread that only a save waits for: a launch that saves nothing released the lock
-    # while it deleted, and a second launch's first save could lose its folder to it.
+    # For the trainer, with the run's lock held: no other save can be under way (sample.py may read a run
+    # in training, and must not). Not orbax's cleanup_tmp_directories, which deletes in a thread that only
+    # a save waits for: a launch that saved nothing released the lock while it deleted, and a second
+    # launch's first save could lose its folder to it.
     for unfinished in pathlib.Path(directory(rundir)).glob("*.orbax-checkpoint-tmp*"):
         shutil.rmtree(unfinished)
 

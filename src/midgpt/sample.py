@@ -22,7 +22,7 @@ def load_model(rundir: str, step: int | None = None) -> tuple[Config, GPT]:
     check_config(config)  # a hand edit launch.py would refuse
     if not os.path.isdir(checkpoint.directory(rundir)):
         raise MidgptError(f"{rundir} has no checkpoints yet (runs with --debug write none)")
-    manager = checkpoint.make_manager(rundir, config, saves=False)
+    manager = checkpoint.make_manager(rundir, config)
     steps = manager.all_steps()
     if step is None:  # the newest whose save finished, as a resume would take it
         step = checkpoint.newest_committed(rundir)

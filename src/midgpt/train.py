@@ -268,8 +268,11 @@ def _train(config: Config, rundir: str, debug: bool, resume: bool, notes: Sequen
     pieces = pieces_per_micro_batch(config, mesh)
     if not existed:  # before the first write
         lock()
+    with sharding.failing_together(), writing_to(rundir):  # not in orbax's barrier, where the others wait
+        if is_main and not debug:
+            checkpoint.delete_unfinished_saves(rundir)
     with writing_to(rundir):
-        manager = None if debug else checkpoint.make_manager(rundir, config, saves=True)
+        manager = None if debug else checkpoint.make_manager(rundir, config)
     if debug:
         say("debug: no checkpoints are written")
 
