@@ -61,8 +61,9 @@ def test_prepare_that_cannot_write_is_one_line_and_leaves_a_prepared_dataset_as_
     command = [sys.executable, str(PREPARE), "--input", shakespeare_text, "--out_dir", str(out_dir)]
     assert subprocess.run(command, capture_output=True).returncode == 0
     before = {p.name: p.read_bytes() for p in out_dir.iterdir()}
-    # A full disk, played by a 1 MiB file size limit: train.bin takes 2. meta.json was deleted first.
-    result = subprocess.run([*small_files(1024), *command], capture_output=True, text=True)
+    # A full disk, played by a 256 KiB file size limit: train.bin takes 2 MiB (0.5 of the generated
+    # text that stands in offline). meta.json was deleted first.
+    result = subprocess.run([*small_files(256), *command], capture_output=True, text=True)
     assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr
     assert result.stderr.startswith(f"prepare.py: cannot write to {out_dir} (") and result.stderr.endswith(
         "nothing prepared before was replaced\n")

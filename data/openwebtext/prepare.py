@@ -221,15 +221,15 @@ def prepare(documents, out_dir: Path, num_proc: int, val_fraction: float, source
                 **{f"{s}_tokens": tokens[s] for s in SPLITS}, **{f"{s}_documents": docs[s] for s in SPLITS},
                 "sha256": {f"{s}.bin": sha[s].hexdigest() for s in SPLITS}, "source": source}
         tmp["meta.json"].write_text(json.dumps(meta))
+        # The renames below take microseconds, and a stop in them would leave neither dataset whole.
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
     except BaseException:
         stop_workers(pool)
         for path in tmp.values():
             path.unlink(missing_ok=True)
         raise
-    # Only now, when every new file is written, are the old replaced: a failed run leaves a complete dataset
-    # complete. This takes microseconds, and a stop in them would leave neither whole: it is ignored.
-    for sig in STOP_SIGNALS:
-        signal.signal(sig, signal.SIG_IGN)
+    # Only now, when every new file is written, are the old replaced: a failed run leaves a complete dataset complete.
     (out_dir / "meta.json").unlink(missing_ok=True)  # a stale one would vouch for half-replaced files
     for name in ("train.bin", "val.bin", "meta.json"):  # meta.json last: it marks the directory complete
         os.replace(tmp[name], out_dir / name)

@@ -7,6 +7,7 @@ import http.client
 import json
 import os
 import shlex
+import signal
 import sys
 import urllib.request
 from pathlib import Path
@@ -79,6 +80,9 @@ def main() -> None:
         for name, split_ids in splits.items():
             split_ids.tofile(tmp[f"{name}.bin"])
         tmp["meta.json"].write_text(json.dumps(meta))
+        # The renames below take microseconds, and a stop in them would leave neither dataset whole.
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_IGN)
     except (OSError, KeyboardInterrupt) as e:
         for path in tmp.values():
             with contextlib.suppress(OSError):  # not there, or --out_dir is no directory
