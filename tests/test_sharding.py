@@ -266,7 +266,10 @@ def test_two_processes_train_like_one_process_with_eight_devices(shakespeare_dat
     before = sorted(p.relative_to(tmp_path) for p in (tmp_path / "multi").rglob("*"))
     resumed = two_processes(*common, f"--rundir={tmp_path}/multi", "--max_steps=15")
     results = [p.communicate(timeout=120) for p in resumed]
-    assert [p.returncode for p in resumed] == [1, 1], results
+    # Process 1 waits in orbax's barrier, and learns of the failure when process 0, which holds JAX's
+    # coordination service, exits: as an error from the barrier (exit 1) or, under load, by a fatal
+    # check in one of JAX's runtime threads (SIGABRT with a C++ stack, once in a CI run). Either way it ends.
+    assert resumed[0].returncode == 1 and resumed[1].returncode in (1, -signal.SIGABRT), results
     assert results[0][1].strip().splitlines()[-1].startswith(
         "error: checkpoint 12 does not restore on process 0"), results[0][1]
     assert sorted(p.relative_to(tmp_path) for p in (tmp_path / "multi").rglob("*")) == before  # nothing moved
