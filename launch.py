@@ -67,11 +67,12 @@ def main(argv: list[str]) -> None:
         parser.error("--coordinator_address, --num_processes and --process_id need --multihost")
     if args.rundir == "":  # an unset $RUNDIR in a resume script would otherwise start a new run
         parser.error("--rundir is empty")
-    try:  # the working directory's name counts too: checkpoints are saved at the absolute path
-        os.path.abspath(args.rundir or "outputs").encode()
+    where = os.path.abspath(args.rundir or "outputs")  # the working directory's name counts: orbax saves there
+    try:
+        where.encode()
     except UnicodeEncodeError:  # what tensorstore, orbax's writer, fails on, and only at the first save
-        parser.error(f"{os.path.abspath(args.rundir or 'outputs')} is not UTF-8 text, where checkpoints cannot be "
-                     "written; pass a --rundir whose whole path is UTF-8")
+        parser.error(f"{where} is not UTF-8 text, where checkpoints cannot be written; pass a --rundir whose "
+                     "whole path is UTF-8")
     if args.multihost and not args.rundir:  # each process would name its own from its clock
         parser.error("--multihost needs --rundir: one directory that every process writes to")
     # Checked here, as JAX's own errors are tracebacks; any of them may be given alone, to override
