@@ -28,6 +28,9 @@ def pytest_configure(config):
         # place, and a process of the other test worker could read it half-written.
         os.environ["JAX_COMPILATION_CACHE_MAX_SIZE"] = str(64 << 30)
     jax.config.update("jax_enable_compilation_cache", False)
+    # Most of the tests' own programs are small and compiled once: compiling is nearly all their time,
+    # and LLVM's optimisations double it. launch.py's runs, in subprocesses, keep them (see optimized).
+    jax.config.update("jax_disable_most_optimizations", True)
 
 
 def pytest_unconfigure(config):
@@ -104,6 +107,14 @@ def shakespeare_data_dir(shakespeare_text, tmp_path_factory) -> str:
     )
     assert result.returncode == 0, result.stderr
     return str(out_dir)
+
+
+@pytest.fixture
+def optimized():
+    """Compile as launch.py does, for a test that times what it runs."""
+    jax.config.update("jax_disable_most_optimizations", False)
+    yield
+    jax.config.update("jax_disable_most_optimizations", True)
 
 
 @pytest.fixture(autouse=True)

@@ -72,7 +72,8 @@ def test_bfloat16_training_step_compiles_and_runs_for_any_head_shape(block_size,
 def test_dot_product_attention_matches_the_einsum_path(T):
     batch = tokens(T)
     reference = loss_and_grads(dataclasses.replace(CONFIG, attention="einsum"), batch)
-    assert_same(loss_and_grads(dataclasses.replace(CONFIG, attention="xla"), batch), reference, rtol=1e-5, atol=1e-7)
+    # Their sums run in other orders: float32 rounding, up to 2e-7 in gradients of up to 0.45, in either compile mode.
+    assert_same(loss_and_grads(dataclasses.replace(CONFIG, attention="xla"), batch), reference, rtol=1e-5, atol=1e-6)
 
 
 DROPOUT_CONFIG, DROPOUT_KEY = dataclasses.replace(CONFIG, dropout=0.1), 1  # remat must redraw the same masks

@@ -75,7 +75,7 @@ def interleaved_best(*measures, rounds: int = 3) -> list[float]:
     return [max(taken) for taken in zip(*[[measure() for measure in measures] for _ in range(rounds)])]
 
 
-def test_measured_peak_is_what_a_matmul_reaches():
+def test_measured_peak_is_what_a_matmul_reaches(optimized):
     x = jnp.ones((512, 512))
     matmul = jax.jit(lambda a: a @ a)
     matmul(x).block_until_ready()
@@ -89,7 +89,7 @@ def test_measured_peak_is_what_a_matmul_reaches():
     assert peak >= 0.5 * rate  # best-of, so at least one run's rate, within noise
 
 
-def test_auto_compute_dtype_is_the_faster_of_the_two_here():
+def test_auto_compute_dtype_is_the_faster_of_the_two_here(optimized):
     float32, bfloat16 = interleaved_best(lambda: mfu.measure_peak("float32"), lambda: mfu.measure_peak("bfloat16"))
     if max(float32, bfloat16) < 1.3 * min(float32, bfloat16):
         pytest.skip(f"float32 and bfloat16 matmuls run too close here to tell them apart "
