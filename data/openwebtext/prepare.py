@@ -231,8 +231,8 @@ def prepare(documents, out_dir: Path, num_proc: int, val_fraction: float, source
         raise
     # Only now, when every new file is written, are the old replaced: a failed run leaves a complete dataset complete.
     (out_dir / "meta.json").unlink(missing_ok=True)  # a stale one would vouch for half-replaced files
-    for name in ("train.bin", "val.bin", "meta.json"):  # meta.json last: it marks the directory complete
-        os.replace(tmp[name], out_dir / name)
+    for name, path in tmp.items():  # meta.json last: it marks the directory complete
+        os.replace(path, out_dir / name)
     print(f"{n_docs:,} documents, {n_tokens:,} tokens (val {tokens['val']:,}) in {seconds:.1f}s, "
           f"{n_tokens / seconds:,.0f} tokens/s -> {out_dir}")
 

@@ -91,8 +91,8 @@ def main() -> None:
     # A stale meta.json beside half-replaced .bin files would vouch for the wrong data; the new one goes
     # last, as its presence is what marks the directory complete.
     (out_dir / "meta.json").unlink(missing_ok=True)
-    for name in ("train.bin", "val.bin", "meta.json"):
-        os.replace(tmp[name], out_dir / name)
+    for name, path in tmp.items():
+        os.replace(path, out_dir / name)
     print(f"vocab size {len(chars)}; train {meta['train_tokens']:,} tokens, val {meta['val_tokens']:,} tokens -> {out_dir}")
 
 

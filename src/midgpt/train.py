@@ -308,11 +308,13 @@ def _train(config: Config, rundir: str, debug: bool, resume: bool, notes: Sequen
     say(f"MFU is against the {peak_source}: {peak / 1e12:.3g} TFLOP/s per device, "
         f"{jax.device_count()} devices; {step_flops / 1e9:.4g} GFLOP a step")
     # A few steady-state steps, after the compile, so the trace shows the step itself.
-    profile_steps = range(start + 3, min(start + 6, config.max_steps + 1)) if debug and is_main else range(0)
+    traced = range(start + 3, start + 6)
+    profile_steps = range(traced.start, min(traced.stop, config.max_steps + 1)) if debug and is_main else range(0)
     if profile_steps:
         say(f"debug: profiler trace of steps {profile_steps[0]}-{profile_steps[-1]} in {rundir}/profile")
     elif debug:
-        say(f"debug: no profiler trace: it is of steps 3-5, after the compile, and max_steps={config.max_steps}")
+        say(f"debug: no profiler trace: it is of steps {traced[0]}-{traced[-1]}, after the compile, and "
+            f"max_steps={config.max_steps}")
 
     # Off a terminal (CI, log files), redraw rarely rather than fill the log with frames.
     bar = tqdm(initial=start, total=config.max_steps, desc="train", dynamic_ncols=True, disable=not is_main,
