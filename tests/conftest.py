@@ -112,9 +112,10 @@ def shakespeare_data_dir(shakespeare_text, tmp_path_factory) -> str:
 @pytest.fixture
 def optimized():
     """Compile as launch.py does, for a test that times what it runs."""
+    before = jax.config.read("jax_disable_most_optimizations")
     jax.config.update("jax_disable_most_optimizations", False)
     yield
-    jax.config.update("jax_disable_most_optimizations", True)
+    jax.config.update("jax_disable_most_optimizations", before)
 
 
 @pytest.fixture(autouse=True)
