@@ -1,7 +1,8 @@
 """Step time of several variants of a config, as ratios to the first, timed in interleaved rounds.
 
 python benchmarks/step_ratios.py --config=shakespeare_char [--rounds=3] [--steps=3] -- "" "--model.remat=full" ...
-Each variant after -- (a string of --FIELD=VALUE overrides; "" is the config as it is) compiles once;
+Each variant after -- (a string of --FIELD=VALUE overrides and --xla_NAME=VALUE compile options for
+XLA, which override XLA_FLAGS for its step alone; "" is the config as it is) compiles once;
 then each round times `steps` steps of every variant in turn, so that a machine whose speed
 drifts slows them alike. Prints one JSON line a variant: its median step time each round
 and the median of those over the first variant's.
@@ -10,6 +11,7 @@ and the median of those over the first variant's.
 import json
 import statistics
 
+import equinox as eqx
 import jax
 
 from midgpt import cli
@@ -17,6 +19,19 @@ from midgpt.cli import ArgumentParser, positive_int
 from midgpt.errors import MidgptError
 from midgpt.sharding import make_mesh
 from train_throughput import checked_config, setup, time_steps
+
+
+def compiled_with(options: dict[str, str], train_step, state, x_GxBxT):
+    """train_step, compiled with these XLA options rather than XLA_FLAGS' alone."""
+    if not options:
+        return train_step
+    compiled = train_step.lower(state, x_GxBxT, x_GxBxT).compile(compiler_options=options)
+    static = eqx.partition(state, eqx.is_array)[1]
+
+    def step(state, x_GxBxT, y_GxBxT):
+        state_arrays, metrics = compiled(eqx.filter(state, eqx.is_array), x_GxBxT, y_GxBxT)
+        return eqx.combine(state_arrays, static), metrics
+    return step
 
 
 def main(argv: list[str]) -> None:
@@ -27,16 +42,22 @@ def main(argv: list[str]) -> None:
     parser.add_argument("variants", nargs="+")
     args = parser.parse_args(argv)
     # Every variant is checked before the first compiles: a typo in the last should not cost minutes.
-    configs = []
+    configs, options = [], []
     for variant in args.variants:
+        xla = [item for item in variant.split() if item.startswith("--xla_")]
         try:
-            configs.append(checked_config(args.config, variant.split()))
+            if malformed := [item for item in xla if "=" not in item]:
+                raise MidgptError(f"{malformed[0]} is not --xla_NAME=VALUE")
+            options.append(dict(item.removeprefix("--").split("=", 1) for item in xla))
+            jax.jit(lambda: 0).lower().compile(compiler_options=options[-1])  # XLA knows each name and value
+            configs.append(checked_config(args.config, [item for item in variant.split() if item not in xla]))
             make_mesh(configs[-1])  # its batch must split over the devices
-        except MidgptError as e:
+        except (MidgptError, jax.errors.JaxRuntimeError) as e:
             raise MidgptError(f"variant {variant!r}: {e}") from None
     runs = []
-    for variant, config in zip(args.variants, configs):
+    for variant, config, xla_options in zip(args.variants, configs, options):
         state, train_step, batches = setup(config)
+        train_step = compiled_with(xla_options, train_step, state, batches[0])
         state, _ = time_steps(train_step, state, batches, 2)  # the compile, and a warm-up
         runs.append({"variant": variant, "state": state, "step": train_step, "batches": batches, "step_ms": []})
     for _ in range(args.rounds):
