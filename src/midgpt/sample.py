@@ -59,9 +59,11 @@ def sample_token(logits_BxV, key, temperature: float, top_k: int | None, vocab: 
     # vocab is the tokenizer's: a table padded for speed (openwebtext's 50304 rows for GPT-2's
     # 50257 ids) has rows that were never a target and that no tokenizer decodes.
     logits_BxV = logits_BxV[:, :vocab]
-    if temperature < np.finfo(np.float32).tiny:  # 0, or one that float32 arithmetic flushes to 0
+    if temperature < float(np.finfo(np.float32).tiny):  # 0, or one that float32 arithmetic flushes to 0
         return jnp.argmax(logits_BxV, axis=-1)
-    # Shifted to a maximum of 0, so that a small temperature cannot overflow the likeliest tokens into tied infs.
+    # Shifted to a maximum of 0, so that a small temperature cannot overflow the likeliest tokens into tied infs;
+    # a temperature past float32's largest draws as evenly as that one, without the cast's overflow warning.
+    temperature = min(temperature, float(np.finfo(np.float32).max))
     scaled_BxV = (logits_BxV - logits_BxV.max(axis=-1, keepdims=True)) / temperature
     if top_k is not None:  # exactly k, ties or not; masked after the division, which a huge temperature makes 0 * inf
         B, V = logits_BxV.shape
