@@ -49,7 +49,8 @@ def main(argv: list[str]) -> None:
             if malformed := [item for item in xla if "=" not in item]:
                 raise MidgptError(f"{malformed[0]} is not --xla_NAME=VALUE")
             options.append(dict(item.removeprefix("--").split("=", 1) for item in xla))
-            jax.jit(lambda: 0).lower().compile(compiler_options=options[-1])  # XLA knows each name and value
+            if options[-1]:  # XLA knows each name and value
+                jax.jit(lambda: 0).lower().compile(compiler_options=options[-1])
             configs.append(checked_config(args.config, [item for item in variant.split() if item not in xla]))
             make_mesh(configs[-1])  # its batch must split over the devices
         except (MidgptError, jax.errors.JaxRuntimeError) as e:
