@@ -11,7 +11,6 @@ and the median of those over the first variant's.
 import json
 import statistics
 
-import equinox as eqx
 import jax
 
 from midgpt import cli
@@ -19,19 +18,6 @@ from midgpt.cli import ArgumentParser, positive_int
 from midgpt.errors import MidgptError
 from midgpt.sharding import make_mesh
 from train_throughput import checked_config, setup, time_steps
-
-
-def compiled_with(options: dict[str, str], train_step, state, x_GxBxT):
-    """train_step, compiled with these XLA options rather than XLA_FLAGS' alone."""
-    if not options:
-        return train_step
-    compiled = train_step.lower(state, x_GxBxT, x_GxBxT).compile(compiler_options=options)
-    static = eqx.partition(state, eqx.is_array)[1]
-
-    def step(state, x_GxBxT, y_GxBxT):
-        state_arrays, metrics = compiled(eqx.filter(state, eqx.is_array), x_GxBxT, y_GxBxT)
-        return eqx.combine(state_arrays, static), metrics
-    return step
 
 
 def main(argv: list[str]) -> None:
@@ -57,8 +43,7 @@ def main(argv: list[str]) -> None:
             raise MidgptError(f"variant {variant!r}: {e}") from None
     runs = []
     for variant, config, xla_options in zip(args.variants, configs, options):
-        state, train_step, batches = setup(config)
-        train_step = compiled_with(xla_options, train_step, state, batches[0])
+        state, train_step, batches = setup(config, xla_options)
         state, _ = time_steps(train_step, state, batches, 2)  # the compile, and a warm-up
         runs.append({"variant": variant, "state": state, "step": train_step, "batches": batches, "step_ms": []})
     for _ in range(args.rounds):

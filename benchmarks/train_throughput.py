@@ -30,11 +30,11 @@ def checked_config(name: str, overrides: list[str]) -> Config:
     return config
 
 
-def setup(config: Config):
-    """(fresh state, the jitted step, 4 random batches already on the devices)."""
+def setup(config: Config, compiler_options: dict | None = None):
+    """(fresh state, the jitted step, compiled with XLA's compiler_options, 4 random batches already on the devices)."""
     optimizer, mesh = make_optimizer(config), make_mesh(config)
     state = init_state(config, optimizer, mesh)
-    train_step = make_train_step(config, optimizer, mesh)
+    train_step = make_train_step(config, optimizer, mesh, compiler_options=compiler_options)
     shape = (config.g_accum_iters, config.batch_size, config.model.block_size)
     rng = np.random.default_rng(0)
     # A few distinct batches, already on the devices: this measures the step, not the data.

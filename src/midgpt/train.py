@@ -86,8 +86,8 @@ def pieces_per_micro_batch(config: Config, mesh: Mesh) -> int:
 
 
 def make_train_step(config: Config, optimizer: optax.GradientTransformation, mesh: Mesh,
-                    pieces: int | None = None, chunks: int | None = None):
-    """Build the jitted step (state, x_GxBxT, y_GxBxT) -> (state, metrics).
+                    pieces: int | None = None, chunks: int | None = None, compiler_options: dict | None = None):
+    """Build the jitted step (state, x_GxBxT, y_GxBxT) -> (state, metrics), compiled with XLA's compiler_options.
 
     Each micro-batch runs as `pieces` smaller ones, whose logits the loss makes in `chunks` slices of T.
     """
@@ -145,6 +145,7 @@ def make_train_step(config: Config, optimizer: optax.GradientTransformation, mes
         in_shardings=(state_shardings, batch_sharding, batch_sharding),
         out_shardings=(state_shardings, replicated),
         donate_argnums=0,
+        compiler_options=compiler_options,
     )
 
     def train_step(state: TrainState, x_GxBxT, y_GxBxT):
