@@ -11,7 +11,7 @@ import re
 import signal
 import time
 
-from midgpt.cli import ArgumentParser, run
+from midgpt.cli import ArgumentParser, cache_compiled_programs, run
 from midgpt.config import (apply_overrides, check_config, config_names, load_config, read_config_json, resume_config,
                            saved_steps)
 from midgpt.errors import MidgptError
@@ -98,6 +98,7 @@ def main(argv: list[str]) -> None:
 
     import jax  # only once the arguments are good
 
+    cache_compiled_programs()
     if args.multihost:  # before anything touches a device
         # It waits in C++ for the other processes, where Python's handler never runs: let Ctrl-C kill it.
         handler = signal.signal(signal.SIGINT, signal.SIG_DFL)

@@ -8,7 +8,7 @@ import os
 import signal
 import sys
 
-from midgpt.cli import ArgumentParser, positive_int, run
+from midgpt.cli import ArgumentParser, cache_compiled_programs, positive_int, run, say
 
 
 def main(argv: list[str]) -> None:
@@ -45,8 +45,9 @@ def main(argv: list[str]) -> None:
     import jax  # only once the arguments are good
     import jax.numpy as jnp
 
+    cache_compiled_programs()
+
     from midgpt import tokenizer
-    from midgpt.cli import say
     from midgpt.errors import MidgptError
     from midgpt.model import cast_floats
     from midgpt.precision import compute_dtype

@@ -27,6 +27,8 @@ TINY = ["--model.n_layer=1", "--model.n_embd=32", "--model.n_head=2", "--batch_s
     ("sample_throughput", [CONFIG, "--model.n_head=3"], "model.n_head"),
     ("sample_throughput", [CONFIG, "--max_new_tokens=0"], "--max_new_tokens"),
     ("checkpoint_cost", [CONFIG, "--interval=0"], "--interval"),
+    ("compile_cache", [CONFIG, "--rounds=0"], "--rounds"),
+    ("compile_cache", [CONFIG, "--model.remat=ful"], "model.remat"),
     ("step_memory", [CONFIG, *TINY, "--chunks=1,3"], "--chunks"),
     ("step_memory", [CONFIG, *TINY, "--pieces=3"], "--pieces"),
     ("prepare_openwebtext", ["--num_proc=0"], "--num_proc"),

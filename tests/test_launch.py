@@ -24,8 +24,8 @@ TINY = ["--model.n_layer=2", "--model.n_embd=64", "--model.n_head=2", "--batch_s
         "--eval_iters=2", "--log_interval=5", "--warmup_steps=10"]
 
 
-def run(script, *args, cwd=REPO_ROOT):
-    return subprocess.run([sys.executable, str(REPO_ROOT / script), *args], cwd=cwd,
+def run(script, *args, cwd=REPO_ROOT, env=None):
+    return subprocess.run([sys.executable, str(REPO_ROOT / script), *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=600)
 
 
@@ -238,6 +238,42 @@ def test_launch_keeps_freed_memory_so_that_its_steps_do_not_fault_pages_in(shake
     if bare < 450_000:  # here: about 8,000 a step (32 MB that the kernel zero-fills) over 100,000-170,000 to start
         pytest.skip(f"the steps here fault few pages in without cli.run's malloc settings ({bare:,})")
     assert run < bare / 2
+
+
+def test_a_second_run_reads_its_compiled_step_from_the_cache_that_launch_keeps(shakespeare_data_dir, tmp_path):
+    # The tests' own cache is set in JAX's variables, which win over launch.py's: unset here, but for
+    # the threshold of 0 s, so that every program, however fast it compiles, has an entry.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_COMPILATION_CACHE_")}
+    env["XDG_CACHE_HOME"] = str(tmp_path / "home-cache")
+    cache = tmp_path / "home-cache" / "midgpt" / "xla"
+    args = ["--config=shakespeare_char_cpu", f"--data_dir={shakespeare_data_dir}", "--max_steps=2",
+            "--eval_interval=2", *TINY]
+
+    def step_entry():  # its key, and when the cache last handed it out or took it in
+        [entry] = [name for name in os.listdir(cache) if name.startswith("jit_step-") and name.endswith("-cache")]
+        return entry, int.from_bytes((cache / entry.replace("-cache", "-atime")).read_bytes(), "little")
+
+    result = run("launch.py", *args, f"--rundir={tmp_path}/first", env=env)
+    assert result.returncode == 0, result.stderr
+    entries, (entry, written) = set(os.listdir(cache)), step_entry()
+    result = run("launch.py", *args, f"--rundir={tmp_path}/second", env=env)
+    assert result.returncode == 0, result.stderr
+    # Another run of the same config compiles the same programs (nothing in them names the run): all read.
+    assert set(os.listdir(cache)) == entries and step_entry()[0] == entry and step_entry()[1] > written
+
+    # JAX's variables name another directory, or turn the cache off; a cache directory that cannot be
+    # made is no cache, and no warning.
+    sample = ["--max_new_tokens=5", f"--rundir={tmp_path}/first"]
+    result = run("sample.py", *sample, env={**env, "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "elsewhere")})
+    assert result.returncode == 0, result.stderr
+    assert any(name.startswith("jit_generate-") for name in os.listdir(tmp_path / "elsewhere"))
+    assert set(os.listdir(cache)) == entries
+    result = run("sample.py", *sample, env={**env, "XDG_CACHE_HOME": str(tmp_path / "off"),
+                                            "JAX_ENABLE_COMPILATION_CACHE": "false"})
+    assert result.returncode == 0 and not (tmp_path / "off").exists(), result.stderr
+    (tmp_path / "a-file").write_text("")
+    result = run("sample.py", *sample, env={**env, "XDG_CACHE_HOME": str(tmp_path / "a-file")})
+    assert result.returncode == 0 and result.stderr == "", result.stderr
 
 
 def assert_one_line_error(result, *fragments):

@@ -80,6 +80,29 @@ def keep_freed_memory(keep: int = 1 << 30) -> None:
     mallopt(M_TOP_PAD, keep)  # and then keep this much
 
 
+def cache_compiled_programs(max_bytes: int = 2 << 30) -> None:
+    """Keep XLA's compiled programs in ~/.cache/midgpt/xla: a rerun or a resume loads its step, not compiles it."""
+    import jax  # its callers have imported it; the arguments' errors come before
+
+    # JAX's own variables win: JAX_COMPILATION_CACHE_DIR for another directory,
+    # JAX_ENABLE_COMPILATION_CACHE=false for none.
+    if not jax.config.jax_enable_compilation_cache:
+        return
+    if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+        cache = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "midgpt", "xla")
+        try:
+            os.makedirs(cache, exist_ok=True)
+        except OSError:  # a home that is not ours to write: every compile as before, without a warning
+            return
+        if not os.access(cache, os.W_OK):
+            return
+        jax.config.update("jax_compilation_cache_dir", cache)
+    # A size limit makes JAX lock each entry as it reads or writes it: unlocked, an entry is written in
+    # place, and another process on this machine (of this run, or another run) could read it half-written.
+    if "JAX_COMPILATION_CACHE_MAX_SIZE" not in os.environ:
+        jax.config.update("jax_compilation_cache_max_size", max_bytes)
+
+
 def _without_traceback(record: logging.LogRecord) -> bool:
     record.exc_info, record.exc_text = None, None
     return True

@@ -1,0 +1,61 @@
+"""What XLA's compilation cache saves launch.py and sample.py: each runs on an empty cache, then again on a warm one.
+
+python benchmarks/compile_cache.py --config=shakespeare_char_cpu [--rounds=2] [--FIELD=VALUE ...]
+prints one JSON line: the wall time of a one-step launch.py run (its evaluation included) and of its first
+step, and of a sample.py run, cold and warm, medians over the rounds, and the cache's size. The config's data
+must be prepared. JAX caches only programs that took at least JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS (1 s).
+"""
+
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+from midgpt.cli import ArgumentParser, positive_int, run
+from midgpt.errors import MidgptError
+from train_throughput import checked_config
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def timed(script: str, *args: str, env: dict[str, str]) -> tuple[float, str]:
+    """Run a script of this repository; its wall seconds and its stdout."""
+    start = time.perf_counter()
+    result = subprocess.run([sys.executable, os.path.join(REPO_ROOT, script), *args], env=env,
+                            capture_output=True, text=True)
+    if result.returncode != 0:
+        raise MidgptError(f"{script} failed: {(result.stderr.strip().splitlines() or ['no output'])[-1]}")
+    return time.perf_counter() - start, result.stdout
+
+
+def main(argv: list[str]) -> None:
+    parser = ArgumentParser(description=__doc__)
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--rounds", type=positive_int, default=2)
+    args, overrides = parser.parse_known_args(argv)
+    checked_config(args.config, overrides)  # its errors before any run
+    seconds = {f"{what}_{cache}": [] for what in ("launch_s", "first_step_s", "sample_s") for cache in ("cold", "warm")}
+    for _ in range(args.rounds):
+        with tempfile.TemporaryDirectory() as tmp:
+            env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": os.path.join(tmp, "cache")}
+            for cache in ("cold", "warm"):  # the warm run is another run of the same config
+                rundir = os.path.join(tmp, cache)
+                wall, stdout = timed("launch.py", f"--config={args.config}", f"--rundir={rundir}", "--max_steps=1",
+                                     *overrides, env=env)
+                seconds[f"launch_s_{cache}"].append(wall)
+                step = re.search(r"step \d+ \(compile included\) took ([\d.]+) s", stdout)[1]
+                seconds[f"first_step_s_{cache}"].append(float(step))
+                seconds[f"sample_s_{cache}"].append(timed("sample.py", f"--rundir={rundir}", "--max_new_tokens=100",
+                                                          env=env)[0])
+            cache_bytes = sum(entry.stat().st_size for entry in os.scandir(os.path.join(tmp, "cache")))
+    print(json.dumps({"config": args.config, "overrides": overrides, "rounds": args.rounds,
+                      **{name: round(statistics.median(values), 2) for name, values in seconds.items()},
+                      "cache_mib": round(cache_bytes / 2**20, 1)}))
+
+
+if __name__ == "__main__":
+    run(main)
