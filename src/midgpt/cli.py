@@ -5,6 +5,7 @@ import contextlib
 import ctypes
 import logging
 import os
+import re
 import signal
 import sys
 import threading
@@ -37,7 +38,7 @@ def run(main) -> None:
     """Call main(argv); a MidgptError becomes one line on stderr and exit status 1."""
     # orbax's background threads log each failure with a traceback, and their first line would do:
     # a failed save is raised again at the next save or wait, and becomes one line here.
-    logging.getLogger("absl").addFilter(_without_traceback)
+    logging.getLogger("absl").addFilter(_one_line)
     sys.unraisablehook = _ignoring_abandoned_io(sys.unraisablehook)
     logging.getLogger("asyncio").addFilter(_retrieved)
     keep_freed_memory()
@@ -103,7 +104,10 @@ def cache_compiled_programs(max_bytes: int = 2 << 30) -> None:
         jax.config.update("jax_compilation_cache_max_size", max_bytes)
 
 
-def _without_traceback(record: logging.LogRecord) -> bool:
+def _one_line(record: logging.LogRecord) -> bool:
+    """A logging filter that keeps a record's message, less its traceback and any tensorstore spec."""
+    # tensorstore ends each of its errors with the whole spec of what failed: a kilobyte of JSON.
+    record.msg, record.args = re.sub(r" \[tensorstore_spec='[^']*'\]", "", record.getMessage()), ()
     record.exc_info, record.exc_text = None, None
     return True
 
