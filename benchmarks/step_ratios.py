@@ -34,7 +34,9 @@ def main(argv: list[str]) -> None:
         try:
             if malformed := [item for item in xla if "=" not in item]:
                 raise MidgptError(f"{malformed[0]} is not --xla_NAME=VALUE")
-            options.append(dict(item.removeprefix("--").split("=", 1) for item in xla))
+            pairs = [item.removeprefix("--").split("=", 1) for item in xla]
+            # XLA_FLAGS's true and false: as compile options, XLA takes Python's bools, or "True", not these
+            options.append({name: {"true": True, "false": False}.get(value, value) for name, value in pairs})
             if options[-1]:  # XLA knows each name and value
                 jax.jit(lambda: 0).lower().compile(compiler_options=options[-1])
             configs.append(checked_config(args.config, [item for item in variant.split() if item not in xla]))
