@@ -291,6 +291,22 @@ def test_a_txt_document_too_large_to_hold_is_refused_naming_blank_lines(tmp_path
     assert not list((tmp_path / "out").iterdir())
 
 
+def test_a_txt_file_without_newlines_is_refused_without_reading_it_whole(tmp_path):
+    corpus = tmp_path / "one-line.txt"  # 512M characters, and not one newline
+    with open(corpus, "w") as f:
+        for _ in range(512):
+            f.write("x" * (1 << 20))
+    with open(tmp_path / "stderr", "w+") as stderr:
+        p = subprocess.Popen([sys.executable, str(PREPARE), "--input", str(corpus), "--out_dir", str(tmp_path / "out")],
+                             stdout=subprocess.DEVNULL, stderr=stderr)
+        _, status, usage = os.wait4(p.pid, 0)  # this child's own peak memory, not the largest child's so far
+        stderr.seek(0)
+        assert os.waitstatus_to_exitcode(status) == 1 and ":1: a document of over 64M characters" in stderr.read()
+    # Its first 64M characters, as the largest document allowed, on top of Python, numpy and the tokenizer (about
+    # 230 MiB in all here); read whole, the line took 1.1 GiB.
+    assert usage.ru_maxrss * 1024 < 512 << 20
+
+
 def test_repeated_input_flags_add_up_and_a_byte_order_mark_is_not_text(tmp_path):
     # Windows editors save UTF-8 with a byte-order mark; it would become three tokens of the first document.
     (tmp_path / "a.txt").write_text("\ufeffFirst doc.", encoding="utf-8")

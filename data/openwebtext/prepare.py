@@ -103,7 +103,10 @@ def _file_documents(path: str):
                 yield text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
             return
         block, size = [], 0
-        for lineno, line in enumerate(itertools.chain(f, ["\n"]), 1):  # the sentinel blank line flushes the last block
+        # At most a document's worth at a time: a line of gigabytes (a file without newlines) is refused at
+        # its first piece, not read whole. Only such a line comes in pieces, and its first one is refused.
+        lines = iter(functools.partial(f.readline, MAX_TXT_DOCUMENT + 1), "")
+        for lineno, line in enumerate(itertools.chain(lines, ["\n"]), 1):  # the sentinel blank line flushes the last block
             if line.strip():
                 block.append(line.rstrip("\n"))
                 size += len(line)
