@@ -291,8 +291,10 @@ def test_a_txt_document_too_large_to_hold_is_refused_naming_blank_lines(tmp_path
     assert not list((tmp_path / "out").iterdir())
 
 
-def test_a_txt_file_without_newlines_is_refused_without_reading_it_whole(tmp_path):
-    corpus = tmp_path / "one-line.txt"  # 512M characters, and not one newline
+@pytest.mark.parametrize("suffix, refusal", [(".txt", ":1: a document of over 64M characters"),
+                                             (".jsonl", ":1: a line of over 64M characters")])
+def test_a_file_without_newlines_is_refused_without_reading_it_whole(tmp_path, suffix, refusal):
+    corpus = tmp_path / f"one-line{suffix}"  # 512M characters, and not one newline
     with open(corpus, "w") as f:
         for _ in range(512):
             f.write("x" * (1 << 20))
@@ -301,7 +303,7 @@ def test_a_txt_file_without_newlines_is_refused_without_reading_it_whole(tmp_pat
                              stdout=subprocess.DEVNULL, stderr=stderr)
         _, status, usage = os.wait4(p.pid, 0)  # this child's own peak memory, not the largest child's so far
         stderr.seek(0)
-        assert os.waitstatus_to_exitcode(status) == 1 and ":1: a document of over 64M characters" in stderr.read()
+        assert os.waitstatus_to_exitcode(status) == 1 and refusal in stderr.read()
     # Its first 64M characters, as the largest document allowed, on top of Python, numpy and the tokenizer (about
     # 230 MiB in all here); read whole, the line took 1.1 GiB.
     assert usage.ru_maxrss * 1024 < 512 << 20

@@ -31,7 +31,7 @@ from midgpt.cli import ArgumentParser
 from midgpt.errors import MidgptError
 from midgpt.tokenizer import gpt2
 
-MAX_TXT_DOCUMENT = 64 << 20  # characters of one blank-line-separated block
+MAX_DOCUMENT = 64 << 20  # characters of a .txt file's blank-line-separated block, or of a .jsonl line
 DOCS_PER_TASK = 1024  # big enough to amortise pickling, small enough to keep RAM per worker low
 SPLITS = ("train", "val")
 REVISION = "refs/convert/parquet"  # the Hub's parquet export of a dataset
@@ -89,8 +89,13 @@ def _file_documents(path: str):
             raise MidgptError(f"{path}: damaged parquet data ({str(e).strip().splitlines()[0]})") from None
         return
     with open(path, encoding="utf-8-sig") as f:  # -sig: a byte-order mark is not text
+        # At most a document's worth at a time: a line of gigabytes (a file without newlines) is refused at
+        # its first piece, not read whole. Only such a line comes in pieces, and its first one is refused.
+        lines = iter(functools.partial(f.readline, MAX_DOCUMENT + 1), "")
         if path.endswith(".jsonl"):
-            for lineno, line in enumerate(f, 1):
+            for lineno, line in enumerate(lines, 1):
+                if len(line) > MAX_DOCUMENT:  # held whole and tokenized, a document takes 14x its size
+                    raise MidgptError(f"{path}:{lineno}: a line of over {MAX_DOCUMENT >> 20}M characters")
                 if not line.strip():
                     continue
                 try:
@@ -103,15 +108,12 @@ def _file_documents(path: str):
                 yield text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
             return
         block, size = [], 0
-        # At most a document's worth at a time: a line of gigabytes (a file without newlines) is refused at
-        # its first piece, not read whole. Only such a line comes in pieces, and its first one is refused.
-        lines = iter(functools.partial(f.readline, MAX_TXT_DOCUMENT + 1), "")
         for lineno, line in enumerate(itertools.chain(lines, ["\n"]), 1):  # the sentinel blank line flushes the last block
             if line.strip():
                 block.append(line.rstrip("\n"))
                 size += len(line)
-                if size > MAX_TXT_DOCUMENT:  # a file of one document per line, say: held whole, it took 14x its size
-                    raise MidgptError(f"{path}:{lineno}: a document of over {MAX_TXT_DOCUMENT >> 20}M characters; in "
+                if size > MAX_DOCUMENT:  # a file of one document per line, say
+                    raise MidgptError(f"{path}:{lineno}: a document of over {MAX_DOCUMENT >> 20}M characters; in "
                                       ".txt files, blank lines separate documents (or use .jsonl, one per line)")
             elif block:
                 yield "\n".join(block)
