@@ -107,7 +107,8 @@ def cache_compiled_programs(max_bytes: int = 2 << 30) -> None:
 def _one_line(record: logging.LogRecord) -> bool:
     """A logging filter that keeps a record's message, less its traceback and any tensorstore spec."""
     # tensorstore ends each of its errors with the whole spec of what failed: a kilobyte of JSON.
-    record.msg, record.args = re.sub(r" \[tensorstore_spec='[^']*'\]", "", record.getMessage()), ()
+    with contextlib.suppress(Exception):  # a malformed record: its handler reports it, as before, not its caller
+        record.msg, record.args = re.sub(r" \[tensorstore_spec='[^']*'\]", "", record.getMessage()), ()
     record.exc_info, record.exc_text = None, None
     return True
 
