@@ -240,26 +240,29 @@ def test_launch_keeps_freed_memory_so_that_its_steps_do_not_fault_pages_in(shake
     assert run < bare / 2
 
 
-def test_a_second_run_reads_its_compiled_step_from_the_cache_that_launch_keeps(shakespeare_data_dir, tmp_path):
+def test_another_run_and_a_resume_read_their_compiled_programs_from_the_cache_launch_keeps(shakespeare_data_dir, tmp_path):
     # The tests' own cache is set in JAX's variables, which win over launch.py's: unset here, but for
     # the threshold of 0 s, so that every program, however fast it compiles, has an entry.
     env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_COMPILATION_CACHE_")}
     env["XDG_CACHE_HOME"] = str(tmp_path / "home-cache")
     cache = tmp_path / "home-cache" / "midgpt" / "xla"
-    args = ["--config=shakespeare_char_cpu", f"--data_dir={shakespeare_data_dir}", "--max_steps=2",
-            "--eval_interval=2", *TINY]
+    args = ["--config=shakespeare_char_cpu", f"--data_dir={shakespeare_data_dir}", "--eval_interval=2", *TINY]
 
     def step_entry():  # its key, and when the cache last handed it out or took it in
         [entry] = [name for name in os.listdir(cache) if name.startswith("jit_step-") and name.endswith("-cache")]
         return entry, int.from_bytes((cache / entry.replace("-cache", "-atime")).read_bytes(), "little")
 
-    result = run("launch.py", *args, f"--rundir={tmp_path}/first", env=env)
-    assert result.returncode == 0, result.stderr
-    entries, (entry, written) = set(os.listdir(cache)), step_entry()
-    result = run("launch.py", *args, f"--rundir={tmp_path}/second", env=env)
-    assert result.returncode == 0, result.stderr
-    # Another run of the same config compiles the same programs (nothing in them names the run): all read.
-    assert set(os.listdir(cache)) == entries and step_entry()[0] == entry and step_entry()[1] > written
+    def launch(rundir, max_steps):
+        result = run("launch.py", *args, f"--rundir={tmp_path}/{rundir}", f"--max_steps={max_steps}", env=env)
+        assert result.returncode == 0, result.stderr
+
+    launch("first", 2)
+    entries, (entry, used) = set(os.listdir(cache)), step_entry()
+    for rundir, max_steps in [("second", 2), ("first", 4)]:  # another run of the config; the first, resumed
+        launch(rundir, max_steps)
+        # The same programs (nothing in them names the run, or the step it starts from): all read.
+        assert set(os.listdir(cache)) == entries and step_entry()[0] == entry and step_entry()[1] > used
+        used = step_entry()[1]
 
     # JAX's variables name another directory, or turn the cache off; a cache directory that cannot be
     # made is no cache, and no warning.
