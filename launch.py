@@ -12,8 +12,8 @@ import signal
 import time
 
 from midgpt.cli import ArgumentParser, cache_compiled_programs, run
-from midgpt.config import (apply_overrides, check_config, config_names, load_config, read_config_json, resume_config,
-                           saved_steps)
+from midgpt.config import (CHECKPOINTS, apply_overrides, check_config, config_names, load_config, read_config_json,
+                           resume_config, saved_steps)
 from midgpt.errors import MidgptError
 from midgpt.files import LOCK
 
@@ -38,9 +38,9 @@ def check_new_rundir(rundir: str) -> None:
         raise MidgptError(f"--rundir={rundir} is a file, not a directory; pass a new --rundir")
     if not os.path.isdir(rundir):
         return
-    checkpoints = os.path.join(rundir, "checkpoints")
+    checkpoints = os.path.join(rundir, CHECKPOINTS)
     # What a run stopped before its config.json (killed, or a full disk) leaves: its lock, an empty checkpoints/.
-    leftovers = {LOCK} | ({"checkpoints"} if os.path.isdir(checkpoints) and not os.listdir(checkpoints) else set())
+    leftovers = {LOCK} | ({CHECKPOINTS} if os.path.isdir(checkpoints) and not os.listdir(checkpoints) else set())
     if set(os.listdir(rundir)) - leftovers:
         if not os.path.exists(os.path.join(rundir, "config.json")):
             raise MidgptError(f"--rundir={rundir} holds files but no run (no config.json), which a new run could "

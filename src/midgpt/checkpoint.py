@@ -20,7 +20,7 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 from midgpt import sharding
-from midgpt.config import Config, config_to_dict, saved_steps
+from midgpt.config import CHECKPOINTS, Config, config_to_dict, saved_steps
 from midgpt.errors import MidgptError
 
 # orbax writes this file into a step's directory when the save commits; a step
@@ -29,7 +29,7 @@ COMMIT_MARKER = "commit_success.txt"
 
 
 def directory(rundir: str) -> str:
-    return os.path.join(os.path.abspath(rundir), "checkpoints")
+    return os.path.join(os.path.abspath(rundir), CHECKPOINTS)
 
 
 def step_directory(rundir: str, step: int) -> str:

@@ -111,9 +111,12 @@ FIXED_ON_RESUME = ("model", "seed", "batch_size", "g_accum_iters", "param_dtype"
 FREE_ON_RESUME = ("model.remat", "model.scan_unroll", "model.attention")  # the same model, run another way
 
 
+CHECKPOINTS = "checkpoints"  # the run directory's folder of orbax checkpoints, one folder a step
+
+
 def saved_steps(rundir: str) -> list[int]:
     """The steps of rundir's checkpoints, read from their folder names, without loading orbax."""
-    folder = os.path.join(rundir, "checkpoints")
+    folder = os.path.join(rundir, CHECKPOINTS)
     return [int(name) for name in os.listdir(folder) if name.isdigit()] if os.path.isdir(folder) else []
 
 
@@ -121,7 +124,7 @@ def _put_back(rundir: str, path: str) -> str:
     """The advice to copy the newest checkpoint's config back to path, or "" if no checkpoint holds one."""
     # Each checkpoint holds a copy, in orbax's JSON item "config"; an unfinished save has none.
     for step in sorted(saved_steps(rundir), reverse=True):
-        if os.path.isfile(copy := os.path.join(rundir, "checkpoints", str(step), "config", "metadata")):
+        if os.path.isfile(copy := os.path.join(rundir, CHECKPOINTS, str(step), "config", "metadata")):
             return f"put the newest checkpoint's copy back: cp {shlex.quote(copy)} {shlex.quote(path)}"
     return ""
 
