@@ -292,7 +292,8 @@ def test_a_txt_document_too_large_to_hold_is_refused_naming_blank_lines(tmp_path
 
 
 @pytest.mark.parametrize("suffix, refusal", [(".txt", ":1: a document of over 64M characters"),
-                                             (".jsonl", ":1: a line of over 64M characters")])
+                                             (".jsonl", ":1: a line of over 64M characters, more than one "
+                                                        "document may hold; split that document, or leave it out")])
 def test_a_file_without_newlines_is_refused_without_reading_it_whole(tmp_path, suffix, refusal):
     corpus = tmp_path / f"one-line{suffix}"  # 512M characters, and not one newline
     with open(corpus, "w") as f:

@@ -95,7 +95,8 @@ def _file_documents(path: str):
         if path.endswith(".jsonl"):
             for lineno, line in enumerate(lines, 1):
                 if len(line) > MAX_DOCUMENT:  # held whole and tokenized, a document takes 14x its size
-                    raise MidgptError(f"{path}:{lineno}: a line of over {MAX_DOCUMENT >> 20}M characters")
+                    raise MidgptError(f"{path}:{lineno}: a line of over {MAX_DOCUMENT >> 20}M characters, more than "
+                                      "one document may hold; split that document, or leave it out")
                 if not line.strip():
                     continue
                 try:
