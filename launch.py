@@ -2,7 +2,8 @@
 
 A --rundir that holds checkpoints resumes the run from its newest one, with its saved config.json:
 only the --FIELD=VALUE given change it. Where --multihost cannot detect the cluster:
---coordinator_address=HOST:PORT --num_processes=N --process_id=I.
+--coordinator_address=HOST:PORT --num_processes=N --process_id=I. Compiled programs are kept for the
+next run in ~/.cache/midgpt/xla (JAX_COMPILATION_CACHE_DIR=DIR elsewhere, JAX_ENABLE_COMPILATION_CACHE=false none).
 """
 
 import itertools
