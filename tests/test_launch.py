@@ -241,10 +241,10 @@ def test_launch_keeps_freed_memory_so_that_its_steps_do_not_fault_pages_in(shake
 
 
 def test_another_run_and_a_resume_read_their_compiled_programs_from_the_cache_launch_keeps(shakespeare_data_dir, tmp_path):
-    # The tests' own cache is set in JAX's variables, which win over launch.py's: unset here, but for
-    # the threshold of 0 s, so that every program, however fast it compiles, has an entry.
+    # The tests' own cache is set in JAX's variables, which win over launch.py's: unset here. A threshold
+    # of 0 s gives every program an entry, however fast it compiles.
     env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_COMPILATION_CACHE_")}
-    env["XDG_CACHE_HOME"] = str(tmp_path / "home-cache")
+    env.update(XDG_CACHE_HOME=str(tmp_path / "home-cache"), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
     cache = tmp_path / "home-cache" / "midgpt" / "xla"
     args = ["--config=shakespeare_char_cpu", f"--data_dir={shakespeare_data_dir}", "--eval_interval=2", *TINY]
 
