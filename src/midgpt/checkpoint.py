@@ -9,7 +9,6 @@ import contextlib
 import os
 import pathlib
 import re
-import shlex
 import shutil
 import time
 
@@ -142,9 +141,20 @@ def placed(like, shardings):
 
 
 def restore(manager: ocp.CheckpointManager, step: int, like, shardings):
-    """The state saved at step, placed by shardings (the saving mesh does not matter)."""
+    """The state saved at step, placed by shardings (the saving mesh does not matter).
+
+    A process that cannot read its part raises on every process (the others' line names it).
+    """
     target, static = placed(like, shardings)
-    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
+    # Its handler, not manager.restore, which ends in a barrier: a process whose read failed never
+    # came to it, and the others waited there until it exited, then aborted with a C++ stack.
+    handler = ocp.StandardCheckpointHandler()
+    try:
+        with sharding.failing_together():
+            restored = handler.restore(pathlib.Path(str(manager.directory), str(step), "state"),
+                                       args=ocp.args.StandardRestore(target))
+    finally:
+        handler.close()
     check_fingerprints(manager, step, restored)
     return eqx.combine(restored, static)
 
@@ -193,7 +203,7 @@ def describe(e: Exception) -> str:
     if len(first) > 160:  # cut at a space, unless that would lose most of it (a long path has none)
         first = first[:160]
         first = (first[:first.rfind(" ")] if first.rfind(" ") > 120 else first) + " ..."
-    return f"{type(e).__name__}: {first}"
+    return first if isinstance(e, MidgptError) else f"{type(e).__name__}: {first}"
 
 
 def restore_newest(manager: ocp.CheckpointManager, rundir: str, like, shardings, say):
@@ -210,14 +220,8 @@ def restore_newest(manager: ocp.CheckpointManager, rundir: str, like, shardings,
             try:
                 found = restore(manager, step, like, shardings), step
                 break
-            except Exception as e:  # orbax and tensorstore raise many types for damaged files
+            except Exception as e:  # orbax and tensorstore raise many types for damaged files; every process alike
                 problem = describe(e)
-                # The other processes may have restored it and wait in orbax's barrier: no fallback
-                # could stay in step with them, so stop, and let the user set it aside.
-                if jax.process_count() > 1:
-                    raise MidgptError(f"checkpoint {step} does not restore on process {jax.process_index()} ({problem}); "
-                                      f"move it aside (mkdir -p {shlex.quote(aside)} && mv {shlex.quote(path)} {shlex.quote(aside)}/) "
-                                      "and run again") from None
         else:
             problem = f"no {COMMIT_MARKER}: its save did not finish"
         damaged.append((step, problem, finished))
