@@ -77,7 +77,7 @@ def fingerprint_dict(tree) -> dict[str, int]:
     """{dotted path: fingerprint} of a tree's arrays, keyed as array_shapes keys them."""
     # An array at a time, each fetched before the next is started. XLA:CPU holds the weighted bits whole,
     # and a whole state's would be its size again. With several processes, XLA:CPU's programs in flight
-    # together deadlocked in gloo's all-reduce: the save hung in 1 to 3 of 4 two-process runs.
+    # together deadlocked in gloo's all-reduce: 6 of 12 two-process runs hung at a save.
     found = jax.tree.map(lambda x: jax.device_get(fingerprint(x)), eqx.filter(tree, eqx.is_array))
     return {jax.tree_util.keystr(path, simple=True, separator="."): int(x)
             for path, x in jax.tree_util.tree_flatten_with_path(found)[0]}
