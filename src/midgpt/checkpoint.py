@@ -199,6 +199,10 @@ def check_arrays(step_dir: str, like, part: str | None = None) -> None:
 
 def describe(e: Exception) -> str:
     """An exception from a failed restore or save as a short phrase: its type and the start of its first line."""
+    # orbax wraps a failed read in a bare Exception whose text shows a bound method's repr (its spec,
+    # never called) where the detail should be; the error it wraps names the array and the file.
+    if str(e).startswith("Encountered error while reading array index") and e.__cause__ is not None:
+        e = e.__cause__
     first = (str(e).strip().splitlines() or ["no detail"])[0]
     if len(first) > 160:  # cut at a space, unless that would lose most of it (a long path has none)
         first = first[:160]
