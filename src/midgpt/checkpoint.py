@@ -151,8 +151,11 @@ def restore(manager: ocp.CheckpointManager, step: int, like, shardings):
     handler = ocp.StandardCheckpointHandler()
     try:
         with sharding.failing_together():
-            restored = handler.restore(pathlib.Path(str(manager.directory), str(step), "state"),
-                                       args=ocp.args.StandardRestore(target))
+            try:
+                restored = handler.restore(pathlib.Path(str(manager.directory), str(step), "state"),
+                                           args=ocp.args.StandardRestore(target))
+            except Exception as e:  # described here, where its cause is at hand, for the other processes' lines
+                raise MidgptError(describe(e)) from e
     finally:
         handler.close()
     check_fingerprints(manager, step, restored)
@@ -199,6 +202,8 @@ def check_arrays(step_dir: str, like, part: str | None = None) -> None:
 
 def describe(e: Exception) -> str:
     """An exception from a failed restore or save as a short phrase: its type and the start of its first line."""
+    if isinstance(e, MidgptError):  # ours: written to be read, and already short
+        return str(e)
     # orbax wraps a failed read in a bare Exception whose text shows a bound method's repr (its spec,
     # never called) where the detail should be; the error it wraps names the array and the file.
     if str(e).startswith("Encountered error while reading array index") and e.__cause__ is not None:
@@ -207,7 +212,7 @@ def describe(e: Exception) -> str:
     if len(first) > 160:  # cut at a space, unless that would lose most of it (a long path has none)
         first = first[:160]
         first = (first[:first.rfind(" ")] if first.rfind(" ") > 120 else first) + " ..."
-    return first if isinstance(e, MidgptError) else f"{type(e).__name__}: {first}"
+    return f"{type(e).__name__}: {first}"
 
 
 def restore_newest(manager: ocp.CheckpointManager, rundir: str, like, shardings, say):
