@@ -193,6 +193,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def outputs(procs, timeout: float) -> list[tuple[str, str]]:
+    """Each process's (stdout, stderr); all are killed if one outlives timeout, not left to slow the later tests."""
+    try:
+        return [p.communicate(timeout=timeout) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()  # nothing if it ended
+
+
 def launch(*args, devices: int, cwd=REPO_ROOT, wrapper=()):
     env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
     return subprocess.Popen([*wrapper, sys.executable, str(REPO_ROOT / "launch.py"), *args], cwd=cwd, env=env,
@@ -231,7 +240,7 @@ def test_each_process_reads_its_own_rows_when_the_mesh_interleaves_processes():
     env = this_tree_env(XLA_FLAGS="--xla_force_host_platform_device_count=4")
     procs = [subprocess.Popen([sys.executable, "-c", INTERLEAVED_BATCH, f"127.0.0.1:{port}", str(i)], env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
-    results = [p.communicate(timeout=120) for p in procs]
+    results = outputs(procs, timeout=120)
     assert [p.returncode for p in procs] == [0, 0], results
     rows = [json.loads(out.strip().splitlines()[-1]) for out, _ in results]
     assert rows[0] == {"rows": [0, 1, 4, 5, 8, 9, 12, 13], "same": True}
@@ -251,8 +260,7 @@ def test_two_processes_train_like_one_process_with_eight_devices(shakespeare_dat
     # multi-process checkpoints need every process to see the same directory.
     procs = two_processes(*common, f"--rundir={tmp_path}/multi", "--checkpoint_interval=6")
     single = launch(*common, f"--rundir={tmp_path}/single", devices=8)
-    for p in [*procs, single]:
-        _, stderr = p.communicate(timeout=300)
+    for p, (_, stderr) in zip([*procs, single], outputs([*procs, single], timeout=300)):
         assert p.returncode == 0, stderr
     multi = [json.loads(line) for line in open(tmp_path / "multi" / "metrics.jsonl")]
     alone = [json.loads(line) for line in open(tmp_path / "single" / "metrics.jsonl")]
@@ -270,8 +278,9 @@ def test_two_processes_train_like_one_process_with_eight_devices(shakespeare_dat
     for f in (tmp_path / "multi" / "checkpoints" / "12" / "state").glob("ocdbt.process_1/d/*"):
         f.write_bytes(f.read_bytes()[:10])
     resumed = two_processes(*common, f"--rundir={tmp_path}/multi", "--checkpoint_interval=6", "--max_steps=15")
-    (out, err), _ = [p.communicate(timeout=120) for p in resumed]
-    assert [p.returncode for p in resumed] == [0, 0], err
+    results = outputs(resumed, timeout=120)
+    assert [p.returncode for p in resumed] == [0, 0], results
+    out = results[0][0]
     damaged = re.search(r"checkpoint 12 is damaged \(process 1: \w+: .*\); moved to .*, resuming from checkpoint 6", out)
     assert damaged and "Encountered error" not in damaged[0], out  # what orbax's read error wraps, not its wrapper
     assert len(os.listdir(tmp_path / "multi" / "checkpoints_damaged")) == 1
@@ -288,7 +297,7 @@ def test_a_signalled_process_stops_both_at_the_next_log_step_with_a_checkpoint(s
                           "--max_steps=100000", "--log_interval=7", f"--rundir={rundir}")
     wait_for_step(rundir, 7, procs[0])
     procs[0].send_signal(signal.SIGTERM)  # process 0's alone: it tells process 1 at the next log step
-    (out, err), _ = [p.communicate(timeout=120) for p in procs]
+    (out, err), _ = outputs(procs, timeout=120)
     assert [p.returncode for p in procs] == [0, 0], err
     assert "SIGTERM: stopping at the next log step, with a checkpoint" in out, out
     stopped = int(out.split("stopped after step ")[1].split(" ")[0])
@@ -306,7 +315,7 @@ def test_a_write_that_fails_on_process_0_stops_both_in_one_line(limit_kib, fix, 
     procs = two_processes("--config=shakespeare_char_cpu", f"--data_dir={shakespeare_data_dir}", "--batch_size=16",
                           "--model.n_layer=1", "--log_interval=1", "--max_steps=2000", f"--rundir={rundir}",
                           wrappers=(small_files(limit_kib), ()))
-    results = [p.communicate(timeout=300) for p in procs]
+    results = outputs(procs, timeout=300)
     assert [p.returncode for p in procs] == [1, 1], results
     error = f"cannot write to {rundir} ([Errno 27] File too large); {fix}"
     assert results[0][1].strip().splitlines()[-1] == f"error: {error}"
@@ -337,7 +346,7 @@ def test_any_error_on_one_process_stops_the_other_at_the_end_of_the_block():
     env = this_tree_env()
     procs = [subprocess.Popen([sys.executable, "-c", FAILING_TOGETHER, f"127.0.0.1:{port}", str(i)], env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
-    results = [p.communicate(timeout=120) for p in procs]
+    results = outputs(procs, timeout=120)
     assert [p.returncode for p in procs] == [0, 0], results
     raised = "'utf-8' codec can't decode byte 0xff in position 0: invalid start byte"
     assert json.loads(results[0][0].splitlines()[-1]) == f"UnicodeDecodeError: {raised}"  # its own, as raised
@@ -351,8 +360,7 @@ def test_processes_started_with_different_arguments_stop_in_one_line(other, shak
     common = ["--config=shakespeare_char_cpu", f"--data_dir={shakespeare_data_dir}", "--batch_size=16",
               f"--rundir={tmp_path}/run", "--max_steps=20", "--checkpoint_interval=5"]
     procs = two_processes(*common, extra=[[], [other.replace("RUN_2", f"{tmp_path}/run_2")]])
-    for p in procs:
-        _, stderr = p.communicate(timeout=120)
+    for p, (_, stderr) in zip(procs, outputs(procs, timeout=120)):
         assert p.returncode == 1 and stderr.strip().splitlines()[-1].startswith(
             "error: the processes were started with different arguments"), stderr
     assert not (tmp_path / "run" / "checkpoints").exists()
