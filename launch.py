@@ -12,7 +12,7 @@ import re
 import signal
 import time
 
-from midgpt.cli import ArgumentParser, cache_compiled_programs, run
+from midgpt.cli import ArgumentParser, StopSignals, cache_compiled_programs, run
 from midgpt.config import (CHECKPOINTS, apply_overrides, check_config, config_names, load_config, read_config_json,
                            resume_config, saved_steps)
 from midgpt.errors import MidgptError
@@ -50,6 +50,13 @@ def check_new_rundir(rundir: str) -> None:
 
 
 def main(argv: list[str]) -> None:
+    # Heard from the start, as training hears them: a KeyboardInterrupt raised in `import jax` was a
+    # traceback, and one raised in a garbage-collection callback of JAX's was dropped and the run went on.
+    with StopSignals() as signals:
+        launch(argv, signals)
+
+
+def launch(argv: list[str], signals: StopSignals) -> None:
     parser = ArgumentParser(description=__doc__, allow_abbrev=False,
                             epilog="Any field of the config may follow as --FIELD=VALUE, e.g.\n"
                                    "--max_steps=100 --model.n_layer=2 (the fields: src/midgpt/config.py).")
@@ -114,6 +121,7 @@ def main(argv: list[str]) -> None:
                               "--num_processes=N --process_id=I") from None
         finally:
             signal.signal(signal.SIGINT, handler)
+        signals.listen()  # initialize took SIGTERM for JAX's preemption notices
     notes = []
     if resume:
         notes.append(f"resuming the run in {rundir}" + "".join(f"; {c}" for c in changes))
@@ -121,7 +129,7 @@ def main(argv: list[str]) -> None:
             notes.append(f"the run keeps its saved values where --config={args.config} differs: {', '.join(kept)}")
     from midgpt.train import train
 
-    train(config, rundir, debug=args.debug, resume=resume, notes=notes)
+    train(config, rundir, debug=args.debug, resume=resume, notes=notes, signals=signals)
 
 
 if __name__ == "__main__":

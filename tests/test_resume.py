@@ -180,6 +180,33 @@ def test_a_stop_signal_before_the_first_step_is_heard_too(shakespeare_data_dir, 
     assert os.listdir(rundir / "checkpoints") == ["1"]
 
 
+# launch.py, signalled just as it imports JAX (the second of its start when a Ctrl-C is likeliest).
+SIGNALLED_AT_IMPORT = """
+import os, runpy, signal, sys
+class SignalAtImport:
+    def find_spec(self, name, path=None, target=None):
+        if name == "jax":
+            sys.meta_path.remove(self)
+            os.kill(os.getpid(), signal.{sig})
+sys.meta_path.insert(0, SignalAtImport())
+sys.argv[0] = "launch.py"
+runpy.run_path("launch.py", run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_a_stop_signal_while_launch_starts_is_heard_as_in_training(shakespeare_data_dir, tmp_path, sig):
+    # It was a KeyboardInterrupt's traceback, or, raised in one of JAX's garbage-collection callbacks,
+    # dropped: the run trained on to its end.
+    rundir = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-c", SIGNALLED_AT_IMPORT.format(sig=sig), *ARGS, f"--rundir={rundir}",
+                           f"--data_dir={shakespeare_data_dir}"], cwd=REPO_ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0 and f"stopped after step 1 ({sig})" in proc.stdout, proc
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert os.listdir(rundir / "checkpoints") == ["1"]
+
+
 def truncate_data_file(step_dir):
     data = max((os.path.join(d, f) for d, _, fs in os.walk(step_dir) for f in fs if "/d" in d), key=os.path.getsize)
     with open(data, "r+b") as f:

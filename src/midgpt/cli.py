@@ -204,8 +204,14 @@ class StopSignals:
         threading.Thread(target=self._count, args=(read_fd,), daemon=True).start()
         os.set_blocking(self.write_fd, False)  # as set_wakeup_fd requires
         self.previous_fd = signal.set_wakeup_fd(self.write_fd)
-        self.previous = {sig: signal.signal(sig, self.handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+        self.previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+        self.listen()
         return self
+
+    def listen(self) -> None:
+        """Take SIGINT and SIGTERM (again: jax.distributed.initialize installs a SIGTERM handler of its own)."""
+        for sig in self.previous:
+            signal.signal(sig, self.handle)
 
     def __exit__(self, *exc):
         for sig, handler in self.previous.items():

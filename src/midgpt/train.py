@@ -220,15 +220,18 @@ def plan_memory(config: Config, mesh: Mesh, like: TrainState, shardings, say) ->
     memory.check_fits(config, mesh, available, estimate_for)
 
 
-def train(config: Config, rundir: str, debug: bool = False, resume: bool = False, notes: Sequence[str] = ()) -> GPT:
+def train(config: Config, rundir: str, debug: bool = False, resume: bool = False, notes: Sequence[str] = (),
+          signals: cli.StopSignals | None = None) -> GPT:
     """Train into rundir (config.json, metrics.jsonl, TensorBoard events, checkpoints/), resuming if asked.
 
     Every process runs this loop (JAX's multi-controller model); only process 0 writes files and prints,
-    first the notes (launch.py's word on a resume), once no other launch holds the run.
+    first the notes (launch.py's word on a resume), once no other launch holds the run. A stop signal
+    (`signals`, launch.py's since it began, else heard from here on) stops it after the step it comes in.
     """
-    # Heard from the start, not only in the loop: after jax.distributed.initialize, JAX's own
-    # SIGTERM handler would take a signal during the restore or the compile and only note it.
-    with cli.StopSignals() as signals, contextlib.ExitStack() as held:  # held: the run directory's lock
+    with contextlib.ExitStack() as held:  # held: the run directory's lock, and signals if they are ours
+        # Heard from the start, not only in the loop: after jax.distributed.initialize, JAX's own
+        # SIGTERM handler would take a signal during the restore or the compile and only note it.
+        signals = signals or held.enter_context(cli.StopSignals())
         return _train(config, rundir, debug, resume, notes, signals, held)
 
 
