@@ -9,6 +9,7 @@ next run in ~/.cache/midgpt/xla (JAX_COMPILATION_CACHE_DIR=DIR elsewhere, JAX_EN
 import itertools
 import os
 import re
+import shutil
 import signal
 import time
 
@@ -33,16 +34,20 @@ def new_rundir() -> str:
             raise MidgptError(f"cannot make the run directory {rundir} ({e}); pass a --rundir you can write to") from None
 
 
+def holds_nothing(rundir: str) -> bool:
+    """Whether rundir holds no more than a run stopped before its config.json leaves: its lock, an empty checkpoints/."""
+    checkpoints = os.path.join(rundir, CHECKPOINTS)
+    leftovers = {LOCK} | ({CHECKPOINTS} if os.path.isdir(checkpoints) and not os.listdir(checkpoints) else set())
+    return not set(os.listdir(rundir)) - leftovers
+
+
 def check_new_rundir(rundir: str) -> None:
     """Refuse a --rundir where a new run would overwrite files that are not a run's."""
     if os.path.exists(rundir) and not os.path.isdir(rundir):
         raise MidgptError(f"--rundir={rundir} is a file, not a directory; pass a new --rundir")
     if not os.path.isdir(rundir):
         return
-    checkpoints = os.path.join(rundir, CHECKPOINTS)
-    # What a run stopped before its config.json (killed, or a full disk) leaves: its lock, an empty checkpoints/.
-    leftovers = {LOCK} | ({CHECKPOINTS} if os.path.isdir(checkpoints) and not os.listdir(checkpoints) else set())
-    if set(os.listdir(rundir)) - leftovers:
+    if not holds_nothing(rundir):
         if not os.path.exists(os.path.join(rundir, "config.json")):
             raise MidgptError(f"--rundir={rundir} holds files but no run (no config.json), which a new run could "
                               "overwrite; pass a new or empty --rundir")
@@ -129,7 +134,12 @@ def launch(argv: list[str], signals: StopSignals) -> None:
             notes.append(f"the run keeps its saved values where --config={args.config} differs: {', '.join(kept)}")
     from midgpt.train import train
 
-    train(config, rundir, debug=args.debug, resume=resume, notes=notes, signals=signals)
+    try:
+        train(config, rundir, debug=args.debug, resume=resume, notes=notes, signals=signals)
+    except BaseException:
+        if not args.rundir and holds_nothing(rundir):  # a check of the data or the devices failed: no run to keep
+            shutil.rmtree(rundir, ignore_errors=True)
+        raise
 
 
 if __name__ == "__main__":

@@ -330,6 +330,13 @@ def test_a_split_shorter_than_one_window_is_one_line(shakespeare_data_dir, tmp_p
     (data_dir / "val.bin").write_bytes((data_dir / "val.bin").read_bytes()[:2 * 64])  # 64 tokens: block_size
     meta = json.loads((data_dir / "meta.json").read_text())
     (data_dir / "meta.json").write_text(json.dumps({**meta, "val_tokens": 64}))
+def test_a_launch_that_fails_after_making_its_default_run_directory_leaves_none(shakespeare_data_dir, tmp_path):
+    result = run("launch.py", "--config=shakespeare_char_cpu", f"--data_dir={shakespeare_data_dir}",
+                 "--model.vocab_size=10", cwd=tmp_path)
+    assert_one_line_error(result, "model.vocab_size is 10")
+    assert os.listdir(tmp_path / "outputs") == []
+
+
     result = run("launch.py", "--config=shakespeare_char_cpu", f"--rundir={tmp_path}/run", f"--data_dir={data_dir}")
     assert_one_line_error(result, "val.bin holds 64 tokens", "65")
     assert not (tmp_path / "run").exists()
