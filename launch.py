@@ -96,7 +96,7 @@ def launch(argv: list[str], signals: StopSignals) -> None:
         parser.error(f"--process_id must be from 0 to --num_processes - 1, got {args.process_id}")
     if args.coordinator_address is not None and not re.fullmatch(r".+:\d+", args.coordinator_address):
         parser.error(f"--coordinator_address={args.coordinator_address} is not HOST:PORT")
-    config = apply_overrides(load_config(args.config), overrides)
+    config = apply_overrides(load_config(args.config), overrides, options=list(vars(args)))
     # A run is its checkpoints: a directory without any (--debug's, a run killed before its
     # first save) starts afresh from this command, as its config.json would start at step 0 too.
     resume = bool(args.rundir and saved_steps(args.rundir))

@@ -41,7 +41,7 @@ def main(argv: list[str]) -> None:
     if 0 < args.steps < args.interval:  # the loop with checkpoints would save none
         parser.error(f"--interval={args.interval} saves no checkpoint in --steps={args.steps}; "
                      "use an interval of at most --steps")
-    config = checked_config(args.config, [*overrides, "--keep_checkpoints=1000000"])
+    config = checked_config(args.config, [*overrides, "--keep_checkpoints=1000000"], list(vars(args)))
     optimizer, mesh = make_optimizer(config), make_mesh(config)
     state = init_state(config, optimizer, mesh)
     train_step = make_train_step(config, optimizer, mesh)

@@ -37,7 +37,7 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--config", required=True)
     parser.add_argument("--rounds", type=positive_int, default=2)
     args, overrides = parser.parse_known_args(argv)
-    checked_config(args.config, overrides)  # its errors before any run
+    checked_config(args.config, overrides, list(vars(args)))  # its errors before any run
     seconds = {f"{what}_{cache}": [] for what in ("launch_s", "first_step_s", "sample_s") for cache in ("cold", "warm")}
     for _ in range(args.rounds):
         with tempfile.TemporaryDirectory() as tmp:

@@ -30,7 +30,7 @@ def main(argv: list[str]) -> None:
     from midgpt.train import fresh_state, init_state, state_layout
     from train_throughput import checked_config
 
-    config = checked_config(args.config, overrides)
+    config = checked_config(args.config, overrides, list(vars(args)))
     optimizer, mesh = make_optimizer(config), make_mesh(config)
     shardings, _ = state_layout(config, optimizer, mesh)
     like = eqx.filter_eval_shape(fresh_state, config, optimizer)

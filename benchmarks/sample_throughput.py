@@ -50,7 +50,7 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--num_samples", type=positive_int, default=8)
     parser.add_argument("--max_new_tokens", type=positive_int, default=500)
     args, overrides = parser.parse_known_args(argv)
-    config = checked_config(args.config, overrides)
+    config = checked_config(args.config, overrides, list(vars(args)))
     dtype = compute_dtype(config.compute_dtype)
     model = cast_floats(GPT(config.model, key=jax.random.key(0)), jnp.dtype(dtype))
     prompt_BxP = jnp.zeros((args.num_samples, 1), jnp.int32)

@@ -31,7 +31,7 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--chunks", type=positive_ints, help="comma-separated slice counts for the loss (default: training's)")
     parser.add_argument("--pieces", type=positive_int, help="pieces per micro-batch (default: training's)")
     args, overrides = parser.parse_known_args(argv)
-    config = checked_config(args.config, overrides)
+    config = checked_config(args.config, overrides, list(vars(args)))
     B, T = config.batch_size, config.model.block_size
     # The step cuts the batch's rows into pieces, and each piece's sequence into chunks, of equal sizes.
     if args.pieces and B % args.pieces:

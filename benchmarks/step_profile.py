@@ -93,7 +93,7 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--steps", type=positive_int, default=5, help="traced steps, after the compile and 2 warm-up steps")
     parser.add_argument("--top", type=positive_int, default=15, help="ops to list, the longest first")
     args, overrides = parser.parse_known_args(argv)
-    state, train_step, batches = setup(checked_config(args.config, overrides))
+    state, train_step, batches = setup(checked_config(args.config, overrides, list(vars(args))))
 
     # The compiled step itself, so that its HLO names the ops of the trace.
     compiled = train_step.lower(state, batches[0], batches[0]).compile()

@@ -23,9 +23,11 @@ from midgpt.sharding import batch_sharding, make_mesh
 from midgpt.train import init_state, make_train_step
 
 
-def checked_config(name: str, overrides: list[str]) -> Config:
-    """Config `name` with the overrides; a MidgptError, before anything compiles, if it cannot run."""
-    config = apply_overrides(load_config(name), overrides)
+def checked_config(name: str, overrides: list[str], options: list[str] = ()) -> Config:
+    """Config `name` with the overrides; a MidgptError, before anything compiles, if it cannot run.
+
+    options: the benchmark's own flags, suggested for a mistyped one."""
+    config = apply_overrides(load_config(name), overrides, options)
     check_config(config)
     return config
 
@@ -66,7 +68,7 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--config", required=True)
     parser.add_argument("--steps", type=positive_int, default=20, help="timed steps, after the compile and 2 warm-up steps")
     args, overrides = parser.parse_known_args(argv)
-    config = checked_config(args.config, overrides)
+    config = checked_config(args.config, overrides, list(vars(args)))
     state, train_step, batches = setup(config)
 
     # JAX reports how long it traces, lowers and compiles; their sum is the compile.

@@ -71,6 +71,20 @@ def test_unknown_field_error_names_the_field_and_close_matches(config):
         apply_overrides(config, ["--max_step=3"])
 
 
+def test_a_mistyped_flag_of_the_command_is_suggested_and_a_field_is_still_a_field(config):
+    options = ["rundir", "multihost", "steps"]
+    with pytest.raises(MidgptError) as info:
+        apply_overrides(config, ["--multi_host"], options)  # no "=": it was a malformed override
+    assert str(info.value) == "unknown argument --multi_host; did you mean --multihost?"
+    with pytest.raises(MidgptError) as info:
+        apply_overrides(config, ["--rundri=out"], options)
+    assert str(info.value) == "unknown argument --rundri; did you mean --rundir?"
+    with pytest.raises(MidgptError) as info:
+        apply_overrides(config, ["--max_step=3"], options)  # nearer a field than --steps
+    assert str(info.value) == "unknown config field 'max_step'; did you mean 'max_steps'?"
+    assert apply_overrides(config, ["--max_steps=3"], options).max_steps == 3
+
+
 def test_unknown_field_without_close_match_lists_known_fields(config):
     with pytest.raises(MidgptError) as info:
         apply_overrides(config, ["--zzzz=1"])

@@ -293,6 +293,10 @@ def assert_one_line_error(result, *fragments):
     (["--config=shakespeare_char_cpu", "--batch_size=many"], ["batch_size", "int"]),
     (["--config=shakespeare_char_cpu", "--model.n_head=3"], ["model.n_head"]),
     (["--config=shakespeare_char_cpu", "--warmup_steps=2000"], ["warmup_steps", "lr_decay_steps"]),
+    # launch.py's own flags, mistyped, came as a malformed override or an unknown field, and the 34 fields
+    (["--config=shakespeare_char_cpu", "--multi_host"], ["unknown argument --multi_host; did you mean --multihost?"]),
+    (["--config=shakespeare_char_cpu", "--debg"], ["unknown argument --debg; did you mean --debug?"]),
+    (["--config=shakespeare_char_cpu", "--process-id=0"], ["did you mean --process_id?"]),
     (["--config=shakespeare_char_cpu", "--data_dir=no/such/dir"], ["no/such/dir", "prepare.py"]),
     (["--config=shakespeare_char_cpu", "--compute_dtype=float16"], ["compute_dtype", "loss scaling"]),
     (["--config=shakespeare_char_cpu", "--seed=-1"], ["seed"]),

@@ -9,6 +9,7 @@ import os
 import pkgutil
 import shlex
 import typing
+from collections.abc import Sequence
 
 from midgpt.errors import MidgptError
 
@@ -83,10 +84,19 @@ def load_config(name: str) -> Config:
     return dataclasses.replace(importlib.import_module(f"midgpt.configs.{name}").config, name=name)
 
 
-def apply_overrides(config: Config, overrides: list[str]) -> Config:
-    """Return config with each `--dotted.field=VALUE` applied in order."""
+def apply_overrides(config: Config, overrides: list[str], options: Sequence[str] = ()) -> Config:
+    """Return config with each `--dotted.field=VALUE` applied in order.
+
+    options: the command's own flags (no "--"), which a mistyped one reaches here as an override: suggested too.
+    """
     types = {name: type_ for name, type_ in _leaf_types(type(config)).items() if name != "name"}  # nor suggested
     for arg in overrides:
+        flag = arg.partition("=")[0].removeprefix("--")
+        # --multi_host or --rundri=DIR would read as a malformed override, or an unknown field
+        nearest = _nearest(flag, [*types, *options]) if arg.startswith("--") and flag not in types else []
+        if set(nearest) & set(options):
+            shown = (f"--{c}" if c in options else repr(c) for c in nearest)
+            raise MidgptError(f"unknown argument --{flag}; did you mean {' or '.join(shown)}?")
         if not arg.startswith("--") or "=" not in arg:
             named = arg.startswith("--") and arg[2:3].strip()  # "--max_steps 100" came as "--max_steps"; not "--"
             example = f"{arg.split()[0]}=VALUE" if named else "--model.n_layer=2"
@@ -213,12 +223,17 @@ def _leaf_types(cls: type, prefix: str = "") -> dict[str, type]:
 
 
 def _did_you_mean(name: str, choices) -> str:
-    """"; did you mean 'x'?" naming the nearest choices by difflib ratio, else ""."""
+    """"; did you mean 'x'?" naming the nearest choices, else ""."""
+    close = _nearest(name, choices)
+    return f"; did you mean {' or '.join(map(repr, close))}?" if close else ""
+
+
+def _nearest(name: str, choices) -> list[str]:
+    """The choices nearest to name by difflib ratio, nearest first: at most 3, none if none is close."""
     ratio = {c: difflib.SequenceMatcher(None, name, c).ratio() for c in choices}
     best = max(ratio.values(), default=0.0)
     # Near-ties only: 'model.n_layers' should suggest model.n_layer, not every model.n_* field.
-    close = sorted((c for c in ratio if ratio[c] >= max(0.6, best - 0.1)), key=lambda c: -ratio[c])[:3]
-    return f"; did you mean {' or '.join(map(repr, close))}?" if close else ""
+    return sorted((c for c in ratio if ratio[c] >= max(0.6, best - 0.1)), key=lambda c: -ratio[c])[:3]
 
 
 def _parse(name: str, type_: type, text: str):
