@@ -10,6 +10,7 @@ CPU devices.
 import json
 import statistics
 import time
+from collections.abc import Sequence
 
 import jax
 import numpy as np
@@ -23,10 +24,11 @@ from midgpt.sharding import batch_sharding, make_mesh
 from midgpt.train import init_state, make_train_step
 
 
-def checked_config(name: str, overrides: list[str], options: list[str] = ()) -> Config:
+def checked_config(name: str, overrides: list[str], options: Sequence[str] = ()) -> Config:
     """Config `name` with the overrides; a MidgptError, before anything compiles, if it cannot run.
 
-    options: the benchmark's own flags, suggested for a mistyped one."""
+    options: the benchmark's own flags, which apply_overrides suggests for a mistyped one.
+    """
     config = apply_overrides(load_config(name), overrides, options)
     check_config(config)
     return config
