@@ -142,6 +142,9 @@ def test_sample_takes_the_newest_checkpoint_whose_save_finished(short_run, tmp_p
     args = ["--start=ROMEO:", "--max_new_tokens=20", "--seed=3"]
     result = run("sample.py", f"--rundir={rundir}", *args)
     assert result.returncode == 0 and result.stdout == run("sample.py", f"--rundir={short_run}", *args).stdout
+    # Asked for by its step, it was read as a damaged checkpoint; it is not one of the run's.
+    assert_one_line_error(run("sample.py", f"--rundir={rundir}", "--step=50"),
+                          f"{rundir} has no checkpoint whose save finished at step 50; it has [30, 40]")
 
 
 def test_sample_runs_from_any_directory_with_the_runs_own_tokenizer(short_run, tmp_path):
@@ -290,13 +293,13 @@ def assert_one_line_error(result, *fragments):
 @pytest.mark.parametrize("args, fragments", [
     (["--config=shakespeare_chars"], ["shakespeare_char"]),
     (["--config=shakespeare_char_cpu", "--max_stepz=3"], ["max_steps"]),
-    (["--config=shakespeare_char_cpu", "--batch_size=many"], ["batch_size", "int"]),
-    (["--config=shakespeare_char_cpu", "--model.n_head=3"], ["model.n_head"]),
-    (["--config=shakespeare_char_cpu", "--warmup_steps=2000"], ["warmup_steps", "lr_decay_steps"]),
     # launch.py's own flags, mistyped, came as a malformed override or an unknown field, and the 34 fields
     (["--config=shakespeare_char_cpu", "--multi_host"], ["unknown argument --multi_host; did you mean --multihost?"]),
     (["--config=shakespeare_char_cpu", "--debg"], ["unknown argument --debg; did you mean --debug?"]),
     (["--config=shakespeare_char_cpu", "--process-id=0"], ["did you mean --process_id?"]),
+    (["--config=shakespeare_char_cpu", "--batch_size=many"], ["batch_size", "int"]),
+    (["--config=shakespeare_char_cpu", "--model.n_head=3"], ["model.n_head"]),
+    (["--config=shakespeare_char_cpu", "--warmup_steps=2000"], ["warmup_steps", "lr_decay_steps"]),
     (["--config=shakespeare_char_cpu", "--data_dir=no/such/dir"], ["no/such/dir", "prepare.py"]),
     (["--config=shakespeare_char_cpu", "--compute_dtype=float16"], ["compute_dtype", "loss scaling"]),
     (["--config=shakespeare_char_cpu", "--seed=-1"], ["seed"]),
@@ -327,13 +330,6 @@ def test_a_default_run_directory_that_cannot_be_made_is_one_line(tmp_path):
                           "cannot make the run directory outputs/", "pass a --rundir")
 
 
-def test_a_split_shorter_than_one_window_is_one_line(shakespeare_data_dir, tmp_path):
-    # prepare.py's val split can be that short: a few documents of a small corpus.
-    data_dir = tmp_path / "data"
-    shutil.copytree(shakespeare_data_dir, data_dir)
-    (data_dir / "val.bin").write_bytes((data_dir / "val.bin").read_bytes()[:2 * 64])  # 64 tokens: block_size
-    meta = json.loads((data_dir / "meta.json").read_text())
-    (data_dir / "meta.json").write_text(json.dumps({**meta, "val_tokens": 64}))
 def test_a_launch_that_fails_after_making_its_default_run_directory_leaves_none(shakespeare_data_dir, tmp_path):
     result = run("launch.py", "--config=shakespeare_char_cpu", f"--data_dir={shakespeare_data_dir}",
                  "--model.vocab_size=10", cwd=tmp_path)
@@ -341,6 +337,13 @@ def test_a_launch_that_fails_after_making_its_default_run_directory_leaves_none(
     assert os.listdir(tmp_path / "outputs") == []
 
 
+def test_a_split_shorter_than_one_window_is_one_line(shakespeare_data_dir, tmp_path):
+    # prepare.py's val split can be that short: a few documents of a small corpus.
+    data_dir = tmp_path / "data"
+    shutil.copytree(shakespeare_data_dir, data_dir)
+    (data_dir / "val.bin").write_bytes((data_dir / "val.bin").read_bytes()[:2 * 64])  # 64 tokens: block_size
+    meta = json.loads((data_dir / "meta.json").read_text())
+    (data_dir / "meta.json").write_text(json.dumps({**meta, "val_tokens": 64}))
     result = run("launch.py", "--config=shakespeare_char_cpu", f"--rundir={tmp_path}/run", f"--data_dir={data_dir}")
     assert_one_line_error(result, "val.bin holds 64 tokens", "65")
     assert not (tmp_path / "run").exists()

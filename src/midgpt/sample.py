@@ -23,14 +23,16 @@ def load_model(rundir: str, step: int | None = None) -> tuple[Config, GPT]:
     if not os.path.isdir(checkpoint.directory(rundir)):
         raise MidgptError(f"{rundir} has no checkpoints yet (runs with --debug write none)")
     manager = checkpoint.make_manager(rundir, config)
-    steps = manager.all_steps()
-    if step is None:  # the newest whose save finished, as a resume would take it
-        step = checkpoint.newest_committed(rundir)
-        if step is None:
+    # Only those whose save finished, as a resume takes them: one still being written reads as damaged.
+    steps = sorted(s for s in manager.all_steps() if checkpoint.committed(rundir, s))
+    if step is None:
+        if not steps:
             raise MidgptError(f"{rundir} has no finished checkpoint yet: sample once its training has saved one "
                               f"(every {config.checkpoint_interval} steps, and at its end or stop)")
+        step = steps[-1]
     if step not in steps:
-        raise MidgptError(f"{rundir} has no checkpoint at step {step}; it has {sorted(steps) or 'none'}")
+        unfinished = " whose save finished" if step in manager.all_steps() else ""
+        raise MidgptError(f"{rundir} has no checkpoint{unfinished} at step {step}; it has {steps or 'none'}")
     like = eqx.filter_eval_shape(fresh_state, config, make_optimizer(config)).model
     one_device = jax.tree.map(lambda _: SingleDeviceSharding(jax.devices()[0]),
                               eqx.filter(like, sharding.is_abstract))
@@ -40,7 +42,7 @@ def load_model(rundir: str, step: int | None = None) -> tuple[Config, GPT]:
     except MidgptError:
         raise
     except Exception as e:  # orbax and tensorstore raise many types for damaged files
-        others = sorted(set(steps) - {step})
+        others = [s for s in steps if s != step]
         raise MidgptError(f"checkpoint {step} of {rundir} does not restore ({checkpoint.describe(e)}); "
                           + (f"try --step= another of {others}" if others
                              else "it is the run's only one: fix the cause, or train the run again")) from None
