@@ -223,7 +223,16 @@ def test_bad_input_is_one_line_naming_the_file_and_writes_nothing(tmp_path, case
     assert "Traceback" not in result.stderr and str(bad) in result.stderr
     if case.startswith("null"):
         assert "row 1101's 'text' is null" in result.stderr
-    assert not out_dir.exists() or not list(out_dir.iterdir())
+    assert not out_dir.exists()  # not even made empty
+
+
+def test_an_out_dir_that_is_a_file_is_one_line_and_left_alone(tmp_path):
+    corpus, out_file = write_corpus(tmp_path / "corpus.txt", DOCS[:20]), tmp_path / "out"
+    out_file.write_text("mine")
+    result = run_prepare("--input", corpus, "--out_dir", out_file)
+    assert result.returncode == 1 and result.stderr == (
+        f"prepare.py: cannot make --out_dir {out_file} (File exists); pass a directory you can write to\n")
+    assert out_file.read_text() == "mine"
 
 
 def test_a_dictionary_encoded_text_column_reads_as_strings(tmp_path):

@@ -11,6 +11,7 @@ documents. A document goes to val iff the first 8 bytes of sha256(its UTF-8 text
 never straddle train and val.
 """
 
+import contextlib
 import functools
 import hashlib
 import itertools
@@ -193,7 +194,11 @@ def stop_workers(pool) -> None:
 
 def prepare(documents, out_dir: Path, num_proc: int, val_fraction: float, source: dict) -> None:
     """Tokenize documents into out_dir's .tmp files, then rename them over the old ones, meta.json last."""
-    out_dir.mkdir(parents=True, exist_ok=True)
+    made = not out_dir.exists()  # removed again if this run fails, as it then holds nothing
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a file of that name, or a folder not ours to write
+        raise MidgptError(f"cannot make --out_dir {out_dir} ({e.strerror}); pass a directory you can write to") from None
     tmp = {name: out_dir / f"{name}.tmp" for name in ("train.bin", "val.bin", "meta.json")}
     tokens, docs, sha = dict.fromkeys(SPLITS, 0), dict.fromkeys(SPLITS, 0), {s: hashlib.sha256() for s in SPLITS}
     batches = iter(lambda: list(itertools.islice(documents, DOCS_PER_TASK)), [])
@@ -234,6 +239,9 @@ def prepare(documents, out_dir: Path, num_proc: int, val_fraction: float, source
         stop_workers(pool)
         for path in tmp.values():
             path.unlink(missing_ok=True)
+        if made:
+            with contextlib.suppress(OSError):  # not the error in flight
+                out_dir.rmdir()
         raise
     # Only now, when every new file is written, are the old replaced: a failed run leaves a complete dataset complete.
     (out_dir / "meta.json").unlink(missing_ok=True)  # a stale one would vouch for half-replaced files
