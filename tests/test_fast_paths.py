@@ -76,7 +76,7 @@ def test_dot_product_attention_matches_the_einsum_path(T):
     assert_same(loss_and_grads(dataclasses.replace(CONFIG, attention="xla"), batch), reference, rtol=1e-5, atol=1e-6)
 
 
-DROPOUT_CONFIG, DROPOUT_KEY = dataclasses.replace(CONFIG, dropout=0.1), 1  # remat must redraw the same masks
+DROPOUT_CONFIG, DROPOUT_KEY = dataclasses.replace(CONFIG, dropout=0.1), 1  # remat must keep (not redraw) its masks
 
 
 @functools.cache

@@ -45,10 +45,12 @@ def test_flops_per_token_matches_xla_count_of_forward_and_backward(block_size, n
 
 
 def test_flops_per_token_counts_causal_attention_over_the_keys_each_query_sees():
-    cfg = ModelConfig(vocab_size=5, block_size=3, n_layer=1, n_head=1, n_embd=2)
-    weights = 12 * 2 * 2 + 5 * 2  # q, k, v, out and the MLP (12 D^2 a layer), and the tied output layer
+    # Two layers of width 4 (not 1 and 2): a missing factor of n_layer, or D for D^2, would not pass unseen.
+    cfg = ModelConfig(vocab_size=5, block_size=3, n_layer=2, n_head=2, n_embd=4)
+    weights = 2 * 12 * 4 * 4 + 5 * 4  # q, k, v, out and the MLP (12 D^2 a layer), and the tied output layer
     keys = (1 + 2 + 3) / 3  # the 3 queries see 1, 2 and 3 keys
-    assert mfu.flops_per_token(cfg) == 6 * weights + 3 * 2 * (2 * 2) * keys  # q.k and prob.v, 2 D each, x3 with backward
+    # Per layer, q.k and prob.v are 2 D each per key, x3 with backward.
+    assert mfu.flops_per_token(cfg) == 6 * weights + 2 * 3 * 2 * (2 * 4) * keys
 
 
 @pytest.mark.parametrize("kind, dtype, peak", [

@@ -7,7 +7,7 @@ import numpy as np
 import optax
 
 from midgpt.config import Config, ModelConfig
-from midgpt.model import GPT, apply_rotary, cast_floats, count_params, rotary_tables
+from midgpt.model import GPT, apply_rotary, cast_floats, count_params, rotary_tables, softmax_attention
 from midgpt.optimizer import make_optimizer
 from midgpt.sharding import make_mesh
 from midgpt.train import init_state, loss_fn, make_train_step
@@ -185,6 +185,21 @@ def test_dropout_only_with_a_key():
     assert np.max(np.abs(a_BxTxV - no_key_BxTxV)) > 1e-2
     # dropout = 0: a key changes nothing.
     np.testing.assert_allclose(forward(plain, tokens_BxT, key=jax.random.key(1)), forward(plain, tokens_BxT), rtol=1e-6, atol=1e-6)
+
+
+def test_attention_dropout_zeroes_a_share_of_the_probabilities_and_scales_up_the_rest():
+    B, S, Hs = 2, 64, 2
+    q_BxSxHxS, k_BxSxHxS = jax.random.normal(jax.random.key(0), (2, B, S, Hs, S))
+    # Each value one-hot in its key position: the output is the (dropped) attention probabilities themselves.
+    v_BxSxHxS = jnp.broadcast_to(jnp.eye(S)[None, :, None, :], (B, S, Hs, S))
+    mask_SxS = jnp.tril(jnp.ones((S, S), bool))
+    prob_BxSxHxS = np.asarray(softmax_attention(q_BxSxHxS, k_BxSxHxS, v_BxSxHxS, mask_SxS, 0.25, None))
+    dropped_BxSxHxS = np.asarray(softmax_attention(q_BxSxHxS, k_BxSxHxS, v_BxSxHxS, mask_SxS, 0.25, jax.random.key(1)))
+    seen_BxSxHxS = np.broadcast_to(np.asarray(mask_SxS)[None, :, None, :], prob_BxSxHxS.shape)
+    zeroed = dropped_BxSxHxS[seen_BxSxHxS] == 0
+    assert abs(zeroed.mean() - 0.25) < 0.02  # of 8,320 probabilities: 4 standard deviations
+    np.testing.assert_allclose(dropped_BxSxHxS[seen_BxSxHxS][~zeroed], prob_BxSxHxS[seen_BxSxHxS][~zeroed] / 0.75,
+                               rtol=1e-5)
 
 
 def test_bfloat16_compute_returns_float32_logits_close_to_float32_model():
