@@ -9,7 +9,7 @@ import numpy as np
 from jax.sharding import SingleDeviceSharding
 
 from midgpt import checkpoint, data, sharding
-from midgpt.config import Config, check_config, read_config_json
+from midgpt.config import Config, check_config, read_config_json, saved_steps
 from midgpt.errors import MidgptError
 from midgpt.model import GPT, project
 from midgpt.optimizer import make_optimizer
@@ -17,25 +17,25 @@ from midgpt.train import fresh_state
 
 
 def load_model(rundir: str, step: int | None = None) -> tuple[Config, GPT]:
-    """The run's config and its parameters at step (default: the newest checkpoint), on one device."""
+    """The run's config and its parameters at step (default: the newest whose save finished), on one device."""
     config = read_config_json(rundir)
     check_config(config)  # a hand edit launch.py would refuse
     if not os.path.isdir(checkpoint.directory(rundir)):
         raise MidgptError(f"{rundir} has no checkpoints yet (runs with --debug write none)")
-    manager = checkpoint.make_manager(rundir, config)
     # Only those whose save finished, as a resume takes them: one still being written reads as damaged.
-    steps = sorted(s for s in manager.all_steps() if checkpoint.committed(rundir, s))
+    steps = sorted(s for s in saved_steps(rundir) if checkpoint.committed(rundir, s))
     if step is None:
         if not steps:
             raise MidgptError(f"{rundir} has no finished checkpoint yet: sample once its training has saved one "
                               f"(every {config.checkpoint_interval} steps, and at its end or stop)")
         step = steps[-1]
     if step not in steps:
-        unfinished = " whose save finished" if step in manager.all_steps() else ""
+        unfinished = " whose save finished" if step in saved_steps(rundir) else ""
         raise MidgptError(f"{rundir} has no checkpoint{unfinished} at step {step}; it has {steps or 'none'}")
     like = eqx.filter_eval_shape(fresh_state, config, make_optimizer(config)).model
     one_device = jax.tree.map(lambda _: SingleDeviceSharding(jax.devices()[0]),
                               eqx.filter(like, sharding.is_abstract))
+    manager = checkpoint.make_manager(rundir, config)  # after the checks: orbax warns of each unfinished save
     try:
         checkpoint.check_arrays(checkpoint.step_directory(rundir, step), like, part="model")  # another model is no damage
         model = checkpoint.restore_model(manager, step, like, one_device)
