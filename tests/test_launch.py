@@ -678,6 +678,10 @@ def test_sample_errors_are_one_line(short_run, shakespeare_data_dir, tmp_path):
         assert_one_line_error(run(script, f"--rundir={edited}", *args), f"cannot read {edited}/meta.json",
                               "the run's copy of its data's: if data_dir holds the data this run trained on",
                               f"put that back (cp {shakespeare_data_dir}/meta.json")
+    (edited / "meta.json").unlink()  # and the data moved: preparing it again would not give this run's tokenizer
+    (edited / "config.json").write_text(json.dumps({**config, "data_dir": str(tmp_path / "moved")}))
+    assert_one_line_error(run("sample.py", f"--rundir={edited}"), f"{edited} holds no meta.json (its tokenizer), nor "
+                          f"does its data_dir {tmp_path}/moved; copy the meta.json of the data it trained on to {edited}/")
 
 
 @pytest.mark.slow

@@ -53,7 +53,11 @@ def load_model(rundir: str, step: int | None = None) -> tuple[Config, GPT]:
 
 def run_meta(rundir: str, config: Config) -> dict:
     """The tokenizer the run trained with: its copy of the data's meta.json (older runs: the data's own)."""
-    return data.load_run_meta(rundir, config.data_dir) or data.load_meta(config.data_dir)
+    meta = data.load_run_meta(rundir, config.data_dir)
+    if meta is None and not os.path.exists(os.path.join(config.data_dir, "meta.json")):  # preparing data is no fix
+        raise MidgptError(f"{rundir} holds no meta.json (its tokenizer), nor does its data_dir {config.data_dir}; "
+                          f"copy the meta.json of the data it trained on to {rundir}/")
+    return meta or data.load_meta(config.data_dir)
 
 
 def sample_token(logits_BxV, key, temperature: float, top_k: int | None, vocab: int | None = None):
