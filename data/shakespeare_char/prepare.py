@@ -63,7 +63,8 @@ def main() -> None:
     n_train = int(0.9 * len(ids))
     splits = {"train": ids[:n_train], "val": ids[n_train:]}
     if n_train == 0:  # training needs both splits, and data.py cannot memory-map an empty one
-        sys.exit(f"prepare.py: {input_path} holds {len(ids)} character{'' if len(ids) == 1 else 's'}, too few for a train and a val split")
+        sys.exit(f"prepare.py: {input_path} holds {len(ids)} character{'' if len(ids) == 1 else 's'}, "
+                 "too few for a train and a val split")
 
     meta = {
         "tokenizer": "char",
