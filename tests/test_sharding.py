@@ -47,8 +47,9 @@ def on_devices(n: int, code: str, **env) -> dict:
     # This tree's src/ first: an installed midgpt (another checkout's) must not answer for it.
     path = os.pathsep.join([str(REPO_ROOT / "src"), str(REPO_ROOT / "tests"), os.environ.get("PYTHONPATH", "")])
     # Compiled as the tests' own programs are (conftest): without LLVM's optimisations, in half the time.
+    # Uncached too, as the tests' own: a program read from a cache has no memory analysis or HLO dump of its compile.
     env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={n}", "PYTHONPATH": path,
-           "JAX_DISABLE_MOST_OPTIMIZATIONS": "1", **env}
+           "JAX_DISABLE_MOST_OPTIMIZATIONS": "1", "JAX_ENABLE_COMPILATION_CACHE": "false", **env}
     result = subprocess.run([sys.executable, "-c", source], capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout.strip().splitlines()[-1])
@@ -60,11 +61,17 @@ def batch():
 
 
 def one_step_params(config, chunks=None):
+    """(loss and gradient norm, the updated parameters, the step's layout: mesh, batch rows and embedding rows a device)."""
     optimizer, mesh = make_optimizer(config), make_mesh(config)
-    state, metrics = make_train_step(config, optimizer, mesh, chunks=chunks)(init_state(config, optimizer, mesh), *batch())
+    state = init_state(config, optimizer, mesh)
+    step = make_train_step(config, optimizer, mesh, chunks=chunks).lower(state, *batch()).compile()
+    (state_sharding, x_sharding, _), _ = step.input_shardings
+    layout = {"mesh": dict(mesh.shape), "batch_rows": x_sharding.shard_shape(batch()[0].shape)[1],
+              "embed_rows": state_sharding.model.embed_VxD.shard_shape(state.model.embed_VxD.shape)[0]}
+    state, metrics = step(state, *batch())
     # The gradient's norm as well: Adam's first update is about sign(g), blind to a gradient off by a factor.
     return ([float(metrics["loss"]), float(metrics["grad_norm"])],
-            [np.asarray(x) for x in jax.tree.leaves(eqx.filter(state.model, eqx.is_array))])
+            [np.asarray(x) for x in jax.tree.leaves(eqx.filter(state.model, eqx.is_array))], layout)
 
 
 MESHES = [((1, 8), None), ((2, 4), None), ((8, 1), None), ((1, 8), 4)]  # (shape, loss slices)
@@ -74,17 +81,23 @@ def test_one_step_on_every_mesh_matches_one_device(tmp_path):
     out = on_devices(8, f"""
         from test_sharding import MESHES, one_step_params
         from midgpt import mfu
-        out = {{}}
+        out, layouts = {{}}, {{}}
         for shape, chunks in MESHES:
-            loss_and_norm, leaves = one_step_params(dataclasses.replace(CONFIG, mesh_shape=shape), chunks)
+            loss_and_norm, leaves, layout = one_step_params(dataclasses.replace(CONFIG, mesh_shape=shape), chunks)
             key = f"{{shape}}/{{chunks}}"
             out.update({{f"{{key}}/loss_and_norm": loss_and_norm}}, **{{f"{{key}}/{{i}}": x for i, x in enumerate(leaves)}})
+            layouts[key] = layout
         np.savez("{tmp_path}/meshes.npz", **out)
-        print(json.dumps({{"mfu": mfu.utilisation(CONFIG.model, 1000.0, 1e12)}}))
+        print(json.dumps({{"mfu": mfu.utilisation(CONFIG.model, 1000.0, 1e12), "layouts": layouts}}))
     """)
     # MFU divides by the peak of all 8 devices, not of one.
     assert out["mfu"] == pytest.approx(mfu.flops_per_token(CONFIG.model) * 1000.0 / (8 * 1e12), rel=1e-12)
-    loss_and_norm, leaves = one_step_params(CONFIG)
+    for (replica, fsdp), chunks in MESHES:
+        # The mesh asked for; the batch split over both axes (8 rows, one a device: replicas are data
+        # parallel, not copies of one another's work); the parameters over fsdp alone.
+        assert out["layouts"][f"{(replica, fsdp)}/{chunks}"] == {
+            "mesh": {"replica": replica, "fsdp": fsdp}, "batch_rows": 1, "embed_rows": CONFIG.model.vocab_size // fsdp}
+    loss_and_norm, leaves, _ = one_step_params(CONFIG)
     meshes = np.load(tmp_path / "meshes.npz")
     for shape, chunks in MESHES:
         key = f"{shape}/{chunks}"
@@ -162,9 +175,12 @@ def test_fsdp_moves_weights_between_devices_never_activations():
         ops = r"= (\\S.*?) (?:all-gather|all-reduce|reduce-scatter|all-to-all|collective-permute)(?:-start)?\\("
         sizes = lambda hlo: [sum(math.prod(int(d) for d in dims.split(",") if d) for dims in re.findall(r"\\[([\\d,]*)\\]", shape))
                              for shape in re.findall(ops, hlo)]
-        print(json.dumps({"params": count_params(state.model), "step": sizes(step), "eval": sizes(evaluation)}))
+        print(json.dumps({"params": count_params(state.model), "step": sizes(step), "eval": sizes(evaluation),
+                          "step_shapes": re.findall(ops, step)}))
     """)
     assert out["step"] and max(out["step"]) <= out["params"], out
+    # The tokens (64 x 128, fewer than the parameters) stay split too: a device given the whole batch gathers them.
+    assert not [shape for shape in out["step_shapes"] if "s32[" in shape or "u32[" in shape], out["step_shapes"]
     assert max(out["eval"], default=0) <= out["params"], out
 
 
