@@ -1,5 +1,6 @@
 """Shared fixtures: a Tiny Shakespeare text file and a directory prepared from it."""
 
+import http.client
 import os
 import random
 import shutil
@@ -88,7 +89,7 @@ def shakespeare_text(tmp_path_factory) -> str:
         with urllib.request.urlopen(URL, timeout=10) as response:
             path.write_bytes(response.read())
         return str(path)
-    except OSError:
+    except (OSError, http.client.HTTPException):  # a cut connection is IncompleteRead, not an OSError
         pass
     # Synthetic text keeps every data invariant testable offline; only realism is lost.
     warnings.warn("Tiny Shakespeare not found or downloadable; tests use synthetic text "
