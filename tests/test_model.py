@@ -7,7 +7,8 @@ import numpy as np
 import optax
 
 from midgpt.config import Config, ModelConfig
-from midgpt.model import GPT, apply_rotary, cast_floats, count_params, rotary_tables, softmax_attention
+from midgpt.model import (GPT, LayerNorm, apply_rotary, cast_floats, count_params, dropout, rotary_tables,
+                          softmax_attention)
 from midgpt.optimizer import make_optimizer
 from midgpt.sharding import make_mesh
 from midgpt.train import init_state, loss_fn, make_train_step
@@ -28,16 +29,16 @@ def random_tokens(seed: int, B: int = 3):
     return np.random.default_rng(seed).integers(0, V, (B, T), dtype=np.int32)
 
 
-def logits_from_pieces(model: GPT, tokens_BxT, embed_in_VxD, embed_out_VxD):
+def logits_from_pieces(model: GPT, tokens_BxT, embed_in_VxD, embed_out_VxD, embed_key=None, layer_keys=None):
     """The model's forward written out by hand from its own pieces: the L blocks in
     a Python loop (no scan, no checkpoint), and separate input and output embeddings."""
-    x_BxTxD = jnp.take(embed_in_VxD, tokens_BxT, axis=0)
+    x_BxTxD = dropout(jnp.take(embed_in_VxD, tokens_BxT, axis=0), model.config.dropout, embed_key)
     sin_TxC, cos_TxC = rotary_tables(jnp.arange(tokens_BxT.shape[1]), C, model.config.rope_base)
     block_params, block_static = eqx.partition(model.blocks, eqx.is_array)
     causal_TxT = jnp.tril(jnp.ones((tokens_BxT.shape[1],) * 2, dtype=bool))
     for i in range(model.config.n_layer):
         block = eqx.combine(jax.tree.map(lambda x: x[i], block_params), block_static)
-        x_BxTxD = block(x_BxTxD, sin_TxC, cos_TxC, causal_TxT, key=None)
+        x_BxTxD = block(x_BxTxD, sin_TxC, cos_TxC, causal_TxT, key=None if layer_keys is None else layer_keys[i])
     x_BxTxD = model.final_norm(x_BxTxD)
     return jnp.einsum("btd,vd->btv", x_BxTxD, embed_out_VxD, preferred_element_type=jnp.float32)
 
@@ -200,6 +201,26 @@ def test_attention_dropout_zeroes_a_share_of_the_probabilities_and_scales_up_the
     assert abs(zeroed.mean() - 0.25) < 0.02  # of 8,320 probabilities: 4 standard deviations
     np.testing.assert_allclose(dropped_BxSxHxS[seen_BxSxHxS][~zeroed], prob_BxSxHxS[seen_BxSxHxS][~zeroed] / 0.75,
                                rtol=1e-5)
+
+
+def test_with_dropout_the_scan_is_still_the_loop_and_each_layer_draws_its_own_masks():
+    model, tokens_BxT, key = make_model(dropout=0.3), random_tokens(4), jax.random.key(7)
+    # The model's keys: one for the embedding's dropout, and one a layer from the blocks' split.
+    embed_key, blocks_key = jax.random.split(key)
+    layer_keys = jax.random.split(blocks_key, L)
+    pieces = eqx.filter_jit(logits_from_pieces)
+    expected_BxTxV = pieces(model, tokens_BxT, model.embed_VxD, model.embed_VxD, embed_key, layer_keys)
+    np.testing.assert_allclose(forward(model, tokens_BxT, key), expected_BxTxV, rtol=1e-5, atol=1e-5)
+    # Not vacuous: one key for every layer (each dropping the same units) gives other logits.
+    same_BxTxV = pieces(model, tokens_BxT, model.embed_VxD, model.embed_VxD, embed_key, [layer_keys[0]] * L)
+    assert np.max(np.abs(same_BxTxV - expected_BxTxV)) > 1e-2
+
+
+def test_qk_layernorm_centres_then_normalises():
+    x_4xC = jax.random.normal(jax.random.key(0), (4, C)) + 3.0  # far from centred
+    y_4xC = np.asarray(LayerNorm(C)(x_4xC))
+    np.testing.assert_allclose(y_4xC.mean(axis=-1), 0, atol=1e-5)
+    np.testing.assert_allclose(np.sqrt(np.mean(y_4xC**2, axis=-1)), 1, rtol=1e-4)
 
 
 def test_bfloat16_compute_returns_float32_logits_close_to_float32_model():
