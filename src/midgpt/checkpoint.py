@@ -40,9 +40,14 @@ def committed(rundir: str, step: int) -> bool:
     return os.path.exists(os.path.join(step_directory(rundir, step), COMMIT_MARKER))
 
 
+def committed_steps(rundir: str) -> list[int]:
+    """The steps whose save finished, oldest first."""
+    return sorted(step for step in saved_steps(rundir) if committed(rundir, step))
+
+
 def newest_committed(rundir: str) -> int | None:
     """The newest step whose save finished, or None."""
-    return max((step for step in saved_steps(rundir) if committed(rundir, step)), default=None)
+    return max(committed_steps(rundir), default=None)
 
 
 def make_manager(rundir: str, config: Config) -> ocp.CheckpointManager:

@@ -23,7 +23,7 @@ def load_model(rundir: str, step: int | None = None) -> tuple[Config, GPT]:
     if not os.path.isdir(checkpoint.directory(rundir)):
         raise MidgptError(f"{rundir} has no checkpoints yet (runs with --debug write none)")
     # Only those whose save finished, as a resume takes them: one still being written reads as damaged.
-    steps = sorted(s for s in saved_steps(rundir) if checkpoint.committed(rundir, s))
+    steps = checkpoint.committed_steps(rundir)
     if step is None:
         if not steps:
             raise MidgptError(f"{rundir} has no finished checkpoint yet: sample once its training has saved one "
