@@ -391,6 +391,13 @@ np.savez("{dump}", *[np.asarray(x) for x in jax.tree.leaves(state.model) if hasa
     assert code == 1 and output.strip().splitlines()[-1] == (
         "error: this run's batch_size=16 does not split over the 3 devices of the mesh; "
         "resume it on a device count that divides 16 (1, 2, 4, 8 or 16)"), output
+    # A fixed mesh_shape entry rules out the counts it does not divide, or all of them.
+    for shape, advice in [("2,-1", "and that mesh_shape=2,-1 fits (2, 4, 8 or 16), or pass another --mesh_shape"),
+                          ("2,3", "(1, 2, 4, 8 or 16) with another --mesh_shape, e.g. --mesh_shape=1,-1")]:
+        code, output = finish(launch(rundir, shakespeare_data_dir, "--max_steps=40", f"--mesh_shape={shape}", devices=6))
+        assert code == 1 and output.strip().splitlines()[-1] == (
+            "error: this run's batch_size=16 does not split over the 6 devices of the mesh; "
+            f"resume it on a device count that divides 16 {advice}"), output
     assert (sorted(os.listdir(rundir)), os.path.getsize(rundir / "metrics.jsonl")) == before
 
 

@@ -11,6 +11,7 @@ import contextlib
 import functools
 import hashlib
 import json
+import math
 import os
 
 import jax
@@ -31,27 +32,39 @@ def make_mesh(config: Config, resuming: bool = False) -> Mesh:
     Also checks that every device gets a whole number of each batch's rows.
     """
     n = jax.device_count()
-    replica, fsdp = config.mesh_shape
-    if replica == -1 and n % fsdp == 0:
-        replica = n // fsdp
-    elif fsdp == -1 and n % replica == 0:
-        fsdp = n // replica
-    if replica * fsdp != n:
+    if not _fits(config.mesh_shape, n):
         raise MidgptError(
             f"mesh_shape={','.join(map(str, config.mesh_shape))} does not fit the {n} devices; "
             f"use sizes whose product is {n}, e.g. --mesh_shape=1,-1"
         )
+    fixed = math.prod(size for size in config.mesh_shape if size != -1)
+    replica, fsdp = (n // fixed if size == -1 else size for size in config.mesh_shape)
     if (B := config.batch_size) % n:
         if resuming:  # a resumed run keeps its batch, so the devices must change instead
-            *smaller, largest = [str(d) for d in range(1, B + 1) if B % d == 0]
-            counts = f"{', '.join(smaller)} or {largest}" if smaller else largest
+            divisors = [d for d in range(1, B + 1) if B % d == 0]
+            fitting = [d for d in divisors if _fits(config.mesh_shape, d)]
+            shape = ",".join(map(str, config.mesh_shape))
+            where = (f"({_either(fitting)})" if fitting == divisors else
+                     f"and that mesh_shape={shape} fits ({_either(fitting)}), or pass another --mesh_shape" if fitting
+                     else f"({_either(divisors)}) with another --mesh_shape, e.g. --mesh_shape=1,-1")
             raise MidgptError(f"this run's batch_size={B} does not split over the {n} devices of the mesh; "
-                              f"resume it on a device count that divides {B} ({counts})")
+                              f"resume it on a device count that divides {B} {where}")
         near = " or ".join(f"--batch_size={b}" for b in (B // n * n, B // n * n + n) if b)
         raise MidgptError(f"batch_size={B} does not split over the {n} devices of the mesh; use a multiple of {n} "
                           f"({near}; g_accum_iters can keep the global batch near {B * config.g_accum_iters} rows)")
     # Auto axes: XLA propagates shardings from the declared inputs and outputs.
     return jax.make_mesh((replica, fsdp), DATA_AXES, axis_types=(AxisType.Auto,) * 2)
+
+
+def _fits(mesh_shape: tuple[int, int], n: int) -> bool:
+    """Whether a mesh of this shape (one size may be -1, the rest) holds exactly n devices."""
+    fixed = math.prod(size for size in mesh_shape if size != -1)
+    return n % fixed == 0 if -1 in mesh_shape else n == fixed
+
+
+def _either(counts: list[int]) -> str:
+    *rest, last = map(str, counts)
+    return f"{', '.join(rest)} or {last}" if rest else last
 
 
 def is_abstract(x) -> bool:
