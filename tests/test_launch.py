@@ -19,6 +19,8 @@ from conftest import REPO_ROOT, small_files
 from test_optimizer import closed_form_lr
 from midgpt import checkpoint
 from midgpt.config import config_names, config_to_dict, load_config, read_config_json
+from midgpt.errors import MidgptError
+from midgpt.files import writing_to
 
 TINY = ["--model.n_layer=2", "--model.n_embd=64", "--model.n_head=2", "--batch_size=8",
         "--eval_iters=2", "--log_interval=5", "--warmup_steps=10"]
@@ -377,12 +379,21 @@ def test_a_log_write_that_fails_is_one_line_and_the_run_resumes(short_run, shake
     result = subprocess.run([*small_files(64), sys.executable, *args, "--max_steps=2000"], cwd=REPO_ROOT,
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 1 and result.stderr.strip().splitlines()[-1] == (
-        f"error: cannot write to {rundir} ([Errno 27] File too large); free space and run the same command to "
-        "resume from checkpoint 40"), result.stderr
+        f"error: cannot write to {rundir} ([Errno 27] File too large); raise the file size limit (ulimit -f) "
+        "and run the same command to resume from checkpoint 40"), result.stderr
     assert "Traceback" not in result.stderr and "Exception" not in result.stderr, result.stderr
     resumed = run(*args, "--max_steps=50")  # space freed: the torn records are dropped, the curves go on
     assert resumed.returncode == 0, resumed.stderr
     assert [r["step"] for r in read_metrics(rundir)][-11:] == list(range(40, 51))
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="no /dev/full, Linux's device that is always full")
+def test_a_full_disk_is_told_to_free_space():
+    # The tests above play a full disk with a file size limit (EFBIG); /dev/full fails a write as a full disk does.
+    with pytest.raises(MidgptError) as error, writing_to("run"), open("/dev/full", "w") as f:
+        f.write("x")
+    assert str(error.value) == ("cannot write to run ([Errno 28] No space left on device); "
+                                "free space, or pass a --rundir you can write to")
 
 
 def fill_the_disk_after_checkpoint_200(data_dir, rundir, limit, *args) -> str:

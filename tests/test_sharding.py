@@ -321,8 +321,9 @@ def test_a_signalled_process_stops_both_at_the_next_log_step_with_a_checkpoint(s
 
 
 @pytest.mark.parametrize("limit_kib, fix", [
-    (0, "free space, or pass a --rundir you can write to"),  # its config.json, at the start
-    (4, "free space and run the same command to start again (no checkpoint yet)"),  # a log step's records
+    # At the start, its config.json; then a log step's records.
+    (0, "raise the file size limit (ulimit -f), or pass a --rundir you can write to"),
+    (4, "raise the file size limit (ulimit -f) and run the same command to start again (no checkpoint yet)"),
 ])
 def test_a_write_that_fails_on_process_0_stops_both_in_one_line(limit_kib, fix, shakespeare_data_dir, tmp_path):
     # The disk fills, played by a file size limit on process 0, which alone writes the run's files;

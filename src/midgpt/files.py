@@ -30,7 +30,8 @@ def writing_to(rundir: str, then: str | None = None):
     try:
         yield
     except OSError as e:
-        cause = "free space" if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) else "fix that"
+        cause = {errno.ENOSPC: "free space", errno.EDQUOT: "free space",
+                 errno.EFBIG: "raise the file size limit (ulimit -f)"}.get(e.errno, "fix that")
         raise MidgptError(f"cannot write to {rundir} ({e}); "
                           + (f"{cause} and {then}" if then else f"{cause}, or pass a --rundir you can write to")) from None
 
