@@ -72,6 +72,10 @@ def main(argv: list[str]) -> None:
     args, overrides = parser.parse_known_args(argv)
     config = checked_config(args.config, overrides, list(vars(args)))
     state, train_step, batches = setup(config)
+    # The peak before the steps and after: a host slowed while one was measured would lower the
+    # peak and so raise the MFU (a 2x dip was seen on a shared CPU host); the higher is kept.
+    dtype = precision.compute_dtype(config.compute_dtype)
+    peak, source = mfu.device_peak(dtype)
 
     # JAX reports how long it traces, lowers and compiles; their sum is the compile.
     compile_s = []
@@ -86,8 +90,7 @@ def main(argv: list[str]) -> None:
     state, times = time_steps(train_step, state, batches, 2 + args.steps)
     step_s = statistics.median(times[2:])
 
-    dtype = precision.compute_dtype(config.compute_dtype)
-    peak, source = mfu.device_peak(dtype)
+    peak = max(peak, mfu.device_peak(dtype)[0])
     tokens_per_step = batches[0].size
     tokens_per_sec = tokens_per_step / step_s
     print(json.dumps({
