@@ -135,7 +135,9 @@ def launch(argv: list[str], signals: StopSignals) -> None:
     from midgpt.train import train
 
     try:
-        train(config, rundir, debug=args.debug, resume=resume, notes=notes, signals=signals)
+        # Without --rundir, the same command would start another run: the line that says how to resume names it.
+        resume_with = "the same command" + ("" if args.rundir else f" with --rundir={rundir}")
+        train(config, rundir, debug=args.debug, resume=resume, notes=notes, signals=signals, resume_with=resume_with)
     except BaseException:
         if not args.rundir and holds_nothing(rundir):  # a check of the data or the devices failed: no run to keep
             shutil.rmtree(rundir, ignore_errors=True)

@@ -169,15 +169,22 @@ def test_a_stop_signal_saves_and_exits_0_when_nobody_reads_the_output(shakespear
 
 def test_a_stop_signal_before_the_first_step_is_heard_too(shakespeare_data_dir, tmp_path):
     # Alone, it used to kill the run; under jax.distributed, JAX's own handler noted it and training went on.
-    rundir = tmp_path / "run"
-    proc = launch(rundir, shakespeare_data_dir, "--max_steps=100000")
+    # Without --rundir (a run in outputs/<timestamp>), "run the same command" would have started another run.
+    command = [sys.executable, str(REPO_ROOT / "launch.py"), *ARGS, f"--data_dir={shakespeare_data_dir}"]
+    proc = subprocess.Popen([*command, "--max_steps=100000"], cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
     for line in proc.stdout:
         if line.startswith("config:"):  # training has begun: the data check, then the memory plan and compile
             break
     proc.send_signal(signal.SIGTERM)
     code, output = finish(proc, timeout=120)
-    assert code == 0 and "stopped after step 1 (SIGTERM)" in output, output
-    assert os.listdir(rundir / "checkpoints") == ["1"]
+    [rundir] = os.listdir(tmp_path / "outputs")
+    assert code == 0 and (f"stopped after step 1 (SIGTERM); run the same command with --rundir=outputs/{rundir} "
+                          "to resume from checkpoint 1") in output, output
+    assert os.listdir(tmp_path / "outputs" / rundir / "checkpoints") == ["1"]
+    code, output = finish(subprocess.Popen([*command, "--max_steps=2", f"--rundir=outputs/{rundir}"], cwd=tmp_path,
+                                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    assert code == 0 and "resuming from checkpoint 1" in output, output
 
 
 # launch.py, signalled just as it imports JAX (the second of its start when a Ctrl-C is likeliest).

@@ -100,24 +100,28 @@ def check_fingerprints(manager: ocp.CheckpointManager, step: int, tree) -> None:
                          "those saved: its files were changed")
 
 
-def save(manager: ocp.CheckpointManager, step: int, state, config: Config) -> None:
+# What a failed save's line tells the user to run; launch.py names the run directory if the command did not.
+SAME_COMMAND = "the same command"
+
+
+def save(manager: ocp.CheckpointManager, step: int, state, config: Config, resume_with: str = SAME_COMMAND) -> None:
     """Start an asynchronous save: the arrays are copied off the devices, then written in the background."""
     arrays = eqx.filter(state, eqx.is_array)
     args = ocp.args.Composite(state=ocp.args.StandardSave(arrays), config=ocp.args.JsonSave(config_to_dict(config)),
                               fingerprints=ocp.args.JsonSave(fingerprint_dict(arrays)))
-    with failed_saves_in_one_line(manager):
+    with failed_saves_in_one_line(manager, resume_with):
         manager.save(step, args=args, force=True)
 
 
-def wait(manager: ocp.CheckpointManager) -> None:
+def wait(manager: ocp.CheckpointManager, resume_with: str = SAME_COMMAND) -> None:
     """Block until every save started has finished."""
-    with failed_saves_in_one_line(manager):
+    with failed_saves_in_one_line(manager, resume_with):
         manager.wait_until_finished()
 
 
-def close(manager: ocp.CheckpointManager) -> None:
+def close(manager: ocp.CheckpointManager, resume_with: str = SAME_COMMAND) -> None:
     """Let every save started finish, then release the manager's threads."""
-    with failed_saves_in_one_line(manager):  # a failed save can be raised again here, after wait passed
+    with failed_saves_in_one_line(manager, resume_with):  # a failed save can be raised again here, after wait passed
         manager.close()
 
 
@@ -126,8 +130,11 @@ class SaveFailed(MidgptError):
 
 
 @contextlib.contextmanager
-def failed_saves_in_one_line(manager: ocp.CheckpointManager):
-    """A save that failed in the background (a full disk) as one line naming the newest intact checkpoint."""
+def failed_saves_in_one_line(manager: ocp.CheckpointManager, resume_with: str):
+    """A save that failed in the background (a full disk) as one line naming the newest intact checkpoint.
+
+    resume_with: the command that resumes the run.
+    """
     try:
         yield  # orbax raises a background failure at the next save or wait
     except Exception as e:
@@ -135,7 +142,7 @@ def failed_saves_in_one_line(manager: ocp.CheckpointManager):
         # tensorstore appends the OS error's number: "No space left on device" says more than its first words.
         code = re.search(r"os_error_code='?(\d+)", str(e))
         raise SaveFailed(f"a checkpoint save failed ({os.strerror(int(code[1])) if code else describe(e)}); " + (
-            f"checkpoint {intact} is intact: fix the cause and run the same command to resume from it"
+            f"checkpoint {intact} is intact: fix the cause and run {resume_with} to resume from it"
             if intact is not None else "no checkpoint was finished: fix the cause and run again")) from None
 
 

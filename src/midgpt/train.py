@@ -195,12 +195,12 @@ def write_config(config: Config, rundir: str):
         write_atomically(os.path.join(rundir, "meta.json"), Path(config.data_dir, "meta.json").read_bytes())
 
 
-def check_finite(metrics: dict, step: int, last_checkpoint: int | None):
+def check_finite(metrics: dict, step: int, last_checkpoint: int | None, resume_with: str = checkpoint.SAME_COMMAND):
     for name in ("loss", "grad_norm", "param_norm"):  # param_norm: of the updated parameters, which a checkpoint saves
         value = float(metrics[name])
         if not math.isfinite(value):
-            kept = (f"checkpoint {last_checkpoint} is untouched: lower --learning_rate and run the same "
-                    "command to resume from it" if last_checkpoint else "no checkpoint was written: run the same command "
+            kept = (f"checkpoint {last_checkpoint} is untouched: lower --learning_rate and run {resume_with} "
+                    "to resume from it" if last_checkpoint else "no checkpoint was written: run the same command "
                     "with a lower --learning_rate to start again")
             raise MidgptError(f"{name} is {value} at step {step}: training diverged; {kept}")
 
@@ -221,22 +221,23 @@ def plan_memory(config: Config, mesh: Mesh, like: TrainState, shardings, say) ->
 
 
 def train(config: Config, rundir: str, debug: bool = False, resume: bool = False, notes: Sequence[str] = (),
-          signals: cli.StopSignals | None = None) -> GPT:
+          signals: cli.StopSignals | None = None, resume_with: str = checkpoint.SAME_COMMAND) -> GPT:
     """Train into rundir (config.json, metrics.jsonl, TensorBoard events, checkpoints/), resuming if asked.
 
     Every process runs this loop (JAX's multi-controller model); only process 0 writes files and prints,
     first the notes (launch.py's word on a resume), once no other launch holds the run. A stop signal
     (`signals`, launch.py's since it began, else heard from here on) stops it after the step it comes in.
+    resume_with: the command that resumes the run, for the lines that say so.
     """
     with contextlib.ExitStack() as held:  # held: the run directory's lock, and signals if they are ours
         # Heard from the start, not only in the loop: after jax.distributed.initialize, JAX's own
         # SIGTERM handler would take a signal during the restore or the compile and only note it.
         signals = signals or held.enter_context(cli.StopSignals())
-        return _train(config, rundir, debug, resume, notes, signals, held)
+        return _train(config, rundir, debug, resume, notes, signals, held, resume_with)
 
 
 def _train(config: Config, rundir: str, debug: bool, resume: bool, notes: Sequence[str], signals: cli.StopSignals,
-           held: contextlib.ExitStack) -> GPT:
+           held: contextlib.ExitStack, resume_with: str) -> GPT:
     # Read before the processes first meet, so before process 0 can have made it: all agree.
     existed = os.path.isdir(rundir)
     compute_dtype = precision.compute_dtype(config.compute_dtype)  # "auto" by this host's CPU, so it is compared
@@ -290,8 +291,8 @@ def _train(config: Config, rundir: str, debug: bool, resume: bool, notes: Sequen
             say(f"max_steps={config.max_steps} is reached: nothing to train (a larger --max_steps goes on)")
     last_checkpoint = start or None
     # Mid-run, the fix for a full disk is to resume, not to start over elsewhere.
-    resume_fix = lambda: "run the same command to " + (
-        f"resume from checkpoint {last_checkpoint}" if last_checkpoint else "start again (no checkpoint yet)")
+    resume_fix = lambda: (f"run {resume_with} to resume from checkpoint {last_checkpoint}" if last_checkpoint
+                          else f"run {checkpoint.SAME_COMMAND} to start again (no checkpoint yet)")
     # After the restore, which may refuse the run directory. A full disk, a hand-edited metrics.jsonl:
     # process 0's alone, and every process stops on it.
     with sharding.failing_together(), writing_to(rundir, resume_fix()) if last_checkpoint else writing_to(rundir):
@@ -349,7 +350,7 @@ def _train(config: Config, rundir: str, debug: bool, resume: bool, notes: Sequen
             is_eval = step % config.eval_interval == 0 or step == config.max_steps
             is_log = is_eval or step % config.log_interval == 0
             if is_log:
-                check_finite(metrics, step, last_checkpoint)
+                check_finite(metrics, step, last_checkpoint, resume_with)
                 record = {"step": step, **{k: float(v) for k, v in metrics.items()}}
                 elapsed = time.perf_counter() - interval_start
                 if interval_steps and step not in profile_steps:  # none after the compile step, or traced
@@ -376,16 +377,16 @@ def _train(config: Config, rundir: str, debug: bool, resume: bool, notes: Sequen
             if jax.process_count() > 1:  # all stop at the same step; agreeing costs a sync, so only at log steps
                 stop = is_log and bool(multihost_utils.process_allgather(np.int32(stop)).any())
             if manager and (step % config.checkpoint_interval == 0 or step == config.max_steps or stop):
-                check_finite(metrics, step, last_checkpoint)  # never save a diverged state; waits for the step
+                check_finite(metrics, step, last_checkpoint, resume_with)  # never save a diverged state
                 saving = time.perf_counter()
-                checkpoint.save(manager, step, state, config)
+                checkpoint.save(manager, step, state, config, resume_with)
                 interval_start += time.perf_counter() - saving  # the save's copy to host is no step's time
                 last_checkpoint = step
             if stop:
                 if manager:
-                    checkpoint.wait(manager)
+                    checkpoint.wait(manager, resume_with)
                 say(f"stopped after step {step} ({signals.received or 'another process was signalled'}); " + (
-                    "run the same command to resume from checkpoint " + str(step) if manager
+                    f"run {resume_with} to resume from checkpoint {step}" if manager
                     else "no checkpoint was written (--debug)"))
                 break
     except BaseException as e:
@@ -393,11 +394,11 @@ def _train(config: Config, rundir: str, debug: bool, resume: bool, notes: Sequen
             # A failed one is raised over the error in flight, which may name its checkpoint as the one to
             # resume from (a full disk met at a log step), unless that error is the failed save itself.
             with contextlib.suppress(Exception) if isinstance(e, checkpoint.SaveFailed) else contextlib.nullcontext():
-                checkpoint.close(manager)
+                checkpoint.close(manager, resume_with)
         raise
     else:
         if manager:
-            checkpoint.close(manager)
+            checkpoint.close(manager, resume_with)
     finally:
         bar.close()
         if log:
