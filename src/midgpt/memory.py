@@ -172,13 +172,15 @@ def check_fits(config: Config, mesh: Mesh, available: int | None, estimate_for) 
     if available is None or parts["total"] <= available:
         return
     fixes = []
-    if parts["batches"] > available // 2:  # the tokens themselves: only fewer of them help
+    # Where the parameters, their gradients and Adam's moments alone do not fit, fewer activations cannot help.
+    state_fits = parts["parameters"] + parts["gradients"] + parts["optimizer"] < available
+    if state_fits and parts["batches"] > available // 2:  # the tokens themselves: only fewer of them help
         fixes.append("fewer tokens at once (a smaller --batch_size, --g_accum_iters or --eval_iters)")
-    smaller = smaller_batch(config, mesh, available, estimate_for)
+    smaller = smaller_batch(config, mesh, available, estimate_for) if state_fits else None
     if smaller:
         fixes.append(f"a smaller batch with more accumulation (--batch_size={smaller.batch_size} "
                      f"--g_accum_iters={smaller.g_accum_iters})")
-    if config.model.remat != "full" or config.model.scan_unroll > 1:
+    if state_fits and (config.model.remat != "full" or config.model.scan_unroll > 1):
         fixes.append("full remat, one layer at a time (--model.remat=full --model.scan_unroll=1)")
     if not config.shard_model:
         fixes.append("sharded parameters (--shard_model=true)")
@@ -186,6 +188,8 @@ def check_fits(config: Config, mesh: Mesh, available: int | None, estimate_for) 
         fixes.append("all devices on the fsdp axis (--mesh_shape=1,-1)")
     else:
         fixes.append("more devices")
+    if not state_fits:
+        fixes.append("a smaller model (fewer --model.n_layer, a smaller --model.n_embd)")
     needs = ", ".join(f"{k} {gib(v)}" for k, v in parts.items() if k != "total" and v)
     raise MidgptError(
         f"this run needs about {gib(parts['total'])} per device ({needs}) but a device has "
