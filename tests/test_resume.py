@@ -128,8 +128,11 @@ def test_a_second_launch_on_a_run_in_training_stops_in_one_line_and_changes_noth
     assert code == 0, output
     steps = [r["step"] for r in metrics(rundir)]
     assert steps == list(range(5, steps[-1] + 1, 5))  # each once, none lost
+    before = {p: p.read_bytes() for p in rundir.rglob("*") if p.is_file()}
     code, output = finish(launch(rundir, shakespeare_data_dir, "--max_steps=1"))  # released at its end
     assert code == 0 and "max_steps=1 is reached" in output, output
+    # Nothing to train changes nothing: not config.json's max_steps, nor a TensorBoard file more.
+    assert {p: p.read_bytes() for p in rundir.rglob("*") if p.is_file()} == before
 
 
 def test_sigterm_saves_a_checkpoint_and_exits_0_then_resumes_exactly(uninterrupted, shakespeare_data_dir, tmp_path):

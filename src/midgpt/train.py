@@ -287,8 +287,11 @@ def _train(config: Config, rundir: str, debug: bool, resume: bool, notes: Sequen
         if found:
             state, start = found
         say(f"resuming from checkpoint {start}" if found else "no checkpoint to resume from: starting at step 0")
-        if start >= config.max_steps:
+        if start >= config.max_steps:  # the run is left as it was: its config.json is of the steps it ran
             say(f"max_steps={config.max_steps} is reached: nothing to train (a larger --max_steps goes on)")
+            if manager:
+                checkpoint.close(manager, resume_with)
+            return state.model
     last_checkpoint = start or None
     # Mid-run, the fix for a full disk is to resume, not to start over elsewhere.
     resume_fix = lambda: (f"run {resume_with} to resume from checkpoint {last_checkpoint}" if last_checkpoint
