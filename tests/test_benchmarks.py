@@ -14,7 +14,9 @@ TINY = ["--model.n_layer=1", "--model.n_embd=32", "--model.n_head=2", "--batch_s
 @pytest.mark.parametrize("script, args, fragment", [
     ("train_throughput", [CONFIG, "--model.n_layers=2"], "model.n_layer"),
     ("train_throughput", ["--config=nope"], "nope"),
-    ("train_throughput", [CONFIG, "--steps=0"], "--steps"),
+    # Its help as it was run, not "python train_throughput.py", which is not there.
+    ("train_throughput", [CONFIG, "--steps=0"], "--steps: must be positive, got 0 (see python "
+                                                 "benchmarks/train_throughput.py --help)"),
     ("step_profile", [CONFIG, "--model.remat=bogus"], "model.remat"),
     # The second variant is refused before the first compiles.
     ("step_ratios", [CONFIG, "--rounds=1", "--steps=1", "--", " ".join(TINY), " ".join(TINY) + " --model.remat=ful"],

@@ -21,6 +21,8 @@ class ArgumentParser(argparse.ArgumentParser):
     """argparse whose errors are MidgptError, so they print as one line like every other."""
 
     def __init__(self, **kwargs):  # --help shows the docstring's usage lines as written
+        # The script as typed (benchmarks/train_throughput.py, not its base name): "see python PROG --help" then runs.
+        kwargs.setdefault("prog", sys.argv[0])
         super().__init__(formatter_class=argparse.RawDescriptionHelpFormatter, **kwargs)
 
     def error(self, message):
