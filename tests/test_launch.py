@@ -625,6 +625,13 @@ def test_resuming_with_another_model_is_refused(short_run, shakespeare_data_dir)
 
 def test_sample_errors_are_one_line(short_run, shakespeare_data_dir, tmp_path):
     assert_one_line_error(run("sample.py", f"--rundir={tmp_path}"), "config.json")
+    assert_one_line_error(run("sample.py", "--rundir="), "--rundir is empty")
+    # The folder of runs, or a folder of a run's: each is told which run to pass.
+    step = sorted(os.listdir(os.path.join(short_run, "checkpoints")))[0]
+    assert_one_line_error(run("sample.py", f"--rundir={os.path.dirname(short_run)}"),
+                          f"holds runs: pass one, e.g. --rundir={short_run}")
+    assert_one_line_error(run("sample.py", f"--rundir={os.path.join(short_run, 'checkpoints', step)}"),
+                          f"is inside the run in {short_run}: pass --rundir={short_run} --step={step}")
     assert_one_line_error(run("sample.py", f"--rundir={os.path.join(short_run, 'config.json')}"),
                           "config.json is a file: pass the run directory")
     assert_one_line_error(run("sample.py", f"--rundir={short_run}", "--start=€"), "['€']: leave them out of the prompt")

@@ -139,6 +139,23 @@ def _put_back(rundir: str, path: str) -> str:
     return ""
 
 
+def _runs_near(rundir: str) -> str:
+    """What to pass for a path that is not a run: a run it holds (outputs/), or the run it is in (a checkpoint's)."""
+    if os.path.isdir(rundir):
+        runs = sorted(e.path for e in os.scandir(rundir) if os.path.isfile(os.path.join(e.path, "config.json")))
+        if runs:
+            return f"{rundir} holds runs: pass one, e.g. --rundir={runs[-1]}"
+    below, run = [], os.path.normpath(rundir)
+    while run != (up := os.path.dirname(run)):  # up to "" for a relative path, "/" for an absolute one
+        below.insert(0, os.path.basename(run))
+        run = up
+        if os.path.isfile(os.path.join(run or ".", "config.json")):
+            step = below[1] if len(below) > 1 and below[0] == CHECKPOINTS and below[1].isdigit() else None
+            return f"{rundir} is inside the run in {run or '.'}: pass --rundir={run or '.'}" + (
+                f" --step={step}" if step else "")
+    return f"is {rundir} a run directory made by launch.py?"
+
+
 def read_config_json(rundir: str) -> Config:
     """The config a run saved in rundir/config.json."""
     path = os.path.join(rundir, "config.json")
@@ -148,7 +165,7 @@ def read_config_json(rundir: str) -> Config:
         if saved_steps(rundir):
             raise MidgptError(f"{path} is missing but {rundir} holds checkpoints; "
                               + (_put_back(rundir, path) or "none holds a copy of it: pass a new --rundir"))
-        raise MidgptError(f"{path} not found; is {rundir} a run directory made by launch.py?")
+        raise MidgptError(f"{path} not found; {_runs_near(rundir)}")
     try:
         with open(path, encoding="utf-8") as f:
             saved = json.load(f)
