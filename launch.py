@@ -67,7 +67,7 @@ def launch(argv: list[str], signals: StopSignals) -> None:
                                    "--max_steps=100 --model.n_layer=2 (the fields: src/midgpt/config.py).")
     parser.add_argument("--config", required=True, help=f"a config of midgpt.configs: {', '.join(config_names())}")
     parser.add_argument("--rundir", default=None, type=os.path.expanduser, help="run directory (default: outputs/<timestamp>)")
-    parser.add_argument("--debug", action="store_true", help="write a profiler trace of a few steps")
+    parser.add_argument("--debug", action="store_true", help="write a profiler trace of a few steps, and no checkpoints")
     parser.add_argument("--multihost", action="store_true",
                         help="join the other processes with jax.distributed.initialize() (TPU pods, SLURM, ...)")
     parser.add_argument("--coordinator_address", help="with --multihost, where auto-detection fails: HOST:PORT of process 0")

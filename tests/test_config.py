@@ -114,9 +114,11 @@ def test_malformed_override_is_one_line_error(config, arg, example):
     assert "\n" not in str(info.value) and f"e.g. {example}" in str(info.value)
 
 
-def test_setting_a_nested_config_itself_is_an_error(config):
-    with pytest.raises(MidgptError, match="'model'"):
-        apply_overrides(config, ["--model=3"])
+@pytest.mark.parametrize("arg", ["--model=3", "--model"])  # alone, it was told "e.g. --model=VALUE"
+def test_setting_a_nested_config_itself_is_an_error(config, arg):
+    with pytest.raises(MidgptError) as info:
+        apply_overrides(config, [arg])
+    assert str(info.value) == "config field 'model' is a group; set its fields, e.g. --model.FIELD=VALUE"
 
 
 @pytest.mark.parametrize("text", ["2,4", "(2,4)", "2,-1"])
@@ -191,6 +193,8 @@ def test_named_configs_load_as_frozen_configs():
     ("--min_lr=1", "min_lr=1.0 must be in [0, learning_rate=0.001]"),
     ("--min_lr=-1e-4", "min_lr=-0.0001 must be in"),
     ("--lr_decay_steps=1", "lr_decay_steps=1 must be at least 2"),  # the first update uses the peak
+    ("--lr_decay_steps=10", "warmup_steps=100 must be in [0, lr_decay_steps=10): lower --warmup_steps or raise "
+                            "--lr_decay_steps"),
     ("--beta2=1.5", "'beta2' must be in [0, 1)"),
     ("--beta1=1", "'beta1' must be in [0, 1)"),
     ("--model.rope_base=0", "'model.rope_base' must be positive"),

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import PREPARE, small_files, this_tree_env
+from conftest import PREPARE, REPO_ROOT, small_files, this_tree_env
 from midgpt.config import apply_overrides, load_config
 from midgpt.data import get_batch, load_meta, load_splits, load_tokens
 from midgpt.tokenizer import decode, encode
@@ -209,3 +209,16 @@ def test_missing_data_error_names_the_datasets_own_prepare_script(tmp_path):
     (tmp_path / "prepare.py").write_text("")
     with pytest.raises(MidgptError, match=f"run python {tmp_path}/prepare.py"):
         load_meta(str(tmp_path))
+
+
+def test_a_relative_data_dir_run_from_outside_the_repository_names_it(tmp_path, monkeypatch):
+    # The configs' data/NAME is relative: launch.py run from another directory said to prepare data that was there.
+    from midgpt.data import _require
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(MidgptError) as error:
+        _require("data/shakespeare_char", "prepare.py")  # what the clone always holds, unlike its prepared data
+    root = REPO_ROOT.resolve()
+    assert str(error.value) == (f"data/shakespeare_char not found in {os.getcwd()}; run from the repository ({root}) "
+                                f"or pass --data_dir={root}/data/shakespeare_char")
+    with pytest.raises(MidgptError, match="to create it"):  # where the clone has none either: prepare it
+        _require("data/no_such_dataset", "meta.json")

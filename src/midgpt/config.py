@@ -97,6 +97,8 @@ def apply_overrides(config: Config, overrides: list[str], options: Sequence[str]
         if set(nearest) & set(options):
             shown = (f"--{c}" if c in options else repr(c) for c in nearest)
             raise MidgptError(f"unknown argument --{flag}; did you mean {' or '.join(shown)}?")
+        if arg.startswith("--") and any(t.startswith(flag + ".") for t in types):  # --model=3, or --model alone
+            raise MidgptError(f"config field {flag!r} is a group; set its fields, e.g. --{flag}.FIELD=VALUE")
         if not arg.startswith("--") or "=" not in arg:
             named = arg.startswith("--") and arg[2:3].strip()  # "--max_steps 100" came as "--max_steps"; not "--"
             example = f"{arg.split()[0]}=VALUE" if named else "--model.n_layer=2"
@@ -105,8 +107,6 @@ def apply_overrides(config: Config, overrides: list[str], options: Sequence[str]
         if name == "name":
             raise MidgptError("config field 'name' is the --config a run came from; it cannot be overridden")
         if name not in types:
-            if any(t.startswith(name + ".") for t in types):
-                raise MidgptError(f"config field {name!r} is a group; set its fields, e.g. --{name}.FIELD=VALUE")
             hint = _did_you_mean(name, types) or f"; known fields: {', '.join(types)}"
             raise MidgptError(f"unknown config field {name!r}{hint}")
         if name == "data_dir":  # the shell leaves the ~ of --data_dir=~/data to us
@@ -363,7 +363,8 @@ def check_config(config: Config) -> None:
     if config.lr_decay_steps < 2:  # the first update uses the peak, update lr_decay_steps min_lr
         raise MidgptError(f"lr_decay_steps={config.lr_decay_steps} must be at least 2")
     if not 0 <= config.warmup_steps < config.lr_decay_steps:
-        raise MidgptError(f"warmup_steps={config.warmup_steps} must be in [0, lr_decay_steps={config.lr_decay_steps})")
+        raise MidgptError(f"warmup_steps={config.warmup_steps} must be in [0, lr_decay_steps={config.lr_decay_steps}): "
+                          "lower --warmup_steps or raise --lr_decay_steps")
     replica, fsdp = config.mesh_shape
     if (replica, fsdp).count(-1) > 1 or min(replica, fsdp) < -1 or 0 in (replica, fsdp):
         raise MidgptError(f"mesh_shape={replica},{fsdp} needs positive sizes, at most one of them -1 (all remaining devices)")

@@ -23,6 +23,11 @@ def _require(data_dir: str, name: str) -> str:
         how = (f"python {script}" if os.path.exists(script) else
                f"python data/shakespeare_char/prepare.py --input TEXT --out_dir {data_dir} (characters) or "
                f"python data/openwebtext/prepare.py --input FILES --out_dir {data_dir} (GPT-2 BPE)")
+        # A config's data_dir is relative: run from elsewhere than the clone that holds it, it is not found.
+        clone = os.path.realpath(os.path.join(os.path.dirname(__file__), "..", ".."))  # of an editable install
+        if not os.path.isabs(data_dir) and os.path.exists(os.path.join(clone, data_dir, name)):
+            raise MidgptError(f"{missing} not found in {os.getcwd()}; run from the repository ({clone}) "
+                              f"or pass --data_dir={os.path.join(clone, data_dir)}")
         raise MidgptError(f"{missing} not found; run {how} to create it")
     return path
 
