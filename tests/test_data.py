@@ -70,6 +70,18 @@ def test_prepare_that_cannot_write_is_one_line_and_leaves_a_prepared_dataset_as_
     assert {p.name: p.read_bytes() for p in out_dir.iterdir()} == before  # and no .tmp files
 
 
+def test_prepare_refuses_an_out_dir_of_another_tokenizers_data_and_leaves_it_alone(shakespeare_text, tmp_path):
+    out_dir = tmp_path / "bpe"  # as data/openwebtext/prepare.py leaves it
+    out_dir.mkdir()
+    (out_dir / "meta.json").write_text('{"tokenizer": "gpt2", "vocab_size": 50257}')
+    result = subprocess.run([sys.executable, str(PREPARE), "--input", shakespeare_text, "--out_dir", str(out_dir)],
+                            capture_output=True, text=True)
+    assert result.returncode == 1 and result.stderr == (
+        f"prepare.py: --out_dir {out_dir} holds data of another tokenizer ('gpt2', not 'char'), which this would "
+        "replace; pass another --out_dir, or remove its train.bin, val.bin and meta.json first\n"), result.stderr
+    assert os.listdir(out_dir) == ["meta.json"] and "gpt2" in (out_dir / "meta.json").read_text()
+
+
 def test_prepare_refuses_a_text_too_short_for_two_splits(tmp_path):
     (tmp_path / "one.txt").write_text("a")
     result = subprocess.run([sys.executable, str(PREPARE), "--input", str(tmp_path / "one.txt"),

@@ -206,7 +206,10 @@ def bad_inputs(tmp_path) -> dict:
     (tmp_path / "damaged.parquet").write_bytes(data[:at] + b"\xff\xff\xff\x7f" + data[at + 4:])
     # A null text in the second batch read, so its row number counts across batches.
     pq.write_table(pa.table({"text": DOCS[:1100] + [None]}), tmp_path / "null.parquet", row_group_size=300)
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "not_json.jsonl").write_text('{"text": "fine"}\n{"text": "cut short\n')
     return {"null row 1101": tmp_path / "null.parquet", "missing file": tmp_path / "absent.txt", "unknown extension": tmp_path / "corpus.csv",
+            "a folder": tmp_path / "folder", "jsonl line not JSON": tmp_path / "not_json.jsonl",
             "jsonl line without text": jsonl, "parquet without text": parquet,
             "not parquet": tmp_path / "truncated.parquet", "parquet of bytes": tmp_path / "bytes.parquet",
             "not UTF-8": tmp_path / "latin1.txt", "damaged parquet page": tmp_path / "damaged.parquet"}
@@ -214,16 +217,45 @@ def bad_inputs(tmp_path) -> dict:
 
 @pytest.mark.parametrize("case", ["missing file", "unknown extension", "jsonl line without text", "parquet without text",
                                   "not parquet", "parquet of bytes", "not UTF-8", "damaged parquet page",
-                                  "null row 1101"])
+                                  "null row 1101", "a folder", "jsonl line not JSON"])
 def test_bad_input_is_one_line_naming_the_file_and_writes_nothing(tmp_path, case):
     out_dir, bad = tmp_path / "out", bad_inputs(tmp_path)[case]
     result = run_prepare("--input", bad, "--out_dir", out_dir)
     assert result.returncode == 1
     assert result.stderr.startswith("prepare.py: ") and result.stderr.count("\n") == 1, result.stderr
     assert "Traceback" not in result.stderr and str(bad) in result.stderr
-    if case.startswith("null"):
-        assert "row 1101's 'text' is null" in result.stderr
+    fragment = {"null row 1101": "row 1101's 'text' is null",
+                "a folder": "is a directory; pass its files",  # it was "input file not found"
+                "jsonl line not JSON": "not_json.jsonl:2: not JSON ("}.get(case, "")
+    assert fragment in result.stderr, result.stderr
     assert not out_dir.exists()  # not even made empty
+
+
+def test_an_input_of_no_documents_says_so(tmp_path):
+    (tmp_path / "blank.txt").write_text("\n \n\t\n")  # it was told to change --val_fraction
+    result = run_prepare("--input", tmp_path / "blank.txt", "--out_dir", tmp_path / "out")
+    assert result.returncode == 1 and result.stderr == (
+        "prepare.py: the input holds no documents, only empty or whitespace-only text\n"), result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("held, refusal", [
+    ({"config.json": "{}"}, "holds a run (config.json), not data; pass another --out_dir"),
+    ({"meta.json": '{"tokenizer": "char"}'}, "holds data of another tokenizer ('char', not 'gpt2'), which this would "
+                                             "replace; pass another --out_dir, or remove its train.bin, val.bin and "
+                                             "meta.json first"),
+    ({"meta.json": '{"tokenizer": "gpt2", "source": {"dataset": "Skylion007/openwebtext"}}'},
+     "holds a dataset prepared from the Hub (Skylion007/openwebtext), not from local files"),
+])
+def test_an_out_dir_of_a_run_or_other_data_is_refused_and_left_alone(tmp_path, held, refusal):
+    # Your own text went over them without a word: a run's folder, Shakespeare's characters, a downloaded OpenWebText.
+    corpus, out_dir = write_corpus(tmp_path / "corpus.txt", DOCS[:20]), tmp_path / "out"
+    out_dir.mkdir()
+    for name, text in held.items():
+        (out_dir / name).write_text(text)
+    result = run_prepare("--input", corpus, "--out_dir", out_dir)
+    assert result.returncode == 1 and result.stderr.count("\n") == 1 and refusal in result.stderr, result.stderr
+    assert {p.name: p.read_text() for p in out_dir.iterdir()} == held
 
 
 def test_an_out_dir_that_is_a_file_is_one_line_and_left_alone(tmp_path):

@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 from midgpt.cli import ArgumentParser
 from midgpt.errors import MidgptError
+from midgpt.prepare import FILES, check_out_dir, replace_dataset
 from midgpt.tokenizer import gpt2
 
 MAX_DOCUMENT = 64 << 20  # characters of a .txt file's blank-line-separated block, or of a .jsonl line
@@ -50,6 +51,8 @@ def parquet_file(path: str):
 def check_inputs(paths: list[str]) -> None:
     """Raise MidgptError for a missing file, an unknown extension or a parquet without a text column."""
     for path in paths:
+        if os.path.isdir(path):
+            raise MidgptError(f"{path} is a directory; pass its files, e.g. {os.path.join(path, '*.txt')}")
         if not os.path.isfile(path):
             raise MidgptError(f"input file not found: {path}")
         suffix = Path(path).suffix
@@ -102,7 +105,9 @@ def _file_documents(path: str):
                     continue
                 try:
                     text = json.loads(line)["text"]
-                except (json.JSONDecodeError, KeyError, TypeError):
+                except json.JSONDecodeError as e:
+                    raise MidgptError(f"{path}:{lineno}: not JSON ({e})") from None
+                except (KeyError, TypeError):
                     text = None
                 if not isinstance(text, str):
                     raise MidgptError(f"{path}:{lineno}: not a JSON object with a string 'text' field")
@@ -199,7 +204,7 @@ def prepare(documents, out_dir: Path, num_proc: int, val_fraction: float, source
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:  # a file of that name, or a folder not ours to write
         raise MidgptError(f"cannot make --out_dir {out_dir} ({e.strerror}); pass a directory you can write to") from None
-    tmp = {name: out_dir / f"{name}.tmp" for name in ("train.bin", "val.bin", "meta.json")}
+    tmp = {name: out_dir / f"{name}.tmp" for name in FILES}
     tokens, docs, sha = dict.fromkeys(SPLITS, 0), dict.fromkeys(SPLITS, 0), {s: hashlib.sha256() for s in SPLITS}
     batches = iter(lambda: list(itertools.islice(documents, DOCS_PER_TASK)), [])
     start = time.perf_counter()
@@ -223,6 +228,8 @@ def prepare(documents, out_dir: Path, num_proc: int, val_fraction: float, source
         pool.close()
         pool.join()
         # data.py cannot memory-map an empty split, and training needs both.
+        if not any(docs.values()):
+            raise MidgptError("the input holds no documents, only empty or whitespace-only text")
         if empty := [s for s in SPLITS if docs[s] == 0]:
             raise MidgptError(f"no document went to {empty[0]} ({sum(docs.values())} documents, "
                               f"--val_fraction {val_fraction}); change --val_fraction or add documents "
@@ -244,9 +251,7 @@ def prepare(documents, out_dir: Path, num_proc: int, val_fraction: float, source
                 out_dir.rmdir()
         raise
     # Only now, when every new file is written, are the old replaced: a failed run leaves a complete dataset complete.
-    (out_dir / "meta.json").unlink(missing_ok=True)  # a stale one would vouch for half-replaced files
-    for name, path in tmp.items():  # meta.json last: it marks the directory complete
-        os.replace(path, out_dir / name)
+    replace_dataset(out_dir, tmp)
     print(f"{n_docs:,} documents, {n_tokens:,} tokens (val {tokens['val']:,}) in {seconds:.1f}s, "
           f"{n_tokens / seconds:,.0f} tokens/s -> {out_dir}")
 
@@ -284,9 +289,12 @@ def main() -> None:
             documents = hf_documents(dataset, args.data_files)
             where = {"data_files": args.data_files} if args.data_files else {"revision": REVISION}
             source = {"dataset": dataset, **where}
+        check_out_dir(Path(args.out_dir), "gpt2", source)
         prepare(documents, Path(args.out_dir), args.num_proc, args.val_fraction, source)
     except (MidgptError, OSError, UnicodeDecodeError) as e:
         leave(f"prepare.py: {e}", 1)
+    except ModuleNotFoundError as e:  # parquet files and the Hub need the extra
+        leave(f"prepare.py: {e}; install what .parquet files and the Hub need: pip install -e '.[openwebtext]'", 1)
     except Stopped as e:
         leave(f"prepare.py: stopped by {e}; nothing prepared before was replaced, and the unfinished "
               ".tmp files are removed", 128 + signal.Signals[str(e)])

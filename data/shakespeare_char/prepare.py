@@ -14,6 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
+from midgpt.errors import MidgptError
+from midgpt.prepare import FILES, check_out_dir, replace_dataset
+
 URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 
 
@@ -48,6 +51,10 @@ def main() -> None:
     parser.add_argument("--out_dir", default=str(Path(__file__).resolve().parent), type=os.path.expanduser)
     args = parser.parse_args()
     out_dir = Path(args.out_dir)
+    try:
+        check_out_dir(out_dir, "char")
+    except MidgptError as e:
+        sys.exit(f"prepare.py: {e}")
 
     input_path = Path(args.input) if args.input else out_dir / "input.txt"
     if args.input is None and not input_path.exists():
@@ -75,7 +82,7 @@ def main() -> None:
         "sha256": {f"{name}.bin": hashlib.sha256(split_ids.tobytes()).hexdigest() for name, split_ids in splits.items()},
     }
     # Every file is written beside the old ones first: a full disk or a Ctrl-C leaves a prepared dataset as it was.
-    tmp = {name: out_dir / f"{name}.tmp" for name in ("train.bin", "val.bin", "meta.json")}
+    tmp = {name: out_dir / f"{name}.tmp" for name in FILES}
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         for name, split_ids in splits.items():
@@ -89,11 +96,7 @@ def main() -> None:
             with contextlib.suppress(OSError):  # not there, or --out_dir is no directory
                 path.unlink()
         sys.exit(f"prepare.py: cannot write to {out_dir} ({e or 'interrupted'}); nothing prepared before was replaced")
-    # A stale meta.json beside half-replaced .bin files would vouch for the wrong data; the new one goes
-    # last, as its presence is what marks the directory complete.
-    (out_dir / "meta.json").unlink(missing_ok=True)
-    for name, path in tmp.items():
-        os.replace(path, out_dir / name)
+    replace_dataset(out_dir, tmp)
     print(f"vocab size {len(chars)}; train {meta['train_tokens']:,} tokens, val {meta['val_tokens']:,} tokens -> {out_dir}")
 
 

@@ -1,0 +1,41 @@
+"""What the data/*/prepare.py scripts share: where they may write, and how a dataset is replaced whole."""
+
+import json
+import os
+from pathlib import Path
+
+from midgpt.errors import MidgptError
+
+FILES = ("train.bin", "val.bin", "meta.json")  # meta.json last: its presence marks a dataset complete
+
+
+def check_out_dir(out_dir: Path, tokenizer: str, source: dict | None = None) -> None:
+    """Refuse an --out_dir whose files are not this kind of data: a run's, another tokenizer's, or the Hub's.
+
+    A dataset of the same kind is prepared again in place (new text for the same purpose).
+    """
+    if (out_dir / "config.json").exists():
+        raise MidgptError(f"--out_dir {out_dir} holds a run (config.json), not data; pass another --out_dir")
+    try:
+        old = json.loads((out_dir / "meta.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # none, or damaged: nothing whole to lose
+        return
+    if not isinstance(old, dict):
+        return
+    hub = lambda meta: isinstance(meta.get("source"), dict) and "dataset" in meta["source"]
+    if old.get("tokenizer") != tokenizer:
+        kind = f"data of another tokenizer ({old.get('tokenizer')!r}, not {tokenizer!r})"
+    elif hub(old) and not hub(source or {}):
+        kind = f"a dataset prepared from the Hub ({old['source']['dataset']}), not from local files"
+    else:
+        return
+    raise MidgptError(f"--out_dir {out_dir} holds {kind}, which this would replace; pass another --out_dir, "
+                      f"or remove its {', '.join(FILES[:-1])} and {FILES[-1]} first")
+
+
+def replace_dataset(out_dir: Path, written: dict[str, Path]) -> None:
+    """Rename each of FILES from where it was written (beside it) over the old one, meta.json last."""
+    # A stale meta.json beside half-replaced .bin files would vouch for the wrong data.
+    (out_dir / "meta.json").unlink(missing_ok=True)
+    for name in FILES:
+        os.replace(written[name], out_dir / name)
