@@ -6,11 +6,13 @@ only the --FIELD=VALUE given change it. Where --multihost cannot detect the clus
 next run in ~/.cache/midgpt/xla (JAX_COMPILATION_CACHE_DIR=DIR elsewhere, JAX_ENABLE_COMPILATION_CACHE=false none).
 """
 
+import errno
 import itertools
 import os
 import re
 import shutil
 import signal
+import socket
 import time
 
 from midgpt.cli import ArgumentParser, StopSignals, cache_compiled_programs, run
@@ -52,6 +54,22 @@ def check_new_rundir(rundir: str) -> None:
             raise MidgptError(f"--rundir={rundir} holds files but no run (no config.json), which a new run could "
                               "overwrite; pass a new or empty --rundir")
         read_config_json(rundir)  # a run without checkpoints (--debug's, killed early) starts afresh
+
+
+def check_port_free(coordinator_address: str) -> None:
+    """Refuse a --coordinator_address whose port another program holds on this host (process 0's)."""
+    port = int(coordinator_address.rpartition(":")[2])
+    for family, host in ((socket.AF_INET6, "::"), (socket.AF_INET, "")):  # the coordinator listens on [::]
+        with socket.socket(family) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the coordinator's server binds it
+            try:
+                probe.bind((host, port))
+                return
+            except OSError as e:
+                if e.errno in (errno.EADDRINUSE, errno.EACCES):
+                    raise MidgptError(f"--coordinator_address={coordinator_address}: process 0 cannot listen on port "
+                                      f"{port} ({e.strerror}); pick a free port, the same for every process") from None
+                # no IPv6 here: try IPv4; neither (a sandbox): let JAX try
 
 
 def main(argv: list[str]) -> None:
@@ -115,6 +133,8 @@ def launch(argv: list[str], signals: StopSignals) -> None:
     if args.multihost:  # before anything touches a device
         # It waits in C++ for the other processes, where Python's handler never runs: let Ctrl-C kill it.
         handler = signal.signal(signal.SIGINT, signal.SIG_DFL)
+        if args.process_id == 0 and args.coordinator_address:  # JAX's coordinator would crash on a taken port
+            check_port_free(args.coordinator_address)
         # Said first: a process that never comes leaves the others silent for JAX's 5 minutes, then a C++ abort.
         print("waiting for every process to join (jax.distributed.initialize, at most 5 minutes; Ctrl-C stops it)",
               flush=True)
@@ -127,6 +147,13 @@ def launch(argv: list[str], signals: StopSignals) -> None:
         finally:
             signal.signal(signal.SIGINT, handler)
         signals.listen()  # initialize took SIGTERM for JAX's preemption notices
+        from midgpt import sharding
+
+        sharding.check_devices_alike()
+        with sharding.failing_together():  # JAX takes process 0's count: another one elsewhere would go unseen
+            if args.num_processes not in (None, jax.process_count()):
+                raise MidgptError(f"--num_processes={args.num_processes} in process {jax.process_index()}, but "
+                                  f"{jax.process_count()} joined; give every process the same --num_processes")
     notes = []
     if resume:
         notes.append(f"resuming the run in {rundir}" + "".join(f"; {c}" for c in changes))

@@ -224,11 +224,12 @@ def launch(*args, devices: int, cwd=REPO_ROOT, wrapper=()):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def two_processes(*args, extra=([], []), wrappers=((), ())):
-    """launch.py as processes 0 and 1 of one run, 4 CPU devices each."""
+def two_processes(*args, extra=([], []), wrappers=((), ()), devices=(4, 4), num_processes=(2, 2)):
+    """launch.py as processes 0 and 1 of one run, 4 CPU devices each unless told."""
     port = free_port()
-    return [launch(*args, *extra[i], "--multihost", f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
-                   f"--process_id={i}", devices=4, wrapper=wrappers[i]) for i in range(2)]
+    return [launch(*args, *extra[i], "--multihost", f"--coordinator_address=127.0.0.1:{port}",
+                   f"--num_processes={num_processes[i]}", f"--process_id={i}", devices=devices[i], wrapper=wrappers[i])
+            for i in range(2)]
 
 
 INTERLEAVED_BATCH = """
@@ -370,17 +371,40 @@ def test_any_error_on_one_process_stops_the_other_at_the_end_of_the_block():
     assert json.loads(results[1][0].splitlines()[-1]) == f"MidgptError: process 0: UnicodeDecodeError: {raised}"
 
 
-@pytest.mark.parametrize("other", ["--max_steps=13", "--rundir=RUN_2"])
-def test_processes_started_with_different_arguments_stop_in_one_line(other, shakespeare_data_dir, tmp_path):
+@pytest.mark.parametrize("other, differ", [
+    ({"extra": [[], ["--max_steps=13"]]}, "the processes differ in --max_steps"),
+    ({"extra": [[], ["--rundir=RUN_2"]]}, "the processes differ in --rundir (as an absolute path)"),
+    # JAX went on with process 0's count, and process 1's was never checked.
+    ({"num_processes": (2, 3)}, "--num_processes=3 in process 1, but 2 joined; give every process the same"),
+    # A traceback from the arguments' gather, which needs as many devices on each.
+    ({"devices": (2, 6)}, "the processes have different numbers of devices"),
+])
+def test_processes_started_with_different_arguments_stop_in_one_line(other, differ, shakespeare_data_dir, tmp_path):
     # Another max_steps on one process used to hang the other at the end; another learning rate
     # trained a run that config.json did not record; another run directory hung both at the first save.
     common = ["--config=shakespeare_char_cpu", f"--data_dir={shakespeare_data_dir}", "--batch_size=16",
               f"--rundir={tmp_path}/run", "--max_steps=20", "--checkpoint_interval=5"]
-    procs = two_processes(*common, extra=[[], [other.replace("RUN_2", f"{tmp_path}/run_2")]])
+    other = {k: [[a.replace("RUN_2", f"{tmp_path}/run_2") for a in e] for e in v] if k == "extra" else v
+             for k, v in other.items()}
+    procs = two_processes(*common, **other)
     for p, (_, stderr) in zip(procs, outputs(procs, timeout=120)):
-        assert p.returncode == 1 and stderr.strip().splitlines()[-1].startswith(
-            "error: the processes were started with different arguments"), stderr
+        assert p.returncode == 1 and differ in stderr.strip().splitlines()[-1], stderr
+        assert "Traceback" not in stderr, stderr
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_a_coordinator_port_already_taken_is_one_line(tmp_path):
+    # JAX's coordinator failed to listen and process 0 died of a segmentation fault; process 1 waited on.
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = launch("--config=shakespeare_char_cpu", f"--rundir={tmp_path}/run", "--multihost", "--num_processes=2",
+                      "--process_id=0", f"--coordinator_address=127.0.0.1:{port}", devices=2)
+        _, stderr = outputs([proc], timeout=60)[0]
+    assert proc.returncode == 1 and stderr.strip().splitlines() == [
+        f"error: --coordinator_address=127.0.0.1:{port}: process 0 cannot listen on port {port} (Address already in "
+        "use); pick a free port, the same for every process"], stderr
 
 
 def test_ctrl_c_stops_a_process_waiting_for_the_others_to_join(tmp_path):

@@ -109,19 +109,36 @@ def batch_sharding(mesh: Mesh, ndim: int, batch_axis: int) -> NamedSharding:
     return NamedSharding(mesh, P(*spec))
 
 
-def check_same_arguments(config: Config, rundir: str, *flags) -> None:
-    """Raise MidgptError unless every process runs this config in this run directory, with these flags."""
+def check_same_arguments(config: Config, rundir: str, debug: bool, resume: bool, compute_dtype: str) -> None:
+    """Raise MidgptError, naming what differs, unless every process runs this config in this run directory alike."""
     # A process with other arguments hangs the others at its first collective (another --rundir:
     # at the first save, in orbax's commit), or trains a run that config.json does not record.
     if jax.process_count() == 1:
         return
-    arguments = json.dumps([config_to_dict(config), os.path.abspath(rundir), *flags])
-    digest = np.frombuffer(hashlib.sha256(arguments.encode()).digest()[:4], np.int32)
-    if len(set(multihost_utils.process_allgather(digest).ravel().tolist())) > 1:
-        raise MidgptError("the processes were started with different arguments (--config, --FIELD=VALUE overrides, "
-                          "--rundir as an absolute path, or --debug), see different files in --rundir (it must "
-                          "be on a filesystem every host sees), or resolve compute_dtype auto differently (CPUs of "
-                          "other kinds: pass --compute_dtype); start every process with the same arguments")
+    check_devices_alike()
+    arguments = {("--config" if name == "name" else f"--{name}"): value for name, value in _dotted(config_to_dict(config))}
+    arguments |= {"--rundir (as an absolute path)": os.path.abspath(rundir), "--debug": debug,
+                  "files in --rundir (it must be on a filesystem every host sees)": resume,
+                  "compute_dtype auto (CPUs of other kinds: pass --compute_dtype)": compute_dtype}
+    digests = [hashlib.sha256(json.dumps(value).encode()).digest()[:4] for value in arguments.values()]
+    gathered = multihost_utils.process_allgather(np.frombuffer(b"".join(digests), np.int32))  # processes x arguments
+    if differ := [name for name, column in zip(arguments, gathered.T) if len(set(column.tolist())) > 1]:
+        shown = ", ".join(differ[:4]) + (f" and {len(differ) - 4} more" if len(differ) > 4 else "")
+        raise MidgptError(f"the processes differ in {shown}; start every process with the same arguments")
+
+
+def check_devices_alike() -> None:
+    """Raise MidgptError unless every process has as many devices: the processes' gathers need it."""
+    # Each process sees the total and its own share, so each stops alone: none waits for another.
+    if jax.local_device_count() * jax.process_count() != jax.device_count():
+        raise MidgptError(f"the processes have different numbers of devices ({jax.local_device_count()} in this one, "
+                          f"{jax.device_count()} in all {jax.process_count()}); give every process as many")
+
+
+def _dotted(d: dict, prefix: str = ""):
+    """(dotted name, value) of each leaf of a nested dict."""
+    for key, value in d.items():
+        yield from _dotted(value, f"{prefix}{key}.") if isinstance(value, dict) else [(prefix + key, value)]
 
 
 @contextlib.contextmanager
