@@ -142,6 +142,18 @@ def test_a_split_shorter_than_its_meta_json_says_is_one_line(shakespeare_data_di
         load_splits(config)
 
 
+def test_a_split_too_short_for_one_window_says_what_would_give_one(shakespeare_data_dir):
+    val_tokens = load_meta(shakespeare_data_dir)["val_tokens"]
+    config = apply_overrides(load_config("shakespeare_char_cpu"), [f"--data_dir={shakespeare_data_dir}",
+                                                                    f"--model.block_size={val_tokens}"])
+    with pytest.raises(MidgptError) as info:
+        load_splits(config)
+    assert str(info.value) == (
+        f"{shakespeare_data_dir}/val.bin holds {val_tokens} tokens, too few for one window of model.block_size + 1 = "
+        f"{val_tokens + 1}; prepare it from more text, or train a smaller --model.block_size")
+    load_splits(apply_overrides(config, [f"--model.block_size={val_tokens - 1}"]))  # one window exactly
+
+
 def test_a_missing_file_outside_data_names_both_prepare_scripts_with_its_directory(tmp_path):
     with pytest.raises(MidgptError) as info:
         load_meta(str(tmp_path))

@@ -88,7 +88,8 @@ def load_splits(config: Config) -> tuple[np.ndarray, np.ndarray]:
                               f"{meta[f'{split}_tokens']}; prepare the data again")
         if len(tokens) <= config.model.block_size:  # a window is block_size + 1 tokens: inputs and targets
             raise MidgptError(f"{config.data_dir}/{split}.bin holds {len(tokens)} tokens, too few for one window of "
-                              f"model.block_size + 1 = {config.model.block_size + 1}; give it more text")
+                              f"model.block_size + 1 = {config.model.block_size + 1}; prepare it from more text, "
+                              "or train a smaller --model.block_size")
     return splits["train"], splits["val"]
 
 
