@@ -194,3 +194,8 @@ def test_step_memory_benchmark_prints_xla_beside_the_estimate_for_each_slicing()
     assert sliced["xla_temp_bytes"] < whole["xla_temp_bytes"]  # 12 x 64 x 4096 float32 logits, in 4 slices
     assert sliced["estimate_bytes"]["activations"] < whole["estimate_bytes"]["activations"]
     assert whole["xla_argument_bytes"] == sliced["xla_argument_bytes"] > whole["estimate_bytes"]["parameters"]
+
+
+def test_sizes_below_a_gib_are_shown_in_mib():
+    # The small configs' whole plan read "0.00 GiB" term by term.
+    assert (memory.gib(3_187_000), memory.gib(2**30), memory.gib(5 * 2**30 // 2)) == ("3.04 MiB", "1.00 GiB", "2.50 GiB")

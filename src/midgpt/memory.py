@@ -145,7 +145,8 @@ def peak_in_use() -> int | None:
 
 
 def gib(n: int) -> str:
-    return f"{n / 2**30:.2f} GiB"
+    """Bytes as GiB, or as MiB below one GiB: a small model's memory is not all 0.00 GiB."""
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.2f} MiB"
 
 
 def smaller_batch(config: Config, mesh: Mesh, available: int, estimate_for) -> Config | None:
