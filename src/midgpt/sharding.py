@@ -34,7 +34,7 @@ def make_mesh(config: Config, resuming: bool = False) -> Mesh:
     n = jax.device_count()
     if not _fits(config.mesh_shape, n):
         raise MidgptError(
-            f"mesh_shape={','.join(map(str, config.mesh_shape))} does not fit the {n} devices; "
+            f"mesh_shape={','.join(map(str, config.mesh_shape))} does not fit the {n} device{'s' * (n > 1)}; "
             f"use sizes whose product is {n}, e.g. --mesh_shape=1,-1"
         )
     fixed = math.prod(size for size in config.mesh_shape if size != -1)

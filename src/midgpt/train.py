@@ -304,9 +304,9 @@ def _train(config: Config, rundir: str, debug: bool, resume: bool, notes: Sequen
     if state is None:
         state = init_state(config, optimizer, mesh)
     train_step = make_train_step(config, optimizer, mesh, pieces)
-    say(f"{count_params(state.model):,} parameters; mesh {dict(mesh.shape)} over "
-        f"{jax.device_count()} {jax.devices()[0].platform} devices in {jax.process_count()} processes; "
-        f"run directory {rundir}")
+    n, processes = jax.device_count(), jax.process_count()
+    say(f"{count_params(state.model):,} parameters; mesh {dict(mesh.shape)} over {n} {jax.devices()[0].platform} "
+        f"device{'s' * (n > 1)} in {processes} process{'es' * (processes > 1)}; run directory {rundir}")
     if pieces > 1:
         say(f"each micro-batch of {config.batch_size} rows runs as {pieces} of {config.batch_size // pieces} "
             "in training and evaluation: faster on a lone CPU")
@@ -314,7 +314,7 @@ def _train(config: Config, rundir: str, debug: bool, resume: bool, notes: Sequen
     peak, peak_source = mfu.device_peak(compute_dtype)
     step_flops = mfu.flops_per_token(config.model) * tokens_per_step
     say(f"MFU is against the {peak_source}: {peak / 1e12:.3g} TFLOP/s per device, "
-        f"{jax.device_count()} devices; {step_flops / 1e9:.4g} GFLOP a step")
+        f"{n} device{'s' * (n > 1)}; {step_flops / 1e9:.4g} GFLOP a step")
     # A few steady-state steps, after the compile, so the trace shows the step itself.
     traced = range(start + 3, start + 6)
     profile_steps = range(traced.start, min(traced.stop, config.max_steps + 1)) if debug and is_main else range(0)
