@@ -7,6 +7,7 @@ import itertools
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -99,6 +100,17 @@ def test_every_format_gives_the_same_exact_round_trip(tmp_path):
         assert val == [d for d in DOCS if d in set(val)]
         outputs[ext] = read_bins(out_dir)
     assert outputs["txt"] == outputs["jsonl"] == outputs["parquet"]
+
+
+def test_an_upper_case_extension_reads_as_its_lower_case(tmp_path):
+    # NOTES.TXT was refused as an unknown extension.
+    lower = write_corpus(tmp_path / "corpus.jsonl", DOCS[:200])
+    upper = tmp_path / "CORPUS.JSONL"
+    shutil.copy(lower, upper)
+    for corpus, out_dir in ((lower, tmp_path / "lower"), (upper, tmp_path / "upper")):
+        result = run_prepare("--input", corpus, "--out_dir", out_dir, "--val_fraction", 0.1)
+        assert result.returncode == 0, result.stderr
+    assert read_bins(tmp_path / "upper") == read_bins(tmp_path / "lower")
 
 
 def test_split_is_deterministic_and_independent_of_num_proc(tmp_path):
@@ -226,7 +238,9 @@ def test_bad_input_is_one_line_naming_the_file_and_writes_nothing(tmp_path, case
     assert "Traceback" not in result.stderr and str(bad) in result.stderr
     fragment = {"null row 1101": "row 1101's 'text' is null",
                 "a folder": "is a directory; pass its files",  # it was "input file not found"
-                "jsonl line not JSON": "not_json.jsonl:2: not JSON ("}.get(case, "")
+                "jsonl line not JSON": "not_json.jsonl:2: not JSON (",
+                "not UTF-8": "latin1.txt: not UTF-8 text (unexpected end of data); convert it, e.g. iconv",
+                }.get(case, "")
     assert fragment in result.stderr, result.stderr
     assert not out_dir.exists()  # not even made empty
 

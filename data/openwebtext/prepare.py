@@ -55,9 +55,9 @@ def check_inputs(paths: list[str]) -> None:
             raise MidgptError(f"{path} is a directory; pass its files, e.g. {os.path.join(path, '*.txt')}")
         if not os.path.isfile(path):
             raise MidgptError(f"input file not found: {path}")
-        suffix = Path(path).suffix
+        suffix = Path(path).suffix.lower()  # NOTES.TXT is a .txt
         if suffix not in (".txt", ".jsonl", ".parquet"):
-            raise MidgptError(f"{path}: unknown extension {suffix!r}; use .txt, .jsonl or .parquet")
+            raise MidgptError(f"{path}: unknown extension {Path(path).suffix!r}; use .txt, .jsonl or .parquet")
         if suffix == ".parquet":
             import pyarrow
 
@@ -76,11 +76,12 @@ def file_documents(path: str):
     try:
         yield from _file_documents(path)
     except UnicodeDecodeError as e:  # its position would count from a read buffer, not the file
-        raise MidgptError(f"{path}: not UTF-8 text ({e.reason})") from None
+        raise MidgptError(f"{path}: not UTF-8 text ({e.reason}); convert it, e.g. iconv -f latin1 -t utf-8") from None
 
 
 def _file_documents(path: str):
-    if path.endswith(".parquet"):
+    suffix = Path(path).suffix.lower()
+    if suffix == ".parquet":
         import pyarrow
 
         batches = parquet_file(path).iter_batches(batch_size=DOCS_PER_TASK, columns=["text"])
@@ -96,7 +97,7 @@ def _file_documents(path: str):
         # At most a document's worth at a time: a line of gigabytes (a file without newlines) is refused at
         # its first piece, not read whole. Only such a line comes in pieces, and its first one is refused.
         lines = iter(functools.partial(f.readline, MAX_DOCUMENT + 1), "")
-        if path.endswith(".jsonl"):
+        if suffix == ".jsonl":
             for lineno, line in enumerate(lines, 1):
                 if len(line) > MAX_DOCUMENT:  # held whole and tokenized, a document takes 14x its size
                     raise MidgptError(f"{path}:{lineno}: a line of over {MAX_DOCUMENT >> 20}M characters, more than "
