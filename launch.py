@@ -159,11 +159,12 @@ def launch(argv: list[str], signals: StopSignals) -> None:
         notes.append(f"resuming the run in {rundir}" + "".join(f"; {c}" for c in changes))
         if kept:  # a default changed since the run began, or another --config
             notes.append(f"the run keeps its saved values where --config={args.config} differs: {', '.join(kept)}")
+    from midgpt.checkpoint import SAME_COMMAND
     from midgpt.train import train
 
     try:
         # Without --rundir, the same command would start another run: the line that says how to resume names it.
-        resume_with = "the same command" + ("" if args.rundir else f" with --rundir={rundir}")
+        resume_with = SAME_COMMAND + ("" if args.rundir else f" with --rundir={rundir}")
         train(config, rundir, debug=args.debug, resume=resume, notes=notes, signals=signals, resume_with=resume_with)
     except BaseException:
         if not args.rundir and holds_nothing(rundir):  # a check of the data or the devices failed: no run to keep

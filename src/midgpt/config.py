@@ -211,6 +211,11 @@ def resume_config(saved: Config, named: Config, overrides: list[str]) -> tuple[C
     return resumed, changes, kept
 
 
+def leaves(config: Config) -> dict:
+    """Dotted name -> value, for every field that is not a group (model.n_layer, not model)."""
+    return {name: _get(config, name) for name in _leaf_types(type(config))}
+
+
 def _get(config, dotted: str):
     for part in dotted.split("."):
         config = getattr(config, part)

@@ -144,7 +144,7 @@ def peak_in_use() -> int | None:
     return stats.get("peak_bytes_in_use")
 
 
-def gib(n: int) -> str:
+def readable(n: int) -> str:
     """Bytes as GiB, or as MiB below one GiB: a small model's memory is not all 0.00 GiB."""
     return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.2f} MiB"
 
@@ -191,8 +191,8 @@ def check_fits(config: Config, mesh: Mesh, available: int | None, estimate_for) 
         fixes.append("more devices")
     if not state_fits:
         fixes.append("a smaller model (fewer --model.n_layer, a smaller --model.n_embd)")
-    needs = ", ".join(f"{k} {gib(v)}" for k, v in parts.items() if k != "total" and v)
+    needs = ", ".join(f"{k} {readable(v)}" for k, v in parts.items() if k != "total" and v)
     raise MidgptError(
-        f"this run needs about {gib(parts['total'])} per device ({needs}) but a device has "
-        f"{gib(available)}; use " + ", or ".join(fixes)
+        f"this run needs about {readable(parts['total'])} per device ({needs}) but a device has "
+        f"{readable(available)}; use " + ", or ".join(fixes)
     )

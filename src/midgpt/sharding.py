@@ -19,7 +19,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from midgpt.config import Config, config_to_dict
+from midgpt.config import Config, leaves
 from midgpt.errors import MidgptError
 
 REPLICA, FSDP = "replica", "fsdp"
@@ -31,21 +31,18 @@ def make_mesh(config: Config, resuming: bool = False) -> Mesh:
 
     Also checks that every device gets a whole number of each batch's rows.
     """
-    n = jax.device_count()
-    if not _fits(config.mesh_shape, n):
+    n, given = jax.device_count(), ",".join(map(str, config.mesh_shape))
+    if (shape := _resolve(config.mesh_shape, n)) is None:
         raise MidgptError(
-            f"mesh_shape={','.join(map(str, config.mesh_shape))} does not fit the {n} device{'s' * (n > 1)}; "
+            f"mesh_shape={given} does not fit the {n} device{'s' * (n > 1)}; "
             f"use sizes whose product is {n}, e.g. --mesh_shape=1,-1"
         )
-    fixed = math.prod(size for size in config.mesh_shape if size != -1)
-    replica, fsdp = (n // fixed if size == -1 else size for size in config.mesh_shape)
     if (B := config.batch_size) % n:
         if resuming:  # a resumed run keeps its batch, so the devices must change instead
             divisors = [d for d in range(1, B + 1) if B % d == 0]
-            fitting = [d for d in divisors if _fits(config.mesh_shape, d)]
-            shape = ",".join(map(str, config.mesh_shape))
+            fitting = [d for d in divisors if _resolve(config.mesh_shape, d)]
             where = (f"({_either(fitting)})" if fitting == divisors else
-                     f"and that mesh_shape={shape} fits ({_either(fitting)}), or pass another --mesh_shape" if fitting
+                     f"and that mesh_shape={given} fits ({_either(fitting)}), or pass another --mesh_shape" if fitting
                      else f"({_either(divisors)}) with another --mesh_shape, e.g. --mesh_shape=1,-1")
             raise MidgptError(f"this run's batch_size={B} does not split over the {n} devices of the mesh; "
                               f"resume it on a device count that divides {B} {where}")
@@ -53,13 +50,15 @@ def make_mesh(config: Config, resuming: bool = False) -> Mesh:
         raise MidgptError(f"batch_size={B} does not split over the {n} devices of the mesh; use a multiple of {n} "
                           f"({near}; g_accum_iters can keep the global batch near {B * config.g_accum_iters} rows)")
     # Auto axes: XLA propagates shardings from the declared inputs and outputs.
-    return jax.make_mesh((replica, fsdp), DATA_AXES, axis_types=(AxisType.Auto,) * 2)
+    return jax.make_mesh(shape, DATA_AXES, axis_types=(AxisType.Auto,) * 2)
 
 
-def _fits(mesh_shape: tuple[int, int], n: int) -> bool:
-    """Whether a mesh of this shape (one size may be -1, the rest) holds exactly n devices."""
+def _resolve(mesh_shape: tuple[int, int], n: int) -> tuple[int, int] | None:
+    """The mesh of this shape (one size may be -1, the rest) over exactly n devices, or None if there is none."""
     fixed = math.prod(size for size in mesh_shape if size != -1)
-    return n % fixed == 0 if -1 in mesh_shape else n == fixed
+    if n % fixed or (-1 not in mesh_shape and n != fixed):
+        return None
+    return tuple(n // fixed if size == -1 else size for size in mesh_shape)
 
 
 def _either(counts: list[int]) -> str:
@@ -116,7 +115,7 @@ def check_same_arguments(config: Config, rundir: str, debug: bool, resume: bool,
     if jax.process_count() == 1:
         return
     check_devices_alike()
-    arguments = {("--config" if name == "name" else f"--{name}"): value for name, value in _dotted(config_to_dict(config))}
+    arguments = {("--config" if name == "name" else f"--{name}"): value for name, value in leaves(config).items()}
     arguments |= {"--rundir (as an absolute path)": os.path.abspath(rundir), "--debug": debug,
                   "files in --rundir (it must be on a filesystem every host sees)": resume,
                   "compute_dtype auto (CPUs of other kinds: pass --compute_dtype)": compute_dtype}
@@ -133,12 +132,6 @@ def check_devices_alike() -> None:
     if jax.local_device_count() * jax.process_count() != jax.device_count():
         raise MidgptError(f"the processes have different numbers of devices ({jax.local_device_count()} in this one, "
                           f"{jax.device_count()} in all {jax.process_count()}); give every process as many")
-
-
-def _dotted(d: dict, prefix: str = ""):
-    """(dotted name, value) of each leaf of a nested dict."""
-    for key, value in d.items():
-        yield from _dotted(value, f"{prefix}{key}.") if isinstance(value, dict) else [(prefix + key, value)]
 
 
 @contextlib.contextmanager

@@ -200,7 +200,7 @@ def check_finite(metrics: dict, step: int, last_checkpoint: int | None, resume_w
         value = float(metrics[name])
         if not math.isfinite(value):
             kept = (f"checkpoint {last_checkpoint} is untouched: lower --learning_rate and run {resume_with} "
-                    "to resume from it" if last_checkpoint else "no checkpoint was written: run the same command "
+                    "to resume from it" if last_checkpoint else f"no checkpoint was written: run {checkpoint.SAME_COMMAND} "
                     "with a lower --learning_rate to start again")
             raise MidgptError(f"{name} is {value} at step {step}: training diverged; {kept}")
 
@@ -215,8 +215,8 @@ def plan_memory(config: Config, mesh: Mesh, like: TrainState, shardings, say) ->
     available, source = memory.device_memory()
     say(f"memory per device, estimated ({precision.compute_dtype(config.compute_dtype)} compute, remat "
         f"{config.model.remat}, attention {memory.training_attention(config)}): "
-        + ", ".join(f"{k} {memory.gib(v)}" for k, v in parts.items() if v)
-        + (f" of {memory.gib(available)} ({source})" if available else ""))
+        + ", ".join(f"{k} {memory.readable(v)}" for k, v in parts.items() if v)
+        + (f" of {memory.readable(available)} ({source})" if available else ""))
     memory.check_fits(config, mesh, available, estimate_for)
 
 
@@ -347,7 +347,7 @@ def _train(config: Config, rundir: str, debug: bool, resume: bool, notes: Sequen
                 jax.block_until_ready(state)
                 peak_memory = memory.peak_in_use()
                 say(f"step {step} (compile included) took {time.perf_counter() - interval_start:.1f} s"
-                    + (f"; peak memory {memory.gib(peak_memory)} per device" if peak_memory else ""))
+                    + (f"; peak memory {memory.readable(peak_memory)} per device" if peak_memory else ""))
                 interval_start, interval_steps = time.perf_counter(), 0
 
             is_eval = step % config.eval_interval == 0 or step == config.max_steps
