@@ -95,8 +95,12 @@ def test_the_models_logits_depend_on_relative_positions_only():
     model, tokens_BxT = make_model(), random_tokens(3)
     tokens_BxT[:, 1] = (tokens_BxT[:, 0] + 1) % V  # two different tokens to swap below
     logits_BxTxV = forward(model, tokens_BxT)
-    shifted_BxTxV = eqx.filter_jit(lambda m, t: m(t, positions_T=jnp.arange(T) + 37))(model, tokens_BxT)
-    np.testing.assert_allclose(shifted_BxTxV, logits_BxTxV, rtol=1e-4, atol=1e-4)
+    shifted = eqx.filter_jit(lambda m, t, first: m(t, positions_T=jnp.arange(T) + first))
+    np.testing.assert_allclose(shifted(model, tokens_BxT, 37), logits_BxTxV, rtol=1e-4, atol=1e-4)
+    # Also as far as sample.py goes (max_new_tokens up to 2**30), where float32 positions are 64 apart;
+    # the angles are then as exact as float32 keeps them at position 2000.
+    for first in (10**7 + 37, 2**30):
+        np.testing.assert_allclose(shifted(model, tokens_BxT, first), logits_BxTxV, rtol=3e-4, atol=3e-4)
     # Positions are used at all: in one layer (more would tell positions by the causal mask alone),
     # swapping two earlier tokens moves a later logit.
     one_layer = GPT(ModelConfig(vocab_size=V, block_size=T, n_layer=1, n_head=H, n_embd=D), key=jax.random.key(0))

@@ -15,6 +15,7 @@ from typing import NamedTuple
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
 from midgpt.config import ModelConfig
@@ -50,9 +51,18 @@ def _normal(key, shape, std):
 
 
 def rotary_tables(positions_T, head_dim: int, base: float):
-    """sin and cos of each position's rotation angles, each (T, C), in float32."""
-    inv_freq_R = base ** (-jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)  # R = C/2 rotated pairs
-    angle_TxR = positions_T.astype(jnp.float32)[:, None] * inv_freq_R
+    """sin and cos of each (non-negative, int32) position's rotation angles, each (T, C), in float32."""
+    inv_freq_R = base ** (-np.arange(0, head_dim, 2) / head_dim)  # R = C/2 rotated pairs; float64, as traced
+    # position * inv_freq in float32 keeps fewer of the angle's bits the larger the position: a sample's
+    # ten-millionth token was rotated so far off that its log-probabilities moved by 0.2. Summed over
+    # the position's bytes instead, each byte's step reduced mod 2 pi in float64, the angle is as
+    # exact at every position as at the first thousands.
+    positions_T = positions_T.astype(jnp.int32)
+    angle_TxR = sum(
+        ((positions_T >> 8 * i) & 255).astype(jnp.float32)[:, None]
+        * np.mod(256.0**i * inv_freq_R, 2 * np.pi).astype(np.float32)
+        for i in range(4)
+    )
     angle_TxC = jnp.concatenate([angle_TxR, angle_TxR], axis=-1)
     return jnp.sin(angle_TxC), jnp.cos(angle_TxC)
 
