@@ -1,7 +1,7 @@
 """Checkpoints under RUNDIR/checkpoints: orbax, asynchronous, atomic; resume from the newest good one.
 
 A checkpoint holds the whole TrainState (parameters, optimiser state, step, dropout
-key; the step is also the data position, since batches are drawn by (seed, step)),
+key; the step is also the data position, since batches are drawn by their step: see TrainState),
 the run's config, and a fingerprint of each array that a restore checks.
 """
 

@@ -365,7 +365,7 @@ def check_config(config: Config) -> None:
     if not (m.dropout == 0 or 0 < round(m.dropout * 256) < 256):
         raise MidgptError(f"config field 'model.dropout' must be 0 or from 1/256 to 255/256 (it is drawn in "
                           f"steps of 1/256), got {m.dropout}")
-    if config.lr_decay_steps < 2:  # the first update uses the peak, update lr_decay_steps min_lr
+    if config.lr_decay_steps < 2:  # warmup takes at least one update, and the decay ends after it
         raise MidgptError(f"lr_decay_steps={config.lr_decay_steps} must be at least 2")
     if not 0 <= config.warmup_steps < config.lr_decay_steps:
         raise MidgptError(f"warmup_steps={config.warmup_steps} must be in [0, lr_decay_steps={config.lr_decay_steps}): "

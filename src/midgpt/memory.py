@@ -60,7 +60,8 @@ def training_attention(config: Config) -> str:
 def activation_bytes(config: Config, mesh: Mesh, pieces: int = 1, chunks: int = 1) -> int:
     """A rough count of one device's activation memory in a step, with remat as configured.
 
-    Per layer what remat saved, one layer's internals, one loss slice's logits; one of the `pieces` at a time.
+    Per layer what remat saved, the internals of the layers in one scan iteration, one loss slice's logits;
+    one of the `pieces` at a time.
     """
     m = config.model
     B = config.batch_size // mesh.size // pieces  # rows per device at once: the batch is split over every device

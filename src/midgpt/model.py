@@ -280,7 +280,6 @@ class GPT(eqx.Module):
     embed_VxD: jax.Array
     blocks: Block  # every array has a leading L axis: layers stacked for lax.scan
     final_norm: RMSNorm
-    dropout: float = eqx.field(static=True)
     config: ModelConfig = eqx.field(static=True)
 
     def __init__(self, cfg: ModelConfig, *, key):
@@ -291,7 +290,6 @@ class GPT(eqx.Module):
         make_block = lambda k: Block(cfg, key=k)
         self.blocks = eqx.filter_vmap(make_block)(jax.random.split(k_blocks, cfg.n_layer))
         self.final_norm = RMSNorm(cfg.n_embd)
-        self.dropout = cfg.dropout
         self.config = cfg
 
     def __call__(self, tokens_BxT, *, key=None, positions_T=None, cache: KVCache | None = None, gather=None):
@@ -314,7 +312,7 @@ class GPT(eqx.Module):
         gather = gather or (lambda params: params)
         embed_VxD = gather(self.embed_VxD)  # for the lookup and the output layer
         x_BxTxD = lookup(embed_VxD, tokens_BxT)
-        x_BxTxD = dropout(x_BxTxD, self.dropout, embed_key)
+        x_BxTxD = dropout(x_BxTxD, cfg.dropout, embed_key)
         if positions_T is None:
             positions_T = jnp.arange(tokens_BxT.shape[1])
         sin_TxC, cos_TxC = rotary_tables(positions_T, cfg.head_dim, cfg.rope_base)
@@ -338,8 +336,8 @@ class GPT(eqx.Module):
             out = block(x_BxTxD, sin_TxC, cos_TxC, mask_TxS, key=layer_key, cache=layer_cache, slots_T=slots_T)
             return out if cache is not None else (out, None)
 
-        # Rematerialise in the backward pass: activation memory then holds what
-        # the policy saves of each layer, and one layer's internals at a time.
+        # Rematerialise in the backward pass: activation memory then holds what the policy saves
+        # of each layer, and the internals of one scan iteration's scan_unroll layers at a time.
         if cfg.remat != "none":
             layer = jax.checkpoint(layer, policy=REMAT_POLICIES[cfg.remat])
 

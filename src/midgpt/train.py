@@ -36,7 +36,9 @@ class TrainState(eqx.Module):
 
     model: GPT  # parameters in param_dtype
     opt_state: optax.OptState
-    step: jax.Array  # updates done so far
+    # Updates done so far: the next one trains on the batch of loop step `step + 1` (data.get_batch's key
+    # (seed, TRAIN_STREAM, step + 1)), with dropout masks from dropout_key folded with `step`.
+    step: jax.Array
     dropout_key: jax.Array  # raw key data (uint32), so checkpoints hold plain arrays
 
 
@@ -164,18 +166,19 @@ def eval_loss(model: GPT, x_GxBxT, y_GxBxT, compute_dtype: str, pieces: int = 1,
     G, B, T = x_GxBxT.shape
     M = G * pieces
     x_MxbxT, y_MxbxT = (a.reshape(M, B // pieces, T) for a in (x_GxBxT, y_GxBxT))
-    # Pieces smaller than ACTIVATIONS_AT_ONCE run several at a time: their matmuls are too small
-    # to keep a CPU busy (shakespeare_char_cpu's evaluation: 0.21 s -> 0.17 s here). lax.map's
-    # batch_size=1 adds a vmap of one, which XLA:CPU ran 10% slower on pieces that fill the
-    # budget (shakespeare_char's) but in a quarter less time on its whole 64-row batches:
-    # batches over the budget keep it.
-    at_once = min(ACTIVATIONS_AT_ONCE // (B // pieces * T * model.config.n_embd), M)
+    at_once = min(ACTIVATIONS_AT_ONCE // (B // pieces * T * model.config.n_embd), M)  # pieces in the budget
+    # lax.map's batch_size=1 adds a vmap of one, which XLA:CPU ran 10% slower on pieces that fill the
+    # budget (shakespeare_char's) but in a quarter less time on its whole 64-row batches.
+    if at_once > 1:  # smaller pieces, several at a time: their matmuls alone are too small to keep a
+        batch_size = at_once  # CPU busy (shakespeare_char_cpu's evaluation: 0.21 s -> 0.17 s here)
+    else:
+        batch_size = None if at_once == 1 else 1  # filling the budget, or over it
     # Whole groups, the last filled up with pieces that the mean leaves out: lax.map would trace the
     # model a second time for a remainder (0.6 s of shakespeare_char_cpu's 1.8 s evaluation compile).
-    pad = -M % at_once if at_once > 1 else 0
+    pad = -M % batch_size if batch_size else 0
     x_NxbxT, y_NxbxT = (jnp.concatenate([a, a[:pad]]) for a in (x_MxbxT, y_MxbxT))
     loss_N = jax.lax.map(lambda batch: loss_fn(model, *batch, gather=gather, chunks=chunks), (x_NxbxT, y_NxbxT),
-                         batch_size=None if at_once == 1 else max(1, at_once))
+                         batch_size=batch_size)
     return loss_N[:M].mean()
 
 

@@ -1,4 +1,4 @@
-"""The laptop version of shakespeare_char: a 4-layer, width-128 model that trains on a CPU in about a minute."""
+"""The laptop version of shakespeare_char: 4 layers of width 128, trained on a 2-core CPU in one to three minutes."""
 
 import dataclasses
 
