@@ -10,9 +10,10 @@ import pytest
 
 from conftest import PREPARE, REPO_ROOT, small_files, this_tree_env
 from midgpt.config import apply_overrides, load_config
-from midgpt.data import get_batch, load_meta, load_splits, load_tokens
+from midgpt.data import get_batch, global_batch, load_meta, load_splits, load_tokens
 from midgpt.tokenizer import decode, encode
 from midgpt.errors import MidgptError
+from midgpt.sharding import make_mesh
 
 
 @pytest.fixture(scope="module")
@@ -190,6 +191,21 @@ def test_windows_reach_every_start_offset_and_stay_in_bounds():
     tokens = np.arange(10, dtype=np.uint16)
     starts = {int(x_T[0]) for step in range(50) for x_T in get_batch(tokens, (0, step), 4, 4)[0]}
     assert starts == set(range(6))  # offset 5 uses the last token as the final target
+
+
+
+def test_a_token_id_past_the_vocabulary_is_named_with_its_file_not_left_to_diverge(tmp_path):
+    config = load_config("shakespeare_char_cpu")  # 65 ids
+    mesh = make_mesh(config)
+    tokens_N = np.full(1000, 7, np.uint16)
+    (tmp_path / "train.bin").write_bytes(tokens_N.tobytes())
+    x_GxBxT, _ = global_batch(load_tokens(str(tmp_path), "train"), (0, 1), 1, config, mesh)
+    assert int(x_GxBxT.max()) == 7
+    tokens_N[500] = 65535  # as a damaged file may hold, in every window that a batch of 12 of 64 draws
+    (tmp_path / "train.bin").write_bytes(tokens_N[436:565].tobytes())
+    with pytest.raises(MidgptError, match=rf"^{tmp_path}/train.bin holds token id 65535, past "
+                                          r"model.vocab_size=65: it is damaged; prepare the data again$"):
+        global_batch(load_tokens(str(tmp_path), "train"), (0, 1), 1, config, mesh)
 
 
 CHILD = """

@@ -145,6 +145,10 @@ def global_batch(tokens: np.ndarray, key: tuple[int, ...], G: int, config: Confi
     # Row b of micro-batch g is row g * B + b of the G * B rows drawn for the key.
     index_Gb = (np.arange(G)[:, None] * B + rows_b).ravel()
     x_GbxT, y_GbxT = get_batch(tokens, key, G * B, T, rows=index_Gb)
+    # Ids past the table look up nothing: the loss turns NaN, and the learning rate would be blamed.
+    if x_GbxT.size and (top := int(max(x_GbxT.max(), y_GbxT.max()))) >= config.model.vocab_size:
+        raise MidgptError(f"{getattr(tokens, 'filename', None) or 'the data'} holds token id {top}, past "
+                          f"model.vocab_size={config.model.vocab_size}: it is damaged; prepare the data again")
     return tuple(
         jax.make_array_from_process_local_data(batch_sharding, a_GbxT.reshape(G, len(rows_b), T), (G, B, T))
         for a_GbxT in (x_GbxT, y_GbxT)
