@@ -192,7 +192,7 @@ def test_named_configs_load_as_frozen_configs():
     ("--model.dropout=nan", "'model.dropout' must be a finite number"),
     ("--min_lr=1", "min_lr=1.0 must be in [0, learning_rate=0.001]"),
     ("--min_lr=-1e-4", "min_lr=-0.0001 must be in"),
-    ("--lr_decay_steps=1", "lr_decay_steps=1 must be at least 2"),  # the first update uses the peak
+    ("--lr_decay_steps=1", "lr_decay_steps=1 must be at least 2"),  # warmup takes one update, the decay one more
     ("--lr_decay_steps=10", "warmup_steps=100 must be in [0, lr_decay_steps=10): lower --warmup_steps or raise "
                             "--lr_decay_steps"),
     ("--beta2=1.5", "'beta2' must be in [0, 1)"),
@@ -200,6 +200,13 @@ def test_named_configs_load_as_frozen_configs():
     ("--model.rope_base=0", "'model.rope_base' must be positive"),
     ("--data_dir=", "'data_dir' is empty"),
     ("--seed=4294967295", "'seed' must be in [0, 2**32 - 1)"),  # jax.random.key(seed + 1) keeps 32 bits
+    # The schedule's counts enter the jitted step as int32: 2**31 was a traceback from optax.
+    ("--warmup_steps=2147483648", "'warmup_steps' must be below 2**30 (steps are counted in int32)"),
+    ("--max_steps=1073741824", "'max_steps' must be below 2**30"),
+    ("--lr_decay_steps=1073741824", "'lr_decay_steps' must be below 2**30"),
+    # weight_decay / learning_rate overflowed float32, and every weight turned NaN.
+    ("--learning_rate=1e-300", "learning_rate=1e-300 with weight_decay=0.0001 is beyond float32"),
+    ("--weight_decay=1e36", "learning_rate=0.001 with weight_decay=1e+36 is beyond float32"),
     # Masks are drawn in steps of 1/256: 0.999 would keep every element and divide it by 0, 0.001 drop none.
     ("--model.dropout=0.999", "'model.dropout' must be 0 or from 1/256 to 255/256"),
     ("--model.dropout=0.001", "'model.dropout' must be 0 or from 1/256 to 255/256"),

@@ -344,6 +344,16 @@ def check_config(config: Config) -> None:
         if (tokens := micro_batches * config.batch_size * m.block_size) >= 2**31:
             raise MidgptError(f"{name} x batch_size x model.block_size is {tokens:,} tokens at once, far beyond "
                               "any run (GPT-3 took 3.2M a step); lower them (below 2**31 together)")
+    # The step counter, and the schedule's counts beside it, are int32 in the jitted step.
+    for name in ("max_steps", "warmup_steps", "lr_decay_steps"):
+        if getattr(config, name) >= 2**30:
+            raise MidgptError(f"config field {name!r} must be below 2**30 (steps are counted in int32), "
+                              f"got {getattr(config, name)}")
+    # The optimiser's arithmetic is float32: a learning_rate of 1e-300 there was 0, and the decay's
+    # factor weight_decay / learning_rate inf, which made every weight NaN.
+    if config.learning_rate < 1.2e-38 or config.weight_decay / config.learning_rate > 3.4e38:
+        raise MidgptError(f"learning_rate={config.learning_rate} with weight_decay={config.weight_decay} is beyond "
+                          "float32, in which the optimiser runs; raise --learning_rate or lower --weight_decay")
     # numpy's generators, which draw the batches, take no negative seed; jax.random.key keeps 32 bits
     # (without jax_enable_x64), and the dropout key is key(seed + 1), so seed + 1 must stay below 2**32
     if not 0 <= config.seed < 2**32 - 1:
