@@ -38,7 +38,8 @@ def main(argv: list[str]) -> None:
     start = args.start
     if start.startswith("FILE:"):
         try:
-            with open(start.removeprefix("FILE:"), encoding="utf-8-sig") as f:  # -sig: a byte-order mark is no text
+            # -sig: a byte-order mark is no text; ~ is expanded, as it is in --rundir
+            with open(os.path.expanduser(start.removeprefix("FILE:")), encoding="utf-8-sig") as f:
                 start = f.read()
         except (OSError, UnicodeDecodeError) as e:
             parser.error(f"cannot read the prompt file: {e}")
@@ -63,7 +64,9 @@ def main(argv: list[str]) -> None:
         ids = tokenizer.encode(meta, start)
     except tokenizer.UnknownCharacters as e:
         if args.start != parser.get_default("start"):
-            raise MidgptError(f"{e}: leave them out of the prompt (the run knows the characters of its data only)") from None
+            file = "; a prompt file is FILE:path, in capitals" if args.start.lower().startswith("file:") else ""
+            raise MidgptError(f"{e}: leave them out of the prompt (the run knows the characters of its data only)"
+                              + file) from None
         raise MidgptError(f"{e}, the default --start: pass --start=TEXT in this run's vocabulary") from None
     T = config.model.block_size
     if len(ids) > T:  # the model sees at most block_size tokens: a longer prompt keeps its end
@@ -77,7 +80,8 @@ def main(argv: list[str]) -> None:
     except jax.errors.JaxRuntimeError as e:
         if "RESOURCE_EXHAUSTED" not in str(e):
             raise
-        raise MidgptError(f"{args.num_samples} samples of {len(ids) + args.max_new_tokens} tokens do not "
+        raise MidgptError(f"{args.num_samples} sample{'s' * (args.num_samples > 1)} of "
+                          f"{len(ids) + args.max_new_tokens} tokens do not "
                           "fit the device's memory; lower --num_samples or --max_new_tokens") from None
     for i, row in enumerate(tokens_BxN):
         say(("-" * 40 + "\n" if i else "") + tokenizer.decode(meta, row.tolist()))

@@ -177,7 +177,9 @@ def test_sample_reads_a_prompt_file_and_keeps_the_end_of_a_long_prompt(short_run
     assert result.stdout.startswith(prompt[-64:]) and len(result.stdout.rstrip("\n")) >= 64 + 19
     assert not result.stdout.startswith(prompt[-65:])
     (tmp_path / "bom.txt").write_text("\ufeffROMEO:")  # as Windows editors save it: the mark is no text
-    result = run("sample.py", f"--rundir={short_run}", f"--start=FILE:{tmp_path}/bom.txt", "--max_new_tokens=5")
+    # ~ is expanded, as in --rundir (quoted, the shell leaves it to sample.py)
+    result = run("sample.py", f"--rundir={short_run}", "--start=FILE:~/bom.txt", "--max_new_tokens=5",
+                 env={**os.environ, "HOME": str(tmp_path)})
     assert result.returncode == 0 and result.stdout.startswith("ROMEO:"), result.stderr
 
 
@@ -646,6 +648,9 @@ def test_sample_errors_are_one_line(short_run, shakespeare_data_dir, tmp_path):
     assert_one_line_error(run("sample.py", f"--rundir={short_run}", "--top_k=0"), "top_k")
     assert_one_line_error(run("sample.py", f"--rundir={short_run}", "--step=7"), "no checkpoint at step 7")
     assert_one_line_error(run("sample.py", f"--rundir={short_run}", "--start=FILE:/no/such/prompt"), "/no/such/prompt")
+    assert_one_line_error(run("sample.py", f"--rundir={short_run}", "--start=file:/no/such/prompt"),
+                          "leave them out of the prompt (the run knows the characters of its data only); a prompt "
+                          "file is FILE:path, in capitals")
     assert_one_line_error(run("sample.py", f"--rundir={short_run}", "--start="), "prompt is empty")
     assert_one_line_error(run("sample.py", f"--rundir={short_run}", "--temperature=hot"), "temperature")
     assert_one_line_error(run("sample.py", f"--rundir={short_run}", "--temperature=nan"), "temperature")
