@@ -20,6 +20,7 @@ from midgpt.config import (CHECKPOINTS, apply_overrides, check_config, config_na
                            resume_config, saved_steps)
 from midgpt.errors import MidgptError
 from midgpt.files import LOCK
+from midgpt.metrics import last_step
 
 
 def new_rundir() -> str:
@@ -53,7 +54,13 @@ def check_new_rundir(rundir: str) -> None:
         if not os.path.exists(os.path.join(rundir, "config.json")):
             raise MidgptError(f"--rundir={rundir} holds files but no run (no config.json), which a new run could "
                               "overwrite; pass a new or empty --rundir")
-        read_config_json(rundir)  # a run without checkpoints (--debug's, killed early) starts afresh
+        # A run without checkpoints (--debug's, one killed before its first save) starts afresh, but not
+        # one whose logs pass a save it made: its checkpoints/ was removed, and its logs would go too.
+        logged, saved = last_step(os.path.join(rundir, "metrics.jsonl")), read_config_json(rundir)
+        if logged >= saved.checkpoint_interval and not os.path.isdir(os.path.join(rundir, CHECKPOINTS)):
+            raise MidgptError(f"--rundir={rundir} logged training up to step {logged} but holds no {CHECKPOINTS}/ "
+                              "(removed?); a new run there would overwrite its logs and config.json: pass a new "
+                              f"--rundir, or delete {rundir} to train there afresh")
 
 
 def check_port_free(coordinator_address: str) -> None:

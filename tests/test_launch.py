@@ -46,6 +46,26 @@ def short_run(shakespeare_data_dir, tmp_path_factory):
     return rundir
 
 
+
+def test_a_run_whose_checkpoints_were_removed_is_refused_not_trained_over(short_run, shakespeare_data_dir, tmp_path):
+    rundir = tmp_path / "run"
+    shutil.copytree(short_run, rundir)
+    shutil.rmtree(rundir / "checkpoints")  # to free the disk, say, once it had finished
+    before = {name: (rundir / name).read_bytes() for name in os.listdir(rundir)}
+    result = run("launch.py", "--config=shakespeare_char_cpu", f"--rundir={rundir}", *TINY,
+                 f"--data_dir={shakespeare_data_dir}")
+    assert_one_line_error(result, f"--rundir={rundir} logged training up to step 40 but holds no checkpoints/ "
+                          "(removed?); a new run there would overwrite its logs and config.json: pass a new --rundir, "
+                          f"or delete {rundir} to train there afresh")
+    assert {name: (rundir / name).read_bytes() for name in os.listdir(rundir)} == before
+    # Logs short of a save (a --debug run's, one killed before its first save) are a run to start afresh.
+    (rundir / "metrics.jsonl").write_bytes(b"".join(line for line in before["metrics.jsonl"].splitlines(True)
+                                                    if json.loads(line)["step"] < 15))
+    result = run("launch.py", "--config=shakespeare_char_cpu", f"--rundir={rundir}", *TINY,
+                 f"--data_dir={shakespeare_data_dir}", "--max_steps=1")
+    assert result.returncode == 0, result.stderr
+    assert [r["step"] for r in read_metrics(rundir)] == [1]
+
 def test_a_rundir_from_home_is_expanded_and_one_with_only_a_lock_and_no_checkpoint_is_new(short_run, shakespeare_data_dir, tmp_path):
     # --rundir=~/run reaches us with its ~: it made a folder named "~" in the current directory.
     env = {**os.environ, "HOME": str(tmp_path)}

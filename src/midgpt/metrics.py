@@ -48,6 +48,14 @@ def rewind_jsonl(path: str, step: int):
     write_atomically(path, b"".join(kept))
 
 
+def last_step(path: str) -> int:
+    """The latest step that metrics.jsonl records; 0 for none, or for a file that cannot be read as records."""
+    with contextlib.suppress(OSError, ValueError, TypeError, KeyError):
+        with open(path, "rb") as f:
+            return max((json.loads(line)["step"] for line in f if line.endswith(b"\n")), default=0)
+    return 0
+
+
 def rewind_events(rundir: str, step: int):
     """Keep the TensorBoard events up to step, but for the config of an attempt that started there."""
     # The files themselves are cut: SummaryWriter's purge_step would only hide later events,
