@@ -2,10 +2,13 @@
 
 import json
 import os
+import pty
+import select
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import jax
@@ -169,6 +172,35 @@ def test_a_stop_signal_saves_and_exits_0_when_nobody_reads_the_output(shakespear
     [saved] = os.listdir(rundir / "checkpoints")
     assert int(saved) >= 5 and "Error" not in errors, errors
 
+
+
+def test_a_closed_terminal_saves_and_exits_0(shakespeare_data_dir, tmp_path):
+    # A closed terminal or ssh session: SIGHUP, and every later write to the terminal fails (EIO).
+    # SIGHUP's default ended the run at once, without a checkpoint of the steps since the last.
+    rundir = tmp_path / "run"
+    terminal, run_side = pty.openpty()
+    proc = launch(rundir, shakespeare_data_dir, "--max_steps=100000", stdout=run_side, stderr=run_side)
+    os.close(run_side)
+    reading = threading.Event()
+    reading.set()
+
+    def read_terminal():  # as a terminal does: a full one would block the run's writes
+        while reading.is_set():
+            if select.select([terminal], [], [], 0.05)[0]:
+                os.read(terminal, 1 << 16)
+
+    reader = threading.Thread(target=read_terminal)
+    reader.start()
+    try:
+        wait_for_step(rundir, 5, proc)
+    finally:
+        reading.clear()
+        reader.join()
+    os.close(terminal)
+    proc.send_signal(signal.SIGHUP)
+    assert finish(proc, timeout=120)[0] == 0
+    [saved] = os.listdir(rundir / "checkpoints")
+    assert int(saved) >= 5
 
 def test_a_stop_signal_before_the_first_step_is_heard_too(shakespeare_data_dir, tmp_path):
     # Alone, it used to kill the run; under jax.distributed, JAX's own handler noted it and training went on.

@@ -3,6 +3,7 @@
 import argparse
 import contextlib
 import ctypes
+import errno
 import logging
 import os
 import re
@@ -47,14 +48,14 @@ def run(main) -> None:
     try:
         main(sys.argv[1:])
     except MidgptError as e:
-        with contextlib.suppress(BrokenPipeError):
+        with contextlib.suppress(OSError):  # a closed pipe, a hung-up terminal
             sys.stdout.flush()
             sys.stderr.flush()
         # Other threads are silenced before the line is written: orbax's abandoned reads of a damaged
         # checkpoint print tracebacks as they are collected, in some runs just after it.
         stderr = os.dup(sys.stderr.fileno())
         _discard(sys.stderr)
-        with contextlib.suppress(BrokenPipeError):
+        with contextlib.suppress(OSError):
             # surrogateescape: a path given in bytes that are not UTF-8 is written back as it came
             os.write(stderr, f"error: {e}\n".encode(errors="surrogateescape"))
         # Not the interpreter's teardown: jax.distributed's exit barrier waits for processes that may
@@ -152,8 +153,13 @@ def _discard(stream) -> None:
     os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())
 
 
+def _reader_gone(e: OSError) -> bool:
+    """Whether a write failed because nothing reads the stream any more: a closed pipe, a hung-up terminal."""
+    return isinstance(e, BrokenPipeError) or e.errno == errno.EIO
+
+
 class PipeSafe:
-    """A stream for the progress bar that survives a closed pipe (`2>&1 | tee log` ended by Ctrl-C)."""
+    """A stream for the progress bar that survives its reader's end (`2>&1 | tee log` ended by Ctrl-C, a closed ssh)."""
 
     def __init__(self, stream):
         self.stream = stream
@@ -161,14 +167,18 @@ class PipeSafe:
     def write(self, text: str) -> int:
         try:
             return self.stream.write(text)
-        except BrokenPipeError:
+        except OSError as e:
+            if not _reader_gone(e):
+                raise
             _discard(self.stream)
             return len(text)
 
     def flush(self) -> None:
         try:
             self.stream.flush()
-        except BrokenPipeError:
+        except OSError as e:
+            if not _reader_gone(e):
+                raise
             _discard(self.stream)
 
     def __getattr__(self, name):  # isatty, fileno, encoding: the stream's own
@@ -181,8 +191,13 @@ class PipeSafe:
         return hash(self.stream)
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
 class StopSignals:
-    """SIGINT/SIGTERM ask for a stop after the current step; a second one stops at once.
+    """SIGINT, SIGTERM and SIGHUP ask for a stop after the current step; a second one stops at once.
+
+    SIGHUP is a closed terminal or ssh session, which would otherwise end the run without a checkpoint.
 
     Python runs a handler only when the main thread is back from C++ (a compile, a wait for the
     device: seconds, or minutes), and takes two signals that came meanwhile for one. But the
@@ -206,12 +221,12 @@ class StopSignals:
         threading.Thread(target=self._count, args=(read_fd,), daemon=True).start()
         os.set_blocking(self.write_fd, False)  # as set_wakeup_fd requires
         self.previous_fd = signal.set_wakeup_fd(self.write_fd)
-        self.previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+        self.previous = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
         self.listen()
         return self
 
     def listen(self) -> None:
-        """Take SIGINT and SIGTERM (again: jax.distributed.initialize installs a SIGTERM handler of its own)."""
+        """Take the stop signals (again: jax.distributed.initialize installs a SIGTERM handler of its own)."""
         for sig in self.previous:
             signal.signal(sig, self.handle)
 
@@ -229,7 +244,7 @@ class StopSignals:
         first = None
         with open(read_fd, "rb", buffering=0) as wakeups:
             while byte := wakeups.read(1):
-                if byte[0] not in (signal.SIGINT, signal.SIGTERM):  # a signal another library handles
+                if byte[0] not in STOP_SIGNALS:  # a signal another library handles
                     continue
                 if first is None:
                     first = time.monotonic()
