@@ -16,8 +16,8 @@ import socket
 import time
 
 from midgpt.cli import ArgumentParser, StopSignals, cache_compiled_programs, run
-from midgpt.config import (CHECKPOINTS, apply_overrides, check_config, config_names, load_config, read_config_json,
-                           resume_config, saved_steps)
+from midgpt.config import (CHECKPOINTS, apply_overrides, check_as_checkpointed, check_config, config_names,
+                           load_config, read_config_json, resume_config, saved_steps)
 from midgpt.errors import MidgptError
 from midgpt.files import LOCK
 from midgpt.metrics import last_step
@@ -128,7 +128,9 @@ def launch(argv: list[str], signals: StopSignals) -> None:
     if resume and args.debug:
         raise MidgptError(f"{args.rundir} holds a run and --debug writes no checkpoints; use a new --rundir")
     if resume:  # the run's own config, with the overrides that keep it the same run
-        config, changes, kept = resume_config(read_config_json(args.rundir), config, overrides)
+        saved = read_config_json(args.rundir)
+        check_as_checkpointed(args.rundir, saved)
+        config, changes, kept = resume_config(saved, config, overrides)
     check_config(config)
     if args.rundir and not resume:
         check_new_rundir(args.rundir)

@@ -66,6 +66,25 @@ def test_a_run_whose_checkpoints_were_removed_is_refused_not_trained_over(short_
     assert result.returncode == 0, result.stderr
     assert [r["step"] for r in read_metrics(rundir)] == [1]
 
+
+@pytest.mark.parametrize("field, value", [("model", {"block_size": 256}), ("model", {"rope_base": 500.0}),
+                                          ("batch_size", 24), ("seed", 7)])
+def test_a_resume_refuses_a_config_json_edited_to_another_model_or_other_batches(short_run, shakespeare_data_dir,
+                                                                                tmp_path, field, value):
+    # What --batch_size=24 on the command line is refused for: the checkpoints' copies of the config tell.
+    rundir = tmp_path / "run"
+    shutil.copytree(short_run, rundir)
+    config = json.loads((rundir / "config.json").read_text())
+    config[field] = {**config[field], **value} if isinstance(value, dict) else value
+    (rundir / "config.json").write_text(json.dumps(config))
+    before = {p: p.read_bytes() for p in sorted(rundir.rglob("*")) if p.is_file()}
+    result = run("launch.py", "--config=shakespeare_char_cpu", f"--rundir={rundir}", *TINY,
+                 f"--data_dir={shakespeare_data_dir}", "--max_steps=60")
+    name, edited = (f"model.{[*value][0]}", [*value.values()][0]) if isinstance(value, dict) else (field, value)
+    assert_one_line_error(result, f"{rundir}/config.json has {name}={edited!r} but checkpoint 40 trained with ",
+                          f"cp {rundir}/checkpoints/40/config/metadata {rundir}/config.json")
+    assert {p: p.read_bytes() for p in sorted(rundir.rglob("*")) if p.is_file()} == before
+
 def test_a_rundir_from_home_is_expanded_and_one_with_only_a_lock_and_no_checkpoint_is_new(short_run, shakespeare_data_dir, tmp_path):
     # --rundir=~/run reaches us with its ~: it made a folder named "~" in the current directory.
     env = {**os.environ, "HOME": str(tmp_path)}
@@ -682,7 +701,11 @@ def test_sample_errors_are_one_line(short_run, shakespeare_data_dir, tmp_path):
     shutil.copytree(short_run, edited)
     config = json.loads((edited / "config.json").read_text())
     (edited / "config.json").write_text(json.dumps({**config, "model": {**config["model"], "n_layer": 3}}))
-    assert_one_line_error(run("sample.py", f"--rundir={edited}"), "holds other arrays than this model")
+    newest = max(os.listdir(edited / "checkpoints"), key=int)
+    assert_one_line_error(run("sample.py", f"--rundir={edited}"), f"{edited}/config.json has model.n_layer=3 but "
+                          f"checkpoint {newest} trained with 2 (an edit?): that is another model or other batches; put "
+                          f"the newest checkpoint's copy back: cp {edited}/checkpoints/{newest}/config/metadata "
+                          f"{edited}/config.json, or train it in a new --rundir")
     (edited / "config.json").write_text(json.dumps({**config, "model": {**config["model"], "remat": "bogus"}}))
     assert_one_line_error(run("sample.py", f"--rundir={edited}"), "model.remat")  # as launch.py would refuse it
     (edited / "config.json").write_text(json.dumps({**config, "note": "mine"}))

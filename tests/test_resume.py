@@ -352,7 +352,8 @@ def test_checkpoint_of_another_model_is_refused_not_taken_for_damage(uninterrupt
     # Checkpoints whose arrays are not the model's, as another version of midgpt would leave them.
     config = json.loads((rundir / "config.json").read_text())
     config["model"]["n_head"] = 2
-    (rundir / "config.json").write_text(json.dumps(config))
+    for path in [rundir / "config.json", *rundir.glob("checkpoints/*/config/metadata")]:  # its copies agree
+        path.write_text(json.dumps(config))
     before = {p: p.read_bytes() for p in sorted(rundir.rglob("*")) if p.is_file()}
     code, output = finish(launch(rundir, shakespeare_data_dir, "--max_steps=80", "--model.n_head=2"))
     assert code == 1, output

@@ -139,6 +139,25 @@ def _put_back(rundir: str, path: str) -> str:
     return ""
 
 
+def check_as_checkpointed(rundir: str, config: Config) -> None:
+    """Refuse a config.json whose model or batches differ from those its newest checkpoint trained with (an edit)."""
+    for step in sorted(saved_steps(rundir), reverse=True):
+        copy = os.path.join(rundir, CHECKPOINTS, str(step), "config", "metadata")
+        try:
+            with open(copy, encoding="utf-8") as f:
+                trained = config_from_dict(json.load(f))
+        except (OSError, ValueError, MidgptError):  # no copy (an unfinished save), or damage the restore reports
+            continue
+        for name in _leaf_types(Config):
+            fixed = name.split(".")[0] in FIXED_ON_RESUME and name not in FREE_ON_RESUME
+            if fixed and _get(config, name) != _get(trained, name):
+                raise MidgptError(f"{os.path.join(rundir, 'config.json')} has {name}={_get(config, name)!r} but "
+                                  f"checkpoint {step} trained with {_get(trained, name)!r} (an edit?): that is another "
+                                  f"model or other batches; {_put_back(rundir, os.path.join(rundir, 'config.json'))}, "
+                                  "or train it in a new --rundir")
+        return
+
+
 def _runs_near(rundir: str) -> str:
     """What to pass for a path that is not a run: a run it holds (outputs/), or the run it is in (a checkpoint's)."""
     if os.path.isdir(rundir):
