@@ -17,7 +17,7 @@ import time
 
 from midgpt.cli import ArgumentParser, StopSignals, cache_compiled_programs, run
 from midgpt.config import (CHECKPOINTS, apply_overrides, check_as_checkpointed, check_config, config_names,
-                           load_config, read_config_json, resume_config, saved_steps)
+                           load_config, read_config_json, resume_config, runs_near, saved_steps)
 from midgpt.errors import MidgptError
 from midgpt.files import LOCK
 from midgpt.metrics import last_step
@@ -53,7 +53,7 @@ def check_new_rundir(rundir: str) -> None:
     if not holds_nothing(rundir):
         if not os.path.exists(os.path.join(rundir, "config.json")):
             raise MidgptError(f"--rundir={rundir} holds files but no run (no config.json), which a new run could "
-                              "overwrite; pass a new or empty --rundir")
+                              f"overwrite; {runs_near(rundir, with_step=False) or 'pass a new or empty --rundir'}")
         # A run without checkpoints (--debug's, one killed before its first save) starts afresh, but not
         # one whose logs pass a save it made: its checkpoints/ was removed, and its logs would go too.
         logged, saved = last_step(os.path.join(rundir, "metrics.jsonl")), read_config_json(rundir)

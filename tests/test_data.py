@@ -163,6 +163,15 @@ def test_a_missing_file_outside_data_names_both_prepare_scripts_with_its_directo
     assert str(info.value).count(f"--out_dir {tmp_path}") == 2
 
 
+def test_a_run_directory_passed_as_data_is_told_which_data_its_run_read(tmp_path):
+    # The usual advice, to prepare data there, is what prepare.py refuses for a run's folder.
+    (tmp_path / "config.json").write_text('{"data_dir": "data/shakespeare_char"}')
+    with pytest.raises(MidgptError) as info:
+        load_meta(str(tmp_path))
+    assert str(info.value) == (f"{tmp_path} is a run directory, not prepared data; pass the folder that prepare.py "
+                               "wrote, as that run did: --data_dir=data/shakespeare_char")
+
+
 def test_same_key_gives_the_same_batch(shakespeare_data_dir):
     tokens = load_tokens(shakespeare_data_dir, "train")
     x1_BxT, y1_BxT = get_batch(tokens, (0, 5), 8, 32)

@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -654,6 +655,20 @@ def test_a_new_run_never_overwrites_what_its_rundir_holds(shakespeare_data_dir, 
     after = {p: p.read_bytes() for p in sorted(tmp_path.rglob("*")) if p.is_file()}
     assert after.pop(rundir / ".lock", b"") == b"" and after == before  # at most the run's empty lock file added
 
+
+
+def test_a_rundir_inside_a_run_or_holding_runs_is_told_which_run_to_pass(short_run, shakespeare_data_dir):
+    before = {p: p.read_bytes() for p in sorted(Path(short_run).rglob("*")) if p.is_file()}
+    step = sorted(os.listdir(os.path.join(short_run, "checkpoints")))[0]
+    for rundir in (os.path.join(short_run, "checkpoints"), os.path.join(short_run, "checkpoints", step)):
+        result = run("launch.py", "--config=shakespeare_char_cpu", f"--rundir={rundir}", *TINY,
+                     f"--data_dir={shakespeare_data_dir}")
+        assert_one_line_error(result, f"is inside the run in {short_run}: pass --rundir={short_run}")
+        assert "--step" not in result.stderr  # sample.py's option
+    result = run("launch.py", "--config=shakespeare_char_cpu", f"--rundir={os.path.dirname(short_run)}", *TINY,
+                 f"--data_dir={shakespeare_data_dir}")
+    assert_one_line_error(result, f"holds runs: pass one, e.g. --rundir={short_run}")
+    assert {p: p.read_bytes() for p in sorted(Path(short_run).rglob("*")) if p.is_file()} == before
 
 def test_resuming_with_another_model_is_refused(short_run, shakespeare_data_dir):
     before = open(os.path.join(short_run, "metrics.jsonl")).read()

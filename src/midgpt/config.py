@@ -158,8 +158,11 @@ def check_as_checkpointed(rundir: str, config: Config) -> None:
         return
 
 
-def _runs_near(rundir: str) -> str:
-    """What to pass for a path that is not a run: a run it holds (outputs/), or the run it is in (a checkpoint's)."""
+def runs_near(rundir: str, with_step: bool = True) -> str | None:
+    """What to pass for a path that is not a run: a run it holds (outputs/), or the run it is in (a checkpoint's).
+
+    with_step: and the checkpoint's --step, for sample.py.
+    """
     if os.path.isdir(rundir):
         runs = sorted(e.path for e in os.scandir(rundir) if os.path.isfile(os.path.join(e.path, "config.json")))
         if runs:
@@ -171,8 +174,8 @@ def _runs_near(rundir: str) -> str:
         if os.path.isfile(os.path.join(run or ".", "config.json")):
             step = below[1] if len(below) > 1 and below[0] == CHECKPOINTS and below[1].isdigit() else None
             return f"{rundir} is inside the run in {run or '.'}: pass --rundir={run or '.'}" + (
-                f" --step={step}" if step else "")
-    return f"is {rundir} a run directory made by launch.py?"
+                f" --step={step}" if step and with_step else "")
+    return None
 
 
 def read_config_json(rundir: str) -> Config:
@@ -184,7 +187,8 @@ def read_config_json(rundir: str) -> Config:
         if saved_steps(rundir):
             raise MidgptError(f"{path} is missing but {rundir} holds checkpoints; "
                               + (_put_back(rundir, path) or "none holds a copy of it: pass a new --rundir"))
-        raise MidgptError(f"{path} not found; {_runs_near(rundir)}")
+        near = runs_near(rundir) or f"is {rundir} a run directory made by launch.py?"
+        raise MidgptError(f"{path} not found; {near}")
     try:
         with open(path, encoding="utf-8") as f:
             saved = json.load(f)

@@ -1,5 +1,6 @@
 """Token streams on disk: memory-mapped splits, random training windows, and batches on the mesh."""
 
+import contextlib
 import json
 import os
 import shlex
@@ -17,6 +18,14 @@ from midgpt.errors import MidgptError
 def _require(data_dir: str, name: str) -> str:
     """Return data_dir/name, or raise MidgptError naming the missing path and how to make it."""
     path = os.path.join(data_dir, name)
+    if not os.path.exists(path) and os.path.isfile(run_config := os.path.join(data_dir, "config.json")):
+        # A run's folder: preparing data there is refused, so the usual advice below would go nowhere.
+        data_dir_of_run = None
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            with open(run_config, encoding="utf-8") as f:
+                data_dir_of_run = json.load(f).get("data_dir")
+        raise MidgptError(f"{data_dir} is a run directory, not prepared data; pass the folder that prepare.py wrote"
+                          + (f", as that run did: --data_dir={data_dir_of_run}" if data_dir_of_run else ""))
     if not os.path.exists(path):
         missing = path if os.path.isdir(data_dir) else data_dir
         script = os.path.join(data_dir, "prepare.py")  # the datasets in data/ carry their own
