@@ -656,6 +656,25 @@ def test_a_new_run_never_overwrites_what_its_rundir_holds(shakespeare_data_dir, 
     assert after.pop(rundir / ".lock", b"") == b"" and after == before  # at most the run's empty lock file added
 
 
+def test_a_checkpoints_folder_that_takes_no_file_stops_the_run_before_it_trains(short_run, shakespeare_data_dir,
+                                                                               tmp_path):
+    # It was found at the next save, after every step since the last had been trained for nothing.
+    if os.geteuid() == 0 and not shutil.which("setpriv"):
+        pytest.skip("root writes to a read-only folder, and setpriv, to run without that power, is missing")
+    as_user = ["setpriv", "--bounding-set=-dac_override,-dac_read_search"] if os.geteuid() == 0 else []
+    rundir = tmp_path / "run"
+    shutil.copytree(short_run, rundir)
+    (rundir / "checkpoints").chmod(0o555)
+    before = (rundir / "metrics.jsonl").read_bytes()
+    try:
+        result = subprocess.run([*as_user, sys.executable, "launch.py", "--config=shakespeare_char_cpu",
+                                 f"--rundir={rundir}", *TINY, f"--data_dir={shakespeare_data_dir}", "--max_steps=60"],
+                                cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    finally:
+        (rundir / "checkpoints").chmod(0o755)
+    assert_one_line_error(result, f"cannot write to {rundir} ([Errno 13] Permission denied: '{rundir}/checkpoints/")
+    assert (rundir / "metrics.jsonl").read_bytes() == before
+
 
 def test_a_rundir_inside_a_run_or_holding_runs_is_told_which_run_to_pass(short_run, shakespeare_data_dir):
     before = {p: p.read_bytes() for p in sorted(Path(short_run).rglob("*")) if p.is_file()}

@@ -10,6 +10,7 @@ import os
 import pathlib
 import re
 import shutil
+import tempfile
 import time
 
 import equinox as eqx
@@ -58,6 +59,12 @@ def make_manager(rundir: str, config: Config) -> ocp.CheckpointManager:
     # Made here, not by orbax: a file in the way fails now, in one line, rather than at the first save.
     os.makedirs(directory(rundir), exist_ok=True)
     return ocp.CheckpointManager(directory(rundir), options=options)
+
+
+def check_writable(rundir: str) -> None:
+    """Raise OSError now if checkpoints/ takes no file: a save would fail only at the first checkpoint, steps later."""
+    with tempfile.TemporaryFile(dir=directory(rundir)):
+        pass
 
 
 def delete_unfinished_saves(rundir: str) -> None:

@@ -281,6 +281,9 @@ def _train(config: Config, rundir: str, debug: bool, resume: bool, notes: Sequen
             checkpoint.delete_unfinished_saves(rundir)
     with writing_to(rundir):
         manager = None if debug else checkpoint.make_manager(rundir, config)
+    with sharding.failing_together(), writing_to(rundir):
+        if manager:
+            checkpoint.check_writable(rundir)
     if debug:
         say("debug: no checkpoints are written")
 
