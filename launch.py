@@ -6,6 +6,7 @@ only the --FIELD=VALUE given change it. Where --multihost cannot detect the clus
 next run in ~/.cache/midgpt/xla (JAX_COMPILATION_CACHE_DIR=DIR elsewhere, JAX_ENABLE_COMPILATION_CACHE=false none).
 """
 
+import contextlib
 import errno
 import itertools
 import os
@@ -178,6 +179,8 @@ def launch(argv: list[str], signals: StopSignals) -> None:
     except BaseException:
         if not args.rundir and holds_nothing(rundir):  # a check of the data or the devices failed: no run to keep
             shutil.rmtree(rundir, ignore_errors=True)
+            with contextlib.suppress(OSError):  # and outputs/, if that leaves it empty
+                os.rmdir(os.path.dirname(rundir))
         raise
 
 

@@ -375,10 +375,12 @@ def test_a_default_run_directory_that_cannot_be_made_is_one_line(tmp_path):
 
 
 def test_a_launch_that_fails_after_making_its_default_run_directory_leaves_none(shakespeare_data_dir, tmp_path):
-    result = run("launch.py", "--config=shakespeare_char_cpu", f"--data_dir={shakespeare_data_dir}",
-                 "--model.vocab_size=10", cwd=tmp_path)
-    assert_one_line_error(result, "model.vocab_size is 10")
-    assert os.listdir(tmp_path / "outputs") == []
+    command = ["launch.py", "--config=shakespeare_char_cpu", f"--data_dir={shakespeare_data_dir}", "--model.vocab_size=10"]
+    assert_one_line_error(run(*command, cwd=tmp_path), "model.vocab_size is 10")
+    assert not (tmp_path / "outputs").exists()
+    (tmp_path / "outputs" / "earlier").mkdir(parents=True)  # others' runs: outputs/ stays
+    assert_one_line_error(run(*command, cwd=tmp_path), "model.vocab_size is 10")
+    assert os.listdir(tmp_path / "outputs") == ["earlier"]
 
 
 def test_a_split_shorter_than_one_window_is_one_line(shakespeare_data_dir, tmp_path):
