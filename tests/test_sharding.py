@@ -243,8 +243,8 @@ jax.distributed.initialize(coordinator_address=sys.argv[1], num_processes=2, pro
 devices = sorted(jax.devices(), key=lambda d: (d.id % 4, d.process_index))
 mesh = Mesh(np.array(devices).reshape(1, 8), sharding.DATA_AXES)
 config = Config(data_dir="unused", batch_size=16,
-                model=ModelConfig(vocab_size=64, block_size=8, n_layer=1, n_head=1, n_embd=8))
-tokens = np.arange(1000, dtype=np.uint16)
+                model=ModelConfig(vocab_size=1000, block_size=8, n_layer=1, n_head=1, n_embd=8))
+tokens = np.arange(1000, dtype=np.uint16)  # every window its own
 x_GxBxT, _ = data.global_batch(tokens, (0, 5), 3, config, mesh)
 want_GxBxT = data.get_batch(tokens, (0, 5), 3 * 16, 8)[0].reshape(3, 16, 8)
 print(json.dumps({"rows": sharding.process_rows(x_GxBxT.sharding, (3, 16, 8), 1).tolist(),
