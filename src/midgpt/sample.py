@@ -12,8 +12,7 @@ from midgpt import checkpoint, data, sharding
 from midgpt.config import Config, check_as_checkpointed, check_config, read_config_json, saved_steps
 from midgpt.errors import MidgptError
 from midgpt.model import GPT, project
-from midgpt.optimizer import make_optimizer
-from midgpt.train import fresh_state
+from midgpt.train import fresh_model
 
 
 def load_model(rundir: str, step: int | None = None) -> tuple[Config, GPT]:
@@ -33,7 +32,7 @@ def load_model(rundir: str, step: int | None = None) -> tuple[Config, GPT]:
     if step not in steps:
         unfinished = " whose save finished" if step in saved_steps(rundir) else ""
         raise MidgptError(f"{rundir} has no checkpoint{unfinished} at step {step}; it has {steps or 'none'}")
-    like = eqx.filter_eval_shape(fresh_state, config, make_optimizer(config)).model
+    like = eqx.filter_eval_shape(fresh_model, config)
     one_device = jax.tree.map(lambda _: SingleDeviceSharding(jax.devices()[0]),
                               eqx.filter(like, sharding.is_abstract))
     manager = checkpoint.make_manager(rundir, config)  # after the checks: orbax warns of each unfinished save

@@ -48,10 +48,14 @@ def loss_fn(model: GPT, x_BxT, y_BxT, key=None, gather=None, chunks: int = 1):
     return cross_entropy(x_BxTxD, embed_VxD, y_BxT, chunks)
 
 
+def fresh_model(config: Config) -> GPT:
+    """The run's initial model, in param_dtype: its shapes are those of every checkpoint's model."""
+    return cast_floats(GPT(config.model, key=jax.random.key(config.seed)), jnp.dtype(config.param_dtype))
+
+
 def fresh_state(config: Config, optimizer: optax.GradientTransformation) -> TrainState:
     """A newly initialised state, before any placement on devices."""
-    model = GPT(config.model, key=jax.random.key(config.seed))
-    model = cast_floats(model, jnp.dtype(config.param_dtype))
+    model = fresh_model(config)
     opt_state = optimizer.init(eqx.filter(model, eqx.is_array))
     dropout_key = jax.random.key_data(jax.random.key(config.seed + 1))
     return TrainState(model, opt_state, jnp.zeros((), jnp.int32), dropout_key)
@@ -87,6 +91,12 @@ def pieces_per_micro_batch(config: Config, mesh: Mesh) -> int:
     return memory.fewest_parts(B, lambda k: B // k * T * D <= ACTIVATIONS_AT_ONCE)
 
 
+def in_pieces(x_GxBxT, pieces: int):
+    """The G micro-batches of B rows as M = G * pieces of b = B / pieces rows, (M, b, T)."""
+    G, B, T = x_GxBxT.shape
+    return x_GxBxT.reshape(G * pieces, B // pieces, T)
+
+
 def make_train_step(config: Config, optimizer: optax.GradientTransformation, mesh: Mesh,
                     pieces: int | None = None, chunks: int | None = None, compiler_options: dict | None = None):
     """Build the jitted step (state, x_GxBxT, y_GxBxT) -> (state, metrics), compiled with XLA's compiler_options.
@@ -119,9 +129,9 @@ def make_train_step(config: Config, optimizer: optax.GradientTransformation, mes
             loss, grad = jax.value_and_grad(micro_loss)(params, *micro_batch)
             return optax.tree.add(grad_sum, grad), loss
 
-        G, B, T = x_GxBxT.shape
-        M = G * pieces  # equal micro-batches of b rows: the mean of their losses is the batch's
-        x_MxbxT, y_MxbxT = (a.reshape(M, B // pieces, T) for a in (x_GxBxT, y_GxBxT))
+        # Equal micro-batches: the mean of their losses is the batch's.
+        x_MxbxT, y_MxbxT = (in_pieces(a, pieces) for a in (x_GxBxT, y_GxBxT))
+        M = len(x_MxbxT)
         # Dropout masks follow from the run's key and the step, so a resumed run draws the same ones.
         step_key = jax.random.fold_in(jax.random.wrap_key_data(state.dropout_key), state.step)
         keys_M = jax.random.split(step_key, M)
@@ -163,10 +173,9 @@ def make_train_step(config: Config, optimizer: optax.GradientTransformation, mes
 def eval_loss(model: GPT, x_GxBxT, y_GxBxT, compute_dtype: str, pieces: int = 1, gather=None, chunks: int = 1):
     """Mean loss over G batches, each cut into `pieces` (its logits into `chunks`), in one call: one dispatch."""
     model = cast_floats(model, jnp.dtype(precision.compute_dtype(compute_dtype)))
-    G, B, T = x_GxBxT.shape
-    M = G * pieces
-    x_MxbxT, y_MxbxT = (a.reshape(M, B // pieces, T) for a in (x_GxBxT, y_GxBxT))
-    at_once = min(ACTIVATIONS_AT_ONCE // (B // pieces * T * model.config.n_embd), M)  # pieces in the budget
+    x_MxbxT, y_MxbxT = (in_pieces(a, pieces) for a in (x_GxBxT, y_GxBxT))
+    M, b, T = x_MxbxT.shape
+    at_once = min(ACTIVATIONS_AT_ONCE // (b * T * model.config.n_embd), M)  # pieces in the budget
     # lax.map's batch_size=1 adds a vmap of one, which XLA:CPU ran 10% slower on pieces that fill the
     # budget (shakespeare_char's) but in a quarter less time on its whole 64-row batches.
     if at_once > 1:  # smaller pieces, several at a time: their matmuls alone are too small to keep a
