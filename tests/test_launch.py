@@ -375,7 +375,8 @@ def test_a_default_run_directory_that_cannot_be_made_is_one_line(tmp_path):
 
 
 def test_a_launch_that_fails_after_making_its_default_run_directory_leaves_none(shakespeare_data_dir, tmp_path):
-    command = ["launch.py", "--config=shakespeare_char_cpu", f"--data_dir={shakespeare_data_dir}", "--model.vocab_size=10"]
+    command = ["launch.py", "--config=shakespeare_char_cpu", f"--data_dir={shakespeare_data_dir}",
+               "--model.vocab_size=10"]
     assert_one_line_error(run(*command, cwd=tmp_path), "model.vocab_size is 10")
     assert not (tmp_path / "outputs").exists()
     (tmp_path / "outputs" / "earlier").mkdir(parents=True)  # others' runs: outputs/ stays

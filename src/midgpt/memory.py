@@ -24,7 +24,8 @@ def with_shardings(arrays_like, shardings):
 
 def sharded_bytes(arrays_like, shardings) -> int:
     """Bytes one device holds of a pytree of abstract arrays placed with these shardings."""
-    return sum(math.prod(s.shard_shape(x.shape)) * x.dtype.itemsize for x, s in with_shardings(arrays_like, shardings))
+    return sum(math.prod(s.shard_shape(x.shape)) * x.dtype.itemsize
+               for x, s in with_shardings(arrays_like, shardings))
 
 
 # Float32 logits (tokens x vocab) outgrow everything else at a large vocabulary, so the loss
@@ -92,7 +93,8 @@ def gathered_bytes(config: Config, mesh: Mesh, state_like, state_shardings) -> i
     """Bytes of the sharded parameters that FSDP gathers onto each device, at the most at once."""
     # The embedding (forward to backward), two layers (the one running and the next, or its
     # gradient), and without remat every layer: backward keeps each layer's gathered weights.
-    elements = lambda like, shardings: sum(x.size for x, s in with_shardings(like, shardings) if not s.is_fully_replicated)
+    elements = lambda like, shardings: sum(x.size for x, s in with_shardings(like, shardings)
+                                           if not s.is_fully_replicated)
     model, shardings, m = state_like.model, state_shardings.model, config.model
     layers = 2 + (m.remat == "none") * m.n_layer
     # XLA:CPU runs bf16 collectives in float32; GPUs and TPUs gather the compute dtype.
