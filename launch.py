@@ -49,6 +49,9 @@ def check_new_rundir(rundir: str) -> None:
     """Refuse a --rundir where a new run would overwrite files that are not a run's."""
     if os.path.exists(rundir) and not os.path.isdir(rundir):
         raise MidgptError(f"--rundir={rundir} is a file, not a directory; pass a new --rundir")
+    if os.path.islink(rundir) and not os.path.exists(rundir):  # os.makedirs would say "File exists"
+        raise MidgptError(f"--rundir={rundir} is a link to {os.readlink(rundir)}, which does not exist; make that "
+                          "folder, or pass another --rundir")
     if not os.path.isdir(rundir):
         return
     if not holds_nothing(rundir):

@@ -637,11 +637,13 @@ def test_resuming_keeps_the_run_where_its_config_changed_since_and_follows_moved
                                                            max_steps=41)
 
 
-@pytest.mark.parametrize("case", ["a file", "foreign files", "a file where checkpoints go"])
+@pytest.mark.parametrize("case", ["a file", "foreign files", "a file where checkpoints go", "a dangling link"])
 def test_a_new_run_never_overwrites_what_its_rundir_holds(shakespeare_data_dir, tmp_path, case):
     rundir = tmp_path / "run"
     if case == "a file":
         rundir.write_text("notes")
+    elif case == "a dangling link":  # a scratch folder not mounted yet, say
+        rundir.symlink_to(tmp_path / "scratch")
     else:
         rundir.mkdir()
         (rundir / "meta.json").write_text('{"tokenizer": "gpt2"}')
@@ -653,6 +655,7 @@ def test_a_new_run_never_overwrites_what_its_rundir_holds(shakespeare_data_dir, 
     result = run("launch.py", "--config=shakespeare_char_cpu", f"--rundir={rundir}",
                  f"--data_dir={shakespeare_data_dir}", "--max_steps=5", *TINY)
     fragment = {"a file": "is a file, not a directory", "foreign files": "holds files but no run",
+                "a dangling link": f"is a link to {tmp_path}/scratch, which does not exist; make that folder, or pass",
                 "a file where checkpoints go": "; fix that, or pass a --rundir you can write to"}[case]  # not "free space"
     assert_one_line_error(result, fragment)
     after = {p: p.read_bytes() for p in sorted(tmp_path.rglob("*")) if p.is_file()}
