@@ -185,6 +185,32 @@ def test_named_configs_load_as_frozen_configs():
     assert (cpu.batch_size, cpu.max_steps, cpu.lr_decay_steps, cpu.eval_iters, cpu.compute_dtype) == (12, 2000, 2000, 50, "auto")
 
 
+CPU = "from midgpt.configs.shakespeare_char_cpu import config as cpu\nimport dataclasses\n"
+
+
+@pytest.mark.parametrize("body, fragment", [
+    # It trained, and wrote "n_layer": 2.0 to config.json, which the resume then refused as an edit.
+    (CPU + "config = dataclasses.replace(cpu, model=dataclasses.replace(cpu.model, n_layer=2.0))",
+     "mine.py: config field 'model.n_layer' expects int, got 2.0"),
+    (CPU + "config = dataclasses.replace(cpu, max_step=30)",  # tracebacks, all of these
+     "mine.py, line 3: TypeError: Config.__init__() got an unexpected keyword argument 'max_step'; did you mean "
+     "'max_steps'?"),
+    (CPU + "config = dataclasses.replace(cpu, model=dataclasses.asdict(cpu.model))",
+     "mine.py: each group of the config must be its dataclass (model=ModelConfig(...))"),
+    ("config = {'max_steps': 3}", "mine.py must define `config`, a midgpt.config.Config, not a dict"),
+    ("cfg = None", "mine.py must define `config`, a midgpt.config.Config"),
+    ("config = (", "mine.py, line 1: SyntaxError: '(' was never closed"),
+])
+def test_a_config_file_with_a_mistake_is_refused_in_one_line_naming_it(tmp_path, monkeypatch, body, fragment):
+    import midgpt.configs
+    monkeypatch.setattr(midgpt.configs, "__path__", [*midgpt.configs.__path__, str(tmp_path)])
+    monkeypatch.delitem(sys.modules, "midgpt.configs.mine", raising=False)
+    (tmp_path / "mine.py").write_text(body + "\n")
+    with pytest.raises(MidgptError) as info:
+        load_config("mine")
+    assert str(info.value) == f"{tmp_path}/{fragment}"
+
+
 @pytest.mark.parametrize("override, fragment", [
     ("--grad_clip=-1", "'grad_clip' must be 0 or more"),  # a negative norm limit would reverse the updates
     ("--weight_decay=-0.1", "'weight_decay' must be 0 or more"),

@@ -3,11 +3,14 @@
 import dataclasses
 import difflib
 import importlib
+import importlib.util
 import json
 import math
 import os
 import pkgutil
+import re
 import shlex
+import traceback
 import typing
 from collections.abc import Sequence
 
@@ -81,7 +84,29 @@ def load_config(name: str) -> Config:
     if name not in available:
         hint = _did_you_mean(name, available)
         raise MidgptError(f"unknown config {name!r}{hint} (available: {', '.join(available)})")
-    return dataclasses.replace(importlib.import_module(f"midgpt.configs.{name}").config, name=name)
+    module = f"midgpt.configs.{name}"
+    where = importlib.util.find_spec(module).origin
+    try:
+        config = getattr(importlib.import_module(module), "config", None)
+    except Exception as e:  # the file is code, and its mistakes a user's: one line, at its line
+        lines = [frame.lineno for frame in traceback.extract_tb(e.__traceback__) if frame.filename == where]
+        line = e.lineno if isinstance(e, SyntaxError) else (lines[-1] if lines else None)
+        typo = re.search(r"unexpected keyword argument '(\w+)'", str(e)) if isinstance(e, TypeError) else None
+        fields = [leaf.rpartition(".")[2] for leaf in _leaf_types(Config)]
+        raise MidgptError(f"{where}{f', line {line}' if line else ''}: {type(e).__name__}: "
+                          f"{e.msg if isinstance(e, SyntaxError) else e}"
+                          + (_did_you_mean(typo.group(1), fields) if typo else "")) from None
+    # Checked as config.json is on resume: a run trained from a float n_layer could not be resumed.
+    if not isinstance(config, Config):
+        raise MidgptError(f"{where} must define `config`, a midgpt.config.Config" +
+                          (f", not a {type(config).__name__}" if config is not None else ""))
+    try:
+        checked = config_from_dict(json.loads(json.dumps(config_to_dict(config))))  # as config.json reads back
+    except (MidgptError, TypeError, ValueError) as e:  # json's: a value no JSON holds (a numpy number)
+        raise MidgptError(f"{where}: {e}") from None
+    if checked != config:  # a group given as a dict, which asdict passed on as it would the dataclass
+        raise MidgptError(f"{where}: each group of the config must be its dataclass (model=ModelConfig(...))")
+    return dataclasses.replace(config, name=name)
 
 
 def apply_overrides(config: Config, overrides: list[str], options: Sequence[str] = ()) -> Config:
