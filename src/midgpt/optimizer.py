@@ -20,7 +20,8 @@ def lr_schedule(config: Config) -> optax.Schedule:
 
 
 def decay_mask(params):
-    """True for matrices (embedding, projections); False for norm gains."""
+    """False for norm gains (every array inside an RMSNorm or LayerNorm), True for all else: the matrices today."""
+    # By module, not by rank: the stacked layers make every gain 2-D. A bias added later would be decayed.
     is_norm = lambda x: isinstance(x, RMSNorm)
     return jax.tree.map(lambda x: not is_norm(x) and eqx.is_array(x), params, is_leaf=is_norm)
 

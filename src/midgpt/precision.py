@@ -40,7 +40,10 @@ def _cpuinfo() -> str:
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def matmul(spec: str, x, y):
-    """einsum(spec, x, y) accumulated in float32, and its gradients computed alike."""
+    """einsum(spec, x, y) accumulated in float32, and its gradients computed alike.
+
+    spec names its output ("btd,df->btf"): the backward pass reads the output's letters from it.
+    """
     return jnp.einsum(spec, x, y, preferred_element_type=jnp.float32)
 
 
