@@ -59,7 +59,8 @@ def check_new_rundir(rundir: str) -> None:
             raise MidgptError(f"--rundir={rundir} holds files but no run (no config.json), which a new run could "
                               f"overwrite; {runs_near(rundir, with_step=False) or 'pass a new or empty --rundir'}")
         # A run without checkpoints (--debug's, one killed before its first save) starts afresh, but not
-        # one whose logs pass a save it made: its checkpoints/ was removed, and its logs would go too.
+        # one whose logs pass a save it made: its checkpoints/ was removed (every run makes one, --debug's
+        # an empty one), and its logs would go too.
         logged, saved = last_step(os.path.join(rundir, "metrics.jsonl")), read_config_json(rundir)
         if logged >= saved.checkpoint_interval and not os.path.isdir(os.path.join(rundir, CHECKPOINTS)):
             raise MidgptError(f"--rundir={rundir} logged training up to step {logged} but holds no {CHECKPOINTS}/ "

@@ -66,6 +66,12 @@ def test_a_run_whose_checkpoints_were_removed_is_refused_not_trained_over(short_
                  f"--data_dir={shakespeare_data_dir}", "--max_steps=1")
     assert result.returncode == 0, result.stderr
     assert [r["step"] for r in read_metrics(rundir)] == [1]
+    # And a --debug run's, past its checkpoint_interval: it saved nothing, and again starts afresh.
+    debug = [*TINY, f"--data_dir={shakespeare_data_dir}", "--max_steps=6", "--checkpoint_interval=5", "--debug"]
+    for _ in range(2):
+        result = run("launch.py", "--config=shakespeare_char_cpu", f"--rundir={tmp_path / 'debug'}", *debug)
+        assert result.returncode == 0, result.stderr
+    assert os.listdir(tmp_path / "debug" / "checkpoints") == []
 
 
 @pytest.mark.parametrize("field, value", [("model", {"block_size": 256}), ("model", {"rope_base": 500.0}),
@@ -232,7 +238,7 @@ def test_debug_writes_a_profiler_trace_each_time_and_never_over_a_run(short_run,
         assert result.returncode == 0, result.stderr
         assert len(list((rundir / "profile").rglob("*.xplane.pb"))) == traces
     assert "no checkpoints are written" in result.stdout + result.stderr
-    assert not (rundir / "checkpoints").exists()
+    assert os.listdir(rundir / "checkpoints") == []
     short = launch(tmp_path / "short", "--debug", "--max_steps=2")  # said nothing, and wrote none
     assert short.returncode == 0 and "debug: no profiler trace: it is of steps 3-5" in short.stdout, short.stderr
     assert not (tmp_path / "short" / "profile").exists()

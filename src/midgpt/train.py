@@ -290,6 +290,8 @@ def _train(config: Config, rundir: str, debug: bool, resume: bool, notes: Sequen
             checkpoint.delete_unfinished_saves(rundir)
     with writing_to(rundir):
         manager = None if debug else checkpoint.make_manager(rundir, config)
+        if debug:  # an empty one: logs past checkpoint_interval without a save are a debug run's, not a loss
+            os.makedirs(checkpoint.directory(rundir), exist_ok=True)
     with sharding.failing_together(), writing_to(rundir):
         if manager:
             checkpoint.check_writable(rundir)
