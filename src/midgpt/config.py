@@ -155,11 +155,21 @@ def saved_steps(rundir: str) -> list[int]:
     return [int(name) for name in os.listdir(folder) if name.isdigit()] if os.path.isdir(folder) else []
 
 
+def _fixed_on_resume(a: Config, b: Config) -> str | None:
+    """The first field that FIXED_ON_RESUME keeps and in which a and b differ, or None."""
+    return next((name for name in _leaf_types(Config) if name.split(".")[0] in FIXED_ON_RESUME
+                 and name not in FREE_ON_RESUME and _get(a, name) != _get(b, name)), None)
+
+
+def _config_copy(rundir: str, step: int) -> str:
+    """Where checkpoint step keeps its copy of the config: orbax's JSON item "config" (an unfinished save has none)."""
+    return os.path.join(rundir, CHECKPOINTS, str(step), "config", "metadata")
+
+
 def _put_back(rundir: str, path: str) -> str:
     """The advice to copy the newest checkpoint's config back to path, or "" if no checkpoint holds one."""
-    # Each checkpoint holds a copy, in orbax's JSON item "config"; an unfinished save has none.
     for step in sorted(saved_steps(rundir), reverse=True):
-        if os.path.isfile(copy := os.path.join(rundir, CHECKPOINTS, str(step), "config", "metadata")):
+        if os.path.isfile(copy := _config_copy(rundir, step)):
             return f"put the newest checkpoint's copy back: cp {shlex.quote(copy)} {shlex.quote(path)}"
     return ""
 
@@ -167,19 +177,16 @@ def _put_back(rundir: str, path: str) -> str:
 def check_as_checkpointed(rundir: str, config: Config) -> None:
     """Refuse a config.json whose model or batches differ from those its newest checkpoint trained with (an edit)."""
     for step in sorted(saved_steps(rundir), reverse=True):
-        copy = os.path.join(rundir, CHECKPOINTS, str(step), "config", "metadata")
         try:
-            with open(copy, encoding="utf-8") as f:
+            with open(_config_copy(rundir, step), encoding="utf-8") as f:
                 trained = config_from_dict(json.load(f))
         except (OSError, ValueError, MidgptError):  # no copy (an unfinished save), or damage the restore reports
             continue
-        for name in _leaf_types(Config):
-            fixed = name.split(".")[0] in FIXED_ON_RESUME and name not in FREE_ON_RESUME
-            if fixed and _get(config, name) != _get(trained, name):
-                raise MidgptError(f"{os.path.join(rundir, 'config.json')} has {name}={_get(config, name)!r} but "
-                                  f"checkpoint {step} trained with {_get(trained, name)!r} (an edit?): that is another "
-                                  f"model or other batches; {_put_back(rundir, os.path.join(rundir, 'config.json'))}, "
-                                  "or train it in a new --rundir")
+        if name := _fixed_on_resume(config, trained):
+            path = os.path.join(rundir, "config.json")
+            raise MidgptError(f"{path} has {name}={_get(config, name)!r} but checkpoint {step} trained with "
+                              f"{_get(trained, name)!r} (an edit?): that is another model or other batches; "
+                              f"{_put_back(rundir, path)}, or train it in a new --rundir")
         return
 
 
@@ -245,13 +252,11 @@ def resume_config(saved: Config, named: Config, overrides: list[str]) -> tuple[C
     resumed = apply_overrides(dataclasses.replace(saved, name=saved.name if known else named.name), overrides)
     given = {arg[2:].partition("=")[0] for arg in overrides}
     leaves = [name for name in _leaf_types(Config) if name != "name"]
-    for name in leaves:
-        fixed = name.split(".")[0] in FIXED_ON_RESUME and name not in FREE_ON_RESUME
-        if fixed and _get(resumed, name) != _get(saved, name):
-            raise MidgptError(
-                f"the run in this --rundir has {name}={_get(saved, name)!r} but this command asks for "
-                f"{_get(resumed, name)!r}; that is another model or other batches: pass a new --rundir"
-            )
+    if name := _fixed_on_resume(resumed, saved):
+        raise MidgptError(
+            f"the run in this --rundir has {name}={_get(saved, name)!r} but this command asks for "
+            f"{_get(resumed, name)!r}; that is another model or other batches: pass a new --rundir"
+        )
     changes = [f"{n}: {_get(saved, n)!r} -> {_get(resumed, n)!r}"
                for n in ["name", *leaves] if _get(saved, n) != _get(resumed, n)]
     kept = [f"{n}={_get(saved, n)!r} (config: {_get(named, n)!r})"
