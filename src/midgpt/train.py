@@ -212,8 +212,9 @@ def check_finite(metrics: dict, step: int, last_checkpoint: int | None, resume_w
         value = float(metrics[name])
         if not math.isfinite(value):
             kept = (f"checkpoint {last_checkpoint} is untouched: lower --learning_rate and run {resume_with} "
-                    "to resume from it" if last_checkpoint else f"no checkpoint was written: run {checkpoint.SAME_COMMAND} "
-                    "with a lower --learning_rate to start again")
+                    "to resume from it" if last_checkpoint else
+                    f"no checkpoint was written: run {checkpoint.SAME_COMMAND} with a lower --learning_rate "
+                    "to start again")
             raise MidgptError(f"{name} is {value} at step {step}: training diverged; {kept}")
 
 
