@@ -13,6 +13,7 @@ import hashlib
 import json
 import math
 import os
+import time
 
 import jax
 import numpy as np
@@ -130,6 +131,10 @@ def check_devices_alike() -> None:
     """Raise MidgptError unless every process has as many devices: the processes' gathers need it."""
     # Each process sees the total and its own share, so each stops alone: none waits for another.
     if jax.local_device_count() * jax.process_count() != jax.device_count():
+        # Process 0 hosts JAX's coordination service, and its exit aborts the others with a C++ stack:
+        # it waits for them to say their own line first (under load, one had not yet).
+        if jax.process_index() == 0:
+            time.sleep(2)
         raise MidgptError(f"the processes have different numbers of devices ({jax.local_device_count()} in this one, "
                           f"{jax.device_count()} in all {jax.process_count()}); give every process as many")
 
