@@ -1,6 +1,7 @@
 """What a run reports: TensorBoard curves that survive a resume, MFU in the log and the bar."""
 
 import json
+import os
 import shutil
 import sys
 import time
@@ -105,6 +106,12 @@ def test_rewinding_event_files_keeps_the_steps_up_to_the_checkpoint_and_drops_a_
 def test_rewinding_metrics_jsonl_drops_a_torn_line_and_refuses_one_not_written_by_a_run(tmp_path):
     path = tmp_path / "metrics.jsonl"
     path.write_text("".join(f'{{"step": {s}, "loss": {1 / s}}}\n' for s in range(1, 8)) + '{"step": 8, "lo')
+    with open(path) as follower:  # as `tail -f` reads it: the same file, cut, not a new one renamed over it
+        follower.seek(0, os.SEEK_END)
+        rewind_jsonl(str(path), 5)
+        assert os.fstat(follower.fileno()).st_size == len(path.read_bytes())
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2, 3, 4, 5]
+    path.write_text(path.read_text().replace('{"step": 2', '{"step": 7, "loss": 0}\n{"step": 2'))  # out of order
     rewind_jsonl(str(path), 5)
     assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2, 3, 4, 5]
     edited = path.read_text().replace('{"step": 3', 'my note\n{"step": 3')

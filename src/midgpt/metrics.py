@@ -45,7 +45,11 @@ def rewind_jsonl(path: str, step: int):
         except (ValueError, TypeError, KeyError):  # someone's edit: theirs to fix, not ours to drop
             raise MidgptError(f"line {number} of {path} is not a metrics record; fix or remove it, "
                               "then resume") from None
-    write_atomically(path, b"".join(kept))
+    if kept == lines[:len(kept)]:  # records come in step order: a run's file keeps its first lines
+        # Cut in place, one call a kill cannot tear: the same file, which `tail -f` goes on following.
+        os.truncate(path, sum(map(len, kept)))
+    else:
+        write_atomically(path, b"".join(kept))
 
 
 def last_step(path: str) -> int:
