@@ -17,8 +17,8 @@ import socket
 import time
 
 from midgpt.cli import ArgumentParser, StopSignals, cache_compiled_programs, run
-from midgpt.config import (CHECKPOINTS, apply_overrides, check_as_checkpointed, check_config, config_names,
-                           load_config, read_config_json, resume_config, runs_near, saved_steps)
+from midgpt.config import (CHECKPOINTS, apply_overrides, check_as_checkpointed, check_config, check_saved_config,
+                           config_names, load_config, read_config_json, resume_config, runs_near, saved_steps)
 from midgpt.errors import MidgptError
 from midgpt.files import LOCK
 from midgpt.metrics import last_step
@@ -136,7 +136,9 @@ def launch(argv: list[str], signals: StopSignals) -> None:
         saved = read_config_json(args.rundir)
         check_as_checkpointed(args.rundir, saved)
         config, changes, kept = resume_config(saved, config, overrides)
-    check_config(config)
+        check_saved_config(args.rundir, config, saved, fix="fix it there, or override it: --FIELD=VALUE")
+    else:
+        check_config(config)
     if args.rundir and not resume:
         check_new_rundir(args.rundir)
     rundir = args.rundir or new_rundir()  # made only now that the arguments are good

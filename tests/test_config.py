@@ -10,8 +10,8 @@ import sys
 
 import pytest
 
-from midgpt.config import (Config, ModelConfig, apply_overrides, check_config, config_from_dict, config_to_dict,
-                           load_config, resume_config)
+from midgpt.config import (Config, ModelConfig, apply_overrides, check_config, check_saved_config, config_from_dict,
+                           config_to_dict, load_config, resume_config)
 from midgpt.errors import MidgptError
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -247,6 +247,13 @@ def test_values_that_parse_but_cannot_train_are_refused(config, override, fragme
     with pytest.raises(MidgptError) as info:
         check_config(apply_overrides(config, [override]))
     assert fragment in str(info.value)
+
+
+def test_an_override_may_mend_a_value_that_config_json_was_edited_to(config):
+    saved = apply_overrides(config, ["--eval_interval=0"])  # a hand edit of a run's config.json
+    check_saved_config("run", apply_overrides(saved, ["--eval_interval=100"]), saved)
+    with pytest.raises(MidgptError, match="^run/config.json: config field 'eval_interval' must be positive"):
+        check_saved_config("run", saved, saved)
 
 
 @pytest.mark.parametrize("override", ["--model.remat=dots", "--model.scan_unroll=1", "--model.attention=einsum",

@@ -92,6 +92,20 @@ def test_a_resume_refuses_a_config_json_edited_to_another_model_or_other_batches
                           f"cp {rundir}/checkpoints/40/config/metadata {rundir}/config.json")
     assert {p: p.read_bytes() for p in sorted(rundir.rglob("*")) if p.is_file()} == before
 
+def test_a_value_edited_into_config_json_that_no_run_takes_names_the_file(short_run, tmp_path):
+    rundir = tmp_path / "run"
+    shutil.copytree(short_run, rundir)
+    config = json.loads((rundir / "config.json").read_text())
+    (rundir / "config.json").write_text(json.dumps({**config, "eval_interval": 0}))
+    refusal = "config field 'eval_interval' must be positive, got "
+    assert_one_line_error(run("launch.py", "--config=shakespeare_char_cpu", f"--rundir={rundir}"),
+                          f"error: {rundir}/config.json: {refusal}0; fix it there, or override it: --FIELD=VALUE")
+    assert_one_line_error(run("sample.py", f"--rundir={rundir}"), f"error: {rundir}/config.json: {refusal}0; fix it there")
+    # The override's own mistake is the command line's, not the file's.
+    result = run("launch.py", "--config=shakespeare_char_cpu", f"--rundir={rundir}", "--eval_interval=-5")
+    assert_one_line_error(result, f"error: {refusal}-5")
+
+
 def test_a_rundir_from_home_is_expanded_and_one_with_only_a_lock_and_no_checkpoint_is_new(short_run, shakespeare_data_dir, tmp_path):
     # --rundir=~/run reaches us with its ~: it made a folder named "~" in the current directory.
     env = {**os.environ, "HOME": str(tmp_path)}

@@ -236,6 +236,19 @@ def read_config_json(rundir: str) -> Config:
         raise MidgptError(f"{path}: {e}; undo the edit, or use the version of midgpt that wrote it") from None
 
 
+def check_saved_config(rundir: str, config: Config, saved: Config, fix: str = "fix it there") -> None:
+    """check_config of a run's config, which is `saved`, its config.json, with overrides: its errors there name the file."""
+    try:
+        check_config(config)
+    except MidgptError as e:
+        try:
+            check_config(saved)
+        except MidgptError as cause:  # an edit, or a check newer than the run
+            if str(cause) == str(e):
+                raise MidgptError(f"{os.path.join(rundir, 'config.json')}: {e}; {fix}") from None
+        raise
+
+
 def resume_config(saved: Config, named: Config, overrides: list[str]) -> tuple[Config, list[str], list[str]]:
     """The saved config with the command line's overrides; the changes they make; what the run keeps.
 

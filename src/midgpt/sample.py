@@ -9,7 +9,7 @@ import numpy as np
 from jax.sharding import SingleDeviceSharding
 
 from midgpt import checkpoint, data, sharding
-from midgpt.config import Config, check_as_checkpointed, check_config, read_config_json, saved_steps
+from midgpt.config import Config, check_as_checkpointed, check_saved_config, read_config_json, saved_steps
 from midgpt.errors import MidgptError
 from midgpt.model import GPT, project
 from midgpt.train import fresh_model
@@ -19,7 +19,7 @@ def load_model(rundir: str, step: int | None = None) -> tuple[Config, GPT]:
     """The run's config and its parameters at step (default: the newest whose save finished), on one device."""
     config = read_config_json(rundir)
     check_as_checkpointed(rundir, config)
-    check_config(config)  # a hand edit launch.py would refuse
+    check_saved_config(rundir, config, config)  # a hand edit launch.py would refuse
     if not os.path.isdir(checkpoint.directory(rundir)):
         raise MidgptError(f"{rundir} has no checkpoints yet (runs with --debug write none)")
     # Only those whose save finished, as a resume takes them: one still being written reads as damaged.
