@@ -18,7 +18,7 @@ import time
 
 from midgpt.cli import ArgumentParser, StopSignals, cache_compiled_programs, run
 from midgpt.config import (CHECKPOINTS, apply_overrides, check_as_checkpointed, check_config, check_saved_config,
-                           config_names, load_config, read_config_json, resume_config, runs_near, saved_steps)
+                           config_names, leaves, load_config, read_config_json, resume_config, runs_near, saved_steps)
 from midgpt.errors import MidgptError
 from midgpt.files import LOCK
 from midgpt.metrics import last_step
@@ -84,6 +84,23 @@ def check_port_free(coordinator_address: str) -> None:
                 # no IPv6 here: try IPv4; neither (a sandbox): let JAX try
 
 
+def fields_help(argv: list[str]) -> str:
+    """--help's last lines: every field of the --config given, as the override that keeps its value."""
+    name = None
+    for flag, value in zip(argv, [*argv[1:], None]):  # --config=NAME or --config NAME, as argparse reads them
+        name = flag.removeprefix("--config=") if flag.startswith("--config=") else value if flag == "--config" else name
+    try:
+        fields = {k: v for k, v in leaves(load_config(name)).items() if k != "name"} if name else None
+    except MidgptError:  # an unknown config, a broken file: its run says so in one line, not --help
+        fields = None
+    if not fields:
+        return ("Any field of the config may follow as --FIELD=VALUE, e.g. --max_steps=100 --model.n_layer=2;\n"
+                "--config=NAME --help lists them, with that config's values (what each means: src/midgpt/config.py).")
+    text = lambda v: ",".join(map(str, v)) if isinstance(v, tuple) else str(v).lower() if isinstance(v, bool) else v
+    return (f"The fields of --config={name}, with its values; any may follow to change it (see src/midgpt/config.py):\n"
+            + "\n".join(f"  --{k}={text(v)}" for k, v in fields.items()))
+
+
 def main(argv: list[str]) -> None:
     # Heard from the start, as training hears them: a KeyboardInterrupt raised in `import jax` was a
     # traceback, and one raised in a garbage-collection callback of JAX's was dropped and the run went on.
@@ -93,8 +110,7 @@ def main(argv: list[str]) -> None:
 
 def launch(argv: list[str], signals: StopSignals) -> None:
     parser = ArgumentParser(description=__doc__, allow_abbrev=False,
-                            epilog="Any field of the config may follow as --FIELD=VALUE, e.g.\n"
-                                   "--max_steps=100 --model.n_layer=2 (the fields: src/midgpt/config.py).")
+                            epilog=fields_help(argv))
     parser.add_argument("--config", required=True, help=f"a config of midgpt.configs: {', '.join(config_names())}")
     parser.add_argument("--rundir", default=None, type=os.path.expanduser, help="run directory (default: outputs/<timestamp>)")
     parser.add_argument("--debug", action="store_true", help="write a profiler trace of a few steps, and no checkpoints")

@@ -19,7 +19,7 @@ import pytest
 from conftest import REPO_ROOT, small_files
 from test_optimizer import closed_form_lr
 from midgpt import checkpoint
-from midgpt.config import config_names, config_to_dict, load_config, read_config_json
+from midgpt.config import apply_overrides, config_names, config_to_dict, leaves, load_config, read_config_json
 from midgpt.errors import MidgptError
 from midgpt.files import writing_to
 
@@ -273,6 +273,17 @@ def test_help_keeps_the_usage_line_and_names_the_configs():
     assert result.returncode == 0
     assert "\nTrain a GPT: python launch.py --config=NAME [--rundir=DIR]" in result.stdout  # not reflowed
     assert all(name in result.stdout for name in config_names()) and "--FIELD=VALUE" in result.stdout
+
+
+@pytest.mark.parametrize("name", config_names())
+def test_help_with_a_config_lists_each_field_as_the_override_that_keeps_its_value(name):
+    result = run("launch.py", "--config", name, "--help")
+    assert result.returncode == 0
+    listed = [line.strip() for line in result.stdout.splitlines() if line.startswith("  --") and "=" in line]
+    config = load_config(name)
+    assert [line.partition("=")[0][2:] for line in listed] == [k for k in leaves(config) if k != "name"]
+    other = next(n for n in config_names() if n != name)  # every field given: it becomes this config, but for its name
+    assert apply_overrides(load_config(other), listed) == dataclasses.replace(config, name=other)
 
 
 def test_launches_in_the_same_second_get_a_run_directory_each(tmp_path, monkeypatch):
