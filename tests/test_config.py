@@ -10,9 +10,10 @@ import sys
 
 import pytest
 
-from midgpt.config import (Config, ModelConfig, apply_overrides, check_config, check_saved_config, config_from_dict,
-                           config_to_dict, load_config, resume_config)
+from midgpt.config import (Config, ModelConfig, apply_overrides, check_config, config_from_dict, config_to_dict,
+                           load_config, resume_config)
 from midgpt.errors import MidgptError
+from midgpt.rundir import check_saved_config
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 

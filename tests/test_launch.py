@@ -19,7 +19,8 @@ import pytest
 from conftest import REPO_ROOT, small_files
 from test_optimizer import closed_form_lr
 from midgpt import checkpoint
-from midgpt.config import apply_overrides, config_names, config_to_dict, leaves, load_config, read_config_json
+from midgpt.config import apply_overrides, config_names, config_to_dict, leaves, load_config
+from midgpt.rundir import read_config_json
 from midgpt.errors import MidgptError
 from midgpt.files import writing_to
 

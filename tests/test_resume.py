@@ -405,7 +405,7 @@ def test_checkpoint_saved_on_eight_devices_restores_on_one(shakespeare_data_dir,
     dump = tmp_path / "eight.npz"
     script = f"""
 import jax, numpy as np
-from midgpt.config import read_config_json
+from midgpt.rundir import read_config_json
 from midgpt.optimizer import make_optimizer
 from midgpt.sharding import make_mesh
 from midgpt.train import fresh_state, state_layout

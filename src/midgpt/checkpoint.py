@@ -20,7 +20,8 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 from midgpt import sharding
-from midgpt.config import CHECKPOINTS, Config, config_to_dict, saved_steps
+from midgpt.config import Config, config_to_dict
+from midgpt.rundir import CHECKPOINTS, saved_steps
 from midgpt.errors import MidgptError
 
 # orbax writes this file into a step's directory when the save commits; a step

@@ -9,7 +9,6 @@ import math
 import os
 import pkgutil
 import re
-import shlex
 import traceback
 import typing
 from collections.abc import Sequence
@@ -146,107 +145,10 @@ FIXED_ON_RESUME = ("model", "seed", "batch_size", "g_accum_iters", "param_dtype"
 FREE_ON_RESUME = ("model.remat", "model.scan_unroll", "model.attention")  # the same model, run another way
 
 
-CHECKPOINTS = "checkpoints"  # the run directory's folder of orbax checkpoints, one folder a step
-
-
-def saved_steps(rundir: str) -> list[int]:
-    """The steps of rundir's checkpoints, read from their folder names, without loading orbax."""
-    folder = os.path.join(rundir, CHECKPOINTS)
-    return [int(name) for name in os.listdir(folder) if name.isdigit()] if os.path.isdir(folder) else []
-
-
-def _fixed_on_resume(a: Config, b: Config) -> str | None:
+def changes_the_run(a: Config, b: Config) -> str | None:
     """The first field that FIXED_ON_RESUME keeps and in which a and b differ, or None."""
     return next((name for name in _leaf_types(Config) if name.split(".")[0] in FIXED_ON_RESUME
-                 and name not in FREE_ON_RESUME and _get(a, name) != _get(b, name)), None)
-
-
-def _config_copy(rundir: str, step: int) -> str:
-    """Where checkpoint step keeps its copy of the config: orbax's JSON item "config" (an unfinished save has none)."""
-    return os.path.join(rundir, CHECKPOINTS, str(step), "config", "metadata")
-
-
-def _put_back(rundir: str, path: str) -> str:
-    """The advice to copy the newest checkpoint's config back to path, or "" if no checkpoint holds one."""
-    for step in sorted(saved_steps(rundir), reverse=True):
-        if os.path.isfile(copy := _config_copy(rundir, step)):
-            return f"put the newest checkpoint's copy back: cp {shlex.quote(copy)} {shlex.quote(path)}"
-    return ""
-
-
-def check_as_checkpointed(rundir: str, config: Config) -> None:
-    """Refuse a config.json whose model or batches differ from those its newest checkpoint trained with (an edit)."""
-    for step in sorted(saved_steps(rundir), reverse=True):
-        try:
-            with open(_config_copy(rundir, step), encoding="utf-8") as f:
-                trained = config_from_dict(json.load(f))
-        except (OSError, ValueError, MidgptError):  # no copy (an unfinished save), or damage the restore reports
-            continue
-        if name := _fixed_on_resume(config, trained):
-            path = os.path.join(rundir, "config.json")
-            raise MidgptError(f"{path} has {name}={_get(config, name)!r} but checkpoint {step} trained with "
-                              f"{_get(trained, name)!r} (an edit?): that is another model or other batches; "
-                              f"{_put_back(rundir, path)}, or train it in a new --rundir")
-        return
-
-
-def runs_near(rundir: str, with_step: bool = True) -> str | None:
-    """What to pass for a path that is not a run: a run it holds (outputs/), or the run it is in (a checkpoint's).
-
-    with_step: and the checkpoint's --step, for sample.py.
-    """
-    if os.path.isdir(rundir):
-        runs = sorted(e.path for e in os.scandir(rundir) if os.path.isfile(os.path.join(e.path, "config.json")))
-        if runs:
-            return f"{rundir} holds runs: pass one, e.g. --rundir={runs[-1]}"
-    below, run = [], os.path.normpath(rundir)
-    while run != (up := os.path.dirname(run)):  # up to "" for a relative path, "/" for an absolute one
-        below.insert(0, os.path.basename(run))
-        run = up
-        if os.path.isfile(os.path.join(run or ".", "config.json")):
-            step = below[1] if len(below) > 1 and below[0] == CHECKPOINTS and below[1].isdigit() else None
-            return f"{rundir} is inside the run in {run or '.'}: pass --rundir={run or '.'}" + (
-                f" --step={step}" if step and with_step else "")
-    return None
-
-
-def read_config_json(rundir: str) -> Config:
-    """The config a run saved in rundir/config.json."""
-    path = os.path.join(rundir, "config.json")
-    if os.path.isfile(rundir):
-        raise MidgptError(f"{rundir} is a file: pass the run directory that holds it")
-    if not os.path.lexists(path):  # a dangling symlink is not missing: cp would not write through it
-        if saved_steps(rundir):
-            raise MidgptError(f"{path} is missing but {rundir} holds checkpoints; "
-                              + (_put_back(rundir, path) or "none holds a copy of it: pass a new --rundir"))
-        near = runs_near(rundir) or f"is {rundir} a run directory made by launch.py?"
-        raise MidgptError(f"{path} not found; {near}")
-    try:
-        with open(path, encoding="utf-8") as f:
-            saved = json.load(f)
-    except (OSError, ValueError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-        # A damaged file, which cp writes over in place: not an unreadable one (permissions), a directory
-        # or a symlink (cp would write through it, to what it points at).
-        damaged = isinstance(e, ValueError) and os.path.isfile(path) and not os.path.islink(path)
-        fix = damaged and _put_back(rundir, path) or "restore it or pass a new --rundir"
-        raise MidgptError(f"cannot read {path} as JSON ({e}); {fix}") from None
-    try:
-        return config_from_dict(saved)
-    except MidgptError as e:  # an edit, or another version of midgpt: which, only the user knows
-        raise MidgptError(f"{path}: {e}; undo the edit, or use the version of midgpt that wrote it") from None
-
-
-def check_saved_config(rundir: str, config: Config, saved: Config, fix: str = "fix it there") -> None:
-    """check_config of a run's config, which is `saved`, its config.json, with overrides: its errors there name the file."""
-    try:
-        check_config(config)
-    except MidgptError as e:
-        try:
-            check_config(saved)
-        except MidgptError as cause:  # an edit, or a check newer than the run
-            if str(cause) == str(e):
-                raise MidgptError(f"{os.path.join(rundir, 'config.json')}: {e}; {fix}") from None
-        raise
+                 and name not in FREE_ON_RESUME and get_field(a, name) != get_field(b, name)), None)
 
 
 def resume_config(saved: Config, named: Config, overrides: list[str]) -> tuple[Config, list[str], list[str]]:
@@ -265,24 +167,25 @@ def resume_config(saved: Config, named: Config, overrides: list[str]) -> tuple[C
     resumed = apply_overrides(dataclasses.replace(saved, name=saved.name if known else named.name), overrides)
     given = {arg[2:].partition("=")[0] for arg in overrides}
     leaves = [name for name in _leaf_types(Config) if name != "name"]
-    if name := _fixed_on_resume(resumed, saved):
+    if name := changes_the_run(resumed, saved):
         raise MidgptError(
-            f"the run in this --rundir has {name}={_get(saved, name)!r} but this command asks for "
-            f"{_get(resumed, name)!r}; that is another model or other batches: pass a new --rundir"
+            f"the run in this --rundir has {name}={get_field(saved, name)!r} but this command asks for "
+            f"{get_field(resumed, name)!r}; that is another model or other batches: pass a new --rundir"
         )
-    changes = [f"{n}: {_get(saved, n)!r} -> {_get(resumed, n)!r}"
-               for n in ["name", *leaves] if _get(saved, n) != _get(resumed, n)]
-    kept = [f"{n}={_get(saved, n)!r} (config: {_get(named, n)!r})"
-            for n in leaves if n not in given and _get(saved, n) != _get(named, n)]
+    changes = [f"{n}: {get_field(saved, n)!r} -> {get_field(resumed, n)!r}"
+               for n in ["name", *leaves] if get_field(saved, n) != get_field(resumed, n)]
+    kept = [f"{n}={get_field(saved, n)!r} (config: {get_field(named, n)!r})"
+            for n in leaves if n not in given and get_field(saved, n) != get_field(named, n)]
     return resumed, changes, kept
 
 
 def leaves(config: Config) -> dict:
     """Dotted name -> value, for every field that is not a group (model.n_layer, not model)."""
-    return {name: _get(config, name) for name in _leaf_types(type(config))}
+    return {name: get_field(config, name) for name in _leaf_types(type(config))}
 
 
-def _get(config, dotted: str):
+def get_field(config, dotted: str):
+    """The value of a dotted field (model.n_layer)."""
     for part in dotted.split("."):
         config = getattr(config, part)
     return config
@@ -397,8 +300,8 @@ def check_config(config: Config) -> None:
         "model.rope_base": m.rope_base,
     }
     for name, type_ in _leaf_types(Config).items():  # nan passes every comparison below
-        if type_ is float and not math.isfinite(_get(config, name)):
-            raise MidgptError(f"config field {name!r} must be a finite number, got {_get(config, name)}")
+        if type_ is float and not math.isfinite(get_field(config, name)):
+            raise MidgptError(f"config field {name!r} must be a finite number, got {get_field(config, name)}")
     if not config.data_dir:
         raise MidgptError("config field 'data_dir' is empty; give the folder that prepare.py wrote")
     for name, value in positive.items():

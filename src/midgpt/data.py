@@ -11,7 +11,8 @@ import numpy as np
 from jax.sharding import Mesh
 
 from midgpt import sharding
-from midgpt.config import Config, read_config_json
+from midgpt.config import Config
+from midgpt.rundir import read_config_json
 from midgpt.errors import MidgptError
 
 

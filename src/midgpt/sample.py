@@ -9,7 +9,8 @@ import numpy as np
 from jax.sharding import SingleDeviceSharding
 
 from midgpt import checkpoint, data, sharding
-from midgpt.config import Config, check_as_checkpointed, check_saved_config, read_config_json, saved_steps
+from midgpt.config import Config
+from midgpt.rundir import check_as_checkpointed, check_saved_config, read_config_json, saved_steps
 from midgpt.errors import MidgptError
 from midgpt.model import GPT, project
 from midgpt.train import fresh_model

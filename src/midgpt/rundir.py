@@ -1,0 +1,107 @@
+"""A run directory's config.json, its checkpoints' folders and copies of the config, and runs near a path.
+
+Read without JAX or orbax, so that launch.py and sample.py can refuse a wrong --rundir at once.
+"""
+
+import json
+import os
+import shlex
+
+from midgpt.config import Config, changes_the_run, check_config, config_from_dict, get_field
+from midgpt.errors import MidgptError
+
+CHECKPOINTS = "checkpoints"  # the run directory's folder of orbax checkpoints, one folder a step
+
+
+def saved_steps(rundir: str) -> list[int]:
+    """The steps of rundir's checkpoints, read from their folder names, without loading orbax."""
+    folder = os.path.join(rundir, CHECKPOINTS)
+    return [int(name) for name in os.listdir(folder) if name.isdigit()] if os.path.isdir(folder) else []
+
+
+def _config_copy(rundir: str, step: int) -> str:
+    """Where checkpoint step keeps its copy of the config: orbax's JSON item "config" (an unfinished save has none)."""
+    return os.path.join(rundir, CHECKPOINTS, str(step), "config", "metadata")
+
+
+def _put_back(rundir: str, path: str) -> str:
+    """The advice to copy the newest checkpoint's config back to path, or "" if no checkpoint holds one."""
+    for step in sorted(saved_steps(rundir), reverse=True):
+        if os.path.isfile(copy := _config_copy(rundir, step)):
+            return f"put the newest checkpoint's copy back: cp {shlex.quote(copy)} {shlex.quote(path)}"
+    return ""
+
+
+def check_as_checkpointed(rundir: str, config: Config) -> None:
+    """Refuse a config.json whose model or batches differ from those its newest checkpoint trained with (an edit)."""
+    for step in sorted(saved_steps(rundir), reverse=True):
+        try:
+            with open(_config_copy(rundir, step), encoding="utf-8") as f:
+                trained = config_from_dict(json.load(f))
+        except (OSError, ValueError, MidgptError):  # no copy (an unfinished save), or damage the restore reports
+            continue
+        if name := changes_the_run(config, trained):
+            path = os.path.join(rundir, "config.json")
+            raise MidgptError(f"{path} has {name}={get_field(config, name)!r} but checkpoint {step} trained with "
+                              f"{get_field(trained, name)!r} (an edit?): that is another model or other batches; "
+                              f"{_put_back(rundir, path)}, or train it in a new --rundir")
+        return
+
+
+def runs_near(rundir: str, with_step: bool = True) -> str | None:
+    """What to pass for a path that is not a run: a run it holds (outputs/), or the run it is in (a checkpoint's).
+
+    with_step: and the checkpoint's --step, for sample.py.
+    """
+    if os.path.isdir(rundir):
+        runs = sorted(e.path for e in os.scandir(rundir) if os.path.isfile(os.path.join(e.path, "config.json")))
+        if runs:
+            return f"{rundir} holds runs: pass one, e.g. --rundir={runs[-1]}"
+    below, run = [], os.path.normpath(rundir)
+    while run != (up := os.path.dirname(run)):  # up to "" for a relative path, "/" for an absolute one
+        below.insert(0, os.path.basename(run))
+        run = up
+        if os.path.isfile(os.path.join(run or ".", "config.json")):
+            step = below[1] if len(below) > 1 and below[0] == CHECKPOINTS and below[1].isdigit() else None
+            return f"{rundir} is inside the run in {run or '.'}: pass --rundir={run or '.'}" + (
+                f" --step={step}" if step and with_step else "")
+    return None
+
+
+def read_config_json(rundir: str) -> Config:
+    """The config a run saved in rundir/config.json."""
+    path = os.path.join(rundir, "config.json")
+    if os.path.isfile(rundir):
+        raise MidgptError(f"{rundir} is a file: pass the run directory that holds it")
+    if not os.path.lexists(path):  # a dangling symlink is not missing: cp would not write through it
+        if saved_steps(rundir):
+            raise MidgptError(f"{path} is missing but {rundir} holds checkpoints; "
+                              + (_put_back(rundir, path) or "none holds a copy of it: pass a new --rundir"))
+        near = runs_near(rundir) or f"is {rundir} a run directory made by launch.py?"
+        raise MidgptError(f"{path} not found; {near}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            saved = json.load(f)
+    except (OSError, ValueError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        # A damaged file, which cp writes over in place: not an unreadable one (permissions), a directory
+        # or a symlink (cp would write through it, to what it points at).
+        damaged = isinstance(e, ValueError) and os.path.isfile(path) and not os.path.islink(path)
+        fix = damaged and _put_back(rundir, path) or "restore it or pass a new --rundir"
+        raise MidgptError(f"cannot read {path} as JSON ({e}); {fix}") from None
+    try:
+        return config_from_dict(saved)
+    except MidgptError as e:  # an edit, or another version of midgpt: which, only the user knows
+        raise MidgptError(f"{path}: {e}; undo the edit, or use the version of midgpt that wrote it") from None
+
+
+def check_saved_config(rundir: str, config: Config, saved: Config, fix: str = "fix it there") -> None:
+    """check_config of a run's config, which is `saved`, its config.json, with overrides: its errors there name the file."""
+    try:
+        check_config(config)
+    except MidgptError as e:
+        try:
+            check_config(saved)
+        except MidgptError as cause:  # an edit, or a check newer than the run
+            if str(cause) == str(e):
+                raise MidgptError(f"{os.path.join(rundir, 'config.json')}: {e}; {fix}") from None
+        raise
