@@ -18,11 +18,11 @@ import time
 
 from midgpt.cli import ArgumentParser, StopSignals, cache_compiled_programs, run
 from midgpt.config import apply_overrides, check_config, config_names, leaves, load_config, resume_config
-from midgpt.rundir import (CHECKPOINTS, check_as_checkpointed, check_saved_config, read_config_json, runs_near,
-                           saved_steps)
 from midgpt.errors import MidgptError
 from midgpt.files import LOCK
 from midgpt.metrics import last_step
+from midgpt.rundir import (CHECKPOINTS, check_as_checkpointed, check_saved_config, read_config_json, runs_near,
+                           saved_steps)
 
 
 def new_rundir() -> str:

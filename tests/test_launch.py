@@ -20,9 +20,9 @@ from conftest import REPO_ROOT, small_files
 from test_optimizer import closed_form_lr
 from midgpt import checkpoint
 from midgpt.config import apply_overrides, config_names, config_to_dict, leaves, load_config
-from midgpt.rundir import read_config_json
 from midgpt.errors import MidgptError
 from midgpt.files import writing_to
+from midgpt.rundir import read_config_json
 
 TINY = ["--model.n_layer=2", "--model.n_embd=64", "--model.n_head=2", "--batch_size=8",
         "--eval_iters=2", "--log_interval=5", "--warmup_steps=10"]
@@ -254,6 +254,7 @@ def test_debug_writes_a_profiler_trace_each_time_and_never_over_a_run(short_run,
         assert len(list((rundir / "profile").rglob("*.xplane.pb"))) == traces
     assert "no checkpoints are written" in result.stdout + result.stderr
     assert os.listdir(rundir / "checkpoints") == []
+    assert_one_line_error(run("sample.py", f"--rundir={rundir}"), "has no finished checkpoint", "a --debug run saves none")
     short = launch(tmp_path / "short", "--debug", "--max_steps=2")  # said nothing, and wrote none
     assert short.returncode == 0 and "debug: no profiler trace: it is of steps 3-5" in short.stdout, short.stderr
     assert not (tmp_path / "short" / "profile").exists()

@@ -1,5 +1,6 @@
 """Generation promises: the KV cache changes nothing, greedy continues a learned pattern, seeds repeat."""
 
+import shutil
 import warnings
 
 import equinox as eqx
@@ -9,8 +10,9 @@ import numpy as np
 import optax
 import pytest
 
-from midgpt import checkpoint
+from midgpt import checkpoint, sample
 from midgpt.config import Config, ModelConfig, apply_overrides, load_config
+from midgpt.errors import MidgptError
 from midgpt.model import GPT
 from midgpt.optimizer import make_optimizer
 from midgpt.sample import generate, load_model, sample_token
@@ -148,4 +150,38 @@ def test_sampling_reads_the_parameters_only(shakespeare_data_dir, tmp_path):
     loaded_config, model = load_model(rundir)
     assert loaded_config == config
     for a, b in zip(jax.tree.leaves(eqx.filter(model, eqx.is_array)), jax.tree.leaves(params), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("step", [None, 7])
+def test_a_checkpoint_that_training_removes_as_it_is_read_gives_way_to_the_newer_one(shakespeare_data_dir, tmp_path,
+                                                                                  monkeypatch, step):
+    # sample.py beside a run in training: its newest checkpoint was removed (a newer one committed, keep_checkpoints)
+    # while orbax read it, and a traceback or "does not restore ... the run's only one" came out.
+    config = apply_overrides(load_config("shakespeare_char_cpu"), [
+        "--model.n_layer=1", "--model.n_embd=32", "--model.n_head=2", f"--data_dir={shakespeare_data_dir}"])
+    state = fresh_state(config, make_optimizer(config))
+    rundir = tmp_path / "run"
+    write_config(config, str(rundir))
+    manager = checkpoint.make_manager(str(rundir), config)
+    checkpoint.save(manager, 7, state, config)
+    checkpoint.wait(manager)
+    manager.close()
+    restore = sample.restore_model
+
+    def as_training_saves_and_removes(rundir_, config_, chosen, like):
+        if chosen == 7:  # the trainer's save of step 9 commits, and step 7 goes
+            shutil.copytree(rundir / "checkpoints" / "7", rundir / "checkpoints" / "9")
+            shutil.rmtree(rundir / "checkpoints" / "7")
+        return restore(rundir_, config_, chosen, like)
+
+    monkeypatch.setattr(sample, "restore_model", as_training_saves_and_removes)
+    if step is not None:  # asked for: it is gone
+        with pytest.raises(MidgptError, match=f"checkpoint 7 of {rundir} was removed as it was read .*the newest 3.*"
+                                              "pass a newer --step, or none"):
+            load_model(str(rundir), step)
+        return
+    _, model = load_model(str(rundir))
+    leaves = lambda model: jax.tree.leaves(eqx.filter(model, eqx.is_array))
+    for a, b in zip(leaves(model), leaves(state.model), strict=True):
         np.testing.assert_array_equal(a, b)

@@ -21,8 +21,8 @@ from jax.experimental import multihost_utils
 
 from midgpt import sharding
 from midgpt.config import Config, config_to_dict
-from midgpt.rundir import CHECKPOINTS, saved_steps
 from midgpt.errors import MidgptError
+from midgpt.rundir import CHECKPOINTS, saved_steps
 
 # orbax writes this file into a step's directory when the save commits; a step
 # without it was cut short, whatever else is there.

@@ -12,8 +12,8 @@ from jax.sharding import Mesh
 
 from midgpt import sharding
 from midgpt.config import Config
-from midgpt.rundir import read_config_json
 from midgpt.errors import MidgptError
+from midgpt.rundir import read_config_json
 
 
 def _require(data_dir: str, name: str) -> str:

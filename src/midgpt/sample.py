@@ -1,5 +1,6 @@
 """Text generation from a trained run: temperature, top-k, a sliding context window."""
 
+import itertools
 import os
 
 import equinox as eqx
@@ -10,9 +11,9 @@ from jax.sharding import SingleDeviceSharding
 
 from midgpt import checkpoint, data, sharding
 from midgpt.config import Config
-from midgpt.rundir import check_as_checkpointed, check_saved_config, read_config_json, saved_steps
 from midgpt.errors import MidgptError
 from midgpt.model import GPT, project
+from midgpt.rundir import check_as_checkpointed, check_saved_config, read_config_json, saved_steps
 from midgpt.train import fresh_model
 
 
@@ -23,33 +24,48 @@ def load_model(rundir: str, step: int | None = None) -> tuple[Config, GPT]:
     check_saved_config(rundir, config, config)  # a hand edit launch.py would refuse
     if not os.path.isdir(checkpoint.directory(rundir)):
         raise MidgptError(f"{rundir} has no checkpoints yet (runs with --debug write none)")
-    # Only those whose save finished, as a resume takes them: one still being written reads as damaged.
-    steps = checkpoint.committed_steps(rundir)
-    if step is None:
-        if not steps:
-            raise MidgptError(f"{rundir} has no finished checkpoint yet: sample once its training has saved one "
-                              f"(every {config.checkpoint_interval} steps, and at its end or stop)")
-        step = steps[-1]
-    if step not in steps:
-        unfinished = " whose save finished" if step in saved_steps(rundir) else ""
-        raise MidgptError(f"{rundir} has no checkpoint{unfinished} at step {step}; it has {steps or 'none'}")
     like = eqx.filter_eval_shape(fresh_model, config)
+    # A run in training removes its oldest checkpoint as each new one commits, maybe while orbax reads
+    # the folder or the checkpoint chosen here: then they are listed again, and the newest is another.
+    for attempt in itertools.count():
+        # Only those whose save finished, as a resume takes them: one still being written reads as damaged.
+        steps = checkpoint.committed_steps(rundir)
+        chosen = step if step is not None else steps[-1] if steps else None
+        if chosen is None:
+            raise MidgptError(f"{rundir} has no finished checkpoint yet: sample once its training has saved one "
+                              f"(every {config.checkpoint_interval} steps, and at its end or stop; a --debug run "
+                              "saves none)")
+        if chosen not in steps:
+            unfinished = " whose save finished" if chosen in saved_steps(rundir) else ""
+            raise MidgptError(f"{rundir} has no checkpoint{unfinished} at step {chosen}; it has {steps or 'none'}")
+        try:
+            return config, restore_model(rundir, config, chosen, like)
+        except Exception as e:  # orbax and tensorstore raise many types for damaged files
+            gone = not checkpoint.committed(rundir, chosen)
+            if attempt < 2 and checkpoint.committed_steps(rundir) != steps and (step is None or not gone):
+                continue
+            if gone:
+                raise MidgptError(f"checkpoint {chosen} of {rundir} was removed as it was read (its training keeps "
+                                  f"the newest {config.keep_checkpoints}); "
+                                  + ("pass a newer --step, or none" if step is not None else "try again")) from None
+            if isinstance(e, MidgptError):
+                raise
+            others = [s for s in steps if s != chosen]
+            raise MidgptError(f"checkpoint {chosen} of {rundir} does not restore ({checkpoint.describe(e)}); "
+                              + (f"try --step= another of {others}" if others
+                                 else "it is the run's only one: fix the cause, or train the run again")) from None
+
+
+def restore_model(rundir: str, config: Config, step: int, like: GPT) -> GPT:
+    """The model of checkpoint step, on one device."""
     one_device = jax.tree.map(lambda _: SingleDeviceSharding(jax.devices()[0]),
                               eqx.filter(like, sharding.is_abstract))
     manager = checkpoint.make_manager(rundir, config)  # after the checks: orbax warns of each unfinished save
     try:
         checkpoint.check_arrays(checkpoint.step_directory(rundir, step), like, part="model")  # another model is no damage
-        model = checkpoint.restore_model(manager, step, like, one_device)
-    except MidgptError:
-        raise
-    except Exception as e:  # orbax and tensorstore raise many types for damaged files
-        others = [s for s in steps if s != step]
-        raise MidgptError(f"checkpoint {step} of {rundir} does not restore ({checkpoint.describe(e)}); "
-                          + (f"try --step= another of {others}" if others
-                             else "it is the run's only one: fix the cause, or train the run again")) from None
+        return checkpoint.restore_model(manager, step, like, one_device)
     finally:
         manager.close()
-    return config, model
 
 
 def run_meta(rundir: str, config: Config) -> dict:
