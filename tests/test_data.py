@@ -13,6 +13,7 @@ from midgpt.config import apply_overrides, load_config
 from midgpt.data import get_batch, global_batch, load_meta, load_splits, load_tokens
 from midgpt.tokenizer import decode, encode
 from midgpt.errors import MidgptError
+from midgpt.files import lock_directory
 from midgpt.sharding import make_mesh
 
 
@@ -81,6 +82,39 @@ def test_prepare_refuses_an_out_dir_of_another_tokenizers_data_and_leaves_it_alo
         f"prepare.py: --out_dir {out_dir} holds data of another tokenizer ('gpt2', not 'char'), which this would "
         "replace; pass another --out_dir, or remove its train.bin, val.bin and meta.json first\n"), result.stderr
     assert os.listdir(out_dir) == ["meta.json"] and "gpt2" in (out_dir / "meta.json").read_text()
+
+
+@pytest.mark.parametrize("script", ["shakespeare_char", "openwebtext"])
+def test_a_second_prepare_into_the_same_out_dir_at_once_is_refused_and_mixes_nothing_in(shakespeare_text, tmp_path,
+                                                                                         script):
+    # Both wrote the same .tmp files and renamed each other's: a train.bin of both texts, and no meta.json.
+    out_dir = tmp_path / "out"
+    command = [sys.executable, str(REPO_ROOT / "data" / script / "prepare.py"), "--input", shakespeare_text,
+               "--out_dir", str(out_dir), *(["--num_proc=1"] if script == "openwebtext" else [])]
+    assert subprocess.run(command, capture_output=True).returncode == 0
+    (out_dir / "train.bin.tmp").write_bytes(b"the first one's, half written")
+    before = {p.name: p.read_bytes() for p in out_dir.iterdir()}
+    fd = lock_directory(out_dir, "held by the test")  # as the first one holds it while it writes
+    try:
+        result = subprocess.run(command, capture_output=True, text=True)
+    finally:
+        os.close(fd)
+    assert result.returncode == 1 and result.stderr == (
+        f"prepare.py: another prepare.py is writing to {out_dir}; wait for it to end, or pass another --out_dir\n")
+    assert {p.name: p.read_bytes() for p in out_dir.iterdir()} == before
+    assert subprocess.run(command, capture_output=True).returncode == 0  # once it has ended
+    assert sorted(os.listdir(out_dir)) == ["meta.json", "train.bin", "val.bin"]
+
+
+@pytest.mark.parametrize("script", ["shakespeare_char", "openwebtext"])
+@pytest.mark.parametrize("flag", ["--out_dir", "--input"])
+def test_an_empty_path_is_refused_not_taken_for_the_working_directory(script, flag, tmp_path):
+    # An unset $OUT: the data was written into the current directory; an unset $IN read <out_dir>/input.txt.
+    args = ["--input", "x.txt", flag, ""] if flag == "--out_dir" else [flag, ""]
+    result = subprocess.run([sys.executable, str(REPO_ROOT / "data" / script / "prepare.py"), *args], cwd=tmp_path,
+                            capture_output=True, text=True)
+    assert result.returncode != 0 and f"{flag} is empty" in result.stderr.splitlines()[-1], result.stderr
+    assert os.listdir(tmp_path) == []
 
 
 def test_prepare_refuses_a_text_too_short_for_two_splits(tmp_path):

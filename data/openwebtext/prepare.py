@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from midgpt.cli import ArgumentParser
 from midgpt.errors import MidgptError
-from midgpt.prepare import FILES, check_out_dir, replace_dataset
+from midgpt.prepare import FILES, check_out_dir, lock_out_dir, replace_dataset
 from midgpt.tokenizer import gpt2
 
 MAX_DOCUMENT = 64 << 20  # characters of a .txt file's blank-line-separated block, or of a .jsonl line
@@ -205,6 +205,7 @@ def prepare(documents, out_dir: Path, num_proc: int, val_fraction: float, source
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:  # a file of that name, or a folder not ours to write
         raise MidgptError(f"cannot make --out_dir {out_dir} ({e.strerror}); pass a directory you can write to") from None
+    lock_out_dir(out_dir)  # before any .tmp file is touched: on a refusal they are the other one's
     tmp = {name: out_dir / f"{name}.tmp" for name in FILES}
     tokens, docs, sha = dict.fromkeys(SPLITS, 0), dict.fromkeys(SPLITS, 0), {s: hashlib.sha256() for s in SPLITS}
     batches = iter(lambda: list(itertools.islice(documents, DOCS_PER_TASK)), [])
@@ -272,6 +273,8 @@ def main() -> None:
         signal.signal(sig, raise_stopped)
     try:
         args = parser.parse_args()
+        if args.out_dir == "" or "" in (args.input or []):  # an unset $VAR: Path("") is the working directory
+            parser.error(f"--{'out_dir' if args.out_dir == '' else 'input'} is empty")
         if args.input and (args.dataset or args.data_files):
             parser.error("--dataset and --data_files read from the Hub; --input reads only local files")
         if args.val_fraction is None:

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from midgpt.errors import MidgptError
-from midgpt.prepare import FILES, check_out_dir, replace_dataset
+from midgpt.prepare import FILES, check_out_dir, lock_out_dir, replace_dataset
 
 URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 
@@ -50,6 +50,8 @@ def main() -> None:
     parser.add_argument("--input", type=os.path.expanduser, help="Tiny Shakespeare text file (default: <out_dir>/input.txt, downloaded if absent)")
     parser.add_argument("--out_dir", default=str(Path(__file__).resolve().parent), type=os.path.expanduser)
     args = parser.parse_args()
+    if "" in (args.input, args.out_dir):  # an unset $VAR: Path("") is the working directory
+        parser.error(f"--{'input' if args.input == '' else 'out_dir'} is empty")
     out_dir = Path(args.out_dir)
     try:
         check_out_dir(out_dir, "char")
@@ -82,9 +84,15 @@ def main() -> None:
         "sha256": {f"{name}.bin": hashlib.sha256(split_ids.tobytes()).hexdigest() for name, split_ids in splits.items()},
     }
     # Every file is written beside the old ones first: a full disk or a Ctrl-C leaves a prepared dataset as it was.
-    tmp = {name: out_dir / f"{name}.tmp" for name in FILES}
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
+        lock_out_dir(out_dir)
+    except OSError as e:
+        sys.exit(f"prepare.py: cannot write to {out_dir} ({e}); nothing prepared before was replaced")
+    except MidgptError as e:  # and its .tmp files are the other one's
+        sys.exit(f"prepare.py: {e}")
+    tmp = {name: out_dir / f"{name}.tmp" for name in FILES}
+    try:
         for name, split_ids in splits.items():
             split_ids.tofile(tmp[f"{name}.bin"])
         tmp["meta.json"].write_text(json.dumps(meta))

@@ -46,11 +46,33 @@ def lock_run(rundir: str):
     os.makedirs(rundir, exist_ok=True)
     f = open(os.path.join(rundir, LOCK), "a")  # never written: a refused start changes no file
     try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+        _lock(f, f"another launch.py is training the run in {rundir}; wait for it to end (or stop it), "
+              "or pass another --rundir")
+    except MidgptError:
         f.close()
-        raise MidgptError(f"another launch.py is training the run in {rundir}; wait for it to end (or stop it), "
-                          "or pass another --rundir") from None
-    except OSError:  # a filesystem without locks: train unguarded, as before
-        pass
+        raise
     return f
+
+
+def lock_directory(path: str | os.PathLike, busy: str) -> int:
+    """An open descriptor of the directory, exclusively locked until closed or the process ends (no lock file in it).
+
+    busy: the refusal if another process holds it.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        _lock(fd, busy)
+    except MidgptError:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _lock(file, busy: str) -> None:
+    """flock an open file or descriptor exclusively; MidgptError(busy) if another process holds it."""
+    try:
+        fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise MidgptError(busy) from None
+    except OSError:  # a filesystem without locks: go on unguarded, as before
+        pass

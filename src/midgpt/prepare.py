@@ -5,6 +5,7 @@ import os
 from pathlib import Path
 
 from midgpt.errors import MidgptError
+from midgpt.files import lock_directory
 
 FILES = ("train.bin", "val.bin", "meta.json")  # meta.json last: its presence marks a dataset complete
 
@@ -39,3 +40,9 @@ def replace_dataset(out_dir: Path, written: dict[str, Path]) -> None:
     (out_dir / "meta.json").unlink(missing_ok=True)
     for name in FILES:
         os.replace(written[name], out_dir / name)
+
+
+def lock_out_dir(out_dir: Path) -> None:
+    """Hold out_dir until this process ends: a second prepare.py writing there at once would mix its files in."""
+    # Both would write the same .tmp files, and rename each other's: one dataset of both texts, or none.
+    lock_directory(out_dir, f"another prepare.py is writing to {out_dir}; wait for it to end, or pass another --out_dir")
