@@ -286,6 +286,10 @@ def test_encode_rejects_unknown_characters_naming_them(meta):
     with pytest.raises(MidgptError, match="€") as info:
         encode(meta, "hello € world ¥")
     assert "¥" in str(info.value)
+    # A prompt in another script names its first 20: all 20,989 of one were a 147 kB line.
+    with pytest.raises(MidgptError) as info:
+        encode(meta, "".join(map(chr, range(0x4E00, 0x4E00 + 25))))
+    assert str(info.value) == f"characters not in the vocabulary: {[chr(0x4E00 + i) for i in range(20)]} and 5 more"
 
 
 def test_missing_data_error_names_the_datasets_own_prepare_script(tmp_path):

@@ -747,6 +747,8 @@ def test_sample_errors_are_one_line(short_run, shakespeare_data_dir, tmp_path):
                           f"holds runs: pass one, e.g. --rundir={short_run}")
     assert_one_line_error(run("sample.py", f"--rundir={os.path.join(short_run, 'checkpoints', step)}"),
                           f"is inside the run in {short_run}: pass --rundir={short_run} --step={step}")
+    assert_one_line_error(run("sample.py", f"--rundir={tmp_path}/nope"),
+                          f"error: {tmp_path}/nope does not exist; pass a run directory made by launch.py")
     assert_one_line_error(run("sample.py", f"--rundir={os.path.join(short_run, 'config.json')}"),
                           "config.json is a file: pass the run directory")
     assert_one_line_error(run("sample.py", f"--rundir={short_run}", "--start=€"), "['€']: leave them out of the prompt")

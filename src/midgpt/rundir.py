@@ -77,8 +77,11 @@ def read_config_json(rundir: str) -> Config:
         if saved_steps(rundir):
             raise MidgptError(f"{path} is missing but {rundir} holds checkpoints; "
                               + (_put_back(rundir, path) or "none holds a copy of it: pass a new --rundir"))
-        near = runs_near(rundir) or f"is {rundir} a run directory made by launch.py?"
-        raise MidgptError(f"{path} not found; {near}")
+        if near := runs_near(rundir):
+            raise MidgptError(f"{path} not found; {near}")
+        if not os.path.isdir(rundir):
+            raise MidgptError(f"{rundir} does not exist; pass a run directory made by launch.py")
+        raise MidgptError(f"{path} not found; is {rundir} a run directory made by launch.py?")
     try:
         with open(path, encoding="utf-8") as f:
             saved = json.load(f)

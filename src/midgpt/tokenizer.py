@@ -38,8 +38,9 @@ def encode(meta: dict, text: str) -> list[int]:
         return gpt2().encode(text, allowed_special={EOT})
     stoi = {c: i for i, c in enumerate(meta["chars"])}
     unknown = sorted(set(text) - stoi.keys())
-    if unknown:
-        raise UnknownCharacters(f"characters not in the vocabulary: {unknown}")
+    if unknown:  # the first few: a prompt in another script held 20,989, a line of 147 kB
+        more = f" and {len(unknown) - 20:,} more" if len(unknown) > 20 else ""
+        raise UnknownCharacters(f"characters not in the vocabulary: {unknown[:20]}{more}")
     return [stoi[c] for c in text]
 
 
