@@ -4,6 +4,7 @@ python sample.py --rundir=DIR [--start=TEXT | --start=FILE:path] [--num_samples=
                  [--temperature=T] [--top_k=K] [--seed=S] [--step=STEP]
 """
 
+import itertools
 import os
 import signal
 import sys
@@ -55,7 +56,7 @@ def main(argv: list[str]) -> None:
     from midgpt.errors import MidgptError
     from midgpt.model import cast_floats
     from midgpt.precision import compute_dtype
-    from midgpt.sample import generate, load_model, run_meta
+    from midgpt.sample import generate_chunks, load_model, run_meta
 
     config, model = load_model(args.rundir, args.step)
     meta = run_meta(args.rundir, config)
@@ -74,18 +75,23 @@ def main(argv: list[str]) -> None:
         ids = ids[-T:]
     try:  # a prompt of many tokens can fill the memory already in its copy for each sample
         prompt_BxP = jnp.tile(jnp.asarray(ids, jnp.int32), (args.num_samples, 1))
-        tokens_BxN = jax.device_get(generate(
-            model, prompt_BxP, args.max_new_tokens, jax.random.key(args.seed), args.temperature, args.top_k,
-            vocab=meta["vocab_size"]))  # the tokenizer's ids: the table may have more rows
+        new_chunks = generate_chunks(model, prompt_BxP, args.max_new_tokens, jax.random.key(args.seed),
+                                     args.temperature, args.top_k, vocab=meta["vocab_size"])  # the tokenizer's ids
+        if args.num_samples == 1:  # shown as it comes: a long sample on a CPU takes minutes
+            new_ids = (jax.device_get(new_1xN)[0].tolist() for new_1xN in new_chunks)
+            for piece in tokenizer.decode_pieces(meta, itertools.chain([ids], new_ids)):
+                say(piece, end="")
+            say("")
+        else:
+            tokens_BxN = jax.device_get(jnp.concatenate([prompt_BxP, *new_chunks], axis=1))
+            for i, row in enumerate(tokens_BxN):
+                say(("-" * 40 + "\n" if i else "") + tokenizer.decode(meta, row.tolist()))
     except jax.errors.JaxRuntimeError as e:
         if "RESOURCE_EXHAUSTED" not in str(e):
             raise
         raise MidgptError(f"{args.num_samples} sample{'s' * (args.num_samples > 1)} of "
                           f"{len(ids) + args.max_new_tokens} tokens do not "
                           "fit the device's memory; lower --num_samples or --max_new_tokens") from None
-    for i, row in enumerate(tokens_BxN):
-        say(("-" * 40 + "\n" if i else "") + tokenizer.decode(meta, row.tolist()))
-
 
 if __name__ == "__main__":
     run(main)

@@ -7,6 +7,7 @@ import json
 import os
 import re
 import resource
+import select
 import shutil
 import signal
 import subprocess
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO_ROOT, small_files
+from conftest import REPO_ROOT, small_files, this_tree_env
 from test_optimizer import closed_form_lr
 from midgpt import checkpoint
 from midgpt.config import apply_overrides, config_names, config_to_dict, leaves, load_config
@@ -198,6 +199,22 @@ def test_sample_prints_text_from_the_trained_run(short_run):
     assert again.stdout == result.stdout != other.stdout
 
 
+def test_one_sample_is_shown_as_it_is_generated(short_run):
+    # A long sample of a large model on a CPU took minutes, silent until its end.
+    sampling = subprocess.Popen([sys.executable, str(REPO_ROOT / "sample.py"), f"--rundir={short_run}",
+                                 "--start=ROMEO:", f"--max_new_tokens={2**24}"], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, env=this_tree_env())
+    try:
+        shown, deadline = b"", time.monotonic() + 120
+        while len(shown) < 1000 and select.select([sampling.stdout], [], [], max(0, deadline - time.monotonic()))[0]:
+            shown += os.read(sampling.stdout.fileno(), 1 << 16)
+        assert shown.startswith(b"ROMEO:") and len(shown) >= 1000, sampling.stderr.read1() if shown == b"" else shown
+        assert sampling.poll() is None  # 16M tokens: far from done
+    finally:
+        sampling.kill()
+        sampling.wait()
+
+
 def test_sample_takes_the_newest_checkpoint_whose_save_finished(short_run, tmp_path):
     rundir = tmp_path / "run"  # a copy: the other tests share short_run
     shutil.copytree(short_run, rundir)
@@ -349,7 +366,7 @@ def test_another_run_and_a_resume_read_their_compiled_programs_from_the_cache_la
     sample = ["--max_new_tokens=5", f"--rundir={tmp_path}/first"]
     result = run("sample.py", *sample, env={**env, "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "elsewhere")})
     assert result.returncode == 0, result.stderr
-    assert any(name.startswith("jit_generate-") for name in os.listdir(tmp_path / "elsewhere"))
+    assert any(name.startswith("jit__decode-") for name in os.listdir(tmp_path / "elsewhere"))
     assert set(os.listdir(cache)) == entries
     result = run("sample.py", *sample, env={**env, "XDG_CACHE_HOME": str(tmp_path / "off"),
                                             "JAX_ENABLE_COMPILATION_CACHE": "false"})

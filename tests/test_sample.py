@@ -10,12 +10,12 @@ import numpy as np
 import optax
 import pytest
 
-from midgpt import checkpoint, sample
+from midgpt import checkpoint, sample, tokenizer
 from midgpt.config import Config, ModelConfig, apply_overrides, load_config
 from midgpt.errors import MidgptError
 from midgpt.model import GPT
 from midgpt.optimizer import make_optimizer
-from midgpt.sample import generate, load_model, sample_token
+from midgpt.sample import generate, generate_chunks, load_model, sample_token
 from midgpt.sharding import make_mesh
 from midgpt.train import fresh_state, init_state, make_train_step, write_config
 
@@ -78,6 +78,31 @@ def test_same_seed_same_samples_and_top_k_1_is_greedy():
     greedy = sample(0, temperature=0.0)
     assert np.array_equal(sample(5, temperature=1.0, top_k=1), greedy)
     assert np.array_equal(greedy[0], greedy[1])
+
+
+@pytest.mark.parametrize("max_new_tokens", [0, 1, 2, 7, 3 * W + 1])
+def test_chunks_of_any_size_make_the_same_text(max_new_tokens):
+    # sample.py shows one sample chunk by chunk: each token's draw is keyed by its position, not by its chunk.
+    model = tiny_model(seed=2)
+    prompt_BxP = jnp.array([[1, 2, 3], [4, 5, 6]], jnp.int32)
+    by_chunk = {chunk: list(generate_chunks(model, prompt_BxP, max_new_tokens, jax.random.key(0), chunk=chunk))
+                for chunk in (1, 3, 64)}
+    for chunk, pieces in by_chunk.items():
+        assert all(0 < p.shape[1] <= chunk and p.shape[0] == 2 for p in pieces)
+    whole = [np.concatenate(pieces, axis=1) if pieces else np.zeros((2, 0), np.int32) for pieces in by_chunk.values()]
+    assert all(w.shape == (2, max_new_tokens) and np.array_equal(w, whole[0]) for w in whole)
+    if max_new_tokens > W:  # a chunk's draws, not a repeat of one: the rows and positions differ
+        assert len(set(whole[0][0].tolist())) > 1 and not np.array_equal(whole[0][0], whole[0][1])
+
+
+def test_a_character_split_over_tokens_is_shown_once_whole():
+    meta = {"tokenizer": "gpt2"}
+    ids = tokenizer.encode(meta, "a robot 🤖 and 日本語.")  # " 🤖" is 3 tokens, each a part of its bytes
+    pieces = list(tokenizer.decode_pieces(meta, ([i] for i in ids)))
+    assert "".join(pieces) == tokenizer.decode(meta, ids) and not any("\ufffd" in p for p in pieces)
+    assert " 🤖" in pieces and len(pieces) < len(ids)
+    cut = list(tokenizer.decode_pieces(meta, [ids[:3], ids[3:4]]))  # ends within it: as decode says it
+    assert "".join(cut) == tokenizer.decode(meta, ids[:4]) and cut[-1].endswith("\ufffd")
 
 
 def test_top_k_draws_from_exactly_the_k_most_likely_tokens_in_proportion():

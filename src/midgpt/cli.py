@@ -141,10 +141,10 @@ def _retrieved(record: logging.LogRecord) -> bool:
     return not record.getMessage().partition("\n")[0].endswith("exception was never retrieved")
 
 
-def say(line: str) -> None:
+def say(line: str, end: str = "\n") -> None:
     """Print a line above the progress bar, now; a closed stdout (`| tee` ended by Ctrl-C) stops no run."""
     stdout = PipeSafe(sys.stdout)
-    tqdm.write(line, file=stdout)
+    tqdm.write(line, file=stdout, end=end)
     stdout.flush()
 
 

@@ -62,7 +62,8 @@ def restore_model(rundir: str, config: Config, step: int, like: GPT) -> GPT:
                               eqx.filter(like, sharding.is_abstract))
     manager = checkpoint.make_manager(rundir, config)  # after the checks: orbax warns of each unfinished save
     try:
-        checkpoint.check_arrays(checkpoint.step_directory(rundir, step), like, part="model")  # another model is no damage
+        # Another model is no damage: said apart.
+        checkpoint.check_arrays(checkpoint.step_directory(rundir, step), like, part="model")
         return checkpoint.restore_model(manager, step, like, one_device)
     finally:
         manager.close()
@@ -96,30 +97,54 @@ def sample_token(logits_BxV, key, temperature: float, top_k: int | None, vocab: 
     return jax.random.categorical(key, scaled_BxV, axis=-1)
 
 
-@eqx.filter_jit
 def generate(model: GPT, prompt_BxP, max_new_tokens: int, key, temperature: float = 1.0, top_k: int | None = None,
              vocab: int | None = None):
-    """Prompt followed by max_new_tokens generated tokens, (B, P + max_new_tokens); new ids below vocab if given.
+    """Prompt followed by max_new_tokens generated tokens, (B, P + max_new_tokens); new ids below vocab if given."""
+    return jnp.concatenate([prompt_BxP, *generate_chunks(model, prompt_BxP, max_new_tokens, key, temperature, top_k,
+                                                         vocab)], axis=1)
+
+
+def generate_chunks(model: GPT, prompt_BxP, max_new_tokens: int, key, temperature: float = 1.0,
+                    top_k: int | None = None, vocab: int | None = None, chunk: int = 64):
+    """The new tokens of `generate`, (B, n) arrays of at most `chunk` positions each: to show them as they come.
 
     Past block_size the context slides: each token sees the block_size latest ones, as in the model's forward pass.
     """
     B, P = prompt_BxP.shape
     if P > model.config.block_size:
         raise ValueError("the prompt must fit block_size; keep its last block_size tokens")
-    # One prefill of the prompt fills the KV cache; then each new token costs one position's forward pass.
+    if max_new_tokens == 0:
+        return
+    sampling = dict(temperature=temperature, top_k=top_k, vocab=vocab)
+    cache, token_B = _prefill(model, prompt_BxP, key, **sampling)
+    yield token_B[:, None].astype(prompt_BxP.dtype)
+    # Whole chunks, the last one cut: one compiled program, whatever max_new_tokens is.
+    for position in range(P, P + max_new_tokens - 1, chunk):
+        cache, new_BxN = _decode(model, cache, token_B, jnp.int32(position), key, chunk, **sampling)
+        token_B = new_BxN[:, -1]
+        yield new_BxN[:, :P + max_new_tokens - 1 - position].astype(prompt_BxP.dtype)
+
+
+@eqx.filter_jit
+def _prefill(model: GPT, prompt_BxP, key, temperature, top_k, vocab):
+    """(the KV cache of the prompt, the first new token of each row, (B,))."""
+    B, P = prompt_BxP.shape
     x_BxPxD, embed_VxD, cache = model.hidden(prompt_BxP, positions_T=jnp.arange(P), cache=model.empty_cache(B))
     # The last position's logits only: all P of them were a (B, P, V) float32 array, 1.5 GiB for
     # 8 samples of a 1024-token GPT-2 prompt, and a third more compute.
     logits_BxV = project("bd,vd->bv", x_BxPxD[:, -1], embed_VxD, out_dtype=jnp.float32)
-    first_B = sample_token(logits_BxV, jax.random.fold_in(key, P), temperature, top_k, vocab)
+    return cache, sample_token(logits_BxV, jax.random.fold_in(key, P), temperature, top_k, vocab)
 
+
+@eqx.filter_jit
+def _decode(model: GPT, cache, token_B, start, key, steps: int, temperature, top_k, vocab):
+    """(the cache, the `steps` tokens after token_B, which sits at position start), one position's forward pass each."""
     def decode(carry, position):
         cache, token_B = carry
         logits_Bx1xV, cache = model(token_B[:, None], positions_T=position[None], cache=cache)
+        # Each token's draw is keyed by its position: the same text, whatever the chunks.
         next_B = sample_token(logits_Bx1xV[:, 0], jax.random.fold_in(key, position + 1), temperature, top_k, vocab)
         return (cache, next_B), next_B
 
-    positions = jnp.arange(P, P + max_new_tokens - 1)
-    _, rest_NxB = jax.lax.scan(decode, (cache, first_B), positions)
-    new_BxN = jnp.concatenate([first_B[:, None], rest_NxB.T], axis=1)[:, :max_new_tokens]
-    return jnp.concatenate([prompt_BxP, new_BxN.astype(prompt_BxP.dtype)], axis=1)
+    (cache, _), new_NxB = jax.lax.scan(decode, (cache, token_B), start + jnp.arange(steps))
+    return cache, new_NxB.T

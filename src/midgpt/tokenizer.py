@@ -2,6 +2,7 @@
 
 import functools
 import os
+from collections.abc import Iterator
 
 import tiktoken
 
@@ -50,3 +51,19 @@ def decode(meta: dict, ids) -> str:
         return gpt2().decode(list(ids))
     chars = meta["chars"]
     return "".join(chars[i] for i in ids)
+
+
+def decode_pieces(meta: dict, chunks_of_ids) -> Iterator[str]:
+    """Successive lists of token ids as text, each piece once whole (a character split over tokens waits for its end).
+
+    Joined, the pieces are `decode` of all the ids.
+    """
+    pending = []
+    for ids in chunks_of_ids:
+        pending += ids
+        text = decode(meta, pending)
+        if not text.endswith("\ufffd"):  # what GPT-2 BPE decodes the first bytes of a character to
+            yield text
+            pending = []
+    if pending:  # the replacement character that decode gives the whole text there too
+        yield decode(meta, pending)
