@@ -168,6 +168,16 @@ def test_a_val_fraction_that_leaves_a_split_empty_is_refused_before_tokenizing(t
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("num_proc", [0, len(os.sched_getaffinity(0)) + 1, 10_000])
+def test_more_tokenizer_processes_than_cpus_are_refused_before_any_starts(tmp_path, num_proc):
+    corpus = write_corpus(tmp_path / "corpus.txt", DOCS[:20])
+    result = run_prepare("--input", corpus, "--out_dir", tmp_path / "out", "--num_proc", num_proc)
+    assert result.returncode == 1 and result.stderr == (
+        f"prepare.py: --num_proc must be from 1 to {len(os.sched_getaffinity(0))}, the CPUs this process may use; "
+        f"got {num_proc}\n"), result.stderr
+    assert not (tmp_path / "out").exists()
+
+
 def test_your_own_text_gets_a_val_split_by_default(tmp_path):
     corpus = write_corpus(tmp_path / "corpus.txt", DOCS[:1000])  # at OpenWebText's 0.0005, none would be val
     result = run_prepare("--input", corpus, "--out_dir", tmp_path / "out")

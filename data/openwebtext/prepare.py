@@ -265,7 +265,8 @@ def main() -> None:
     parser.add_argument("--dataset", help="Hugging Face dataset, without --input (default: Skylion007/openwebtext)")
     parser.add_argument("--data_files", nargs="+", action="extend",
                         help="data files for --dataset, e.g. --dataset parquet --data_files X")
-    parser.add_argument("--num_proc", type=int, default=os.cpu_count(), help="tokenizer processes (default: all CPUs)")
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()  # a job's share
+    parser.add_argument("--num_proc", type=int, default=cpus, help=f"tokenizer processes (default: all {cpus} CPUs)")
     parser.add_argument("--val_fraction", type=float, help="share of documents for val (default: 0.0005 of "
                         "OpenWebText's 8M; 0.01 of --input files, which hold far fewer)")
     parser.add_argument("--out_dir", type=os.path.expanduser, help="default: data/openwebtext, or data/bpe_corpus with --input")
@@ -281,8 +282,10 @@ def main() -> None:
             args.val_fraction = 0.01 if args.input else 0.0005
         if args.out_dir is None:  # your own text never replaces a prepared OpenWebText
             args.out_dir = str(Path(__file__).resolve().parent.parent / ("bpe_corpus" if args.input else "openwebtext"))
-        if not (0.0 < args.val_fraction < 1.0 and args.num_proc >= 1):  # 0 or 1 leaves a split empty
-            raise MidgptError(f"need 0 < --val_fraction < 1 and --num_proc >= 1, got {args.val_fraction}, {args.num_proc}")
+        if not 0.0 < args.val_fraction < 1.0:  # 0 or 1 leaves a split empty
+            raise MidgptError(f"need 0 < --val_fraction < 1, got {args.val_fraction}")
+        if not 1 <= args.num_proc <= cpus:  # each one more copy of the tokenizer, in memory; 10,000 were a fork bomb
+            raise MidgptError(f"--num_proc must be from 1 to {cpus}, the CPUs this process may use; got {args.num_proc}")
         gpt2()  # load the tokenizer once here, so forked workers inherit it
         if args.input:
             check_inputs(args.input)
