@@ -174,6 +174,21 @@ def test_a_stop_signal_saves_and_exits_0_when_nobody_reads_the_output(shakespear
 
 
 
+def test_a_stop_during_an_evaluation_says_it_waits_for_the_evaluation(shakespeare_data_dir, tmp_path):
+    # shakespeare_char's evaluation takes minutes on a CPU, and the notice said "after this step".
+    rundir = tmp_path / "run"
+    proc = launch(rundir, shakespeare_data_dir, "--max_steps=100000", "--eval_interval=1", "--eval_iters=2000",
+                  stderr=subprocess.STDOUT)
+    for line in proc.stdout:  # step 1's evaluation (its compile, then 4000 batches: seconds) follows this line
+        if line.startswith("step 1 (compile included)"):
+            time.sleep(0.5)
+            proc.send_signal(signal.SIGINT)
+            break
+    code, output = finish(proc, timeout=300)
+    assert code == 0 and "SIGINT: stopping after this step's evaluation, with a checkpoint" in output, output
+    assert os.listdir(rundir / "checkpoints") == ["1"] and metrics(rundir)[-1]["val_loss"] > 0
+
+
 def test_a_closed_terminal_saves_and_exits_0(shakespeare_data_dir, tmp_path):
     # A closed terminal or ssh session: SIGHUP, and every later write to the terminal fails (EIO).
     # SIGHUP's default ended the run at once, without a checkpoint of the steps since the last.

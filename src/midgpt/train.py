@@ -263,7 +263,8 @@ def _train(config: Config, rundir: str, debug: bool, resume: bool, notes: Sequen
     is_main = jax.process_index() == 0
     say = cli.say if is_main else lambda _: None
     # Several processes agree on a stop only at log steps, where they sync anyway.
-    signals.speak(cli.say if is_main else None, "at the next log step" if jax.process_count() > 1 else "after this step")
+    stop_after = "at the next log step" if jax.process_count() > 1 else "after this step"
+    signals.speak(cli.say if is_main else None, stop_after)
 
     def lock():  # process 0 holds it; if it is refused, every process stops
         with sharding.failing_together(), writing_to(rundir):
@@ -352,6 +353,11 @@ def _train(config: Config, rundir: str, debug: bool, resume: bool, notes: Sequen
     interval_start, interval_steps = time.perf_counter(), 0
     try:
         for step, (x_GxBxT, y_GxBxT) in data.prefetch(make_batch, range(start + 1, config.max_steps + 1)):
+            is_eval = step % config.eval_interval == 0 or step == config.max_steps
+            is_log = is_eval or step % config.log_interval == 0
+            # An evaluation is one jitted call (minutes of shakespeare_char's on a CPU), and a stop waits for
+            # it: a resume would not evaluate this step again.
+            signals.when = "after this step's evaluation" if is_eval else stop_after
             if profile_steps and step == profile_steps[0]:
                 jax.profiler.start_trace(os.path.join(rundir, "profile"))
             state, metrics = train_step(state, x_GxBxT, y_GxBxT)
@@ -368,8 +374,6 @@ def _train(config: Config, rundir: str, debug: bool, resume: bool, notes: Sequen
                     + (f"; peak memory {memory.readable(peak_memory)} per device" if peak_memory else ""))
                 interval_start, interval_steps = time.perf_counter(), 0
 
-            is_eval = step % config.eval_interval == 0 or step == config.max_steps
-            is_log = is_eval or step % config.log_interval == 0
             if is_log:
                 check_finite(metrics, step, last_checkpoint, resume_with)
                 record = {"step": step, **{k: float(v) for k, v in metrics.items()}}
