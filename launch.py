@@ -16,7 +16,7 @@ import signal
 import socket
 import time
 
-from midgpt.cli import ArgumentParser, StopSignals, cache_compiled_programs, run
+from midgpt.cli import STOP_SIGNALS, ArgumentParser, StopSignals, cache_compiled_programs, run
 from midgpt.config import apply_overrides, check_config, config_names, leaves, load_config, resume_config
 from midgpt.errors import MidgptError
 from midgpt.files import LOCK
@@ -141,8 +141,9 @@ def launch(argv: list[str], signals: StopSignals) -> None:
         parser.error(f"--num_processes must be at least 1, got {args.num_processes}")
     if args.process_id is not None and not 0 <= args.process_id < (args.num_processes or args.process_id + 1):
         parser.error(f"--process_id must be from 0 to --num_processes - 1, got {args.process_id}")
-    if args.coordinator_address is not None and not re.fullmatch(r".+:\d+", args.coordinator_address):
-        parser.error(f"--coordinator_address={args.coordinator_address} is not HOST:PORT")
+    if args.coordinator_address is not None and not (
+            (port := re.fullmatch(r".+:(\d+)", args.coordinator_address)) and 0 < int(port[1]) < 2**16):
+        parser.error(f"--coordinator_address={args.coordinator_address} is not HOST:PORT, a port from 1 to 65535")
     config = apply_overrides(load_config(args.config), overrides, options=list(vars(args)))
     # A run is its checkpoints: a directory without any (--debug's, a run killed before its
     # first save) starts afresh from this command, as its config.json would start at step 0 too.
@@ -164,8 +165,9 @@ def launch(argv: list[str], signals: StopSignals) -> None:
 
     cache_compiled_programs()
     if args.multihost:  # before anything touches a device
-        # It waits in C++ for the other processes, where Python's handler never runs: let Ctrl-C kill it.
-        handler = signal.signal(signal.SIGINT, signal.SIG_DFL)
+        # It waits in C++ for the other processes, where Python's handlers never run: let Ctrl-C, SIGTERM
+        # (scancel, timeout) and SIGHUP kill it. With them handled, it waited out JAX's 5 minutes.
+        handlers = {sig: signal.signal(sig, signal.SIG_DFL) for sig in STOP_SIGNALS}
         if args.process_id == 0 and args.coordinator_address:  # JAX's coordinator would crash on a taken port
             check_port_free(args.coordinator_address)
         # Said first: a process that never comes leaves the others silent for JAX's 5 minutes, then a C++ abort.
@@ -178,7 +180,8 @@ def launch(argv: list[str], signals: StopSignals) -> None:
                               "where no cluster is detected, pass --coordinator_address=HOST:PORT "
                               "--num_processes=N --process_id=I") from None
         finally:
-            signal.signal(signal.SIGINT, handler)
+            for sig, handler in handlers.items():
+                signal.signal(sig, handler)
         signals.listen()  # initialize took SIGTERM for JAX's preemption notices
         from midgpt import sharding
 

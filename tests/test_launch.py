@@ -410,6 +410,8 @@ def assert_one_line_error(result, *fragments):
       "--process_id=2"], ["--process_id must be from 0 to"]),
     (["--config=shakespeare_char_cpu", "--multihost", "--coordinator_address=127.0.0.1", "--num_processes=1",
       "--process_id=0"], ["is not HOST:PORT"]),
+    (["--config=shakespeare_char_cpu", "--multihost", "--coordinator_address=127.0.0.1:99999", "--num_processes=2",
+      "--process_id=1"], ["is not HOST:PORT, a port from 1 to 65535"]),  # process 1 waited; process 0, a traceback
 ])
 def test_bad_input_is_one_line_and_creates_nothing(args, fragments, tmp_path):
     rundir = tmp_path / "run"

@@ -407,8 +407,10 @@ def test_a_coordinator_port_already_taken_is_one_line(tmp_path):
         "use); pick a free port, the same for every process"], stderr
 
 
-def test_ctrl_c_stops_a_process_waiting_for_the_others_to_join(tmp_path):
-    # jax.distributed.initialize waits in C++ (5 minutes by default), where Python's handler never runs.
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
+def test_a_stop_signal_stops_a_process_waiting_for_the_others_to_join(tmp_path, stop):
+    # jax.distributed.initialize waits in C++ (5 minutes by default), where Python's handler never runs:
+    # SIGTERM (scancel, timeout) waited that out, then JAX's C++ abort.
     port = free_port()
     proc = launch("--config=shakespeare_char_cpu", f"--rundir={tmp_path}/run", "--multihost", "--num_processes=2",
                   "--process_id=0", f"--coordinator_address=127.0.0.1:{port}", devices=4)
@@ -420,12 +422,12 @@ def test_ctrl_c_stops_a_process_waiting_for_the_others_to_join(tmp_path):
         with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
             break
         time.sleep(0.1)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(stop)
     try:
         out, _ = proc.communicate(timeout=20)
     finally:
         proc.kill()  # not left waiting, if the signal was not heard
-    assert proc.returncode == -signal.SIGINT
+    assert proc.returncode == -stop
     assert out.startswith("waiting for every process to join (jax.distributed.initialize, at most 5 minutes"), out
 
 
