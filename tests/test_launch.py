@@ -102,7 +102,8 @@ def test_a_value_edited_into_config_json_that_no_run_takes_names_the_file(short_
     refusal = "config field 'eval_interval' must be positive, got "
     assert_one_line_error(run("launch.py", "--config=shakespeare_char_cpu", f"--rundir={rundir}"),
                           f"error: {rundir}/config.json: {refusal}0; fix it there, or override it: --FIELD=VALUE")
-    assert_one_line_error(run("sample.py", f"--rundir={rundir}"), f"error: {rundir}/config.json: {refusal}0; fix it there")
+    assert_one_line_error(run("sample.py", f"--rundir={rundir}"),
+                          f"error: {rundir}/config.json: {refusal}0; fix it there")
     # The override's own mistake is the command line's, not the file's.
     result = run("launch.py", "--config=shakespeare_char_cpu", f"--rundir={rundir}", "--eval_interval=-5")
     assert_one_line_error(result, f"error: {refusal}-5")
@@ -271,7 +272,8 @@ def test_debug_writes_a_profiler_trace_each_time_and_never_over_a_run(short_run,
         assert len(list((rundir / "profile").rglob("*.xplane.pb"))) == traces
     assert "no checkpoints are written" in result.stdout + result.stderr
     assert os.listdir(rundir / "checkpoints") == []
-    assert_one_line_error(run("sample.py", f"--rundir={rundir}"), "has no finished checkpoint", "a --debug run saves none")
+    assert_one_line_error(run("sample.py", f"--rundir={rundir}"), "has no finished checkpoint",
+                          "a --debug run saves none")
     short = launch(tmp_path / "short", "--debug", "--max_steps=2")  # said nothing, and wrote none
     assert short.returncode == 0 and "debug: no profiler trace: it is of steps 3-5" in short.stdout, short.stderr
     assert not (tmp_path / "short" / "profile").exists()

@@ -285,7 +285,8 @@ def main() -> None:
         if not 0.0 < args.val_fraction < 1.0:  # 0 or 1 leaves a split empty
             raise MidgptError(f"need 0 < --val_fraction < 1, got {args.val_fraction}")
         if not 1 <= args.num_proc <= cpus:  # each one more copy of the tokenizer, in memory; 10,000 were a fork bomb
-            raise MidgptError(f"--num_proc must be from 1 to {cpus}, the CPUs this process may use; got {args.num_proc}")
+            raise MidgptError(f"--num_proc must be from 1 to {cpus}, the CPUs this process may use; "
+                              f"got {args.num_proc}")
         gpt2()  # load the tokenizer once here, so forked workers inherit it
         if args.input:
             check_inputs(args.input)

@@ -45,4 +45,5 @@ def replace_dataset(out_dir: Path, written: dict[str, Path]) -> None:
 def lock_out_dir(out_dir: Path) -> None:
     """Hold out_dir until this process ends: a second prepare.py writing there at once would mix its files in."""
     # Both would write the same .tmp files, and rename each other's: one dataset of both texts, or none.
-    lock_directory(out_dir, f"another prepare.py is writing to {out_dir}; wait for it to end, or pass another --out_dir")
+    lock_directory(out_dir, f"another prepare.py is writing to {out_dir}; wait for it to end, "
+                            "or pass another --out_dir")

@@ -98,7 +98,7 @@ def read_config_json(rundir: str) -> Config:
 
 
 def check_saved_config(rundir: str, config: Config, saved: Config, fix: str = "fix it there") -> None:
-    """check_config of a run's config, which is `saved`, its config.json, with overrides: its errors there name the file."""
+    """check_config of a run's config: `saved`, its config.json, with overrides; its errors from there name the file."""
     try:
         check_config(config)
     except MidgptError as e:
