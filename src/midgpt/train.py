@@ -390,6 +390,7 @@ def _train(config: Config, rundir: str, debug: bool, resume: bool, notes: Sequen
                 if is_eval:
                     record["train_loss"] = evaluate(state.model, train_tokens, config, mesh, EVAL_TRAIN_STREAM)
                     record["val_loss"] = evaluate(state.model, val_tokens, config, mesh, EVAL_VAL_STREAM)
+                    signals.when = stop_after  # evaluated: a stop that comes now waits for no evaluation
                     say(f"step {step}: train loss {record['train_loss']:.4f}, val loss {record['val_loss']:.4f}")
                 with sharding.failing_together(), writing_to(rundir, resume_fix()):  # a full disk
                     if log:
