@@ -111,7 +111,7 @@ def main(argv: list[str]) -> None:
 
 def launch(argv: list[str], signals: StopSignals) -> None:
     parser = ArgumentParser(description=__doc__, allow_abbrev=False,
-                            epilog=fields_help(argv))
+                            epilog=fields_help(argv) if {"-h", "--help"} & set(argv) else None)
     parser.add_argument("--config", required=True, help=f"a config of midgpt.configs: {', '.join(config_names())}")
     parser.add_argument("--rundir", default=None, type=os.path.expanduser, help="run directory (default: outputs/<timestamp>)")
     parser.add_argument("--debug", action="store_true", help="write a profiler trace of a few steps, and no checkpoints")

@@ -56,7 +56,7 @@ def main(argv: list[str]) -> None:
     from midgpt.errors import MidgptError
     from midgpt.model import cast_floats
     from midgpt.precision import compute_dtype
-    from midgpt.sample import generate_chunks, load_model, run_meta
+    from midgpt.sample import generate, generate_chunks, load_model, run_meta
 
     config, model = load_model(args.rundir, args.step)
     meta = run_meta(args.rundir, config)
@@ -75,16 +75,16 @@ def main(argv: list[str]) -> None:
         ids = ids[-T:]
     try:  # a prompt of many tokens can fill the memory already in its copy for each sample
         prompt_BxP = jnp.tile(jnp.asarray(ids, jnp.int32), (args.num_samples, 1))
-        new_chunks = generate_chunks(model, prompt_BxP, args.max_new_tokens, jax.random.key(args.seed),
-                                     args.temperature, args.top_k, vocab=meta["vocab_size"])  # the tokenizer's ids
+        # Last, vocab: only the tokenizer's ids are drawn (the table may have more rows).
+        sampling = (model, prompt_BxP, args.max_new_tokens, jax.random.key(args.seed), args.temperature, args.top_k,
+                    meta["vocab_size"])
         if args.num_samples == 1:  # shown as it comes: a long sample on a CPU takes minutes
-            new_ids = (jax.device_get(new_1xN)[0].tolist() for new_1xN in new_chunks)
+            new_ids = (jax.device_get(new_1xN)[0].tolist() for new_1xN in generate_chunks(*sampling))
             for piece in tokenizer.decode_pieces(meta, itertools.chain([ids], new_ids)):
                 say(piece, end="")
             say("")
         else:
-            tokens_BxN = jax.device_get(jnp.concatenate([prompt_BxP, *new_chunks], axis=1))
-            for i, row in enumerate(tokens_BxN):
+            for i, row in enumerate(jax.device_get(generate(*sampling))):
                 say(("-" * 40 + "\n" if i else "") + tokenizer.decode(meta, row.tolist()))
     except jax.errors.JaxRuntimeError as e:
         if "RESOURCE_EXHAUSTED" not in str(e):
