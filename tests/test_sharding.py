@@ -321,6 +321,30 @@ def test_a_signalled_process_stops_both_at_the_next_log_step_with_a_checkpoint(s
     assert stopped % 7 == 0 and os.listdir(rundir / "checkpoints") == [str(stopped)]
 
 
+def test_a_process_that_dies_mid_run_stops_the_other_in_one_line_that_says_how_to_resume(shakespeare_data_dir, tmp_path):
+    from test_resume import wait_for_step
+
+    rundir = tmp_path / "run"
+    procs = two_processes("--config=shakespeare_char_cpu", f"--data_dir={shakespeare_data_dir}", "--batch_size=16",
+                          "--max_steps=100000", "--log_interval=5", "--checkpoint_interval=10", f"--rundir={rundir}",
+                          devices=(1, 1))
+    wait_for_step(rundir, 12, procs[0])
+    # Killed as a crashed host is: process 0 waited for it in a collective, and JAX's heartbeat aborted it in C++
+    # 100 s later. Stopped first, so that process 0 is in that collective. One device each: with several, one of
+    # process 0's devices may notice its peer's end in Gloo while its others wait for that one, and JAX aborts.
+    procs[1].send_signal(signal.SIGSTOP)
+    time.sleep(2)
+    procs[1].kill()
+    (_, err), _ = outputs(procs, timeout=60)
+    assert procs[0].returncode == 1, err
+    saved = sorted(int(step) for step in os.listdir(rundir / "checkpoints"))
+    line = err.strip().splitlines()[-1]
+    assert re.fullmatch(r"error: training stopped at step \d+: a collective across the 2 processes failed \(\w+: "
+                        r"Gloo .*\); another process has most likely stopped \(see its output\); once every process "
+                        rf"has stopped, run the same command to resume from checkpoint {saved[-1]}", line), line
+    assert "Error dispatching computation" not in line and "Traceback" not in err and "Check failure" not in err, err
+
+
 @pytest.mark.parametrize("limit_kib, fix", [
     # At the start, its config.json; then a log step's records.
     (0, "raise the file size limit (ulimit -f), or pass a --rundir you can write to"),

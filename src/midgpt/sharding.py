@@ -13,6 +13,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import time
 
 import jax
@@ -162,6 +163,21 @@ def failing_together():
             error = MidgptError(f"process {met[0]}: {text}")
     if error is not None:
         raise error
+
+
+def failed_collective(error: BaseException) -> bool:
+    """Whether error is a collective of several processes that failed, as one that stopped leaves the others."""
+    # JAX raises it as a JaxRuntimeError, or from some dispatches as a ValueError; the library says which.
+    return (jax.process_count() > 1 and isinstance(error, (jax.errors.JaxRuntimeError, ValueError))
+            and re.search(r"\b(Gloo|NCCL)\b", str(error)) is not None)
+
+
+def collective_error(error: BaseException, step: int, fix: str) -> MidgptError:
+    """The line for a step whose collective failed: most likely another process stopped."""
+    # XLA repeats its prefix once for each nested dispatch.
+    what = re.sub(r"(Error dispatching computation: )+", "", str(error).splitlines()[0])
+    return MidgptError(f"training stopped at step {step}: a collective across the {jax.process_count()} processes "
+                       f"failed ({what}); another process has most likely stopped (see its output); {fix}")
 
 
 @functools.cache  # the same function for the same mesh: jitted callers take it as a static argument

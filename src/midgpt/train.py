@@ -351,6 +351,7 @@ def _train(config: Config, rundir: str, debug: bool, resume: bool, notes: Sequen
     )
     peak_memory = None
     interval_start, interval_steps = time.perf_counter(), 0
+    step = start  # for an error before the first step
     try:
         for step, (x_GxBxT, y_GxBxT) in data.prefetch(make_batch, range(start + 1, config.max_steps + 1)):
             is_eval = step % config.eval_interval == 0 or step == config.max_steps
@@ -416,11 +417,17 @@ def _train(config: Config, rundir: str, debug: bool, resume: bool, notes: Sequen
                     else "no checkpoint was written (--debug)"))
                 break
     except BaseException as e:
+        # A process that stopped (killed, or its own error) fails the others' next collective: the
+        # others' error says so, where JAX's exit would wait out its heartbeat, then abort in C++.
+        lost = sharding.failed_collective(e)
         if manager:  # started saves still commit
             # A failed one is raised over the error in flight, which may name its checkpoint as the one to
             # resume from (a full disk met at a log step), unless that error is the failed save itself.
-            with contextlib.suppress(Exception) if isinstance(e, checkpoint.SaveFailed) else contextlib.nullcontext():
+            failed_save = isinstance(e, checkpoint.SaveFailed) or lost
+            with contextlib.suppress(Exception) if failed_save else contextlib.nullcontext():
                 checkpoint.close(manager, resume_with)
+        if lost:
+            raise sharding.collective_error(e, step, f"once every process has stopped, {resume_fix()}") from e
         raise
     else:
         if manager:
