@@ -56,7 +56,7 @@ def main(argv: list[str]) -> None:
     from midgpt.errors import MidgptError
     from midgpt.model import cast_floats
     from midgpt.precision import compute_dtype
-    from midgpt.sample import generate, generate_chunks, load_model, run_meta
+    from midgpt.sample import fitting_memory, generate, generate_chunks, load_model, run_meta
 
     config, model = load_model(args.rundir, args.step)
     meta = run_meta(args.rundir, config)
@@ -73,7 +73,8 @@ def main(argv: list[str]) -> None:
     if len(ids) > T:  # the model sees at most block_size tokens: a longer prompt keeps its end
         print(f"the prompt's first {len(ids) - T} tokens are left out: the model sees its last {T}", file=sys.stderr)
         ids = ids[-T:]
-    try:  # a prompt of many tokens can fill the memory already in its copy for each sample
+    # A prompt of many tokens can fill the memory already in its copy for each sample.
+    with fitting_memory(args.num_samples, len(ids) + args.max_new_tokens):
         prompt_BxP = jnp.tile(jnp.asarray(ids, jnp.int32), (args.num_samples, 1))
         # Last, vocab: only the tokenizer's ids are drawn (the table may have more rows).
         sampling = (model, prompt_BxP, args.max_new_tokens, jax.random.key(args.seed), args.temperature, args.top_k,
@@ -86,12 +87,7 @@ def main(argv: list[str]) -> None:
         else:
             for i, row in enumerate(jax.device_get(generate(*sampling))):
                 say(("-" * 40 + "\n" if i else "") + tokenizer.decode(meta, row.tolist()))
-    except jax.errors.JaxRuntimeError as e:
-        if "RESOURCE_EXHAUSTED" not in str(e):
-            raise
-        raise MidgptError(f"{args.num_samples} sample{'s' * (args.num_samples > 1)} of "
-                          f"{len(ids) + args.max_new_tokens} tokens do not "
-                          "fit the device's memory; lower --num_samples or --max_new_tokens") from None
+
 
 if __name__ == "__main__":
     run(main)

@@ -15,6 +15,8 @@ import sys
 import tempfile
 import time
 
+import jax
+
 from midgpt.cli import ArgumentParser, positive_int, run
 from midgpt.errors import MidgptError
 from train_throughput import checked_config
@@ -38,6 +40,8 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--rounds", type=positive_int, default=2)
     args, overrides = parser.parse_known_args(argv)
     checked_config(args.config, overrides, list(vars(args)))  # its errors before any run
+    if not jax.config.jax_enable_compilation_cache:
+        raise MidgptError("JAX_ENABLE_COMPILATION_CACHE turns off the cache that this measures; unset it")
     seconds = {f"{what}_{cache}": [] for what in ("launch_s", "first_step_s", "sample_s") for cache in ("cold", "warm")}
     for _ in range(args.rounds):
         with tempfile.TemporaryDirectory() as tmp:
@@ -51,7 +55,8 @@ def main(argv: list[str]) -> None:
                 seconds[f"first_step_s_{cache}"].append(float(step))
                 seconds[f"sample_s_{cache}"].append(timed("sample.py", f"--rundir={rundir}", "--max_new_tokens=100",
                                                           env=env)[0])
-            cache_bytes = sum(entry.stat().st_size for entry in os.scandir(os.path.join(tmp, "cache")))
+            cache = os.path.join(tmp, "cache")  # none where no program compiled long enough to be kept
+            cache_bytes = sum(entry.stat().st_size for entry in os.scandir(cache)) if os.path.isdir(cache) else 0
     print(json.dumps({"config": args.config, "overrides": overrides, "rounds": args.rounds,
                       **{name: round(statistics.median(values), 2) for name, values in seconds.items()},
                       "cache_mib": round(cache_bytes / 2**20, 1)}))

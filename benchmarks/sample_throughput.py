@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from midgpt.cli import ArgumentParser, positive_int, run
 from midgpt.model import GPT, cast_floats
 from midgpt.precision import compute_dtype
-from midgpt.sample import generate, sample_token
+from midgpt.sample import fitting_memory, generate, sample_token
 from train_throughput import checked_config
 
 
@@ -55,8 +55,9 @@ def main(argv: list[str]) -> None:
     model = cast_floats(GPT(config.model, key=jax.random.key(0)), jnp.dtype(dtype))
     prompt_BxP = jnp.zeros((args.num_samples, 1), jnp.int32)
     key = jax.random.key(0)
-    cached = tokens_per_sec(generate, model, prompt_BxP, args.max_new_tokens, key)
-    recomputing = tokens_per_sec(generate_recomputing, model, prompt_BxP, args.max_new_tokens, key)
+    with fitting_memory(args.num_samples, 1 + args.max_new_tokens):
+        cached = tokens_per_sec(generate, model, prompt_BxP, args.max_new_tokens, key)
+        recomputing = tokens_per_sec(generate_recomputing, model, prompt_BxP, args.max_new_tokens, key)
     print(json.dumps({
         "config": args.config, "overrides": overrides, "backend": jax.default_backend(),
         "device": jax.devices()[0].device_kind, "compute_dtype": dtype,

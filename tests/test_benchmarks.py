@@ -1,5 +1,6 @@
 """The benchmarks refuse bad input in one line, before anything compiles (their results: test_mfu, test_memory)."""
 
+import os
 import subprocess
 import sys
 
@@ -17,6 +18,7 @@ TINY = ["--model.n_layer=1", "--model.n_embd=32", "--model.n_head=2", "--batch_s
     # Its help as it was run, not "python train_throughput.py", which is not there.
     ("train_throughput", [CONFIG, "--steps=0"], "--steps: must be positive, got 0 (see python "
                                                  "benchmarks/train_throughput.py --help)"),
+    ("train_throughput", [CONFIG, "--steps=1e3"], "--steps: expected a whole number, got '1e3'"),
     ("step_profile", [CONFIG, "--model.remat=bogus"], "model.remat"),
     # The second variant is refused before the first compiles.
     ("step_ratios", [CONFIG, "--rounds=1", "--steps=1", "--", " ".join(TINY), " ".join(TINY) + " --model.remat=ful"],
@@ -28,6 +30,9 @@ TINY = ["--model.n_layer=1", "--model.n_embd=32", "--model.n_head=2", "--batch_s
     ("fsdp_memory", [CONFIG, "--compute_dtype=float16"], "compute_dtype"),
     ("sample_throughput", [CONFIG, "--model.n_head=3"], "model.n_head"),
     ("sample_throughput", [CONFIG, "--max_new_tokens=0"], "--max_new_tokens"),
+    # 440 GB of keys and values: XLA refuses the allocation at once.
+    ("sample_throughput", [CONFIG, "--num_samples=1000000", "--max_new_tokens=100"],
+     "1000000 samples of 101 tokens do not fit the device's memory; lower --num_samples or --max_new_tokens"),
     ("checkpoint_cost", [CONFIG, "--interval=0"], "--interval"),
     ("compile_cache", [CONFIG, "--rounds=0"], "--rounds"),
     ("compile_cache", [CONFIG, "--model.remat=ful"], "model.remat"),
@@ -36,10 +41,16 @@ TINY = ["--model.n_layer=1", "--model.n_embd=32", "--model.n_head=2", "--batch_s
     ("prepare_openwebtext", ["--num_proc=0"], "--num_proc"),
     ("prepare_openwebtext", ["--text", "no_such_file.txt"], "--text"),
 ])
-def test_benchmark_refuses_bad_input_in_one_line(script, args, fragment):
-    result = subprocess.run([sys.executable, f"benchmarks/{script}.py", *args], cwd=REPO_ROOT,
+def test_benchmark_refuses_bad_input_in_one_line(script, args, fragment, env=None):
+    result = subprocess.run([sys.executable, f"benchmarks/{script}.py", *args], cwd=REPO_ROOT, env=env,
                             capture_output=True, text=True, timeout=60)
     assert result.returncode != 0
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
     assert fragment in lines[0] and "Traceback" not in result.stderr
+
+
+def test_compile_cache_refuses_a_cache_turned_off():
+    # It ran the first round, then failed in a traceback: there was no cache to measure.
+    test_benchmark_refuses_bad_input_in_one_line("compile_cache", [CONFIG], "JAX_ENABLE_COMPILATION_CACHE",
+                                                 env={**os.environ, "JAX_ENABLE_COMPILATION_CACHE": "false"})

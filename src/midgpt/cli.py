@@ -32,9 +32,13 @@ class ArgumentParser(argparse.ArgumentParser):
 
 def positive_int(text: str) -> int:
     """An argparse type: a whole number above 0."""
-    if int(text) <= 0:  # int's ValueError reads "invalid positive_int value: ..."
+    try:
+        n = int(text)
+    except ValueError:  # argparse would say "invalid positive_int value"
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if n <= 0:
         raise argparse.ArgumentTypeError(f"must be positive, got {text}")
-    return int(text)
+    return n
 
 
 def run(main) -> None:

@@ -1,5 +1,6 @@
 """Text generation from a trained run: temperature, top-k, a sliding context window."""
 
+import contextlib
 import itertools
 import os
 
@@ -15,6 +16,18 @@ from midgpt.errors import MidgptError
 from midgpt.model import GPT, project
 from midgpt.rundir import check_as_checkpointed, check_saved_config, read_config_json, saved_steps
 from midgpt.train import fresh_model
+
+
+@contextlib.contextmanager
+def fitting_memory(num_samples: int, tokens: int):
+    """Samples that do not fit the device's memory become one line that says what to lower."""
+    try:
+        yield
+    except jax.errors.JaxRuntimeError as e:
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        raise MidgptError(f"{num_samples} sample{'s' * (num_samples > 1)} of {tokens} tokens do not fit the "
+                          "device's memory; lower --num_samples or --max_new_tokens") from None
 
 
 def load_model(rundir: str, step: int | None = None) -> tuple[Config, GPT]:
