@@ -26,7 +26,10 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--rounds", type=positive_int, default=3)
     parser.add_argument("--steps", type=positive_int, default=3, help="timed steps of each variant per round")
     parser.add_argument("variants", nargs="+")
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # an override before --, where argparse takes it for an option of the script's own
+        raise MidgptError(f"unrecognized arguments: {' '.join(unknown)}; variants go after --, each one quoted: "
+                          f'-- "" "{unknown[0]}"')
     # Every variant is checked before the first compiles: a typo in the last should not cost minutes.
     configs, options = [], []
     for variant in args.variants:

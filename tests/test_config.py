@@ -86,6 +86,15 @@ def test_a_mistyped_flag_of_the_command_is_suggested_and_a_field_is_still_a_fiel
     assert apply_overrides(config, ["--max_steps=3"], options).max_steps == 3
 
 
+def test_a_bare_flag_that_is_no_field_is_an_unknown_argument_not_a_malformed_override(config):
+    with pytest.raises(MidgptError) as info:  # launch.py's, given to a benchmark: "e.g. --debug=VALUE" misled
+        apply_overrides(config, ["--debug"], ["steps"])
+    assert str(info.value).startswith("unknown argument --debug; known fields: data_dir, ")
+    with pytest.raises(MidgptError) as info:
+        apply_overrides(config, ["--max_step"])
+    assert str(info.value) == "unknown argument --max_step; did you mean 'max_steps'?"
+
+
 def test_unknown_field_without_close_match_lists_known_fields(config):
     with pytest.raises(MidgptError) as info:
         apply_overrides(config, ["--zzzz=1"])

@@ -125,6 +125,9 @@ def apply_overrides(config: Config, overrides: list[str], options: Sequence[str]
             raise MidgptError(f"config field {flag!r} is a group; set its fields, e.g. --{flag}.FIELD=VALUE")
         if not arg.startswith("--") or "=" not in arg:
             named = arg.startswith("--") and arg[2:3].strip()  # "--max_steps 100" came as "--max_steps"; not "--"
+            if named and (bare := arg.split()[0][2:]) not in types:  # --debug, a flag of another command
+                raise MidgptError(f"unknown argument --{bare}"
+                                  + (_did_you_mean(bare, types) or f"; known fields: {', '.join(types)}"))
             example = f"{arg.split()[0]}=VALUE" if named else "--model.n_layer=2"
             raise MidgptError(f"malformed override {arg!r}; expected --FIELD=VALUE, e.g. {example}")
         name, _, text = arg[2:].partition("=")
