@@ -195,6 +195,9 @@ def launch(argv: list[str], signals: StopSignals) -> None:
         notes.append(f"resuming the run in {rundir}" + "".join(f"; {c}" for c in changes))
         if kept:  # a default changed since the run began, or another --config
             notes.append(f"the run keeps its saved values where --config={args.config} differs: {', '.join(kept)}")
+    elif os.path.exists(os.path.join(rundir, "config.json")):  # a run that saved no checkpoint: nothing to resume
+        notes.append(f"{rundir} holds no checkpoint (a --debug run's, or one stopped before its first save): "
+                     "training afresh there, from this command's config")
     from midgpt.checkpoint import SAME_COMMAND
     from midgpt.train import train
 

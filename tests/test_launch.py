@@ -282,6 +282,8 @@ def test_debug_writes_a_profiler_trace_each_time_and_never_over_a_run(short_run,
     # Then the real run in the same directory: its own config, none of the profiling run's overrides.
     result = launch(rundir)
     assert result.returncode == 0 and "resuming" not in result.stdout, result.stderr
+    assert f"{rundir} holds no checkpoint (a --debug run's, or one stopped before its first save): training afresh " \
+           "there, from this command's config" in result.stdout.splitlines()
     assert json.loads((rundir / "config.json").read_text())["learning_rate"] == load_config("shakespeare_char_cpu").learning_rate
     assert os.listdir(rundir / "checkpoints") == ["6"]
     result = launch(short_run, "--debug")
