@@ -422,9 +422,10 @@ def _train(config: Config, rundir: str, debug: bool, resume: bool, notes: Sequen
         lost = sharding.failed_collective(e)
         if manager:  # started saves still commit
             # A failed one is raised over the error in flight, which may name its checkpoint as the one to
-            # resume from (a full disk met at a log step), unless that error is the failed save itself.
-            failed_save = isinstance(e, checkpoint.SaveFailed) or lost
-            with contextlib.suppress(Exception) if failed_save else contextlib.nullcontext():
+            # resume from (a full disk met at a log step), unless that error is the failed save itself, or
+            # a lost process, without which no save can finish.
+            quietly = isinstance(e, checkpoint.SaveFailed) or lost
+            with contextlib.suppress(Exception) if quietly else contextlib.nullcontext():
                 checkpoint.close(manager, resume_with)
         if lost:
             raise sharding.collective_error(e, step, f"once every process has stopped, {resume_fix()}") from e
