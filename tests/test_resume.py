@@ -378,15 +378,18 @@ def test_checkpoint_of_another_model_is_refused_not_taken_for_damage(uninterrupt
     assert {p: p.read_bytes() for p in sorted(rundir.rglob("*")) if p.is_file()} == before  # nothing touched
 
 
-# Seen at a log step (every 5), or only by the check before the checkpoint at step 80.
-@pytest.mark.parametrize("intervals", [[], ["--log_interval=1000", "--eval_interval=1000"]])
-def test_divergence_stops_naming_the_step_and_keeps_the_last_checkpoint(intervals, uninterrupted, shakespeare_data_dir,
-                                                                        tmp_path):
+# Seen at a log step (every 5), or only by the check before the checkpoint at step 80. A learning rate of
+# 1e6 keeps every metric finite, but no gradient moves the parameters it grew: the run trained on, and saved.
+@pytest.mark.parametrize("learning_rate, intervals", [("1e12", []), ("1e12", ["--log_interval=1000", "--eval_interval=1000"]),
+                                                      ("1e6", [])])
+def test_divergence_stops_naming_the_step_and_keeps_the_last_checkpoint(learning_rate, intervals, uninterrupted,
+                                                                        shakespeare_data_dir, tmp_path):
     rundir = tmp_path / "run"
     shutil.copytree(uninterrupted, rundir)
-    code, output = finish(launch(rundir, shakespeare_data_dir, "--max_steps=200", "--learning_rate=1e12", *intervals))
+    code, output = finish(launch(rundir, shakespeare_data_dir, "--max_steps=200", f"--learning_rate={learning_rate}",
+                                 *intervals))
     assert code == 1
-    assert "resuming the run in" in output and "learning_rate: 0.001 -> 1000000000000.0" in output
+    assert "resuming the run in" in output and f"learning_rate: 0.001 -> {float(learning_rate)}" in output
     error = [line for line in output.splitlines() if line.startswith("error: ")]
     assert len(error) == 1 and "training diverged" in error[0] and "checkpoint 60 is untouched" in error[0], output
     step = int(error[0].split(" at step ")[1].split(":")[0])
@@ -406,6 +409,11 @@ def test_a_non_finite_metric_stops_the_run_before_its_checkpoint(name, value):
 
     metrics = {"loss": 2.0, "grad_norm": 1.0, "param_norm": 30.0}
     check_finite(metrics, 7, 5)
+    check_finite({**metrics, "loss": 0.0, "param_norm": 0.0}, 7, 5)  # only a zero gradient is dead
+    with pytest.raises(MidgptError, match=r"grad_norm is 0.0 at step 7: training diverged \(every gradient is zero: "
+                                          r"the parameters grew past where any moves them, to a norm of 30\); "
+                                          "checkpoint 5 is untouched"):
+        check_finite({**metrics, "grad_norm": 0.0}, 7, 5)
     with pytest.raises(MidgptError, match=f"{name} is {value} at step 7: training diverged; checkpoint 5 is untouched"):
         check_finite({**metrics, name: value}, 7, 5)
     with pytest.raises(MidgptError, match="training diverged; no checkpoint was written: run the same command with "

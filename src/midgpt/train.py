@@ -208,14 +208,20 @@ def write_config(config: Config, rundir: str):
 
 
 def check_finite(metrics: dict, step: int, last_checkpoint: int | None, resume_with: str = checkpoint.SAME_COMMAND):
+    """Stop a diverged run before it saves: a metric that is not finite, or a gradient that is exactly zero."""
+    kept = (f"checkpoint {last_checkpoint} is untouched: lower --learning_rate and run {resume_with} to resume from it"
+            if last_checkpoint else
+            f"no checkpoint was written: run {checkpoint.SAME_COMMAND} with a lower --learning_rate to start again")
     for name in ("loss", "grad_norm", "param_norm"):  # param_norm: of the updated parameters, which a checkpoint saves
         value = float(metrics[name])
         if not math.isfinite(value):
-            kept = (f"checkpoint {last_checkpoint} is untouched: lower --learning_rate and run {resume_with} "
-                    "to resume from it" if last_checkpoint else
-                    f"no checkpoint was written: run {checkpoint.SAME_COMMAND} with a lower --learning_rate "
-                    "to start again")
             raise MidgptError(f"{name} is {value} at step {step}: training diverged; {kept}")
+    # A learning rate of 1e6 grew the parameters to 1e9 and the loss stayed finite: the norms then flatten
+    # every logit, no gradient moves them again, and the saves that follow would rotate away the good ones.
+    if float(metrics["grad_norm"]) == 0:
+        raise MidgptError(f"grad_norm is 0.0 at step {step}: training diverged (every gradient is zero: the "
+                          f"parameters grew past where any moves them, to a norm of {float(metrics['param_norm']):.3g}); "
+                          f"{kept}")
 
 
 def plan_memory(config: Config, mesh: Mesh, like: TrainState, shardings, say) -> None:
