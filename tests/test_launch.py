@@ -635,6 +635,13 @@ def test_resuming_from_another_directory_on_other_text_is_refused(short_run, sha
     (tmp_path / "nowhere").mkdir()
     assert_one_line_error(resume(tmp_path / "nowhere"), f"{tmp_path}/nowhere/data holds no prepared data",
                           "pass the --data_dir that holds the run's data")
+    # Saved relative to the repository (as the configs' data/NAME), resumed from elsewhere: where it is.
+    relative = os.path.relpath(shakespeare_data_dir, REPO_ROOT)
+    (rundir / "config.json").write_text(json.dumps({**config, "data_dir": relative}))
+    away = run("launch.py", "--config=shakespeare_char_cpu", f"--rundir={rundir}", "--max_steps=45", *TINY,
+               cwd=tmp_path / "nowhere")
+    assert_one_line_error(away, f"{relative} not found in {tmp_path}/nowhere; run from the repository "
+                          f"({REPO_ROOT.resolve()}) or pass --data_dir={REPO_ROOT.resolve()}/{relative}")
     result = resume(tmp_path / "here")
     assert result.returncode == 0 and "resuming from checkpoint 40" in result.stdout + result.stderr, result.stderr
 

@@ -33,13 +33,18 @@ def _require(data_dir: str, name: str) -> str:
         how = (f"python {script}" if os.path.exists(script) else
                f"python data/shakespeare_char/prepare.py --input TEXT --out_dir {data_dir} (characters) or "
                f"python data/openwebtext/prepare.py --input FILES --out_dir {data_dir} (GPT-2 BPE)")
-        # A config's data_dir is relative: run from elsewhere than the clone that holds it, it is not found.
-        clone = os.path.realpath(os.path.join(os.path.dirname(__file__), "..", ".."))  # of an editable install
-        if not os.path.isabs(data_dir) and os.path.exists(os.path.join(clone, data_dir, name)):
-            raise MidgptError(f"{missing} not found in {os.getcwd()}; run from the repository ({clone}) "
-                              f"or pass --data_dir={os.path.join(clone, data_dir)}")
-        raise MidgptError(f"{missing} not found; run {how} to create it")
+        raise MidgptError(f"{missing} not found{_in_clone(data_dir, name) or f'; run {how} to create it'}")
     return path
+
+
+def _in_clone(data_dir: str, name: str) -> str | None:
+    """Where data_dir/name is, said as advice, if a relative data_dir is not here but in the clone of this code."""
+    # A config's data_dir is relative: run from elsewhere than the clone that holds it, it is not found.
+    clone = os.path.realpath(os.path.join(os.path.dirname(__file__), "..", ".."))  # of an editable install
+    if not os.path.isabs(data_dir) and os.path.exists(os.path.join(clone, data_dir, name)):
+        return (f" in {os.getcwd()}; run from the repository ({clone}) "
+                f"or pass --data_dir={os.path.join(clone, data_dir)}")
+    return None
 
 
 def load_tokens(data_dir: str, split: str) -> np.ndarray:
@@ -115,6 +120,8 @@ def check_same_data(rundir: str, data_dir: str) -> None:
     advice = ("pass the --data_dir that holds the run's data (a relative one is read from the current directory), "
               "or prepare it again from the same text, or train in a new --rundir")
     if not os.path.isfile(os.path.join(data_dir, "meta.json")):
+        if where := _in_clone(data_dir, "meta.json"):  # resumed from another directory
+            raise MidgptError(f"{data_dir} not found{where}")
         raise MidgptError(f"{os.path.abspath(data_dir)} holds no prepared data (no meta.json); {advice}")
     now = load_meta(data_dir)
     # A relative ran_on is compared as if typed here: the directory the run started in is not saved.
