@@ -600,6 +600,11 @@ def test_relaunching_a_finished_run_changes_nothing(short_run, shakespeare_data_
     assert "max_steps=40 is reached: nothing to train" in result.stdout
     assert "WARNING" not in result.stderr, result.stderr  # orbax warned on every resume
     assert open(os.path.join(short_run, "metrics.jsonl")).read() == before
+    lower = run("launch.py", "--config=shakespeare_char_cpu", f"--rundir={short_run}",
+                f"--data_dir={shakespeare_data_dir}", "--max_steps=30", "--eval_interval=20", *TINY)
+    assert lower.returncode == 0 and "max_steps=30 is reached, and passed (the run is at step 40): nothing to train" \
+        in lower.stdout, lower.stderr
+    assert open(os.path.join(short_run, "metrics.jsonl")).read() == before
 
 
 def test_resuming_on_data_prepared_again_with_another_vocabulary_is_refused(short_run, shakespeare_data_dir, tmp_path):
