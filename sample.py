@@ -58,7 +58,7 @@ def main(argv: list[str]) -> None:
     from midgpt.precision import compute_dtype
     from midgpt.sample import fitting_memory, generate, generate_chunks, load_model, run_meta
 
-    config, model = load_model(args.rundir, args.step)
+    config, model = load_model(args.rundir, args.step, say=lambda note: print(note, file=sys.stderr))
     meta = run_meta(args.rundir, config)
     model = cast_floats(model, jnp.dtype(compute_dtype(config.compute_dtype)))
     try:

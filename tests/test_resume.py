@@ -3,6 +3,7 @@
 import json
 import os
 import pty
+import re
 import select
 import shutil
 import signal
@@ -350,15 +351,24 @@ def test_when_no_checkpoint_restores_the_run_stops_and_moves_nothing(uninterrupt
     assert len(errors) == 1 and "no checkpoint in" in errors[0] and "checkpoint 60: " in errors[0], output
     assert "Traceback" not in output, output  # nor orbax's abandoned reads, collected at exit
     assert {p: p.read_bytes() for p in sorted(rundir.rglob("*")) if p.is_file()} == before  # nothing touched
-    # sample.py reads the parameters only, which one truncated file may have spared: every file, then.
-    for d, _, files in os.walk(rundir / "checkpoints" / "60"):
-        for f in files if "/d" in d else []:
-            os.truncate(os.path.join(d, f), os.path.getsize(os.path.join(d, f)) // 2)
+    # sample.py reads the parameters only, which one truncated file may have spared: every file, then. As a
+    # resume does, it takes the newest that restores; it said to try --step= another, which was damaged too.
+    sample = lambda: subprocess.run([sys.executable, str(REPO_ROOT / "sample.py"), f"--rundir={rundir}",
+                                     "--max_new_tokens=5"], capture_output=True, text=True)
+    for damaged in ("60", "40", "20"):
+        for d, _, files in os.walk(rundir / "checkpoints" / damaged):
+            for f in files if "/d" in d else []:
+                os.truncate(os.path.join(d, f), os.path.getsize(os.path.join(d, f)) // 2)
+        if damaged == "60":
+            sampled = sample()
+            assert sampled.returncode == 0, sampled.stderr
+            assert re.fullmatch(rf"checkpoint 60 of {rundir} does not restore \(.+\): sampling from checkpoint 40\n",
+                                sampled.stderr), sampled.stderr
     for _ in range(3):  # orbax's reads are collected at exit in some runs only
-        sampled = subprocess.run([sys.executable, str(REPO_ROOT / "sample.py"), f"--rundir={rundir}"],
-                                 capture_output=True, text=True)
+        sampled = sample()
         assert sampled.returncode == 1 and sampled.stderr.count("\n") == 1, sampled.stderr
-        assert sampled.stderr.startswith("error: checkpoint 60 of ") and "does not restore" in sampled.stderr
+        assert re.fullmatch(rf"error: no checkpoint of {rundir} restores \(checkpoint 60: .+; checkpoint 40: .+; "
+                            r"checkpoint 20: .+\): fix the cause, or train the run again\n", sampled.stderr)
 
 
 def test_checkpoint_of_another_model_is_refused_not_taken_for_damage(uninterrupted, shakespeare_data_dir, tmp_path):

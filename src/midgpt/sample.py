@@ -30,20 +30,26 @@ def fitting_memory(num_samples: int, tokens: int):
                           "device's memory; lower --num_samples or --max_new_tokens") from None
 
 
-def load_model(rundir: str, step: int | None = None) -> tuple[Config, GPT]:
-    """The run's config and its parameters at step (default: the newest whose save finished), on one device."""
+def load_model(rundir: str, step: int | None = None, say=None) -> tuple[Config, GPT]:
+    """The run's config and its parameters at step (default: the newest that restores, said with say), on one device."""
     config = read_config_json(rundir)
     check_as_checkpointed(rundir, config)
     check_saved_config(rundir, config, config)  # a hand edit launch.py would refuse
     if not os.path.isdir(checkpoint.directory(rundir)):
         raise MidgptError(f"{rundir} has no checkpoints yet (runs with --debug write none)")
     like = eqx.filter_eval_shape(fresh_model, config)
+    failed = {}  # step: why, of the newest checkpoints, which did not restore
     # A run in training removes its oldest checkpoint as each new one commits, maybe while orbax reads
     # the folder or the checkpoint chosen here: then they are listed again, and the newest is another.
     for attempt in itertools.count():
         # Only those whose save finished, as a resume takes them: one still being written reads as damaged.
         steps = checkpoint.committed_steps(rundir)
-        chosen = step if step is not None else steps[-1] if steps else None
+        untried = [s for s in steps if s not in failed]
+        chosen = step if step is not None else untried[-1] if untried else None
+        if chosen is None and failed:
+            raise MidgptError(f"no checkpoint of {rundir} restores ("
+                              + "; ".join(f"checkpoint {s}: {why}" for s, why in sorted(failed.items(), reverse=True))
+                              + "): fix the cause, or train the run again")
         if chosen is None:
             raise MidgptError(f"{rundir} has no finished checkpoint yet: sample once its training has saved one "
                               f"(every {config.checkpoint_interval} steps, and at its end or stop; a --debug run "
@@ -52,7 +58,7 @@ def load_model(rundir: str, step: int | None = None) -> tuple[Config, GPT]:
             unfinished = " whose save finished" if chosen in saved_steps(rundir) else ""
             raise MidgptError(f"{rundir} has no checkpoint{unfinished} at step {chosen}; it has {steps or 'none'}")
         try:
-            return config, restore_model(rundir, config, chosen, like)
+            model = restore_model(rundir, config, chosen, like)
         except Exception as e:  # orbax and tensorstore raise many types for damaged files
             gone = not checkpoint.committed(rundir, chosen)
             if attempt < 2 and checkpoint.committed_steps(rundir) != steps and (step is None or not gone):
@@ -63,10 +69,18 @@ def load_model(rundir: str, step: int | None = None) -> tuple[Config, GPT]:
                                   + ("pass a newer --step, or none" if step is not None else "try again")) from None
             if isinstance(e, MidgptError):
                 raise
+            if step is None:  # the newest that restores, as a resume takes
+                failed[chosen] = checkpoint.describe(e)
+                continue
             others = [s for s in steps if s != chosen]
             raise MidgptError(f"checkpoint {chosen} of {rundir} does not restore ({checkpoint.describe(e)}); "
-                              + (f"try --step= another of {others}" if others
+                              + (f"try --step= another of {others}, or none for the newest that restores" if others
                                  else "it is the run's only one: fix the cause, or train the run again")) from None
+        if failed and say:
+            shown = ", ".join(map(str, sorted(failed, reverse=True)))
+            say(f"checkpoint{'s' * (len(failed) > 1)} {shown} of {rundir} do{'es' * (len(failed) == 1)} not restore "
+                f"({failed[max(failed)]}): sampling from checkpoint {chosen}")
+        return config, model
 
 
 def restore_model(rundir: str, config: Config, step: int, like: GPT) -> GPT:
