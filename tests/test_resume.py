@@ -355,15 +355,21 @@ def test_when_no_checkpoint_restores_the_run_stops_and_moves_nothing(uninterrupt
     # resume does, it takes the newest that restores; it said to try --step= another, which was damaged too.
     sample = lambda: subprocess.run([sys.executable, str(REPO_ROOT / "sample.py"), f"--rundir={rundir}",
                                      "--max_new_tokens=5"], capture_output=True, text=True)
-    for damaged in ("60", "40", "20"):
-        for d, _, files in os.walk(rundir / "checkpoints" / damaged):
+    def damage(step: str):
+        for d, _, files in os.walk(rundir / "checkpoints" / step):
             for f in files if "/d" in d else []:
                 os.truncate(os.path.join(d, f), os.path.getsize(os.path.join(d, f)) // 2)
-        if damaged == "60":
-            sampled = sample()
-            assert sampled.returncode == 0, sampled.stderr
-            assert re.fullmatch(rf"checkpoint 60 of {rundir} does not restore \(.+\): sampling from checkpoint 40\n",
-                                sampled.stderr), sampled.stderr
+
+    for step in ("40", "20"):  # whole again
+        shutil.rmtree(rundir / "checkpoints" / step)
+        shutil.copytree(os.path.join(uninterrupted, "checkpoints", step), rundir / "checkpoints" / step)
+    damage("60")
+    sampled = sample()
+    assert sampled.returncode == 0, sampled.stderr
+    assert re.fullmatch(rf"checkpoint 60 of {rundir} does not restore \(.+\): sampling from checkpoint 40\n",
+                        sampled.stderr), sampled.stderr
+    damage("40")
+    damage("20")
     for _ in range(3):  # orbax's reads are collected at exit in some runs only
         sampled = sample()
         assert sampled.returncode == 1 and sampled.stderr.count("\n") == 1, sampled.stderr
