@@ -212,15 +212,16 @@ def check_finite(metrics: dict, step: int, last_checkpoint: int | None, resume_w
     kept = (f"checkpoint {last_checkpoint} is untouched: lower --learning_rate and run {resume_with} to resume from it"
             if last_checkpoint else
             f"no checkpoint was written: run {checkpoint.SAME_COMMAND} with a lower --learning_rate to start again")
-    for name in ("loss", "grad_norm", "param_norm"):  # param_norm: of the updated parameters, which a checkpoint saves
-        value = float(metrics[name])
+    # param_norm: of the updated parameters, which a checkpoint saves
+    values = {name: float(metrics[name]) for name in ("loss", "grad_norm", "param_norm")}
+    for name, value in values.items():
         if not math.isfinite(value):
             raise MidgptError(f"{name} is {value} at step {step}: training diverged; {kept}")
     # A learning rate of 1e6 grew the parameters to 1e9 and the loss stayed finite: the norms then flatten
     # every logit, no gradient moves them again, and the saves that follow would rotate away the good ones.
-    if float(metrics["grad_norm"]) == 0:
+    if values["grad_norm"] == 0:
         raise MidgptError(f"grad_norm is 0.0 at step {step}: training diverged (every gradient is zero: the "
-                          f"parameters grew past where any moves them, to a norm of {float(metrics['param_norm']):.3g}); "
+                          f"parameters grew past where any moves them, to a norm of {values['param_norm']:.3g}); "
                           f"{kept}")
 
 
