@@ -1,6 +1,7 @@
 """Runs that survive: real processes, real signals, real damaged files; resumed runs are bit-identical."""
 
 import json
+import math
 import os
 import pty
 import re
@@ -395,9 +396,10 @@ def test_checkpoint_of_another_model_is_refused_not_taken_for_damage(uninterrupt
 
 
 # Seen at a log step (every 5), or only by the check before the checkpoint at step 80. A learning rate of
-# 1e6 keeps every metric finite, but no gradient moves the parameters it grew: the run trained on, and saved.
+# 1e6 keeps every metric finite, but no gradient moves the parameters it grew; one of 10 keeps them finite and
+# moving, the loss in the thousands: both runs trained on, and saved.
 @pytest.mark.parametrize("learning_rate, intervals", [("1e12", []), ("1e12", ["--log_interval=1000", "--eval_interval=1000"]),
-                                                      ("1e6", [])])
+                                                      ("1e6", []), ("10", [])])
 def test_divergence_stops_naming_the_step_and_keeps_the_last_checkpoint(learning_rate, intervals, uninterrupted,
                                                                         shakespeare_data_dir, tmp_path):
     rundir = tmp_path / "run"
@@ -421,20 +423,25 @@ def test_divergence_stops_naming_the_step_and_keeps_the_last_checkpoint(learning
 def test_a_non_finite_metric_stops_the_run_before_its_checkpoint(name, value):
     # param_norm is the only one of the updated parameters: a finite loss and gradient can still overflow them.
     from midgpt.errors import MidgptError
-    from midgpt.train import check_finite
+    from midgpt.train import check_diverged
 
     metrics = {"loss": 2.0, "grad_norm": 1.0, "param_norm": 30.0}
-    check_finite(metrics, 7, 5)
-    check_finite({**metrics, "loss": 0.0, "param_norm": 0.0}, 7, 5)  # only a zero gradient is dead
+    check_diverged(metrics, 7, 5, 65)
+    check_diverged({**metrics, "loss": 0.0, "param_norm": 0.0}, 7, 5, 65)  # only a zero gradient is dead
+    check_diverged({**metrics, "loss": 3 * math.log(65)}, 7, 5, 65)  # a spike, not yet past 3 ln V
     with pytest.raises(MidgptError, match=r"grad_norm is 0.0 at step 7: training diverged \(every gradient is zero: "
                                           r"the parameters grew past where any moves them, to a norm of 30\); "
                                           "checkpoint 5 is untouched"):
-        check_finite({**metrics, "grad_norm": 0.0}, 7, 5)
+        check_diverged({**metrics, "grad_norm": 0.0}, 7, 5, 65)
+    with pytest.raises(MidgptError, match=r"loss is 12.53 at step 7: training diverged \(over 3 times the 4.17 of a "
+                                          r"uniform guess over 65 tokens\); checkpoint 5 is untouched"):
+        check_diverged({**metrics, "loss": 3 * math.log(65) + 0.01}, 7, 5, 65)
+    check_diverged({**metrics, "loss": 30.0}, 7, 5, 50304)  # 30 is below 3 ln 50304
     with pytest.raises(MidgptError, match=f"{name} is {value} at step 7: training diverged; checkpoint 5 is untouched"):
-        check_finite({**metrics, name: value}, 7, 5)
+        check_diverged({**metrics, name: value}, 7, 5, 65)
     with pytest.raises(MidgptError, match="training diverged; no checkpoint was written: run the same command with "
                                           "a lower --learning_rate to start again"):
-        check_finite({**metrics, name: value}, 7, None)
+        check_diverged({**metrics, name: value}, 7, None, 65)
 
 
 def test_checkpoint_saved_on_eight_devices_restores_on_one(shakespeare_data_dir, tmp_path):

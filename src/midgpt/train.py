@@ -207,8 +207,14 @@ def write_config(config: Config, rundir: str):
         write_atomically(os.path.join(rundir, "meta.json"), Path(config.data_dir, "meta.json").read_bytes())
 
 
-def check_finite(metrics: dict, step: int, last_checkpoint: int | None, resume_with: str = checkpoint.SAME_COMMAND):
-    """Stop a diverged run before it saves: a metric that is not finite, or a gradient that is exactly zero."""
+# A uniform guess over the vocabulary scores ln V; real loss spikes stay near or below it.
+DIVERGED_LOSS = 3  # times ln V
+
+
+def check_diverged(metrics: dict, step: int, last_checkpoint: int | None, vocab_size: int,
+                 resume_with: str = checkpoint.SAME_COMMAND):
+    """Stop a diverged run before it saves: a metric that is not finite, a loss far worse than a uniform
+    guess's, or a gradient that is exactly zero."""
     kept = (f"checkpoint {last_checkpoint} is untouched: lower --learning_rate and run {resume_with} to resume from it"
             if last_checkpoint else
             f"no checkpoint was written: run {checkpoint.SAME_COMMAND} with a lower --learning_rate to start again")
@@ -217,6 +223,10 @@ def check_finite(metrics: dict, step: int, last_checkpoint: int | None, resume_w
     for name, value in values.items():
         if not math.isfinite(value):
             raise MidgptError(f"{name} is {value} at step {step}: training diverged; {kept}")
+    # A learning rate of 10 took the loss to 16444 and on, finite, and saved such checkpoints over the good ones.
+    if values["loss"] > DIVERGED_LOSS * (uniform := math.log(vocab_size)):
+        raise MidgptError(f"loss is {values['loss']:.4g} at step {step}: training diverged (over {DIVERGED_LOSS} "
+                          f"times the {uniform:.2f} of a uniform guess over {vocab_size} tokens); {kept}")
     # A learning rate of 1e6 grew the parameters to 1e9 and the loss stayed finite: the norms then flatten
     # every logit, no gradient moves them again, and the saves that follow would rotate away the good ones.
     if values["grad_norm"] == 0:
@@ -384,7 +394,7 @@ def _train(config: Config, rundir: str, debug: bool, resume: bool, notes: Sequen
                 interval_start, interval_steps = time.perf_counter(), 0
 
             if is_log:
-                check_finite(metrics, step, last_checkpoint, resume_with)
+                check_diverged(metrics, step, last_checkpoint, config.model.vocab_size, resume_with)
                 record = {"step": step, **{k: float(v) for k, v in metrics.items()}}
                 elapsed = time.perf_counter() - interval_start
                 if interval_steps and step not in profile_steps:  # none after the compile step, or traced
@@ -412,7 +422,8 @@ def _train(config: Config, rundir: str, debug: bool, resume: bool, notes: Sequen
             if jax.process_count() > 1:  # all stop at the same step; agreeing costs a sync, so only at log steps
                 stop = is_log and bool(multihost_utils.process_allgather(np.int32(stop)).any())
             if manager and (step % config.checkpoint_interval == 0 or step == config.max_steps or stop):
-                check_finite(metrics, step, last_checkpoint, resume_with)  # never save a diverged state
+                # never save a diverged state
+                check_diverged(metrics, step, last_checkpoint, config.model.vocab_size, resume_with)
                 saving = time.perf_counter()
                 checkpoint.save(manager, step, state, config, resume_with)
                 interval_start += time.perf_counter() - saving  # the save's copy to host is no step's time
