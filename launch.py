@@ -80,8 +80,10 @@ def check_port_free(coordinator_address: str) -> None:
                 return
             except OSError as e:
                 if e.errno in (errno.EADDRINUSE, errno.EACCES):
-                    raise MidgptError(f"--coordinator_address={coordinator_address}: process 0 cannot listen on port "
-                                      f"{port} ({e.strerror}); pick a free port, the same for every process") from None
+                    raise MidgptError(
+                        f"--coordinator_address={coordinator_address}: process 0 cannot listen on port {port} "
+                        f"({e.strerror}): another program holds it, or another process 0 (give each --process_id to "
+                        "one process); pick a free port, the same for every process") from None
                 # no IPv6 here: try IPv4; neither (a sandbox): let JAX try
 
 

@@ -428,7 +428,8 @@ def test_a_coordinator_port_already_taken_is_one_line(tmp_path):
         _, stderr = outputs([proc], timeout=60)[0]
     assert proc.returncode == 1 and stderr.strip().splitlines() == [
         f"error: --coordinator_address=127.0.0.1:{port}: process 0 cannot listen on port {port} (Address already in "
-        "use); pick a free port, the same for every process"], stderr
+        "use): another program holds it, or another process 0 (give each --process_id to one process); pick a free "
+        "port, the same for every process"], stderr
 
 
 @pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
