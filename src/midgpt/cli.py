@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 import traceback
+import warnings
 
 from tqdm import tqdm
 
@@ -48,6 +49,8 @@ def run(main) -> None:
     logging.getLogger("absl").addFilter(_one_line)
     sys.unraisablehook = _ignoring_abandoned_io(sys.unraisablehook)
     logging.getLogger("asyncio").addFilter(_retrieved)
+    # As _retrieved says: a coroutine of orbax's, abandoned with a failed read, warned of as it is collected.
+    warnings.filterwarnings("ignore", r"coroutine '.*' was never awaited", RuntimeWarning)
     keep_freed_memory()
     try:
         main(sys.argv[1:])
