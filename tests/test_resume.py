@@ -349,7 +349,8 @@ def test_when_no_checkpoint_restores_the_run_stops_and_moves_nothing(uninterrupt
     code, output = finish(launch(rundir, shakespeare_data_dir, "--max_steps=80"))
     assert code == 1, output
     errors = [line for line in output.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "no checkpoint in" in errors[0] and "checkpoint 60: " in errors[0], output
+    assert len(errors) == 1 and re.fullmatch(r"error: no checkpoint in .+ restores \(checkpoint 60: .+; checkpoint 40: "
+                                             r".+; checkpoint 20: .+\); nothing was moved .+", errors[0]), output
     assert "Traceback" not in output, output  # nor orbax's abandoned reads, collected at exit
     assert {p: p.read_bytes() for p in sorted(rundir.rglob("*")) if p.is_file()} == before  # nothing touched
     # sample.py reads the parameters only, which one truncated file may have spared: every file, then. As a

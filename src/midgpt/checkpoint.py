@@ -235,6 +235,11 @@ def describe(e: Exception) -> str:
     return f"{type(e).__name__}: {first}"
 
 
+def failures(problems: dict[int, str]) -> str:
+    """Why each checkpoint did not restore, newest first, as one clause."""
+    return "; ".join(f"checkpoint {step}: {why}" for step, why in sorted(problems.items(), reverse=True))
+
+
 def restore_newest(manager: ocp.CheckpointManager, rundir: str, like, shardings, say):
     """(state, step) from the newest checkpoint that restores, or None if no save ever finished.
 
@@ -257,8 +262,7 @@ def restore_newest(manager: ocp.CheckpointManager, rundir: str, like, shardings,
     # If finished ones exist but none restores, nothing is moved: a run started over would rewind the logs,
     # and the cause may be this machine (memory, files) rather than the checkpoints.
     if not found and (unreadable := [(step, problem) for step, problem, finished in damaged if finished]):
-        step, problem = unreadable[0]
-        raise MidgptError(f"no checkpoint in {directory(rundir)} restores (checkpoint {step}: {problem}); nothing "
+        raise MidgptError(f"no checkpoint in {directory(rundir)} restores ({failures(dict(unreadable))}); nothing "
                           "was moved or overwritten: fix the cause and run again, or train in a new --rundir")
     for step, problem, _ in damaged:
         moved = os.path.join(aside, f"{step}.{time.time_ns()}")

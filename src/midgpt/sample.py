@@ -47,9 +47,8 @@ def load_model(rundir: str, step: int | None = None, say=None) -> tuple[Config, 
         untried = [s for s in steps if s not in failed]
         chosen = step if step is not None else untried[-1] if untried else None
         if chosen is None and failed:
-            raise MidgptError(f"no checkpoint of {rundir} restores ("
-                              + "; ".join(f"checkpoint {s}: {why}" for s, why in sorted(failed.items(), reverse=True))
-                              + "): fix the cause, or train the run again")
+            raise MidgptError(f"no checkpoint of {rundir} restores ({checkpoint.failures(failed)}): fix the cause, "
+                              "or train the run again")
         if chosen is None:
             raise MidgptError(f"{rundir} has no finished checkpoint yet: sample once its training has saved one "
                               f"(every {config.checkpoint_interval} steps, and at its end or stop; a --debug run "
