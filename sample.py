@@ -19,12 +19,12 @@ def main(argv: list[str]) -> None:
     parser = ArgumentParser(description=__doc__, allow_abbrev=False)
     parser.add_argument("--rundir", required=True, type=os.path.expanduser, help="a run directory made by launch.py")
     parser.add_argument("--start", default="\n", help="the prompt, or FILE:path to read it from a file (default: a newline)")
-    parser.add_argument("--num_samples", type=positive_int, default=1, help="(default: 1)")
-    parser.add_argument("--max_new_tokens", type=int, default=500, help="(default: 500)")
-    parser.add_argument("--temperature", type=float, default=0.8, help="0 is greedy (default: 0.8)")
+    parser.add_argument("--num_samples", type=positive_int, default=1, help="samples to draw")
+    parser.add_argument("--max_new_tokens", type=int, default=500, help="tokens to add to the prompt")
+    parser.add_argument("--temperature", type=float, default=0.8, help="0 is greedy")
     parser.add_argument("--top_k", type=positive_int, default=None, help="draw from the k likeliest tokens only "
                         "(default: from all)")
-    parser.add_argument("--seed", type=int, default=0, help="the same seed draws the same text (default: 0)")
+    parser.add_argument("--seed", type=int, default=0, help="the same seed draws the same text")
     parser.add_argument("--step", type=int, default=None, help="the checkpoint to use (default: the newest)")
     args = parser.parse_args(argv)
     if args.rundir == "":  # an unset $RUNDIR: as launch.py says it

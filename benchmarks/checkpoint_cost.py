@@ -32,9 +32,9 @@ def directory_bytes(path: str) -> int:
 def main(argv: list[str]) -> None:
     parser = ArgumentParser(description=__doc__)
     parser.add_argument("--config", required=True)
-    parser.add_argument("--steps", type=int, default=300, help="training steps a loop (0: time one save only)")
+    parser.add_argument("--steps", type=int, default=300, help="training steps a loop; 0 times one save only")
     parser.add_argument("--interval", type=positive_int, default=100, help="steps between checkpoints")
-    parser.add_argument("--rounds", type=positive_int, default=2)
+    parser.add_argument("--rounds", type=positive_int, default=2, help="loops of each kind, alternating")
     args, overrides = parser.parse_known_args(argv)
     if args.steps < 0:
         parser.error(f"--steps must be 0 or more, got {args.steps}")

@@ -37,7 +37,7 @@ def timed(script: str, *args: str, env: dict[str, str]) -> tuple[float, str]:
 def main(argv: list[str]) -> None:
     parser = ArgumentParser(description=__doc__)
     parser.add_argument("--config", required=True)
-    parser.add_argument("--rounds", type=positive_int, default=2)
+    parser.add_argument("--rounds", type=positive_int, default=2, help="cold and warm runs of each")
     args, overrides = parser.parse_known_args(argv)
     checked_config(args.config, overrides, list(vars(args)))  # its errors before any run
     if not jax.config.jax_enable_compilation_cache:

@@ -14,7 +14,7 @@ from midgpt.cli import ArgumentParser, positive_int, run
 def main(argv: list[str]) -> None:
     parser = ArgumentParser(description=__doc__)
     parser.add_argument("--config", required=True)
-    parser.add_argument("--devices", type=positive_int, default=8)
+    parser.add_argument("--devices", type=positive_int, default=8, help="CPU devices to fake")
     parser.add_argument("--abstract", action="store_true")
     args, overrides = parser.parse_known_args(argv)
     # Before JAX starts; on CPU devices, which alone can be faked, also on a GPU host.

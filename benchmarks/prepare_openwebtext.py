@@ -108,9 +108,9 @@ def main(argv: list[str]) -> None:
     parser = ArgumentParser(description=__doc__)
     parser.add_argument("--sizes_mb", type=positive_int, nargs="+", default=[10, 100],
                         help="the corpora's sizes, in MB of text (default: 10 100)")
-    parser.add_argument("--num_proc", type=positive_int, default=2, help="tokenizer processes (default: 2)")
+    parser.add_argument("--num_proc", type=positive_int, default=2, help="tokenizer processes")
     # 0.01, not prepare.py's 0.0005: a 10 MB corpus holds ~2,000 documents, and val must not be empty.
-    parser.add_argument("--val_fraction", type=float, default=0.01, help="share of documents for val (default: 0.01)")
+    parser.add_argument("--val_fraction", type=float, default=0.01, help="share of documents for val")
     parser.add_argument("--text", help="build the corpora from this real text's paragraphs instead of made-up words")
     args = parser.parse_args(argv)
     if not 0 < args.val_fraction < 1:  # train and val both need documents

@@ -46,9 +46,9 @@ def tokens_per_sec(fn, *args) -> float:
 
 def main(argv: list[str]) -> None:
     parser = ArgumentParser(description=__doc__)
-    parser.add_argument("--config", default="shakespeare_char")
-    parser.add_argument("--num_samples", type=positive_int, default=8)
-    parser.add_argument("--max_new_tokens", type=positive_int, default=500)
+    parser.add_argument("--config", default="shakespeare_char", help="its model, untrained")
+    parser.add_argument("--num_samples", type=positive_int, default=8, help="samples drawn at once")
+    parser.add_argument("--max_new_tokens", type=positive_int, default=500, help="tokens each")
     args, overrides = parser.parse_known_args(argv)
     config = checked_config(args.config, overrides, list(vars(args)))
     dtype = compute_dtype(config.compute_dtype)

@@ -23,7 +23,7 @@ from train_throughput import checked_config, setup, time_steps
 def main(argv: list[str]) -> None:
     parser = ArgumentParser(description=__doc__)
     parser.add_argument("--config", required=True)
-    parser.add_argument("--rounds", type=positive_int, default=3)
+    parser.add_argument("--rounds", type=positive_int, default=3, help="rounds of every variant in turn")
     parser.add_argument("--steps", type=positive_int, default=3, help="timed steps of each variant per round")
     parser.add_argument("variants", nargs="+")
     args, unknown = parser.parse_known_args(argv)

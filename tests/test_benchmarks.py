@@ -55,3 +55,19 @@ def test_compile_cache_refuses_a_cache_turned_off():
     # It ran the first round, then failed in a traceback: there was no cache to measure.
     test_benchmark_refuses_bad_input_in_one_line("compile_cache", [CONFIG], "JAX_ENABLE_COMPILATION_CACHE",
                                                  env={**os.environ, "JAX_ENABLE_COMPILATION_CACHE": "false"})
+
+
+def test_help_shows_each_default_once():
+    # The benchmarks' --help showed none of their defaults; sample.py's are said in words where None stands in.
+    def options(script: str) -> str:
+        result = subprocess.run([sys.executable, script, "--help"], cwd=REPO_ROOT, capture_output=True, text=True,
+                                timeout=60)
+        assert result.returncode == 0, result.stderr
+        return " ".join(result.stdout.partition("options:")[2].split())  # unwrapped
+
+    assert "--steps STEPS timed steps, after the compile and 2 warm-up steps (default: 20)" in options(
+        "benchmarks/train_throughput.py")
+    assert "--rounds ROUNDS rounds of every variant in turn (default: 3)" in options("benchmarks/step_ratios.py")
+    sample = options("sample.py")
+    assert "--temperature TEMPERATURE 0 is greedy (default: 0.8)" in sample and sample.count("(default:") == 7
+    assert "--step STEP the checkpoint to use (default: the newest)" in sample

@@ -19,13 +19,23 @@ from tqdm import tqdm
 from midgpt.errors import MidgptError
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """The docstring's usage lines as written, and each option's default unless its help already says it."""
+
+    def _get_help_string(self, action):
+        help = action.help or ""
+        if any(action.default is unsaid for unsaid in (None, False, argparse.SUPPRESS)) or "(default" in help:
+            return help
+        return f"{help} (default: %(default)s)".lstrip()
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse whose errors are MidgptError, so they print as one line like every other."""
 
-    def __init__(self, **kwargs):  # --help shows the docstring's usage lines as written
+    def __init__(self, **kwargs):
         # The script as typed (benchmarks/train_throughput.py, not its base name): "see python PROG --help" then runs.
         kwargs.setdefault("prog", sys.argv[0])
-        super().__init__(formatter_class=argparse.RawDescriptionHelpFormatter, **kwargs)
+        super().__init__(formatter_class=_HelpFormatter, **kwargs)
 
     def error(self, message):
         raise MidgptError(f"{message} (see python {self.prog} --help)")
