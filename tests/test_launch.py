@@ -380,6 +380,38 @@ def test_another_run_and_a_resume_read_their_compiled_programs_from_the_cache_la
     assert result.returncode == 0 and result.stderr == "", result.stderr
 
 
+CACHED = """
+from midgpt.cli import cache_compiled_programs, run
+
+def main(argv):
+    import jax, jax.numpy as jnp
+    cache_compiled_programs()
+    print(float(jax.jit(lambda x: jnp.sin(x) * 2)(1.0)))
+
+run(main)
+"""
+
+
+def test_a_compiled_program_cut_short_in_the_cache_is_compiled_and_cached_anew(tmp_path):
+    # JAX never writes over an entry: one cut short (a full disk, a kill) warned in every later run.
+    env = {k: v for k, v in this_tree_env().items() if not k.startswith("JAX_COMPILATION_CACHE_")}
+    env.update(XDG_CACHE_HOME=str(tmp_path), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+    cache = tmp_path / "midgpt" / "xla"
+    cached = lambda: subprocess.run([sys.executable, "-c", CACHED], env=env, capture_output=True, text=True)
+    first = cached()
+    assert first.returncode == 0 and first.stderr == "", first.stderr
+    [entry] = cache.glob("jit__lambda-*-cache")
+    whole = entry.read_bytes()
+    entry.write_bytes(whole[: len(whole) // 2])
+    result = cached()
+    assert result.returncode == 0 and result.stdout == first.stdout, result.stderr
+    assert re.fullmatch(rf"note: the compiled program jit__lambda in {cache} could not be read \(.+\): compiled "
+                        r"again, and cached anew\n", result.stderr), result.stderr
+    assert entry.read_bytes() == whole
+    result = cached()
+    assert result.returncode == 0 and result.stderr == "", result.stderr
+
+
 def assert_one_line_error(result, *fragments):
     assert result.returncode != 0
     lines = result.stderr.strip().splitlines()

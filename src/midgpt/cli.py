@@ -4,6 +4,7 @@ import argparse
 import contextlib
 import ctypes
 import errno
+import glob
 import logging
 import os
 import re
@@ -13,6 +14,7 @@ import threading
 import time
 import traceback
 import warnings
+from pathlib import Path
 
 from tqdm import tqdm
 
@@ -122,6 +124,23 @@ def cache_compiled_programs(max_bytes: int = 2 << 30) -> None:
     # place, and another process on this machine (of this run, or another run) could read it half-written.
     if "JAX_COMPILATION_CACHE_MAX_SIZE" not in os.environ:
         jax.config.update("jax_compilation_cache_max_size", max_bytes)
+    if cache := jax.config.jax_compilation_cache_dir:
+        warnings.showwarning = _dropping_unreadable_entries(warnings.showwarning, cache)
+
+
+def _dropping_unreadable_entries(show, cache: str):
+    """A warnings.showwarning that removes the cache's entries of a program JAX could not read, and says so."""
+    def drop(message, category, *args, **kwargs):
+        found = re.match(r"Error reading persistent compilation cache entry for '([^']+)': (.*)", str(message), re.S)
+        if not found:
+            return show(message, category, *args, **kwargs)
+        # JAX compiles the program again, but never writes over an entry (one cut short by a full disk, or
+        # a kill as it was written): every later run warned again. Its entries are named for the program.
+        for path in Path(cache).glob(glob.escape(found[1]) + "-*"):
+            path.unlink(missing_ok=True)
+        tqdm.write(f"note: the compiled program {found[1]} in {cache} could not be read "
+                   f"({found[2].strip().splitlines()[0]}): compiled again, and cached anew", file=sys.stderr)
+    return drop
 
 
 def _one_line(record: logging.LogRecord) -> bool:
