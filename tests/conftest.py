@@ -52,7 +52,7 @@ def small_files(kib: int | None) -> list[str]:
     """
     # Set by the shell: a preexec_fn would fork the multithreaded test process. SIGXFSZ ignored, the
     # write fails instead of killing. No compilation cache: JAX writes an entry in place, and one cut
-    # short would warn in every later process.
+    # short would add a note to a later process's output.
     limit = f"ulimit -f {kib} && " if kib is not None else ""
     return ["bash", "-c", f'{limit}trap "" XFSZ && JAX_ENABLE_COMPILATION_CACHE=false exec "$@"', "bash"]
 
