@@ -186,21 +186,28 @@ def test_fsdp_moves_weights_between_devices_never_activations():
 
 def test_fsdp_gathers_bfloat16_weights_and_sums_float32_gradients(tmp_path):
     # Read after XLA's SPMD partitioner, which every backend runs: later, XLA:CPU alone turns
-    # bf16 collectives into f32 ones. Gathering f32 weights would move twice the bytes;
-    # summing bf16 gradients over devices (or over a batch's tokens) would lose precision.
+    # bf16 collectives into f32 ones. Gathering f32 weights would move twice the bytes (the
+    # evaluation gathered the float32 embedding); summing bf16 gradients over devices (or over
+    # a batch's tokens) would lose precision.
     flags = f"--xla_force_host_platform_device_count=8 --xla_dump_to={tmp_path} --xla_dump_hlo_pass_re=spmd-partitioning"
     on_devices(8, """
-        config = dataclasses.replace(CONFIG, compute_dtype="bfloat16", g_accum_iters=1)
+        from midgpt.train import evaluate
+        config = dataclasses.replace(CONFIG, compute_dtype="bfloat16", g_accum_iters=1, eval_iters=1)
         optimizer, mesh = make_optimizer(config), make_mesh(config)
         x = np.zeros((1, 8, 16), np.int32)
-        make_train_step(config, optimizer, mesh).lower(init_state(config, optimizer, mesh), x, x).compile()
+        state = init_state(config, optimizer, mesh)
+        evaluate(state.model, np.arange(100, dtype=np.uint16) % 64, config, mesh, 1)
+        make_train_step(config, optimizer, mesh).lower(state, x, x).compile()
         print("{}")
     """, XLA_FLAGS=flags)
-    [partitioned] = tmp_path.glob("*jit_step*after_spmd-partitioning*.txt")
-    collectives = re.findall(r"= (\w+)\[([\d,]*)\]\S* (all-gather|all-reduce|reduce-scatter)\(", partitioned.read_text())
-    gathers = {dtype for dtype, _, op in collectives if op == "all-gather"}
-    sums = {dtype for dtype, dims, op in collectives if op != "all-gather" and dims}  # not the scalar metrics
-    assert gathers == {"bf16"} and sums == {"f32"}, collectives
+    collectives = lambda program: re.findall(r"= (\w+)\[([\d,]*)\]\S* (all-gather|all-reduce|reduce-scatter)\(",
+                                             program.read_text())
+    [step] = tmp_path.glob("*jit_step*after_spmd-partitioning*.txt")
+    gathers = {dtype for dtype, _, op in collectives(step) if op == "all-gather"}
+    sums = {dtype for dtype, dims, op in collectives(step) if op != "all-gather" and dims}  # not the scalar metrics
+    assert gathers == {"bf16"} and sums == {"f32"}, collectives(step)
+    [evaluation] = tmp_path.glob("*jit_eval_loss*after_spmd-partitioning*.txt")
+    assert {dtype for dtype, _, op in collectives(evaluation) if op == "all-gather"} == {"bf16"}, collectives(evaluation)
 
 
 def free_port() -> int:

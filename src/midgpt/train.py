@@ -97,6 +97,12 @@ def in_pieces(x_GxBxT, pieces: int):
     return x_GxBxT.reshape(G * pieces, B // pieces, T)
 
 
+def compute_copy(params, dtype, shardings):
+    """The parameters in the compute dtype, cast where each device holds them."""
+    # Left to itself, XLA gathered the float32 embedding and cast it after, moving twice the bytes.
+    return jax.lax.with_sharding_constraint(cast_floats(params, dtype), shardings)
+
+
 def make_train_step(config: Config, optimizer: optax.GradientTransformation, mesh: Mesh,
                     pieces: int | None = None, chunks: int | None = None, compiler_options: dict | None = None):
     """Build the jitted step (state, x_GxBxT, y_GxBxT) -> (state, metrics), compiled with XLA's compiler_options.
@@ -118,11 +124,7 @@ def make_train_step(config: Config, optimizer: optax.GradientTransformation, mes
         # Differentiate with respect to the param_dtype copy, so gradients and
         # their sum over micro-batches stay in param_dtype.
         def micro_loss(params, x_BxT, y_BxT, micro_key):
-            # Cast each device's shard, then gather: left to itself, XLA gathered the float32
-            # embedding and cast it after, moving twice the bytes.
-            compute_params = cast_floats(params, compute_dtype)
-            compute_params = jax.lax.with_sharding_constraint(compute_params, state_shardings.model)
-            model = eqx.combine(compute_params, model_static)
+            model = eqx.combine(compute_copy(params, compute_dtype, state_shardings.model), model_static)
             return loss_fn(model, x_BxT, y_BxT, micro_key, gather, chunks)
 
         def accumulate(grad_sum, micro_batch):
@@ -170,9 +172,16 @@ def make_train_step(config: Config, optimizer: optax.GradientTransformation, mes
 
 
 @eqx.filter_jit
-def eval_loss(model: GPT, x_GxBxT, y_GxBxT, compute_dtype: str, pieces: int = 1, gather=None, chunks: int = 1):
-    """Mean loss over G batches, each cut into `pieces` (its logits into `chunks`), in one call: one dispatch."""
-    model = cast_floats(model, jnp.dtype(precision.compute_dtype(compute_dtype)))
+def eval_loss(model: GPT, x_GxBxT, y_GxBxT, compute_dtype: str, pieces: int = 1, gather=None, chunks: int = 1,
+              shardings=None):
+    """Mean loss over G batches, each cut into `pieces` (its logits into `chunks`), in one call: one dispatch.
+
+    shardings: of the model's arrays (eqx.filter(model, eqx.is_array)), where it is sharded.
+    """
+    params, static = eqx.partition(model, eqx.is_array)
+    dtype = jnp.dtype(precision.compute_dtype(compute_dtype))
+    model = eqx.combine(cast_floats(params, dtype) if shardings is None else compute_copy(params, dtype, shardings),
+                        static)
     x_MxbxT, y_MxbxT = (in_pieces(a, pieces) for a in (x_GxBxT, y_GxBxT))
     M, b, T = x_MxbxT.shape
     at_once = min(ACTIVATIONS_AT_ONCE // (b * T * model.config.n_embd), M)  # pieces in the budget
@@ -195,8 +204,9 @@ def evaluate(model: GPT, tokens, config: Config, mesh: Mesh, stream: int) -> flo
     """Mean loss over eval_iters batches; the same batches at every evaluation."""
     x_GxBxT, y_GxBxT = data.global_batch(tokens, (config.seed, stream), config.eval_iters, config, mesh)
     pieces = pieces_per_micro_batch(config, mesh)
+    shardings = jax.tree.map(lambda a: a.sharding, eqx.filter(model, eqx.is_array))
     return float(eval_loss(model, x_GxBxT, y_GxBxT, config.compute_dtype, pieces, sharding.gather_params(mesh),
-                           memory.loss_chunks(config, mesh, pieces)))
+                           memory.loss_chunks(config, mesh, pieces), shardings))
 
 
 def write_config(config: Config, rundir: str):
