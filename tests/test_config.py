@@ -174,6 +174,10 @@ def test_config_from_dict_rejects_missing_keys_and_wrong_types(config):
     d["model"]["n_layer"] = "6"
     with pytest.raises(MidgptError, match="model.n_layer.*int"):
         config_from_dict(d)
+    d = config_to_dict(config)
+    d["learning_rate"] = 10**400  # a hand edit: float() raised OverflowError
+    with pytest.raises(MidgptError, match="'learning_rate' expects float, got an integer of 401 digits, past any float"):
+        config_from_dict(d)
 
 
 def test_named_configs_load_as_frozen_configs():

@@ -9,6 +9,7 @@ import math
 import os
 import pkgutil
 import re
+import sys
 import traceback
 import typing
 from collections.abc import Sequence
@@ -277,6 +278,9 @@ def _from_dict(cls: type, d, prefix: str):
             value = _from_dict(type_, value, f"{prefix}{key}.")
         # A hand-edited JSON file may write 0 for a float; Python's bool is an int but never a valid number here.
         elif type_ is float and isinstance(value, int) and not isinstance(value, bool):
+            if abs(value) > sys.float_info.max:  # float() would raise OverflowError, a traceback
+                raise MidgptError(f"config field {prefix + key!r} expects float, got an integer of {len(str(value))} "
+                                  "digits, past any float")
             value = float(value)
         elif typing.get_origin(type_) is tuple:  # JSON has no tuples: it gives a list
             if not (isinstance(value, list) and len(value) == len(typing.get_args(type_))
