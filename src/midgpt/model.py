@@ -283,8 +283,6 @@ class GPT(eqx.Module):
     config: ModelConfig = eqx.field(static=True)
 
     def __init__(self, cfg: ModelConfig, *, key):
-        if cfg.n_embd % cfg.n_head or cfg.head_dim % 2:
-            raise ValueError("n_embd must split into n_head heads of even width")
         k_embed, k_blocks = jax.random.split(key)
         self.embed_VxD = jax.random.normal(k_embed, (cfg.vocab_size, cfg.n_embd)) / math.sqrt(cfg.n_embd)
         make_block = lambda k: Block(cfg, key=k)
@@ -292,10 +290,9 @@ class GPT(eqx.Module):
         self.final_norm = RMSNorm(cfg.n_embd)
         self.config = cfg
 
-    def __call__(self, tokens_BxT, *, key=None, positions_T=None, cache: KVCache | None = None, gather=None):
+    def __call__(self, tokens_BxT, *, key=None, positions_T=None, cache: KVCache | None = None):
         """Next-token logits (float32) for every position; with a cache, (logits, cache). See `hidden`."""
-        x_BxTxD, embed_VxD, cache = self.hidden(tokens_BxT, key=key, positions_T=positions_T, cache=cache,
-                                                gather=gather)
+        x_BxTxD, embed_VxD, cache = self.hidden(tokens_BxT, key=key, positions_T=positions_T, cache=cache)
         logits_BxTxV = project("btd,vd->btv", x_BxTxD, embed_VxD, out_dtype=jnp.float32)
         return logits_BxTxV if cache is None else (logits_BxTxV, cache)
 
@@ -316,14 +313,14 @@ class GPT(eqx.Module):
         if positions_T is None:
             positions_T = jnp.arange(tokens_BxT.shape[1])
         sin_TxC, cos_TxC = rotary_tables(positions_T, cfg.head_dim, cfg.rope_base)
-        slots_T, key_positions_S, layer_caches = None, positions_T, None
+        slots_T, key_positions_S, kv_L = None, positions_T, None
         if cache is not None:
             # The tokens sit at positions_T after those already cached. Their keys are written before
             # they attend, so several at once must not pass position block_size (one at a time past it,
             # as sample.generate decodes): they would overwrite keys that earlier ones still see.
             slots_T = positions_T % cfg.block_size
             key_positions_S = cache.positions_S.at[slots_T].set(positions_T)
-            layer_caches = LayerCache(cache.k_LxBxSxHxC, cache.v_LxBxSxHxC)
+            kv_L = (cache.k_LxBxSxHxC, cache.v_LxBxSxHxC)  # the scan hands each layer its own
         # Each token sees itself and the block_size - 1 before it: causal within block_size, a sliding window beyond.
         distance_TxS = positions_T[:, None] - key_positions_S[None, :]
         mask_TxS = (distance_TxS >= 0) & (distance_TxS < cfg.block_size)
@@ -331,8 +328,9 @@ class GPT(eqx.Module):
         block_params, block_static = eqx.partition(self.blocks, eqx.is_array)
 
         def layer(x_BxTxD, inputs):
-            params, layer_key, layer_cache = inputs
+            params, layer_key, kv = inputs
             block = eqx.combine(gather(params), block_static)
+            layer_cache = None if kv is None else LayerCache(*kv)
             out = block(x_BxTxD, sin_TxC, cos_TxC, mask_TxS, key=layer_key, cache=layer_cache, slots_T=slots_T)
             return out if cache is not None else (out, None)
 
@@ -341,12 +339,11 @@ class GPT(eqx.Module):
         if cfg.remat != "none":
             layer = jax.checkpoint(layer, policy=REMAT_POLICIES[cfg.remat])
 
-        x_BxTxD, layer_caches = jax.lax.scan(
-            layer, x_BxTxD, (block_params, block_keys_L, layer_caches), unroll=cfg.scan_unroll
-        )
+        x_BxTxD, kv_L = jax.lax.scan(layer, x_BxTxD, (block_params, block_keys_L, kv_L), unroll=cfg.scan_unroll)
         x_BxTxD = gather(self.final_norm)(x_BxTxD)
         if cache is not None:
-            cache = KVCache(layer_caches.k_BxSxHxC, layer_caches.v_BxSxHxC, key_positions_S)
+            k_LxBxSxHxC, v_LxBxSxHxC = kv_L  # each layer's LayerCache, stacked
+            cache = KVCache(k_LxBxSxHxC, v_LxBxSxHxC, key_positions_S)
         return x_BxTxD, embed_VxD, cache
 
     def empty_cache(self, batch_size: int) -> KVCache:
