@@ -75,13 +75,13 @@ def measure_peak(dtype: str, size: int = 2048, seconds: float = 0.3) -> float:
     devices = jax.local_devices()
     mesh = jax.sharding.Mesh(np.array(devices), ("d",))
     sharded = NamedSharding(mesh, P("d"))
-    x_NxSxS = jax.device_put(jnp.ones((len(devices), size, size), dtype), sharded)
+    x = jax.device_put(jnp.ones((len(devices), size, size), dtype), sharded)  # a size x size matrix a device
     matmul = jax.jit(lambda a, b: jnp.einsum("nij,njk->nik", a, b, preferred_element_type=jnp.float32))
-    matmul(x_NxSxS, x_NxSxS).block_until_ready()  # compile
+    matmul(x, x).block_until_ready()  # compile
     best, deadline = float("inf"), time.perf_counter() + seconds
     for _ in range(100):
         start = time.perf_counter()
-        matmul(x_NxSxS, x_NxSxS).block_until_ready()
+        matmul(x, x).block_until_ready()
         best = min(best, time.perf_counter() - start)
         if time.perf_counter() > deadline:
             break

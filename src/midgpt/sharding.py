@@ -157,9 +157,9 @@ def failing_together():
         if error is not None and not isinstance(error, MidgptError):  # a bug's: name its type, as a traceback would
             line = f"{type(error).__name__}: {line}"
         line_bytes = line.encode(errors="backslashreplace")[:1024].ljust(1024, b"\0")  # a path may not be UTF-8
-        lines_Px1024 = multihost_utils.process_allgather(np.frombuffer(line_bytes, np.uint8))
-        if error is None and (met := [i for i, row in enumerate(lines_Px1024) if row.any()]):
-            text = bytes(lines_Px1024[met[0]]).rstrip(b"\0").decode(errors="replace")
+        lines = multihost_utils.process_allgather(np.frombuffer(line_bytes, np.uint8))  # (processes, 1024)
+        if error is None and (met := [i for i, row in enumerate(lines) if row.any()]):
+            text = bytes(lines[met[0]]).rstrip(b"\0").decode(errors="replace")
             error = MidgptError(f"process {met[0]}: {text}")
     if error is not None:
         raise error
