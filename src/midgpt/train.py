@@ -222,7 +222,7 @@ DIVERGED_LOSS = 3  # times ln V
 
 
 def check_diverged(metrics: dict, step: int, last_checkpoint: int | None, vocab_size: int,
-                 resume_with: str = checkpoint.SAME_COMMAND):
+                   resume_with: str = checkpoint.SAME_COMMAND):
     """Stop a diverged run before it saves: a metric that is not finite, a loss far worse than a uniform
     guess's, or a gradient that is exactly zero."""
     kept = (f"checkpoint {last_checkpoint} is untouched: lower --learning_rate and run {resume_with} to resume from it"
