@@ -49,11 +49,14 @@ def test_state_estimate_is_the_bytes_of_the_sharded_arrays(devices):
 
 
 # Unrolled, remat saves nothing: the layers of one iteration keep their internals.
-@pytest.mark.parametrize("remat, unroll", [("full", 1), ("dots", 1), ("none", 1), ("full", 2)])
-@pytest.mark.parametrize("batch_size", [8, 32])  # on this lone CPU device: 1 piece of 1024 tokens, or 2 of 2048
-def test_activation_estimate_is_close_to_what_xla_allocates(remat, unroll, batch_size):
+@pytest.mark.parametrize("remat, unroll", [("full", 1), ("dots", 1), ("none", 1), ("full", 2), ("none", 2)])
+# On this lone CPU device: 1 piece of 1024 tokens, or 2 of 2048; with dropout, and without, where the
+# layers' own float32 copies (norms, GELU) outweigh the rest: an estimate that missed them was 0.45 of XLA's.
+@pytest.mark.parametrize("batch_size, dropout", [(8, 0.1), (32, 0.1), (32, 0.0)])
+def test_activation_estimate_is_close_to_what_xla_allocates(remat, unroll, batch_size, dropout):
     config = Config(data_dir="unused", batch_size=batch_size, compute_dtype="bfloat16", model=ModelConfig(
-        vocab_size=256, block_size=128, n_layer=2, n_head=4, n_embd=128, dropout=0.1, remat=remat, scan_unroll=unroll))
+        vocab_size=256, block_size=128, n_layer=2, n_head=4, n_embd=128, dropout=dropout, remat=remat,
+        scan_unroll=unroll))
     optimizer, mesh = make_optimizer(config), make_mesh(config)
     state = init_state(config, optimizer, mesh)
     batch_1xBxT = jax.ShapeDtypeStruct((1, config.batch_size, config.model.block_size), jnp.int32)
@@ -61,8 +64,9 @@ def test_activation_estimate_is_close_to_what_xla_allocates(remat, unroll, batch
     xla_bytes = compiled.memory_analysis().temp_size_in_bytes
     pieces = pieces_per_micro_batch(config, mesh)
     assert pieces == {8: 1, 32: 2}[batch_size]
-    # A rough count by design (XLA's buffer reuse differs between backends): within a factor of 2.5.
-    assert 0.4 < memory.activation_bytes(config, mesh, pieces) / xla_bytes < 1.5
+    # XLA fuses and reuses buffers as it likes, and differently on each backend: close, not exact,
+    # and rather over than under (1.08-1.48 here).
+    assert 0.8 < memory.activation_bytes(config, mesh, pieces) / xla_bytes < 1.5, xla_bytes
 
 
 def test_the_loss_in_slices_bounds_the_logits_memory_and_the_estimate_follows():
@@ -116,10 +120,10 @@ def test_flash_attention_activations_grow_with_tokens_not_with_each_rows_length(
             f"--model.attention={attention}", f"--model.remat={remat}"])
         return memory.activation_bytes(config, make_mesh(config))
 
-    # The same 16,384 tokens in rows twice as long: only the einsum path's T x T scores grow.
+    # The same 16,384 tokens in rows twice as long: only the einsum path's T x T scores grow, twice as large.
     assert activations("cudnn", 16, 1024) == activations("cudnn", 32, 512)
-    assert activations("einsum", 16, 1024) > 1.2 * activations("einsum", 32, 512)
-    assert activations("cudnn", 16, 1024) < activations("einsum", 16, 1024)
+    scores = {T: activations("einsum", 16384 // T, T) - activations("cudnn", 16384 // T, T) for T in (512, 1024)}
+    assert scores[512] > 0 and scores[1024] == pytest.approx(2 * scores[512], rel=0.01)
 
 
 def test_an_over_large_run_suggests_the_largest_micro_batch_that_fits_and_keeps_the_global_batch():

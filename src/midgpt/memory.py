@@ -1,6 +1,7 @@
 """Per-device memory a run needs, estimated from the config and mesh before anything is allocated."""
 
 import dataclasses
+import functools
 import math
 import os
 
@@ -9,9 +10,9 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from midgpt.config import Config
+from midgpt.config import Config, ModelConfig
 from midgpt.errors import MidgptError
-from midgpt.model import attention_implementation
+from midgpt.model import REMAT_POLICIES, Block, attention_implementation, cast_floats, rotary_tables
 from midgpt.precision import compute_dtype
 from midgpt.sharding import REPLICA, is_abstract, on_cpu
 
@@ -58,34 +59,71 @@ def training_attention(config: Config) -> str:
     return attention_implementation(m.attention, compute_dtype(config.compute_dtype), m.dropout > 0, m.head_dim)
 
 
+def kept_bytes(m: ModelConfig, dtype: str, remat: str, rows: int) -> int:
+    """Bytes that one layer keeps for its backward pass on rows x block_size tokens, as JAX traces it."""
+    # The einsum path traces on every backend (cuDNN's needs a GPU: see layer_bytes_per_row), and
+    # jax.nn's "xla" attention keeps about as much.
+    m = dataclasses.replace(m, attention="einsum")
+    T = m.block_size
+    sin_TxC, cos_TxC = rotary_tables(np.arange(T), m.head_dim, m.rope_base)
+    mask_TxS = np.tril(np.ones((T, T), bool))
+    key = jax.random.key(0) if m.dropout > 0 else None  # training draws dropout masks, which remat keeps
+
+    def layer(block, x_BxTxD):
+        return block(x_BxTxD, sin_TxC, cos_TxC, mask_TxS, key=key)
+
+    if remat != "none":
+        layer = jax.checkpoint(layer, policy=REMAT_POLICIES[remat])
+    block = eqx.filter_eval_shape(lambda: cast_floats(Block(m, key=jax.random.key(0)), dtype))
+    x_BxTxD = jax.ShapeDtypeStruct((rows, T, m.n_embd), dtype)
+    # The function jax.vjp returns holds the residuals: its leaves are what the backward pass reads.
+    backward = jax.eval_shape(lambda b, x: jax.vjp(layer, b, x)[1], block, x_BxTxD)
+    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(backward))
+
+
+@functools.lru_cache(maxsize=64)  # traced once per model and policy, not once per batch size tried
+def layer_bytes_per_row(m: ModelConfig, dtype: str, remat: str, flash: bool) -> int:
+    """Bytes that one layer keeps for its backward pass per row of block_size tokens, under the remat policy.
+
+    flash: attention that keeps no T x T scores (cuDNN's), whose own trace needs a GPU.
+    """
+    # Two rows less one: the weights, the rotary tables and the mask, which every row shares, cancel.
+    per_row = lambda m: kept_bytes(m, dtype, remat, 2) - kept_bytes(m, dtype, remat, 1)
+    T = m.block_size
+    if not flash or T < 2:
+        return per_row(m)
+    # Per row, a layer keeps a T + b T^2 bytes, the T^2 part the scores: solved from T and T / 2.
+    t = T // 2
+    full, half = per_row(m), per_row(dataclasses.replace(m, block_size=t))
+    scores = (full / T - half / t) / (T - t) * T * T
+    return round(full - scores)
+
+
 def activation_bytes(config: Config, mesh: Mesh, pieces: int = 1, chunks: int = 1) -> int:
-    """A rough count of one device's activation memory in a step, with remat as configured.
+    """One device's activation memory in a step, with remat as configured.
 
     Per layer what remat saved, the internals of the layers in one scan iteration, one loss slice's logits;
     one of the `pieces` at a time.
     """
     m = config.model
     B = config.batch_size // mesh.size // pieces  # rows per device at once: the batch is split over every device
-    T, D, H, F, V = m.block_size, m.n_embd, m.n_head, 4 * m.n_embd, m.vocab_size
+    T, D, V = m.block_size, m.n_embd, m.vocab_size
     s = compute_itemsize(config)
-    # Per layer: the inputs of norms and matmuls (9 D + 2 F per token), and per
-    # attention score, the float32 scores, softmax and its gradient, the
-    # compute-dtype probabilities (and the dropout mask). Calibrated against XLA's
-    # buffer assignment on CPU; flash attention (cudnn) never holds the scores.
-    flash = training_attention(config) == "cudnn"
-    internals = B * T * (9 * D + 2 * F) * s + (not flash) * B * H * T * T * (12 + s + (m.dropout > 0))
-    masks = (m.dropout > 0) * ((not flash) * B * H * T * T + 2 * B * T * D)  # dropout masks, a byte each, kept by remat
-    saved = {
-        "none": internals,
-        "dots": B * T * (6 * D + F) * s + masks,  # the layer input and the outputs of its weight matmuls
-        "full": B * T * D * s + masks,  # the layer input
-    }[m.remat]
+    dtype, flash = compute_dtype(config.compute_dtype), training_attention(config) == "cudnn"
+    # What each layer keeps, from the trace: with remat none, float32 copies inside the norms and
+    # the GELU too, 168 bytes per token and feature at width 128 (XLA:CPU allocated 187), where a
+    # count of the matmuls' inputs had given 34 and let runs start that XLA could not fit.
+    internals = B * layer_bytes_per_row(m, dtype, "none", flash)
+    saved = B * layer_bytes_per_row(m, dtype, m.remat, flash)
     # A slice's float32 logits and their gradient in the compute dtype (XLA computes the
     # exponentials inside both); the loss's gradients, for the hidden states and the table.
     logits = B * T // chunks * V * (4 + s) + B * T * D * s + V * D * (4 + s)
-    # Layers unrolled into one iteration of the scan keep their internals for the backward pass
-    # whatever the remat policy (XLA:CPU: 0.8 GB more for each in shakespeare_char with remat full).
-    working = 2 if m.remat == "none" else 1 + min(m.scan_unroll, m.n_layer)
+    # The backward pass makes one scan iteration's internals at a time, all its layers' at once,
+    # whatever the remat policy: XLA:CPU held 0.6 to 1.3 times one layer's with a layer an
+    # iteration, 1.6 times with two. Unrolled whole without remat, no loop stacks what the
+    # layers keep, and XLA held less than the trace of every layer (0.7 to 0.85 of it).
+    unrolled = m.scan_unroll >= m.n_layer
+    working = 0 if m.remat == "none" and unrolled else min(m.scan_unroll, m.n_layer)
     return m.n_layer * saved + working * internals + logits
 
 
