@@ -1,6 +1,7 @@
 """The memory estimate: exact for the state on any mesh, close for activations, and a stop before an over-large run."""
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -142,6 +143,10 @@ def test_an_over_large_run_suggests_the_largest_micro_batch_that_fits_and_keeps_
     memory.check_fits(config, make_mesh(config), parts["total"], estimate)  # just fits: no error
     with pytest.raises(MidgptError):  # a byte less does not
         memory.check_fits(config, make_mesh(config), parts["total"] - 1, estimate)
+    # A resume keeps its batch (config.FIXED_ON_RESUME): another batch is another run.
+    with pytest.raises(MidgptError) as error:
+        memory.check_fits(config, make_mesh(config), available, estimate, resuming=True)
+    assert f"({suggestion} in a new --rundir)" in str(error.value)
 
 
 def test_a_run_whose_state_alone_outgrows_the_device_is_told_to_shrink_the_model_not_its_activations():
@@ -184,6 +189,46 @@ def test_launch_stops_an_over_large_model_before_compiling_and_writes_nothing(sh
     assert_one_line_error(result, "per device", "more devices")  # and a smaller batch, where one would fit
     assert "parameters 4.88 GiB" in result.stderr  # 1.31B float32 parameters
     assert not (tmp_path / "run").exists()
+
+
+# launch.py with its address space capped 2 GiB above what the process holds once XLA has started: an
+# allocation past it fails as one past a GPU's memory does, after the estimate said the run would fit.
+CAPPED = """
+import resource, runpy, sys
+import jax, jax.numpy as jnp
+jax.jit(lambda x: x @ x)(jnp.ones((256, 256))).block_until_ready()  # XLA's threads, before the cap
+held = int(open("/proc/self/status").read().split("VmSize:")[1].split()[0]) * 1024
+resource.setrlimit(resource.RLIMIT_AS, (held + 2 * 2**30, resource.RLIM_INFINITY))
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux" or os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") < 16 * 2**30,
+                    reason="the cap is Linux's RLIMIT_AS, and the plan must fit 4 GiB a device in the host's memory")
+def test_a_step_that_runs_out_of_device_memory_stops_in_one_line_and_keeps_the_checkpoint(shakespeare_data_dir,
+                                                                                        tmp_path):
+    rundir = tmp_path / "run"
+    args = ["--config=shakespeare_char_cpu", f"--rundir={rundir}", f"--data_dir={shakespeare_data_dir}",
+            "--batch_size=1024", "--eval_iters=1"]
+    # Two devices, so no step cuts the micro-batch in pieces; few malloc arenas, whose reservations count.
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "MALLOC_ARENA_MAX": "2"}
+    first = run("launch.py", *args, "--max_steps=1", env=env)
+    assert first.returncode == 0, first.stderr
+    saved = {p: p.read_bytes() for p in sorted((rundir / "checkpoints").rglob("*")) if p.is_file()}
+    # Resumed without remat, each device's step asks XLA:CPU for 3.9 GB at once: over the cap.
+    result = subprocess.run([sys.executable, "-c", CAPPED, str(REPO_ROOT / "launch.py"), *args, "--max_steps=2",
+                             "--model.remat=none"], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and errors[0] == result.stderr.strip().splitlines()[-1], result.stderr
+    assert re.fullmatch(
+        r"error: at step 2, XLA ran out of device memory \(Out of memory allocating \d+ bytes\.\) where about "
+        r"[\d.]+ GiB per device was estimated; use a smaller batch with more accumulation \(--batch_size=512 "
+        r"--g_accum_iters=2 in a new --rundir\), or full remat, one layer at a time \(--model.remat=full "
+        r"--model.scan_unroll=1\), or more devices; run the same command with one of them to resume from checkpoint 1",
+        errors[0]), errors[0]
+    assert {p: p.read_bytes() for p in sorted((rundir / "checkpoints").rglob("*")) if p.is_file()} == saved
 
 
 def test_step_memory_benchmark_prints_xla_beside_the_estimate_for_each_slicing():

@@ -205,7 +205,35 @@ def smaller_batch(config: Config, mesh: Mesh, available: int, estimate_for) -> C
     return None
 
 
-def check_fits(config: Config, mesh: Mesh, available: int | None, estimate_for) -> None:
+def fixes(config: Config, mesh: Mesh, available: int, estimate_for, resuming: bool = False) -> list[str]:
+    """What would bring the run within available bytes a device, as command-line flags.
+
+    resuming: the run's batch is fixed (config.FIXED_ON_RESUME), so a smaller one is another run.
+    """
+    parts, found = estimate_for(config), []
+    another_run = " in a new --rundir" if resuming else ""
+    # Where the parameters, their gradients and Adam's moments alone do not fit, fewer activations cannot help.
+    state_fits = parts["parameters"] + parts["gradients"] + parts["optimizer"] < available
+    if state_fits and parts["batches"] > available // 2:  # the tokens themselves: only fewer of them help
+        found.append(f"fewer tokens at once (a smaller --batch_size, --g_accum_iters{another_run} or --eval_iters)")
+    smaller = smaller_batch(config, mesh, available, estimate_for) if state_fits else None
+    if smaller:
+        found.append(f"a smaller batch with more accumulation (--batch_size={smaller.batch_size} "
+                     f"--g_accum_iters={smaller.g_accum_iters}{another_run})")
+    if state_fits and (config.model.remat != "full" or config.model.scan_unroll > 1):
+        found.append("full remat, one layer at a time (--model.remat=full --model.scan_unroll=1)")
+    if not config.shard_model:
+        found.append("sharded parameters (--shard_model=true)")
+    elif mesh.shape[REPLICA] > 1:
+        found.append("all devices on the fsdp axis (--mesh_shape=1,-1)")
+    else:
+        found.append("more devices")
+    if not state_fits:
+        found.append(f"a smaller model (fewer --model.n_layer, a smaller --model.n_embd{another_run})")
+    return found
+
+
+def check_fits(config: Config, mesh: Mesh, available: int | None, estimate_for, resuming: bool = False) -> None:
     """Raise MidgptError, with what to change, if the estimate exceeds the device's memory.
 
     estimate_for: a config -> estimate (this module's parts) for the run's mesh and state.
@@ -213,27 +241,23 @@ def check_fits(config: Config, mesh: Mesh, available: int | None, estimate_for) 
     parts = estimate_for(config)
     if available is None or parts["total"] <= available:
         return
-    fixes = []
-    # Where the parameters, their gradients and Adam's moments alone do not fit, fewer activations cannot help.
-    state_fits = parts["parameters"] + parts["gradients"] + parts["optimizer"] < available
-    if state_fits and parts["batches"] > available // 2:  # the tokens themselves: only fewer of them help
-        fixes.append("fewer tokens at once (a smaller --batch_size, --g_accum_iters or --eval_iters)")
-    smaller = smaller_batch(config, mesh, available, estimate_for) if state_fits else None
-    if smaller:
-        fixes.append(f"a smaller batch with more accumulation (--batch_size={smaller.batch_size} "
-                     f"--g_accum_iters={smaller.g_accum_iters})")
-    if state_fits and (config.model.remat != "full" or config.model.scan_unroll > 1):
-        fixes.append("full remat, one layer at a time (--model.remat=full --model.scan_unroll=1)")
-    if not config.shard_model:
-        fixes.append("sharded parameters (--shard_model=true)")
-    elif mesh.shape[REPLICA] > 1:
-        fixes.append("all devices on the fsdp axis (--mesh_shape=1,-1)")
-    else:
-        fixes.append("more devices")
-    if not state_fits:
-        fixes.append("a smaller model (fewer --model.n_layer, a smaller --model.n_embd)")
     needs = ", ".join(f"{k} {readable(v)}" for k, v in parts.items() if k != "total" and v)
     raise MidgptError(
         f"this run needs about {readable(parts['total'])} per device ({needs}) but a device has "
-        f"{readable(available)}; use " + ", or ".join(fixes)
+        f"{readable(available)}; use " + ", or ".join(fixes(config, mesh, available, estimate_for, resuming))
     )
+
+
+def ran_out(e: BaseException) -> bool:
+    """Whether e is XLA's failure to allocate a device's memory (at a compile or a step)."""
+    return isinstance(e, jax.errors.JaxRuntimeError) and "RESOURCE_EXHAUSTED" in str(e)
+
+
+def out_of_memory(e: BaseException, config: Config, mesh: Mesh, estimate_for, resuming: bool = False) -> str:
+    """What to say when XLA ran out of memory that the estimate said was there: XLA's words and the fixes."""
+    # XLA's own line: on a GPU "Out of memory while trying to allocate 166.46GiB.", on a CPU the bytes.
+    detail = str(e).strip().splitlines()[0].removeprefix("RESOURCE_EXHAUSTED: ")[:160]
+    total = estimate_for(config)["total"]
+    fixed = fixes(config, mesh, total - 1, estimate_for, resuming)  # those that need less than was estimated
+    return (f"XLA ran out of device memory ({detail}) where about {readable(total)} per device was estimated; "
+            "use " + ", or ".join(fixed))

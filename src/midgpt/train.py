@@ -245,19 +245,23 @@ def check_diverged(metrics: dict, step: int, last_checkpoint: int | None, vocab_
                           f"{kept}")
 
 
-def plan_memory(config: Config, mesh: Mesh, like: TrainState, shardings, say) -> None:
-    """Print the per-device memory estimate; stop before compiling if it cannot fit."""
-    def estimate_for(c: Config) -> dict[str, int]:  # the step as make_train_step runs it
+def memory_estimator(mesh: Mesh, like: TrainState, shardings):
+    """config -> memory.estimate of the step as make_train_step runs it, with this mesh and state."""
+    def estimate_for(c: Config) -> dict[str, int]:
         pieces = pieces_per_micro_batch(c, mesh)
         return memory.estimate(c, mesh, like, shardings, pieces, memory.loss_chunks(c, mesh, pieces))
+    return estimate_for
 
+
+def plan_memory(config: Config, mesh: Mesh, estimate_for, say, resuming: bool) -> None:
+    """Print the per-device memory estimate; stop before compiling if it cannot fit."""
     parts = estimate_for(config)
     available, source = memory.device_memory()
     say(f"memory per device, estimated ({precision.compute_dtype(config.compute_dtype)} compute, remat "
         f"{config.model.remat}, attention {memory.training_attention(config)}): "
         + ", ".join(f"{k} {memory.readable(v)}" for k, v in parts.items() if v)
         + (f" of {memory.readable(available)} ({source})" if available else ""))
-    memory.check_fits(config, mesh, available, estimate_for)
+    memory.check_fits(config, mesh, available, estimate_for, resuming)
 
 
 def train(config: Config, rundir: str, debug: bool = False, resume: bool = False, notes: Sequence[str] = (),
@@ -310,7 +314,8 @@ def _train(config: Config, rundir: str, debug: bool, resume: bool, notes: Sequen
     # The state's shapes and layout, without computing it: for the memory plan and a restore.
     like = eqx.filter_eval_shape(fresh_state, config, optimizer)
     shardings, _ = state_layout(config, optimizer, mesh)
-    plan_memory(config, mesh, like, shardings, say)  # before anything is written, so a retry starts afresh
+    estimate_for = memory_estimator(mesh, like, shardings)
+    plan_memory(config, mesh, estimate_for, say, resume)  # before anything is written, so a retry starts afresh
     pieces = pieces_per_micro_batch(config, mesh)
     if not existed:  # before the first write
         lock()
@@ -458,6 +463,11 @@ def _train(config: Config, rundir: str, debug: bool, resume: bool, notes: Sequen
                 checkpoint.close(manager, resume_with)
         if lost:
             raise sharding.collective_error(e, step, f"once every process has stopped, {resume_fix()}") from e
+        if memory.ran_out(e):  # the estimate is rough: a step can still need more than the device has
+            again = (f"run {resume_with} with one of them to resume from checkpoint {last_checkpoint}"
+                     if last_checkpoint else f"run {checkpoint.SAME_COMMAND} with one of them to start again")
+            raise MidgptError(f"at step {step}, {memory.out_of_memory(e, config, mesh, estimate_for, resume)}; "
+                              f"{again}") from None
         raise
     else:
         if manager:
