@@ -179,27 +179,27 @@ def test_dropout_drops_at_its_rate_keeps_the_mean_and_redraws_per_key():
 
 
 # Small batches run several at a time, the last group filled up with batches left out of the mean
-# (G = 2 groups + 3); 512 x 16 x 32 fills ACTIVATIONS_AT_ONCE (a plain scan), 1024 x 16 x 32
+# (E = 2 groups + 3); 512 x 16 x 32 fills ACTIVATIONS_AT_ONCE (a plain scan), 1024 x 16 x 32
 # outgrows it (lax.map's batch_size=1).
 @pytest.mark.parametrize("B, pieces", [(16, 1), (16, 4), (512, 1), (1024, 1)])
 def test_evaluating_batches_in_pieces_gives_the_mean_of_their_losses(B, pieces):
     model = GPT(CONFIG, key=jax.random.key(0))
     T = CONFIG.block_size
-    G = 2 * (ACTIVATIONS_AT_ONCE // (B * T * CONFIG.n_embd)) + 3
-    tokens_GxBxT1 = np.random.default_rng(0).integers(0, CONFIG.vocab_size, (G, B, T + 1), dtype=np.int32)
-    x_GxBxT, y_GxBxT = jnp.asarray(tokens_GxBxT1[..., :-1]), jnp.asarray(tokens_GxBxT1[..., 1:])
-    each = [jax.jit(loss_fn)(model, x_GxBxT[g], y_GxBxT[g]) for g in range(G)]
-    np.testing.assert_allclose(eval_loss(model, x_GxBxT, y_GxBxT, "float32", pieces), np.mean(each), rtol=1e-6)
+    E = 2 * (ACTIVATIONS_AT_ONCE // (B * T * CONFIG.n_embd)) + 3
+    tokens_ExBxT1 = np.random.default_rng(0).integers(0, CONFIG.vocab_size, (E, B, T + 1), dtype=np.int32)
+    x_ExBxT, y_ExBxT = jnp.asarray(tokens_ExBxT1[..., :-1]), jnp.asarray(tokens_ExBxT1[..., 1:])
+    each = [jax.jit(loss_fn)(model, x_ExBxT[e], y_ExBxT[e]) for e in range(E)]
+    np.testing.assert_allclose(eval_loss(model, x_ExBxT, y_ExBxT, "float32", pieces), np.mean(each), rtol=1e-6)
 
 
-@pytest.mark.parametrize("G", [7, 50, 53])  # groups of 4 would leave 3, 2 and 1 batches
-def test_evaluation_compiles_the_model_once_whatever_the_number_of_batches(G):
+@pytest.mark.parametrize("E", [7, 50, 53])  # groups of 4 would leave 3, 2 and 1 batches
+def test_evaluation_compiles_the_model_once_whatever_the_number_of_batches(E):
     B, T = 192, CONFIG.block_size
     assert ACTIVATIONS_AT_ONCE // (B * T * CONFIG.n_embd) == 4  # batches to run at once
     model = GPT(CONFIG, key=jax.random.key(0))
-    dots = lambda G: str(jax.make_jaxpr(lambda m, x: eval_loss(m, x, x, "float32"))(
-        model, jnp.zeros((G, B, T), jnp.int32))).count("dot_general")
-    assert dots(G) == dots(1)  # lax.map would trace the model again for a remainder
+    dots = lambda E: str(jax.make_jaxpr(lambda m, x: eval_loss(m, x, x, "float32"))(
+        model, jnp.zeros((E, B, T), jnp.int32))).count("dot_general")
+    assert dots(E) == dots(1)  # lax.map would trace the model again for a remainder
 
 
 def reference_loss(model: GPT, x_BxT, y_BxT):

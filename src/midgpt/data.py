@@ -155,7 +155,10 @@ def get_batch(
 
 
 def global_batch(tokens: np.ndarray, key: tuple[int, ...], G: int, config: Config, mesh: Mesh):
-    """The batch fixed by key, (x_GxBxT, y_GxBxT), on the mesh: each process reads only its own rows."""
+    """The G batches fixed by key, (x_GxBxT, y_GxBxT), on the mesh: each process reads only its own rows.
+
+    G: the step's micro-batches, or an evaluation's batches (E elsewhere).
+    """
     B, T = config.batch_size, config.model.block_size
     batch_sharding = sharding.batch_sharding(mesh, ndim=3, batch_axis=1)
     rows_b = sharding.process_rows(batch_sharding, (G, B, T), batch_axis=1)  # this process's b of the B rows

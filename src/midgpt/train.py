@@ -92,7 +92,7 @@ def pieces_per_micro_batch(config: Config, mesh: Mesh) -> int:
 
 
 def in_pieces(x_GxBxT, pieces: int):
-    """The G micro-batches of B rows as M = G * pieces of b = B / pieces rows, (M, b, T)."""
+    """The G micro-batches (or an evaluation's E batches) of B rows as M = G * pieces of b = B / pieces rows."""
     G, B, T = x_GxBxT.shape
     return x_GxBxT.reshape(G * pieces, B // pieces, T)
 
@@ -172,9 +172,9 @@ def make_train_step(config: Config, optimizer: optax.GradientTransformation, mes
 
 
 @eqx.filter_jit
-def eval_loss(model: GPT, x_GxBxT, y_GxBxT, compute_dtype: str, pieces: int = 1, gather=None, chunks: int = 1,
+def eval_loss(model: GPT, x_ExBxT, y_ExBxT, compute_dtype: str, pieces: int = 1, gather=None, chunks: int = 1,
               shardings=None):
-    """Mean loss over G batches, each cut into `pieces` (its logits into `chunks`), in one call: one dispatch.
+    """Mean loss over E batches, each cut into `pieces` (its logits into `chunks`), in one call: one dispatch.
 
     shardings: of the model's arrays (eqx.filter(model, eqx.is_array)), where it is sharded.
     """
@@ -182,7 +182,7 @@ def eval_loss(model: GPT, x_GxBxT, y_GxBxT, compute_dtype: str, pieces: int = 1,
     dtype = jnp.dtype(precision.compute_dtype(compute_dtype))
     model = eqx.combine(cast_floats(params, dtype) if shardings is None else compute_copy(params, dtype, shardings),
                         static)
-    x_MxbxT, y_MxbxT = (in_pieces(a, pieces) for a in (x_GxBxT, y_GxBxT))
+    x_MxbxT, y_MxbxT = (in_pieces(a, pieces) for a in (x_ExBxT, y_ExBxT))
     M, b, T = x_MxbxT.shape
     at_once = min(ACTIVATIONS_AT_ONCE // (b * T * model.config.n_embd), M)  # pieces in the budget
     # lax.map's batch_size=1 adds a vmap of one, which XLA:CPU ran 10% slower on pieces that fill the
@@ -194,18 +194,18 @@ def eval_loss(model: GPT, x_GxBxT, y_GxBxT, compute_dtype: str, pieces: int = 1,
     # Whole groups, the last filled up with pieces that the mean leaves out: lax.map would trace the
     # model a second time for a remainder (0.6 s of shakespeare_char_cpu's 1.8 s evaluation compile).
     pad = -M % batch_size if batch_size else 0
-    x_NxbxT, y_NxbxT = (jnp.concatenate([a, a[:pad]]) for a in (x_MxbxT, y_MxbxT))
-    loss_N = jax.lax.map(lambda batch: loss_fn(model, *batch, gather=gather, chunks=chunks), (x_NxbxT, y_NxbxT),
+    x_QxbxT, y_QxbxT = (jnp.concatenate([a, a[:pad]]) for a in (x_MxbxT, y_MxbxT))  # Q = M + pad pieces
+    loss_Q = jax.lax.map(lambda batch: loss_fn(model, *batch, gather=gather, chunks=chunks), (x_QxbxT, y_QxbxT),
                          batch_size=batch_size)
-    return loss_N[:M].mean()
+    return loss_Q[:M].mean()
 
 
 def evaluate(model: GPT, tokens, config: Config, mesh: Mesh, stream: int) -> float:
     """Mean loss over eval_iters batches; the same batches at every evaluation."""
-    x_GxBxT, y_GxBxT = data.global_batch(tokens, (config.seed, stream), config.eval_iters, config, mesh)
+    x_ExBxT, y_ExBxT = data.global_batch(tokens, (config.seed, stream), config.eval_iters, config, mesh)
     pieces = pieces_per_micro_batch(config, mesh)
     shardings = jax.tree.map(lambda a: a.sharding, eqx.filter(model, eqx.is_array))
-    return float(eval_loss(model, x_GxBxT, y_GxBxT, config.compute_dtype, pieces, sharding.gather_params(mesh),
+    return float(eval_loss(model, x_ExBxT, y_ExBxT, config.compute_dtype, pieces, sharding.gather_params(mesh),
                            memory.loss_chunks(config, mesh, pieces), shardings))
 
 
