@@ -60,10 +60,10 @@ def training_attention(config: Config) -> str:
 
 
 def kept_bytes(m: ModelConfig, dtype: str, remat: str, rows: int) -> int:
-    """Bytes that one layer keeps for its backward pass on rows x block_size tokens, as JAX traces it."""
-    # The einsum path traces on every backend (cuDNN's needs a GPU: see layer_bytes_per_row), and
-    # jax.nn's "xla" attention keeps about as much.
-    m = dataclasses.replace(m, attention="einsum")
+    """Bytes that one layer keeps for its backward pass on rows x block_size tokens, as JAX traces it.
+
+    m.attention: "einsum" or "xla", as training_attention resolves it (cuDNN's traces only on a GPU).
+    """
     T = m.block_size
     sin_TxC, cos_TxC = rotary_tables(np.arange(T), m.head_dim, m.rope_base)
     mask_TxS = np.tril(np.ones((T, T), bool))
@@ -82,21 +82,23 @@ def kept_bytes(m: ModelConfig, dtype: str, remat: str, rows: int) -> int:
 
 
 @functools.lru_cache(maxsize=64)  # traced once per model and policy, not once per batch size tried
-def layer_bytes_per_row(m: ModelConfig, dtype: str, remat: str, flash: bool) -> int:
+def layer_bytes_per_row(m: ModelConfig, dtype: str, remat: str, attention: str) -> int:
     """Bytes that one layer keeps for its backward pass per row of block_size tokens, under the remat policy.
 
-    flash: attention that keeps no T x T scores (cuDNN's), whose own trace needs a GPU.
+    attention: the implementation training runs (training_attention).
     """
+    flash = attention == "cudnn"  # keeps no T x T scores, and its trace needs a GPU: the einsum path's, less them
+    m = dataclasses.replace(m, attention="einsum" if flash else attention)
     # Two rows less one: the weights, the rotary tables and the mask, which every row shares, cancel.
-    per_row = lambda m: kept_bytes(m, dtype, remat, 2) - kept_bytes(m, dtype, remat, 1)
+    row_bytes = lambda cfg: kept_bytes(cfg, dtype, remat, 2) - kept_bytes(cfg, dtype, remat, 1)
     T = m.block_size
     if not flash or T < 2:
-        return per_row(m)
+        return row_bytes(m)
     # Per row, a layer keeps a T + b T^2 bytes, the T^2 part the scores: solved from T and T / 2.
     t = T // 2
-    full, half = per_row(m), per_row(dataclasses.replace(m, block_size=t))
-    scores = (full / T - half / t) / (T - t) * T * T
-    return round(full - scores)
+    at_T, at_t = row_bytes(m), row_bytes(dataclasses.replace(m, block_size=t))
+    scores = (at_T / T - at_t / t) / (T - t) * T * T
+    return round(at_T - scores)
 
 
 def activation_bytes(config: Config, mesh: Mesh, pieces: int = 1, chunks: int = 1) -> int:
@@ -109,22 +111,22 @@ def activation_bytes(config: Config, mesh: Mesh, pieces: int = 1, chunks: int = 
     B = config.batch_size // mesh.size // pieces  # rows per device at once: the batch is split over every device
     T, D, V = m.block_size, m.n_embd, m.vocab_size
     s = compute_itemsize(config)
-    dtype, flash = compute_dtype(config.compute_dtype), training_attention(config) == "cudnn"
-    # What each layer keeps, from the trace: with remat none, float32 copies inside the norms and
-    # the GELU too, 168 bytes per token and feature at width 128 (XLA:CPU allocated 187), where a
-    # count of the matmuls' inputs had given 34 and let runs start that XLA could not fit.
-    internals = B * layer_bytes_per_row(m, dtype, "none", flash)
-    saved = B * layer_bytes_per_row(m, dtype, m.remat, flash)
+    dtype, attention = compute_dtype(config.compute_dtype), training_attention(config)
+    # Traced, not counted: without remat, a layer keeps float32 copies inside the norms and the GELU
+    # too (168 bytes per token and feature at width 128; XLA:CPU allocated 187).
+    internals = B * layer_bytes_per_row(m, dtype, "none", attention)
+    saved = B * layer_bytes_per_row(m, dtype, m.remat, attention)
     # A slice's float32 logits and their gradient in the compute dtype (XLA computes the
     # exponentials inside both); the loss's gradients, for the hidden states and the table.
     logits = B * T // chunks * V * (4 + s) + B * T * D * s + V * D * (4 + s)
+    if m.scan_unroll >= m.n_layer:
+        # No loop: XLA:CPU sees the whole stack and keeps what it likes, the same buffers whatever
+        # the remat policy, and fewer than the trace of every layer (0.7 to 0.85 of it).
+        return m.n_layer * internals + logits
     # The backward pass makes one scan iteration's internals at a time, all its layers' at once,
     # whatever the remat policy: XLA:CPU held 0.6 to 1.3 times one layer's with a layer an
-    # iteration, 1.6 times with two. Unrolled whole without remat, no loop stacks what the
-    # layers keep, and XLA held less than the trace of every layer (0.7 to 0.85 of it).
-    unrolled = m.scan_unroll >= m.n_layer
-    working = 0 if m.remat == "none" and unrolled else min(m.scan_unroll, m.n_layer)
-    return m.n_layer * saved + working * internals + logits
+    # iteration, 1.6 times with two.
+    return m.n_layer * saved + m.scan_unroll * internals + logits
 
 
 def gathered_bytes(config: Config, mesh: Mesh, state_like, state_shardings) -> int:
@@ -205,32 +207,43 @@ def smaller_batch(config: Config, mesh: Mesh, available: int, estimate_for) -> C
     return None
 
 
-def fixes(config: Config, mesh: Mesh, available: int, estimate_for, resuming: bool = False) -> list[str]:
-    """What would bring the run within available bytes a device, as command-line flags.
+def fixes(config: Config, mesh: Mesh, available: int, estimate_for,
+          resuming: bool = False) -> tuple[list[str], list[str]]:
+    """(what would bring the run within available bytes a device, what would only in a new run), as flags.
 
-    resuming: the run's batch is fixed (config.FIXED_ON_RESUME), so a smaller one is another run.
+    resuming: the run's batch and model are fixed (config.FIXED_ON_RESUME); else all are the run's own.
     """
-    parts, found = estimate_for(config), []
-    another_run = " in a new --rundir" if resuming else ""
+    parts, same, new = estimate_for(config), [], []
+    new_run = new if resuming else same
     # Where the parameters, their gradients and Adam's moments alone do not fit, fewer activations cannot help.
     state_fits = parts["parameters"] + parts["gradients"] + parts["optimizer"] < available
     if state_fits and parts["batches"] > available // 2:  # the tokens themselves: only fewer of them help
-        found.append(f"fewer tokens at once (a smaller --batch_size, --g_accum_iters{another_run} or --eval_iters)")
+        if resuming:
+            same.append("fewer tokens at once (a smaller --eval_iters)")
+            new.append("fewer tokens at once (a smaller --batch_size or --g_accum_iters)")
+        else:
+            same.append("fewer tokens at once (a smaller --batch_size, --g_accum_iters or --eval_iters)")
     smaller = smaller_batch(config, mesh, available, estimate_for) if state_fits else None
     if smaller:
-        found.append(f"a smaller batch with more accumulation (--batch_size={smaller.batch_size} "
-                     f"--g_accum_iters={smaller.g_accum_iters}{another_run})")
+        new_run.append(f"a smaller batch with more accumulation (--batch_size={smaller.batch_size} "
+                       f"--g_accum_iters={smaller.g_accum_iters})")
     if state_fits and (config.model.remat != "full" or config.model.scan_unroll > 1):
-        found.append("full remat, one layer at a time (--model.remat=full --model.scan_unroll=1)")
+        same.append("full remat, one layer at a time (--model.remat=full --model.scan_unroll=1)")
     if not config.shard_model:
-        found.append("sharded parameters (--shard_model=true)")
+        same.append("sharded parameters (--shard_model=true)")
     elif mesh.shape[REPLICA] > 1:
-        found.append("all devices on the fsdp axis (--mesh_shape=1,-1)")
+        same.append("all devices on the fsdp axis (--mesh_shape=1,-1)")
     else:
-        found.append("more devices")
+        same.append("more devices")
     if not state_fits:
-        found.append(f"a smaller model (fewer --model.n_layer, a smaller --model.n_embd{another_run})")
-    return found
+        new_run.append("a smaller model (fewer --model.n_layer, a smaller --model.n_embd)")
+    return same, new
+
+
+def advice(same: list[str], new: list[str], again: str = "") -> str:
+    """fixes' two lists as a clause: "use A, or B[ and AGAIN]; or, in a new --rundir, C"."""
+    clause = "use " + ", or ".join(same) + (f", and {again}" if again else "")
+    return clause + (f"; or, in a new --rundir, {', or '.join(new)}" if new else "")
 
 
 def check_fits(config: Config, mesh: Mesh, available: int | None, estimate_for, resuming: bool = False) -> None:
@@ -242,22 +255,20 @@ def check_fits(config: Config, mesh: Mesh, available: int | None, estimate_for, 
     if available is None or parts["total"] <= available:
         return
     needs = ", ".join(f"{k} {readable(v)}" for k, v in parts.items() if k != "total" and v)
-    raise MidgptError(
-        f"this run needs about {readable(parts['total'])} per device ({needs}) but a device has "
-        f"{readable(available)}; use " + ", or ".join(fixes(config, mesh, available, estimate_for, resuming))
-    )
+    raise MidgptError(f"this run needs about {readable(parts['total'])} per device ({needs}) but a device has "
+                      f"{readable(available)}; " + advice(*fixes(config, mesh, available, estimate_for, resuming)))
 
 
 def ran_out(e: BaseException) -> bool:
     """Whether e is XLA's failure to allocate a device's memory (at a compile or a step)."""
-    return isinstance(e, jax.errors.JaxRuntimeError) and "RESOURCE_EXHAUSTED" in str(e)
+    return isinstance(e, jax.errors.JaxRuntimeError) and "RESOURCE_EXHAUSTED: " in str(e)
 
 
-def out_of_memory(e: BaseException, config: Config, mesh: Mesh, estimate_for, resuming: bool = False) -> str:
-    """What to say when XLA ran out of memory that the estimate said was there: XLA's words and the fixes."""
-    # XLA's own line: on a GPU "Out of memory while trying to allocate 166.46GiB.", on a CPU the bytes.
-    detail = str(e).strip().splitlines()[0].removeprefix("RESOURCE_EXHAUSTED: ")[:160]
+def out_of_memory(e: BaseException, config: Config, mesh: Mesh, estimate_for, resuming: bool, again: str) -> str:
+    """What to say when XLA ran out of memory that the estimate said was there: XLA's words, the fixes, again."""
+    # XLA's own words, as "Out of memory allocating 3918886200 bytes." on a CPU.
+    detail = str(e).split("RESOURCE_EXHAUSTED: ", 1)[1].strip().splitlines()[0][:160]
     total = estimate_for(config)["total"]
-    fixed = fixes(config, mesh, total - 1, estimate_for, resuming)  # those that need less than was estimated
+    same, new = fixes(config, mesh, total - 1, estimate_for, resuming)  # those that need less than was estimated
     return (f"XLA ran out of device memory ({detail}) where about {readable(total)} per device was estimated; "
-            "use " + ", or ".join(fixed))
+            + advice(same, new, again))

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import SingleDeviceSharding
 
-from midgpt import checkpoint, data, sharding
+from midgpt import checkpoint, data, memory, sharding
 from midgpt.config import Config
 from midgpt.errors import MidgptError
 from midgpt.model import GPT, project
@@ -24,7 +24,7 @@ def fitting_memory(num_samples: int, tokens: int):
     try:
         yield
     except jax.errors.JaxRuntimeError as e:
-        if "RESOURCE_EXHAUSTED" not in str(e):
+        if not memory.ran_out(e):
             raise
         raise MidgptError(f"{num_samples} sample{'s' * (num_samples > 1)} of {tokens} tokens do not fit the "
                           "device's memory; lower --num_samples or --max_new_tokens") from None

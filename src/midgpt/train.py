@@ -346,8 +346,9 @@ def _train(config: Config, rundir: str, debug: bool, resume: bool, notes: Sequen
             return state.model
     last_checkpoint = start or None
     # Mid-run, the fix for a full disk is to resume, not to start over elsewhere.
-    resume_fix = lambda: (f"run {resume_with} to resume from checkpoint {last_checkpoint}" if last_checkpoint
-                          else f"run {checkpoint.SAME_COMMAND} to start again (no checkpoint yet)")
+    resume_fix = lambda changed="": (
+        f"run {resume_with}{changed} to resume from checkpoint {last_checkpoint}" if last_checkpoint
+        else f"run {checkpoint.SAME_COMMAND}{changed} to start again (no checkpoint yet)")
     # After the restore, which may refuse the run directory. A full disk, a hand-edited metrics.jsonl:
     # process 0's alone, and every process stops on it.
     with sharding.failing_together(), writing_to(rundir, resume_fix()) if last_checkpoint else writing_to(rundir):
@@ -464,10 +465,10 @@ def _train(config: Config, rundir: str, debug: bool, resume: bool, notes: Sequen
         if lost:
             raise sharding.collective_error(e, step, f"once every process has stopped, {resume_fix()}") from e
         if memory.ran_out(e):  # the estimate is rough: a step can still need more than the device has
-            again = (f"run {resume_with} with one of them to resume from checkpoint {last_checkpoint}"
-                     if last_checkpoint else f"run {checkpoint.SAME_COMMAND} with one of them to start again")
-            raise MidgptError(f"at step {step}, {memory.out_of_memory(e, config, mesh, estimate_for, resume)}; "
-                              f"{again}") from None
+            # Once a checkpoint is saved, the run's batch is fixed, as on any resume.
+            batch_fixed = resume or last_checkpoint is not None
+            raise MidgptError(f"at step {step}, " + memory.out_of_memory(
+                e, config, mesh, estimate_for, batch_fixed, resume_fix(" with one of them"))) from None
         raise
     else:
         if manager:
