@@ -115,7 +115,6 @@ def activation_bytes(config: Config, mesh: Mesh, pieces: int = 1, chunks: int = 
     # Traced, not counted: without remat, a layer keeps float32 copies inside the norms and the GELU
     # too (168 bytes per token and feature at width 128; XLA:CPU allocated 187).
     internals = B * layer_bytes_per_row(m, dtype, "none", attention)
-    saved = B * layer_bytes_per_row(m, dtype, m.remat, attention)
     # A slice's float32 logits and their gradient in the compute dtype (XLA computes the
     # exponentials inside both); the loss's gradients, for the hidden states and the table.
     logits = B * T // chunks * V * (4 + s) + B * T * D * s + V * D * (4 + s)
@@ -126,6 +125,7 @@ def activation_bytes(config: Config, mesh: Mesh, pieces: int = 1, chunks: int = 
     # The backward pass makes one scan iteration's internals at a time, all its layers' at once,
     # whatever the remat policy: XLA:CPU held 0.6 to 1.3 times one layer's with a layer an
     # iteration, 1.6 times with two.
+    saved = B * layer_bytes_per_row(m, dtype, m.remat, attention)
     return m.n_layer * saved + m.scan_unroll * internals + logits
 
 
