@@ -327,6 +327,18 @@ def test_damaged_newest_checkpoint_is_skipped_and_kept(damage, uninterrupted, sh
     assert_same_run(rundir, uninterrupted)  # steps 41-60 were trained again, identically
 
 
+def test_a_garbled_checkpoint_metadata_file_is_one_short_log_line_and_the_run_resumes(uninterrupted,
+                                                                                      shakespeare_data_dir, tmp_path):
+    # orbax quotes the file whole in its log, one terminal line for each of the file's (it restores without it).
+    rundir = tmp_path / "run"
+    shutil.copytree(uninterrupted, rundir)
+    (rundir / "checkpoints" / "60" / "_CHECKPOINT_METADATA").write_text(("x" * 100 + "\n") * 50)
+    code, output = finish(launch(rundir, shakespeare_data_dir, "--max_steps=65"))
+    assert code == 0 and "resuming from checkpoint 60" in output, output
+    quoted = [line for line in output.splitlines() if "xxxxxxxxxx" in line]
+    assert len(quoted) == 1 and "_CHECKPOINT_METADATA" in quoted[0] and len(quoted[0]) < 350, output
+
+
 def test_unfinished_saves_alone_are_set_aside_and_the_run_starts_over(uninterrupted, shakespeare_data_dir, tmp_path):
     # Killed during its first save: no checkpoint, so step 0 and a metrics.jsonl that starts again.
     rundir = tmp_path / "run"

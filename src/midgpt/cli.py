@@ -143,11 +143,13 @@ def _dropping_unreadable_entries(show, cache: str):
     return drop
 
 
-def _one_line(record: logging.LogRecord) -> bool:
-    """A logging filter that keeps a record's message, less its traceback and any tensorstore spec."""
+def _one_line(record: logging.LogRecord, longest: int = 300) -> bool:
+    """A logging filter that keeps a record's message on one line, less its traceback and any tensorstore spec."""
     # tensorstore ends each of its errors with the whole spec of what failed: a kilobyte of JSON.
+    # orbax quotes a damaged _CHECKPOINT_METADATA whole, however many lines, and restores without it.
     with contextlib.suppress(Exception):  # a malformed record: its handler reports it, as before, not its caller
-        record.msg, record.args = re.sub(r" \[tensorstore_spec='[^']*'\]", "", record.getMessage()), ()
+        message = " ".join(re.sub(r" \[tensorstore_spec='[^']*'\]", "", record.getMessage()).split())
+        record.msg, record.args = message if len(message) <= longest else message[:longest] + " ...", ()
     record.exc_info, record.exc_text = None, None
     return True
 
