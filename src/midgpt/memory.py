@@ -4,6 +4,7 @@ import dataclasses
 import functools
 import math
 import os
+import re
 
 import equinox as eqx
 import jax
@@ -261,7 +262,10 @@ def check_fits(config: Config, mesh: Mesh, available: int | None, estimate_for, 
 
 def ran_out(e: BaseException) -> bool:
     """Whether e is XLA's failure to allocate a device's memory (at a compile or a step)."""
-    return isinstance(e, jax.errors.JaxRuntimeError) and "RESOURCE_EXHAUSTED: " in str(e)
+    # "Out of memory allocating" (CPU), "... while trying to allocate" (GPU), "Ran out of memory in
+    # memory space hbm" (TPU), "Failed to allocate request": not gRPC's "message larger than max".
+    return (isinstance(e, jax.errors.JaxRuntimeError)
+            and re.search(r"RESOURCE_EXHAUSTED: [^\n]*(memory|allocat)", str(e), re.IGNORECASE) is not None)
 
 
 def out_of_memory(e: BaseException, config: Config, mesh: Mesh, estimate_for, resuming: bool, again: str) -> str:
