@@ -260,18 +260,20 @@ def check_fits(config: Config, mesh: Mesh, available: int | None, estimate_for, 
                       f"{readable(available)}; " + advice(*fixes(config, mesh, available, estimate_for, resuming)))
 
 
+# XLA's words for a failed allocation: "Out of memory allocating" (CPU), "... while trying to allocate"
+# (GPU), "Ran out of memory in memory space hbm" (TPU), "Failed to allocate request"; not gRPC's
+# RESOURCE_EXHAUSTED "message larger than max".
+OUT_OF_MEMORY = re.compile(r"RESOURCE_EXHAUSTED: ([^\n]*(memory|allocat)[^\n]*)", re.IGNORECASE)
+
+
 def ran_out(e: BaseException) -> bool:
     """Whether e is XLA's failure to allocate a device's memory (at a compile or a step)."""
-    # "Out of memory allocating" (CPU), "... while trying to allocate" (GPU), "Ran out of memory in
-    # memory space hbm" (TPU), "Failed to allocate request": not gRPC's "message larger than max".
-    return (isinstance(e, jax.errors.JaxRuntimeError)
-            and re.search(r"RESOURCE_EXHAUSTED: [^\n]*(memory|allocat)", str(e), re.IGNORECASE) is not None)
+    return isinstance(e, jax.errors.JaxRuntimeError) and OUT_OF_MEMORY.search(str(e)) is not None
 
 
 def out_of_memory(e: BaseException, config: Config, mesh: Mesh, estimate_for, resuming: bool, again: str) -> str:
     """What to say when XLA ran out of memory that the estimate said was there: XLA's words, the fixes, again."""
-    # XLA's own words, as "Out of memory allocating 3918886200 bytes." on a CPU.
-    detail = str(e).split("RESOURCE_EXHAUSTED: ", 1)[1].strip().splitlines()[0][:160]
+    detail = OUT_OF_MEMORY.search(str(e))[1].strip()[:160]
     total = estimate_for(config)["total"]
     same, new = fixes(config, mesh, total - 1, estimate_for, resuming)  # those that need less than was estimated
     return (f"XLA ran out of device memory ({detail}) where about {readable(total)} per device was estimated; "
