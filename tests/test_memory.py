@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from midgpt import memory
+from midgpt import memory, train
 from midgpt.config import Config, ModelConfig, apply_overrides, load_config
 from midgpt.errors import MidgptError
 from midgpt.optimizer import make_optimizer
@@ -151,21 +151,33 @@ def test_an_over_large_run_suggests_the_largest_micro_batch_that_fits_and_keeps_
     assert str(error.value).endswith(f"; or, in a new --rundir, a smaller batch with more accumulation ({suggestion})")
 
 
-def test_a_gpu_tries_a_run_the_estimate_may_overstate_and_a_host_does_not():
+def test_a_gpu_tries_a_run_the_estimate_may_overstate_and_a_host_does_not(monkeypatch):
     # A GPU's allocator refuses past its memory, in one line (runs_out below); a host swaps or kills.
-    config, mesh = load_config("openwebtext"), make_mesh(load_config("openwebtext"))
+    config = load_config("openwebtext")
     parts = estimate(config)
-    lowest = memory.lowest_likely(parts)  # the activations / ACTIVATIONS_HIGH_BY: below XLA's (-k close)
-    assert parts["total"] - parts["activations"] < lowest < parts["total"]  # the state's bytes are exact
-    between = (lowest + parts["total"]) // 2
-    warning = memory.check_fits(config, mesh, between, estimate, hard_limit=True)
-    assert warning.startswith(f"the estimate exceeds a device's {memory.readable(between)} by less than it may err")
-    assert warning.endswith("trying; if XLA runs out of memory, the run stops with what to change")
-    with pytest.raises(MidgptError, match="this run needs about"):
-        memory.check_fits(config, mesh, between, estimate)  # a host's memory
-    with pytest.raises(MidgptError, match="this run needs about"):  # beyond what the estimate may overstate
-        memory.check_fits(config, mesh, lowest - 1, estimate, hard_limit=True)
-    assert memory.check_fits(config, mesh, parts["total"], estimate, hard_limit=True) is None
+    least = memory.least_needed(parts)  # the activations / ACTIVATIONS_HIGH_BY: below XLA's (-k close)
+    assert parts["total"] - parts["activations"] < least < parts["total"]  # the state's bytes are exact
+    assert memory.device_memory()[1:] == ("host memory", False)  # this CPU's: a run past it is refused
+
+    def plan(available, hard_limit):
+        """What train.plan_memory says after its estimate, with device_memory's word as given."""
+        monkeypatch.setattr(memory, "device_memory", lambda: (available, "a device's memory", hard_limit))
+        said = []
+        try:
+            train.plan_memory(config, make_mesh(config), estimate, said.append, resuming=False)
+        except MidgptError as e:
+            said.append(f"stopped: {e}")
+        assert said[0].startswith("memory per device") and f"of {memory.readable(available)}" in said[0]
+        return said[1:]
+
+    between = (least + parts["total"]) // 2
+    assert plan(between, hard_limit=True) == [
+        f"the estimate, {memory.readable(parts['total'])}, exceeds a device's {memory.readable(between)}, but its "
+        f"activations may be overstated by up to 1.5x (at least {memory.readable(least)} needed): trying; if XLA "
+        "runs out of memory, the run stops with what to change"]
+    assert plan(between, hard_limit=False)[0].startswith("stopped: this run needs about")  # a host's memory
+    assert plan(least - 1, hard_limit=True)[0].startswith("stopped: this run needs about")  # past the margin
+    assert plan(parts["total"], hard_limit=True) == []
 
 
 def test_running_out_of_memory_is_told_to_take_a_smaller_batch_only_where_the_run_may():

@@ -256,13 +256,12 @@ def memory_estimator(mesh: Mesh, like: TrainState, shardings):
 def plan_memory(config: Config, mesh: Mesh, estimate_for, say, resuming: bool) -> None:
     """Print the per-device memory estimate; stop before compiling if it cannot fit, warn if it may not."""
     parts = estimate_for(config)
-    available, source = memory.device_memory()
+    available, source, hard_limit = memory.device_memory()
     say(f"memory per device, estimated ({precision.compute_dtype(config.compute_dtype)} compute, remat "
         f"{config.model.remat}, attention {memory.training_attention(config)}): "
         + ", ".join(f"{k} {memory.readable(v)}" for k, v in parts.items() if v)
         + (f" of {memory.readable(available)} ({source})" if available else ""))
-    # A GPU's or TPU's allocator refuses past its limit, which the run turns into one line; a host does not.
-    warning = memory.check_fits(config, mesh, available, estimate_for, resuming, hard_limit=not sharding.on_cpu(mesh))
+    warning = memory.check_fits(config, mesh, available, estimate_for, resuming, hard_limit)
     if warning:
         say(warning)
 
