@@ -282,6 +282,15 @@ def test_missing_data_dir_error_names_the_path_and_prepare_script(tmp_path):
         load_meta(str(tmp_path))
 
 
+@pytest.mark.parametrize("config, script", [("bpe_corpus", "openwebtext"), ("shakespeare_char_cpu", "shakespeare_char")])
+def test_missing_data_is_told_to_be_prepared_with_the_tokenizer_the_model_can_read(tmp_path, config, script):
+    # bpe_corpus's 50304 ids are GPT-2's: characters, suggested first, gave it data it cannot use well.
+    config = apply_overrides(load_config(config), [f"--data_dir={tmp_path}/mine"])
+    with pytest.raises(MidgptError) as error:
+        load_splits(config)
+    assert str(error.value).count("prepare.py") == 1 and f"python data/{script}/prepare.py --input " in str(error.value)
+
+
 def test_encode_rejects_unknown_characters_naming_them(meta):
     with pytest.raises(MidgptError, match="€") as info:
         encode(meta, "hello € world ¥")

@@ -15,9 +15,14 @@ from midgpt.config import Config
 from midgpt.errors import MidgptError
 from midgpt.rundir import read_config_json
 
+GPT2_VOCAB_SIZE = 50257  # GPT-2 BPE's ids, as data/openwebtext/prepare.py writes them
 
-def _require(data_dir: str, name: str) -> str:
-    """Return data_dir/name, or raise MidgptError naming the missing path and how to make it."""
+
+def _require(data_dir: str, name: str, vocab_size: int | None = None) -> str:
+    """Return data_dir/name, or raise MidgptError naming the missing path and how to make it.
+
+    vocab_size: the model's, which says the tokenizer to prepare with; either where not given.
+    """
     path = os.path.join(data_dir, name)
     if not os.path.exists(path) and os.path.isfile(run_config := os.path.join(data_dir, "config.json")):
         # A run's folder: preparing data there is refused, so the usual advice below would go nowhere.
@@ -30,9 +35,11 @@ def _require(data_dir: str, name: str) -> str:
     if not os.path.exists(path):
         missing = path if os.path.isdir(data_dir) else data_dir
         script = os.path.join(data_dir, "prepare.py")  # the datasets in data/ carry their own
-        how = (f"python {script}" if os.path.exists(script) else
-               f"python data/shakespeare_char/prepare.py --input TEXT --out_dir {data_dir} (characters) or "
-               f"python data/openwebtext/prepare.py --input FILES --out_dir {data_dir} (GPT-2 BPE)")
+        chars = f"python data/shakespeare_char/prepare.py --input TEXT --out_dir {data_dir} (characters)"
+        bpe = f"python data/openwebtext/prepare.py --input FILES --out_dir {data_dir} (GPT-2 BPE)"
+        # GPT-2's ids need its vocabulary; a smaller one can only be characters'.
+        how = (f"python {script}" if os.path.exists(script) else f"{chars} or {bpe}" if vocab_size is None
+               else bpe if vocab_size >= GPT2_VOCAB_SIZE else chars)
         raise MidgptError(f"{missing} not found{_in_clone(data_dir, name) or f'; run {how} to create it'}")
     return path
 
@@ -57,9 +64,9 @@ def load_tokens(data_dir: str, split: str) -> np.ndarray:
     return np.memmap(path, dtype=np.uint16, mode="r")
 
 
-def load_meta(data_dir: str, fix: str = "prepare the data again") -> dict:
-    """Read <data_dir>/meta.json (tokenizer, vocabulary, token counts)."""
-    path = _require(data_dir, "meta.json")
+def load_meta(data_dir: str, fix: str = "prepare the data again", vocab_size: int | None = None) -> dict:
+    """Read <data_dir>/meta.json (tokenizer, vocabulary, token counts); vocab_size: the model's, for _require."""
+    path = _require(data_dir, "meta.json", vocab_size)
     try:
         with open(path, encoding="utf-8") as f:
             meta = json.load(f)
@@ -69,12 +76,12 @@ def load_meta(data_dir: str, fix: str = "prepare the data again") -> dict:
         raise MidgptError(f"{path} names no vocab_size; {fix}")
     # What decoding reads: a hand edit that breaks it would be an IndexError, or text from another vocabulary.
     tokenizer, chars, V = meta.get("tokenizer"), meta.get("chars"), meta["vocab_size"]
-    is_gpt2 = tokenizer == "gpt2" and V == 50257  # GPT-2 BPE's vocabulary, as prepare.py writes it
+    is_gpt2 = tokenizer == "gpt2" and V == GPT2_VOCAB_SIZE
     is_char = tokenizer == "char" and isinstance(chars, (list, str)) and len(chars) == V and all(
         isinstance(c, str) and len(c) == 1 for c in chars)
     if not (is_gpt2 or is_char):
         raise MidgptError(f"{path} describes no tokenizer (tokenizer 'char' with vocab_size characters in chars, "
-                          f"or 'gpt2' with vocab_size 50257); {fix}")
+                          f"or 'gpt2' with vocab_size {GPT2_VOCAB_SIZE}); {fix}")
     return meta
 
 
@@ -90,7 +97,7 @@ def load_run_meta(rundir: str, data_dir: str) -> dict | None:
 
 def load_splits(config: Config) -> tuple[np.ndarray, np.ndarray]:
     """Memory-map train and val; check that the model's vocabulary covers them and that each holds a window."""
-    meta = load_meta(config.data_dir)
+    meta = load_meta(config.data_dir, vocab_size=config.model.vocab_size)
     if meta["vocab_size"] > config.model.vocab_size:
         raise MidgptError(
             f"{config.data_dir} has {meta['vocab_size']} token ids but model.vocab_size is "
