@@ -342,7 +342,8 @@ def _train(config: Config, rundir: str, debug: bool, resume: bool, notes: Sequen
         say(f"resuming from checkpoint {start}" if found else "no checkpoint to resume from: starting at step 0")
         if start >= config.max_steps:  # the run is left as it was: its config.json is of the steps it ran
             past = "" if start == config.max_steps else f", and passed (the run is at step {start})"
-            say(f"max_steps={config.max_steps} is reached{past}: nothing to train (a larger --max_steps goes on)")
+            say(f"max_steps={config.max_steps} is reached{past}: nothing to train; the run and its "
+                "config.json are left as they were (a larger --max_steps goes on)")
             if manager:
                 checkpoint.close(manager, resume_with)
             return state.model
