@@ -305,7 +305,7 @@ def test_two_processes_train_like_one_process_with_eight_devices(shakespeare_dat
     results = outputs(resumed, timeout=120)
     assert [p.returncode for p in resumed] == [0, 0], results
     out = results[0][0]
-    damaged = re.search(r"checkpoint 12 is damaged \(process 1: \w+: .*\); moved to .*, resuming from checkpoint 6", out)
+    damaged = re.search(r"checkpoint 12 is damaged \(process 1: \w+: .*\); moved to \S+\nresuming from checkpoint 6\n", out)
     assert damaged and "Encountered error" not in damaged[0], out  # what orbax's read error wraps, not its wrapper
     assert len(os.listdir(tmp_path / "multi" / "checkpoints_damaged")) == 1
     again = metrics(tmp_path / "multi")

@@ -266,8 +266,7 @@ def restore_newest(manager: ocp.CheckpointManager, rundir: str, like, shardings,
                           "was moved or overwritten: fix the cause and run again, or train in a new --rundir")
     for step, problem, _ in damaged:
         moved = os.path.join(aside, f"{step}.{time.time_ns()}")
-        say(f"checkpoint {step} is damaged ({problem}); moved to {moved}"
-            + (f", resuming from checkpoint {found[1]}" if found else ""))
+        say(f"checkpoint {step} is damaged ({problem}); moved to {moved}")  # the caller says where it resumes
         if jax.process_index() == 0:
             os.makedirs(aside, exist_ok=True)
             shutil.move(step_directory(rundir, step), moved)
