@@ -821,7 +821,10 @@ def test_sample_errors_are_one_line(short_run, shakespeare_data_dir, tmp_path):
     assert_one_line_error(run("sample.py", f"--rundir={tmp_path}/nope"),
                           f"error: {tmp_path}/nope does not exist; pass a run directory made by launch.py")
     assert_one_line_error(run("sample.py", f"--rundir={os.path.join(short_run, 'config.json')}"),
-                          "config.json is a file: pass the run directory")
+                          f"config.json is inside the run in {short_run}: pass --rundir={short_run}")
+    (tmp_path / "notes.txt").write_text("")  # a file in no run
+    assert_one_line_error(run("sample.py", f"--rundir={tmp_path}/notes.txt"),
+                          f"error: {tmp_path}/notes.txt is a file, not a run directory; pass a run directory made by")
     assert_one_line_error(run("sample.py", f"--rundir={short_run}", "--start=€"), "['€']: leave them out of the prompt")
     unfinished = tmp_path / "unfinished"  # a run killed during its first save, or still before it
     shutil.copytree(short_run, unfinished)

@@ -72,7 +72,8 @@ def read_config_json(rundir: str) -> Config:
     """The config a run saved in rundir/config.json."""
     path = os.path.join(rundir, "config.json")
     if os.path.isfile(rundir):
-        raise MidgptError(f"{rundir} is a file: pass the run directory that holds it")
+        raise MidgptError(runs_near(rundir) or f"{rundir} is a file, not a run directory; pass a run directory "
+                                               "made by launch.py")
     if not os.path.lexists(path):  # a dangling symlink is not missing: cp would not write through it
         if saved_steps(rundir):
             raise MidgptError(f"{path} is missing but {rundir} holds checkpoints; "
