@@ -277,6 +277,8 @@ def test_debug_writes_a_profiler_trace_each_time_and_never_over_a_run(short_run,
     short = launch(tmp_path / "short", "--debug", "--max_steps=2")  # said nothing, and wrote none
     assert short.returncode == 0 and "debug: no profiler trace: it is of steps 3-5" in short.stdout, short.stderr
     assert not (tmp_path / "short" / "profile").exists()
+    three = launch(tmp_path / "three", "--debug", "--max_steps=3")
+    assert three.returncode == 0 and f"debug: profiler trace of step 3 in {tmp_path}/three/profile" in three.stdout
     # The traced steps (3-5) run slower: the log at 4 has no speed, the one at 6 only step 6's.
     assert [(r["step"], "step_ms" in r) for r in read_metrics(rundir)] == [(2, True), (4, False), (6, True)]
     # Then the real run in the same directory: its own config, none of the profiling run's overrides.

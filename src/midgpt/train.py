@@ -374,11 +374,11 @@ def _train(config: Config, rundir: str, debug: bool, resume: bool, notes: Sequen
     # A few steady-state steps, after the compile, so the trace shows the step itself.
     traced = range(start + 3, start + 6)
     profile_steps = range(traced.start, min(traced.stop, config.max_steps + 1)) if debug and is_main else range(0)
+    steps = lambda r: f"step {r[0]}" if len(r) == 1 else f"steps {r[0]}-{r[-1]}"
     if profile_steps:
-        say(f"debug: profiler trace of steps {profile_steps[0]}-{profile_steps[-1]} in {rundir}/profile")
+        say(f"debug: profiler trace of {steps(profile_steps)} in {rundir}/profile")
     elif debug:
-        say(f"debug: no profiler trace: it is of steps {traced[0]}-{traced[-1]}, after the compile, and "
-            f"max_steps={config.max_steps}")
+        say(f"debug: no profiler trace: it is of {steps(traced)}, after the compile, and max_steps={config.max_steps}")
 
     # Off a terminal (CI, log files), redraw rarely rather than fill the log with frames.
     bar = tqdm(initial=start, total=config.max_steps, desc="train", dynamic_ncols=True, disable=not is_main,
