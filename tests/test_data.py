@@ -85,6 +85,17 @@ def test_prepare_refuses_an_out_dir_of_another_tokenizers_data_and_leaves_it_alo
 
 
 @pytest.mark.parametrize("script", ["shakespeare_char", "openwebtext"])
+def test_an_out_dir_that_is_a_file_is_one_line_and_left_alone(shakespeare_text, tmp_path, script):
+    out_file = tmp_path / "out"
+    out_file.write_text("mine")
+    result = subprocess.run([sys.executable, str(REPO_ROOT / "data" / script / "prepare.py"), "--input",
+                             shakespeare_text, "--out_dir", str(out_file)], capture_output=True, text=True)
+    assert result.returncode == 1 and result.stderr == (
+        f"prepare.py: --out_dir {out_file} is a file, not a directory; pass another --out_dir\n"), result.stderr
+    assert out_file.read_text() == "mine"
+
+
+@pytest.mark.parametrize("script", ["shakespeare_char", "openwebtext"])
 def test_a_second_prepare_into_the_same_out_dir_at_once_is_refused_and_mixes_nothing_in(shakespeare_text, tmp_path,
                                                                                          script):
     # Both wrote the same .tmp files and renamed each other's: a train.bin of both texts, and no meta.json.

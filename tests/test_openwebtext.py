@@ -282,15 +282,6 @@ def test_an_out_dir_of_a_run_or_other_data_is_refused_and_left_alone(tmp_path, h
     assert {p.name: p.read_text() for p in out_dir.iterdir()} == held
 
 
-def test_an_out_dir_that_is_a_file_is_one_line_and_left_alone(tmp_path):
-    corpus, out_file = write_corpus(tmp_path / "corpus.txt", DOCS[:20]), tmp_path / "out"
-    out_file.write_text("mine")
-    result = run_prepare("--input", corpus, "--out_dir", out_file)
-    assert result.returncode == 1 and result.stderr == (
-        f"prepare.py: cannot make --out_dir {out_file} (File exists); pass a directory you can write to\n")
-    assert out_file.read_text() == "mine"
-
-
 def test_a_dictionary_encoded_text_column_reads_as_strings(tmp_path):
     plain = write_corpus(tmp_path / "plain.parquet", DOCS[:300])
     encoded = tmp_path / "encoded.parquet"  # as pandas writes a categorical column

@@ -15,6 +15,8 @@ def check_out_dir(out_dir: Path, tokenizer: str, source: dict | None = None) -> 
 
     A dataset of the same kind is prepared again in place (new text for the same purpose).
     """
+    if out_dir.exists() and not out_dir.is_dir():
+        raise MidgptError(f"--out_dir {out_dir} is a file, not a directory; pass another --out_dir")
     if (out_dir / "config.json").exists():
         raise MidgptError(f"--out_dir {out_dir} holds a run (config.json), not data; pass another --out_dir")
     try:
