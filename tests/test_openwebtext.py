@@ -7,6 +7,7 @@ import itertools
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -19,6 +20,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import REPO_ROOT
+from test_sharding import free_port
 from midgpt.tokenizer import encode, gpt2
 
 PREPARE = REPO_ROOT / "data" / "openwebtext" / "prepare.py"
@@ -207,6 +209,18 @@ def test_unreachable_hub_says_to_pass_input(tmp_path):
     assert result.returncode == 1
     assert result.stderr.count("\n") == 1 and "--input" in result.stderr and "Hub" in result.stderr
     assert not list((tmp_path / "out").glob("*"))
+
+
+@pytest.mark.slow  # huggingface_hub's 5 retries, 23 s of backoff
+def test_a_hub_that_does_not_answer_is_retried_in_one_line_then_told_to_pass_input(tmp_path):
+    # Each retry was two lines of huggingface_hub's, eleven in all, before the error line.
+    hub = f"http://127.0.0.1:{free_port()}"  # refuses every connection, offline or not
+    result = run_prepare("--out_dir", tmp_path / "out", env={**os.environ, "HF_ENDPOINT": hub, "HF_HOME": str(tmp_path)})
+    lines = result.stderr.splitlines()
+    assert result.returncode == 1 and len(lines) == 2, result.stderr
+    assert re.fullmatch(r"prepare.py: the Hugging Face Hub did not answer for Skylion007/openwebtext \('.*'\); "
+                        r"retrying for up to about 30 s", lines[0]), lines[0]
+    assert lines[1].startswith("prepare.py: could not reach the Hugging Face Hub") and "--input" in lines[1]
 
 
 def bad_inputs(tmp_path) -> dict:

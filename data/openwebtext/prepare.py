@@ -16,6 +16,7 @@ import functools
 import hashlib
 import itertools
 import json
+import logging
 import multiprocessing
 import os
 import signal
@@ -128,10 +129,30 @@ def _file_documents(path: str):
                 block, size = [], 0
 
 
+class RetriesInOneLine(logging.Filter):
+    """huggingface_hub's retries of a Hub that does not answer, said once: it logs two lines a try, 5 tries."""
+
+    def __init__(self, dataset: str):
+        super().__init__()
+        self.dataset, self.said = dataset, False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        if " thrown while requesting " not in text and not text.startswith(("Retrying in ", "Rate limited")):
+            return True
+        if self.said:
+            return False
+        self.said = True
+        record.msg, record.args = (f"prepare.py: the Hugging Face Hub did not answer for {self.dataset} "
+                                   f"({text.split(' thrown while')[0]}); retrying for up to about 30 s"), ()
+        return True
+
+
 def hf_documents(name: str, data_files: list[str] | None = None):
     """Yield the 'text' of each row of a Hugging Face dataset's train split, streamed."""
     import datasets  # imported here: local-file runs should not pay for it
 
+    logging.getLogger("huggingface_hub.utils._http").addFilter(RetriesInOneLine(name))
     # The Hub's openwebtext is a loading script that datasets>=4 refuses; its parquet export is not.
     where = {"data_files": data_files} if data_files else {"revision": REVISION}
     try:
