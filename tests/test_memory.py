@@ -1,5 +1,6 @@
 """The memory estimate: exact for the state on any mesh, close for activations, and a stop before an over-large run."""
 
+import dataclasses
 import json
 import os
 import re
@@ -151,6 +152,13 @@ def test_an_over_large_run_suggests_the_largest_micro_batch_that_fits_and_keeps_
     assert str(error.value).endswith(f"; or, in a new --rundir, a smaller batch with more accumulation ({suggestion})")
 
 
+def test_the_compute_copy_is_counted_only_where_the_parameters_are_cast():
+    config = load_config("shakespeare_char")
+    parts = {dtype: estimate(dataclasses.replace(config, compute_dtype=dtype)) for dtype in ("bfloat16", "float32")}
+    assert parts["bfloat16"]["compute copy"] == parts["bfloat16"]["parameters"] // 2  # float32 parameters
+    assert parts["float32"]["compute copy"] == 0  # astype to the parameters' own dtype copies nothing
+
+
 def test_a_gpu_tries_a_run_the_estimate_may_overstate_and_a_host_does_not(monkeypatch):
     # A GPU's allocator refuses past its memory, in one line (runs_out below); a host swaps or kills.
     config = load_config("openwebtext")
@@ -180,7 +188,7 @@ def test_a_gpu_tries_a_run_the_estimate_may_overstate_and_a_host_does_not(monkey
     assert plan(parts["total"], hard_limit=True) == []
 
 
-def test_running_out_of_memory_is_told_to_take_a_smaller_batch_only_where_the_run_may():
+def test_running_out_of_memory_is_told_to_take_a_smaller_batch_only_where_the_run_may(monkeypatch):
     config = apply_overrides(load_config("shakespeare_char_cpu"), ["--model.remat=none"])
     error = jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 5 bytes.")
     assert memory.ran_out(error) and memory.ran_out(jax.errors.JaxRuntimeError(
@@ -196,6 +204,12 @@ def test_running_out_of_memory_is_told_to_take_a_smaller_batch_only_where_the_ru
     # Once a checkpoint holds the run's batch, the same run can only change how it runs.
     assert said[True].endswith(f"; use {remat}, or more devices, and run X with one of them; or, in a new "
                                f"--rundir, {smaller}")
+    # A run tried on a GPU past its estimate (check_fits's warning): a smaller batch must fit the device too.
+    available = estimate(config)["total"] // 3
+    monkeypatch.setattr(memory, "device_memory", lambda: (available, "a device's memory", True))
+    suggested = re.search(r"--batch_size=\d+ --g_accum_iters=\d+", memory.out_of_memory(
+        error, config, make_mesh(config), estimate, False, "run X")).group(0)
+    assert estimate(apply_overrides(config, suggested.split()))["total"] <= available
 
 
 def test_a_run_whose_state_alone_outgrows_the_device_is_told_to_shrink_the_model_not_its_activations():

@@ -218,8 +218,8 @@ def test_a_hub_that_does_not_answer_is_retried_in_one_line_then_told_to_pass_inp
     result = run_prepare("--out_dir", tmp_path / "out", env={**os.environ, "HF_ENDPOINT": hub, "HF_HOME": str(tmp_path)})
     lines = result.stderr.splitlines()
     assert result.returncode == 1 and len(lines) == 2, result.stderr
-    assert re.fullmatch(r"prepare.py: the Hugging Face Hub did not answer for Skylion007/openwebtext \('.*'\); "
-                        r"retrying for up to about 30 s", lines[0]), lines[0]
+    assert re.fullmatch(r"prepare.py: a request to the Hugging Face Hub for Skylion007/openwebtext failed \('.*'\); "
+                        r"retrying, up to 5 times a request", lines[0]), lines[0]
     assert lines[1].startswith("prepare.py: could not reach the Hugging Face Hub") and "--input" in lines[1]
 
 

@@ -17,6 +17,7 @@ import hashlib
 import itertools
 import json
 import logging
+import math
 import multiprocessing
 import os
 import signal
@@ -130,21 +131,24 @@ def _file_documents(path: str):
 
 
 class RetriesInOneLine(logging.Filter):
-    """huggingface_hub's retries of a Hub that does not answer, said once: it logs two lines a try, 5 tries."""
+    """huggingface_hub's retries of failed requests, said in one line a minute at most: it logs two lines a try.
+
+    A rate limit's wait, which may be long, is said as huggingface_hub says it.
+    """
 
     def __init__(self, dataset: str):
         super().__init__()
-        self.dataset, self.said = dataset, False
+        self.dataset, self.said_at = dataset, -math.inf
 
     def filter(self, record: logging.LogRecord) -> bool:
         text = record.getMessage()
-        if " thrown while requesting " not in text and not text.startswith(("Retrying in ", "Rate limited")):
+        if " thrown while requesting " not in text and not text.startswith("Retrying in "):
             return True
-        if self.said:
+        if time.monotonic() - self.said_at < 60:
             return False
-        self.said = True
-        record.msg, record.args = (f"prepare.py: the Hugging Face Hub did not answer for {self.dataset} "
-                                   f"({text.split(' thrown while')[0]}); retrying for up to about 30 s"), ()
+        self.said_at = time.monotonic()
+        record.msg, record.args = (f"prepare.py: a request to the Hugging Face Hub for {self.dataset} failed "
+                                   f"({text.split(' thrown while')[0]}); retrying, up to 5 times a request"), ()
         return True
 
 
@@ -152,7 +156,8 @@ def hf_documents(name: str, data_files: list[str] | None = None):
     """Yield the 'text' of each row of a Hugging Face dataset's train split, streamed."""
     import datasets  # imported here: local-file runs should not pay for it
 
-    logging.getLogger("huggingface_hub.utils._http").addFilter(RetriesInOneLine(name))
+    hub_log, retries = logging.getLogger("huggingface_hub.utils._http"), RetriesInOneLine(name)
+    hub_log.addFilter(retries)
     # The Hub's openwebtext is a loading script that datasets>=4 refuses; its parquet export is not.
     where = {"data_files": data_files} if data_files else {"revision": REVISION}
     try:
@@ -162,6 +167,8 @@ def hf_documents(name: str, data_files: list[str] | None = None):
             yield row["text"]
     except (ConnectionError, TimeoutError) as e:  # how datasets reports an unreachable Hub
         raise MidgptError(f"could not reach the Hugging Face Hub for {name} ({e}); pass --input FILES instead")
+    finally:
+        hub_log.removeFilter(retries)
 
 
 def tokenize(docs: list[str], val_fraction: float) -> dict[str, np.ndarray]:

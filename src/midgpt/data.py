@@ -54,9 +54,9 @@ def _in_clone(data_dir: str, name: str) -> str | None:
     return None
 
 
-def load_tokens(data_dir: str, split: str) -> np.ndarray:
-    """Memory-map <data_dir>/<split>.bin as a flat uint16 token stream."""
-    path = _require(data_dir, f"{split}.bin")
+def load_tokens(data_dir: str, split: str, vocab_size: int | None = None) -> np.ndarray:
+    """Memory-map <data_dir>/<split>.bin as a flat uint16 token stream; vocab_size: the model's, for _require."""
+    path = _require(data_dir, f"{split}.bin", vocab_size)
     if os.path.getsize(path) == 0:  # which np.memmap cannot map
         raise MidgptError(f"{path} is empty; prepare the data again, with more text")
     if os.path.getsize(path) % 2:
@@ -103,7 +103,7 @@ def load_splits(config: Config) -> tuple[np.ndarray, np.ndarray]:
             f"{config.data_dir} has {meta['vocab_size']} token ids but model.vocab_size is "
             f"{config.model.vocab_size}; set --model.vocab_size={meta['vocab_size']} or more"
         )
-    splits = {split: load_tokens(config.data_dir, split) for split in ("train", "val")}
+    splits = {split: load_tokens(config.data_dir, split, config.model.vocab_size) for split in ("train", "val")}
     for split, tokens in splits.items():
         if len(tokens) != meta.get(f"{split}_tokens", len(tokens)):  # cut short (at an even byte) or replaced
             raise MidgptError(f"{config.data_dir}/{split}.bin holds {len(tokens)} tokens but its meta.json says "

@@ -156,7 +156,9 @@ def estimate(config: Config, mesh: Mesh, state_like, state_shardings, pieces: in
     pieces and chunks: as the step cuts micro-batches (train.pieces_per_micro_batch) and logits (loss_chunks).
     """
     params = sharded_bytes(state_like.model, state_shardings.model)
-    compute_copy = params * compute_itemsize(config) // np.dtype(config.param_dtype).itemsize
+    # Casting to the parameters' own dtype copies nothing.
+    same_dtype = compute_itemsize(config) == np.dtype(config.param_dtype).itemsize
+    compute_copy = 0 if same_dtype else params * compute_itemsize(config) // np.dtype(config.param_dtype).itemsize
     # The micro-batches' tokens, x and y in int32: a step's twice (the next is prefetched), an
     # evaluation's; on CPU also the int64 offsets and int32 windows that data.get_batch cuts them from.
     rows = config.batch_size // mesh.size
@@ -297,9 +299,10 @@ def ran_out(e: BaseException) -> bool:
 
 
 def out_of_memory(e: BaseException, config: Config, mesh: Mesh, estimate_for, resuming: bool, again: str) -> str:
-    """What to say when XLA ran out of memory that the estimate said was there: XLA's words, the fixes, again."""
+    """What to say when XLA ran out of device memory: XLA's words, the fixes, and again (how to run once fixed)."""
     detail = OUT_OF_MEMORY.search(str(e))[1].strip()[:160]
-    total = estimate_for(config)["total"]
-    same, new = fixes(config, mesh, total - 1, estimate_for, resuming)  # those that need less than was estimated
+    total, available = estimate_for(config)["total"], device_memory()[0]
+    # Fixes that need less than was estimated, and than the device has (a run check_fits let try).
+    same, new = fixes(config, mesh, min(total, available or total) - 1, estimate_for, resuming)
     return (f"XLA ran out of device memory ({detail}) where about {readable(total)} per device was estimated; "
             + advice(same, new, again))
