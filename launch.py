@@ -14,15 +14,19 @@ import re
 import shutil
 import signal
 import socket
+import threading
 import time
 
-from midgpt.cli import STOP_SIGNALS, ArgumentParser, StopSignals, cache_compiled_programs, run
+from midgpt.cli import (STOP_SIGNALS, ArgumentParser, StopSignals, cache_compiled_programs, exit_in_one_line,
+                        positive_int, run)
 from midgpt.config import apply_overrides, check_config, config_names, leaves, load_config, resume_config
 from midgpt.errors import MidgptError
 from midgpt.files import LOCK
 from midgpt.metrics import last_step
 from midgpt.rundir import (CHECKPOINTS, check_as_checkpointed, check_saved_config, read_config_json, runs_near,
                            saved_steps)
+
+JOIN_TIMEOUT = 300  # seconds a --multihost process waits for the others: JAX's own default
 
 
 def new_rundir() -> str:
@@ -122,11 +126,13 @@ def launch(argv: list[str], signals: StopSignals) -> None:
     parser.add_argument("--coordinator_address", help="with --multihost, where auto-detection fails: HOST:PORT of process 0")
     parser.add_argument("--num_processes", type=int, help="with --multihost, where auto-detection fails")
     parser.add_argument("--process_id", type=int, help="with --multihost, where auto-detection fails")
+    parser.add_argument("--join_timeout", type=positive_int,
+                        help=f"with --multihost, seconds to wait for every process to join (default: {JOIN_TIMEOUT})")
     args, overrides = parser.parse_known_args(argv)
     cluster = dict(coordinator_address=args.coordinator_address, num_processes=args.num_processes,
                    process_id=args.process_id)
-    if not args.multihost and any(v is not None for v in cluster.values()):
-        parser.error("--coordinator_address, --num_processes and --process_id need --multihost")
+    if not args.multihost and any(v is not None for v in [*cluster.values(), args.join_timeout]):
+        parser.error("--coordinator_address, --num_processes, --process_id and --join_timeout need --multihost")
     if args.rundir == "":  # an unset $RUNDIR in a resume script would otherwise start a new run
         parser.error("--rundir is empty")
     where = os.path.abspath(args.rundir or "outputs")  # the working directory's name counts: orbax saves there
@@ -172,16 +178,26 @@ def launch(argv: list[str], signals: StopSignals) -> None:
         handlers = {sig: signal.signal(sig, signal.SIG_DFL) for sig in STOP_SIGNALS}
         if args.process_id == 0 and args.coordinator_address:  # JAX's coordinator would crash on a taken port
             check_port_free(args.coordinator_address)
-        # Said first: a process that never comes leaves the others silent for JAX's 5 minutes, then a C++ abort.
-        print("waiting for every process to join (jax.distributed.initialize, at most 5 minutes; Ctrl-C stops it)",
-              flush=True)
+        # Said first: a process that never comes leaves the others silent until the timeout.
+        timeout = args.join_timeout or JOIN_TIMEOUT
+        print(f"waiting for every process to join (jax.distributed.initialize, at most {timeout} s; "
+              "Ctrl-C stops it)", flush=True)
+        # JAX's own timeout ends in a C++ abort and a stack trace (that "another task died"): this one comes
+        # first, in one line. initialize releases the GIL as it waits, so the timer's thread runs.
+        every = f"all {args.num_processes} processes" if args.num_processes else "every process"
+        gave_up = threading.Timer(timeout, exit_in_one_line, [
+            f"not every process joined within {timeout} s; start {every} with the same --coordinator_address "
+            "and --num_processes, each with its own --process_id, or give them longer (--join_timeout)"])
+        gave_up.daemon = True
+        gave_up.start()
         try:
-            jax.distributed.initialize(**cluster)
+            jax.distributed.initialize(**cluster, initialization_timeout=timeout + 60)
         except (ValueError, RuntimeError) as e:  # no cluster detected, the coordinator never answered
             raise MidgptError(f"--multihost could not join the other processes ({str(e).strip().splitlines()[0]}); "
                               "where no cluster is detected, pass --coordinator_address=HOST:PORT "
                               "--num_processes=N --process_id=I") from None
         finally:
+            gave_up.cancel()
             for sig, handler in handlers.items():
                 signal.signal(sig, handler)
         signals.listen()  # initialize took SIGTERM for JAX's preemption notices

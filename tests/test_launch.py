@@ -619,6 +619,7 @@ def test_checkpoints_without_their_config_json_are_refused_and_say_how_to_put_it
 @pytest.mark.parametrize("args, fragment", [
     (["--multihost"], "--multihost needs --rundir"),  # each process would name one from its own clock
     (["--process_id=1"], "need --multihost"),
+    (["--join_timeout=5"], "need --multihost"),
 ])
 def test_multihost_flags_are_checked_before_anything_starts(args, fragment, tmp_path):
     assert_one_line_error(run("launch.py", "--config=shakespeare_char_cpu", *args, cwd=tmp_path), fragment)

@@ -460,7 +460,25 @@ def test_a_stop_signal_stops_a_process_waiting_for_the_others_to_join(tmp_path, 
     finally:
         proc.kill()  # not left waiting, if the signal was not heard
     assert proc.returncode == -stop
-    assert out.startswith("waiting for every process to join (jax.distributed.initialize, at most 5 minutes"), out
+    assert out.startswith("waiting for every process to join (jax.distributed.initialize, at most 300 s"), out
+
+
+@pytest.mark.parametrize("process_id", [0, 1])  # the coordinator, or one that finds none
+def test_a_process_the_others_never_join_gives_up_in_one_line(tmp_path, process_id):
+    # JAX's own timeout was a C++ abort: a stack trace that said "another task died", status 134.
+    start = time.monotonic()
+    proc = launch("--config=shakespeare_char_cpu", f"--rundir={tmp_path}/run", "--multihost", "--num_processes=2",
+                  f"--process_id={process_id}", f"--coordinator_address=127.0.0.1:{free_port()}", "--join_timeout=3",
+                  devices=1)
+    try:
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 1 and err == (
+        "error: not every process joined within 3 s; start all 2 processes with the same --coordinator_address and "
+        "--num_processes, each with its own --process_id, or give them longer (--join_timeout)\n"), err
+    assert out.startswith("waiting for every process to join (jax.distributed.initialize, at most 3 s"), out
+    assert time.monotonic() - start < 30 and not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize("args, fragment", [

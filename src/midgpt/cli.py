@@ -67,19 +67,24 @@ def run(main) -> None:
     try:
         main(sys.argv[1:])
     except MidgptError as e:
-        with contextlib.suppress(OSError):  # a closed pipe, a hung-up terminal
-            sys.stdout.flush()
-            sys.stderr.flush()
-        # Other threads are silenced before the line is written: orbax's abandoned reads of a damaged
-        # checkpoint print tracebacks as they are collected, in some runs just after it.
-        stderr = os.dup(sys.stderr.fileno())
-        _discard(sys.stderr)
-        with contextlib.suppress(OSError):
-            # surrogateescape: a path given in bytes that are not UTF-8 is written back as it came
-            os.write(stderr, f"error: {e}\n".encode(errors="surrogateescape"))
-        # Not the interpreter's teardown: jax.distributed's exit barrier waits for processes that may
-        # never come. Files are closed and saves finished before an error gets here.
-        os._exit(1)
+        exit_in_one_line(str(e))
+
+
+def exit_in_one_line(message: str) -> None:
+    """Write "error: message" as stderr's last line and end the process, from any thread, with status 1."""
+    with contextlib.suppress(OSError):  # a closed pipe, a hung-up terminal
+        sys.stdout.flush()
+        sys.stderr.flush()
+    # Other threads are silenced before the line is written: orbax's abandoned reads of a damaged
+    # checkpoint print tracebacks as they are collected, in some runs just after it.
+    stderr = os.dup(sys.stderr.fileno())
+    _discard(sys.stderr)
+    with contextlib.suppress(OSError):
+        # surrogateescape: a path given in bytes that are not UTF-8 is written back as it came
+        os.write(stderr, f"error: {message}\n".encode(errors="surrogateescape"))
+    # Not the interpreter's teardown: jax.distributed's exit barrier waits for processes that may
+    # never come. Files are closed and saves finished before an error gets here.
+    os._exit(1)
 
 
 def keep_freed_memory(keep: int = 1 << 30) -> None:
