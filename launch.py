@@ -206,8 +206,9 @@ def launch(argv: list[str], signals: StopSignals) -> None:
         sharding.check_devices_alike()
         with sharding.failing_together():  # JAX takes process 0's count: another one elsewhere would go unseen
             if args.num_processes not in (None, jax.process_count()):
-                raise MidgptError(f"--num_processes={args.num_processes} in process {jax.process_index()}, but "
-                                  f"{jax.process_count()} joined; give every process the same --num_processes")
+                # failing_together names the process on the others' lines.
+                raise MidgptError(f"--num_processes={args.num_processes}, but {jax.process_count()} joined; give "
+                                  "every process the same --num_processes")
     notes = []
     if resume:
         notes.append(f"resuming the run in {rundir}" + "".join(f"; {c}" for c in changes))

@@ -405,8 +405,10 @@ def test_any_error_on_one_process_stops_the_other_at_the_end_of_the_block():
 @pytest.mark.parametrize("other, differ", [
     ({"extra": [[], ["--max_steps=13"]]}, "the processes differ in --max_steps"),
     ({"extra": [[], ["--rundir=RUN_2"]]}, "the processes differ in --rundir (as an absolute path)"),
+    # Named first: after the model's fields it was one of "8 more".
+    ({"extra": [[], ["--config=shakespeare_char"]]}, "the processes differ in --config, --model.block_size, "),
     # JAX went on with process 0's count, and process 1's was never checked.
-    ({"num_processes": (2, 3)}, "--num_processes=3 in process 1, but 2 joined; give every process the same"),
+    ({"num_processes": (2, 3)}, "--num_processes=3, but 2 joined; give every process the same"),
     # A traceback from the arguments' gather, which needs as many devices on each.
     ({"devices": (2, 6)}, "the processes have different numbers of devices"),
 ])

@@ -117,10 +117,11 @@ def check_same_arguments(config: Config, rundir: str, debug: bool, resume: bool,
     if jax.process_count() == 1:
         return
     check_devices_alike()
-    arguments = {("--config" if name == "name" else f"--{name}"): value for name, value in leaves(config).items()}
-    arguments |= {"--rundir (as an absolute path)": os.path.abspath(rundir), "--debug": debug,
-                  "files in --rundir (it must be on a filesystem every host sees)": resume,
-                  "compute_dtype auto (CPUs of other kinds: pass --compute_dtype)": compute_dtype}
+    fields = {("--config" if name == "name" else f"--{name}"): value for name, value in leaves(config).items()}
+    # What a command names first, first: another --config differs in many fields too, which would hide it.
+    arguments = {"--config": fields.pop("--config"), "--rundir (as an absolute path)": os.path.abspath(rundir),
+                 "--debug": debug, **fields, "files in --rundir (it must be on a filesystem every host sees)": resume,
+                 "compute_dtype auto (CPUs of other kinds: pass --compute_dtype)": compute_dtype}
     digests = [hashlib.sha256(json.dumps(value).encode()).digest()[:4] for value in arguments.values()]
     gathered = multihost_utils.process_allgather(np.frombuffer(b"".join(digests), np.int32))  # processes x arguments
     if differ := [name for name, column in zip(arguments, gathered.T) if len(set(column.tolist())) > 1]:
