@@ -313,17 +313,22 @@ def test_two_processes_train_like_one_process_with_eight_devices(shakespeare_dat
     assert again[:4] == trained  # steps 7-12 trained again, identically
 
 
-def test_a_signalled_process_stops_both_at_the_next_log_step_with_a_checkpoint(shakespeare_data_dir, tmp_path):
+@pytest.mark.parametrize("signalled", [0, 1])
+def test_a_signalled_process_stops_both_at_the_next_log_step_with_a_checkpoint(shakespeare_data_dir, tmp_path,
+                                                                               signalled):
     from test_resume import wait_for_step
 
     rundir = tmp_path / "run"
     procs = two_processes("--config=shakespeare_char_cpu", f"--data_dir={shakespeare_data_dir}", "--batch_size=16",
                           "--max_steps=100000", "--log_interval=7", f"--rundir={rundir}")
     wait_for_step(rundir, 7, procs[0])
-    procs[0].send_signal(signal.SIGTERM)  # process 0's alone: it tells process 1 at the next log step
-    (out, err), _ = outputs(procs, timeout=120)
-    assert [p.returncode for p in procs] == [0, 0], err
-    assert "SIGTERM: stopping at the next log step, with a checkpoint" in out, out
+    procs[signalled].send_signal(signal.SIGTERM)  # one process's alone: it tells the other at the next log step
+    results = outputs(procs, timeout=120)
+    assert [p.returncode for p in procs] == [0, 0], results
+    # Said where it was asked: process 1's first signal went unanswered there.
+    assert "SIGTERM: stopping at the next log step, with a checkpoint" in results[signalled][0], results
+    out = results[0][0]  # process 0's, which says the rest
+    assert "stopped after step " in out and ("another process was signalled" in out) == (signalled == 1), out
     stopped = int(out.split("stopped after step ")[1].split(" ")[0])
     assert stopped % 7 == 0 and os.listdir(rundir / "checkpoints") == [str(stopped)]
 

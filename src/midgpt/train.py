@@ -297,7 +297,7 @@ def _train(config: Config, rundir: str, debug: bool, resume: bool, notes: Sequen
     say = cli.say if is_main else lambda _: None
     # Several processes agree on a stop only at log steps, where they sync anyway.
     stop_after = "at the next log step" if jax.process_count() > 1 else "after this step"
-    signals.speak(cli.say if is_main else None, stop_after)
+    signals.speak(cli.say, stop_after)  # every process: the stop's notice goes to the terminal it was asked in
 
     def lock():  # process 0 holds it; if it is refused, every process stops
         with sharding.failing_together(), writing_to(rundir):
