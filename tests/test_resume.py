@@ -142,14 +142,16 @@ def test_a_second_launch_on_a_run_in_training_stops_in_one_line_and_changes_noth
 
 def test_sigterm_saves_a_checkpoint_and_exits_0_then_resumes_exactly(uninterrupted, shakespeare_data_dir, tmp_path):
     rundir = tmp_path / "run"
-    proc = launch(rundir, shakespeare_data_dir)
+    proc = launch(rundir, shakespeare_data_dir, stderr=subprocess.STDOUT)  # in the order a terminal shows it
     wait_for_step(rundir, 45, proc)
     proc.send_signal(signal.SIGTERM)
     code, output = finish(proc)
     assert code == 0, output
     stopped = int(output.split("stopped after step ")[1].split(" ")[0])
     assert 45 <= stopped < STEPS
-    assert f"resume from checkpoint {stopped}" in output
+    # The last line on the screen, not the progress bar drawn again below it.
+    assert re.split(r"[\r\n]+", output.strip())[-1] == (f"stopped after step {stopped} (SIGTERM); run the same "
+                                                        f"command to resume from checkpoint {stopped}"), output[-500:]
     assert str(stopped) in os.listdir(rundir / "checkpoints")
     code, output = finish(launch(rundir, shakespeare_data_dir))
     assert code == 0, output

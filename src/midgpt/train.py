@@ -450,6 +450,7 @@ def _train(config: Config, rundir: str, debug: bool, resume: bool, notes: Sequen
             if stop:
                 if manager:
                     checkpoint.wait(manager, resume_with)
+                bar.close()  # now: closed after the line, it was drawn again below it
                 say(f"stopped after step {step} ({signals.received or 'another process was signalled'}); " + (
                     f"run {resume_with} to resume from checkpoint {step}" if manager
                     else "no checkpoint was written (--debug)"))
