@@ -24,6 +24,7 @@ budget=${BUDGET_S:-540} failures=0
 within() { local left=$((budget - SECONDS)); echo $(( left < 1 ? 1 : left < $1 ? left : $1 )); }
 failed() { echo "failed or timed out: see $1"; failures=$((failures + 1)); }
 out=${OUT:-$(mktemp -d)}
+mkdir -p "$out" || exit  # a folder to make: each step's log goes there
 python=${PYTHON:-python3}
 config=${CONFIG:-openwebtext}
 # 16 x 1024-token micro-batches compile and run quickest, and fit one GPU without remat.
