@@ -91,6 +91,31 @@ def check_port_free(coordinator_address: str) -> None:
                 # no IPv6 here: try IPv4; neither (a sandbox): let JAX try
 
 
+def initialize_within(cluster: dict, timeout: int, fix: str) -> None:
+    """jax.distributed.initialize(**cluster); if the others have not all joined in timeout s, one line and exit 1."""
+    # JAX's own timeout ends in a C++ abort and a stack trace (that "another task died"): this one comes
+    # first. initialize releases the GIL as it waits, so the timer's thread runs.
+    returned, deciding = threading.Event(), threading.Lock()  # no process whose initialize returned is stopped
+
+    def give_up():
+        with deciding:
+            if not returned.is_set():
+                exit_in_one_line(f"not every process joined within {timeout} s; {fix}, or give them longer "
+                                 "(--join_timeout)")
+
+    timer = threading.Timer(timeout, give_up)
+    timer.daemon = True
+    timer.start()
+    try:
+        import jax
+
+        jax.distributed.initialize(**cluster, initialization_timeout=timeout + 60)
+    finally:  # returned, or raised its own error
+        with deciding:
+            returned.set()
+        timer.cancel()
+
+
 def fields_help(argv: list[str]) -> str:
     """--help's last lines: every field of the --config given, as the override that keeps its value."""
     name = None
@@ -174,7 +199,7 @@ def launch(argv: list[str], signals: StopSignals) -> None:
     cache_compiled_programs()
     if args.multihost:  # before anything touches a device
         # It waits in C++ for the other processes, where Python's handlers never run: let Ctrl-C, SIGTERM
-        # (scancel, timeout) and SIGHUP kill it. With them handled, it waited out JAX's 5 minutes.
+        # (scancel, timeout) and SIGHUP kill it. With them handled, it waited out the whole --join_timeout.
         handlers = {sig: signal.signal(sig, signal.SIG_DFL) for sig in STOP_SIGNALS}
         if args.process_id == 0 and args.coordinator_address:  # JAX's coordinator would crash on a taken port
             check_port_free(args.coordinator_address)
@@ -182,22 +207,16 @@ def launch(argv: list[str], signals: StopSignals) -> None:
         timeout = args.join_timeout or JOIN_TIMEOUT
         print(f"waiting for every process to join (jax.distributed.initialize, at most {timeout} s; "
               "Ctrl-C stops it)", flush=True)
-        # JAX's own timeout ends in a C++ abort and a stack trace (that "another task died"): this one comes
-        # first, in one line. initialize releases the GIL as it waits, so the timer's thread runs.
         every = f"all {args.num_processes} processes" if args.num_processes else "every process"
-        gave_up = threading.Timer(timeout, exit_in_one_line, [
-            f"not every process joined within {timeout} s; start {every} with the same --coordinator_address "
-            "and --num_processes, each with its own --process_id, or give them longer (--join_timeout)"])
-        gave_up.daemon = True
-        gave_up.start()
+        fix = (f"start {every} with the same --coordinator_address and --num_processes, each with its own "
+               "--process_id" if args.coordinator_address else "check that every task of the job started")
         try:
-            jax.distributed.initialize(**cluster, initialization_timeout=timeout + 60)
+            initialize_within(cluster, timeout, fix)
         except (ValueError, RuntimeError) as e:  # no cluster detected, the coordinator never answered
             raise MidgptError(f"--multihost could not join the other processes ({str(e).strip().splitlines()[0]}); "
                               "where no cluster is detected, pass --coordinator_address=HOST:PORT "
                               "--num_processes=N --process_id=I") from None
         finally:
-            gave_up.cancel()
             for sig, handler in handlers.items():
                 signal.signal(sig, handler)
         signals.listen()  # initialize took SIGTERM for JAX's preemption notices

@@ -325,8 +325,9 @@ def test_a_signalled_process_stops_both_at_the_next_log_step_with_a_checkpoint(s
     procs[signalled].send_signal(signal.SIGTERM)  # one process's alone: it tells the other at the next log step
     results = outputs(procs, timeout=120)
     assert [p.returncode for p in procs] == [0, 0], results
-    # Said where it was asked: process 1's first signal went unanswered there.
-    assert "SIGTERM: stopping at the next log step, with a checkpoint" in results[signalled][0], results
+    # Said where it was asked, by whom: process 1's first signal went unanswered there.
+    notice = "SIGTERM: stopping at the next log step, with a checkpoint (again to stop at once)"
+    assert (f"process 1: {notice}" if signalled else notice) in results[signalled][0].splitlines(), results
     out = results[0][0]  # process 0's, which says the rest
     assert "stopped after step " in out and ("another process was signalled" in out) == (signalled == 1), out
     stopped = int(out.split("stopped after step ")[1].split(" ")[0])
@@ -470,20 +471,31 @@ def test_a_stop_signal_stops_a_process_waiting_for_the_others_to_join(tmp_path, 
     assert out.startswith("waiting for every process to join (jax.distributed.initialize, at most 300 s"), out
 
 
-@pytest.mark.parametrize("process_id", [0, 1])  # the coordinator, or one that finds none
-def test_a_process_the_others_never_join_gives_up_in_one_line(tmp_path, process_id):
+GIVEN = "start all 2 processes with the same --coordinator_address and --num_processes, each with its own --process_id"
+# What JAX detects of a SLURM job step (its second task), where no flag was given.
+SLURM = {"SLURM_JOB_ID": "4242", "SLURM_NTASKS": "2", "SLURM_PROCID": "1", "SLURM_LOCALID": "0",
+         "SLURM_STEP_NODELIST": "localhost", "SLURM_STEP_NUM_NODES": "1", "SLURM_JOB_NUM_NODES": "1"}
+
+
+@pytest.mark.parametrize("cluster, env, fix", [
+    (["--num_processes=2", "--process_id=0", "COORDINATOR"], {}, GIVEN),  # the coordinator
+    (["--num_processes=2", "--process_id=1", "COORDINATOR"], {}, GIVEN),  # one that finds none
+    ([], SLURM, "check that every task of the job started"),
+])
+def test_a_process_the_others_never_join_gives_up_in_one_line(tmp_path, cluster, env, fix):
     # JAX's own timeout was a C++ abort: a stack trace that said "another task died", status 134.
     start = time.monotonic()
-    proc = launch("--config=shakespeare_char_cpu", f"--rundir={tmp_path}/run", "--multihost", "--num_processes=2",
-                  f"--process_id={process_id}", f"--coordinator_address=127.0.0.1:{free_port()}", "--join_timeout=3",
-                  devices=1)
+    cluster = [f"--coordinator_address=127.0.0.1:{free_port()}" if a == "COORDINATOR" else a for a in cluster]
+    proc = subprocess.Popen([sys.executable, str(REPO_ROOT / "launch.py"), "--config=shakespeare_char_cpu",
+                             f"--rundir={tmp_path}/run", "--multihost", *cluster, "--join_timeout=3"],
+                            cwd=REPO_ROOT, env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
     try:
         out, err = proc.communicate(timeout=60)
     finally:
         proc.kill()
     assert proc.returncode == 1 and err == (
-        "error: not every process joined within 3 s; start all 2 processes with the same --coordinator_address and "
-        "--num_processes, each with its own --process_id, or give them longer (--join_timeout)\n"), err
+        f"error: not every process joined within 3 s; {fix}, or give them longer (--join_timeout)\n"), err
     assert out.startswith("waiting for every process to join (jax.distributed.initialize, at most 3 s"), out
     assert time.monotonic() - start < 30 and not (tmp_path / "run").exists()
 

@@ -297,7 +297,8 @@ def _train(config: Config, rundir: str, debug: bool, resume: bool, notes: Sequen
     say = cli.say if is_main else lambda _: None
     # Several processes agree on a stop only at log steps, where they sync anyway.
     stop_after = "at the next log step" if jax.process_count() > 1 else "after this step"
-    signals.speak(cli.say, stop_after)  # every process: the stop's notice goes to the terminal it was asked in
+    # Every process: the stop's notice goes to the terminal it was asked in, named where logs merge (srun).
+    signals.speak(cli.say if is_main else lambda line: cli.say(f"process {jax.process_index()}: {line}"), stop_after)
 
     def lock():  # process 0 holds it; if it is refused, every process stops
         with sharding.failing_together(), writing_to(rundir):
@@ -436,7 +437,7 @@ def _train(config: Config, rundir: str, debug: bool, resume: bool, notes: Sequen
                 interval_start, interval_steps = time.perf_counter(), 0
 
             if notice := signals.notice():  # where the signal did not reach StopSignals' thread
-                say(notice)
+                signals.say(notice)
             stop = signals.received is not None
             if jax.process_count() > 1:  # all stop at the same step; agreeing costs a sync, so only at log steps
                 stop = is_log and bool(multihost_utils.process_allgather(np.int32(stop)).any())
