@@ -156,9 +156,9 @@ def estimate(config: Config, mesh: Mesh, state_like, state_shardings, pieces: in
     pieces and chunks: as the step cuts micro-batches (train.pieces_per_micro_batch) and logits (loss_chunks).
     """
     params = sharded_bytes(state_like.model, state_shardings.model)
-    # Casting to the parameters' own dtype copies nothing.
-    same_dtype = compute_itemsize(config) == np.dtype(config.param_dtype).itemsize
-    compute_copy = 0 if same_dtype else params * compute_itemsize(config) // np.dtype(config.param_dtype).itemsize
+    itemsize, param_itemsize = compute_itemsize(config), np.dtype(config.param_dtype).itemsize
+    # A cast to the parameters' own dtype copies nothing.
+    compute_copy = 0 if itemsize == param_itemsize else params * itemsize // param_itemsize
     # The micro-batches' tokens, x and y in int32: a step's twice (the next is prefetched), an
     # evaluation's; on CPU also the int64 offsets and int32 windows that data.get_batch cuts them from.
     rows = config.batch_size // mesh.size

@@ -117,9 +117,9 @@ def check_same_arguments(config: Config, rundir: str, debug: bool, resume: bool,
     if jax.process_count() == 1:
         return
     check_devices_alike()
-    fields = {("--config" if name == "name" else f"--{name}"): value for name, value in leaves(config).items()}
+    fields = {f"--{name}": value for name, value in leaves(config).items() if name != "name"}
     # What a command names first, first: another --config differs in many fields too, which would hide it.
-    arguments = {"--config": fields.pop("--config"), "--rundir (as an absolute path)": os.path.abspath(rundir),
+    arguments = {"--config": config.name, "--rundir (as an absolute path)": os.path.abspath(rundir),
                  "--debug": debug, **fields, "files in --rundir (it must be on a filesystem every host sees)": resume,
                  "compute_dtype auto (CPUs of other kinds: pass --compute_dtype)": compute_dtype}
     digests = [hashlib.sha256(json.dumps(value).encode()).digest()[:4] for value in arguments.values()]
