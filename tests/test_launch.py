@@ -46,6 +46,7 @@ def short_run(shakespeare_data_dir, tmp_path_factory):
                  f"--data_dir={shakespeare_data_dir}", "--max_steps=40", "--eval_interval=20",
                  "--checkpoint_interval=15", "--keep_checkpoints=2", *TINY)
     assert result.returncode == 0, result.stderr
+    Path(rundir + ".stdout").write_text(result.stdout)  # beside the run, not in it
     return rundir
 
 
@@ -167,6 +168,13 @@ def test_launch_writes_config_metrics_and_checkpoints(short_run, shakespeare_dat
         config = json.load(f)
     assert config["max_steps"] == 40 and config["model"]["n_layer"] == 2
     assert config["data_dir"] == shakespeare_data_dir
+
+
+def test_a_finished_run_says_last_where_its_checkpoint_is_and_how_to_sample_it(short_run):
+    last = Path(short_run + ".stdout").read_text().splitlines()[-1]
+    assert last == f"trained to step 40: checkpoint 40 in {short_run}/checkpoints; python sample.py --rundir={short_run} samples from it"
+    command = last.split("; ")[1].removesuffix(" samples from it").split()
+    assert run(command[1], *command[2:], "--max_new_tokens=5").returncode == 0
 
 
 def test_metrics_log_every_interval_and_evaluate_at_eval_steps_and_the_end(short_run):
@@ -828,6 +836,14 @@ def test_sample_errors_are_one_line(short_run, shakespeare_data_dir, tmp_path):
     (tmp_path / "notes.txt").write_text("")  # a file in no run
     assert_one_line_error(run("sample.py", f"--rundir={tmp_path}/notes.txt"),
                           f"error: {tmp_path}/notes.txt is a file, not a run directory; pass a run directory made by")
+    project = tmp_path / "project"  # a folder that holds a config.json of another tool's is no run
+    project.mkdir()
+    (project / "config.json").write_text("{}")
+    (project / "notes.txt").write_text("")
+    assert_one_line_error(run("sample.py", f"--rundir={project}/notes.txt"),
+                          f"error: {project}/notes.txt is a file, not a run directory")
+    assert_one_line_error(run("sample.py", f"--rundir={project}/outputs/run"),
+                          f"error: {project}/outputs/run does not exist; pass a run directory made by launch.py")
     assert_one_line_error(run("sample.py", f"--rundir={short_run}", "--start=€"), "['€']: leave them out of the prompt")
     unfinished = tmp_path / "unfinished"  # a run killed during its first save, or still before it
     shutil.copytree(short_run, unfinished)

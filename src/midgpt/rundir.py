@@ -48,20 +48,26 @@ def check_as_checkpointed(rundir: str, config: Config) -> None:
         return
 
 
+def is_run(path: str) -> bool:
+    """Whether path is a run directory: its config.json and its checkpoints/ (empty for --debug's), as every run makes."""
+    # Not config.json alone: many a project folder holds one, and a path under it is in no run.
+    return os.path.isfile(os.path.join(path, "config.json")) and os.path.isdir(os.path.join(path, CHECKPOINTS))
+
+
 def runs_near(rundir: str, with_step: bool = True) -> str | None:
     """What to pass for a path that is not a run: a run it holds (outputs/), or the run it is in (a checkpoint's).
 
     with_step: and the checkpoint's --step, for sample.py.
     """
     if os.path.isdir(rundir):
-        runs = sorted(e.path for e in os.scandir(rundir) if os.path.isfile(os.path.join(e.path, "config.json")))
+        runs = sorted(e.path for e in os.scandir(rundir) if is_run(e.path))
         if runs:
             return f"{rundir} holds runs: pass one, e.g. --rundir={runs[-1]}"
     below, run = [], os.path.normpath(rundir)
     while run != (up := os.path.dirname(run)):  # up to "" for a relative path, "/" for an absolute one
         below.insert(0, os.path.basename(run))
         run = up
-        if os.path.isfile(os.path.join(run or ".", "config.json")):
+        if is_run(run or "."):
             step = below[1] if len(below) > 1 and below[0] == CHECKPOINTS and below[1].isdigit() else None
             return f"{rundir} is inside the run in {run or '.'}: pass --rundir={run or '.'}" + (
                 f" --step={step}" if step and with_step else "")
