@@ -38,7 +38,7 @@ def logits_from_pieces(model: GPT, tokens_BxT, embed_in_VxD, embed_out_VxD, embe
     causal_TxT = jnp.tril(jnp.ones((tokens_BxT.shape[1],) * 2, dtype=bool))
     for i in range(model.config.n_layer):
         block = eqx.combine(jax.tree.map(lambda x: x[i], block_params), block_static)
-        x_BxTxD = block(x_BxTxD, sin_TxC, cos_TxC, causal_TxT, key=None if layer_keys is None else layer_keys[i])
+        x_BxTxD, _ = block(x_BxTxD, sin_TxC, cos_TxC, causal_TxT, key=None if layer_keys is None else layer_keys[i])
     x_BxTxD = model.final_norm(x_BxTxD)
     return jnp.einsum("btd,vd->btv", x_BxTxD, embed_out_VxD, preferred_element_type=jnp.float32)
 

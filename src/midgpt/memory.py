@@ -71,7 +71,7 @@ def kept_bytes(m: ModelConfig, dtype: str, remat: str, rows: int) -> int:
     key = jax.random.key(0) if m.dropout > 0 else None  # training draws dropout masks, which remat keeps
 
     def layer(block, x_BxTxD):
-        return block(x_BxTxD, sin_TxC, cos_TxC, mask_TxS, key=key)
+        return block(x_BxTxD, sin_TxC, cos_TxC, mask_TxS, key=key)[0]
 
     if remat != "none":
         layer = jax.checkpoint(layer, policy=REMAT_POLICIES[remat])

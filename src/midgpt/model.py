@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
-from midgpt.config import ModelConfig
+from midgpt.config import Config, ModelConfig
 from midgpt.errors import MidgptError
 from midgpt.precision import lookup, matmul
 
@@ -181,7 +181,7 @@ class Attention(eqx.Module):
     def __call__(self, x_BxTxD, sin_TxC, cos_TxC, mask_TxS, *, key=None, cache=None, slots_T=None):
         """Attention of the T tokens to S keys: themselves, or the cache once they are written to it.
 
-        With a cache, the new keys and values go to slots_T first; returns (out, cache).
+        With a cache, the new keys and values go to slots_T first. Returns (out, the updated cache or None).
         """
         attn_key, out_key = jax.random.split(key) if key is not None else (None, None)
         dtype = x_BxTxD.dtype
@@ -222,7 +222,7 @@ class Attention(eqx.Module):
             ], axis=1)
         out_BxTxD = project("bthc,hcd->btd", out_BxTxHxC, self.wo_HxCxD)
         out_BxTxD = dropout(out_BxTxD, self.dropout, out_key)
-        return out_BxTxD if cache is None else (out_BxTxD, LayerCache(k_BxSxHxC, v_BxSxHxC))
+        return out_BxTxD, None if cache is None else LayerCache(k_BxSxHxC, v_BxSxHxC)
 
 
 class MLP(eqx.Module):
@@ -259,13 +259,13 @@ class Block(eqx.Module):
         self.mlp = MLP(cfg, key=k_mlp)
 
     def __call__(self, x_BxTxD, sin_TxC, cos_TxC, mask_TxS, *, key=None, cache=None, slots_T=None):
+        """(x after the layer, its updated cache or None), as Attention's."""
         attn_key, mlp_key = jax.random.split(key) if key is not None else (None, None)
-        attended = self.attn(self.attn_norm(x_BxTxD), sin_TxC, cos_TxC, mask_TxS,
-                             key=attn_key, cache=cache, slots_T=slots_T)
-        attn_BxTxD, cache = attended if cache is not None else (attended, None)
+        attn_BxTxD, cache = self.attn(self.attn_norm(x_BxTxD), sin_TxC, cos_TxC, mask_TxS,
+                                      key=attn_key, cache=cache, slots_T=slots_T)
         x_BxTxD = x_BxTxD + attn_BxTxD
         x_BxTxD = x_BxTxD + self.mlp(self.mlp_norm(x_BxTxD), key=mlp_key)
-        return x_BxTxD if cache is None else (x_BxTxD, cache)
+        return x_BxTxD, cache
 
 
 REMAT_POLICIES = {  # what each layer keeps for the backward pass besides its input, by checkpoint_name
@@ -313,14 +313,14 @@ class GPT(eqx.Module):
         if positions_T is None:
             positions_T = jnp.arange(tokens_BxT.shape[1])
         sin_TxC, cos_TxC = rotary_tables(positions_T, cfg.head_dim, cfg.rope_base)
-        slots_T, key_positions_S, kv_L = None, positions_T, None
+        slots_T, key_positions_S, caches_L = None, positions_T, None
         if cache is not None:
             # The tokens sit at positions_T after those already cached. Their keys are written before
             # they attend, so several at once must not pass position block_size (one at a time past it,
             # as sample.generate decodes): they would overwrite keys that earlier ones still see.
             slots_T = positions_T % cfg.block_size
             key_positions_S = cache.positions_S.at[slots_T].set(positions_T)
-            kv_L = (cache.k_LxBxSxHxC, cache.v_LxBxSxHxC)  # the scan hands each layer its own
+            caches_L = LayerCache(cache.k_LxBxSxHxC, cache.v_LxBxSxHxC)  # the scan hands each layer its own
         # Each token sees itself and the block_size - 1 before it: causal within block_size, a sliding window beyond.
         distance_TxS = positions_T[:, None] - key_positions_S[None, :]
         mask_TxS = (distance_TxS >= 0) & (distance_TxS < cfg.block_size)
@@ -328,21 +328,20 @@ class GPT(eqx.Module):
         block_params, block_static = eqx.partition(self.blocks, eqx.is_array)
 
         def layer(x_BxTxD, inputs):
-            params, layer_key, kv = inputs
+            params, layer_key, layer_cache = inputs
             block = eqx.combine(gather(params), block_static)
-            layer_cache = None if kv is None else LayerCache(*kv)
-            out = block(x_BxTxD, sin_TxC, cos_TxC, mask_TxS, key=layer_key, cache=layer_cache, slots_T=slots_T)
-            return out if cache is not None else (out, None)
+            return block(x_BxTxD, sin_TxC, cos_TxC, mask_TxS, key=layer_key, cache=layer_cache, slots_T=slots_T)
 
         # Rematerialise in the backward pass: activation memory then holds what the policy saves
         # of each layer, and the internals of one scan iteration's scan_unroll layers at a time.
         if cfg.remat != "none":
             layer = jax.checkpoint(layer, policy=REMAT_POLICIES[cfg.remat])
 
-        x_BxTxD, kv_L = jax.lax.scan(layer, x_BxTxD, (block_params, block_keys_L, kv_L), unroll=cfg.scan_unroll)
+        x_BxTxD, caches_L = jax.lax.scan(layer, x_BxTxD, (block_params, block_keys_L, caches_L),
+                                         unroll=cfg.scan_unroll)
         x_BxTxD = gather(self.final_norm)(x_BxTxD)
         if cache is not None:
-            k_LxBxSxHxC, v_LxBxSxHxC = kv_L  # each layer's LayerCache, stacked
+            k_LxBxSxHxC, v_LxBxSxHxC = caches_L  # each layer's LayerCache, stacked
             cache = KVCache(k_LxBxSxHxC, v_LxBxSxHxC, key_positions_S)
         return x_BxTxD, embed_VxD, cache
 
@@ -353,6 +352,11 @@ class GPT(eqx.Module):
         shape = (cfg.n_layer, batch_size, S, H, cfg.head_dim)
         dtype = self.embed_VxD.dtype
         return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.full((S,), EMPTY, jnp.int32))
+
+
+def fresh_model(config: Config) -> GPT:
+    """The run's initial model, in param_dtype: its shapes are those of every checkpoint's model."""
+    return cast_floats(GPT(config.model, key=jax.random.key(config.seed)), jnp.dtype(config.param_dtype))
 
 
 def cast_floats(tree, dtype):

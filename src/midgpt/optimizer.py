@@ -1,11 +1,10 @@
 """AdamW with independent weight decay, warmup + cosine schedule, global-norm clipping."""
 
-import equinox as eqx
 import jax
 import optax
 
 from midgpt.config import Config
-from midgpt.model import RMSNorm
+from midgpt.model import LayerNorm, RMSNorm
 
 
 def lr_schedule(config: Config) -> optax.Schedule:
@@ -22,8 +21,8 @@ def lr_schedule(config: Config) -> optax.Schedule:
 def decay_mask(params):
     """False for norm gains (every array inside an RMSNorm or LayerNorm), True for all else: the matrices today."""
     # By module, not by rank: the stacked layers make every gain 2-D. A bias added later would be decayed.
-    is_norm = lambda x: isinstance(x, RMSNorm)
-    return jax.tree.map(lambda x: not is_norm(x) and eqx.is_array(x), params, is_leaf=is_norm)
+    is_norm = lambda x: isinstance(x, (RMSNorm, LayerNorm))  # LayerNorm is an RMSNorm today; said, not relied on
+    return jax.tree.map(lambda x: not is_norm(x), params, is_leaf=is_norm)
 
 
 def make_optimizer(config: Config) -> optax.GradientTransformation:

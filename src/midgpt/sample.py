@@ -13,9 +13,8 @@ from jax.sharding import SingleDeviceSharding
 from midgpt import checkpoint, data, memory, sharding
 from midgpt.config import Config
 from midgpt.errors import MidgptError
-from midgpt.model import GPT, project
+from midgpt.model import GPT, fresh_model, project
 from midgpt.rundir import check_as_checkpointed, check_saved_config, read_config_json, saved_steps
-from midgpt.train import fresh_model
 
 
 @contextlib.contextmanager

@@ -24,7 +24,7 @@ from midgpt.config import Config, config_to_dict
 from midgpt.errors import MidgptError
 from midgpt.files import lock_run, write_atomically, writing_to
 from midgpt.metrics import MetricsLog
-from midgpt.model import GPT, cast_floats, check_cudnn, count_params
+from midgpt.model import GPT, cast_floats, check_cudnn, count_params, fresh_model
 from midgpt.optimizer import lr_schedule, make_optimizer
 from midgpt.precision import cross_entropy
 
@@ -47,11 +47,6 @@ def loss_fn(model: GPT, x_BxT, y_BxT, key=None, gather=None, chunks: int = 1):
     """Mean next-token cross-entropy, in float32; the logits made `chunks` slices of T at a time."""
     x_BxTxD, embed_VxD, _ = model.hidden(x_BxT, key=key, gather=gather)
     return cross_entropy(x_BxTxD, embed_VxD, y_BxT, chunks)
-
-
-def fresh_model(config: Config) -> GPT:
-    """The run's initial model, in param_dtype: its shapes are those of every checkpoint's model."""
-    return cast_floats(GPT(config.model, key=jax.random.key(config.seed)), jnp.dtype(config.param_dtype))
 
 
 def fresh_state(config: Config, optimizer: optax.GradientTransformation) -> TrainState:
@@ -98,10 +93,11 @@ def in_pieces(x_GxBxT, pieces: int):
     return x_GxBxT.reshape(G * pieces, B // pieces, T)
 
 
-def compute_copy(params, dtype, shardings):
-    """The parameters in the compute dtype, cast where each device holds them."""
+def compute_copy(params, dtype, shardings=None):
+    """The parameters in the compute dtype, cast where each device holds them (`shardings`, where they are sharded)."""
     # Left to itself, XLA gathered the float32 embedding and cast it after, moving twice the bytes.
-    return jax.lax.with_sharding_constraint(cast_floats(params, dtype), shardings)
+    copy = cast_floats(params, dtype)
+    return copy if shardings is None else jax.lax.with_sharding_constraint(copy, shardings)
 
 
 def make_train_step(config: Config, optimizer: optax.GradientTransformation, mesh: Mesh,
@@ -181,8 +177,7 @@ def eval_loss(model: GPT, x_ExBxT, y_ExBxT, compute_dtype: str, pieces: int = 1,
     """
     params, static = eqx.partition(model, eqx.is_array)
     dtype = jnp.dtype(precision.compute_dtype(compute_dtype))
-    model = eqx.combine(cast_floats(params, dtype) if shardings is None else compute_copy(params, dtype, shardings),
-                        static)
+    model = eqx.combine(compute_copy(params, dtype, shardings), static)
     x_MxbxT, y_MxbxT = (in_pieces(a, pieces) for a in (x_ExBxT, y_ExBxT))
     M, b, T = x_MxbxT.shape
     at_once = min(ACTIVATIONS_AT_ONCE // (b * T * model.config.n_embd), M)  # pieces in the budget
@@ -451,8 +446,8 @@ def _train(config: Config, rundir: str, debug: bool, resume: bool, notes: Sequen
             if jax.process_count() > 1:  # all stop at the same step; agreeing costs a sync, so only at log steps
                 stop = is_log and bool(multihost_utils.process_allgather(np.int32(stop)).any())
             if manager and (step % config.checkpoint_interval == 0 or step == config.max_steps or stop):
-                # never save a diverged state
-                check_diverged(metrics, step, last_checkpoint, config.model.vocab_size, resume_with)
+                if not is_log:  # never save a diverged state (a log step has checked it above)
+                    check_diverged(metrics, step, last_checkpoint, config.model.vocab_size, resume_with)
                 saving = time.perf_counter()
                 checkpoint.save(manager, step, state, config, resume_with)
                 interval_start += time.perf_counter() - saving  # the save's copy to host is no step's time
