@@ -80,6 +80,16 @@ def test_same_seed_same_samples_and_top_k_1_is_greedy():
     assert np.array_equal(greedy[0], greedy[1])
 
 
+def test_other_prompts_draw_other_text_with_the_same_seed():
+    # Where a model's next-token distributions agree (here uniform: a zero table makes every logit 0), the
+    # same draws give the same tokens: keyed by position alone, every prompt's continuation was one text.
+    model = eqx.tree_at(lambda m: m.embed_VxD, tiny_model(), jnp.zeros((V, 32)))
+    text = lambda *prompt: np.asarray(generate(model, jnp.array([prompt], jnp.int32), 2 * W, jax.random.key(0)))[0, 3:]
+    assert np.array_equal(text(1, 2, 3), text(1, 2, 3))
+    assert not np.array_equal(text(1, 2, 3), text(4, 5, 6))
+    assert not np.array_equal(text(1, 2, 3), text(3, 2, 1))
+
+
 @pytest.mark.parametrize("max_new_tokens", [0, 1, 2, 7, 3 * W + 1])
 def test_chunks_of_any_size_make_the_same_text(max_new_tokens):
     # sample.py shows one sample chunk by chunk: each token's draw is keyed by its position, not by its chunk.

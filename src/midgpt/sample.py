@@ -3,6 +3,7 @@
 import contextlib
 import itertools
 import os
+import zlib
 
 import equinox as eqx
 import jax
@@ -140,6 +141,9 @@ def generate_chunks(model: GPT, prompt_BxP, max_new_tokens: int, key, temperatur
         raise ValueError("the prompt must fit block_size; keep its last block_size tokens")
     if max_new_tokens == 0:
         return
+    # Keyed by the prompt too: with the same draws at each position for every prompt, a model's
+    # continuations of different prompts fell into the same text after a few dozen characters.
+    key = jax.random.fold_in(key, zlib.crc32(np.asarray(prompt_BxP, np.int32).tobytes()))
     sampling = dict(temperature=temperature, top_k=top_k, vocab=vocab)
     cache, token_B = _prefill(model, prompt_BxP, key, **sampling)
     yield token_B[:, None].astype(prompt_BxP.dtype)
