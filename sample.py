@@ -32,7 +32,7 @@ def main(argv: list[str]) -> None:
     if not 0 <= args.max_new_tokens <= 2**30:
         parser.error(f"max_new_tokens must be in [0, 2**30] (int32 positions), got {args.max_new_tokens}")
     if not 0 <= args.temperature < float("inf"):  # also refuses nan, which would draw token 0 every time
-        parser.error(f"temperature must be a number >= 0, got {args.temperature}")
+        parser.error(f"temperature must be a finite number >= 0, got {args.temperature}")
     if not 0 <= args.seed < 2**32:  # jax.random.key keeps 32 bits: 2**32 would draw as 0 does
         parser.error(f"seed must be in [0, 2**32), got {args.seed}")
 

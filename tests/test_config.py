@@ -202,6 +202,16 @@ def test_named_configs_load_as_frozen_configs():
 CPU = "from midgpt.configs.shakespeare_char_cpu import config as cpu\nimport dataclasses\n"
 
 
+def test_a_config_file_may_give_a_list_where_a_tuple_goes(tmp_path, monkeypatch):
+    # Read as config.json reads it back: it was refused as "each group of the config must be its dataclass".
+    import midgpt.configs
+    monkeypatch.setattr(midgpt.configs, "__path__", [*midgpt.configs.__path__, str(tmp_path)])
+    monkeypatch.delitem(sys.modules, "midgpt.configs.mine", raising=False)
+    (tmp_path / "mine.py").write_text(CPU + "config = dataclasses.replace(cpu, mesh_shape=[2, -1])\n")
+    assert load_config("mine") == dataclasses.replace(load_config("shakespeare_char_cpu"), name="mine",
+                                                      mesh_shape=(2, -1))
+
+
 @pytest.mark.parametrize("body, fragment", [
     # It trained, and wrote "n_layer": 2.0 to config.json, which the resume then refused as an edit.
     (CPU + "config = dataclasses.replace(cpu, model=dataclasses.replace(cpu.model, n_layer=2.0))",
@@ -210,7 +220,10 @@ CPU = "from midgpt.configs.shakespeare_char_cpu import config as cpu\nimport dat
      "mine.py, line 3: TypeError: Config.__init__() got an unexpected keyword argument 'max_step'; did you mean "
      "'max_steps'?"),
     (CPU + "config = dataclasses.replace(cpu, model=dataclasses.asdict(cpu.model))",
-     "mine.py: each group of the config must be its dataclass (model=ModelConfig(...))"),
+     "mine.py: each group of the config must be its dataclass (model=ModelConfig(...)), not a dict"),
+    # Not told of the fields it left to their defaults, as config.json would be.
+    (CPU + "config = dataclasses.replace(cpu, model=dict(vocab_size=65, block_size=64, n_layer=1, n_head=4, "
+           "n_embd=128))", "mine.py: each group of the config must be its dataclass (model=ModelConfig(...)), not a dict"),
     ("config = {'max_steps': 3}", "mine.py must define `config`, a midgpt.config.Config, not a dict"),
     ("cfg = None", "mine.py must define `config`, a midgpt.config.Config"),
     ("config = (", "mine.py, line 1: SyntaxError: '(' was never closed"),

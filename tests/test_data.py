@@ -1,5 +1,6 @@
 """Data pipeline promises: prepare.py's files, deterministic batches, clear errors."""
 
+import json
 import os
 import subprocess
 import sys
@@ -188,7 +189,7 @@ def test_a_split_shorter_than_its_meta_json_says_is_one_line(shakespeare_data_di
         load_splits(config)
 
 
-def test_a_split_too_short_for_one_window_says_what_would_give_one(shakespeare_data_dir):
+def test_a_split_too_short_for_one_window_says_what_would_give_one(shakespeare_data_dir, tmp_path):
     val_tokens = load_meta(shakespeare_data_dir)["val_tokens"]
     config = apply_overrides(load_config("shakespeare_char_cpu"), [f"--data_dir={shakespeare_data_dir}",
                                                                     f"--model.block_size={val_tokens}"])
@@ -198,6 +199,17 @@ def test_a_split_too_short_for_one_window_says_what_would_give_one(shakespeare_d
         f"{shakespeare_data_dir}/val.bin holds {val_tokens} tokens, too few for one window of model.block_size + 1 = "
         f"{val_tokens + 1}; prepare it from more text, or train a smaller --model.block_size")
     load_splits(apply_overrides(config, [f"--model.block_size={val_tokens - 1}"]))  # one window exactly
+    # Your own text through the GPT-2 prepare script: its val split is a fraction of it, which can be raised.
+    bpe = tmp_path / "bpe"
+    bpe.mkdir()
+    np.arange(1000, dtype=np.uint16).tofile(bpe / "train.bin")
+    np.arange(20, dtype=np.uint16).tofile(bpe / "val.bin")
+    (bpe / "meta.json").write_text(json.dumps({"tokenizer": "gpt2", "vocab_size": 50257}))
+    with pytest.raises(MidgptError) as info:
+        load_splits(apply_overrides(load_config("bpe_corpus"), [f"--data_dir={bpe}", "--model.block_size=32"]))
+    assert str(info.value) == (f"{bpe}/val.bin holds 20 tokens, too few for one window of model.block_size + 1 = 33; "
+                               "prepare it from more text, or with a larger --val_fraction, or train a smaller "
+                               "--model.block_size")
 
 
 def test_a_missing_file_outside_data_names_both_prepare_scripts_with_its_directory(tmp_path):

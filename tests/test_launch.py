@@ -861,6 +861,8 @@ def test_sample_errors_are_one_line(short_run, shakespeare_data_dir, tmp_path):
     assert_one_line_error(run("sample.py", f"--rundir={short_run}", "--start="), "prompt is empty")
     assert_one_line_error(run("sample.py", f"--rundir={short_run}", "--temperature=hot"), "temperature")
     assert_one_line_error(run("sample.py", f"--rundir={short_run}", "--temperature=nan"), "temperature")
+    assert_one_line_error(run("sample.py", f"--rundir={short_run}", "--temperature=inf"),
+                          "temperature must be a finite number >= 0, got inf")
     assert_one_line_error(run("sample.py", f"--rundir={short_run}", "--seed=-1"), "seed must be in [0, 2**32)")
     # jax.random.key keeps 32 bits: 2**32 would draw as seed 0 does
     assert_one_line_error(run("sample.py", f"--rundir={short_run}", f"--seed={2**32}"), "seed must be in [0, 2**32)")

@@ -48,7 +48,8 @@ def download(path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--input", type=os.path.expanduser, help="Tiny Shakespeare text file (default: <out_dir>/input.txt, downloaded if absent)")
-    parser.add_argument("--out_dir", default=str(Path(__file__).resolve().parent), type=os.path.expanduser)
+    parser.add_argument("--out_dir", default=str(Path(__file__).resolve().parent), type=os.path.expanduser,
+                        help="where train.bin, val.bin and meta.json go (default: this script's folder)")
     args = parser.parse_args()
     if "" in (args.input, args.out_dir):  # an unset $VAR: Path("") is the working directory
         parser.error(f"--{'input' if args.input == '' else 'out_dir'} is empty")

@@ -100,13 +100,15 @@ def load_config(name: str) -> Config:
     if not isinstance(config, Config):
         raise MidgptError(f"{where} must define `config`, a midgpt.config.Config" +
                           (f", not a {type(config).__name__}" if config is not None else ""))
+    for field, group in typing.get_type_hints(Config).items():  # a dict's keys would be read as config.json's
+        if dataclasses.is_dataclass(group) and not isinstance(value := getattr(config, field), group):
+            raise MidgptError(f"{where}: each group of the config must be its dataclass ({field}="
+                              f"{group.__name__}(...)), not a {type(value).__name__}")
     try:
         checked = config_from_dict(json.loads(json.dumps(config_to_dict(config))))  # as config.json reads back
     except (MidgptError, TypeError, ValueError) as e:  # json's: a value no JSON holds (a numpy number)
         raise MidgptError(f"{where}: {e}") from None
-    if checked != config:  # a group given as a dict, which asdict passed on as it would the dataclass
-        raise MidgptError(f"{where}: each group of the config must be its dataclass (model=ModelConfig(...))")
-    return dataclasses.replace(config, name=name)
+    return dataclasses.replace(checked, name=name)  # a list where a tuple goes, read as config.json would read it
 
 
 def apply_overrides(config: Config, overrides: list[str], options: Sequence[str] = ()) -> Config:

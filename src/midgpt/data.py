@@ -110,8 +110,10 @@ def load_splits(config: Config) -> tuple[np.ndarray, np.ndarray]:
                               f"{meta[f'{split}_tokens']}; prepare the data again")
         if len(tokens) <= config.model.block_size:  # a window is block_size + 1 tokens: inputs and targets
             raise MidgptError(f"{config.data_dir}/{split}.bin holds {len(tokens)} tokens, too few for one window of "
-                              f"model.block_size + 1 = {config.model.block_size + 1}; prepare it from more text, "
-                              "or train a smaller --model.block_size")
+                              f"model.block_size + 1 = {config.model.block_size + 1}; prepare it from more text"
+                              # your own text's val split is 1% of it, by default
+                              + (", or with a larger --val_fraction" if split == "val" and meta.get("tokenizer") == "gpt2"
+                                 else "") + ", or train a smaller --model.block_size")
     return splits["train"], splits["val"]
 
 
