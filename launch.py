@@ -220,10 +220,10 @@ def launch(argv: list[str], signals: StopSignals) -> None:
             for sig, handler in handlers.items():
                 signal.signal(sig, handler)
         signals.listen()  # initialize took SIGTERM for JAX's preemption notices
-        from midgpt import sharding
+        from midgpt import multihost
 
-        sharding.check_devices_alike()
-        with sharding.failing_together():  # JAX takes process 0's count: another one elsewhere would go unseen
+        multihost.check_devices_alike()
+        with multihost.failing_together():  # JAX takes process 0's count: another one elsewhere would go unseen
             if args.num_processes not in (None, jax.process_count()):
                 # failing_together names the process on the others' lines.
                 raise MidgptError(f"--num_processes={args.num_processes}, but {jax.process_count()} joined; give "

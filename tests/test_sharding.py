@@ -382,10 +382,10 @@ def test_a_write_that_fails_on_process_0_stops_both_in_one_line(limit_kib, fix, 
 FAILING_TOGETHER = """
 import json, sys
 import jax
-from midgpt import sharding
+from midgpt import multihost
 jax.distributed.initialize(coordinator_address=sys.argv[1], num_processes=2, process_id=int(sys.argv[2]))
 try:
-    with sharding.failing_together():
+    with multihost.failing_together():
         if jax.process_index() == 0:
             b"\\xff".decode()  # a bug, not a MidgptError
     print(json.dumps("no error"))

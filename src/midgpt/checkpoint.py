@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
-from midgpt import sharding
+from midgpt import multihost, sharding
 from midgpt.config import Config, config_to_dict
 from midgpt.errors import MidgptError
 from midgpt.rundir import CHECKPOINTS, saved_steps
@@ -170,7 +170,7 @@ def restore(manager: ocp.CheckpointManager, step: int, like, shardings):
     # came to it, and the others waited there until it exited, then aborted with a C++ stack.
     handler = ocp.StandardCheckpointHandler()
     try:
-        with sharding.failing_together():
+        with multihost.failing_together():
             try:
                 restored = handler.restore(pathlib.Path(str(manager.directory), str(step), "state"),
                                            args=ocp.args.StandardRestore(target))

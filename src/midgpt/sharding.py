@@ -7,21 +7,14 @@ under lax.scan, and gather_params marks the spot) and XLA sums their gradients
 back into the shards.
 """
 
-import contextlib
 import functools
-import hashlib
-import json
 import math
-import os
-import re
-import time
 
 import jax
 import numpy as np
-from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from midgpt.config import Config, leaves
+from midgpt.config import Config
 from midgpt.errors import MidgptError
 
 REPLICA, FSDP = "replica", "fsdp"
@@ -108,77 +101,6 @@ def batch_sharding(mesh: Mesh, ndim: int, batch_axis: int) -> NamedSharding:
     spec = [None] * ndim
     spec[batch_axis] = DATA_AXES
     return NamedSharding(mesh, P(*spec))
-
-
-def check_same_arguments(config: Config, rundir: str, debug: bool, resume: bool, compute_dtype: str) -> None:
-    """Raise MidgptError, naming what differs, unless every process runs this config in this run directory alike."""
-    # A process with other arguments hangs the others at its first collective (another --rundir:
-    # at the first save, in orbax's commit), or trains a run that config.json does not record.
-    if jax.process_count() == 1:
-        return
-    check_devices_alike()
-    fields = {f"--{name}": value for name, value in leaves(config).items() if name != "name"}
-    # What a command names first, first: another --config differs in many fields too, which would hide it.
-    arguments = {"--config": config.name, "--rundir (as an absolute path)": os.path.abspath(rundir),
-                 "--debug": debug, **fields, "files in --rundir (it must be on a filesystem every host sees)": resume,
-                 "compute_dtype auto (CPUs of other kinds: pass --compute_dtype)": compute_dtype}
-    digests = [hashlib.sha256(json.dumps(value).encode()).digest()[:4] for value in arguments.values()]
-    gathered = multihost_utils.process_allgather(np.frombuffer(b"".join(digests), np.int32))  # processes x arguments
-    if differ := [name for name, column in zip(arguments, gathered.T) if len(set(column.tolist())) > 1]:
-        shown = ", ".join(differ[:4]) + (f" and {len(differ) - 4} more" if len(differ) > 4 else "")
-        raise MidgptError(f"the processes differ in {shown}; start every process with the same arguments")
-
-
-def check_devices_alike() -> None:
-    """Raise MidgptError unless every process has as many devices: the processes' gathers need it."""
-    # Each process sees the total and its own share, so each stops alone: none waits for another.
-    if jax.local_device_count() * jax.process_count() != jax.device_count():
-        # Process 0 hosts JAX's coordination service, and its exit aborts the others with a C++ stack:
-        # it waits for them to say their own line first (under load, one had not yet).
-        if jax.process_index() == 0:
-            time.sleep(2)
-        raise MidgptError(f"the processes have different numbers of devices ({jax.local_device_count()} in this one, "
-                          f"{jax.device_count()} in all {jax.process_count()}); give every process as many")
-
-
-@contextlib.contextmanager
-def failing_together():
-    """Run the block on every process; an error it raises on any process is raised on all as it ends.
-
-    Where one process alone raised (process 0 writing the run's files), the others would wait for
-    it at their next collective, then abort with a C++ stack.
-    """
-    error = None
-    try:
-        yield
-    except Exception as e:  # a bug's too: the raising process keeps its traceback, the others get its line
-        error = e
-    if jax.process_count() > 1:  # each process's error line, as UTF-8 bytes
-        line = "" if error is None else str(error)
-        if error is not None and not isinstance(error, MidgptError):  # a bug's: name its type, as a traceback would
-            line = f"{type(error).__name__}: {line}"
-        line_bytes = line.encode(errors="backslashreplace")[:1024].ljust(1024, b"\0")  # a path may not be UTF-8
-        lines = multihost_utils.process_allgather(np.frombuffer(line_bytes, np.uint8))  # (processes, 1024)
-        if error is None and (met := [i for i, row in enumerate(lines) if row.any()]):
-            text = bytes(lines[met[0]]).rstrip(b"\0").decode(errors="replace")
-            error = MidgptError(f"process {met[0]}: {text}")
-    if error is not None:
-        raise error
-
-
-def failed_collective(error: BaseException) -> bool:
-    """Whether error is a collective of several processes that failed, as one that stopped leaves the others."""
-    # JAX raises it as a JaxRuntimeError, or from some dispatches as a ValueError; the library says which.
-    return (jax.process_count() > 1 and isinstance(error, (jax.errors.JaxRuntimeError, ValueError))
-            and re.search(r"\b(Gloo|NCCL)\b", str(error)) is not None)
-
-
-def collective_error(error: BaseException, step: int, fix: str) -> MidgptError:
-    """The line for a step whose collective failed: most likely another process stopped."""
-    # XLA repeats its prefix once for each nested dispatch.
-    what = re.sub(r"(Error dispatching computation: )+", "", str(error).splitlines()[0])
-    return MidgptError(f"training stopped at step {step}: a collective across the {jax.process_count()} processes "
-                       f"failed ({what}); another process has most likely stopped (see its output); {fix}")
 
 
 @functools.cache  # the same function for the same mesh: jitted callers take it as a static argument

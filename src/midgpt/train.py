@@ -19,7 +19,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
-from midgpt import checkpoint, cli, data, memory, mfu, precision, sharding
+from midgpt import checkpoint, cli, data, memory, mfu, multihost, precision, sharding
 from midgpt.config import Config, config_to_dict
 from midgpt.errors import MidgptError
 from midgpt.files import lock_run, write_atomically, writing_to
@@ -283,7 +283,7 @@ def _train(config: Config, rundir: str, debug: bool, resume: bool, notes: Sequen
     # Read before the processes first meet, so before process 0 can have made it: all agree.
     existed = os.path.isdir(rundir)
     compute_dtype = precision.compute_dtype(config.compute_dtype)  # "auto" by this host's CPU, so it is compared
-    sharding.check_same_arguments(config, rundir, debug, resume, compute_dtype)
+    multihost.check_same_arguments(config, rundir, debug, resume, compute_dtype)
     check_cudnn(config.model, compute_dtype, jax.devices()[0])
     if resume:  # first: load_splits' advice for a larger vocabulary would be another model
         data.check_same_data(rundir, config.data_dir)
@@ -297,7 +297,7 @@ def _train(config: Config, rundir: str, debug: bool, resume: bool, notes: Sequen
     signals.speak(cli.say if is_main else lambda line: cli.say(f"process {jax.process_index()}: {line}"), stop_after)
 
     def lock():  # process 0 holds it; if it is refused, every process stops
-        with sharding.failing_together(), writing_to(rundir):
+        with multihost.failing_together(), writing_to(rundir):
             if is_main:
                 held.enter_context(lock_run(rundir))
 
@@ -318,14 +318,14 @@ def _train(config: Config, rundir: str, debug: bool, resume: bool, notes: Sequen
     pieces = pieces_per_micro_batch(config, mesh)
     if not existed:  # before the first write
         lock()
-    with sharding.failing_together(), writing_to(rundir):  # not in orbax's barrier, where the others wait
+    with multihost.failing_together(), writing_to(rundir):  # not in orbax's barrier, where the others wait
         if is_main and not debug:
             checkpoint.delete_unfinished_saves(rundir)
     with writing_to(rundir):
         manager = None if debug else checkpoint.make_manager(rundir, config)
         if debug:  # an empty one: logs past checkpoint_interval without a save are a debug run's, not a loss
             os.makedirs(checkpoint.directory(rundir), exist_ok=True)
-    with sharding.failing_together(), writing_to(rundir):
+    with multihost.failing_together(), writing_to(rundir):
         if manager:
             checkpoint.check_writable(rundir)
     if debug:
@@ -351,7 +351,7 @@ def _train(config: Config, rundir: str, debug: bool, resume: bool, notes: Sequen
         else f"run {checkpoint.SAME_COMMAND}{changed} to start again (no checkpoint yet)")
     # After the restore, which may refuse the run directory. A full disk, a hand-edited metrics.jsonl:
     # process 0's alone, and every process stops on it.
-    with sharding.failing_together(), writing_to(rundir, resume_fix()) if last_checkpoint else writing_to(rundir):
+    with multihost.failing_together(), writing_to(rundir, resume_fix()) if last_checkpoint else writing_to(rundir):
         write_config(config, rundir)
         log = MetricsLog(rundir, start, json.dumps(config_to_dict(config), indent=2)) if is_main else None
     if state is None:
@@ -435,7 +435,7 @@ def _train(config: Config, rundir: str, debug: bool, resume: bool, notes: Sequen
                     record["val_loss"] = evaluate(state.model, val_tokens, config, mesh, EVAL_VAL_STREAM)
                     signals.when = stop_after  # evaluated: a stop that comes now waits for no evaluation
                     say(f"step {step}: train loss {record['train_loss']:.4f}, val loss {record['val_loss']:.4f}")
-                with sharding.failing_together(), writing_to(rundir, resume_fix()):  # a full disk
+                with multihost.failing_together(), writing_to(rundir, resume_fix()):  # a full disk
                     if log:
                         log.write(record)
                 interval_start, interval_steps = time.perf_counter(), 0
@@ -464,7 +464,7 @@ def _train(config: Config, rundir: str, debug: bool, resume: bool, notes: Sequen
     except BaseException as e:
         # A process that stopped (killed, or its own error) fails the others' next collective: the
         # others' error says so, where JAX's exit would wait out its heartbeat, then abort in C++.
-        lost = sharding.failed_collective(e)
+        lost = multihost.failed_collective(e)
         if manager:  # started saves still commit
             # A failed one is raised over the error in flight, which may name its checkpoint as the one to
             # resume from (a full disk met at a log step), unless that error is the failed save itself, or
@@ -473,7 +473,7 @@ def _train(config: Config, rundir: str, debug: bool, resume: bool, notes: Sequen
             with contextlib.suppress(Exception) if quietly else contextlib.nullcontext():
                 checkpoint.close(manager, resume_with)
         if lost:
-            raise sharding.collective_error(e, step, f"once every process has stopped, {resume_fix()}") from e
+            raise multihost.collective_error(e, step, f"once every process has stopped, {resume_fix()}") from e
         if memory.ran_out(e):  # the estimate is rough: a step can still need more than the device has
             # Once a checkpoint is saved, the run's batch is fixed, as on any resume.
             batch_fixed = resume or last_checkpoint is not None
