@@ -110,12 +110,12 @@ def softmax_attention(q_BxTxHxC, k_BxSxHxC, v_BxSxHxC, mask_TxS, rate: float, ke
     return matmul("bhts,bshc->bthc", prob_BxHxTxS, v_BxSxHxC).astype(q_BxTxHxC.dtype)
 
 
-def attention_implementation(attention: str, dtype, dropout: bool, head_dim: int) -> str:
+def attention_implementation(attention: str, dtype, with_dropout: bool, head_dim: int) -> str:
     """What ModelConfig.attention runs as: "einsum", or jax.nn.dot_product_attention's "xla" or "cudnn" (no dropout)."""
     if attention != "auto":
         return attention
     # cuDNN's fused (flash) attention where it takes the shape; on CPUs the einsum path measured faster.
-    return "cudnn" if not dropout and cudnn_flash_fits(dtype, head_dim, jax.devices()[0]) else "einsum"
+    return "cudnn" if not with_dropout and cudnn_flash_fits(dtype, head_dim, jax.devices()[0]) else "einsum"
 
 
 def cudnn_flash_fits(dtype, head_dim: int, device) -> bool:
@@ -197,7 +197,7 @@ class Attention(eqx.Module):
             k_BxSxHxC = cache.k_BxSxHxC.at[:, slots_T].set(k_BxTxHxC)
             v_BxSxHxC = cache.v_BxSxHxC.at[:, slots_T].set(v_BxTxHxC)
         implementation = attention_implementation(
-            self.attention, dtype, dropout=key is not None and self.dropout > 0, head_dim=q_BxTxHxC.shape[-1])
+            self.attention, dtype, with_dropout=key is not None and self.dropout > 0, head_dim=q_BxTxHxC.shape[-1])
         if cache is None and implementation != "einsum":
             # Without a cache, S = T and mask_TxS is causal within a window of block_size.
             T = q_BxTxHxC.shape[1]
