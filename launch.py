@@ -60,13 +60,16 @@ def check_new_rundir(rundir: str) -> None:
     if not os.path.isdir(rundir):
         return
     if not holds_nothing(rundir):
-        if not os.path.exists(os.path.join(rundir, "config.json")):
-            raise MidgptError(f"--rundir={rundir} holds files but no run (no config.json), which a new run could "
-                              f"overwrite; {runs_near(rundir, with_step=False) or 'pass a new or empty --rundir'}")
+        try:
+            saved = read_config_json(rundir)
+        except MidgptError:  # none, or another program's config.json
+            fix = runs_near(rundir, with_step=False) or "pass a new or empty --rundir"
+            raise MidgptError(f"--rundir={rundir} holds files but no run (no config.json that launch.py wrote), which "
+                              f"a new run could overwrite; {fix}") from None
         # A run without checkpoints (--debug's, one killed before its first save) starts afresh, but not
         # one whose logs pass a save it made: its checkpoints/ was removed (every run makes one, --debug's
         # an empty one), and its logs would go too.
-        logged, saved = last_step(os.path.join(rundir, "metrics.jsonl")), read_config_json(rundir)
+        logged = last_step(os.path.join(rundir, "metrics.jsonl"))
         if logged >= saved.checkpoint_interval and not os.path.isdir(os.path.join(rundir, CHECKPOINTS)):
             raise MidgptError(f"--rundir={rundir} logged training up to step {logged} but holds no {CHECKPOINTS}/ "
                               "(removed?); a new run there would overwrite its logs and config.json: pass a new "

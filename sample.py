@@ -56,7 +56,7 @@ def main(argv: list[str]) -> None:
     from midgpt.errors import MidgptError
     from midgpt.model import cast_floats
     from midgpt.precision import compute_dtype
-    from midgpt.sample import fitting_memory, generate, generate_chunks, load_model, run_meta
+    from midgpt.sample import fitting_memory, generate, generate_chunks, load_model, prompt_key, run_meta
 
     config, model = load_model(args.rundir, args.step, say=lambda note: print(note, file=sys.stderr))
     meta = run_meta(args.rundir, config)
@@ -77,7 +77,7 @@ def main(argv: list[str]) -> None:
     with fitting_memory(args.num_samples, len(ids) + args.max_new_tokens):
         prompt_BxP = jnp.tile(jnp.asarray(ids, jnp.int32), (args.num_samples, 1))
         # Last, vocab: only the tokenizer's ids are drawn (the table may have more rows).
-        sampling = (model, prompt_BxP, args.max_new_tokens, jax.random.key(args.seed), args.temperature, args.top_k,
+        sampling = (model, prompt_BxP, args.max_new_tokens, prompt_key(args.seed, ids), args.temperature, args.top_k,
                     meta["vocab_size"])
         if args.num_samples == 1:  # shown as it comes: a long sample on a CPU takes minutes
             new_ids = (jax.device_get(new_1xN)[0].tolist() for new_1xN in generate_chunks(*sampling))

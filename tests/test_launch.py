@@ -752,7 +752,8 @@ def test_resuming_keeps_the_run_where_its_config_changed_since_and_follows_moved
                                                            max_steps=41)
 
 
-@pytest.mark.parametrize("case", ["a file", "foreign files", "a file where checkpoints go", "a dangling link"])
+@pytest.mark.parametrize("case", ["a file", "foreign files", "another program's config.json", "a file where checkpoints go",
+                                  "a dangling link"])
 def test_a_new_run_never_overwrites_what_its_rundir_holds(shakespeare_data_dir, tmp_path, case):
     rundir = tmp_path / "run"
     if case == "a file":
@@ -763,6 +764,8 @@ def test_a_new_run_never_overwrites_what_its_rundir_holds(shakespeare_data_dir, 
         rundir.mkdir()
         (rundir / "meta.json").write_text('{"tokenizer": "gpt2"}')
         (rundir / "metrics.jsonl").write_text("not a run's\n")
+    if case == "another program's config.json":  # it was told to undo an edit of "unknown config keys"
+        (rundir / "config.json").write_text('{"name": "my-tool", "version": 1}')
     if case == "a file where checkpoints go":  # a run's config.json: a new run may start over here, but cannot write
         (rundir / "config.json").write_text(json.dumps(config_to_dict(load_config("shakespeare_char_cpu"))))
         (rundir / "checkpoints").write_text("in the way")
@@ -770,6 +773,7 @@ def test_a_new_run_never_overwrites_what_its_rundir_holds(shakespeare_data_dir, 
     result = run("launch.py", "--config=shakespeare_char_cpu", f"--rundir={rundir}",
                  f"--data_dir={shakespeare_data_dir}", "--max_steps=5", *TINY)
     fragment = {"a file": "is a file, not a directory", "foreign files": "holds files but no run",
+                "another program's config.json": "holds files but no run (no config.json that launch.py wrote)",
                 "a dangling link": f"is a link to {tmp_path}/scratch, which does not exist; make that folder, or pass",
                 "a file where checkpoints go": "; fix that, or pass a --rundir you can write to"}[case]  # not "free space"
     assert_one_line_error(result, fragment)

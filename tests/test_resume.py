@@ -585,3 +585,25 @@ def test_a_failed_restore_is_described_in_one_short_line_cut_between_words():
     assert said.endswith(" ...") and len(said) <= 164 and message.startswith(said.removesuffix(" ...") + " ")
     path = "/runs/" + "x" * 300  # no space to cut at: cut anyway
     assert describe(FileNotFoundError(path)) == "FileNotFoundError: " + path[:160] + " ..."
+
+
+@pytest.mark.parametrize("max_steps", [1, 3])
+def test_a_stop_signal_in_the_last_step_lets_the_run_finish(shakespeare_data_dir, tmp_path, capsys, max_steps):
+    # Stopped there, it said "run ... to resume from checkpoint 1", a resume with nothing to train.
+    from midgpt.cli import StopSignals
+    from midgpt.config import apply_overrides
+    from midgpt.train import train
+
+    config = apply_overrides(load_config("shakespeare_char_cpu"), [
+        f"--data_dir={shakespeare_data_dir}", f"--max_steps={max_steps}", "--eval_iters=1", "--model.n_layer=1",
+        "--model.n_embd=32", "--model.n_head=2", "--batch_size=4"])
+    with StopSignals() as signals:
+        signals.received = "SIGTERM"  # as its handler records one that came during step 1
+        train(config, str(tmp_path), signals=signals)
+    last = capsys.readouterr().out.splitlines()[-1]
+    if max_steps == 1:
+        assert last == f"trained to step 1: checkpoint 1 in {tmp_path}/checkpoints; python sample.py " \
+                       f"--rundir={tmp_path} samples from it"
+    else:
+        assert last.startswith("stopped after step 1 (SIGTERM); run ") and last.endswith("to resume from checkpoint 1")
+    assert os.listdir(tmp_path / "checkpoints") == ["1"]

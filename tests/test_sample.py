@@ -15,7 +15,7 @@ from midgpt.config import Config, ModelConfig, apply_overrides, load_config
 from midgpt.errors import MidgptError
 from midgpt.model import GPT
 from midgpt.optimizer import make_optimizer
-from midgpt.sample import generate, generate_chunks, load_model, sample_token
+from midgpt.sample import generate, generate_chunks, load_model, prompt_key, sample_token
 from midgpt.sharding import make_mesh
 from midgpt.train import fresh_state, init_state, make_train_step, write_config
 
@@ -82,12 +82,16 @@ def test_same_seed_same_samples_and_top_k_1_is_greedy():
 
 def test_other_prompts_draw_other_text_with_the_same_seed():
     # Where a model's next-token distributions agree (here uniform: a zero table makes every logit 0), the
-    # same draws give the same tokens: keyed by position alone, every prompt's continuation was one text.
+    # same draws give the same tokens: keyed by the seed alone, every prompt's continuation was one text.
     model = eqx.tree_at(lambda m: m.embed_VxD, tiny_model(), jnp.zeros((V, 32)))
-    text = lambda *prompt: np.asarray(generate(model, jnp.array([prompt], jnp.int32), 2 * W, jax.random.key(0)))[0, 3:]
+    text = lambda *prompt: np.asarray(generate(model, jnp.array([prompt], jnp.int32), 2 * W,
+                                               prompt_key(0, list(prompt))))[0, 3:]
     assert np.array_equal(text(1, 2, 3), text(1, 2, 3))
     assert not np.array_equal(text(1, 2, 3), text(4, 5, 6))
     assert not np.array_equal(text(1, 2, 3), text(3, 2, 1))
+    # Keyed by the prompt, not by the batch of its copies: the first of --num_samples=3 is --num_samples=1's.
+    three = np.asarray(generate(model, jnp.array([[1, 2, 3]] * 3, jnp.int32), 2 * W, prompt_key(0, [1, 2, 3])))
+    assert np.array_equal(three[0, 3:], text(1, 2, 3))
 
 
 @pytest.mark.parametrize("max_new_tokens", [0, 1, 2, 7, 3 * W + 1])

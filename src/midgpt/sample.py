@@ -123,6 +123,13 @@ def sample_token(logits_BxV, key, temperature: float, top_k: int | None, vocab: 
     return jax.random.categorical(key, scaled_BxV, axis=-1)
 
 
+def prompt_key(seed: int, ids: list[int]) -> jax.Array:
+    """The key of the draws that continue the prompt `ids`: the seed's, folded with the prompt."""
+    # Not the seed's alone: with the same draws at each position for every prompt, a model's
+    # continuations of different prompts fell into the same text after a few dozen characters.
+    return jax.random.fold_in(jax.random.key(seed), zlib.crc32(np.asarray(ids, np.int32).tobytes()))
+
+
 def generate(model: GPT, prompt_BxP, max_new_tokens: int, key, temperature: float = 1.0, top_k: int | None = None,
              vocab: int | None = None):
     """Prompt followed by max_new_tokens generated tokens, (B, P + max_new_tokens); new ids below vocab if given."""
@@ -141,9 +148,6 @@ def generate_chunks(model: GPT, prompt_BxP, max_new_tokens: int, key, temperatur
         raise ValueError("the prompt must fit block_size; keep its last block_size tokens")
     if max_new_tokens == 0:
         return
-    # Keyed by the prompt too: with the same draws at each position for every prompt, a model's
-    # continuations of different prompts fell into the same text after a few dozen characters.
-    key = jax.random.fold_in(key, zlib.crc32(np.asarray(prompt_BxP, np.int32).tobytes()))
     sampling = dict(temperature=temperature, top_k=top_k, vocab=vocab)
     cache, token_B = _prefill(model, prompt_BxP, key, **sampling)
     yield token_B[:, None].astype(prompt_BxP.dtype)

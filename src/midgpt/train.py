@@ -365,7 +365,8 @@ def _train(config: Config, rundir: str, debug: bool, resume: bool, notes: Sequen
             "in training and evaluation: faster on a lone CPU")
     tokens_per_step = config.g_accum_iters * config.batch_size * config.model.block_size
     peak, peak_source = mfu.device_peak(compute_dtype)
-    remeasure = peak_source.startswith("measured")  # once, if it reads low: see below
+    # Once, if it reads low: see below. Alone: processes that share a host's cores measure it together.
+    remeasure = peak_source.startswith("measured") and jax.process_count() == 1
     step_flops = mfu.flops_per_token(config.model) * tokens_per_step
     say(f"MFU is against the {peak_source}: {peak / 1e12:.3g} TFLOP/s per device, "
         f"{n} device{'s' * (n > 1)}; {step_flops / 1e9:.4g} GFLOP a step")
@@ -445,6 +446,7 @@ def _train(config: Config, rundir: str, debug: bool, resume: bool, notes: Sequen
             stop = signals.received is not None
             if jax.process_count() > 1:  # all stop at the same step; agreeing costs a sync, so only at log steps
                 stop = is_log and bool(multihost_utils.process_allgather(np.int32(stop)).any())
+            stop = stop and step < config.max_steps  # at the last step, the run finishes as it would have
             if manager and (step % config.checkpoint_interval == 0 or step == config.max_steps or stop):
                 if not is_log:  # never save a diverged state (a log step has checked it above)
                     check_diverged(metrics, step, last_checkpoint, config.model.vocab_size, resume_with)
