@@ -239,3 +239,40 @@ def test_bfloat16_compute_returns_float32_logits_close_to_float32_model():
     assert err_BxTxV.max() < 0.05 * np.abs(logits_BxTxV).max()
     assert np.linalg.norm(err_BxTxV) < 0.03 * np.linalg.norm(logits_BxTxV)
     assert err_BxTxV.max() > 0  # the cast model really computed in bf16
+
+
+def test_the_forward_pass_is_the_gpt_the_readme_describes():
+    # Written again in float64 numpy from the README's words, not from the model's pieces: pre-norm RMSNorm,
+    # q and k each LayerNormed (centred, no bias) then rotated by position, causal softmax attention, a 4x
+    # GELU MLP (tanh form, jax.nn.gelu's default), a final RMSNorm and the input embedding as output layer.
+    rng = np.random.default_rng(0)
+    model = jax.tree.map(lambda x: x * (1 + 0.3 * rng.standard_normal(x.shape)).astype(np.float32) if eqx.is_array(x)
+                         else x, make_model())  # the gains too, which start at one
+    p = jax.tree.map(lambda x: np.asarray(x, np.float64), eqx.filter(model, eqx.is_array))
+    tokens_BxT = random_tokens(1)
+
+    def rms_norm(x, gain):
+        return x / np.sqrt(np.mean(x**2, axis=-1, keepdims=True) + 1e-6) * gain
+
+    def rotate(x_BxTxHxC):  # features i and i + C/2 form a pair, turned by position * 10000^(-2i/C)
+        angle_TxR = np.arange(T)[:, None] * 10000.0 ** (-np.arange(0, C, 2) / C)
+        cos, sin = np.cos(angle_TxR)[:, None], np.sin(angle_TxR)[:, None]
+        x1, x2 = x_BxTxHxC[..., : C // 2], x_BxTxHxC[..., C // 2:]
+        return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+
+    gelu = lambda x: 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x**3)))
+    x = p.embed_VxD[tokens_BxT]
+    for i in range(L):
+        b = jax.tree.map(lambda a: a[i], p.blocks)
+        h = rms_norm(x, b.attn_norm.weight_D)
+        q, k, v = (np.einsum("btd,dhc->bthc", h, w) for w in (b.attn.wq_DxHxC, b.attn.wk_DxHxC, b.attn.wv_DxHxC))
+        q = rotate(rms_norm(q - q.mean(-1, keepdims=True), b.attn.q_norm.weight_D))
+        k = rotate(rms_norm(k - k.mean(-1, keepdims=True), b.attn.k_norm.weight_D))
+        scores = np.einsum("bthc,bshc->bhts", q, k) / np.sqrt(C) + np.where(np.tri(T), 0, -np.inf)
+        prob = np.exp(scores - scores.max(-1, keepdims=True))
+        prob /= prob.sum(-1, keepdims=True)
+        x = x + np.einsum("bhts,bshc,hcd->btd", prob, v, b.attn.wo_HxCxD)
+        h = rms_norm(x, b.mlp_norm.weight_D)
+        x = x + gelu(h @ b.mlp.w_in_DxF) @ b.mlp.w_out_DxF.T
+    logits = rms_norm(x, p.final_norm.weight_D) @ p.embed_VxD.T
+    np.testing.assert_allclose(forward(model, tokens_BxT), logits, rtol=2e-4, atol=2e-4)

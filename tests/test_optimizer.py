@@ -13,7 +13,7 @@ from midgpt.config import Config, ModelConfig
 from midgpt.model import GPT
 from midgpt.optimizer import lr_schedule, make_optimizer
 from midgpt.sharding import DATA_AXES, make_mesh
-from midgpt.train import init_state, make_train_step, pieces_per_micro_batch
+from midgpt.train import init_state, loss_fn, make_train_step, pieces_per_micro_batch
 
 T = 16
 
@@ -154,6 +154,25 @@ def test_gradient_accumulation_equals_one_step_on_the_whole_batch():
     for a, w, before in zip(accum_leaves, whole_leaves, jax.tree.leaves(initial)):
         np.testing.assert_allclose(a, w, rtol=1e-5, atol=1e-6)
         assert np.any(np.asarray(a) != before)  # the step did move every parameter
+
+
+def test_the_step_logs_the_loss_the_gradient_norm_before_clipping_and_the_updated_parameters_norm():
+    # As the README defines metrics.jsonl's loss, grad_norm and param_norm; clipping at 0.5 here is active.
+    config = tiny_config(batch_size=4, grad_clip=0.5, warmup_steps=0, learning_rate=1e-2)  # a first update that moves the norm
+    optimizer, mesh = make_optimizer(config), make_mesh(config)
+    state = init_state(config, optimizer, mesh)
+    params = jax.tree.map(np.asarray, eqx.filter(state.model, eqx.is_array))
+    rng = np.random.default_rng(0)
+    x_1xBxT, y_1xBxT = (rng.integers(0, 11, (1, 4, T), dtype=np.int32) for _ in range(2))
+    loss, grads = eqx.filter_value_and_grad(loss_fn)(state.model, x_1xBxT[0], y_1xBxT[0])
+    state, metrics = make_train_step(config, optimizer, mesh)(state, x_1xBxT, y_1xBxT)
+    norm = lambda tree: math.sqrt(sum(np.sum(np.asarray(x, np.float64) ** 2) for x in jax.tree.leaves(tree)))
+    assert norm(grads) > 2 * config.grad_clip
+    np.testing.assert_allclose(metrics["loss"], loss, rtol=1e-5)
+    np.testing.assert_allclose(metrics["grad_norm"], norm(grads), rtol=1e-5)
+    moved = eqx.filter(state.model, eqx.is_array)
+    assert norm(moved) != pytest.approx(norm(params), rel=1e-4)
+    np.testing.assert_allclose(metrics["param_norm"], norm(moved), rtol=1e-5)
 
 
 def test_micro_batches_cut_into_pieces_give_the_same_step():
