@@ -163,6 +163,19 @@ def test_step_ms_leaves_out_the_time_a_checkpoint_save_blocks(shakespeare_data_d
     assert len(timed) == 5 and max(timed) < 250, timed
 
 
+def test_step_ms_leaves_out_the_time_an_evaluation_takes(shakespeare_data_dir, tmp_path, monkeypatch):
+    # Evaluations that take a second: were they counted, the steps logged after them would show >= 500 ms each.
+    from midgpt import train as training
+    evaluate = training.evaluate
+    monkeypatch.setattr(training, "evaluate", lambda *args: (time.sleep(0.5), evaluate(*args))[1])
+    config = apply_overrides(load_config("shakespeare_char_cpu"), [
+        f"--data_dir={shakespeare_data_dir}", "--max_steps=10", "--log_interval=2", "--eval_interval=4",
+        "--eval_iters=1", "--model.n_layer=1", "--model.n_embd=32", "--model.n_head=2", "--batch_size=4"])
+    train(config, str(tmp_path))
+    timed = [record["step_ms"] for record in read_metrics(tmp_path) if "step_ms" in record]
+    assert len(timed) == 5 and max(timed) < 250, timed
+
+
 def test_an_mfu_above_100_percent_has_the_peak_measured_again_once(shakespeare_data_dir, tmp_path, monkeypatch, capsys):
     # A CPU's peak measured while another process loaded the host reads low, and MFU, above 100%: impossible.
     measure, measured = mfu.measure_peak, []
