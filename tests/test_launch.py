@@ -231,6 +231,8 @@ def test_sample_takes_the_newest_checkpoint_whose_save_finished(short_run, tmp_p
     args = ["--start=ROMEO:", "--max_new_tokens=20", "--seed=3"]
     result = run("sample.py", f"--rundir={rundir}", *args)
     assert result.returncode == 0 and result.stdout == run("sample.py", f"--rundir={short_run}", *args).stdout
+    assert result.stdout == run("sample.py", f"--rundir={rundir}", "--step=40", *args).stdout  # the newest, not 30
+    assert result.stdout != run("sample.py", f"--rundir={rundir}", "--step=30", *args).stdout
     # Asked for by its step, it was read as a damaged checkpoint; it is not one of the run's.
     assert_one_line_error(run("sample.py", f"--rundir={rundir}", "--step=50"),
                           f"{rundir} has no checkpoint whose save finished at step 50; it has [30, 40]")
