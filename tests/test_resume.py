@@ -607,3 +607,22 @@ def test_a_stop_signal_in_the_last_step_lets_the_run_finish(shakespeare_data_dir
     else:
         assert last.startswith("stopped after step 1 (SIGTERM); run ") and last.endswith("to resume from checkpoint 1")
     assert os.listdir(tmp_path / "checkpoints") == ["1"]
+
+
+def test_a_resume_says_the_learning_rate_it_goes_on_at_and_where_the_schedule_ends(uninterrupted, shakespeare_data_dir,
+                                                                                    tmp_path):
+    # Extending a run with a longer lr_decay_steps stretches its cosine: the rate rose again, unsaid.
+    import dataclasses
+
+    from test_optimizer import closed_form_lr
+
+    rundir = tmp_path / "run"
+    shutil.copytree(uninterrupted, rundir)
+    extend = ["--max_steps=70", "--lr_decay_steps=65", "--warmup_steps=10"]
+    code, output = finish(launch(rundir, shakespeare_data_dir, *extend))
+    assert code == 0, output
+    config = dataclasses.replace(load_config("shakespeare_char_cpu"), max_steps=70, lr_decay_steps=65, warmup_steps=10)
+    lr = closed_form_lr(config, STEPS)
+    assert f"\nstep 61 trains at learning rate {lr:.3g}; from step 66 on, min_lr=0.0001: the cosine ends at " \
+           "lr_decay_steps=65\n" in output, output
+    assert [r["lr"] for r in metrics(rundir) if r["step"] == 65] == [pytest.approx(closed_form_lr(config, 64))]

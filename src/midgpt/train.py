@@ -344,6 +344,15 @@ def _train(config: Config, rundir: str, debug: bool, resume: bool, notes: Sequen
             if manager:
                 checkpoint.close(manager, resume_with)
             return state.model
+    # Said, as a resume that extends a run can move it: a longer lr_decay_steps stretches the cosine, which
+    # rises again; a run past lr_decay_steps trains at min_lr.
+    past_end = (f"from step {config.lr_decay_steps + 1} on, min_lr={config.min_lr:g}: the cosine ends at "
+                f"lr_decay_steps={config.lr_decay_steps}") if config.lr_decay_steps < config.max_steps else ""
+    if start:
+        say(f"step {start + 1} trains at learning rate {float(lr_schedule(config)(start)):.3g}"
+            + (f"; {past_end}" if past_end else ""))
+    elif past_end:
+        say(past_end)
     last_checkpoint = start or None
     # Mid-run, the fix for a full disk is to resume, not to start over elsewhere.
     resume_fix = lambda changed="": (
