@@ -202,6 +202,38 @@ def test_hugging_face_streaming_route_matches_local_files(tmp_path):
     assert local.returncode == 0, local.stderr
     assert read_bins(tmp_path / "hf_out") == read_bins(tmp_path / "local_out")
     assert json.loads((tmp_path / "hf_out" / "meta.json").read_text())["source"]["dataset"] == "parquet"
+    # Your own text, as --input's: 1% to val by default (OpenWebText's 0.05% left none of these 400), and its
+    # path in meta.json absolute, as given relative.
+    own = run_prepare("--dataset", "parquet", "--data_files", "corpus.parquet", "--out_dir", "own", "--num_proc", 2,
+                      env=hf_env(tmp_path), cwd=tmp_path)
+    assert own.returncode == 0, own.stderr
+    meta = json.loads((tmp_path / "own" / "meta.json").read_text())
+    assert meta["source"]["data_files"] == [corpus] and meta["val_documents"] > 0
+    nulls = tmp_path / "nulls.parquet"
+    pq.write_table(pa.table({"text": pa.array(DOCS[:5] + [None], pa.string())}), nulls)
+    result = run_prepare("--dataset", "parquet", "--data_files", nulls, "--out_dir", tmp_path / "nulls",
+                         env=hf_env(tmp_path))
+    assert result.returncode == 1 and result.stderr == "prepare.py: parquet: a row's 'text' is null\n", result.stderr
+
+
+@pytest.mark.parametrize("held, given, refused", [
+    ({"dataset": "Skylion007/openwebtext", "revision": "r"}, {"dataset": "Skylion007/openwebtext", "revision": "r"}, ""),
+    ({"dataset": "Skylion007/openwebtext"}, {"input": ["/my.txt"]}, "(Skylion007/openwebtext), not from local files"),
+    ({"dataset": "Skylion007/openwebtext"}, {"dataset": "json", "data_files": ["/my.jsonl"]}, "not from local files"),
+    ({"dataset": "Skylion007/openwebtext"}, {"dataset": "other/corpus"}, "(Skylion007/openwebtext), not from other/"),
+    ({"dataset": "json", "data_files": ["/my.jsonl"]}, {"input": ["/my.txt"]}, ""),  # your own text, replaced in place
+])
+def test_an_out_dir_of_a_hub_dataset_is_replaced_only_by_the_same_one(tmp_path, held, given, refused):
+    # Running the default prepare.py again over its own OpenWebText was refused as "not from local files".
+    from midgpt.errors import MidgptError
+    from midgpt.prepare import check_out_dir
+
+    (tmp_path / "meta.json").write_text(json.dumps({"tokenizer": "gpt2", "source": held}))
+    if not refused:
+        check_out_dir(tmp_path, "gpt2", given)
+    else:
+        with pytest.raises(MidgptError, match=re.escape(refused)):
+            check_out_dir(tmp_path, "gpt2", given)
 
 
 def test_unreachable_hub_says_to_pass_input(tmp_path):
@@ -312,7 +344,8 @@ def test_hub_flags_with_input_are_refused_not_ignored(tmp_path, hub_flag):
     corpus = write_corpus(tmp_path / "corpus.txt", DOCS[:20])
     result = run_prepare("--input", corpus, *hub_flag, "--out_dir", tmp_path / "out")
     assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr
-    assert "--input reads only local files" in result.stderr
+    assert "--dataset and --data_files read through Hugging Face datasets, --input reads its files itself: pass one " \
+           "or the other" in result.stderr
     assert not (tmp_path / "out").exists()
 
 

@@ -162,8 +162,9 @@ def hf_documents(name: str, data_files: list[str] | None = None):
     where = {"data_files": data_files} if data_files else {"revision": REVISION}
     try:
         for row in datasets.load_dataset(name, split="train", streaming=True, **where):
-            if not isinstance(row.get("text"), str):
-                raise MidgptError(f"{name}: a row has no string 'text' field (columns: {sorted(row)})")
+            if not isinstance(row.get("text"), str):  # as --input's .parquet files, a null is refused, not skipped
+                raise MidgptError(f"{name}: a row's 'text' is {'null' if row.get('text') is None else 'not a string'}"
+                                  if "text" in row else f"{name}: a row has no 'text' field (columns: {sorted(row)})")
             yield row["text"]
     except (ConnectionError, TimeoutError) as e:  # how datasets reports an unreachable Hub
         raise MidgptError(f"could not reach the Hugging Face Hub for {name} ({e}); pass --input FILES instead")
@@ -261,9 +262,10 @@ def prepare(documents, out_dir: Path, num_proc: int, val_fraction: float, source
         if not any(docs.values()):
             raise MidgptError("the input holds no documents, only empty or whitespace-only text")
         if empty := [s for s in SPLITS if docs[s] == 0]:
+            txt = any(str(path).endswith(".txt") for path in source.get("input", []))
             raise MidgptError(f"no document went to {empty[0]} ({sum(docs.values())} documents, "
-                              f"--val_fraction {val_fraction}); change --val_fraction or add documents "
-                              "(in .txt files, blank lines separate them)")
+                              f"--val_fraction {val_fraction}); change --val_fraction or add documents"
+                              + (" (in .txt files, blank lines separate them)" if txt else ""))
         seconds, n_docs, n_tokens = time.perf_counter() - start, sum(docs.values()), sum(tokens.values())
         meta = {"tokenizer": "gpt2", "vocab_size": gpt2().n_vocab,
                 **{f"{s}_tokens": tokens[s] for s in SPLITS}, **{f"{s}_documents": docs[s] for s in SPLITS},
@@ -305,11 +307,13 @@ def main() -> None:
         if args.out_dir == "" or "" in (args.input or []):  # an unset $VAR: Path("") is the working directory
             parser.error(f"--{'out_dir' if args.out_dir == '' else 'input'} is empty")
         if args.input and (args.dataset or args.data_files):
-            parser.error("--dataset and --data_files read from the Hub; --input reads only local files")
+            parser.error("--dataset and --data_files read through Hugging Face datasets, --input reads its files "
+                         "itself: pass one or the other")
+        own = args.input or args.data_files  # your own text: far fewer documents than OpenWebText's 8M
         if args.val_fraction is None:
-            args.val_fraction = 0.01 if args.input else 0.0005
+            args.val_fraction = 0.01 if own else 0.0005
         if args.out_dir is None:  # your own text never replaces a prepared OpenWebText
-            args.out_dir = str(Path(__file__).resolve().parent.parent / ("bpe_corpus" if args.input else "openwebtext"))
+            args.out_dir = str(Path(__file__).resolve().parent.parent / ("bpe_corpus" if own else "openwebtext"))
         if not 0.0 < args.val_fraction < 1.0:  # 0 or 1 leaves a split empty
             raise MidgptError(f"need 0 < --val_fraction < 1, got {args.val_fraction}")
         if not 1 <= args.num_proc <= cpus:  # each one more copy of the tokenizer, in memory; 10,000 were a fork bomb
@@ -323,7 +327,9 @@ def main() -> None:
         else:
             dataset = args.dataset or "Skylion007/openwebtext"
             documents = hf_documents(dataset, args.data_files)
-            where = {"data_files": args.data_files} if args.data_files else {"revision": REVISION}
+            # Local files by absolute path, as --input's; others (URLs, hf://) as given.
+            files = [os.path.abspath(f) if os.path.exists(f) else f for f in args.data_files or []]
+            where = {"data_files": files} if files else {"revision": REVISION}
             source = {"dataset": dataset, **where}
         check_out_dir(Path(args.out_dir), "gpt2", source)
         prepare(documents, Path(args.out_dir), args.num_proc, args.val_fraction, source)

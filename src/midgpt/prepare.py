@@ -25,11 +25,12 @@ def check_out_dir(out_dir: Path, tokenizer: str, source: dict | None = None) -> 
         return
     if not isinstance(old, dict):
         return
-    hub = lambda meta: isinstance(meta.get("source"), dict) and "dataset" in meta["source"]
+    # The Hub's dataset named by a source, not files read through `datasets` (--dataset json --data_files F).
+    from_hub = lambda source: source.get("dataset") if isinstance(source, dict) and "data_files" not in source else None
     if old.get("tokenizer") != tokenizer:
         kind = f"data of another tokenizer ({old.get('tokenizer')!r}, not {tokenizer!r})"
-    elif hub(old) and not hub(source or {}):
-        kind = f"a dataset prepared from the Hub ({old['source']['dataset']}), not from local files"
+    elif (hub := from_hub(old.get("source"))) and from_hub(source) != hub:  # a download of hours, replaced
+        kind = f"a dataset prepared from the Hub ({hub}), not from {from_hub(source) or 'local files'}"
     else:
         return
     raise MidgptError(f"--out_dir {out_dir} holds {kind}, which this would replace; pass another --out_dir, "
