@@ -626,3 +626,19 @@ def test_a_resume_says_the_learning_rate_it_goes_on_at_and_where_the_schedule_en
     assert f"\nstep 61 trains at learning rate {lr:.3g}; from step 66 on, min_lr=0.0001: the cosine ends at " \
            "lr_decay_steps=65\n" in output, output
     assert [r["lr"] for r in metrics(rundir) if r["step"] == 65] == [pytest.approx(closed_form_lr(config, 64))]
+
+
+def test_a_stop_of_a_debug_run_promises_no_checkpoint(shakespeare_data_dir, tmp_path, capsys):
+    from midgpt.cli import StopSignals
+    from midgpt.config import apply_overrides
+    from midgpt.train import train
+
+    config = apply_overrides(load_config("shakespeare_char_cpu"), [
+        f"--data_dir={shakespeare_data_dir}", "--max_steps=3", "--eval_iters=1", "--model.n_layer=1",
+        "--model.n_embd=32", "--model.n_head=2", "--batch_size=4"])
+    with StopSignals() as signals:
+        signals.received = "SIGINT"  # as its handler records one that came before training
+        train(config, str(tmp_path), debug=True, signals=signals)
+    out = capsys.readouterr().out
+    assert "SIGINT: stopping after this step (again to stop at once)\n" in out, out  # not "with a checkpoint"
+    assert out.splitlines()[-1] == "stopped after step 1 (SIGINT); no checkpoint was written (--debug)"

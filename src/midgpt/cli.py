@@ -250,12 +250,15 @@ class StopSignals:
 
     def __init__(self):
         self.received, self.noticed = None, False
-        self.say, self.when = None, "after this step"
+        self.say, self.when, self.saving = None, "after this step", True
         self.noticing = threading.Lock()  # the thread and the main loop: one of them says the notice
 
-    def speak(self, say, when: str) -> None:
-        """From now on, say the first signal's notice at once with say (None: say nothing); the stop comes `when`."""
-        self.say, self.when = say, when
+    def speak(self, say, when: str, saving: bool = True) -> None:
+        """From now on, say the first signal's notice at once with say (None: say nothing).
+
+        The stop comes `when`, with a checkpoint if saving (not --debug's).
+        """
+        self.say, self.when, self.saving = say, when, saving
         if say and (notice := self.notice()):  # a signal that came before
             say(notice)
 
@@ -307,5 +310,6 @@ class StopSignals:
         with self.noticing:
             if self.received and not self.noticed:
                 self.noticed = True
-                return f"{self.received}: stopping {self.when}, with a checkpoint (again to stop at once)"
+                return (f"{self.received}: stopping {self.when}{', with a checkpoint' if self.saving else ''} "
+                        "(again to stop at once)")
         return None

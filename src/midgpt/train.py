@@ -294,7 +294,8 @@ def _train(config: Config, rundir: str, debug: bool, resume: bool, notes: Sequen
     # Several processes agree on a stop only at log steps, where they sync anyway.
     stop_after = "at the next log step" if jax.process_count() > 1 else "after this step"
     # Every process: the stop's notice goes to the terminal it was asked in, named where logs merge (srun).
-    signals.speak(cli.say if is_main else lambda line: cli.say(f"process {jax.process_index()}: {line}"), stop_after)
+    signals.speak(cli.say if is_main else lambda line: cli.say(f"process {jax.process_index()}: {line}"), stop_after,
+                  saving=not debug)
 
     def lock():  # process 0 holds it; if it is refused, every process stops
         with multihost.failing_together(), writing_to(rundir):
