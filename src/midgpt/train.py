@@ -397,7 +397,8 @@ def _train(config: Config, rundir: str, debug: bool, resume: bool, notes: Sequen
     )
     peak_memory = None
     interval_start, interval_steps = time.perf_counter(), 0
-    step, stopped = start, False  # for an error before the first step
+    step = start  # for an error before the first step
+    stopped = False  # by a stop signal: not finished
     try:
         for step, (x_GxBxT, y_GxBxT) in data.prefetch(make_batch, range(start + 1, config.max_steps + 1)):
             is_eval = step % config.eval_interval == 0 or step == config.max_steps
