@@ -345,15 +345,9 @@ def _train(config: Config, rundir: str, debug: bool, resume: bool, notes: Sequen
             if manager:
                 checkpoint.close(manager, resume_with)
             return state.model
-    # Said, as a resume that extends a run can move it: a longer lr_decay_steps stretches the cosine, which
-    # rises again; a run past lr_decay_steps trains at min_lr.
-    past_end = (f"from step {config.lr_decay_steps + 1} on, min_lr={config.min_lr:g}: the cosine ends at "
-                f"lr_decay_steps={config.lr_decay_steps}") if config.lr_decay_steps < config.max_steps else ""
-    if start:
-        say(f"step {start + 1} trains at learning rate {float(lr_schedule(config)(start)):.3g}"
-            + (f"; {past_end}" if past_end else ""))
-    elif past_end:
-        say(past_end)
+    if config.lr_decay_steps < config.max_steps:  # as extending a finished run with --max_steps alone does
+        say(f"from step {config.lr_decay_steps + 1} on, min_lr={config.min_lr:g}: the cosine ends at "
+            f"lr_decay_steps={config.lr_decay_steps}")
     last_checkpoint = start or None
     # Mid-run, the fix for a full disk is to resume, not to start over elsewhere.
     resume_fix = lambda changed="": (
@@ -418,7 +412,9 @@ def _train(config: Config, rundir: str, debug: bool, resume: bool, notes: Sequen
             if step == start + 1:  # leave the compile out of the throughput
                 jax.block_until_ready(state)
                 peak_memory = memory.peak_in_use()
+                # And a resume's rate, which a longer lr_decay_steps moves: its cosine, stretched, rises again.
                 say(f"step {step} (compile included) took {time.perf_counter() - interval_start:.1f} s"
+                    + (f", at learning rate {float(metrics['lr']):.3g}" if start else "")
                     + (f"; peak memory {memory.readable(peak_memory)} per device" if peak_memory else ""))
                 interval_start, interval_steps = time.perf_counter(), 0
 
