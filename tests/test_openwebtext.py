@@ -204,11 +204,15 @@ def test_hugging_face_streaming_route_matches_local_files(tmp_path):
     assert json.loads((tmp_path / "hf_out" / "meta.json").read_text())["source"]["dataset"] == "parquet"
     # Your own text, as --input's: 1% to val by default (OpenWebText's 0.05% left none of these 400), and its
     # path in meta.json absolute, as given relative.
-    own = run_prepare("--dataset", "parquet", "--data_files", "corpus.parquet", "--out_dir", "own", "--num_proc", 2,
-                      env=hf_env(tmp_path), cwd=tmp_path)
+    # A copy of the script, whose data/ folder is tmp_path's: the default --out_dir is your own text's.
+    script = tmp_path / "data" / "openwebtext" / "prepare.py"
+    script.parent.mkdir(parents=True)
+    shutil.copy(PREPARE, script)
+    own = subprocess.run([sys.executable, str(script), "--dataset", "parquet", "--data_files", "corpus.*",
+                          "--num_proc", "2"], capture_output=True, text=True, env=hf_env(tmp_path), cwd=tmp_path)
     assert own.returncode == 0, own.stderr
-    meta = json.loads((tmp_path / "own" / "meta.json").read_text())
-    assert meta["source"]["data_files"] == [corpus] and meta["val_documents"] > 0
+    meta = json.loads((tmp_path / "data" / "bpe_corpus" / "meta.json").read_text())
+    assert meta["source"]["data_files"] == [f"{tmp_path}/corpus.*"] and meta["val_documents"] > 0
     nulls = tmp_path / "nulls.parquet"
     pq.write_table(pa.table({"text": pa.array(DOCS[:5] + [None], pa.string())}), nulls)
     result = run_prepare("--dataset", "parquet", "--data_files", nulls, "--out_dir", tmp_path / "nulls",
@@ -218,10 +222,12 @@ def test_hugging_face_streaming_route_matches_local_files(tmp_path):
 
 @pytest.mark.parametrize("held, given, refused", [
     ({"dataset": "Skylion007/openwebtext", "revision": "r"}, {"dataset": "Skylion007/openwebtext", "revision": "r"}, ""),
-    ({"dataset": "Skylion007/openwebtext"}, {"input": ["/my.txt"]}, "(Skylion007/openwebtext), not from local files"),
-    ({"dataset": "Skylion007/openwebtext"}, {"dataset": "json", "data_files": ["/my.jsonl"]}, "not from local files"),
+    ({"dataset": "Skylion007/openwebtext"}, {"input": ["/my.txt"]}, "(Skylion007/openwebtext), not from your own files"),
+    ({"dataset": "Skylion007/openwebtext"}, {"dataset": "json", "data_files": ["/my.jsonl"]}, "not from your own files"),
     ({"dataset": "Skylion007/openwebtext"}, {"dataset": "other/corpus"}, "(Skylion007/openwebtext), not from other/"),
     ({"dataset": "json", "data_files": ["/my.jsonl"]}, {"input": ["/my.txt"]}, ""),  # your own text, replaced in place
+    # A part of a Hub dataset is the Hub's: its download is kept from your own text.
+    ({"dataset": "allenai/c4", "data_files": ["en/c4-train.0000*"]}, {"input": ["/my.txt"]}, "(allenai/c4)"),
 ])
 def test_an_out_dir_of_a_hub_dataset_is_replaced_only_by_the_same_one(tmp_path, held, given, refused):
     # Running the default prepare.py again over its own OpenWebText was refused as "not from local files".
@@ -301,6 +307,17 @@ def test_bad_input_is_one_line_naming_the_file_and_writes_nothing(tmp_path, case
     assert not out_dir.exists()  # not even made empty
 
 
+@pytest.mark.parametrize("name", ["one.txt", "ONE.TXT", "one.jsonl"])
+def test_a_split_left_empty_says_how_to_fill_it(tmp_path, name):
+    corpus = write_corpus(tmp_path / name.lower(), DOCS[:3])
+    os.rename(corpus, tmp_path / name)
+    result = run_prepare("--input", tmp_path / name, "--out_dir", tmp_path / "out", "--val_fraction", 1e-9)
+    hint = " (in .txt files, blank lines separate them)" if name.lower().endswith(".txt") else ""
+    assert result.returncode == 1 and result.stderr == ("prepare.py: no document went to val (3 documents, "
+                                                        f"--val_fraction 1e-09); change --val_fraction or add documents"
+                                                        f"{hint}\n"), result.stderr
+
+
 def test_an_input_of_no_documents_says_so(tmp_path):
     (tmp_path / "blank.txt").write_text("\n \n\t\n")  # it was told to change --val_fraction
     result = run_prepare("--input", tmp_path / "blank.txt", "--out_dir", tmp_path / "out")
@@ -315,7 +332,7 @@ def test_an_input_of_no_documents_says_so(tmp_path):
                                              "replace; pass another --out_dir, or remove its train.bin, val.bin and "
                                              "meta.json first"),
     ({"meta.json": '{"tokenizer": "gpt2", "source": {"dataset": "Skylion007/openwebtext"}}'},
-     "holds a dataset prepared from the Hub (Skylion007/openwebtext), not from local files"),
+     "holds a dataset prepared from the Hub (Skylion007/openwebtext), not from your own files"),
 ])
 def test_an_out_dir_of_a_run_or_other_data_is_refused_and_left_alone(tmp_path, held, refusal):
     # Your own text went over them without a word: a run's folder, Shakespeare's characters, a downloaded OpenWebText.

@@ -2,6 +2,7 @@
 
 Sources, all streamed so memory stays flat however large the corpus:
   default    the Hugging Face dataset --dataset (Skylion007/openwebtext), its parquet export
+  --dataset json --data_files F   your own files, read by Hugging Face datasets (also parquet, csv, text)
   --input    local files: .txt holds ONE DOCUMENT PER BLANK-LINE-SEPARATED BLOCK (documents
              separated by one or more empty or whitespace-only lines), .jsonl a "text" field
              per line, .parquet a "text" column
@@ -32,7 +33,7 @@ from tqdm import tqdm
 
 from midgpt.cli import ArgumentParser
 from midgpt.errors import MidgptError
-from midgpt.prepare import FILES, check_out_dir, lock_out_dir, replace_dataset
+from midgpt.prepare import FILE_BUILDERS, FILES, check_out_dir, lock_out_dir, replace_dataset
 from midgpt.tokenizer import gpt2
 
 MAX_DOCUMENT = 64 << 20  # characters of a .txt file's blank-line-separated block, or of a .jsonl line
@@ -262,7 +263,7 @@ def prepare(documents, out_dir: Path, num_proc: int, val_fraction: float, source
         if not any(docs.values()):
             raise MidgptError("the input holds no documents, only empty or whitespace-only text")
         if empty := [s for s in SPLITS if docs[s] == 0]:
-            txt = any(str(path).endswith(".txt") for path in source.get("input", []))
+            txt = any(Path(path).suffix.lower() == ".txt" for path in source.get("input", []))
             raise MidgptError(f"no document went to {empty[0]} ({sum(docs.values())} documents, "
                               f"--val_fraction {val_fraction}); change --val_fraction or add documents"
                               + (" (in .txt files, blank lines separate them)" if txt else ""))
@@ -298,8 +299,9 @@ def main() -> None:
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()  # a job's share
     parser.add_argument("--num_proc", type=int, default=cpus, help=f"tokenizer processes (default: all {cpus} CPUs)")
     parser.add_argument("--val_fraction", type=float, help="share of documents for val (default: 0.0005 of "
-                        "OpenWebText's 8M; 0.01 of --input files, which hold far fewer)")
-    parser.add_argument("--out_dir", type=os.path.expanduser, help="default: data/openwebtext, or data/bpe_corpus with --input")
+                        "OpenWebText's 8M; 0.01 of your own files, which hold far fewer)")
+    parser.add_argument("--out_dir", type=os.path.expanduser,
+                        help="default: data/openwebtext, or data/bpe_corpus for your own files")
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, raise_stopped)
     try:
@@ -309,7 +311,7 @@ def main() -> None:
         if args.input and (args.dataset or args.data_files):
             parser.error("--dataset and --data_files read through Hugging Face datasets, --input reads its files "
                          "itself: pass one or the other")
-        own = args.input or args.data_files  # your own text: far fewer documents than OpenWebText's 8M
+        own = args.input or args.dataset in FILE_BUILDERS  # your own text: far fewer documents than OpenWebText's 8M
         if args.val_fraction is None:
             args.val_fraction = 0.01 if own else 0.0005
         if args.out_dir is None:  # your own text never replaces a prepared OpenWebText
@@ -327,8 +329,8 @@ def main() -> None:
         else:
             dataset = args.dataset or "Skylion007/openwebtext"
             documents = hf_documents(dataset, args.data_files)
-            # Local files by absolute path, as --input's; others (URLs, hf://) as given.
-            files = [os.path.abspath(f) if os.path.exists(f) else f for f in args.data_files or []]
+            # Local files and patterns by absolute path, as --input's; URLs (hf://) as given.
+            files = [f if "://" in f else os.path.abspath(os.path.expanduser(f)) for f in args.data_files or []]
             where = {"data_files": files} if files else {"revision": REVISION}
             source = {"dataset": dataset, **where}
         check_out_dir(Path(args.out_dir), "gpt2", source)

@@ -8,10 +8,13 @@ from midgpt.errors import MidgptError
 from midgpt.files import lock_directory
 
 FILES = ("train.bin", "val.bin", "meta.json")  # meta.json last: its presence marks a dataset complete
+# The builders of Hugging Face `datasets` that read the files given to them (--dataset json --data_files F):
+# your own text, as --input's, not a dataset of the Hub.
+FILE_BUILDERS = ("json", "parquet", "csv", "text", "arrow", "pandas")
 
 
 def check_out_dir(out_dir: Path, tokenizer: str, source: dict | None = None) -> None:
-    """Refuse an --out_dir whose files are not this kind of data: a run's, another tokenizer's, or the Hub's.
+    """Refuse an --out_dir whose files are not this kind of data: a run's, another tokenizer's, another Hub dataset's.
 
     A dataset of the same kind is prepared again in place (new text for the same purpose).
     """
@@ -25,12 +28,12 @@ def check_out_dir(out_dir: Path, tokenizer: str, source: dict | None = None) -> 
         return
     if not isinstance(old, dict):
         return
-    # The Hub's dataset named by a source, not files read through `datasets` (--dataset json --data_files F).
-    from_hub = lambda source: source.get("dataset") if isinstance(source, dict) and "data_files" not in source else None
+    from_hub = lambda source: (source.get("dataset") if isinstance(source, dict)
+                               and source.get("dataset") not in FILE_BUILDERS else None)
     if old.get("tokenizer") != tokenizer:
         kind = f"data of another tokenizer ({old.get('tokenizer')!r}, not {tokenizer!r})"
     elif (hub := from_hub(old.get("source"))) and from_hub(source) != hub:  # a download of hours, replaced
-        kind = f"a dataset prepared from the Hub ({hub}), not from {from_hub(source) or 'local files'}"
+        kind = f"a dataset prepared from the Hub ({hub}), not from {from_hub(source) or 'your own files'}"
     else:
         return
     raise MidgptError(f"--out_dir {out_dir} holds {kind}, which this would replace; pass another --out_dir, "
