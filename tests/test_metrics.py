@@ -151,26 +151,17 @@ def test_the_evaluations_score_the_final_model_on_their_own_split(shakespeare_da
     assert final["val_loss"] != pytest.approx(score(train_tokens, EVAL_VAL_STREAM), rel=1e-4)
 
 
-def test_step_ms_leaves_out_the_time_a_checkpoint_save_blocks(shakespeare_data_dir, tmp_path, monkeypatch):
-    # A save that blocks for a second: were it counted, the 2 steps after it would log >= 500 ms each.
-    save = checkpoint.save
-    monkeypatch.setattr(checkpoint, "save", lambda *args: (time.sleep(1.0), save(*args)))
+@pytest.mark.parametrize("slowed", ["checkpoint save", "evaluation"])
+def test_step_ms_leaves_out_saves_and_evaluations(shakespeare_data_dir, tmp_path, monkeypatch, slowed):
+    # Each made a second slower: were it counted, the 2 steps logged after it would show >= 500 ms each.
+    from midgpt import train as training
+    module, name = (checkpoint, "save") if slowed == "checkpoint save" else (training, "evaluate")
+    slow = getattr(module, name)
+    monkeypatch.setattr(module, name, lambda *args: (time.sleep(1.0), slow(*args))[1])
     config = apply_overrides(load_config("shakespeare_char_cpu"), [
         f"--data_dir={shakespeare_data_dir}", "--max_steps=10", "--log_interval=2", "--checkpoint_interval=4",
-        "--eval_interval=100", "--model.n_layer=1", "--model.n_embd=32", "--model.n_head=2", "--batch_size=4"])
-    train(config, str(tmp_path))
-    timed = [record["step_ms"] for record in read_metrics(tmp_path) if "step_ms" in record]
-    assert len(timed) == 5 and max(timed) < 250, timed
-
-
-def test_step_ms_leaves_out_the_time_an_evaluation_takes(shakespeare_data_dir, tmp_path, monkeypatch):
-    # Evaluations that take a second: were they counted, the steps logged after them would show >= 500 ms each.
-    from midgpt import train as training
-    evaluate = training.evaluate
-    monkeypatch.setattr(training, "evaluate", lambda *args: (time.sleep(0.5), evaluate(*args))[1])
-    config = apply_overrides(load_config("shakespeare_char_cpu"), [
-        f"--data_dir={shakespeare_data_dir}", "--max_steps=10", "--log_interval=2", "--eval_interval=4",
-        "--eval_iters=1", "--model.n_layer=1", "--model.n_embd=32", "--model.n_head=2", "--batch_size=4"])
+        "--eval_interval=4", "--eval_iters=1", "--model.n_layer=1", "--model.n_embd=32", "--model.n_head=2",
+        "--batch_size=4"])
     train(config, str(tmp_path))
     timed = [record["step_ms"] for record in read_metrics(tmp_path) if "step_ms" in record]
     assert len(timed) == 5 and max(timed) < 250, timed
