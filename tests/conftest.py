@@ -98,6 +98,16 @@ def shakespeare_text(tmp_path_factory) -> str:
     return str(path)
 
 
+def one_layer_config(data_dir: str, *overrides: str):
+    """shakespeare_char_cpu cut to one layer 32 wide and batches of 4, on data_dir's data, then overrides: a train()
+    of a few steps takes seconds."""
+    from midgpt.config import apply_overrides, load_config
+
+    return apply_overrides(load_config("shakespeare_char_cpu"), [
+        f"--data_dir={data_dir}", "--model.n_layer=1", "--model.n_embd=32", "--model.n_head=2", "--batch_size=4",
+        *overrides])
+
+
 @pytest.fixture(scope="session")
 def shakespeare_data_dir(shakespeare_text, tmp_path_factory) -> str:
     """Directory holding train.bin, val.bin and meta.json made by a real prepare.py run."""

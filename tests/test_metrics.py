@@ -12,8 +12,8 @@ from tqdm import tqdm
 from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 from tensorboard.util.tensor_util import make_ndarray
 
+from conftest import one_layer_config
 from midgpt import checkpoint, cli, data, mfu, precision
-from midgpt.config import apply_overrides, load_config
 from midgpt.errors import MidgptError
 from midgpt.metrics import TAGS, rewind_events, rewind_jsonl
 from midgpt.sharding import make_mesh
@@ -138,9 +138,8 @@ def test_a_printed_line_clears_the_progress_bar_and_redraws_it_below(capsys):
 
 def test_the_evaluations_score_the_final_model_on_their_own_split(shakespeare_data_dir, tmp_path):
     # Nothing else ties val_loss to val.bin: scored on training data, a run would only look better.
-    config = apply_overrides(load_config("shakespeare_char_cpu"), [
-        f"--data_dir={shakespeare_data_dir}", "--max_steps=6", "--log_interval=3", "--eval_interval=100",
-        "--eval_iters=2", "--model.n_layer=1", "--model.n_embd=32", "--model.n_head=2", "--batch_size=4"])
+    config = one_layer_config(shakespeare_data_dir, "--max_steps=6", "--log_interval=3", "--eval_interval=100",
+                              "--eval_iters=2")
     model = train(config, str(tmp_path))
     final, mesh = read_metrics(tmp_path)[-1], make_mesh(config)
     train_tokens, val_tokens = data.load_splits(config)
@@ -158,10 +157,8 @@ def test_step_ms_leaves_out_saves_and_evaluations(shakespeare_data_dir, tmp_path
     module, name = (checkpoint, "save") if slowed == "checkpoint save" else (training, "evaluate")
     slow = getattr(module, name)
     monkeypatch.setattr(module, name, lambda *args: (time.sleep(1.0), slow(*args))[1])
-    config = apply_overrides(load_config("shakespeare_char_cpu"), [
-        f"--data_dir={shakespeare_data_dir}", "--max_steps=10", "--log_interval=2", "--checkpoint_interval=4",
-        "--eval_interval=4", "--eval_iters=1", "--model.n_layer=1", "--model.n_embd=32", "--model.n_head=2",
-        "--batch_size=4"])
+    config = one_layer_config(shakespeare_data_dir, "--max_steps=10", "--log_interval=2", "--checkpoint_interval=4",
+                              "--eval_interval=4", "--eval_iters=1")
     train(config, str(tmp_path))
     timed = [record["step_ms"] for record in read_metrics(tmp_path) if "step_ms" in record]
     assert len(timed) == 5 and max(timed) < 250, timed
@@ -176,9 +173,8 @@ def test_an_mfu_above_100_percent_has_the_peak_measured_again_once(shakespeare_d
         return 1e6 if len(measured) == 1 else measure(dtype, **kwargs)
 
     monkeypatch.setattr(mfu, "measure_peak", busy_at_first)
-    config = apply_overrides(load_config("shakespeare_char_cpu"), [
-        f"--data_dir={shakespeare_data_dir}", "--max_steps=8", "--log_interval=2", "--eval_interval=100",
-        "--eval_iters=1", "--model.n_layer=1", "--model.n_embd=32", "--model.n_head=2", "--batch_size=4"])
+    config = one_layer_config(shakespeare_data_dir, "--max_steps=8", "--log_interval=2", "--eval_interval=100",
+                              "--eval_iters=1")
     train(config, str(tmp_path))
     logged = [record["mfu"] for record in read_metrics(tmp_path) if "mfu" in record]
     assert len(measured) == 2 and len(logged) == 4 and all(0 < m < 1 for m in logged), (measured, logged)

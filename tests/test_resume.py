@@ -17,7 +17,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import REPO_ROOT, this_tree_env
+from conftest import REPO_ROOT, one_layer_config, this_tree_env
 from midgpt.checkpoint import committed, delete_unfinished_saves, make_manager
 from midgpt.config import load_config
 
@@ -591,12 +591,9 @@ def test_a_failed_restore_is_described_in_one_short_line_cut_between_words():
 def test_a_stop_signal_in_the_last_step_lets_the_run_finish(shakespeare_data_dir, tmp_path, capsys, max_steps):
     # Stopped there, it said "run ... to resume from checkpoint 1", a resume with nothing to train.
     from midgpt.cli import StopSignals
-    from midgpt.config import apply_overrides
     from midgpt.train import train
 
-    config = apply_overrides(load_config("shakespeare_char_cpu"), [
-        f"--data_dir={shakespeare_data_dir}", f"--max_steps={max_steps}", "--eval_iters=1", "--model.n_layer=1",
-        "--model.n_embd=32", "--model.n_head=2", "--batch_size=4"])
+    config = one_layer_config(shakespeare_data_dir, f"--max_steps={max_steps}", "--eval_iters=1")
     with StopSignals() as signals:
         signals.received = "SIGTERM"  # as its handler records one that came during step 1
         train(config, str(tmp_path), signals=signals)
@@ -631,12 +628,9 @@ def test_a_resume_says_the_learning_rate_it_goes_on_at_and_where_the_schedule_en
 
 def test_a_stop_of_a_debug_run_promises_no_checkpoint(shakespeare_data_dir, tmp_path, capsys):
     from midgpt.cli import StopSignals
-    from midgpt.config import apply_overrides
     from midgpt.train import train
 
-    config = apply_overrides(load_config("shakespeare_char_cpu"), [
-        f"--data_dir={shakespeare_data_dir}", "--max_steps=3", "--eval_iters=1", "--model.n_layer=1",
-        "--model.n_embd=32", "--model.n_head=2", "--batch_size=4"])
+    config = one_layer_config(shakespeare_data_dir, "--max_steps=3", "--eval_iters=1")
     with StopSignals() as signals:
         signals.received = "SIGINT"  # as its handler records one that came before training
         train(config, str(tmp_path), debug=True, signals=signals)
