@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from midgpt import memory, train
+from midgpt import memory
 from midgpt.config import Config, ModelConfig, apply_overrides, load_config
 from midgpt.errors import MidgptError
 from midgpt.optimizer import make_optimizer
@@ -168,11 +168,11 @@ def test_a_gpu_tries_a_run_the_estimate_may_overstate_and_a_host_does_not(monkey
     assert memory.device_memory()[1:] == ("host memory", False)  # this CPU's: a run past it is refused
 
     def plan(available, hard_limit):
-        """What train.plan_memory says after its estimate, with device_memory's word as given."""
+        """What memory.plan says after its estimate, with device_memory's word as given."""
         monkeypatch.setattr(memory, "device_memory", lambda: (available, "a device's memory", hard_limit))
         said = []
         try:
-            train.plan_memory(config, make_mesh(config), estimate, said.append, resuming=False)
+            memory.plan(config, make_mesh(config), estimate, said.append, resuming=False)
         except MidgptError as e:
             said.append(f"stopped: {e}")
         assert said[0].startswith("memory per device") and f"of {memory.readable(available)}" in said[0]

@@ -293,6 +293,19 @@ def check_fits(config: Config, mesh: Mesh, available: int | None, estimate_for, 
 OUT_OF_MEMORY = re.compile(r"RESOURCE_EXHAUSTED: ([^\n]*(memory|allocat)[^\n]*)", re.IGNORECASE)
 
 
+def plan(config: Config, mesh: Mesh, estimate_for, say, resuming: bool) -> None:
+    """Say the per-device memory estimate; stop before compiling if it cannot fit, warn if it may not."""
+    parts = estimate_for(config)
+    available, source, hard_limit = device_memory()
+    say(f"memory per device, estimated ({compute_dtype(config.compute_dtype)} compute, remat "
+        f"{config.model.remat}, attention {training_attention(config)}): "
+        + ", ".join(f"{k} {readable(v)}" for k, v in parts.items() if v)
+        + (f" of {readable(available)} ({source})" if available else ""))
+    warning = check_fits(config, mesh, available, estimate_for, resuming, hard_limit)
+    if warning:
+        say(warning)
+
+
 def ran_out(e: BaseException) -> bool:
     """Whether e is XLA's failure to allocate a device's memory (at a compile or a step)."""
     return isinstance(e, jax.errors.JaxRuntimeError) and OUT_OF_MEMORY.search(str(e)) is not None

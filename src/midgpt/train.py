@@ -249,19 +249,6 @@ def memory_estimator(mesh: Mesh, like: TrainState, shardings):
     return estimate_for
 
 
-def plan_memory(config: Config, mesh: Mesh, estimate_for, say, resuming: bool) -> None:
-    """Print the per-device memory estimate; stop before compiling if it cannot fit, warn if it may not."""
-    parts = estimate_for(config)
-    available, source, hard_limit = memory.device_memory()
-    say(f"memory per device, estimated ({precision.compute_dtype(config.compute_dtype)} compute, remat "
-        f"{config.model.remat}, attention {memory.training_attention(config)}): "
-        + ", ".join(f"{k} {memory.readable(v)}" for k, v in parts.items() if v)
-        + (f" of {memory.readable(available)} ({source})" if available else ""))
-    warning = memory.check_fits(config, mesh, available, estimate_for, resuming, hard_limit)
-    if warning:
-        say(warning)
-
-
 def train(config: Config, rundir: str, debug: bool = False, resume: bool = False, notes: Sequence[str] = (),
           signals: cli.StopSignals | None = None, resume_with: str = checkpoint.SAME_COMMAND) -> GPT:
     """Train into rundir (config.json, metrics.jsonl, TensorBoard events, checkpoints/), resuming if asked.
@@ -315,7 +302,7 @@ def _train(config: Config, rundir: str, debug: bool, resume: bool, notes: Sequen
     like = eqx.filter_eval_shape(fresh_state, config, optimizer)
     shardings, _ = state_layout(config, optimizer, mesh)
     estimate_for = memory_estimator(mesh, like, shardings)
-    plan_memory(config, mesh, estimate_for, say, resume)  # before anything is written, so a retry starts afresh
+    memory.plan(config, mesh, estimate_for, say, resume)  # before anything is written, so a retry starts afresh
     pieces = pieces_per_micro_batch(config, mesh)
     if not existed:  # before the first write
         lock()
