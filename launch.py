@@ -7,18 +7,14 @@ next run in ~/.cache/midgpt/xla (JAX_COMPILATION_CACHE_DIR=DIR elsewhere, JAX_EN
 """
 
 import contextlib
-import errno
 import itertools
 import os
 import re
 import shutil
 import signal
-import socket
-import threading
 import time
 
-from midgpt.cli import (STOP_SIGNALS, ArgumentParser, StopSignals, cache_compiled_programs, exit_in_one_line,
-                        positive_int, run)
+from midgpt.cli import STOP_SIGNALS, ArgumentParser, StopSignals, cache_compiled_programs, positive_int, run
 from midgpt.config import apply_overrides, check_config, config_names, leaves, load_config, resume_config
 from midgpt.errors import MidgptError
 from midgpt.files import LOCK
@@ -74,49 +70,6 @@ def check_new_rundir(rundir: str) -> None:
             raise MidgptError(f"--rundir={rundir} logged training up to step {logged} but holds no {CHECKPOINTS}/ "
                               "(removed?); a new run there would overwrite its logs and config.json: pass a new "
                               f"--rundir, or delete {rundir} to train there afresh")
-
-
-def check_port_free(coordinator_address: str) -> None:
-    """Refuse a --coordinator_address whose port another program holds on this host (process 0's)."""
-    port = int(coordinator_address.rpartition(":")[2])
-    for family, host in ((socket.AF_INET6, "::"), (socket.AF_INET, "")):  # the coordinator listens on [::]
-        with socket.socket(family) as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the coordinator's server binds it
-            try:
-                probe.bind((host, port))
-                return
-            except OSError as e:
-                if e.errno in (errno.EADDRINUSE, errno.EACCES):
-                    raise MidgptError(
-                        f"--coordinator_address={coordinator_address}: process 0 cannot listen on port {port} "
-                        f"({e.strerror}): another program holds it, or another process 0 (give each --process_id to "
-                        "one process); pick a free port, the same for every process") from None
-                # no IPv6 here: try IPv4; neither (a sandbox): let JAX try
-
-
-def initialize_within(cluster: dict, timeout: int, fix: str) -> None:
-    """jax.distributed.initialize(**cluster); if the others have not all joined in timeout s, one line and exit 1."""
-    # JAX's own timeout ends in a C++ abort and a stack trace (that "another task died"): this one comes
-    # first. initialize releases the GIL as it waits, so the timer's thread runs.
-    returned, deciding = threading.Event(), threading.Lock()  # no process whose initialize returned is stopped
-
-    def give_up():
-        with deciding:
-            if not returned.is_set():
-                exit_in_one_line(f"not every process joined within {timeout} s; {fix}, or give them longer "
-                                 "(--join_timeout)")
-
-    timer = threading.Timer(timeout, give_up)
-    timer.daemon = True
-    timer.start()
-    try:
-        import jax
-
-        jax.distributed.initialize(**cluster, initialization_timeout=timeout + 60)
-    finally:  # returned, or raised its own error
-        with deciding:
-            returned.set()
-        timer.cancel()
 
 
 def fields_help(argv: list[str]) -> str:
@@ -204,8 +157,10 @@ def launch(argv: list[str], signals: StopSignals) -> None:
         # It waits in C++ for the other processes, where Python's handlers never run: let Ctrl-C, SIGTERM
         # (scancel, timeout) and SIGHUP kill it. With them handled, it waited out the whole --join_timeout.
         handlers = {sig: signal.signal(sig, signal.SIG_DFL) for sig in STOP_SIGNALS}
+        from midgpt import multihost
+
         if args.process_id == 0 and args.coordinator_address:  # JAX's coordinator would crash on a taken port
-            check_port_free(args.coordinator_address)
+            multihost.check_port_free(args.coordinator_address)
         # Said first: a process that never comes leaves the others silent until the timeout.
         timeout = args.join_timeout or JOIN_TIMEOUT
         print(f"waiting for every process to join (jax.distributed.initialize, at most {timeout} s; "
@@ -214,7 +169,7 @@ def launch(argv: list[str], signals: StopSignals) -> None:
         fix = (f"start {every} with the same --coordinator_address and --num_processes, each with its own "
                "--process_id" if args.coordinator_address else "check that every task of the job started")
         try:
-            initialize_within(cluster, timeout, fix)
+            multihost.initialize_within(cluster, timeout, fix)
         except (ValueError, RuntimeError) as e:  # no cluster detected, the coordinator never answered
             raise MidgptError(f"--multihost could not join the other processes ({str(e).strip().splitlines()[0]}); "
                               "where no cluster is detected, pass --coordinator_address=HOST:PORT "
@@ -223,8 +178,6 @@ def launch(argv: list[str], signals: StopSignals) -> None:
             for sig, handler in handlers.items():
                 signal.signal(sig, handler)
         signals.listen()  # initialize took SIGTERM for JAX's preemption notices
-        from midgpt import multihost
-
         multihost.check_devices_alike()
         with multihost.failing_together():  # JAX takes process 0's count: another one elsewhere would go unseen
             if args.num_processes not in (None, jax.process_count()):

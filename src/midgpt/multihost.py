@@ -1,22 +1,67 @@
-"""What the processes of a multi-host run agree on: the same arguments and devices, and each other's errors.
+"""What the processes of a multi-host run agree on: joining in time, the same arguments and devices, their errors.
 
 JAX's multi-controller model runs the same program on every process; a process that stops alone, or runs
 another config, leaves the others waiting at their next collective. These checks make them stop together.
 """
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
 import re
+import socket
+import threading
 import time
 
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from midgpt.cli import exit_in_one_line
 from midgpt.config import Config, leaves
 from midgpt.errors import MidgptError
+
+
+def check_port_free(coordinator_address: str) -> None:
+    """Refuse a --coordinator_address whose port another program holds on this host (process 0's)."""
+    port = int(coordinator_address.rpartition(":")[2])
+    for family, host in ((socket.AF_INET6, "::"), (socket.AF_INET, "")):  # the coordinator listens on [::]
+        with socket.socket(family) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the coordinator's server binds it
+            try:
+                probe.bind((host, port))
+                return
+            except OSError as e:
+                if e.errno in (errno.EADDRINUSE, errno.EACCES):
+                    raise MidgptError(
+                        f"--coordinator_address={coordinator_address}: process 0 cannot listen on port {port} "
+                        f"({e.strerror}): another program holds it, or another process 0 (give each --process_id to "
+                        "one process); pick a free port, the same for every process") from None
+                # no IPv6 here: try IPv4; neither (a sandbox): let JAX try
+
+
+def initialize_within(cluster: dict, timeout: int, fix: str) -> None:
+    """jax.distributed.initialize(**cluster); if the others have not all joined in timeout s, one line and exit 1."""
+    # JAX's own timeout ends in a C++ abort and a stack trace (that "another task died"): this one comes
+    # first. initialize releases the GIL as it waits, so the timer's thread runs.
+    returned, deciding = threading.Event(), threading.Lock()  # no process whose initialize returned is stopped
+
+    def give_up():
+        with deciding:
+            if not returned.is_set():
+                exit_in_one_line(f"not every process joined within {timeout} s; {fix}, or give them longer "
+                                 "(--join_timeout)")
+
+    timer = threading.Timer(timeout, give_up)
+    timer.daemon = True
+    timer.start()
+    try:
+        jax.distributed.initialize(**cluster, initialization_timeout=timeout + 60)
+    finally:  # returned, or raised its own error
+        with deciding:
+            returned.set()
+        timer.cancel()
 
 
 def check_same_arguments(config: Config, rundir: str, debug: bool, resume: bool, compute_dtype: str) -> None:
