@@ -13,7 +13,7 @@ import pytest
 from midgpt.config import (Config, ModelConfig, apply_overrides, check_config, config_from_dict, config_to_dict,
                            load_config, resume_config)
 from midgpt.errors import MidgptError
-from midgpt.rundir import check_saved_config
+from midgpt.rundir import check_saved_config, runs_near
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -360,3 +360,13 @@ def test_launch_with_misspelled_field_fails_in_one_line_before_creating_rundir(t
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "model.n_layer" in lines[0], result.stderr
     assert not rundir.exists()
+
+
+def test_a_folder_of_runs_names_its_newest_run_not_the_alphabetically_last(tmp_path):
+    for name, age_s in (("a", 0), ("b", 3600)):  # b, last by name, last saved an hour ago
+        (tmp_path / name / "checkpoints").mkdir(parents=True)
+        (tmp_path / name / "config.json").write_text("{}")
+        then = os.path.getmtime(tmp_path / name / "checkpoints") - age_s
+        os.utime(tmp_path / name / "checkpoints", (then, then))
+    (tmp_path / "notes").mkdir()  # no run
+    assert runs_near(str(tmp_path)) == f"{tmp_path} holds runs: pass one, e.g. the newest, --rundir={tmp_path / 'a'}"

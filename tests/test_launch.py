@@ -813,7 +813,7 @@ def test_a_rundir_inside_a_run_or_holding_runs_is_told_which_run_to_pass(short_r
         assert "--step" not in result.stderr  # sample.py's option
     result = run("launch.py", "--config=shakespeare_char_cpu", f"--rundir={os.path.dirname(short_run)}", *TINY,
                  f"--data_dir={shakespeare_data_dir}")
-    assert_one_line_error(result, f"holds runs: pass one, e.g. --rundir={short_run}")
+    assert_one_line_error(result, f"holds runs: pass one, e.g. the newest, --rundir={short_run}")
     assert {p: p.read_bytes() for p in sorted(Path(short_run).rglob("*")) if p.is_file()} == before
 
 def test_resuming_with_another_model_is_refused(short_run, shakespeare_data_dir):
@@ -832,7 +832,7 @@ def test_sample_errors_are_one_line(short_run, shakespeare_data_dir, tmp_path):
     # The folder of runs, or a folder of a run's: each is told which run to pass.
     step = sorted(os.listdir(os.path.join(short_run, "checkpoints")))[0]
     assert_one_line_error(run("sample.py", f"--rundir={os.path.dirname(short_run)}"),
-                          f"holds runs: pass one, e.g. --rundir={short_run}")
+                          f"holds runs: pass one, e.g. the newest, --rundir={short_run}")
     assert_one_line_error(run("sample.py", f"--rundir={os.path.join(short_run, 'checkpoints', step)}"),
                           f"is inside the run in {short_run}: pass --rundir={short_run} --step={step}")
     assert_one_line_error(run("sample.py", f"--rundir={tmp_path}/nope"),

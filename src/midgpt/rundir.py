@@ -60,9 +60,10 @@ def runs_near(rundir: str, with_step: bool = True) -> str | None:
     with_step: and the checkpoint's --step, for sample.py.
     """
     if os.path.isdir(rundir):
-        runs = sorted(e.path for e in os.scandir(rundir) if is_run(e.path))
-        if runs:
-            return f"{rundir} holds runs: pass one, e.g. --rundir={runs[-1]}"
+        runs = [e.path for e in os.scandir(rundir) if is_run(e.path)]
+        if runs:  # the newest: the one whose checkpoints/ took or lost a save last
+            newest = max(runs, key=lambda run: os.path.getmtime(os.path.join(run, CHECKPOINTS)))
+            return f"{rundir} holds runs: pass one, e.g. the newest, --rundir={newest}"
     below, run = [], os.path.normpath(rundir)
     while run != (up := os.path.dirname(run)):  # up to "" for a relative path, "/" for an absolute one
         below.insert(0, os.path.basename(run))
