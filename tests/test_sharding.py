@@ -495,7 +495,7 @@ def test_a_process_the_others_never_join_gives_up_in_one_line(tmp_path, cluster,
     finally:
         proc.kill()
     assert proc.returncode == 1 and err == (
-        f"error: not every process joined within 3 s; {fix}, or give them longer (--join_timeout)\n"), err
+        f"error: not every process joined within 3 s (one that stopped says why in its own output); {fix}, or give them longer (--join_timeout)\n"), err
     assert out.startswith("waiting for every process to join (jax.distributed.initialize, at most 3 s"), out
     assert time.monotonic() - start < 30 and not (tmp_path / "run").exists()
 

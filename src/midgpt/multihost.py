@@ -50,8 +50,8 @@ def initialize_within(cluster: dict, timeout: int, fix: str) -> None:
     def give_up():
         with deciding:
             if not returned.is_set():
-                exit_in_one_line(f"not every process joined within {timeout} s; {fix}, or give them longer "
-                                 "(--join_timeout)")
+                exit_in_one_line(f"not every process joined within {timeout} s (one that stopped says why in its "
+                                 f"own output); {fix}, or give them longer (--join_timeout)")
 
     timer = threading.Timer(timeout, give_up)
     timer.daemon = True
