@@ -6,6 +6,7 @@ token attends to (T + 1) / 2 keys on average, not to T (PaLM's convention, with
 its 12 L D T attention term, counts the masked half too).
 """
 
+import contextlib
 import time
 
 import jax
@@ -95,3 +96,49 @@ def device_peak(dtype: str) -> tuple[float, str]:
     if peak is not None:
         return peak, f"{kind} {dtype} datasheet peak"
     return measure_peak(dtype), f"measured {dtype} matmul peak of this {kind}"
+
+
+class StepTimer:
+    """Tokens/s, ms a step and MFU of the steps since the last restart, leaving out all time outside them."""
+
+    def __init__(self, cfg: ModelConfig, tokens_per_step: int, dtype: str):
+        self.cfg, self.tokens_per_step, self.dtype = cfg, tokens_per_step, dtype
+        self.peak, self.source = device_peak(dtype)
+        # Once, if it reads low: see read. Alone: processes that share a host's cores measure it together.
+        self.remeasure = table_peak(jax.devices()[0].device_kind, dtype) is None and jax.process_count() == 1
+        self.restart()
+
+    def restart(self):
+        """Time from now: after a compile, a traced step, or a log step's evaluation and writes."""
+        self.start, self.steps = time.perf_counter(), 0
+
+    def tick(self):
+        self.steps += 1
+
+    @property
+    def seconds(self) -> float:
+        return time.perf_counter() - self.start
+
+    @contextlib.contextmanager
+    def paused(self):
+        """Leave the block's time out (a save's copy to host)."""
+        paused = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.start += time.perf_counter() - paused
+
+    def read(self, step: int, say) -> dict[str, float]:
+        """{"tokens_per_sec", "step_ms", "mfu"} of the steps since the restart, or {} if there were none."""
+        if not self.steps:
+            return {}
+        tokens_per_sec = self.steps * self.tokens_per_step / self.seconds
+        record = {"tokens_per_sec": tokens_per_sec, "step_ms": 1000 * self.seconds / self.steps,
+                  "mfu": utilisation(self.cfg, tokens_per_sec, self.peak)}
+        if record["mfu"] > 1 and self.remeasure:  # another process loaded the host as its peak was measured
+            self.remeasure, low = False, self.peak
+            self.peak = max(self.peak, measure_peak(self.dtype))
+            record["mfu"] = utilisation(self.cfg, tokens_per_sec, self.peak)
+            say(f"step {step}: MFU read above 100% against the peak measured before training, "
+                f"{low / 1e12:.3g} TFLOP/s (the host was busier then?); measured again: {self.peak / 1e12:.3g} TFLOP/s")
+        return record

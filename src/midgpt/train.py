@@ -6,7 +6,6 @@ import math
 import os
 import shlex
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -355,11 +354,9 @@ def _train(config: Config, rundir: str, debug: bool, resume: bool, notes: Sequen
         say(f"each micro-batch of {config.batch_size} rows runs as {pieces} of {config.batch_size // pieces} "
             "in training and evaluation: faster on a lone CPU")
     tokens_per_step = config.g_accum_iters * config.batch_size * config.model.block_size
-    peak, peak_source = mfu.device_peak(compute_dtype)
-    # Once, if it reads low: see below. Alone: processes that share a host's cores measure it together.
-    remeasure = peak_source.startswith("measured") and jax.process_count() == 1
+    timer = mfu.StepTimer(config.model, tokens_per_step, compute_dtype)
     step_flops = mfu.flops_per_token(config.model) * tokens_per_step
-    say(f"MFU is against the {peak_source}: {peak / 1e12:.3g} TFLOP/s per device, "
+    say(f"MFU is against the {timer.source}: {timer.peak / 1e12:.3g} TFLOP/s per device, "
         f"{n} device{'s' * (n > 1)}; {step_flops / 1e9:.4g} GFLOP a step")
     # A few steady-state steps, after the compile, so the trace shows the step itself.
     traced = range(start + 3, start + 6)
@@ -377,7 +374,7 @@ def _train(config: Config, rundir: str, debug: bool, resume: bool, notes: Sequen
         train_tokens, (config.seed, TRAIN_STREAM, step), config.g_accum_iters, config, mesh
     )
     peak_memory = None
-    interval_start, interval_steps = time.perf_counter(), 0
+    timer.restart()
     step = start  # for an error before the first step
     stopped = False  # by a stop signal: not finished
     try:
@@ -391,35 +388,25 @@ def _train(config: Config, rundir: str, debug: bool, resume: bool, notes: Sequen
                 jax.profiler.start_trace(os.path.join(rundir, "profile"))
             state, metrics = train_step(state, x_GxBxT, y_GxBxT)
             bar.update()
-            interval_steps += 1
+            timer.tick()
             if profile_steps and step == profile_steps[-1]:
                 jax.block_until_ready(state)
                 jax.profiler.stop_trace()
-                interval_start, interval_steps = time.perf_counter(), 0  # traced steps are slower: not timed
+                timer.restart()  # traced steps are slower: not timed
             if step == start + 1:  # leave the compile out of the throughput
                 jax.block_until_ready(state)
                 peak_memory = memory.peak_in_use()
                 # And a resume's rate, which a longer lr_decay_steps moves: its cosine, stretched, rises again.
-                say(f"step {step} (compile included) took {time.perf_counter() - interval_start:.1f} s"
+                say(f"step {step} (compile included) took {timer.seconds:.1f} s"
                     + (f", at learning rate {float(metrics['lr']):.3g}" if start else "")
                     + (f"; peak memory {memory.readable(peak_memory)} per device" if peak_memory else ""))
-                interval_start, interval_steps = time.perf_counter(), 0
+                timer.restart()
 
             if is_log:
                 check_diverged(metrics, step, last_checkpoint, config.model.vocab_size, resume_with)
                 record = {"step": step, **{k: float(v) for k, v in metrics.items()}}
-                elapsed = time.perf_counter() - interval_start
-                if interval_steps and step not in profile_steps:  # none after the compile step, or traced
-                    record["tokens_per_sec"] = interval_steps * tokens_per_step / elapsed
-                    record["step_ms"] = 1000 * elapsed / interval_steps
-                    record["mfu"] = mfu.utilisation(config.model, record["tokens_per_sec"], peak)
-                    if record["mfu"] > 1 and remeasure:  # another process loaded the host as its peak was measured
-                        remeasure, low = False, peak
-                        peak = max(peak, mfu.measure_peak(compute_dtype))
-                        record["mfu"] = mfu.utilisation(config.model, record["tokens_per_sec"], peak)
-                        say(f"step {step}: MFU read above 100% against the peak measured before training, "
-                            f"{low / 1e12:.3g} TFLOP/s (the host was busier then?); measured again: "
-                            f"{peak / 1e12:.3g} TFLOP/s")
+                if step not in profile_steps and (timed := timer.read(step, say)):  # none after the compile step
+                    record.update(timed)
                     bar.set_postfix({"loss": f"{record['loss']:.4f}", "lr": f"{record['lr']:.2e}",
                                      "tok/s": f"{record['tokens_per_sec']:,.0f}", "mfu": f"{record['mfu']:.1%}"},
                                     refresh=False)
@@ -433,7 +420,7 @@ def _train(config: Config, rundir: str, debug: bool, resume: bool, notes: Sequen
                 with multihost.failing_together(), writing_to(rundir, resume_fix()):  # a full disk
                     if log:
                         log.write(record)
-                interval_start, interval_steps = time.perf_counter(), 0
+                timer.restart()
 
             if notice := signals.notice():  # where the signal did not reach StopSignals' thread
                 signals.say(notice)
@@ -444,9 +431,8 @@ def _train(config: Config, rundir: str, debug: bool, resume: bool, notes: Sequen
             if manager and (step % config.checkpoint_interval == 0 or step == config.max_steps or stop):
                 if not is_log:  # never save a diverged state (a log step has checked it above)
                     check_diverged(metrics, step, last_checkpoint, config.model.vocab_size, resume_with)
-                saving = time.perf_counter()
-                checkpoint.save(manager, step, state, config, resume_with)
-                interval_start += time.perf_counter() - saving  # the save's copy to host is no step's time
+                with timer.paused():  # the save's copy to host is no step's time
+                    checkpoint.save(manager, step, state, config, resume_with)
                 last_checkpoint = step
             if stop:
                 stopped = True
