@@ -99,9 +99,15 @@ def fingerprint_dict(tree) -> dict[str, int]:
 def check_fingerprints(manager: ocp.CheckpointManager, step: int, tree) -> None:
     """Raise ValueError where a restored array is not what was saved: its files changed since, in place."""
     # tensorstore checks the files' layout, not the bytes of the values; orbax has no checksum for them.
-    if not os.path.isdir(os.path.join(str(manager.directory), str(step), "fingerprints")):
+    path = pathlib.Path(str(manager.directory), str(step), "fingerprints")
+    if not path.is_dir():
         return  # saved before checkpoints had them
-    saved = manager.restore(step, args=ocp.args.Composite(fingerprints=ocp.args.JsonRestore()))["fingerprints"]
+    handler = ocp.JsonCheckpointHandler()  # not manager.restore, whose barrier hangs the others: see restore
+    try:
+        with multihost.failing_together():
+            saved = handler.restore(path, args=ocp.args.JsonRestore())
+    finally:
+        handler.close()
     changed = sorted(k for k, v in fingerprint_dict(tree).items() if saved.get(k, v) != v)
     if changed:
         raise ValueError(f"the values of {', '.join(changed[:3])}{' ...' if len(changed) > 3 else ''} are not "
