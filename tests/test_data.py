@@ -229,6 +229,17 @@ def test_a_run_directory_passed_as_data_is_told_which_data_its_run_read(tmp_path
                                "wrote, as that run did: --data_dir=data/shakespeare_char")
 
 
+def test_a_text_file_passed_as_data_is_told_to_prepare_it_into_a_folder(tmp_path):
+    # It was "not found", with advice to write prepared data at the text's own path.
+    text = tmp_path / "input.txt"
+    text.write_text("to be or not to be")
+    with pytest.raises(MidgptError) as info:
+        load_meta(str(text), vocab_size=65)
+    assert str(info.value) == (f"data_dir {text} is a file, not a folder of prepared data; run python "
+                               f"data/shakespeare_char/prepare.py --input {text} --out_dir DIR (characters), "
+                               "then pass --data_dir=DIR")
+
+
 def test_same_key_gives_the_same_batch(shakespeare_data_dir):
     tokens = load_tokens(shakespeare_data_dir, "train")
     x1_BxT, y1_BxT = get_batch(tokens, (0, 5), 8, 32)

@@ -35,11 +35,15 @@ def _require(data_dir: str, name: str, vocab_size: int | None = None) -> str:
     if not os.path.exists(path):
         missing = path if os.path.isdir(data_dir) else data_dir
         script = os.path.join(data_dir, "prepare.py")  # the datasets in data/ carry their own
-        chars = f"python data/shakespeare_char/prepare.py --input TEXT --out_dir {data_dir} (characters)"
-        bpe = f"python data/openwebtext/prepare.py --input FILES --out_dir {data_dir} (GPT-2 BPE)"
+        text, out_dir = (data_dir, "DIR") if os.path.isfile(data_dir) else (None, data_dir)  # the text itself?
+        chars = f"python data/shakespeare_char/prepare.py --input {text or 'TEXT'} --out_dir {out_dir} (characters)"
+        bpe = f"python data/openwebtext/prepare.py --input {text or 'FILES'} --out_dir {out_dir} (GPT-2 BPE)"
         # GPT-2's ids need its vocabulary; a smaller one can only be characters'.
         how = (f"python {script}" if os.path.exists(script) else f"{chars} or {bpe}" if vocab_size is None
                else bpe if vocab_size >= GPT2_VOCAB_SIZE else chars)
+        if os.path.isfile(data_dir):
+            raise MidgptError(f"data_dir {data_dir} is a file, not a folder of prepared data; run {how}, "
+                              "then pass --data_dir=DIR")
         raise MidgptError(f"{missing} not found{_in_clone(data_dir, name) or f'; run {how} to create it'}")
     return path
 
