@@ -109,6 +109,15 @@ def test_chunks_of_any_size_make_the_same_text(max_new_tokens):
         assert len(set(whole[0][0].tolist())) > 1 and not np.array_equal(whole[0][0], whole[0][1])
 
 
+def test_a_prompt_past_block_size_or_a_negative_length_is_refused_at_the_call():
+    # Not at the first next(): a negative length generated one token, a long prompt failed later.
+    model = tiny_model()
+    with pytest.raises(ValueError, match="the prompt must fit block_size"):
+        generate_chunks(model, jnp.ones((1, model.config.block_size + 1), jnp.int32), 1, jax.random.key(0))
+    with pytest.raises(ValueError, match="max_new_tokens must be >= 0, not -1"):
+        generate_chunks(model, jnp.ones((1, 2), jnp.int32), -1, jax.random.key(0))
+
+
 def test_a_character_split_over_tokens_is_shown_once_whole():
     meta = {"tokenizer": "gpt2"}
     ids = tokenizer.encode(meta, "a robot 🤖 and 日本語.")  # " 🤖" is 3 tokens, each a part of its bytes

@@ -142,12 +142,18 @@ def generate_chunks(model: GPT, prompt_BxP, max_new_tokens: int, key, temperatur
 
     Past block_size the context slides: each token sees the block_size latest ones, as in the model's forward pass.
     """
-    B, P = prompt_BxP.shape
-    if P > model.config.block_size:
+    # Checked at the call, not at the first next() of a generator.
+    if prompt_BxP.shape[1] > model.config.block_size:
         raise ValueError("the prompt must fit block_size; keep its last block_size tokens")
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, not {max_new_tokens}")
+    return _chunks(model, prompt_BxP, max_new_tokens, key, chunk, temperature=temperature, top_k=top_k, vocab=vocab)
+
+
+def _chunks(model: GPT, prompt_BxP, max_new_tokens: int, key, chunk: int, **sampling):
+    P = prompt_BxP.shape[1]
     if max_new_tokens == 0:
         return
-    sampling = dict(temperature=temperature, top_k=top_k, vocab=vocab)
     cache, token_B = _prefill(model, prompt_BxP, key, **sampling)
     yield token_B[:, None].astype(prompt_BxP.dtype)
     # Whole chunks, the last one cut: one compiled program, whatever max_new_tokens is.
