@@ -55,8 +55,7 @@ def newest_committed(rundir: str) -> int | None:
 def make_manager(rundir: str, config: Config) -> ocp.CheckpointManager:
     """The run's checkpoint manager."""
     # orbax deletes the oldest only after a newer one commits, so the last good copy is never the one removed.
-    options = ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True,
-                                           enable_async_checkpointing=True)
+    options = ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, enable_async_checkpointing=True)
     # Made here, not by orbax: a file in the way fails now, in one line, rather than at the first save.
     os.makedirs(directory(rundir), exist_ok=True)
     return ocp.CheckpointManager(directory(rundir), options=options)
@@ -207,12 +206,15 @@ def array_shapes(tree) -> dict[str, tuple[int, ...]]:
 
 def check_arrays(step_dir: str, like, part: str | None = None) -> None:
     """Raise MidgptError if the checkpoint (or its field part) holds other arrays than like: another model, not damage."""
+    # The item's handler, not a StandardCheckpointer: that one looks for a step's metadata
+    # file in the item's folder and logs a warning on every resume.
+    handler = ocp.StandardCheckpointHandler()
     try:
-        # The item's handler, not a StandardCheckpointer: that one looks for a step's metadata
-        # file in the item's folder and logs a warning on every resume.
-        saved = array_shapes(ocp.StandardCheckpointHandler().metadata(pathlib.Path(step_dir, "state")))
+        saved = array_shapes(handler.metadata(pathlib.Path(step_dir, "state")))
     except Exception:  # unreadable metadata is damage, which the restore reports
         return
+    finally:
+        handler.close()
     if not saved:  # no metadata at all is damage too
         return
     wanted = array_shapes({part: like} if part else like)

@@ -2,9 +2,9 @@
 
 Parameters, gradients and optimiser state are sharded over the fsdp axis (FSDP);
 batches are split over both axes, so replica is pure data parallelism. Inside the
-jitted step, the model gathers one layer's parameters at a time (the layers run
-under lax.scan, and gather_params marks the spot) and XLA sums their gradients
-back into the shards.
+jitted step, the model gathers the parameters of one scan iteration's layers at a
+time (the layers run under lax.scan, model.scan_unroll of them an iteration, and
+gather_params marks the spot) and XLA sums their gradients back into the shards.
 """
 
 import functools
