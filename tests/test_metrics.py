@@ -97,6 +97,9 @@ def test_rewinding_event_files_keeps_the_steps_up_to_the_checkpoint_and_drops_a_
     (tmp_path / f"{path.name}.tmp").write_bytes(path.read_bytes())  # and a rewrite of it, before its rename
     rewind_events(str(tmp_path), 10)
     assert [step for step, _ in scalars(tmp_path)["train/loss"]] == list(range(1, 10))  # each once
+    inode = path.stat().st_ino
+    rewind_events(str(tmp_path), 10)  # nothing to cut: the file is left as it is, not written again
+    assert path.stat().st_ino == inode
     rewind_events(str(tmp_path), 5)
     assert [step for step, _ in scalars(tmp_path)["train/loss"]] == [1, 2, 3, 4, 5]
     rewind_events(str(tmp_path), 0)  # started over: not even the config is left

@@ -81,7 +81,8 @@ def rewind_events(rundir: str, step: int):
             if end <= len(data) and (event.step < step or event.step == step and not is_config):
                 kept.append(data[at:end])
             at = end
-        write_atomically(path, b"".join(kept))
+        if (cut := b"".join(kept)) != data:  # a resume at the newest step cuts nothing: no rewrite of every event
+            write_atomically(path, cut)
 
 
 class MetricsLog:
