@@ -233,6 +233,26 @@ def test_a_batch_whose_tokens_alone_outgrow_the_device_is_told_to_have_fewer():
     assert "use fewer tokens at once (a smaller --batch_size, --g_accum_iters or --eval_iters)" in str(error.value)
 
 
+def test_rows_too_long_for_the_device_are_estimated_without_memory_and_told_to_shorten():
+    # A block_size of 100,000: the estimate made a 9 GiB attention mask on the host, and the kernel killed the run.
+    import tracemalloc
+
+    long_rows = lambda T: apply_overrides(load_config("shakespeare_char_cpu"), [f"--model.block_size={T}"])
+    tracemalloc.start()  # numpy's allocations are traced; a 20000 x 20000 mask would be 400 MB
+    try:
+        assert estimate(long_rows(20000))["activations"] > 100 * 2**30
+        assert tracemalloc.get_traced_memory()[1] < 50 * 2**20
+    finally:
+        tracemalloc.stop()
+    # Not remat, which leaves each row's 100000 x 100000 scores: shorter rows, or more devices.
+    config = long_rows(100000)
+    for resuming, advice in ((False, "use more devices, or shorter rows (a smaller --model.block_size)"),
+                             (True, "use more devices; or, in a new --rundir, shorter rows (a smaller --model.block_size)")):
+        with pytest.raises(MidgptError) as error:
+            memory.check_fits(config, make_mesh(config), 16 * 2**30, estimate, resuming=resuming)
+        assert str(error.value).endswith(f"; {advice}"), error.value
+
+
 @pytest.mark.parametrize("overrides, mesh_shape, advice", [
     ([], (1, 2), "more devices"),  # already all on the fsdp axis
     ([], (2, 1), "all devices on the fsdp axis (--mesh_shape=1,-1)"),

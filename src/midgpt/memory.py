@@ -8,6 +8,7 @@ import re
 
 import equinox as eqx
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
@@ -66,20 +67,21 @@ def kept_bytes(m: ModelConfig, dtype: str, remat: str, rows: int) -> int:
     m.attention: "einsum" or "xla", as training_attention resolves it (cuDNN's traces only on a GPU).
     """
     T = m.block_size
-    sin_TxC, cos_TxC = rotary_tables(np.arange(T), m.head_dim, m.rope_base)
-    mask_TxS = np.tril(np.ones((T, T), bool))
     key = jax.random.key(0) if m.dropout > 0 else None  # training draws dropout masks, which remat keeps
 
-    def layer(block, x_BxTxD):
-        return block(x_BxTxD, sin_TxC, cos_TxC, mask_TxS, key=key)[0]
+    def backward(block, x_BxTxD):
+        # Traced, as training's are, never made: a block_size of 100,000 made a 9 GiB mask on the host.
+        sin_TxC, cos_TxC = rotary_tables(jnp.arange(T), m.head_dim, m.rope_base)
+        mask_TxS = jnp.tril(jnp.ones((T, T), bool))
+        layer = lambda block, x_BxTxD: block(x_BxTxD, sin_TxC, cos_TxC, mask_TxS, key=key)[0]
+        if remat != "none":
+            layer = jax.checkpoint(layer, policy=REMAT_POLICIES[remat])
+        # The function jax.vjp returns holds the residuals: its leaves are what the backward pass reads.
+        return jax.vjp(layer, block, x_BxTxD)[1]
 
-    if remat != "none":
-        layer = jax.checkpoint(layer, policy=REMAT_POLICIES[remat])
     block = eqx.filter_eval_shape(lambda: cast_floats(Block(m, key=jax.random.key(0)), dtype))
     x_BxTxD = jax.ShapeDtypeStruct((rows, T, m.n_embd), dtype)
-    # The function jax.vjp returns holds the residuals: its leaves are what the backward pass reads.
-    backward = jax.eval_shape(lambda b, x: jax.vjp(layer, b, x)[1], block, x_BxTxD)
-    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(backward))
+    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(jax.eval_shape(backward, block, x_BxTxD)))
 
 
 @functools.lru_cache(maxsize=64)  # traced once per model and policy, not once per batch size tried
@@ -240,7 +242,12 @@ def fixes(config: Config, mesh: Mesh, available: int, estimate_for,
     if smaller:
         new_run.append(f"a smaller batch with more accumulation (--batch_size={smaller.batch_size} "
                        f"--g_accum_iters={smaller.g_accum_iters})")
-    if state_fits and (config.model.remat != "full" or config.model.scan_unroll > 1):
+    full_remat = dataclasses.replace(config.model, remat="full", scan_unroll=1)
+    # The fewest activations this run's rows can have: one row a device, each layer recomputed.
+    fewest = dataclasses.replace(config, model=full_remat, batch_size=mesh.size,
+                                 g_accum_iters=config.g_accum_iters * max(config.batch_size // mesh.size, 1))
+    rows_fit = not state_fits or estimate_for(fewest)["total"] <= available
+    if state_fits and rows_fit and config.model != full_remat:
         same.append("full remat, one layer at a time (--model.remat=full --model.scan_unroll=1)")
     if not config.shard_model:
         same.append("sharded parameters (--shard_model=true)")
@@ -250,6 +257,8 @@ def fixes(config: Config, mesh: Mesh, available: int, estimate_for,
         same.append("more devices")
     if not state_fits:
         new_run.append("a smaller model (fewer --model.n_layer, a smaller --model.n_embd)")
+    elif not rows_fit:  # a row's own activations outgrow the device
+        new_run.append("shorter rows (a smaller --model.block_size)")
     return same, new
 
 
