@@ -244,10 +244,10 @@ def test_rows_too_long_for_the_device_are_estimated_without_memory_and_told_to_s
         assert tracemalloc.get_traced_memory()[1] < 50 * 2**20
     finally:
         tracemalloc.stop()
-    # Not remat, which leaves each row's 100000 x 100000 scores: shorter rows, or more devices.
+    # Neither remat, which leaves each row's 100000 x 100000 scores, nor devices, which split rows, not a row.
     config = long_rows(100000)
-    for resuming, advice in ((False, "use more devices, or shorter rows (a smaller --model.block_size)"),
-                             (True, "use more devices; or, in a new --rundir, shorter rows (a smaller --model.block_size)")):
+    for resuming, advice in ((False, "use shorter rows (a smaller --model.block_size)"),
+                             (True, "in a new --rundir, use shorter rows (a smaller --model.block_size)")):
         with pytest.raises(MidgptError) as error:
             memory.check_fits(config, make_mesh(config), 16 * 2**30, estimate, resuming=resuming)
         assert str(error.value).endswith(f"; {advice}"), error.value

@@ -232,6 +232,13 @@ def fixes(config: Config, mesh: Mesh, available: int, estimate_for,
     new_run = new if resuming else same
     # Where the parameters, their gradients and Adam's moments alone do not fit, fewer activations cannot help.
     state_fits = parts["parameters"] + parts["gradients"] + parts["optimizer"] < available
+    full_remat = dataclasses.replace(config.model, remat="full", scan_unroll=1)
+    # The fewest activations this run's rows can have: one row a device, each layer recomputed (its tokens
+    # aside: fewer of them is another fix).
+    fewest = estimate_for(dataclasses.replace(config, model=full_remat, batch_size=mesh.size))
+    if state_fits and fewest["total"] - fewest["batches"] > available:  # devices split rows, never one row
+        return ([], ["shorter rows (a smaller --model.block_size)"]) if resuming else (
+            ["shorter rows (a smaller --model.block_size)"], [])
     if state_fits and parts["batches"] > available // 2:  # the tokens themselves: only fewer of them help
         if resuming:
             same.append("fewer tokens at once (a smaller --eval_iters)")
@@ -242,12 +249,7 @@ def fixes(config: Config, mesh: Mesh, available: int, estimate_for,
     if smaller:
         new_run.append(f"a smaller batch with more accumulation (--batch_size={smaller.batch_size} "
                        f"--g_accum_iters={smaller.g_accum_iters})")
-    full_remat = dataclasses.replace(config.model, remat="full", scan_unroll=1)
-    # The fewest activations this run's rows can have: one row a device, each layer recomputed.
-    fewest = dataclasses.replace(config, model=full_remat, batch_size=mesh.size,
-                                 g_accum_iters=config.g_accum_iters * max(config.batch_size // mesh.size, 1))
-    rows_fit = not state_fits or estimate_for(fewest)["total"] <= available
-    if state_fits and rows_fit and config.model != full_remat:
+    if state_fits and config.model != full_remat:
         same.append("full remat, one layer at a time (--model.remat=full --model.scan_unroll=1)")
     if not config.shard_model:
         same.append("sharded parameters (--shard_model=true)")
@@ -257,13 +259,13 @@ def fixes(config: Config, mesh: Mesh, available: int, estimate_for,
         same.append("more devices")
     if not state_fits:
         new_run.append("a smaller model (fewer --model.n_layer, a smaller --model.n_embd)")
-    elif not rows_fit:  # a row's own activations outgrow the device
-        new_run.append("shorter rows (a smaller --model.block_size)")
     return same, new
 
 
 def advice(same: list[str], new: list[str], again: str = "") -> str:
     """fixes' two lists as a clause: "use A, or B[ and AGAIN]; or, in a new --rundir, C"."""
+    if not same:  # nothing resumes this run
+        return "in a new --rundir, use " + ", or ".join(new)
     clause = "use " + ", or ".join(same) + (f", and {again}" if again else "")
     return clause + (f"; or, in a new --rundir, {', or '.join(new)}" if new else "")
 
