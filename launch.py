@@ -97,7 +97,7 @@ def main(argv: list[str]) -> None:
 
 
 def launch(argv: list[str], signals: StopSignals) -> None:
-    parser = ArgumentParser(description=__doc__, allow_abbrev=False,
+    parser = ArgumentParser(description=__doc__,
                             epilog=fields_help(argv) if {"-h", "--help"} & set(argv) else None)
     parser.add_argument("--config", required=True, help=f"a config of midgpt.configs: {', '.join(config_names())}")
     parser.add_argument("--rundir", default=None, type=os.path.expanduser, help="run directory (default: outputs/<timestamp>)")

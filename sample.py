@@ -16,7 +16,7 @@ def main(argv: list[str]) -> None:
     # Nothing to save: Ctrl-C ends it at once. Python's KeyboardInterrupt would wait for the
     # generation, which runs in C++ (minutes, for a long sample), and end in a traceback.
     signal.signal(signal.SIGINT, signal.SIG_DFL)
-    parser = ArgumentParser(description=__doc__, allow_abbrev=False)
+    parser = ArgumentParser(description=__doc__)
     parser.add_argument("--rundir", required=True, type=os.path.expanduser, help="a run directory made by launch.py")
     parser.add_argument("--start", default="\n", help="the prompt, or FILE:path to read it from a file (default: a newline)")
     parser.add_argument("--num_samples", type=positive_int, default=1, help="samples to draw")

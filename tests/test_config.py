@@ -86,6 +86,22 @@ def test_a_mistyped_flag_of_the_command_is_suggested_and_a_field_is_still_a_fiel
     assert apply_overrides(config, ["--max_steps=3"], options).max_steps == 3
 
 
+def test_a_command_without_config_fields_names_close_options_and_takes_no_abbreviation():
+    # sample.py's: "unrecognized arguments" alone, where launch.py named the flag meant.
+    from midgpt.cli import ArgumentParser
+
+    parser = ArgumentParser(prog="sample.py")
+    for option in ("--rundir", "--start", "--num_samples", "--steps"):
+        parser.add_argument(option)
+    for args, said in ((["--num_sample=2"], "did you mean --num_samples?"),
+                       (["--prompt=hi"], "the options are --rundir, --start, --num_samples, --steps")):
+        with pytest.raises(MidgptError) as info:
+            parser.parse_args(args)
+        assert str(info.value) == f"unrecognized arguments: {args[0]}; {said} (see python sample.py --help)"
+    # A prefix is no option: in a benchmark it read as --steps, in launch.py as a config typo.
+    assert parser.parse_known_args(["--step=5"])[1] == ["--step=5"]
+
+
 def test_a_bare_flag_that_is_no_field_is_an_unknown_argument_not_a_malformed_override(config):
     with pytest.raises(MidgptError) as info:  # launch.py's, given to a benchmark: "e.g. --debug=VALUE" misled
         apply_overrides(config, ["--debug"], ["steps"])

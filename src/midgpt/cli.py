@@ -18,6 +18,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from midgpt.config import nearest
 from midgpt.errors import MidgptError
 
 
@@ -32,14 +33,22 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse whose errors are MidgptError, so they print as one line like every other."""
+    """argparse whose errors are MidgptError, so they print as one line like every other, naming close options."""
 
     def __init__(self, **kwargs):
         # The script as typed (benchmarks/train_throughput.py, not its base name): "see python PROG --help" then runs.
         kwargs.setdefault("prog", sys.argv[0])
+        # No abbreviations: --step would be --steps in one script and a config typo in the next.
+        kwargs.setdefault("allow_abbrev", False)
         super().__init__(formatter_class=_HelpFormatter, **kwargs)
 
     def error(self, message):
+        if message.startswith("unrecognized arguments: "):
+            flag = message.removeprefix("unrecognized arguments: ").split()[0].partition("=")[0]
+            options = [o for o in self._option_string_actions if o.startswith("--") and o != "--help"]
+            close = nearest(flag, options)
+            message += (f"; did you mean {' or '.join(close)}?" if close else
+                        f"; the options are {', '.join(options)}")
         raise MidgptError(f"{message} (see python {self.prog} --help)")
 
 

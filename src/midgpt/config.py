@@ -120,9 +120,9 @@ def apply_overrides(config: Config, overrides: list[str], options: Sequence[str]
     for arg in overrides:
         flag = arg.partition("=")[0].removeprefix("--")
         # --multi_host or --rundri=DIR would read as a malformed override, or an unknown field
-        nearest = _nearest(flag, [*types, *options]) if arg.startswith("--") and flag not in types else []
-        if set(nearest) & set(options):
-            shown = (f"--{c}" if c in options else repr(c) for c in nearest)
+        close = nearest(flag, [*types, *options]) if arg.startswith("--") and flag not in types else []
+        if set(close) & set(options):
+            shown = (f"--{c}" if c in options else repr(c) for c in close)
             raise MidgptError(f"unknown argument --{flag}; did you mean {' or '.join(shown)}?")
         if arg.startswith("--") and any(t.startswith(flag + ".") for t in types):  # --model=3, or --model alone
             raise MidgptError(f"config field {flag!r} is a group; set its fields, e.g. --{flag}.FIELD=VALUE")
@@ -221,11 +221,11 @@ def _leaf_types(cls: type, prefix: str = "") -> dict[str, type]:
 
 def _did_you_mean(name: str, choices) -> str:
     """"; did you mean 'x'?" naming the nearest choices, else ""."""
-    close = _nearest(name, choices)
+    close = nearest(name, choices)
     return f"; did you mean {' or '.join(map(repr, close))}?" if close else ""
 
 
-def _nearest(name: str, choices) -> list[str]:
+def nearest(name: str, choices) -> list[str]:
     """The choices nearest to name by difflib ratio, nearest first: at most 3, none if none is close."""
     ratio = {c: difflib.SequenceMatcher(None, name, c).ratio() for c in choices}
     best = max(ratio.values(), default=0.0)
