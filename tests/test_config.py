@@ -13,7 +13,7 @@ import pytest
 from midgpt.config import (Config, ModelConfig, apply_overrides, check_config, config_from_dict, config_to_dict,
                            load_config, resume_config)
 from midgpt.errors import MidgptError
-from midgpt.rundir import check_saved_config, runs_near
+from midgpt.rundir import check_saved_config, read_config_json, runs_near
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -386,3 +386,11 @@ def test_a_folder_of_runs_names_its_newest_run_not_the_alphabetically_last(tmp_p
         os.utime(tmp_path / name / "checkpoints", (then, then))
     (tmp_path / "notes").mkdir()  # no run
     assert runs_near(str(tmp_path)) == f"{tmp_path} holds runs: pass one, e.g. the newest, --rundir={tmp_path / 'a'}"
+
+
+def test_an_edited_config_json_without_a_checkpoint_copy_is_told_to_undo_the_edit(tmp_path, config):
+    (tmp_path / "config.json").write_text(json.dumps({**config_to_dict(config), "max_steps": "lots"}))
+    with pytest.raises(MidgptError) as info:
+        read_config_json(str(tmp_path))
+    assert str(info.value) == (f"{tmp_path}/config.json: config field 'max_steps' expects int, got 'lots'; undo the "
+                               "edit, or use the version of midgpt that wrote it")

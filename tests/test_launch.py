@@ -886,7 +886,8 @@ def test_sample_errors_are_one_line(short_run, shakespeare_data_dir, tmp_path):
     assert_one_line_error(run("sample.py", f"--rundir={edited}"), "model.remat")  # as launch.py would refuse it
     (edited / "config.json").write_text(json.dumps({**config, "note": "mine"}))
     assert_one_line_error(run("sample.py", f"--rundir={edited}"), f"{edited}/config.json: unknown config keys: note; "
-                          "undo the edit, or use the version of midgpt that wrote it")
+                          f"put the newest checkpoint's copy back: cp {edited}/checkpoints/{newest}/config/metadata "
+                          f"{edited}/config.json, or use the version of midgpt that wrote it")
     (tmp_path / "latin1.txt").write_bytes("café".encode("latin-1"))
     assert_one_line_error(run("sample.py", f"--rundir={short_run}", f"--start=FILE:{tmp_path}/latin1.txt"),
                           "cannot read the prompt file")

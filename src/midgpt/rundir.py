@@ -102,7 +102,8 @@ def read_config_json(rundir: str) -> Config:
     try:
         return config_from_dict(saved)
     except MidgptError as e:  # an edit, or another version of midgpt: which, only the user knows
-        raise MidgptError(f"{path}: {e}; undo the edit, or use the version of midgpt that wrote it") from None
+        undo = _put_back(rundir, path) or "undo the edit"
+        raise MidgptError(f"{path}: {e}; {undo}, or use the version of midgpt that wrote it") from None
 
 
 def check_saved_config(rundir: str, config: Config, saved: Config, fix: str = "fix it there") -> None:
