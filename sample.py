@@ -58,8 +58,9 @@ def main(argv: list[str]) -> None:
     from midgpt.precision import compute_dtype
     from midgpt.sample import fitting_memory, generate, generate_chunks, load_model, prompt_key, run_meta
 
-    config, model = load_model(args.rundir, args.step, say=lambda note: print(note, file=sys.stderr))
-    meta = run_meta(args.rundir, config)
+    note = lambda line: print(line, file=sys.stderr)  # stdout is the text alone
+    config, model = load_model(args.rundir, args.step, say=note)
+    meta = run_meta(args.rundir, config, say=note)
     model = cast_floats(model, jnp.dtype(compute_dtype(config.compute_dtype)))
     try:
         ids = tokenizer.encode(meta, start)

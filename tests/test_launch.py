@@ -711,6 +711,10 @@ def test_data_that_moved_is_refused_where_no_checksums_show_it_is_the_same(short
     assert_one_line_error(result, f"this run trained on {shakespeare_data_dir}, and {rundir} keeps no copy of its "
                           f"data's meta.json: nothing shows", f"resume with --data_dir={shakespeare_data_dir}, or")
     assert {p: p.read_bytes() for p in sorted(rundir.rglob("*")) if p.is_file()} == before
+    sampled = run("sample.py", f"--rundir={rundir}", "--max_new_tokens=5")  # decoded by the data's, and said so
+    assert sampled.returncode == 0 and sampled.stderr.startswith(
+        f"{rundir} holds no copy of its data's meta.json: decoding with {shakespeare_data_dir}/meta.json, which must "
+        "be of the data it trained on\n"), sampled.stderr
     config = json.loads((rundir / "config.json").read_text())  # started where the data was ./data
     (rundir / "config.json").write_text(json.dumps({**config, "data_dir": "data"}))
     result = run("launch.py", "--config=shakespeare_char_cpu", f"--rundir={rundir}", f"--data_dir={moved}", *TINY,

@@ -95,13 +95,18 @@ def restore_model(rundir: str, config: Config, step: int, like: GPT) -> GPT:
         manager.close()
 
 
-def run_meta(rundir: str, config: Config) -> dict:
-    """The tokenizer the run trained with: its copy of the data's meta.json (older runs: the data's own)."""
+def run_meta(rundir: str, config: Config, say=None) -> dict:
+    """The tokenizer the run trained with: its copy of the data's meta.json (older runs: the data's own, said)."""
     meta = data.load_run_meta(rundir, config.data_dir)
-    if meta is None and not os.path.exists(os.path.join(config.data_dir, "meta.json")):  # preparing data is no fix
+    if meta is not None:
+        return meta
+    if not os.path.exists(os.path.join(config.data_dir, "meta.json")):  # preparing data is no fix
         raise MidgptError(f"{rundir} holds no meta.json (its tokenizer), nor does its data_dir {config.data_dir}; "
                           f"copy the meta.json of the data it trained on to {rundir}/")
-    return meta or data.load_meta(config.data_dir)
+    if say:  # prepared again from other text since, it would decode wrongly, and nothing would tell
+        say(f"{rundir} holds no copy of its data's meta.json: decoding with {config.data_dir}/meta.json, "
+            "which must be of the data it trained on")
+    return data.load_meta(config.data_dir)
 
 
 def sample_token(logits_BxV, key, temperature: float, top_k: int | None, vocab: int | None = None):
