@@ -59,9 +59,10 @@ def check_new_rundir(rundir: str) -> None:
         try:
             saved = read_config_json(rundir)
         except MidgptError:  # none, or another program's config.json
-            fix = runs_near(rundir, with_step=False) or "pass a new or empty --rundir"
+            if near := runs_near(rundir, with_step=False):  # a folder of runs, or one of a run's
+                raise MidgptError(f"--rundir={rundir} is not a run directory; {near}") from None
             raise MidgptError(f"--rundir={rundir} holds files but no run (no config.json that launch.py wrote), which "
-                              f"a new run could overwrite; {fix}") from None
+                              "a new run could overwrite; pass a new or empty --rundir") from None
         # A run without checkpoints (--debug's, one killed before its first save) starts afresh, but not
         # one whose logs pass a save it made: its checkpoints/ was removed (every run makes one, --debug's
         # an empty one), and its logs would go too.

@@ -813,11 +813,13 @@ def test_a_rundir_inside_a_run_or_holding_runs_is_told_which_run_to_pass(short_r
     for rundir in (os.path.join(short_run, "checkpoints"), os.path.join(short_run, "checkpoints", step)):
         result = run("launch.py", "--config=shakespeare_char_cpu", f"--rundir={rundir}", *TINY,
                      f"--data_dir={shakespeare_data_dir}")
-        assert_one_line_error(result, f"is inside the run in {short_run}: pass --rundir={short_run}")
+        assert_one_line_error(result, f"--rundir={rundir} is not a run directory; {rundir} is inside the run in "
+                                      f"{short_run}: pass --rundir={short_run}")
         assert "--step" not in result.stderr  # sample.py's option
     result = run("launch.py", "--config=shakespeare_char_cpu", f"--rundir={os.path.dirname(short_run)}", *TINY,
                  f"--data_dir={shakespeare_data_dir}")
-    assert_one_line_error(result, f"holds runs: pass one, e.g. the newest, --rundir={short_run}")
+    assert_one_line_error(result, f"--rundir={os.path.dirname(short_run)} is not a run directory; "
+                                  f"{os.path.dirname(short_run)} holds runs: pass one, e.g. the newest, --rundir={short_run}")
     assert {p: p.read_bytes() for p in sorted(Path(short_run).rglob("*")) if p.is_file()} == before
 
 def test_resuming_with_another_model_is_refused(short_run, shakespeare_data_dir):
