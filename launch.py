@@ -157,7 +157,8 @@ def launch(argv: list[str], signals: StopSignals) -> None:
     if args.multihost:  # before anything touches a device
         # It waits in C++ for the other processes, where Python's handlers never run: let Ctrl-C, SIGTERM
         # (scancel, timeout) and SIGHUP kill it. With them handled, it waited out the whole --join_timeout.
-        handlers = {sig: signal.signal(sig, signal.SIG_DFL) for sig in STOP_SIGNALS}
+        handlers = {sig: signal.signal(sig, signal.SIG_DFL) for sig in STOP_SIGNALS
+                    if signal.getsignal(sig) != signal.SIG_IGN}  # nohup's SIGHUP stays ignored
         from midgpt import multihost
 
         if args.process_id == 0 and args.coordinator_address:  # JAX's coordinator would crash on a taken port

@@ -4,6 +4,7 @@ import http.client
 import os
 import random
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -29,6 +30,11 @@ def pytest_configure(config):
         # place, and a process of the other test worker could read it half-written.
         os.environ["JAX_COMPILATION_CACHE_MAX_SIZE"] = str(64 << 30)
     jax.config.update("jax_enable_compilation_cache", False)
+    # An ignored signal stays ignored across exec, and launch.py keeps it so (nohup's SIGHUP): a suite
+    # started under nohup, or as a script's background job, would see no run stop at the signals it sends.
+    for sig in (signal.SIGINT, signal.SIGHUP):
+        if signal.getsignal(sig) == signal.SIG_IGN:
+            signal.signal(sig, signal.SIG_DFL)
     # Most of the tests' own programs are small and compiled once: compiling is nearly all their time,
     # and LLVM's optimisations double it. launch.py's runs, in subprocesses, keep them (see optimized).
     jax.config.update("jax_disable_most_optimizations", True)

@@ -221,6 +221,19 @@ def test_a_closed_terminal_saves_and_exits_0(shakespeare_data_dir, tmp_path):
     [saved] = os.listdir(rundir / "checkpoints")
     assert int(saved) >= 5
 
+def test_a_signal_the_run_was_started_ignoring_stays_ignored(shakespeare_data_dir, tmp_path):
+    # nohup ignores SIGHUP, and a script's background job SIGINT: the run took them, and stopped at logout.
+    rundir = tmp_path / "run"
+    ignoring = ["bash", "-c", 'trap "" HUP INT && exec "$@"', "bash", sys.executable, str(REPO_ROOT / "launch.py")]
+    proc = subprocess.Popen([*ignoring, *ARGS, f"--rundir={rundir}", f"--data_dir={shakespeare_data_dir}",
+                             "--max_steps=30"], cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for_step(rundir, 5, proc)
+    proc.send_signal(signal.SIGHUP)
+    proc.send_signal(signal.SIGINT)
+    code, output = finish(proc, timeout=120)
+    assert code == 0 and "trained to step 30" in output and "stopp" not in output, output
+
+
 def test_a_stop_signal_before_the_first_step_is_heard_too(shakespeare_data_dir, tmp_path):
     # Alone, it used to kill the run; under jax.distributed, JAX's own handler noted it and training went on.
     # Without --rundir (a run in outputs/<timestamp>), "run the same command" would have started another run.

@@ -249,7 +249,8 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 class StopSignals:
     """SIGINT, SIGTERM and SIGHUP ask for a stop after the current step; a second one stops at once.
 
-    SIGHUP is a closed terminal or ssh session, which would otherwise end the run without a checkpoint.
+    SIGHUP is a closed terminal or ssh session, which would otherwise end the run without a checkpoint
+    (under nohup, which ignores it, the run goes on).
 
     Python runs a handler only when the main thread is back from C++ (a compile, a wait for the
     device: seconds, or minutes), and takes two signals that came meanwhile for one. But the
@@ -281,9 +282,13 @@ class StopSignals:
         return self
 
     def listen(self) -> None:
-        """Take the stop signals (again: jax.distributed.initialize installs a SIGTERM handler of its own)."""
-        for sig in self.previous:
-            signal.signal(sig, self.handle)
+        """Take the stop signals (again: jax.distributed.initialize installs a SIGTERM handler of its own).
+
+        Not one the process was started ignoring: nohup's SIGHUP, SIGINT in a script's background job.
+        """
+        for sig, before in self.previous.items():
+            if before != signal.SIG_IGN:
+                signal.signal(sig, self.handle)
 
     def __exit__(self, *exc):
         for sig, handler in self.previous.items():
