@@ -253,6 +253,20 @@ def test_rows_too_long_for_the_device_are_estimated_without_memory_and_told_to_s
         assert str(error.value).endswith(f"; {advice}"), error.value
 
 
+def test_fixed_parts_that_outgrow_the_device_are_not_told_to_shorten_rows():
+    # The state fits, the state and its compute copy do not: a row's activations are not the cause.
+    GiB = 2**30
+
+    def estimate_for(c):
+        parts = {"parameters": 10 * GiB, "gradients": 10 * GiB, "optimizer": 20 * GiB, "compute copy": 6 * GiB,
+                 "gathered": 0, "activations": c.batch_size * GiB // 10, "batches": 0}
+        return {**parts, "total": sum(parts.values())}
+
+    config = load_config("shakespeare_char_cpu")
+    same, new = memory.fixes(config, make_mesh(config), 45 * GiB, estimate_for)
+    assert same and not any("block_size" in fix for fix in same + new), (same, new)
+
+
 @pytest.mark.parametrize("overrides, mesh_shape, advice", [
     ([], (1, 2), "more devices"),  # already all on the fsdp axis
     ([], (2, 1), "all devices on the fsdp axis (--mesh_shape=1,-1)"),

@@ -14,7 +14,7 @@ from jax.sharding import Mesh
 
 from midgpt.config import Config, ModelConfig
 from midgpt.errors import MidgptError
-from midgpt.model import REMAT_POLICIES, Block, attention_implementation, cast_floats, rotary_tables
+from midgpt.model import REMAT_POLICIES, Block, attention_implementation, cast_floats
 from midgpt.precision import compute_dtype
 from midgpt.sharding import REPLICA, is_abstract, on_cpu
 
@@ -69,9 +69,8 @@ def kept_bytes(m: ModelConfig, dtype: str, remat: str, rows: int) -> int:
     T = m.block_size
     key = jax.random.key(0) if m.dropout > 0 else None  # training draws dropout masks, which remat keeps
 
-    def backward(block, x_BxTxD):
+    def backward(block, x_BxTxD, sin_TxC, cos_TxC):
         # Traced, as training's are, never made: a block_size of 100,000 made a 9 GiB mask on the host.
-        sin_TxC, cos_TxC = rotary_tables(jnp.arange(T), m.head_dim, m.rope_base)
         mask_TxS = jnp.tril(jnp.ones((T, T), bool))
         layer = lambda block, x_BxTxD: block(x_BxTxD, sin_TxC, cos_TxC, mask_TxS, key=key)[0]
         if remat != "none":
@@ -81,7 +80,9 @@ def kept_bytes(m: ModelConfig, dtype: str, remat: str, rows: int) -> int:
 
     block = eqx.filter_eval_shape(lambda: cast_floats(Block(m, key=jax.random.key(0)), dtype))
     x_BxTxD = jax.ShapeDtypeStruct((rows, T, m.n_embd), dtype)
-    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(jax.eval_shape(backward, block, x_BxTxD)))
+    table_TxC = jax.ShapeDtypeStruct((T, m.head_dim), np.float32)  # rotary_tables's sin and cos
+    return sum(x.size * x.dtype.itemsize
+               for x in jax.tree.leaves(jax.eval_shape(backward, block, x_BxTxD, table_TxC, table_TxC)))
 
 
 @functools.lru_cache(maxsize=64)  # traced once per model and policy, not once per batch size tried
@@ -233,10 +234,10 @@ def fixes(config: Config, mesh: Mesh, available: int, estimate_for,
     # Where the parameters, their gradients and Adam's moments alone do not fit, fewer activations cannot help.
     state_fits = parts["parameters"] + parts["gradients"] + parts["optimizer"] < available
     full_remat = dataclasses.replace(config.model, remat="full", scan_unroll=1)
-    # The fewest activations this run's rows can have: one row a device, each layer recomputed (its tokens
-    # aside: fewer of them is another fix).
+    # The fewest activations this run's rows can have: one row a device, each layer recomputed.
     fewest = estimate_for(dataclasses.replace(config, model=full_remat, batch_size=mesh.size))
-    if state_fits and fewest["total"] - fewest["batches"] > available:  # devices split rows, never one row
+    rest = fewest["total"] - fewest["activations"] - fewest["batches"]  # fewer tokens is another fix
+    if state_fits and rest <= available < rest + fewest["activations"]:  # devices split rows, never one row
         return ([], ["shorter rows (a smaller --model.block_size)"]) if resuming else (
             ["shorter rows (a smaller --model.block_size)"], [])
     if state_fits and parts["batches"] > available // 2:  # the tokens themselves: only fewer of them help
