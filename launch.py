@@ -11,10 +11,9 @@ import itertools
 import os
 import re
 import shutil
-import signal
 import time
 
-from midgpt.cli import STOP_SIGNALS, ArgumentParser, StopSignals, cache_compiled_programs, positive_int, run
+from midgpt.cli import ArgumentParser, StopSignals, cache_compiled_programs, positive_int, run
 from midgpt.config import apply_overrides, check_config, config_names, leaves, load_config, resume_config
 from midgpt.errors import MidgptError
 from midgpt.files import LOCK
@@ -157,8 +156,6 @@ def launch(argv: list[str], signals: StopSignals) -> None:
     if args.multihost:  # before anything touches a device
         # It waits in C++ for the other processes, where Python's handlers never run: let Ctrl-C, SIGTERM
         # (scancel, timeout) and SIGHUP kill it. With them handled, it waited out the whole --join_timeout.
-        handlers = {sig: signal.signal(sig, signal.SIG_DFL) for sig in STOP_SIGNALS
-                    if signal.getsignal(sig) != signal.SIG_IGN}  # nohup's SIGHUP stays ignored
         from midgpt import multihost
 
         if args.process_id == 0 and args.coordinator_address:  # JAX's coordinator would crash on a taken port
@@ -170,16 +167,14 @@ def launch(argv: list[str], signals: StopSignals) -> None:
         every = f"all {args.num_processes} processes" if args.num_processes else "every process"
         fix = (f"start {every} with the same --coordinator_address and --num_processes, each with its own "
                "--process_id" if args.coordinator_address else "check that every task of the job started")
+        # Listened to again after: initialize took SIGTERM for JAX's preemption notices.
         try:
-            multihost.initialize_within(cluster, timeout, fix)
+            with signals.unheard():
+                multihost.initialize_within(cluster, timeout, fix)
         except (ValueError, RuntimeError) as e:  # no cluster detected, the coordinator never answered
             raise MidgptError(f"--multihost could not join the other processes ({str(e).strip().splitlines()[0]}); "
                               "where no cluster is detected, pass --coordinator_address=HOST:PORT "
                               "--num_processes=N --process_id=I") from None
-        finally:
-            for sig, handler in handlers.items():
-                signal.signal(sig, handler)
-        signals.listen()  # initialize took SIGTERM for JAX's preemption notices
         multihost.check_devices_alike()
         with multihost.failing_together():  # JAX takes process 0's count: another one elsewhere would go unseen
             if args.num_processes not in (None, jax.process_count()):

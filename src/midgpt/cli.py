@@ -286,9 +286,21 @@ class StopSignals:
 
         Not one the process was started ignoring: nohup's SIGHUP, SIGINT in a script's background job.
         """
-        for sig, before in self.previous.items():
-            if before != signal.SIG_IGN:
-                signal.signal(sig, self.handle)
+        for sig in self._heard():
+            signal.signal(sig, self.handle)
+
+    def _heard(self) -> list[int]:
+        return [sig for sig, before in self.previous.items() if before != signal.SIG_IGN]
+
+    @contextlib.contextmanager
+    def unheard(self):
+        """Let the stop signals kill the process in the block, a wait in C++ where no Python handler runs; then listen."""
+        for sig in self._heard():
+            signal.signal(sig, signal.SIG_DFL)
+        try:
+            yield
+        finally:
+            self.listen()
 
     def __exit__(self, *exc):
         for sig, handler in self.previous.items():
