@@ -101,12 +101,9 @@ def check_fingerprints(manager: ocp.CheckpointManager, step: int, tree) -> None:
     path = pathlib.Path(str(manager.directory), str(step), "fingerprints")
     if not path.is_dir():
         return  # saved before checkpoints had them
-    handler = ocp.JsonCheckpointHandler()  # not manager.restore, whose barrier hangs the others: see restore
-    try:
-        with multihost.failing_together():
-            saved = handler.restore(path, args=ocp.args.JsonRestore())
-    finally:
-        handler.close()
+    # Not manager.restore, whose barrier hangs the others: see restore.
+    with contextlib.closing(ocp.JsonCheckpointHandler()) as handler, multihost.failing_together():
+        saved = handler.restore(path, args=ocp.args.JsonRestore())
     changed = sorted(k for k, v in fingerprint_dict(tree).items() if saved.get(k, v) != v)
     if changed:
         raise ValueError(f"the values of {', '.join(changed[:3])}{' ...' if len(changed) > 3 else ''} are not "
@@ -173,16 +170,12 @@ def restore(manager: ocp.CheckpointManager, step: int, like, shardings):
     target, static = placed(like, shardings)
     # Its handler, not manager.restore, which ends in a barrier: a process whose read failed never
     # came to it, and the others waited there until it exited, then aborted with a C++ stack.
-    handler = ocp.StandardCheckpointHandler()
-    try:
-        with multihost.failing_together():
-            try:
-                restored = handler.restore(pathlib.Path(str(manager.directory), str(step), "state"),
-                                           args=ocp.args.StandardRestore(target))
-            except Exception as e:  # described here, where its cause is at hand, for the other processes' lines
-                raise MidgptError(describe(e)) from e
-    finally:
-        handler.close()
+    with contextlib.closing(ocp.StandardCheckpointHandler()) as handler, multihost.failing_together():
+        try:
+            restored = handler.restore(pathlib.Path(str(manager.directory), str(step), "state"),
+                                       args=ocp.args.StandardRestore(target))
+        except Exception as e:  # described here, where its cause is at hand, for the other processes' lines
+            raise MidgptError(describe(e)) from e
     check_fingerprints(manager, step, restored)
     return eqx.combine(restored, static)
 
@@ -208,13 +201,11 @@ def check_arrays(step_dir: str, like, part: str | None = None) -> None:
     """Raise MidgptError if the checkpoint (or its field part) holds other arrays than like: another model, not damage."""
     # The item's handler, not a StandardCheckpointer: that one looks for a step's metadata
     # file in the item's folder and logs a warning on every resume.
-    handler = ocp.StandardCheckpointHandler()
     try:
-        saved = array_shapes(handler.metadata(pathlib.Path(step_dir, "state")))
+        with contextlib.closing(ocp.StandardCheckpointHandler()) as handler:
+            saved = array_shapes(handler.metadata(pathlib.Path(step_dir, "state")))
     except Exception:  # unreadable metadata is damage, which the restore reports
         return
-    finally:
-        handler.close()
     if not saved:  # no metadata at all is damage too
         return
     wanted = array_shapes({part: like} if part else like)
