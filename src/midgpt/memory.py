@@ -234,12 +234,13 @@ def fixes(config: Config, mesh: Mesh, available: int, estimate_for,
     # Where the parameters, their gradients and Adam's moments alone do not fit, fewer activations cannot help.
     state_fits = parts["parameters"] + parts["gradients"] + parts["optimizer"] < available
     full_remat = dataclasses.replace(config.model, remat="full", scan_unroll=1)
-    # The fewest activations this run's rows can have: one row a device, each layer recomputed.
-    fewest = estimate_for(dataclasses.replace(config, model=full_remat, batch_size=mesh.size))
-    rest = fewest["total"] - fewest["activations"] - fewest["batches"]  # fewer tokens is another fix
-    if state_fits and rest <= available < rest + fewest["activations"]:  # devices split rows, never one row
-        return ([], ["shorter rows (a smaller --model.block_size)"]) if resuming else (
-            ["shorter rows (a smaller --model.block_size)"], [])
+    if state_fits:
+        # The fewest activations this run's rows can have: one row a device, each layer recomputed.
+        fewest = estimate_for(dataclasses.replace(config, model=full_remat, batch_size=mesh.size))
+        rest = fewest["total"] - fewest["activations"] - fewest["batches"]  # fewer tokens is another fix
+        if rest <= available < rest + fewest["activations"]:  # devices split rows, never one row
+            new_run.append("shorter rows (a smaller --model.block_size)")
+            return same, new
     if state_fits and parts["batches"] > available // 2:  # the tokens themselves: only fewer of them help
         if resuming:
             same.append("fewer tokens at once (a smaller --eval_iters)")

@@ -132,8 +132,9 @@ class StepTimer:
         """{"tokens_per_sec", "step_ms", "mfu"} of the steps since the restart, or {} if there were none."""
         if not self.steps:
             return {}
-        tokens_per_sec = self.steps * self.tokens_per_step / self.seconds
-        record = {"tokens_per_sec": tokens_per_sec, "step_ms": 1000 * self.seconds / self.steps,
+        seconds = self.seconds
+        tokens_per_sec = self.steps * self.tokens_per_step / seconds
+        record = {"tokens_per_sec": tokens_per_sec, "step_ms": 1000 * seconds / self.steps,
                   "mfu": utilisation(self.cfg, tokens_per_sec, self.peak)}
         if record["mfu"] > 1 and self.remeasure:  # another process loaded the host as its peak was measured
             self.remeasure, low = False, self.peak
