@@ -87,6 +87,8 @@ def test_other_prompts_draw_other_text_with_the_same_seed():
     text = lambda *prompt: np.asarray(generate(model, jnp.array([prompt], jnp.int32), 2 * W,
                                                prompt_key(0, list(prompt))))[0, 3:]
     assert np.array_equal(text(1, 2, 3), text(1, 2, 3))
+    # And each position draws with its own key: one key for all repeated one token, as uniform draws never do.
+    assert len(set(text(1, 2, 3).tolist())) > 3
     assert not np.array_equal(text(1, 2, 3), text(4, 5, 6))
     assert not np.array_equal(text(1, 2, 3), text(3, 2, 1))
     # Keyed by the prompt, not by the batch of its copies: the first of --num_samples=3 is --num_samples=1's.
