@@ -2,9 +2,9 @@
 # One call on a lent GPU: cuDNN's attention against the einsum path, then the training step
 # timed for each remat policy and attention path (a JSON line per run, then a table), XLA's
 # memory for the config's own micro-batch against the estimate, where the configured step's
-# time goes (by kind of op, the longest ops), and last the other fast paths against their
-# references. It stops in BUDGET_S seconds (default 540: a device call may run 600), each step
-# cut to what is left, and exits 1 if any step failed or was cut.
+# time goes (by kind of op, the longest ops), whether a killed run resumes bit for bit, and last
+# the other fast paths against their references. It stops in BUDGET_S seconds (default 540: a
+# device call may run 600), each step cut to what is left, and exits 1 if any step failed or was cut.
 #
 #   bash benchmarks/gpu_check.sh                      # openwebtext, 16 x 1024-token micro-batches
 #   PYTHON=.venv/bin/python CONFIG=shakespeare_char_cpu ARGS=--steps=3 bash benchmarks/gpu_check.sh   # a rehearsal on a CPU
@@ -95,6 +95,15 @@ for p in (json.loads(line) for line in open(sys.argv[1]) if line.startswith("{")
     for op in p["top"]:
         print(f"{op['ms']:9.2f} ms {op['calls']:5.0f}x {op['kind']:13} {op['hlo'][:90]}")
 EOF
+
+# The README promises a bit-identical resume on CPUs; on a GPU, scatter-adds may add in any order.
+echo "== a killed run resumed bit for bit: as configured, then with XLA's deterministic GPU ops"
+exact_resume() {
+    timeout "$(within 150)" env XLA_FLAGS="${XLA_FLAGS:-} $1" "$python" -m pytest -q -p no:cacheprovider \
+        tests/test_resume.py -k kill_matches 2>&1 | tee -a "$out/resume.log" | tail -n 3 || failed "$out/resume.log"
+}
+exact_resume ""
+exact_resume --xla_gpu_deterministic_ops=true
 
 echo "== the other fast paths, on this device"
 fast_paths 300 "not cudnn"
