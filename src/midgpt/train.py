@@ -27,7 +27,8 @@ from midgpt.model import GPT, cast_floats, check_cudnn, count_params, fresh_mode
 from midgpt.optimizer import lr_schedule, make_optimizer
 from midgpt.precision import cross_entropy
 
-# Streams of batch keys, (seed, stream, step) in training and (seed, stream) in evaluation: they never collide.
+# Streams of batch keys, (seed, stream, step) in training and (seed, stream) in evaluation: they never
+# collide while steps start at 1, since numpy seeds (a, b) and (a, b, 0) alike.
 TRAIN_STREAM, EVAL_TRAIN_STREAM, EVAL_VAL_STREAM = 0, 1, 2
 
 
