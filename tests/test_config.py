@@ -91,10 +91,11 @@ def test_a_command_without_config_fields_names_close_options_and_takes_no_abbrev
     from midgpt.cli import ArgumentParser
 
     parser = ArgumentParser(prog="sample.py")
-    for option in ("--rundir", "--start", "--num_samples", "--steps"):
+    for option in ("--rundir", "--start", "--num_samples", "--steps", "--temperature"):
         parser.add_argument(option)
     for args, said in ((["--num_sample=2"], "did you mean --num_samples?"),
-                       (["--prompt=hi"], "the options are --rundir, --start, --num_samples, --steps")):
+                       (["--temp=0.5"], "did you mean --temperature?"),  # an abbreviation, however short
+                       (["--prompt=hi"], "the options are --rundir, --start, --num_samples, --steps, --temperature")):
         with pytest.raises(MidgptError) as info:
             parser.parse_args(args)
         assert str(info.value) == f"unrecognized arguments: {args[0]}; {said} (see python sample.py --help)"
