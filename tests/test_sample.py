@@ -139,6 +139,14 @@ def test_top_k_draws_from_exactly_the_k_most_likely_tokens_in_proportion():
     np.testing.assert_allclose(np.bincount(drawn_N, minlength=5)[[1, 3, 4]] / len(drawn_N), kept, atol=0.015)
 
 
+def test_a_top_k_of_the_whole_vocabulary_draws_as_no_top_k():
+    logits_NxV = jax.random.normal(jax.random.key(1), (50, 5))
+    drawn = lambda top_k, vocab=None: np.asarray(sample_token(logits_NxV, jax.random.key(2), 1.0, top_k, vocab))
+    assert all(np.array_equal(drawn(k), drawn(None)) for k in (5, 6, 1000))
+    assert np.array_equal(drawn(4, vocab=4), drawn(None, vocab=4))  # the tokenizer's vocabulary, not the table's
+    assert not np.array_equal(drawn(4), drawn(None))  # fewer than all: another draw
+
+
 def test_top_k_keeps_exactly_k_tokens_when_logits_tie():
     logits_NxV = jnp.tile(jnp.array([0.0, 1.0, 1.0, 1.0, 0.5]), (2000, 1))
     for k in (1, 2):
