@@ -58,9 +58,9 @@ def main(argv: list[str]) -> None:
     from midgpt.precision import compute_dtype
     from midgpt.sample import fitting_memory, generate, generate_chunks, load_model, prompt_key, run_meta
 
-    note = lambda line: print(line, file=sys.stderr)  # stdout is the text alone
-    config, model = load_model(args.rundir, args.step, say=note)
-    meta = run_meta(args.rundir, config, say=note)
+    notes = []  # for stderr (stdout is the text alone), shown with the text
+    config, model = load_model(args.rundir, args.step, say=notes.append)
+    meta = run_meta(args.rundir, config, say=notes.append)
     model = cast_floats(model, jnp.dtype(compute_dtype(config.compute_dtype)))
     try:
         ids = tokenizer.encode(meta, start)
@@ -72,8 +72,15 @@ def main(argv: list[str]) -> None:
         raise MidgptError(f"{e}, the default --start: pass --start=TEXT in this run's vocabulary") from None
     T = config.model.block_size
     if len(ids) > T:  # the model sees at most block_size tokens: a longer prompt keeps its end
-        print(f"the prompt's first {len(ids) - T} tokens are left out: the model sees its last {T}", file=sys.stderr)
+        notes.append(f"the prompt's first {len(ids) - T} tokens are left out: the model sees its last {T}")
         ids = ids[-T:]
+
+    def show(text: str, end: str = "\n"):  # the notes first, with the text: an error before it is one line alone
+        for line in notes:
+            print(line, file=sys.stderr)
+        notes.clear()
+        say(text, end=end)
+
     # A prompt of many tokens can fill the memory already in its copy for each sample.
     with fitting_memory(args.num_samples, len(ids) + args.max_new_tokens):
         prompt_BxP = jnp.tile(jnp.asarray(ids, jnp.int32), (args.num_samples, 1))
@@ -83,11 +90,11 @@ def main(argv: list[str]) -> None:
         if args.num_samples == 1:  # shown as it comes: a long sample on a CPU takes minutes
             new_ids = (jax.device_get(new_1xN)[0].tolist() for new_1xN in generate_chunks(*sampling))
             for piece in tokenizer.decode_pieces(meta, itertools.chain([ids], new_ids)):
-                say(piece, end="")
-            say("")
+                show(piece, end="")
+            show("")
         else:
             for i, row in enumerate(jax.device_get(generate(*sampling))):
-                say(("-" * 40 + "\n" if i else "") + tokenizer.decode(meta, row.tolist()))
+                show(("-" * 40 + "\n" if i else "") + tokenizer.decode(meta, row.tolist()))
 
 
 if __name__ == "__main__":

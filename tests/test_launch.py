@@ -231,8 +231,10 @@ def test_sample_takes_the_newest_checkpoint_whose_save_finished(short_run, tmp_p
     args = ["--start=ROMEO:", "--max_new_tokens=20", "--seed=3"]
     result = run("sample.py", f"--rundir={rundir}", *args)
     assert result.returncode == 0 and result.stdout == run("sample.py", f"--rundir={short_run}", *args).stdout
+    assert f"sampling from checkpoint 40 of {rundir}" in result.stderr.splitlines()  # stdout is the text alone
     assert result.stdout == run("sample.py", f"--rundir={rundir}", "--step=40", *args).stdout  # the newest, not 30
-    assert result.stdout != run("sample.py", f"--rundir={rundir}", "--step=30", *args).stdout
+    thirty = run("sample.py", f"--rundir={rundir}", "--step=30", *args)
+    assert thirty.stdout != result.stdout and f"sampling from checkpoint 30 of {rundir}" in thirty.stderr.splitlines()
     # Asked for by its step, it was read as a damaged checkpoint; it is not one of the run's.
     assert_one_line_error(run("sample.py", f"--rundir={rundir}", "--step=50"),
                           f"{rundir} has no checkpoint whose save finished at step 50; it has [30, 40]")
@@ -712,9 +714,9 @@ def test_data_that_moved_is_refused_where_no_checksums_show_it_is_the_same(short
                           f"data's meta.json: nothing shows", f"resume with --data_dir={shakespeare_data_dir}, or")
     assert {p: p.read_bytes() for p in sorted(rundir.rglob("*")) if p.is_file()} == before
     sampled = run("sample.py", f"--rundir={rundir}", "--max_new_tokens=5")  # decoded by the data's, and said so
-    assert sampled.returncode == 0 and sampled.stderr.startswith(
-        f"{rundir} holds no copy of its data's meta.json: decoding with {shakespeare_data_dir}/meta.json, which must "
-        "be of the data it trained on\n"), sampled.stderr
+    assert sampled.returncode == 0 and sampled.stderr == (
+        f"sampling from checkpoint 40 of {rundir}\n{rundir} holds no copy of its data's meta.json: decoding with "
+        f"{shakespeare_data_dir}/meta.json, which must be of the data it trained on\n"), sampled.stderr
     config = json.loads((rundir / "config.json").read_text())  # started where the data was ./data
     (rundir / "config.json").write_text(json.dumps({**config, "data_dir": "data"}))
     result = run("launch.py", "--config=shakespeare_char_cpu", f"--rundir={rundir}", f"--data_dir={moved}", *TINY,

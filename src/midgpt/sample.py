@@ -75,10 +75,13 @@ def load_model(rundir: str, step: int | None = None, say=None) -> tuple[Config, 
             raise MidgptError(f"checkpoint {chosen} of {rundir} does not restore ({checkpoint.describe(e)}); "
                               + (f"try --step= another of {others}, or none for the newest that restores" if others
                                  else "it is the run's only one: fix the cause, or train the run again")) from None
+        # Which one: a run in training saves a newer one every checkpoint_interval steps.
         if failed and say:
             shown = ", ".join(map(str, sorted(failed, reverse=True)))
             say(f"checkpoint{'s' * (len(failed) > 1)} {shown} of {rundir} do{'es' * (len(failed) == 1)} not restore "
                 f"({failed[max(failed)]}): sampling from checkpoint {chosen}")
+        elif say:
+            say(f"sampling from checkpoint {chosen} of {rundir}")
         return config, model
 
 
