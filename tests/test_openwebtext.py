@@ -220,6 +220,37 @@ def test_hugging_face_streaming_route_matches_local_files(tmp_path):
     assert result.returncode == 1 and result.stderr == "prepare.py: parquet: a row's 'text' is null\n", result.stderr
 
 
+def prepared(tmp_path):
+    """A dataset prepared from your own text in tmp_path/out: its directory, and its files' bytes by name."""
+    out_dir = tmp_path / "out"
+    result = run_prepare("--input", write_corpus(tmp_path / "corpus.txt", DOCS[:200]), "--out_dir", out_dir,
+                         "--val_fraction", 0.1)
+    assert result.returncode == 0, result.stderr
+    return out_dir, {path.name: path.read_bytes() for path in out_dir.iterdir()}
+
+
+@pytest.mark.parametrize("flags, refusal", [
+    (["--dataset", "text"], "--dataset text reads the files you name: add --data_files FILE ..., or pass them as "
+                            "--input FILE ..."),
+    (["--dataset", "parquet"], "--dataset parquet reads the files you name: add --data_files FILE ..."),
+    (["--data_files", "notes.parquet"], "--data_files are read by --dataset, which names their format: add "
+                                        "--dataset parquet, or pass them as --input FILE ..."),
+    (["--data_files", "notes.txt", "notes.parquet"], "--data_files are read by --dataset, which names their format: "
+                                                     "add --dataset json, parquet, csv, text or arrow, or pass"),
+])
+def test_a_file_builder_without_data_files_or_data_files_without_one_is_refused(tmp_path, flags, refusal):
+    # --dataset text alone tokenized every file in the working directory (notes.txt: a dataset of your notes);
+    # --data_files alone were ignored, and OpenWebText downloaded in their place.
+    out_dir, before = prepared(tmp_path)
+    (tmp_path / "notes").mkdir()
+    write_corpus(tmp_path / "notes" / "notes.txt", DOCS[:20])
+    result = run_prepare(*flags, "--out_dir", out_dir, "--val_fraction", 0.5, env=hf_env(tmp_path),
+                         cwd=tmp_path / "notes")
+    assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.startswith(f"prepare.py: {refusal}"), result.stderr
+    assert {path.name: path.read_bytes() for path in out_dir.iterdir()} == before
+
+
 @pytest.mark.parametrize("held, given, refused", [
     ({"dataset": "Skylion007/openwebtext", "revision": "r"}, {"dataset": "Skylion007/openwebtext", "revision": "r"}, ""),
     ({"dataset": "Skylion007/openwebtext"}, {"input": ["/my.txt"]}, "(Skylion007/openwebtext), not from your own files"),

@@ -40,6 +40,8 @@ MAX_DOCUMENT = 64 << 20  # characters of a .txt file's blank-line-separated bloc
 DOCS_PER_TASK = 1024  # big enough to amortise pickling, small enough to keep RAM per worker low
 SPLITS = ("train", "val")
 REVISION = "refs/convert/parquet"  # the Hub's parquet export of a dataset
+FORMATS = "json, parquet, csv, text or arrow"  # the FILE_BUILDERS that read text: pandas' reads pickles
+BUILDER_OF = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "text", ".arrow": "arrow"}
 
 
 def parquet_file(path: str):
@@ -311,6 +313,14 @@ def main() -> None:
         if args.input and (args.dataset or args.data_files):
             parser.error("--dataset and --data_files read through Hugging Face datasets, --input reads its files "
                          "itself: pass one or the other")
+        # Without files, datasets' builders read every file in the working directory.
+        if args.dataset in FILE_BUILDERS and not args.data_files:
+            parser.error(f"--dataset {args.dataset} reads the files you name: add --data_files FILE ..., "
+                         "or pass them as --input FILE ...")
+        if args.data_files and not args.dataset:  # they were ignored, and OpenWebText downloaded
+            formats = {BUILDER_OF.get(Path(f).suffix.lower(), FORMATS) for f in args.data_files}
+            parser.error(f"--data_files are read by --dataset, which names their format: add --dataset "
+                         f"{formats.pop() if len(formats) == 1 else FORMATS}, or pass them as --input FILE ...")
         own = args.input or args.dataset in FILE_BUILDERS  # your own text: far fewer documents than OpenWebText's 8M
         if args.val_fraction is None:
             args.val_fraction = 0.01 if own else 0.0005
