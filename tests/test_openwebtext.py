@@ -251,6 +251,24 @@ def test_a_file_builder_without_data_files_or_data_files_without_one_is_refused(
     assert {path.name: path.read_bytes() for path in out_dir.iterdir()} == before
 
 
+@pytest.mark.parametrize("dataset, given, reason", [
+    ("json", "notes.txt", "not a readable json file (JSON parse error: Invalid value. in row 0)"),
+    ("parquet", "notes.txt", "not a readable parquet file (Parquet magic bytes not found in footer."),
+    ("text", "corpus.parquet", "not a readable text file (not UTF-8: invalid start byte)"),  # named as given
+])
+def test_data_files_of_another_format_are_one_line_naming_the_file(tmp_path, dataset, given, reason):
+    # Each was a traceback from multiprocessing's pool (and datasets' own line before it), then "failed (above)".
+    out_dir, before = prepared(tmp_path)
+    (tmp_path / "notes.txt").write_text("my notes\n\nnot a corpus\n")
+    write_corpus(tmp_path / "corpus.parquet", DOCS[:20])
+    result = run_prepare("--dataset", dataset, "--data_files", tmp_path / given, "--out_dir", out_dir,
+                         env=hf_env(tmp_path))
+    assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.startswith(f"prepare.py: {tmp_path / given}: {reason}"), result.stderr
+    assert result.stderr.endswith("; pass its format as --dataset: json, parquet, csv, text or arrow\n")
+    assert {path.name: path.read_bytes() for path in out_dir.iterdir()} == before
+
+
 @pytest.mark.parametrize("held, given, refused", [
     ({"dataset": "Skylion007/openwebtext", "revision": "r"}, {"dataset": "Skylion007/openwebtext", "revision": "r"}, ""),
     ({"dataset": "Skylion007/openwebtext"}, {"input": ["/my.txt"]}, "(Skylion007/openwebtext), not from your own files"),

@@ -21,6 +21,7 @@ import logging
 import math
 import multiprocessing
 import os
+import re
 import signal
 import sys
 import threading
@@ -155,12 +156,27 @@ class RetriesInOneLine(logging.Filter):
         return True
 
 
+class FailedFile(logging.Filter):
+    """Drops a datasets builder's line on a file it could not read, keeping the file for the error's one line."""
+
+    file = None
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        found = re.match(r"Failed to .*?'(.*)' with error ", record.getMessage())
+        if found:
+            self.file = found[1]
+        return not found
+
+
 def hf_documents(name: str, data_files: list[str] | None = None):
     """Yield the 'text' of each row of a Hugging Face dataset's train split, streamed."""
     import datasets  # imported here: local-file runs should not pay for it
+    import pyarrow
 
     hub_log, retries = logging.getLogger("huggingface_hub.utils._http"), RetriesInOneLine(name)
     hub_log.addFilter(retries)
+    builder_log, failed = logging.getLogger(f"datasets.packaged_modules.{name}.{name}"), FailedFile()
+    builder_log.addFilter(failed)
     # The Hub's openwebtext is a loading script that datasets>=4 refuses; its parquet export is not.
     where = {"data_files": data_files} if data_files else {"revision": REVISION}
     try:
@@ -171,8 +187,16 @@ def hf_documents(name: str, data_files: list[str] | None = None):
             yield row["text"]
     except (ConnectionError, TimeoutError) as e:  # how datasets reports an unreachable Hub
         raise MidgptError(f"could not reach the Hugging Face Hub for {name} ({e}); pass --input FILES instead")
+    except (pyarrow.ArrowException, UnicodeDecodeError) as e:  # a file of another format than the builder's
+        if name not in FILE_BUILDERS:  # a Hub dataset's own files: its traceback is the report
+            raise
+        reason = f"not UTF-8: {e.reason}" if isinstance(e, UnicodeDecodeError) else str(e).strip().splitlines()[0]
+        # Raised in the pool's task thread, it reaches main() through a worker: one line, not a pool's traceback.
+        raise MidgptError(f"{failed.file or ' '.join(data_files)}: not a readable {name} file ({reason}); "
+                          f"pass its format as --dataset: {FORMATS}") from None
     finally:
         hub_log.removeFilter(retries)
+        builder_log.removeFilter(failed)
 
 
 def tokenize(docs: list[str], val_fraction: float) -> dict[str, np.ndarray]:
