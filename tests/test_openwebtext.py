@@ -367,6 +367,17 @@ def test_a_split_left_empty_says_how_to_fill_it(tmp_path, name):
                                                         f"{hint}\n"), result.stderr
 
 
+@pytest.mark.parametrize("name, hint", [("one.txt", " (in .txt files, blank lines separate them)"), ("one.jsonl", "")])
+def test_an_input_of_one_document_says_so(tmp_path, name, hint):
+    # It was told to change --val_fraction, which cannot split one document, "(1 documents, ...)".
+    corpus = write_corpus(tmp_path / name, DOCS[:1])
+    result = run_prepare("--input", corpus, "--out_dir", tmp_path / "out")
+    assert result.returncode == 1 and result.stderr == (
+        f"prepare.py: {corpus} holds one document, and train and val need one each: add documents{hint}\n"), \
+        result.stderr
+    assert not (tmp_path / "out").exists()
+
+
 def test_an_input_of_no_documents_says_so(tmp_path):
     (tmp_path / "blank.txt").write_text("\n \n\t\n")  # it was told to change --val_fraction
     result = run_prepare("--input", tmp_path / "blank.txt", "--out_dir", tmp_path / "out")

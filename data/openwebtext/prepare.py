@@ -288,11 +288,15 @@ def prepare(documents, out_dir: Path, num_proc: int, val_fraction: float, source
         # data.py cannot memory-map an empty split, and training needs both.
         if not any(docs.values()):
             raise MidgptError("the input holds no documents, only empty or whitespace-only text")
+        hint = (" (in .txt files, blank lines separate them)"
+                if any(Path(path).suffix.lower() == ".txt" for path in source.get("input", [])) else "")
+        if sum(docs.values()) == 1:  # no --val_fraction splits one document in two
+            inputs = source.get("input", [])
+            raise MidgptError(f"{inputs[0] if len(inputs) == 1 else 'the input'} holds one document, and train "
+                              f"and val need one each: add documents{hint}")
         if empty := [s for s in SPLITS if docs[s] == 0]:
-            txt = any(Path(path).suffix.lower() == ".txt" for path in source.get("input", []))
             raise MidgptError(f"no document went to {empty[0]} ({sum(docs.values())} documents, "
-                              f"--val_fraction {val_fraction}); change --val_fraction or add documents"
-                              + (" (in .txt files, blank lines separate them)" if txt else ""))
+                              f"--val_fraction {val_fraction}); change --val_fraction or add documents{hint}")
         seconds, n_docs, n_tokens = time.perf_counter() - start, sum(docs.values()), sum(tokens.values())
         meta = {"tokenizer": "gpt2", "vocab_size": gpt2().n_vocab,
                 **{f"{s}_tokens": tokens[s] for s in SPLITS}, **{f"{s}_documents": docs[s] for s in SPLITS},
