@@ -58,7 +58,7 @@ def check_new_rundir(rundir: str) -> None:
         try:
             saved = read_config_json(rundir)
         except MidgptError:  # none, or another program's config.json
-            if near := runs_near(rundir, with_step=False):  # a folder of runs, or one of a run's
+            if near := runs_near(rundir, with_step=False, new_run=True):  # a folder of runs, or one of a run's
                 raise MidgptError(f"--rundir={rundir} is not a run directory; {near}") from None
             raise MidgptError(f"--rundir={rundir} holds files but no run (no config.json that launch.py wrote), which "
                               "a new run could overwrite; pass a new or empty --rundir") from None

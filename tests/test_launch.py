@@ -820,8 +820,10 @@ def test_a_rundir_inside_a_run_or_holding_runs_is_told_which_run_to_pass(short_r
         assert "--step" not in result.stderr  # sample.py's option
     result = run("launch.py", "--config=shakespeare_char_cpu", f"--rundir={os.path.dirname(short_run)}", *TINY,
                  f"--data_dir={shakespeare_data_dir}")
-    assert_one_line_error(result, f"--rundir={os.path.dirname(short_run)} is not a run directory; "
-                                  f"{os.path.dirname(short_run)} holds runs: pass one, e.g. the newest, --rundir={short_run}")
+    runs = os.path.dirname(short_run)  # maybe meant for a new run: it is offered first
+    assert_one_line_error(result, f"--rundir={runs} is not a run directory; {runs} holds runs: pass a new one in it, "
+                                  f"e.g. --rundir={runs}/NAME, or one of them to resume it, e.g. the newest, "
+                                  f"--rundir={short_run}")
     assert {p: p.read_bytes() for p in sorted(Path(short_run).rglob("*")) if p.is_file()} == before
 
 def test_resuming_with_another_model_is_refused(short_run, shakespeare_data_dir):

@@ -54,15 +54,18 @@ def is_run(path: str) -> bool:
     return os.path.isfile(os.path.join(path, "config.json")) and os.path.isdir(os.path.join(path, CHECKPOINTS))
 
 
-def runs_near(rundir: str, with_step: bool = True) -> str | None:
+def runs_near(rundir: str, with_step: bool = True, new_run: bool = False) -> str | None:
     """What to pass for a path that is not a run: a run it holds (outputs/), or the run it is in (a checkpoint's).
 
-    with_step: and the checkpoint's --step, for sample.py.
+    with_step: and the checkpoint's --step, for sample.py. new_run: or a new run in a folder of runs, for launch.py.
     """
     if os.path.isdir(rundir):
         runs = [e.path for e in os.scandir(rundir) if is_run(e.path)]
         if runs:  # the newest: the one whose checkpoints/ took or lost a save last
             newest = max(runs, key=lambda run: os.path.getmtime(os.path.join(run, CHECKPOINTS)))
+            if new_run:  # a user who meant to start one there is not steered into resuming another
+                return (f"{rundir} holds runs: pass a new one in it, e.g. --rundir={os.path.join(rundir, 'NAME')}, "
+                        f"or one of them to resume it, e.g. the newest, --rundir={newest}")
             return f"{rundir} holds runs: pass one, e.g. the newest, --rundir={newest}"
     below, run = [], os.path.normpath(rundir)
     while run != (up := os.path.dirname(run)):  # up to "" for a relative path, "/" for an absolute one
