@@ -30,7 +30,8 @@ def timed(script: str, *args: str, env: dict[str, str]) -> tuple[float, str]:
     result = subprocess.run([sys.executable, os.path.join(REPO_ROOT, script), *args], env=env,
                             capture_output=True, text=True)
     if result.returncode != 0:
-        raise MidgptError(f"{script} failed: {(result.stderr.strip().splitlines() or ['no output'])[-1]}")
+        last = (result.stderr.strip().splitlines() or ["no output"])[-1]
+        raise MidgptError(f"{script} failed: {last.removeprefix('error: ')}")  # its one-line error, said once
     return time.perf_counter() - start, result.stdout
 
 

@@ -37,6 +37,7 @@ TINY = ["--model.n_layer=1", "--model.n_embd=32", "--model.n_head=2", "--batch_s
     ("checkpoint_cost", [CONFIG, "--interval=0"], "--interval"),
     ("compile_cache", [CONFIG, "--rounds=0"], "--rounds"),
     ("compile_cache", [CONFIG, "--model.remat=ful"], "model.remat"),
+    ("compile_cache", [CONFIG, "--data_dir=no_such_dir"], "launch.py failed: no_such_dir not found; run python "),
     ("step_memory", [CONFIG, *TINY, "--chunks=1,3"], "--chunks"),
     ("step_memory", [CONFIG, *TINY, "--pieces=3"], "--pieces"),
     ("prepare_openwebtext", ["--num_proc=0"], "--num_proc"),
@@ -47,7 +48,7 @@ def test_benchmark_refuses_bad_input_in_one_line(script, args, fragment, env=Non
                             capture_output=True, text=True, timeout=60)
     assert result.returncode != 0
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert len(lines) == 1 and lines[0].startswith("error: ") and lines[0].count("error: ") == 1, result.stderr
     assert fragment in lines[0] and "Traceback" not in result.stderr
 
 
