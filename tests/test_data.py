@@ -73,6 +73,21 @@ def test_prepare_that_cannot_write_is_one_line_and_leaves_a_prepared_dataset_as_
     assert {p.name: p.read_bytes() for p in out_dir.iterdir()} == before  # and no .tmp files
 
 
+def test_prepare_again_over_other_text_says_so_and_over_the_same_says_nothing(shakespeare_text, tmp_path):
+    # Prepared again in place, as it may be; but every run trained on the old data then refuses to resume.
+    text = Path(shakespeare_text).read_text()
+    (tmp_path / "a.txt").write_text(text[:20000])
+    (tmp_path / "b.txt").write_text(text[:30000])
+    prepare = lambda name: subprocess.run([sys.executable, str(PREPARE), "--input", str(tmp_path / name), "--out_dir",
+                                           str(tmp_path / "out")], capture_output=True, text=True)
+    first, same, other = prepare("a.txt"), prepare("a.txt"), prepare("b.txt")
+    assert first.returncode == same.returncode == other.returncode == 0, other.stderr
+    assert same.stdout == first.stdout and "other data" not in first.stdout
+    assert other.stdout.endswith(f"-> {tmp_path / 'out'}, over other data (train_tokens, val_tokens, sha256 differ): "
+                                 "runs that trained on that data will not resume on this\n"), other.stdout
+    assert json.loads((tmp_path / "out" / "meta.json").read_text())["train_tokens"] == 27000
+
+
 def test_prepare_refuses_an_out_dir_of_another_tokenizers_data_and_leaves_it_alone(shakespeare_text, tmp_path):
     out_dir = tmp_path / "bpe"  # as data/openwebtext/prepare.py leaves it
     out_dir.mkdir()

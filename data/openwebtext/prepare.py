@@ -314,9 +314,9 @@ def prepare(documents, out_dir: Path, num_proc: int, val_fraction: float, source
                 out_dir.rmdir()
         raise
     # Only now, when every new file is written, are the old replaced: a failed run leaves a complete dataset complete.
-    replace_dataset(out_dir, tmp)
+    replaced = replace_dataset(out_dir, tmp)
     print(f"{n_docs:,} documents, {n_tokens:,} tokens (val {tokens['val']:,}) in {seconds:.1f}s, "
-          f"{n_tokens / seconds:,.0f} tokens/s -> {out_dir}")
+          f"{n_tokens / seconds:,.0f} tokens/s -> {out_dir}{replaced}")
 
 
 def main() -> None:

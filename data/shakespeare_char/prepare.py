@@ -105,8 +105,9 @@ def main() -> None:
             with contextlib.suppress(OSError):  # not there, or --out_dir is no directory
                 path.unlink()
         sys.exit(f"prepare.py: cannot write to {out_dir} ({e or 'interrupted'}); nothing prepared before was replaced")
-    replace_dataset(out_dir, tmp)
-    print(f"vocab size {len(chars)}; train {meta['train_tokens']:,} tokens, val {meta['val_tokens']:,} tokens -> {out_dir}")
+    replaced = replace_dataset(out_dir, tmp)
+    print(f"vocab size {len(chars)}; train {meta['train_tokens']:,} tokens, val {meta['val_tokens']:,} tokens -> {out_dir}"
+          + replaced)
 
 
 if __name__ == "__main__":

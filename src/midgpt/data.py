@@ -13,6 +13,7 @@ from jax.sharding import Mesh
 from midgpt import sharding
 from midgpt.config import Config
 from midgpt.errors import MidgptError
+from midgpt.prepare import differences
 from midgpt.rundir import read_config_json
 
 GPT2_VOCAB_SIZE = 50257  # GPT-2 BPE's ids, as data/openwebtext/prepare.py writes them
@@ -121,11 +122,6 @@ def load_splits(config: Config) -> tuple[np.ndarray, np.ndarray]:
     return splits["train"], splits["val"]
 
 
-# What says that two prepared datasets are the same: their vocabulary, their splits' sizes and
-# contents (a meta.json made before a key existed lacks it: compared where both have it).
-DATA_IDENTITY = ("tokenizer", "vocab_size", "chars", "train_tokens", "val_tokens", "sha256")
-
-
 def check_same_data(rundir: str, data_dir: str) -> None:
     """Refuse data other than the run trained on: prepared again from other text, or found elsewhere."""
     saved = os.path.join(rundir, "meta.json")
@@ -144,7 +140,7 @@ def check_same_data(rundir: str, data_dir: str) -> None:
         where = "" if os.path.isabs(ran_on) else " from the directory the run was started in"
         raise MidgptError(f"this run trained on {ran_on}, and {why}: nothing shows that {data_dir} holds the same "
                           f"data; resume with --data_dir={shlex.quote(ran_on)}{where}, or train in a new --rundir")
-    if trained and (differ := [k for k in DATA_IDENTITY if k in trained and k in now and trained[k] != now[k]]):
+    if trained and (differ := differences(trained, now)):
         what = "another vocabulary" if {"tokenizer", "vocab_size", "chars"} & set(differ) else "other text"
         raise MidgptError(f"{os.path.abspath(data_dir)} holds {what} than this run trained on ({', '.join(differ)} "
                           f"differ from {saved}); {advice}")

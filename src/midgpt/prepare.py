@@ -40,12 +40,33 @@ def check_out_dir(out_dir: Path, tokenizer: str, source: dict | None = None) -> 
                       f"or remove its {', '.join(FILES[:-1])} and {FILES[-1]} first")
 
 
-def replace_dataset(out_dir: Path, written: dict[str, Path]) -> None:
-    """Rename each of FILES from where it was written (beside it) over the old one, meta.json last."""
+# What says that two prepared datasets are the same: their vocabulary, their splits' sizes and
+# contents (a meta.json made before a key existed lacks it: compared where both have it).
+DATA_IDENTITY = ("tokenizer", "vocab_size", "chars", "train_tokens", "val_tokens", "sha256")
+
+
+def differences(meta: dict, other: dict) -> list[str]:
+    """The DATA_IDENTITY keys in which two datasets' meta.json differ."""
+    return [k for k in DATA_IDENTITY if k in meta and k in other and meta[k] != other[k]]
+
+
+def replace_dataset(out_dir: Path, written: dict[str, Path]) -> str:
+    """Rename each of FILES from where it was written (beside it) over the old one, meta.json last.
+
+    Returns what the final line adds: that the old dataset held other data, or nothing.
+    """
+    try:
+        old = json.loads((out_dir / "meta.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # none, or damaged
+        old = {}
+    differ = differences(old, json.loads(written["meta.json"].read_text())) if isinstance(old, dict) else []
     # A stale meta.json beside half-replaced .bin files would vouch for the wrong data.
     (out_dir / "meta.json").unlink(missing_ok=True)
     for name in FILES:
         os.replace(written[name], out_dir / name)
+    # Prepared again in place, as it may be, but not silently: runs on the old data will not resume on it.
+    return (f", over other data ({', '.join(differ)} differ): runs that trained on that data will not resume "
+            "on this" if differ else "")
 
 
 def lock_out_dir(out_dir: Path) -> None:
