@@ -217,7 +217,8 @@ def test_hugging_face_streaming_route_matches_local_files(tmp_path):
     pq.write_table(pa.table({"text": pa.array(DOCS[:5] + [None], pa.string())}), nulls)
     result = run_prepare("--dataset", "parquet", "--data_files", nulls, "--out_dir", tmp_path / "nulls",
                          env=hf_env(tmp_path))
-    assert result.returncode == 1 and result.stderr == "prepare.py: parquet: a row's 'text' is null\n", result.stderr
+    assert result.returncode == 1 and result.stderr == ("prepare.py: parquet: a row's 'text' is null; drop such rows, or "
+                                               "fill them with '' (empty texts are skipped)\n"), result.stderr
 
 
 def prepared(tmp_path):
@@ -347,7 +348,7 @@ def test_bad_input_is_one_line_naming_the_file_and_writes_nothing(tmp_path, case
     assert result.returncode == 1
     assert result.stderr.startswith("prepare.py: ") and result.stderr.count("\n") == 1, result.stderr
     assert "Traceback" not in result.stderr and str(bad) in result.stderr
-    fragment = {"null row 1101": "row 1101's 'text' is null",
+    fragment = {"null row 1101": "row 1101's 'text' is null; drop such rows, or fill them with ''",
                 "a folder": "is a directory; pass its files",  # it was "input file not found"
                 "jsonl line not JSON": "not_json.jsonl:2: not JSON (",
                 "not UTF-8": "latin1.txt: not UTF-8 text (unexpected end of data); convert it, e.g. iconv",

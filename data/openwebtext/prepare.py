@@ -41,6 +41,8 @@ MAX_DOCUMENT = 64 << 20  # characters of a .txt file's blank-line-separated bloc
 DOCS_PER_TASK = 1024  # big enough to amortise pickling, small enough to keep RAM per worker low
 SPLITS = ("train", "val")
 REVISION = "refs/convert/parquet"  # the Hub's parquet export of a dataset
+# A null may be a document lost upstream: refused, where an empty text is a document that says nothing.
+FILL_NULLS = "drop such rows, or fill them with '' (empty texts are skipped)"
 FORMATS = "json, parquet, csv, text or arrow"  # the FILE_BUILDERS that read text: pandas' reads pickles
 BUILDER_OF = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "text", ".arrow": "arrow"}
 
@@ -94,7 +96,7 @@ def _file_documents(path: str):
         try:
             for row, text in enumerate((text for batch in batches for text in batch.column(0).to_pylist()), 1):
                 if text is None:
-                    raise MidgptError(f"{path}: row {row}'s 'text' is null")
+                    raise MidgptError(f"{path}: row {row}'s 'text' is null; {FILL_NULLS}")
                 yield text
         except (pyarrow.ArrowException, OSError) as e:  # a footer that reads, over damaged pages
             raise MidgptError(f"{path}: damaged parquet data ({str(e).strip().splitlines()[0]})") from None
@@ -182,8 +184,9 @@ def hf_documents(name: str, data_files: list[str] | None = None):
     try:
         for row in datasets.load_dataset(name, split="train", streaming=True, **where):
             if not isinstance(row.get("text"), str):  # as --input's .parquet files, a null is refused, not skipped
-                raise MidgptError(f"{name}: a row's 'text' is {'null' if row.get('text') is None else 'not a string'}"
-                                  if "text" in row else f"{name}: a row has no 'text' field (columns: {sorted(row)})")
+                raise MidgptError(f"{name}: a row's 'text' is null; {FILL_NULLS}" if row.get("text", 0) is None else
+                                  f"{name}: a row's 'text' is not a string" if "text" in row else
+                                  f"{name}: a row has no 'text' field (columns: {sorted(row)})")
             yield row["text"]
     except (ConnectionError, TimeoutError) as e:  # how datasets reports an unreachable Hub
         raise MidgptError(f"could not reach the Hugging Face Hub for {name} ({e}); pass --input FILES instead")
