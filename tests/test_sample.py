@@ -96,6 +96,16 @@ def test_other_prompts_draw_other_text_with_the_same_seed():
     assert np.array_equal(three[0, 3:], text(1, 2, 3))
 
 
+@pytest.mark.parametrize("max_new_tokens, decoded", [(1, []), (2, [1]), (20, [19]), (70, [64, 64])])
+def test_a_sample_decodes_no_more_positions_than_it_needs(max_new_tokens, decoded, monkeypatch):
+    # The first new token comes with the prompt's forward pass, the others in chunks of at most 64 positions.
+    steps = []
+    decode = sample._decode
+    monkeypatch.setattr(sample, "_decode", lambda *args, **kw: steps.append(args[5]) or decode(*args, **kw))
+    new = list(generate_chunks(tiny_model(), jnp.array([[1, 2, 3]], jnp.int32), max_new_tokens, jax.random.key(0)))
+    assert sum(n.shape[1] for n in new) == max_new_tokens and steps == decoded
+
+
 @pytest.mark.parametrize("max_new_tokens", [0, 1, 2, 7, 3 * W + 1])
 def test_chunks_of_any_size_make_the_same_text(max_new_tokens):
     # sample.py shows one sample chunk by chunk: each token's draw is keyed by its position, not by its chunk.

@@ -166,7 +166,9 @@ def _chunks(model: GPT, prompt_BxP, max_new_tokens: int, key, chunk: int, **samp
         return
     cache, token_B = _prefill(model, prompt_BxP, key, **sampling)
     yield token_B[:, None].astype(prompt_BxP.dtype)
-    # Whole chunks, the last one cut: one compiled program, whatever max_new_tokens is.
+    # Whole chunks, the last one cut: one compiled program, whatever max_new_tokens is; no longer than
+    # the tokens after the first, or a 20-token sample decoded 64 positions (slower than no cache).
+    chunk = max(1, min(chunk, max_new_tokens - 1))
     for position in range(P, P + max_new_tokens - 1, chunk):
         cache, new_BxN = _decode(model, cache, token_B, jnp.int32(position), key, chunk, **sampling)
         token_B = new_BxN[:, -1]
