@@ -13,8 +13,8 @@ import re
 import shutil
 import time
 
-from midgpt.cli import ArgumentParser, StopSignals, cache_compiled_programs, positive_int, run
-from midgpt.config import apply_overrides, check_config, config_names, leaves, load_config, resume_config
+from midgpt.cli import ArgumentParser, StopSignals, add_config_option, cache_compiled_programs, positive_int, run
+from midgpt.config import apply_overrides, check_config, leaves, load_config, resume_config
 from midgpt.errors import MidgptError
 from midgpt.files import LOCK
 from midgpt.metrics import last_step
@@ -99,7 +99,7 @@ def main(argv: list[str]) -> None:
 def launch(argv: list[str], signals: StopSignals) -> None:
     parser = ArgumentParser(description=__doc__,
                             epilog=fields_help(argv) if {"-h", "--help"} & set(argv) else None)
-    parser.add_argument("--config", required=True, help=f"a config of midgpt.configs: {', '.join(config_names())}")
+    add_config_option(parser, required=True)
     parser.add_argument("--rundir", default=None, type=os.path.expanduser, help="run directory (default: outputs/<timestamp>)")
     parser.add_argument("--debug", action="store_true", help="write a profiler trace of a few steps, and no checkpoints")
     parser.add_argument("--multihost", action="store_true",

@@ -18,7 +18,7 @@ import jax
 import numpy as np
 
 from midgpt import checkpoint
-from midgpt.cli import ArgumentParser, positive_int, run
+from midgpt.cli import ArgumentParser, add_config_option, positive_int, run
 from midgpt.optimizer import make_optimizer
 from midgpt.sharding import make_mesh
 from midgpt.train import init_state, make_train_step
@@ -31,7 +31,7 @@ def directory_bytes(path: str) -> int:
 
 def main(argv: list[str]) -> None:
     parser = ArgumentParser(description=__doc__)
-    parser.add_argument("--config", required=True)
+    add_config_option(parser, required=True)
     parser.add_argument("--steps", type=int, default=300, help="training steps a loop; 0 times one save only")
     parser.add_argument("--interval", type=positive_int, default=100, help="steps between checkpoints")
     parser.add_argument("--rounds", type=positive_int, default=2, help="loops of each kind, alternating")

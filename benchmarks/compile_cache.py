@@ -17,7 +17,7 @@ import time
 
 import jax
 
-from midgpt.cli import ArgumentParser, positive_int, run
+from midgpt.cli import ArgumentParser, add_config_option, positive_int, run
 from midgpt.errors import MidgptError
 from train_throughput import checked_config
 
@@ -37,7 +37,7 @@ def timed(script: str, *args: str, env: dict[str, str]) -> tuple[float, str]:
 
 def main(argv: list[str]) -> None:
     parser = ArgumentParser(description=__doc__)
-    parser.add_argument("--config", required=True)
+    add_config_option(parser, required=True)
     parser.add_argument("--rounds", type=positive_int, default=2, help="cold and warm runs of each")
     args, overrides = parser.parse_known_args(argv)
     checked_config(args.config, overrides, list(vars(args)))  # its errors before any run

@@ -8,14 +8,14 @@ layout without allocating (for models too large for this machine).
 import json
 import os
 
-from midgpt.cli import ArgumentParser, positive_int, run
+from midgpt.cli import ArgumentParser, add_config_option, positive_int, run
 
 
 def main(argv: list[str]) -> None:
     parser = ArgumentParser(description=__doc__)
-    parser.add_argument("--config", required=True)
+    add_config_option(parser, required=True)
     parser.add_argument("--devices", type=positive_int, default=8, help="CPU devices to fake")
-    parser.add_argument("--abstract", action="store_true")
+    parser.add_argument("--abstract", action="store_true", help="compute the layout without allocating it")
     args, overrides = parser.parse_known_args(argv)
     # Before JAX starts; on CPU devices, which alone can be faked, also on a GPU host.
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={args.devices}"

@@ -13,7 +13,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 
-from midgpt.cli import ArgumentParser, positive_int, run
+from midgpt.cli import ArgumentParser, add_config_option, positive_int, run
 from midgpt.model import GPT, cast_floats
 from midgpt.precision import compute_dtype
 from midgpt.sample import fitting_memory, generate, sample_token
@@ -46,7 +46,7 @@ def tokens_per_sec(fn, *args) -> float:
 
 def main(argv: list[str]) -> None:
     parser = ArgumentParser(description=__doc__)
-    parser.add_argument("--config", default="shakespeare_char", help="its model, untrained")
+    add_config_option(parser, "its model, untrained", default="shakespeare_char")
     parser.add_argument("--num_samples", type=positive_int, default=8, help="samples drawn at once")
     parser.add_argument("--max_new_tokens", type=positive_int, default=500, help="tokens each")
     args, overrides = parser.parse_known_args(argv)

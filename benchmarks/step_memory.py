@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from midgpt import memory
-from midgpt.cli import ArgumentParser, positive_int, run
+from midgpt.cli import ArgumentParser, add_config_option, positive_int, run
 from midgpt.optimizer import make_optimizer
 from midgpt.sharding import make_mesh
 from midgpt.train import fresh_state, init_state, make_train_step, pieces_per_micro_batch, state_layout
@@ -27,7 +27,7 @@ def positive_ints(text: str) -> list[int]:
 
 def main(argv: list[str]) -> None:
     parser = ArgumentParser(description=__doc__)
-    parser.add_argument("--config", required=True)
+    add_config_option(parser, required=True)
     parser.add_argument("--chunks", type=positive_ints, help="comma-separated slice counts for the loss (default: training's)")
     parser.add_argument("--pieces", type=positive_int, help="pieces per micro-batch (default: training's)")
     args, overrides = parser.parse_known_args(argv)

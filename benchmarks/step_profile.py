@@ -18,7 +18,7 @@ from pathlib import Path
 import equinox as eqx
 import jax
 
-from midgpt.cli import ArgumentParser, positive_int, run
+from midgpt.cli import ArgumentParser, add_config_option, positive_int, run
 from train_throughput import checked_config, run_fields, setup, time_steps
 
 COLLECTIVE = re.compile(r" (all-gather|all-reduce|reduce-scatter|collective-permute|all-to-all)(-start|-done)?\(")
@@ -90,7 +90,7 @@ def op_times(trace_dir: str, module: str) -> tuple[collections.Counter, collecti
 
 def main(argv: list[str]) -> None:
     parser = ArgumentParser(description=__doc__)
-    parser.add_argument("--config", required=True)
+    add_config_option(parser, required=True)
     parser.add_argument("--steps", type=positive_int, default=5, help="traced steps, after the compile and 2 warm-up steps")
     parser.add_argument("--top", type=positive_int, default=15, help="ops to list, the longest first")
     args, overrides = parser.parse_known_args(argv)

@@ -14,7 +14,7 @@ import statistics
 import jax
 
 from midgpt import cli
-from midgpt.cli import ArgumentParser, positive_int
+from midgpt.cli import ArgumentParser, add_config_option, positive_int
 from midgpt.errors import MidgptError
 from midgpt.sharding import make_mesh
 from train_throughput import checked_config, setup, time_steps
@@ -22,7 +22,7 @@ from train_throughput import checked_config, setup, time_steps
 
 def main(argv: list[str]) -> None:
     parser = ArgumentParser(description=__doc__)
-    parser.add_argument("--config", required=True)
+    add_config_option(parser, required=True)
     parser.add_argument("--rounds", type=positive_int, default=3, help="rounds of every variant in turn")
     parser.add_argument("--steps", type=positive_int, default=3, help="timed steps of each variant per round")
     parser.add_argument("variants", nargs="+")

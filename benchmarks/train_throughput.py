@@ -16,7 +16,7 @@ import jax
 import numpy as np
 
 from midgpt import mfu, precision
-from midgpt.cli import ArgumentParser, positive_int, run
+from midgpt.cli import ArgumentParser, add_config_option, positive_int, run
 from midgpt.config import Config, apply_overrides, check_config, load_config
 from midgpt.model import count_params
 from midgpt.optimizer import make_optimizer
@@ -67,7 +67,7 @@ def time_steps(train_step, state, batches, n: int):
 
 def main(argv: list[str]) -> None:
     parser = ArgumentParser(description=__doc__)
-    parser.add_argument("--config", required=True)
+    add_config_option(parser, required=True)
     parser.add_argument("--steps", type=positive_int, default=20, help="timed steps, after the compile and 2 warm-up steps")
     args, overrides = parser.parse_known_args(argv)
     config = checked_config(args.config, overrides, list(vars(args)))

@@ -7,6 +7,7 @@ import sys
 import pytest
 
 from conftest import REPO_ROOT
+from midgpt.config import config_names
 
 CONFIG = "--config=shakespeare_char_cpu"
 TINY = ["--model.n_layer=1", "--model.n_embd=32", "--model.n_head=2", "--batch_size=4", "--model.block_size=32"]
@@ -69,6 +70,13 @@ def test_help_shows_each_default_once():
     assert "--steps STEPS timed steps, after the compile and 2 warm-up steps (default: 20)" in options(
         "benchmarks/train_throughput.py")
     assert "--rounds ROUNDS rounds of every variant in turn (default: 3)" in options("benchmarks/step_ratios.py")
+    # --config named no config: each script's now lists them, as launch.py's does.
+    configs = f"a config of midgpt.configs: {', '.join(config_names())}"
+    assert all(f"--config CONFIG {configs}" in options(f"benchmarks/{script}.py") for script in (
+        "train_throughput", "step_ratios", "step_profile", "step_memory", "fsdp_memory", "compile_cache",
+        "checkpoint_cost"))
+    assert f"--config CONFIG its model, untrained; {configs} (default: shakespeare_char)" in options(
+        "benchmarks/sample_throughput.py")
     sample = options("sample.py")
     assert "--temperature TEMPERATURE 0 is greedy (default: 0.8)" in sample and sample.count("(default:") == 7
     assert "--step STEP the checkpoint to use (default: the newest)" in sample

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from midgpt.config import nearest
+from midgpt.config import config_names, nearest
 from midgpt.errors import MidgptError
 
 
@@ -50,6 +50,12 @@ class ArgumentParser(argparse.ArgumentParser):
             message += (f"; did you mean {' or '.join(close)}?" if close else
                         f"; the options are {', '.join(options)}")
         raise MidgptError(f"{message} (see python {self.prog} --help)")
+
+
+def add_config_option(parser: argparse.ArgumentParser, help: str = "", **kwargs) -> None:
+    """--config, as launch.py and every benchmark take it, its help naming the configs."""
+    parser.add_argument("--config", help=f"{help}{'; ' * bool(help)}a config of midgpt.configs: "
+                        f"{', '.join(config_names())}", **kwargs)
 
 
 def positive_int(text: str) -> int:
