@@ -144,6 +144,17 @@ def test_an_empty_path_is_refused_not_taken_for_the_working_directory(script, fl
     assert os.listdir(tmp_path) == []
 
 
+@pytest.mark.parametrize("script", ["shakespeare_char", "openwebtext"])
+def test_prepare_takes_no_abbreviated_option_and_names_the_one_meant(script, tmp_path):
+    # The Shakespeare script's plain argparse read --inp as --input, and answered a typo in a usage block.
+    result = subprocess.run([sys.executable, str(REPO_ROOT / "data" / script / "prepare.py"), "--inp", "x.txt",
+                             "--out_dir", str(tmp_path / "out")], cwd=tmp_path, capture_output=True, text=True)
+    assert result.returncode == 1 and result.stderr == (
+        f"prepare.py: unrecognized arguments: --inp x.txt; did you mean --input? (see python data/{script}/prepare.py "
+        "--help)\n"), result.stderr
+    assert os.listdir(tmp_path) == []
+
+
 def test_prepare_refuses_a_text_too_short_for_two_splits(tmp_path):
     (tmp_path / "one.txt").write_text("a")
     result = subprocess.run([sys.executable, str(PREPARE), "--input", str(tmp_path / "one.txt"),

@@ -1,6 +1,5 @@
 """Tiny Shakespeare -> char-level train.bin / val.bin (uint16) and meta.json."""
 
-import argparse
 import contextlib
 import hashlib
 import http.client
@@ -14,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from midgpt.cli import ArgumentParser
 from midgpt.errors import MidgptError
 from midgpt.prepare import FILES, check_out_dir, lock_out_dir, replace_dataset
 
@@ -46,15 +46,16 @@ def download(path: Path) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    # Its errors one line, close options named, and no abbreviation (--inp for --input), as every command's.
+    parser = ArgumentParser(description=__doc__, prog="data/shakespeare_char/prepare.py")
     parser.add_argument("--input", type=os.path.expanduser, help="Tiny Shakespeare text file (default: <out_dir>/input.txt, downloaded if absent)")
     parser.add_argument("--out_dir", default=str(Path(__file__).resolve().parent), type=os.path.expanduser,
                         help="where train.bin, val.bin and meta.json go (default: this script's folder)")
-    args = parser.parse_args()
-    if "" in (args.input, args.out_dir):  # an unset $VAR: Path("") is the working directory
-        parser.error(f"--{'input' if args.input == '' else 'out_dir'} is empty")
-    out_dir = Path(args.out_dir)
     try:
+        args = parser.parse_args()
+        if "" in (args.input, args.out_dir):  # an unset $VAR: Path("") is the working directory
+            parser.error(f"--{'input' if args.input == '' else 'out_dir'} is empty")
+        out_dir = Path(args.out_dir)
         check_out_dir(out_dir, "char")
     except MidgptError as e:
         sys.exit(f"prepare.py: {e}")
