@@ -28,6 +28,10 @@ def main(argv: list[str]) -> None:
     parser.add_argument("variants", nargs="+")
     args, unknown = parser.parse_known_args(argv)
     if unknown:  # an override before --, where argparse takes it for an option of the script's own
+        flag = unknown[0].partition("=")[0]
+        # Or one of the script's own, shortened (--round): only those, since config fields are near them by ratio.
+        if meant := [option for option in ("--config", "--rounds", "--steps") if option.startswith(flag)]:
+            raise MidgptError(f"unrecognized arguments: {' '.join(unknown)}; did you mean {meant[0]}?")
         raise MidgptError(f"unrecognized arguments: {' '.join(unknown)}; variants go after --, each one quoted: "
                           f'-- "" "{unknown[0]}"')
     # Every variant is checked before the first compiles: a typo in the last should not cost minutes.

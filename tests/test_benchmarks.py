@@ -26,6 +26,7 @@ TINY = ["--model.n_layer=1", "--model.n_embd=32", "--model.n_head=2", "--batch_s
      "model.remat"),
     ("step_ratios", [CONFIG, "--", " ".join(TINY), "--xla_cpu_no_such_option=1"], "xla_cpu_no_such_option"),
     ("step_ratios", [CONFIG, "", "--model.remat=dots"], "variants go after --, each one quoted: -- \"\" \"--model.remat=dots\""),
+    ("step_ratios", [CONFIG, "--round=1", "--", ""], "unrecognized arguments: --round=1; did you mean --rounds?"),
     ("step_ratios", [CONFIG, "--", " ".join(TINY), "--xla_backend_optimization_level"], "--xla_NAME=VALUE"),
     ("fsdp_memory", [CONFIG, "--devices=0"], "--devices"),
     ("fsdp_memory", [CONFIG, "--devices=3", "--batch_size=4"], "batch_size"),
