@@ -206,6 +206,9 @@ def test_sample_prints_text_from_the_trained_run(short_run):
     again, other = (run("sample.py", f"--rundir={short_run}", "--start=ROMEO:", "--num_samples=2",
                         "--max_new_tokens=50", f"--seed={seed}") for seed in (3, 4))
     assert again.stdout == result.stdout != other.stdout
+    greedy = [run("sample.py", f"--rundir={short_run}", "--start=ROMEO:", "--max_new_tokens=50", "--temperature=0",
+                  f"--seed={seed}").stdout for seed in (3, 4)]
+    assert greedy[0] == greedy[1] != result.stdout.split("-" * 40)[0]  # --temperature reaches the draws: none at 0
 
 
 def test_one_sample_is_shown_as_it_is_generated(short_run):

@@ -17,7 +17,8 @@ from midgpt import checkpoint, cli, data, mfu, precision
 from midgpt.errors import MidgptError
 from midgpt.metrics import TAGS, rewind_events, rewind_jsonl
 from midgpt.sharding import make_mesh
-from midgpt.train import EVAL_TRAIN_STREAM, EVAL_VAL_STREAM, evaluate, train
+from midgpt.model import fresh_model
+from midgpt.train import EVAL_TRAIN_STREAM, EVAL_VAL_STREAM, evaluate, loss_fn, train
 from test_launch import TINY, read_metrics, run
 
 
@@ -151,6 +152,16 @@ def test_the_evaluations_score_the_final_model_on_their_own_split(shakespeare_da
     assert final["val_loss"] == pytest.approx(score(val_tokens, EVAL_VAL_STREAM), rel=1e-6)
     assert final["train_loss"] == pytest.approx(score(train_tokens, EVAL_TRAIN_STREAM), rel=1e-6)
     assert final["val_loss"] != pytest.approx(score(train_tokens, EVAL_VAL_STREAM), rel=1e-4)
+
+
+def test_an_evaluation_draws_no_dropout(shakespeare_data_dir):
+    # With dropout, val_loss would score a noisier model than the one trained, and sampled.
+    config = one_layer_config(shakespeare_data_dir, "--model.dropout=0.5", "--eval_iters=1", "--compute_dtype=float32")
+    model, mesh = fresh_model(config), make_mesh(config)
+    _, val_tokens = data.load_splits(config)
+    x_1xBxT, y_1xBxT = data.global_batch(val_tokens, (config.seed, EVAL_VAL_STREAM), 1, config, mesh)
+    assert evaluate(model, val_tokens, config, mesh, EVAL_VAL_STREAM) == pytest.approx(
+        float(loss_fn(model, x_1xBxT[0], y_1xBxT[0])), rel=1e-5)  # no key: no dropout
 
 
 @pytest.mark.parametrize("slowed", ["checkpoint save", "evaluation"])

@@ -1,5 +1,6 @@
 """Runs that survive: real processes, real signals, real damaged files; resumed runs are bit-identical."""
 
+import dataclasses
 import json
 import math
 import os
@@ -18,8 +19,10 @@ import numpy as np
 import pytest
 
 from conftest import REPO_ROOT, one_layer_config, this_tree_env
+from midgpt import data
 from midgpt.checkpoint import committed, delete_unfinished_saves, make_manager
 from midgpt.config import load_config
+from midgpt.train import TRAIN_STREAM, train
 
 STEPS = 60  # checkpoints at 20, 40 and 60
 ARGS = ["--config=shakespeare_char_cpu", "--model.n_layer=2", "--max_steps=60", "--checkpoint_interval=20",
@@ -102,6 +105,21 @@ def test_resume_after_kill_matches_uninterrupted_run(uninterrupted, shakespeare_
     assert "resuming from checkpoint 40" in output
     assert_same_run(rundir, uninterrupted)
     assert sorted(os.listdir(rundir / "checkpoints")) == ["20", "40", "60"]  # the unfinished save deleted
+
+
+def test_step_k_trains_on_the_batch_of_key_seed_0_k_and_a_resume_goes_on_at_the_next(shakespeare_data_dir, tmp_path,
+                                                                                     monkeypatch):
+    # Two runs that shift their keys alike resume alike: only this ties a step to the README's batch.
+    keys, global_batch = [], data.global_batch
+    monkeypatch.setattr(data, "global_batch", lambda tokens, key, *rest: keys.append(key) or global_batch(tokens, key, *rest))
+    config = one_layer_config(shakespeare_data_dir, "--max_steps=3", "--eval_interval=100", "--eval_iters=1",
+                              "--checkpoint_interval=3")
+    trained = lambda: [key for key in keys if len(key) == 3]  # not evaluation's (seed, stream)
+    train(config, str(tmp_path))
+    assert trained() == [(config.seed, TRAIN_STREAM, step) for step in (1, 2, 3)]
+    keys.clear()
+    train(dataclasses.replace(config, max_steps=5), str(tmp_path), resume=True)
+    assert trained() == [(config.seed, TRAIN_STREAM, step) for step in (4, 5)]
 
 
 def test_unfinished_saves_are_deleted_by_the_trainer_alone(tmp_path):

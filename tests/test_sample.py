@@ -140,6 +140,14 @@ def test_a_character_split_over_tokens_is_shown_once_whole():
     assert "".join(cut) == tokenizer.decode(meta, ids[:4]) and cut[-1].endswith("\ufffd")
 
 
+@pytest.mark.parametrize("temperature", [0.5, 2.0])
+def test_a_temperature_draws_in_proportion_to_the_softmax_of_the_logits_over_it(temperature):
+    logits_V = jnp.array([0.0, 1.0, 2.0, -1.0])
+    drawn_N = np.asarray(sample_token(jnp.tile(logits_V, (40000, 1)), jax.random.key(0), temperature, None))
+    np.testing.assert_allclose(np.bincount(drawn_N, minlength=4) / len(drawn_N),
+                               jax.nn.softmax(logits_V / temperature), atol=0.01)
+
+
 def test_top_k_draws_from_exactly_the_k_most_likely_tokens_in_proportion():
     probs_V = np.array([0.1, 0.3, 0.05, 0.4, 0.15])
     logits_NxV = jnp.log(jnp.tile(jnp.asarray(probs_V, jnp.float32), (20000, 1)))
