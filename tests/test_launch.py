@@ -394,7 +394,8 @@ def test_another_run_and_a_resume_read_their_compiled_programs_from_the_cache_la
     assert result.returncode == 0 and not (tmp_path / "off").exists(), result.stderr
     (tmp_path / "a-file").write_text("")
     result = run("sample.py", *sample, env={**env, "XDG_CACHE_HOME": str(tmp_path / "a-file")})
-    assert result.returncode == 0 and result.stderr == f"sampling from checkpoint 4 of {tmp_path}/first\n", result.stderr
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == f"sampling from checkpoint 4 of {tmp_path}/first\n", result.stderr
 
 
 CACHED = """

@@ -217,8 +217,9 @@ def test_hugging_face_streaming_route_matches_local_files(tmp_path):
     pq.write_table(pa.table({"text": pa.array(DOCS[:5] + [None], pa.string())}), nulls)
     result = run_prepare("--dataset", "parquet", "--data_files", nulls, "--out_dir", tmp_path / "nulls",
                          env=hf_env(tmp_path))
-    assert result.returncode == 1 and result.stderr == ("prepare.py: parquet: a row's 'text' is null; drop such rows, or "
-                                               "fill them with '' (empty texts are skipped)\n"), result.stderr
+    assert result.returncode == 1 and result.stderr == (
+        "prepare.py: parquet: a row's 'text' is null; drop such rows, or fill them with '' (empty texts are skipped)\n"
+    ), result.stderr
 
 
 def prepared(tmp_path):

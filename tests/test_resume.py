@@ -111,7 +111,8 @@ def test_step_k_trains_on_the_batch_of_key_seed_0_k_and_a_resume_goes_on_at_the_
                                                                                      monkeypatch):
     # Two runs that shift their keys alike resume alike: only this ties a step to the README's batch.
     keys, global_batch = [], data.global_batch
-    monkeypatch.setattr(data, "global_batch", lambda tokens, key, *rest: keys.append(key) or global_batch(tokens, key, *rest))
+    monkeypatch.setattr(data, "global_batch",
+                        lambda tokens, key, *rest: keys.append(key) or global_batch(tokens, key, *rest))
     config = one_layer_config(shakespeare_data_dir, "--max_steps=3", "--eval_interval=100", "--eval_iters=1",
                               "--checkpoint_interval=3")
     trained = lambda: [key for key in keys if len(key) == 3]  # not evaluation's (seed, stream)

@@ -44,7 +44,8 @@ REVISION = "refs/convert/parquet"  # the Hub's parquet export of a dataset
 # A null may be a document lost upstream: refused, where an empty text is a document that says nothing.
 FILL_NULLS = "drop such rows, or fill them with '' (empty texts are skipped)"
 FORMATS = "json, parquet, csv, text or arrow"  # the FILE_BUILDERS that read text: pandas' reads pickles
-BUILDER_OF = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "text", ".arrow": "arrow"}
+BUILDER_OF = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "text",
+              ".arrow": "arrow"}
 
 
 def parquet_file(path: str):

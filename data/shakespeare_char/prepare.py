@@ -107,8 +107,8 @@ def main() -> None:
                 path.unlink()
         sys.exit(f"prepare.py: cannot write to {out_dir} ({e or 'interrupted'}); nothing prepared before was replaced")
     replaced = replace_dataset(out_dir, tmp)
-    print(f"vocab size {len(chars)}; train {meta['train_tokens']:,} tokens, val {meta['val_tokens']:,} tokens -> {out_dir}"
-          + replaced)
+    print(f"vocab size {len(chars)}; train {meta['train_tokens']:,} tokens, val {meta['val_tokens']:,} tokens "
+          f"-> {out_dir}{replaced}")
 
 
 if __name__ == "__main__":
