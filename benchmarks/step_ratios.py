@@ -15,6 +15,7 @@ import jax
 
 from midgpt import cli
 from midgpt.cli import ArgumentParser, add_config_option, positive_int
+from midgpt.config import abbreviated
 from midgpt.errors import MidgptError
 from midgpt.sharding import make_mesh
 from train_throughput import checked_config, setup, time_steps
@@ -30,7 +31,7 @@ def main(argv: list[str]) -> None:
     if unknown:  # an override before --, where argparse takes it for an option of the script's own
         flag = unknown[0].partition("=")[0]
         # Or one of the script's own, shortened (--round): only those, since config fields are near them by ratio.
-        if meant := [option for option in ("--config", "--rounds", "--steps") if option.startswith(flag)]:
+        if meant := abbreviated(flag, [f"--{name}" for name in vars(args) if name != "variants"]):
             raise MidgptError(f"unrecognized arguments: {' '.join(unknown)}; did you mean {meant[0]}?")
         raise MidgptError(f"unrecognized arguments: {' '.join(unknown)}; variants go after --, each one quoted: "
                           f'-- "" "{unknown[0]}"')

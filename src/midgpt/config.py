@@ -225,12 +225,17 @@ def _did_you_mean(name: str, choices) -> str:
     return f"; did you mean {' or '.join(map(repr, close))}?" if close else ""
 
 
+def abbreviated(name: str, choices) -> list[str]:
+    """The choices that name abbreviates, shortest first."""
+    return sorted((c for c in choices if c.startswith(name) and c != name), key=len)
+
+
 def nearest(name: str, choices) -> list[str]:
     """At most 3 choices, nearest first: those name abbreviates, else the closest by difflib ratio (none if none is)."""
     choices = list(choices)
     # By ratio, sample.py's --temp was nearest to --step, not to the --temperature it abbreviates.
-    if abbreviated := sorted((c for c in choices if c.startswith(name) and c != name), key=len):
-        return abbreviated[:3]
+    if shortened := abbreviated(name, choices):
+        return shortened[:3]
     ratio = {c: difflib.SequenceMatcher(None, name, c).ratio() for c in choices}
     best = max(ratio.values(), default=0.0)
     # Near-ties only: 'model.n_layers' should suggest model.n_layer, not every model.n_* field.
