@@ -292,10 +292,10 @@ def prepare(documents, out_dir: Path, num_proc: int, val_fraction: float, source
         # data.py cannot memory-map an empty split, and training needs both.
         if not any(docs.values()):
             raise MidgptError("the input holds no documents, only empty or whitespace-only text")
-        hint = (" (in .txt files, blank lines separate them)"
-                if any(Path(path).suffix.lower() == ".txt" for path in source.get("input", [])) else "")
+        inputs = source.get("input", [])
+        txt = any(Path(path).suffix.lower() == ".txt" for path in inputs)
+        hint = " (in .txt files, blank lines separate them)" if txt else ""
         if sum(docs.values()) == 1:  # no --val_fraction splits one document in two
-            inputs = source.get("input", [])
             raise MidgptError(f"{inputs[0] if len(inputs) == 1 else 'the input'} holds one document, and train "
                               f"and val need one each: add documents{hint}")
         if empty := [s for s in SPLITS if docs[s] == 0]:
