@@ -658,6 +658,26 @@ def test_a_resume_says_the_learning_rate_it_goes_on_at_and_where_the_schedule_en
     assert [r["lr"] for r in metrics(rundir) if r["step"] == 65] == [pytest.approx(closed_form_lr(config, 64))]
 
 
+def test_a_run_that_ends_before_its_cosine_says_the_learning_rate_it_stops_at(shakespeare_data_dir, tmp_path, capsys):
+    # A short try of a long config is left at a high rate, unannealed: its last loss is not the config's.
+    from midgpt.cli import StopSignals
+    from midgpt.train import train
+    from test_optimizer import closed_form_lr
+
+    def output(config, rundir):
+        with StopSignals() as signals:
+            signals.received = "SIGINT"  # one step is enough: the line comes before the first
+            train(config, str(rundir), debug=True, signals=signals)
+        return capsys.readouterr().out
+
+    config = one_layer_config(shakespeare_data_dir, "--max_steps=30", "--eval_iters=1")
+    lr = closed_form_lr(config, 29)  # update 30's
+    assert f"\nthe run ends at step 30, at learning rate {lr:.3g}: its cosine reaches min_lr=0.0001 at " \
+           "lr_decay_steps=2000 (pass --lr_decay_steps=30 to end there)\n" in (out := output(config, tmp_path)), out
+    ends_there = dataclasses.replace(config, lr_decay_steps=30, warmup_steps=10)
+    assert "cosine" not in (out := output(ends_there, tmp_path / "ends_there")), out
+
+
 def test_a_stop_of_a_debug_run_promises_no_checkpoint(shakespeare_data_dir, tmp_path, capsys):
     from midgpt.cli import StopSignals
     from midgpt.train import train

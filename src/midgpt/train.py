@@ -335,6 +335,11 @@ def _train(config: Config, rundir: str, debug: bool, resume: bool, notes: Sequen
     if config.lr_decay_steps < config.max_steps:  # as extending a finished run with --max_steps alone does
         say(f"from step {config.lr_decay_steps + 1} on, min_lr={config.min_lr:g}: the cosine ends at "
             f"lr_decay_steps={config.lr_decay_steps}")
+    elif config.lr_decay_steps > config.max_steps:  # a short try of a long config: its last steps are not annealed
+        last_lr = float(lr_schedule(config)(config.max_steps - 1))
+        say(f"the run ends at step {config.max_steps}, at learning rate {last_lr:.3g}: its cosine reaches "
+            f"min_lr={config.min_lr:g} at lr_decay_steps={config.lr_decay_steps} (pass --lr_decay_steps="
+            f"{config.max_steps} to end there)")
     last_checkpoint = start or None
     # Mid-run, the fix for a full disk is to resume, not to start over elsewhere.
     resume_fix = lambda changed="": (
