@@ -13,7 +13,7 @@ import pytest
 from midgpt import checkpoint, sample, tokenizer
 from midgpt.config import Config, ModelConfig, apply_overrides, load_config
 from midgpt.errors import MidgptError
-from midgpt.model import GPT
+from midgpt.model import GPT, project
 from midgpt.optimizer import make_optimizer
 from midgpt.sample import generate, generate_chunks, load_model, prompt_key, sample_token
 from midgpt.sharding import make_mesh
@@ -33,7 +33,11 @@ def test_cached_decoding_equals_the_full_forward_pass_even_past_block_size(prefi
     forward = jax.jit(lambda tokens: model(tokens))
     full_BxNxV = forward(tokens_BxN)
 
-    step = jax.jit(lambda tokens, positions, cache: model(tokens, positions_T=positions, cache=cache))
+    @jax.jit
+    def step(tokens_BxT, positions_T, cache):  # every position's logits, and the cache
+        x_BxTxD, embed_VxD, cache = model.hidden(tokens_BxT, positions_T=positions_T, cache=cache)
+        return project("btd,vd->btv", x_BxTxD, embed_VxD, out_dtype=jnp.float32), cache
+
     logits, cache = step(tokens_BxN[:, :prefill], jnp.arange(prefill), model.empty_cache(2))
     cached = [logits]
     for p in range(prefill, tokens_BxN.shape[1]):

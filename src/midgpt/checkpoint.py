@@ -92,7 +92,7 @@ def fingerprint_dict(tree) -> dict[str, int]:
     # together deadlocked in gloo's all-reduce: 6 of 12 two-process runs hung at a save.
     found = jax.tree.map(lambda x: jax.device_get(fingerprint(x)), eqx.filter(tree, eqx.is_array))
     return {jax.tree_util.keystr(path, simple=True, separator="."): int(x)
-            for path, x in jax.tree_util.tree_flatten_with_path(found)[0]}
+            for path, x in jax.tree.leaves_with_path(found)}
 
 
 def check_fingerprints(manager: ocp.CheckpointManager, step: int, tree) -> None:
@@ -194,7 +194,7 @@ def restore_model(manager: ocp.CheckpointManager, step: int, like_model, shardin
 def array_shapes(tree) -> dict[str, tuple[int, ...]]:
     """{dotted path: shape} of a tree's arrays; a state and orbax's metadata of it give the same keys."""
     return {jax.tree_util.keystr(path, simple=True, separator="."): tuple(x.shape)
-            for path, x in jax.tree_util.tree_flatten_with_path(tree)[0] if hasattr(x, "shape")}
+            for path, x in jax.tree.leaves_with_path(tree) if hasattr(x, "shape")}
 
 
 def check_arrays(step_dir: str, like, part: str | None = None) -> None:

@@ -2,11 +2,10 @@
 
 Initialisation: the tied embedding is N(0, 1/D), so that the logits of a fresh
 model have unit scale after the final RMSNorm; projections into the residual
-stream's readers (q, k, v, MLP in) are N(0, 1/fan_in) truncated at 2 sigma (so their
-std is 0.88/sqrt(fan_in)); projections
-that write back to the residual stream (attention out, MLP out) are scaled down
-further by 1/sqrt(2 L), as in GPT-2, so the stream does not grow with depth.
-Norm gains start at one.
+stream's readers (q, k, v, MLP in) are N(0, 1/fan_in) truncated at 2 sigma (so
+their std is 0.88/sqrt(fan_in)); projections that write back to the residual
+stream (attention out, MLP out) are scaled down further by 1/sqrt(2 L), as in
+GPT-2, so the stream does not grow with depth. Norm gains start at one.
 """
 
 import math
@@ -52,7 +51,7 @@ def _normal(key, shape, std):
 
 def rotary_tables(positions_T, head_dim: int, base: float):
     """sin and cos of each (non-negative, int32) position's rotation angles, each (T, C), in float32."""
-    inv_freq_R = base ** (-np.arange(0, head_dim, 2) / head_dim)  # R = C/2 rotated pairs; float64, as traced
+    inv_freq_R = base ** (-np.arange(0, head_dim, 2) / head_dim)  # R = C/2 rotated pairs; numpy float64, folded in at trace time
     # position * inv_freq in float32 keeps fewer of the angle's bits the larger the position: a sample's
     # ten-millionth token was rotated so far off that its log-probabilities moved by 0.2. Summed over
     # the position's bytes instead, each byte's step reduced mod 2 pi in float64, the angle is as
@@ -166,8 +165,7 @@ class Attention(eqx.Module):
     block_size: int = eqx.field(static=True)
 
     def __init__(self, cfg: ModelConfig, *, key):
-        D, H = cfg.n_embd, cfg.n_head
-        C = D // H
+        D, H, C = cfg.n_embd, cfg.n_head, cfg.head_dim
         kq, kk, kv, ko = jax.random.split(key, 4)
         self.wq_DxHxC = _normal(kq, (D, H, C), 1 / math.sqrt(D))
         self.wk_DxHxC = _normal(kk, (D, H, C), 1 / math.sqrt(D))
@@ -290,11 +288,10 @@ class GPT(eqx.Module):
         self.final_norm = RMSNorm(cfg.n_embd)
         self.config = cfg
 
-    def __call__(self, tokens_BxT, *, key=None, positions_T=None, cache: KVCache | None = None):
-        """Next-token logits (float32) for every position; with a cache, (logits, cache). See `hidden`."""
-        x_BxTxD, embed_VxD, cache = self.hidden(tokens_BxT, key=key, positions_T=positions_T, cache=cache)
-        logits_BxTxV = project("btd,vd->btv", x_BxTxD, embed_VxD, out_dtype=jnp.float32)
-        return logits_BxTxV if cache is None else (logits_BxTxV, cache)
+    def __call__(self, tokens_BxT, *, key=None, positions_T=None):
+        """Next-token logits (float32) for every position. See `hidden`, which also decodes with a KV cache."""
+        x_BxTxD, embed_VxD, _ = self.hidden(tokens_BxT, key=key, positions_T=positions_T)
+        return project("btd,vd->btv", x_BxTxD, embed_VxD, out_dtype=jnp.float32)
 
     def hidden(self, tokens_BxT, *, key=None, positions_T=None, cache: KVCache | None = None, gather=None):
         """(final hidden states, the output layer's table, the updated cache or None); dropout only with a key.
@@ -346,7 +343,7 @@ class GPT(eqx.Module):
         return x_BxTxD, embed_VxD, cache
 
     def empty_cache(self, batch_size: int) -> KVCache:
-        """A KV cache for batch_size sequences, in the dtype of the model's parameters."""
+        """An empty KV cache for batch_size sequences, in the activations' dtype (the embedding's)."""
         cfg = self.config
         H, S = cfg.n_head, cfg.block_size
         shape = (cfg.n_layer, batch_size, S, H, cfg.head_dim)

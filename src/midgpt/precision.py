@@ -101,7 +101,7 @@ def lookup(table_VxD, tokens):
 
 
 def _lookup_fwd(table_VxD, tokens):
-    return lookup(table_VxD, tokens), (table_VxD, tokens)  # of the table, its shape and dtype: XLA keeps no copy
+    return lookup(table_VxD, tokens), (table_VxD, tokens)  # the table for its shape and dtype: a live parameter, no copy kept
 
 
 def _lookup_bwd(residuals, g):

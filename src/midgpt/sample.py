@@ -175,14 +175,19 @@ def _chunks(model: GPT, prompt_BxP, max_new_tokens: int, key, chunk: int, **samp
         yield new_BxN[:, :P + max_new_tokens - 1 - position].astype(prompt_BxP.dtype)
 
 
+def _last_logits(model: GPT, tokens_BxT, positions_T, cache):
+    """(the float32 logits after each row's last token, (B, V); the cache with the tokens' keys and values)."""
+    x_BxTxD, embed_VxD, cache = model.hidden(tokens_BxT, positions_T=positions_T, cache=cache)
+    # The last position's logits only: all T of them were a (B, T, V) float32 array, 1.5 GiB for
+    # 8 samples of a 1024-token GPT-2 prompt, and a third more compute.
+    return project("bd,vd->bv", x_BxTxD[:, -1], embed_VxD, out_dtype=jnp.float32), cache
+
+
 @eqx.filter_jit
 def _prefill(model: GPT, prompt_BxP, key, temperature, top_k, vocab):
     """(the KV cache of the prompt, the first new token of each row, (B,))."""
     B, P = prompt_BxP.shape
-    x_BxPxD, embed_VxD, cache = model.hidden(prompt_BxP, positions_T=jnp.arange(P), cache=model.empty_cache(B))
-    # The last position's logits only: all P of them were a (B, P, V) float32 array, 1.5 GiB for
-    # 8 samples of a 1024-token GPT-2 prompt, and a third more compute.
-    logits_BxV = project("bd,vd->bv", x_BxPxD[:, -1], embed_VxD, out_dtype=jnp.float32)
+    logits_BxV, cache = _last_logits(model, prompt_BxP, jnp.arange(P), model.empty_cache(B))
     return cache, sample_token(logits_BxV, jax.random.fold_in(key, P), temperature, top_k, vocab)
 
 
@@ -191,9 +196,9 @@ def _decode(model: GPT, cache, token_B, start, key, steps: int, temperature, top
     """(the cache, the `steps` tokens after token_B, which sits at position start), one position's forward pass each."""
     def decode(carry, position):
         cache, token_B = carry
-        logits_Bx1xV, cache = model(token_B[:, None], positions_T=position[None], cache=cache)
+        logits_BxV, cache = _last_logits(model, token_B[:, None], position[None], cache)
         # Each token's draw is keyed by its position: the same text, whatever the chunks.
-        next_B = sample_token(logits_Bx1xV[:, 0], jax.random.fold_in(key, position + 1), temperature, top_k, vocab)
+        next_B = sample_token(logits_BxV, jax.random.fold_in(key, position + 1), temperature, top_k, vocab)
         return (cache, next_B), next_B
 
     (cache, _), new_NxB = jax.lax.scan(decode, (cache, token_B), start + jnp.arange(steps))

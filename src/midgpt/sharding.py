@@ -94,7 +94,7 @@ def state_shardings(tree, mesh: Mesh, config: Config):
         stacked = any(getattr(k, "name", None) == "blocks" for k in path)
         return NamedSharding(mesh, param_spec(x, stacked, config, fsdp_size))
 
-    return jax.tree_util.tree_map_with_path(sharding, tree)
+    return jax.tree.map_with_path(sharding, tree)
 
 
 def batch_sharding(mesh: Mesh, ndim: int, batch_axis: int) -> NamedSharding:

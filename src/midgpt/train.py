@@ -27,8 +27,8 @@ from midgpt.model import GPT, cast_floats, check_cudnn, count_params, fresh_mode
 from midgpt.optimizer import lr_schedule, make_optimizer
 from midgpt.precision import cross_entropy
 
-# Streams of batch keys, (seed, stream, step) in training and (seed, stream) in evaluation: they never
-# collide while steps start at 1, since numpy seeds (a, b) and (a, b, 0) alike.
+# Streams of batch keys, (seed, TRAIN_STREAM, step) in training and (seed, stream) in evaluation: the
+# stream keeps them apart.
 TRAIN_STREAM, EVAL_TRAIN_STREAM, EVAL_VAL_STREAM = 0, 1, 2
 
 
@@ -131,7 +131,8 @@ def make_train_step(config: Config, optimizer: optax.GradientTransformation, mes
         # Equal micro-batches: the mean of their losses is the batch's.
         x_MxbxT, y_MxbxT = (in_pieces(a, pieces) for a in (x_GxBxT, y_GxBxT))
         M = len(x_MxbxT)
-        # Dropout masks follow from the run's key and the step, so a resumed run draws the same ones.
+        # Dropout masks follow from the run's key, the step and M, so a run resumed on the same kind of machine
+        # draws the same ones (a lone CPU cuts micro-batches into pieces, and so changes M).
         step_key = jax.random.fold_in(jax.random.wrap_key_data(state.dropout_key), state.step)
         keys_M = jax.random.split(step_key, M)
         grad_sum, loss_M = jax.lax.scan(
