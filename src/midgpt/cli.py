@@ -253,16 +253,14 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 class StopSignals:
-    """SIGINT, SIGTERM and SIGHUP ask for a stop after the current step; a second one stops at once.
+    """SIGINT, SIGTERM and SIGHUP ask for a stop after the current step; a second one stops at once."""
 
-    SIGHUP is a closed terminal or ssh session, which would otherwise end the run without a checkpoint
-    (under nohup, which ignores it, the run goes on).
-
-    Python runs a handler only when the main thread is back from C++ (a compile, a wait for the
-    device: seconds, or minutes), and takes two signals that came meanwhile for one. But the
-    interpreter writes a byte for each signal to its wakeup fd: a thread counts them there and,
-    once told how (`speak`), says the first one's notice at once.
-    """
+    # SIGHUP is a closed terminal or ssh session, which would otherwise end the run without a checkpoint
+    # (under nohup, which ignores it, the run goes on).
+    # Python runs a handler only when the main thread is back from C++ (a compile, a wait for the
+    # device: seconds, or minutes), and takes two signals that came meanwhile for one. But the
+    # interpreter writes a byte for each signal to its wakeup fd: a thread counts them there and,
+    # once told how (`speak`), says the first one's notice at once.
 
     def __init__(self):
         self.received, self.noticed = None, False

@@ -160,10 +160,10 @@ def changes_the_run(a: Config, b: Config) -> str | None:
 def resume_config(saved: Config, named: Config, overrides: list[str]) -> tuple[Config, list[str], list[str]]:
     """The saved config with the command line's overrides; the changes they make; what the run keeps.
 
-    Only the overrides change a run: where its named config differs (overrides the run began with,
-    or a default changed since), the run keeps its own values. Another named config, or an override of its model
-    or its batches, is refused; anything else (max_steps, learning_rate, ...) may change.
+    Another named config, or an override of the model or the batches, is refused; anything else may change.
     """
+    # Only the overrides change a run: where its named config differs (overrides the run began with,
+    # or a default changed since), the run keeps its own values.
     # A run saved before configs had names has none; its config may also be renamed or removed
     # since. Then it takes the name of the --config that resumes it, which names it from then on.
     known = saved.name in config_names()

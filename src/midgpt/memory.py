@@ -111,10 +111,9 @@ ACTIVATIONS_HIGH_BY = 1.5
 
 
 def activation_bytes(config: Config, mesh: Mesh, pieces: int = 1, chunks: int = 1) -> int:
-    """One device's activation memory in a step, with remat as configured.
+    """One device's activation memory in a step, with remat as configured, for one of the `pieces` at a time.
 
-    Per layer what remat saved, the internals of the layers in one scan iteration, one loss slice's logits;
-    one of the `pieces` at a time.
+    Per layer what remat saved, the internals of the layers in one scan iteration, one loss slice's logits.
     """
     m = config.model
     B = config.batch_size // mesh.size // pieces  # rows per device at once: the batch is split over every device
@@ -181,11 +180,10 @@ def estimate(config: Config, mesh: Mesh, state_like, state_shardings, pieces: in
 
 
 def device_memory() -> tuple[int | None, str, bool]:
-    """(bytes one device may use, where that number comes from, whether its allocator refuses past them).
-
-    None bytes where nothing says. A GPU's or TPU's allocator refuses, which train.py reports in one line;
-    past a host's memory, a run swaps or is killed.
-    """
+    """(bytes one device may use, or None where nothing says; where that number comes from; whether its
+    allocator refuses past them)."""
+    # A GPU's or TPU's allocator refuses, which train.py reports in one line; past a host's memory, a run
+    # swaps or is killed.
     device = jax.local_devices()[0]
     stats = device.memory_stats() or {}
     if "bytes_limit" in stats:
@@ -282,12 +280,10 @@ def least_needed(parts: dict[str, int]) -> int:
 
 def check_fits(config: Config, mesh: Mesh, available: int | None, estimate_for, resuming: bool = False,
                hard_limit: bool = False) -> str | None:
-    """None if the estimate fits in available bytes a device; else raise MidgptError, with what to change.
-
-    estimate_for: a config -> estimate (this module's parts) for the run's mesh and state.
-    hard_limit: the allocator refuses past available (device_memory); a run that may fit all the same,
-    the estimate being high, is then tried, and a warning returned instead.
-    """
+    """None if estimate_for(config) (this module's parts) fits in available bytes a device; else raise
+    MidgptError, with what to change, or return a warning where hard_limit (device_memory) lets the run try."""
+    # With hard_limit the allocator refuses past available: a run that may fit all the same, the estimate
+    # being high, is then tried.
     parts = estimate_for(config)
     if available is None or parts["total"] <= available:
         return None

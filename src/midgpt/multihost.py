@@ -97,11 +97,9 @@ def check_devices_alike() -> None:
 
 @contextlib.contextmanager
 def failing_together():
-    """Run the block on every process; an error it raises on any process is raised on all as it ends.
-
-    Where one process alone raised (process 0 writing the run's files), the others would wait for
-    it at their next collective, then abort with a C++ stack.
-    """
+    """Run the block on every process; an error it raises on any process is raised on all as it ends."""
+    # Where one process alone raised (process 0 writing the run's files), the others would wait for
+    # it at their next collective, then abort with a C++ stack.
     error = None
     try:
         yield

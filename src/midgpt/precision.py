@@ -42,8 +42,7 @@ def _cpuinfo() -> str:
 def matmul(spec: str, x, y):
     """einsum(spec, x, y) accumulated in float32, and its gradients computed alike.
 
-    spec names its output ("btd,df->btf"): the backward pass reads the output's letters from it, and
-    needs each letter in exactly two of the three terms (none summed within one operand).
+    spec names its output ("btd,df->btf"), each letter in exactly two of the three terms: the backward pass reads it.
     """
     return jnp.einsum(spec, x, y, preferred_element_type=jnp.float32)
 

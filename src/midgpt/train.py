@@ -254,11 +254,11 @@ def train(config: Config, rundir: str, debug: bool = False, resume: bool = False
           signals: cli.StopSignals | None = None, resume_with: str = checkpoint.SAME_COMMAND) -> GPT:
     """Train into rundir (config.json, metrics.jsonl, TensorBoard events, checkpoints/), resuming if asked.
 
-    Every process runs this loop (JAX's multi-controller model); only process 0 writes files and prints,
-    first the notes (launch.py's word on a resume), once no other launch holds the run. A stop signal
-    (`signals`, launch.py's since it began, else heard from here on) stops it after the step it comes in.
-    resume_with: the command that resumes the run, for the lines that say so.
+    Every process runs it (JAX's multi-controller model); process 0 alone writes files and prints.
     """
+    # Process 0 prints the notes (launch.py's word on a resume) once no other launch holds the run. A stop
+    # signal (`signals`, launch.py's since it began, else heard from here on) stops it after the step it comes in;
+    # resume_with is the command that resumes the run, for the lines that say so.
     with contextlib.ExitStack() as held:  # held: the run directory's lock, and signals if they are ours
         # Heard from the start, not only in the loop: after jax.distributed.initialize, JAX's own
         # SIGTERM handler would take a signal during the restore or the compile and only note it.
