@@ -247,7 +247,7 @@ def test_a_checkpoint_that_training_removes_as_it_is_read_gives_way_to_the_newer
     checkpoint.save(manager, 7, state, config)
     checkpoint.wait(manager)
     manager.close()
-    restore = sample.restore_model
+    restore = sample.restore_on_one_device
 
     def as_training_saves_and_removes(rundir_, config_, chosen, like):
         if chosen == 7:  # the trainer's save of step 9 commits, and step 7 goes
@@ -255,7 +255,7 @@ def test_a_checkpoint_that_training_removes_as_it_is_read_gives_way_to_the_newer
             shutil.rmtree(rundir / "checkpoints" / "7")
         return restore(rundir_, config_, chosen, like)
 
-    monkeypatch.setattr(sample, "restore_model", as_training_saves_and_removes)
+    monkeypatch.setattr(sample, "restore_on_one_device", as_training_saves_and_removes)
     if step is not None:  # asked for: it is gone
         with pytest.raises(MidgptError, match=f"checkpoint 7 of {rundir} was removed as it was read .*the newest 3.*"
                                               "pass a newer --step, or none"):

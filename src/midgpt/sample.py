@@ -57,7 +57,7 @@ def load_model(rundir: str, step: int | None = None, say=None) -> tuple[Config, 
             unfinished = " whose save finished" if chosen in saved_steps(rundir) else ""
             raise MidgptError(f"{rundir} has no checkpoint{unfinished} at step {chosen}; it has {steps or 'none'}")
         try:
-            model = restore_model(rundir, config, chosen, like)
+            model = restore_on_one_device(rundir, config, chosen, like)
         except Exception as e:  # orbax and tensorstore raise many types for damaged files
             gone = not checkpoint.committed(rundir, chosen)
             if attempt < 2 and checkpoint.committed_steps(rundir) != steps and (step is None or not gone):
@@ -85,7 +85,7 @@ def load_model(rundir: str, step: int | None = None, say=None) -> tuple[Config, 
         return config, model
 
 
-def restore_model(rundir: str, config: Config, step: int, like: GPT) -> GPT:
+def restore_on_one_device(rundir: str, config: Config, step: int, like: GPT) -> GPT:
     """The model of checkpoint step, on one device."""
     one_device = jax.tree.map(lambda _: SingleDeviceSharding(jax.devices()[0]),
                               eqx.filter(like, sharding.is_abstract))
