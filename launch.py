@@ -72,21 +72,34 @@ def check_new_rundir(rundir: str) -> None:
                               f"--rundir, or delete {rundir} to train there afresh")
 
 
+def flag_value(argv: list[str], flag: str) -> str | None:
+    """The last value of --flag=VALUE or --flag VALUE in argv, as argparse reads them."""
+    found = None
+    for arg, value in zip(argv, [*argv[1:], None]):
+        found = arg.removeprefix(f"{flag}=") if arg.startswith(f"{flag}=") else value if arg == flag else found
+    return found
+
+
 def fields_help(argv: list[str]) -> str:
-    """--help's last lines: every field of the --config given, as the override that keeps its value."""
-    name = None
-    for flag, value in zip(argv, [*argv[1:], None]):  # --config=NAME or --config NAME, as argparse reads them
-        name = flag.removeprefix("--config=") if flag.startswith("--config=") else value if flag == "--config" else name
-    try:
-        fields = {k: v for k, v in leaves(load_config(name)).items() if k != "name"} if name else None
-    except MidgptError:  # an unknown config, a broken file: its run says so in one line, not --help
-        fields = None
-    if not fields:
+    """--help's last lines: every field of the --rundir's run, else of the --config, as the override that keeps it."""
+    name, rundir, config = flag_value(argv, "--config"), flag_value(argv, "--rundir"), None
+    if rundir and os.path.isdir(rundir := os.path.expanduser(rundir)):
+        with contextlib.suppress(MidgptError):  # no run there: a new one would take the config's values
+            config = read_config_json(rundir)
+            about = (f"The fields of the run in {rundir} (--config={config.name}), with the values it resumes with; "
+                     "any may follow to change it, but those of its model and batches")
+    if config is None:
+        try:
+            config = load_config(name) if name else None
+        except MidgptError:  # an unknown config, a broken file: its run says so in one line, not --help
+            pass
+        about = f"The fields of --config={name}, with its values; any may follow to change it"
+    if config is None:
         return ("Any field of the config may follow as --FIELD=VALUE, e.g. --max_steps=100 --model.n_layer=2;\n"
                 "--config=NAME --help lists them, with that config's values (what each means: src/midgpt/config.py).")
     text = lambda v: ",".join(map(str, v)) if isinstance(v, tuple) else str(v).lower() if isinstance(v, bool) else v
-    return (f"The fields of --config={name}, with its values; any may follow to change it (see src/midgpt/config.py):\n"
-            + "\n".join(f"  --{k}={text(v)}" for k, v in fields.items()))
+    return (f"{about} (see src/midgpt/config.py):\n"
+            + "\n".join(f"  --{k}={text(v)}" for k, v in leaves(config).items() if k != "name"))
 
 
 def main(argv: list[str]) -> None:
