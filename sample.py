@@ -66,9 +66,12 @@ def main(argv: list[str]) -> None:
         ids = tokenizer.encode(meta, start)
     except tokenizer.UnknownCharacters as e:
         if args.start != parser.get_default("start"):
-            file = "; a prompt file is FILE:path, in capitals" if args.start.lower().startswith("file:") else ""
-            raise MidgptError(f"{e}: leave them out of the prompt (the run knows the characters of its data only)"
-                              + file) from None
+            # file:path is read as the prompt's text, a slip; FILE:path's characters are the file's own.
+            from_file = args.start.startswith("FILE:")
+            slip = not from_file and args.start[:5].lower() == "file:"
+            where = f"the prompt file {args.start.removeprefix('FILE:')}" if from_file else "the prompt"
+            raise MidgptError(f"{e}: leave them out of {where} (the run knows the characters of its data only)"
+                              + ("; a prompt file is FILE:path, in capitals" if slip else "")) from None
         raise MidgptError(f"{e}, the default --start: pass --start=TEXT in this run's vocabulary") from None
     T = config.model.block_size
     if len(ids) > T:  # the model sees at most block_size tokens: a longer prompt keeps its end
