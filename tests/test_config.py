@@ -395,3 +395,16 @@ def test_an_edited_config_json_without_a_checkpoint_copy_is_told_to_undo_the_edi
         read_config_json(str(tmp_path))
     assert str(info.value) == (f"{tmp_path}/config.json: config field 'max_steps' expects int, got 'lots'; undo the "
                                "edit, or use the version of midgpt that wrote it")
+
+
+def test_a_config_given_as_a_path_is_told_to_pass_a_name(tmp_path):
+    # A path was "unknown config" and the list of names: nothing said that a file of one's own must go in configs/.
+    import midgpt.configs
+    folder = midgpt.configs.__path__[0]
+    with pytest.raises(MidgptError) as info:
+        load_config(f"{tmp_path}/mine.py")
+    assert (f"--config takes a config's name, not a path: a config of your own is a module in {folder}, "
+            f"e.g. {folder}/mine.py for --config=mine") in str(info.value)
+    with pytest.raises(MidgptError) as info:
+        load_config("src/midgpt/configs/shakespeare_char_cpu.py")
+    assert "--config takes a config's name, not its file: --config=shakespeare_char_cpu" in str(info.value)

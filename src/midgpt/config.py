@@ -83,6 +83,13 @@ def load_config(name: str) -> Config:
     # Check the name before importing so a typo never imports something else.
     if name not in available:
         hint = _did_you_mean(name, available)
+        stem = os.path.splitext(os.path.basename(name))[0]
+        if stem in available:  # the path of a named config's file
+            hint = f"; --config takes a config's name, not its file: --config={stem}"
+        elif name.endswith(".py") or "/" in name or os.sep in name:  # a file of the user's: where it must go
+            folder = importlib.import_module("midgpt.configs").__path__[0]
+            hint = (f"; --config takes a config's name, not a path: a config of your own is a module in {folder}, "
+                    f"e.g. {os.path.join(folder, (stem or 'NAME') + '.py')} for --config={stem or 'NAME'}")
         raise MidgptError(f"unknown config {name!r}{hint} (available: {', '.join(available)})")
     module = f"midgpt.configs.{name}"
     where = importlib.util.find_spec(module).origin
