@@ -39,8 +39,9 @@ def main(argv: list[str]) -> None:
     start = args.start
     if start.startswith("FILE:"):
         try:
-            # -sig: a byte-order mark is no text; ~ is expanded, as it is in --rundir
-            with open(os.path.expanduser(start.removeprefix("FILE:")), encoding="utf-8-sig") as f:
+            # -sig: a byte-order mark is no text; ~ is expanded, as it is in --rundir. Its line ends as they are:
+            # below, they are read as "\n" unless the run's characters hold "\r" (text prepared with CRLF).
+            with open(os.path.expanduser(start.removeprefix("FILE:")), encoding="utf-8-sig", newline="") as f:
                 start = f.read()
         except (OSError, UnicodeDecodeError) as e:
             parser.error(f"cannot read the prompt file: {e}")
@@ -62,6 +63,8 @@ def main(argv: list[str]) -> None:
     config, model = load_model(args.rundir, args.step, say=notes.append)
     meta = run_meta(args.rundir, config, say=notes.append)
     model = cast_floats(model, jnp.dtype(compute_dtype(config.compute_dtype)))
+    if args.start.startswith("FILE:") and not (meta["tokenizer"] == "char" and "\r" in meta["chars"]):
+        start = start.replace("\r\n", "\n").replace("\r", "\n")  # as Python's text mode reads them
     try:
         ids = tokenizer.encode(meta, start)
     except tokenizer.UnknownCharacters as e:

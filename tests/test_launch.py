@@ -286,6 +286,26 @@ def test_a_prompt_file_with_characters_the_run_never_saw_is_named_and_not_taken_
     assert "in capitals" not in result.stderr
 
 
+def test_a_prompt_files_line_ends_are_kept_where_the_runs_characters_hold_a_carriage_return(short_run, tmp_path):
+    # Text prepared with CRLF line ends keeps its "\r" (prepare.py reads it exactly): the prompt file's "\r\n" was
+    # read as "\n", silently another prompt than the file's and than --start=TEXT gives.
+    prompt = "ROMEO:\r\nWhat say you?\r\n"
+    (tmp_path / "prompt.txt").write_bytes(prompt.encode())
+    sample = lambda rundir: subprocess.run(  # bytes: text=True would read "\r\n" as "\n" itself
+        [sys.executable, str(REPO_ROOT / "sample.py"), f"--rundir={rundir}", f"--start=FILE:{tmp_path}/prompt.txt",
+         "--max_new_tokens=0"], capture_output=True, timeout=600)
+    result = sample(short_run)  # its text has no "\r": read as "\n", as Windows editors' files are meant
+    assert result.returncode == 0 and result.stdout == b"ROMEO:\nWhat say you?\n\n", result.stderr
+    crlf = tmp_path / "crlf"  # a run whose characters hold "\r", in place of one that this prompt does not need
+    shutil.copytree(short_run, crlf)
+    meta = json.loads((crlf / "meta.json").read_text())
+    unused = next(c for c in meta["chars"] if c not in prompt)
+    meta["chars"] = ["\r" if c == unused else c for c in meta["chars"]]
+    (crlf / "meta.json").write_text(json.dumps(meta))
+    result = sample(crlf)
+    assert result.returncode == 0 and result.stdout == prompt.encode() + b"\n", result.stderr
+
+
 def test_debug_writes_a_profiler_trace_each_time_and_never_over_a_run(short_run, shakespeare_data_dir, tmp_path):
     rundir = tmp_path / "debug"
     launch = lambda rundir, *args: run("launch.py", "--config=shakespeare_char_cpu", f"--rundir={rundir}",
