@@ -689,3 +689,25 @@ def test_a_stop_of_a_debug_run_promises_no_checkpoint(shakespeare_data_dir, tmp_
     out = capsys.readouterr().out
     assert "SIGINT: stopping after this step (again to stop at once)\n" in out, out  # not "with a checkpoint"
     assert out.splitlines()[-1] == "stopped after step 1 (SIGINT); no checkpoint was written (--debug)"
+
+
+def test_a_debug_run_stopped_inside_its_traced_steps_still_writes_the_trace(shakespeare_data_dir, tmp_path, capsys,
+                                                                             monkeypatch):
+    # The trace started at step 3 was never stopped, so never written, and nothing said so.
+    import jax
+
+    from midgpt.cli import StopSignals
+    from midgpt.train import train
+
+    config = one_layer_config(shakespeare_data_dir, "--max_steps=10", "--eval_iters=1")
+    with StopSignals() as signals:
+        start_trace = jax.profiler.start_trace
+        def start_and_stop(*args, **kwargs):  # a Ctrl-C in step 3, the first traced one
+            start_trace(*args, **kwargs)
+            signals.received = "SIGINT"
+        monkeypatch.setattr(jax.profiler, "start_trace", start_and_stop)
+        train(config, str(tmp_path), debug=True, signals=signals)
+    out = capsys.readouterr().out
+    assert f"debug: the profiler trace stopped early, after step 3 of steps 3-5, in {tmp_path}/profile" in out, out
+    assert out.splitlines()[-1] == "stopped after step 3 (SIGINT); no checkpoint was written (--debug)"
+    assert len(list((tmp_path / "profile").rglob("*.xplane.pb"))) == 1

@@ -384,6 +384,13 @@ def _train(config: Config, rundir: str, debug: bool, resume: bool, notes: Sequen
     timer.restart()
     step = start  # for an error before the first step
     stopped = False  # by a stop signal: not finished
+    tracing = False  # the profiler's trace started and not yet stopped
+
+    def stop_trace_early(last: int) -> None:  # a stop signal or an error inside the traced steps
+        jax.profiler.stop_trace()  # which writes what was traced
+        say(f"debug: the profiler trace stopped early, after {steps(range(profile_steps[0], last + 1))} of "
+            f"{steps(profile_steps)}, in {rundir}/profile")
+
     try:
         for step, (x_GxBxT, y_GxBxT) in data.prefetch(make_batch, range(start + 1, config.max_steps + 1)):
             is_eval = step % config.eval_interval == 0 or step == config.max_steps
@@ -393,12 +400,14 @@ def _train(config: Config, rundir: str, debug: bool, resume: bool, notes: Sequen
             signals.when = "after this step's evaluation" if is_eval else stop_after
             if profile_steps and step == profile_steps[0]:
                 jax.profiler.start_trace(os.path.join(rundir, "profile"))
+                tracing = True
             state, metrics = train_step(state, x_GxBxT, y_GxBxT)
             bar.update()
             timer.tick()
             if profile_steps and step == profile_steps[-1]:
                 jax.block_until_ready(state)
                 jax.profiler.stop_trace()
+                tracing = False
                 timer.restart()  # traced steps are slower: not timed
             if step == start + 1:  # leave the compile out of the throughput
                 jax.block_until_ready(state)
@@ -443,6 +452,10 @@ def _train(config: Config, rundir: str, debug: bool, resume: bool, notes: Sequen
                 last_checkpoint = step
             if stop:
                 stopped = True
+                if tracing:
+                    jax.block_until_ready(state)  # the step in the trace whole
+                    stop_trace_early(step)
+                    tracing = False
                 if manager:
                     checkpoint.wait(manager, resume_with)
                 bar.close()  # now: closed after the line, it was drawn again below it
@@ -473,6 +486,9 @@ def _train(config: Config, rundir: str, debug: bool, resume: bool, notes: Sequen
         if manager:
             checkpoint.close(manager, resume_with)
     finally:
+        if tracing:  # an error: its line comes last
+            with contextlib.suppress(Exception):
+                stop_trace_early(step)
         bar.close()
         if log:
             log.close()
