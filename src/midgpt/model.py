@@ -51,7 +51,7 @@ def _normal(key, shape, std):
 
 def rotary_tables(positions_T, head_dim: int, base: float):
     """sin and cos of each (non-negative, int32) position's rotation angles, each (T, C), in float32."""
-    inv_freq_R = base ** (-np.arange(0, head_dim, 2) / head_dim)  # R = C/2 rotated pairs; numpy float64, folded in at trace time
+    inv_freq_R = base ** (-np.arange(0, head_dim, 2) / head_dim)  # R = C/2 rotated pairs; numpy float64, a constant
     # position * inv_freq in float32 keeps fewer of the angle's bits the larger the position: a sample's
     # ten-millionth token was rotated so far off that its log-probabilities moved by 0.2. Summed over
     # the position's bytes instead, each byte's step reduced mod 2 pi in float64, the angle is as

@@ -100,7 +100,7 @@ def lookup(table_VxD, tokens):
 
 
 def _lookup_fwd(table_VxD, tokens):
-    return lookup(table_VxD, tokens), (table_VxD, tokens)  # the table for its shape and dtype: a live parameter, no copy kept
+    return lookup(table_VxD, tokens), (table_VxD, tokens)  # the table, a live parameter: no copy kept
 
 
 def _lookup_bwd(residuals, g):
