@@ -165,7 +165,7 @@ def test_a_gpu_tries_a_run_the_estimate_may_overstate_and_a_host_does_not(monkey
     parts = estimate(config)
     least = memory.least_needed(parts)  # the activations / ACTIVATIONS_HIGH_BY: below XLA's (-k close)
     assert parts["total"] - parts["activations"] < least < parts["total"]  # the state's bytes are exact
-    assert memory.device_memory()[1:] == ("host memory", False)  # this CPU's: a run past it is refused
+    assert memory.device_memory()[2] is False  # this CPU's memory (or its cgroup's): a run past it is refused
 
     def plan(available, hard_limit):
         """What memory.plan says after its estimate, with device_memory's word as given."""
@@ -346,3 +346,54 @@ def test_sizes_below_a_gib_are_shown_in_mib():
     # The small configs' whole plan read "0.00 GiB" term by term.
     sizes = (3_187_000, 2**30, 5 * 2**30 // 2)
     assert [memory.readable(n) for n in sizes] == ["3.04 MiB", "1.00 GiB", "2.50 GiB"]
+
+
+def test_the_memory_limit_of_a_cgroup_above_the_process_is_its_lowest_that_is_set(tmp_path):
+    # A SLURM job's --mem, a container's limit: on a larger host the run was checked against the host's memory,
+    # then killed by the kernel without a word.
+    def limit(proc: str, files: dict[str, str]) -> int | None:
+        (tmp_path / "proc").write_text(proc)
+        for path, text in files.items():
+            (tmp_path / "fs" / path).parent.mkdir(parents=True, exist_ok=True)
+            (tmp_path / "fs" / path).write_text(text + "\n")
+        return memory.cgroup_memory_limit(str(tmp_path / "proc"), str(tmp_path / "fs"))
+
+    # v2: the job's step has none of its own ("max"), the job has one, and a group above it a larger one
+    assert limit("0::/slurm/job_7/step_0\n", {"slurm/memory.max": str(8 << 30), "slurm/job_7/memory.max": str(2 << 30),
+                                              "slurm/job_7/step_0/memory.max": "max"}) == 2 << 30
+    # v1, beside other controllers: its root's "no limit" is a huge number, which min() passes over
+    assert limit("5:cpu,cpuacct:/x\n4:memory:/docker/abc\n0::/\n",
+                 {"memory/memory.limit_in_bytes": "9223372036854771712",
+                  "memory/docker/abc/memory.limit_in_bytes": str(3 << 30)}) == 3 << 30
+    assert limit("0::/user.slice\n", {}) is None  # nothing mounted where the hierarchy says: no limit known
+    assert limit("0::/\n", {"memory.max": "max"}) is None
+
+
+def test_a_run_larger_than_its_cgroup_memory_limit_is_refused_in_one_line(shakespeare_data_dir, tmp_path):
+    # Real cgroups, where this test may make one (as root on Linux): the run's check, not the function alone.
+    line = next((line for line in open("/proc/self/cgroup").read().splitlines() if ":memory:" in line or
+                 line.startswith("0::")), "") if os.path.exists("/proc/self/cgroup") else ""
+    v1 = ":memory:" in line
+    parent = f"/sys/fs/cgroup{'/memory' if v1 else ''}{line.split(':', 2)[-1]}".rstrip("/")
+    group = f"{parent}/midgpt-test-{os.getpid()}"
+    try:
+        os.mkdir(group)
+        with open(f"{group}/{'memory.limit_in_bytes' if v1 else 'memory.max'}", "w") as f:
+            f.write(str(600 << 20))  # shakespeare_char's estimate is 734 MiB; its process needs 180 MiB to say so
+        joined = subprocess.run(["sh", "-c", f"echo $$ > {group}/cgroup.procs"], capture_output=True, text=True)
+        if joined.returncode:  # cgroup v2 lets no process into a group whose parent delegates it no memory
+            raise OSError(joined.stderr.strip())
+    except OSError as e:
+        if os.path.isdir(group):
+            os.rmdir(group)
+        pytest.skip(f"cannot make a cgroup with a memory limit here ({e})")
+    try:
+        result = subprocess.run(  # the shell joins the group, then becomes launch.py
+            ["sh", "-c", f'echo $$ > {group}/cgroup.procs && exec "$@"', "sh", sys.executable,
+             str(REPO_ROOT / "launch.py"), "--config=shakespeare_char", f"--rundir={tmp_path / 'run'}",
+             f"--data_dir={shakespeare_data_dir}"], capture_output=True, text=True, timeout=600)
+    finally:
+        os.rmdir(group)
+    assert_one_line_error(result, "but a device has 600.00 MiB; use a smaller batch")
+    assert " of 600.00 MiB (the cgroup memory limit of this container or job)\n" in result.stdout, result.stdout
+    assert not (tmp_path / "run").exists()

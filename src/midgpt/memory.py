@@ -188,11 +188,42 @@ def device_memory() -> tuple[int | None, str, bool]:
     stats = device.memory_stats() or {}
     if "bytes_limit" in stats:
         return stats["bytes_limit"], f"{device.device_kind} memory", True
-    if device.platform == "cpu":  # CPU devices share the host's memory
-        host = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-        return host // jax.local_device_count(), "host memory" + (
+    if device.platform == "cpu":  # CPU devices share the host's memory, or their container's or job's
+        host, source = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"), "host memory"
+        if (limit := cgroup_memory_limit()) is not None and limit < host:
+            host, source = limit, "the cgroup memory limit of this container or job"
+        return host // jax.local_device_count(), source + (
             f" / {jax.local_device_count()} devices" if jax.local_device_count() > 1 else ""), False
     return None, "unknown", False
+
+
+def cgroup_memory_limit(proc: str = "/proc/self/cgroup", mount: str = "/sys/fs/cgroup") -> int | None:
+    """The lowest memory limit of this process's cgroup and those above it (v1 or v2), or None where none is set."""
+    # A SLURM job's --mem or a container's limit, on a host with more: past it the kernel kills the run, unwarned.
+    try:
+        with open(proc, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except OSError:  # not Linux
+        return None
+    limits = []
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":  # cgroup v2: one hierarchy
+            root, name = mount, "memory.max"
+        elif "memory" in controllers.split(","):
+            root, name = os.path.join(mount, "memory"), "memory.limit_in_bytes"
+        else:
+            continue
+        # The group, then each one above it, whose limits hold too. In a container the mount is its own group.
+        groups = [group for group in path.split("/") if group]
+        for depth in range(len(groups), -1, -1):
+            try:
+                with open(os.path.join(root, *groups[:depth], name), encoding="utf-8") as f:
+                    text = f.read().strip()
+            except OSError:  # not mounted there, or no memory controller
+                continue
+            limits += [int(text)] if text.isdigit() else []  # v2 writes "max" for none
+    return min(limits, default=None)
 
 
 def peak_in_use() -> int | None:
