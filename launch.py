@@ -14,7 +14,8 @@ import shutil
 import time
 
 from midgpt.cli import ArgumentParser, StopSignals, add_config_option, cache_compiled_programs, positive_int, run
-from midgpt.config import apply_overrides, check_config, leaves, load_config, resume_config
+from midgpt.config import (FIXED_ON_RESUME, FREE_ON_RESUME, apply_overrides, check_config, leaves, load_config,
+                           resume_config)
 from midgpt.errors import MidgptError
 from midgpt.files import LOCK
 from midgpt.metrics import last_step
@@ -83,11 +84,14 @@ def flag_value(argv: list[str], flag: str) -> str | None:
 def fields_help(argv: list[str]) -> str:
     """--help's last lines: every field of the --rundir's run, else of the --config, as the override that keeps it."""
     name, rundir, config = flag_value(argv, "--config"), flag_value(argv, "--rundir"), None
-    if rundir and os.path.isdir(rundir := os.path.expanduser(rundir)):
-        with contextlib.suppress(MidgptError):  # no run there: a new one would take the config's values
+    # As launch decides: a run resumes where it saved a checkpoint, else its config.json is written over.
+    if rundir and saved_steps(rundir := os.path.expanduser(rundir)):
+        with contextlib.suppress(MidgptError):  # an unreadable config.json: the resume says so in one line
             config = read_config_json(rundir)
-            about = (f"The fields of the run in {rundir} (--config={config.name}), with the values it resumes with; "
-                     "any may follow to change it, but those of its model and batches")
+            listed = lambda names: ", ".join(names[:-1]) + " and " + names[-1]
+            fixed = [f"model.* ({listed(FREE_ON_RESUME)} may)" if f == "model" else f for f in FIXED_ON_RESUME]
+            about = (f"The fields of the run in {rundir}" + (f" (--config={config.name})" if config.name else "")
+                     + f", with the values it resumes with; any may follow to change it, but not {listed(fixed)}")
     if config is None:
         try:
             config = load_config(name) if name else None

@@ -359,17 +359,21 @@ def test_help_with_a_run_directory_lists_the_values_it_resumes_with(tmp_path):
     # A resume trains on with the run's config.json, not its named config's: --help showed the latter.
     config = dataclasses.replace(load_config("shakespeare_char_cpu"), max_steps=123, learning_rate=3e-3)
     (tmp_path / "config.json").write_text(json.dumps(config_to_dict(config)))
+    (tmp_path / "checkpoints" / "100").mkdir(parents=True)  # what makes launch resume it
     result = run("launch.py", "--config=shakespeare_char_cpu", f"--rundir={tmp_path}", "--help")
     assert result.returncode == 0, result.stderr
     assert f"\nThe fields of the run in {tmp_path} (--config=shakespeare_char_cpu), with the values it resumes with; " \
-           "any may follow to change it, but those of its model and batches (see src/midgpt/config.py):\n" \
-           in result.stdout, result.stdout
+           "any may follow to change it, but not model.* (model.remat, model.scan_unroll and model.attention may), " \
+           "seed, batch_size, g_accum_iters and param_dtype (see src/midgpt/config.py):\n" in result.stdout, result.stdout
     listed = [line.strip() for line in result.stdout.splitlines() if line.startswith("  --") and "=" in line]
     other = dataclasses.replace(config, name="shakespeare_char")  # every field given: the run's config, but its name
     assert apply_overrides(load_config("shakespeare_char"), listed) == other
-    result = run("launch.py", "--config=shakespeare_char_cpu", f"--rundir={tmp_path / 'new'}", "--help")  # no run yet
-    assert "\nThe fields of --config=shakespeare_char_cpu, with its values" in result.stdout, result.stdout
-    assert "\n  --max_steps=2000\n" in result.stdout, result.stdout
+    # No checkpoint (a --debug run's, one stopped before its first save): launch starts afresh, from the config
+    (tmp_path / "checkpoints" / "100").rmdir()
+    for rundir in (tmp_path, tmp_path / "new"):
+        result = run("launch.py", "--config=shakespeare_char_cpu", f"--rundir={rundir}", "--help")
+        assert "\nThe fields of --config=shakespeare_char_cpu, with its values" in result.stdout, result.stdout
+        assert "\n  --max_steps=2000\n" in result.stdout, result.stdout
 
 
 def test_launches_in_the_same_second_get_a_run_directory_each(tmp_path, monkeypatch):
