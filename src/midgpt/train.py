@@ -338,9 +338,12 @@ def _train(config: Config, rundir: str, debug: bool, resume: bool, notes: Sequen
             f"lr_decay_steps={config.lr_decay_steps}")
     elif config.lr_decay_steps > config.max_steps:  # a short try of a long config: its last steps are not annealed
         last_lr = float(lr_schedule(config)(config.max_steps - 1))
-        say(f"the run ends at step {config.max_steps}, at learning rate {last_lr:.3g}: its cosine reaches "
-            f"min_lr={config.min_lr:g} at lr_decay_steps={config.lr_decay_steps} (pass --lr_decay_steps="
-            f"{config.max_steps} to end there)")
+        warming = config.warmup_steps >= config.max_steps  # then the advice must shorten warmup too, to be valid
+        fix = f"--lr_decay_steps={config.max_steps}" + (f" --warmup_steps={config.max_steps // 10}" if warming else "")
+        say(f"the run ends at step {config.max_steps}, at learning rate {last_lr:.3g}"
+            + (f", still warming up (warmup_steps={config.warmup_steps})" if warming else "")
+            + f": its cosine reaches min_lr={config.min_lr:g} at lr_decay_steps={config.lr_decay_steps}"
+            + (f" (pass {fix} to end there)" if config.max_steps >= 2 else ""))  # lr_decay_steps is at least 2
     last_checkpoint = start or None
     # Mid-run, the fix for a full disk is to resume, not to start over elsewhere.
     resume_fix = lambda changed="": (
