@@ -1,5 +1,6 @@
 """The memory estimate: exact for the state on any mesh, close for activations, and a stop before an over-large run."""
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -351,22 +352,37 @@ def test_sizes_below_a_gib_are_shown_in_mib():
 def test_the_memory_limit_of_a_cgroup_above_the_process_is_its_lowest_that_is_set(tmp_path):
     # A SLURM job's --mem, a container's limit: on a larger host the run was checked against the host's memory,
     # then killed by the kernel without a word.
+    calls = iter(range(100))
+
     def limit(proc: str, files: dict[str, str]) -> int | None:
-        (tmp_path / "proc").write_text(proc)
+        folder = tmp_path / str(next(calls))  # each its own: no file of another case read
+        (folder / "fs").mkdir(parents=True)
+        (folder / "proc").write_text(proc)
         for path, text in files.items():
-            (tmp_path / "fs" / path).parent.mkdir(parents=True, exist_ok=True)
-            (tmp_path / "fs" / path).write_text(text + "\n")
-        return memory.cgroup_memory_limit(str(tmp_path / "proc"), str(tmp_path / "fs"))
+            (folder / "fs" / path).parent.mkdir(parents=True, exist_ok=True)
+            (folder / "fs" / path).write_text(text + "\n")
+        return memory.cgroup_memory_limit(str(folder / "proc"), str(folder / "fs"))
 
     # v2: the job's step has none of its own ("max"), the job has one, and a group above it a larger one
     assert limit("0::/slurm/job_7/step_0\n", {"slurm/memory.max": str(8 << 30), "slurm/job_7/memory.max": str(2 << 30),
                                               "slurm/job_7/step_0/memory.max": "max"}) == 2 << 30
-    # v1, beside other controllers: its root's "no limit" is a huge number, which min() passes over
+    # v1, beside other controllers; its root's "no limit" is a number near 2**63
+    v1_root = {"memory/memory.limit_in_bytes": "9223372036854771712"}
     assert limit("5:cpu,cpuacct:/x\n4:memory:/docker/abc\n0::/\n",
-                 {"memory/memory.limit_in_bytes": "9223372036854771712",
-                  "memory/docker/abc/memory.limit_in_bytes": str(3 << 30)}) == 3 << 30
+                 {**v1_root, "memory/docker/abc/memory.limit_in_bytes": str(3 << 30)}) == 3 << 30
+    assert limit("4:memory:/docker/abc\n", v1_root) is None
     assert limit("0::/user.slice\n", {}) is None  # nothing mounted where the hierarchy says: no limit known
     assert limit("0::/\n", {"memory.max": "max"}) is None
+    # Lines no kernel writes, a path above the namespace's root: read past, never outside the mount
+    assert limit("\ngarbage\n0::/../../job\n", {"job/memory.max": str(1 << 30)}) == 1 << 30
+
+
+def test_a_cpu_device_has_the_cgroup_memory_limit_where_it_is_below_the_hosts(monkeypatch):
+    host = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    monkeypatch.setattr(memory, "cgroup_memory_limit", lambda: 600 << 20)
+    assert memory.device_memory() == (600 << 20, "the cgroup memory limit of this container or job", False)
+    monkeypatch.setattr(memory, "cgroup_memory_limit", lambda: 2 * host)
+    assert memory.device_memory() == (host, "host memory", False)
 
 
 def test_a_run_larger_than_its_cgroup_memory_limit_is_refused_in_one_line(shakespeare_data_dir, tmp_path):
@@ -391,9 +407,11 @@ def test_a_run_larger_than_its_cgroup_memory_limit_is_refused_in_one_line(shakes
         result = subprocess.run(  # the shell joins the group, then becomes launch.py
             ["sh", "-c", f'echo $$ > {group}/cgroup.procs && exec "$@"', "sh", sys.executable,
              str(REPO_ROOT / "launch.py"), "--config=shakespeare_char", f"--rundir={tmp_path / 'run'}",
-             f"--data_dir={shakespeare_data_dir}"], capture_output=True, text=True, timeout=600)
+             f"--data_dir={shakespeare_data_dir}"], capture_output=True, text=True, timeout=600,
+            env={**os.environ, "JAX_PLATFORMS": "cpu"})  # a GPU's own memory would be checked instead
     finally:
-        os.rmdir(group)
+        with contextlib.suppress(OSError):  # busy while a killed launch.py leaves it: not this test's error
+            os.rmdir(group)
     assert_one_line_error(result, "but a device has 600.00 MiB; use a smaller batch")
     assert " of 600.00 MiB (the cgroup memory limit of this container or job)\n" in result.stdout, result.stdout
     assert not (tmp_path / "run").exists()

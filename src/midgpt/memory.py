@@ -201,12 +201,14 @@ def cgroup_memory_limit(proc: str = "/proc/self/cgroup", mount: str = "/sys/fs/c
     """The lowest memory limit of this process's cgroup and those above it (v1 or v2), or None where none is set."""
     # A SLURM job's --mem or a container's limit, on a host with more: past it the kernel kills the run, unwarned.
     try:
-        with open(proc, encoding="utf-8") as f:
+        with open(proc, encoding="utf-8", errors="replace") as f:
             lines = f.read().splitlines()
     except OSError:  # not Linux
         return None
     limits = []
     for line in lines:
+        if line.count(":") < 2:  # not "id:controllers:path", as no kernel writes: nothing to read
+            continue
         _, controllers, path = line.split(":", 2)
         if controllers == "":  # cgroup v2: one hierarchy
             root, name = mount, "memory.max"
@@ -215,14 +217,15 @@ def cgroup_memory_limit(proc: str = "/proc/self/cgroup", mount: str = "/sys/fs/c
         else:
             continue
         # The group, then each one above it, whose limits hold too. In a container the mount is its own group.
-        groups = [group for group in path.split("/") if group]
+        groups = [group for group in path.split("/") if group not in ("", ".", "..")]  # never above the mount
         for depth in range(len(groups), -1, -1):
             try:
                 with open(os.path.join(root, *groups[:depth], name), encoding="utf-8") as f:
                     text = f.read().strip()
-            except OSError:  # not mounted there, or no memory controller
+            except (OSError, ValueError):  # not mounted there, no memory controller
                 continue
-            limits += [int(text)] if text.isdigit() else []  # v2 writes "max" for none
+            # v2 writes "max" for no limit, v1 a number near 2**63
+            limits += [int(text)] if text.isdigit() and int(text) < 2**62 else []
     return min(limits, default=None)
 
 
