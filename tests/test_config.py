@@ -397,7 +397,7 @@ def test_an_edited_config_json_without_a_checkpoint_copy_is_told_to_undo_the_edi
                                "edit, or use the version of midgpt that wrote it")
 
 
-def test_a_config_given_as_a_path_is_told_to_pass_a_name(tmp_path):
+def test_a_config_given_as_a_path_is_told_to_pass_a_name(tmp_path, monkeypatch):
     # A path was "unknown config" and the list of names: nothing said that a file of one's own must go in configs/.
     import midgpt.configs
     folder = midgpt.configs.__path__[0]
@@ -405,6 +405,13 @@ def test_a_config_given_as_a_path_is_told_to_pass_a_name(tmp_path):
         load_config(f"{tmp_path}/mine.py")
     assert (f"--config takes a config's name, not a path: a config of your own is a module in {folder}, "
             f"e.g. {folder}/mine.py for --config=mine") in str(info.value)
+    monkeypatch.chdir(REPO_ROOT)  # the bundled config's file, as a user in the repository would name it
     with pytest.raises(MidgptError) as info:
         load_config("src/midgpt/configs/shakespeare_char_cpu.py")
     assert "--config takes a config's name, not its file: --config=shakespeare_char_cpu" in str(info.value)
+    # An edited copy under a bundled config's name: that name would run the original, not the edits
+    edited = tmp_path / "shakespeare_char_cpu.py"
+    edited.write_text((REPO_ROOT / "src/midgpt/configs/shakespeare_char_cpu.py").read_text() + "# edited\n")
+    with pytest.raises(MidgptError) as info:
+        load_config(str(edited))
+    assert f"e.g. {folder}/my_shakespeare_char_cpu.py for --config=my_shakespeare_char_cpu" in str(info.value)

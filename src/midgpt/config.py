@@ -2,6 +2,7 @@
 
 import dataclasses
 import difflib
+import filecmp
 import importlib
 import importlib.util
 import json
@@ -84,12 +85,15 @@ def load_config(name: str) -> Config:
     if name not in available:
         hint = _did_you_mean(name, available)
         stem = os.path.splitext(os.path.basename(name))[0]
-        if stem in available:  # the path of a named config's file
+        folder = importlib.import_module("midgpt.configs").__path__[0]
+        bundled = os.path.join(folder, f"{stem}.py")
+        if stem in available and os.path.isfile(name) and filecmp.cmp(name, bundled, shallow=False):  # or a copy
             hint = f"; --config takes a config's name, not its file: --config={stem}"
         elif name.endswith(".py") or "/" in name or os.sep in name:  # a file of the user's: where it must go
-            folder = importlib.import_module("midgpt.configs").__path__[0]
+            # Not under a name taken already: an edited copy of shakespeare_char.py would run the original.
+            mine = f"my_{stem}" if stem in available else stem or "NAME"
             hint = (f"; --config takes a config's name, not a path: a config of your own is a module in {folder}, "
-                    f"e.g. {os.path.join(folder, (stem or 'NAME') + '.py')} for --config={stem or 'NAME'}")
+                    f"e.g. {os.path.join(folder, mine + '.py')} for --config={mine}")
         raise MidgptError(f"unknown config {name!r}{hint} (available: {', '.join(available)})")
     module = f"midgpt.configs.{name}"
     where = importlib.util.find_spec(module).origin
