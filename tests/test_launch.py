@@ -280,7 +280,7 @@ def test_sample_reads_a_prompt_file_and_keeps_the_end_of_a_long_prompt(short_run
 def test_a_prompt_file_with_characters_the_run_never_saw_is_named_and_not_taken_for_a_lowercase_file(short_run,
                                                                                                        tmp_path):
     # It said "a prompt file is FILE:path, in capitals" to a prompt given as FILE:path, in capitals.
-    (tmp_path / "prompt.txt").write_text("ROMEO: €\n")
+    (tmp_path / "prompt.txt").write_text("ROMEO: €\n", encoding="utf-8")
     result = run("sample.py", f"--rundir={short_run}", f"--start=FILE:{tmp_path}/prompt.txt")
     assert_one_line_error(result, f"['€']: leave them out of the prompt file {tmp_path}/prompt.txt (the run knows")
     assert "in capitals" not in result.stderr

@@ -1,5 +1,6 @@
 """Generation promises: the KV cache changes nothing, greedy continues a learned pattern, seeds repeat."""
 
+import functools
 import shutil
 import warnings
 
@@ -13,7 +14,7 @@ import pytest
 from midgpt import checkpoint, sample, tokenizer
 from midgpt.config import Config, ModelConfig, apply_overrides, load_config
 from midgpt.errors import MidgptError
-from midgpt.model import GPT, project
+from midgpt.model import GPT
 from midgpt.optimizer import make_optimizer
 from midgpt.sample import generate, generate_chunks, load_model, prompt_key, sample_token
 from midgpt.sharding import make_mesh
@@ -33,18 +34,14 @@ def test_cached_decoding_equals_the_full_forward_pass_even_past_block_size(prefi
     forward = jax.jit(lambda tokens: model(tokens))
     full_BxNxV = forward(tokens_BxN)
 
-    @jax.jit
-    def step(tokens_BxT, positions_T, cache):  # every position's logits, and the cache
-        x_BxTxD, embed_VxD, cache = model.hidden(tokens_BxT, positions_T=positions_T, cache=cache)
-        return project("btd,vd->btv", x_BxTxD, embed_VxD, out_dtype=jnp.float32), cache
-
-    logits, cache = step(tokens_BxN[:, :prefill], jnp.arange(prefill), model.empty_cache(2))
-    cached = [logits]
+    step = jax.jit(functools.partial(sample._last_logits, model))  # as sampling prefills and decodes
+    logits_BxV, cache = step(tokens_BxN[:, :prefill], jnp.arange(prefill), model.empty_cache(2))
+    cached = [logits_BxV]
     for p in range(prefill, tokens_BxN.shape[1]):
-        logits, cache = step(tokens_BxN[:, p:p + 1], jnp.array([p]), cache)
-        cached.append(logits)
-    cached_BxNxV = jnp.concatenate(cached, axis=1)
-    np.testing.assert_allclose(cached_BxNxV, full_BxNxV, rtol=1e-5, atol=1e-5)
+        logits_BxV, cache = step(tokens_BxN[:, p:p + 1], jnp.array([p]), cache)
+        cached.append(logits_BxV)
+    cached_BxNxV = jnp.stack(cached, axis=1)  # the logits after each position from the prompt's last on
+    np.testing.assert_allclose(cached_BxNxV, full_BxNxV[:, prefill - 1:], rtol=1e-5, atol=1e-5)
     # The window slides: each layer looks W - 1 tokens back, so beyond n_layer (W - 1)
     # positions the first token no longer matters.
     reach = model.config.n_layer * (W - 1)

@@ -389,10 +389,9 @@ def _train(config: Config, rundir: str, debug: bool, resume: bool, notes: Sequen
     stopped = False  # by a stop signal: not finished
     tracing = False  # the profiler's trace started and not yet stopped
 
-    def stop_trace_early(last: int) -> None:  # a stop signal or an error inside the traced steps
+    def stop_trace_early(when: str) -> None:  # a stop signal or an error inside the traced steps
         jax.profiler.stop_trace()  # which writes what was traced
-        say(f"debug: the profiler trace stopped early, after {steps(range(profile_steps[0], last + 1))} of "
-            f"{steps(profile_steps)}, in {rundir}/profile")
+        say(f"debug: the profiler trace stopped early, {when} of {steps(profile_steps)}, in {rundir}/profile")
 
     try:
         for step, (x_GxBxT, y_GxBxT) in data.prefetch(make_batch, range(start + 1, config.max_steps + 1)):
@@ -457,7 +456,7 @@ def _train(config: Config, rundir: str, debug: bool, resume: bool, notes: Sequen
                 stopped = True
                 if tracing:
                     jax.block_until_ready(state)  # the step in the trace whole
-                    stop_trace_early(step)
+                    stop_trace_early(f"after {steps(range(profile_steps[0], step + 1))}")
                     tracing = False
                 if manager:
                     checkpoint.wait(manager, resume_with)
@@ -491,7 +490,7 @@ def _train(config: Config, rundir: str, debug: bool, resume: bool, notes: Sequen
     finally:
         if tracing:  # an error: its line comes last
             with contextlib.suppress(Exception):
-                stop_trace_early(step)
+                stop_trace_early(f"at an error in step {step}")
         bar.close()
         if log:
             log.close()
