@@ -358,6 +358,20 @@ def test_bad_input_is_one_line_naming_the_file_and_writes_nothing(tmp_path, case
     assert not out_dir.exists()  # not even made empty
 
 
+@pytest.mark.parametrize("encoding, name", [("utf-16", "UTF-16"), ("utf-16-be", "UTF-16"), ("utf-32", "UTF-32")])
+@pytest.mark.parametrize("suffix", [".txt", ".jsonl"])
+def test_a_utf16_or_utf32_file_is_told_to_convert_from_its_own_encoding(tmp_path, encoding, name, suffix):
+    # Windows' "Unicode" text: it was told iconv -f latin1, which makes valid UTF-8 of NULs between the letters.
+    bad = tmp_path / f"windows{suffix}"
+    text = "\n\n".join(DOCS[:20]) if suffix == ".txt" else "".join(json.dumps({"text": d}) + "\n" for d in DOCS[:20])
+    bad.write_text("\ufeff" * (encoding == "utf-16-be") + text, encoding=encoding)  # -be writes no mark itself
+    result = run_prepare("--input", bad, "--out_dir", tmp_path / "out")
+    assert result.returncode == 1 and result.stderr == (
+        f"prepare.py: {bad}: {name} text (it starts with a {name} byte-order mark), not UTF-8; convert it, "
+        f"e.g. iconv -f {name.lower()} -t utf-8\n"), result.stderr
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("name", ["one.txt", "ONE.TXT", "one.jsonl"])
 def test_a_split_left_empty_says_how_to_fill_it(tmp_path, name):
     corpus = write_corpus(tmp_path / name.lower(), DOCS[:3])

@@ -12,6 +12,7 @@ documents. A document goes to val iff the first 8 bytes of sha256(its UTF-8 text
 never straddle train and val.
 """
 
+import codecs
 import contextlib
 import functools
 import hashlib
@@ -44,6 +45,9 @@ REVISION = "refs/convert/parquet"  # the Hub's parquet export of a dataset
 # A null may be a document lost upstream: refused, where an empty text is a document that says nothing.
 FILL_NULLS = "drop such rows, or fill them with '' (empty texts are skipped)"
 FORMATS = "json, parquet, csv, text or arrow"  # the FILE_BUILDERS that read text: pandas' reads pickles
+# UTF-32's marks first: UTF-32-LE's begins with UTF-16-LE's.
+UTF_BOMS = (("UTF-32", codecs.BOM_UTF32_LE), ("UTF-32", codecs.BOM_UTF32_BE), ("UTF-16", codecs.BOM_UTF16_LE),
+            ("UTF-16", codecs.BOM_UTF16_BE))
 BUILDER_OF = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "text",
               ".arrow": "arrow"}
 
@@ -85,6 +89,12 @@ def file_documents(path: str):
     try:
         yield from _file_documents(path)
     except UnicodeDecodeError as e:  # its position would count from a read buffer, not the file
+        with open(path, "rb") as f:  # Windows' "Unicode" is UTF-16 with a byte-order mark: not latin-1
+            bom = f.read(4)
+        utf = next((name for name, mark in UTF_BOMS if bom.startswith(mark)), None)
+        if utf:  # iconv -f latin1 would make it valid UTF-8 of garbage, NULs between the letters
+            raise MidgptError(f"{path}: {utf} text (it starts with a {utf} byte-order mark), not UTF-8; convert it, "
+                              f"e.g. iconv -f {utf.lower()} -t utf-8") from None
         raise MidgptError(f"{path}: not UTF-8 text ({e.reason}); convert it, e.g. iconv -f latin1 -t utf-8") from None
 
 
