@@ -551,6 +551,17 @@ def test_peak_memory_stays_flat_as_corpus_grows_tenfold(tmp_path, corpora):
     assert large < small + 32 * 1024, f"peak RSS {small} KiB on 2 MB, {large} KiB on 20 MB"
 
 
+def test_peak_memory_stays_flat_as_a_corpus_of_long_documents_grows_tenfold(tmp_path):
+    # Books, one a line: 1024 of them were one task, so a corpus of fewer was held whole (+130 MB measured here).
+    book = " ".join(itertools.islice(iter_documents(seed=1), 3000))[:256 * 1024]
+    for mb in (2, 20):
+        (tmp_path / f"books_{mb}mb.jsonl").write_text(
+            "".join(json.dumps({"text": f"Book {i}. {book}"}) + "\n" for i in range(mb * 4)), encoding="utf-8")
+    small, large = (peak_rss_kb("--input", tmp_path / f"books_{mb}mb.jsonl", "--out_dir", tmp_path / str(mb),
+                                "--num_proc", 2, "--val_fraction", 0.3) for mb in (2, 20))
+    assert large < small + 32 * 1024, f"peak RSS {small} KiB on 2 MB, {large} KiB on 20 MB"
+
+
 def test_killed_preparation_leaves_nothing_that_looks_complete(tmp_path, corpora):
     out_dir = tmp_path / "out"
     # The same file ten times: still running long after the first tokens land.

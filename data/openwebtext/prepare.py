@@ -40,6 +40,8 @@ from midgpt.tokenizer import gpt2
 
 MAX_DOCUMENT = 64 << 20  # characters of a .txt file's blank-line-separated block, or of a .jsonl line
 DOCS_PER_TASK = 1024  # big enough to amortise pickling, small enough to keep RAM per worker low
+# ... or fewer, of long documents: 1024 books, one a .jsonl line, were a task of gigabytes, held whole.
+CHARS_PER_TASK = 4 << 20
 SPLITS = ("train", "val")
 REVISION = "refs/convert/parquet"  # the Hub's parquet export of a dataset
 # A null may be a document lost upstream: refused, where an empty text is a document that says nothing.
@@ -227,6 +229,19 @@ def tokenize(docs: list[str], val_fraction: float) -> dict[str, np.ndarray]:
     return {s: np.concatenate(ids[s]) for s in SPLITS}
 
 
+def tasks(documents):
+    """Lists of consecutive documents, at most DOCS_PER_TASK of them and CHARS_PER_TASK characters but for one."""
+    task, size = [], 0
+    for text in documents:
+        if task and (len(task) == DOCS_PER_TASK or size + len(text) > CHARS_PER_TASK):
+            yield task
+            task, size = [], 0
+        task.append(text)
+        size += len(text)
+    if task:
+        yield task
+
+
 class Stopped(BaseException):
     """SIGINT or SIGTERM, raised in the main process so that the unfinished files are removed."""
 
@@ -278,7 +293,7 @@ def prepare(documents, out_dir: Path, num_proc: int, val_fraction: float, source
     lock_out_dir(out_dir)  # before any .tmp file is touched: on a refusal they are the other one's
     tmp = {name: out_dir / f"{name}.tmp" for name in FILES}
     tokens, docs, sha = dict.fromkeys(SPLITS, 0), dict.fromkeys(SPLITS, 0), {s: hashlib.sha256() for s in SPLITS}
-    batches = iter(lambda: list(itertools.islice(documents, DOCS_PER_TASK)), [])
+    batches = tasks(documents)
     start = time.perf_counter()
     pool = quiet_pool(num_proc)
     try:
