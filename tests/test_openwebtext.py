@@ -21,6 +21,7 @@ import pytest
 
 from conftest import REPO_ROOT
 from test_sharding import free_port
+from midgpt.errors import MidgptError
 from midgpt.tokenizer import encode, gpt2
 
 PREPARE = REPO_ROOT / "data" / "openwebtext" / "prepare.py"
@@ -560,6 +561,26 @@ def test_peak_memory_stays_flat_as_a_corpus_of_long_documents_grows_tenfold(tmp_
     small, large = (peak_rss_kb("--input", tmp_path / f"books_{mb}mb.jsonl", "--out_dir", tmp_path / str(mb),
                                 "--num_proc", 2, "--val_fraction", 0.3) for mb in (2, 20))
     assert large < small + 32 * 1024, f"peak RSS {small} KiB on 2 MB, {large} KiB on 20 MB"
+
+
+def test_a_run_on_data_prepared_again_with_another_val_fraction_is_told_the_one_it_trained_with(tmp_path):
+    # The same text with another --val_fraction is other data; the run's meta.json did not say which one it had.
+    from midgpt.config import config_to_dict, load_config
+    from midgpt.data import check_same_data
+
+    corpus = write_corpus(tmp_path / "mine.txt", DOCS[:300])
+    first = run_prepare("--input", corpus, "--out_dir", tmp_path / "data", "--val_fraction", 0.3)
+    assert first.returncode == 0, first.stderr
+    assert json.loads((tmp_path / "data" / "meta.json").read_text())["val_fraction"] == 0.3
+    rundir = tmp_path / "run"  # what launch.py leaves: its config, and a copy of its data's meta.json
+    rundir.mkdir()
+    config = {**config_to_dict(load_config("bpe_corpus")), "data_dir": str(tmp_path / "data")}
+    (rundir / "config.json").write_text(json.dumps(config))
+    shutil.copy(tmp_path / "data" / "meta.json", rundir)
+    check_same_data(str(rundir), str(tmp_path / "data"))
+    assert run_prepare("--input", corpus, "--out_dir", tmp_path / "data").returncode == 0  # the default, 0.01
+    with pytest.raises(MidgptError, match=r"or prepare it again from the same text with --val_fraction 0\.3, or "):
+        check_same_data(str(rundir), str(tmp_path / "data"))
 
 
 def test_killed_preparation_leaves_nothing_that_looks_complete(tmp_path, corpora):

@@ -329,6 +329,7 @@ def prepare(documents, out_dir: Path, num_proc: int, val_fraction: float, source
         seconds, n_docs, n_tokens = time.perf_counter() - start, sum(docs.values()), sum(tokens.values())
         meta = {"tokenizer": "gpt2", "vocab_size": gpt2().n_vocab,
                 **{f"{s}_tokens": tokens[s] for s in SPLITS}, **{f"{s}_documents": docs[s] for s in SPLITS},
+                "val_fraction": val_fraction,  # what preparing the same data again takes, with the same text
                 "sha256": {f"{s}.bin": sha[s].hexdigest() for s in SPLITS}, "source": source}
         tmp["meta.json"].write_text(json.dumps(meta))
         # The renames below take microseconds, and a stop in them would leave neither dataset whole.

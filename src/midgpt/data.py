@@ -126,8 +126,11 @@ def check_same_data(rundir: str, data_dir: str) -> None:
     """Refuse data other than the run trained on: prepared again from other text, or found elsewhere."""
     saved = os.path.join(rundir, "meta.json")
     trained, ran_on = load_run_meta(rundir, data_dir), read_config_json(rundir).data_dir
+    # Your own text's split is by --val_fraction: the same text with another one is other data.
+    fraction = trained.get("val_fraction") if trained else None
+    again = f" with --val_fraction {fraction}" if isinstance(fraction, float) else ""
     advice = ("pass the --data_dir that holds the run's data (a relative one is read from the current directory), "
-              "or prepare it again from the same text, or train in a new --rundir")
+              f"or prepare it again from the same text{again}, or train in a new --rundir")
     if not os.path.isfile(os.path.join(data_dir, "meta.json")):
         if where := _in_clone(data_dir, "meta.json"):  # resumed from another directory
             raise MidgptError(f"{data_dir} not found{where}")
