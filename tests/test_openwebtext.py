@@ -333,9 +333,11 @@ def bad_inputs(tmp_path) -> dict:
     # A null text in the second batch read, so its row number counts across batches.
     pq.write_table(pa.table({"text": DOCS[:1100] + [None]}), tmp_path / "null.parquet", row_group_size=300)
     (tmp_path / "folder").mkdir()
+    os.mkfifo(tmp_path / "pipe.txt")  # as <(zcat a.txt.gz) passes, but for its name
     (tmp_path / "not_json.jsonl").write_text('{"text": "fine"}\n{"text": "cut short\n')
     return {"null row 1101": tmp_path / "null.parquet", "missing file": tmp_path / "absent.txt", "unknown extension": tmp_path / "corpus.csv",
-            "a folder": tmp_path / "folder", "jsonl line not JSON": tmp_path / "not_json.jsonl",
+            "a folder": tmp_path / "folder", "a pipe": tmp_path / "pipe.txt",
+            "jsonl line not JSON": tmp_path / "not_json.jsonl",
             "jsonl line without text": jsonl, "parquet without text": parquet,
             "not parquet": tmp_path / "truncated.parquet", "parquet of bytes": tmp_path / "bytes.parquet",
             "not UTF-8": tmp_path / "latin1.txt", "damaged parquet page": tmp_path / "damaged.parquet"}
@@ -343,7 +345,7 @@ def bad_inputs(tmp_path) -> dict:
 
 @pytest.mark.parametrize("case", ["missing file", "unknown extension", "jsonl line without text", "parquet without text",
                                   "not parquet", "parquet of bytes", "not UTF-8", "damaged parquet page",
-                                  "null row 1101", "a folder", "jsonl line not JSON"])
+                                  "null row 1101", "a folder", "a pipe", "jsonl line not JSON"])
 def test_bad_input_is_one_line_naming_the_file_and_writes_nothing(tmp_path, case):
     out_dir, bad = tmp_path / "out", bad_inputs(tmp_path)[case]
     result = run_prepare("--input", bad, "--out_dir", out_dir)
@@ -352,6 +354,7 @@ def test_bad_input_is_one_line_naming_the_file_and_writes_nothing(tmp_path, case
     assert "Traceback" not in result.stderr and str(bad) in result.stderr
     fragment = {"null row 1101": "row 1101's 'text' is null; drop such rows, or fill them with ''",
                 "a folder": "is a directory; pass its files",  # it was "input file not found"
+                "a pipe": "pipe.txt is not a regular file (a pipe or a device); write its text",  # was "not found"
                 "jsonl line not JSON": "not_json.jsonl:2: not JSON (",
                 "not UTF-8": "latin1.txt: not UTF-8 text (unexpected end of data); convert it, e.g. iconv",
                 }.get(case, "")

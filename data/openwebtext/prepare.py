@@ -68,6 +68,9 @@ def check_inputs(paths: list[str]) -> None:
     for path in paths:
         if os.path.isdir(path):
             raise MidgptError(f"{path} is a directory; pass its files, e.g. {os.path.join(path, '*.txt')}")
+        if os.path.exists(path) and not os.path.isfile(path):  # <(zcat a.txt.gz) is /dev/fd/63: no file, no extension
+            raise MidgptError(f"{path} is not a regular file (a pipe or a device); write its text to a .txt, "
+                              ".jsonl or .parquet file and pass that")
         if not os.path.isfile(path):
             raise MidgptError(f"input file not found: {path}")
         suffix = Path(path).suffix.lower()  # NOTES.TXT is a .txt
