@@ -272,6 +272,20 @@ def test_data_files_of_another_format_are_one_line_naming_the_file(tmp_path, dat
     assert {path.name: path.read_bytes() for path in out_dir.iterdir()} == before
 
 
+@pytest.mark.parametrize("dataset, name", [("json", "notes.jsonl"), ("text", "notes.txt")])
+def test_data_files_in_utf16_are_told_to_convert_from_it_not_to_change_format(tmp_path, dataset, name):
+    # They were told "pass its format as --dataset", which they had.
+    out_dir, before = prepared(tmp_path)
+    text = '{"text": "my notes"}\n' if dataset == "json" else "my notes\n\nnot a corpus\n"
+    (tmp_path / name).write_text(text, encoding="utf-16")
+    result = run_prepare("--dataset", dataset, "--data_files", tmp_path / name, "--out_dir", out_dir,
+                         env=hf_env(tmp_path))
+    assert result.returncode == 1 and result.stderr == (
+        f"prepare.py: {tmp_path / name}: UTF-16 text (it starts with a UTF-16 byte-order mark), not UTF-8; "
+        "convert it, e.g. iconv -f utf-16 -t utf-8\n"), result.stderr
+    assert {path.name: path.read_bytes() for path in out_dir.iterdir()} == before
+
+
 @pytest.mark.parametrize("held, given, refused", [
     ({"dataset": "Skylion007/openwebtext", "revision": "r"}, {"dataset": "Skylion007/openwebtext", "revision": "r"}, ""),
     ({"dataset": "Skylion007/openwebtext"}, {"input": ["/my.txt"]}, "(Skylion007/openwebtext), not from your own files"),

@@ -94,13 +94,23 @@ def file_documents(path: str):
     try:
         yield from _file_documents(path)
     except UnicodeDecodeError as e:  # its position would count from a read buffer, not the file
-        with open(path, "rb") as f:  # Windows' "Unicode" is UTF-16 with a byte-order mark: not latin-1
-            bom = f.read(4)
-        utf = next((name for name, mark in UTF_BOMS if bom.startswith(mark)), None)
-        if utf:  # iconv -f latin1 would make it valid UTF-8 of garbage, NULs between the letters
-            raise MidgptError(f"{path}: {utf} text (it starts with a {utf} byte-order mark), not UTF-8; convert it, "
-                              f"e.g. iconv -f {utf.lower()} -t utf-8") from None
-        raise MidgptError(f"{path}: not UTF-8 text ({e.reason}); convert it, e.g. iconv -f latin1 -t utf-8") from None
+        # iconv -f latin1 would make valid UTF-8 of a UTF-16 file's bytes: NULs between the letters.
+        raise MidgptError(not_utf8_in_utf16(path) or f"{path}: not UTF-8 text ({e.reason}); convert it, "
+                          "e.g. iconv -f latin1 -t utf-8") from None
+
+
+def not_utf8_in_utf16(path: str) -> str | None:
+    """What to say of a file in UTF-16 or UTF-32 (Windows' "Unicode" text, with a byte-order mark), else None."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError:  # a pattern or a URL of --data_files
+        return None
+    for utf, mark in UTF_BOMS:
+        if head.startswith(mark):
+            return (f"{path}: {utf} text (it starts with a {utf} byte-order mark), not UTF-8; convert it, "
+                    f"e.g. iconv -f {utf.lower()} -t utf-8")
+    return None
 
 
 def _file_documents(path: str):
@@ -210,8 +220,9 @@ def hf_documents(name: str, data_files: list[str] | None = None):
         if name not in FILE_BUILDERS:  # a Hub dataset's own files: its traceback is the report
             raise
         reason = f"not UTF-8: {e.reason}" if isinstance(e, UnicodeDecodeError) else str(e).strip().splitlines()[0]
+        file = failed.file or " ".join(data_files)
         # Raised in the pool's task thread, it reaches main() through a worker: one line, not a pool's traceback.
-        raise MidgptError(f"{failed.file or ' '.join(data_files)}: not a readable {name} file ({reason}); "
+        raise MidgptError(not_utf8_in_utf16(file) or f"{file}: not a readable {name} file ({reason}); "
                           f"pass its format as --dataset: {FORMATS}") from None
     finally:
         hub_log.removeFilter(retries)
