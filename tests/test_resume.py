@@ -22,6 +22,7 @@ from conftest import REPO_ROOT, one_layer_config, this_tree_env
 from midgpt import data
 from midgpt.checkpoint import committed, delete_unfinished_saves, make_manager
 from midgpt.config import load_config
+from midgpt.errors import MidgptError
 from midgpt.train import TRAIN_STREAM, train
 
 STEPS = 60  # checkpoints at 20, 40 and 60
@@ -121,6 +122,28 @@ def test_step_k_trains_on_the_batch_of_key_seed_0_k_and_a_resume_goes_on_at_the_
     keys.clear()
     train(dataclasses.replace(config, max_steps=5), str(tmp_path), resume=True)
     assert trained() == [(config.seed, TRAIN_STREAM, step) for step in (4, 5)]
+
+
+def test_data_prepared_again_as_a_run_starts_is_refused_not_copied_into_the_run(shakespeare_data_dir, tmp_path,
+                                                                                  monkeypatch):
+    # The run maps its tokens, then copies meta.json seconds later: a prepare.py that finished between left the run
+    # with the new data's meta.json, and a resume on the new data passed as the run's own.
+    data_dir = shutil.copytree(shakespeare_data_dir, tmp_path / "data")
+    meta = json.loads((data_dir / "meta.json").read_text())
+    (tmp_path / "other.json").write_text(json.dumps({**meta, "sha256": {"train.bin": "0" * 64, "val.bin": "0" * 64}}))
+    load_splits = data.load_splits
+
+    def prepared_again_meanwhile(config):
+        splits = load_splits(config)
+        os.replace(tmp_path / "other.json", data_dir / "meta.json")  # prepare.py's last rename
+        return splits
+
+    monkeypatch.setattr(data, "load_splits", prepared_again_meanwhile)
+    config = one_layer_config(str(data_dir), "--max_steps=1", "--eval_iters=1")
+    refusal = f"^{re.escape(str(data_dir))} was prepared again as this run started; run the same command again$"
+    with pytest.raises(MidgptError, match=refusal):
+        train(config, str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
 
 
 def test_unfinished_saves_are_deleted_by_the_trainer_alone(tmp_path):

@@ -90,6 +90,15 @@ def load_meta(data_dir: str, fix: str = "prepare the data again", vocab_size: in
     return meta
 
 
+def meta_bytes(data_dir: str) -> bytes | None:
+    """<data_dir>/meta.json as stored, or None where it cannot be read."""
+    try:
+        with open(os.path.join(data_dir, "meta.json"), "rb") as f:
+            return f.read()
+    except OSError:
+        return None
+
+
 def load_run_meta(rundir: str, data_dir: str) -> dict | None:
     """The run's copy of its data's meta.json, or None for a run made before runs kept one."""
     if not os.path.exists(os.path.join(rundir, "meta.json")):

@@ -7,7 +7,6 @@ import os
 import shlex
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 
 import equinox as eqx
 import jax
@@ -206,12 +205,16 @@ def evaluate(model: GPT, tokens, config: Config, mesh: Mesh, stream: int) -> flo
                            memory.loss_chunks(config, mesh, pieces), shardings))
 
 
-def write_config(config: Config, rundir: str):
-    """config.json, and the data's meta.json: the run decodes its tokens from any directory, as trained."""
+def write_config(config: Config, rundir: str, meta: bytes | None = None):
+    """config.json, and the meta.json of the data it trains on (meta, read with its tokens; else data_dir's): the run
+    decodes its tokens from any directory, as trained."""
     if jax.process_index() == 0:
         os.makedirs(rundir, exist_ok=True)
         write_atomically(os.path.join(rundir, "config.json"), json.dumps(config_to_dict(config), indent=2))
-        write_atomically(os.path.join(rundir, "meta.json"), Path(config.data_dir, "meta.json").read_bytes())
+        if meta is None:
+            with open(os.path.join(config.data_dir, "meta.json"), "rb") as f:
+                meta = f.read()
+        write_atomically(os.path.join(rundir, "meta.json"), meta)
 
 
 # A uniform guess over the vocabulary scores ln V; real loss spikes stay near or below it.
@@ -273,9 +276,15 @@ def _train(config: Config, rundir: str, debug: bool, resume: bool, notes: Sequen
     compute_dtype = precision.compute_dtype(config.compute_dtype)  # "auto" by this host's CPU, so it is compared
     multihost.check_same_arguments(config, rundir, debug, resume, compute_dtype)
     check_cudnn(config.model, compute_dtype, jax.devices()[0])
+    # The meta.json of the data mapped below, read around it: prepare.py renames its files over the old ones, meta.json
+    # last. Read again at the copy into the run, seconds later, it was of the data prepared since, and a resume on that
+    # passed as the run's own.
+    meta = data.meta_bytes(config.data_dir)
     if resume:  # first: load_splits' advice for a larger vocabulary would be another model
         data.check_same_data(rundir, config.data_dir)
     train_tokens, val_tokens = data.load_splits(config)
+    if data.meta_bytes(config.data_dir) != meta:
+        raise MidgptError(f"{config.data_dir} was prepared again as this run started; run the same command again")
     mesh = sharding.make_mesh(config, resuming=resume)
     is_main = jax.process_index() == 0
     say = cli.say if is_main else lambda _: None
@@ -352,7 +361,7 @@ def _train(config: Config, rundir: str, debug: bool, resume: bool, notes: Sequen
     # After the restore, which may refuse the run directory. A full disk, a hand-edited metrics.jsonl:
     # process 0's alone, and every process stops on it.
     with multihost.failing_together(), writing_to(rundir, resume_fix()) if last_checkpoint else writing_to(rundir):
-        write_config(config, rundir)
+        write_config(config, rundir, meta)
         log = MetricsLog(rundir, start, json.dumps(config_to_dict(config), indent=2)) if is_main else None
     if state is None:
         state = init_state(config, optimizer, mesh)
