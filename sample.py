@@ -63,6 +63,14 @@ def main(argv: list[str]) -> None:
     config, model = load_model(args.rundir, args.step, say=notes.append)
     meta = run_meta(args.rundir, config, say=notes.append)
     model = cast_floats(model, jnp.dtype(compute_dtype(config.compute_dtype)))
+    # Before any text: a locale's ascii or latin-1 stdout stopped a sample in a traceback at its first emoji. GPT-2's
+    # text may hold any character: a codec that writes these four is one of the whole of Unicode.
+    can_come = "".join(meta["chars"]) if meta["tokenizer"] == "char" else "\xe9\u4e2d\ufffd\U0001f600"
+    try:
+        can_come.encode(sys.stdout.encoding or "utf-8", sys.stdout.errors or "strict")
+    except (UnicodeEncodeError, LookupError):
+        raise MidgptError(f"stdout writes {sys.stdout.encoding}, which cannot hold every character this run may "
+                          "sample; set PYTHONIOENCODING=utf-8 (or a UTF-8 locale)") from None
     if args.start.startswith("FILE:") and not (meta["tokenizer"] == "char" and "\r" in meta["chars"]):
         start = start.replace("\r\n", "\n").replace("\r", "\n")  # as Python's text mode reads them
     try:

@@ -243,6 +243,19 @@ def test_sample_takes_the_newest_checkpoint_whose_save_finished(short_run, tmp_p
                           f"{rundir} has no checkpoint whose save finished at step 50; it has [30, 40]")
 
 
+def test_a_stdout_that_cannot_write_a_runs_characters_is_one_line_before_any_text(short_run, tmp_path):
+    # A locale's ascii or latin-1 stdout ended a sample in a traceback at the first character it could not write.
+    rundir = shutil.copytree(short_run, tmp_path / "run")
+    meta = json.loads((rundir / "meta.json").read_text())
+    (rundir / "meta.json").write_text(json.dumps({**meta, "chars": [c.replace("&", "é") for c in meta["chars"]]}))
+    args, ascii_out = ["--start=ROMEO:", "--max_new_tokens=20"], this_tree_env(PYTHONIOENCODING="ascii")
+    refused = run("sample.py", f"--rundir={rundir}", *args, env=ascii_out)
+    assert_one_line_error(refused, "stdout writes ascii, which cannot hold every character this run may sample; "
+                                   "set PYTHONIOENCODING=utf-8")
+    assert refused.stdout == ""
+    assert run("sample.py", f"--rundir={short_run}", *args, env=ascii_out).returncode == 0  # Shakespeare's are ASCII
+
+
 def test_sample_runs_from_any_directory_with_the_runs_own_tokenizer(short_run, tmp_path):
     rundir = tmp_path / "run"  # a copy whose data_dir is not there from here, as a relative path from elsewhere
     shutil.copytree(short_run, rundir)
