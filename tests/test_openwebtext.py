@@ -272,6 +272,24 @@ def test_data_files_of_another_format_are_one_line_naming_the_file(tmp_path, dat
     assert {path.name: path.read_bytes() for path in out_dir.iterdir()} == before
 
 
+@pytest.mark.parametrize("dataset, files, refusal", [
+    ("json", ["none/*.jsonl"], "--data_files none/*.jsonl matches no file; pass files that exist"),  # a traceback
+    ("parquet", ["none/*.parquet"], "--data_files none/*.parquet matches no file; pass files that exist"),
+    ("text", ["none/*.txt"], "--data_files none/*.txt matches no file; pass files that exist"),  # "no documents"
+    # A pattern among others that matched nothing was ignored.
+    ("json", ["corpus.jsonl", "none/*.jsonl"], "--data_files none/*.jsonl matches no file; pass files that exist"),
+    ("json", ["empty.jsonl"], "empty.jsonl: no rows to read (empty files?); pass files that hold text"),  # a traceback
+])
+def test_data_files_that_match_nothing_or_hold_no_rows_are_one_line(tmp_path, dataset, files, refusal):
+    out_dir, before = prepared(tmp_path)
+    write_corpus(tmp_path / "corpus.jsonl", DOCS[:20])
+    (tmp_path / "empty.jsonl").write_text("")
+    result = run_prepare("--dataset", dataset, "--data_files", *files, "--out_dir", out_dir, env=hf_env(tmp_path),
+                         cwd=tmp_path)
+    assert result.returncode == 1 and result.stderr == f"prepare.py: {refusal}\n", result.stderr
+    assert {path.name: path.read_bytes() for path in out_dir.iterdir()} == before
+
+
 @pytest.mark.parametrize("dataset, name", [("json", "notes.jsonl"), ("text", "notes.txt")])
 def test_data_files_in_utf16_are_told_to_convert_from_it_not_to_change_format(tmp_path, dataset, name):
     # They were told "pass its format as --dataset", which they had.

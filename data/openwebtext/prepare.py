@@ -15,6 +15,7 @@ never straddle train and val.
 import codecs
 import contextlib
 import functools
+import glob
 import hashlib
 import itertools
 import json
@@ -214,6 +215,11 @@ def hf_documents(name: str, data_files: list[str] | None = None):
                                   f"{name}: a row's 'text' is not a string" if "text" in row else
                                   f"{name}: a row has no 'text' field (columns: {sorted(row)})")
             yield row["text"]
+    except StopIteration:  # json's and parquet's builders read a first row for the columns, of files with none
+        if name not in FILE_BUILDERS:
+            raise
+        raise MidgptError(f"{' '.join(data_files)}: no rows to read (empty files?); pass files that hold "
+                          "text") from None
     except (ConnectionError, TimeoutError) as e:  # how datasets reports an unreachable Hub
         raise MidgptError(f"could not reach the Hugging Face Hub for {name} ({e}); pass --input FILES instead")
     except (pyarrow.ArrowException, UnicodeDecodeError) as e:  # a file of another format than the builder's
@@ -393,6 +399,10 @@ def main() -> None:
             formats = {BUILDER_OF.get(Path(f).suffix.lower(), FORMATS) for f in args.data_files}
             parser.error(f"--data_files are read by --dataset, which names their format: add --dataset "
                          f"{formats.pop() if len(formats) == 1 else FORMATS}, or pass them as --input FILE ...")
+        if args.dataset in FILE_BUILDERS:  # a local pattern that matched nothing was an empty dataset, or a traceback
+            if nothing := [f for f in args.data_files if "://" not in f and glob.has_magic(f)
+                           and not glob.glob(os.path.expanduser(f), recursive=True)]:
+                raise MidgptError(f"--data_files {nothing[0]} matches no file; pass files that exist")
         own = args.input or args.dataset in FILE_BUILDERS  # your own text: far fewer documents than OpenWebText's 8M
         if args.val_fraction is None:
             args.val_fraction = 0.01 if own else 0.0005
