@@ -354,10 +354,10 @@ def test_the_memory_limit_of_a_cgroup_above_the_process_is_its_lowest_that_is_se
     # then killed by the kernel without a word.
     calls = iter(range(100))
 
-    def limit(proc: str, files: dict[str, str]) -> int | None:
+    def limit(proc: str | bytes, files: dict[str, str]) -> int | None:
         folder = tmp_path / str(next(calls))  # each its own: no file of another case read
         (folder / "fs").mkdir(parents=True)
-        (folder / "proc").write_text(proc)
+        (folder / "proc").write_bytes(proc if isinstance(proc, bytes) else proc.encode())
         for path, text in files.items():
             (folder / "fs" / path).parent.mkdir(parents=True, exist_ok=True)
             (folder / "fs" / path).write_text(text + "\n")
@@ -375,6 +375,14 @@ def test_the_memory_limit_of_a_cgroup_above_the_process_is_its_lowest_that_is_se
     assert limit("0::/\n", {"memory.max": "max"}) is None
     # Lines no kernel writes, a path above the namespace's root: read past, never outside the mount
     assert limit("\ngarbage\n0::/../../job\n", {"job/memory.max": str(1 << 30)}) == 1 << 30
+    assert limit("1:x\n0::/job\n", {"job/memory.max": str(1 << 30)}) == 1 << 30  # one colon: no fields to read
+    # In a container the hierarchy says "/": the mount's own limit is the container's
+    assert limit("0::/\n", {"memory.max": str(1 << 30)}) == 1 << 30
+    # A group's name is not always UTF-8: the groups above it are still read
+    assert limit(b"0::/caf\xe9/job\n", {"memory.max": str(1 << 30)}) == 1 << 30
+    # A controller named like memory is not memory, and a large limit is still one (v1's "none" is near 2**63)
+    assert limit("3:name=memorylike:/x\n0::/\n", {"memory/memory.limit_in_bytes": str(1 << 20),
+                                                    "memory.max": str(3 << 40)}) == 3 << 40
 
 
 def test_a_cpu_device_has_the_cgroup_memory_limit_where_it_is_below_the_hosts(monkeypatch):
@@ -383,6 +391,14 @@ def test_a_cpu_device_has_the_cgroup_memory_limit_where_it_is_below_the_hosts(mo
     assert memory.device_memory() == (600 << 20, "the cgroup memory limit of this container or job", False)
     monkeypatch.setattr(memory, "cgroup_memory_limit", lambda: 2 * host)
     assert memory.device_memory() == (host, "host memory", False)
+    # Several CPU devices share it: each may use its share
+    monkeypatch.undo()
+    whole, source, _ = memory.device_memory()
+    out = on_devices(2, """
+        from midgpt import memory
+        print(json.dumps(memory.device_memory()))
+    """)
+    assert out == [whole // 2, f"{source} / 2 devices", False]
 
 
 def test_a_run_larger_than_its_cgroup_memory_limit_is_refused_in_one_line(shakespeare_data_dir, tmp_path):
