@@ -389,6 +389,21 @@ def test_help_with_a_run_directory_lists_the_values_it_resumes_with(tmp_path):
         assert "\n  --max_steps=2000\n" in result.stdout, result.stdout
 
 
+def test_help_reads_the_rundir_and_config_as_launch_does(tmp_path):
+    # --rundir=~/run (the shell leaves a quoted ~ to launch), a config.json without a config's name (a run made
+    # by train() itself), and a flag given twice: argparse keeps the last.
+    config = dataclasses.replace(load_config("shakespeare_char_cpu"), name="", max_steps=123)
+    (tmp_path / "run" / "checkpoints" / "100").mkdir(parents=True)
+    (tmp_path / "run" / "config.json").write_text(json.dumps(config_to_dict(config)))
+    env = {**os.environ, "HOME": str(tmp_path)}
+    result = run("launch.py", "--config=shakespeare_char", "--rundir=elsewhere", "--rundir=~/run", "--help", env=env)
+    assert f"\nThe fields of the run in {tmp_path / 'run'}, with the values it resumes with; " in result.stdout, \
+        result.stdout
+    assert "\n  --max_steps=123\n" in result.stdout
+    result = run("launch.py", "--config=shakespeare_char", "--config", "shakespeare_char_cpu", "--help", env=env)
+    assert "\nThe fields of --config=shakespeare_char_cpu, with its values" in result.stdout, result.stdout
+
+
 def test_launches_in_the_same_second_get_a_run_directory_each(tmp_path, monkeypatch):
     # A sweep started by a loop: two runs in one directory corrupted each other's checkpoints.
     spec = importlib.util.spec_from_file_location("launch", REPO_ROOT / "launch.py")
