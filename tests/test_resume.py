@@ -697,6 +697,8 @@ def test_a_run_that_ends_before_its_cosine_says_the_learning_rate_it_stops_at(sh
     for max_steps, warming, fix in [
         (150, "", "--lr_decay_steps=150"),  # warmup_steps=100 ends before
         (30, ", still warming up (warmup_steps=100)", "--lr_decay_steps=30 --warmup_steps=3"),
+        (100, ", still warming up (warmup_steps=100)", "--lr_decay_steps=100 --warmup_steps=10"),  # its last update
+        (2, ", still warming up (warmup_steps=100)", "--lr_decay_steps=2 --warmup_steps=0"),  # the shortest decay
     ]:
         config = one_layer_config(shakespeare_data_dir, f"--max_steps={max_steps}", "--eval_iters=1")
         lr = closed_form_lr(config, max_steps - 1)  # update max_steps's
@@ -706,6 +708,9 @@ def test_a_run_that_ends_before_its_cosine_says_the_learning_rate_it_stops_at(sh
         ends_there = apply_overrides(config, fix.split())
         check_config(ends_there)  # the advice runs
         assert "cosine" not in (out := output(ends_there, tmp_path / f"{max_steps}_ends_there")), out
+    # One step: no lr_decay_steps ends there (the least is 2), so no advice
+    config = one_layer_config(shakespeare_data_dir, "--max_steps=1", "--eval_iters=1")
+    assert "min_lr=0.0001 at lr_decay_steps=2000\n" in (out := output(config, tmp_path / "1")), out
 
 
 def test_a_stop_of_a_debug_run_promises_no_checkpoint(shakespeare_data_dir, tmp_path, capsys):
