@@ -746,3 +746,25 @@ def test_a_debug_run_stopped_inside_its_traced_steps_still_writes_the_trace(shak
     assert f"debug: the profiler trace stopped early, after step 3 of steps 3-5, in {tmp_path}/profile" in out, out
     assert out.splitlines()[-1] == "stopped after step 3 (SIGINT); no checkpoint was written (--debug)"
     assert len(list((tmp_path / "profile").rglob("*.xplane.pb"))) == 1
+
+
+def test_a_debug_run_that_fails_inside_its_traced_steps_still_writes_the_trace(shakespeare_data_dir, tmp_path, capsys,
+                                                                               monkeypatch):
+    from midgpt import data
+    from midgpt.train import train
+
+    global_batch = data.global_batch
+
+    def failing_at_step_4(tokens, key, *args):  # the batch of step 4, made while step 3, the first traced, runs
+        if len(key) == 3 and key[2] == 4:
+            raise OSError("the data went away")
+        return global_batch(tokens, key, *args)
+
+    monkeypatch.setattr(data, "global_batch", failing_at_step_4)
+    config = one_layer_config(shakespeare_data_dir, "--max_steps=10", "--eval_iters=1")
+    with pytest.raises(OSError, match="the data went away"):
+        train(config, str(tmp_path), debug=True)
+    out = capsys.readouterr().out
+    assert out.splitlines()[-1] == f"debug: the profiler trace stopped early, at an error in step 3 of steps 3-5, " \
+                                   f"in {tmp_path}/profile", out
+    assert len(list((tmp_path / "profile").rglob("*.xplane.pb"))) == 1
