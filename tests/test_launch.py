@@ -302,13 +302,13 @@ def test_a_prompt_file_with_characters_the_run_never_saw_is_named_and_not_taken_
 def test_a_prompt_files_line_ends_are_kept_where_the_runs_characters_hold_a_carriage_return(short_run, tmp_path):
     # Text prepared with CRLF line ends keeps its "\r" (prepare.py reads it exactly): the prompt file's "\r\n" was
     # read as "\n", silently another prompt than the file's and than --start=TEXT gives.
-    prompt = "ROMEO:\r\nWhat say you?\r\n"
+    prompt = "ROMEO:\r\nWhat say you?\rAy.\r\n"  # and a lone "\r", as old Mac editors end lines
     (tmp_path / "prompt.txt").write_bytes(prompt.encode())
     sample = lambda rundir: subprocess.run(  # bytes: text=True would read "\r\n" as "\n" itself
         [sys.executable, str(REPO_ROOT / "sample.py"), f"--rundir={rundir}", f"--start=FILE:{tmp_path}/prompt.txt",
          "--max_new_tokens=0"], capture_output=True, timeout=600)
     result = sample(short_run)  # its text has no "\r": read as "\n", as Windows editors' files are meant
-    assert result.returncode == 0 and result.stdout == b"ROMEO:\nWhat say you?\n\n", result.stderr
+    assert result.returncode == 0 and result.stdout == b"ROMEO:\nWhat say you?\nAy.\n\n", result.stderr
     crlf = tmp_path / "crlf"  # a run whose characters hold "\r", in place of one that this prompt does not need
     shutil.copytree(short_run, crlf)
     meta = json.loads((crlf / "meta.json").read_text())
@@ -1065,6 +1065,10 @@ def test_bpe_configs_shrunk_train_and_sample(name, bpe_data_dir, tmp_path):
     sample = run("sample.py", f"--rundir={rundir}", "--start=ROMEO: my lord", "--max_new_tokens=5")
     assert sample.returncode == 0, sample.stderr
     assert sample.stdout.startswith("ROMEO: my lord") and len(sample.stdout) > len("ROMEO: my lord") + 1
+    if name == "bpe_corpus":  # a prompt file's CRLF, read as "\n" as a GPT-2 tokenizer's text has them
+        (tmp_path / "prompt.txt").write_bytes(b"ROMEO:\r\nmy lord")
+        sample = run("sample.py", f"--rundir={rundir}", f"--start=FILE:{tmp_path}/prompt.txt", "--max_new_tokens=5")
+        assert sample.returncode == 0 and sample.stdout.startswith("ROMEO:\nmy lord"), sample.stderr
     if name == "openwebtext":  # its table's 50304 rows, 47 past GPT-2's ids, which no tokenizer decodes
         # At a huge temperature every row is as likely: 10,000 draws from all 50304 would meet one (all but 1e-4).
         sample = run("sample.py", f"--rundir={rundir}", "--temperature=1e30", "--num_samples=5", "--max_new_tokens=2000")
