@@ -5,6 +5,7 @@ import json
 import os
 import pathlib
 import re
+import shutil
 import subprocess
 import sys
 
@@ -401,10 +402,18 @@ def test_a_config_given_as_a_path_is_told_to_pass_a_name(tmp_path, monkeypatch):
     # A path was "unknown config" and the list of names: nothing said that a file of one's own must go in configs/.
     import midgpt.configs
     folder = midgpt.configs.__path__[0]
-    with pytest.raises(MidgptError) as info:
-        load_config(f"{tmp_path}/mine.py")
-    assert (f"--config takes a config's name, not a path: a config of your own is a module in {folder}, "
-            f"e.g. {folder}/mine.py for --config=mine") in str(info.value)
+    (tmp_path / "mine.py").write_text("config = None\n")  # a file of one's own, whether it exists or not
+    for path in (f"{tmp_path}/mine.py", f"{tmp_path}/no/mine.py", "mine.py"):
+        with pytest.raises(MidgptError) as info:
+            load_config(path)
+        assert (f"--config takes a config's name, not a path: a config of your own is a module in {folder}, "
+                f"e.g. {folder}/mine.py for --config=mine") in str(info.value), path
+    with pytest.raises(MidgptError) as info:  # a folder: no name to suggest
+        load_config(f"{tmp_path}/")
+    assert f"e.g. {folder}/NAME.py for --config=NAME" in str(info.value)
+    with pytest.raises(MidgptError) as info:  # a bundled config's name, but no file: not taken for it
+        load_config(f"{tmp_path}/no/shakespeare_char_cpu.py")
+    assert f"e.g. {folder}/my_shakespeare_char_cpu.py for --config=my_shakespeare_char_cpu" in str(info.value)
     monkeypatch.chdir(REPO_ROOT)  # the bundled config's file, as a user in the repository would name it
     with pytest.raises(MidgptError) as info:
         load_config("src/midgpt/configs/shakespeare_char_cpu.py")
@@ -415,3 +424,8 @@ def test_a_config_given_as_a_path_is_told_to_pass_a_name(tmp_path, monkeypatch):
     with pytest.raises(MidgptError) as info:
         load_config(str(edited))
     assert f"e.g. {folder}/my_shakespeare_char_cpu.py for --config=my_shakespeare_char_cpu" in str(info.value)
+    # An unedited copy elsewhere runs as the bundled config does: its name is the fix
+    shutil.copy(REPO_ROOT / "src/midgpt/configs/shakespeare_char_cpu.py", edited)
+    with pytest.raises(MidgptError) as info:
+        load_config(str(edited))
+    assert "--config takes a config's name, not its file: --config=shakespeare_char_cpu" in str(info.value)
