@@ -14,7 +14,7 @@ import pytest
 from midgpt import checkpoint, sample, tokenizer
 from midgpt.config import Config, ModelConfig, apply_overrides, load_config
 from midgpt.errors import MidgptError
-from midgpt.model import GPT
+from midgpt.model import GPT, cast_floats
 from midgpt.optimizer import make_optimizer
 from midgpt.sample import generate, generate_chunks, load_model, prompt_key, sample_token
 from midgpt.sharding import make_mesh
@@ -67,6 +67,35 @@ def test_greedy_decoding_continues_a_learned_pattern():
     tokens_1xN = generate(state.model, prompt_1xP, 5 * W, jax.random.key(0), temperature=0.0)
     expected = (2 + np.arange(3 + 5 * W)) % period  # five windows' worth: well past block_size
     np.testing.assert_array_equal(np.asarray(tokens_1xN[0]), expected)
+
+
+def test_greedy_generation_is_the_argmax_of_the_full_forward_pass_even_past_block_size():
+    # The prompt's pass and each decoded position, against the model run on the whole text at each step. Sharp
+    # attention and large logits: at initialisation, a position one off changed too little to change an argmax.
+    model = eqx.tree_at(lambda m: (m.blocks.attn.q_norm.weight_D, m.blocks.attn.wo_HxCxD), tiny_model(seed=3),
+                        replace_fn=lambda w: 8 * w)
+    prompt_BxP = jnp.asarray(np.random.default_rng(1).integers(0, V, (2, 5)), jnp.int32)
+    forward = jax.jit(lambda tokens: model(tokens))
+    expected = np.asarray(prompt_BxP)
+    for _ in range(2 * W):
+        next_B = np.argmax(np.asarray(forward(jnp.asarray(expected)))[:, -1], axis=-1)
+        expected = np.concatenate([expected, next_B[:, None]], axis=1)
+    np.testing.assert_array_equal(np.asarray(generate(model, prompt_BxP, 2 * W, jax.random.key(0), temperature=0.0)),
+                                  expected)
+
+
+def test_the_prompts_draw_and_the_next_have_keys_of_their_own():
+    # Every token as likely (a zero table makes every logit 0): two draws with one key are one token in each row.
+    model = eqx.tree_at(lambda m: m.embed_VxD, tiny_model(), jnp.zeros((V, 32)))
+    new_BxN = np.asarray(generate(model, jnp.ones((64, 3), jnp.int32), 2, jax.random.key(0)))[:, 3:]
+    assert np.mean(new_BxN[:, 0] == new_BxN[:, 1]) < 0.5  # 1 / V apart
+
+
+def test_sampling_draws_from_float32_logits_of_a_bfloat16_model():
+    # In bfloat16 (8 bits of mantissa), logits a little apart tie, and a temperature divides their rounding error.
+    model = cast_floats(tiny_model(), jnp.bfloat16)
+    logits_BxV, _ = sample._last_logits(model, jnp.ones((2, 3), jnp.int32), jnp.arange(3), model.empty_cache(2))
+    assert logits_BxV.shape == (2, V) and logits_BxV.dtype == jnp.float32
 
 
 def test_same_seed_same_samples_and_top_k_1_is_greedy():
