@@ -11,7 +11,7 @@ import pytest
 
 from conftest import PREPARE, REPO_ROOT, small_files, this_tree_env
 from midgpt.config import apply_overrides, load_config
-from midgpt.data import get_batch, global_batch, load_meta, load_splits, load_tokens
+from midgpt.data import GPT2_VOCAB_SIZE, get_batch, global_batch, load_meta, load_splits, load_tokens, prefetch
 from midgpt.tokenizer import decode, encode
 from midgpt.errors import MidgptError
 from midgpt.files import lock_directory
@@ -378,3 +378,51 @@ def test_a_relative_data_dir_run_from_outside_the_repository_names_it(tmp_path, 
                                 f"or pass --data_dir={root}/data/shakespeare_char")
     with pytest.raises(MidgptError, match="to create it"):  # where the clone has none either: prepare it
         _require("data/no_such_dataset", "meta.json")
+
+
+def test_a_token_id_of_exactly_the_vocabulary_size_in_a_target_only_is_refused(tmp_path):
+    # One window of 64 + 1 tokens: the last is a target only, never an input.
+    config = load_config("shakespeare_char_cpu")  # 65 ids, block_size 64
+    tokens_N = np.full(config.model.block_size + 1, 7, np.uint16)
+    tokens_N[-1] = config.model.vocab_size
+    (tmp_path / "train.bin").write_bytes(tokens_N.tobytes())
+    with pytest.raises(MidgptError, match=f"holds token id {config.model.vocab_size}, past model.vocab_size"):
+        global_batch(load_tokens(str(tmp_path), "train"), (0, 1), 1, config, make_mesh(config))
+
+
+def test_a_model_vocabulary_one_short_of_the_datas_is_refused(shakespeare_data_dir, meta):
+    config = apply_overrides(load_config("shakespeare_char_cpu"), [
+        f"--data_dir={shakespeare_data_dir}", f"--model.vocab_size={meta['vocab_size'] - 1}"])
+    with pytest.raises(MidgptError, match=f"set --model.vocab_size={meta['vocab_size']} or more"):
+        load_splits(config)
+
+
+def test_the_micro_batches_of_a_step_are_the_rows_of_one_global_batch(shakespeare_data_dir):
+    config = load_config("shakespeare_char_cpu")
+    B, T = config.batch_size, config.model.block_size
+    tokens = load_tokens(shakespeare_data_dir, "train")
+    x_GxBxT, y_GxBxT = global_batch(tokens, (0, 1), 3, config, make_mesh(config))
+    x_BxT, y_BxT = get_batch(tokens, (0, 1), 3 * B, T)
+    np.testing.assert_array_equal(np.asarray(x_GxBxT), x_BxT.reshape(3, B, T))
+    np.testing.assert_array_equal(np.asarray(y_GxBxT), y_BxT.reshape(3, B, T))
+
+
+@pytest.mark.parametrize("meta_json", [{"tokenizer": "gpt2", "vocab_size": 50304},  # a padded table's, not GPT-2's
+                                       {"tokenizer": "char", "vocab_size": 2, "chars": ["a", "bc"]}])
+def test_a_meta_json_of_no_tokenizer_is_refused(tmp_path, meta_json):
+    (tmp_path / "meta.json").write_text(json.dumps(meta_json))
+    with pytest.raises(MidgptError, match="describes no tokenizer"):
+        load_meta(str(tmp_path))
+
+
+def test_missing_data_for_gpt2s_own_vocabulary_is_told_to_prepare_bpe(tmp_path):
+    config = apply_overrides(load_config("shakespeare_char_cpu"), [
+        f"--data_dir={tmp_path}/mine", f"--model.vocab_size={GPT2_VOCAB_SIZE}"])
+    with pytest.raises(MidgptError, match="python data/openwebtext/prepare.py --input "):
+        load_splits(config)
+
+
+def test_prefetch_makes_each_step_once_in_order():
+    made = []
+    assert list(prefetch(lambda step: made.append(step) or step * 10, range(3, 6))) == [(3, 30), (4, 40), (5, 50)]
+    assert made == [3, 4, 5] and list(prefetch(made.append, range(0))) == []
