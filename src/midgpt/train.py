@@ -283,8 +283,9 @@ def _train(config: Config, rundir: str, debug: bool, resume: bool, notes: Sequen
     if resume:  # first: load_splits' advice for a larger vocabulary would be another model
         data.check_same_data(rundir, config.data_dir)
     train_tokens, val_tokens = data.load_splits(config)
-    if data.meta_bytes(config.data_dir) != meta:
-        raise MidgptError(f"{config.data_dir} was prepared again as this run started; run the same command again")
+    with multihost.failing_together():  # a host's own copy of the data, prepared again there: every process stops
+        if data.meta_bytes(config.data_dir) != meta:
+            raise MidgptError(f"{config.data_dir} was prepared again as this run started; run the same command again")
     mesh = sharding.make_mesh(config, resuming=resume)
     is_main = jax.process_index() == 0
     say = cli.say if is_main else lambda _: None
