@@ -11,7 +11,7 @@ import numpy as np
 import optax
 import pytest
 
-from midgpt import checkpoint, sample, tokenizer
+from midgpt import checkpoint, data, sample, tokenizer
 from midgpt.config import Config, ModelConfig, apply_overrides, load_config
 from midgpt.errors import MidgptError
 from midgpt.model import GPT, cast_floats
@@ -248,7 +248,7 @@ def test_sampling_reads_the_parameters_only(shakespeare_data_dir, tmp_path):
     params = eqx.filter(state.model, eqx.is_array)
     state = eqx.tree_at(lambda s: s.opt_state, state, optax.sgd(0.1, momentum=0.9).init(params))
     rundir = str(tmp_path / "run")
-    write_config(config, rundir)
+    write_config(config, rundir, data.meta_bytes(config.data_dir))
     manager = checkpoint.make_manager(rundir, config)
     checkpoint.save(manager, 7, state, config)
     checkpoint.wait(manager)
@@ -268,7 +268,7 @@ def test_a_checkpoint_that_training_removes_as_it_is_read_gives_way_to_the_newer
         "--model.n_layer=1", "--model.n_embd=32", "--model.n_head=2", f"--data_dir={shakespeare_data_dir}"])
     state = fresh_state(config, make_optimizer(config))
     rundir = tmp_path / "run"
-    write_config(config, str(rundir))
+    write_config(config, str(rundir), data.meta_bytes(config.data_dir))
     manager = checkpoint.make_manager(str(rundir), config)
     checkpoint.save(manager, 7, state, config)
     checkpoint.wait(manager)

@@ -205,15 +205,11 @@ def evaluate(model: GPT, tokens, config: Config, mesh: Mesh, stream: int) -> flo
                            memory.loss_chunks(config, mesh, pieces), shardings))
 
 
-def write_config(config: Config, rundir: str, meta: bytes | None = None):
-    """config.json, and the meta.json of the data it trains on (meta, read with its tokens; else data_dir's): the run
-    decodes its tokens from any directory, as trained."""
+def write_config(config: Config, rundir: str, meta: bytes):
+    """config.json, and meta (the data's meta.json, read with its tokens): the run decodes them anywhere, as trained."""
     if jax.process_index() == 0:
         os.makedirs(rundir, exist_ok=True)
         write_atomically(os.path.join(rundir, "config.json"), json.dumps(config_to_dict(config), indent=2))
-        if meta is None:
-            with open(os.path.join(config.data_dir, "meta.json"), "rb") as f:
-                meta = f.read()
         write_atomically(os.path.join(rundir, "meta.json"), meta)
 
 
