@@ -25,6 +25,7 @@ from midgpt.metrics import MetricsLog
 from midgpt.model import GPT, cast_floats, check_cudnn, count_params, fresh_model
 from midgpt.optimizer import lr_schedule, make_optimizer
 from midgpt.precision import cross_entropy
+from midgpt.profiler import TraceWindow
 
 # Streams of batch keys, (seed, TRAIN_STREAM, step) in training and (seed, stream) in evaluation: the
 # stream keeps them apart.
@@ -374,14 +375,7 @@ def _train(config: Config, rundir: str, debug: bool, resume: bool, notes: Sequen
     step_flops = mfu.flops_per_token(config.model) * tokens_per_step
     say(f"MFU is against the {timer.source}: {timer.peak / 1e12:.3g} TFLOP/s per device, "
         f"{n} device{'s' * (n > 1)}; {step_flops / 1e9:.4g} GFLOP a step")
-    # A few steady-state steps, after the compile, so the trace shows the step itself.
-    traced = range(start + 3, start + 6)
-    profile_steps = range(traced.start, min(traced.stop, config.max_steps + 1)) if debug and is_main else range(0)
-    steps = lambda r: f"step {r[0]}" if len(r) == 1 else f"steps {r[0]}-{r[-1]}"
-    if profile_steps:
-        say(f"debug: profiler trace of {steps(profile_steps)} in {rundir}/profile")
-    elif debug:
-        say(f"debug: no profiler trace: it is of {steps(traced)}, after the compile, and max_steps={config.max_steps}")
+    trace = TraceWindow(start, config.max_steps, rundir, debug and is_main, say)
 
     # Off a terminal (CI, log files), redraw rarely rather than fill the log with frames.
     bar = tqdm(initial=start, total=config.max_steps, desc="train", dynamic_ncols=True, disable=not is_main,
@@ -393,11 +387,6 @@ def _train(config: Config, rundir: str, debug: bool, resume: bool, notes: Sequen
     timer.restart()
     step = start  # for an error before the first step
     stopped = False  # by a stop signal: not finished
-    tracing = False  # the profiler's trace started and not yet stopped
-
-    def stop_trace_early(when: str) -> None:  # a stop signal or an error inside the traced steps
-        jax.profiler.stop_trace()  # which writes what was traced
-        say(f"debug: the profiler trace stopped early, {when} of {steps(profile_steps)}, in {rundir}/profile")
 
     try:
         for step, (x_GxBxT, y_GxBxT) in data.prefetch(make_batch, range(start + 1, config.max_steps + 1)):
@@ -406,16 +395,11 @@ def _train(config: Config, rundir: str, debug: bool, resume: bool, notes: Sequen
             # An evaluation is one jitted call (minutes of shakespeare_char's on a CPU), and a stop waits for
             # it: a resume would not evaluate this step again.
             signals.when = "after this step's evaluation" if is_eval else stop_after
-            if profile_steps and step == profile_steps[0]:
-                jax.profiler.start_trace(os.path.join(rundir, "profile"))
-                tracing = True
+            trace.before(step)
             state, metrics = train_step(state, x_GxBxT, y_GxBxT)
             bar.update()
             timer.tick()
-            if profile_steps and step == profile_steps[-1]:
-                jax.block_until_ready(state)
-                jax.profiler.stop_trace()
-                tracing = False
+            if trace.after(step, state):
                 timer.restart()  # traced steps are slower: not timed
             if step == start + 1:  # leave the compile out of the throughput
                 jax.block_until_ready(state)
@@ -429,7 +413,7 @@ def _train(config: Config, rundir: str, debug: bool, resume: bool, notes: Sequen
             if is_log:
                 check_diverged(metrics, step, last_checkpoint, config.model.vocab_size, resume_with)
                 record = {"step": step, **{k: float(v) for k, v in metrics.items()}}
-                if step not in profile_steps and (timed := timer.read(step, say)):  # none after the compile step
+                if step not in trace and (timed := timer.read(step, say)):  # none after the compile step
                     record.update(timed)
                     bar.set_postfix({"loss": f"{record['loss']:.4f}", "lr": f"{record['lr']:.2e}",
                                      "tok/s": f"{record['tokens_per_sec']:,.0f}", "mfu": f"{record['mfu']:.1%}"},
@@ -460,10 +444,7 @@ def _train(config: Config, rundir: str, debug: bool, resume: bool, notes: Sequen
                 last_checkpoint = step
             if stop:
                 stopped = True
-                if tracing:
-                    jax.block_until_ready(state)  # the step in the trace whole
-                    stop_trace_early(f"after {steps(range(profile_steps[0], step + 1))}")
-                    tracing = False
+                trace.stopped(step, state)
                 if manager:
                     checkpoint.wait(manager, resume_with)
                 bar.close()  # now: closed after the line, it was drawn again below it
@@ -494,9 +475,7 @@ def _train(config: Config, rundir: str, debug: bool, resume: bool, notes: Sequen
         if manager:
             checkpoint.close(manager, resume_with)
     finally:
-        if tracing:  # an error: its line comes last
-            with contextlib.suppress(Exception):
-                stop_trace_early(f"at an error in step {step}")
+        trace.failed(step)  # if still tracing, an error: its line comes last
         bar.close()
         if log:
             log.close()
