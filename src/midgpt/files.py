@@ -14,6 +14,9 @@ def write_atomically(path: str | os.PathLike, data: str | bytes) -> None:
     try:
         with open(tmp, "wb" if isinstance(data, bytes) else "w") as f:
             f.write(data)
+            # On disk before the rename, which a power cut could otherwise keep without the data.
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)  # atomic on POSIX within one file system
     except OSError:  # a full disk: leave no half-written file behind
         with contextlib.suppress(OSError):
