@@ -7,7 +7,7 @@ import numpy as np
 import optax
 
 from midgpt.config import Config, ModelConfig
-from midgpt.model import (GPT, LayerNorm, apply_rotary, cast_floats, count_params, dropout, rotary_tables,
+from midgpt.model import (GPT, Norm, apply_rotary, cast_floats, count_params, dropout, rotary_tables,
                           softmax_attention)
 from midgpt.optimizer import make_optimizer
 from midgpt.sharding import make_mesh
@@ -222,7 +222,7 @@ def test_with_dropout_the_scan_is_still_the_loop_and_each_layer_draws_its_own_ma
 
 def test_qk_layernorm_centres_then_normalises():
     x_4xC = jax.random.normal(jax.random.key(0), (4, C)) + 3.0  # far from centred
-    y_4xC = np.asarray(LayerNorm(C)(x_4xC))
+    y_4xC = np.asarray(Norm(C, centre=True)(x_4xC))
     np.testing.assert_allclose(y_4xC.mean(axis=-1), 0, atol=1e-5)
     np.testing.assert_allclose(np.sqrt(np.mean(y_4xC**2, axis=-1)), 1, rtol=1e-4)
 

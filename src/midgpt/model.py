@@ -22,27 +22,24 @@ from midgpt.errors import MidgptError
 from midgpt.precision import lookup, matmul
 
 
-class RMSNorm(eqx.Module):
+class Norm(eqx.Module):
+    """RMSNorm with a gain; centre=True subtracts the mean first: LayerNorm without bias."""
+
     weight_D: jax.Array
+    centre: bool = eqx.field(static=True)
     eps: float = eqx.field(static=True)
 
-    def __init__(self, dim: int, eps: float = 1e-6):
-        self.weight_D, self.eps = jnp.ones((dim,)), eps
+    def __init__(self, dim: int, *, centre: bool = False, eps: float = 1e-6):
+        self.weight_D, self.centre, self.eps = jnp.ones((dim,)), centre, eps
 
     def __call__(self, x_xD):
         # In float32, rounded once: bf16's 8-bit mantissa makes the mean square
         # noisy, and XLA's CPU loops round (and run slower) after each bf16 op.
         x32_xD = x_xD.astype(jnp.float32)
+        if self.centre:
+            x32_xD = x32_xD - jnp.mean(x32_xD, axis=-1, keepdims=True)
         ms_x1 = jnp.mean(jnp.square(x32_xD), axis=-1, keepdims=True)
         return (x32_xD * jax.lax.rsqrt(ms_x1 + self.eps) * self.weight_D.astype(jnp.float32)).astype(x_xD.dtype)
-
-
-class LayerNorm(RMSNorm):
-    """LayerNorm without bias: RMSNorm of the centred input."""
-
-    def __call__(self, x_xD):
-        x32_xD = x_xD.astype(jnp.float32)
-        return super().__call__(x32_xD - jnp.mean(x32_xD, axis=-1, keepdims=True)).astype(x_xD.dtype)
 
 
 def _normal(key, shape, std):
@@ -158,8 +155,8 @@ class Attention(eqx.Module):
     wk_DxHxC: jax.Array
     wv_DxHxC: jax.Array
     wo_HxCxD: jax.Array
-    q_norm: LayerNorm
-    k_norm: LayerNorm
+    q_norm: Norm
+    k_norm: Norm
     dropout: float = eqx.field(static=True)
     attention: str = eqx.field(static=True)  # ModelConfig.attention
     block_size: int = eqx.field(static=True)
@@ -171,7 +168,7 @@ class Attention(eqx.Module):
         self.wk_DxHxC = _normal(kk, (D, H, C), 1 / math.sqrt(D))
         self.wv_DxHxC = _normal(kv, (D, H, C), 1 / math.sqrt(D))
         self.wo_HxCxD = _normal(ko, (H, C, D), 1 / math.sqrt(D * 2 * cfg.n_layer))
-        self.q_norm, self.k_norm = LayerNorm(C), LayerNorm(C)
+        self.q_norm, self.k_norm = Norm(C, centre=True), Norm(C, centre=True)
         self.dropout = cfg.dropout
         self.attention, self.block_size = cfg.attention, cfg.block_size
 
@@ -245,14 +242,14 @@ class MLP(eqx.Module):
 
 
 class Block(eqx.Module):
-    attn_norm: RMSNorm
+    attn_norm: Norm
     attn: Attention
-    mlp_norm: RMSNorm
+    mlp_norm: Norm
     mlp: MLP
 
     def __init__(self, cfg: ModelConfig, *, key):
         k_attn, k_mlp = jax.random.split(key)
-        self.attn_norm, self.mlp_norm = RMSNorm(cfg.n_embd), RMSNorm(cfg.n_embd)
+        self.attn_norm, self.mlp_norm = Norm(cfg.n_embd), Norm(cfg.n_embd)
         self.attn = Attention(cfg, key=k_attn)
         self.mlp = MLP(cfg, key=k_mlp)
 
@@ -277,7 +274,7 @@ class GPT(eqx.Module):
     # to one is an update to the other.
     embed_VxD: jax.Array
     blocks: Block  # every array has a leading L axis: layers stacked for lax.scan
-    final_norm: RMSNorm
+    final_norm: Norm
     config: ModelConfig = eqx.field(static=True)
 
     def __init__(self, cfg: ModelConfig, *, key):
@@ -285,7 +282,7 @@ class GPT(eqx.Module):
         self.embed_VxD = jax.random.normal(k_embed, (cfg.vocab_size, cfg.n_embd)) / math.sqrt(cfg.n_embd)
         make_block = lambda k: Block(cfg, key=k)
         self.blocks = eqx.filter_vmap(make_block)(jax.random.split(k_blocks, cfg.n_layer))
-        self.final_norm = RMSNorm(cfg.n_embd)
+        self.final_norm = Norm(cfg.n_embd)
         self.config = cfg
 
     def __call__(self, tokens_BxT, *, key=None, positions_T=None):

@@ -4,7 +4,7 @@ import jax
 import optax
 
 from midgpt.config import Config
-from midgpt.model import LayerNorm, RMSNorm
+from midgpt.model import Norm
 
 
 def lr_schedule(config: Config) -> optax.Schedule:
@@ -19,9 +19,9 @@ def lr_schedule(config: Config) -> optax.Schedule:
 
 
 def decay_mask(params):
-    """False for norm gains (every array inside an RMSNorm or LayerNorm), True for all else: the matrices today."""
+    """False for norm gains (every array inside a Norm), True for all else: the matrices today."""
     # By module, not by rank: the stacked layers make every gain 2-D. A bias added later would be decayed.
-    is_norm = lambda x: isinstance(x, (RMSNorm, LayerNorm))  # LayerNorm is an RMSNorm today; said, not relied on
+    is_norm = lambda x: isinstance(x, Norm)
     return jax.tree.map(lambda x: not is_norm(x), params, is_leaf=is_norm)
 
 
