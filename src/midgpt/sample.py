@@ -150,7 +150,8 @@ def generate_chunks(model: GPT, prompt_BxP, max_new_tokens: int, key, temperatur
                     top_k: int | None = None, vocab: int | None = None, chunk: int = 64):
     """The new tokens of `generate`, (B, n) arrays of at most `chunk` positions each: to show them as they come.
 
-    Past block_size the context slides: each token sees the block_size latest ones, as in the model's forward pass.
+    Past block_size the context slides, as in the model's forward pass: each layer attends to the block_size
+    latest positions, so a token's reach grows by block_size - 1 with each layer.
     """
     # Checked at the call, not at the first next() of a generator.
     if prompt_BxP.shape[1] > model.config.block_size:
