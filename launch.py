@@ -73,6 +73,13 @@ def check_new_rundir(rundir: str) -> None:
                               f"--rundir, or delete {rundir} to train there afresh")
 
 
+def resumes(rundir: str | None) -> bool:
+    """Whether launch resumes the run in rundir (one that saved a checkpoint) rather than start a run there."""
+    # A run is its checkpoints: a directory without any (--debug's, a run killed before its
+    # first save) starts afresh from this command, as its config.json would start at step 0 too.
+    return bool(rundir and saved_steps(rundir))
+
+
 def flag_value(argv: list[str], flag: str) -> str | None:
     """The last value of --flag=VALUE or --flag VALUE in argv, as argparse reads them."""
     found = None
@@ -84,8 +91,8 @@ def flag_value(argv: list[str], flag: str) -> str | None:
 def fields_help(argv: list[str]) -> str:
     """--help's last lines: every field of the --rundir's run, else of the --config, as the override that keeps it."""
     name, rundir, config = flag_value(argv, "--config"), flag_value(argv, "--rundir"), None
-    # As launch decides: a run resumes where it saved a checkpoint, else its config.json is written over.
-    if rundir and saved_steps(rundir := os.path.expanduser(rundir)):
+    rundir = rundir and os.path.expanduser(rundir)  # as the parser's type= reads it
+    if resumes(rundir):  # else its config.json is written over, and the --config's fields are the new run's
         with contextlib.suppress(MidgptError):  # an unreadable config.json: the resume says so in one line
             config = read_config_json(rundir)
             listed = lambda names: ", ".join(names[:-1]) + " and " + names[-1]
@@ -151,9 +158,7 @@ def launch(argv: list[str], signals: StopSignals) -> None:
             (port := re.fullmatch(r".+:(\d+)", args.coordinator_address)) and 0 < int(port[1]) < 2**16):
         parser.error(f"--coordinator_address={args.coordinator_address} is not HOST:PORT, a port from 1 to 65535")
     config = apply_overrides(load_config(args.config), overrides, options=list(vars(args)))
-    # A run is its checkpoints: a directory without any (--debug's, a run killed before its
-    # first save) starts afresh from this command, as its config.json would start at step 0 too.
-    resume = bool(args.rundir and saved_steps(args.rundir))
+    resume = resumes(args.rundir)
     if resume and args.debug:
         raise MidgptError(f"{args.rundir} holds a run and --debug writes no checkpoints; use a new --rundir")
     if resume:  # the run's own config, with the overrides that keep it the same run
