@@ -104,6 +104,22 @@ def test_weight_decay_shrinks_matrices_and_spares_norm_gains():
         np.testing.assert_allclose(new, expected, rtol=1e-6, atol=1e-7, err_msg=jax.tree_util.keystr(path))
 
 
+def test_weight_decay_0_adds_nothing_and_keeps_the_state_layout_of_decay():
+    # A resume may change weight_decay, and a restore needs the saved state's tree: optax.identity() in place
+    # of the decay at 0 made a run saved with decay fail to restore. Nothing to gain either: optax skips a
+    # constant 0 decay itself, so NaN parameters leave the updates finite.
+    params = eqx.filter(GPT(tiny_config().model, key=jax.random.key(0)), eqx.is_array)
+    optimizers = {wd: make_optimizer(tiny_config(weight_decay=wd)) for wd in (0.0, 0.1)}
+    states = {wd: optimizer.init(params) for wd, optimizer in optimizers.items()}
+    assert jax.tree.structure(states[0.0]) == jax.tree.structure(states[0.1])
+    grads = jax.tree.map(jnp.ones_like, params)
+    nan_params = jax.tree.map(lambda p: jnp.full_like(p, jnp.nan), params)
+    updates, _ = optimizers[0.0].update(grads, states[0.0], nan_params)
+    assert all(np.isfinite(u).all() for u in jax.tree.leaves(updates))
+    updates, _ = optimizers[0.1].update(grads, states[0.1], nan_params)  # not vacuous: decay reads them
+    assert not all(np.isfinite(u).all() for u in jax.tree.leaves(updates))
+
+
 def test_lr_schedule_warms_up_from_first_update_then_cosine_decays_to_min_lr():
     config = tiny_config(learning_rate=1e-3, warmup_steps=10, lr_decay_steps=110, min_lr=1e-4)
     schedule = lr_schedule(config)

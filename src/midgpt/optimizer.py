@@ -33,6 +33,8 @@ def make_optimizer(config: Config) -> optax.GradientTransformation:
     return optax.chain(
         optax.clip_by_global_norm(config.grad_clip) if config.grad_clip else optax.identity(),
         optax.scale_by_adam(b1=config.beta1, b2=config.beta2),
+        # At weight_decay=0 too, which optax skips itself: optax.identity() there would change the state's
+        # tree, and a run resumed with another weight_decay would not restore.
         optax.add_decayed_weights(config.weight_decay / config.learning_rate, mask=decay_mask),
         optax.scale_by_learning_rate(lr_schedule(config)),
     )
