@@ -9,9 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from midgpt.config import Config, ModelConfig
+from midgpt.config import Config, ModelConfig, apply_overrides, check_config, load_config
 from midgpt.model import GPT
-from midgpt.optimizer import lr_schedule, make_optimizer
+from midgpt.optimizer import lr_schedule, make_optimizer, schedule_note
 from midgpt.sharding import DATA_AXES, make_mesh
 from midgpt.train import init_state, loss_fn, make_train_step, pieces_per_micro_batch
 
@@ -266,3 +266,29 @@ def test_tiny_model_overfits_one_fixed_batch():
         losses.append(float(metrics["loss"]))
     assert losses[0] > 2.0  # starts knowing nothing (log 16 = 2.8)
     assert losses[-1] < 0.1, losses[::15]
+
+
+@pytest.mark.parametrize("max_steps, warming, fix", [
+    (150, "", "--lr_decay_steps=150"),  # warmup_steps=100 ends before
+    (30, ", still warming up (warmup_steps=100)", "--lr_decay_steps=30 --warmup_steps=3"),
+    (100, ", still warming up (warmup_steps=100)", "--lr_decay_steps=100 --warmup_steps=10"),  # its last update
+    (2, ", still warming up (warmup_steps=100)", "--lr_decay_steps=2 --warmup_steps=0"),  # the shortest decay
+])
+def test_a_run_that_ends_before_its_cosine_is_told_the_learning_rate_it_stops_at_and_how_to_end_there(
+        max_steps, warming, fix):
+    # A short try of a long config is left at a high rate, unannealed: its last loss is not the config's.
+    config = dataclasses.replace(load_config("shakespeare_char_cpu"), max_steps=max_steps)
+    lr = closed_form_lr(config, max_steps - 1)  # update max_steps's
+    assert schedule_note(config) == f"the run ends at step {max_steps}, at learning rate {lr:.3g}{warming}: its " \
+                                    f"cosine reaches min_lr=0.0001 at lr_decay_steps=2000 (pass {fix} to end there)"
+    ends_there = apply_overrides(config, fix.split())
+    check_config(ends_there)  # the advice runs
+    assert schedule_note(ends_there) is None
+
+
+def test_one_step_gets_no_advice_and_a_run_past_its_cosine_is_told_where_it_ends():
+    config = load_config("shakespeare_char_cpu")
+    one = dataclasses.replace(config, max_steps=1)  # no lr_decay_steps ends there: the least is 2
+    assert schedule_note(one).endswith("min_lr=0.0001 at lr_decay_steps=2000")
+    longer = dataclasses.replace(config, max_steps=2500)
+    assert schedule_note(longer) == "from step 2001 on, min_lr=0.0001: the cosine ends at lr_decay_steps=2000"

@@ -681,38 +681,6 @@ def test_a_resume_says_the_learning_rate_it_goes_on_at_and_where_the_schedule_en
     assert [r["lr"] for r in metrics(rundir) if r["step"] == 65] == [pytest.approx(closed_form_lr(config, 64))]
 
 
-def test_a_run_that_ends_before_its_cosine_says_the_learning_rate_it_stops_at(shakespeare_data_dir, tmp_path, capsys):
-    # A short try of a long config is left at a high rate, unannealed: its last loss is not the config's.
-    from midgpt.cli import StopSignals
-    from midgpt.config import apply_overrides, check_config
-    from midgpt.train import train
-    from test_optimizer import closed_form_lr
-
-    def output(config, rundir):
-        with StopSignals() as signals:
-            signals.received = "SIGINT"  # one step is enough: the line comes before the first
-            train(config, str(rundir), debug=True, signals=signals)
-        return capsys.readouterr().out
-
-    for max_steps, warming, fix in [
-        (150, "", "--lr_decay_steps=150"),  # warmup_steps=100 ends before
-        (30, ", still warming up (warmup_steps=100)", "--lr_decay_steps=30 --warmup_steps=3"),
-        (100, ", still warming up (warmup_steps=100)", "--lr_decay_steps=100 --warmup_steps=10"),  # its last update
-        (2, ", still warming up (warmup_steps=100)", "--lr_decay_steps=2 --warmup_steps=0"),  # the shortest decay
-    ]:
-        config = one_layer_config(shakespeare_data_dir, f"--max_steps={max_steps}", "--eval_iters=1")
-        lr = closed_form_lr(config, max_steps - 1)  # update max_steps's
-        assert f"\nthe run ends at step {max_steps}, at learning rate {lr:.3g}{warming}: its cosine reaches " \
-               f"min_lr=0.0001 at lr_decay_steps=2000 (pass {fix} to end there)\n" \
-               in (out := output(config, tmp_path / str(max_steps))), out
-        ends_there = apply_overrides(config, fix.split())
-        check_config(ends_there)  # the advice runs
-        assert "cosine" not in (out := output(ends_there, tmp_path / f"{max_steps}_ends_there")), out
-    # One step: no lr_decay_steps ends there (the least is 2), so no advice
-    config = one_layer_config(shakespeare_data_dir, "--max_steps=1", "--eval_iters=1")
-    assert "min_lr=0.0001 at lr_decay_steps=2000\n" in (out := output(config, tmp_path / "1")), out
-
-
 def test_a_stop_of_a_debug_run_promises_no_checkpoint(shakespeare_data_dir, tmp_path, capsys):
     from midgpt.cli import StopSignals
     from midgpt.train import train

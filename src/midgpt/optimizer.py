@@ -18,6 +18,23 @@ def lr_schedule(config: Config) -> optax.Schedule:
     return lambda count: cosine(count + 1)
 
 
+def schedule_note(config: Config) -> str | None:
+    """What a run whose max_steps is not lr_decay_steps should know of its learning rate's end."""
+    if config.lr_decay_steps < config.max_steps:  # as extending a finished run with --max_steps alone does
+        return (f"from step {config.lr_decay_steps + 1} on, min_lr={config.min_lr:g}: the cosine ends at "
+                f"lr_decay_steps={config.lr_decay_steps}")
+    if config.lr_decay_steps == config.max_steps:
+        return None
+    # A short try of a long config: its last steps are not annealed, so its last loss is not the config's.
+    last_lr = float(lr_schedule(config)(config.max_steps - 1))
+    warming = config.warmup_steps >= config.max_steps  # then the advice must shorten warmup too, to be valid
+    fix = f"--lr_decay_steps={config.max_steps}" + (f" --warmup_steps={config.max_steps // 10}" if warming else "")
+    return (f"the run ends at step {config.max_steps}, at learning rate {last_lr:.3g}"
+            + (f", still warming up (warmup_steps={config.warmup_steps})" if warming else "")
+            + f": its cosine reaches min_lr={config.min_lr:g} at lr_decay_steps={config.lr_decay_steps}"
+            + (f" (pass {fix} to end there)" if config.max_steps >= 2 else ""))  # lr_decay_steps is at least 2
+
+
 def decay_mask(params):
     """False for norm gains (every array inside a Norm), True for all else: the matrices today."""
     # By module, not by rank: the stacked layers make every gain 2-D. A bias added later would be decayed.

@@ -23,7 +23,7 @@ from midgpt.errors import MidgptError
 from midgpt.files import lock_run, write_atomically, writing_to
 from midgpt.metrics import MetricsLog
 from midgpt.model import GPT, cast_floats, check_cudnn, count_params, fresh_model
-from midgpt.optimizer import lr_schedule, make_optimizer
+from midgpt.optimizer import lr_schedule, make_optimizer, schedule_note
 from midgpt.precision import cross_entropy
 from midgpt.profiler import TraceWindow
 
@@ -340,17 +340,8 @@ def _train(config: Config, rundir: str, debug: bool, resume: bool, notes: Sequen
             if manager:
                 checkpoint.close(manager, resume_with)
             return state.model
-    if config.lr_decay_steps < config.max_steps:  # as extending a finished run with --max_steps alone does
-        say(f"from step {config.lr_decay_steps + 1} on, min_lr={config.min_lr:g}: the cosine ends at "
-            f"lr_decay_steps={config.lr_decay_steps}")
-    elif config.lr_decay_steps > config.max_steps:  # a short try of a long config: its last steps are not annealed
-        last_lr = float(lr_schedule(config)(config.max_steps - 1))
-        warming = config.warmup_steps >= config.max_steps  # then the advice must shorten warmup too, to be valid
-        fix = f"--lr_decay_steps={config.max_steps}" + (f" --warmup_steps={config.max_steps // 10}" if warming else "")
-        say(f"the run ends at step {config.max_steps}, at learning rate {last_lr:.3g}"
-            + (f", still warming up (warmup_steps={config.warmup_steps})" if warming else "")
-            + f": its cosine reaches min_lr={config.min_lr:g} at lr_decay_steps={config.lr_decay_steps}"
-            + (f" (pass {fix} to end there)" if config.max_steps >= 2 else ""))  # lr_decay_steps is at least 2
+    if note := schedule_note(config):
+        say(note)
     last_checkpoint = start or None
     # Mid-run, the fix for a full disk is to resume, not to start over elsewhere.
     resume_fix = lambda changed="": (
