@@ -12,7 +12,6 @@ documents. A document goes to val iff the first 8 bytes of sha256(its UTF-8 text
 never straddle train and val.
 """
 
-import codecs
 import contextlib
 import functools
 import glob
@@ -37,7 +36,7 @@ from tqdm import tqdm
 from midgpt.cli import ArgumentParser
 from midgpt.errors import MidgptError
 from midgpt.prepare import FILE_BUILDERS, FILES, check_out_dir, lock_out_dir, replace_dataset
-from midgpt.tokenizer import gpt2
+from midgpt.tokenizer import gpt2, not_utf8_advice, utf16_or_32_advice
 
 MAX_DOCUMENT = 64 << 20  # characters of a .txt file's blank-line-separated block, or of a .jsonl line
 DOCS_PER_TASK = 1024  # big enough to amortise pickling, small enough to keep RAM per worker low
@@ -48,9 +47,6 @@ REVISION = "refs/convert/parquet"  # the Hub's parquet export of a dataset
 # A null may be a document lost upstream: refused, where an empty text is a document that says nothing.
 FILL_NULLS = "drop such rows, or fill them with '' (empty texts are skipped)"
 FORMATS = "json, parquet, csv, text or arrow"  # the FILE_BUILDERS that read text: pandas' reads pickles
-# UTF-32's marks first: UTF-32-LE's begins with UTF-16-LE's.
-UTF_BOMS = (("UTF-32", codecs.BOM_UTF32_LE), ("UTF-32", codecs.BOM_UTF32_BE), ("UTF-16", codecs.BOM_UTF16_LE),
-            ("UTF-16", codecs.BOM_UTF16_BE))
 BUILDER_OF = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "text",
               ".arrow": "arrow"}
 
@@ -95,23 +91,7 @@ def file_documents(path: str):
     try:
         yield from _file_documents(path)
     except UnicodeDecodeError as e:  # its position would count from a read buffer, not the file
-        # iconv -f latin1 would make valid UTF-8 of a UTF-16 file's bytes: NULs between the letters.
-        raise MidgptError(not_utf8_in_utf16(path) or f"{path}: not UTF-8 text ({e.reason}); convert it, "
-                          "e.g. iconv -f latin1 -t utf-8") from None
-
-
-def not_utf8_in_utf16(path: str) -> str | None:
-    """What to say of a file in UTF-16 or UTF-32 (Windows' "Unicode" text, with a byte-order mark), else None."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(4)
-    except OSError:  # a pattern or a URL of --data_files
-        return None
-    for utf, mark in UTF_BOMS:
-        if head.startswith(mark):
-            return (f"{path}: {utf} text (it starts with a {utf} byte-order mark), not UTF-8; convert it, "
-                    f"e.g. iconv -f {utf.lower()} -t utf-8")
-    return None
+        raise MidgptError(not_utf8_advice(path, e.reason)) from None
 
 
 def _file_documents(path: str):
@@ -228,7 +208,7 @@ def hf_documents(name: str, data_files: list[str] | None = None):
         reason = f"not UTF-8: {e.reason}" if isinstance(e, UnicodeDecodeError) else str(e).strip().splitlines()[0]
         file = failed.file or " ".join(data_files)
         # Raised in the pool's task thread, it reaches main() through a worker: one line, not a pool's traceback.
-        raise MidgptError(not_utf8_in_utf16(file) or f"{file}: not a readable {name} file ({reason}); "
+        raise MidgptError(utf16_or_32_advice(file) or f"{file}: not a readable {name} file ({reason}); "
                           f"pass its format as --dataset: {FORMATS}") from None
     finally:
         hub_log.removeFilter(retries)

@@ -1,5 +1,6 @@
 """Tokenizers named by a dataset's meta.json: "char" (its own vocabulary) or "gpt2" (GPT-2 BPE)."""
 
+import codecs
 import functools
 import os
 from collections.abc import Iterator
@@ -9,6 +10,9 @@ import tiktoken
 from midgpt.errors import MidgptError
 
 EOT = "<|endoftext|>"  # GPT-2's document separator, id 50256
+# UTF-32's marks first: UTF-32-LE's begins with UTF-16-LE's.
+UTF_BOMS = (("UTF-32", codecs.BOM_UTF32_LE), ("UTF-32", codecs.BOM_UTF32_BE), ("UTF-16", codecs.BOM_UTF16_LE),
+            ("UTF-16", codecs.BOM_UTF16_BE))
 
 
 class UnknownCharacters(MidgptError):
@@ -31,6 +35,26 @@ def gpt2() -> tiktoken.Encoding:
         vocab_bpe_file=os.path.join(files, "vocab.bpe"), encoder_json_file=os.path.join(files, "encoder.json")
     )
     return tiktoken.Encoding("gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks, special_tokens={EOT: 50256})
+
+
+def utf16_or_32_advice(path: str) -> str | None:
+    """What to say of a file in UTF-16 or UTF-32 (Windows' "Unicode" text, with a byte-order mark), else None."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError:  # a pattern or a URL of --data_files
+        return None
+    for utf, mark in UTF_BOMS:
+        if head.startswith(mark):
+            return (f"{path}: {utf} text (it starts with a {utf} byte-order mark), not UTF-8; convert it, "
+                    f"e.g. iconv -f {utf.lower()} -t utf-8")
+    return None
+
+
+def not_utf8_advice(path: str, reason: str) -> str:
+    """What to say of a text file that UTF-8 cannot decode (reason: the decoder's); it names the file first."""
+    # iconv -f latin1 would make valid UTF-8 of a UTF-16 file's bytes: NULs between the letters.
+    return utf16_or_32_advice(path) or f"{path}: not UTF-8 text ({reason}); convert it, e.g. iconv -f latin1 -t utf-8"
 
 
 def encode(meta: dict, text: str) -> list[int]:
