@@ -10,6 +10,8 @@ import signal
 import sys
 
 from midgpt.cli import ArgumentParser, cache_compiled_programs, positive_int, run, say
+from midgpt.errors import MidgptError
+from midgpt.tokenizer import read_utf8
 
 
 def main(argv: list[str]) -> None:
@@ -39,12 +41,13 @@ def main(argv: list[str]) -> None:
     start = args.start
     if start.startswith("FILE:"):
         try:
-            # -sig: a byte-order mark is no text; ~ is expanded, as it is in --rundir. Its line ends as they are:
-            # below, they are read as "\n" unless the run's characters hold "\r" (text prepared with CRLF).
-            with open(os.path.expanduser(start.removeprefix("FILE:")), encoding="utf-8-sig", newline="") as f:
-                start = f.read()
-        except (OSError, UnicodeDecodeError) as e:
+            # ~ is expanded, as it is in --rundir. Its line ends as they are: below, they are read as "\n"
+            # unless the run's characters hold "\r" (text prepared with CRLF).
+            start = read_utf8(os.path.expanduser(start.removeprefix("FILE:")))
+        except OSError as e:
             parser.error(f"cannot read the prompt file: {e}")
+        except MidgptError as e:  # not UTF-8: what to convert it from, not a usage error
+            raise MidgptError(f"cannot read the prompt file {e}") from None
     if not start:
         parser.error("the prompt is empty; give --start at least one character")
 
@@ -54,7 +57,6 @@ def main(argv: list[str]) -> None:
     cache_compiled_programs()
 
     from midgpt import tokenizer
-    from midgpt.errors import MidgptError
     from midgpt.model import cast_floats
     from midgpt.precision import compute_dtype
     from midgpt.sample import fitting_memory, generate, generate_chunks, load_model, prompt_key, run_meta

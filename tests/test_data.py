@@ -185,6 +185,24 @@ def test_prepare_drops_a_byte_order_mark(tmp_path):
     assert "\r" in load_meta(tmp_path / "bom")["chars"]  # otherwise the text stays exactly as stored
 
 
+@pytest.mark.parametrize("data, advice", [
+    ("hello\nworld\n".encode("utf-16"), "UTF-16 text (it starts with a UTF-16 byte-order mark), not UTF-8; "
+     "convert it, e.g. iconv -f utf-16 -t utf-8"),
+    ("hello\nworld\n".encode("utf-32"), "UTF-32 text (it starts with a UTF-32 byte-order mark), not UTF-8; "
+     "convert it, e.g. iconv -f utf-32 -t utf-8"),
+    # The position is the file's, its UTF-8 byte-order mark counted.
+    (b"\xef\xbb\xbf" + "hello\ncaf\xe9\n".encode("latin-1"), "not UTF-8 text (invalid continuation byte at "
+     "byte 12); convert it, e.g. iconv -f latin1 -t utf-8"),
+], ids=["utf-16", "utf-32", "latin-1"])
+def test_prepare_of_text_not_in_utf8_names_the_file_and_how_to_convert_it(tmp_path, data, advice):
+    # It was the decoder's own words, which name neither the encoding to convert from nor how.
+    (tmp_path / "in.txt").write_bytes(data)
+    result = subprocess.run([sys.executable, str(PREPARE), "--input", str(tmp_path / "in.txt"),
+                             "--out_dir", str(tmp_path / "out")], capture_output=True, text=True)
+    assert result.returncode == 1 and result.stderr == f"prepare.py: {tmp_path / 'in.txt'}: {advice}\n", result.stderr
+    assert not (tmp_path / "out").exists()
+
+
 def test_an_empty_token_file_is_one_line_error(tmp_path):
     (tmp_path / "train.bin").write_bytes(b"")
     with pytest.raises(MidgptError, match="train.bin is empty"):

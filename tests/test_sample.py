@@ -1,7 +1,10 @@
 """Generation promises: the KV cache changes nothing, greedy continues a learned pattern, seeds repeat."""
 
+import codecs
 import functools
 import shutil
+import subprocess
+import sys
 import warnings
 
 import equinox as eqx
@@ -11,6 +14,7 @@ import numpy as np
 import optax
 import pytest
 
+from conftest import REPO_ROOT
 from midgpt import checkpoint, data, sample, tokenizer
 from midgpt.config import Config, ModelConfig, apply_overrides, load_config
 from midgpt.errors import MidgptError
@@ -291,3 +295,27 @@ def test_a_checkpoint_that_training_removes_as_it_is_read_gives_way_to_the_newer
     leaves = lambda model: jax.tree.leaves(eqx.filter(model, eqx.is_array))
     for a, b in zip(leaves(model), leaves(state.model), strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def sample_from_prompt_file(tmp_path, data: bytes) -> subprocess.CompletedProcess:
+    """sample.py with --start=FILE: of a file holding data; the file is read before the run, so none is needed."""
+    (tmp_path / "prompt.txt").write_bytes(data)
+    return subprocess.run([sys.executable, "sample.py", f"--rundir={tmp_path / 'no_run'}",
+                           f"--start=FILE:{tmp_path / 'prompt.txt'}"], cwd=REPO_ROOT, capture_output=True, text=True)
+
+
+@pytest.mark.parametrize("data, advice", [
+    ("ROMEO:\n".encode("utf-16"), "UTF-16 text (it starts with a UTF-16 byte-order mark), not UTF-8; convert it, "
+     "e.g. iconv -f utf-16 -t utf-8"),
+    (codecs.BOM_UTF16_BE + "ROMEO:\n".encode("utf-16-be"), "UTF-16 text (it starts with a UTF-16 byte-order mark), "
+     "not UTF-8; convert it, e.g. iconv -f utf-16 -t utf-8"),
+    ("ROMEO:\n".encode("utf-32"), "UTF-32 text (it starts with a UTF-32 byte-order mark), not UTF-8; convert it, "
+     "e.g. iconv -f utf-32 -t utf-8"),
+    ("Café\n".encode("latin-1"), "not UTF-8 text (invalid continuation byte at byte 3); convert it, "
+     "e.g. iconv -f latin1 -t utf-8"),
+], ids=["utf-16", "utf-16-be", "utf-32", "latin-1"])
+def test_a_prompt_file_not_in_utf8_is_one_line_naming_it_and_how_to_convert_it(tmp_path, data, advice):
+    # It was the decoder's own words, without the file's name or what to do.
+    result = sample_from_prompt_file(tmp_path, data)
+    assert result.returncode == 1 and result.stderr == (
+        f"error: cannot read the prompt file {tmp_path / 'prompt.txt'}: {advice}\n"), result.stderr

@@ -16,6 +16,7 @@ import numpy as np
 from midgpt.cli import ArgumentParser
 from midgpt.errors import MidgptError
 from midgpt.prepare import FILES, check_out_dir, lock_out_dir, replace_dataset
+from midgpt.tokenizer import read_utf8
 
 URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 
@@ -23,12 +24,13 @@ URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshake
 def read_text(path: Path) -> str:
     """Return the file's text exactly as stored but for a byte-order mark, or exit with one line on stderr."""
     try:
-        # Bytes then decode: text mode would translate newlines and break exact round trips.
-        return path.read_bytes().decode("utf-8-sig")  # -sig: a byte-order mark is not text
+        return read_utf8(path)  # exactly: text mode would translate newlines and break exact round trips
     except FileNotFoundError:
         sys.exit(f"prepare.py: input file not found: {path}")
-    except (OSError, UnicodeDecodeError) as e:
+    except OSError as e:
         sys.exit(f"prepare.py: cannot read {path} as UTF-8 text: {e}")
+    except MidgptError as e:  # not UTF-8: what to convert it from
+        sys.exit(f"prepare.py: {e}")
 
 
 def download(path: Path) -> None:

@@ -4,6 +4,7 @@ import codecs
 import functools
 import os
 from collections.abc import Iterator
+from pathlib import Path
 
 import tiktoken
 
@@ -55,6 +56,20 @@ def not_utf8_advice(path: str, reason: str) -> str:
     """What to say of a text file that UTF-8 cannot decode (reason: the decoder's); it names the file first."""
     # iconv -f latin1 would make valid UTF-8 of a UTF-16 file's bytes: NULs between the letters.
     return utf16_or_32_advice(path) or f"{path}: not UTF-8 text ({reason}); convert it, e.g. iconv -f latin1 -t utf-8"
+
+
+def read_utf8(path: str | os.PathLike) -> str:
+    """A UTF-8 file's text exactly as stored but for a byte-order mark; MidgptError saying how to convert any other.
+
+    An OSError (no such file) is the caller's to word.
+    """
+    # Bytes then decode: text mode would translate newlines, and an error's position would be the read buffer's.
+    data = Path(path).read_bytes()
+    body = data.removeprefix(codecs.BOM_UTF8)  # a byte-order mark is not text
+    try:
+        return body.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise MidgptError(not_utf8_advice(path, f"{e.reason} at byte {len(data) - len(body) + e.start}")) from None
 
 
 def encode(meta: dict, text: str) -> list[int]:
