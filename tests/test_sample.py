@@ -319,3 +319,16 @@ def test_a_prompt_file_not_in_utf8_is_one_line_naming_it_and_how_to_convert_it(t
     result = sample_from_prompt_file(tmp_path, data)
     assert result.returncode == 1 and result.stderr == (
         f"error: cannot read the prompt file {tmp_path / 'prompt.txt'}: {advice}\n"), result.stderr
+
+
+@pytest.mark.parametrize("text, encoding", [("ROMEO:\n", "utf-16le"), ("ROMEO:\n", "utf-16be"),
+                                            ("Café\n", "utf-16le")])
+def test_a_prompt_file_in_utf16_without_a_byte_order_mark_is_one_line_naming_it_and_how_to_convert_it(tmp_path, text,
+                                                                                                  encoding):
+    # Its ASCII is valid UTF-8, a NUL beside each letter: a character run called them unknown characters to leave
+    # out, and a GPT-2 run took them as the prompt. Not all ASCII, it was told to convert from latin1: NULs again.
+    result = sample_from_prompt_file(tmp_path, text.encode(encoding))
+    assert result.returncode == 1 and result.stderr == (
+        f"error: cannot read the prompt file {tmp_path / 'prompt.txt'}: holds NUL characters, as UTF-16 text without a "
+        f"byte-order mark does when read as UTF-8; convert it to UTF-8, e.g. iconv -f {encoding} -t utf-8\n"), \
+        result.stderr

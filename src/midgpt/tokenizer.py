@@ -1,6 +1,7 @@
 """Tokenizers named by a dataset's meta.json: "char" (its own vocabulary) or "gpt2" (GPT-2 BPE)."""
 
 import codecs
+import contextlib
 import functools
 import os
 from collections.abc import Iterator
@@ -38,7 +39,7 @@ def gpt2() -> tiktoken.Encoding:
     return tiktoken.Encoding("gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks, special_tokens={EOT: 50256})
 
 
-def utf16_or_32_advice(path: str) -> str | None:
+def utf16_or_32_advice(path: str | os.PathLike) -> str | None:
     """What to say of a file in UTF-16 or UTF-32 (Windows' "Unicode" text, with a byte-order mark), else None."""
     try:
         with open(path, "rb") as f:
@@ -52,10 +53,27 @@ def utf16_or_32_advice(path: str) -> str | None:
     return None
 
 
-def not_utf8_advice(path: str, reason: str) -> str:
+def nul_advice(path: str | os.PathLike) -> str:
+    """What to say of a text file whose UTF-8 holds NUL characters: UTF-16 without a byte-order mark, most likely."""
+    # Its ASCII is valid UTF-8, every other byte NUL. Its first byte says which end: ASCII's is the low byte.
+    try:
+        with open(path, "rb") as f:
+            utf = "utf-16be" if f.read(1) == b"\0" else "utf-16le"
+    except OSError:
+        utf = "utf-16le"
+    return (f"{path}: holds NUL characters, as UTF-16 text without a byte-order mark does when read as UTF-8; "
+            f"convert it to UTF-8, e.g. iconv -f {utf} -t utf-8")
+
+
+def not_utf8_advice(path: str | os.PathLike, reason: str) -> str:
     """What to say of a text file that UTF-8 cannot decode (reason: the decoder's); it names the file first."""
     # iconv -f latin1 would make valid UTF-8 of a UTF-16 file's bytes: NULs between the letters.
-    return utf16_or_32_advice(path) or f"{path}: not UTF-8 text ({reason}); convert it, e.g. iconv -f latin1 -t utf-8"
+    if advice := utf16_or_32_advice(path):
+        return advice
+    with contextlib.suppress(OSError), open(path, "rb") as f:
+        if b"\0" in f.read(4096):  # UTF-16 without a mark, whose text is not all ASCII
+            return nul_advice(path)
+    return f"{path}: not UTF-8 text ({reason}); convert it, e.g. iconv -f latin1 -t utf-8"
 
 
 def read_utf8(path: str | os.PathLike) -> str:
@@ -67,9 +85,12 @@ def read_utf8(path: str | os.PathLike) -> str:
     data = Path(path).read_bytes()
     body = data.removeprefix(codecs.BOM_UTF8)  # a byte-order mark is not text
     try:
-        return body.decode("utf-8")
+        text = body.decode("utf-8")
     except UnicodeDecodeError as e:
         raise MidgptError(not_utf8_advice(path, f"{e.reason} at byte {len(data) - len(body) + e.start}")) from None
+    if "\0" in text:  # no text of ours holds one: UTF-16 without a mark decodes, a NUL after each letter
+        raise MidgptError(nul_advice(path))
+    return text
 
 
 def encode(meta: dict, text: str) -> list[int]:
