@@ -408,6 +408,23 @@ def test_a_utf16_or_utf32_file_is_told_to_convert_from_its_own_encoding(tmp_path
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("suffix, encoding, ascii", [(".txt", "utf-16le", True), (".txt", "utf-16be", True),
+                                                     (".jsonl", "utf-16le", True), (".txt", "utf-16le", False)])
+def test_a_utf16_file_without_a_byte_order_mark_is_refused_not_tokenized_with_nuls(tmp_path, suffix, encoding, ascii):
+    # Its ASCII is valid UTF-8, a NUL beside each letter: it was prepared so, or was one document (blank lines NULs).
+    # Not all ASCII, it is no UTF-8, and was told to convert from latin1: NULs again.
+    docs = [d.encode("ascii", "ignore").decode() if ascii else d for d in DOCS[:20]]
+    bad = tmp_path / f"windows{suffix}"
+    text = "\n\n".join(docs) if suffix == ".txt" else "".join(json.dumps({"text": d}) + "\n" for d in docs)
+    bad.write_bytes(text.encode(encoding))
+    fine = write_corpus(tmp_path / "fine.txt", DOCS[20:40])  # the first file, whose documents went through
+    result = run_prepare("--input", fine, bad, "--out_dir", tmp_path / "out")
+    assert result.returncode == 1 and result.stderr == (
+        f"prepare.py: {bad}: holds NUL characters, as UTF-16 text without a byte-order mark does when read as UTF-8; "
+        f"convert it to UTF-8, e.g. iconv -f {encoding} -t utf-8\n"), result.stderr
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("name", ["one.txt", "ONE.TXT", "one.jsonl"])
 def test_a_split_left_empty_says_how_to_fill_it(tmp_path, name):
     corpus = write_corpus(tmp_path / name.lower(), DOCS[:3])

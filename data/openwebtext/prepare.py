@@ -36,7 +36,7 @@ from tqdm import tqdm
 from midgpt.cli import ArgumentParser
 from midgpt.errors import MidgptError
 from midgpt.prepare import FILE_BUILDERS, FILES, check_out_dir, lock_out_dir, replace_dataset
-from midgpt.tokenizer import gpt2, not_utf8_advice, utf16_or_32_advice
+from midgpt.tokenizer import gpt2, not_utf8_advice, nul_advice, utf16_or_32_advice
 
 MAX_DOCUMENT = 64 << 20  # characters of a .txt file's blank-line-separated block, or of a .jsonl line
 DOCS_PER_TASK = 1024  # big enough to amortise pickling, small enough to keep RAM per worker low
@@ -114,6 +114,8 @@ def _file_documents(path: str):
         lines = iter(functools.partial(f.readline, MAX_DOCUMENT + 1), "")
         if suffix == ".jsonl":
             for lineno, line in enumerate(lines, 1):
+                if "\0" in line:  # raw, no JSON at all (an escaped "\u0000" is read as the document's)
+                    raise MidgptError(nul_advice(path))
                 if len(line) > MAX_DOCUMENT:  # held whole and tokenized, a document takes 14x its size
                     raise MidgptError(f"{path}:{lineno}: a line of over {MAX_DOCUMENT >> 20}M characters, more than "
                                       "one document may hold; split that document, or leave it out")
@@ -132,6 +134,9 @@ def _file_documents(path: str):
             return
         block, size = [], 0
         for lineno, line in enumerate(itertools.chain(lines, ["\n"]), 1):  # the sentinel blank line flushes the last block
+            # By line, not by document: UTF-16's blank lines hold NULs, and its whole file would be one document.
+            if "\0" in line:
+                raise MidgptError(nul_advice(path))
             if line.strip():
                 block.append(line.rstrip("\n"))
                 size += len(line)
