@@ -304,6 +304,21 @@ def test_data_files_in_utf16_are_told_to_convert_from_it_not_to_change_format(tm
     assert {path.name: path.read_bytes() for path in out_dir.iterdir()} == before
 
 
+@pytest.mark.parametrize("dataset, name", [("json", "notes.jsonl"), ("csv", "notes.csv"), ("text", "notes.txt")])
+def test_data_files_in_utf16_without_a_byte_order_mark_are_refused_not_read_with_nuls(tmp_path, dataset, name):
+    # Its ASCII is valid UTF-8: text was prepared with a NUL beside each letter, a csv had no column 'text'
+    # (but 't\x00e\x00x\x00t\x00'), and json was told to pass its format as --dataset.
+    out_dir, before = prepared(tmp_path)
+    text = {"json": '{"text": "my notes"}\n', "csv": "text\nmy notes\n"}.get(dataset, "my notes\n\nnot a corpus\n")
+    (tmp_path / name).write_bytes(text.encode("utf-16le"))
+    result = run_prepare("--dataset", dataset, "--data_files", tmp_path / "notes.*", "--out_dir", out_dir,
+                         env=hf_env(tmp_path))
+    assert result.returncode == 1 and result.stderr == (
+        f"prepare.py: {tmp_path / name}: holds NUL characters, as UTF-16 text without a byte-order mark does when "
+        "read as UTF-8; convert it to UTF-8, e.g. iconv -f utf-16le -t utf-8\n"), result.stderr
+    assert {path.name: path.read_bytes() for path in out_dir.iterdir()} == before
+
+
 @pytest.mark.parametrize("held, given, refused", [
     ({"dataset": "Skylion007/openwebtext", "revision": "r"}, {"dataset": "Skylion007/openwebtext", "revision": "r"}, ""),
     ({"dataset": "Skylion007/openwebtext"}, {"input": ["/my.txt"]}, "(Skylion007/openwebtext), not from your own files"),

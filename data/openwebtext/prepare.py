@@ -36,7 +36,7 @@ from tqdm import tqdm
 from midgpt.cli import ArgumentParser
 from midgpt.errors import MidgptError
 from midgpt.prepare import FILE_BUILDERS, FILES, check_out_dir, lock_out_dir, replace_dataset
-from midgpt.tokenizer import gpt2, not_utf8_advice, nul_advice, utf16_or_32_advice
+from midgpt.tokenizer import gpt2, not_utf8_advice, nul_advice, utf16_no_mark_advice, utf16_or_32_advice
 
 MAX_DOCUMENT = 64 << 20  # characters of a .txt file's blank-line-separated block, or of a .jsonl line
 DOCS_PER_TASK = 1024  # big enough to amortise pickling, small enough to keep RAM per worker low
@@ -47,6 +47,7 @@ REVISION = "refs/convert/parquet"  # the Hub's parquet export of a dataset
 # A null may be a document lost upstream: refused, where an empty text is a document that says nothing.
 FILL_NULLS = "drop such rows, or fill them with '' (empty texts are skipped)"
 FORMATS = "json, parquet, csv, text or arrow"  # the FILE_BUILDERS that read text: pandas' reads pickles
+TEXT_BUILDERS = ("json", "csv", "text")  # the FILE_BUILDERS that read text files, not binary ones
 BUILDER_OF = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "text",
               ".arrow": "arrow"}
 
@@ -84,6 +85,15 @@ def check_inputs(paths: list[str]) -> None:
                 kind = kind.value_type
             if str(kind) not in ("string", "large_string", "string_view"):
                 raise MidgptError(f"{path}: its 'text' column holds {schema.field('text').type}, not strings")
+
+
+def check_text_files(data_files: list[str]) -> None:
+    """Raise MidgptError for a local one of --data_files in UTF-16 or UTF-32, with a byte-order mark or without."""
+    # Without a mark, its ASCII reads as UTF-8: the rows' text held a NUL beside each letter.
+    for pattern in data_files:
+        for path in glob.glob(os.path.expanduser(pattern), recursive=True) if "://" not in pattern else []:
+            if os.path.isfile(path) and (advice := utf16_or_32_advice(path) or utf16_no_mark_advice(path)):
+                raise MidgptError(advice)
 
 
 def file_documents(path: str):
@@ -388,6 +398,8 @@ def main() -> None:
             if nothing := [f for f in args.data_files if "://" not in f and glob.has_magic(f)
                            and not glob.glob(os.path.expanduser(f), recursive=True)]:
                 raise MidgptError(f"--data_files {nothing[0]} matches no file; pass files that exist")
+            if args.dataset in TEXT_BUILDERS:
+                check_text_files(args.data_files)
         own = args.input or args.dataset in FILE_BUILDERS  # your own text: far fewer documents than OpenWebText's 8M
         if args.val_fraction is None:
             args.val_fraction = 0.01 if own else 0.0005

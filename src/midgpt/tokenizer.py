@@ -65,15 +65,23 @@ def nul_advice(path: str | os.PathLike) -> str:
             f"convert it to UTF-8, e.g. iconv -f {utf} -t utf-8")
 
 
+def utf16_no_mark_advice(path: str | os.PathLike) -> str | None:
+    """What to say of a file in UTF-16 without a byte-order mark, as its first bytes show, else None."""
+    with contextlib.suppress(OSError), open(path, "rb") as f:
+        head = f.read(4096)
+        # UTF-16's ASCII letters: a NUL in every other byte, few in the others. A binary file's (a parquet
+        # given as text) fall at both; its advice is its format's.
+        nuls = sorted((head[0::2].count(0), head[1::2].count(0)))
+        if nuls[1] >= len(head) // 8 > 0 and nuls[0] * 8 <= nuls[1]:
+            return nul_advice(path)
+    return None
+
+
 def not_utf8_advice(path: str | os.PathLike, reason: str) -> str:
     """What to say of a text file that UTF-8 cannot decode (reason: the decoder's); it names the file first."""
     # iconv -f latin1 would make valid UTF-8 of a UTF-16 file's bytes: NULs between the letters.
-    if advice := utf16_or_32_advice(path):
-        return advice
-    with contextlib.suppress(OSError), open(path, "rb") as f:
-        if b"\0" in f.read(4096):  # UTF-16 without a mark, whose text is not all ASCII
-            return nul_advice(path)
-    return f"{path}: not UTF-8 text ({reason}); convert it, e.g. iconv -f latin1 -t utf-8"
+    return (utf16_or_32_advice(path) or utf16_no_mark_advice(path)
+            or f"{path}: not UTF-8 text ({reason}); convert it, e.g. iconv -f latin1 -t utf-8")
 
 
 def read_utf8(path: str | os.PathLike) -> str:
