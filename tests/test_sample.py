@@ -332,3 +332,19 @@ def test_a_prompt_file_in_utf16_without_a_byte_order_mark_is_one_line_naming_it_
         f"error: cannot read the prompt file {tmp_path / 'prompt.txt'}: holds NUL characters, as UTF-16 text without a "
         f"byte-order mark does when read as UTF-8; convert it to UTF-8, e.g. iconv -f {encoding} -t utf-8\n"), \
         result.stderr
+
+
+@pytest.mark.parametrize("unroll", [1, 4])
+def test_a_decoded_token_writes_its_keys_and_values_into_the_cache_in_place(unroll):
+    # Not a new copy of the cache per token (a scan's stacked output, as it was): it held the cache twice or more,
+    # and moved all of it at each token.
+    cfg = ModelConfig(vocab_size=11, block_size=64, n_layer=4, n_head=2, n_embd=32, scan_unroll=unroll)
+    model = GPT(cfg, key=jax.random.key(0))
+    cache = model.empty_cache(16)
+    cache_bytes = sum(x.nbytes for x in jax.tree.leaves(cache))
+
+    def one_token(cache, token_B):
+        return model.hidden(token_B[:, None], positions_T=jnp.array([5]), cache=cache)[2]
+
+    compiled = jax.jit(one_token, donate_argnums=0).lower(cache, jnp.zeros(16, jnp.int32)).compile()
+    assert compiled.memory_analysis().temp_size_in_bytes < cache_bytes / 2, compiled.memory_analysis()

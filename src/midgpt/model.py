@@ -9,7 +9,6 @@ GPT-2, so the stream does not grow with depth. Norm gains start at one.
 """
 
 import math
-from typing import NamedTuple
 
 import equinox as eqx
 import jax
@@ -132,13 +131,6 @@ def check_cudnn(cfg: ModelConfig, dtype, device) -> None:
                           "Hopper); use --model.attention=auto")
 
 
-class LayerCache(NamedTuple):
-    """One layer's keys and values for the S = block_size most recent positions."""
-
-    k_BxSxHxC: jax.Array
-    v_BxSxHxC: jax.Array
-
-
 class KVCache(eqx.Module):
     """Every layer's keys and values, a ring buffer: position p lives in slot p % block_size."""
 
@@ -173,8 +165,8 @@ class Attention(eqx.Module):
         self.attention, self.block_size = cfg.attention, cfg.block_size
 
     @jax.named_scope("attention")
-    def __call__(self, x_BxTxD, sin_TxC, cos_TxC, mask_TxS, *, key=None, cache=None, slots_T=None):
-        """Attention of the T tokens to S keys: themselves, or the cache once they are written to it.
+    def __call__(self, x_BxTxD, sin_TxC, cos_TxC, mask_TxS, *, key=None, cache=None, layer=None, slots_T=None):
+        """Attention of the T tokens to S keys: themselves, or layer `layer` of the cache once they are written to it.
 
         With a cache, the new keys and values go to slots_T first. Returns (out, the updated cache or None).
         """
@@ -189,8 +181,12 @@ class Attention(eqx.Module):
         k_BxTxHxC = apply_rotary(self.k_norm(k_BxTxHxC), sin_TxC, cos_TxC)
         k_BxSxHxC, v_BxSxHxC = k_BxTxHxC, v_BxTxHxC
         if cache is not None:
-            k_BxSxHxC = cache.k_BxSxHxC.at[:, slots_T].set(k_BxTxHxC)
-            v_BxSxHxC = cache.v_BxSxHxC.at[:, slots_T].set(v_BxTxHxC)
+            # Into the stack of every layer's, in place: a new copy (a scan's stacked output, as it was) held the
+            # cache twice and moved all of it at each token. The slots follow each other: see GPT.hidden.
+            write = lambda c_LxBxSxHxC, c_BxTxHxC: jax.lax.dynamic_update_slice(
+                c_LxBxSxHxC, c_BxTxHxC[None], (layer, 0, slots_T[0], 0, 0))
+            cache = KVCache(write(cache.k_LxBxSxHxC, k_BxTxHxC), write(cache.v_LxBxSxHxC, v_BxTxHxC), cache.positions_S)
+            k_BxSxHxC, v_BxSxHxC = cache.k_LxBxSxHxC[layer], cache.v_LxBxSxHxC[layer]
         implementation = attention_implementation(
             self.attention, dtype, with_dropout=key is not None and self.dropout > 0, head_dim=q_BxTxHxC.shape[-1])
         if cache is None and implementation != "einsum":
@@ -217,7 +213,7 @@ class Attention(eqx.Module):
             ], axis=1)
         out_BxTxD = project("bthc,hcd->btd", out_BxTxHxC, self.wo_HxCxD)
         out_BxTxD = dropout(out_BxTxD, self.dropout, out_key)
-        return out_BxTxD, None if cache is None else LayerCache(k_BxSxHxC, v_BxSxHxC)
+        return out_BxTxD, cache
 
 
 class MLP(eqx.Module):
@@ -253,11 +249,11 @@ class Block(eqx.Module):
         self.attn = Attention(cfg, key=k_attn)
         self.mlp = MLP(cfg, key=k_mlp)
 
-    def __call__(self, x_BxTxD, sin_TxC, cos_TxC, mask_TxS, *, key=None, cache=None, slots_T=None):
-        """(x after the layer, its updated cache or None), as Attention's."""
+    def __call__(self, x_BxTxD, sin_TxC, cos_TxC, mask_TxS, *, key=None, cache=None, layer=None, slots_T=None):
+        """(x after the layer, the updated cache or None), as Attention's."""
         attn_key, mlp_key = jax.random.split(key) if key is not None else (None, None)
         attn_BxTxD, cache = self.attn(self.attn_norm(x_BxTxD), sin_TxC, cos_TxC, mask_TxS,
-                                      key=attn_key, cache=cache, slots_T=slots_T)
+                                      key=attn_key, cache=cache, layer=layer, slots_T=slots_T)
         x_BxTxD = x_BxTxD + attn_BxTxD
         x_BxTxD = x_BxTxD + self.mlp(self.mlp_norm(x_BxTxD), key=mlp_key)
         return x_BxTxD, cache
@@ -307,36 +303,37 @@ class GPT(eqx.Module):
         if positions_T is None:
             positions_T = jnp.arange(tokens_BxT.shape[1])
         sin_TxC, cos_TxC = rotary_tables(positions_T, cfg.head_dim, cfg.rope_base)
-        slots_T, key_positions_S, caches_L = None, positions_T, None
+        slots_T, key_positions_S, layers_L = None, positions_T, None
         if cache is not None:
             # The tokens sit at positions_T after those already cached. Their keys are written before
             # they attend, so several at once must not pass position block_size (one at a time past it,
-            # as sample.generate decodes): they would overwrite keys that earlier ones still see.
+            # as sample.generate decodes): they would overwrite keys that earlier ones still see. They are
+            # consecutive positions, so their slots follow each other.
             slots_T = positions_T % cfg.block_size
             key_positions_S = cache.positions_S.at[slots_T].set(positions_T)
-            caches_L = LayerCache(cache.k_LxBxSxHxC, cache.v_LxBxSxHxC)  # the scan hands each layer its own
+            cache = KVCache(cache.k_LxBxSxHxC, cache.v_LxBxSxHxC, key_positions_S)
+            layers_L = jnp.arange(cfg.n_layer)  # each layer's index into the cache, carried whole
         # Each token sees itself and the block_size - 1 before it: causal within block_size, a sliding window beyond.
         distance_TxS = positions_T[:, None] - key_positions_S[None, :]
         mask_TxS = (distance_TxS >= 0) & (distance_TxS < cfg.block_size)
 
         block_params, block_static = eqx.partition(self.blocks, eqx.is_array)
 
-        def layer(x_BxTxD, inputs):
-            params, layer_key, layer_cache = inputs
+        def layer(carry, inputs):
+            x_BxTxD, cache = carry
+            params, layer_key, index = inputs
             block = eqx.combine(gather(params), block_static)
-            return block(x_BxTxD, sin_TxC, cos_TxC, mask_TxS, key=layer_key, cache=layer_cache, slots_T=slots_T)
+            return block(x_BxTxD, sin_TxC, cos_TxC, mask_TxS, key=layer_key, cache=cache, layer=index,
+                         slots_T=slots_T), None
 
         # Rematerialise in the backward pass: activation memory then holds what the policy saves
         # of each layer, and the internals of one scan iteration's scan_unroll layers at a time.
         if cfg.remat != "none":
             layer = jax.checkpoint(layer, policy=REMAT_POLICIES[cfg.remat])
 
-        x_BxTxD, caches_L = jax.lax.scan(layer, x_BxTxD, (block_params, block_keys_L, caches_L),
-                                         unroll=cfg.scan_unroll)
+        (x_BxTxD, cache), _ = jax.lax.scan(layer, (x_BxTxD, cache), (block_params, block_keys_L, layers_L),
+                                           unroll=cfg.scan_unroll)
         x_BxTxD = gather(self.final_norm)(x_BxTxD)
-        if cache is not None:
-            k_LxBxSxHxC, v_LxBxSxHxC = caches_L  # each layer's LayerCache, stacked
-            cache = KVCache(k_LxBxSxHxC, v_LxBxSxHxC, key_positions_S)
         return x_BxTxD, embed_VxD, cache
 
     def empty_cache(self, batch_size: int) -> KVCache:
