@@ -1,5 +1,8 @@
 """--debug's trace window: which steps it traces, and a trace still written when the run stops inside it."""
 
+import shutil
+
+import jax
 import jax.numpy as jnp
 import pytest
 
@@ -25,6 +28,7 @@ def test_a_stop_inside_the_window_writes_the_trace_so_far_and_says_so(tmp_path):
     lines = []
     trace = TraceWindow(0, 100, str(tmp_path), True, lines.append)
     trace.failed(2)  # before the window: nothing to stop
+    trace.stopped(2, jnp.ones(3))
     for step in (1, 2, 3):
         trace.before(step)
         assert not trace.after(step, jnp.ones(3) * step)
@@ -41,6 +45,7 @@ def test_the_window_closes_at_its_last_step_and_an_error_inside_it_still_writes_
     whole = TraceWindow(0, 100, str(tmp_path / "whole"), True, lines.append)
     closed = [step for step in range(1, 8) if (whole.before(step), whole.after(step, jnp.ones(3)))[1]]
     assert closed == [5] and not whole.tracing
+    whole.stopped(7, jnp.ones(3))  # a stop signal after the window closed: its trace is whole, nothing to say
     cut = TraceWindow(0, 100, str(tmp_path / "cut"), True, lines.append)
     for step in (1, 2, 3, 4):
         cut.before(step)
@@ -49,3 +54,31 @@ def test_the_window_closes_at_its_last_step_and_an_error_inside_it_still_writes_
                          f"in {tmp_path}/cut/profile"]
     for run in ("whole", "cut"):
         assert len(list((tmp_path / run / "profile").rglob("*.xplane.pb"))) == 1, run
+
+
+def test_a_trace_that_cannot_be_written_at_an_error_leaves_that_error_to_be_raised(tmp_path):
+    # failed() runs as the step's error propagates: raising over it would hide why the run stopped.
+    lines = []
+    trace = TraceWindow(0, 100, str(tmp_path), True, lines.append)
+    trace.before(3)
+    shutil.rmtree(tmp_path / "profile", ignore_errors=True)
+    (tmp_path / "profile").write_text("")  # stop_trace fails: "... is not a directory"
+    try:
+        trace.failed(3)
+        assert not trace.tracing and lines[1:] == []  # no line that says a trace was written
+    finally:  # the profiler is still started: stop it where it can write, for the tests after this one
+        (tmp_path / "profile").unlink()
+        jax.profiler.stop_trace()
+
+
+@pytest.mark.parametrize("stop", ["after", "stopped"])
+def test_the_trace_stops_once_the_step_in_it_has_finished(tmp_path, stop):
+    # Steps are dispatched asynchronously: a trace stopped as the step returns would miss most of its compute.
+    slow = jax.jit(lambda x_DxD: jax.lax.fori_loop(0, 40, lambda i, x_DxD: jnp.tanh(x_DxD @ x_DxD), x_DxD))
+    x_DxD = jnp.ones((500, 500)) / 500
+    slow(x_DxD).block_until_ready()  # compiled before the trace, as the window starts after the compile
+    trace = TraceWindow(0, 3, str(tmp_path), True, lambda line: None)  # the window is step 3 alone
+    trace.before(3)
+    state = slow(x_DxD)
+    getattr(trace, stop)(3, state)
+    assert state.is_ready() and not trace.tracing
