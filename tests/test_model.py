@@ -227,6 +227,22 @@ def test_qk_layernorm_centres_then_normalises():
     np.testing.assert_allclose(np.sqrt(np.mean(y_4xC**2, axis=-1)), 1, rtol=1e-4)
 
 
+def test_a_bfloat16_norm_is_the_float32_norm_rounded_once():
+    # Centred in bf16, x near 100 (bf16's spacing there is 0.5) lost most of its deviations before normalising.
+    x_4xC = (jax.random.normal(jax.random.key(0), (4, C)) + 100.0).astype(jnp.bfloat16)
+    for norm in (Norm(C), Norm(C, centre=True)):
+        y_4xC = norm(x_4xC)
+        assert y_4xC.dtype == jnp.bfloat16
+        expected_4xC = norm(x_4xC.astype(jnp.float32)).astype(jnp.bfloat16)
+        np.testing.assert_allclose(y_4xC.astype(jnp.float32), expected_4xC.astype(jnp.float32), rtol=1e-2)
+
+
+def test_every_leaf_of_the_model_is_an_array():
+    # Settings such as Norm.centre are static fields: as leaves they are no parameters, and a plain jax.jit of
+    # the model fails on them.
+    assert all(eqx.is_array(x) for x in jax.tree.leaves(make_model()))
+
+
 def test_bfloat16_compute_returns_float32_logits_close_to_float32_model():
     model = make_model()
     model_bf16 = cast_floats(model, jnp.bfloat16)
