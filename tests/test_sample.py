@@ -20,7 +20,7 @@ from midgpt.config import Config, ModelConfig, apply_overrides, load_config
 from midgpt.errors import MidgptError
 from midgpt.model import GPT, cast_floats
 from midgpt.optimizer import make_optimizer
-from midgpt.sample import generate, generate_chunks, load_model, prompt_key, sample_token
+from midgpt.sample import fitting_memory, generate, generate_chunks, load_model, prompt_key, sample_token
 from midgpt.sharding import make_mesh
 from midgpt.train import fresh_state, init_state, make_train_step, write_config
 
@@ -162,6 +162,15 @@ def test_a_prompt_past_block_size_or_a_negative_length_is_refused_at_the_call():
         generate_chunks(model, jnp.ones((1, model.config.block_size + 1), jnp.int32), 1, jax.random.key(0))
     with pytest.raises(ValueError, match="max_new_tokens must be >= 0, not -1"):
         generate_chunks(model, jnp.ones((1, 2), jnp.int32), -1, jax.random.key(0))
+
+
+@pytest.mark.parametrize("num_samples, said", [(1, "1 sample of"), (3, "3 samples of")])
+def test_samples_past_the_memory_are_one_line_and_other_runtime_errors_are_not(num_samples, said):
+    fits = rf"^{said} 101 tokens do(es)? not fit the device's memory; lower --num_samples or --max_new_tokens$"
+    with pytest.raises(MidgptError, match=fits), fitting_memory(num_samples, 101):
+        jnp.zeros((2**40,), jnp.float32).block_until_ready()  # 4 TiB: XLA refuses the allocation at once
+    with pytest.raises(jax.errors.JaxRuntimeError, match="INTERNAL: not a lack of memory"), fitting_memory(1, 101):
+        raise jax.errors.JaxRuntimeError("INTERNAL: not a lack of memory")  # a bug to see whole, not to lower sizes
 
 
 def test_a_character_split_over_tokens_is_shown_once_whole():
