@@ -164,9 +164,9 @@ def test_a_prompt_past_block_size_or_a_negative_length_is_refused_at_the_call():
         generate_chunks(model, jnp.ones((1, 2), jnp.int32), -1, jax.random.key(0))
 
 
-@pytest.mark.parametrize("num_samples, said", [(1, "1 sample of"), (3, "3 samples of")])
+@pytest.mark.parametrize("num_samples, said", [(1, "1 sample of 101 tokens does"), (3, "3 samples of 101 tokens do")])
 def test_samples_past_the_memory_are_one_line_and_other_runtime_errors_are_not(num_samples, said):
-    fits = rf"^{said} 101 tokens do(es)? not fit the device's memory; lower --num_samples or --max_new_tokens$"
+    fits = rf"^{said} not fit the device's memory; lower --num_samples or --max_new_tokens$"
     with pytest.raises(MidgptError, match=fits), fitting_memory(num_samples, 101):
         jnp.zeros((2**40,), jnp.float32).block_until_ready()  # 4 TiB: XLA refuses the allocation at once
     with pytest.raises(jax.errors.JaxRuntimeError, match="INTERNAL: not a lack of memory"), fitting_memory(1, 101):

@@ -26,8 +26,9 @@ def fitting_memory(num_samples: int, tokens: int):
     except jax.errors.JaxRuntimeError as e:
         if not memory.ran_out(e):
             raise
-        raise MidgptError(f"{num_samples} sample{'s' * (num_samples > 1)} of {tokens} tokens do not fit the "
-                          "device's memory; lower --num_samples or --max_new_tokens") from None
+        raise MidgptError(f"{num_samples} sample{'s' * (num_samples > 1)} of {tokens} tokens "
+                          f"{'do' if num_samples > 1 else 'does'} not fit the device's memory; lower --num_samples "
+                          "or --max_new_tokens") from None
 
 
 def load_model(rundir: str, step: int | None = None, say=None) -> tuple[Config, GPT]:
