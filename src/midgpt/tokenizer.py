@@ -1,7 +1,6 @@
 """Tokenizers named by a dataset's meta.json: "char" (its own vocabulary) or "gpt2" (GPT-2 BPE)."""
 
 import codecs
-import contextlib
 import functools
 import os
 from collections.abc import Iterator
@@ -39,13 +38,18 @@ def gpt2() -> tiktoken.Encoding:
     return tiktoken.Encoding("gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks, special_tokens={EOT: 50256})
 
 
-def utf16_or_32_advice(path: str | os.PathLike) -> str | None:
-    """What to say of a file in UTF-16 or UTF-32 (Windows' "Unicode" text, with a byte-order mark), else None."""
+def _head(path: str | os.PathLike) -> bytes:
+    """The file's first 4 KB, or b"" where it cannot be read (a pattern or a URL of --data_files)."""
     try:
         with open(path, "rb") as f:
-            head = f.read(4)
-    except OSError:  # a pattern or a URL of --data_files
-        return None
+            return f.read(4096)
+    except OSError:
+        return b""
+
+
+def utf16_or_32_advice(path: str | os.PathLike) -> str | None:
+    """What to say of a file in UTF-16 or UTF-32 (Windows' "Unicode" text, with a byte-order mark), else None."""
+    head = _head(path)
     for utf, mark in UTF_BOMS:
         if head.startswith(mark):
             return (f"{path}: {utf} text (it starts with a {utf} byte-order mark), not UTF-8; convert it, "
@@ -56,25 +60,18 @@ def utf16_or_32_advice(path: str | os.PathLike) -> str | None:
 def nul_advice(path: str | os.PathLike) -> str:
     """What to say of a text file whose UTF-8 holds NUL characters: UTF-16 without a byte-order mark, most likely."""
     # Its ASCII is valid UTF-8, every other byte NUL. Its first byte says which end: ASCII's is the low byte.
-    try:
-        with open(path, "rb") as f:
-            utf = "utf-16be" if f.read(1) == b"\0" else "utf-16le"
-    except OSError:
-        utf = "utf-16le"
+    utf = "utf-16be" if _head(path).startswith(b"\0") else "utf-16le"
     return (f"{path}: holds NUL characters, as UTF-16 text without a byte-order mark does when read as UTF-8; "
             f"convert it to UTF-8, e.g. iconv -f {utf} -t utf-8")
 
 
 def utf16_no_mark_advice(path: str | os.PathLike) -> str | None:
     """What to say of a file in UTF-16 without a byte-order mark, as its first bytes show, else None."""
-    with contextlib.suppress(OSError), open(path, "rb") as f:
-        head = f.read(4096)
-        # UTF-16's ASCII letters: a NUL in every other byte, few in the others. A binary file's (a parquet
-        # given as text) fall at both; its advice is its format's.
-        nuls = sorted((head[0::2].count(0), head[1::2].count(0)))
-        if nuls[1] >= len(head) // 8 > 0 and nuls[0] * 8 <= nuls[1]:
-            return nul_advice(path)
-    return None
+    head = _head(path)
+    # UTF-16's ASCII letters: a NUL in every other byte, few in the others. A binary file's (a parquet
+    # given as text) fall at both; its advice is its format's.
+    nuls = sorted((head[0::2].count(0), head[1::2].count(0)))
+    return nul_advice(path) if nuls[1] >= len(head) // 8 > 0 and nuls[0] * 8 <= nuls[1] else None
 
 
 def not_utf8_advice(path: str | os.PathLike, reason: str) -> str:
