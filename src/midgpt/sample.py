@@ -1,6 +1,7 @@
 """Text generation from a trained run: temperature, top-k, a sliding context window."""
 
 import contextlib
+import functools
 import itertools
 import os
 import zlib
@@ -193,7 +194,9 @@ def _prefill(model: GPT, prompt_BxP, key, temperature, top_k, vocab):
     return cache, sample_token(logits_BxV, jax.random.fold_in(key, P), temperature, top_k, vocab)
 
 
-@eqx.filter_jit
+# The cache is donated: the chunk's output takes its buffer, where XLA would otherwise copy it in (once more
+# the cache's memory, at each chunk).
+@functools.partial(jax.jit, static_argnames=("steps", "temperature", "top_k", "vocab"), donate_argnames="cache")
 def _decode(model: GPT, cache, token_B, start, key, steps: int, temperature, top_k, vocab):
     """(the cache, the `steps` tokens after token_B, which sits at position start), one position's forward pass each."""
     def decode(carry, position):
