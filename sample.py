@@ -56,10 +56,11 @@ def main(argv: list[str]) -> None:
 
     cache_compiled_programs()
 
-    from midgpt import tokenizer
+    from midgpt import memory, tokenizer
     from midgpt.model import cast_floats
     from midgpt.precision import compute_dtype
-    from midgpt.sample import fitting_memory, generate, generate_chunks, load_model, prompt_key, run_meta
+    from midgpt.sample import (check_samples_fit, fitting_memory, generate, generate_chunks, load_model,
+                               prompt_key, run_meta)
 
     notes = []  # for stderr (stdout is the text alone), shown with the text
     config, model = load_model(args.rundir, args.step, say=notes.append)
@@ -97,19 +98,22 @@ def main(argv: list[str]) -> None:
         notes.clear()
         say(text, end=end)
 
+    # vocab: only the tokenizer's ids are drawn (the table may have more rows).
+    sampling = dict(temperature=args.temperature, top_k=args.top_k, vocab=meta["vocab_size"])
+    available, source, refuses = memory.device_memory()
+    if available is not None and not refuses:  # on a CPU: past its memory, the kernel kills it without a word
+        check_samples_fit(model, args.num_samples, len(ids), args.max_new_tokens, available, source, **sampling)
     # A prompt of many tokens can fill the memory already in its copy for each sample.
     with fitting_memory(args.num_samples, len(ids) + args.max_new_tokens):
         prompt_BxP = jnp.tile(jnp.asarray(ids, jnp.int32), (args.num_samples, 1))
-        # Last, vocab: only the tokenizer's ids are drawn (the table may have more rows).
-        sampling = (model, prompt_BxP, args.max_new_tokens, prompt_key(args.seed, ids), args.temperature, args.top_k,
-                    meta["vocab_size"])
+        what = (model, prompt_BxP, args.max_new_tokens, prompt_key(args.seed, ids))
         if args.num_samples == 1:  # shown as it comes: a long sample on a CPU takes minutes
-            new_ids = (jax.device_get(new_1xN)[0].tolist() for new_1xN in generate_chunks(*sampling))
+            new_ids = (jax.device_get(new_1xN)[0].tolist() for new_1xN in generate_chunks(*what, **sampling))
             for piece in tokenizer.decode_pieces(meta, itertools.chain([ids], new_ids)):
                 show(piece, end="")
             show("")
         else:
-            for i, row in enumerate(jax.device_get(generate(*sampling))):
+            for i, row in enumerate(jax.device_get(generate(*what, **sampling))):
                 show(("-" * 40 + "\n" if i else "") + tokenizer.decode(meta, row.tolist()))
 
 

@@ -20,7 +20,8 @@ from midgpt.config import Config, ModelConfig, apply_overrides, load_config
 from midgpt.errors import MidgptError
 from midgpt.model import GPT, cast_floats
 from midgpt.optimizer import make_optimizer
-from midgpt.sample import fitting_memory, generate, generate_chunks, load_model, prompt_key, sample_token
+from midgpt.sample import (check_samples_fit, fitting_memory, generate, generate_chunks, load_model, prompt_key,
+                           sample_token)
 from midgpt.sharding import make_mesh
 from midgpt.train import fresh_state, init_state, make_train_step, write_config
 
@@ -370,3 +371,21 @@ def test_a_chunk_of_decoding_takes_over_the_memory_of_the_cache_it_is_given():
     assert analysis.alias_size_in_bytes >= sum(x.nbytes for x in jax.tree.leaves(cache)), analysis
     sample._decode(*args, **sampling)
     assert all(x.is_deleted() for x in jax.tree.leaves(cache))  # so generate_chunks keeps none of them
+
+
+def test_samples_that_need_more_than_the_memory_are_refused_with_how_many_fit():
+    # On a CPU, the kernel killed sample.py without a word once it passed the host's memory.
+    model, sampling = tiny_model(), dict(temperature=1.0, top_k=None, vocab=None)
+    need = lambda n: sample.sampling_bytes(model, n, prompt_tokens=3, max_new_tokens=20, **sampling)
+    available = need(1000) // 2
+    with pytest.raises(MidgptError, match=r"^1000 samples of 23 tokens need [\d.]+ MiB of the [\d.]+ MiB of a test's "
+                       r"memory; lower --num_samples to \d+ or fewer$") as refused:
+        check_samples_fit(model, 1000, 3, 20, available, "a test's memory", **sampling)
+    fit = int(str(refused.value).split(" to ")[1].split()[0])
+    assert need(fit) <= 0.9 * available and need(2 * fit) > available  # fits, with room to spare, and not far fewer
+    check_samples_fit(model, fit, 3, 20, available, "a test's memory", **sampling)
+    check_samples_fit(model, 1000, 3, 20, need(1000), "a test's memory", **sampling)  # exactly enough
+    one = need(1)
+    for n, said in [(1, "1 sample of 23 tokens needs"), (5, r"5 samples of 23 tokens need .*; one alone needs")]:
+        with pytest.raises(MidgptError, match=rf"^{said} .*: sample on a machine with more memory$"):
+            check_samples_fit(model, n, 3, 20, one - 1, "a test's memory", **sampling)

@@ -19,6 +19,47 @@ from midgpt.model import GPT, fresh_model, project
 from midgpt.rundir import check_as_checkpointed, check_saved_config, read_config_json, saved_steps
 
 
+def check_samples_fit(model: GPT, num_samples: int, prompt_tokens: int, max_new_tokens: int, available: int,
+                      source: str, **sampling) -> None:
+    """Refuse, in one line, samples whose prompt pass or decoding needs more than `available` bytes, by XLA's count."""
+    # Far from it, no compiles (seconds each): the model and 16 caches a sample (XLA needs two or three).
+    nbytes = lambda tree: sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
+    cache_bytes = nbytes(jax.eval_shape(lambda: model.empty_cache(1)))
+    if nbytes(eqx.filter(model, eqx.is_array)) + 16 * num_samples * cache_bytes < available:
+        return
+    need = functools.partial(sampling_bytes, model, prompt_tokens=prompt_tokens, max_new_tokens=max_new_tokens,
+                             **sampling)
+    if (all_of_them := need(num_samples)) <= available:
+        return
+    # The memory grows in proportion to the samples (the cache, the activations) from the model's own. The
+    # advice leaves a tenth for what XLA does not count (10,000 samples of shakespeare_char_cpu: 0.3 GB more).
+    one, within = all_of_them if num_samples == 1 else need(1), int(0.9 * available)
+    fit = 0 if one > within else 1 + (within - one) * (num_samples - 1) // (all_of_them - one)
+    tokens = prompt_tokens + max_new_tokens
+    said = f"{num_samples} samples of {tokens} tokens need" if num_samples > 1 else f"1 sample of {tokens} tokens needs"
+    raise MidgptError(f"{said} {memory.readable(all_of_them)} of the {memory.readable(available)} of {source}"
+                      + (f"; lower --num_samples to {fit} or fewer" if fit else
+                         (f"; one alone needs {memory.readable(one)}" if num_samples > 1 else "")
+                         + ": sample on a machine with more memory"))
+
+
+def sampling_bytes(model: GPT, num_samples: int, *, prompt_tokens: int, max_new_tokens: int, **sampling) -> int:
+    """XLA's bytes for the prompt pass of num_samples rows or a chunk of their decoding, the larger: compiled only."""
+    def total(compiled):
+        used = compiled.memory_analysis()
+        return (used.argument_size_in_bytes + used.output_size_in_bytes - used.alias_size_in_bytes
+                + used.temp_size_in_bytes)
+
+    key = jax.eval_shape(jax.random.key, 0)
+    prompt_BxP = jax.ShapeDtypeStruct((num_samples, prompt_tokens), jnp.int32)
+    cache, token_B = jax.eval_shape(functools.partial(_prefill, **sampling), model, prompt_BxP, key)
+    programs = [_prefill.lower(model, prompt_BxP, key, **sampling)]
+    if max_new_tokens > 1:
+        start = jax.ShapeDtypeStruct((), jnp.int32)
+        programs.append(_decode.lower(model, cache, token_B, start, key, _chunk_length(max_new_tokens), **sampling))
+    return max(total(program.compile()) for program in programs)
+
+
 @contextlib.contextmanager
 def fitting_memory(num_samples: int, tokens: int):
     """Samples that do not fit the device's memory become one line that says what to lower."""
@@ -163,15 +204,20 @@ def generate_chunks(model: GPT, prompt_BxP, max_new_tokens: int, key, temperatur
     return _chunks(model, prompt_BxP, max_new_tokens, key, chunk, temperature=temperature, top_k=top_k, vocab=vocab)
 
 
+def _chunk_length(max_new_tokens: int, chunk: int = 64) -> int:
+    """Tokens a call of _decode makes: whole chunks, the last one cut, make one compiled program whatever
+    max_new_tokens is; no more than the tokens after the first, or a 20-token sample decoded 64 positions
+    (slower than no cache)."""
+    return max(1, min(chunk, max_new_tokens - 1))
+
+
 def _chunks(model: GPT, prompt_BxP, max_new_tokens: int, key, chunk: int, **sampling):
     P = prompt_BxP.shape[1]
     if max_new_tokens == 0:
         return
     cache, token_B = _prefill(model, prompt_BxP, key, **sampling)
     yield token_B[:, None].astype(prompt_BxP.dtype)
-    # Whole chunks, the last one cut: one compiled program, whatever max_new_tokens is; no longer than
-    # the tokens after the first, or a 20-token sample decoded 64 positions (slower than no cache).
-    chunk = max(1, min(chunk, max_new_tokens - 1))
+    chunk = _chunk_length(max_new_tokens, chunk)
     for position in range(P, P + max_new_tokens - 1, chunk):
         cache, new_BxN = _decode(model, cache, token_B, jnp.int32(position), key, chunk, **sampling)
         token_B = new_BxN[:, -1]
@@ -186,7 +232,10 @@ def _last_logits(model: GPT, tokens_BxT, positions_T, cache):
     return project("bd,vd->bv", x_BxTxD[:, -1], embed_VxD, out_dtype=jnp.float32), cache
 
 
-@eqx.filter_jit
+SAMPLING = ("temperature", "top_k", "vocab")  # generate's static arguments
+
+
+@functools.partial(jax.jit, static_argnames=SAMPLING)
 def _prefill(model: GPT, prompt_BxP, key, temperature, top_k, vocab):
     """(the KV cache of the prompt, the first new token of each row, (B,))."""
     B, P = prompt_BxP.shape
@@ -196,7 +245,7 @@ def _prefill(model: GPT, prompt_BxP, key, temperature, top_k, vocab):
 
 # The cache is donated: the chunk's output takes its buffer, where XLA would otherwise copy it in (once more
 # the cache's memory, at each chunk).
-@functools.partial(jax.jit, static_argnames=("steps", "temperature", "top_k", "vocab"), donate_argnames="cache")
+@functools.partial(jax.jit, static_argnames=("steps", *SAMPLING), donate_argnames="cache")
 def _decode(model: GPT, cache, token_B, start, key, steps: int, temperature, top_k, vocab):
     """(the cache, the `steps` tokens after token_B, which sits at position start), one position's forward pass each."""
     def decode(carry, position):
