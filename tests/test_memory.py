@@ -194,8 +194,14 @@ def test_running_out_of_memory_is_told_to_take_a_smaller_batch_only_where_the_ru
     error = jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 5 bytes.")
     assert memory.ran_out(error) and memory.ran_out(jax.errors.JaxRuntimeError(
         "RESOURCE_EXHAUSTED: Out of memory while trying to allocate 155.01GiB."))
+    # A CPU's, as a computation is dispatched (sample.py's 300,000 samples in 8 GB): a traceback, it was.
+    dispatched = jax.errors.JaxRuntimeError("INTERNAL: Error dispatching computation: Error dispatching computation: "
+                                            "Out of memory allocating 4915200000 bytes.")
+    assert memory.ran_out(dispatched) and memory.OUT_OF_MEMORY.search(str(dispatched))[1] == (
+        "Out of memory allocating 4915200000 bytes.")
     assert not any(memory.ran_out(jax.errors.JaxRuntimeError(text)) for text in (
-        "INTERNAL: no", "RESOURCE_EXHAUSTED: Received message larger than max (5000 vs. 4194304)"))
+        "INTERNAL: no", "INTERNAL: Error dispatching computation: no",
+        "RESOURCE_EXHAUSTED: Received message larger than max (5000 vs. 4194304)"))
     said = {fixed: memory.out_of_memory(error, config, make_mesh(config), estimate, fixed, "run X with one of them")
             for fixed in (False, True)}
     smaller, remat = "a smaller batch with more accumulation (--batch_size=6 --g_accum_iters=2)", (

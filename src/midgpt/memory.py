@@ -332,8 +332,10 @@ def check_fits(config: Config, mesh: Mesh, available: int | None, estimate_for, 
 
 # XLA's words for a failed allocation: "Out of memory allocating" (CPU), "... while trying to allocate"
 # (GPU), "Ran out of memory in memory space hbm" (TPU), "Failed to allocate request"; not gRPC's
-# RESOURCE_EXHAUSTED "message larger than max".
-OUT_OF_MEMORY = re.compile(r"RESOURCE_EXHAUSTED: ([^\n]*(memory|allocat)[^\n]*)", re.IGNORECASE)
+# RESOURCE_EXHAUSTED "message larger than max". A CPU allocation that fails as a computation is dispatched
+# comes as "INTERNAL: Error dispatching computation: Out of memory allocating ...".
+OUT_OF_MEMORY = re.compile(r"(?:RESOURCE_EXHAUSTED: |INTERNAL: (?:Error dispatching computation: )+)"
+                           r"([^\n]*(?:memory|allocat)[^\n]*)", re.IGNORECASE)
 
 
 def plan(config: Config, mesh: Mesh, estimate_for, say, resuming: bool) -> None:
