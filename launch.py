@@ -36,11 +36,12 @@ def new_rundir() -> str:
         except FileExistsError:
             pass
         except OSError as e:  # outputs/ is a file, or not ours to write
-            raise MidgptError(f"cannot make the run directory {rundir} ({e}); pass a --rundir you can write to") from None
+            raise MidgptError(f"cannot make the run directory {rundir} ({e}); "
+                              "pass a --rundir you can write to") from None
 
 
 def holds_nothing(rundir: str) -> bool:
-    """Whether rundir holds no more than a run stopped before its config.json leaves: its lock, an empty checkpoints/."""
+    """Whether rundir holds no more than a run stopped before its config.json leaves: a lock, an empty checkpoints/."""
     checkpoints = os.path.join(rundir, CHECKPOINTS)
     leftovers = {LOCK} | ({CHECKPOINTS} if os.path.isdir(checkpoints) and not os.listdir(checkpoints) else set())
     return not set(os.listdir(rundir)) - leftovers
@@ -124,11 +125,14 @@ def launch(argv: list[str], signals: StopSignals) -> None:
     parser = ArgumentParser(description=__doc__,
                             epilog=fields_help(argv) if {"-h", "--help"} & set(argv) else None)
     add_config_option(parser, required=True)
-    parser.add_argument("--rundir", default=None, type=os.path.expanduser, help="run directory (default: outputs/<timestamp>)")
-    parser.add_argument("--debug", action="store_true", help="write a profiler trace of a few steps, and no checkpoints")
+    parser.add_argument("--rundir", default=None, type=os.path.expanduser,
+                        help="run directory (default: outputs/<timestamp>)")
+    parser.add_argument("--debug", action="store_true",
+                        help="write a profiler trace of a few steps, and no checkpoints")
     parser.add_argument("--multihost", action="store_true",
                         help="join the other processes with jax.distributed.initialize() (TPU pods, SLURM, ...)")
-    parser.add_argument("--coordinator_address", help="with --multihost, where auto-detection fails: HOST:PORT of process 0")
+    parser.add_argument("--coordinator_address",
+                        help="with --multihost, where auto-detection fails: HOST:PORT of process 0")
     parser.add_argument("--num_processes", type=int, help="with --multihost, where auto-detection fails")
     parser.add_argument("--process_id", type=int, help="with --multihost, where auto-detection fails")
     parser.add_argument("--join_timeout", type=positive_int,

@@ -189,7 +189,8 @@ def test_dropout_only_with_a_key():
     assert np.max(np.abs(a_BxTxV - b_BxTxV)) > 1e-2
     assert np.max(np.abs(a_BxTxV - no_key_BxTxV)) > 1e-2
     # dropout = 0: a key changes nothing.
-    np.testing.assert_allclose(forward(plain, tokens_BxT, key=jax.random.key(1)), forward(plain, tokens_BxT), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(forward(plain, tokens_BxT, key=jax.random.key(1)), forward(plain, tokens_BxT),
+                               rtol=1e-6, atol=1e-6)
 
 
 def test_attention_dropout_zeroes_a_share_of_the_probabilities_and_scales_up_the_rest():
