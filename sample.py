@@ -43,9 +43,9 @@ def main(argv: list[str]) -> None:
         try:
             # ~ is expanded, as it is in --rundir. Its line ends as they are: below, they are read as "\n"
             # unless the run's characters hold "\r" (text prepared with CRLF).
-            start = read_utf8(os.path.expanduser(start.removeprefix("FILE:")))
-        except OSError as e:
-            parser.error(f"cannot read the prompt file: {e}")
+            start = read_utf8(path := os.path.expanduser(start.removeprefix("FILE:")))
+        except OSError as e:  # a missing file is not a usage error: no "see --help"
+            raise MidgptError(f"cannot read the prompt file {path}: {e.strerror or e}") from None
         except MidgptError as e:  # not UTF-8: what to convert it from, not a usage error
             raise MidgptError(f"cannot read the prompt file {e}") from None
     if not start:

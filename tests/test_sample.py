@@ -389,3 +389,12 @@ def test_samples_that_need_more_than_the_memory_are_refused_with_how_many_fit():
     for n, said in [(1, "1 sample of 23 tokens needs"), (5, r"5 samples of 23 tokens need .*; one alone needs")]:
         with pytest.raises(MidgptError, match=rf"^{said} .*: sample on a machine with more memory$"):
             check_samples_fit(model, n, 3, 20, one - 1, "a test's memory", **sampling)
+
+
+def test_a_prompt_file_that_cannot_be_read_is_one_line_naming_it_and_why(tmp_path):
+    # Not a usage error: it ended "(see python sample.py --help)", which does not help.
+    for path, why in [(tmp_path / "missing.txt", "No such file or directory"), (tmp_path, "Is a directory")]:
+        result = subprocess.run([sys.executable, "sample.py", f"--rundir={tmp_path / 'no_run'}", f"--start=FILE:{path}"],
+                                cwd=REPO_ROOT, capture_output=True, text=True)
+        assert result.returncode == 1 and result.stderr == f"error: cannot read the prompt file {path}: {why}\n", \
+            result.stderr
