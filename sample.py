@@ -20,7 +20,8 @@ def main(argv: list[str]) -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     parser = ArgumentParser(description=__doc__)
     parser.add_argument("--rundir", required=True, type=os.path.expanduser, help="a run directory made by launch.py")
-    parser.add_argument("--start", default="\n", help="the prompt, or FILE:path to read it from a file (default: a newline)")
+    parser.add_argument("--start", default="\n",
+                        help="the prompt, or FILE:path to read it from a file (default: a newline)")
     parser.add_argument("--num_samples", type=positive_int, default=1, help="samples to draw")
     parser.add_argument("--max_new_tokens", type=int, default=500, help="tokens to add to the prompt")
     parser.add_argument("--temperature", type=float, default=0.8, help="0 is greedy")

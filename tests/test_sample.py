@@ -394,7 +394,7 @@ def test_samples_that_need_more_than_the_memory_are_refused_with_how_many_fit():
 def test_a_prompt_file_that_cannot_be_read_is_one_line_naming_it_and_why(tmp_path):
     # Not a usage error: it ended "(see python sample.py --help)", which does not help.
     for path, why in [(tmp_path / "missing.txt", "No such file or directory"), (tmp_path, "Is a directory")]:
-        result = subprocess.run([sys.executable, "sample.py", f"--rundir={tmp_path / 'no_run'}", f"--start=FILE:{path}"],
-                                cwd=REPO_ROOT, capture_output=True, text=True)
+        result = subprocess.run([sys.executable, "sample.py", f"--rundir={tmp_path / 'no_run'}",
+                                 f"--start=FILE:{path}"], cwd=REPO_ROOT, capture_output=True, text=True)
         assert result.returncode == 1 and result.stderr == f"error: cannot read the prompt file {path}: {why}\n", \
             result.stderr
