@@ -203,15 +203,16 @@ def test_prepare_of_text_not_in_utf8_names_the_file_and_how_to_convert_it(tmp_pa
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("encoding", ["utf-16le", "utf-16be"])
+@pytest.mark.parametrize("encoding", ["utf-16le", "utf-16be", "utf-32le", "utf-32be"])
 def test_prepare_refuses_utf16_without_a_byte_order_mark_not_taking_its_nuls_for_characters(tmp_path, encoding):
     # Its ASCII is valid UTF-8, a NUL beside each letter: it was prepared, "\x00" the commonest character.
+    # UTF-32 was told to convert from UTF-16.
     (tmp_path / "in.txt").write_bytes("hello\nworld\n".encode(encoding) * 20)
     result = subprocess.run([sys.executable, str(PREPARE), "--input", str(tmp_path / "in.txt"),
                              "--out_dir", str(tmp_path / "out")], capture_output=True, text=True)
     assert result.returncode == 1 and result.stderr == (
-        f"prepare.py: {tmp_path / 'in.txt'}: holds NUL characters, as UTF-16 text without a byte-order mark does when "
-        f"read as UTF-8; convert it to UTF-8, e.g. iconv -f {encoding} -t utf-8\n"), result.stderr
+        f"prepare.py: {tmp_path / 'in.txt'}: holds NUL characters, as {encoding[:6].upper()} text without a byte-order "
+        f"mark does when read as UTF-8; convert it to UTF-8, e.g. iconv -f {encoding} -t utf-8\n"), result.stderr
     assert not (tmp_path / "out").exists()
 
 

@@ -58,11 +58,14 @@ def utf16_or_32_advice(path: str | os.PathLike) -> str | None:
 
 
 def nul_advice(path: str | os.PathLike) -> str:
-    """What to say of a text file whose UTF-8 holds NUL characters: UTF-16 without a byte-order mark, most likely."""
-    # Its ASCII is valid UTF-8, every other byte NUL. Its first byte says which end: ASCII's is the low byte.
-    utf = "utf-16be" if _head(path).startswith(b"\0") else "utf-16le"
-    return (f"{path}: holds NUL characters, as UTF-16 text without a byte-order mark does when read as UTF-8; "
-            f"convert it to UTF-8, e.g. iconv -f {utf} -t utf-8")
+    """What to say of a text file whose UTF-8 holds NUL characters: UTF-16 or UTF-32 without a byte-order mark."""
+    # Its ASCII is valid UTF-8 with NULs beside each letter: one in UTF-16, three in UTF-32, after the letter in
+    # little-endian. Which bytes of each four are mostly NUL says which.
+    head = _head(path)
+    nul = "".join("0" if head[i::4].count(0) * 2 > len(head[i::4]) else "x" for i in range(4))
+    utf = {"x000": "utf-32le", "000x": "utf-32be", "0x0x": "utf-16be"}.get(nul, "utf-16le")
+    return (f"{path}: holds NUL characters, as {utf[:6].upper()} text without a byte-order mark does when read as "
+            f"UTF-8; convert it to UTF-8, e.g. iconv -f {utf} -t utf-8")
 
 
 def utf16_no_mark_advice(path: str | os.PathLike) -> str | None:
