@@ -355,7 +355,8 @@ np.savez(out, x=x_BxT, y=y_BxT)
 def test_two_processes_rows_concatenate_to_the_global_batch(shakespeare_data_dir, tmp_path):
     env = this_tree_env()
     procs = [
-        subprocess.Popen([sys.executable, "-c", CHILD, shakespeare_data_dir, str(start), str(stop), str(tmp_path / f"{i}.npz")], env=env)
+        subprocess.Popen([sys.executable, "-c", CHILD, shakespeare_data_dir, str(start), str(stop),
+                          str(tmp_path / f"{i}.npz")], env=env)
         for i, (start, stop) in enumerate([(0, 4), (4, 8)])
     ]
     assert [p.wait() for p in procs] == [0, 0]
@@ -373,7 +374,8 @@ def test_missing_data_dir_error_names_the_path_and_prepare_script(tmp_path):
         load_meta(str(tmp_path))
 
 
-@pytest.mark.parametrize("config, script", [("bpe_corpus", "openwebtext"), ("shakespeare_char_cpu", "shakespeare_char")])
+@pytest.mark.parametrize("config, script", [("bpe_corpus", "openwebtext"),
+                                            ("shakespeare_char_cpu", "shakespeare_char")])
 def test_missing_data_is_told_to_be_prepared_with_the_tokenizer_the_model_can_read(tmp_path, config, script):
     # bpe_corpus's 50304 ids are GPT-2's: characters, suggested first, gave it data it cannot use well.
     config = apply_overrides(load_config(config), [f"--data_dir={tmp_path}/mine"])
