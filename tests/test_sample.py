@@ -398,3 +398,13 @@ def test_a_prompt_file_that_cannot_be_read_is_one_line_naming_it_and_why(tmp_pat
                                  f"--start=FILE:{path}"], cwd=REPO_ROOT, capture_output=True, text=True)
         assert result.returncode == 1 and result.stderr == f"error: cannot read the prompt file {path}: {why}\n", \
             result.stderr
+
+
+def test_a_long_prompt_whose_attention_outgrows_the_caches_is_refused_too():
+    # The check skipped its compiles below 16 caches a sample: a 512-token prompt's scores, 8 MiB a sample in one
+    # layer, are 32 of its caches, and 4 samples that needed twice the memory went on to the kernel's kill.
+    model = GPT(ModelConfig(vocab_size=V, block_size=512, n_layer=1, n_head=8, n_embd=64), key=jax.random.key(0))
+    sampling = dict(temperature=1.0, top_k=None, vocab=None)
+    need = sample.sampling_bytes(model, 4, prompt_tokens=512, max_new_tokens=2, **sampling)
+    with pytest.raises(MidgptError, match=r"^4 samples of 514 tokens need .* of a test's memory; "):
+        check_samples_fit(model, 4, 512, 2, need // 2, "a test's memory", **sampling)

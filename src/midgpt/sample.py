@@ -22,10 +22,14 @@ from midgpt.rundir import check_as_checkpointed, check_saved_config, read_config
 def check_samples_fit(model: GPT, num_samples: int, prompt_tokens: int, max_new_tokens: int, available: int,
                       source: str, **sampling) -> None:
     """Refuse, in one line, samples whose prompt pass or decoding needs more than `available` bytes, by XLA's count."""
-    # Far from it, no compiles (seconds each): the model and 16 caches a sample (XLA needs two or three).
+    # Far from it, no compiles (seconds each): the model, 16 caches a sample (XLA needs two or three) and every
+    # value the programs trace, held at once: a long prompt's attention scores or a large vocabulary's logits
+    # outgrow the caches (4 samples of a 2048-token prompt, one layer of 8 heads: 0.5 GiB, 16 caches 0.06 GiB).
     nbytes = lambda tree: sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
     cache_bytes = nbytes(jax.eval_shape(lambda: model.empty_cache(1)))
-    if nbytes(eqx.filter(model, eqx.is_array)) + 16 * num_samples * cache_bytes < available:
+    programs = _programs(model, num_samples, prompt_tokens, max_new_tokens, **sampling)
+    traced = max((traced_bytes(program.trace(*args, **sampling).jaxpr.jaxpr) for program, args in programs), default=0)
+    if nbytes(eqx.filter(model, eqx.is_array)) + 16 * num_samples * cache_bytes + traced < available:
         return
     need = functools.partial(sampling_bytes, model, prompt_tokens=prompt_tokens, max_new_tokens=max_new_tokens,
                              **sampling)
@@ -50,14 +54,32 @@ def sampling_bytes(model: GPT, num_samples: int, *, prompt_tokens: int, max_new_
         return (used.argument_size_in_bytes + used.output_size_in_bytes - used.alias_size_in_bytes
                 + used.temp_size_in_bytes)
 
+    programs = _programs(model, num_samples, prompt_tokens, max_new_tokens, **sampling)
+    return max(total(program.lower(*args, **sampling).compile()) for program, args in programs)
+
+
+def _programs(model: GPT, num_samples: int, prompt_tokens: int, max_new_tokens: int, **sampling) -> list:
+    """(_prefill, its arguments) and (_decode, a chunk's), as abstract arrays: the programs that sampling runs."""
     key = jax.eval_shape(jax.random.key, 0)
     prompt_BxP = jax.ShapeDtypeStruct((num_samples, prompt_tokens), jnp.int32)
-    cache, token_B = jax.eval_shape(functools.partial(_prefill, **sampling), model, prompt_BxP, key)
-    programs = [_prefill.lower(model, prompt_BxP, key, **sampling)]
+    programs = [(_prefill, (model, prompt_BxP, key))]
     if max_new_tokens > 1:
+        cache, token_B = jax.eval_shape(functools.partial(_prefill, **sampling), model, prompt_BxP, key)
         start = jax.ShapeDtypeStruct((), jnp.int32)
-        programs.append(_decode.lower(model, cache, token_B, start, key, _chunk_length(max_new_tokens), **sampling))
-    return max(total(program.compile()) for program in programs)
+        programs.append((_decode, (model, cache, token_B, start, key, _chunk_length(max_new_tokens))))
+    return programs
+
+
+def traced_bytes(jaxpr) -> int:
+    """Bytes of every value a jaxpr makes, those of the jaxprs inside it (a scan's body, once) included."""
+    total = 0
+    for eqn in jaxpr.eqns:
+        total += sum(v.aval.size * v.aval.dtype.itemsize for v in eqn.outvars)
+        for param in eqn.params.values():
+            for inner in param if isinstance(param, (tuple, list)) else [param]:
+                if isinstance(inner, (jax.extend.core.ClosedJaxpr, jax.extend.core.Jaxpr)):
+                    total += traced_bytes(getattr(inner, "jaxpr", inner))
+    return total
 
 
 @contextlib.contextmanager
