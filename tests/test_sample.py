@@ -408,3 +408,10 @@ def test_a_long_prompt_whose_attention_outgrows_the_caches_is_refused_too():
     need = sample.sampling_bytes(model, 4, prompt_tokens=512, max_new_tokens=2, **sampling)
     with pytest.raises(MidgptError, match=r"^4 samples of 514 tokens need .* of a test's memory; "):
         check_samples_fit(model, 4, 512, 2, need // 2, "a test's memory", **sampling)
+
+
+def test_samples_of_no_new_tokens_are_not_refused_for_the_programs_they_do_not_run():
+    # The prompt pass was counted, though generate returns the prompt without it: one sample was refused.
+    model, sampling = tiny_model(), dict(temperature=1.0, top_k=None, vocab=None)
+    check_samples_fit(model, 1, 3, 0, 1, "a test's memory", **sampling)
+    assert list(generate_chunks(model, jnp.ones((1, 3), jnp.int32), 0, jax.random.key(0))) == []
