@@ -415,3 +415,13 @@ def test_samples_of_no_new_tokens_are_not_refused_for_the_programs_they_do_not_r
     model, sampling = tiny_model(), dict(temperature=1.0, top_k=None, vocab=None)
     check_samples_fit(model, 1, 3, 0, 1, "a test's memory", **sampling)
     assert list(generate_chunks(model, jnp.ones((1, 3), jnp.int32), 0, jax.random.key(0))) == []
+
+
+def test_samples_of_which_one_fits_are_told_to_lower_num_samples_to_one():
+    # One sample within the memory but past its nine tenths was "one alone needs X: sample on a machine with more
+    # memory", though --num_samples=1 runs.
+    model, sampling = tiny_model(), dict(temperature=1.0, top_k=None, vocab=None)
+    one = sample.sampling_bytes(model, 1, prompt_tokens=3, max_new_tokens=20, **sampling)
+    with pytest.raises(MidgptError, match=r"^5 samples of 23 tokens need .* memory; lower --num_samples to 1$"):
+        check_samples_fit(model, 5, 3, 20, one, "a test's memory", **sampling)
+    check_samples_fit(model, 1, 3, 20, one, "a test's memory", **sampling)

@@ -38,13 +38,14 @@ def check_samples_fit(model: GPT, num_samples: int, prompt_tokens: int, max_new_
     if (all_of_them := need(num_samples)) <= available:
         return
     # The memory grows in proportion to the samples (the cache, the activations) from the model's own. The
-    # advice leaves a tenth for what XLA does not count (10,000 samples of shakespeare_char_cpu: 0.3 GB more).
+    # advice leaves a tenth for what XLA does not count (10,000 samples of shakespeare_char_cpu: 0.3 GB more),
+    # but not below the one sample that this check lets run.
     one, within = all_of_them if num_samples == 1 else need(1), int(0.9 * available)
-    fit = 0 if one > within else 1 + (within - one) * (num_samples - 1) // (all_of_them - one)
+    fit = 0 if one > available else max(1, 1 + (within - one) * (num_samples - 1) // (all_of_them - one))
     tokens = prompt_tokens + max_new_tokens
     said = f"{num_samples} samples of {tokens} tokens need" if num_samples > 1 else f"1 sample of {tokens} tokens needs"
     raise MidgptError(f"{said} {memory.readable(all_of_them)} of the {memory.readable(available)} of {source}"
-                      + (f"; lower --num_samples to {fit} or fewer" if fit else
+                      + (f"; lower --num_samples to {fit}" + " or fewer" * (fit > 1) if fit else
                          (f"; one alone needs {memory.readable(one)}" if num_samples > 1 else "")
                          + ": sample on a machine with more memory"))
 
