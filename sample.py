@@ -103,6 +103,8 @@ def main(argv: list[str]) -> None:
     sampling = dict(temperature=args.temperature, top_k=args.top_k, vocab=meta["vocab_size"])
     available, source, refuses = memory.device_memory()
     if available is not None and not refuses:  # on a CPU: past its memory, the kernel kills it without a word
+        # One device samples: the host's memory whole, not a share of it for each of the simulated CPU devices.
+        available, source = memory.host_memory()
         check_samples_fit(model, args.num_samples, len(ids), args.max_new_tokens, available, source, **sampling)
     # A prompt of many tokens can fill the memory already in its copy for each sample.
     with fitting_memory(args.num_samples, len(ids) + args.max_new_tokens):

@@ -211,6 +211,17 @@ def test_sample_prints_text_from_the_trained_run(short_run):
     assert greedy[0] == greedy[1] != result.stdout.split("-" * 40)[0]  # --temperature reaches the draws: none at 0
 
 
+def test_samples_past_the_hosts_memory_are_refused_before_any_is_made(short_run):
+    result = run("sample.py", f"--rundir={short_run}", "--num_samples=1000000000", "--max_new_tokens=10")
+    assert_one_line_error(result, "error: 1000000000 samples of 11 tokens need ", " GiB of the ", " GiB of ",
+                          " memory", "; lower --num_samples to ")
+    assert result.stdout == ""
+    # One device samples: the host's memory whole, not a quarter of it for each of 4 simulated devices.
+    four = run("sample.py", f"--rundir={short_run}", "--num_samples=1000000000", "--max_new_tokens=10",
+               env=this_tree_env(XLA_FLAGS="--xla_force_host_platform_device_count=4"))
+    assert four.stderr == result.stderr
+
+
 def test_one_sample_is_shown_as_it_is_generated(short_run):
     # A long sample of a large model on a CPU took minutes, silent until its end.
     sampling = subprocess.Popen([sys.executable, str(REPO_ROOT / "sample.py"), f"--rundir={short_run}",

@@ -189,12 +189,18 @@ def device_memory() -> tuple[int | None, str, bool]:
     if "bytes_limit" in stats:
         return stats["bytes_limit"], f"{device.device_kind} memory", True
     if device.platform == "cpu":  # CPU devices share the host's memory, or their container's or job's
-        host, source = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"), "host memory"
-        if (limit := cgroup_memory_limit()) is not None and limit < host:
-            host, source = limit, "the cgroup memory limit of this container or job"
+        host, source = host_memory()
         return host // jax.local_device_count(), source + (
             f" / {jax.local_device_count()} devices" if jax.local_device_count() > 1 else ""), False
     return None, "unknown", False
+
+
+def host_memory() -> tuple[int, str]:
+    """(bytes of the host's memory, or of its container's or job's limit where lower; which of the two)."""
+    host, source = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"), "host memory"
+    if (limit := cgroup_memory_limit()) is not None and limit < host:
+        return limit, "the cgroup memory limit of this container or job"
+    return host, source
 
 
 def cgroup_memory_limit(proc: str = "/proc/self/cgroup", mount: str = "/sys/fs/cgroup") -> int | None:
