@@ -425,3 +425,11 @@ def test_samples_of_which_one_fits_are_told_to_lower_num_samples_to_one():
     with pytest.raises(MidgptError, match=r"^5 samples of 23 tokens need .* memory; lower --num_samples to 1$"):
         check_samples_fit(model, 5, 3, 20, one, "a test's memory", **sampling)
     check_samples_fit(model, 1, 3, 20, one, "a test's memory", **sampling)
+
+
+def test_long_samples_whose_tokens_outgrow_the_memory_are_refused():
+    # XLA's count has a chunk's tokens only: 1000 samples of 100,000 tokens hold 0.4 GB of them, twice over.
+    model, sampling = tiny_model(), dict(temperature=1.0, top_k=None, vocab=None)
+    with pytest.raises(MidgptError, match=r"^1000 samples of 100003 tokens need 7\d\d.\d\d MiB of the 512.00 MiB of a "
+                       r"test's memory; lower --num_samples to \d+ or fewer$"):
+        check_samples_fit(model, 1000, 3, 100_000, 1 << 29, "a test's memory", **sampling)
