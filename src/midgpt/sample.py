@@ -8,6 +8,7 @@ import zlib
 
 import equinox as eqx
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import SingleDeviceSharding
