@@ -435,3 +435,16 @@ def test_long_samples_whose_tokens_outgrow_the_memory_are_refused():
     with pytest.raises(MidgptError, match=r"^1000 samples of 100003 tokens need 7\d\d.\d\d MiB of the 512.00 MiB of a "
                        r"test's memory; lower --num_samples to \d+ or fewer$"):
         check_samples_fit(model, 1000, 3, 100_000, 1 << 29, "a test's memory", **sampling)
+
+
+def test_the_advice_counts_the_models_own_memory_once_not_in_each_sample():
+    # The memory beyond one sample's grows with each more; the model's own does not. Spread over all 20 samples
+    # of a model whose parameters take most of it, the advice said 6 where 13 fit: a large model on a small
+    # host was told to draw far fewer than it could.
+    model, sampling = tiny_model(), dict(temperature=1.0, top_k=None, vocab=None)
+    need = lambda n: sample.sampling_bytes(model, n, prompt_tokens=3, max_new_tokens=20, **sampling)
+    available = int(0.95 * need(20))
+    with pytest.raises(MidgptError, match=r"; lower --num_samples to \d+ or fewer$") as refused:
+        check_samples_fit(model, 20, 3, 20, available, "a test's memory", **sampling)
+    fit = int(str(refused.value).split(" to ")[1].split()[0])
+    assert need(fit) <= 0.9 * available and need(2 * fit) > available  # fits, with room to spare, and not far fewer
