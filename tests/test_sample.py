@@ -437,6 +437,21 @@ def test_long_samples_whose_tokens_outgrow_the_memory_are_refused():
         check_samples_fit(model, 1000, 3, 100_000, 1 << 29, "a test's memory", **sampling)
 
 
+def test_the_memory_counted_for_samples_is_of_the_prompt_pass_and_the_decoding_that_sampling_runs():
+    # A long prompt's pass and a chunk of decoding each hold the cache with memory of their own: the check counts
+    # the larger, of the programs that generate runs (chunks of 64 positions, fewer for a shorter sample), else
+    # samples it lets through can pass the host's memory, where the kernel kills sample.py without a word.
+    model, sampling = tiny_model(), dict(temperature=1.0, top_k=None, vocab=None)
+    need = lambda prompt, new: sample.sampling_bytes(model, 1000, prompt_tokens=prompt, max_new_tokens=new,
+                                                     **sampling)
+    assert need(W, 1) > need(1, 1)  # a prompt of W tokens: its activations in the prompt pass
+    assert need(1, 1000) == need(1, 65) > need(1, 33) > need(1, 1)  # chunks of 64, 32 and no decoding
+    # The chunk takes over the cache it is given (donated): counted once, not as an argument and again as an output.
+    cache = jax.eval_shape(lambda: model.empty_cache(1000))
+    cache_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(cache))
+    assert need(1, 65) - need(1, 1) < cache_bytes / 2
+
+
 def test_the_advice_counts_the_models_own_memory_once_not_in_each_sample():
     # The memory beyond one sample's grows with each more; the model's own does not. Spread over all 20 samples
     # of a model whose parameters take most of it, the advice said 6 where 13 fit: a large model on a small
