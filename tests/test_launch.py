@@ -211,9 +211,12 @@ def test_sample_prints_text_from_the_trained_run(short_run):
     assert greedy[0] == greedy[1] != result.stdout.split("-" * 40)[0]  # --temperature reaches the draws: none at 0
 
 
-def test_samples_past_the_hosts_memory_are_refused_before_any_is_made(short_run):
-    result = run("sample.py", f"--rundir={short_run}", "--num_samples=1000000000", "--max_new_tokens=10")
-    assert_one_line_error(result, "error: 1000000000 samples of 11 tokens need ", " GiB of the ", " GiB of ",
+@pytest.mark.parametrize("start, tokens", [("\n", 11), ("ROMEO:", 16)])
+def test_samples_past_the_hosts_memory_are_refused_before_any_is_made(short_run, start, tokens):
+    # A prompt of 6 tokens is counted as its 6: the prompt pass of a long one can need the most memory.
+    result = run("sample.py", f"--rundir={short_run}", f"--start={start}", "--num_samples=1000000000",
+                 "--max_new_tokens=10")
+    assert_one_line_error(result, f"error: 1000000000 samples of {tokens} tokens need ", " GiB of the ", " GiB of ",
                           " memory", "; lower --num_samples to ")
     assert result.stdout == ""
     # One device samples: the host's memory whole, not a quarter of it for each of 4 simulated devices.
