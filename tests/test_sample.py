@@ -442,8 +442,9 @@ def test_the_memory_counted_for_samples_is_of_the_prompt_pass_and_the_decoding_t
     # the larger, of the programs that generate runs (chunks of 64 positions, fewer for a shorter sample), else
     # samples it lets through can pass the host's memory, where the kernel kills sample.py without a word.
     model, sampling = tiny_model(), dict(temperature=1.0, top_k=None, vocab=None)
+    # The programs' count alone: the tokens' is tested apart.
     need = lambda prompt, new: sample.sampling_bytes(model, 1000, prompt_tokens=prompt, max_new_tokens=new,
-                                                     **sampling)
+                                                     **sampling) - sample.token_bytes(1000, prompt + new)
     assert need(W, 1) > need(1, 1)  # a prompt of W tokens: its activations in the prompt pass
     assert need(1, 1000) == need(1, 65) > need(1, 33) > need(1, 1)  # chunks of 64, 32 and no decoding
     # The chunk takes over the cache it is given (donated): counted once, not as an argument and again as an output.
