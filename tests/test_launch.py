@@ -220,8 +220,8 @@ def test_samples_past_the_hosts_memory_are_refused_before_any_is_made(short_run,
                           " memory", "; lower --num_samples to ")
     assert result.stdout == ""
     # One device samples: the host's memory whole, not a quarter of it for each of 4 simulated devices.
-    four = run("sample.py", f"--rundir={short_run}", "--num_samples=1000000000", "--max_new_tokens=10",
-               env=this_tree_env(XLA_FLAGS="--xla_force_host_platform_device_count=4"))
+    four = run("sample.py", f"--rundir={short_run}", f"--start={start}", "--num_samples=1000000000",
+               "--max_new_tokens=10", env=this_tree_env(XLA_FLAGS="--xla_force_host_platform_device_count=4"))
     assert four.stderr == result.stderr
 
 
