@@ -23,11 +23,11 @@ from midgpt.rundir import check_as_checkpointed, check_saved_config, read_config
 def check_samples_fit(model: GPT, num_samples: int, prompt_tokens: int, max_new_tokens: int, available: int,
                       source: str, **sampling) -> None:
     """Refuse, in one line, samples whose prompt pass or decoding needs more than `available` bytes, by XLA's count."""
+    if max_new_tokens == 0:  # the prompt alone is shown: neither program runs
+        return
     # Far from it, no compiles (seconds each): the model, 16 caches a sample (XLA needs two or three) and every
     # value the programs trace, held at once: a long prompt's attention scores or a large vocabulary's logits
     # outgrow the caches (4 samples of a 2048-token prompt, one layer of 8 heads: 0.5 GiB, 16 caches 0.06 GiB).
-    if max_new_tokens == 0:  # the prompt alone is shown: neither program runs
-        return
     nbytes = lambda tree: sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
     cache_bytes = nbytes(jax.eval_shape(lambda: model.empty_cache(1)))
     programs = _programs(model, num_samples, prompt_tokens, max_new_tokens, **sampling)
