@@ -22,7 +22,8 @@ from midgpt.rundir import check_as_checkpointed, check_saved_config, read_config
 
 def check_samples_fit(model: GPT, num_samples: int, prompt_tokens: int, max_new_tokens: int, available: int,
                       source: str, **sampling) -> None:
-    """Refuse, in one line, samples whose prompt pass or decoding needs more than `available` bytes, by XLA's count."""
+    """Refuse, in one line, samples that need more than `available` bytes: XLA's count of the prompt pass or a
+    decoding chunk, the larger, and the tokens generate holds."""
     if max_new_tokens == 0:  # the prompt alone is shown: neither program runs
         return
     # Far from it, no compiles (seconds each): the model, 16 caches a sample (XLA needs two or three) and every
