@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One call on a lent GPU: cuDNN's attention against the einsum path, then the training step
+# One call (or two: PART) on a lent GPU: cuDNN's attention against the einsum path, then the training step
 # timed for each remat policy and attention path (a JSON line per run, then a table), XLA's
 # memory for the config's own micro-batch against the estimate, where the configured step's
 # time goes (by kind of op, the longest ops), whether a killed run resumes bit for bit, and last
@@ -9,6 +9,9 @@
 #   bash benchmarks/gpu_check.sh                      # openwebtext, 16 x 1024-token micro-batches
 #   PYTHON=.venv/bin/python CONFIG=shakespeare_char_cpu ARGS=--steps=3 bash benchmarks/gpu_check.sh   # a rehearsal on a CPU
 #
+# PART=1 runs the cuDNN test and the timings only, PART=2 the rest: two device calls, so that a call
+# that never comes back (its files with it) loses half. Give each its BUDGET_S.
+#
 # Wheels in .whl/, if there is one, are installed first: for a machine without a package index.
 set -uo pipefail
 # For the developers' lent GPU (a device call may run 600 s): its image has JAX, Equinox, optax,
@@ -17,11 +20,14 @@ set -uo pipefail
 # `bash benchmarks/gpu_check.sh` with carry=[".whl"].
 if [ $# -gt 0 ]; then  # its settings are environment variables: an argument is a --help, or a mistake
     sed -n '2,/^set /s/^# \{0,1\}//p' "$0"
-    [ "$1" = --help ] || [ "$1" = -h ] || { echo "error: takes no arguments; set CONFIG, ARGS, PYTHON, BUDGET_S or OUT" >&2; exit 2; }
+    [ "$1" = --help ] || [ "$1" = -h ] ||
+        { echo "error: takes no arguments; set CONFIG, ARGS, PYTHON, BUDGET_S, PART or OUT" >&2; exit 2; }
     exit 0
 fi
 cd "$(dirname "$0")/.."
-budget=${BUDGET_S:-540} failures=0
+budget=${BUDGET_S:-540} failures=0 part=${PART:-all}
+case $part in all | 1 | 2) ;; *) echo "error: PART is 1, 2 or unset (both), not '$part'" >&2; exit 2 ;; esac
+in_part() { [ "$part" = all ] || [ "$part" = "$1" ]; }
 # A step's time limit: its own, or what is left of the budget if less (at least 1 s: 0 means none to timeout).
 within() { local left=$((budget - SECONDS)); echo $(( left < 1 ? 1 : left < $1 ? left : $1 )); }
 failed() { echo "failed or timed out: see $1"; failures=$((failures + 1)); }
@@ -58,6 +64,7 @@ fast_paths() {
     timeout "$(within "$1")" "$python" -m pytest -q -p no:cacheprovider tests/test_fast_paths.py -k "$2" 2>&1 |
         tee -a "$out/fast_paths.log" | tail -n 3 || failed "$out/fast_paths.log"
 }
+if in_part 1; then  # what the 50% MFU target needs first: the timings
 fast_paths 120 cudnn
 
 # Later flags win over ARGS's. The likeliest fastest come first: no recomputation. The config's
@@ -82,6 +89,9 @@ for r in runs:
     print(f"{own:58} {r['compile_s']:9.1f} {r['step_ms']:9.1f} {r['tokens_per_sec']:11,.0f} {r['mfu']:6.1%}")
 EOF
 
+fi
+
+if in_part 2; then  # memory, profile, resume, the other fast paths
 echo "== memory of $config's own micro-batch without remat, compiled: XLA's against the estimate"
 timeout "$(within 150)" "$python" benchmarks/step_memory.py --config="$config" --model.remat=none --g_accum_iters=1 \
     2>>"$out/memory.log" | tee -a "$out/memory.jsonl" || failed "$out/memory.log"
@@ -100,8 +110,8 @@ EOF
 
 # The README promises a bit-identical resume on CPUs; on a GPU, scatter-adds may add in any order.
 echo "== a killed run resumed bit for bit: as configured, then with XLA's deterministic GPU ops"
-exact_resume() {
-    timeout "$(within 150)" env XLA_FLAGS="${XLA_FLAGS:-} $1" "$python" -m pytest -q -p no:cacheprovider \
+exact_resume() {  # XLA reads an XLA_FLAGS that does not start with "--" (" ", say) as a file name, and aborts
+    timeout "$(within 150)" env XLA_FLAGS="${XLA_FLAGS:+$XLA_FLAGS }$1" "$python" -m pytest -q -p no:cacheprovider \
         tests/test_resume.py -k kill_matches 2>&1 | tee -a "$out/resume.log" | tail -n 3 || failed "$out/resume.log"
 }
 exact_resume ""
@@ -109,5 +119,6 @@ exact_resume --xla_gpu_deterministic_ops=true
 
 echo "== the other fast paths, on this device"
 fast_paths 300 "not cudnn"
+fi
 echo "== $failures step(s) failed or were cut, in $SECONDS s of a $budget s budget"
 exit $((failures > 0))

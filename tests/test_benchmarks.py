@@ -54,6 +54,19 @@ def test_benchmark_refuses_bad_input_in_one_line(script, args, fragment, env=Non
     assert fragment in lines[0] and "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize("args, part, fragment", [
+    (["--steps=3"], None, "takes no arguments; set CONFIG, ARGS, PYTHON, BUDGET_S, PART or OUT"),
+    # A PART that names neither half ran nothing, and passed.
+    ([], "3", "PART is 1, 2 or unset (both), not '3'"),
+])
+def test_gpu_check_refuses_bad_settings_in_one_line(args, part, fragment):
+    env = {**os.environ, "PYTHON": sys.executable, **({"PART": part} if part else {})}
+    result = subprocess.run(["bash", "benchmarks/gpu_check.sh", *args], cwd=REPO_ROOT, env=env, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"error: {fragment}"
+
+
 def test_compile_cache_refuses_a_cache_turned_off():
     # It ran the first round, then failed in a traceback: there was no cache to measure.
     test_benchmark_refuses_bad_input_in_one_line("compile_cache", [CONFIG], "JAX_ENABLE_COMPILATION_CACHE",
