@@ -25,6 +25,11 @@ def with_shardings(arrays_like, shardings):
     return zip(arrays, jax.tree.leaves(shardings), strict=True)
 
 
+def tree_bytes(arrays_like) -> int:
+    """Bytes of a pytree of arrays, abstract or not, whole."""
+    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(arrays_like))
+
+
 def sharded_bytes(arrays_like, shardings) -> int:
     """Bytes one device holds of a pytree of abstract arrays placed with these shardings."""
     return sum(math.prod(s.shard_shape(x.shape)) * x.dtype.itemsize
@@ -81,8 +86,7 @@ def kept_bytes(m: ModelConfig, dtype: str, remat: str, rows: int) -> int:
     block = eqx.filter_eval_shape(lambda: cast_floats(Block(m, key=jax.random.key(0)), dtype))
     x_BxTxD = jax.ShapeDtypeStruct((rows, T, m.n_embd), dtype)
     table_TxC = jax.ShapeDtypeStruct((T, m.head_dim), np.float32)  # rotary_tables's sin and cos
-    return sum(x.size * x.dtype.itemsize
-               for x in jax.tree.leaves(jax.eval_shape(backward, block, x_BxTxD, table_TxC, table_TxC)))
+    return tree_bytes(jax.eval_shape(backward, block, x_BxTxD, table_TxC, table_TxC))
 
 
 @functools.lru_cache(maxsize=64)  # traced once per model and policy, not once per batch size tried

@@ -29,11 +29,10 @@ def check_samples_fit(model: GPT, num_samples: int, prompt_tokens: int, max_new_
     # Far from it, no compiles (seconds each): the model, 16 caches a sample (XLA needs two or three) and every
     # value the programs trace, held at once: a long prompt's attention scores or a large vocabulary's logits
     # outgrow the caches (4 samples of a 2048-token prompt, one layer of 8 heads: 0.5 GiB, 16 caches 0.06 GiB).
-    nbytes = lambda tree: sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
-    cache_bytes = nbytes(jax.eval_shape(lambda: model.empty_cache(1)))
+    cache_bytes = memory.tree_bytes(jax.eval_shape(lambda: model.empty_cache(1)))
     programs = _programs(model, num_samples, prompt_tokens, max_new_tokens, **sampling)
     traced = max((traced_bytes(program.trace(*args, **sampling).jaxpr.jaxpr) for program, args in programs), default=0)
-    far_bound = nbytes(eqx.filter(model, eqx.is_array)) + 16 * num_samples * cache_bytes + traced
+    far_bound = memory.tree_bytes(eqx.filter(model, eqx.is_array)) + 16 * num_samples * cache_bytes + traced
     if far_bound + token_bytes(num_samples, prompt_tokens + max_new_tokens) < available:
         return
     need = functools.partial(sampling_bytes, model, prompt_tokens=prompt_tokens, max_new_tokens=max_new_tokens,
@@ -89,7 +88,7 @@ def traced_bytes(jaxpr) -> int:
     """Bytes of every value a jaxpr makes, those of the jaxprs inside it (a scan's body, once) included."""
     total = 0
     for eqn in jaxpr.eqns:
-        total += sum(v.aval.size * v.aval.dtype.itemsize for v in eqn.outvars)
+        total += memory.tree_bytes([v.aval for v in eqn.outvars])
         for param in eqn.params.values():
             for inner in param if isinstance(param, (tuple, list)) else [param]:
                 if isinstance(inner, (jax.extend.core.ClosedJaxpr, jax.extend.core.Jaxpr)):
