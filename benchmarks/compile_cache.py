@@ -52,7 +52,7 @@ def main(argv: list[str]) -> None:
                 wall, stdout = timed("launch.py", f"--config={args.config}", f"--rundir={rundir}", "--max_steps=1",
                                      *overrides, env=env)
                 seconds[f"launch_s_{cache}"].append(wall)
-                step = re.search(r"step \d+ \(compile included\) took ([\d.]+) s", stdout)[1]
+                step = re.search(r"steps? [\d-]+ \(compile included\) took ([\d.]+) s", stdout)[1]
                 seconds[f"first_step_s_{cache}"].append(float(step))
                 seconds[f"sample_s_{cache}"].append(timed("sample.py", f"--rundir={rundir}", "--max_new_tokens=100",
                                                           env=env)[0])

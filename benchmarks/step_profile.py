@@ -19,7 +19,7 @@ import equinox as eqx
 import jax
 
 from midgpt.cli import ArgumentParser, add_config_option, positive_int, run
-from train_throughput import checked_config, run_fields, setup, time_steps
+from train_throughput import calls_for, checked_config, run_fields, setup, steps_in, time_steps
 
 COLLECTIVE = re.compile(r" (all-gather|all-reduce|reduce-scatter|collective-permute|all-to-all)(-start|-done)?\(")
 MATMUL = re.compile(r" (dot|convolution)\(")
@@ -107,12 +107,13 @@ def main(argv: list[str]) -> None:
     arrays, _ = time_steps(compiled, eqx.filter(state, eqx.is_array), batches, 2)
     with tempfile.TemporaryDirectory() as trace_dir:
         jax.profiler.start_trace(trace_dir)
-        arrays, times = time_steps(compiled, arrays, batches, args.steps)
+        arrays, times = time_steps(compiled, arrays, batches, n := calls_for(args.steps, batches))
         jax.profiler.stop_trace()
         own_ns, calls, timelines = op_times(trace_dir, module)
 
     instructions, bodies = hlo_lines(hlo)
-    ms = lambda ns: round(ns / args.steps / 1e6, 3)
+    steps = n * steps_in(batches[0])
+    ms = lambda ns: round(ns / steps / 1e6, 3)
     kinds = {op: kind(instructions.get(op, ""), bodies) for op in own_ns}
     by_kind = collections.Counter()
     for op, ns in own_ns.items():
@@ -122,7 +123,7 @@ def main(argv: list[str]) -> None:
         "step_ms": round(1000 * statistics.median(times), 2),
         "op_ms_per_step": ms(sum(own_ns.values())),
         "by_kind_ms": {k: ms(ns) for k, ns in by_kind.most_common()},
-        "top": [{"op": op, "ms": ms(ns), "calls": calls[op] / args.steps, "kind": kinds[op],
+        "top": [{"op": op, "ms": ms(ns), "calls": calls[op] / steps, "kind": kinds[op],
                  "hlo": instructions.get(op, "")[:200]} for op, ns in own_ns.most_common(args.top)],
         "timelines": timelines,
     }))

@@ -18,14 +18,14 @@ from midgpt.cli import ArgumentParser, add_config_option, positive_int
 from midgpt.config import abbreviated
 from midgpt.errors import MidgptError
 from midgpt.sharding import make_mesh
-from train_throughput import checked_config, setup, time_steps
+from train_throughput import calls_for, checked_config, setup, time_steps
 
 
 def main(argv: list[str]) -> None:
     parser = ArgumentParser(description=__doc__)
     add_config_option(parser, required=True)
     parser.add_argument("--rounds", type=positive_int, default=3, help="rounds of every variant in turn")
-    parser.add_argument("--steps", type=positive_int, default=3, help="timed steps of each variant per round")
+    parser.add_argument("--steps", type=positive_int, default=3, help="steps timed a variant and round (whole calls)")
     parser.add_argument("variants", nargs="+")
     args, unknown = parser.parse_known_args(argv)
     if unknown:  # an override before --, where argparse takes it for an option of the script's own
@@ -58,7 +58,8 @@ def main(argv: list[str]) -> None:
         runs.append({"variant": variant, "state": state, "step": train_step, "batches": batches, "step_ms": []})
     for _ in range(args.rounds):
         for run in runs:
-            run["state"], times = time_steps(run["step"], run["state"], run["batches"], args.steps)
+            run["state"], times = time_steps(run["step"], run["state"], run["batches"],
+                                             calls_for(args.steps, run["batches"]))
             run["step_ms"].append(round(1000 * statistics.median(times), 1))
     first = statistics.median(runs[0]["step_ms"])
     for run in runs:

@@ -2,7 +2,8 @@
 
 python benchmarks/train_throughput.py --config=shakespeare_char [--steps=20] [--FIELD=VALUE ...]
 prints one JSON line: backend, device kind and count, parameters, the compile, the first step
-(compile included), median step time, tokens/s and MFU against the peak it names. Runs unchanged on a
+(compile included; the first call's, with steps_per_call), median step time, tokens/s and MFU against the peak
+it names. Steps run steps_per_call to a call, as in launch.py; --steps rounds up to whole calls. Runs unchanged on a
 CPU, a GPU or a TPU; with XLA_FLAGS=--xla_force_host_platform_device_count=N, on N
 CPU devices.
 """
@@ -35,16 +36,26 @@ def checked_config(name: str, overrides: list[str], options: Sequence[str] = ())
 
 
 def setup(config: Config, compiler_options: dict | None = None):
-    """(fresh state, the jitted step, compiled with XLA's compiler_options, 4 random batches already on the devices)."""
+    """(fresh state, the jitted step, compiled with XLA's compiler_options, 4 random batches already on the devices).
+
+    Each batch is a call's, as launch.py makes them: stacked for config.steps_per_call steps if more than one.
+    """
     optimizer, mesh = make_optimizer(config), make_mesh(config)
     state = init_state(config, optimizer, mesh)
     train_step = make_train_step(config, optimizer, mesh, compiler_options=compiler_options)
     shape = (config.g_accum_iters, config.batch_size, config.model.block_size)
+    if config.steps_per_call > 1:
+        shape = (config.steps_per_call, *shape)
     rng = np.random.default_rng(0)
     # A few distinct batches, already on the devices: this measures the step, not the data.
     batches = [jax.device_put(rng.integers(0, config.model.vocab_size, shape, dtype=np.int32),
-                              batch_sharding(mesh, ndim=3, batch_axis=1)) for _ in range(4)]
+                              batch_sharding(mesh, ndim=len(shape), batch_axis=len(shape) - 2)) for _ in range(4)]
     return state, train_step, batches
+
+
+def steps_in(batch) -> int:
+    """The training steps that a call on this batch (from setup) runs."""
+    return batch.shape[0] if batch.ndim == 4 else 1
 
 
 def run_fields(name: str, overrides: list[str]) -> dict:
@@ -54,21 +65,26 @@ def run_fields(name: str, overrides: list[str]) -> dict:
 
 
 def time_steps(train_step, state, batches, n: int):
-    """(state after n steps, each step's seconds), waiting for each step to finish."""
+    """(state after n calls, each call's seconds per step), waiting for each call to finish."""
     times = []
     for i in range(n):
         x = batches[i % len(batches)]
         start = time.perf_counter()
         state, metrics = train_step(state, x, x)
         jax.block_until_ready(metrics)
-        times.append(time.perf_counter() - start)
+        times.append((time.perf_counter() - start) / steps_in(x))
     return state, times
+
+
+def calls_for(steps: int, batches) -> int:
+    """The calls that run at least `steps` steps."""
+    return -(-steps // steps_in(batches[0]))
 
 
 def main(argv: list[str]) -> None:
     parser = ArgumentParser(description=__doc__)
     add_config_option(parser, required=True)
-    parser.add_argument("--steps", type=positive_int, default=20, help="timed steps, after the compile and 2 warm-up steps")
+    parser.add_argument("--steps", type=positive_int, default=20, help="timed steps, after the compile and 2 warm-up calls")
     args, overrides = parser.parse_known_args(argv)
     config = checked_config(args.config, overrides, list(vars(args)))
     state, train_step, batches = setup(config)
@@ -86,18 +102,20 @@ def main(argv: list[str]) -> None:
 
     jax.monitoring.register_event_duration_secs_listener(on_event)
     state, (first_step_s,) = time_steps(train_step, state, batches, 1)
+    first_step_s *= steps_in(batches[0])  # the first call's
     jax.monitoring.unregister_event_duration_listener(on_event)
-    state, times = time_steps(train_step, state, batches, 2 + args.steps)
+    state, times = time_steps(train_step, state, batches, 2 + calls_for(args.steps, batches))
     step_s = statistics.median(times[2:])
 
     peak = max(peak, mfu.device_peak(dtype)[0])
-    tokens_per_step = batches[0].size
+    tokens_per_step = batches[0].size // steps_in(batches[0])
     tokens_per_sec = tokens_per_step / step_s
     print(json.dumps({
         **run_fields(args.config, overrides),
         "parameters": count_params(state.model),
         "compute_dtype": dtype,
         "tokens_per_step": int(tokens_per_step),
+        "steps_per_call": steps_in(batches[0]),
         "compile_s": round(sum(compile_s), 2),
         "first_step_s": round(first_step_s, 2),
         "step_ms": round(1000 * step_s, 2),

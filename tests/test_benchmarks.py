@@ -81,7 +81,7 @@ def test_help_shows_each_default_once():
         assert result.returncode == 0, result.stderr
         return " ".join(result.stdout.partition("options:")[2].split())  # unwrapped
 
-    assert "--steps STEPS timed steps, after the compile and 2 warm-up steps (default: 20)" in options(
+    assert "--steps STEPS timed steps, after the compile and 2 warm-up calls (default: 20)" in options(
         "benchmarks/train_throughput.py")
     assert "--rounds ROUNDS rounds of every variant in turn (default: 3)" in options("benchmarks/step_ratios.py")
     # --config named no config: each script's now lists them, as launch.py's does.

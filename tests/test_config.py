@@ -212,7 +212,7 @@ def test_named_configs_load_as_frozen_configs():
                                     remat="full", scan_unroll=2)
     # The CPU config differs from the full one only where the laptop needs it to.
     differing = {k for k, v in config_to_dict(cpu).items() if config_to_dict(full)[k] != v}
-    assert differing == {"name", "model", "batch_size", "max_steps", "lr_decay_steps", "eval_iters"}
+    assert differing == {"name", "model", "batch_size", "max_steps", "lr_decay_steps", "eval_iters", "steps_per_call"}
     assert (full.name, cpu.name) == ("shakespeare_char", "shakespeare_char_cpu")  # as config.json records them
     assert (cpu.batch_size, cpu.max_steps, cpu.lr_decay_steps, cpu.eval_iters, cpu.compute_dtype) == (12, 2000, 2000, 50, "auto")
 

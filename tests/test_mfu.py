@@ -107,7 +107,9 @@ def test_throughput_benchmark_times_the_real_step_and_prints_json():
     )
     assert result.returncode == 0, result.stderr
     out = json.loads(result.stdout.strip().splitlines()[-1])
+    # shakespeare_char_cpu's steps run 10 to a call: timed by the call, counted by the step.
     assert out["backend"] == "cpu" and out["device_count"] == 1 and out["tokens_per_step"] == 4 * 64
+    assert out["steps_per_call"] == 10
     assert out["tokens_per_sec"] == pytest.approx(out["tokens_per_step"] / out["step_ms"] * 1000, rel=0.01)
     assert 0 < out["mfu"] < 1 and out["peak_source"].startswith(f"measured {precision.compute_dtype('auto')}")
     assert 0 < out["compile_s"] < out["first_step_s"]

@@ -1,4 +1,5 @@
-"""Optimiser promises: AdamW by hand, the warmup + cosine schedule, gradient accumulation, overfitting one batch."""
+"""Optimiser promises: AdamW by hand, the warmup + cosine schedule, gradient accumulation, overfitting one batch,
+steps run several to a call as one at a time."""
 
 import dataclasses
 import math
@@ -13,7 +14,7 @@ from midgpt.config import Config, ModelConfig, apply_overrides, check_config, lo
 from midgpt.model import GPT
 from midgpt.optimizer import lr_schedule, make_optimizer, schedule_note
 from midgpt.sharding import DATA_AXES, make_mesh
-from midgpt.train import init_state, loss_fn, make_train_step, pieces_per_micro_batch
+from midgpt.train import calls, init_state, loss_fn, make_train_step, pieces_per_micro_batch, steps_a_call
 
 T = 16
 
@@ -244,6 +245,40 @@ def test_a_lone_cpu_runs_pieces_of_at_most_1024_tokens_of_width_384(batch_size, 
     config = dataclasses.replace(tiny_config(batch_size=batch_size), model=ModelConfig(11, block_size, 2, 2, n_embd))
     lone_cpu = jax.sharding.Mesh(np.array(jax.devices("cpu")[:1]).reshape(1, 1), DATA_AXES)
     assert pieces_per_micro_batch(config, lone_cpu) == pieces
+
+
+@pytest.mark.parametrize("g_accum_iters", [1, 2])
+def test_steps_run_in_one_call_leave_the_state_of_one_step_a_call_bit_for_bit(g_accum_iters):
+    # Bit for bit: a resume off the calls' grid runs steps alone where the first run ran them in a call.
+    config = tiny_config(batch_size=2, g_accum_iters=g_accum_iters, warmup_steps=1)
+    config = dataclasses.replace(config, model=dataclasses.replace(config.model, dropout=0.1))
+    optimizer, mesh = make_optimizer(config), make_mesh(config)
+    train_step = make_train_step(config, optimizer, mesh)
+    rng = np.random.default_rng(0)
+    x_KxGxBxT, y_KxGxBxT = (rng.integers(0, 11, (3, g_accum_iters, 2, T), dtype=np.int32) for _ in range(2))
+    alone = init_state(config, optimizer, mesh)
+    for x_GxBxT, y_GxBxT in zip(x_KxGxBxT, y_KxGxBxT):
+        alone, alone_metrics = train_step(alone, x_GxBxT, y_GxBxT)
+    together, together_metrics = train_step(init_state(config, optimizer, mesh), x_KxGxBxT, y_KxGxBxT)
+    assert int(together.step) == int(alone.step) == 3
+    assert {k: float(v) for k, v in together_metrics.items()} == {k: float(v) for k, v in alone_metrics.items()}
+    arrays = lambda state: jax.tree.leaves(eqx.filter(state, eqx.is_array))
+    for a, b in zip(arrays(together), arrays(alone), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_calls_end_at_every_step_the_loop_acts_at_and_take_two_lengths():
+    config = tiny_config(max_steps=63, log_interval=10, eval_interval=20, checkpoint_interval=30, steps_per_call=4)
+    assert steps_a_call(config) == 2  # 4 does not divide 10; 3 neither
+    assert steps_a_call(dataclasses.replace(config, steps_per_call=7)) == 5
+    assert steps_a_call(dataclasses.replace(config, steps_per_call=10**9)) == 10  # no more than between log steps
+    config = dataclasses.replace(config, steps_per_call=5)
+    named = lambda cut: [(r[0], r[-1]) for r in cut]
+    assert named(calls(0, config, range(0))) == [(s, s + 4) for s in range(1, 61, 5)] + [(61, 61), (62, 62), (63, 63)]
+    # A resume off the grid (a stop at step 12) runs steps alone up to it; a trace of steps 4-6, each alone.
+    assert named(calls(12, config, range(0)))[:4] == [(13, 13), (14, 14), (15, 15), (16, 20)]
+    assert named(calls(0, config, range(4, 7)))[:8] == [(1, 1), (2, 2), (3, 3), (4, 4), (5, 5), (6, 6), (7, 7), (8, 8)]
+    assert named(calls(0, config, range(4, 7)))[10:12] == [(11, 15), (16, 20)]
 
 
 def test_tiny_model_overfits_one_fixed_batch():

@@ -21,9 +21,9 @@ import pytest
 from conftest import REPO_ROOT, one_layer_config, this_tree_env
 from midgpt import data
 from midgpt.checkpoint import committed, delete_unfinished_saves, make_manager
-from midgpt.config import load_config
+from midgpt.config import apply_overrides, load_config
 from midgpt.errors import MidgptError
-from midgpt.train import TRAIN_STREAM, train
+from midgpt.train import TRAIN_STREAM, steps_a_call, train
 
 STEPS = 60  # checkpoints at 20, 40 and 60
 ARGS = ["--config=shakespeare_char_cpu", "--model.n_layer=2", "--max_steps=60", "--checkpoint_interval=20",
@@ -106,6 +106,16 @@ def test_resume_after_kill_matches_uninterrupted_run(uninterrupted, shakespeare_
     assert "resuming from checkpoint 40" in output
     assert_same_run(rundir, uninterrupted)
     assert sorted(os.listdir(rundir / "checkpoints")) == ["20", "40", "60"]  # the unfinished save deleted
+
+
+def test_steps_run_one_a_call_train_the_run_that_several_a_call_did(uninterrupted, shakespeare_data_dir, tmp_path):
+    # ARGS's intervals cut shakespeare_char_cpu's steps_per_call=10 to 5 in the uninterrupted run; 3 is cut to 1.
+    assert steps_a_call(apply_overrides(load_config("shakespeare_char_cpu"), ARGS[1:])) == 5
+    code, output = finish(launch(tmp_path / "run", shakespeare_data_dir, "--steps_per_call=3"))
+    assert code == 0, output
+    assert ("steps_per_call=3 runs 1 at a time: a call ends where the loop logs, evaluates or saves, so it divides "
+            "log_interval, eval_interval and checkpoint_interval") in output
+    assert_same_run(tmp_path / "run", uninterrupted)
 
 
 def test_step_k_trains_on_the_batch_of_key_seed_0_k_and_a_resume_goes_on_at_the_next(shakespeare_data_dir, tmp_path,
@@ -288,12 +298,14 @@ def test_a_stop_signal_before_the_first_step_is_heard_too(shakespeare_data_dir, 
     proc.send_signal(signal.SIGTERM)
     code, output = finish(proc, timeout=120)
     [rundir] = os.listdir(tmp_path / "outputs")
-    assert code == 0 and (f"stopped after step 1 (SIGTERM); run the same command with --rundir=outputs/{rundir} "
-                          "to resume from checkpoint 1") in output, output
-    assert os.listdir(tmp_path / "outputs" / rundir / "checkpoints") == ["1"]
-    code, output = finish(subprocess.Popen([*command, "--max_steps=2", f"--rundir=outputs/{rundir}"], cwd=tmp_path,
+    # After the first call: steps 1-5, five a call (ARGS's log_interval).
+    assert code == 0 and "SIGTERM: stopping after the steps under way, with a checkpoint" in output, output
+    assert (f"stopped after step 5 (SIGTERM); run the same command with --rundir=outputs/{rundir} "
+            "to resume from checkpoint 5") in output, output
+    assert os.listdir(tmp_path / "outputs" / rundir / "checkpoints") == ["5"]
+    code, output = finish(subprocess.Popen([*command, "--max_steps=6", f"--rundir=outputs/{rundir}"], cwd=tmp_path,
                                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    assert code == 0 and "resuming from checkpoint 1" in output, output
+    assert code == 0 and "resuming from checkpoint 5" in output, output
 
 
 # launch.py, signalled just as it imports JAX (the second of its start when a Ctrl-C is likeliest).
@@ -318,9 +330,9 @@ def test_a_stop_signal_while_launch_starts_is_heard_as_in_training(shakespeare_d
     proc = subprocess.run([sys.executable, "-c", SIGNALLED_AT_IMPORT.format(sig=sig), *ARGS, f"--rundir={rundir}",
                            f"--data_dir={shakespeare_data_dir}"], cwd=REPO_ROOT, capture_output=True, text=True,
                           timeout=300)
-    assert proc.returncode == 0 and f"stopped after step 1 ({sig})" in proc.stdout, proc
+    assert proc.returncode == 0 and f"stopped after step 5 ({sig})" in proc.stdout, proc  # the first call's last
     assert "Traceback" not in proc.stderr, proc.stderr
-    assert os.listdir(rundir / "checkpoints") == ["1"]
+    assert os.listdir(rundir / "checkpoints") == ["5"]
 
 
 def truncate_data_file(step_dir):
@@ -676,8 +688,9 @@ def test_a_resume_says_the_learning_rate_it_goes_on_at_and_where_the_schedule_en
     config = dataclasses.replace(load_config("shakespeare_char_cpu"), max_steps=70, lr_decay_steps=65, warmup_steps=10)
     lr = closed_form_lr(config, STEPS)
     assert "\nfrom step 66 on, min_lr=0.0001: the cosine ends at lr_decay_steps=65\n" in output, output
-    assert re.search(rf"\nstep 61 \(compile included\) took [0-9.]+ s, at learning rate {re.escape(f'{lr:.3g}')}\n",
-                     output), output
+    # Steps 61-65 in one call, five a call: the rate is step 61's.
+    assert re.search(rf"\nsteps 61-65 \(compile included\) took [0-9.]+ s, from learning rate "
+                     rf"{re.escape(f'{lr:.3g}')}\n", output), output
     assert [r["lr"] for r in metrics(rundir) if r["step"] == 65] == [pytest.approx(closed_form_lr(config, 64))]
 
 
@@ -690,7 +703,8 @@ def test_a_stop_of_a_debug_run_promises_no_checkpoint(shakespeare_data_dir, tmp_
         signals.received = "SIGINT"  # as its handler records one that came before training
         train(config, str(tmp_path), debug=True, signals=signals)
     out = capsys.readouterr().out
-    assert "SIGINT: stopping after this step (again to stop at once)\n" in out, out  # not "with a checkpoint"
+    # Not "with a checkpoint"; shakespeare_char_cpu runs 10 steps a call, but these 3 run one at a time.
+    assert "SIGINT: stopping after the steps under way (again to stop at once)\n" in out, out
     assert out.splitlines()[-1] == "stopped after step 1 (SIGINT); no checkpoint was written (--debug)"
 
 

@@ -199,6 +199,11 @@ def _retrieved(record: logging.LogRecord) -> bool:
     return not record.getMessage().partition("\n")[0].endswith("exception was never retrieved")
 
 
+def named_steps(steps: range) -> str:
+    """"step 5" or "steps 5-7", for the lines that say what some steps did."""
+    return f"step {steps[0]}" if len(steps) == 1 else f"steps {steps[0]}-{steps[-1]}"
+
+
 def say(line: str, end: str = "\n") -> None:
     """Print a line above the progress bar, now; a closed stdout (`| tee` ended by Ctrl-C) stops no run."""
     stdout = PipeSafe(sys.stdout)

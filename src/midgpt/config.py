@@ -60,6 +60,9 @@ class Config:
     eval_interval: int = 250
     eval_iters: int = 200
     log_interval: int = 10
+    # Training steps in one jitted call (a scan over their batches), so that the host dispatches once
+    # for them; a call ends at every step where the loop logs, evaluates or saves, whatever the count.
+    steps_per_call: int = 1
     param_dtype: str = "float32"  # the only choice (check_config says why); config.json names it
     # "bfloat16" (matmul inputs; sums in float32), "float32", or "auto": bfloat16, but float32 on a
     # CPU that has no bf16 matmul instructions (precision.compute_dtype). Like the model's "how the
@@ -323,7 +326,8 @@ def check_config(config: Config) -> None:
         "model.n_head": m.n_head, "model.n_embd": m.n_embd, "max_steps": config.max_steps,
         "batch_size": config.batch_size, "g_accum_iters": config.g_accum_iters,
         "eval_interval": config.eval_interval, "eval_iters": config.eval_iters,
-        "log_interval": config.log_interval, "learning_rate": config.learning_rate,
+        "log_interval": config.log_interval, "steps_per_call": config.steps_per_call,
+        "learning_rate": config.learning_rate,
         "lr_decay_steps": config.lr_decay_steps, "checkpoint_interval": config.checkpoint_interval,
         "keep_checkpoints": config.keep_checkpoints, "model.scan_unroll": m.scan_unroll,
         "model.rope_base": m.rope_base,

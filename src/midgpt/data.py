@@ -4,6 +4,7 @@ import contextlib
 import json
 import os
 import shlex
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 
 import jax
@@ -175,33 +176,41 @@ def get_batch(
     return window_bxT1[:, :-1], window_bxT1[:, 1:]
 
 
-def global_batch(tokens: np.ndarray, key: tuple[int, ...], G: int, config: Config, mesh: Mesh):
+def global_batch(tokens: np.ndarray, key: tuple[int, ...] | list[tuple[int, ...]], G: int, config: Config,
+                 mesh: Mesh):
     """The G batches fixed by key, (x_GxBxT, y_GxBxT), on the mesh: each process reads only its own rows.
 
-    G: the step's micro-batches, or an evaluation's batches (E elsewhere).
+    G: the step's micro-batches, or an evaluation's batches (E elsewhere). A list of K keys gives K steps'
+    batches, stacked: (x_KxGxBxT, y_KxGxBxT).
     """
+    keys = key if isinstance(key, list) else [key]
     B, T = config.batch_size, config.model.block_size
-    batch_sharding = sharding.batch_sharding(mesh, ndim=3, batch_axis=1)
-    rows_b = sharding.process_rows(batch_sharding, (G, B, T), batch_axis=1)  # this process's b of the B rows
+    lead = (len(keys), G) if isinstance(key, list) else (G,)  # the axes before B's
+    batch_sharding = sharding.batch_sharding(mesh, ndim=len(lead) + 2, batch_axis=len(lead))
+    rows_b = sharding.process_rows(batch_sharding, (*lead, B, T), batch_axis=len(lead))  # this process's b of B
     # Row b of micro-batch g is row g * B + b of the G * B rows drawn for the key.
     index_Gb = (np.arange(G)[:, None] * B + rows_b).ravel()
-    x_GbxT, y_GbxT = get_batch(tokens, key, G * B, T, rows=index_Gb)
+    x_KxGbxT, y_KxGbxT = (np.stack(a) for a in zip(*(get_batch(tokens, k, G * B, T, rows=index_Gb) for k in keys)))
     # Ids past the table look up nothing: the loss turns NaN, and the learning rate would be blamed.
-    if x_GbxT.size and (top := int(max(x_GbxT.max(), y_GbxT.max()))) >= config.model.vocab_size:
+    if x_KxGbxT.size and (top := int(max(x_KxGbxT.max(), y_KxGbxT.max()))) >= config.model.vocab_size:
         raise MidgptError(f"{getattr(tokens, 'filename', None) or 'the data'} holds token id {top}, past "
                           f"model.vocab_size={config.model.vocab_size}: it is damaged; prepare the data again")
     return tuple(
-        jax.make_array_from_process_local_data(batch_sharding, a_GbxT.reshape(G, len(rows_b), T), (G, B, T))
-        for a_GbxT in (x_GbxT, y_GbxT)
+        jax.make_array_from_process_local_data(batch_sharding, a.reshape(*lead, len(rows_b), T), (*lead, B, T))
+        for a in (x_KxGbxT, y_KxGbxT)
     )
 
 
-def prefetch(make, steps: range):
-    """Yield (step, make(step)) for each step; a thread makes the next while the caller uses this one."""
+def prefetch(make, items: Iterable):
+    """Yield (item, make(item)) for each item; a thread makes the next while the caller uses this one."""
+    items, end = iter(items), object()
     with ThreadPoolExecutor(max_workers=1) as pool:
-        pending = pool.submit(make, steps[0]) if steps else None
-        for i, step in enumerate(steps):
+        item = next(items, end)
+        pending = None if item is end else pool.submit(make, item)
+        while item is not end:
             ready = pending.result()
-            if i + 1 < len(steps):
-                pending = pool.submit(make, steps[i + 1])
-            yield step, ready
+            following = next(items, end)
+            if following is not end:
+                pending = pool.submit(make, following)
+            yield item, ready
+            item = following

@@ -112,8 +112,8 @@ class StepTimer:
         """Time from now: after a compile, a traced step, or a log step's evaluation and writes."""
         self.start, self.steps = time.perf_counter(), 0
 
-    def tick(self):
-        self.steps += 1
+    def tick(self, steps: int = 1):
+        self.steps += steps
 
     @property
     def seconds(self) -> float:

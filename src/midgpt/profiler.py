@@ -6,9 +6,7 @@ from collections.abc import Callable
 
 import jax
 
-
-def _named(steps: range) -> str:
-    return f"step {steps[0]}" if len(steps) == 1 else f"steps {steps[0]}-{steps[-1]}"
+from midgpt.cli import named_steps
 
 
 class TraceWindow:
@@ -21,9 +19,10 @@ class TraceWindow:
         self.say = say
         self.tracing = False  # started and not yet stopped
         if self.steps:
-            say(f"debug: profiler trace of {_named(self.steps)} in {self.directory}")
+            say(f"debug: profiler trace of {named_steps(self.steps)} in {self.directory}")
         elif enabled:
-            say(f"debug: no profiler trace: it is of {_named(wanted)}, after the compile, and max_steps={max_steps}")
+            say(f"debug: no profiler trace: it is of {named_steps(wanted)}, after the compile, "
+                f"and max_steps={max_steps}")
 
     def __contains__(self, step: int) -> bool:
         return step in self.steps
@@ -46,7 +45,7 @@ class TraceWindow:
         """A stop signal after `step`: the trace so far is still written."""
         if self.tracing:
             jax.block_until_ready(state)  # the step in the trace whole
-            self._stop_early(f"after {_named(range(self.steps[0], step + 1))}")
+            self._stop_early(f"after {named_steps(range(self.steps[0], step + 1))}")
 
     def failed(self, step: int) -> None:
         """An error in `step`: the trace so far is still written, without raising over the error."""
@@ -57,4 +56,4 @@ class TraceWindow:
     def _stop_early(self, when: str) -> None:
         self.tracing = False
         jax.profiler.stop_trace()  # which writes what was traced
-        self.say(f"debug: the profiler trace stopped early, {when} of {_named(self.steps)}, in {self.directory}")
+        self.say(f"debug: the profiler trace stopped early, {when} of {named_steps(self.steps)}, in {self.directory}")

@@ -6,7 +6,7 @@ import math
 import os
 import shlex
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import equinox as eqx
 import jax
@@ -104,7 +104,8 @@ def make_train_step(config: Config, optimizer: optax.GradientTransformation, mes
                     pieces: int | None = None, chunks: int | None = None, compiler_options: dict | None = None):
     """Build the jitted step (state, x_GxBxT, y_GxBxT) -> (state, metrics), compiled with XLA's compiler_options.
 
-    Each micro-batch runs as `pieces` smaller ones, whose logits the loss makes in `chunks` slices of T.
+    Batches stacked for K steps (x_KxGxBxT) run the K in one call, with the last one's metrics. Each
+    micro-batch runs as `pieces` smaller ones, whose logits the loss makes in `chunks` slices of T.
     """
     compute_dtype = jnp.dtype(precision.compute_dtype(config.compute_dtype))
     schedule = lr_schedule(config)
@@ -150,23 +151,45 @@ def make_train_step(config: Config, optimizer: optax.GradientTransformation, mes
         new_state = TrainState(eqx.combine(params, model_static), opt_state, state.step + 1, state.dropout_key)
         return eqx.filter(new_state, eqx.is_array), metrics
 
-    replicated = NamedSharding(mesh, P())
-    # Declared shardings keep the state in its FSDP layout between steps: nothing is gathered by accident.
-    step = jax.jit(
-        step,
-        in_shardings=(state_shardings, batch_sharding, batch_sharding),
-        out_shardings=(state_shardings, replicated),
-        donate_argnums=0,
-        compiler_options=compiler_options,
-    )
+    def steps(state_arrays, x_KxGxBxT, y_KxGxBxT):
+        # Dispatching a step cost a small model's loop on a CPU more than the step's own work can hide.
+        state_arrays, metrics_K = jax.lax.scan(lambda s, xy: step(s, *xy), state_arrays, (x_KxGxBxT, y_KxGxBxT))
+        return state_arrays, jax.tree.map(lambda m_K: m_K[-1], metrics_K)
 
-    def train_step(state: TrainState, x_GxBxT, y_GxBxT):
-        state_arrays, metrics = step(eqx.filter(state, eqx.is_array), x_GxBxT, y_GxBxT)
+    def jit(f, batches):
+        # Declared shardings keep the state in its FSDP layout between steps: nothing is gathered by accident.
+        return jax.jit(f, in_shardings=(state_shardings, batches, batches),
+                       out_shardings=(state_shardings, NamedSharding(mesh, P())), donate_argnums=0,
+                       compiler_options=compiler_options)
+
+    one, many = jit(step, batch_sharding), jit(steps, sharding.batch_sharding(mesh, ndim=4, batch_axis=2))
+    jitted = lambda x: one if x.ndim == 3 else many
+
+    def train_step(state: TrainState, x, y):
+        state_arrays, metrics = jitted(x)(eqx.filter(state, eqx.is_array), x, y)
         return eqx.combine(state_arrays, static), metrics
 
     # For inspecting the compiled step (memory, collectives), as with any jitted function.
-    train_step.lower = lambda state, x, y: step.lower(eqx.filter(state, eqx.is_array), x, y)
+    train_step.lower = lambda state, x, y: jitted(x).lower(eqx.filter(state, eqx.is_array), x, y)
     return train_step
+
+
+def steps_a_call(config: Config) -> int:
+    """The steps a call runs: the most, up to steps_per_call, that divide every interval the loop acts at."""
+    every = math.gcd(config.log_interval, config.eval_interval, config.checkpoint_interval)
+    return max(n for n in range(1, min(config.steps_per_call, every) + 1) if every % n == 0)
+
+
+def calls(start: int, config: Config, traced: range) -> Iterator[range]:
+    """The steps after start as the loop runs them: steps_a_call at a time, ending where the loop acts, or one
+    at a time where they do not fit (a resume off that grid, the last steps, `traced` ones): two programs."""
+    n, step = steps_a_call(config), start + 1
+    alone = {*traced, traced.start - 1} if traced else set()  # the trace starts and stops between calls
+    while step <= config.max_steps:
+        last = step + n - 1
+        whole = (step - 1) % n == 0 and last <= config.max_steps and not any(step <= s < last for s in alone)
+        yield range(step, last + 1) if whole else range(step, step + 1)
+        step += n if whole else 1
 
 
 @eqx.filter_jit
@@ -286,8 +309,10 @@ def _train(config: Config, rundir: str, debug: bool, resume: bool, notes: Sequen
     mesh = sharding.make_mesh(config, resuming=resume)
     is_main = jax.process_index() == 0
     say = cli.say if is_main else lambda _: None
-    # Several processes agree on a stop only at log steps, where they sync anyway.
-    stop_after = "at the next log step" if jax.process_count() > 1 else "after this step"
+    # Several processes agree on a stop only at log steps, where they sync anyway; one stops after the call
+    # under way, whose steps run as one program.
+    stop_after = ("at the next log step" if jax.process_count() > 1 else
+                  "after this step" if steps_a_call(config) == 1 else "after the steps under way")
     # Every process: the stop's notice goes to the terminal it was asked in, named where logs merge (srun).
     signals.speak(cli.say if is_main else lambda line: cli.say(f"process {jax.process_index()}: {line}"), stop_after,
                   saving=not debug)
@@ -361,6 +386,9 @@ def _train(config: Config, rundir: str, debug: bool, resume: bool, notes: Sequen
     if pieces > 1:
         say(f"each micro-batch of {config.batch_size} rows runs as {pieces} of {config.batch_size // pieces} "
             "in training and evaluation: faster on a lone CPU")
+    if (per_call := steps_a_call(config)) < config.steps_per_call:
+        say(f"steps_per_call={config.steps_per_call} runs {per_call} at a time: a call ends where the loop logs, "
+            f"evaluates or saves, so it divides log_interval, eval_interval and checkpoint_interval")
     tokens_per_step = config.g_accum_iters * config.batch_size * config.model.block_size
     timer = mfu.StepTimer(config.model, tokens_per_step, compute_dtype)
     step_flops = mfu.flops_per_token(config.model) * tokens_per_step
@@ -371,8 +399,9 @@ def _train(config: Config, rundir: str, debug: bool, resume: bool, notes: Sequen
     # Off a terminal (CI, log files), redraw rarely rather than fill the log with frames.
     bar = tqdm(initial=start, total=config.max_steps, desc="train", dynamic_ncols=True, disable=not is_main,
                mininterval=0.1 if sys.stderr.isatty() else 30, file=cli.PipeSafe(sys.stderr))
-    make_batch = lambda step: data.global_batch(
-        train_tokens, (config.seed, TRAIN_STREAM, step), config.g_accum_iters, config, mesh
+    make_batches = lambda steps: data.global_batch(  # of one step, or stacked for several
+        train_tokens, [(config.seed, TRAIN_STREAM, step) for step in steps] if len(steps) > 1
+        else (config.seed, TRAIN_STREAM, steps[0]), config.g_accum_iters, config, mesh
     )
     peak_memory = None
     timer.restart()
@@ -380,24 +409,28 @@ def _train(config: Config, rundir: str, debug: bool, resume: bool, notes: Sequen
     stopped = False  # by a stop signal: not finished
 
     try:
-        for step, (x_GxBxT, y_GxBxT) in data.prefetch(make_batch, range(start + 1, config.max_steps + 1)):
+        for steps, (x, y) in data.prefetch(make_batches, calls(start, config, trace.steps)):
+            step = steps[-1]  # the loop acts after the call's last step alone
             is_eval = step % config.eval_interval == 0 or step == config.max_steps
             is_log = is_eval or step % config.log_interval == 0
             # An evaluation is one jitted call (minutes of shakespeare_char's on a CPU), and a stop waits for
             # it: a resume would not evaluate this step again.
-            signals.when = "after this step's evaluation" if is_eval else stop_after
-            trace.before(step)
-            state, metrics = train_step(state, x_GxBxT, y_GxBxT)
-            bar.update()
-            timer.tick()
+            ending = "this step" if len(steps) == 1 else f"step {step}"
+            after_call = f"after {ending}" if jax.process_count() == 1 else stop_after
+            signals.when = f"after {ending}'s evaluation" if is_eval else after_call
+            trace.before(steps[0])
+            state, metrics = train_step(state, x, y)
+            bar.update(len(steps))
+            timer.tick(len(steps))
             if trace.after(step, state):
                 timer.restart()  # traced steps are slower: not timed
-            if step == start + 1:  # leave the compile out of the throughput
+            if steps[0] == start + 1:  # leave the compile out of the throughput
                 jax.block_until_ready(state)
                 peak_memory = memory.peak_in_use()
                 # And a resume's rate, which a longer lr_decay_steps moves: its cosine, stretched, rises again.
-                say(f"step {step} (compile included) took {timer.seconds:.1f} s"
-                    + (f", at learning rate {float(metrics['lr']):.3g}" if start else "")
+                say(f"{cli.named_steps(steps)} (compile included) took {timer.seconds:.1f} s"
+                    + (f", {'at' if len(steps) == 1 else 'from'} learning rate {float(lr_schedule(config)(start)):.3g}"
+                       if start else "")
                     + (f"; peak memory {memory.readable(peak_memory)} per device" if peak_memory else ""))
                 timer.restart()
 
@@ -414,7 +447,7 @@ def _train(config: Config, rundir: str, debug: bool, resume: bool, notes: Sequen
                 if is_eval:
                     record["train_loss"] = evaluate(state.model, train_tokens, config, mesh, EVAL_TRAIN_STREAM)
                     record["val_loss"] = evaluate(state.model, val_tokens, config, mesh, EVAL_VAL_STREAM)
-                    signals.when = stop_after  # evaluated: a stop that comes now waits for no evaluation
+                    signals.when = after_call  # evaluated: a stop that comes now waits for no evaluation
                     say(f"step {step}: train loss {record['train_loss']:.4f}, val loss {record['val_loss']:.4f}")
                 with multihost.failing_together(), writing_to(rundir, resume_fix()):  # a full disk
                     if log:

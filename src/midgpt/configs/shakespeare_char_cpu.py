@@ -13,6 +13,9 @@ config = dataclasses.replace(
                               # 37 ms without remat and 27 ms unrolled (the full config's choices)
                               remat="full", scan_unroll=2),
     batch_size=12,
+    # Ten steps a call, one call between log steps: 0.88x the step time of one a call on the Intel Xeon
+    # (benchmarks/RESULTS.md), where dispatching each 27 ms step took time from the two cores.
+    steps_per_call=10,
     max_steps=2000,
     lr_decay_steps=2000,
     eval_iters=50,
