@@ -13,8 +13,8 @@ config = dataclasses.replace(
                               # 37 ms without remat and 27 ms unrolled (the full config's choices)
                               remat="full", scan_unroll=2),
     batch_size=12,
-    # Ten steps a call, one call between log steps: 0.88x the step time of one a call on the Intel Xeon
-    # (benchmarks/RESULTS.md), where dispatching each 27 ms step took time from the two cores.
+    # Ten steps a call, one call between log steps: in launch.py's loop on the Intel Xeon, 0.90-0.94x the
+    # step time of one a call (benchmarks/RESULTS.md), whose dispatch took time from the two cores.
     steps_per_call=10,
     max_steps=2000,
     lr_decay_steps=2000,
