@@ -14,7 +14,7 @@ config = dataclasses.replace(
                               remat="full", scan_unroll=2),
     batch_size=12,
     # Ten steps a call, one call between log steps: in launch.py's loop on the Intel Xeon, 0.90-0.94x the
-    # step time of one a call (benchmarks/RESULTS.md), whose dispatch took time from the two cores.
+    # step time of one step a call (benchmarks/RESULTS.md).
     steps_per_call=10,
     max_steps=2000,
     lr_decay_steps=2000,
