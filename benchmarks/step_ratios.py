@@ -25,7 +25,7 @@ def main(argv: list[str]) -> None:
     parser = ArgumentParser(description=__doc__)
     add_config_option(parser, required=True)
     parser.add_argument("--rounds", type=positive_int, default=3, help="rounds of every variant in turn")
-    parser.add_argument("--steps", type=positive_int, default=3, help="steps timed a variant and round (whole calls)")
+    parser.add_argument("--steps", type=positive_int, default=3, help="timed steps per variant and round (whole calls)")
     parser.add_argument("variants", nargs="+")
     args, unknown = parser.parse_known_args(argv)
     if unknown:  # an override before --, where argparse takes it for an option of the script's own
