@@ -311,8 +311,9 @@ def _train(config: Config, rundir: str, debug: bool, resume: bool, notes: Sequen
     say = cli.say if is_main else lambda _: None
     # Several processes agree on a stop only at log steps, where they sync anyway; one stops after the call
     # under way, whose steps run as one program.
+    per_call = steps_a_call(config)
     stop_after = ("at the next log step" if jax.process_count() > 1 else
-                  "after this step" if steps_a_call(config) == 1 else "after the steps under way")
+                  "after this step" if per_call == 1 else "after the steps under way")
     # Every process: the stop's notice goes to the terminal it was asked in, named where logs merge (srun).
     signals.speak(cli.say if is_main else lambda line: cli.say(f"process {jax.process_index()}: {line}"), stop_after,
                   saving=not debug)
@@ -386,7 +387,7 @@ def _train(config: Config, rundir: str, debug: bool, resume: bool, notes: Sequen
     if pieces > 1:
         say(f"each micro-batch of {config.batch_size} rows runs as {pieces} of {config.batch_size // pieces} "
             "in training and evaluation: faster on a lone CPU")
-    if (per_call := steps_a_call(config)) < config.steps_per_call:
+    if per_call < config.steps_per_call:
         say(f"steps_per_call={config.steps_per_call} runs {per_call} at a time: a call ends where the loop logs, "
             f"evaluates or saves, so it divides log_interval, eval_interval and checkpoint_interval")
     tokens_per_step = config.g_accum_iters * config.batch_size * config.model.block_size
