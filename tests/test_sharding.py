@@ -361,6 +361,23 @@ def test_a_signalled_process_stops_both_at_the_next_log_step_with_a_checkpoint(s
     assert stopped % 7 == 0 and os.listdir(rundir / "checkpoints") == [str(stopped)]
 
 
+def test_a_process_that_comes_to_the_first_step_40_s_after_the_other_trains_with_it(shakespeare_data_dir, tmp_path):
+    # Gloo gives processes 30 s to meet at the first collective of a group of devices, which the first step's
+    # gathers are: one that compiled the step that much longer (a loaded host, or the only one to miss the
+    # compilation cache) failed both, "Gloo context initialization failed".
+    procs = two_processes("--config=shakespeare_char_cpu", f"--data_dir={shakespeare_data_dir}", "--batch_size=16",
+                          "--model.n_layer=1", "--max_steps=2", "--eval_iters=1", f"--rundir={tmp_path}/run")
+    for line in iter(procs[0].stdout.readline, ""):  # said before the loop, where process 1 is: yet to compile
+        if line.startswith("MFU is against"):
+            break
+    procs[1].send_signal(signal.SIGSTOP)  # a stalled host
+    time.sleep(40)
+    procs[1].send_signal(signal.SIGCONT)
+    results = outputs(procs, timeout=120)
+    assert [p.returncode for p in procs] == [0, 0], results
+    assert "trained to step 2: " in results[0][0], results
+
+
 def test_a_process_that_dies_mid_run_stops_the_other_in_one_line_that_says_how_to_resume(shakespeare_data_dir, tmp_path):
     from test_resume import wait_for_step
 

@@ -118,6 +118,17 @@ def failing_together():
         raise error
 
 
+def compile_together(lowered: jax.stages.Lowered) -> None:
+    """Compile a program on every process, then wait for all to have: none runs its first collective alone."""
+    # Gloo gives the processes 30 s to meet at the first collective of a group of devices (its deadline
+    # to connect them, which XLA does not let be set), and the first step's gathers are: one process
+    # that compiled the step that much longer (a loaded host, or the only one to miss the compilation
+    # cache) failed both. check_same_arguments' gather connected the processes already, and a wait in a
+    # connected group has no such deadline (200 s, tried).
+    lowered.compile()  # jax.jit's call finds it in its cache
+    multihost_utils.sync_global_devices("midgpt: compiled")
+
+
 def failed_collective(error: BaseException) -> bool:
     """Whether error is a collective of several processes that failed, as one that stopped leaves the others."""
     # JAX raises it as a JaxRuntimeError, or from some dispatches as a ValueError; the library says which.

@@ -419,6 +419,8 @@ def _train(config: Config, rundir: str, debug: bool, resume: bool, notes: Sequen
             ending = "this step" if len(steps) == 1 else f"step {step}"
             after_call = f"after {ending}" if jax.process_count() == 1 else stop_after
             signals.when = f"after {ending}'s evaluation" if is_eval else after_call
+            if steps[0] == start + 1 and jax.process_count() > 1:  # the first step meets the others in time
+                multihost.compile_together(train_step.lower(state, x, y))
             trace.before(steps[0])
             state, metrics = train_step(state, x, y)
             bar.update(len(steps))
