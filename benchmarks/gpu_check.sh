@@ -2,9 +2,10 @@
 # One call (or two: PART) on a lent GPU: cuDNN's attention against the einsum path, then the training step
 # timed for each remat policy and attention path (a JSON line per run, then a table), XLA's
 # memory for the config's own micro-batch against the estimate, where the configured step's
-# time goes (by kind of op, the longest ops), whether a killed run resumes bit for bit, and last
-# the other fast paths against their references. It stops in BUDGET_S seconds (default 540), each
-# step cut to what is left, and exits 1 if any step failed or was cut.
+# time goes (by kind of op, the longest ops), whether a killed run resumes bit for bit, whether
+# several steps a call train as one a call does, and last the other fast paths against their
+# references. It stops in BUDGET_S seconds (default 540), each step cut to what is left, and
+# exits 1 if any step failed or was cut.
 #
 #   bash benchmarks/gpu_check.sh                      # openwebtext, 16 x 1024-token micro-batches
 #   PYTHON=.venv/bin/python CONFIG=shakespeare_char_cpu ARGS=--steps=3 bash benchmarks/gpu_check.sh   # a rehearsal on a CPU
@@ -116,6 +117,10 @@ exact_resume() {  # XLA reads an XLA_FLAGS that does not start with "--" (" ", s
 }
 exact_resume ""
 exact_resume --xla_gpu_deterministic_ops=true
+
+echo "== several steps a call (steps_per_call) against one a call, bit for bit"
+timeout "$(within 90)" "$python" -m pytest -q -p no:cacheprovider tests/test_optimizer.py -k steps_run_in_one_call 2>&1 |
+    tee -a "$out/steps_per_call.log" | tail -n 3 || failed "$out/steps_per_call.log"
 
 echo "== the other fast paths, on this device"
 fast_paths 300 "not cudnn"
