@@ -105,6 +105,7 @@ timeout "$(within 200)" "$python" benchmarks/step_profile.py --config="$config" 
 import json, sys
 for p in (json.loads(line) for line in open(sys.argv[1]) if line.startswith("{")):
     print(f"step {p['step_ms']} ms; its ops {p['op_ms_per_step']} ms, by kind:", p["by_kind_ms"])
+    print("by part:", p["by_part_ms"])
     for op in p["top"]:
         print(f"{op['ms']:9.2f} ms {op['calls']:5.0f}x {op['kind']:13} {op['hlo'][:90]}")
 EOF

@@ -3,7 +3,8 @@
 python benchmarks/step_profile.py --config=shakespeare_char [--steps=5] [--top=15] [--FIELD=VALUE ...]
 compiles the step that launch.py runs, traces `steps` steps of it and prints one JSON line: the
 median step, the op time a step (summed over a CPU's threads, or over the GPUs), that time by kind
-(matmul, attention, collective, copy, other fusion, other) and the `top` ops with their HLO.
+(matmul, attention, collective, copy, other fusion, other), by part of the model and pass ("attention,
+backward", "mlp, recompute", ...) and the `top` ops with their HLO.
 Runs unchanged on a CPU or a GPU.
 """
 
@@ -56,6 +57,20 @@ def kind(line: str, bodies: dict[str, str]) -> str:
     if re.search(r" (copy|transpose)\(", line):
         return "copy"
     return "other"
+
+
+def part(line: str) -> str:
+    """Which part of the step an instruction does, by the JAX name XLA kept: "attention, backward", say."""
+    name = re.search(r'op_name="([^"]*)"', line)
+    if name is None:
+        return "no JAX name"  # XLA's own: the scan's slices of the stacked layers' weights, layout copies
+    name = name.group(1)
+    if "jvp(" not in name:
+        return "outside the gradient"  # the optimiser, the metrics, the loops
+    what = next((scope for scope in ("attention", "mlp") if f"/{scope}/" in name or name.endswith(f"/{scope}")),
+                "rest of the model")  # norms, embedding, loss
+    when = "forward" if "transpose(" not in name else "recompute" if "/rematted_computation" in name else "backward"
+    return f"{what}, {when}"
 
 
 def op_times(trace_dir: str, module: str) -> tuple[collections.Counter, collections.Counter, list[str]]:
@@ -115,14 +130,16 @@ def main(argv: list[str]) -> None:
     steps = n * steps_in(batches[0])
     ms = lambda ns: round(ns / steps / 1e6, 3)
     kinds = {op: kind(instructions.get(op, ""), bodies) for op in own_ns}
-    by_kind = collections.Counter()
+    by_kind, by_part = collections.Counter(), collections.Counter()
     for op, ns in own_ns.items():
         by_kind[kinds[op]] += ns
+        by_part[part(instructions.get(op, ""))] += ns
     print(json.dumps({
         **run_fields(args.config, overrides),
         "step_ms": round(1000 * statistics.median(times), 2),
         "op_ms_per_step": ms(sum(own_ns.values())),
         "by_kind_ms": {k: ms(ns) for k, ns in by_kind.most_common()},
+        "by_part_ms": {k: ms(ns) for k, ns in by_part.most_common()},
         "top": [{"op": op, "ms": ms(ns), "calls": calls[op] / steps, "kind": kinds[op],
                  "hlo": instructions.get(op, "")[:200]} for op, ns in own_ns.most_common(args.top)],
         "timelines": timelines,

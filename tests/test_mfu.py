@@ -132,7 +132,7 @@ def test_step_ratios_times_each_variant_every_round_against_the_first():
     assert second["ratio"] == pytest.approx(ratio, rel=0.01)
 
 
-def test_step_profile_sums_the_step_ops_by_kind_and_names_them_in_its_hlo():
+def test_step_profile_sums_the_step_ops_by_kind_and_part_and_names_them_in_its_hlo():
     result = subprocess.run(
         [sys.executable, str(REPO_ROOT / "benchmarks" / "step_profile.py"), "--config=shakespeare_char_cpu",
          "--steps=3", "--top=5", "--model.n_layer=2", "--model.n_embd=64", "--model.n_head=2", "--batch_size=4"],
@@ -144,6 +144,10 @@ def test_step_profile_sums_the_step_ops_by_kind_and_names_them_in_its_hlo():
     assert 0 < out["op_ms_per_step"] <= out["step_ms"] * (os.cpu_count() + 1) and out["timelines"]
     assert sum(out["by_kind_ms"].values()) == pytest.approx(out["op_ms_per_step"], abs=0.01)
     assert out["by_kind_ms"]["matmul"] > 0
+    # By part and pass, from the names XLA kept of JAX's ops: remat "full" recomputes each layer's forward pass.
+    assert sum(out["by_part_ms"].values()) == pytest.approx(out["op_ms_per_step"], abs=0.01)
+    assert {f"{what}, {when}" for what in ("attention", "mlp") for when in ("forward", "recompute", "backward")} <= set(
+        out["by_part_ms"]), out["by_part_ms"]
     top = out["top"]
     assert len(top) == 5 and [op["ms"] for op in top] == sorted((op["ms"] for op in top), reverse=True)
     assert all(op["hlo"].startswith(f"%{op['op']} = ") and op["calls"] >= 1 for op in top)
