@@ -120,8 +120,8 @@ exact_resume ""
 exact_resume --xla_gpu_deterministic_ops=true
 
 echo "== several steps a call (steps_per_call) against one a call, bit for bit"
-timeout "$(within 90)" "$python" -m pytest -q -p no:cacheprovider tests/test_optimizer.py -k steps_run_in_one_call 2>&1 |
-    tee -a "$out/steps_per_call.log" | tail -n 3 || failed "$out/steps_per_call.log"
+timeout "$(within 90)" "$python" -m pytest -q -p no:cacheprovider tests/test_optimizer.py \
+    -k steps_run_in_one_call 2>&1 | tee -a "$out/steps_per_call.log" | tail -n 3 || failed "$out/steps_per_call.log"
 
 echo "== the other fast paths, on this device"
 fast_paths 300 "not cudnn"
