@@ -22,7 +22,7 @@ from midgpt.config import Config, apply_overrides, check_config, load_config
 from midgpt.model import count_params
 from midgpt.optimizer import make_optimizer
 from midgpt.sharding import batch_sharding, make_mesh
-from midgpt.train import init_state, make_train_step
+from midgpt.train import init_state, make_train_step, steps_a_call
 
 
 def checked_config(name: str, overrides: list[str], options: Sequence[str] = ()) -> Config:
@@ -38,14 +38,14 @@ def checked_config(name: str, overrides: list[str], options: Sequence[str] = ())
 def setup(config: Config, compiler_options: dict | None = None):
     """(fresh state, the jitted step, compiled with XLA's compiler_options, 4 random batches already on the devices).
 
-    Each batch is a call's, as launch.py makes them: stacked for config.steps_per_call steps if more than one.
+    Each batch is a call's, as launch.py makes them: stacked for steps_a_call(config) steps if more than one.
     """
     optimizer, mesh = make_optimizer(config), make_mesh(config)
     state = init_state(config, optimizer, mesh)
     train_step = make_train_step(config, optimizer, mesh, compiler_options=compiler_options)
     shape = (config.g_accum_iters, config.batch_size, config.model.block_size)
-    if config.steps_per_call > 1:
-        shape = (config.steps_per_call, *shape)
+    if (per_call := steps_a_call(config)) > 1:  # steps_per_call, cut to divide the intervals launch.py acts at
+        shape = (per_call, *shape)
     rng = np.random.default_rng(0)
     # A few distinct batches, already on the devices: this measures the step, not the data.
     batches = [jax.device_put(rng.integers(0, config.model.vocab_size, shape, dtype=np.int32),

@@ -419,7 +419,8 @@ def _train(config: Config, rundir: str, debug: bool, resume: bool, notes: Sequen
             ending = "this step" if len(steps) == 1 else f"step {step}"
             after_call = f"after {ending}" if jax.process_count() == 1 else stop_after
             signals.when = f"after {ending}'s evaluation" if is_eval else after_call
-            if steps[0] == start + 1 and jax.process_count() > 1:  # the first step meets the others in time
+            first = steps[0] == start + 1  # the call that compiles
+            if first and jax.process_count() > 1:  # its first step meets the others in time
                 multihost.compile_together(train_step.lower(state, x, y))
             trace.before(steps[0])
             state, metrics = train_step(state, x, y)
@@ -427,7 +428,7 @@ def _train(config: Config, rundir: str, debug: bool, resume: bool, notes: Sequen
             timer.tick(len(steps))
             if trace.after(step, state):
                 timer.restart()  # traced steps are slower: not timed
-            if steps[0] == start + 1:  # leave the compile out of the throughput
+            if first:  # leave the compile out of the throughput
                 jax.block_until_ready(state)
                 peak_memory = memory.peak_in_use()
                 # And a resume's rate, which a longer lr_decay_steps moves: its cosine, stretched, rises again.
