@@ -18,11 +18,11 @@ import numpy as np
 
 from midgpt import mfu, precision
 from midgpt.cli import ArgumentParser, add_config_option, positive_int, run
-from midgpt.config import Config, apply_overrides, check_config, load_config
+from midgpt.config import Config, apply_overrides, check_config, load_config, steps_a_call
 from midgpt.model import count_params
 from midgpt.optimizer import make_optimizer
 from midgpt.sharding import batch_sharding, make_mesh
-from midgpt.train import init_state, make_train_step, steps_a_call
+from midgpt.train import init_state, make_train_step
 
 
 def checked_config(name: str, overrides: list[str], options: Sequence[str] = ()) -> Config:

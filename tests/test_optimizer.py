@@ -10,11 +10,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from midgpt.config import Config, ModelConfig, apply_overrides, check_config, load_config
+from midgpt.config import Config, ModelConfig, apply_overrides, check_config, load_config, steps_a_call
 from midgpt.model import GPT
 from midgpt.optimizer import lr_schedule, make_optimizer, schedule_note
 from midgpt.sharding import DATA_AXES, make_mesh
-from midgpt.train import calls, init_state, loss_fn, make_train_step, pieces_per_micro_batch, steps_a_call
+from midgpt.train import calls, init_state, loss_fn, make_train_step, pieces_per_micro_batch
 
 T = 16
 

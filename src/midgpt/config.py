@@ -76,6 +76,12 @@ class Config:
     keep_checkpoints: int = 3  # the newest this many are kept
 
 
+def steps_a_call(config: Config) -> int:
+    """The steps a call runs: the most, up to steps_per_call, that divide every interval the loop acts at."""
+    every = math.gcd(config.log_interval, config.eval_interval, config.checkpoint_interval)
+    return max(n for n in range(1, min(config.steps_per_call, every) + 1) if every % n == 0)
+
+
 def config_names() -> list[str]:
     """The named configs: the modules of midgpt.configs."""
     return sorted(m.name for m in pkgutil.iter_modules(importlib.import_module("midgpt.configs").__path__))

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from midgpt.config import Config, ModelConfig
+from midgpt.config import Config, ModelConfig, steps_a_call
 from midgpt.errors import MidgptError
 from midgpt.model import REMAT_POLICIES, Block, attention_implementation, cast_floats
 from midgpt.precision import compute_dtype
@@ -165,10 +165,9 @@ def estimate(config: Config, mesh: Mesh, state_like, state_shardings, pieces: in
     itemsize, param_itemsize = compute_itemsize(config), np.dtype(config.param_dtype).itemsize
     # A cast to the parameters' own dtype copies nothing.
     compute_copy = 0 if itemsize == param_itemsize else params * itemsize // param_itemsize
-    # The micro-batches' tokens, x and y in int32: a call's twice (the next is prefetched; a call of
-    # several steps ends at each log step), an evaluation's; on CPU also the int64 offsets and int32
-    # windows that data.get_batch cuts them from.
-    rows, steps = config.batch_size // mesh.size, min(config.steps_per_call, config.log_interval)
+    # The micro-batches' tokens, x and y in int32: a call's twice (the next is prefetched), an
+    # evaluation's; on CPU also the int64 offsets and int32 windows that data.get_batch cuts them from.
+    rows, steps = config.batch_size // mesh.size, steps_a_call(config)
     tokens = (2 * steps * config.g_accum_iters + config.eval_iters) * rows * (config.model.block_size + 1)
     batches = tokens * (8 + 12 * on_cpu(mesh))
     parts = {

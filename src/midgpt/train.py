@@ -18,7 +18,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
 from midgpt import checkpoint, cli, data, memory, mfu, multihost, precision, sharding
-from midgpt.config import Config, config_to_dict
+from midgpt.config import Config, config_to_dict, steps_a_call
 from midgpt.errors import MidgptError
 from midgpt.files import lock_run, write_atomically, writing_to
 from midgpt.metrics import MetricsLog
@@ -172,12 +172,6 @@ def make_train_step(config: Config, optimizer: optax.GradientTransformation, mes
     # For inspecting the compiled step (memory, collectives), as with any jitted function.
     train_step.lower = lambda state, x, y: jitted(x).lower(eqx.filter(state, eqx.is_array), x, y)
     return train_step
-
-
-def steps_a_call(config: Config) -> int:
-    """The steps a call runs: the most, up to steps_per_call, that divide every interval the loop acts at."""
-    every = math.gcd(config.log_interval, config.eval_interval, config.checkpoint_interval)
-    return max(n for n in range(1, min(config.steps_per_call, every) + 1) if every % n == 0)
 
 
 def calls(start: int, config: Config, traced: range) -> Iterator[range]:
