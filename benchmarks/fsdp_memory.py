@@ -47,7 +47,8 @@ def main(argv: list[str]) -> None:
         per_device = list(bytes_on.values())
     print(json.dumps({
         "config": args.config, "overrides": overrides, "devices": jax.device_count(),
-        "mesh": dict(mesh.shape), "parameters": sum(x.size for x in jax.tree.leaves(eqx.filter(like.model, is_abstract))),
+        "mesh": dict(mesh.shape),
+        "parameters": sum(x.size for x in jax.tree.leaves(eqx.filter(like.model, is_abstract))),
         "state_bytes_one_device": total, "state_bytes_per_device_max": max(per_device),
         "per_device_fraction": max(per_device) / total, "measured_on_arrays": not args.abstract,
     }))

@@ -29,7 +29,8 @@ try:
     runpy.run_path(sys.argv[0], run_name="__main__")
 finally:
     with open(report, "w") as f:
-        json.dump({who: resource.getrusage(getattr(resource, who)).ru_maxrss for who in ("RUSAGE_SELF", "RUSAGE_CHILDREN")}, f)
+        json.dump({who: resource.getrusage(getattr(resource, who)).ru_maxrss
+                   for who in ("RUSAGE_SELF", "RUSAGE_CHILDREN")}, f)
 """
 
 

@@ -1,6 +1,7 @@
 """New tokens per second of KV-cached generation against recomputing the whole context per token.
 
-python benchmarks/sample_throughput.py [--config=shakespeare_char] [--num_samples=8] [--max_new_tokens=500] [--FIELD=VALUE ...]
+python benchmarks/sample_throughput.py [--config=shakespeare_char] [--num_samples=8]
+    [--max_new_tokens=500] [--FIELD=VALUE ...]
 prints one JSON line. Both paths are jitted, compiled before timing, and use the
 config's model (randomly initialised: speed does not depend on the weights) in its
 compute dtype.

@@ -28,7 +28,8 @@ def positive_ints(text: str) -> list[int]:
 def main(argv: list[str]) -> None:
     parser = ArgumentParser(description=__doc__)
     add_config_option(parser, required=True)
-    parser.add_argument("--chunks", type=positive_ints, help="comma-separated slice counts for the loss (default: training's)")
+    parser.add_argument("--chunks", type=positive_ints,
+                        help="comma-separated slice counts for the loss (default: training's)")
     parser.add_argument("--pieces", type=positive_int, help="pieces per micro-batch (default: training's)")
     args, overrides = parser.parse_known_args(argv)
     config = checked_config(args.config, overrides, list(vars(args)))

@@ -106,7 +106,8 @@ def op_times(trace_dir: str, module: str) -> tuple[collections.Counter, collecti
 def main(argv: list[str]) -> None:
     parser = ArgumentParser(description=__doc__)
     add_config_option(parser, required=True)
-    parser.add_argument("--steps", type=positive_int, default=5, help="traced steps, after the compile and 2 warm-up steps")
+    parser.add_argument("--steps", type=positive_int, default=5,
+                        help="traced steps, after the compile and 2 warm-up steps")
     parser.add_argument("--top", type=positive_int, default=15, help="ops to list, the longest first")
     args, overrides = parser.parse_known_args(argv)
     # XLA's GPU command buffers launch a step's kernels as one, which the trace would show as one op

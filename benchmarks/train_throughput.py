@@ -84,7 +84,8 @@ def calls_for(steps: int, batches) -> int:
 def main(argv: list[str]) -> None:
     parser = ArgumentParser(description=__doc__)
     add_config_option(parser, required=True)
-    parser.add_argument("--steps", type=positive_int, default=20, help="timed steps, after the compile and 2 warm-up calls")
+    parser.add_argument("--steps", type=positive_int, default=20,
+                        help="timed steps, after the compile and 2 warm-up calls")
     args, overrides = parser.parse_known_args(argv)
     config = checked_config(args.config, overrides, list(vars(args)))
     state, train_step, batches = setup(config)

@@ -139,11 +139,13 @@ def _file_documents(path: str):
                     text = None
                 if not isinstance(text, str):
                     raise MidgptError(f"{path}:{lineno}: not a JSON object with a string 'text' field")
-                # A "\ud83d" escape (an emoji cut in two, common in scraped text) is no UTF-8: U+FFFD, as tiktoken would.
+                # A "\ud83d" escape (an emoji cut in two, common in scraped text) is no UTF-8: U+FFFD, as
+                # tiktoken would.
                 yield text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
             return
         block, size = [], 0
-        for lineno, line in enumerate(itertools.chain(lines, ["\n"]), 1):  # the sentinel blank line flushes the last block
+        # The sentinel blank line flushes the last block.
+        for lineno, line in enumerate(itertools.chain(lines, ["\n"]), 1):
             # By line, not by document: UTF-16's blank lines hold NULs, and its whole file would be one document.
             if "\0" in line:
                 raise MidgptError(nul_advice(path))
@@ -304,7 +306,8 @@ def prepare(documents, out_dir: Path, num_proc: int, val_fraction: float, source
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:  # a file of that name, or a folder not ours to write
-        raise MidgptError(f"cannot make --out_dir {out_dir} ({e.strerror}); pass a directory you can write to") from None
+        raise MidgptError(f"cannot make --out_dir {out_dir} ({e.strerror}); "
+                          "pass a directory you can write to") from None
     lock_out_dir(out_dir)  # before any .tmp file is touched: on a refusal they are the other one's
     tmp = {name: out_dir / f"{name}.tmp" for name in FILES}
     tokens, docs, sha = dict.fromkeys(SPLITS, 0), dict.fromkeys(SPLITS, 0), {s: hashlib.sha256() for s in SPLITS}

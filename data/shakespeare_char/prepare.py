@@ -50,7 +50,8 @@ def download(path: Path) -> None:
 def main() -> None:
     # Its errors one line, close options named, and no abbreviation (--inp for --input), as every command's.
     parser = ArgumentParser(description=__doc__, prog="data/shakespeare_char/prepare.py")
-    parser.add_argument("--input", type=os.path.expanduser, help="Tiny Shakespeare text file (default: <out_dir>/input.txt, downloaded if absent)")
+    parser.add_argument("--input", type=os.path.expanduser,
+                        help="Tiny Shakespeare text file (default: <out_dir>/input.txt, downloaded if absent)")
     parser.add_argument("--out_dir", default=str(Path(__file__).resolve().parent), type=os.path.expanduser,
                         help="where train.bin, val.bin and meta.json go (default: this script's folder)")
     try:
@@ -85,7 +86,8 @@ def main() -> None:
         "chars": chars,
         "train_tokens": len(splits["train"]),
         "val_tokens": len(splits["val"]),
-        "sha256": {f"{name}.bin": hashlib.sha256(split_ids.tobytes()).hexdigest() for name, split_ids in splits.items()},
+        "sha256": {f"{name}.bin": hashlib.sha256(split_ids.tobytes()).hexdigest()
+                   for name, split_ids in splits.items()},
     }
     # Every file is written beside the old ones first: a full disk or a Ctrl-C leaves a prepared dataset as it was.
     try:

@@ -316,7 +316,8 @@ def _from_dict(cls: type, d, prefix: str):
         elif typing.get_origin(type_) is tuple:  # JSON has no tuples: it gives a list
             if not (isinstance(value, list) and len(value) == len(typing.get_args(type_))
                     and all(type(v) is int for v in value)):
-                raise MidgptError(f"config field {prefix + key!r} expects {len(typing.get_args(type_))} ints, got {value!r}")
+                raise MidgptError(f"config field {prefix + key!r} expects {len(typing.get_args(type_))} ints, "
+                                  f"got {value!r}")
             value = tuple(value)
         elif not isinstance(value, type_) or (type_ is int and isinstance(value, bool)):
             raise MidgptError(f"config field {prefix + key!r} expects {type_.__name__}, got {value!r}")
@@ -390,7 +391,8 @@ def check_config(config: Config) -> None:
                           "lower --warmup_steps or raise --lr_decay_steps")
     replica, fsdp = config.mesh_shape
     if (replica, fsdp).count(-1) > 1 or min(replica, fsdp) < -1 or 0 in (replica, fsdp):
-        raise MidgptError(f"mesh_shape={replica},{fsdp} needs positive sizes, at most one of them -1 (all remaining devices)")
+        raise MidgptError(f"mesh_shape={replica},{fsdp} needs positive sizes, at most one of them -1 "
+                          "(all remaining devices)")
     if m.attention not in ("auto", "einsum", "xla", "cudnn"):
         raise MidgptError(f"config field 'model.attention' must be auto, einsum, xla or cudnn, got {m.attention!r}")
     if m.attention in ("xla", "cudnn") and m.dropout > 0:

@@ -66,7 +66,8 @@ def load_tokens(data_dir: str, split: str, vocab_size: int | None = None) -> np.
     if os.path.getsize(path) == 0:  # which np.memmap cannot map
         raise MidgptError(f"{path} is empty; prepare the data again, with more text")
     if os.path.getsize(path) % 2:
-        raise MidgptError(f"{path} holds an odd number of bytes, so no uint16 tokens (cut short?); prepare the data again")
+        raise MidgptError(f"{path} holds an odd number of bytes, so no uint16 tokens (cut short?); "
+                          "prepare the data again")
     return np.memmap(path, dtype=np.uint16, mode="r")
 
 
@@ -127,8 +128,9 @@ def load_splits(config: Config) -> tuple[np.ndarray, np.ndarray]:
             raise MidgptError(f"{config.data_dir}/{split}.bin holds {len(tokens)} tokens, too few for one window of "
                               f"model.block_size + 1 = {config.model.block_size + 1}; prepare it from more text"
                               # your own text's val split is 1% of it, by default
-                              + (", or with a larger --val_fraction" if split == "val" and meta.get("tokenizer") == "gpt2"
-                                 else "") + ", or train a smaller --model.block_size")
+                              + (", or with a larger --val_fraction"
+                                 if split == "val" and meta.get("tokenizer") == "gpt2" else "")
+                              + ", or train a smaller --model.block_size")
     return splits["train"], splits["val"]
 
 
@@ -147,7 +149,8 @@ def check_same_data(rundir: str, data_dir: str) -> None:
         raise MidgptError(f"{os.path.abspath(data_dir)} holds no prepared data (no meta.json); {advice}")
     now = load_meta(data_dir)
     # A relative ran_on is compared as if typed here: the directory the run started in is not saved.
-    if os.path.realpath(data_dir) != os.path.realpath(ran_on) and not (trained and "sha256" in trained and "sha256" in now):
+    checksums = trained and "sha256" in trained and "sha256" in now
+    if os.path.realpath(data_dir) != os.path.realpath(ran_on) and not checksums:
         why = (f"{rundir} keeps no copy of its data's meta.json" if trained is None else
                f"{saved} or {data_dir}/meta.json lacks the checksums that prepare.py now writes")
         where = "" if os.path.isabs(ran_on) else " from the directory the run was started in"

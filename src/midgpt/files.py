@@ -35,8 +35,8 @@ def writing_to(rundir: str, then: str | None = None):
     except OSError as e:
         cause = {errno.ENOSPC: "free space", errno.EDQUOT: "free space",
                  errno.EFBIG: "raise the file size limit (ulimit -f)"}.get(e.errno, "fix that")
-        raise MidgptError(f"cannot write to {rundir} ({e}); "
-                          + (f"{cause} and {then}" if then else f"{cause}, or pass a --rundir you can write to")) from None
+        advice = f"{cause} and {then}" if then else f"{cause}, or pass a --rundir you can write to"
+        raise MidgptError(f"cannot write to {rundir} ({e}); {advice}") from None
 
 
 LOCK = ".lock"  # in the run directory, held by the launch.py that trains it

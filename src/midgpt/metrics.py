@@ -66,7 +66,8 @@ def rewind_events(rundir: str, step: int):
     # and TensorBoard's default (fast) loader ignores it.
     # First: the rewrite of a file below goes through its .tmp, which the glob may list after it.
     for path in glob.glob(os.path.join(rundir, "events.out.tfevents.*.tmp")):
-        os.remove(path)  # a rewrite cut short by a kill: TensorBoard would read it as one more file, repeating the curves
+        # A rewrite cut short by a kill: TensorBoard would read it as one more file, repeating the curves.
+        os.remove(path)
     for path in glob.glob(os.path.join(rundir, "events.out.tfevents.*")):
         with open(path, "rb") as f:
             data = f.read()
