@@ -10,7 +10,9 @@ config = dataclasses.replace(
                               # Two layers per scan iteration, each recomputed in the backward pass: on
                               # the Intel Xeon, 0.92x the step time of one layer with remat "dots"
                               # (benchmarks/RESULTS.md), which had measured 19 ms on the AMD EPYC against
-                              # 37 ms without remat and 27 ms unrolled (the full config's choices)
+                              # 37 ms without remat and 27 ms unrolled (the full config's choices). The
+                              # AVX-512 EPYC now runs those last choices in 0.81x this step; the Intel took
+                              # 1.35x, not yet measured again with ten steps a call.
                               remat="full", scan_unroll=2),
     batch_size=12,
     # Ten steps a call, one call between log steps: in launch.py's loop on the Intel Xeon, 0.90-0.94x the
