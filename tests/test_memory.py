@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from midgpt import memory
-from midgpt.config import Config, ModelConfig, apply_overrides, load_config
+from midgpt.config import Config, ModelConfig, apply_overrides, load_config, steps_a_call
 from midgpt.errors import MidgptError
 from midgpt.optimizer import make_optimizer
 from midgpt.sharding import DATA_AXES, make_mesh
@@ -227,6 +227,15 @@ def test_a_run_whose_state_alone_outgrows_the_device_is_told_to_shrink_the_model
         memory.check_fits(config, make_mesh(config), 16 * 2**30, estimate)
     assert str(error.value).endswith(
         "; use more devices, or a smaller model (fewer --model.n_layer, a smaller --model.n_embd)"), error.value
+
+
+def test_the_batches_in_flight_are_the_steps_a_call_runs_not_steps_per_call():
+    # steps_per_call=4 runs 2 a call here (4 does not divide log_interval=10): the estimate counts the 2.
+    config = load_config("shakespeare_char_cpu")
+    runs_2, asks_4 = (apply_overrides(config, [f"--steps_per_call={n}"]) for n in (2, 4))
+    assert steps_a_call(asks_4) == 2
+    assert estimate(asks_4)["batches"] == estimate(runs_2)["batches"]
+    assert estimate(asks_4)["batches"] > estimate(apply_overrides(config, ["--steps_per_call=1"]))["batches"]
 
 
 def test_a_batch_whose_tokens_alone_outgrow_the_device_is_told_to_have_fewer():
