@@ -10,9 +10,9 @@ config = dataclasses.replace(
                               # Two layers per scan iteration, each recomputed in the backward pass: on
                               # the Intel Xeon, 0.92x the step time of one layer with remat "dots"
                               # (benchmarks/RESULTS.md), which had measured 19 ms on the AMD EPYC against
-                              # 37 ms without remat and 27 ms unrolled (the full config's choices). The
-                              # AVX-512 EPYC now runs those last choices in 0.81x this step; the Intel took
-                              # 1.35x, not yet measured again with ten steps a call.
+                              # 37 ms without remat and 27 ms unrolled (the full config's choices). Both at
+                              # once (remat "none", the four layers unrolled) now take 0.78-0.81x this step
+                              # on the AVX-512 EPYC; the Intel had taken 1.35x, before ten steps a call.
                               remat="full", scan_unroll=2),
     batch_size=12,
     # Ten steps a call, one call between log steps: in launch.py's loop on the Intel Xeon, 0.90-0.94x the
