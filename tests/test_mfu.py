@@ -135,7 +135,8 @@ def test_step_ratios_times_each_variant_every_round_against_the_first():
 def test_step_profile_sums_the_step_ops_by_kind_and_part_and_names_them_in_its_hlo():
     result = subprocess.run(
         [sys.executable, str(REPO_ROOT / "benchmarks" / "step_profile.py"), "--config=shakespeare_char_cpu",
-         "--steps=3", "--top=5", "--model.n_layer=2", "--model.n_embd=64", "--model.n_head=2", "--batch_size=4"],
+         "--steps=3", "--top=5", "--steps_per_call=10", "--model.n_layer=2", "--model.n_embd=64", "--model.n_head=2",
+         "--batch_size=4"],
         capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stderr
@@ -150,4 +151,8 @@ def test_step_profile_sums_the_step_ops_by_kind_and_part_and_names_them_in_its_h
         out["by_part_ms"]), out["by_part_ms"]
     top = out["top"]
     assert len(top) == 5 and [op["ms"] for op in top] == sorted((op["ms"] for op in top), reverse=True)
-    assert all(op["hlo"].startswith(f"%{op['op']} = ") and op["calls"] >= 1 for op in top)
+    assert all(op["hlo"].startswith(f"%{op['op']} = ") for op in top), top
+    # Calls are counted a step: an op outside the loop over a call's 10 steps (the rotary tables, the loop
+    # itself) runs a tenth of a time a step, and one that a loaded host stalls can rank among the top.
+    runs_a_call = [10 * op["calls"] for op in top]
+    assert all(n >= 1 and n == pytest.approx(round(n)) for n in runs_a_call), top
