@@ -26,7 +26,8 @@ def config():
 
 def test_top_level_and_nested_overrides_are_parsed_by_field_type(config):
     new = apply_overrides(
-        config, ["--max_steps=100", "--learning_rate=1e-3", "--data_dir=elsewhere", "--model.n_layer=2", "--model.dropout=0.5"]
+        config, ["--max_steps=100", "--learning_rate=1e-3", "--data_dir=elsewhere", "--model.n_layer=2",
+                 "--model.dropout=0.5"]
     )
     assert new.max_steps == 100 and type(new.max_steps) is int
     assert new.learning_rate == 1e-3 and type(new.learning_rate) is float
@@ -47,7 +48,8 @@ def test_float_field_accepts_a_whole_number_as_float(config):
     assert new.min_lr == 0.0 and type(new.min_lr) is float
 
 
-@pytest.mark.parametrize("text, expected", [("true", True), ("True", True), ("1", True), ("false", False), ("0", False)])
+@pytest.mark.parametrize("text, expected", [("true", True), ("True", True), ("1", True), ("false", False),
+                                            ("0", False)])
 def test_bool_override_accepts_true_false_1_0(text, expected):
     @dataclasses.dataclass(frozen=True)
     class WithFlag:
@@ -123,7 +125,8 @@ def test_unknown_field_without_close_match_lists_known_fields(config):
 
 @pytest.mark.parametrize(
     "arg, field, expected",
-    [("--model.n_layer=1.5", "model.n_layer", "int"), ("--max_steps=ten", "max_steps", "int"), ("--learning_rate=fast", "learning_rate", "float")],
+    [("--model.n_layer=1.5", "model.n_layer", "int"), ("--max_steps=ten", "max_steps", "int"),
+     ("--learning_rate=fast", "learning_rate", "float")],
 )
 def test_wrong_type_error_names_field_expected_type_and_value(config, arg, field, expected):
     with pytest.raises(MidgptError) as info:
@@ -194,7 +197,8 @@ def test_config_from_dict_rejects_missing_keys_and_wrong_types(config):
         config_from_dict(d)
     d = config_to_dict(config)
     d["learning_rate"] = 10**400  # a hand edit: float() raised OverflowError
-    with pytest.raises(MidgptError, match="'learning_rate' expects float, got an integer of 401 digits, past any float"):
+    with pytest.raises(MidgptError,
+                       match="'learning_rate' expects float, got an integer of 401 digits, past any float"):
         config_from_dict(d)
 
 
@@ -214,7 +218,8 @@ def test_named_configs_load_as_frozen_configs():
     differing = {k for k, v in config_to_dict(cpu).items() if config_to_dict(full)[k] != v}
     assert differing == {"name", "model", "batch_size", "max_steps", "lr_decay_steps", "eval_iters", "steps_per_call"}
     assert (full.name, cpu.name) == ("shakespeare_char", "shakespeare_char_cpu")  # as config.json records them
-    assert (cpu.batch_size, cpu.max_steps, cpu.lr_decay_steps, cpu.eval_iters, cpu.compute_dtype) == (12, 2000, 2000, 50, "auto")
+    assert (cpu.batch_size, cpu.max_steps, cpu.lr_decay_steps, cpu.eval_iters,
+            cpu.compute_dtype) == (12, 2000, 2000, 50, "auto")
 
 
 CPU = "from midgpt.configs.shakespeare_char_cpu import config as cpu\nimport dataclasses\n"
@@ -241,7 +246,8 @@ def test_a_config_file_may_give_a_list_where_a_tuple_goes(tmp_path, monkeypatch)
      "mine.py: each group of the config must be its dataclass (model=ModelConfig(...)), not a dict"),
     # Not told of the fields it left to their defaults, as config.json would be.
     (CPU + "config = dataclasses.replace(cpu, model=dict(vocab_size=65, block_size=64, n_layer=1, n_head=4, "
-           "n_embd=128))", "mine.py: each group of the config must be its dataclass (model=ModelConfig(...)), not a dict"),
+           "n_embd=128))",
+     "mine.py: each group of the config must be its dataclass (model=ModelConfig(...)), not a dict"),
     ("config = {'max_steps': 3}", "mine.py must define `config`, a midgpt.config.Config, not a dict"),
     ("cfg = None", "mine.py must define `config`, a midgpt.config.Config"),
     ("config = (", "mine.py, line 1: SyntaxError: '(' was never closed"),
@@ -303,7 +309,8 @@ def test_an_override_may_mend_a_value_that_config_json_was_edited_to(config):
 
 @pytest.mark.parametrize("override", ["--model.remat=dots", "--model.scan_unroll=1", "--model.attention=einsum",
                                       "--learning_rate=1e-4", "--max_steps=4000", "--eval_interval=100",
-                                      "--data_dir=/scratch/shakespeare_char"])  # moved: the data's meta.json is compared
+                                      # moved: the data's meta.json is compared
+                                      "--data_dir=/scratch/shakespeare_char"])
 def test_resume_applies_and_reports_what_runs_the_same_model_on_the_same_data(config, override):
     resumed, changes, kept = resume_config(config, apply_overrides(config, [override]), [override])
     assert resumed == apply_overrides(config, [override])

@@ -60,7 +60,8 @@ def test_matmul_and_its_gradients_match_autodiff_of_a_float32_einsum(spec, dtype
         close(got.astype(jnp.float32), expected)
 
 
-@pytest.mark.parametrize("block_size, n_head, n_embd, T", [(16, 2, 32, 17), (8, 4, 32, 9), (12, 3, 48, 13), (16, 8, 128, 17)])
+@pytest.mark.parametrize("block_size, n_head, n_embd, T", [(16, 2, 32, 17), (8, 4, 32, 9), (12, 3, 48, 13),
+                                                           (16, 8, 128, 17)])
 def test_bfloat16_training_step_compiles_and_runs_for_any_head_shape(block_size, n_head, n_embd, T):
     # XLA:CPU rejects some bf16 matmul layouts at run time only ("UNIMPLEMENTED"); matmul avoids them.
     cfg = ModelConfig(vocab_size=64, block_size=block_size, n_layer=2, n_head=n_head, n_embd=n_embd, dropout=0.1)
@@ -86,7 +87,8 @@ def dropout_reference():
 
 
 # ("none", 3): no remat, every layer unrolled, as shakespeare_char runs; ("full", 2) as shakespeare_char_cpu
-@pytest.mark.parametrize("remat, unroll", [("dots", 1), ("none", 1), ("full", 2), ("full", 3), ("none", 2), ("none", 3)])
+@pytest.mark.parametrize("remat, unroll", [("dots", 1), ("none", 1), ("full", 2), ("full", 3), ("none", 2),
+                                           ("none", 3)])
 def test_remat_policy_and_scan_unroll_change_nothing_but_speed(remat, unroll):
     assert (remat, unroll) != (CONFIG.remat, CONFIG.scan_unroll)
     variant = dataclasses.replace(DROPOUT_CONFIG, remat=remat, scan_unroll=unroll)

@@ -110,7 +110,8 @@ def test_a_value_edited_into_config_json_that_no_run_takes_names_the_file(short_
     assert_one_line_error(result, f"error: {refusal}-5")
 
 
-def test_a_rundir_from_home_is_expanded_and_one_with_only_a_lock_and_no_checkpoint_is_new(short_run, shakespeare_data_dir, tmp_path):
+def test_a_rundir_from_home_is_expanded_and_one_with_only_a_lock_and_no_checkpoint_is_new(
+        short_run, shakespeare_data_dir, tmp_path):
     # --rundir=~/run reaches us with its ~: it made a folder named "~" in the current directory.
     env = {**os.environ, "HOME": str(tmp_path)}
     shutil.copytree(short_run, tmp_path / "run")
@@ -172,7 +173,8 @@ def test_launch_writes_config_metrics_and_checkpoints(short_run, shakespeare_dat
 
 def test_a_finished_run_says_last_where_its_checkpoint_is_and_how_to_sample_it(short_run):
     last = Path(short_run + ".stdout").read_text().splitlines()[-1]
-    assert last == f"trained to step 40: checkpoint 40 in {short_run}/checkpoints; python sample.py --rundir={short_run} samples from it"
+    assert last == (f"trained to step 40: checkpoint 40 in {short_run}/checkpoints; "
+                    f"python sample.py --rundir={short_run} samples from it")
     command = last.split("; ")[1].removesuffix(" samples from it").split()
     assert run(command[1], *command[2:], "--max_new_tokens=5").returncode == 0
 
@@ -360,7 +362,8 @@ def test_debug_writes_a_profiler_trace_each_time_and_never_over_a_run(short_run,
     assert result.returncode == 0 and "resuming" not in result.stdout, result.stderr
     assert f"{rundir} holds no checkpoint (a --debug run's, or one stopped before its first save): training afresh " \
            "there, from this command's config" in result.stdout.splitlines()
-    assert json.loads((rundir / "config.json").read_text())["learning_rate"] == load_config("shakespeare_char_cpu").learning_rate
+    assert json.loads((rundir / "config.json").read_text())["learning_rate"] == \
+           load_config("shakespeare_char_cpu").learning_rate
     assert os.listdir(rundir / "checkpoints") == ["6"]
     result = launch(short_run, "--debug")
     assert_one_line_error(result, "--debug writes no checkpoints")
@@ -394,7 +397,8 @@ def test_help_with_a_run_directory_lists_the_values_it_resumes_with(tmp_path):
     assert result.returncode == 0, result.stderr
     assert f"\nThe fields of the run in {tmp_path} (--config=shakespeare_char_cpu), with the values it resumes with; " \
            "any may follow to change it, but not model.* (model.remat, model.scan_unroll and model.attention may), " \
-           "seed, batch_size, g_accum_iters and param_dtype (see src/midgpt/config.py):\n" in result.stdout, result.stdout
+           "seed, batch_size, g_accum_iters and param_dtype " \
+           "(see src/midgpt/config.py):\n" in result.stdout, result.stdout
     listed = [line.strip() for line in result.stdout.splitlines() if line.startswith("  --") and "=" in line]
     other = dataclasses.replace(config, name="shakespeare_char")  # every field given: the run's config, but its name
     assert apply_overrides(load_config("shakespeare_char"), listed) == other
@@ -453,7 +457,8 @@ def test_launch_keeps_freed_memory_so_that_its_steps_do_not_fault_pages_in(shake
     assert run < bare / 2
 
 
-def test_another_run_and_a_resume_read_their_compiled_programs_from_the_cache_launch_keeps(shakespeare_data_dir, tmp_path):
+def test_another_run_and_a_resume_read_their_compiled_programs_from_the_cache_launch_keeps(shakespeare_data_dir,
+                                                                                           tmp_path):
     # The tests' own cache is set in JAX's variables, which win over launch.py's: unset here. A threshold
     # of 0 s gives every program an entry, however fast it compiles.
     env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_COMPILATION_CACHE_")}
@@ -597,7 +602,8 @@ def test_a_split_shorter_than_one_window_is_one_line(shakespeare_data_dir, tmp_p
     assert not (tmp_path / "run").exists()
 
 
-def test_a_checkpoint_save_that_fails_is_one_line_and_keeps_the_last_good_one(short_run, shakespeare_data_dir, tmp_path):
+def test_a_checkpoint_save_that_fails_is_one_line_and_keeps_the_last_good_one(short_run, shakespeare_data_dir,
+                                                                              tmp_path):
     # A full disk, played by a file size limit. orbax fails in its background threads and raises it at
     # the next save: that was a traceback, after hundreds of lines of its threads' tracebacks.
     rundir = tmp_path / "run"
@@ -749,7 +755,8 @@ def test_relaunching_a_finished_run_changes_nothing(short_run, shakespeare_data_
     config_before = open(os.path.join(short_run, "config.json")).read()
     # A change that a resume may make (and says it makes) is not kept by a resume that trains nothing.
     lower = run("launch.py", "--config=shakespeare_char_cpu", f"--rundir={short_run}",
-                f"--data_dir={shakespeare_data_dir}", "--max_steps=30", "--eval_interval=20", "--model.remat=dots", *TINY)
+                f"--data_dir={shakespeare_data_dir}", "--max_steps=30", "--eval_interval=20",
+                "--model.remat=dots", *TINY)
     assert lower.returncode == 0 and "model.remat: 'full' -> 'dots'" in lower.stdout, lower.stderr
     assert ("max_steps=30 is reached, and passed (the run is at step 40): nothing to train; the run and its "
             "config.json are left as they were") in lower.stdout
@@ -830,7 +837,8 @@ def test_data_that_moved_is_refused_where_no_checksums_show_it_is_the_same(short
 def test_resuming_on_data_with_a_larger_vocabulary_says_so_not_to_grow_the_model(short_run, shakespeare_data_dir,
                                                                                  tmp_path):
     # A run trained on its own copy of the data, which is then prepared again from text with Greek in it.
-    data_dir, rundir = shutil.copytree(shakespeare_data_dir, tmp_path / "data"), shutil.copytree(short_run, tmp_path / "run")
+    data_dir, rundir = (shutil.copytree(shakespeare_data_dir, tmp_path / "data"),
+                        shutil.copytree(short_run, tmp_path / "run"))
     config = json.loads((rundir / "config.json").read_text())
     (rundir / "config.json").write_text(json.dumps({**config, "data_dir": str(data_dir)}))
     meta = json.loads((data_dir / "meta.json").read_text())
@@ -859,7 +867,8 @@ def test_resuming_keeps_the_run_where_its_config_changed_since_and_follows_moved
                                                            max_steps=41)
 
 
-@pytest.mark.parametrize("case", ["a file", "foreign files", "another program's config.json", "a file where checkpoints go",
+@pytest.mark.parametrize("case", ["a file", "foreign files", "another program's config.json",
+                                  "a file where checkpoints go",
                                   "a dangling link"])
 def test_a_new_run_never_overwrites_what_its_rundir_holds(shakespeare_data_dir, tmp_path, case):
     rundir = tmp_path / "run"
@@ -882,7 +891,8 @@ def test_a_new_run_never_overwrites_what_its_rundir_holds(shakespeare_data_dir, 
     fragment = {"a file": "is a file, not a directory", "foreign files": "holds files but no run",
                 "another program's config.json": "holds files but no run (no config.json that launch.py wrote)",
                 "a dangling link": f"is a link to {tmp_path}/scratch, which does not exist; make that folder, or pass",
-                "a file where checkpoints go": "; fix that, or pass a --rundir you can write to"}[case]  # not "free space"
+                "a file where checkpoints go":
+                    "; fix that, or pass a --rundir you can write to"}[case]  # not "free space"
     assert_one_line_error(result, fragment)
     after = {p: p.read_bytes() for p in sorted(tmp_path.rglob("*")) if p.is_file()}
     assert after.pop(rundir / ".lock", b"") == b"" and after == before  # at most the run's empty lock file added
@@ -959,7 +969,8 @@ def test_sample_errors_are_one_line(short_run, shakespeare_data_dir, tmp_path):
                           f"error: {project}/notes.txt is a file, not a run directory")
     assert_one_line_error(run("sample.py", f"--rundir={project}/outputs/run"),
                           f"error: {project}/outputs/run does not exist; pass a run directory made by launch.py")
-    assert_one_line_error(run("sample.py", f"--rundir={short_run}", "--start=€"), "['€']: leave them out of the prompt")
+    assert_one_line_error(run("sample.py", f"--rundir={short_run}", "--start=€"),
+                          "['€']: leave them out of the prompt")
     unfinished = tmp_path / "unfinished"  # a run killed during its first save, or still before it
     shutil.copytree(short_run, unfinished)
     for marker in unfinished.glob(f"checkpoints/*/{checkpoint.COMMIT_MARKER}"):
@@ -1041,7 +1052,8 @@ def test_sample_errors_are_one_line(short_run, shakespeare_data_dir, tmp_path):
     (edited / "meta.json").unlink()  # and the data moved: preparing it again would not give this run's tokenizer
     (edited / "config.json").write_text(json.dumps({**config, "data_dir": str(tmp_path / "moved")}))
     assert_one_line_error(run("sample.py", f"--rundir={edited}"), f"{edited} holds no meta.json (its tokenizer), nor "
-                          f"does its data_dir {tmp_path}/moved; copy the meta.json of the data it trained on to {edited}/")
+                          f"does its data_dir {tmp_path}/moved; copy the meta.json of the data it trained on "
+                          f"to {edited}/")
 
 
 @pytest.mark.slow
@@ -1095,7 +1107,8 @@ def test_bpe_configs_shrunk_train_and_sample(name, bpe_data_dir, tmp_path):
         assert sample.returncode == 0 and sample.stdout.startswith("ROMEO:\nmy lord"), sample.stderr
     if name == "openwebtext":  # its table's 50304 rows, 47 past GPT-2's ids, which no tokenizer decodes
         # At a huge temperature every row is as likely: 10,000 draws from all 50304 would meet one (all but 1e-4).
-        sample = run("sample.py", f"--rundir={rundir}", "--temperature=1e30", "--num_samples=5", "--max_new_tokens=2000")
+        sample = run("sample.py", f"--rundir={rundir}", "--temperature=1e30", "--num_samples=5",
+                     "--max_new_tokens=2000")
         assert sample.returncode == 0, sample.stderr
 
 

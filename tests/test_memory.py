@@ -71,7 +71,8 @@ def test_activation_estimate_is_close_to_what_xla_allocates(remat, unroll, n_lay
     assert pieces == {8: 1, 32: 2}[batch_size]
     # XLA fuses and reuses buffers as it likes, and differently on each backend: close, not exact,
     # and rather over than under (1.08-1.44 here).
-    assert 0.8 < (ratio := memory.activation_bytes(config, mesh, pieces) / xla_bytes) < memory.ACTIVATIONS_HIGH_BY, ratio
+    assert 0.8 < (ratio := memory.activation_bytes(config, mesh, pieces)
+                           / xla_bytes) < memory.ACTIVATIONS_HIGH_BY, ratio
 
 
 def test_the_loss_in_slices_bounds_the_logits_memory_and_the_estimate_follows():
@@ -298,7 +299,8 @@ def test_an_over_large_run_is_told_what_would_shrink_it(overrides, mesh_shape, a
 
 def test_launch_stops_an_over_large_model_before_compiling_and_writes_nothing(shakespeare_data_dir, tmp_path):
     # 1.3B parameters and a batch of 1024 sequences: far beyond this host's memory.
-    result = run("launch.py", "--config=openwebtext_xl", f"--rundir={tmp_path}/run", f"--data_dir={shakespeare_data_dir}")
+    result = run("launch.py", "--config=openwebtext_xl", f"--rundir={tmp_path}/run",
+                 f"--data_dir={shakespeare_data_dir}")
     assert_one_line_error(result, "per device", "more devices")  # and a smaller batch, where one would fit
     assert "parameters 4.88 GiB" in result.stderr  # 1.31B float32 parameters
     assert not (tmp_path / "run").exists()

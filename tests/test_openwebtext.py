@@ -157,7 +157,8 @@ def test_empty_rows_are_no_documents(tmp_path, ext):
 def test_a_lone_surrogate_in_jsonl_becomes_a_replacement_character(tmp_path):
     # json.loads makes "\ud83d" (half an emoji, cut by a scraper) a string that UTF-8 cannot encode.
     corpus = tmp_path / "cut.jsonl"
-    corpus.write_text('{"text": "broken emoji \\ud83d here"}\n' + "".join(json.dumps({"text": d}) + "\n" for d in DOCS[:20]))
+    corpus.write_text('{"text": "broken emoji \\ud83d here"}\n'
+                      + "".join(json.dumps({"text": d}) + "\n" for d in DOCS[:20]))
     result = run_prepare("--input", corpus, "--out_dir", tmp_path / "out", "--val_fraction", 0.1)
     assert result.returncode == 0, result.stderr
     assert "broken emoji \ufffd here" in split_docs(tmp_path / "out", "train") + split_docs(tmp_path / "out", "val")
@@ -320,9 +321,12 @@ def test_data_files_in_utf16_without_a_byte_order_mark_are_refused_not_read_with
 
 
 @pytest.mark.parametrize("held, given, refused", [
-    ({"dataset": "Skylion007/openwebtext", "revision": "r"}, {"dataset": "Skylion007/openwebtext", "revision": "r"}, ""),
-    ({"dataset": "Skylion007/openwebtext"}, {"input": ["/my.txt"]}, "(Skylion007/openwebtext), not from your own files"),
-    ({"dataset": "Skylion007/openwebtext"}, {"dataset": "json", "data_files": ["/my.jsonl"]}, "not from your own files"),
+    ({"dataset": "Skylion007/openwebtext", "revision": "r"},
+     {"dataset": "Skylion007/openwebtext", "revision": "r"}, ""),
+    ({"dataset": "Skylion007/openwebtext"}, {"input": ["/my.txt"]},
+     "(Skylion007/openwebtext), not from your own files"),
+    ({"dataset": "Skylion007/openwebtext"}, {"dataset": "json", "data_files": ["/my.jsonl"]},
+     "not from your own files"),
     ({"dataset": "Skylion007/openwebtext"}, {"dataset": "other/corpus"}, "(Skylion007/openwebtext), not from other/"),
     ({"dataset": "json", "data_files": ["/my.jsonl"]}, {"input": ["/my.txt"]}, ""),  # your own text, replaced in place
     # A part of a Hub dataset is the Hub's: its download is kept from your own text.
@@ -352,7 +356,8 @@ def test_unreachable_hub_says_to_pass_input(tmp_path):
 def test_a_hub_that_does_not_answer_is_retried_in_one_line_then_told_to_pass_input(tmp_path):
     # Each retry was two lines of huggingface_hub's, eleven in all, before the error line.
     hub = f"http://127.0.0.1:{free_port()}"  # refuses every connection, offline or not
-    result = run_prepare("--out_dir", tmp_path / "out", env={**os.environ, "HF_ENDPOINT": hub, "HF_HOME": str(tmp_path)})
+    result = run_prepare("--out_dir", tmp_path / "out",
+                         env={**os.environ, "HF_ENDPOINT": hub, "HF_HOME": str(tmp_path)})
     lines = result.stderr.splitlines()
     assert result.returncode == 1 and len(lines) == 2, result.stderr
     assert re.fullmatch(r"prepare.py: a request to the Hugging Face Hub for Skylion007/openwebtext failed \('.*'\); "
@@ -382,7 +387,8 @@ def bad_inputs(tmp_path) -> dict:
     (tmp_path / "folder").mkdir()
     os.mkfifo(tmp_path / "pipe.txt")  # as <(zcat a.txt.gz) passes, but for its name
     (tmp_path / "not_json.jsonl").write_text('{"text": "fine"}\n{"text": "cut short\n')
-    return {"null row 1101": tmp_path / "null.parquet", "missing file": tmp_path / "absent.txt", "unknown extension": tmp_path / "corpus.csv",
+    return {"null row 1101": tmp_path / "null.parquet", "missing file": tmp_path / "absent.txt",
+            "unknown extension": tmp_path / "corpus.csv",
             "a folder": tmp_path / "folder", "a pipe": tmp_path / "pipe.txt",
             "jsonl line not JSON": tmp_path / "not_json.jsonl",
             "jsonl line without text": jsonl, "parquet without text": parquet,
@@ -390,7 +396,8 @@ def bad_inputs(tmp_path) -> dict:
             "not UTF-8": tmp_path / "latin1.txt", "damaged parquet page": tmp_path / "damaged.parquet"}
 
 
-@pytest.mark.parametrize("case", ["missing file", "unknown extension", "jsonl line without text", "parquet without text",
+@pytest.mark.parametrize("case", ["missing file", "unknown extension", "jsonl line without text",
+                                  "parquet without text",
                                   "not parquet", "parquet of bytes", "not UTF-8", "damaged parquet page",
                                   "null row 1101", "a folder", "a pipe", "jsonl line not JSON"])
 def test_bad_input_is_one_line_naming_the_file_and_writes_nothing(tmp_path, case):

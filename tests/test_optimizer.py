@@ -88,7 +88,8 @@ def test_optimizer_step_matches_hand_computed_clipped_adamw(grad_clip):
             p[i] = p[i] - lr * (adam + decay)
 
         for path, x, expected in zip(paths, jax.tree.leaves(params), p, strict=True):
-            np.testing.assert_allclose(x, expected, rtol=1e-5, atol=1e-6, err_msg=f"step {t}, {jax.tree_util.keystr(path)}")
+            np.testing.assert_allclose(x, expected, rtol=1e-5, atol=1e-6,
+                                       err_msg=f"step {t}, {jax.tree_util.keystr(path)}")
 
 
 def test_weight_decay_shrinks_matrices_and_spares_norm_gains():
@@ -100,7 +101,8 @@ def test_weight_decay_shrinks_matrices_and_spares_norm_gains():
     new_params, _ = optimizer_step(optimizer, params, opt_state, jax.tree.map(np.zeros_like, params))
     shrink = 1 - config.weight_decay * closed_form_lr(config, 0) / config.learning_rate
     assert shrink < 0.96
-    for (path, old), new in zip(jax.tree_util.tree_flatten_with_path(params)[0], jax.tree.leaves(new_params), strict=True):
+    for (path, old), new in zip(jax.tree_util.tree_flatten_with_path(params)[0], jax.tree.leaves(new_params),
+                                strict=True):
         expected = old if is_norm_gain(path) else shrink * old
         np.testing.assert_allclose(new, expected, rtol=1e-6, atol=1e-7, err_msg=jax.tree_util.keystr(path))
 
@@ -159,7 +161,8 @@ def test_gradient_accumulation_equals_one_step_on_the_whole_batch():
         mesh = make_mesh(config)
         return make_train_step(config, optimizer, mesh)(init_state(config, optimizer, mesh), x, y)
 
-    initial = jax.tree.map(np.asarray, eqx.filter(init_state(accum_config, make_optimizer(accum_config), make_mesh(accum_config)).model, eqx.is_array))
+    initial = jax.tree.map(np.asarray, eqx.filter(init_state(accum_config, make_optimizer(accum_config),
+                                                             make_mesh(accum_config)).model, eqx.is_array))
     accum_state, accum_metrics = one_step(accum_config, x_GxBxT, y_GxBxT)
     whole_state, whole_metrics = one_step(whole_config, x_GxBxT.reshape(1, G * B, T), y_GxBxT.reshape(1, G * B, T))
 
@@ -174,8 +177,9 @@ def test_gradient_accumulation_equals_one_step_on_the_whole_batch():
 
 
 def test_the_step_logs_the_loss_the_gradient_norm_before_clipping_and_the_updated_parameters_norm():
-    # As the README defines metrics.jsonl's loss, grad_norm and param_norm; clipping at 0.5 here is active.
-    config = tiny_config(batch_size=4, grad_clip=0.5, warmup_steps=0, learning_rate=1e-2)  # a first update that moves the norm
+    # As the README defines metrics.jsonl's loss, grad_norm and param_norm; clipping at 0.5 here is active,
+    # and with no warmup the first update moves the norm.
+    config = tiny_config(batch_size=4, grad_clip=0.5, warmup_steps=0, learning_rate=1e-2)
     optimizer, mesh = make_optimizer(config), make_mesh(config)
     state = init_state(config, optimizer, mesh)
     params = jax.tree.map(np.asarray, eqx.filter(state.model, eqx.is_array))

@@ -278,7 +278,8 @@ def test_a_signal_the_run_was_started_ignoring_stays_ignored(shakespeare_data_di
     rundir = tmp_path / "run"
     ignoring = ["bash", "-c", 'trap "" HUP INT && exec "$@"', "bash", sys.executable, str(REPO_ROOT / "launch.py")]
     proc = subprocess.Popen([*ignoring, *ARGS, f"--rundir={rundir}", f"--data_dir={shakespeare_data_dir}",
-                             "--max_steps=30"], cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             "--max_steps=30"], cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
     wait_for_step(rundir, 5, proc)
     proc.send_signal(signal.SIGHUP)
     proc.send_signal(signal.SIGINT)
@@ -381,7 +382,8 @@ def test_a_fingerprint_changes_with_any_one_value_or_an_order():
     assert all(c != before for c in changed)
 
 
-@pytest.mark.parametrize("damage", [truncate_data_file, delete_data_files, change_values_in_place, remove_commit_marker])
+@pytest.mark.parametrize("damage", [truncate_data_file, delete_data_files, change_values_in_place,
+                                    remove_commit_marker])
 def test_damaged_newest_checkpoint_is_skipped_and_kept(damage, uninterrupted, shakespeare_data_dir, tmp_path):
     rundir = tmp_path / "run"
     shutil.copytree(uninterrupted, rundir)
@@ -480,7 +482,8 @@ def test_checkpoint_of_another_model_is_refused_not_taken_for_damage(uninterrupt
 # Seen at a log step (every 5), or only by the check before the checkpoint at step 80. A learning rate of
 # 1e6 keeps every metric finite, but no gradient moves the parameters it grew; one of 10 keeps them finite and
 # moving, the loss in the thousands: both runs trained on, and saved.
-@pytest.mark.parametrize("learning_rate, intervals", [("1e12", []), ("1e12", ["--log_interval=1000", "--eval_interval=1000"]),
+@pytest.mark.parametrize("learning_rate, intervals", [("1e12", []),
+                                                      ("1e12", ["--log_interval=1000", "--eval_interval=1000"]),
                                                       ("1e6", []), ("10", [])])
 def test_divergence_stops_naming_the_step_and_keeps_the_last_checkpoint(learning_rate, intervals, uninterrupted,
                                                                         shakespeare_data_dir, tmp_path):
@@ -565,7 +568,8 @@ np.savez("{dump}", *[np.asarray(x) for x in jax.tree.leaves(state.model) if hasa
     # A fixed mesh_shape entry rules out the counts it does not divide, or all of them.
     for shape, advice in [("2,-1", "and that mesh_shape=2,-1 fits (2, 4, 8 or 16), or pass another --mesh_shape"),
                           ("2,3", "(1, 2, 4, 8 or 16) with another --mesh_shape, e.g. --mesh_shape=1,-1")]:
-        code, output = finish(launch(rundir, shakespeare_data_dir, "--max_steps=40", f"--mesh_shape={shape}", devices=6))
+        code, output = finish(launch(rundir, shakespeare_data_dir, "--max_steps=40", f"--mesh_shape={shape}",
+                                     devices=6))
         assert code == 1 and output.strip().splitlines()[-1] == (
             "error: this run's batch_size=16 does not split over the 6 devices of the mesh; "
             f"resume it on a device count that divides 16 {advice}"), output

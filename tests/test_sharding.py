@@ -62,7 +62,8 @@ def batch():
 
 
 def one_step_params(config, chunks=None):
-    """(loss and gradient norm, the updated parameters, the step's layout: mesh, batch rows and embedding rows a device)."""
+    """(loss and gradient norm, the updated parameters, the step's layout: mesh, batch rows and embedding rows
+    a device)."""
     optimizer, mesh = make_optimizer(config), make_mesh(config)
     state = init_state(config, optimizer, mesh)
     step = make_train_step(config, optimizer, mesh, chunks=chunks).lower(state, *batch()).compile()
@@ -86,7 +87,8 @@ def test_one_step_on_every_mesh_matches_one_device(tmp_path):
         for shape, chunks in MESHES:
             loss_and_norm, leaves, layout = one_step_params(dataclasses.replace(CONFIG, mesh_shape=shape), chunks)
             key = f"{{shape}}/{{chunks}}"
-            out.update({{f"{{key}}/loss_and_norm": loss_and_norm}}, **{{f"{{key}}/{{i}}": x for i, x in enumerate(leaves)}})
+            out.update({{f"{{key}}/loss_and_norm": loss_and_norm}},
+                       **{{f"{{key}}/{{i}}": x for i, x in enumerate(leaves)}})
             layouts[key] = layout
         np.savez("{tmp_path}/meshes.npz", **out)
         print(json.dumps({{"mfu": mfu.utilisation(CONFIG.model, 1000.0, 1e12), "layouts": layouts}}))
@@ -174,7 +176,8 @@ def test_fsdp_moves_weights_between_devices_never_activations():
         step = make_train_step(config, optimizer, mesh).lower(state, x, x).compile().as_text()
         evaluation = eval_loss.lower(state.model, x, x, "float32", 1, gather_params(mesh)).compile().compiled.as_text()
         ops = r"= (\\S.*?) (?:all-gather|all-reduce|reduce-scatter|all-to-all|collective-permute)(?:-start)?\\("
-        sizes = lambda hlo: [sum(math.prod(int(d) for d in dims.split(",") if d) for dims in re.findall(r"\\[([\\d,]*)\\]", shape))
+        sizes = lambda hlo: [sum(math.prod(int(d) for d in dims.split(",") if d)
+                                 for dims in re.findall(r"\\[([\\d,]*)\\]", shape))
                              for shape in re.findall(ops, hlo)]
         print(json.dumps({"params": count_params(state.model), "step": sizes(step), "eval": sizes(evaluation),
                           "step_shapes": re.findall(ops, step)}))
@@ -190,7 +193,8 @@ def test_fsdp_gathers_bfloat16_weights_and_sums_float32_gradients(tmp_path):
     # bf16 collectives into f32 ones. Gathering f32 weights would move twice the bytes (the
     # evaluation gathered the float32 embedding); summing bf16 gradients over devices (or over
     # a batch's tokens) would lose precision.
-    flags = f"--xla_force_host_platform_device_count=8 --xla_dump_to={tmp_path} --xla_dump_hlo_pass_re=spmd-partitioning"
+    flags = (f"--xla_force_host_platform_device_count=8 --xla_dump_to={tmp_path} "
+             f"--xla_dump_hlo_pass_re=spmd-partitioning")
     on_devices(8, """
         from midgpt.train import evaluate
         config = dataclasses.replace(CONFIG, compute_dtype="bfloat16", g_accum_iters=1, eval_iters=1)
@@ -208,7 +212,8 @@ def test_fsdp_gathers_bfloat16_weights_and_sums_float32_gradients(tmp_path):
     sums = {dtype for dtype, dims, op in collectives(step) if op != "all-gather" and dims}  # not the scalar metrics
     assert gathers == {"bf16"} and sums == {"f32"}, collectives(step)
     [evaluation] = tmp_path.glob("*jit_eval_loss*after_spmd-partitioning*.txt")
-    assert {dtype for dtype, _, op in collectives(evaluation) if op == "all-gather"} == {"bf16"}, collectives(evaluation)
+    assert {dtype for dtype, _, op in collectives(evaluation)
+            if op == "all-gather"} == {"bf16"}, collectives(evaluation)
 
 
 def free_port() -> int:
@@ -278,7 +283,8 @@ def test_two_processes_train_like_one_process_with_eight_devices(shakespeare_dat
 
     # float32: the two runs reduce in different orders, and bf16 would round those differences up.
     # fsdp_min_size=0: every array sharded, so each process's checkpoint files hold only its own shards.
-    common = ["--config=shakespeare_char_cpu", f"--data_dir={shakespeare_data_dir}", "--compute_dtype=float32", "--batch_size=16",
+    common = ["--config=shakespeare_char_cpu", f"--data_dir={shakespeare_data_dir}", "--compute_dtype=float32",
+              "--batch_size=16",
               "--g_accum_iters=2", "--max_steps=12", "--eval_interval=6", "--eval_iters=2", "--log_interval=3",
               "--fsdp_min_size=0"]
     # One run directory for both, as on a cluster's shared filesystem: orbax's
@@ -306,7 +312,8 @@ def test_two_processes_train_like_one_process_with_eight_devices(shakespeare_dat
     results = outputs(resumed, timeout=120)
     assert [p.returncode for p in resumed] == [0, 0], results
     out = results[0][0]
-    damaged = re.search(r"checkpoint 12 is damaged \(process 1: \w+: .*\); moved to \S+\nresuming from checkpoint 6\n", out)
+    damaged = re.search(r"checkpoint 12 is damaged \(process 1: \w+: .*\); moved to \S+\nresuming from checkpoint 6\n",
+                        out)
     assert damaged and "Encountered error" not in damaged[0], out  # what orbax's read error wraps, not its wrapper
     assert len(os.listdir(tmp_path / "multi" / "checkpoints_damaged")) == 1
     again = metrics(tmp_path / "multi")
@@ -319,7 +326,8 @@ def test_a_checkpoint_that_one_process_cannot_read_stops_both_in_one_line_and_is
     # that process 1, which had raised before it, never came to; process 0's line said only "Connection
     # reset by peer" of the barrier.
     if os.geteuid() != 0 or not shutil.which("setpriv"):
-        pytest.skip("needs root, for process 0 to read a file that process 1, run by setpriv without that power, cannot")
+        pytest.skip("needs root, for process 0 to read a file that process 1, "
+                    "run by setpriv without that power, cannot")
     common = ["--config=shakespeare_char_cpu", f"--data_dir={shakespeare_data_dir}", "--batch_size=16",
               "--model.n_layer=1", "--eval_iters=1", "--checkpoint_interval=2", f"--rundir={tmp_path}/run"]
     procs = two_processes(*common, "--max_steps=2")
@@ -378,7 +386,8 @@ def test_a_process_that_comes_to_the_first_step_40_s_after_the_other_trains_with
     assert "trained to step 2: " in results[0][0], results
 
 
-def test_a_process_that_dies_mid_run_stops_the_other_in_one_line_that_says_how_to_resume(shakespeare_data_dir, tmp_path):
+def test_a_process_that_dies_mid_run_stops_the_other_in_one_line_that_says_how_to_resume(shakespeare_data_dir,
+                                                                                         tmp_path):
     from test_resume import wait_for_step
 
     rundir = tmp_path / "run"
@@ -539,7 +548,8 @@ def test_a_process_the_others_never_join_gives_up_in_one_line(tmp_path, cluster,
     finally:
         proc.kill()
     assert proc.returncode == 1 and err == (
-        f"error: not every process joined within 3 s (one that stopped says why in its own output); {fix}, or give them longer (--join_timeout)\n"), err
+        f"error: not every process joined within 3 s (one that stopped says why in its own output); {fix}, "
+        f"or give them longer (--join_timeout)\n"), err
     assert out.startswith("waiting for every process to join (jax.distributed.initialize, at most 3 s"), out
     assert time.monotonic() - start < 30 and not (tmp_path / "run").exists()
 
@@ -551,7 +561,8 @@ def test_a_process_the_others_never_join_gives_up_in_one_line(tmp_path, cluster,
                           "(--batch_size=8 or --batch_size=16; g_accum_iters can keep the global batch near 12 rows)"),
     (["--batch_size=5"], "use a multiple of 8 (--batch_size=8; g_accum_iters"),  # no batch of 0
 ])
-def test_a_mesh_that_does_not_fit_or_a_batch_that_does_not_divide_is_one_line(args, fragment, shakespeare_data_dir, tmp_path):
+def test_a_mesh_that_does_not_fit_or_a_batch_that_does_not_divide_is_one_line(args, fragment, shakespeare_data_dir,
+                                                                              tmp_path):
     p = launch("--config=shakespeare_char_cpu", f"--data_dir={shakespeare_data_dir}", f"--rundir={tmp_path}/run",
                *args, devices=8)
     _, stderr = p.communicate(timeout=120)
