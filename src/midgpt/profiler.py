@@ -37,8 +37,8 @@ class TraceWindow:
         if not (self.steps and step == self.steps[-1]):
             return False
         jax.block_until_ready(state)
+        self.tracing = False  # first, as in _stop_early: a stop_trace that raises is not tried again
         jax.profiler.stop_trace()
-        self.tracing = False
         return True
 
     def stopped(self, step: int, state) -> None:
