@@ -7,8 +7,8 @@
 # references. It stops in BUDGET_S seconds (default 540), each step cut to what is left, and
 # exits 1 if any step failed or was cut.
 #
-#   bash benchmarks/gpu_check.sh                      # openwebtext, 16 x 1024-token micro-batches
-#   PYTHON=.venv/bin/python CONFIG=shakespeare_char_cpu ARGS=--steps=3 bash benchmarks/gpu_check.sh   # a rehearsal on a CPU
+#   bash benchmarks/gpu_check.sh     # openwebtext, 16 x 1024-token micro-batches
+#   PYTHON=.venv/bin/python CONFIG=shakespeare_char_cpu ARGS=--steps=3 bash benchmarks/gpu_check.sh  # a CPU rehearsal
 #
 # PART=1 runs the cuDNN test and the timings only, PART=2 the rest: two device calls, so that a call
 # that never comes back (its files with it) loses half. Give each its BUDGET_S.
@@ -52,7 +52,8 @@ if [ -z "${JAX_COMPILATION_CACHE_DIR:-}" ]; then
     trap 'rm -rf "$JAX_COMPILATION_CACHE_DIR"' EXIT
 fi
 export JAX_COMPILATION_CACHE_DIR
-"$python" -c 'import jax' 2>/dev/null || { echo "error: $python cannot import jax; set PYTHON=.venv/bin/python" >&2; exit 1; }
+"$python" -c 'import jax' 2>/dev/null ||
+    { echo "error: $python cannot import jax; set PYTHON=.venv/bin/python" >&2; exit 1; }
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,memory.total --format=csv
 # The image's versions, which may not be those tested here (pyproject.toml's lower bounds).
 "$python" -c 'import sys, importlib.metadata as m

@@ -6,7 +6,8 @@ from midgpt.configs import shakespeare_char
 
 config = dataclasses.replace(
     shakespeare_char.config,
-    model=dataclasses.replace(shakespeare_char.config.model, n_layer=4, n_head=4, n_embd=128, block_size=64, dropout=0.0,
+    model=dataclasses.replace(shakespeare_char.config.model, n_layer=4, n_head=4, n_embd=128, block_size=64,
+                              dropout=0.0,
                               # Two layers per scan iteration, each recomputed in the backward pass: on
                               # the Intel Xeon, 0.92x the step time of one layer with remat "dots"
                               # (benchmarks/RESULTS.md), which had measured 19 ms on the AMD EPYC against
