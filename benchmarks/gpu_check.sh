@@ -71,7 +71,7 @@ fast_paths 120 cudnn
 
 # Later flags win over ARGS's. After the config as it is, the fastest on the H200 of 2026-12-04 (no
 # remat, the 12 layers unrolled: MFU 35.2% in 16-row micro-batches), then it and remat "dots" in 32-row
-# ones (bigger matmuls, and a quarter as many a step); the einsum attention last, to check auto's
+# ones (bigger matmuls, and half as many a step); the einsum attention last, to check auto's
 # choice. The config's own 128-row micro-batch without remat is not timed: XLA asked an H200 for
 # 155 GiB; the scanned remat "none" and "dots" took 1.35x and 0.98x the config's step there.
 for variant in "" "--model.remat=none --model.scan_unroll=12" \
