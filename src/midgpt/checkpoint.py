@@ -198,8 +198,10 @@ def array_shapes(tree) -> dict[str, tuple[int, ...]]:
 
 
 def check_arrays(step_dir: str, like, part: str | None = None) -> None:
-    """Raise MidgptError if the checkpoint (or its field part) holds other arrays than like: another model, not
-    damage."""
+    """Raise MidgptError if the checkpoint (or its field part) holds other arrays than like.
+
+    Other arrays mean another model, not damage.
+    """
     # The item's handler, not a StandardCheckpointer: that one looks for a step's metadata
     # file in the item's folder and logs a warning on every resume.
     try:

@@ -303,8 +303,7 @@ class StopSignals:
 
     @contextlib.contextmanager
     def unheard(self):
-        """Let the stop signals kill the process in the block (a wait in C++, where no Python handler runs); then
-        listen."""
+        """Let stop signals kill the process in the block (a wait in C++, no Python handler runs there); then listen."""
         for sig in self._heard():
             signal.signal(sig, signal.SIG_DFL)
         try:

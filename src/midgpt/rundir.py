@@ -49,8 +49,7 @@ def check_as_checkpointed(rundir: str, config: Config) -> None:
 
 
 def is_run(path: str) -> bool:
-    """Whether path is a run directory: a config.json and a checkpoints/ (empty for --debug's), as every run
-    makes."""
+    """Whether path is a run directory: a config.json and a checkpoints/ (empty for --debug's), as every run makes."""
     # Not config.json alone: many a project folder holds one, and a path under it is in no run.
     return os.path.isfile(os.path.join(path, "config.json")) and os.path.isdir(os.path.join(path, CHECKPOINTS))
 

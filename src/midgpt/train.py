@@ -80,8 +80,7 @@ ACTIVATIONS_AT_ONCE = 1024 * 384
 
 
 def pieces_per_micro_batch(config: Config, mesh: Mesh) -> int:
-    """Into how many equal pieces the step and evaluation cut each micro-batch: more than one only on a lone CPU
-    device."""
+    """Into how many equal pieces the step and evaluation cut each micro-batch: several only on a lone CPU device."""
     B, T, D = config.batch_size, config.model.block_size, config.model.n_embd
     if mesh.size > 1 or not sharding.on_cpu(mesh):
         return 1
