@@ -35,7 +35,7 @@ def hlo_lines(hlo_text: str) -> tuple[dict[str, str], dict[str, str]]:
         if line.endswith("{") and not line.startswith(" "):  # a computation's header
             computation = line.split()[1 if line.startswith("ENTRY") else 0].lstrip("%")
         elif m := re.match(r"\s+(?:ROOT )?%?([\w.\-]+) = ", line):
-            instructions[m.group(1)] = line.strip()
+            instructions[m.group(1)] = line.strip().removeprefix("ROOT ")  # a computation's last: still the op
             bodies[computation] += line + "\n"
     return instructions, bodies
 

@@ -132,6 +132,18 @@ def test_step_ratios_times_each_variant_every_round_against_the_first():
     assert second["ratio"] == pytest.approx(ratio, rel=0.01)
 
 
+def test_step_profile_gives_a_computations_last_op_its_own_line(monkeypatch):
+    # A loop body's result, a fusion, is its computation's ROOT: it is listed by its own line all the same.
+    monkeypatch.syspath_prepend(str(REPO_ROOT / "benchmarks"))
+    import step_profile
+
+    hlo = jax.jit(lambda x_N: jnp.sin(x_N) * 2).lower(jnp.ones(8)).compile().as_text()
+    (root,) = [line.split()[1] for line in hlo.splitlines() if line.startswith("  ROOT ") and " fusion(" in line]
+    instructions, bodies = step_profile.hlo_lines(hlo)
+    assert instructions[root.lstrip("%")].startswith(f"{root} = "), instructions
+    assert step_profile.kind(instructions[root.lstrip("%")], bodies) == "other fusion"
+
+
 def test_step_profile_sums_the_step_ops_by_kind_and_part_and_names_them_in_its_hlo():
     result = subprocess.run(
         [sys.executable, str(REPO_ROOT / "benchmarks" / "step_profile.py"), "--config=shakespeare_char_cpu",
