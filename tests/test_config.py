@@ -1,6 +1,7 @@
 """Config promises: typed overrides by dotted name, helpful errors, JSON round trip, named configs."""
 
 import dataclasses
+import importlib.util
 import json
 import os
 import pathlib
@@ -11,6 +12,7 @@ import sys
 
 import pytest
 
+from midgpt import configs, precision
 from midgpt.config import (Config, ModelConfig, apply_overrides, check_config, config_from_dict, config_to_dict,
                            load_config, resume_config)
 from midgpt.errors import MidgptError
@@ -213,13 +215,31 @@ def test_named_configs_load_as_frozen_configs():
     assert full.model == ModelConfig(vocab_size=65, block_size=256, n_layer=6, n_head=6, n_embd=384, dropout=0.2,
                                      remat="none", scan_unroll=6)
     assert cpu.model == ModelConfig(vocab_size=65, block_size=64, n_layer=4, n_head=4, n_embd=128, dropout=0.0,
-                                    remat="full", scan_unroll=2)
+                                    remat=cpu.model.remat, scan_unroll=cpu.model.scan_unroll)  # by processor: below
     # The CPU config differs from the full one only where the laptop needs it to.
     differing = {k for k, v in config_to_dict(cpu).items() if config_to_dict(full)[k] != v}
     assert differing == {"name", "model", "batch_size", "max_steps", "lr_decay_steps", "eval_iters", "steps_per_call"}
     assert (full.name, cpu.name) == ("shakespeare_char", "shakespeare_char_cpu")  # as config.json records them
     assert (cpu.batch_size, cpu.max_steps, cpu.lr_decay_steps, cpu.eval_iters,
             cpu.compute_dtype) == (12, 2000, 2000, 50, "auto")
+
+
+@pytest.mark.parametrize("flags, remat, unroll", [
+    ("avx2 fma avx512f avx512_bf16 amx_bf16 amx_tile", "full", 2),
+    ("avx2 fma avx512f avx512_bf16", "none", 4),
+    ("avx2 fma", "none", 4),
+    ("", "none", 4),
+], ids=["Intel Xeon AMX", "AMD EPYC Zen 4", "AMD EPYC Zen 3", "no flags"])
+def test_shakespeare_char_cpu_recomputes_its_layers_only_where_amx_multiplies(flags, remat, unroll, monkeypatch):
+    monkeypatch.setattr(precision, "cpuinfo", lambda: f"flags\t\t: fpu {flags}\n")
+    # A copy of the module, run afresh: the one imported stays as this machine's processor made it.
+    path = pathlib.Path(configs.__file__).parent / "shakespeare_char_cpu.py"
+    spec = importlib.util.spec_from_file_location("shakespeare_char_cpu_copy", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert (module.config.model.remat, module.config.model.scan_unroll) == (remat, unroll)
+    assert dataclasses.replace(module.config.model, remat="full", scan_unroll=1) == dataclasses.replace(
+        load_config("shakespeare_char_cpu").model, remat="full", scan_unroll=1)
 
 
 CPU = "from midgpt.configs.shakespeare_char_cpu import config as cpu\nimport dataclasses\n"

@@ -147,8 +147,8 @@ def test_step_profile_gives_a_computations_last_op_its_own_line(monkeypatch):
 def test_step_profile_sums_the_step_ops_by_kind_and_part_and_names_them_in_its_hlo():
     result = subprocess.run(
         [sys.executable, str(REPO_ROOT / "benchmarks" / "step_profile.py"), "--config=shakespeare_char_cpu",
-         "--steps=3", "--top=5", "--steps_per_call=10", "--model.n_layer=2", "--model.n_embd=64", "--model.n_head=2",
-         "--batch_size=4"],
+         "--steps=3", "--top=5", "--steps_per_call=10", "--model.remat=full", "--model.n_layer=2", "--model.n_embd=64",
+         "--model.n_head=2", "--batch_size=4"],
         capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stderr

@@ -19,18 +19,23 @@ def compute_dtype(name: str) -> str:
     if name != "auto":
         return name
     on_cpu = jax.devices()[0].platform == "cpu"
-    return "float32" if on_cpu and not multiplies_bf16(_cpuinfo()) else "bfloat16"
+    return "float32" if on_cpu and not multiplies_bf16(cpuinfo()) else "bfloat16"
 
 
-def multiplies_bf16(cpuinfo: str) -> bool:
+def multiplies_bf16(cpuinfo_text: str) -> bool:
     """Whether /proc/cpuinfo's text lists bf16 matmul instructions (x86; other CPUs: not measured, so no)."""
-    flags = {flag for line in cpuinfo.splitlines() if line.startswith("flags")
-             for flag in line.partition(":")[2].split()}
-    return any(flag in flags for flag in BF16_MATMUL_FLAGS)
+    return not cpu_flags(cpuinfo_text).isdisjoint(BF16_MATMUL_FLAGS)
+
+
+def cpu_flags(cpuinfo_text: str) -> set[str]:
+    """The x86 feature flags that /proc/cpuinfo's text lists: "avx512_bf16", "amx_bf16", ..."""
+    return {flag for line in cpuinfo_text.splitlines() if line.startswith("flags")
+            for flag in line.partition(":")[2].split()}
 
 
 @functools.cache
-def _cpuinfo() -> str:
+def cpuinfo() -> str:
+    """This machine's /proc/cpuinfo, or "" where there is none."""
     try:
         with open("/proc/cpuinfo") as f:  # Linux; elsewhere float32: never XLA's widened bf16
             return f.read()

@@ -2,19 +2,19 @@
 
 import dataclasses
 
+from midgpt import precision
 from midgpt.configs import shakespeare_char
+
+# How the layers run depends on the processor (benchmarks/RESULTS.md). On AMD EPYCs (AVX-512 BF16, or AVX2 in
+# float32) keeping every layer's activations, the four layers unrolled (a scan would stack them), took 0.78-0.85x
+# the step time of recomputing them two layers a scan iteration: the full run 57.6-64.5 s against 68.9-78.6 s.
+# On an Intel Xeon, whose AMX multiplies bf16 at four times those EPYCs' rate, it went the other way: 1.35x.
+REMAT, SCAN_UNROLL = ("full", 2) if "amx_bf16" in precision.cpu_flags(precision.cpuinfo()) else ("none", 4)
 
 config = dataclasses.replace(
     shakespeare_char.config,
     model=dataclasses.replace(shakespeare_char.config.model, n_layer=4, n_head=4, n_embd=128, block_size=64,
-                              dropout=0.0,
-                              # Two layers per scan iteration, each recomputed in the backward pass: on
-                              # the Intel Xeon, 0.92x the step time of one layer with remat "dots"
-                              # (benchmarks/RESULTS.md), which had measured 19 ms on the AMD EPYC against
-                              # 37 ms without remat and 27 ms unrolled (the full config's choices). Both at
-                              # once (remat "none", the four layers unrolled) now take 0.78-0.81x this step
-                              # on the AVX-512 EPYC; the Intel had taken 1.35x, before ten steps a call.
-                              remat="full", scan_unroll=2),
+                              dropout=0.0, remat=REMAT, scan_unroll=SCAN_UNROLL),
     batch_size=12,
     # Ten steps a call, one call between log steps: in launch.py's loop on the Intel Xeon, 0.90-0.94x the
     # step time of one step a call (benchmarks/RESULTS.md).
