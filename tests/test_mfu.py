@@ -133,7 +133,8 @@ def test_step_ratios_times_each_variant_every_round_against_the_first():
 
 
 def test_step_profile_gives_a_computations_last_op_its_own_line(monkeypatch):
-    # A loop body's result, a fusion, is its computation's ROOT: it is listed by its own line all the same.
+    # A computation's result (the entry's here, a loop body's in a step) is its ROOT instruction: a fusion
+    # that is one is listed by its own line all the same.
     monkeypatch.syspath_prepend(str(REPO_ROOT / "benchmarks"))
     import step_profile
 

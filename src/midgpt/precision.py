@@ -37,7 +37,7 @@ def cpu_flags(cpuinfo_text: str) -> set[str]:
 def cpuinfo() -> str:
     """This machine's /proc/cpuinfo, or "" where there is none."""
     try:
-        with open("/proc/cpuinfo") as f:  # Linux; elsewhere float32: never XLA's widened bf16
+        with open("/proc/cpuinfo") as f:  # Linux; elsewhere no flags (so float32: never XLA's widened bf16)
             return f.read()
     except OSError:
         return ""
