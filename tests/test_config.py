@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from midgpt import configs, precision
+from midgpt import configs, cpu
 from midgpt.config import (Config, ModelConfig, apply_overrides, check_config, config_from_dict, config_to_dict,
                            load_config, resume_config)
 from midgpt.errors import MidgptError
@@ -231,7 +231,7 @@ def test_named_configs_load_as_frozen_configs():
     ("", "none", 4),
 ], ids=["Intel Xeon AMX", "AMD EPYC Zen 4", "AMD EPYC Zen 3", "no flags"])
 def test_shakespeare_char_cpu_recomputes_its_layers_only_where_amx_multiplies(flags, remat, unroll, monkeypatch):
-    monkeypatch.setattr(precision, "cpuinfo", lambda: f"flags\t\t: fpu {flags}\n")
+    monkeypatch.setattr(cpu, "info", lambda: f"flags\t\t: fpu {flags}\n")
     # A copy of the module, run afresh: the one imported stays as this machine's processor made it.
     path = pathlib.Path(configs.__file__).parent / "shakespeare_char_cpu.py"
     spec = importlib.util.spec_from_file_location("shakespeare_char_cpu_copy", path)
@@ -240,6 +240,14 @@ def test_shakespeare_char_cpu_recomputes_its_layers_only_where_amx_multiplies(fl
     assert (module.config.model.remat, module.config.model.scan_unroll) == (remat, unroll)
     assert dataclasses.replace(module.config.model, remat="full", scan_unroll=1) == dataclasses.replace(
         load_config("shakespeare_char_cpu").model, remat="full", scan_unroll=1)
+
+
+def test_named_configs_load_without_importing_jax():
+    # launch.py and sample.py import JAX only once the arguments are good: a typo is refused at once.
+    code = ("import sys\nfrom midgpt.config import config_names, load_config\n"
+            "[load_config(name) for name in config_names()]\nprint('jax' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and result.stdout.strip() == "False", result.stdout + result.stderr
 
 
 CPU = "from midgpt.configs.shakespeare_char_cpu import config as cpu\nimport dataclasses\n"

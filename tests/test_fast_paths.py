@@ -11,7 +11,7 @@ import numpy as np
 import optax
 import pytest
 
-from midgpt import precision
+from midgpt import cpu
 from midgpt.config import ModelConfig
 from midgpt.model import GPT, attention_implementation, cast_floats, cudnn_flash_fits, dropout, project
 from midgpt.precision import compute_dtype, cross_entropy, multiplies_bf16
@@ -148,7 +148,7 @@ def test_auto_attention_takes_cudnn_only_where_it_runs():
 ], ids=["AMD EPYC Zen 4", "Intel Xeon AMX", "AMD EPYC Zen 3", "Arm", "not Linux"])
 def test_auto_compute_dtype_is_bfloat16_on_cpus_with_bf16_matmul_instructions(cpuinfo, multiplies, monkeypatch):
     assert multiplies_bf16(cpuinfo) == multiplies
-    monkeypatch.setattr(precision, "cpuinfo", lambda: cpuinfo)
+    monkeypatch.setattr(cpu, "info", lambda: cpuinfo)
     on_cpu = jax.devices()[0].platform == "cpu"  # accelerators take bfloat16 whatever their host's CPU
     assert compute_dtype("auto") == ("float32" if on_cpu and not multiplies else "bfloat16")
 

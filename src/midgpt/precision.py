@@ -9,6 +9,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from midgpt import cpu
+
 # x86 instructions that multiply bf16 pairs into float32 sums. Without them XLA:CPU widens bf16 to
 # float32 before multiplying: slower than float32 itself (an AVX2 AMD EPYC: 0.10 against 0.17 TFLOP/s).
 BF16_MATMUL_FLAGS = ("avx512_bf16", "amx_bf16")
@@ -19,28 +21,15 @@ def compute_dtype(name: str) -> str:
     if name != "auto":
         return name
     on_cpu = jax.devices()[0].platform == "cpu"
-    return "float32" if on_cpu and not multiplies_bf16(cpuinfo()) else "bfloat16"
+    return "float32" if on_cpu and not multiplies_bf16(cpu.info()) else "bfloat16"
 
 
 def multiplies_bf16(cpuinfo_text: str) -> bool:
-    """Whether /proc/cpuinfo's text lists bf16 matmul instructions (x86; other CPUs: not measured, so no)."""
-    return not cpu_flags(cpuinfo_text).isdisjoint(BF16_MATMUL_FLAGS)
+    """Whether /proc/cpuinfo's text lists bf16 matmul instructions (x86; other CPUs: not measured, so no).
 
-
-def cpu_flags(cpuinfo_text: str) -> set[str]:
-    """The x86 feature flags that /proc/cpuinfo's text lists: "avx512_bf16", "amx_bf16", ..."""
-    return {flag for line in cpuinfo_text.splitlines() if line.startswith("flags")
-            for flag in line.partition(":")[2].split()}
-
-
-@functools.cache
-def cpuinfo() -> str:
-    """This machine's /proc/cpuinfo, or "" where there is none."""
-    try:
-        with open("/proc/cpuinfo") as f:  # Linux; elsewhere no flags (so float32: never XLA's widened bf16)
-            return f.read()
-    except OSError:
-        return ""
+    Without them (or without /proc/cpuinfo) compute_dtype "auto" is float32: never XLA's widened bf16.
+    """
+    return not cpu.flags(cpuinfo_text).isdisjoint(BF16_MATMUL_FLAGS)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
