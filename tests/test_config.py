@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from midgpt import configs, cpu
+from midgpt import configs
 from midgpt.config import (Config, ModelConfig, apply_overrides, check_config, config_from_dict, config_to_dict,
                            load_config, resume_config)
 from midgpt.errors import MidgptError
@@ -231,7 +231,7 @@ def test_named_configs_load_as_frozen_configs():
     ("", "none", 4),
 ], ids=["Intel Xeon AMX", "AMD EPYC Zen 4", "AMD EPYC Zen 3", "no flags"])
 def test_shakespeare_char_cpu_recomputes_its_layers_only_where_amx_multiplies(flags, remat, unroll, monkeypatch):
-    monkeypatch.setattr(cpu, "info", lambda: f"flags\t\t: fpu {flags}\n")
+    monkeypatch.setattr("midgpt.cpu.info", lambda: f"flags\t\t: fpu {flags}\n")  # what the config module reads
     # A copy of the module, run afresh: the one imported stays as this machine's processor made it.
     path = pathlib.Path(configs.__file__).parent / "shakespeare_char_cpu.py"
     spec = importlib.util.spec_from_file_location("shakespeare_char_cpu_copy", path)
