@@ -21,7 +21,7 @@ from midgpt import checkpoint
 from midgpt.cli import ArgumentParser, add_config_option, positive_int, run
 from midgpt.optimizer import make_optimizer
 from midgpt.sharding import make_mesh
-from midgpt.train import init_state, make_train_step
+from midgpt.step import init_state, make_train_step
 from train_throughput import checked_config
 
 

@@ -27,7 +27,7 @@ def main(argv: list[str]) -> None:
     from midgpt.memory import sharded_bytes
     from midgpt.optimizer import make_optimizer
     from midgpt.sharding import is_abstract, make_mesh
-    from midgpt.train import fresh_state, init_state, state_layout
+    from midgpt.step import fresh_state, init_state, state_layout
     from train_throughput import checked_config
 
     config = checked_config(args.config, overrides, list(vars(args)))

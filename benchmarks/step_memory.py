@@ -16,7 +16,7 @@ from midgpt import memory
 from midgpt.cli import ArgumentParser, add_config_option, positive_int, run
 from midgpt.optimizer import make_optimizer
 from midgpt.sharding import make_mesh
-from midgpt.train import fresh_state, init_state, make_train_step, pieces_per_micro_batch, state_layout
+from midgpt.step import fresh_state, init_state, make_train_step, pieces_per_micro_batch, state_layout
 from train_throughput import checked_config, run_fields
 
 

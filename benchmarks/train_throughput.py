@@ -22,7 +22,7 @@ from midgpt.config import Config, apply_overrides, check_config, load_config, st
 from midgpt.model import count_params
 from midgpt.optimizer import make_optimizer
 from midgpt.sharding import batch_sharding, make_mesh
-from midgpt.train import init_state, make_train_step
+from midgpt.step import init_state, make_train_step
 
 
 def checked_config(name: str, overrides: list[str], options: Sequence[str] = ()) -> Config:

@@ -15,7 +15,7 @@ from midgpt import cpu
 from midgpt.config import ModelConfig
 from midgpt.model import GPT, attention_implementation, cast_floats, cudnn_flash_fits, dropout, project
 from midgpt.precision import compute_dtype, cross_entropy, multiplies_bf16
-from midgpt.train import ACTIVATIONS_AT_ONCE, eval_loss, loss_fn
+from midgpt.step import ACTIVATIONS_AT_ONCE, eval_loss, loss_fn
 
 CONFIG = ModelConfig(vocab_size=64, block_size=16, n_layer=3, n_head=2, n_embd=32)
 

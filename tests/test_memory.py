@@ -19,7 +19,7 @@ from midgpt.config import Config, ModelConfig, apply_overrides, load_config, ste
 from midgpt.errors import MidgptError
 from midgpt.optimizer import make_optimizer
 from midgpt.sharding import DATA_AXES, make_mesh
-from midgpt.train import fresh_state, init_state, make_train_step, pieces_per_micro_batch, state_layout
+from midgpt.step import fresh_state, init_state, make_train_step, pieces_per_micro_batch, state_layout
 from conftest import REPO_ROOT
 from test_launch import assert_one_line_error, run
 from test_sharding import on_devices

@@ -18,7 +18,8 @@ from midgpt.errors import MidgptError
 from midgpt.metrics import TAGS, rewind_events, rewind_jsonl
 from midgpt.sharding import make_mesh
 from midgpt.model import fresh_model
-from midgpt.train import EVAL_TRAIN_STREAM, EVAL_VAL_STREAM, evaluate, loss_fn, train
+from midgpt.step import loss_fn
+from midgpt.train import EVAL_TRAIN_STREAM, EVAL_VAL_STREAM, evaluate, train
 from test_launch import TINY, read_metrics, run
 
 

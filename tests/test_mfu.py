@@ -17,7 +17,7 @@ from conftest import REPO_ROOT
 from midgpt import mfu, precision
 from midgpt.config import ModelConfig
 from midgpt.model import GPT
-from midgpt.train import loss_fn
+from midgpt.step import loss_fn
 
 
 @pytest.mark.parametrize("block_size, n_embd", [(128, 256), (512, 128)])  # the second: attention a third of the FLOPs

@@ -11,7 +11,7 @@ from midgpt.model import (GPT, Norm, apply_rotary, cast_floats, count_params, dr
                           softmax_attention)
 from midgpt.optimizer import make_optimizer
 from midgpt.sharding import make_mesh
-from midgpt.train import init_state, loss_fn, make_train_step
+from midgpt.step import init_state, loss_fn, make_train_step
 
 V, T, L, H, D = 11, 16, 2, 2, 32  # V = 11 so no other leaf has the embedding's (V, D) shape
 C = D // H

@@ -14,7 +14,8 @@ from midgpt.config import Config, ModelConfig, apply_overrides, check_config, lo
 from midgpt.model import GPT
 from midgpt.optimizer import lr_schedule, make_optimizer, schedule_note
 from midgpt.sharding import DATA_AXES, make_mesh
-from midgpt.train import calls, init_state, loss_fn, make_train_step, pieces_per_micro_batch
+from midgpt.step import init_state, loss_fn, make_train_step, pieces_per_micro_batch
+from midgpt.train import calls
 
 T = 16
 

@@ -539,7 +539,7 @@ import jax, numpy as np
 from midgpt.rundir import read_config_json
 from midgpt.optimizer import make_optimizer
 from midgpt.sharding import make_mesh
-from midgpt.train import fresh_state, state_layout
+from midgpt.step import fresh_state, state_layout
 from midgpt import checkpoint
 import equinox as eqx
 config = read_config_json("{rundir}")

@@ -23,7 +23,8 @@ from midgpt.optimizer import make_optimizer
 from midgpt.sample import (check_samples_fit, fitting_memory, generate, generate_chunks, load_model, prompt_key,
                            sample_token)
 from midgpt.sharding import make_mesh
-from midgpt.train import fresh_state, init_state, make_train_step, write_config
+from midgpt.step import fresh_state, init_state, make_train_step
+from midgpt.train import write_config
 
 V, W = 11, 8  # vocabulary, block_size
 

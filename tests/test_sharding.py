@@ -26,7 +26,7 @@ from midgpt import mfu
 from midgpt.config import Config, ModelConfig
 from midgpt.optimizer import make_optimizer
 from midgpt.sharding import FSDP, make_mesh, param_spec
-from midgpt.train import init_state, make_train_step
+from midgpt.step import init_state, make_train_step
 
 # Width 64 and fsdp_min_size 1024: every matrix is sharded, the norm gains are not.
 CONFIG = Config(data_dir="unused", model=ModelConfig(vocab_size=64, block_size=16, n_layer=2, n_head=4, n_embd=64),
@@ -37,7 +37,7 @@ import equinox as eqx, jax, numpy as np
 from midgpt.config import Config, ModelConfig
 from midgpt.optimizer import make_optimizer
 from midgpt.sharding import make_mesh
-from midgpt.train import init_state, make_train_step
+from midgpt.step import init_state, make_train_step
 CONFIG = {config!r}
 """
 
@@ -167,7 +167,7 @@ def test_fsdp_moves_weights_between_devices_never_activations():
     out = on_devices(8, """
         import math, re
         from midgpt.model import count_params
-        from midgpt.train import eval_loss
+        from midgpt.step import eval_loss
         from midgpt.sharding import batch_sharding, gather_params
         config = dataclasses.replace(CONFIG, model=ModelConfig(64, 128, 2, 2, 32), batch_size=64, g_accum_iters=1)
         optimizer, mesh = make_optimizer(config), make_mesh(config)
