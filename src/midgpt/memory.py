@@ -159,7 +159,7 @@ def estimate(config: Config, mesh: Mesh, state_like, state_shardings, pieces: in
              chunks: int = 1) -> dict[str, int]:
     """Per-device bytes of parameters, gradients, optimiser state, activations and gathered parameters.
 
-    pieces and chunks: as the step cuts micro-batches (train.pieces_per_micro_batch) and logits (loss_chunks).
+    pieces and chunks: as the step cuts micro-batches (step.pieces_per_micro_batch) and logits (loss_chunks).
     """
     params = sharded_bytes(state_like.model, state_shardings.model)
     itemsize, param_itemsize = compute_itemsize(config), np.dtype(config.param_dtype).itemsize
