@@ -14,13 +14,12 @@ import shutil
 import time
 
 from midgpt.cli import ArgumentParser, StopSignals, add_config_option, cache_compiled_programs, positive_int, run
-from midgpt.config import (FIXED_ON_RESUME, FREE_ON_RESUME, apply_overrides, check_config, leaves, load_config,
-                           resume_config)
+from midgpt.config import apply_overrides, check_config, leaves, load_config
 from midgpt.errors import MidgptError
 from midgpt.files import LOCK
 from midgpt.metrics import last_step
-from midgpt.rundir import (CHECKPOINTS, check_as_checkpointed, check_saved_config, read_config_json, runs_near,
-                           saved_steps)
+from midgpt.rundir import (CHECKPOINTS, FIXED_ON_RESUME, FREE_ON_RESUME, check_as_checkpointed, check_saved_config,
+                           read_config_json, resume_config, runs_near, saved_steps)
 
 JOIN_TIMEOUT = 300  # seconds a --multihost process waits for the others: JAX's own default
 

@@ -14,9 +14,9 @@ import pytest
 
 from midgpt import configs
 from midgpt.config import (Config, ModelConfig, apply_overrides, check_config, config_from_dict, config_to_dict,
-                           load_config, resume_config)
+                           load_config)
 from midgpt.errors import MidgptError
-from midgpt.rundir import check_saved_config, read_config_json, runs_near
+from midgpt.rundir import check_saved_config, read_config_json, resume_config, runs_near
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 

@@ -148,7 +148,7 @@ def test_an_over_large_run_suggests_the_largest_micro_batch_that_fits_and_keeps_
     memory.check_fits(config, make_mesh(config), parts["total"], estimate)  # just fits: no error
     with pytest.raises(MidgptError):  # a byte less does not
         memory.check_fits(config, make_mesh(config), parts["total"] - 1, estimate)
-    # A resume keeps its batch (config.FIXED_ON_RESUME): another batch is another run.
+    # A resume keeps its batch (rundir.FIXED_ON_RESUME): another batch is another run.
     with pytest.raises(MidgptError) as error:
         memory.check_fits(config, make_mesh(config), available, estimate, resuming=True)
     assert str(error.value).endswith(f"; or, in a new --rundir, a smaller batch with more accumulation ({suggestion})")

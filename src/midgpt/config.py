@@ -27,7 +27,7 @@ class ModelConfig:
     n_embd: int
     dropout: float = 0.0
     rope_base: float = 10000.0
-    # How the step runs, not what it computes: these may change when a run resumes.
+    # How the step runs, not what it computes: these may change when a run resumes (rundir.FREE_ON_RESUME).
     remat: str = "full"  # recompute in the backward pass: "full" (each layer), "dots" (all but weight matmuls), "none"
     scan_unroll: int = 1  # layers per iteration of the scan over layers; n_layer unrolls it fully
     # "einsum", or jax.nn.dot_product_attention's "xla" or "cudnn" (fused, GPU); "auto": cudnn on
@@ -163,46 +163,6 @@ def apply_overrides(config: Config, overrides: list[str], options: Sequence[str]
             text = os.path.expanduser(text)
         config = _replace(config, name, _parse(name, types[name], text))
     return config
-
-
-# Changing one of these on resume would make it another run: another model or another sampling
-# of the data. The data itself may move (data_dir): the resume compares what it holds.
-FIXED_ON_RESUME = ("model", "seed", "batch_size", "g_accum_iters", "param_dtype")
-FREE_ON_RESUME = ("model.remat", "model.scan_unroll", "model.attention")  # the same model, run another way
-
-
-def changes_the_run(a: Config, b: Config) -> str | None:
-    """The first field that FIXED_ON_RESUME keeps and in which a and b differ, or None."""
-    return next((name for name in _leaf_types(Config) if name.split(".")[0] in FIXED_ON_RESUME
-                 and name not in FREE_ON_RESUME and get_field(a, name) != get_field(b, name)), None)
-
-
-def resume_config(saved: Config, named: Config, overrides: list[str]) -> tuple[Config, list[str], list[str]]:
-    """The saved config with the command line's overrides; the changes they make; what the run keeps.
-
-    Another named config, or an override of the model or the batches, is refused; anything else may change.
-    """
-    # Only the overrides change a run: where its named config differs (overrides the run began with,
-    # or a default changed since), the run keeps its own values.
-    # A run saved before configs had names has none; its config may also be renamed or removed
-    # since. Then it takes the name of the --config that resumes it, which names it from then on.
-    known = saved.name in config_names()
-    if known and saved.name != named.name:
-        raise MidgptError(f"the run in this --rundir was started with --config={saved.name}, not {named.name}; "
-                          f"resume it with --config={saved.name}, or pass a new --rundir")
-    resumed = apply_overrides(dataclasses.replace(saved, name=saved.name if known else named.name), overrides)
-    given = {arg[2:].partition("=")[0] for arg in overrides}
-    leaves = [name for name in _leaf_types(Config) if name != "name"]
-    if name := changes_the_run(resumed, saved):
-        raise MidgptError(
-            f"the run in this --rundir has {name}={get_field(saved, name)!r} but this command asks for "
-            f"{get_field(resumed, name)!r}; that is another model or other batches: pass a new --rundir"
-        )
-    changes = [f"{n}: {get_field(saved, n)!r} -> {get_field(resumed, n)!r}"
-               for n in ["name", *leaves] if get_field(saved, n) != get_field(resumed, n)]
-    kept = [f"{n}={get_field(saved, n)!r} (config: {get_field(named, n)!r})"
-            for n in leaves if n not in given and get_field(saved, n) != get_field(named, n)]
-    return resumed, changes, kept
 
 
 def leaves(config: Config) -> dict:

@@ -269,7 +269,7 @@ def fixes(config: Config, mesh: Mesh, available: int, estimate_for,
           resuming: bool = False) -> tuple[list[str], list[str]]:
     """(what would bring the run within available bytes a device, what would only in a new run), as flags.
 
-    resuming: the run's batch and model are fixed (config.FIXED_ON_RESUME); else all are the run's own.
+    resuming: the run's batch and model are fixed (rundir.FIXED_ON_RESUME); else all are the run's own.
     """
     parts, same, new = estimate_for(config), [], []
     new_run = new if resuming else same

@@ -1,16 +1,57 @@
-"""A run directory's config.json, its checkpoints' folders and copies of the config, and runs near a path.
+"""A run directory: its config.json, what a resume may change, its checkpoints' folders, and runs near a path.
 
 Read without JAX or orbax, so that launch.py and sample.py can refuse a wrong --rundir at once.
 """
 
+import dataclasses
 import json
 import os
 import shlex
 
-from midgpt.config import Config, changes_the_run, check_config, config_from_dict, get_field
+from midgpt.config import Config, apply_overrides, check_config, config_from_dict, config_names, get_field, leaves
 from midgpt.errors import MidgptError
 
 CHECKPOINTS = "checkpoints"  # the run directory's folder of orbax checkpoints, one folder a step
+
+
+# Changing one of these on resume would make it another run: another model or another sampling
+# of the data. The data itself may move (data_dir): the resume compares what it holds.
+FIXED_ON_RESUME = ("model", "seed", "batch_size", "g_accum_iters", "param_dtype")
+FREE_ON_RESUME = ("model.remat", "model.scan_unroll", "model.attention")  # the same model, run another way
+
+
+def changes_the_run(a: Config, b: Config) -> str | None:
+    """The first field that FIXED_ON_RESUME keeps and in which a and b differ, or None."""
+    return next((name for name in leaves(a) if name.split(".")[0] in FIXED_ON_RESUME
+                 and name not in FREE_ON_RESUME and get_field(a, name) != get_field(b, name)), None)
+
+
+def resume_config(saved: Config, named: Config, overrides: list[str]) -> tuple[Config, list[str], list[str]]:
+    """The saved config with the command line's overrides; the changes they make; what the run keeps.
+
+    Another named config, or an override of the model or the batches, is refused; anything else may change.
+    """
+    # Only the overrides change a run: where its named config differs (overrides the run began with,
+    # or a default changed since), the run keeps its own values.
+    # A run saved before configs had names has none; its config may also be renamed or removed
+    # since. Then it takes the name of the --config that resumes it, which names it from then on.
+    known = saved.name in config_names()
+    if known and saved.name != named.name:
+        raise MidgptError(f"the run in this --rundir was started with --config={saved.name}, not {named.name}; "
+                          f"resume it with --config={saved.name}, or pass a new --rundir")
+    resumed = apply_overrides(dataclasses.replace(saved, name=saved.name if known else named.name), overrides)
+    given = {arg[2:].partition("=")[0] for arg in overrides}
+    fields = [name for name in leaves(saved) if name != "name"]
+    if name := changes_the_run(resumed, saved):
+        raise MidgptError(
+            f"the run in this --rundir has {name}={get_field(saved, name)!r} but this command asks for "
+            f"{get_field(resumed, name)!r}; that is another model or other batches: pass a new --rundir"
+        )
+    changes = [f"{n}: {get_field(saved, n)!r} -> {get_field(resumed, n)!r}"
+               for n in ["name", *fields] if get_field(saved, n) != get_field(resumed, n)]
+    kept = [f"{n}={get_field(saved, n)!r} (config: {get_field(named, n)!r})"
+            for n in fields if n not in given and get_field(saved, n) != get_field(named, n)]
+    return resumed, changes, kept
 
 
 def saved_steps(rundir: str) -> list[int]:
