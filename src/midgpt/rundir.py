@@ -22,8 +22,9 @@ FREE_ON_RESUME = ("model.remat", "model.scan_unroll", "model.attention")  # the 
 
 def changes_the_run(a: Config, b: Config) -> str | None:
     """The first field that FIXED_ON_RESUME keeps and in which a and b differ, or None."""
-    return next((name for name in leaves(a) if name.split(".")[0] in FIXED_ON_RESUME
-                 and name not in FREE_ON_RESUME and get_field(a, name) != get_field(b, name)), None)
+    a_fields, b_fields = leaves(a), leaves(b)
+    return next((name for name in a_fields if name.split(".")[0] in FIXED_ON_RESUME
+                 and name not in FREE_ON_RESUME and a_fields[name] != b_fields[name]), None)
 
 
 def resume_config(saved: Config, named: Config, overrides: list[str]) -> tuple[Config, list[str], list[str]]:
@@ -41,16 +42,15 @@ def resume_config(saved: Config, named: Config, overrides: list[str]) -> tuple[C
                           f"resume it with --config={saved.name}, or pass a new --rundir")
     resumed = apply_overrides(dataclasses.replace(saved, name=saved.name if known else named.name), overrides)
     given = {arg[2:].partition("=")[0] for arg in overrides}
-    fields = [name for name in leaves(saved) if name != "name"]
+    was, now, config = leaves(saved), leaves(resumed), leaves(named)
+    fields = [n for n in was if n != "name"]
     if name := changes_the_run(resumed, saved):
         raise MidgptError(
-            f"the run in this --rundir has {name}={get_field(saved, name)!r} but this command asks for "
-            f"{get_field(resumed, name)!r}; that is another model or other batches: pass a new --rundir"
+            f"the run in this --rundir has {name}={was[name]!r} but this command asks for "
+            f"{now[name]!r}; that is another model or other batches: pass a new --rundir"
         )
-    changes = [f"{n}: {get_field(saved, n)!r} -> {get_field(resumed, n)!r}"
-               for n in ["name", *fields] if get_field(saved, n) != get_field(resumed, n)]
-    kept = [f"{n}={get_field(saved, n)!r} (config: {get_field(named, n)!r})"
-            for n in fields if n not in given and get_field(saved, n) != get_field(named, n)]
+    changes = [f"{n}: {was[n]!r} -> {now[n]!r}" for n in ["name", *fields] if was[n] != now[n]]
+    kept = [f"{n}={was[n]!r} (config: {config[n]!r})" for n in fields if n not in given and was[n] != config[n]]
     return resumed, changes, kept
 
 
