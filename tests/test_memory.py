@@ -19,7 +19,7 @@ from midgpt.config import Config, ModelConfig, apply_overrides, load_config, ste
 from midgpt.errors import MidgptError
 from midgpt.optimizer import make_optimizer
 from midgpt.sharding import DATA_AXES, make_mesh
-from midgpt.step import fresh_state, init_state, make_train_step, pieces_per_micro_batch, state_layout
+from midgpt.step import fresh_state, init_state, loss_chunks, make_train_step, pieces_per_micro_batch, state_layout
 from conftest import REPO_ROOT
 from test_launch import assert_one_line_error, run
 from test_sharding import on_devices
@@ -96,7 +96,7 @@ def test_the_loss_makes_at_most_4_gib_of_float32_logits_at_once(batch_size, piec
     # one slice in 16 rows; and with more rows than the budget, single positions.
     config = apply_overrides(load_config("openwebtext"), [f"--batch_size={batch_size}"])
     lone_device = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1), DATA_AXES)
-    assert memory.loss_chunks(config, lone_device, pieces) == chunks
+    assert loss_chunks(config, lone_device, pieces) == chunks
 
 
 def test_fsdp_estimate_counts_the_gathered_parameters():

@@ -36,25 +36,6 @@ def sharded_bytes(arrays_like, shardings) -> int:
                for x, s in with_shardings(arrays_like, shardings))
 
 
-# Float32 logits (tokens x vocab) outgrow everything else at a large vocabulary, so the loss
-# makes at most this many at a time on a device (4 GiB): openwebtext's 128 x 1024-token
-# micro-batch in 8 slices on one GPU, whole from 8 GPUs on. Not fewer: on several devices
-# each slice sums the output layer's gradient over them.
-LOGITS_AT_ONCE = 2**30
-
-
-def fewest_parts(n: int, fits) -> int:
-    """The fewest equal parts of n for which fits(parts) holds; n if none does."""
-    return next(k for k in range(1, n + 1) if n % k == 0 and (fits(k) or k == n))
-
-
-def loss_chunks(config: Config, mesh: Mesh, pieces: int) -> int:
-    """Into how many slices of the sequence the loss cuts each piece's logits (precision.cross_entropy)."""
-    rows = max(1, config.batch_size // pieces // mesh.size)  # per device
-    T, V = config.model.block_size, config.model.vocab_size
-    return fewest_parts(T, lambda c: rows * T // c * V <= LOGITS_AT_ONCE)
-
-
 def compute_itemsize(config: Config) -> int:
     """Bytes of one element in the compute dtype that config.compute_dtype runs as."""
     return np.dtype(compute_dtype(config.compute_dtype)).itemsize
@@ -159,7 +140,7 @@ def estimate(config: Config, mesh: Mesh, state_like, state_shardings, pieces: in
              chunks: int = 1) -> dict[str, int]:
     """Per-device bytes of parameters, gradients, optimiser state, activations and gathered parameters.
 
-    pieces and chunks: as the step cuts micro-batches (step.pieces_per_micro_batch) and logits (loss_chunks).
+    pieces and chunks: as the step cuts micro-batches (step.pieces_per_micro_batch) and logits (step.loss_chunks).
     """
     params = sharded_bytes(state_like.model, state_shardings.model)
     itemsize, param_itemsize = compute_itemsize(config), np.dtype(config.param_dtype).itemsize

@@ -52,6 +52,11 @@ def init_state(config: Config, optimizer: optax.GradientTransformation, mesh: Me
     return eqx.combine(init(), static)
 
 
+def fewest_parts(n: int, fits) -> int:
+    """The fewest equal parts of n for which fits(parts) holds; n if none does."""
+    return next(k for k in range(1, n + 1) if n % k == 0 and (fits(k) or k == n))
+
+
 # On a CPU, arrays that outgrow the L3 cache slow every op that reads them (a matmul to
 # about 40% of its speed), and small ones leave the cores idle between ops; so training
 # and evaluation work on about this many activations (tokens x n_embd) at a time. Best
@@ -65,7 +70,21 @@ def pieces_per_micro_batch(config: Config, mesh: Mesh) -> int:
     B, T, D = config.batch_size, config.model.block_size, config.model.n_embd
     if mesh.size > 1 or not sharding.on_cpu(mesh):
         return 1
-    return memory.fewest_parts(B, lambda k: B // k * T * D <= ACTIVATIONS_AT_ONCE)
+    return fewest_parts(B, lambda k: B // k * T * D <= ACTIVATIONS_AT_ONCE)
+
+
+# Float32 logits (tokens x vocab) outgrow everything else at a large vocabulary, so the loss
+# makes at most this many at a time on a device (4 GiB): openwebtext's 128 x 1024-token
+# micro-batch in 8 slices on one GPU, whole from 8 GPUs on. Not fewer: on several devices
+# each slice sums the output layer's gradient over them.
+LOGITS_AT_ONCE = 2**30
+
+
+def loss_chunks(config: Config, mesh: Mesh, pieces: int) -> int:
+    """Into how many slices of the sequence the loss cuts each piece's logits (precision.cross_entropy)."""
+    rows = max(1, config.batch_size // pieces // mesh.size)  # per device
+    T, V = config.model.block_size, config.model.vocab_size
+    return fewest_parts(T, lambda c: rows * T // c * V <= LOGITS_AT_ONCE)
 
 
 def in_pieces(x_GxBxT, pieces: int):
@@ -93,7 +112,7 @@ def make_train_step(config: Config, optimizer: optax.GradientTransformation, mes
     state_shardings, static = state_layout(config, optimizer, mesh)
     batch_sharding = sharding.batch_sharding(mesh, ndim=3, batch_axis=1)
     pieces = pieces or pieces_per_micro_batch(config, mesh)
-    chunks = chunks or memory.loss_chunks(config, mesh, pieces)
+    chunks = chunks or loss_chunks(config, mesh, pieces)
     gather = sharding.gather_params(mesh)
 
     def step(state_arrays, x_GxBxT, y_GxBxT):
@@ -188,5 +207,5 @@ def memory_estimator(mesh: Mesh, like: TrainState, shardings):
     """config -> memory.estimate of the step as make_train_step runs it, with this mesh and state."""
     def estimate_for(c: Config) -> dict[str, int]:
         pieces = pieces_per_micro_batch(c, mesh)
-        return memory.estimate(c, mesh, like, shardings, pieces, memory.loss_chunks(c, mesh, pieces))
+        return memory.estimate(c, mesh, like, shardings, pieces, loss_chunks(c, mesh, pieces))
     return estimate_for

@@ -23,7 +23,7 @@ from midgpt.metrics import MetricsLog
 from midgpt.model import GPT, check_cudnn, count_params
 from midgpt.optimizer import lr_schedule, make_optimizer, schedule_note
 from midgpt.profiler import TraceWindow
-from midgpt.step import (eval_loss, fresh_state, init_state, make_train_step, memory_estimator,
+from midgpt.step import (eval_loss, fresh_state, init_state, loss_chunks, make_train_step, memory_estimator,
                          pieces_per_micro_batch, state_layout)
 
 # Streams of batch keys, (seed, TRAIN_STREAM, step) in training and (seed, stream) in evaluation: the
@@ -50,7 +50,7 @@ def evaluate(model: GPT, tokens, config: Config, mesh: Mesh, stream: int) -> flo
     pieces = pieces_per_micro_batch(config, mesh)
     shardings = jax.tree.map(lambda a: a.sharding, eqx.filter(model, eqx.is_array))
     return float(eval_loss(model, x_ExBxT, y_ExBxT, config.compute_dtype, pieces, sharding.gather_params(mesh),
-                           memory.loss_chunks(config, mesh, pieces), shardings))
+                           loss_chunks(config, mesh, pieces), shardings))
 
 
 def write_config(config: Config, rundir: str, meta: bytes):
