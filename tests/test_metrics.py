@@ -180,6 +180,20 @@ def test_step_ms_leaves_out_saves_and_evaluations(shakespeare_data_dir, tmp_path
     assert len(timed) == 4 and max(timed) < 250, timed  # two steps a call; the first call's compile untimed
 
 
+
+def test_the_first_call_of_each_program_is_left_out_of_the_timing(shakespeare_data_dir, tmp_path, capsys):
+    # Two steps a call where they fit, else one: each program's first call compiles it (or loads it from the
+    # cache), in seconds against milliseconds a step, so the log step after it reads no speed.
+    overrides = ["--log_interval=2", "--eval_interval=100", "--eval_iters=1", "--checkpoint_interval=100"]
+    train(one_layer_config(shakespeare_data_dir, "--max_steps=5", *overrides), str(tmp_path))  # 1-2, 3-4, 5
+    said = capsys.readouterr().out
+    train(one_layer_config(shakespeare_data_dir, "--max_steps=12", *overrides), str(tmp_path), resume=True)
+    said += capsys.readouterr().out  # the resume from step 5: 6 alone, then 7-8, 9-10, 11-12
+    for steps in ("steps 1-2", "step 5", "step 6", "steps 7-8"):
+        assert f"\n{steps} (compile included) took " in said, said
+    assert [(r["step"], "step_ms" in r) for r in read_metrics(tmp_path)] == [
+        (2, False), (4, True), (5, False), (6, False), (8, False), (10, True), (12, True)]
+
 def test_an_mfu_above_100_percent_has_the_peak_measured_again_once(shakespeare_data_dir, tmp_path, monkeypatch, capsys):
     # A CPU's peak measured while another process loaded the host reads low, and MFU, above 100%: impossible.
     measure, measured = mfu.measure_peak, []

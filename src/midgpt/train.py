@@ -226,6 +226,7 @@ def _train(config: Config, rundir: str, debug: bool, resume: bool, notes: Sequen
     timer.restart()
     step = start  # for an error before the first step
     stopped = False  # by a stop signal: not finished
+    called = set()  # the step's programs called so far, by steps a call: one, or several (see calls)
 
     try:
         for steps, (x, y) in data.prefetch(make_batches, calls(start, config, trace.steps)):
@@ -237,22 +238,29 @@ def _train(config: Config, rundir: str, debug: bool, resume: bool, notes: Sequen
             ending = "this step" if len(steps) == 1 else f"step {step}"
             after_call = f"after {ending}" if jax.process_count() == 1 else stop_after
             signals.when = f"after {ending}'s evaluation" if is_eval else after_call
-            first = steps[0] == start + 1  # the call that compiles
-            if first and jax.process_count() > 1:  # its first step meets the others in time
-                multihost.compile_together(train_step.lower(state, x, y))
+            # The first call of each of the two programs compiles it (or loads it from the cache): the run's
+            # first call, and the other program's first, at the last steps, a resume off the grid or a trace.
+            program = len(steps) > 1
+            compiles = program not in called
+            called.add(program)
+            if compiles:
+                jax.block_until_ready(state)  # so that the line below times this call alone
+                timer.restart()
+                if jax.process_count() > 1:  # its first step meets the others in time
+                    multihost.compile_together(train_step.lower(state, x, y))
             trace.before(steps[0])
             state, metrics = train_step(state, x, y)
             bar.update(len(steps))
             timer.tick(len(steps))
             if trace.after(step, state):
                 timer.restart()  # traced steps are slower: not timed
-            if first:  # leave the compile out of the throughput
+            if compiles:  # leave the compile out of the throughput
                 jax.block_until_ready(state)
                 peak_memory = memory.peak_in_use()
                 # And a resume's rate, which a longer lr_decay_steps moves: its cosine, stretched, rises again.
                 say(f"{cli.named_steps(steps)} (compile included) took {timer.seconds:.1f} s"
                     + (f", {'at' if len(steps) == 1 else 'from'} learning rate {float(lr_schedule(config)(start)):.3g}"
-                       if start else "")
+                       if start and steps[0] == start + 1 else "")
                     + (f"; peak memory {memory.readable(peak_memory)} per device" if peak_memory else ""))
                 timer.restart()
 
