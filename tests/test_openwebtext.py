@@ -269,7 +269,7 @@ def test_data_files_of_another_format_are_one_line_naming_the_file(tmp_path, dat
                          env=hf_env(tmp_path))
     assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr
     assert result.stderr.startswith(f"prepare.py: {tmp_path / given}: {reason}"), result.stderr
-    assert result.stderr.endswith("; pass its format as --dataset: json, parquet, csv, text or arrow\n")
+    assert result.stderr.endswith(" pass its format as --dataset: json, parquet, csv, text or arrow\n")
     assert {path.name: path.read_bytes() for path in out_dir.iterdir()} == before
 
 
@@ -280,14 +280,32 @@ def test_data_files_of_another_format_are_one_line_naming_the_file(tmp_path, dat
     # A pattern among others that matched nothing was ignored.
     ("json", ["corpus.jsonl", "none/*.jsonl"], "--data_files none/*.jsonl matches no file; pass files that exist"),
     ("json", ["empty.jsonl"], "empty.jsonl: no rows to read (empty files?); pass files that hold text"),  # a traceback
+    ("csv", ["empty.csv"], "empty.csv: no rows to read (empty files?); pass files that hold text"),  # a traceback
 ])
 def test_data_files_that_match_nothing_or_hold_no_rows_are_one_line(tmp_path, dataset, files, refusal):
     out_dir, before = prepared(tmp_path)
     write_corpus(tmp_path / "corpus.jsonl", DOCS[:20])
     (tmp_path / "empty.jsonl").write_text("")
+    (tmp_path / "empty.csv").write_text("")
     result = run_prepare("--dataset", dataset, "--data_files", *files, "--out_dir", out_dir, env=hf_env(tmp_path),
                          cwd=tmp_path)
     assert result.returncode == 1 and result.stderr == f"prepare.py: {refusal}\n", result.stderr
+    assert {path.name: path.read_bytes() for path in out_dir.iterdir()} == before
+
+
+@pytest.mark.parametrize("dataset, name, text", [
+    ("json", "notes.jsonl", '{"text": "café"}\n'), ("csv", "notes.csv", "text\ncafé\n"),
+    ("text", "notes.txt", "café\n")])
+def test_data_files_in_latin1_are_told_to_convert_them_too(tmp_path, dataset, name, text):
+    # They were told only "pass its format as --dataset", which they had.
+    out_dir, before = prepared(tmp_path)
+    (tmp_path / name).write_bytes(text.encode("latin-1"))
+    result = run_prepare("--dataset", dataset, "--data_files", tmp_path / name, "--out_dir", out_dir,
+                         env=hf_env(tmp_path))
+    assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.startswith(f"prepare.py: {tmp_path / name}: not a readable {dataset} file (not UTF-8: ")
+    assert "; if it is text, convert it to UTF-8 (e.g. iconv -f latin1 -t utf-8); if not, pass its format as " \
+           "--dataset: json, parquet, csv, text or arrow\n" in result.stderr, result.stderr
     assert {path.name: path.read_bytes() for path in out_dir.iterdir()} == before
 
 

@@ -197,6 +197,7 @@ class FailedFile(logging.Filter):
 def hf_documents(name: str, data_files: list[str] | None = None):
     """Yield the 'text' of each row of a Hugging Face dataset's train split, streamed."""
     import datasets  # imported here: local-file runs should not pay for it
+    import pandas  # datasets' csv builder reads with it
     import pyarrow
 
     hub_log, retries = logging.getLogger("huggingface_hub.utils._http"), RetriesInOneLine(name)
@@ -212,7 +213,8 @@ def hf_documents(name: str, data_files: list[str] | None = None):
                                   f"{name}: a row's 'text' is not a string" if "text" in row else
                                   f"{name}: a row has no 'text' field (columns: {sorted(row)})")
             yield row["text"]
-    except StopIteration:  # json's and parquet's builders read a first row for the columns, of files with none
+    # json's and parquet's builders read a first row for the columns, of files with none; csv's reads a header.
+    except (StopIteration, pandas.errors.EmptyDataError):
         if name not in FILE_BUILDERS:
             raise
         raise MidgptError(f"{' '.join(data_files)}: no rows to read (empty files?); pass files that hold "
@@ -224,9 +226,11 @@ def hf_documents(name: str, data_files: list[str] | None = None):
             raise
         reason = f"not UTF-8: {e.reason}" if isinstance(e, UnicodeDecodeError) else str(e).strip().splitlines()[0]
         file = failed.file or " ".join(data_files)
+        fix = f"pass its format as --dataset: {FORMATS}"
+        if isinstance(e, UnicodeDecodeError):  # a file of a binary format, or text in another encoding
+            fix = f"if it is text, convert it to UTF-8 (e.g. iconv -f latin1 -t utf-8); if not, {fix}"
         # Raised in the pool's task thread, it reaches main() through a worker: one line, not a pool's traceback.
-        raise MidgptError(utf16_or_32_advice(file) or f"{file}: not a readable {name} file ({reason}); "
-                          f"pass its format as --dataset: {FORMATS}") from None
+        raise MidgptError(utf16_or_32_advice(file) or f"{file}: not a readable {name} file ({reason}); {fix}") from None
     finally:
         hub_log.removeFilter(retries)
         builder_log.removeFilter(failed)
