@@ -288,6 +288,10 @@ def test_fixed_parts_that_outgrow_the_device_are_not_told_to_shorten_rows():
     ([], (1, 2), "more devices"),  # already all on the fsdp axis
     ([], (2, 1), "all devices on the fsdp axis (--mesh_shape=1,-1)"),
     (["--shard_model=false"], (1, 2), "sharded parameters (--shard_model=true)"),
+    # Parameters are sharded over the fsdp axis alone: --shard_model=true by itself changed nothing here.
+    (["--shard_model=false"], (2, 1), "all devices on the fsdp axis, with sharded parameters (--shard_model=true "
+                                      "--mesh_shape=1,-1)"),
+    (["--shard_model=false"], (1, 1), "more devices, with sharded parameters (--shard_model=true)"),
 ])
 def test_an_over_large_run_is_told_what_would_shrink_it(overrides, mesh_shape, advice):
     config = apply_overrides(load_config("openwebtext_xl"), overrides)
@@ -295,6 +299,29 @@ def test_an_over_large_run_is_told_what_would_shrink_it(overrides, mesh_shape, a
     with pytest.raises(MidgptError) as error:
         memory.check_fits(config, mesh, 16 * 2**30, estimate)
     assert f"; use {advice}" in str(error.value) and "--model.remat" not in str(error.value)  # remat full already
+    assert str(error.value).count("--shard_model=true") <= 1, error.value
+
+
+@pytest.mark.parametrize("available_gib, same, new", [
+    # Either fits alone: a smaller batch, or full remat (the state 4 GiB, a row's activations 1 or 1/8 GiB).
+    (6, ["full remat, one layer at a time (--model.remat=full --model.scan_unroll=1)"],
+     ["a smaller batch with more accumulation (--batch_size=2 --g_accum_iters=6)"]),
+    # Neither alone: full remat was offered all the same, and refused again when followed.
+    (4.5, [], ["full remat, one layer at a time, with a smaller batch (--model.remat=full --model.scan_unroll=1 "
+               "--batch_size=4 --g_accum_iters=3)"]),
+])
+def test_full_remat_is_offered_where_it_fits_alone_or_with_a_smaller_batch(available_gib, same, new):
+    GiB = 2**30
+
+    def estimate_for(c):
+        row = GiB // 8 if c.model.remat == "full" else GiB
+        parts = {"parameters": GiB, "gradients": GiB, "optimizer": 2 * GiB, "activations": c.batch_size * row}
+        return {**parts, "batches": 0, "total": sum(parts.values())}
+
+    config = apply_overrides(load_config("shakespeare_char_cpu"), ["--model.remat=none"])  # 12 rows
+    lone = jax.sharding.AbstractMesh((1, 1), DATA_AXES)
+    fixes = memory.fixes(config, lone, int(available_gib * GiB), estimate_for, resuming=True)
+    assert fixes == ([*same, "more devices"], new)
 
 
 def test_launch_stops_an_over_large_model_before_compiling_and_writes_nothing(shakespeare_data_dir, tmp_path):

@@ -16,7 +16,7 @@ from midgpt.config import Config, ModelConfig, steps_a_call
 from midgpt.errors import MidgptError
 from midgpt.model import REMAT_POLICIES, Block, attention_implementation, cast_floats
 from midgpt.precision import compute_dtype
-from midgpt.sharding import REPLICA, is_abstract, on_cpu
+from midgpt.sharding import FSDP, REPLICA, is_abstract, on_cpu
 
 
 def with_shardings(arrays_like, shardings):
@@ -250,6 +250,7 @@ def fixes(config: Config, mesh: Mesh, available: int, estimate_for,
           resuming: bool = False) -> tuple[list[str], list[str]]:
     """(what would bring the run within available bytes a device, what would only in a new run), as flags.
 
+    The batch and remat fixes are those that estimate_for fits; more devices, or sharding, a direction.
     resuming: the run's batch and model are fixed (rundir.FIXED_ON_RESUME); else all are the run's own.
     """
     parts, same, new = estimate_for(config), [], []
@@ -275,13 +276,22 @@ def fixes(config: Config, mesh: Mesh, available: int, estimate_for,
         new_run.append(f"a smaller batch with more accumulation (--batch_size={smaller.batch_size} "
                        f"--g_accum_iters={smaller.g_accum_iters})")
     if state_fits and config.model != full_remat:
-        same.append("full remat, one layer at a time (--model.remat=full --model.scan_unroll=1)")
-    if not config.shard_model:
+        remat = dataclasses.replace(config, model=full_remat)
+        if estimate_for(remat)["total"] <= available:
+            same.append("full remat, one layer at a time (--model.remat=full --model.scan_unroll=1)")
+        elif not smaller and (both := smaller_batch(remat, mesh, available, estimate_for)):  # neither alone fits
+            new_run.append("full remat, one layer at a time, with a smaller batch (--model.remat=full --model."
+                           f"scan_unroll=1 --batch_size={both.batch_size} --g_accum_iters={both.g_accum_iters})")
+    # The devices' own advice, which the estimate cannot check: its state's layout is this mesh's. Parameters
+    # are sharded over the fsdp axis alone, so --shard_model=true helps only where that axis has several devices.
+    shard = "" if config.shard_model else ", with sharded parameters (--shard_model=true)"
+    if shard and mesh.shape[FSDP] > 1:
         same.append("sharded parameters (--shard_model=true)")
     elif mesh.shape[REPLICA] > 1:
-        same.append("all devices on the fsdp axis (--mesh_shape=1,-1)")
+        same.append("all devices on the fsdp axis" + (
+            ", with sharded parameters (--shard_model=true --mesh_shape=1,-1)" if shard else " (--mesh_shape=1,-1)"))
     else:
-        same.append("more devices")
+        same.append("more devices" + shard)
     if not state_fits:
         new_run.append("a smaller model (fewer --model.n_layer, a smaller --model.n_embd)")
     return same, new
