@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import sys
 import time
@@ -89,6 +90,16 @@ def test_progress_bar_shows_mfu_and_the_peak_it_uses(resumed_run):
     assert f"MFU is against the measured {dtype} matmul peak of this cpu" in output
     assert "mfu=" in output and "tok/s=" in output
 
+
+
+def test_progress_bar_shows_the_last_logged_loss_and_rate_timed_or_not(shakespeare_data_dir, tmp_path):
+    # Steps 1-5 and 6-10 a call each, then 11 alone, its program's first call and untimed: the bar kept step 10's.
+    result = run("launch.py", "--config=shakespeare_char_cpu", f"--rundir={tmp_path}",
+                 f"--data_dir={shakespeare_data_dir}", *TINY, "--max_steps=11")
+    assert result.returncode == 0, result.stderr
+    last = read_metrics(tmp_path)[-1]
+    shown = re.findall(r"loss=([0-9.]+), lr=([0-9.e+-]+)", result.stderr)[-1]
+    assert last["step"] == 11 and shown == (f"{last['loss']:.4f}", f"{last['lr']:.2e}"), (shown, last)
 
 def test_rewinding_event_files_keeps_the_steps_up_to_the_checkpoint_and_drops_a_torn_record(tmp_path):
     with SummaryWriter(str(tmp_path)) as writer:

@@ -503,6 +503,39 @@ def test_divergence_stops_naming_the_step_and_keeps_the_last_checkpoint(learning
         np.testing.assert_array_equal(a, b)
 
 
+def test_an_update_that_diverges_just_before_a_save_is_not_saved(uninterrupted, shakespeare_data_dir, tmp_path):
+    # Step 61's loss is of the parameters before its update, which a learning rate of 1e3 took to a loss of 1e6:
+    # checkpoint 61 was saved, and every resume from it diverged again however low the learning rate.
+    rundir = tmp_path / "run"
+    shutil.copytree(uninterrupted, rundir)
+    code, output = finish(launch(rundir, shakespeare_data_dir, "--max_steps=61", "--learning_rate=1e3"))
+    error = [line for line in output.splitlines() if line.startswith("error: ")]
+    assert code == 1 and len(error) == 1 and error[0].startswith("error: train_loss is "), output
+    assert "at step 61: training diverged" in error[0] and "checkpoint 60 is untouched" in error[0], output
+    assert sorted(os.listdir(rundir / "checkpoints"), key=int) == ["20", "40", "60"]
+
+
+def test_a_stop_signal_during_a_save_stops_with_that_checkpoint(shakespeare_data_dir, tmp_path, capsys, monkeypatch):
+    # It trained on to the next call and saved again: under preemption, a second save in the grace period.
+    from midgpt import checkpoint
+    from midgpt.cli import StopSignals
+    from midgpt.train import train
+
+    config = one_layer_config(shakespeare_data_dir, "--max_steps=12", "--checkpoint_interval=4", "--log_interval=2",
+                              "--eval_interval=100", "--eval_iters=1")
+    save = checkpoint.save
+    with StopSignals() as signals:
+        def signalled_during(manager, step, *args):
+            save(manager, step, *args)
+            signals.received = signals.received or "SIGTERM"  # as its handler records one that came meanwhile
+
+        monkeypatch.setattr(checkpoint, "save", signalled_during)
+        train(config, str(tmp_path), signals=signals)
+    last = capsys.readouterr().out.splitlines()[-1]
+    assert last.startswith("stopped after step 4 (SIGTERM); run ") and last.endswith("to resume from checkpoint 4")
+    assert os.listdir(tmp_path / "checkpoints") == ["4"]
+
+
 @pytest.mark.parametrize("value", [float("inf"), float("nan")])
 @pytest.mark.parametrize("name", ["loss", "grad_norm", "param_norm"])
 def test_a_non_finite_metric_stops_the_run_before_its_checkpoint(name, value):
@@ -522,6 +555,9 @@ def test_a_non_finite_metric_stops_the_run_before_its_checkpoint(name, value):
                                           r"uniform guess over 65 tokens\); checkpoint 5 is untouched"):
         check_diverged({**metrics, "loss": 3 * math.log(65) + 0.01}, 7, 5, 65)
     check_diverged({**metrics, "loss": 30.0}, 7, 5, 50304)  # 30 is below 3 ln 50304
+    check_diverged({**metrics, "train_loss": 12.0, "val_loss": 12.5}, 7, 5, 65)
+    with pytest.raises(MidgptError, match=r"val_loss is 13 at step 7: training diverged \(over 3 times the 4.17"):
+        check_diverged({**metrics, "train_loss": 2.0, "val_loss": 13.0}, 7, 5, 65)  # of the parameters it saves
     with pytest.raises(MidgptError, match=f"{name} is {value} at step 7: training diverged; checkpoint 5 is untouched"):
         check_diverged({**metrics, name: value}, 7, 5, 65)
     with pytest.raises(MidgptError, match="training diverged; no checkpoint was written: run the same command with "

@@ -68,19 +68,23 @@ DIVERGED_LOSS = 3  # times ln V
 def check_diverged(metrics: dict, step: int, last_checkpoint: int | None, vocab_size: int,
                    resume_with: str = checkpoint.SAME_COMMAND):
     """Stop a diverged run before it saves: a metric that is not finite, a loss far worse than a uniform
-    guess's, or a gradient that is exactly zero."""
+    guess's, or a gradient that is exactly zero. The evaluation's losses too, where metrics has them."""
     kept = (f"checkpoint {last_checkpoint} is untouched: lower --learning_rate and run {resume_with} to resume from it"
             if last_checkpoint else
             f"no checkpoint was written: run {checkpoint.SAME_COMMAND} with a lower --learning_rate to start again")
-    # param_norm: of the updated parameters, which a checkpoint saves
-    values = {name: float(metrics[name]) for name in ("loss", "grad_norm", "param_norm")}
+    # param_norm and the evaluation's losses: of the updated parameters, which a checkpoint saves. The step's
+    # loss is of the parameters before its update, which a learning rate of 1e3 took from 2.2 to 2e6 at once.
+    values = {name: float(metrics[name]) for name in ("loss", "grad_norm", "param_norm", "train_loss", "val_loss")
+              if name in metrics}
     for name, value in values.items():
         if not math.isfinite(value):
             raise MidgptError(f"{name} is {value} at step {step}: training diverged; {kept}")
     # A learning rate of 10 took the loss to 16444 and on, finite, and saved such checkpoints over the good ones.
-    if values["loss"] > DIVERGED_LOSS * (uniform := math.log(vocab_size)):
-        raise MidgptError(f"loss is {values['loss']:.4g} at step {step}: training diverged (over {DIVERGED_LOSS} "
-                          f"times the {uniform:.2f} of a uniform guess over {vocab_size} tokens); {kept}")
+    uniform = math.log(vocab_size)
+    for name in ("loss", "train_loss", "val_loss"):
+        if values.get(name, 0) > DIVERGED_LOSS * uniform:
+            raise MidgptError(f"{name} is {values[name]:.4g} at step {step}: training diverged (over {DIVERGED_LOSS} "
+                              f"times the {uniform:.2f} of a uniform guess over {vocab_size} tokens); {kept}")
     # A learning rate of 1e6 grew the parameters to 1e9 and the loss stayed finite: the norms then flatten
     # every logit, no gradient moves them again, and the saves that follow would rotate away the good ones.
     if values["grad_norm"] == 0:
@@ -222,7 +226,7 @@ def _train(config: Config, rundir: str, debug: bool, resume: bool, notes: Sequen
         train_tokens, [(config.seed, TRAIN_STREAM, step) for step in steps] if len(steps) > 1
         else (config.seed, TRAIN_STREAM, steps[0]), config.g_accum_iters, config, mesh
     )
-    peak_memory = None
+    peak_memory, speed = None, {}  # speed: the bar's last measured tokens/s and MFU
     timer.restart()
     step = start  # for an error before the first step
     stopped = False  # by a stop signal: not finished
@@ -267,11 +271,10 @@ def _train(config: Config, rundir: str, debug: bool, resume: bool, notes: Sequen
             if is_log:
                 check_diverged(metrics, step, last_checkpoint, config.model.vocab_size, resume_with)
                 record = {"step": step, **{k: float(v) for k, v in metrics.items()}}
-                if step not in trace and (timed := timer.read(step, say)):  # none after the compile step
+                if step not in trace and (timed := timer.read(step, say)):  # none after a compile
                     record.update(timed)
-                    bar.set_postfix({"loss": f"{record['loss']:.4f}", "lr": f"{record['lr']:.2e}",
-                                     "tok/s": f"{record['tokens_per_sec']:,.0f}", "mfu": f"{record['mfu']:.1%}"},
-                                    refresh=False)
+                    speed = {"tok/s": f"{record['tokens_per_sec']:,.0f}", "mfu": f"{record['mfu']:.1%}"}
+                bar.set_postfix({"loss": f"{record['loss']:.4f}", "lr": f"{record['lr']:.2e}", **speed}, refresh=False)
                 if peak_memory:
                     record["peak_memory_gib"] = memory.peak_in_use() / 2**30
                 if is_eval:
@@ -279,6 +282,7 @@ def _train(config: Config, rundir: str, debug: bool, resume: bool, notes: Sequen
                     record["val_loss"] = evaluate(state.model, val_tokens, config, mesh, EVAL_VAL_STREAM)
                     signals.when = after_call  # evaluated: a stop that comes now waits for no evaluation
                     say(f"step {step}: train loss {record['train_loss']:.4f}, val loss {record['val_loss']:.4f}")
+                    check_diverged(record, step, last_checkpoint, config.model.vocab_size, resume_with)
                 with multihost.failing_together(), writing_to(rundir, resume_fix()):  # a full disk
                     if log:
                         log.write(record)
@@ -296,6 +300,9 @@ def _train(config: Config, rundir: str, debug: bool, resume: bool, notes: Sequen
                 with timer.paused():  # the save's copy to host is no step's time
                     checkpoint.save(manager, step, state, config, resume_with)
                 last_checkpoint = step
+                # A signal during the save (seconds, for a large model): stop with it, not train on to save again.
+                # Processes stop together, at a log step.
+                stop = stop or (jax.process_count() == 1 and signals.received is not None and step < config.max_steps)
             if stop:
                 stopped = True
                 trace.stopped(step, state)
