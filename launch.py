@@ -155,6 +155,11 @@ def launch(argv: list[str], signals: StopSignals) -> None:
     # what JAX detects of a cluster.
     if args.num_processes is not None and args.num_processes < 1:  # JAX's word for 0 was about process_id
         parser.error(f"--num_processes must be at least 1, got {args.num_processes}")
+    # A process 0 told it is alone waits for no other: it trained the run by itself, and any other process
+    # that joined it aborted in C++ ("Unexpected task registered").
+    if args.num_processes == 1:
+        parser.error("--num_processes=1 with --multihost runs this process alone; give every process the number "
+                     "of processes in the run, or drop --multihost for one")
     if args.process_id is not None and not 0 <= args.process_id < (args.num_processes or args.process_id + 1):
         parser.error(f"--process_id must be from 0 to --num_processes - 1, got {args.process_id}")
     if args.coordinator_address is not None and not (

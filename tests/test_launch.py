@@ -562,8 +562,11 @@ def assert_one_line_error(result, *fragments):
      ["--num_processes must be at least 1, got 0"]),
     (["--config=shakespeare_char_cpu", "--multihost", "--coordinator_address=127.0.0.1:1234", "--num_processes=2",
       "--process_id=2"], ["--process_id must be from 0 to"]),
-    (["--config=shakespeare_char_cpu", "--multihost", "--coordinator_address=127.0.0.1", "--num_processes=1",
+    (["--config=shakespeare_char_cpu", "--multihost", "--coordinator_address=127.0.0.1", "--num_processes=2",
       "--process_id=0"], ["is not HOST:PORT"]),
+    # Process 0 trained the run alone, and a process 1 given the run's count aborted in C++ as it joined.
+    (["--config=shakespeare_char_cpu", "--multihost", "--coordinator_address=127.0.0.1:1234", "--num_processes=1",
+      "--process_id=0"], ["--num_processes=1 with --multihost runs this process alone", "drop --multihost"]),
     (["--config=shakespeare_char_cpu", "--multihost", "--coordinator_address=127.0.0.1:99999", "--num_processes=2",
       "--process_id=1"], ["is not HOST:PORT, a port from 1 to 65535"]),  # process 1 waited; process 0, a traceback
 ])
