@@ -11,7 +11,13 @@ import itertools
 import os
 import re
 import shutil
+import signal
 import time
+
+# Until main's StopSignals, in the imports below: a Ctrl-C ends the process quietly (nothing has started),
+# not in an import's KeyboardInterrupt traceback. One the process was started ignoring stays ignored.
+if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 from midgpt.cli import ArgumentParser, StopSignals, add_config_option, cache_compiled_programs, positive_int, run
 from midgpt.config import apply_overrides, check_config, leaves, load_config

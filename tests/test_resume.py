@@ -309,12 +309,12 @@ def test_a_stop_signal_before_the_first_step_is_heard_too(shakespeare_data_dir, 
     assert code == 0 and "resuming from checkpoint 5" in output, output
 
 
-# launch.py, signalled just as it imports JAX (the second of its start when a Ctrl-C is likeliest).
+# launch.py, signalled just as it imports a module: JAX (the second of its start when a Ctrl-C is likeliest).
 SIGNALLED_AT_IMPORT = """
 import os, runpy, signal, sys
 class SignalAtImport:
     def find_spec(self, name, path=None, target=None):
-        if name == "jax":
+        if name == "{module}":
             sys.meta_path.remove(self)
             os.kill(os.getpid(), signal.{sig})
 sys.meta_path.insert(0, SignalAtImport())
@@ -328,12 +328,23 @@ def test_a_stop_signal_while_launch_starts_is_heard_as_in_training(shakespeare_d
     # It was a KeyboardInterrupt's traceback, or, raised in one of JAX's garbage-collection callbacks,
     # dropped: the run trained on to its end.
     rundir = tmp_path / "run"
-    proc = subprocess.run([sys.executable, "-c", SIGNALLED_AT_IMPORT.format(sig=sig), *ARGS, f"--rundir={rundir}",
-                           f"--data_dir={shakespeare_data_dir}"], cwd=REPO_ROOT, capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run([sys.executable, "-c", SIGNALLED_AT_IMPORT.format(sig=sig, module="jax"), *ARGS,
+                           f"--rundir={rundir}", f"--data_dir={shakespeare_data_dir}"], cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and f"stopped after step 5 ({sig})" in proc.stdout, proc  # the first call's last
     assert "Traceback" not in proc.stderr, proc.stderr
     assert os.listdir(rundir / "checkpoints") == ["5"]
+
+
+
+def test_a_ctrl_c_in_launchs_first_imports_ends_it_quietly(tmp_path):
+    # Before main's handlers (midgpt's own imports: tensorboardX's is the longest), nothing has started, and
+    # nothing is lost: it was a KeyboardInterrupt's traceback.
+    proc = subprocess.run([sys.executable, "-c", SIGNALLED_AT_IMPORT.format(sig="SIGINT", module="tensorboardX"),
+                           "--config=shakespeare_char_cpu", f"--rundir={tmp_path}/run"], cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -signal.SIGINT and proc.stdout == proc.stderr == "", proc
+    assert not (tmp_path / "run").exists()
 
 
 def truncate_data_file(step_dir):
