@@ -87,9 +87,9 @@ def test_gpt2_bpe_is_read_without_the_network(tmp_path):
     with socket.create_server(("127.0.0.1", 0)) as silent:
         proxy = f"http://127.0.0.1:{silent.getsockname()[1]}"
         env = {k: v for k, v in this_tree_env().items() if k.lower() != "no_proxy"}
+        env.update(HTTPS_PROXY=proxy, HTTP_PROXY=proxy, TIKTOKEN_CACHE_DIR=str(tmp_path))
         result = subprocess.run([sys.executable, "-c", "from midgpt.tokenizer import gpt2; print(gpt2().encode('Hi'))"],
-                                env={**env, "HTTPS_PROXY": proxy, "HTTP_PROXY": proxy, "TIKTOKEN_CACHE_DIR": str(tmp_path)},
-                                capture_output=True, text=True, timeout=60)
+                                env=env, capture_output=True, text=True, timeout=60)
     assert result.stdout == f"{gpt2().encode('Hi')}\n", result.stderr
 
 
