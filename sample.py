@@ -90,14 +90,17 @@ def main(argv: list[str]) -> None:
         raise MidgptError(f"{e}, the default --start: pass --start=TEXT in this run's vocabulary") from None
     T = config.model.block_size
     if len(ids) > T:  # the model sees at most block_size tokens: a longer prompt keeps its end
-        notes.append(f"the prompt's first {len(ids) - T} tokens are left out: the model sees its last {T}")
-        ids = ids[-T:]
+        kept = tokenizer.last_tokens(meta, ids, T)
+        notes.append(f"the prompt's first {len(ids) - len(kept)} tokens are left out: the model sees its last "
+                     f"{len(kept)}")
+        ids = kept
 
-    def show(text: str, end: str = "\n"):  # the notes first, with the text: an error before it is one line alone
+    # The notes first, with the text: an error before it is one line alone.
+    def show(text: str, end: str = "\n") -> bool:
         for line in notes:
             print(line, file=sys.stderr)
         notes.clear()
-        say(text, end=end)
+        return say(text, end=end)  # False once stdout's reader is gone (`| head`): none reads what more is drawn
 
     # vocab: only the tokenizer's ids are drawn (the table may have more rows).
     sampling = dict(temperature=args.temperature, top_k=args.top_k, vocab=meta["vocab_size"])
@@ -113,11 +116,13 @@ def main(argv: list[str]) -> None:
         if args.num_samples == 1:  # shown as it comes: a long sample on a CPU takes minutes
             new_ids = (jax.device_get(new_1xN)[0].tolist() for new_1xN in generate_chunks(*what, **sampling))
             for piece in tokenizer.decode_pieces(meta, itertools.chain([ids], new_ids)):
-                show(piece, end="")
+                if not show(piece, end=""):
+                    return
             show("")
         else:
             for i, row in enumerate(jax.device_get(generate(*what, **sampling))):
-                show(("-" * 40 + "\n" if i else "") + tokenizer.decode(meta, row.tolist()))
+                if not show(("-" * 40 + "\n" if i else "") + tokenizer.decode(meta, row.tolist())):
+                    return
 
 
 if __name__ == "__main__":

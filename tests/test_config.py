@@ -108,6 +108,20 @@ def test_a_command_without_config_fields_names_close_options_and_takes_no_abbrev
     assert parser.parse_known_args(["--step=5"])[1] == ["--step=5"]
 
 
+def test_a_typo_of_a_required_option_is_named_not_only_the_option_missing():
+    from midgpt.cli import ArgumentParser
+
+    parser = ArgumentParser(prog="sample.py")
+    parser.add_argument("--rundir", required=True)
+    parser.add_argument("--seed")
+    with pytest.raises(MidgptError) as info:  # was "the following arguments are required: --rundir"
+        parser.parse_args(["--seed=1", "--rundri=runs/a"])
+    assert str(info.value) == "unrecognized arguments: --rundri; did you mean --rundir? (see python sample.py --help)"
+    with pytest.raises(MidgptError) as info:  # a flag like none that is missing: missing is what is wrong
+        parser.parse_args(["--prompt=hi"])
+    assert str(info.value) == "the following arguments are required: --rundir (see python sample.py --help)"
+
+
 def test_a_bare_flag_that_is_no_field_is_an_unknown_argument_not_a_malformed_override(config):
     with pytest.raises(MidgptError) as info:  # launch.py's, given to a benchmark: "e.g. --debug=VALUE" misled
         apply_overrides(config, ["--debug"], ["steps"])
@@ -423,6 +437,19 @@ def test_a_folder_of_runs_names_its_newest_run_not_the_alphabetically_last(tmp_p
         os.utime(tmp_path / name / "checkpoints", (then, then))
     (tmp_path / "notes").mkdir()  # no run
     assert runs_near(str(tmp_path)) == f"{tmp_path} holds runs: pass one, e.g. the newest, --rundir={tmp_path / 'a'}"
+
+
+def test_a_folder_of_runs_names_a_run_with_a_checkpoint_over_a_newer_one_without(tmp_path):
+    # sample.py named the newest, a --debug run, which it then refused: "no finished checkpoint yet".
+    for name, age_s, steps in (("debug", 0, []), ("trained", 3600, ["500"])):
+        (tmp_path / name / "checkpoints").mkdir(parents=True)
+        for step in steps:
+            (tmp_path / name / "checkpoints" / step).mkdir()
+        (tmp_path / name / "config.json").write_text("{}")
+        then = os.path.getmtime(tmp_path / name / "checkpoints") - age_s
+        os.utime(tmp_path / name / "checkpoints", (then, then))
+    expected = f"{tmp_path} holds runs: pass one, e.g. the newest with a checkpoint, --rundir={tmp_path / 'trained'}"
+    assert runs_near(str(tmp_path)) == expected
 
 
 def test_an_edited_config_json_without_a_checkpoint_copy_is_told_to_undo_the_edit(tmp_path, config):

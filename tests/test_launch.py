@@ -292,6 +292,21 @@ def test_sample_into_a_closed_pipe_exits_0_without_a_traceback(short_run):
     assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
 
 
+def test_sample_stops_drawing_once_its_reader_is_gone(short_run):
+    # `| head`: it drew all of --max_new_tokens (minutes of a large model's) for none to read.
+    sampling = subprocess.Popen([sys.executable, "sample.py", f"--rundir={short_run}", "--start=ROMEO:",
+                                 f"--max_new_tokens={2**24}"], cwd=REPO_ROOT, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE)
+    try:
+        assert sampling.stdout.read(6) == b"ROMEO:"
+        sampling.stdout.close()
+        sampling.wait(timeout=60)  # 16M tokens: hours
+    finally:
+        sampling.kill()
+    stderr = sampling.stderr.read().decode()
+    assert sampling.returncode == 0 and "Traceback" not in stderr, stderr
+
+
 def test_sample_reads_a_prompt_file_and_keeps_the_end_of_a_long_prompt(short_run, tmp_path):
     prompt = "ROMEO:\nWhat say you, my lord? " * 6  # longer than block_size (64)
     (tmp_path / "prompt.txt").write_text(prompt)
@@ -1109,6 +1124,10 @@ def test_bpe_configs_shrunk_train_and_sample(name, bpe_data_dir, tmp_path):
         (tmp_path / "prompt.txt").write_bytes(b"ROMEO:\r\nmy lord")
         sample = run("sample.py", f"--rundir={rundir}", f"--start=FILE:{tmp_path}/prompt.txt", "--max_new_tokens=5")
         assert sample.returncode == 0 and sample.stdout.startswith("ROMEO:\nmy lord"), sample.stderr
+        # A prompt past block_size (32) keeps its end from a whole character: each parrot is three tokens.
+        sample = run("sample.py", f"--rundir={rundir}", "--start=" + "\U0001f99c" * 12, "--max_new_tokens=1")
+        assert sample.returncode == 0 and sample.stdout.startswith("\U0001f99c" * 10), sample.stdout  # was "\ufffd\ufffd"
+        assert "the prompt's first 6 tokens are left out: the model sees its last 30" in sample.stderr
     if name == "openwebtext":  # its table's 50304 rows, 47 past GPT-2's ids, which no tokenizer decodes
         # At a huge temperature every row is as likely: 10,000 draws from all 50304 would meet one (all but 1e-4).
         sample = run("sample.py", f"--rundir={rundir}", "--temperature=1e30", "--num_samples=5",

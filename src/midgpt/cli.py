@@ -42,7 +42,18 @@ class ArgumentParser(argparse.ArgumentParser):
         kwargs.setdefault("allow_abbrev", False)
         super().__init__(formatter_class=_HelpFormatter, **kwargs)
 
+    def parse_known_args(self, args=None, namespace=None):
+        self.typed = sys.argv[1:] if args is None else list(args)  # for error(): its flags
+        return super().parse_known_args(args, namespace)
+
     def error(self, message):
+        # argparse finds a required option missing before it looks at the options it does not know.
+        if message.startswith("the following arguments are required: "):
+            missing = message.removeprefix("the following arguments are required: ").split(", ")
+            flags = [a.partition("=")[0] for a in getattr(self, "typed", ()) if a.startswith("--")]
+            slips = [flag for flag in flags if flag not in self._option_string_actions and nearest(flag, missing)]
+            if slips:  # --rundri=DIR: "--rundir is required" would not say what was wrong
+                message = f"unrecognized arguments: {slips[0]}"
         if message.startswith("unrecognized arguments: "):
             flag = message.removeprefix("unrecognized arguments: ").split()[0].partition("=")[0]
             options = [o for o in self._option_string_actions if o.startswith("--") and o != "--help"]
@@ -204,11 +215,14 @@ def named_steps(steps: range) -> str:
     return f"step {steps[0]}" if len(steps) == 1 else f"steps {steps[0]}-{steps[-1]}"
 
 
-def say(line: str, end: str = "\n") -> None:
-    """Print a line above the progress bar, now; a closed stdout (`| tee` ended by Ctrl-C) stops no run."""
+def say(line: str, end: str = "\n") -> bool:
+    """Print a line above the progress bar, now; a closed stdout (`| tee` ended by Ctrl-C) stops no run.
+
+    False if this line found stdout's reader gone (later lines go to /dev/null)."""
     stdout = PipeSafe(sys.stdout)
     tqdm.write(line, file=stdout, end=end)
     stdout.flush()
+    return not stdout.gone
 
 
 def _discard(stream) -> None:
@@ -226,6 +240,7 @@ class PipeSafe:
 
     def __init__(self, stream):
         self.stream = stream
+        self.gone = False  # whether a write found the reader gone
 
     def write(self, text: str) -> int:
         try:
@@ -234,6 +249,7 @@ class PipeSafe:
             if not _reader_gone(e):
                 raise
             _discard(self.stream)
+            self.gone = True
             return len(text)
 
     def flush(self) -> None:
@@ -243,6 +259,7 @@ class PipeSafe:
             if not _reader_gone(e):
                 raise
             _discard(self.stream)
+            self.gone = True
 
     def __getattr__(self, name):  # isatty, fileno, encoding: the stream's own
         return getattr(self.stream, name)

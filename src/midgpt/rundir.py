@@ -102,12 +102,15 @@ def runs_near(rundir: str, with_step: bool = True, new_run: bool = False) -> str
     """
     if os.path.isdir(rundir):
         runs = [e.path for e in os.scandir(rundir) if is_run(e.path)]
+        # Of those with a checkpoint, where some have one: a --debug run has nothing to sample or resume.
+        saved = [run for run in runs if saved_steps(run)]
         if runs:  # the newest: the one whose checkpoints/ took or lost a save last
-            newest = max(runs, key=lambda run: os.path.getmtime(os.path.join(run, CHECKPOINTS)))
+            newest = max(saved or runs, key=lambda run: os.path.getmtime(os.path.join(run, CHECKPOINTS)))
+            which = "the newest" + " with a checkpoint" * (0 < len(saved) < len(runs))
             if new_run:  # a user who meant to start one there is not steered into resuming another
                 return (f"{rundir} holds runs: pass a new one in it, e.g. --rundir={os.path.join(rundir, 'NAME')}, "
-                        f"or one of them to resume it, e.g. the newest, --rundir={newest}")
-            return f"{rundir} holds runs: pass one, e.g. the newest, --rundir={newest}"
+                        f"or one of them to resume it, e.g. {which}, --rundir={newest}")
+            return f"{rundir} holds runs: pass one, e.g. {which}, --rundir={newest}"
     below, run = [], os.path.normpath(rundir)
     while run != (up := os.path.dirname(run)):  # up to "" for a relative path, "/" for an absolute one
         below.insert(0, os.path.basename(run))

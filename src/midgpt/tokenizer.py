@@ -112,6 +112,15 @@ def encode(meta: dict, text: str) -> list[int]:
     return [stoi[c] for c in text]
 
 
+def last_tokens(meta: dict, ids: list[int], n: int) -> list[int]:
+    """The last n ids, or fewer: from the first byte of a character that GPT-2 BPE split over tokens."""
+    kept = ids[-n:]
+    if meta["tokenizer"] == "gpt2":  # a token that starts with a UTF-8 continuation byte (0b10xxxxxx) ends a character
+        while len(kept) > 1 and gpt2().decode_single_token_bytes(kept[0])[0] & 0xC0 == 0x80:
+            kept = kept[1:]
+    return kept
+
+
 def decode(meta: dict, ids) -> str:
     """Text of token ids under the dataset's tokenizer."""
     if meta["tokenizer"] == "gpt2":
