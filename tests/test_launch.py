@@ -1124,9 +1124,10 @@ def test_bpe_configs_shrunk_train_and_sample(name, bpe_data_dir, tmp_path):
         (tmp_path / "prompt.txt").write_bytes(b"ROMEO:\r\nmy lord")
         sample = run("sample.py", f"--rundir={rundir}", f"--start=FILE:{tmp_path}/prompt.txt", "--max_new_tokens=5")
         assert sample.returncode == 0 and sample.stdout.startswith("ROMEO:\nmy lord"), sample.stderr
-        # A prompt past block_size (32) keeps its end from a whole character: each parrot is three tokens.
+        # A prompt past block_size (32) keeps its end from a whole character: each parrot is three tokens. It
+        # began "\ufffd\ufffd", the last parrot cut off outside the window.
         sample = run("sample.py", f"--rundir={rundir}", "--start=" + "\U0001f99c" * 12, "--max_new_tokens=1")
-        assert sample.returncode == 0 and sample.stdout.startswith("\U0001f99c" * 10), sample.stdout  # was "\ufffd\ufffd"
+        assert sample.returncode == 0 and sample.stdout.startswith("\U0001f99c" * 10), sample.stdout
         assert "the prompt's first 6 tokens are left out: the model sees its last 30" in sample.stderr
     if name == "openwebtext":  # its table's 50304 rows, 47 past GPT-2's ids, which no tokenizer decodes
         # At a huge temperature every row is as likely: 10,000 draws from all 50304 would meet one (all but 1e-4).
