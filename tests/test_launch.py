@@ -1125,7 +1125,7 @@ def test_bpe_configs_shrunk_train_and_sample(name, bpe_data_dir, tmp_path):
         sample = run("sample.py", f"--rundir={rundir}", f"--start=FILE:{tmp_path}/prompt.txt", "--max_new_tokens=5")
         assert sample.returncode == 0 and sample.stdout.startswith("ROMEO:\nmy lord"), sample.stderr
         # A prompt past block_size (32) keeps its end from a whole character: each parrot is three tokens. It
-        # began "\ufffd\ufffd", the last parrot cut off outside the window.
+        # began "\ufffd\ufffd": a parrot whose first token was cut off.
         sample = run("sample.py", f"--rundir={rundir}", "--start=" + "\U0001f99c" * 12, "--max_new_tokens=1")
         assert sample.returncode == 0 and sample.stdout.startswith("\U0001f99c" * 10), sample.stdout
         assert "the prompt's first 6 tokens are left out: the model sees its last 30" in sample.stderr
