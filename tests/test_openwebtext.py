@@ -2,7 +2,9 @@
 
 import collections
 import contextlib
+import csv
 import hashlib
+import importlib.util
 import itertools
 import json
 import os
@@ -237,6 +239,43 @@ def test_hugging_face_streaming_route_matches_local_files(tmp_path):
     ), result.stderr
 
 
+def test_text_and_csv_data_files_hold_the_documents_that_input_reads(tmp_path):
+    # --dataset text made each line a document, without its newline; a csv's "NA", "null" or "" were nulls, refused.
+    docs = DOCS[:300] + ["NA", "null", "NaN"]
+    (tmp_path / "corpus.txt").write_text("\n\n".join(docs) + "\n")
+    with open(tmp_path / "corpus.csv", "w", newline="") as f:
+        csv.writer(f).writerows([["text"], *([d] for d in docs), [""]])  # "" is an empty document: skipped
+    common = ("--num_proc", 1, "--val_fraction", 0.1)
+    local = run_prepare("--input", tmp_path / "corpus.txt", "--out_dir", tmp_path / "local", *common)
+    assert local.returncode == 0, local.stderr
+    for dataset in ("text", "csv"):
+        hf = run_prepare("--dataset", dataset, "--data_files", tmp_path / f"corpus.{dataset.replace('text', 'txt')}",
+                         "--out_dir", tmp_path / dataset, *common, env=hf_env(tmp_path))
+        assert hf.returncode == 0, hf.stderr
+        assert read_bins(tmp_path / dataset) == read_bins(tmp_path / "local"), dataset
+    assert sorted(split_docs(tmp_path / "local", "train") + split_docs(tmp_path / "local", "val")) == sorted(docs)
+
+
+def test_https_data_files_without_aiohttp_are_told_to_install_it(tmp_path):
+    if importlib.util.find_spec("aiohttp"):
+        pytest.skip("aiohttp is installed: the file would be fetched")
+    result = run_prepare("--dataset", "json", "--data_files", "https://example.com/x.jsonl", "--out_dir",
+                         tmp_path / "out")
+    assert result.returncode == 1 and result.stderr == (  # was fsspec's ImportError, in a traceback
+        "prepare.py: --data_files over http(s) need aiohttp (pip install aiohttp); or download them and pass them "
+        "as --input (see python data/openwebtext/prepare.py --help)\n")
+
+
+def test_remote_data_files_out_of_reach_are_one_line(tmp_path):
+    # huggingface_hub's HTTP client raised its own ConnectError, no ConnectionError: a traceback.
+    result = run_prepare("--dataset", "json", "--data_files", "hf://datasets/someone/corpus/x.jsonl",
+                         "--out_dir", tmp_path / "out", env=hf_env(tmp_path))
+    assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.startswith("prepare.py: could not reach the Hugging Face Hub for json (")
+    assert result.stderr.endswith("); download them and pass them as --input instead\n")
+    assert not (tmp_path / "out").exists()
+
+
 def prepared(tmp_path):
     """A dataset prepared from your own text in tmp_path/out: its directory, and its files' bytes by name."""
     out_dir = tmp_path / "out"
@@ -254,6 +293,9 @@ def prepared(tmp_path):
                                         "--dataset parquet, or pass them as --input FILE ..."),
     (["--data_files", "notes.txt", "notes.parquet"], "--data_files are read by --dataset, which names their format: "
                                                      "add --dataset json, parquet, csv, text or arrow, or pass"),
+    # datasets' own refusal came as a traceback.
+    (["--dataset", "pandas", "--data_files", "notes.pkl"], "--dataset pandas reads pickles, which may run code: pass "
+                                                           "your files in another format (json, parquet, csv, text "),
 ])
 def test_a_file_builder_without_data_files_or_data_files_without_one_is_refused(tmp_path, flags, refusal):
     # --dataset text alone tokenized every file in the working directory (notes.txt: a dataset of your notes);

@@ -28,6 +28,7 @@ import sys
 import threading
 import time
 import traceback
+from importlib.util import find_spec
 from pathlib import Path
 
 import numpy as np
@@ -194,6 +195,16 @@ class FailedFile(logging.Filter):
         return not found
 
 
+def connection_errors() -> tuple[type[BaseException], ...]:
+    """The errors of a connection that failed: Python's, and those of the HTTP clients datasets and its hub use."""
+    errors = [ConnectionError, TimeoutError]  # requests' own are OSErrors, but neither of these
+    for module, name in (("requests", "RequestException"), ("httpx", "TransportError"), ("httpx2", "TransportError"),
+                         ("aiohttp", "ClientConnectionError")):
+        if module in sys.modules:  # only a client already imported can have raised
+            errors.append(getattr(sys.modules[module], name))
+    return tuple(errors)
+
+
 def hf_documents(name: str, data_files: list[str] | None = None):
     """Yield the 'text' of each row of a Hugging Face dataset's train split, streamed."""
     import datasets  # imported here: local-file runs should not pay for it
@@ -206,8 +217,13 @@ def hf_documents(name: str, data_files: list[str] | None = None):
     builder_log.addFilter(failed)
     # The Hub's openwebtext is a loading script that datasets>=4 refuses; its parquet export is not.
     where = {"data_files": data_files} if data_files else {"revision": REVISION}
+    # The text builder's rows are lines by default: documents of a line each, without their newlines. A csv's
+    # "NA", "null" or "" are text, not missing: pandas' default read them as null, and the run was refused.
+    options = {"text": {"sample_by": "paragraph"}, "csv": {"keep_default_na": False}}.get(name, {})
     try:
-        for row in datasets.load_dataset(name, split="train", streaming=True, **where):
+        for row in datasets.load_dataset(name, split="train", streaming=True, **where, **options):
+            if name == "text":  # paragraphs as --input's .txt documents: no blank line before or after
+                row["text"] = row["text"].strip("\n")
             if not isinstance(row.get("text"), str):  # as --input's .parquet files, a null is refused, not skipped
                 raise MidgptError(f"{name}: a row's 'text' is null; {FILL_NULLS}" if row.get("text", 0) is None else
                                   f"{name}: a row's 'text' is not a string" if "text" in row else
@@ -219,8 +235,10 @@ def hf_documents(name: str, data_files: list[str] | None = None):
             raise
         raise MidgptError(f"{' '.join(data_files)}: no rows to read (empty files?); pass files that hold "
                           "text") from None
-    except (ConnectionError, TimeoutError) as e:  # how datasets reports an unreachable Hub
-        raise MidgptError(f"could not reach the Hugging Face Hub for {name} ({e}); pass --input FILES instead")
+    except connection_errors() as e:  # an unreachable Hub, or host of remote --data_files
+        where = "the Hugging Face Hub" if not data_files or "hf://" in " ".join(data_files) else "the files' host"
+        fix = "download them and pass them as --input" if data_files else "pass --input FILES"
+        raise MidgptError(f"could not reach {where} for {name} ({e}); {fix} instead") from None
     except (pyarrow.ArrowException, UnicodeDecodeError) as e:  # a file of another format than the builder's
         if name not in FILE_BUILDERS:  # a Hub dataset's own files: its traceback is the report
             raise
@@ -393,6 +411,12 @@ def main() -> None:
         if args.input and (args.dataset or args.data_files):
             parser.error("--dataset and --data_files read through Hugging Face datasets, --input reads its files "
                          "itself: pass one or the other")
+        if args.dataset == "pandas":  # datasets refuses it further on, in a traceback
+            parser.error(f"--dataset pandas reads pickles, which may run code: pass your files in another format "
+                         f"({FORMATS})")
+        if any(f.startswith(("http://", "https://")) for f in args.data_files or []) and not find_spec("aiohttp"):
+            parser.error("--data_files over http(s) need aiohttp (pip install aiohttp); or download them and pass them "
+                         "as --input")
         # Without files, datasets' builders read every file in the working directory.
         if args.dataset in FILE_BUILDERS and not args.data_files:
             parser.error(f"--dataset {args.dataset} reads the files you name: add --data_files FILE ..., "
