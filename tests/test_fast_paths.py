@@ -136,6 +136,9 @@ def test_auto_attention_takes_cudnn_only_where_it_runs():
     assert not cudnn_flash_fits(jnp.bfloat16, 64, jax.devices("cpu")[0])
     assert attention_implementation("auto", jnp.bfloat16, True, 64) == "einsum"  # dropout: einsum only
     assert attention_implementation("xla", jnp.float32, False, 76) == "xla"  # as configured
+    # jax.nn.dot_product_attention has no dropout: a GPT built by hand with it ran without the probabilities'.
+    with pytest.raises(ValueError, match="attention=xla .* has no dropout"):
+        attention_implementation("xla", jnp.float32, True, 64)
 
 
 # /proc/cpuinfo's flags, cut to those that matter, of the processors midgpt was measured on (benchmarks/RESULTS.md)

@@ -36,7 +36,8 @@ def multiplies_bf16(cpuinfo_text: str) -> bool:
 def matmul(spec: str, x, y):
     """einsum(spec, x, y) accumulated in float32, and its gradients computed alike.
 
-    spec names its output ("btd,df->btf"), each letter in exactly two of the three terms: the backward pass reads it.
+    spec names its output ("btd,df->btf"), each letter in at least two of the three terms (a batch letter, as
+    "bthc,bshc->bhts"'s b and h, in all three): the backward pass reads it.
     """
     return jnp.einsum(spec, x, y, preferred_element_type=jnp.float32)
 
