@@ -49,6 +49,8 @@ def main(argv: list[str]) -> None:
             raise MidgptError(f"cannot read the prompt file {path}: {e.strerror or e}") from None
         except MidgptError as e:  # not UTF-8: what to convert it from, not a usage error
             raise MidgptError(f"cannot read the prompt file {e}") from None
+    if not start and args.start.startswith("FILE:"):  # named: as a missing file, not a usage error
+        raise MidgptError(f"the prompt file {path} is empty; write the prompt in it")
     if not start:
         parser.error("the prompt is empty; give --start at least one character")
 

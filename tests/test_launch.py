@@ -1004,6 +1004,8 @@ def test_sample_errors_are_one_line(short_run, shakespeare_data_dir, tmp_path):
                           "leave them out of the prompt (the run knows the characters of its data only); a prompt "
                           "file is FILE:path, in capitals")
     assert_one_line_error(run("sample.py", f"--rundir={short_run}", "--start="), "prompt is empty")
+    assert_one_line_error(run("sample.py", f"--rundir={short_run}", "--start=FILE:/dev/null"),
+                          "the prompt file /dev/null is empty; write the prompt in it")
     assert_one_line_error(run("sample.py", f"--rundir={short_run}", "--temperature=hot"), "temperature")
     assert_one_line_error(run("sample.py", f"--rundir={short_run}", "--temperature=nan"), "temperature")
     assert_one_line_error(run("sample.py", f"--rundir={short_run}", "--temperature=inf"),
