@@ -236,9 +236,9 @@ def hf_documents(name: str, data_files: list[str] | None = None):
         raise MidgptError(f"{' '.join(data_files)}: no rows to read (empty files?); pass files that hold "
                           "text") from None
     except connection_errors() as e:  # an unreachable Hub, or host of remote --data_files
-        where = "the Hugging Face Hub" if not data_files or "hf://" in " ".join(data_files) else "the files' host"
+        host = "the Hugging Face Hub" if not data_files or "hf://" in " ".join(data_files) else "the files' host"
         fix = "download them and pass them as --input" if data_files else "pass --input FILES"
-        raise MidgptError(f"could not reach {where} for {name} ({e}); {fix} instead") from None
+        raise MidgptError(f"could not reach {host} for {name} ({e}); {fix} instead") from None
     except (pyarrow.ArrowException, UnicodeDecodeError) as e:  # a file of another format than the builder's
         if name not in FILE_BUILDERS:  # a Hub dataset's own files: its traceback is the report
             raise
