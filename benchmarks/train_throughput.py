@@ -19,7 +19,7 @@ import numpy as np
 from midgpt import mfu, precision
 from midgpt.cli import ArgumentParser, add_config_option, positive_int, run
 from midgpt.config import Config, apply_overrides, check_config, load_config, steps_a_call
-from midgpt.model import count_params
+from midgpt.model import check_cudnn, count_params
 from midgpt.optimizer import make_optimizer
 from midgpt.sharding import batch_sharding, make_mesh
 from midgpt.step import init_state, make_train_step
@@ -32,6 +32,7 @@ def checked_config(name: str, overrides: list[str], options: Sequence[str] = ())
     """
     config = apply_overrides(load_config(name), overrides, options)
     check_config(config)
+    check_cudnn(config.model, precision.compute_dtype(config.compute_dtype), jax.devices()[0])  # as train() does: one line
     return config
 
 

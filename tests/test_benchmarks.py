@@ -37,6 +37,10 @@ TINY = ["--model.n_layer=1", "--model.n_embd=32", "--model.n_head=2", "--batch_s
     # 440 GB of keys and values: XLA refuses the allocation at once.
     ("sample_throughput", [CONFIG, "--num_samples=1000000", "--max_new_tokens=100"],
      "1000000 samples of 101 tokens do not fit the device's memory; lower --num_samples or --max_new_tokens"),
+    # launch.py's check, missing from the benchmarks: a traceback of cuDNN's from the compile.
+    ("train_throughput", [CONFIG, *TINY, "--model.attention=cudnn"], "model.attention=cudnn does not run on cpu"),
+    ("step_ratios", [CONFIG, "--", " ".join(TINY), " ".join(TINY) + " --model.attention=cudnn"],
+     "model.attention=cudnn does not run on cpu"),
     ("checkpoint_cost", [CONFIG, "--interval=0"], "--interval"),
     ("compile_cache", [CONFIG, "--rounds=0"], "--rounds"),
     ("compile_cache", [CONFIG, "--model.remat=ful"], "model.remat"),

@@ -58,6 +58,8 @@ def test_flops_per_token_counts_causal_attention_over_the_keys_each_query_sees()
     ("NVIDIA H100 PCIe", "bfloat16", 756e12),  # not the SXM part's number
     ("NVIDIA H100 80GB HBM3", "float32", 494e12),
     ("TPU v5 lite", "bfloat16", 197e12),  # v5e, not v5p
+    ("TPU v5e", "bfloat16", 197e12),  # as some runtimes name it: was v5p's
+    ("TPU v6e", "bfloat16", 918e12),  # was None: a peak measured with a small matmul
     ("NVIDIA L40", "bfloat16", 181e12),  # not the L4's, nor the L40S's
     ("NVIDIA L4", "bfloat16", 121e12),
     ("TPU v4 lite", "bfloat16", 138e12),
@@ -129,7 +131,7 @@ def test_step_ratios_times_each_variant_every_round_against_the_first():
     assert [first["variant"], second["variant"]] == [small, other]
     assert len(first["step_ms_per_round"]) == len(second["step_ms_per_round"]) == 2 and first["ratio"] == 1.0
     ratio = statistics.median(second["step_ms_per_round"]) / statistics.median(first["step_ms_per_round"])
-    assert second["ratio"] == pytest.approx(ratio, rel=0.01)
+    assert second["ratio"] == pytest.approx(ratio, rel=0.002)  # of times unrounded: was of times rounded to 0.1 ms
 
 
 def test_step_profile_gives_a_computations_last_op_its_own_line(monkeypatch):

@@ -38,6 +38,8 @@ PEAK_FLOPS = [
     ("TPU v4 lite", 138e12, 138e12),  # v4i
     ("TPU v4", 275e12, 275e12),
     ("TPU v5 lite", 197e12, 197e12),  # v5e
+    ("TPU v5e", 197e12, 197e12),  # as some runtimes name it: before "TPU v5", which it contains
+    ("TPU v6e", 918e12, 918e12),
     ("TPU v5", 459e12, 459e12),  # v5p
     ("TPU v6 lite", 918e12, 918e12),  # v6e (Trillium)
 ]
