@@ -32,7 +32,8 @@ def checked_config(name: str, overrides: list[str], options: Sequence[str] = ())
     """
     config = apply_overrides(load_config(name), overrides, options)
     check_config(config)
-    check_cudnn(config.model, precision.compute_dtype(config.compute_dtype), jax.devices()[0])  # as train() does: one line
+    # As train() does: a cuDNN that cannot run it is one line, not a traceback from the compile.
+    check_cudnn(config.model, precision.compute_dtype(config.compute_dtype), jax.devices()[0])
     return config
 
 
