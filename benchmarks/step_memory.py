@@ -17,7 +17,7 @@ from midgpt.cli import ArgumentParser, add_config_option, positive_int, run
 from midgpt.optimizer import make_optimizer
 from midgpt.sharding import make_mesh
 from midgpt.step import fresh_state, init_state, loss_chunks, make_train_step, pieces_per_micro_batch, state_layout
-from train_throughput import checked_config, run_fields
+from train_throughput import call_shape, checked_config, run_fields
 
 
 def positive_ints(text: str) -> list[int]:
@@ -45,7 +45,7 @@ def main(argv: list[str]) -> None:
     state = init_state(config, optimizer, mesh)
     shardings, _ = state_layout(config, optimizer, mesh)
     like = eqx.filter_eval_shape(fresh_state, config, optimizer)
-    batch = jax.ShapeDtypeStruct((config.g_accum_iters, config.batch_size, config.model.block_size), jnp.int32)
+    batch = jax.ShapeDtypeStruct(call_shape(config), jnp.int32)  # launch.py's program: several steps a call, if so
     for chunks in args.chunks or [loss_chunks(config, mesh, pieces)]:
         compiled = make_train_step(config, optimizer, mesh, pieces, chunks).lower(state, batch, batch).compile()
         xla = compiled.memory_analysis()

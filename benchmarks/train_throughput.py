@@ -37,6 +37,13 @@ def checked_config(name: str, overrides: list[str], options: Sequence[str] = ())
     return config
 
 
+def call_shape(config: Config) -> tuple[int, ...]:
+    """The shape of a call's tokens as launch.py makes them: (G, B, T), stacked for steps_a_call(config) steps."""
+    shape = (config.g_accum_iters, config.batch_size, config.model.block_size)
+    per_call = steps_a_call(config)  # steps_per_call, cut to divide the intervals launch.py acts at
+    return (per_call, *shape) if per_call > 1 else shape
+
+
 def setup(config: Config, compiler_options: dict | None = None):
     """(fresh state, the jitted step, compiled with XLA's compiler_options, 4 random batches already on the devices).
 
@@ -45,9 +52,7 @@ def setup(config: Config, compiler_options: dict | None = None):
     optimizer, mesh = make_optimizer(config), make_mesh(config)
     state = init_state(config, optimizer, mesh)
     train_step = make_train_step(config, optimizer, mesh, compiler_options=compiler_options)
-    shape = (config.g_accum_iters, config.batch_size, config.model.block_size)
-    if (per_call := steps_a_call(config)) > 1:  # steps_per_call, cut to divide the intervals launch.py acts at
-        shape = (per_call, *shape)
+    shape = call_shape(config)
     rng = np.random.default_rng(0)
     # A few distinct batches, already on the devices: this measures the step, not the data.
     batches = [jax.device_put(rng.integers(0, config.model.vocab_size, shape, dtype=np.int32),

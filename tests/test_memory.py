@@ -387,6 +387,19 @@ def test_step_memory_benchmark_prints_xla_beside_the_estimate_for_each_slicing()
     assert whole["xla_argument_bytes"] == sliced["xla_argument_bytes"] > whole["estimate_bytes"]["parameters"]
 
 
+def test_step_memory_benchmark_compiles_the_program_that_runs_several_steps_a_call():
+    # It compiled the one-step program where launch.py runs shakespeare_char_cpu's ten steps a call.
+    def arguments(*flags: str) -> int:
+        result = subprocess.run(
+            [sys.executable, str(REPO_ROOT / "benchmarks" / "step_memory.py"), "--config=shakespeare_char_cpu",
+             "--model.n_layer=1", *flags], capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr
+        return json.loads(result.stdout)["xla_argument_bytes"]
+
+    # x and y: 9 more steps' 12 x 64 int32 tokens each.
+    assert arguments() - arguments("--steps_per_call=1") == 2 * 9 * 12 * 64 * 4
+
+
 def test_sizes_below_a_gib_are_shown_in_mib():
     # The small configs' whole plan read "0.00 GiB" term by term.
     sizes = (3_187_000, 2**30, 5 * 2**30 // 2)
