@@ -45,6 +45,8 @@ def text_blocks(source: str) -> list[str]:
         raise MidgptError(f"--text {source}: not UTF-8 text ({e.reason})") from None
     if not blocks:
         raise MidgptError(f"--text {source}: holds no text to draw documents from")
+    if any("\0" in block for block in blocks):  # a binary file, or UTF-16: prepare.py named the temporary corpus
+        raise MidgptError(f"--text {source}: holds NUL characters, so it is not UTF-8 text; pass a text file")
     return blocks
 
 

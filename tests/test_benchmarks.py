@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from conftest import REPO_ROOT
@@ -75,6 +76,14 @@ def test_gpu_check_refuses_bad_settings_in_one_line(args, settings, status, frag
                             text=True, timeout=60)
     assert result.returncode == status
     assert result.stderr.strip() == f"error: {fragment.format(out=tmp_path)}"
+
+
+def test_prepare_benchmark_refuses_a_binary_text_at_once(tmp_path):
+    # A prepared train.bin (uint16 ids, valid UTF-8 with NULs): the error came after a 10 MB corpus was written,
+    # and named that corpus, since deleted.
+    (tmp_path / "train.bin").write_bytes((np.arange(1000) % 65).astype(np.uint16).tobytes())  # ids of 65 chars
+    test_benchmark_refuses_bad_input_in_one_line("prepare_openwebtext", ["--text", str(tmp_path / "train.bin")],
+                                                 f"--text {tmp_path}/train.bin: holds NUL characters")
 
 
 def test_compile_cache_refuses_a_cache_turned_off():
