@@ -119,8 +119,9 @@ def make_train_step(config: Config, optimizer: optax.GradientTransformation, mes
         state = eqx.combine(state_arrays, static)
         params, model_static = eqx.partition(state.model, eqx.is_array)
 
-        # Differentiate with respect to the param_dtype copy, so gradients and
-        # their sum over micro-batches stay in param_dtype.
+        # Differentiate with respect to the param_dtype copy, so gradients and their sum over micro-batches are
+        # in param_dtype; each micro-batch's weight gradient comes through the compute copy's cast, so in bf16
+        # compute it is rounded to bf16 before the float32 sum (within the bf16 forward pass's own error).
         def micro_loss(params, x_BxT, y_BxT, micro_key):
             model = eqx.combine(compute_copy(params, compute_dtype, state_shardings.model), model_static)
             return loss_fn(model, x_BxT, y_BxT, micro_key, gather, chunks)
