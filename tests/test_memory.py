@@ -237,6 +237,10 @@ def test_the_batches_in_flight_are_the_steps_a_call_runs_not_steps_per_call():
     assert steps_a_call(asks_4) == 2
     assert estimate(asks_4)["batches"] == estimate(runs_2)["batches"]
     assert estimate(asks_4)["batches"] > estimate(apply_overrides(config, ["--steps_per_call=1"]))["batches"]
+    # A call of more steps than the run has never comes: 10**6 steps' batches were estimated at 29 GiB, and refused.
+    short = ["--max_steps=20", "--log_interval=1000000", "--eval_interval=1000000", "--checkpoint_interval=1000000"]
+    assert (estimate(apply_overrides(config, [*short, "--steps_per_call=1000000"]))["batches"]
+            == estimate(apply_overrides(config, [*short, "--steps_per_call=1"]))["batches"])
 
 
 def test_a_batch_whose_tokens_alone_outgrow_the_device_is_told_to_have_fewer():
@@ -247,7 +251,9 @@ def test_a_batch_whose_tokens_alone_outgrow_the_device_is_told_to_have_fewer():
     assert parts["batches"] >= tokens * 8  # x and y, int32
     with pytest.raises(MidgptError) as error:
         memory.check_fits(config, make_mesh(config), 16 * 2**30, estimate)
-    assert "use fewer tokens at once (a smaller --batch_size, --g_accum_iters or --eval_iters)" in str(error.value)
+    # Its ten steps a call stack ten steps' tokens: fewer a call is a fix too.
+    assert ("use fewer tokens at once (a smaller --batch_size, --g_accum_iters, --steps_per_call or --eval_iters)"
+            in str(error.value))
 
 
 def test_rows_too_long_for_the_device_are_estimated_without_memory_and_told_to_shorten():

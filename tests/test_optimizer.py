@@ -2,6 +2,7 @@
 steps run several to a call as one at a time."""
 
 import dataclasses
+import itertools
 import math
 
 import equinox as eqx
@@ -277,6 +278,14 @@ def test_calls_end_at_every_step_the_loop_acts_at_and_take_two_lengths():
     assert steps_a_call(config) == 2  # 4 does not divide 10; 3 neither
     assert steps_a_call(dataclasses.replace(config, steps_per_call=7)) == 5
     assert steps_a_call(dataclasses.replace(config, steps_per_call=10**9)) == 10  # no more than between log steps
+    # Every number up to steps_per_call was tried in turn: launch.py took 26 s to start with intervals of 10**8.
+    huge = dataclasses.replace(config, **dict.fromkeys(("log_interval", "eval_interval", "checkpoint_interval",
+                                                        "steps_per_call"), 10**12))
+    assert steps_a_call(huge) == 10**12 and steps_a_call(dataclasses.replace(huge, steps_per_call=10**6 - 1)) == 800_000
+    for every, most in itertools.product(range(1, 40), range(1, 40)):  # as the plain search found it
+        cut = dataclasses.replace(config, log_interval=every, eval_interval=every, checkpoint_interval=every,
+                                  steps_per_call=most)
+        assert steps_a_call(cut) == max(n for n in range(1, min(most, every) + 1) if every % n == 0), (every, most)
     config = dataclasses.replace(config, steps_per_call=5)
     named = lambda cut: [(r[0], r[-1]) for r in cut]
     assert named(calls(0, config, range(0))) == [(s, s + 4) for s in range(1, 61, 5)] + [(61, 61), (62, 62), (63, 63)]

@@ -79,7 +79,9 @@ class Config:
 def steps_a_call(config: Config) -> int:
     """The steps a call runs: the most, up to steps_per_call, that divide every interval the loop acts at."""
     every = math.gcd(config.log_interval, config.eval_interval, config.checkpoint_interval)
-    return max(n for n in range(1, min(config.steps_per_call, every) + 1) if every % n == 0)
+    most = min(config.steps_per_call, every)
+    # Over divisor pairs (i, every // i): counting up to most took minutes for intervals of 10**9.
+    return max(d for i in range(1, math.isqrt(every) + 1) if every % i == 0 for d in (i, every // i) if d <= most)
 
 
 def config_names() -> list[str]:
@@ -320,7 +322,7 @@ def check_config(config: Config) -> None:
                               f"got {getattr(config, name)}")
     # The optimiser's arithmetic is float32: a learning_rate of 1e-300 there was 0, and the decay's
     # factor weight_decay / learning_rate inf, which made every weight NaN.
-    if config.learning_rate < 1.2e-38 or config.weight_decay / config.learning_rate > 3.4e38:
+    if not 1.2e-38 <= config.learning_rate <= 3.4e38 or config.weight_decay / config.learning_rate > 3.4e38:
         raise MidgptError(f"learning_rate={config.learning_rate} with weight_decay={config.weight_decay} is beyond "
                           "float32, in which the optimiser runs; raise --learning_rate or lower --weight_decay")
     # numpy's generators, which draw the batches, take no negative seed; jax.random.key keeps 32 bits
@@ -335,6 +337,12 @@ def check_config(config: Config) -> None:
     for name in ("weight_decay", "grad_clip", "fsdp_min_size"):  # grad_clip=0: no clipping, as in nanoGPT
         if getattr(config, name) < 0:
             raise MidgptError(f"config field {name!r} must be 0 or more, got {getattr(config, name)}")
+    # Independent of the learning rate, a step at its peak scales each decayed weight by 1 - weight_decay: 1
+    # zeroed them every step, and the run sat at a uniform guess's loss with no error.
+    if config.weight_decay >= 1:
+        raise MidgptError(f"weight_decay={config.weight_decay} must be below 1: the decay is not multiplied by the "
+                          "learning rate, so each step at the peak rate scales the weights by 1 - weight_decay "
+                          "(AdamW's 0.1 at a rate of 1e-3 is 1e-4 here)")
     if m.n_embd % m.n_head or m.head_dim % 2:
         raise MidgptError(
             f"model.n_embd={m.n_embd} must split into model.n_head={m.n_head} heads of even width "

@@ -149,6 +149,7 @@ def estimate(config: Config, mesh: Mesh, state_like, state_shardings, pieces: in
     # The micro-batches' tokens, x and y in int32: a call's twice (the next is prefetched), an
     # evaluation's; on CPU also the int64 offsets and int32 windows that data.get_batch cuts them from.
     rows, steps = config.batch_size // mesh.size, steps_a_call(config)
+    steps = steps if steps <= config.max_steps else 1  # a call of more steps than the run has never comes
     tokens = (2 * steps * config.g_accum_iters + config.eval_iters) * rows * (config.model.block_size + 1)
     batches = tokens * (8 + 12 * on_cpu(mesh))
     parts = {
@@ -266,11 +267,13 @@ def fixes(config: Config, mesh: Mesh, available: int, estimate_for,
             new_run.append("shorter rows (a smaller --model.block_size)")
             return same, new
     if state_fits and parts["batches"] > available // 2:  # the tokens themselves: only fewer of them help
+        per_call = ["--steps_per_call"] if steps_a_call(config) > 1 else []  # a call's steps' batches are stacked
         if resuming:
-            same.append("fewer tokens at once (a smaller --eval_iters)")
+            same.append(f"fewer tokens at once (a smaller {' or '.join([*per_call, '--eval_iters'])})")
             new.append("fewer tokens at once (a smaller --batch_size or --g_accum_iters)")
         else:
-            same.append("fewer tokens at once (a smaller --batch_size, --g_accum_iters or --eval_iters)")
+            flags = ["--batch_size", "--g_accum_iters", *per_call, "--eval_iters"]
+            same.append(f"fewer tokens at once (a smaller {', '.join(flags[:-1])} or {flags[-1]})")
     smaller = smaller_batch(config, mesh, available, estimate_for) if state_fits else None
     if smaller:
         new_run.append(f"a smaller batch with more accumulation (--batch_size={smaller.batch_size} "
