@@ -325,7 +325,8 @@ def test_a_config_file_with_a_mistake_is_refused_in_one_line_naming_it(tmp_path,
     ("--lr_decay_steps=1073741824", "'lr_decay_steps' must be below 2**30"),
     # weight_decay / learning_rate overflowed float32, and every weight turned NaN.
     ("--learning_rate=1e-300", "learning_rate=1e-300 with weight_decay=0.0001 is beyond float32"),
-    ("--learning_rate=1e39", "learning_rate=1e+39 with weight_decay=0.0001 is beyond float32"),  # trained to NaN
+    ("--learning_rate=1e39", "learning_rate=1e+39 with weight_decay=0.0001 is beyond float32, in which the "
+                             "optimiser runs; lower --learning_rate"),  # it trained, to NaN
     # Not multiplied by the learning rate: 1 zeroed the decayed weights each step, at a uniform guess's loss, exit 0.
     ("--weight_decay=1", "weight_decay=1.0 must be below 1: the decay is not multiplied by the learning rate"),
     # Masks are drawn in steps of 1/256: 0.999 would keep every element and divide it by 0, 0.001 drop none.

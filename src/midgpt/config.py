@@ -322,9 +322,11 @@ def check_config(config: Config) -> None:
                               f"got {getattr(config, name)}")
     # The optimiser's arithmetic is float32: a learning_rate of 1e-300 there was 0, and the decay's
     # factor weight_decay / learning_rate inf, which made every weight NaN.
-    if not 1.2e-38 <= config.learning_rate <= 3.4e38 or config.weight_decay / config.learning_rate > 3.4e38:
+    too_large = config.learning_rate > 3.4e38
+    if config.learning_rate < 1.2e-38 or too_large or config.weight_decay / config.learning_rate > 3.4e38:
+        fix = "lower --learning_rate" if too_large else "raise --learning_rate or lower --weight_decay"
         raise MidgptError(f"learning_rate={config.learning_rate} with weight_decay={config.weight_decay} is beyond "
-                          "float32, in which the optimiser runs; raise --learning_rate or lower --weight_decay")
+                          f"float32, in which the optimiser runs; {fix}")
     # numpy's generators, which draw the batches, take no negative seed; jax.random.key keeps 32 bits
     # (without jax_enable_x64), and the dropout key is key(seed + 1), so seed + 1 must stay below 2**32
     if not 0 <= config.seed < 2**32 - 1:
