@@ -336,7 +336,6 @@ def test_a_stop_signal_while_launch_starts_is_heard_as_in_training(shakespeare_d
     assert os.listdir(rundir / "checkpoints") == ["5"]
 
 
-
 def test_a_ctrl_c_in_launchs_first_imports_ends_it_quietly(tmp_path):
     # Before main's handlers (midgpt's own imports: tensorboardX's is the longest), nothing has started, and
     # nothing is lost: it was a KeyboardInterrupt's traceback.
