@@ -294,6 +294,11 @@ def prepared(tmp_path):
     (["--data_files", "notes.txt", "notes.parquet"], "--data_files are read by --dataset, which names their format: "
                                                      "add --dataset json, parquet, csv, text or arrow, or pass"),
     # datasets' own refusal came as a traceback.
+    # A local folder or file was read as a Hub dataset: a .txt's lines as documents, 0.05% to val.
+    (["--dataset", "."], "--dataset . is a local directory, not a Hugging Face dataset: pass your files as --input "
+                         "./*.txt (.txt, .jsonl, .parquet), or as --dataset FORMAT --data_files FILE ... (json, "),
+    (["--dataset", "notes.txt"], "--dataset notes.txt is a local file, not a Hugging Face dataset: pass your files "
+                                 "as --input notes.txt (.txt"),
     (["--dataset", "pandas", "--data_files", "notes.pkl"], "--dataset pandas reads pickles, which may run code: pass "
                                                            "your files in another format (json, parquet, csv, text "),
 ])

@@ -414,6 +414,14 @@ def main() -> None:
         if args.dataset == "pandas":  # datasets refuses it further on, in a traceback
             parser.error(f"--dataset pandas reads pickles, which may run code: pass your files in another format "
                          f"({FORMATS})")
+        # datasets reads a local path as your files, of a format it guesses (.txt: a document a line), as a Hub
+        # dataset's: 0.05% of it to val, over data/openwebtext.
+        if args.dataset not in (None, *FILE_BUILDERS) and os.path.exists(os.path.expanduser(args.dataset)):
+            local = os.path.expanduser(args.dataset)
+            example = os.path.join(args.dataset, "*.txt") if os.path.isdir(local) else args.dataset
+            parser.error(f"--dataset {args.dataset} is a local {'directory' if os.path.isdir(local) else 'file'}, "
+                         f"not a Hugging Face dataset: pass your files as --input {example} (.txt, .jsonl, .parquet), "
+                         f"or as --dataset FORMAT --data_files FILE ... ({FORMATS})")
         if any(f.startswith(("http://", "https://")) for f in args.data_files or []) and not find_spec("aiohttp"):
             parser.error("--data_files over http(s) need aiohttp (pip install aiohttp); or download them and pass them "
                          "as --input")
