@@ -64,7 +64,7 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def add_config_option(parser: argparse.ArgumentParser, help: str = "", **kwargs) -> None:
-    """--config, as launch.py and every benchmark take it, its help naming the configs."""
+    """--config, as launch.py and the benchmarks of a config take it, its help naming the configs."""
     parser.add_argument("--config", help=f"{help}{'; ' * bool(help)}a config of midgpt.configs: "
                         f"{', '.join(config_names())}", **kwargs)
 
@@ -275,7 +275,7 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 class StopSignals:
-    """SIGINT, SIGTERM and SIGHUP ask for a stop after the current step; a second one stops at once."""
+    """SIGINT, SIGTERM and SIGHUP ask for a stop where the loop next can (`speak`'s when); a second stops at once."""
 
     # SIGHUP is a closed terminal or ssh session, which would otherwise end the run without a checkpoint
     # (under nohup, which ignores it, the run goes on).

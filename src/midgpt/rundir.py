@@ -30,7 +30,8 @@ def changes_the_run(a: Config, b: Config) -> str | None:
 def resume_config(saved: Config, named: Config, overrides: list[str]) -> tuple[Config, list[str], list[str]]:
     """The saved config with the command line's overrides; the changes they make; what the run keeps.
 
-    Another named config, or an override of the model or the batches, is refused; anything else may change.
+    Another named config (one still known), or an override of FIXED_ON_RESUME (but FREE_ON_RESUME), is refused;
+    anything else may change.
     """
     # Only the overrides change a run: where its named config differs (overrides the run began with,
     # or a default changed since), the run keeps its own values.

@@ -115,7 +115,8 @@ def encode(meta: dict, text: str) -> list[int]:
 def last_tokens(meta: dict, ids: list[int], n: int) -> list[int]:
     """The last n ids, or fewer: from the first byte of a character that GPT-2 BPE split over tokens."""
     kept = ids[-n:]
-    if meta["tokenizer"] == "gpt2":  # a token that starts with a UTF-8 continuation byte (0b10xxxxxx) ends a character
+    # A token that starts with a UTF-8 continuation byte (0b10xxxxxx) continues a character.
+    if meta["tokenizer"] == "gpt2":
         while len(kept) > 1 and gpt2().decode_single_token_bytes(kept[0])[0] & 0xC0 == 0x80:
             kept = kept[1:]
     return kept

@@ -99,10 +99,11 @@ def train(config: Config, rundir: str, debug: bool = False, resume: bool = False
           signals: cli.StopSignals | None = None, resume_with: str = checkpoint.SAME_COMMAND) -> GPT:
     """Train into rundir (config.json, metrics.jsonl, TensorBoard events, checkpoints/), resuming if asked.
 
-    Every process runs it (JAX's multi-controller model); process 0 alone writes files and prints.
+    Every process runs it (JAX's multi-controller model) and saves its part of each checkpoint; process 0 alone
+    writes the run's other files and prints (but for a stop's notice).
     """
     # Process 0 prints the notes (launch.py's word on a resume) once no other launch holds the run. A stop
-    # signal (`signals`, launch.py's since it began, else heard from here on) stops it after the step it comes in;
+    # signal (`signals`, launch.py's since it began, else heard from here on) stops it where the loop next can (below);
     # resume_with is the command that resumes the run, for the lines that say so.
     with contextlib.ExitStack() as held:  # held: the run directory's lock, and signals if they are ours
         # Heard from the start, not only in the loop: after jax.distributed.initialize, JAX's own
