@@ -455,6 +455,18 @@ def test_a_folder_of_runs_names_a_run_with_a_checkpoint_over_a_newer_one_without
     assert runs_near(str(tmp_path)) == expected
 
 
+def test_a_folder_with_some_other_programs_config_json_is_no_run(tmp_path):
+    # Not a run without checkpoints/: a path under such a project was "inside the run" it named, which was refused
+    # in turn, and a folder holding one raised a traceback from saved_steps.
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "config.json").write_text("{}")
+    (tmp_path / "notes").mkdir()
+    assert runs_near(str(tmp_path)) is None and runs_near(str(tmp_path / "notes")) is None
+    (tmp_path / "other" / "checkpoints").mkdir()
+    assert runs_near(str(tmp_path)) == f"{tmp_path} holds runs: pass one, e.g. the newest, --rundir={tmp_path / 'other'}"
+
+
 def test_an_edited_config_json_without_a_checkpoint_copy_is_told_to_undo_the_edit(tmp_path, config):
     (tmp_path / "config.json").write_text(json.dumps({**config_to_dict(config), "max_steps": "lots"}))
     with pytest.raises(MidgptError) as info:
