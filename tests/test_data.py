@@ -235,14 +235,16 @@ def test_a_damaged_data_file_is_one_line_saying_to_prepare_again(tmp_path, name,
     assert "prepare the data again" in str(info.value)
 
 
-def test_a_split_shorter_than_its_meta_json_says_is_one_line(shakespeare_data_dir, tmp_path):
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_a_split_shorter_than_its_meta_json_says_is_one_line(shakespeare_data_dir, tmp_path, split):
     # Cut at an even byte, as a copy cut short may be: the odd-size check cannot see it.
     for name in ("meta.json", "train.bin", "val.bin"):
         (tmp_path / name).write_bytes((Path(shakespeare_data_dir) / name).read_bytes())
-    (tmp_path / "train.bin").write_bytes((tmp_path / "train.bin").read_bytes()[:1000])
+    (tmp_path / f"{split}.bin").write_bytes((tmp_path / f"{split}.bin").read_bytes()[:1000])
     config = apply_overrides(load_config("shakespeare_char_cpu"), [f"--data_dir={tmp_path}"])
-    with pytest.raises(MidgptError, match=f"train.bin holds 500 tokens but its meta.json says "
-                                          f"{load_meta(shakespeare_data_dir)['train_tokens']}; prepare the data again"):
+    with pytest.raises(MidgptError, match=f"{split}.bin holds 500 tokens but its meta.json says "
+                                          f"{load_meta(shakespeare_data_dir)[f'{split}_tokens']}; prepare the data "
+                                          "again"):
         load_splits(config)
 
 
