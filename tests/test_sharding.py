@@ -121,6 +121,26 @@ def test_fsdp_shards_the_largest_dimension_it_divides_but_never_the_layer_axis()
     assert param_spec(jax.ShapeDtypeStruct((64, 8), jnp.float32), False, config, 1) == P()  # one device
 
 
+@pytest.mark.parametrize("fsdp, shard_model", [(8, False), (6, True)])
+def test_the_state_is_whole_on_each_device_unless_fsdp_may_split_it(fsdp, shard_model):
+    # --shard_model=false replicates everything; openwebtext_xl's 24 stacked layers are the only dimension of its
+    # blocks that 6 divides, and lax.scan reads one layer at a time from all devices: whole, not a layer a device.
+    from jax.sharding import AbstractMesh
+
+    from midgpt.config import load_config
+    from midgpt.sharding import state_shardings
+    from midgpt.step import fresh_state
+
+    config = dataclasses.replace(load_config("openwebtext_xl"), shard_model=shard_model)
+    like = eqx.filter_eval_shape(fresh_state, config, make_optimizer(config))
+    specs = {jax.tree_util.keystr(path): s.spec for path, s in jax.tree_util.tree_leaves_with_path(
+        state_shardings(like, AbstractMesh((1, fsdp), ("replica", FSDP)), config))}
+    assert len(specs) > 3 * 8 and "blocks" in "".join(specs)
+    sharded = {path for path, spec in specs.items() if spec != P()}
+    assert sharded == (set() if not shard_model else {f".{part}embed_VxD" for part in ("model.", "opt_state[1].mu.",
+                                                                                         "opt_state[1].nu.")})
+
+
 def test_fsdp_holds_one_eighth_of_each_large_parameter_and_its_adam_moments():
     shards = on_devices(8, """
         config = dataclasses.replace(CONFIG, mesh_shape=(1, 8))
