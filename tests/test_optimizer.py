@@ -228,6 +228,23 @@ def test_each_step_draws_its_own_dropout_masks():
     assert loss_at(0) == loss_at(0) != loss_at(1)
 
 
+def test_the_seed_draws_the_dropout_masks_too():
+    # The same parameters and batch under two seeds: another --seed is another run, not only another initialisation.
+    config = tiny_config(batch_size=2)
+    config = dataclasses.replace(config, model=dataclasses.replace(config.model, dropout=0.5))
+    optimizer, mesh = make_optimizer(config), make_mesh(config)
+    train_step = make_train_step(config, optimizer, mesh)
+    x_GxBxT = np.random.default_rng(0).integers(0, 11, (1, 2, T), dtype=np.int32)
+
+    def loss_with(seed):  # seed 0's parameters, made again each time: the step donates them
+        seeded = dataclasses.replace(config, seed=seed)
+        state = eqx.tree_at(lambda s: s.model, init_state(seeded, optimizer, mesh),
+                            init_state(config, optimizer, mesh).model)
+        return float(train_step(state, x_GxBxT, x_GxBxT)[1]["loss"])
+
+    assert loss_with(0) == loss_with(0) != loss_with(1)
+
+
 @pytest.mark.parametrize("dropout", [0.0, 0.5])
 def test_each_micro_batch_draws_its_own_dropout_masks(dropout):
     # Two micro-batches, then the same two swapped: with one mask for both, the step's loss (their
