@@ -464,7 +464,8 @@ def test_a_folder_with_some_other_programs_config_json_is_no_run(tmp_path):
     (tmp_path / "notes").mkdir()
     assert runs_near(str(tmp_path)) is None and runs_near(str(tmp_path / "notes")) is None
     (tmp_path / "other" / "checkpoints").mkdir()
-    assert runs_near(str(tmp_path)) == f"{tmp_path} holds runs: pass one, e.g. the newest, --rundir={tmp_path / 'other'}"
+    expected = f"{tmp_path} holds runs: pass one, e.g. the newest, --rundir={tmp_path / 'other'}"
+    assert runs_near(str(tmp_path)) == expected
 
 
 def test_an_edited_config_json_without_a_checkpoint_copy_is_told_to_undo_the_edit(tmp_path, config):
