@@ -141,6 +141,15 @@ def test_auto_attention_takes_cudnn_only_where_it_runs():
         attention_implementation("xla", jnp.float32, True, 64)
 
 
+def test_auto_attention_keeps_the_einsum_path_for_dropout_where_cudnn_fits(monkeypatch):
+    # On a GPU where cuDNN's flash attention runs, a run with dropout would lose the probabilities' dropout.
+    from midgpt import model
+
+    monkeypatch.setattr(model, "cudnn_flash_fits", lambda dtype, head_dim, device: True)
+    assert attention_implementation("auto", jnp.bfloat16, False, 64) == "cudnn"
+    assert attention_implementation("auto", jnp.bfloat16, True, 64) == "einsum"
+
+
 # /proc/cpuinfo's flags, cut to those that matter, of the processors midgpt was measured on (benchmarks/RESULTS.md)
 @pytest.mark.parametrize("cpuinfo, multiplies", [
     ("flags\t\t: fpu sse2 avx2 fma avx512f avx512_bf16\n" * 2, True),  # bf16 matmuls 2x float32's rate

@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 from midgpt.config import Config, ModelConfig
 from midgpt.model import (GPT, Norm, apply_rotary, cast_floats, count_params, dropout, rotary_tables,
@@ -293,3 +294,24 @@ def test_the_forward_pass_is_the_gpt_the_readme_describes():
         x = x + gelu(h @ b.mlp.w_in_DxF) @ b.mlp.w_out_DxF.T
     logits = rms_norm(x, p.final_norm.weight_D) @ p.embed_VxD.T
     np.testing.assert_allclose(forward(model, tokens_BxT), logits, rtol=2e-4, atol=2e-4)
+
+
+def test_initialisation_has_gpt2_scales_and_follows_the_seed():
+    # Residual outputs shrink with depth (1/sqrt(2 L) of their fan-in's scale), as GPT-2's do; weights are normal
+    # cut at 2 standard deviations, whose spread is 0.88 of the scale; the embedding is a plain normal.
+    from midgpt.model import fresh_model
+
+    model = ModelConfig(vocab_size=512, block_size=16, n_layer=3, n_head=4, n_embd=128)
+    make = lambda seed: fresh_model(Config(data_dir="unused", model=model, seed=seed))
+    gpt, D, L, F = make(0), model.n_embd, model.n_layer, 4 * model.n_embd
+    cut = 0.8796  # the standard deviation of a unit normal cut at +-2
+    scales = {"embed_VxD": 1 / np.sqrt(D), "wq_DxHxC": cut / np.sqrt(D), "wo_HxCxD": cut / np.sqrt(2 * D * L),
+              "w_in_DxF": cut / np.sqrt(D), "w_out_DxF": cut / np.sqrt(2 * F * L)}
+    arrays = {"embed_VxD": gpt.embed_VxD, "wq_DxHxC": gpt.blocks.attn.wq_DxHxC, "wo_HxCxD": gpt.blocks.attn.wo_HxCxD,
+              "w_in_DxF": gpt.blocks.mlp.w_in_DxF, "w_out_DxF": gpt.blocks.mlp.w_out_DxF}
+    for name, x in arrays.items():
+        assert float(jnp.std(x)) == pytest.approx(scales[name], rel=0.03), name
+    same, other = make(0), make(1)
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(gpt), jax.tree.leaves(same)))
+    assert not np.array_equal(gpt.embed_VxD, other.embed_VxD)
+    assert not np.array_equal(gpt.blocks.attn.wq_DxHxC, other.blocks.attn.wq_DxHxC)
