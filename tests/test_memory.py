@@ -161,6 +161,17 @@ def test_the_compute_copy_is_counted_only_where_the_parameters_are_cast():
     assert parts["float32"]["compute copy"] == 0  # astype to the parameters' own dtype copies nothing
 
 
+def test_gradients_are_counted_twice_where_micro_batches_or_their_pieces_are_summed():
+    config = load_config("shakespeare_char")
+    optimizer, mesh = make_optimizer(config), make_mesh(config)
+    shardings, _ = state_layout(config, optimizer, mesh)
+    like = eqx.filter_eval_shape(fresh_state, config, optimizer)
+    alone, pieces = (memory.estimate(config, mesh, like, shardings, pieces=p) for p in (1, 4))
+    accumulated = estimate(dataclasses.replace(config, g_accum_iters=4))
+    assert alone["gradients"] == alone["parameters"]
+    assert pieces["gradients"] == accumulated["gradients"] == 2 * alone["parameters"]  # and their running sum
+
+
 def test_a_gpu_tries_a_run_the_estimate_may_overstate_and_a_host_does_not(monkeypatch):
     # A GPU's allocator refuses past its memory, in one line (runs_out below); a host swaps or kills.
     config = load_config("openwebtext")
@@ -247,8 +258,10 @@ def test_a_batch_whose_tokens_alone_outgrow_the_device_is_told_to_have_fewer():
     # A batch of 10M rows: the host ran out of memory cutting it, in a traceback, after the plan said 0.05 GiB.
     config = apply_overrides(load_config("shakespeare_char_cpu"), ["--batch_size=10000000", "--eval_iters=1"])
     parts = estimate(config)
-    tokens = (2 + 1) * 10_000_000 * 65  # the step's two in flight and the evaluation's, one more token a row
-    assert parts["batches"] >= tokens * 8  # x and y, int32
+    # A call's steps twice (the next call's are prefetched) and the evaluation's, one more token a row.
+    tokens = (2 * steps_a_call(config) + 1) * 10_000_000 * 65
+    # x and y in int32; on a CPU also the int64 offsets and int32 windows that they are cut from
+    assert parts["batches"] == tokens * (8 + 12)
     with pytest.raises(MidgptError) as error:
         memory.check_fits(config, make_mesh(config), 16 * 2**30, estimate)
     # Its ten steps a call stack ten steps' tokens: fewer a call is a fix too.
