@@ -15,7 +15,7 @@ import pytest
 
 from conftest import REPO_ROOT
 from midgpt import mfu, precision
-from midgpt.config import ModelConfig
+from midgpt.config import ModelConfig, load_config
 from midgpt.model import GPT
 from midgpt.step import loss_fn
 
@@ -79,18 +79,29 @@ def interleaved_best(*measures, rounds: int = 3) -> list[float]:
     return [max(taken) for taken in zip(*[[measure() for measure in measures] for _ in range(rounds)])]
 
 
+def test_mfu_is_against_the_peak_of_every_device_in_use(monkeypatch):
+    cfg = load_config("shakespeare_char").model
+    one = mfu.utilisation(cfg, 1e5, 1e12)
+    assert one == pytest.approx(mfu.flops_per_token(cfg) * 1e5 / 1e12)
+    monkeypatch.setattr(jax, "device_count", lambda: 8)  # eight devices, each at that peak, sharing the tokens
+    assert mfu.utilisation(cfg, 1e5, 1e12) == pytest.approx(one / 8)
+
+
 def test_measured_peak_is_what_a_matmul_reaches(optimized):
     x = jnp.ones((512, 512))
     matmul = jax.jit(lambda a: a @ a)
     matmul(x).block_until_ready()
 
-    def one_run():
-        start = time.perf_counter()
-        matmul(x).block_until_ready()
-        return 2 * 512**3 / (time.perf_counter() - start)
+    def best_run():  # as measure_peak takes its best: 1.00-1.01x of it, measured, where one run was 1.1-1.3x
+        best = float("inf")
+        for _ in range(20):
+            start = time.perf_counter()
+            matmul(x).block_until_ready()
+            best = min(best, time.perf_counter() - start)
+        return 2 * 512**3 / best
 
-    peak, rate = interleaved_best(lambda: mfu.measure_peak("float32", size=512, seconds=0.05), one_run)
-    assert peak >= 0.5 * rate  # best-of, so at least one run's rate, within noise
+    peak, rate = interleaved_best(lambda: mfu.measure_peak("float32", size=512, seconds=0.05), best_run)
+    assert 0.75 * rate <= peak <= 1.5 * rate  # 2 n^3 FLOPs a matmul: a miscount is 2x off
 
 
 def test_auto_compute_dtype_is_the_faster_of_the_two_here(optimized):
