@@ -12,6 +12,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -213,6 +214,26 @@ def test_sample_prints_text_from_the_trained_run(short_run):
     greedy = [run("sample.py", f"--rundir={short_run}", "--start=ROMEO:", "--max_new_tokens=50", "--temperature=0",
                   f"--seed={seed}").stdout for seed in (3, 4)]
     assert greedy[0] == greedy[1] != result.stdout.split("-" * 40)[0]  # --temperature reaches the draws: none at 0
+    # The draws follow the prompt too (prompt_key): with the seed's alone, continuations of different prompts fell
+    # into the same text. sample.py draws what generate draws with that key (in a process that compiles as it does).
+    drawn = subprocess.run([sys.executable, "-c", textwrap.dedent(f"""
+        import jax, jax.numpy as jnp
+        from midgpt import tokenizer
+        from midgpt.model import cast_floats
+        from midgpt.precision import compute_dtype
+        from midgpt.sample import generate, load_model, prompt_key, run_meta
+        config, model = load_model({str(short_run)!r})
+        meta = run_meta({str(short_run)!r}, config)
+        ids = tokenizer.encode(meta, "ROMEO:")
+        model = cast_floats(model, jnp.dtype(compute_dtype(config.compute_dtype)))
+        new = generate(model, jnp.asarray([ids], jnp.int32), 50, prompt_key(3, ids), temperature=0.5,
+                       vocab=meta["vocab_size"])
+        print(tokenizer.decode(meta, jax.device_get(new)[0].tolist()))
+    """)], capture_output=True, text=True, env=this_tree_env(), timeout=300)
+    assert drawn.returncode == 0, drawn.stderr
+    sampled = run("sample.py", f"--rundir={short_run}", "--start=ROMEO:", "--max_new_tokens=50", "--seed=3",
+                  "--temperature=0.5")
+    assert drawn.stdout == sampled.stdout != greedy[0]
 
 
 @pytest.mark.parametrize("start, tokens", [("\n", 11), ("ROMEO:", 16)])
@@ -1014,6 +1035,10 @@ def test_sample_errors_are_one_line(short_run, shakespeare_data_dir, tmp_path):
     # jax.random.key keeps 32 bits: 2**32 would draw as seed 0 does
     assert_one_line_error(run("sample.py", f"--rundir={short_run}", f"--seed={2**32}"), "seed must be in [0, 2**32)")
     assert_one_line_error(run("sample.py", f"--rundir={short_run}", f"--max_new_tokens={2**31}"), "max_new_tokens")
+    assert_one_line_error(run("sample.py", f"--rundir={short_run}", "--max_new_tokens=-1"),
+                          "max_new_tokens must be in [0, 2**30] (int32 positions), got -1")
+    assert_one_line_error(run("sample.py", f"--rundir={short_run}", "--temperature=-1"),
+                          "temperature must be a finite number >= 0, got -1.0")
     edited = tmp_path / "edited"  # config.json says another model than the checkpoints hold
     shutil.copytree(short_run, edited)
     config = json.loads((edited / "config.json").read_text())
