@@ -337,11 +337,20 @@ def test_a_config_file_with_a_mistake_is_refused_in_one_line_naming_it(tmp_path,
     # The memory plan's search for a batch that fits tried every divisor of 10**20: hours.
     ("--batch_size=100000000000000000000", "g_accum_iters x batch_size x model.block_size is 6,400,000,000,"),
     ("--batch_size=20000000", "eval_iters x batch_size x model.block_size is 64,000,000,000 tokens at once"),
+    ("--mesh_shape=0,4", "mesh_shape=0,4 needs positive sizes"),  # 0,-1 was a ZeroDivisionError in make_mesh
+    ("--beta1=-0.5", "'beta1' must be in [0, 1)"),  # a negative momentum trained, silently
+    ("--fsdp_min_size=-1", "'fsdp_min_size' must be 0 or more"),
+    # Heads one feature wide: rotary embeddings rotate pairs, and the forward pass failed in a traceback.
+    ("--model.n_head=128", "model.n_embd=128 must split into model.n_head=128 heads of even width"),
+    ("--model.attention=flash", "'model.attention' must be auto, einsum, xla or cudnn, got 'flash'"),
+    # jax.nn.dot_product_attention has no dropout: the model refused it in a traceback.
+    ("--model.attention=xla --model.dropout=0.1", "model.attention=xla (jax.nn.dot_product_attention) has no "
+                                                 "dropout; set --model.dropout=0 or --model.attention=einsum"),
 ])
 def test_values_that_parse_but_cannot_train_are_refused(config, override, fragment):
     check_config(config)  # the config itself is fine
     with pytest.raises(MidgptError) as info:
-        check_config(apply_overrides(config, [override]))
+        check_config(apply_overrides(config, override.split(" ")))
     assert fragment in str(info.value)
 
 
