@@ -4,6 +4,7 @@ import json
 import os
 import re
 import shutil
+import struct
 import sys
 import time
 
@@ -101,16 +102,21 @@ def test_progress_bar_shows_the_last_logged_loss_and_rate_timed_or_not(shakespea
     shown = re.findall(r"loss=([0-9.]+), lr=([0-9.e+-]+)", result.stderr)[-1]
     assert last["step"] == 11 and shown == (f"{last['loss']:.4f}", f"{last['lr']:.2e}"), (shown, last)
 
-def test_rewinding_event_files_keeps_the_steps_up_to_the_checkpoint_and_drops_a_torn_record(tmp_path):
+@pytest.mark.parametrize("torn", [7, 3])  # into the event, or its checksum alone
+def test_rewinding_event_files_keeps_the_steps_up_to_the_checkpoint_and_drops_a_torn_record(tmp_path, torn):
     with SummaryWriter(str(tmp_path)) as writer:
         writer.add_text("config", "first attempt", 0)
         for step in range(1, 11):
             writer.add_scalar("train/loss", 1 / step, step)
     [path] = tmp_path.glob("events.out.tfevents.*")
-    path.write_bytes(path.read_bytes()[:-7])  # step 10's record cut short by a kill
+    path.write_bytes(path.read_bytes()[:-torn])  # step 10's record cut short by a kill
     (tmp_path / f"{path.name}.tmp").write_bytes(path.read_bytes())  # and a rewrite of it, before its rename
     rewind_events(str(tmp_path), 10)
     assert [step for step, _ in scalars(tmp_path)["train/loss"]] == list(range(1, 10))  # each once
+    data, at = path.read_bytes(), 0
+    while at < len(data):  # whole records (length 8 bytes, its crc 4, the event, its crc 4): the next one appends
+        at += 16 + struct.unpack("<Q", data[at:at + 8])[0]
+    assert at == len(data)
     inode = path.stat().st_ino
     rewind_events(str(tmp_path), 10)  # nothing to cut: the file is left as it is, not written again
     assert path.stat().st_ino == inode
