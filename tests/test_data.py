@@ -216,6 +216,18 @@ def test_prepare_refuses_utf16_without_a_byte_order_mark_not_taking_its_nuls_for
     assert not (tmp_path / "out").exists()
 
 
+def test_a_binary_file_with_nuls_at_odd_and_even_bytes_alike_is_not_told_it_is_utf16(tmp_path):
+    # A parquet given as text: its advice is its format's, not to convert it from UTF-16 with iconv.
+    from midgpt.tokenizer import utf16_no_mark_advice
+
+    noise = np.random.default_rng(0).integers(1, 256, 4096, dtype=np.uint8)
+    noise[::3] = 0
+    (tmp_path / "binary.txt").write_bytes(noise.tobytes())
+    (tmp_path / "utf16.txt").write_bytes("hello\nworld\n".encode("utf-16le") * 20)
+    assert utf16_no_mark_advice(tmp_path / "binary.txt") is None
+    assert "iconv -f utf-16le" in utf16_no_mark_advice(tmp_path / "utf16.txt")
+
+
 def test_an_empty_token_file_is_one_line_error(tmp_path):
     (tmp_path / "train.bin").write_bytes(b"")
     with pytest.raises(MidgptError, match="train.bin is empty"):

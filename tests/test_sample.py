@@ -465,3 +465,12 @@ def test_the_advice_counts_the_models_own_memory_once_not_in_each_sample():
         check_samples_fit(model, 20, 3, 20, available, "a test's memory", **sampling)
     fit = int(str(refused.value).split(" to ")[1].split()[0])
     assert need(fit) <= 0.9 * available and need(2 * fit) > available  # fits, with room to spare, and not far fewer
+
+
+def test_a_long_bpe_prompt_is_cut_at_the_start_of_a_character():
+    # GPT-2 BPE spells an emoji in 3 tokens: the last 32 of twelve parrots' 36 began mid-character, "\ufffd\ufffd".
+    meta = {"tokenizer": "gpt2", "vocab_size": 50257}
+    ids = tokenizer.encode(meta, "\U0001f99c" * 12)
+    kept = tokenizer.last_tokens(meta, ids, 32)
+    assert kept == ids[-len(kept):] and len(kept) > 32 - 3
+    assert tokenizer.decode(meta, kept) == "\U0001f99c" * (len(kept) // 3)
