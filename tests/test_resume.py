@@ -359,11 +359,11 @@ def delete_data_files(step_dir):
                 os.remove(os.path.join(d, f))
 
 
-def change_values_in_place(step_dir, at=0.5):
+def change_values_in_place(step_dir):
     # Same files, same sizes: what a bad disk or a stray write leaves, and tensorstore reads without a word.
     data = max((os.path.join(d, f) for d, _, fs in os.walk(step_dir) for f in fs if "/d" in d), key=os.path.getsize)
     with open(data, "r+b") as f:
-        f.seek(int(os.path.getsize(data) * at))
+        f.seek(os.path.getsize(data) // 2)
         chunk = f.read(64)
         f.seek(-len(chunk), os.SEEK_CUR)
         f.write(bytes(b ^ 0x5A for b in chunk))
@@ -473,11 +473,13 @@ def test_when_no_checkpoint_restores_the_run_stops_and_moves_nothing(uninterrupt
 
 
 def test_sample_refuses_parameters_whose_values_were_changed_on_disk(uninterrupted, tmp_path):
-    # tensorstore reads changed bytes without a word: the fingerprints saved with the step are what tell.
+    # orbax reads whatever values the files hold: the fingerprints saved with the step are what tell.
     rundir = tmp_path / "run"
     shutil.copytree(uninterrupted, rundir)
-    for at in (0.1, 0.3, 0.5, 0.7, 0.9):  # the data file holds the optimiser's state too, which sample.py never reads
-        change_values_in_place(str(rundir / "checkpoints" / "60"), at)
+    # Step 40's arrays in step 60's place, as a stray copy leaves them: every file reads, and holds other values.
+    # (Bytes changed in place hit the model's values in some runs only: where orbax writes them varies.)
+    shutil.rmtree(rundir / "checkpoints" / "60" / "state")
+    shutil.copytree(rundir / "checkpoints" / "40" / "state", rundir / "checkpoints" / "60" / "state")
     sampled = subprocess.run([sys.executable, str(REPO_ROOT / "sample.py"), f"--rundir={rundir}", "--max_new_tokens=5"],
                              capture_output=True, text=True)
     assert sampled.returncode == 0, sampled.stderr
