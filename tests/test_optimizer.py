@@ -214,35 +214,23 @@ def test_micro_batches_cut_into_pieces_give_the_same_step():
         np.testing.assert_allclose(a, w, rtol=1e-5, atol=1e-6)
 
 
-def test_each_step_draws_its_own_dropout_masks():
+def test_each_step_and_each_seed_draw_their_own_dropout_masks():
+    # Another --seed is another run, not only another initialisation.
     config = tiny_config(batch_size=2)
     config = dataclasses.replace(config, model=dataclasses.replace(config.model, dropout=0.5))
     optimizer, mesh = make_optimizer(config), make_mesh(config)
     train_step = make_train_step(config, optimizer, mesh)
     x_GxBxT = np.random.default_rng(0).integers(0, 11, (1, 2, T), dtype=np.int32)
 
-    def loss_at(step):  # the same parameters and batch: only the step, which the masks follow, differs
-        state = eqx.tree_at(lambda s: s.step, init_state(config, optimizer, mesh), jnp.asarray(step, jnp.int32))
+    def loss_at(step, seed=0):  # the same parameters and batch: only the step or the seed, which the masks follow
+        state = init_state(dataclasses.replace(config, seed=seed), optimizer, mesh)
+        # seed 0's parameters, made again each time: the step donates them
+        state = eqx.tree_at(lambda s: (s.model, s.step), state,
+                            (init_state(config, optimizer, mesh).model, jnp.asarray(step, jnp.int32)))
         return float(train_step(state, x_GxBxT, x_GxBxT)[1]["loss"])
 
     assert loss_at(0) == loss_at(0) != loss_at(1)
-
-
-def test_the_seed_draws_the_dropout_masks_too():
-    # The same parameters and batch under two seeds: another --seed is another run, not only another initialisation.
-    config = tiny_config(batch_size=2)
-    config = dataclasses.replace(config, model=dataclasses.replace(config.model, dropout=0.5))
-    optimizer, mesh = make_optimizer(config), make_mesh(config)
-    train_step = make_train_step(config, optimizer, mesh)
-    x_GxBxT = np.random.default_rng(0).integers(0, 11, (1, 2, T), dtype=np.int32)
-
-    def loss_with(seed):  # seed 0's parameters, made again each time: the step donates them
-        seeded = dataclasses.replace(config, seed=seed)
-        state = eqx.tree_at(lambda s: s.model, init_state(seeded, optimizer, mesh),
-                            init_state(config, optimizer, mesh).model)
-        return float(train_step(state, x_GxBxT, x_GxBxT)[1]["loss"])
-
-    assert loss_with(0) == loss_with(0) != loss_with(1)
+    assert loss_at(0, seed=1) != loss_at(0)
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.5])
