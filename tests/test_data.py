@@ -133,10 +133,12 @@ def test_a_second_prepare_into_the_same_out_dir_at_once_is_refused_and_mixes_not
     assert sorted(os.listdir(out_dir)) == ["meta.json", "train.bin", "val.bin"]
 
 
-@pytest.mark.parametrize("script", ["shakespeare_char", "openwebtext"])
-@pytest.mark.parametrize("flag", ["--out_dir", "--input"])
+@pytest.mark.parametrize("script, flag", [(script, flag) for script in ("shakespeare_char", "openwebtext")
+                                          for flag in ("--out_dir", "--input")]
+                         + [("openwebtext", "--dataset"), ("openwebtext", "--data_files")])
 def test_an_empty_path_is_refused_not_taken_for_the_working_directory(script, flag, tmp_path):
-    # An unset $OUT: the data was written into the current directory; an unset $IN read <out_dir>/input.txt.
+    # An unset $OUT: the data was written into the current directory; an unset $IN read <out_dir>/input.txt;
+    # an unset $DATASET downloaded OpenWebText.
     args = ["--input", "x.txt", flag, ""] if flag == "--out_dir" else [flag, ""]
     result = subprocess.run([sys.executable, str(REPO_ROOT / "data" / script / "prepare.py"), *args], cwd=tmp_path,
                             capture_output=True, text=True)

@@ -406,8 +406,11 @@ def main() -> None:
         signal.signal(sig, raise_stopped)
     try:
         args = parser.parse_args()
-        if args.out_dir == "" or "" in (args.input or []):  # an unset $VAR: Path("") is the working directory
-            parser.error(f"--{'out_dir' if args.out_dir == '' else 'input'} is empty")
+        # An unset $VAR: Path("") is the working directory, and --dataset "" was OpenWebText's download.
+        given = {"out_dir": [args.out_dir], "input": args.input or [], "dataset": [args.dataset],
+                 "data_files": args.data_files or []}
+        if empty := [flag for flag, values in given.items() if "" in values]:
+            parser.error(f"--{empty[0]} is empty")
         if args.input and (args.dataset or args.data_files):
             parser.error("--dataset and --data_files read through Hugging Face datasets, --input reads its files "
                          "itself: pass one or the other")
