@@ -1,5 +1,6 @@
 """Data pipeline promises: prepare.py's files, deterministic batches, clear errors."""
 
+import hashlib
 import json
 import os
 import subprocess
@@ -15,6 +16,7 @@ from midgpt.data import GPT2_VOCAB_SIZE, get_batch, global_batch, load_meta, loa
 from midgpt.tokenizer import decode, encode
 from midgpt.errors import MidgptError
 from midgpt.files import lock_directory
+from midgpt.prepare import FILES, replace_dataset
 from midgpt.sharding import make_mesh
 
 
@@ -39,6 +41,9 @@ def test_prepare_splits_first_90_percent_train_and_last_10_percent_val(shakespea
     assert decode(meta, val) == text[n_train:]
     assert decode(meta, np.concatenate([train, val])) == text
     assert encode(meta, text) == np.concatenate([train, val]).tolist()
+    # What a resume compares to tell the data it trained on from other data of the same sizes.
+    assert meta["sha256"] == {name: hashlib.sha256(Path(shakespeare_data_dir, name).read_bytes()).hexdigest()
+                              for name in ("train.bin", "val.bin")}
 
 
 def test_prepare_vocab_is_the_sorted_character_set(text, meta):
@@ -55,7 +60,7 @@ def test_prepare_with_missing_input_prints_one_line_and_writes_nothing(tmp_path)
     )
     assert result.returncode != 0
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
-    assert "nope.txt" in result.stderr and "Traceback" not in result.stderr
+    assert result.stderr == f"prepare.py: input file not found: {tmp_path / 'nope.txt'}\n"
     assert not out_dir.exists()
 
 
@@ -82,7 +87,9 @@ def test_prepare_again_over_other_text_says_so_and_over_the_same_says_nothing(sh
                                            str(tmp_path / "out")], capture_output=True, text=True)
     first, same, other = prepare("a.txt"), prepare("a.txt"), prepare("b.txt")
     assert first.returncode == same.returncode == other.returncode == 0, other.stderr
-    assert same.stdout == first.stdout and "other data" not in first.stdout
+    assert first.stdout == (f"vocab size {len(set(text[:20000]))}; train 18,000 tokens, val 2,000 tokens -> "
+                            f"{tmp_path / 'out'}\n")
+    assert same.stdout == first.stdout
     assert other.stdout.endswith(f"-> {tmp_path / 'out'}, over other data (train_tokens, val_tokens, sha256 differ): "
                                  "runs that trained on that data will not resume on this\n"), other.stdout
     assert json.loads((tmp_path / "out" / "meta.json").read_text())["train_tokens"] == 27000
@@ -133,6 +140,47 @@ def test_a_second_prepare_into_the_same_out_dir_at_once_is_refused_and_mixes_not
     assert sorted(os.listdir(out_dir)) == ["meta.json", "train.bin", "val.bin"]
 
 
+@pytest.mark.parametrize("script", ["shakespeare_char", "openwebtext"])
+def test_a_stop_signal_while_the_new_files_replace_the_old_is_ignored(shakespeare_text, tmp_path, script):
+    # The microseconds of the renames, widened by a stop sent from the first: the stop left neither
+    # dataset whole, and said that nothing was replaced.
+    (tmp_path / "in.txt").write_text(Path(shakespeare_text).read_text()[:20000])
+    prepare, out_dir = REPO_ROOT / "data" / script / "prepare.py", tmp_path / "out"
+    args = [str(prepare), "--input", str(tmp_path / "in.txt"), "--out_dir", str(out_dir),
+            *(["--val_fraction", "0.1"] if script == "openwebtext" else [])]  # 0.01 of 149 documents left val empty
+    assert subprocess.run([sys.executable, *args], capture_output=True).returncode == 0
+    expected = {path.name: path.read_bytes() for path in out_dir.iterdir()}
+    (out_dir / "val.bin").write_bytes(b"old")
+    stop_at_the_first_rename = f"""
+import os, runpy, signal, sys
+replace = os.replace
+def replace_then_stop(src, dst):
+    replace(src, dst)
+    if str(dst).endswith("train.bin"):
+        os.kill(os.getpid(), signal.SIGTERM)
+os.replace = replace_then_stop
+sys.argv = {args!r}
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+    result = subprocess.run([sys.executable, "-c", stop_at_the_first_rename], capture_output=True, text=True)
+    assert result.returncode == 0 and f"-> {out_dir}" in result.stdout, result.stderr
+    assert {path.name: path.read_bytes() for path in out_dir.iterdir()} == expected
+
+
+def test_a_dataset_whose_replacement_fails_midway_keeps_no_meta_json_to_vouch_for_it(tmp_path):
+    # A crash between two renames: meta.json, of either dataset, beside a mix of both would pass as whole.
+    out_dir, new = tmp_path / "out", tmp_path / "new"
+    out_dir.mkdir(), new.mkdir()
+    for name in FILES:  # meta.json's, JSON
+        (out_dir / name).write_text(json.dumps(f"old {name}"))
+        (new / name).write_text(json.dumps(f"new {name}"))
+    (out_dir / "val.bin").unlink()
+    (out_dir / "val.bin").mkdir()  # what a file cannot be renamed over: the second rename fails
+    with pytest.raises(IsADirectoryError):
+        replace_dataset(out_dir, {name: new / name for name in FILES})
+    assert (out_dir / "train.bin").read_text() == '"new train.bin"' and not (out_dir / "meta.json").exists()
+
+
 @pytest.mark.parametrize("script, flag", [(script, flag) for script in ("shakespeare_char", "openwebtext")
                                           for flag in ("--out_dir", "--input")]
                          + [("openwebtext", "--dataset"), ("openwebtext", "--data_files")])
@@ -165,14 +213,20 @@ def test_prepare_refuses_a_text_too_short_for_two_splits(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_prepare_sends_a_text_of_too_many_characters_to_bpe(tmp_path):
-    (tmp_path / "many.txt").write_text("".join(map(chr, range(0x10000, 0x10000 + 2**16 + 1))))  # no surrogates
-    result = subprocess.run([sys.executable, str(PREPARE), "--input", str(tmp_path / "many.txt"),
-                             "--out_dir", str(tmp_path / "out")], capture_output=True, text=True)
+def test_prepare_takes_65536_characters_and_sends_more_to_bpe(tmp_path):
+    def prepare(n: int) -> subprocess.CompletedProcess:  # a text of n distinct characters, none a surrogate
+        (tmp_path / f"{n}.txt").write_text("".join(map(chr, range(0x10000, 0x10000 + n))))
+        return subprocess.run([sys.executable, str(PREPARE), "--input", str(tmp_path / f"{n}.txt"),
+                               "--out_dir", str(tmp_path / f"out{n}")], capture_output=True, text=True)
+
+    fits = prepare(2**16)  # ids 0 to 65535: uint16's every value
+    assert fits.returncode == 0, fits.stderr
+    assert load_meta(str(tmp_path / "out65536"))["vocab_size"] == 2**16
+    result = prepare(2**16 + 1)
     assert result.returncode != 0 and result.stderr == (
         f"prepare.py: 65537 distinct characters do not fit uint16 token ids; for such text, use GPT-2 BPE: "
-        f"python data/openwebtext/prepare.py --input {tmp_path}/many.txt\n"), result.stderr
-    assert not (tmp_path / "out").exists()
+        f"python data/openwebtext/prepare.py --input {tmp_path}/65537.txt\n"), result.stderr
+    assert not (tmp_path / "out65537").exists()
 
 
 def test_prepare_drops_a_byte_order_mark(tmp_path):

@@ -161,6 +161,10 @@ def test_empty_rows_are_no_documents(tmp_path, ext):
     outputs = []
     for name, corpus_docs in (("clean", docs), ("with_empty", with_empty)):
         corpus = write_corpus(tmp_path / f"{name}.{ext}", corpus_docs)
+        if ext == "jsonl" and name == "with_empty":  # and lines with no JSON at all: a blank one, one of spaces
+            path = tmp_path / f"{name}.{ext}"
+            lines = path.read_text().splitlines(keepends=True)
+            path.write_text("\n" + "".join(lines[:5]) + " \t\n" + "".join(lines[5:]) + "\n")
         result = run_prepare("--input", corpus, "--out_dir", tmp_path / name, "--val_fraction", 0.1)
         assert result.returncode == 0, result.stderr
         outputs.append((read_bins(tmp_path / name), json.loads((tmp_path / name / "meta.json").read_text())))
@@ -604,30 +608,6 @@ def test_a_failed_run_leaves_a_prepared_dataset_as_it_was(tmp_path):
     result = run_prepare("--input", corpus, broken, "--out_dir", out_dir, "--val_fraction", 0.1)
     assert result.returncode == 1 and "broken.jsonl:2" in result.stderr, result.stderr
     assert {path.name: path.read_bytes() for path in out_dir.iterdir()} == before
-
-
-def test_a_stop_signal_while_the_new_files_replace_the_old_is_ignored(tmp_path):
-    # The microseconds of the renames, widened by a stop sent from the first: the stop left neither
-    # dataset whole, and said that nothing was replaced.
-    corpus, out_dir = write_corpus(tmp_path / "corpus.txt", DOCS[:200]), tmp_path / "out"
-    args = ["--input", corpus, "--out_dir", out_dir, "--val_fraction", 0.1]
-    assert run_prepare(*args).returncode == 0
-    expected = {path.name: path.read_bytes() for path in out_dir.iterdir()}
-    (out_dir / "val.bin").write_bytes(b"old")
-    stop_at_the_first_rename = f"""
-import os, runpy, signal, sys
-replace = os.replace
-def replace_then_stop(src, dst):
-    replace(src, dst)
-    if str(dst).endswith("train.bin"):
-        os.kill(os.getpid(), signal.SIGTERM)
-os.replace = replace_then_stop
-sys.argv = [{str(PREPARE)!r}, *{list(map(str, args))!r}]
-runpy.run_path(sys.argv[0], run_name="__main__")
-"""
-    result = subprocess.run([sys.executable, "-c", stop_at_the_first_rename], capture_output=True, text=True)
-    assert result.returncode == 0 and "tokens/s ->" in result.stdout, result.stderr
-    assert {path.name: path.read_bytes() for path in out_dir.iterdir()} == expected
 
 
 def test_a_txt_document_too_large_to_hold_is_refused_naming_blank_lines(tmp_path):
