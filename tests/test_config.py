@@ -106,6 +106,14 @@ def test_a_command_without_config_fields_names_close_options_and_takes_no_abbrev
         assert str(info.value) == f"unrecognized arguments: {args[0]}; {said} (see python sample.py --help)"
     # A prefix is no option: in a benchmark it read as --steps, in launch.py as a config typo.
     assert parser.parse_known_args(["--step=5"])[1] == ["--step=5"]
+    # As close to two options as to one: both named.
+    parser = ArgumentParser(prog="prepare.py")
+    parser.add_argument("--dataset")
+    parser.add_argument("--data_files")
+    with pytest.raises(MidgptError) as info:
+        parser.parse_args(["--data=x"])
+    assert str(info.value) == ("unrecognized arguments: --data=x; did you mean --dataset or --data_files? "
+                               "(see python prepare.py --help)")
 
 
 def test_a_typo_of_a_required_option_is_named_not_only_the_option_missing():

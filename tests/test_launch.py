@@ -411,6 +411,7 @@ def test_help_keeps_the_usage_line_and_names_the_configs():
     assert result.returncode == 0
     assert "\nTrain a GPT: python launch.py --config=NAME [--rundir=DIR]" in result.stdout  # not reflowed
     assert all(name in result.stdout for name in config_names()) and "--FIELD=VALUE" in result.stdout
+    assert "--debug" in result.stdout and "(default: False)" not in result.stdout  # a flag's absence needs no saying
 
 
 @pytest.mark.parametrize("name", config_names())
@@ -685,6 +686,17 @@ def test_a_full_disk_is_told_to_free_space():
         f.write("x")
     assert str(error.value) == ("cannot write to run ([Errno 28] No space left on device); "
                                 "free space, or pass a --rundir you can write to")
+
+
+def test_a_file_that_cannot_be_written_whole_keeps_its_old_contents_and_leaves_no_temporary_file(tmp_path):
+    # config.json, meta.json, metrics.jsonl on a full disk: truncated or removed, a run would lose its record.
+    path = tmp_path / "config.json"
+    path.write_text("old")
+    write = f"from midgpt.files import write_atomically; write_atomically({str(path)!r}, 'new' * 1000)"
+    result = subprocess.run([*small_files(1), sys.executable, "-c", write], capture_output=True, text=True,
+                            env=this_tree_env())
+    assert result.returncode == 1 and result.stderr.splitlines()[-1] == "OSError: [Errno 27] File too large"
+    assert os.listdir(tmp_path) == ["config.json"] and path.read_text() == "old"
 
 
 def fill_the_disk_after_checkpoint_200(data_dir, rundir, limit, *args) -> str:
