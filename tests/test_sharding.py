@@ -406,6 +406,19 @@ def test_a_process_that_comes_to_the_first_step_40_s_after_the_other_trains_with
     assert "trained to step 2: " in results[0][0], results
 
 
+def test_a_debug_run_of_two_processes_finishes_with_process_0s_trace(shakespeare_data_dir, tmp_path):
+    # Process 0 alone ran the traced steps one a call, 3 a call the others: at steps 7-9 it waited for ever
+    # for process 1 to compile the program of 3, compiled at step 1 on process 1 only.
+    procs = two_processes("--config=shakespeare_char_cpu", f"--data_dir={shakespeare_data_dir}", "--batch_size=16",
+                          "--model.n_layer=1", "--max_steps=9", "--steps_per_call=3", "--log_interval=3",
+                          "--eval_interval=9", "--checkpoint_interval=9", "--eval_iters=1", "--debug",
+                          f"--rundir={tmp_path}/run")
+    results = outputs(procs, timeout=120)
+    assert [p.returncode for p in procs] == [0, 0], results
+    assert "trained to step 9: no checkpoint was written (--debug)" in results[0][0], results
+    assert len(list((tmp_path / "run" / "profile").rglob("*.xplane.pb"))) == 1, results  # process 0's alone
+
+
 def test_a_process_that_dies_mid_run_stops_the_other_in_one_line_that_says_how_to_resume(shakespeare_data_dir,
                                                                                          tmp_path):
     from test_resume import wait_for_step

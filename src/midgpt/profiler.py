@@ -10,13 +10,16 @@ from midgpt.cli import named_steps
 
 
 class TraceWindow:
-    """The steps a --debug run traces, and the trace's start and stop around them."""
+    """The steps a --debug run traces, and the trace's start and stop around them (on the process that records)."""
 
-    def __init__(self, start: int, max_steps: int, rundir: str, enabled: bool, say: Callable[[str], None]):
+    def __init__(self, start: int, max_steps: int, rundir: str, enabled: bool, say: Callable[[str], None],
+                 records: bool = True):
         wanted = range(start + 3, start + 6)  # steady-state steps, after the compile: the trace shows the step itself
+        # On every process of a run, recording or not, as calls() runs the window's steps one a call: when process 0
+        # alone did, it came to a program the others had not compiled, and waited for them there for ever.
         self.steps = range(wanted.start, min(wanted.stop, max_steps + 1)) if enabled else range(0)
         self.directory = os.path.join(rundir, "profile")
-        self.say = say
+        self.say, self.records = say, records
         self.tracing = False  # started and not yet stopped
         if self.steps:
             say(f"debug: profiler trace of {named_steps(self.steps)} in {self.directory}")
@@ -28,7 +31,7 @@ class TraceWindow:
         return step in self.steps
 
     def before(self, step: int) -> None:
-        if self.steps and step == self.steps[0]:
+        if self.records and self.steps and step == self.steps[0]:
             jax.profiler.start_trace(self.directory)
             self.tracing = True
 
@@ -36,9 +39,10 @@ class TraceWindow:
         """Whether the window closed at this step: the steps in it are slower, so not timed."""
         if not (self.steps and step == self.steps[-1]):
             return False
-        jax.block_until_ready(state)
-        self.tracing = False  # first, as in _stop_early: a stop_trace that raises is not tried again
-        jax.profiler.stop_trace()
+        if self.tracing:
+            jax.block_until_ready(state)
+            self.tracing = False  # first, as in _stop_early: a stop_trace that raises is not tried again
+            jax.profiler.stop_trace()
         return True
 
     def stopped(self, step: int, state) -> None:

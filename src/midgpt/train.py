@@ -218,7 +218,7 @@ def _train(config: Config, rundir: str, debug: bool, resume: bool, notes: Sequen
     step_flops = mfu.flops_per_token(config.model) * tokens_per_step
     say(f"MFU is against the {timer.source}: {timer.peak / 1e12:.3g} TFLOP/s per device, "
         f"{n} device{'s' * (n > 1)}; {step_flops / 1e9:.4g} GFLOP a step")
-    trace = TraceWindow(start, config.max_steps, rundir, debug and is_main, say)
+    trace = TraceWindow(start, config.max_steps, rundir, debug, say, records=is_main)  # one trace, process 0's
 
     # Off a terminal (CI, log files), redraw rarely rather than fill the log with frames.
     bar = tqdm(initial=start, total=config.max_steps, desc="train", dynamic_ncols=True, disable=not is_main,
