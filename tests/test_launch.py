@@ -63,9 +63,13 @@ def test_a_run_whose_checkpoints_were_removed_is_refused_not_trained_over(short_
                           "(removed?); a new run there would overwrite its logs and config.json: pass a new --rundir, "
                           f"or delete {rundir} to train there afresh")
     assert {name: (rundir / name).read_bytes() for name in os.listdir(rundir)} == before
+    logged_to = lambda last: b"".join(line for line in before["metrics.jsonl"].splitlines(True)
+                                      if json.loads(line)["step"] <= last)
+    (rundir / "metrics.jsonl").write_bytes(logged_to(15))  # to the step of the first save, which was made
+    assert_one_line_error(run("launch.py", "--config=shakespeare_char_cpu", f"--rundir={rundir}", *TINY,
+                              f"--data_dir={shakespeare_data_dir}"), "logged training up to step 15 but holds no")
     # Logs short of a save (a --debug run's, one killed before its first save) are a run to start afresh.
-    (rundir / "metrics.jsonl").write_bytes(b"".join(line for line in before["metrics.jsonl"].splitlines(True)
-                                                    if json.loads(line)["step"] < 15))
+    (rundir / "metrics.jsonl").write_bytes(logged_to(14))
     result = run("launch.py", "--config=shakespeare_char_cpu", f"--rundir={rundir}", *TINY,
                  f"--data_dir={shakespeare_data_dir}", "--max_steps=1")
     assert result.returncode == 0, result.stderr
@@ -604,8 +608,10 @@ def assert_one_line_error(result, *fragments):
     # Process 0 trained the run alone, and a process 1 given the run's count aborted in C++ as it joined.
     (["--config=shakespeare_char_cpu", "--multihost", "--coordinator_address=127.0.0.1:1234", "--num_processes=1",
       "--process_id=0"], ["--num_processes=1 with --multihost runs this process alone", "drop --multihost"]),
-    (["--config=shakespeare_char_cpu", "--multihost", "--coordinator_address=127.0.0.1:99999", "--num_processes=2",
+    (["--config=shakespeare_char_cpu", "--multihost", "--coordinator_address=127.0.0.1:65536", "--num_processes=2",
       "--process_id=1"], ["is not HOST:PORT, a port from 1 to 65535"]),  # process 1 waited; process 0, a traceback
+    (["--config=shakespeare_char_cpu", "--multihost", "--coordinator_address=127.0.0.1:0", "--num_processes=2",
+      "--process_id=1"], ["is not HOST:PORT, a port from 1 to 65535"]),
 ])
 def test_bad_input_is_one_line_and_creates_nothing(args, fragments, tmp_path):
     rundir = tmp_path / "run"

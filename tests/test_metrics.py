@@ -8,6 +8,7 @@ import struct
 import sys
 import time
 
+import numpy as np
 import pytest
 from tensorboardX import SummaryWriter
 from tqdm import tqdm
@@ -173,14 +174,15 @@ def test_the_evaluations_score_the_final_model_on_their_own_split(shakespeare_da
     assert final["val_loss"] != pytest.approx(score(train_tokens, EVAL_VAL_STREAM), rel=1e-4)
 
 
-def test_an_evaluation_draws_no_dropout(shakespeare_data_dir):
-    # With dropout, val_loss would score a noisier model than the one trained, and sampled.
-    config = one_layer_config(shakespeare_data_dir, "--model.dropout=0.5", "--eval_iters=1", "--compute_dtype=float32")
+def test_an_evaluation_is_the_mean_loss_of_eval_iters_batches_of_its_stream_without_dropout(shakespeare_data_dir):
+    # With dropout, val_loss would score a noisier model than the one trained, and sampled. The streams keep
+    # train_loss's batches apart from val_loss's; a run's evaluations score the same batches each time.
+    config = one_layer_config(shakespeare_data_dir, "--model.dropout=0.5", "--eval_iters=3", "--compute_dtype=float32")
     model, mesh = fresh_model(config), make_mesh(config)
-    _, val_tokens = data.load_splits(config)
-    x_1xBxT, y_1xBxT = data.global_batch(val_tokens, (config.seed, EVAL_VAL_STREAM), 1, config, mesh)
-    assert evaluate(model, val_tokens, config, mesh, EVAL_VAL_STREAM) == pytest.approx(
-        float(loss_fn(model, x_1xBxT[0], y_1xBxT[0])), rel=1e-5)  # no key: no dropout
+    for tokens, stream in zip(data.load_splits(config), (EVAL_TRAIN_STREAM, EVAL_VAL_STREAM)):
+        x_ExBxT, y_ExBxT = data.global_batch(tokens, (config.seed, stream), config.eval_iters, config, mesh)
+        losses = [float(loss_fn(model, x_BxT, y_BxT)) for x_BxT, y_BxT in zip(x_ExBxT, y_ExBxT)]  # no key: no dropout
+        assert evaluate(model, tokens, config, mesh, stream) == pytest.approx(np.mean(losses), rel=1e-5)
 
 
 @pytest.mark.parametrize("slowed", ["checkpoint save", "evaluation"])

@@ -298,6 +298,8 @@ def test_calls_end_at_every_step_the_loop_acts_at_and_take_two_lengths():
     assert named(calls(12, config, range(0)))[:4] == [(13, 13), (14, 14), (15, 15), (16, 20)]
     assert named(calls(0, config, range(4, 7)))[:8] == [(1, 1), (2, 2), (3, 3), (4, 4), (5, 5), (6, 6), (7, 7), (8, 8)]
     assert named(calls(0, config, range(4, 7)))[10:12] == [(11, 15), (16, 20)]
+    # A trace from step 5, inside the call of steps 1-5: a call starts the trace, so that one is cut.
+    assert named(calls(0, config, range(5, 8)))[:6] == [(1, 1), (2, 2), (3, 3), (4, 4), (5, 5), (6, 6)]
 
 
 def test_tiny_model_overfits_one_fixed_batch():

@@ -540,6 +540,39 @@ def test_an_update_that_diverges_just_before_a_save_is_not_saved(uninterrupted, 
     assert sorted(os.listdir(rundir / "checkpoints"), key=int) == ["20", "40", "60"]
 
 
+@pytest.mark.parametrize("failure, advice", [
+    ("diverged", "loss is nan at step 3: training diverged; checkpoint 2 is untouched: lower --learning_rate and run "
+                 "the same command to resume from it"),
+    ("out of memory", "use more devices, and run the same command with one of them to resume from checkpoint 2; or, "
+                      "in a new --rundir, a smaller batch with more accumulation"),
+])
+def test_a_new_run_that_fails_after_its_first_save_is_told_to_resume_from_it(shakespeare_data_dir, tmp_path,
+                                                                           monkeypatch, failure, advice):
+    # Not to start again, as before the save; nor, once saved, to resume with a smaller batch, which a resume refuses.
+    from midgpt import train as training
+
+    make_train_step = training.make_train_step
+
+    def failing_at_step_3(*args, **kwargs):  # the real step, but for its third call
+        step, calls = make_train_step(*args, **kwargs), []
+
+        def failing(state, x, y):
+            calls.append(None)
+            if len(calls) == 3 and failure == "out of memory":
+                raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 5 bytes.")
+            state, metrics = step(state, x, y)
+            return state, {**metrics, "loss": np.float32("nan")} if len(calls) == 3 else metrics
+        return failing
+
+    monkeypatch.setattr(training, "make_train_step", failing_at_step_3)
+    config = one_layer_config(shakespeare_data_dir, "--max_steps=4", "--steps_per_call=1", "--log_interval=1",
+                              "--checkpoint_interval=2", "--eval_interval=100", "--eval_iters=1")
+    with pytest.raises(MidgptError) as error:
+        train(config, str(tmp_path))
+    assert advice in str(error.value)
+    assert os.listdir(tmp_path / "checkpoints") == ["2"]
+
+
 def test_a_stop_signal_during_a_save_stops_with_that_checkpoint(shakespeare_data_dir, tmp_path, capsys, monkeypatch):
     # It trained on to the next call and saved again: under preemption, a second save in the grace period.
     from midgpt import checkpoint
