@@ -15,13 +15,24 @@ from midgpt.profiler import TraceWindow
     (0, 4, True, range(3, 5), "debug: profiler trace of steps 3-4 in R/profile"),
     (0, 3, True, range(3, 4), "debug: profiler trace of step 3 in R/profile"),
     (0, 2, True, range(0), "debug: no profiler trace: it is of steps 3-5, after the compile, and max_steps=2"),
-    (0, 100, False, range(0), None),  # not --debug, or not process 0
+    (0, 100, False, range(0), None),  # not --debug
 ])
 def test_the_window_is_three_steps_after_the_compile_within_max_steps(start, max_steps, enabled, traced, said):
     lines = []
     trace = TraceWindow(start, max_steps, "R", enabled, lines.append)
     assert trace.steps == traced and lines == ([said] if said else [])
     assert [step for step in range(start, max_steps + 1) if step in trace] == list(traced)
+
+
+def test_a_process_that_does_not_record_keeps_the_window_and_writes_no_trace(tmp_path):
+    # Its steps are called as process 0's are, the window's one a call; only process 0 writes the trace.
+    trace = TraceWindow(0, 100, str(tmp_path), True, lambda line: None, records=False)
+    assert trace.steps == range(3, 6)
+    for step in range(1, 7):
+        trace.before(step)
+        assert trace.after(step, jnp.ones(3)) == (step == 5)  # its last step is left out of the timing too
+    trace.stopped(6, jnp.ones(3))
+    assert not trace.tracing and not (tmp_path / "profile").exists()
 
 
 def test_a_stop_inside_the_window_writes_the_trace_so_far_and_says_so(tmp_path):
