@@ -195,8 +195,12 @@ def test_step_ms_leaves_out_saves_and_evaluations(shakespeare_data_dir, tmp_path
     config = one_layer_config(shakespeare_data_dir, "--max_steps=10", "--log_interval=2", "--checkpoint_interval=4",
                               "--eval_interval=4", "--eval_iters=1")
     train(config, str(tmp_path))
-    timed = [record["step_ms"] for record in read_metrics(tmp_path) if "step_ms" in record]
+    records = [record for record in read_metrics(tmp_path) if "step_ms" in record]
+    timed = [record["step_ms"] for record in records]
     assert len(timed) == 4 and max(timed) < 250, timed  # two steps a call; the first call's compile untimed
+    # A call's tokens over its time: two steps' worth.
+    tokens_per_step = config.batch_size * config.model.block_size
+    assert all(r["tokens_per_sec"] * r["step_ms"] / 1000 == pytest.approx(tokens_per_step, rel=1e-3) for r in records)
 
 
 

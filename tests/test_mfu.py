@@ -15,7 +15,7 @@ import pytest
 
 from conftest import REPO_ROOT
 from midgpt import mfu, precision
-from midgpt.config import ModelConfig, load_config
+from midgpt.config import ModelConfig, apply_overrides, load_config
 from midgpt.model import GPT
 from midgpt.step import loss_fn
 
@@ -125,7 +125,24 @@ def test_throughput_benchmark_times_the_real_step_and_prints_json():
     assert out["steps_per_call"] == 10
     assert out["tokens_per_sec"] == pytest.approx(out["tokens_per_step"] / out["step_ms"] * 1000, rel=0.01)
     assert 0 < out["mfu"] < 1 and out["peak_source"].startswith(f"measured {precision.compute_dtype('auto')}")
-    assert 0 < out["compile_s"] < out["first_step_s"]
+    assert 0 < out["compile_s"] < out["first_step_s"] < out["compile_s"] + 1  # the first call's 10 steps: ms
+    assert out["compute_dtype"] == precision.compute_dtype("auto")  # what "auto" chose, not "auto"
+
+
+def test_throughput_benchmark_counts_every_device_and_micro_batch():
+    args = ["--config=shakespeare_char_cpu", "--model.n_layer=1", "--model.n_embd=32", "--model.n_head=2",
+            "--batch_size=4", "--g_accum_iters=2", "--steps_per_call=1"]
+    result = subprocess.run([sys.executable, str(REPO_ROOT / "benchmarks" / "train_throughput.py"), "--steps=3", *args],
+                            capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    assert out["device_count"] == 2 and out["steps_per_call"] == 1
+    assert out["tokens_per_step"] == 2 * 4 * 64  # the step's micro-batches, over both devices
+    assert out["tokens_per_sec"] == pytest.approx(out["tokens_per_step"] / out["step_ms"] * 1000, rel=0.01)
+    model = apply_overrides(load_config("shakespeare_char_cpu"), args[1:]).model
+    assert out["mfu"] == pytest.approx(mfu.flops_per_token(model) * out["tokens_per_sec"]
+                                       / (2 * out["peak_flops_per_device"]), abs=1e-4)
 
 
 def test_step_ratios_times_each_variant_every_round_against_the_first():
