@@ -145,10 +145,11 @@ def test_throughput_benchmark_counts_every_device_and_micro_batch():
                                        / (2 * out["peak_flops_per_device"]), abs=1e-4)
 
 
-def test_step_ratios_times_each_variant_every_round_against_the_first():
+def test_step_ratios_times_each_variant_every_round_against_the_first(tmp_path):
     small = "--model.n_layer=2 --model.n_embd=64 --model.n_head=2 --batch_size=4"
-    # XLA options as XLA_FLAGS writes them: a bool's "false" too
-    other = small + " --model.remat=full --xla_backend_optimization_level=1 --xla_cpu_enable_fast_math=false"
+    # 8x the FLOPs, and XLA options as XLA_FLAGS writes them (a bool's "false" too), each applied to the step
+    other = (f"--model.n_layer=4 --model.n_embd=128 --model.n_head=2 --batch_size=4 --model.remat=full "
+             f"--xla_backend_optimization_level=1 --xla_cpu_enable_fast_math=false --xla_dump_to={tmp_path}")
     result = subprocess.run(
         [sys.executable, str(REPO_ROOT / "benchmarks" / "step_ratios.py"), "--config=shakespeare_char_cpu",
          "--rounds=2", "--steps=2", "--", small, other],
@@ -160,6 +161,8 @@ def test_step_ratios_times_each_variant_every_round_against_the_first():
     assert len(first["step_ms_per_round"]) == len(second["step_ms_per_round"]) == 2 and first["ratio"] == 1.0
     ratio = statistics.median(second["step_ms_per_round"]) / statistics.median(first["step_ms_per_round"])
     assert second["ratio"] == pytest.approx(ratio, rel=0.002)  # of times unrounded: was of times rounded to 0.1 ms
+    assert second["ratio"] > 2  # each variant timed on its own config
+    assert any(".jit_step" in name for name in os.listdir(tmp_path))  # the step itself compiled with the options
 
 
 def test_step_profile_gives_a_computations_last_op_its_own_line(monkeypatch):
