@@ -571,6 +571,36 @@ def test_a_compiled_program_cut_short_in_the_cache_is_compiled_and_cached_anew(t
     assert result.returncode == 0 and result.stderr == "", result.stderr
 
 
+def test_the_caches_warning_filter_passes_every_other_warning_on(tmp_path):
+    # It replaces warnings.showwarning in every command that caches programs: a warning it kept would be lost.
+    from midgpt.cli import _dropping_unreadable_entries
+
+    shown = []
+    show = _dropping_unreadable_entries(lambda message, *args, **kwargs: shown.append(str(message)), str(tmp_path))
+    show(UserWarning("a warning of the program's own"), UserWarning, "program.py", 1)
+    assert shown == ["a warning of the program's own"]
+
+
+PRINTED_THEN_REFUSED = """
+from midgpt.cli import run
+from midgpt.errors import MidgptError
+
+def main(argv):
+    print("resuming from checkpoint 40")
+    raise MidgptError("checkpoint 40 does not restore")
+
+run(main)
+"""
+
+
+def test_what_was_printed_before_an_error_reaches_a_pipe_before_its_line():
+    # The error's exit skips Python's own flush: into a pipe (| tee log), buffered lines were lost.
+    env = {k: v for k, v in this_tree_env().items() if k != "PYTHONUNBUFFERED"}
+    result = subprocess.run([sys.executable, "-c", PRINTED_THEN_REFUSED], capture_output=True, text=True, env=env)
+    assert result.returncode == 1 and result.stderr == "error: checkpoint 40 does not restore\n", result.stderr
+    assert result.stdout == "resuming from checkpoint 40\n"
+
+
 def assert_one_line_error(result, *fragments):
     assert result.returncode != 0
     lines = result.stderr.strip().splitlines()

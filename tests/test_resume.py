@@ -727,6 +727,25 @@ def test_two_interrupts_during_a_wait_in_cpp_stop_at_once_unless_they_come_as_on
         assert result.returncode == 0 and result.stdout == noticed + "the wait ended first; SIGINT received\n", result
 
 
+def test_a_signal_another_library_handles_asks_for_no_stop_and_a_stop_is_noticed_once():
+    from midgpt import cli
+
+    other = signal.signal(signal.SIGUSR1, lambda *args: None)  # a library's own signal
+    try:
+        with cli.StopSignals() as signals:
+            said = []
+            signals.speak(said.append, "after this step")
+            os.kill(os.getpid(), signal.SIGUSR1)
+            time.sleep(0.2)  # the thread that counts signals has read it
+            assert signals.received is None and said == []
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.2)
+            assert signals.notice() is None  # the thread said it: the loop's check says nothing more
+        assert said == ["SIGTERM: stopping after this step, with a checkpoint (again to stop at once)"]
+    finally:
+        signal.signal(signal.SIGUSR1, other)
+
+
 def test_a_signal_is_recorded_even_where_a_library_took_the_wakeup_fd():
     from midgpt import cli
 

@@ -494,6 +494,60 @@ def test_any_error_on_one_process_stops_the_other_at_the_end_of_the_block():
     assert json.loads(results[1][0].splitlines()[-1]) == f"MidgptError: process 0: UnicodeDecodeError: {raised}"
 
 
+CHECKED_ALIKE = """
+import json, os, sys
+import jax
+from midgpt import multihost
+from midgpt.config import load_config
+from midgpt.errors import MidgptError
+jax.distributed.initialize(coordinator_address=sys.argv[1], num_processes=2, process_id=int(sys.argv[2]))
+alike = dict(config=load_config("shakespeare_char_cpu"), rundir="run", debug=False, resume=False,
+             compute_dtype="bfloat16")
+said = []
+for name, value in [(None, None), ("debug", True), ("resume", True), ("compute_dtype", "float32"), ("rundir", "run")]:
+    if jax.process_index() == 1 and name == "rundir":
+        os.chdir(sys.argv[3])  # "run" from another working directory: another run
+    try:
+        multihost.check_same_arguments(**{**alike, **({name: value} if jax.process_index() == 1 and name else {})})
+        said.append("alike")
+    except MidgptError as e:
+        said.append(str(e))
+print(json.dumps(said))
+"""
+
+
+def test_processes_that_differ_in_what_launch_py_read_beside_the_config_are_refused(tmp_path):
+    # The launch-based test below covers the config's fields; these came from launch.py's flags, the run
+    # directory and the host: processes that differed trained apart, or waited for each other for ever.
+    port = free_port()
+    procs = [subprocess.Popen([sys.executable, "-c", CHECKED_ALIKE, f"127.0.0.1:{port}", str(i), str(tmp_path)],
+                              env=this_tree_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i in range(2)]
+    results = outputs(procs, timeout=120)
+    assert [p.returncode for p in procs] == [0, 0], results
+    differ = lambda what: f"the processes differ in {what}; start every process with the same arguments"
+    expected = ["alike", differ("--debug"), differ("files in --rundir (it must be on a filesystem every host sees)"),
+                differ("compute_dtype auto (CPUs of other kinds: pass --compute_dtype)"),
+                differ("--rundir (as an absolute path)")]
+    assert [json.loads(stdout.splitlines()[-1]) for stdout, _ in results] == [expected, expected], results
+
+
+def test_a_failed_collective_of_gloo_or_nccl_is_told_apart_from_other_errors(monkeypatch):
+    # NCCL's on GPUs, Gloo's on CPUs: the line that says another process most likely stopped, and how to resume.
+    from midgpt import multihost
+
+    nccl = jax.errors.JaxRuntimeError("INTERNAL: Error dispatching computation: Error dispatching computation: "
+                                      "NCCL operation ncclAllReduce failed: unhandled system error")
+    assert not multihost.failed_collective(nccl)  # one process: no other to have stopped
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    assert multihost.failed_collective(nccl) and multihost.failed_collective(ValueError("Gloo: connection closed"))
+    assert not multihost.failed_collective(jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory"))
+    assert str(multihost.collective_error(nccl, 7, "run X to resume")) == (
+        "training stopped at step 7: a collective across the 2 processes failed (INTERNAL: NCCL operation "
+        "ncclAllReduce failed: unhandled system error); another process has most likely stopped (see its output); "
+        "run X to resume")
+
+
 @pytest.mark.parametrize("other, differ", [
     ({"extra": [[], ["--max_steps=13"]]}, "the processes differ in --max_steps"),
     ({"extra": [[], ["--rundir=RUN_2"]]}, "the processes differ in --rundir (as an absolute path)"),
