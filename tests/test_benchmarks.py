@@ -1,5 +1,6 @@
-"""The benchmarks refuse bad input in one line, before anything compiles (their results: test_mfu, test_memory)."""
+"""The benchmarks refuse bad input in one line, before anything compiles (most results: test_mfu, test_memory)."""
 
+import json
 import os
 import subprocess
 import sys
@@ -43,6 +44,7 @@ TINY = ["--model.n_layer=1", "--model.n_embd=32", "--model.n_head=2", "--batch_s
     ("step_ratios", [CONFIG, "--", " ".join(TINY), " ".join(TINY) + " --model.attention=cudnn"],
      "model.attention=cudnn does not run on cpu"),
     ("checkpoint_cost", [CONFIG, "--interval=0"], "--interval"),
+    ("checkpoint_cost", [CONFIG, "--steps=9", "--interval=10"], "--interval=10 saves no checkpoint in --steps=9"),
     ("compile_cache", [CONFIG, "--rounds=0"], "--rounds"),
     ("compile_cache", [CONFIG, "--model.remat=ful"], "model.remat"),
     ("compile_cache", [CONFIG, "--data_dir=no_such_dir"], "launch.py failed: no_such_dir not found; run python "),
@@ -113,3 +115,13 @@ def test_help_shows_each_default_once():
     sample = options("sample.py")
     assert "--temperature TEMPERATURE 0 is greedy (default: 0.8)" in sample and sample.count("(default:") == 7
     assert "--step STEP the checkpoint to use (default: the newest)" in sample
+
+
+def test_checkpoint_cost_times_both_loops_and_reports_their_ratio():
+    result = subprocess.run([sys.executable, "benchmarks/checkpoint_cost.py", CONFIG, *TINY, "--steps=4", "--interval=4",
+                             "--rounds=1"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    assert out["train_s_with"] > 0 and out["train_s_without"] > 0 and out["save_blocking_s_median"] > 0
+    assert out["slowdown"] == pytest.approx(out["train_s_with"] / out["train_s_without"] - 1)
+    assert out["checkpoint_bytes"] > 0
