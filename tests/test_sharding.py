@@ -587,21 +587,26 @@ def test_a_coordinator_port_already_taken_is_one_line(tmp_path):
         "port, the same for every process"], stderr
 
 
-@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
-def test_a_stop_signal_stops_a_process_waiting_for_the_others_to_join(tmp_path, stop):
-    # jax.distributed.initialize waits in C++ (5 minutes by default), where Python's handler never runs:
-    # SIGTERM (scancel, timeout) waited that out, then JAX's C++ abort.
+def process_0_waiting_to_join(rundir, *args, wrapper=()) -> subprocess.Popen:
+    """launch.py as process 0 of 2, once it waits for process 1 in jax.distributed.initialize."""
     port = free_port()
-    proc = launch("--config=shakespeare_char_cpu", f"--rundir={tmp_path}/run", "--multihost", "--num_processes=2",
-                  "--process_id=0", f"--coordinator_address=127.0.0.1:{port}", devices=4)
+    proc = launch("--config=shakespeare_char_cpu", f"--rundir={rundir}", "--multihost", "--num_processes=2",
+                  "--process_id=0", f"--coordinator_address=127.0.0.1:{port}", *args, devices=4, wrapper=wrapper)
     deadline = time.monotonic() + 60
     while True:  # into the wait: process 0's coordinator answers
         if proc.poll() is not None or time.monotonic() > deadline:
             proc.kill()
             pytest.fail(f"no coordinator to wait with: {proc.communicate()}")
         with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
-            break
+            return proc
         time.sleep(0.1)
+
+
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
+def test_a_stop_signal_stops_a_process_waiting_for_the_others_to_join(tmp_path, stop):
+    # jax.distributed.initialize waits in C++ (5 minutes by default), where Python's handler never runs:
+    # SIGTERM (scancel, timeout) waited that out, then JAX's C++ abort.
+    proc = process_0_waiting_to_join(tmp_path / "run")
     proc.send_signal(stop)
     try:
         out, _ = proc.communicate(timeout=20)
@@ -609,6 +614,19 @@ def test_a_stop_signal_stops_a_process_waiting_for_the_others_to_join(tmp_path, 
         proc.kill()  # not left waiting, if the signal was not heard
     assert proc.returncode == -stop
     assert out.startswith("waiting for every process to join (jax.distributed.initialize, at most 300 s"), out
+
+
+def test_a_process_started_under_nohup_waits_through_a_hangup_to_join(tmp_path):
+    # nohup's SIGHUP, ignored from the start: the wait to join let it kill the process all the same.
+    nohup = ["bash", "-c", 'trap "" HUP && exec "$@"', "bash"]
+    proc = process_0_waiting_to_join(tmp_path / "run", "--join_timeout=5", wrapper=nohup)
+    proc.send_signal(signal.SIGHUP)
+    try:
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 1, err
+    assert err.strip().splitlines()[-1].startswith("error: not every process joined within 5 s"), err
 
 
 GIVEN = "start all 2 processes with the same --coordinator_address and --num_processes, each with its own --process_id"
