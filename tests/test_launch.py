@@ -594,7 +594,8 @@ run(main)
 
 
 def test_what_was_printed_before_an_error_reaches_a_pipe_before_its_line():
-    # The error's exit skips Python's own flush: into a pipe (| tee log), buffered lines were lost.
+    # The error's exit (os._exit) skips Python's own flush: into a pipe (| tee log), buffered lines would be lost.
+    # PYTHONUNBUFFERED, which this repository's test machine sets, would hide that.
     env = {k: v for k, v in this_tree_env().items() if k != "PYTHONUNBUFFERED"}
     result = subprocess.run([sys.executable, "-c", PRINTED_THEN_REFUSED], capture_output=True, text=True, env=env)
     assert result.returncode == 1 and result.stderr == "error: checkpoint 40 does not restore\n", result.stderr

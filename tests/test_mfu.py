@@ -94,13 +94,14 @@ def test_measured_peak_is_what_a_matmul_reaches(optimized):
 
     def best_run():  # as measure_peak takes its best: 1.00-1.01x of it, measured, where one run was 1.1-1.3x
         best = float("inf")
-        for _ in range(20):
+        for _ in range(40):
             start = time.perf_counter()
             matmul(x).block_until_ready()
             best = min(best, time.perf_counter() - start)
         return 2 * 512**3 / best
 
-    peak, rate = interleaved_best(lambda: mfu.measure_peak("float32", size=512, seconds=0.05), best_run)
+    # Seven rounds: in a CI run beside another test process, three found no quiet moment for the rate (1.9x apart).
+    peak, rate = interleaved_best(lambda: mfu.measure_peak("float32", size=512, seconds=0.05), best_run, rounds=7)
     assert 0.75 * rate <= peak <= 1.5 * rate  # 2 n^3 FLOPs a matmul: a miscount is 2x off
 
 
