@@ -170,7 +170,8 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 def test_a_dataset_whose_replacement_fails_midway_keeps_no_meta_json_to_vouch_for_it(tmp_path):
     # A crash between two renames: meta.json, of either dataset, beside a mix of both would pass as whole.
     out_dir, new = tmp_path / "out", tmp_path / "new"
-    out_dir.mkdir(), new.mkdir()
+    out_dir.mkdir()
+    new.mkdir()
     for name in FILES:  # meta.json's, JSON
         (out_dir / name).write_text(json.dumps(f"old {name}"))
         (new / name).write_text(json.dumps(f"new {name}"))

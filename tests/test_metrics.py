@@ -176,7 +176,7 @@ def test_the_evaluations_score_the_final_model_on_their_own_split(shakespeare_da
 
 def test_an_evaluation_is_the_mean_loss_of_eval_iters_batches_of_its_stream_without_dropout(shakespeare_data_dir):
     # With dropout, val_loss would score a noisier model than the one trained, and sampled. The streams keep
-    # train_loss's batches apart from val_loss's; a run's evaluations score the same batches each time.
+    # train_loss's batches apart from val_loss's.
     config = one_layer_config(shakespeare_data_dir, "--model.dropout=0.5", "--eval_iters=3", "--compute_dtype=float32")
     model, mesh = fresh_model(config), make_mesh(config)
     for tokens, stream in zip(data.load_splits(config), (EVAL_TRAIN_STREAM, EVAL_VAL_STREAM)):
@@ -198,7 +198,7 @@ def test_step_ms_leaves_out_saves_and_evaluations(shakespeare_data_dir, tmp_path
     records = [record for record in read_metrics(tmp_path) if "step_ms" in record]
     timed = [record["step_ms"] for record in records]
     assert len(timed) == 4 and max(timed) < 250, timed  # two steps a call; the first call's compile untimed
-    # A call's tokens over its time: two steps' worth.
+    # tokens/s is of every step the call ran: at a step's ms, it makes a step's tokens.
     tokens_per_step = config.batch_size * config.model.block_size
     assert all(r["tokens_per_sec"] * r["step_ms"] / 1000 == pytest.approx(tokens_per_step, rel=1e-3) for r in records)
 
