@@ -265,6 +265,17 @@ def two_processes(*args, extra=([], []), wrappers=((), ()), devices=(4, 4), num_
             for i in range(2)]
 
 
+def script_as_two_processes(script: str, *args: str, **env: str) -> list[tuple[str, str]]:
+    """(stdout, stderr) of `python -c script ADDRESS PROCESS_ID *args` as processes 0 and 1, each ended well."""
+    port = free_port()
+    procs = [subprocess.Popen([sys.executable, "-c", script, f"127.0.0.1:{port}", str(i), *args],
+                              env=this_tree_env(**env), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i in range(2)]
+    results = outputs(procs, timeout=120)
+    assert [p.returncode for p in procs] == [0, 0], results
+    return results
+
+
 INTERLEAVED_BATCH = """
 import json, sys
 import jax, numpy as np
@@ -286,12 +297,7 @@ print(json.dumps({"rows": sharding.process_rows(x_GxBxT.sharding, (3, 16, 8), 1)
 
 
 def test_each_process_reads_its_own_rows_when_the_mesh_interleaves_processes():
-    port = free_port()
-    env = this_tree_env(XLA_FLAGS="--xla_force_host_platform_device_count=4")
-    procs = [subprocess.Popen([sys.executable, "-c", INTERLEAVED_BATCH, f"127.0.0.1:{port}", str(i)], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
-    results = outputs(procs, timeout=120)
-    assert [p.returncode for p in procs] == [0, 0], results
+    results = script_as_two_processes(INTERLEAVED_BATCH, XLA_FLAGS="--xla_force_host_platform_device_count=4")
     rows = [json.loads(out.strip().splitlines()[-1]) for out, _ in results]
     assert rows[0] == {"rows": [0, 1, 4, 5, 8, 9, 12, 13], "same": True}
     assert rows[1] == {"rows": [2, 3, 6, 7, 10, 11, 14, 15], "same": True}
@@ -483,12 +489,7 @@ except Exception as e:
 def test_any_error_on_one_process_stops_the_other_at_the_end_of_the_block():
     # A metrics.jsonl with a byte that is not UTF-8 stopped process 0 with a UnicodeDecodeError,
     # and process 1 waited for it at its next collective.
-    port = free_port()
-    env = this_tree_env()
-    procs = [subprocess.Popen([sys.executable, "-c", FAILING_TOGETHER, f"127.0.0.1:{port}", str(i)], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
-    results = outputs(procs, timeout=120)
-    assert [p.returncode for p in procs] == [0, 0], results
+    results = script_as_two_processes(FAILING_TOGETHER)
     raised = "'utf-8' codec can't decode byte 0xff in position 0: invalid start byte"
     assert json.loads(results[0][0].splitlines()[-1]) == f"UnicodeDecodeError: {raised}"  # its own, as raised
     assert json.loads(results[1][0].splitlines()[-1]) == f"MidgptError: process 0: UnicodeDecodeError: {raised}"
@@ -519,12 +520,7 @@ print(json.dumps(said))
 def test_processes_that_differ_in_what_launch_py_read_beside_the_config_are_refused(tmp_path):
     # The launch-based test below covers the config's fields; these came from launch.py's flags, the run
     # directory and the host: processes that differed trained apart, or waited for each other for ever.
-    port = free_port()
-    procs = [subprocess.Popen([sys.executable, "-c", CHECKED_ALIKE, f"127.0.0.1:{port}", str(i), str(tmp_path)],
-                              env=this_tree_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for i in range(2)]
-    results = outputs(procs, timeout=120)
-    assert [p.returncode for p in procs] == [0, 0], results
+    results = script_as_two_processes(CHECKED_ALIKE, str(tmp_path))
     differ = lambda what: f"the processes differ in {what}; start every process with the same arguments"
     expected = ["alike", differ("--debug"), differ("files in --rundir (it must be on a filesystem every host sees)"),
                 differ("compute_dtype auto (CPUs of other kinds: pass --compute_dtype)"),
@@ -617,7 +613,7 @@ def test_a_stop_signal_stops_a_process_waiting_for_the_others_to_join(tmp_path, 
 
 
 def test_a_process_started_under_nohup_waits_through_a_hangup_to_join(tmp_path):
-    # nohup's SIGHUP, ignored from the start: the wait to join let it kill the process all the same.
+    # nohup's SIGHUP, ignored from the start: a wait that gave every stop signal back to the default would die of it.
     nohup = ["bash", "-c", 'trap "" HUP && exec "$@"', "bash"]
     proc = process_0_waiting_to_join(tmp_path / "run", "--join_timeout=5", wrapper=nohup)
     proc.send_signal(signal.SIGHUP)
