@@ -25,10 +25,10 @@ from test_launch import assert_one_line_error, run
 from test_sharding import on_devices
 
 
-def estimate(config):
+def estimate(config, pieces: int = 1):
     optimizer, mesh = make_optimizer(config), make_mesh(config)
     shardings, _ = state_layout(config, optimizer, mesh)
-    return memory.estimate(config, mesh, eqx.filter_eval_shape(fresh_state, config, optimizer), shardings)
+    return memory.estimate(config, mesh, eqx.filter_eval_shape(fresh_state, config, optimizer), shardings, pieces)
 
 
 @pytest.mark.parametrize("devices", [1, 8])
@@ -163,10 +163,7 @@ def test_the_compute_copy_is_counted_only_where_the_parameters_are_cast():
 
 def test_gradients_are_counted_twice_where_micro_batches_or_their_pieces_are_summed():
     config = load_config("shakespeare_char")
-    optimizer, mesh = make_optimizer(config), make_mesh(config)
-    shardings, _ = state_layout(config, optimizer, mesh)
-    like = eqx.filter_eval_shape(fresh_state, config, optimizer)
-    alone, pieces = (memory.estimate(config, mesh, like, shardings, pieces=p) for p in (1, 4))
+    alone, pieces = estimate(config), estimate(config, pieces=4)
     accumulated = estimate(dataclasses.replace(config, g_accum_iters=4))
     assert alone["gradients"] == alone["parameters"]
     assert pieces["gradients"] == accumulated["gradients"] == 2 * alone["parameters"]  # and their running sum
