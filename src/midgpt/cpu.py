@@ -3,10 +3,18 @@
 import functools
 
 
+def field(cpuinfo_text: str, name: str) -> str:
+    """The value /proc/cpuinfo's text gives a field first ("vendor_id": "GenuineIntel"), or "" where it has none."""
+    for line in cpuinfo_text.splitlines():
+        key, colon, value = line.partition(":")
+        if colon and key.strip() == name:
+            return value.strip()
+    return ""
+
+
 def flags(cpuinfo_text: str) -> set[str]:
     """The x86 feature flags that /proc/cpuinfo's text lists: "avx512_bf16", "amx_bf16", ..."""
-    return {flag for line in cpuinfo_text.splitlines() if line.startswith("flags")
-            for flag in line.partition(":")[2].split()}
+    return set(field(cpuinfo_text, "flags").split())
 
 
 @functools.cache

@@ -11,25 +11,23 @@ import jax.numpy as jnp
 
 from midgpt import cpu
 
-# x86 instructions that multiply bf16 pairs into float32 sums. Without them XLA:CPU widens bf16 to
-# float32 before multiplying: slower than float32 itself (an AVX2 AMD EPYC: 0.10 against 0.17 TFLOP/s).
-BF16_MATMUL_FLAGS = ("avx512_bf16", "amx_bf16")
-
 
 def compute_dtype(name: str) -> str:
-    """What Config.compute_dtype runs as: "auto" is bfloat16, but float32 on a CPU without bf16 instructions."""
+    """What Config.compute_dtype runs as: "auto" is bfloat16, but float32 on a CPU that multiplies float32 faster."""
     if name != "auto":
         return name
     on_cpu = jax.devices()[0].platform == "cpu"
-    return "float32" if on_cpu and not multiplies_bf16(cpu.info()) else "bfloat16"
+    return "float32" if on_cpu and not multiplies_bf16_faster(cpu.info()) else "bfloat16"
 
 
-def multiplies_bf16(cpuinfo_text: str) -> bool:
-    """Whether /proc/cpuinfo's text lists bf16 matmul instructions (x86; other CPUs: not measured, so no).
-
-    Without them (or without /proc/cpuinfo) compute_dtype "auto" is float32: never XLA's widened bf16.
-    """
-    return not cpu.flags(cpuinfo_text).isdisjoint(BF16_MATMUL_FLAGS)
+def multiplies_bf16_faster(cpuinfo_text: str) -> bool:
+    """Whether XLA's bf16 matmuls outrun its float32 ones on this x86 CPU, by /proc/cpuinfo (others: not measured)."""
+    # Measured in XLA (benchmarks/RESULTS.md): Intel's AMX tiles, 3.3x float32's rate; AMD's avx512_bf16 (Zen 4,
+    # whose 512-bit float32 multiply-adds run in two halves), 2.6x. Intel's avx512_bf16 alone (an Emerald Rapids
+    # whose VM hides AMX) multiplies bf16 pairs no faster than float32 ones and converts too: 0.3-0.8x. With
+    # neither, XLA widens bf16 to float32 before multiplying: 0.6x (an AVX2 AMD EPYC).
+    flags = cpu.flags(cpuinfo_text)
+    return "amx_bf16" in flags or ("avx512_bf16" in flags and cpu.field(cpuinfo_text, "vendor_id") == "AuthenticAMD")
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
