@@ -1,9 +1,10 @@
 """What checkpoints cost: size on disk, blocking and total save time, and the slowdown of training.
 
 python benchmarks/checkpoint_cost.py --config=shakespeare_char [--steps=300] [--interval=100] [--FIELD=VALUE ...]
-prints one JSON line. Training uses random tokens; the loops with and without checkpoints
-run after the compile, alternating, in the same process, so their ratio is what to quote.
---steps=0 measures the checkpoint alone.
+prints one JSON line. Training uses random tokens and runs steps_per_call to a call, as in launch.py
+(--interval is the config's checkpoint_interval, which a call's steps divide; --steps rounds up to whole
+calls); the loops with and without checkpoints run after the compile, alternating, in the same process,
+so their ratio is what to quote. --steps=0 measures the checkpoint alone.
 """
 
 import itertools
@@ -15,14 +16,10 @@ import time
 
 import equinox as eqx
 import jax
-import numpy as np
 
 from midgpt import checkpoint
 from midgpt.cli import ArgumentParser, add_config_option, positive_int, run
-from midgpt.optimizer import make_optimizer
-from midgpt.sharding import make_mesh
-from midgpt.step import init_state, make_train_step
-from train_throughput import checked_config
+from train_throughput import calls_for, checked_config, setup, steps_in, time_steps
 
 
 def directory_bytes(path: str) -> int:
@@ -41,24 +38,22 @@ def main(argv: list[str]) -> None:
     if 0 < args.steps < args.interval:  # the loop with checkpoints would save none
         parser.error(f"--interval={args.interval} saves no checkpoint in --steps={args.steps}; "
                      "use an interval of at most --steps")
-    config = checked_config(args.config, [*overrides, "--keep_checkpoints=1000000"], list(vars(args)))
-    optimizer, mesh = make_optimizer(config), make_mesh(config)
-    state = init_state(config, optimizer, mesh)
-    train_step = make_train_step(config, optimizer, mesh)
-    shape = (config.g_accum_iters, config.batch_size, config.model.block_size)
-    x = np.random.default_rng(0).integers(0, config.model.vocab_size, shape, dtype=np.int32)
-    state, _ = train_step(state, x, x)  # compile
-    jax.block_until_ready(state)
-    steps_done = itertools.count(2)
+    config = checked_config(args.config, [*overrides, f"--checkpoint_interval={args.interval}",
+                                          "--keep_checkpoints=1000000"], list(vars(args)))
+    state, train_step, batches = setup(config)
+    state, _ = time_steps(train_step, state, batches, 1)  # compile
+    per_call = steps_in(batches[0])
+    calls_done = itertools.count(1)
 
     def train(steps: int, manager=None) -> tuple[float, list[float]]:
         nonlocal state
         blocking = []
         start = time.perf_counter()
-        for i in range(1, steps + 1):
+        for i in range(1, calls_for(steps, batches) + 1):
+            x = batches[i % len(batches)]
             state, metrics = train_step(state, x, x)
-            step = next(steps_done)  # distinct across rounds, as in a run
-            if manager and i % args.interval == 0:
+            step = per_call * next(calls_done)  # distinct across rounds, as in a run
+            if manager and i * per_call % args.interval == 0:
                 float(metrics["loss"])  # as the training loop does before each save
                 t = time.perf_counter()
                 checkpoint.save(manager, step, state, config)
@@ -91,7 +86,8 @@ def main(argv: list[str]) -> None:
         # The first save sets orbax up: apart, or the median of a few saves was mostly it (0.47 s against 0.04 s).
         "checkpoint_bytes": size, "first_save_blocking_s": first_blocking,
         "save_blocking_s_median": statistics.median(blocking or [first_blocking]),
-        "save_total_s": total_save, "steps": args.steps, "interval": args.interval,
+        "save_total_s": total_save, "steps": per_call * calls_for(args.steps, batches) if args.steps else 0,
+        "steps_per_call": per_call, "interval": args.interval, "saves_per_round": len(blocking) // max(1, len(plain)),
         "rounds": args.rounds, "train_s_without": min(plain, default=None),
         "train_s_with": min(with_checkpoints, default=None),
         "slowdown": min(with_checkpoints) / min(plain) - 1 if plain else None,
