@@ -179,6 +179,47 @@ def test_step_profile_gives_a_computations_last_op_its_own_line(monkeypatch):
     assert step_profile.kind(instructions[root.lstrip("%")], bodies) == "other fusion"
 
 
+# HLO lines as a GPU's compiled step writes them (cuBLAS, cuDNN, NCCL), which no test here compiles.
+@pytest.mark.parametrize("line, expected", [
+    ('%custom-call.7 = (bf16[768,512]{1,0}, s8[4]{0}) custom-call(%a, %b), custom_call_target="__cublas$gemm"',
+     "matmul"),
+    ('%custom-call.8 = (f32[8,8]{1,0}, s8[4]{0}) custom-call(%a, %b), custom_call_target="__cublas$lt$matmul"',
+     "matmul"),
+    ('%custom-call.9 = (bf16[2,4,64,64]{3,2,1,0}, u8[0]{0}) custom-call(%q, %k, %v), '
+     'custom_call_target="__cudnn$fmhaSoftmaxBackward"', "attention"),
+    ("%all-gather-start.2 = (f32[4]{0}, f32[8]{0}) all-gather-start(%p), replica_groups={{0,1}}", "collective"),
+    ("%reduce-scatter.1 = f32[4]{0} reduce-scatter(%p), replica_groups={{0,1}}, to_apply=%add", "collective"),
+    ('%fusion.3 = bf16[8,8]{1,0} fusion(%a, %b), kind=kCustom, calls=%triton_gemm_dot.1', "matmul"),
+    ("%fusion.4 = f32[8]{0} fusion(%p), kind=kLoop, calls=%fused_exp", "other fusion"),
+    ("%copy.2 = f32[8,4]{0,1} copy(%p)", "copy"),
+    ("%while.1 = (s32[], f32[8]{0}) while(%tuple), condition=%cond, body=%body", "other"),
+])
+def test_step_profile_names_an_ops_kind_from_its_hlo_line(line, expected, monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO_ROOT / "benchmarks"))
+    import step_profile
+
+    bodies = {"triton_gemm_dot.1": "  %dot.0 = f32[8,8]{1,0} dot(%a, %b), lhs_contracting_dims={1}\n",
+              "fused_exp": "  ROOT %exp.0 = f32[8]{0} exponential(%p)\n"}
+    assert step_profile.kind(line, bodies) == expected
+
+
+@pytest.mark.parametrize("op_name, expected", [
+    ("jit(step)/jit(main)/jvp(GPT)/blocks/attention/dot_general", "attention, forward"),
+    ("jit(step)/jit(main)/transpose(jvp(GPT))/blocks/mlp/dot_general", "mlp, backward"),
+    ("jit(step)/jit(main)/transpose(jvp(GPT))/blocks/rematted_computation/attention/dot_general",
+     "attention, recompute"),
+    ("jit(step)/jit(main)/jvp(GPT)/blocks/rms_norm/mul", "rest of the model, forward"),
+    ("jit(step)/jit(main)/adamw/mul", "outside the gradient"),
+    (None, "no JAX name"),
+])
+def test_step_profile_names_an_ops_part_and_pass_from_the_jax_name_xla_kept(op_name, expected, monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO_ROOT / "benchmarks"))
+    import step_profile
+
+    metadata = f', metadata={{op_name="{op_name}"}}' if op_name else ""
+    assert step_profile.part(f"%fusion.1 = f32[8]{{0}} fusion(%p), kind=kLoop, calls=%f{metadata}") == expected
+
+
 def test_step_profile_sums_the_step_ops_by_kind_and_part_and_names_them_in_its_hlo():
     result = subprocess.run(
         [sys.executable, str(REPO_ROOT / "benchmarks" / "step_profile.py"), "--config=shakespeare_char_cpu",
