@@ -24,6 +24,7 @@ from midgpt import checkpoint, memory
 from midgpt.config import apply_overrides, config_names, config_to_dict, leaves, load_config
 from midgpt.errors import MidgptError
 from midgpt.files import writing_to
+from midgpt.precision import compute_dtype
 from midgpt.rundir import read_config_json
 
 TINY = ["--model.n_layer=2", "--model.n_embd=64", "--model.n_head=2", "--batch_size=8",
@@ -1117,9 +1118,11 @@ def test_sample_errors_are_one_line(short_run, shakespeare_data_dir, tmp_path):
     for start in ("\n", "First Citizen:\nBefore we proceed any further, hear me speak."):
         assert_one_line_error(sample_in_8_gb(100000000, start), f"100000000 samples of {len(start) + 10} tokens need ",
                               " GiB of the ", "; lower --num_samples to ")
-    # The host's memory holds 300,000 (19 GB by XLA's count), 8 GB does not: XLA's refusal, in one line.
+    # The host's memory holds 300,000 in bfloat16 (19 GB by XLA's count; in float32, half as many), 8 GB does not:
+    # XLA's refusal, in one line.
+    many = {"bfloat16": 300000, "float32": 150000}[compute_dtype("auto")]
     if memory.device_memory()[0] > 20 * 2**30:
-        assert_one_line_error(sample_in_8_gb(300000), "300000 samples of 11 tokens do not fit the device's memory; "
+        assert_one_line_error(sample_in_8_gb(many), f"{many} samples of 11 tokens do not fit the device's memory; "
                               "lower --num_samples")
     # A path in bytes that are not UTF-8 (Python hands them over as surrogates): written back as given,
     # not an encoding error that ended the process without a line.
