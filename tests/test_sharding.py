@@ -475,11 +475,14 @@ FAILING_TOGETHER = """
 import json, sys
 import jax
 from midgpt import multihost
+from midgpt.errors import MidgptError
 jax.distributed.initialize(coordinator_address=sys.argv[1], num_processes=2, process_id=int(sys.argv[2]))
 try:
     with multihost.failing_together():
-        if jax.process_index() == 0:
+        if jax.process_index() == 0 and sys.argv[3] == "bug":
             b"\\xff".decode()  # a bug, not a MidgptError
+        if jax.process_index() == 0 and sys.argv[3] == "empty":
+            raise MidgptError("")
     print(json.dumps("no error"))
 except Exception as e:
     print(json.dumps(f"{type(e).__name__}: {e}"))
@@ -489,10 +492,14 @@ except Exception as e:
 def test_any_error_on_one_process_stops_the_other_at_the_end_of_the_block():
     # A metrics.jsonl with a byte that is not UTF-8 stopped process 0 with a UnicodeDecodeError,
     # and process 1 waited for it at its next collective.
-    results = script_as_two_processes(FAILING_TOGETHER)
+    results = script_as_two_processes(FAILING_TOGETHER, "bug")
     raised = "'utf-8' codec can't decode byte 0xff in position 0: invalid start byte"
     assert json.loads(results[0][0].splitlines()[-1]) == f"UnicodeDecodeError: {raised}"  # its own, as raised
     assert json.loads(results[1][0].splitlines()[-1]) == f"MidgptError: process 0: UnicodeDecodeError: {raised}"
+    # An error without a message is still one: process 1 had gone on alone, to wait at its next collective.
+    results = script_as_two_processes(FAILING_TOGETHER, "empty")
+    assert [json.loads(stdout.splitlines()[-1]) for stdout, _ in results] == [
+        "MidgptError: ", "MidgptError: process 0: MidgptError: "], results
 
 
 CHECKED_ALIKE = """

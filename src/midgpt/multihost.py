@@ -107,7 +107,9 @@ def failing_together():
         error = e
     if jax.process_count() > 1:  # each process's error line, as UTF-8 bytes
         line = "" if error is None else str(error)
-        if error is not None and not isinstance(error, MidgptError):  # a bug's: name its type, as a traceback would
+        # A bug's, or an error without a message (which the others would take for none): name its type, as a
+        # traceback would.
+        if error is not None and not (isinstance(error, MidgptError) and line):
             line = f"{type(error).__name__}: {line}"
         line_bytes = line.encode(errors="backslashreplace")[:1024].ljust(1024, b"\0")  # a path may not be UTF-8
         lines = multihost_utils.process_allgather(np.frombuffer(line_bytes, np.uint8))  # (processes, 1024)
