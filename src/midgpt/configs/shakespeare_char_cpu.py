@@ -8,7 +8,8 @@ from midgpt.configs import shakespeare_char
 # How the layers run depends on the processor (benchmarks/RESULTS.md). On AMD EPYCs (AVX-512 BF16, or AVX2 in
 # float32) keeping every layer's activations, the four layers unrolled (a scan would stack them), took 0.78-0.85x
 # the step time of recomputing them two layers a scan iteration (the AVX-512 one's full run: 57.6-64.5 s against
-# 68.9-78.6 s). On an Intel Xeon, whose AMX multiplies bf16 at four times those EPYCs' rate, it took 1.35x.
+# 68.9-78.6 s), and 0.81x on an Intel Xeon without AMX (in float32). On an Intel Xeon whose AMX multiplies bf16
+# at four times those EPYCs' rate, it took 1.35x.
 REMAT, SCAN_UNROLL = ("full", 2) if "amx_bf16" in cpu.flags(cpu.info()) else ("none", 4)
 
 config = dataclasses.replace(
