@@ -48,6 +48,13 @@ def _normal(key, shape, std):
 def rotary_tables(positions_T, head_dim: int, base: float):
     """sin and cos of each (non-negative, int32) position's rotation angles, each (T, C), in float32."""
     inv_freq_R = base ** (-np.arange(0, head_dim, 2) / head_dim)  # R = C/2 rotated pairs; numpy float64, a constant
+    if isinstance(positions_T, np.ndarray):
+        # Positions known as the step is traced (training, evaluation): constants, in float64. Left to XLA, its
+        # tables were folded into constants in one program and not in another, so in float32 a step run alone
+        # and the same step in a call's loop moved the parameters 2e-7 apart.
+        angle_TxR = positions_T[:, None] * inv_freq_R
+        angle_TxC = np.concatenate([angle_TxR, angle_TxR], axis=-1)
+        return np.sin(angle_TxC).astype(np.float32), np.cos(angle_TxC).astype(np.float32)
     # position * inv_freq in float32 keeps fewer of the angle's bits the larger the position: a sample's
     # ten-millionth token was rotated so far off that its log-probabilities moved by 0.2 (an error of 0.35
     # rad). Summed over the position's bytes instead, each byte's step reduced mod 2 pi in float64, the
@@ -304,7 +311,7 @@ class GPT(eqx.Module):
         x_BxTxD = lookup(embed_VxD, tokens_BxT)
         x_BxTxD = dropout(x_BxTxD, cfg.dropout, embed_key)
         if positions_T is None:
-            positions_T = jnp.arange(tokens_BxT.shape[1])
+            positions_T = np.arange(tokens_BxT.shape[1])
         sin_TxC, cos_TxC = rotary_tables(positions_T, cfg.head_dim, cfg.rope_base)
         slots_T, key_positions_S, layers_L = None, positions_T, None
         if cache is not None:
