@@ -46,12 +46,13 @@ def _normal(key, shape, std):
 
 
 def rotary_tables(positions_T, head_dim: int, base: float):
-    """sin and cos of each (non-negative, int32) position's rotation angles, each (T, C), in float32."""
+    """sin and cos of each (non-negative, int32) position's rotation angles, each (T, C), in float32: numpy
+    constants for numpy positions."""
     inv_freq_R = base ** (-np.arange(0, head_dim, 2) / head_dim)  # R = C/2 rotated pairs; numpy float64, a constant
     if isinstance(positions_T, np.ndarray):
-        # Positions known as the step is traced (training, evaluation): constants, in float64. Left to XLA, its
-        # tables were folded into constants in one program and not in another, so in float32 a step run alone
-        # and the same step in a call's loop moved the parameters 2e-7 apart.
+        # Positions known as the step is traced (training, evaluation): constants, in float64. Left to XLA, the
+        # tables came out otherwise in a call's loop than in a step alone (folded into constants in one only, it
+        # seems), and in float32 the two programs' parameters ended 2e-7 apart.
         angle_TxR = positions_T[:, None] * inv_freq_R
         angle_TxC = np.concatenate([angle_TxR, angle_TxR], axis=-1)
         return np.sin(angle_TxC).astype(np.float32), np.cos(angle_TxC).astype(np.float32)
