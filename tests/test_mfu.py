@@ -166,12 +166,17 @@ def test_step_ratios_times_each_variant_every_round_against_the_first(tmp_path):
     assert any(".jit_step" in name for name in os.listdir(tmp_path))  # the step itself compiled with the options
 
 
-def test_step_profile_gives_a_computations_last_op_its_own_line(monkeypatch):
-    # A computation's result (the entry's here, a loop body's in a step) is its ROOT instruction: a fusion
-    # that is one is listed by its own line all the same.
+@pytest.fixture
+def step_profile(monkeypatch):
+    """benchmarks/step_profile.py, imported as its scripts import each other."""
     monkeypatch.syspath_prepend(str(REPO_ROOT / "benchmarks"))
     import step_profile
+    return step_profile
 
+
+def test_step_profile_gives_a_computations_last_op_its_own_line(step_profile):
+    # A computation's result (the entry's here, a loop body's in a step) is its ROOT instruction: a fusion
+    # that is one is listed by its own line all the same.
     hlo = jax.jit(lambda x_N: jnp.sin(x_N) * 2).lower(jnp.ones(8)).compile().as_text()
     (root,) = [line.split()[1] for line in hlo.splitlines() if line.startswith("  ROOT ") and " fusion(" in line]
     instructions, bodies = step_profile.hlo_lines(hlo)
@@ -194,10 +199,7 @@ def test_step_profile_gives_a_computations_last_op_its_own_line(monkeypatch):
     ("%copy.2 = f32[8,4]{0,1} copy(%p)", "copy"),
     ("%while.1 = (s32[], f32[8]{0}) while(%tuple), condition=%cond, body=%body", "other"),
 ])
-def test_step_profile_names_an_ops_kind_from_its_hlo_line(line, expected, monkeypatch):
-    monkeypatch.syspath_prepend(str(REPO_ROOT / "benchmarks"))
-    import step_profile
-
+def test_step_profile_names_an_ops_kind_from_its_hlo_line(line, expected, step_profile):
     bodies = {"triton_gemm_dot.1": "  %dot.0 = f32[8,8]{1,0} dot(%a, %b), lhs_contracting_dims={1}\n",
               "fused_exp": "  ROOT %exp.0 = f32[8]{0} exponential(%p)\n"}
     assert step_profile.kind(line, bodies) == expected
@@ -212,10 +214,7 @@ def test_step_profile_names_an_ops_kind_from_its_hlo_line(line, expected, monkey
     ("jit(step)/jit(main)/adamw/mul", "outside the gradient"),
     (None, "no JAX name"),
 ])
-def test_step_profile_names_an_ops_part_and_pass_from_the_jax_name_xla_kept(op_name, expected, monkeypatch):
-    monkeypatch.syspath_prepend(str(REPO_ROOT / "benchmarks"))
-    import step_profile
-
+def test_step_profile_names_an_ops_part_and_pass_from_the_jax_name_xla_kept(op_name, expected, step_profile):
     metadata = f', metadata={{op_name="{op_name}"}}' if op_name else ""
     assert step_profile.part(f"%fusion.1 = f32[8]{{0}} fusion(%p), kind=kLoop, calls=%f{metadata}") == expected
 
