@@ -86,8 +86,8 @@ def main(argv: list[str]) -> None:
         # The first save sets orbax up: apart, or the median of a few saves was mostly it (0.47 s against 0.04 s).
         "checkpoint_bytes": size, "first_save_blocking_s": first_blocking,
         "save_blocking_s_median": statistics.median(blocking or [first_blocking]),
-        "save_total_s": total_save, "steps": per_call * calls_for(args.steps, batches) if args.steps else 0,
-        "steps_per_call": per_call, "interval": args.interval, "saves_per_round": len(blocking) // max(1, len(plain)),
+        "save_total_s": total_save, "steps": per_call * calls_for(args.steps, batches),
+        "steps_per_call": per_call, "interval": args.interval, "saves_per_round": len(blocking) // args.rounds,
         "rounds": args.rounds, "train_s_without": min(plain, default=None),
         "train_s_with": min(with_checkpoints, default=None),
         "slowdown": min(with_checkpoints) / min(plain) - 1 if plain else None,
