@@ -18,7 +18,7 @@ import equinox as eqx
 import jax
 
 from midgpt import checkpoint
-from midgpt.cli import ArgumentParser, add_config_option, positive_int, run
+from midgpt.cli import ArgumentParser, add_config_option, positive_int, run, say
 from train_throughput import calls_for, checked_config, setup, steps_in, time_steps
 
 
@@ -79,7 +79,7 @@ def main(argv: list[str]) -> None:
             with_checkpoints.append(seconds)
             blocking += blocked
         manager.close()
-    print(json.dumps({
+    say(json.dumps({
         "config": args.config, "overrides": overrides, "backend": jax.default_backend(),
         "device": jax.devices()[0].device_kind, "parameters_and_state_bytes": sum(
             x.nbytes for x in jax.tree.leaves(eqx.filter(state, eqx.is_array))),

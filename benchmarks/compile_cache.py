@@ -17,7 +17,7 @@ import time
 
 import jax
 
-from midgpt.cli import ArgumentParser, add_config_option, positive_int, run
+from midgpt.cli import ArgumentParser, add_config_option, positive_int, run, say
 from midgpt.errors import MidgptError
 from train_throughput import checked_config
 
@@ -58,7 +58,7 @@ def main(argv: list[str]) -> None:
                                                           env=env)[0])
             cache = os.path.join(tmp, "cache")  # none where no program compiled long enough to be kept
             cache_bytes = sum(entry.stat().st_size for entry in os.scandir(cache)) if os.path.isdir(cache) else 0
-    print(json.dumps({"config": args.config, "overrides": overrides, "rounds": args.rounds,
+    say(json.dumps({"config": args.config, "overrides": overrides, "rounds": args.rounds,
                       **{name: round(statistics.median(values), 2) for name, values in seconds.items()},
                       "cache_mib": round(cache_bytes / 2**20, 1)}))
 

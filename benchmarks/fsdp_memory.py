@@ -8,7 +8,7 @@ layout without allocating (for models too large for this machine).
 import json
 import os
 
-from midgpt.cli import ArgumentParser, add_config_option, positive_int, run
+from midgpt.cli import ArgumentParser, add_config_option, positive_int, run, say
 
 
 def main(argv: list[str]) -> None:
@@ -45,7 +45,7 @@ def main(argv: list[str]) -> None:
             for shard in x.addressable_shards:
                 bytes_on[shard.device] += shard.data.nbytes
         per_device = list(bytes_on.values())
-    print(json.dumps({
+    say(json.dumps({
         "config": args.config, "overrides": overrides, "devices": jax.device_count(),
         "mesh": dict(mesh.shape),
         "parameters": sum(x.size for x in jax.tree.leaves(eqx.filter(like.model, is_abstract))),

@@ -17,7 +17,7 @@ import sys
 import tempfile
 import time
 
-from midgpt.cli import ArgumentParser, positive_int, run
+from midgpt.cli import ArgumentParser, positive_int, run, say
 from midgpt.errors import MidgptError
 
 PREPARE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "data", "openwebtext", "prepare.py")
@@ -127,7 +127,8 @@ def main(argv: list[str]) -> None:
                 write_corpus_from(corpus, size_mb, blocks)
             else:
                 write_corpus(corpus, size_mb)
-            print(json.dumps(measure(corpus, out_dir, args.num_proc, args.val_fraction)), flush=True)
+            if not say(json.dumps(measure(corpus, out_dir, args.num_proc, args.val_fraction))):
+                break  # stdout's reader is gone: none reads the next size's
 
 
 if __name__ == "__main__":

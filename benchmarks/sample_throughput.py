@@ -14,7 +14,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 
-from midgpt.cli import ArgumentParser, add_config_option, positive_int, run
+from midgpt.cli import ArgumentParser, add_config_option, positive_int, run, say
 from midgpt.model import GPT, cast_floats
 from midgpt.precision import compute_dtype
 from midgpt.sample import fitting_memory, generate, sample_token
@@ -59,7 +59,7 @@ def main(argv: list[str]) -> None:
     with fitting_memory(args.num_samples, 1 + args.max_new_tokens):
         cached = tokens_per_sec(generate, model, prompt_BxP, args.max_new_tokens, key)
         recomputing = tokens_per_sec(generate_recomputing, model, prompt_BxP, args.max_new_tokens, key)
-    print(json.dumps({
+    say(json.dumps({
         "config": args.config, "overrides": overrides, "backend": jax.default_backend(),
         "device": jax.devices()[0].device_kind, "compute_dtype": dtype,
         "num_samples": args.num_samples, "max_new_tokens": args.max_new_tokens,

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from midgpt import memory
-from midgpt.cli import ArgumentParser, add_config_option, positive_int, run
+from midgpt.cli import ArgumentParser, add_config_option, positive_int, run, say
 from midgpt.optimizer import make_optimizer
 from midgpt.sharding import make_mesh
 from midgpt.step import fresh_state, init_state, loss_chunks, make_train_step, pieces_per_micro_batch, state_layout
@@ -49,12 +49,13 @@ def main(argv: list[str]) -> None:
     for chunks in args.chunks or [loss_chunks(config, mesh, pieces)]:
         compiled = make_train_step(config, optimizer, mesh, pieces, chunks).lower(state, batch, batch).compile()
         xla = compiled.memory_analysis()
-        print(json.dumps({
+        if not say(json.dumps({
             **run_fields(args.config, overrides), "pieces": pieces, "chunks": chunks,
             "xla_temp_bytes": xla.temp_size_in_bytes, "xla_argument_bytes": xla.argument_size_in_bytes,
             "xla_output_bytes": xla.output_size_in_bytes,
             "estimate_bytes": memory.estimate(config, mesh, like, shardings, pieces, chunks),
-        }), flush=True)
+        })):
+            break  # stdout's reader is gone: none reads the next chunk count's
 
 
 if __name__ == "__main__":

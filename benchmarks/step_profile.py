@@ -19,7 +19,7 @@ from pathlib import Path
 import equinox as eqx
 import jax
 
-from midgpt.cli import ArgumentParser, add_config_option, positive_int, run
+from midgpt.cli import ArgumentParser, add_config_option, positive_int, run, say
 from train_throughput import calls_for, checked_config, run_fields, setup, steps_in, time_steps
 
 COLLECTIVE = re.compile(r" (all-gather|all-reduce|reduce-scatter|collective-permute|all-to-all)(-start|-done)?\(")
@@ -135,7 +135,7 @@ def main(argv: list[str]) -> None:
     for op, ns in own_ns.items():
         by_kind[kinds[op]] += ns
         by_part[part(instructions.get(op, ""))] += ns
-    print(json.dumps({
+    say(json.dumps({
         **run_fields(args.config, overrides),
         "step_ms": round(1000 * statistics.median(times), 2),
         "op_ms_per_step": ms(sum(own_ns.values())),

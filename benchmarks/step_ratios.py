@@ -14,7 +14,7 @@ import statistics
 import jax
 
 from midgpt import cli
-from midgpt.cli import ArgumentParser, add_config_option, positive_int
+from midgpt.cli import ArgumentParser, add_config_option, positive_int, say
 from midgpt.config import abbreviated
 from midgpt.errors import MidgptError
 from midgpt.sharding import make_mesh
@@ -63,7 +63,7 @@ def main(argv: list[str]) -> None:
             run["step_ms"].append(1000 * statistics.median(times))
     first = statistics.median(runs[0]["step_ms"])
     for run in runs:  # the ratio of unrounded times: a 1 ms step's, rounded to 0.1 ms first, was 10% off
-        print(json.dumps({
+        say(json.dumps({
             "config": args.config, "variant": run["variant"], "backend": jax.default_backend(),
             "step_ms_per_round": [round(ms, 2) for ms in run["step_ms"]],
             "ratio": round(statistics.median(run["step_ms"]) / first, 3),

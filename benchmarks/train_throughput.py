@@ -17,7 +17,7 @@ import jax
 import numpy as np
 
 from midgpt import mfu, precision
-from midgpt.cli import ArgumentParser, add_config_option, positive_int, run
+from midgpt.cli import ArgumentParser, add_config_option, positive_int, run, say
 from midgpt.config import Config, apply_overrides, check_config, load_config, steps_a_call
 from midgpt.model import check_cudnn, count_params
 from midgpt.optimizer import make_optimizer
@@ -118,7 +118,7 @@ def main(argv: list[str]) -> None:
     peak = max(peak, mfu.device_peak(dtype)[0])
     tokens_per_step = batches[0].size // steps_in(batches[0])
     tokens_per_sec = tokens_per_step / step_s
-    print(json.dumps({
+    say(json.dumps({
         **run_fields(args.config, overrides),
         "parameters": count_params(state.model),
         "compute_dtype": dtype,

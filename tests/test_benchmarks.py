@@ -127,3 +127,11 @@ def test_checkpoint_cost_times_both_loops_and_reports_their_ratio():
     assert out["train_s_with"] > 0 and out["train_s_without"] > 0 and out["save_blocking_s_median"] > 0
     assert out["slowdown"] == pytest.approx(out["train_s_with"] / out["train_s_without"] - 1)
     assert out["checkpoint_bytes"] > 0
+
+
+def test_a_result_printed_into_a_closed_pipe_ends_quietly():
+    # `| true` closes the pipe before the JSON line is written: it ended in a BrokenPipeError traceback.
+    result = subprocess.run(f"set -o pipefail; {sys.executable} benchmarks/fsdp_memory.py {CONFIG} --batch_size=16 "
+                            "| true", shell=True, executable="/bin/bash", cwd=REPO_ROOT, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
