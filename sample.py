@@ -32,6 +32,8 @@ def main(argv: list[str]) -> None:
     args = parser.parse_args(argv)
     if args.rundir == "":  # an unset $RUNDIR: as launch.py says it
         parser.error("--rundir is empty")
+    if args.num_samples >= 2**31:  # JAX indexes the samples in int32: it warned, then the memory check refused them
+        parser.error(f"num_samples must be below 2**31 (int32 indices), got {args.num_samples}")
     if not 0 <= args.max_new_tokens <= 2**30:
         parser.error(f"max_new_tokens must be in [0, 2**30] (int32 positions), got {args.max_new_tokens}")
     if not 0 <= args.temperature < float("inf"):  # also refuses nan, which would draw token 0 every time

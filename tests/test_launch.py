@@ -1068,6 +1068,8 @@ def test_sample_errors_are_one_line(short_run, shakespeare_data_dir, tmp_path):
     assert_one_line_error(run("sample.py", f"--rundir={unfinished}"), "no finished checkpoint yet: sample once its "
                           "training has saved one (every 15 steps")
     assert_one_line_error(run("sample.py", f"--rundir={short_run}", "--num_samples=0"), "num_samples")
+    assert_one_line_error(run("sample.py", f"--rundir={short_run}", f"--num_samples={10**12}"),
+                          f"num_samples must be below 2**31 (int32 indices), got {10**12}")
     assert_one_line_error(run("sample.py", f"--rundir={short_run}", "--top_k=0"), "top_k")
     assert_one_line_error(run("sample.py", f"--rundir={short_run}", "--step=7"), "no checkpoint at step 7")
     assert_one_line_error(run("sample.py", f"--rundir={short_run}", "--start=FILE:/no/such/prompt"), "/no/such/prompt")
