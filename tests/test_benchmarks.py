@@ -118,8 +118,8 @@ def test_help_shows_each_default_once():
 
 
 def test_checkpoint_cost_times_both_loops_and_reports_their_ratio():
-    result = subprocess.run([sys.executable, "benchmarks/checkpoint_cost.py", CONFIG, *TINY, "--steps=5", "--interval=2",
-                             "--rounds=1"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    result = subprocess.run([sys.executable, "benchmarks/checkpoint_cost.py", CONFIG, *TINY, "--steps=5",
+                             "--interval=2", "--rounds=1"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     out = json.loads(result.stdout.strip().splitlines()[-1])
     # launch.py's program: the config's 10 steps a call, cut to 2 to divide the interval; 5 steps round up to 3 calls.

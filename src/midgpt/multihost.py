@@ -24,7 +24,7 @@ from midgpt.errors import MidgptError
 
 
 def check_port_free(coordinator_address: str) -> None:
-    """Refuse a --coordinator_address whose port another program holds on this host (process 0's)."""
+    """Refuse a --coordinator_address whose port process 0 cannot listen on (another program's, or root's alone)."""
     port = int(coordinator_address.rpartition(":")[2])
     for family, host in ((socket.AF_INET6, "::"), (socket.AF_INET, "")):  # the coordinator listens on [::]
         with socket.socket(family) as probe:
@@ -33,7 +33,12 @@ def check_port_free(coordinator_address: str) -> None:
                 probe.bind((host, port))
                 return
             except OSError as e:
-                if e.errno in (errno.EADDRINUSE, errno.EACCES):
+                if e.errno == errno.EACCES:  # a port this user may not take, held or not
+                    why = ("ports below 1024 need root; pick a free port of 1024 or more" if port < 1024 else
+                           "this user may not listen on it; pick another free port")
+                    raise MidgptError(f"--coordinator_address={coordinator_address}: process 0 cannot listen on "
+                                      f"port {port} ({e.strerror}): {why}, the same for every process") from None
+                if e.errno == errno.EADDRINUSE:
                     raise MidgptError(
                         f"--coordinator_address={coordinator_address}: process 0 cannot listen on port {port} "
                         f"({e.strerror}): another program holds it, or another process 0 (give each --process_id to "
