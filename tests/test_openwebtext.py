@@ -181,6 +181,10 @@ def test_a_lone_surrogate_in_jsonl_becomes_a_replacement_character(tmp_path):
     result = run_prepare("--input", corpus, "--out_dir", tmp_path / "out", "--val_fraction", 0.1)
     assert result.returncode == 0, result.stderr
     assert "broken emoji \ufffd here" in split_docs(tmp_path / "out", "train") + split_docs(tmp_path / "out", "val")
+    # pyarrow's JSON reader refuses it, and the line said to pass the file's format, which --dataset json is.
+    result = run_prepare("--dataset", "json", "--data_files", corpus, "--out_dir", tmp_path / "out_json")
+    assert result.returncode == 1 and result.stderr.endswith(
+        "; pass .jsonl files as --input instead, which reads half an emoji (a lone surrogate) as U+FFFD\n"), result.stderr
 
 
 @pytest.mark.parametrize("val_fraction", ["0", "1"])

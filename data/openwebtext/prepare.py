@@ -247,6 +247,8 @@ def hf_documents(name: str, data_files: list[str] | None = None):
         fix = f"pass its format as --dataset: {FORMATS}"
         if isinstance(e, UnicodeDecodeError):  # a file of a binary format, or text in another encoding
             fix = f"if it is text, convert it to UTF-8 (e.g. iconv -f latin1 -t utf-8); if not, {fix}"
+        elif name == "json" and "surrogate" in reason:  # JSON after all: a "\ud83d" that pyarrow's parser refuses
+            fix = "pass .jsonl files as --input instead, which reads half an emoji (a lone surrogate) as U+FFFD"
         # Raised in the pool's task thread, it reaches main() through a worker: one line, not a pool's traceback.
         raise MidgptError(utf16_or_32_advice(file) or f"{file}: not a readable {name} file ({reason}); {fix}") from None
     finally:
