@@ -113,9 +113,9 @@ def test_every_format_gives_the_same_exact_round_trip(tmp_path):
         assert (len(train), len(val)) == (meta["train_documents"], meta["val_documents"])
         assert 0.05 * len(DOCS) < len(val) < 0.15 * len(DOCS)
         assert collections.Counter(train + val) == collections.Counter(DOCS)
-        # Each split keeps the corpus order.
+        # Each split keeps the corpus order; val holds the documents that --help's rule sends there.
         assert train == [d for d in DOCS if d not in set(val)]
-        assert val == [d for d in DOCS if d in set(val)]
+        assert val == [d for d in DOCS if int.from_bytes(hashlib.sha256(d.encode()).digest()[:8], "big") < 0.1 * 2**64]
         outputs[ext] = read_bins(out_dir)
     assert outputs["txt"] == outputs["jsonl"] == outputs["parquet"]
 
