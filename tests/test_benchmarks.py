@@ -94,6 +94,15 @@ def test_compile_cache_refuses_a_cache_turned_off():
                                                  env={**os.environ, "JAX_ENABLE_COMPILATION_CACHE": "false"})
 
 
+def test_step_ratios_refuses_a_variant_whose_batch_does_not_split_over_the_devices():
+    # Checked with the others, before the first variant compiles.
+    test_benchmark_refuses_bad_input_in_one_line(
+        "step_ratios", [CONFIG, "--", " ".join(TINY), " ".join(TINY) + " --batch_size=3"],
+        "variant '--model.n_layer=1 --model.n_embd=32 --model.n_head=2 --batch_size=4 --model.block_size=32 "
+        "--batch_size=3': batch_size=3 does not split over the 2 devices of the mesh",
+        env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
+
+
 def test_help_shows_each_default_once():
     # The benchmarks' --help showed none of their defaults; sample.py's are said in words where None stands in.
     def options(script: str) -> str:
