@@ -59,8 +59,8 @@ def main(argv: list[str]) -> None:
             cache = os.path.join(tmp, "cache")  # none where no program compiled long enough to be kept
             cache_bytes = sum(entry.stat().st_size for entry in os.scandir(cache)) if os.path.isdir(cache) else 0
     say(json.dumps({"config": args.config, "overrides": overrides, "rounds": args.rounds,
-                      **{name: round(statistics.median(values), 2) for name, values in seconds.items()},
-                      "cache_mib": round(cache_bytes / 2**20, 1)}))
+                    **{name: round(statistics.median(values), 2) for name, values in seconds.items()},
+                    "cache_mib": round(cache_bytes / 2**20, 1)}))
 
 
 if __name__ == "__main__":
