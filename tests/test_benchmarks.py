@@ -1,4 +1,4 @@
-"""The benchmarks refuse bad input in one line, before anything compiles (most results: test_mfu, test_memory)."""
+"""The benchmarks refuse bad input in one line, before anything compiles; some results (others: test_mfu, test_memory)."""
 
 import json
 import os
@@ -144,3 +144,25 @@ def test_a_result_printed_into_a_closed_pipe_ends_quietly():
                             "| true", shell=True, executable="/bin/bash", cwd=REPO_ROOT, capture_output=True,
                             text=True, timeout=120)
     assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
+
+
+def test_compile_cache_times_a_warm_first_step_faster_than_a_cold_one():
+    # What README quotes: the warm run's first step reads its programs from the cache the cold run filled
+    # (conftest keeps programs of any compile time, so each of the two scripts' is kept).
+    result = subprocess.run([sys.executable, "benchmarks/compile_cache.py", CONFIG, *TINY, "--eval_iters=1",
+                             "--rounds=1"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout)
+    assert out["first_step_s_warm"] < out["first_step_s_cold"] / 2 and out["launch_s_warm"] < out["launch_s_cold"]
+    assert 0 < out["first_step_s_cold"] < out["launch_s_cold"] and out["cache_mib"] > 0
+
+
+def test_sample_throughput_times_the_tokens_it_asked_for_with_and_without_the_cache():
+    result = subprocess.run([sys.executable, "benchmarks/sample_throughput.py", CONFIG, "--model.n_layer=1",
+                             "--num_samples=2", "--max_new_tokens=20"], cwd=REPO_ROOT, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout)
+    assert (out["num_samples"], out["max_new_tokens"], out["overrides"]) == (2, 20, ["--model.n_layer=1"])
+    assert out["cached_tokens_per_sec"] > 0 and out["recompute_tokens_per_sec"] > 0
+    assert out["speedup"] == pytest.approx(out["cached_tokens_per_sec"] / out["recompute_tokens_per_sec"])
