@@ -1,4 +1,4 @@
-"""The benchmarks refuse bad input in one line, before anything compiles; some results (others: test_mfu, test_memory)."""
+"""The benchmarks refuse bad input in one line, before anything compiles; some of their results (more: test_mfu)."""
 
 import json
 import os

@@ -183,8 +183,8 @@ def test_a_lone_surrogate_in_jsonl_becomes_a_replacement_character(tmp_path):
     assert "broken emoji \ufffd here" in split_docs(tmp_path / "out", "train") + split_docs(tmp_path / "out", "val")
     # pyarrow's JSON reader refuses it, and the line said to pass the file's format, which --dataset json is.
     result = run_prepare("--dataset", "json", "--data_files", corpus, "--out_dir", tmp_path / "out_json")
-    assert result.returncode == 1 and result.stderr.endswith("; pass .jsonl files as --input instead, which reads "
-                                                             "half an emoji (a lone surrogate) as U+FFFD\n"), result.stderr
+    fix = "; pass .jsonl files as --input instead, which reads half an emoji (a lone surrogate) as U+FFFD\n"
+    assert result.returncode == 1 and result.stderr.endswith(fix), result.stderr
 
 
 @pytest.mark.parametrize("val_fraction", ["0", "1"])
