@@ -1,4 +1,4 @@
-"""The benchmarks refuse bad input in one line, before anything compiles; some of their results (more: test_mfu)."""
+"""The benchmarks refuse bad input in one line, before any compile; some results (more: test_mfu, test_memory)."""
 
 import json
 import os
