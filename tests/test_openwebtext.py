@@ -250,7 +250,9 @@ def test_hugging_face_streaming_route_matches_local_files(tmp_path):
 def test_text_and_csv_data_files_hold_the_documents_that_input_reads(tmp_path):
     # --dataset text made each line a document, without its newline; a csv's "NA", "null" or "" were nulls, refused.
     docs = DOCS[:300] + ["NA", "null", "NaN"]
-    (tmp_path / "corpus.txt").write_text("\n\n".join(docs) + "\n")
+    # Whitespace-only lines separate documents too: datasets' paragraphs end at "\n\n" alone.
+    separators = itertools.cycle(["\n\n", "\n \n", "\n\n\n", "\n\t\n \n"])
+    (tmp_path / "corpus.txt").write_text("".join(doc + next(separators) for doc in docs))
     with open(tmp_path / "corpus.csv", "w", newline="") as f:
         csv.writer(f).writerows([["text"], *([d] for d in docs), [""]])  # "" is an empty document: skipped
     common = ("--num_proc", 1, "--val_fraction", 0.1)

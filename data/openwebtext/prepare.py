@@ -222,13 +222,17 @@ def hf_documents(name: str, data_files: list[str] | None = None):
     options = {"text": {"sample_by": "paragraph"}, "csv": {"keep_default_na": False}}.get(name, {})
     try:
         for row in datasets.load_dataset(name, split="train", streaming=True, **where, **options):
-            if name == "text":  # paragraphs as --input's .txt documents: no blank line before or after
-                row["text"] = row["text"].strip("\n")
             if not isinstance(row.get("text"), str):  # as --input's .parquet files, a null is refused, not skipped
                 raise MidgptError(f"{name}: a row's 'text' is null; {FILL_NULLS}" if row.get("text", 0) is None else
                                   f"{name}: a row's 'text' is not a string" if "text" in row else
                                   f"{name}: a row has no 'text' field (columns: {sorted(row)})")
-            yield row["text"]
+            if name != "text":
+                yield row["text"]
+                continue
+            # A paragraph ends at "\n\n" alone; --input's .txt documents at any blank or whitespace-only line.
+            for blank, lines in itertools.groupby(row["text"].split("\n"), key=lambda line: not line.strip()):
+                if not blank:
+                    yield "\n".join(lines)
     # json's and parquet's builders read a first row for the columns, of files with none; csv's reads a header.
     except (StopIteration, pandas.errors.EmptyDataError):
         if name not in FILE_BUILDERS:
