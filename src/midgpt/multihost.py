@@ -33,17 +33,16 @@ def check_port_free(coordinator_address: str) -> None:
                 probe.bind((host, port))
                 return
             except OSError as e:
-                if e.errno == errno.EACCES:  # a port this user may not take, held or not
+                if e.errno == errno.EADDRINUSE:
+                    why = ("another program holds it, or another process 0 (give each --process_id to one process); "
+                           "pick a free port")
+                elif e.errno == errno.EACCES:  # a port this user may not take, held or not
                     why = ("ports below 1024 need root; pick a free port of 1024 or more" if port < 1024 else
                            "this user may not listen on it; pick another free port")
-                    raise MidgptError(f"--coordinator_address={coordinator_address}: process 0 cannot listen on "
-                                      f"port {port} ({e.strerror}): {why}, the same for every process") from None
-                if e.errno == errno.EADDRINUSE:
-                    raise MidgptError(
-                        f"--coordinator_address={coordinator_address}: process 0 cannot listen on port {port} "
-                        f"({e.strerror}): another program holds it, or another process 0 (give each --process_id to "
-                        "one process); pick a free port, the same for every process") from None
-                # no IPv6 here: try IPv4; neither (a sandbox): let JAX try
+                else:  # no IPv6 here: try IPv4; neither (a sandbox): let JAX try
+                    continue
+                raise MidgptError(f"--coordinator_address={coordinator_address}: process 0 cannot listen on port "
+                                  f"{port} ({e.strerror}): {why}, the same for every process") from None
 
 
 def initialize_within(cluster: dict, timeout: int, fix: str) -> None:
