@@ -626,6 +626,26 @@ def test_a_txt_document_too_large_to_hold_is_refused_naming_blank_lines(tmp_path
     assert not (tmp_path / "out").exists()  # not even made empty
 
 
+@pytest.mark.parametrize("suffix", [".txt", ".jsonl"])
+def test_the_largest_document_allowed_is_read_and_one_character_more_refused(tmp_path, suffix):
+    spec = importlib.util.spec_from_file_location("prepare_openwebtext", PREPARE)
+    prepare = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(prepare)
+    limit = prepare.MAX_DOCUMENT
+    for size in (limit, limit + 1):  # newlines do not count: a .txt block's last, or a .jsonl line's
+        corpus = tmp_path / f"{size}{suffix}"
+        if suffix == ".txt":  # two lines: the "\n" between them is the document's
+            corpus.write_text("x" * (size // 2) + "\n" + "x" * (size - size // 2 - 1) + "\n\n")
+        else:
+            corpus.write_text('{"text": "' + "x" * (size - 12) + '"}\n')
+        if size == limit:
+            assert [len(doc) for doc in prepare.file_documents(str(corpus))] == [limit - 12 * (suffix == ".jsonl")]
+        else:
+            refusal = re.escape(str(corpus)) + ":[12]: a (document|line) of over 64M characters"
+            with pytest.raises(MidgptError, match=refusal):
+                list(prepare.file_documents(str(corpus)))
+
+
 @pytest.mark.parametrize("suffix, refusal", [(".txt", ":1: a document of over 64M characters"),
                                              (".jsonl", ":1: a line of over 64M characters, more than one "
                                                         "document may hold; split that document, or leave it out")])

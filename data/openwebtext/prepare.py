@@ -127,7 +127,7 @@ def _file_documents(path: str):
             for lineno, line in enumerate(lines, 1):
                 if "\0" in line:  # raw, no JSON at all (an escaped "\u0000" is read as the document's)
                     raise MidgptError(nul_advice(path))
-                if len(line) > MAX_DOCUMENT:  # held whole and tokenized, a document takes 14x its size
+                if len(line.rstrip("\n")) > MAX_DOCUMENT:  # held whole and tokenized, a document takes 14x its size
                     raise MidgptError(f"{path}:{lineno}: a line of over {MAX_DOCUMENT >> 20}M characters, more than "
                                       "one document may hold; split that document, or leave it out")
                 if not line.strip():
@@ -152,7 +152,7 @@ def _file_documents(path: str):
                 raise MidgptError(nul_advice(path))
             if line.strip():
                 block.append(line.rstrip("\n"))
-                size += len(line)
+                size += len(block[-1]) + (len(block) > 1)  # the document's length: its lines, joined by "\n"
                 if size > MAX_DOCUMENT:  # a file of one document per line, say
                     raise MidgptError(f"{path}:{lineno}: a document of over {MAX_DOCUMENT >> 20}M characters; in "
                                       ".txt files, blank lines separate documents (or use .jsonl, one per line)")
