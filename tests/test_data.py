@@ -398,7 +398,6 @@ def test_windows_reach_every_start_offset_and_stay_in_bounds():
     assert starts == set(range(6))  # offset 5 uses the last token as the final target
 
 
-
 def test_a_token_id_past_the_vocabulary_is_named_with_its_file_not_left_to_diverge(tmp_path):
     config = load_config("shakespeare_char_cpu")  # 65 ids
     mesh = make_mesh(config)

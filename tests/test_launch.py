@@ -52,7 +52,6 @@ def short_run(shakespeare_data_dir, tmp_path_factory):
     return rundir
 
 
-
 def test_a_run_whose_checkpoints_were_removed_is_refused_not_trained_over(short_run, shakespeare_data_dir, tmp_path):
     rundir = tmp_path / "run"
     shutil.copytree(short_run, rundir)

@@ -93,7 +93,6 @@ def test_progress_bar_shows_mfu_and_the_peak_it_uses(resumed_run):
     assert "mfu=" in output and "tok/s=" in output
 
 
-
 def test_progress_bar_shows_the_last_logged_loss_and_rate_timed_or_not(shakespeare_data_dir, tmp_path):
     # Steps 1-5 and 6-10 a call each, then 11 alone, its program's first call and untimed: the bar kept step 10's.
     result = run("launch.py", "--config=shakespeare_char_cpu", f"--rundir={tmp_path}",
@@ -201,7 +200,6 @@ def test_step_ms_leaves_out_saves_and_evaluations(shakespeare_data_dir, tmp_path
     # tokens/s is of every step the call ran: at a step's ms, it makes a step's tokens.
     tokens_per_step = config.batch_size * config.model.block_size
     assert all(r["tokens_per_sec"] * r["step_ms"] / 1000 == pytest.approx(tokens_per_step, rel=1e-3) for r in records)
-
 
 
 def test_the_first_call_of_each_program_is_left_out_of_the_timing(shakespeare_data_dir, tmp_path, capsys):

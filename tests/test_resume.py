@@ -229,7 +229,6 @@ def test_a_stop_signal_saves_and_exits_0_when_nobody_reads_the_output(shakespear
     assert int(saved) >= 5 and "Error" not in errors, errors
 
 
-
 def test_a_stop_during_an_evaluation_says_it_waits_for_the_evaluation(shakespeare_data_dir, tmp_path):
     # shakespeare_char's evaluation takes minutes on a CPU, and the notice said "after this step".
     rundir = tmp_path / "run"

@@ -175,7 +175,6 @@ def make_train_step(config: Config, optimizer: optax.GradientTransformation, mes
     return train_step
 
 
-
 @eqx.filter_jit
 def eval_loss(model: GPT, x_ExBxT, y_ExBxT, compute_dtype: str, pieces: int = 1, gather=None, chunks: int = 1,
               shardings=None):

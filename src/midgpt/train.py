@@ -43,7 +43,6 @@ def calls(start: int, config: Config, traced: range) -> Iterator[range]:
         step += n if whole else 1
 
 
-
 def evaluate(model: GPT, tokens, config: Config, mesh: Mesh, stream: int) -> float:
     """Mean loss over eval_iters batches; the same batches at every evaluation."""
     x_ExBxT, y_ExBxT = data.global_batch(tokens, (config.seed, stream), config.eval_iters, config, mesh)
@@ -91,8 +90,6 @@ def check_diverged(metrics: dict, step: int, last_checkpoint: int | None, vocab_
         raise MidgptError(f"grad_norm is 0.0 at step {step}: training diverged (every gradient is zero: the "
                           f"parameters grew past where any moves them, to a norm of {values['param_norm']:.3g}); "
                           f"{kept}")
-
-
 
 
 def train(config: Config, rundir: str, debug: bool = False, resume: bool = False, notes: Sequence[str] = (),
