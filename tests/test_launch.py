@@ -100,6 +100,7 @@ def test_a_resume_refuses_a_config_json_edited_to_another_model_or_other_batches
                           f"cp {rundir}/checkpoints/40/config/metadata {rundir}/config.json")
     assert {p: p.read_bytes() for p in sorted(rundir.rglob("*")) if p.is_file()} == before
 
+
 def test_a_value_edited_into_config_json_that_no_run_takes_names_the_file(short_run, tmp_path):
     rundir = tmp_path / "run"
     shutil.copytree(short_run, rundir)
@@ -1023,6 +1024,7 @@ def test_a_rundir_inside_a_run_or_holding_runs_is_told_which_run_to_pass(short_r
                                   f"e.g. --rundir={runs}/NAME, or one of them to resume it, e.g. the newest, "
                                   f"--rundir={short_run}")
     assert {p: p.read_bytes() for p in sorted(Path(short_run).rglob("*")) if p.is_file()} == before
+
 
 def test_resuming_with_another_model_is_refused(short_run, shakespeare_data_dir):
     before = open(os.path.join(short_run, "metrics.jsonl")).read()

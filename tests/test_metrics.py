@@ -102,6 +102,7 @@ def test_progress_bar_shows_the_last_logged_loss_and_rate_timed_or_not(shakespea
     shown = re.findall(r"loss=([0-9.]+), lr=([0-9.e+-]+)", result.stderr)[-1]
     assert last["step"] == 11 and shown == (f"{last['loss']:.4f}", f"{last['lr']:.2e}"), (shown, last)
 
+
 @pytest.mark.parametrize("torn", [7, 3])  # into the event, or its checksum alone
 def test_rewinding_event_files_keeps_the_steps_up_to_the_checkpoint_and_drops_a_torn_record(tmp_path, torn):
     with SummaryWriter(str(tmp_path)) as writer:
@@ -214,6 +215,7 @@ def test_the_first_call_of_each_program_is_left_out_of_the_timing(shakespeare_da
         assert f"\n{steps} (compile included) took " in said, said
     assert [(r["step"], "step_ms" in r) for r in read_metrics(tmp_path)] == [
         (2, False), (4, True), (5, False), (6, False), (8, False), (10, True), (12, True)]
+
 
 def test_an_mfu_above_100_percent_has_the_peak_measured_again_once(shakespeare_data_dir, tmp_path, monkeypatch, capsys):
     # A CPU's peak measured while another process loaded the host reads low, and MFU, above 100%: impossible.

@@ -272,6 +272,7 @@ def test_a_closed_terminal_saves_and_exits_0(shakespeare_data_dir, tmp_path):
     [saved] = os.listdir(rundir / "checkpoints")
     assert int(saved) >= 5
 
+
 def test_a_signal_the_run_was_started_ignoring_stays_ignored(shakespeare_data_dir, tmp_path):
     # nohup ignores SIGHUP, and a script's background job SIGINT: the run took them, and stopped at logout.
     rundir = tmp_path / "run"
