@@ -120,7 +120,7 @@ def test_an_out_dir_that_is_a_file_is_one_line_and_left_alone(shakespeare_text, 
 
 @pytest.mark.parametrize("script", ["shakespeare_char", "openwebtext"])
 def test_a_second_prepare_into_the_same_out_dir_at_once_is_refused_and_mixes_nothing_in(shakespeare_text, tmp_path,
-                                                                                         script):
+                                                                                        script):
     # Both wrote the same .tmp files and renamed each other's: a train.bin of both texts, and no meta.json.
     out_dir = tmp_path / "out"
     command = [sys.executable, str(REPO_ROOT / "data" / script / "prepare.py"), "--input", shakespeare_text,

@@ -85,7 +85,7 @@ def test_a_run_whose_checkpoints_were_removed_is_refused_not_trained_over(short_
 @pytest.mark.parametrize("field, value", [("model", {"block_size": 256}), ("model", {"rope_base": 500.0}),
                                           ("batch_size", 24), ("seed", 7)])
 def test_a_resume_refuses_a_config_json_edited_to_another_model_or_other_batches(short_run, shakespeare_data_dir,
-                                                                                tmp_path, field, value):
+                                                                                 tmp_path, field, value):
     # What --batch_size=24 on the command line is refused for: the checkpoints' copies of the config tell.
     rundir = tmp_path / "run"
     shutil.copytree(short_run, rundir)
@@ -350,7 +350,7 @@ def test_sample_reads_a_prompt_file_and_keeps_the_end_of_a_long_prompt(short_run
 
 
 def test_a_prompt_file_with_characters_the_run_never_saw_is_named_and_not_taken_for_a_lowercase_file(short_run,
-                                                                                                       tmp_path):
+                                                                                                     tmp_path):
     # It said "a prompt file is FILE:path, in capitals" to a prompt given as FILE:path, in capitals.
     (tmp_path / "prompt.txt").write_text("ROMEO: €\n", encoding="utf-8")
     result = run("sample.py", f"--rundir={short_run}", f"--start=FILE:{tmp_path}/prompt.txt")
@@ -868,7 +868,7 @@ def test_resuming_on_data_prepared_again_with_another_vocabulary_is_refused(shor
 
 
 def test_resuming_from_another_directory_on_other_text_is_refused(short_run, shakespeare_data_dir, shakespeare_text,
-                                                                 tmp_path):
+                                                                  tmp_path):
     # data_dir is saved as typed: from elsewhere, "data" is other files. Here, the same characters
     # in reverse: the same vocabulary and sizes, which were all that was compared.
     rundir = shutil.copytree(short_run, tmp_path / "run")
@@ -989,7 +989,7 @@ def test_a_new_run_never_overwrites_what_its_rundir_holds(shakespeare_data_dir, 
 
 
 def test_a_checkpoints_folder_that_takes_no_file_stops_the_run_before_it_trains(short_run, shakespeare_data_dir,
-                                                                               tmp_path):
+                                                                                tmp_path):
     # It was found at the next save, after every step since the last had been trained for nothing.
     if os.geteuid() == 0 and not shutil.which("setpriv"):
         pytest.skip("root writes to a read-only folder, and setpriv, to run without that power, is missing")

@@ -365,7 +365,7 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 @pytest.mark.skipif(sys.platform != "linux" or os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") < 16 * 2**30,
                     reason="the cap is Linux's RLIMIT_AS, and the plan must fit 4 GiB a device in the host's memory")
 def test_a_step_that_runs_out_of_device_memory_stops_in_one_line_and_keeps_the_checkpoint(shakespeare_data_dir,
-                                                                                        tmp_path):
+                                                                                          tmp_path):
     rundir = tmp_path / "run"
     args = ["--config=shakespeare_char_cpu", f"--rundir={rundir}", f"--data_dir={shakespeare_data_dir}",
             "--batch_size=1024", "--eval_iters=1"]

@@ -135,7 +135,7 @@ def test_step_k_trains_on_the_batch_of_key_seed_0_k_and_a_resume_goes_on_at_the_
 
 
 def test_data_prepared_again_as_a_run_starts_is_refused_not_copied_into_the_run(shakespeare_data_dir, tmp_path,
-                                                                                  monkeypatch):
+                                                                                monkeypatch):
     # The run maps its tokens, then copies meta.json seconds later: a prepare.py that finished between left the run
     # with the new data's meta.json, and a resume on the new data passed as the run's own.
     data_dir = shutil.copytree(shakespeare_data_dir, tmp_path / "data")
@@ -547,7 +547,7 @@ def test_an_update_that_diverges_just_before_a_save_is_not_saved(uninterrupted, 
                       "in a new --rundir, a smaller batch with more accumulation"),
 ])
 def test_a_new_run_that_fails_after_its_first_save_is_told_to_resume_from_it(shakespeare_data_dir, tmp_path,
-                                                                           monkeypatch, failure, advice):
+                                                                             monkeypatch, failure, advice):
     # Not to start again, as before the save; nor, once saved, to resume with a smaller batch, which a resume refuses.
     from midgpt import train as training
 
@@ -791,7 +791,7 @@ def test_a_stop_signal_in_the_last_step_lets_the_run_finish(shakespeare_data_dir
 
 
 def test_a_resume_says_the_learning_rate_it_goes_on_at_and_where_the_schedule_ends(uninterrupted, shakespeare_data_dir,
-                                                                                    tmp_path):
+                                                                                   tmp_path):
     # Extending a run with a longer lr_decay_steps stretches its cosine: the rate rose again, unsaid.
     import dataclasses
 
@@ -826,7 +826,7 @@ def test_a_stop_of_a_debug_run_promises_no_checkpoint(shakespeare_data_dir, tmp_
 
 
 def test_a_debug_run_stopped_inside_its_traced_steps_still_writes_the_trace(shakespeare_data_dir, tmp_path, capsys,
-                                                                             monkeypatch):
+                                                                            monkeypatch):
     # The trace started at step 3 was never stopped, so never written, and nothing said so.
     import jax
 

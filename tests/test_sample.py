@@ -276,7 +276,7 @@ def test_sampling_reads_the_parameters_only(shakespeare_data_dir, tmp_path):
 
 @pytest.mark.parametrize("step", [None, 7])
 def test_a_checkpoint_that_training_removes_as_it_is_read_gives_way_to_the_newer_one(shakespeare_data_dir, tmp_path,
-                                                                                  monkeypatch, step):
+                                                                                     monkeypatch, step):
     # sample.py beside a run in training: its newest checkpoint was removed (a newer one committed, keep_checkpoints)
     # while orbax read it, and a traceback or "does not restore ... the run's only one" came out.
     config = apply_overrides(load_config("shakespeare_char_cpu"), [
@@ -335,7 +335,7 @@ def test_a_prompt_file_not_in_utf8_is_one_line_naming_it_and_how_to_convert_it(t
 @pytest.mark.parametrize("text, encoding", [("ROMEO:\n", "utf-16le"), ("ROMEO:\n", "utf-16be"),
                                             ("Café\n", "utf-16le")])
 def test_a_prompt_file_in_utf16_without_a_byte_order_mark_is_one_line_naming_it_and_how_to_convert_it(tmp_path, text,
-                                                                                                  encoding):
+                                                                                                      encoding):
     # Its ASCII is valid UTF-8, a NUL beside each letter: a character run called them unknown characters to leave
     # out, and a GPT-2 run took them as the prompt. Not all ASCII, it was told to convert from latin1: NULs again.
     result = sample_from_prompt_file(tmp_path, text.encode(encoding))
