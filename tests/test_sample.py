@@ -56,6 +56,18 @@ def test_cached_decoding_equals_the_full_forward_pass_even_past_block_size(prefi
     assert np.max(np.abs(changed_BxNxV[:, reach] - full_BxNxV[:, reach])) > 1e-4
 
 
+def test_several_tokens_at_once_past_block_size_with_a_cache_are_refused_not_written_over_others():
+    # Written before they attend, their keys would take the slots of keys that the earlier of them still see:
+    # wrong logits, silently (a write across the cache's end also landed in other slots).
+    model = tiny_model()
+    step = jax.jit(functools.partial(sample._last_logits, model))
+    tokens_BxN = jnp.zeros((2, W + 2), jnp.int32)
+    _, cache = step(tokens_BxN[:, :W - 2], jnp.arange(W - 2), model.empty_cache(2))
+    with pytest.raises(jax.errors.JaxRuntimeError, match="several tokens at once with a cache must sit below "
+                                                         "position block_size; past it, pass them one at a time"):
+        jax.block_until_ready(step(tokens_BxN[:, W - 2:], jnp.arange(W - 2, W + 2), cache))
+
+
 def test_greedy_decoding_continues_a_learned_pattern():
     period, steps, B = 7, 200, 16
     config = Config(data_dir="unused", model=ModelConfig(vocab_size=V, block_size=W, n_layer=2, n_head=2, n_embd=32),
