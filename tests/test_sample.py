@@ -2,6 +2,7 @@
 
 import codecs
 import functools
+import re
 import shutil
 import subprocess
 import sys
@@ -40,8 +41,10 @@ def test_cached_decoding_equals_the_full_forward_pass_even_past_block_size(prefi
     forward = jax.jit(lambda tokens: model(tokens))
     full_BxNxV = forward(tokens_BxN)
 
-    step = jax.jit(functools.partial(sample._last_logits, model))  # as sampling prefills and decodes
-    logits_BxV, cache = step(tokens_BxN[:, :prefill], jnp.arange(prefill), model.empty_cache(2))
+    # As sampling prefills (positions known as the call is traced) and decodes.
+    prefill_step = jax.jit(lambda tokens, cache: sample._last_logits(model, tokens, np.arange(prefill), cache))
+    step = jax.jit(functools.partial(sample._last_logits, model))
+    logits_BxV, cache = prefill_step(tokens_BxN[:, :prefill], model.empty_cache(2))
     cached = [logits_BxV]
     for p in range(prefill, tokens_BxN.shape[1]):
         logits_BxV, cache = step(tokens_BxN[:, p:p + 1], jnp.array([p]), cache)
@@ -60,12 +63,18 @@ def test_several_tokens_at_once_past_block_size_with_a_cache_are_refused_not_wri
     # Written before they attend, their keys would take the slots of keys that the earlier of them still see:
     # wrong logits, silently (a write across the cache's end also landed in other slots).
     model = tiny_model()
-    step = jax.jit(functools.partial(sample._last_logits, model))
     tokens_BxN = jnp.zeros((2, W + 2), jnp.int32)
-    _, cache = step(tokens_BxN[:, :W - 2], jnp.arange(W - 2), model.empty_cache(2))
-    with pytest.raises(jax.errors.JaxRuntimeError, match="several tokens at once with a cache must sit below "
-                                                         "position block_size; past it, pass them one at a time"):
-        jax.block_until_ready(step(tokens_BxN[:, W - 2:], jnp.arange(W - 2, W + 2), cache))
+    _, cache = sample._last_logits(model, tokens_BxN[:, :W - 2], np.arange(W - 2), model.empty_cache(2))
+    refusal = ("several tokens at once with a cache take positions known as the call is traced (numpy), all below "
+               "block_size; past it, pass them one at a time")
+    with pytest.raises(ValueError, match=re.escape(refusal)):
+        sample._last_logits(model, tokens_BxN[:, W - 2:], np.arange(W - 2, W + 2), cache)
+    with pytest.raises(ValueError, match=re.escape(refusal)):  # traced, they cannot be checked
+        jax.jit(functools.partial(sample._last_logits, model))(tokens_BxN[:, W - 2:W], jnp.arange(W - 2, W), cache)
+    # One at a time, past block_size as below it.
+    for position in range(W - 2, W + 2):
+        _, cache = sample._last_logits(model, tokens_BxN[:, position:position + 1], jnp.array([position]), cache)
+    assert sorted(np.asarray(cache.positions_S).tolist()) == list(range(2, W + 2))
 
 
 def test_greedy_decoding_continues_a_learned_pattern():

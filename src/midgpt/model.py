@@ -318,12 +318,13 @@ class GPT(eqx.Module):
         if cache is not None:
             # The tokens sit at positions_T after those already cached. Their keys are written before
             # they attend, so several at once must not pass position block_size (one at a time past it,
-            # as sample.generate decodes): they would overwrite keys that earlier ones still see. They are
-            # consecutive positions, so their slots follow each other.
-            if tokens_BxT.shape[1] > 1:  # a check in a prompt's pass, not in each decoded token's
-                positions_T = eqx.error_if(positions_T, positions_T[-1] >= cfg.block_size,
-                                           "several tokens at once with a cache must sit below position "
-                                           "block_size; past it, pass them one at a time")
+            # as sample.generate decodes): they would overwrite keys that earlier ones still see. Checked as the
+            # call is traced: a check in the program (eqx.error_if) is a host callback, and JAX's persistent
+            # cache keeps no program that has one. They are consecutive positions, so their slots follow each other.
+            if tokens_BxT.shape[1] > 1 and (isinstance(positions_T, jax.core.Tracer)
+                                            or int(positions_T[-1]) >= cfg.block_size):
+                raise ValueError("several tokens at once with a cache take positions known as the call is traced "
+                                 "(numpy), all below block_size; past it, pass them one at a time")
             slots_T = positions_T % cfg.block_size
             key_positions_S = cache.positions_S.at[slots_T].set(positions_T)
             cache = KVCache(cache.k_LxBxSxHxC, cache.v_LxBxSxHxC, key_positions_S)

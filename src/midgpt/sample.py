@@ -275,7 +275,7 @@ SAMPLING = ("temperature", "top_k", "vocab")  # generate's static arguments
 def _prefill(model: GPT, prompt_BxP, key, temperature, top_k, vocab):
     """(the KV cache of the prompt, the first new token of each row, (B,))."""
     B, P = prompt_BxP.shape
-    logits_BxV, cache = _last_logits(model, prompt_BxP, jnp.arange(P), model.empty_cache(B))
+    logits_BxV, cache = _last_logits(model, prompt_BxP, np.arange(P), model.empty_cache(B))
     return cache, sample_token(logits_BxV, jax.random.fold_in(key, P), temperature, top_k, vocab)
 
 
