@@ -19,7 +19,8 @@ import time
 if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
-from midgpt.cli import ArgumentParser, StopSignals, add_config_option, cache_compiled_programs, positive_int, run
+from midgpt.cli import (ArgumentParser, StopSignals, add_config_option, cache_compiled_programs, positive_int, run,
+                        start_devices)
 from midgpt.config import apply_overrides, check_config, leaves, load_config
 from midgpt.errors import MidgptError
 from midgpt.files import LOCK
@@ -211,12 +212,15 @@ def launch(argv: list[str], signals: StopSignals) -> None:
             raise MidgptError(f"--multihost could not join the other processes ({str(e).strip().splitlines()[0]}); "
                               "where no cluster is detected, pass --coordinator_address=HOST:PORT "
                               "--num_processes=N --process_id=I") from None
+        start_devices()
         multihost.check_devices_alike()
         with multihost.failing_together():  # JAX takes process 0's count: another one elsewhere would go unseen
             if args.num_processes not in (None, jax.process_count()):
                 # failing_together names the process on the others' lines.
                 raise MidgptError(f"--num_processes={args.num_processes}, but {jax.process_count()} joined; give "
                                   "every process the same --num_processes")
+    else:
+        start_devices()
     notes = []
     if resume:
         notes.append(f"resuming the run in {rundir}" + "".join(f"; {c}" for c in changes))

@@ -9,7 +9,7 @@ import os
 import signal
 import sys
 
-from midgpt.cli import ArgumentParser, cache_compiled_programs, positive_int, run, say
+from midgpt.cli import ArgumentParser, cache_compiled_programs, positive_int, run, say, start_devices
 from midgpt.errors import MidgptError
 from midgpt.tokenizer import read_utf8
 
@@ -60,6 +60,7 @@ def main(argv: list[str]) -> None:
     import jax.numpy as jnp
 
     cache_compiled_programs()
+    start_devices()  # before the checkpoint's restore, whose error it would be
 
     from midgpt import memory, tokenizer
     from midgpt.model import cast_floats

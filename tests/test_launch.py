@@ -652,6 +652,27 @@ def test_bad_input_is_one_line_and_creates_nothing(args, fragments, tmp_path):
     assert not rundir.exists() and not (tmp_path / "outputs").exists()
 
 
+@pytest.mark.parametrize("platforms, detail", [("cuda", "no platform it names is installed"),
+                                               ("nosuch", "Unable to initialize backend 'nosuch'")])
+def test_a_jax_that_cannot_start_its_devices_is_one_line_that_blames_no_checkpoint(short_run, shakespeare_data_dir,
+                                                                                  tmp_path, platforms, detail):
+    # Tracebacks, where JAX_PLATFORMS named a platform without its plugin (cuda: an AssertionError of JAX's);
+    # sample.py said that no checkpoint of the run restores, and to train it again.
+    env = this_tree_env(JAX_PLATFORMS=platforms)
+    advice = f"); fix or unset JAX_PLATFORMS='{platforms}' and XLA_FLAGS, or install that platform's JAX plugin"
+    rundir = tmp_path / "run"
+    result = run("launch.py", "--config=shakespeare_char_cpu", f"--data_dir={shakespeare_data_dir}",
+                 f"--rundir={rundir}", env=env)
+    assert_one_line_error(result, f"error: JAX could not start its devices ({detail}", advice)
+    assert not rundir.exists()
+    before = {p: p.read_bytes() for p in sorted(Path(short_run).rglob("*")) if p.is_file()}
+    for script, args in (("launch.py", ["--config=shakespeare_char_cpu", "--max_steps=45"]), ("sample.py", [])):
+        result = run(script, f"--rundir={short_run}", *args, env=env)
+        assert_one_line_error(result, f"error: JAX could not start its devices ({detail}", advice)
+        assert "checkpoint" not in result.stderr
+    assert {p: p.read_bytes() for p in sorted(Path(short_run).rglob("*")) if p.is_file()} == before
+
+
 def test_a_default_run_directory_that_cannot_be_made_is_one_line(tmp_path):
     (tmp_path / "outputs").write_text("not a folder")
     assert_one_line_error(run("launch.py", "--config=shakespeare_char_cpu", cwd=tmp_path),

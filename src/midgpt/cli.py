@@ -159,6 +159,22 @@ def cache_compiled_programs(max_bytes: int = 2 << 30) -> None:
         warnings.showwarning = _dropping_unreadable_entries(warnings.showwarning, cache)
 
 
+def start_devices() -> None:
+    """Start JAX's devices now, so that a JAX_PLATFORMS or XLA_FLAGS they cannot start with stops in one line."""
+    import jax
+
+    try:
+        jax.devices()
+    # AssertionError: JAX_PLATFORMS=cuda where no CUDA plugin is installed (jax 0.10 asserts, unsaid why).
+    except (RuntimeError, AssertionError) as e:
+        detail = str(e).strip().splitlines()[0] if str(e).strip() else "no platform it names is installed"
+        platforms = os.environ.get("JAX_PLATFORMS", "")
+        raise MidgptError(f"JAX could not start its devices ({detail}); fix or unset "
+                          + (f"JAX_PLATFORMS={platforms!r} and " if platforms else "")
+                          + "XLA_FLAGS, or install that platform's JAX plugin (see README.md's GPU and TPU: pip "
+                            "install -e '.[cuda12]', say)") from None
+
+
 def _dropping_unreadable_entries(show, cache: str):
     """A warnings.showwarning that removes the cache's entries of a program JAX could not read, and says so."""
     def drop(message, category, *args, **kwargs):
