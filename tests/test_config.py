@@ -16,7 +16,7 @@ from midgpt import configs
 from midgpt.config import (Config, ModelConfig, apply_overrides, check_config, config_from_dict, config_to_dict,
                            load_config)
 from midgpt.errors import MidgptError
-from midgpt.rundir import check_saved_config, read_config_json, resume_config, runs_near
+from midgpt.rundir import check_saved_config, read_config_json, resume_config, runs_near, saved_steps
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -483,6 +483,18 @@ def test_a_folder_with_some_other_programs_config_json_is_no_run(tmp_path):
     (tmp_path / "other" / "checkpoints").mkdir()
     expected = f"{tmp_path} holds runs: pass one, e.g. the newest, --rundir={tmp_path / 'other'}"
     assert runs_near(str(tmp_path)) == expected
+
+
+def test_only_folders_named_in_ascii_digits_are_checkpoints(tmp_path):
+    # "²" is a digit to str.isdigit, and int() refused it: launch.py and sample.py ended in a traceback.
+    for name in ("10", "²", "١٢", "20.tmp", "x"):
+        (tmp_path / "checkpoints" / name).mkdir(parents=True)
+    (tmp_path / "config.json").write_text("{}")
+    assert saved_steps(str(tmp_path)) == [10]
+    assert runs_near(str(tmp_path / "checkpoints" / "10"), with_step=True) == \
+        f"{tmp_path / 'checkpoints' / '10'} is inside the run in {tmp_path}: pass --rundir={tmp_path} --step=10"
+    assert runs_near(str(tmp_path / "checkpoints" / "²"), with_step=True) == \
+        f"{tmp_path / 'checkpoints' / '²'} is inside the run in {tmp_path}: pass --rundir={tmp_path}"
 
 
 def test_an_edited_config_json_without_a_checkpoint_copy_is_told_to_undo_the_edit(tmp_path, config):

@@ -55,10 +55,15 @@ def resume_config(saved: Config, named: Config, overrides: list[str]) -> tuple[C
     return resumed, changes, kept
 
 
+def is_step(name: str) -> bool:
+    """Whether a folder's name is a checkpoint's step: ASCII digits (str.isdigit alone takes "²", which int() refuses)."""
+    return name.isascii() and name.isdigit()
+
+
 def saved_steps(rundir: str) -> list[int]:
     """The steps of rundir's checkpoints, read from their folder names, without loading orbax."""
     folder = os.path.join(rundir, CHECKPOINTS)
-    return [int(name) for name in os.listdir(folder) if name.isdigit()] if os.path.isdir(folder) else []
+    return [int(name) for name in os.listdir(folder) if is_step(name)] if os.path.isdir(folder) else []
 
 
 def _config_copy(rundir: str, step: int) -> str:
@@ -117,7 +122,7 @@ def runs_near(rundir: str, with_step: bool = True, new_run: bool = False) -> str
         below.insert(0, os.path.basename(run))
         run = up
         if is_run(run or "."):
-            step = below[1] if len(below) > 1 and below[0] == CHECKPOINTS and below[1].isdigit() else None
+            step = below[1] if len(below) > 1 and below[0] == CHECKPOINTS and is_step(below[1]) else None
             return f"{rundir} is inside the run in {run or '.'}: pass --rundir={run or '.'}" + (
                 f" --step={step}" if step and with_step else "")
     return None
