@@ -392,8 +392,13 @@ def test_a_fingerprint_changes_with_any_one_value_or_an_order():
     assert all(c != before for c in changed)
 
 
+def copy_of_the_one_before(step_dir):  # resumed as named, step 41 on had 20 steps' learning rate
+    shutil.rmtree(step_dir)
+    shutil.copytree(os.path.join(os.path.dirname(step_dir), str(int(os.path.basename(step_dir)) - 20)), step_dir)
+
+
 @pytest.mark.parametrize("damage", [truncate_data_file, delete_data_files, change_values_in_place,
-                                    remove_commit_marker])
+                                    remove_commit_marker, copy_of_the_one_before])
 def test_damaged_newest_checkpoint_is_skipped_and_kept(damage, uninterrupted, shakespeare_data_dir, tmp_path):
     rundir = tmp_path / "run"
     shutil.copytree(uninterrupted, rundir)

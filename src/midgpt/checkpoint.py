@@ -243,7 +243,7 @@ def failures(problems: dict[int, str]) -> str:
 
 
 def restore_newest(manager: ocp.CheckpointManager, rundir: str, like, shardings, say):
-    """(state, step) from the newest checkpoint that restores, or None if no save ever finished.
+    """(state, step) from the newest checkpoint that restores to its step's state, or None if no save ever finished.
 
     Damaged checkpoints newer than the one restored are moved to RUNDIR/checkpoints_damaged.
     """
@@ -254,10 +254,15 @@ def restore_newest(manager: ocp.CheckpointManager, rundir: str, like, shardings,
             path = step_directory(rundir, step)
             check_arrays(path, like)
             try:
-                found = restore(manager, step, like, shardings), step
-                break
+                state = restore(manager, step, like, shardings)
             except Exception as e:  # orbax and tensorstore raise many types for damaged files; every process alike
                 problem = describe(e)
+            else:
+                # A folder copied or renamed by hand: resumed as it is named, its learning rate was another step's.
+                if (saved := int(state.step)) == step:
+                    found = state, step
+                    break
+                problem = f"it holds the state after step {saved}: a folder renamed, or copied from another?"
         else:
             problem = f"no {COMMIT_MARKER}: its save did not finish"
         damaged.append((step, problem, finished))
