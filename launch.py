@@ -29,6 +29,7 @@ from midgpt.rundir import (CHECKPOINTS, FIXED_ON_RESUME, FREE_ON_RESUME, check_a
                            read_config_json, resume_config, runs_near, saved_steps)
 
 JOIN_TIMEOUT = 300  # seconds a --multihost process waits for the others: JAX's own default
+MAX_JOIN_TIMEOUT = 7 * 24 * 3600  # JAX takes C++'s int of seconds: 3e9 was a TypeError, in a traceback
 
 
 def new_rundir() -> str:
@@ -148,6 +149,8 @@ def launch(argv: list[str], signals: StopSignals) -> None:
                    process_id=args.process_id)
     if not args.multihost and any(v is not None for v in [*cluster.values(), args.join_timeout]):
         parser.error("--coordinator_address, --num_processes, --process_id and --join_timeout need --multihost")
+    if (args.join_timeout or 0) > MAX_JOIN_TIMEOUT:
+        parser.error(f"--join_timeout must be at most {MAX_JOIN_TIMEOUT} s (a week), got {args.join_timeout}")
     if args.rundir == "":  # an unset $RUNDIR in a resume script would otherwise start a new run
         parser.error("--rundir is empty")
     where = os.path.abspath(args.rundir or "outputs")  # the working directory's name counts: orbax saves there

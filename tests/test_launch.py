@@ -631,6 +631,8 @@ def assert_one_line_error(result, *fragments):
     (["--config=shakespeare_char_cpu", "--multihost"], ["could not join", "--coordinator_address=HOST:PORT"]),
     (["--config=shakespeare_char_cpu", "--multihost", "--num_processes=2"], ["could not join"]),
     (["--config=shakespeare_char_cpu", "--multihost", "--process_id=-1"], ["--process_id must be from 0 to"]),
+    (["--config=shakespeare_char_cpu", "--multihost", "--join_timeout=3000000000"],
+     ["--join_timeout must be at most 604800 s (a week), got 3000000000"]),
     (["--config=shakespeare_char_cpu", "--multihost", "--num_processes=0", "--process_id=0"],
      ["--num_processes must be at least 1, got 0"]),
     (["--config=shakespeare_char_cpu", "--multihost", "--coordinator_address=127.0.0.1:1234", "--num_processes=2",
