@@ -331,6 +331,9 @@ def test_a_config_file_with_a_mistake_is_refused_in_one_line_naming_it(tmp_path,
     ("--warmup_steps=2147483648", "'warmup_steps' must be below 2**30 (steps are counted in int32)"),
     ("--max_steps=1073741824", "'max_steps' must be below 2**30"),
     ("--lr_decay_steps=1073741824", "'lr_decay_steps' must be below 2**30"),
+    # Past int64, an OverflowError of numpy's as the memory plan traced the step.
+    ("--model.n_embd=1000000000000000000000", "'model.n_embd' must be below 2**31 (a dimension of the model's "
+                                              "arrays), got 1000000000000000000000"),
     # weight_decay / learning_rate overflowed float32, and every weight turned NaN.
     ("--learning_rate=1e-300", "learning_rate=1e-300 with weight_decay=0.0001 is beyond float32"),
     ("--learning_rate=1e39", "learning_rate=1e+39 with weight_decay=0.0001 is beyond float32, in which the "

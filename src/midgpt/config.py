@@ -315,6 +315,11 @@ def check_config(config: Config) -> None:
         if (tokens := micro_batches * config.batch_size * m.block_size) >= 2**31:
             raise MidgptError(f"{name} x batch_size x model.block_size is {tokens:,} tokens at once, far beyond "
                               "any run (GPT-3 took 3.2M a step); lower them (below 2**31 together)")
+    # Past int64, a traced shape was an OverflowError of numpy's; below 2**31, the memory plan refuses them.
+    for name in ("model.vocab_size", "model.n_layer", "model.n_head", "model.n_embd"):
+        if get_field(config, name) >= 2**31:
+            raise MidgptError(f"config field {name!r} must be below 2**31 (a dimension of the model's arrays), "
+                              f"got {get_field(config, name)}")
     # The step counter, and the schedule's counts beside it, are int32 in the jitted step.
     for name in ("max_steps", "warmup_steps", "lr_decay_steps"):
         if getattr(config, name) >= 2**30:
