@@ -118,6 +118,25 @@ def test_an_out_dir_that_is_a_file_is_one_line_and_left_alone(shakespeare_text, 
     assert out_file.read_text() == "mine"
 
 
+@pytest.mark.parametrize("script, name", [("shakespeare_char", "train.bin"), ("shakespeare_char", "meta.json"),
+                                          ("openwebtext", "val.bin")])
+def test_a_folder_where_a_dataset_file_goes_is_one_line_and_the_old_dataset_is_kept(shakespeare_text, tmp_path,
+                                                                                    script, name):
+    # Found at the renames: meta.json was already removed (the old dataset lost), and .tmp files were left.
+    prepare = [sys.executable, str(REPO_ROOT / "data" / script / "prepare.py"), "--input", shakespeare_text,
+               "--out_dir", str(tmp_path / "out")]
+    assert subprocess.run(prepare, capture_output=True).returncode == 0
+    (tmp_path / "out" / name).unlink()
+    (tmp_path / "out" / name).mkdir()
+    before = {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir() if p.is_file()}
+    result = subprocess.run(prepare, capture_output=True, text=True)
+    assert result.returncode == 1 and result.stderr == (
+        f"prepare.py: --out_dir {tmp_path / 'out'} holds a folder named {name}, where this file goes; move it away, "
+        "or pass another --out_dir\n"), result.stderr
+    assert {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir() if p.is_file()} == before
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(FILES)
+
+
 @pytest.mark.parametrize("script", ["shakespeare_char", "openwebtext"])
 def test_a_second_prepare_into_the_same_out_dir_at_once_is_refused_and_mixes_nothing_in(shakespeare_text, tmp_path,
                                                                                         script):

@@ -22,6 +22,11 @@ def check_out_dir(out_dir: Path, tokenizer: str, source: dict | None = None) -> 
         raise MidgptError(f"--out_dir {out_dir} is a file, not a directory; pass another --out_dir")
     if (out_dir / "config.json").exists():
         raise MidgptError(f"--out_dir {out_dir} holds a run (config.json), not data; pass another --out_dir")
+    # Found only at the renames, after meta.json was removed: the old dataset was lost, and .tmp files left.
+    for name in FILES:
+        if (out_dir / name).is_dir():
+            raise MidgptError(f"--out_dir {out_dir} holds a folder named {name}, where this file goes; move it "
+                              "away, or pass another --out_dir")
     try:
         old = json.loads((out_dir / "meta.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):  # none, or damaged: nothing whole to lose
