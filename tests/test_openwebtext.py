@@ -329,11 +329,18 @@ def test_a_file_builder_without_data_files_or_data_files_without_one_is_refused(
     ("json", "notes.txt", "not a readable json file (JSON parse error: Invalid value. in row 0)"),
     ("parquet", "notes.txt", "not a readable parquet file (Parquet magic bytes not found in footer."),
     ("text", "corpus.parquet", "not a readable text file (not UTF-8: invalid start byte)"),  # named as given
+    # Of their format, but malformed: pandas' ParserError, datasets' ValueError.
+    ("csv", "unclosed.csv", "not a readable csv file (Error tokenizing data. C error: EOF inside string starting at "
+                            "row 1); fix it where it says; or, if it is not csv,"),
+    ("json", "array.jsonl", "not a readable json file (Trailing data at position 5); fix it where it says; or, if it "
+                            "is not json,"),
 ])
-def test_data_files_of_another_format_are_one_line_naming_the_file(tmp_path, dataset, given, reason):
+def test_data_files_of_another_format_or_malformed_are_one_line_naming_the_file(tmp_path, dataset, given, reason):
     # Each was a traceback from multiprocessing's pool (and datasets' own line before it), then "failed (above)".
     out_dir, before = prepared(tmp_path)
     (tmp_path / "notes.txt").write_text("my notes\n\nnot a corpus\n")
+    (tmp_path / "unclosed.csv").write_text('text\n"hello\nworld\n')
+    (tmp_path / "array.jsonl").write_text('[1,2]\n{"text": "x"}\n')
     write_corpus(tmp_path / "corpus.parquet", DOCS[:20])
     result = run_prepare("--dataset", dataset, "--data_files", tmp_path / given, "--out_dir", out_dir,
                          env=hf_env(tmp_path))
@@ -475,10 +482,13 @@ def bad_inputs(tmp_path) -> dict:
     (tmp_path / "folder").mkdir()
     os.mkfifo(tmp_path / "pipe.txt")  # as <(zcat a.txt.gz) passes, but for its name
     (tmp_path / "not_json.jsonl").write_text('{"text": "fine"}\n{"text": "cut short\n')
+    (tmp_path / "deep.jsonl").write_text('{"text": "fine"}\n' + "[" * 200_000 + "\n")
+    (tmp_path / "long_int.jsonl").write_text('{"text": "fine", "id": ' + "1" * 5000 + "}\n")
     return {"null row 1101": tmp_path / "null.parquet", "missing file": tmp_path / "absent.txt",
             "unknown extension": tmp_path / "corpus.csv",
             "a folder": tmp_path / "folder", "a pipe": tmp_path / "pipe.txt",
-            "jsonl line not JSON": tmp_path / "not_json.jsonl",
+            "jsonl line not JSON": tmp_path / "not_json.jsonl", "jsonl nested too deep": tmp_path / "deep.jsonl",
+            "jsonl int too long": tmp_path / "long_int.jsonl",
             "jsonl line without text": jsonl, "parquet without text": parquet,
             "not parquet": tmp_path / "truncated.parquet", "parquet of bytes": tmp_path / "bytes.parquet",
             "not UTF-8": tmp_path / "latin1.txt", "damaged parquet page": tmp_path / "damaged.parquet"}
@@ -487,7 +497,8 @@ def bad_inputs(tmp_path) -> dict:
 @pytest.mark.parametrize("case", ["missing file", "unknown extension", "jsonl line without text",
                                   "parquet without text",
                                   "not parquet", "parquet of bytes", "not UTF-8", "damaged parquet page",
-                                  "null row 1101", "a folder", "a pipe", "jsonl line not JSON"])
+                                  "null row 1101", "a folder", "a pipe", "jsonl line not JSON",
+                                  "jsonl nested too deep", "jsonl int too long"])
 def test_bad_input_is_one_line_naming_the_file_and_writes_nothing(tmp_path, case):
     out_dir, bad = tmp_path / "out", bad_inputs(tmp_path)[case]
     result = run_prepare("--input", bad, "--out_dir", out_dir)
@@ -498,6 +509,11 @@ def test_bad_input_is_one_line_naming_the_file_and_writes_nothing(tmp_path, case
                 "a folder": "is a directory; pass its files",  # it was "input file not found"
                 "a pipe": "pipe.txt is not a regular file (a pipe or a device); write its text",  # was "not found"
                 "jsonl line not JSON": "not_json.jsonl:2: not JSON (",
+                # A RecursionError and a ValueError (of Python's 4300-digit limit), in tracebacks.
+                "jsonl nested too deep": "deep.jsonl:2: JSON that Python cannot read (maximum recursion depth "
+                                         "exceeded while decoding a JSON array",
+                "jsonl int too long": "long_int.jsonl:1: JSON that Python cannot read (Exceeds the limit (4300 "
+                                      "digits) for integer string conversion",
                 "not UTF-8": "latin1.txt: not UTF-8 text (unexpected end of data); convert it, e.g. iconv",
                 }.get(case, "")
     assert fragment in result.stderr, result.stderr

@@ -136,6 +136,9 @@ def _file_documents(path: str):
                     text = json.loads(line)["text"]
                 except json.JSONDecodeError as e:
                     raise MidgptError(f"{path}:{lineno}: not JSON ({e})") from None
+                except (ValueError, RecursionError) as e:  # an int of over 4300 digits; arrays nested 1e5 deep
+                    raise MidgptError(f"{path}:{lineno}: JSON that Python cannot read ({str(e).split(';')[0]}); "
+                                      "leave that line out") from None
                 except (KeyError, TypeError):
                     text = None
                 if not isinstance(text, str):
@@ -243,7 +246,9 @@ def hf_documents(name: str, data_files: list[str] | None = None):
         host = "the Hugging Face Hub" if not data_files or "hf://" in " ".join(data_files) else "the files' host"
         fix = "download them and pass them as --input" if data_files else "pass --input FILES"
         raise MidgptError(f"could not reach {host} for {name} ({e}); {fix} instead") from None
-    except (pyarrow.ArrowException, UnicodeDecodeError) as e:  # a file of another format than the builder's
+    # A file of another format than the builder's; or of its format, but malformed: a csv's unclosed quote or
+    # ragged row (pandas' ParserError), a json file's line that is no object (datasets' ValueError).
+    except (pyarrow.ArrowException, ValueError) as e:
         if name not in FILE_BUILDERS:  # a Hub dataset's own files: its traceback is the report
             raise
         reason = f"not UTF-8: {e.reason}" if isinstance(e, UnicodeDecodeError) else str(e).strip().splitlines()[0]
@@ -251,6 +256,8 @@ def hf_documents(name: str, data_files: list[str] | None = None):
         fix = f"pass its format as --dataset: {FORMATS}"
         if isinstance(e, UnicodeDecodeError):  # a file of a binary format, or text in another encoding
             fix = f"if it is text, convert it to UTF-8 (e.g. iconv -f latin1 -t utf-8); if not, {fix}"
+        elif not isinstance(e, pyarrow.ArrowException):
+            fix = f"fix it where it says; or, if it is not {name}, {fix}"
         elif name == "json" and "surrogate" in reason:  # JSON after all: a "\ud83d" that pyarrow's parser refuses
             fix = "pass .jsonl files as --input instead, which reads half an emoji (a lone surrogate) as U+FFFD"
         # Raised in the pool's task thread, it reaches main() through a worker: one line, not a pool's traceback.
