@@ -1,7 +1,10 @@
 """Data pipeline promises: prepare.py's files, deterministic batches, clear errors."""
 
+import bz2
+import gzip
 import hashlib
 import json
+import lzma
 import os
 import subprocess
 import sys
@@ -269,7 +272,17 @@ def test_prepare_drops_a_byte_order_mark(tmp_path):
     # The position is the file's, its UTF-8 byte-order mark counted.
     (b"\xef\xbb\xbf" + "hello\ncaf\xe9\n".encode("latin-1"), "not UTF-8 text (invalid continuation byte at "
      "byte 12); convert it, e.g. iconv -f latin1 -t utf-8"),
-], ids=["utf-16", "utf-32", "latin-1"])
+    # Told to convert it from latin1: text of its compressed bytes.
+    (gzip.compress(b"hello\nworld\n"), "gzip-compressed, not text; decompress it first (e.g. gunzip -k FILE) and "
+     "pass what it holds"),
+    (bz2.compress(b"hello\nworld\n"), "bzip2-compressed, not text; decompress it first (e.g. bunzip2 -k FILE) and "
+     "pass what it holds"),
+    (lzma.compress(b"hello\nworld\n"), "xz-compressed, not text; decompress it first (e.g. unxz -k FILE) and "
+     "pass what it holds"),
+    # The first letters of bzip2's magic, in text that is not UTF-8.
+    ("BZh caf\xe9\n".encode("latin-1"), "not UTF-8 text (invalid continuation byte at byte 7); convert it, e.g. "
+     "iconv -f latin1 -t utf-8"),
+], ids=["utf-16", "utf-32", "latin-1", "gzip", "bzip2", "xz", "BZh"])
 def test_prepare_of_text_not_in_utf8_names_the_file_and_how_to_convert_it(tmp_path, data, advice):
     # It was the decoder's own words, which name neither the encoding to convert from nor how.
     (tmp_path / "in.txt").write_bytes(data)

@@ -3,6 +3,7 @@
 import collections
 import contextlib
 import csv
+import gzip
 import hashlib
 import importlib.util
 import itertools
@@ -482,13 +483,16 @@ def bad_inputs(tmp_path) -> dict:
     (tmp_path / "folder").mkdir()
     os.mkfifo(tmp_path / "pipe.txt")  # as <(zcat a.txt.gz) passes, but for its name
     (tmp_path / "not_json.jsonl").write_text('{"text": "fine"}\n{"text": "cut short\n')
+    (tmp_path / "corpus.txt.gz").write_bytes(gzip.compress(b"hello\n\nworld\n"))
+    (tmp_path / "gzip.jsonl").write_bytes(gzip.compress(b'{"text": "hello"}\n'))
     (tmp_path / "deep.jsonl").write_text('{"text": "fine"}\n' + "[" * 200_000 + "\n")
     (tmp_path / "long_int.jsonl").write_text('{"text": "fine", "id": ' + "1" * 5000 + "}\n")
     return {"null row 1101": tmp_path / "null.parquet", "missing file": tmp_path / "absent.txt",
             "unknown extension": tmp_path / "corpus.csv",
             "a folder": tmp_path / "folder", "a pipe": tmp_path / "pipe.txt",
             "jsonl line not JSON": tmp_path / "not_json.jsonl", "jsonl nested too deep": tmp_path / "deep.jsonl",
-            "jsonl int too long": tmp_path / "long_int.jsonl",
+            "jsonl int too long": tmp_path / "long_int.jsonl", "a .gz file": tmp_path / "corpus.txt.gz",
+            "gzip named .jsonl": tmp_path / "gzip.jsonl",
             "jsonl line without text": jsonl, "parquet without text": parquet,
             "not parquet": tmp_path / "truncated.parquet", "parquet of bytes": tmp_path / "bytes.parquet",
             "not UTF-8": tmp_path / "latin1.txt", "damaged parquet page": tmp_path / "damaged.parquet"}
@@ -498,7 +502,7 @@ def bad_inputs(tmp_path) -> dict:
                                   "parquet without text",
                                   "not parquet", "parquet of bytes", "not UTF-8", "damaged parquet page",
                                   "null row 1101", "a folder", "a pipe", "jsonl line not JSON",
-                                  "jsonl nested too deep", "jsonl int too long"])
+                                  "jsonl nested too deep", "jsonl int too long", "a .gz file", "gzip named .jsonl"])
 def test_bad_input_is_one_line_naming_the_file_and_writes_nothing(tmp_path, case):
     out_dir, bad = tmp_path / "out", bad_inputs(tmp_path)[case]
     result = run_prepare("--input", bad, "--out_dir", out_dir)
@@ -514,6 +518,9 @@ def test_bad_input_is_one_line_naming_the_file_and_writes_nothing(tmp_path, case
                                          "exceeded while decoding a JSON array",
                 "jsonl int too long": "long_int.jsonl:1: JSON that Python cannot read (Exceeds the limit (4300 "
                                       "digits) for integer string conversion",
+                # "unknown extension '.gz'", and of the other, to convert it from latin1.
+                "a .gz file": "corpus.txt.gz: gzip-compressed, not text; decompress it first (e.g. gunzip -k FILE)",
+                "gzip named .jsonl": "gzip.jsonl: gzip-compressed, not text; decompress it first",
                 "not UTF-8": "latin1.txt: not UTF-8 text (unexpected end of data); convert it, e.g. iconv",
                 }.get(case, "")
     assert fragment in result.stderr, result.stderr

@@ -37,7 +37,8 @@ from tqdm import tqdm
 from midgpt.cli import ArgumentParser
 from midgpt.errors import MidgptError
 from midgpt.prepare import FILE_BUILDERS, FILES, check_out_dir, lock_out_dir, replace_dataset
-from midgpt.tokenizer import gpt2, not_utf8_advice, nul_advice, utf16_no_mark_advice, utf16_or_32_advice
+from midgpt.tokenizer import (compressed_advice, gpt2, not_utf8_advice, nul_advice, utf16_no_mark_advice,
+                              utf16_or_32_advice)
 
 MAX_DOCUMENT = 64 << 20  # characters of a .txt file's blank-line-separated block, or of a .jsonl line
 DOCS_PER_TASK = 1024  # big enough to amortise pickling, small enough to keep RAM per worker low
@@ -74,7 +75,8 @@ def check_inputs(paths: list[str]) -> None:
             raise MidgptError(f"input file not found: {path}")
         suffix = Path(path).suffix.lower()  # NOTES.TXT is a .txt
         if suffix not in (".txt", ".jsonl", ".parquet"):
-            raise MidgptError(f"{path}: unknown extension {Path(path).suffix!r}; use .txt, .jsonl or .parquet")
+            raise MidgptError(compressed_advice(path)
+                              or f"{path}: unknown extension {Path(path).suffix!r}; use .txt, .jsonl or .parquet")
         if suffix == ".parquet":
             import pyarrow
 

@@ -3,6 +3,7 @@
 import codecs
 import functools
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -76,10 +77,26 @@ def utf16_no_mark_advice(path: str | os.PathLike) -> str | None:
     return nul_advice(path) if nuls[1] >= len(head) // 8 > 0 and nuls[0] * 8 <= nuls[1] else None
 
 
+# The first bytes of compressed files, and what decompresses each (keeping the file). bzip2's block
+# magic follows its "BZh": text may start with those three letters.
+COMPRESSED = ((rb"\x1f\x8b", "gzip", "gunzip -k"), (rb"BZh[1-9]1AY&SY", "bzip2", "bunzip2 -k"),
+              (rb"\xfd7zXZ\x00", "xz", "unxz -k"), (rb"\x28\xb5\x2f\xfd", "zstd", "unzstd"),
+              (rb"PK\x03\x04", "zip", "unzip"))
+
+
+def compressed_advice(path: str | os.PathLike) -> str | None:
+    """What to say of a compressed file (gzip, bzip2, xz, zstd, zip), as its first bytes show, else None."""
+    head = _head(path)
+    for magic, kind, tool in COMPRESSED:
+        if re.match(magic, head):
+            return f"{path}: {kind}-compressed, not text; decompress it first (e.g. {tool} FILE) and pass what it holds"
+    return None
+
+
 def not_utf8_advice(path: str | os.PathLike, reason: str) -> str:
     """What to say of a text file that UTF-8 cannot decode (reason: the decoder's); it names the file first."""
-    # iconv -f latin1 would make valid UTF-8 of a UTF-16 file's bytes: NULs between the letters.
-    return (utf16_or_32_advice(path) or utf16_no_mark_advice(path)
+    # iconv -f latin1 would make valid UTF-8 of a UTF-16 file's bytes (NULs between the letters), or of gzip's.
+    return (compressed_advice(path) or utf16_or_32_advice(path) or utf16_no_mark_advice(path)
             or f"{path}: not UTF-8 text ({reason}); convert it, e.g. iconv -f latin1 -t utf-8")
 
 
