@@ -42,6 +42,8 @@ def main(argv: list[str]) -> None:
         parser.error(f"seed must be in [0, 2**32), got {args.seed}")
 
     start = args.start
+    if start == "FILE:":  # an unset $PROMPT: "cannot read the prompt file : Is a directory"
+        parser.error("--start=FILE: names no file; give FILE:path")
     if start.startswith("FILE:"):
         try:
             # ~ is expanded, as it is in --rundir. Its line ends as they are: below, they are read as "\n"

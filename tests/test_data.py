@@ -325,12 +325,16 @@ def test_an_empty_token_file_is_one_line_error(tmp_path):
 
 @pytest.mark.parametrize("name, content, fragment", [
     ("train.bin", b"\x01\x00\x02", "odd number of bytes"),  # a copy cut short: np.memmap would raise
+    ("train.bin", None, "train.bin is not a file"),  # a folder: np.memmap's IsADirectoryError
     ("meta.json", b'{"vocab_size": 6', "cannot read"),
     ("meta.json", b"\xff\xfe", "cannot read"),
     ("meta.json", b'{"tokenizer": "char"}', "names no vocab_size"),
 ])
 def test_a_damaged_data_file_is_one_line_saying_to_prepare_again(tmp_path, name, content, fragment):
-    (tmp_path / name).write_bytes(content)
+    if content is None:
+        (tmp_path / name).mkdir()
+    else:
+        (tmp_path / name).write_bytes(content)
     with pytest.raises(MidgptError, match=fragment) as info:
         load_tokens(str(tmp_path), "train") if name == "train.bin" else load_meta(str(tmp_path))
     assert "prepare the data again" in str(info.value)

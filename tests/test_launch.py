@@ -1097,6 +1097,9 @@ def test_sample_errors_are_one_line(short_run, shakespeare_data_dir, tmp_path):
     assert_one_line_error(run("sample.py", f"--rundir={short_run}", "--top_k=0"), "top_k")
     assert_one_line_error(run("sample.py", f"--rundir={short_run}", "--step=7"), "no checkpoint at step 7")
     assert_one_line_error(run("sample.py", f"--rundir={short_run}", "--start=FILE:/no/such/prompt"), "/no/such/prompt")
+    # An unset $PROMPT: "cannot read the prompt file : Is a directory".
+    assert_one_line_error(run("sample.py", f"--rundir={short_run}", "--start=FILE:"),
+                          "--start=FILE: names no file; give FILE:path")
     assert_one_line_error(run("sample.py", f"--rundir={short_run}", "--start=file:/no/such/prompt"),
                           "leave them out of the prompt (the run knows the characters of its data only); a prompt "
                           "file is FILE:path, in capitals")

@@ -63,6 +63,8 @@ def _in_clone(data_dir: str, name: str) -> str | None:
 def load_tokens(data_dir: str, split: str, vocab_size: int | None = None) -> np.ndarray:
     """Memory-map <data_dir>/<split>.bin as a flat uint16 token stream; vocab_size: the model's, for _require."""
     path = _require(data_dir, f"{split}.bin", vocab_size)
+    if not os.path.isfile(path):  # a folder: np.memmap's IsADirectoryError, in a traceback
+        raise MidgptError(f"{path} is not a file; prepare the data again")
     if os.path.getsize(path) == 0:  # which np.memmap cannot map
         raise MidgptError(f"{path} is empty; prepare the data again, with more text")
     if os.path.getsize(path) % 2:
