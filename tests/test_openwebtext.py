@@ -359,9 +359,13 @@ def test_data_files_of_another_format_or_malformed_are_one_line_naming_the_file(
     ("json", ["corpus.jsonl", "none/*.jsonl"], "--data_files none/*.jsonl matches no file; pass files that exist"),
     ("json", ["empty.jsonl"], "empty.jsonl: no rows to read (empty files?); pass files that hold text"),  # a traceback
     ("csv", ["empty.csv"], "empty.csv: no rows to read (empty files?); pass files that hold text"),  # a traceback
+    # Datasets' "Unable to find" of both.
+    ("json", ["corpus.jsonl", "absent.jsonl"], "--data_files absent.jsonl: no such file; pass files that exist"),
+    ("csv", ["folder"], "--data_files folder is a directory; pass its files, e.g. folder/*.csv"),
 ])
 def test_data_files_that_match_nothing_or_hold_no_rows_are_one_line(tmp_path, dataset, files, refusal):
     out_dir, before = prepared(tmp_path)
+    (tmp_path / "folder").mkdir()
     write_corpus(tmp_path / "corpus.jsonl", DOCS[:20])
     (tmp_path / "empty.jsonl").write_text("")
     (tmp_path / "empty.csv").write_text("")

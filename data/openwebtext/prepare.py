@@ -455,6 +455,14 @@ def main() -> None:
             if nothing := [f for f in args.data_files if "://" not in f and glob.has_magic(f)
                            and not glob.glob(os.path.expanduser(f), recursive=True)]:
                 raise MidgptError(f"--data_files {nothing[0]} matches no file; pass files that exist")
+            # Named alone, datasets' line was "Unable to find" of either.
+            for f in (f for f in args.data_files if "://" not in f and not glob.has_magic(f)):
+                if os.path.isdir(path := os.path.expanduser(f)):
+                    suffix = {builder: suffix for suffix, builder in BUILDER_OF.items()}.get(args.dataset, "")
+                    raise MidgptError(f"--data_files {f} is a directory; pass its files, e.g. "
+                                      f"{os.path.join(f, '*' + suffix)}")
+                if not os.path.exists(path):
+                    raise MidgptError(f"--data_files {f}: no such file; pass files that exist")
             if args.dataset in TEXT_BUILDERS:
                 check_text_files(args.data_files)
         own = args.input or args.dataset in FILE_BUILDERS  # your own text: far fewer documents than OpenWebText's 8M
