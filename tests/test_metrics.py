@@ -148,6 +148,20 @@ def test_rewinding_metrics_jsonl_drops_a_torn_line_and_refuses_one_not_written_b
         rewind_jsonl(str(path), 4)
 
 
+def test_a_resume_that_its_logs_refuse_leaves_config_json_as_it_was(shakespeare_data_dir, tmp_path):
+    # config.json was written first, with the refused command's overrides, which the next resume then took as
+    # the run's own (a learning rate 5x the run's, said to be "kept").
+    overrides = ["--max_steps=4", "--checkpoint_interval=2", "--log_interval=2", "--eval_iters=1"]
+    train(one_layer_config(shakespeare_data_dir, *overrides), str(tmp_path))
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write("my note\n")
+    before = (tmp_path / "config.json").read_bytes()
+    refused = one_layer_config(shakespeare_data_dir, *overrides, "--max_steps=6", "--learning_rate=0.005")
+    with pytest.raises(MidgptError, match="line 3 of .*metrics.jsonl is not a metrics record"):
+        train(refused, str(tmp_path), resume=True)
+    assert (tmp_path / "config.json").read_bytes() == before
+
+
 def test_a_printed_line_clears_the_progress_bar_and_redraws_it_below(capsys):
     # The bar writes through cli.PipeSafe, which tqdm must still take for sys.stderr.
     bar = tqdm(total=10, desc="train", file=cli.PipeSafe(sys.stderr))

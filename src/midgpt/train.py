@@ -194,10 +194,11 @@ def _train(config: Config, rundir: str, debug: bool, resume: bool, notes: Sequen
         f"run {resume_with}{changed} to resume from checkpoint {last_checkpoint}" if last_checkpoint
         else f"run {checkpoint.SAME_COMMAND}{changed} to start again (no checkpoint yet)")
     # After the restore, which may refuse the run directory. A full disk, a hand-edited metrics.jsonl:
-    # process 0's alone, and every process stops on it.
+    # process 0's alone, and every process stops on it. The logs first: a resume they refuse leaves the
+    # run's config.json as it was, not with the overrides of a command that never ran.
     with multihost.failing_together(), writing_to(rundir, resume_fix()) if last_checkpoint else writing_to(rundir):
-        write_config(config, rundir, meta)
         log = MetricsLog(rundir, start, json.dumps(config_to_dict(config), indent=2)) if is_main else None
+        write_config(config, rundir, meta)
     if state is None:
         state = init_state(config, optimizer, mesh)
     train_step = make_train_step(config, optimizer, mesh, pieces)
