@@ -18,7 +18,7 @@ from tensorboard.util.tensor_util import make_ndarray
 from conftest import one_layer_config
 from midgpt import checkpoint, cli, data, mfu, precision
 from midgpt.errors import MidgptError
-from midgpt.metrics import TAGS, rewind_events, rewind_jsonl
+from midgpt.metrics import TAGS, last_step, rewind_events, rewind_jsonl
 from midgpt.sharding import make_mesh
 from midgpt.model import fresh_model
 from midgpt.step import loss_fn
@@ -127,7 +127,7 @@ def test_rewinding_event_files_keeps_the_steps_up_to_the_checkpoint_and_drops_a_
     assert points(tmp_path) == {}
 
 
-def test_rewinding_metrics_jsonl_drops_a_torn_line_and_refuses_one_not_written_by_a_run(tmp_path):
+def test_rewinding_metrics_jsonl_drops_a_torn_line_keeps_a_whole_one_and_refuses_an_edited_one(tmp_path):
     path = tmp_path / "metrics.jsonl"
     path.write_text("".join(f'{{"step": {s}, "loss": {1 / s}}}\n' for s in range(1, 8)) + '{"step": 8, "lo')
     with open(path) as follower:  # as `tail -f` reads it: the same file, cut, not a new one renamed over it
@@ -143,6 +143,14 @@ def test_rewinding_metrics_jsonl_drops_a_torn_line_and_refuses_one_not_written_b
     with pytest.raises(MidgptError, match=f"line 3 of {path} is not a metrics record; fix or remove it, then resume"):
         rewind_jsonl(str(path), 4)
     assert path.read_text() == edited
+    # Whole but for its newline (an editor's save): a record, kept, where a torn one is dropped.
+    path.write_text('{"step": 1}\n{"step": 2}')
+    assert last_step(str(path)) == 2
+    rewind_jsonl(str(path), 4)
+    assert path.read_text() == '{"step": 1}\n{"step": 2}\n'
+    path.write_text('{"step": 1}\n{"step": 2}')
+    rewind_jsonl(str(path), 1)
+    assert path.read_text() == '{"step": 1}\n'
     path.write_bytes(b'{"step": 1}\n{"step": 2, "note": "\xff"}\n')  # not UTF-8: a UnicodeDecodeError, once
     with pytest.raises(MidgptError, match="line 2 of .* is not a metrics record"):
         rewind_jsonl(str(path), 4)

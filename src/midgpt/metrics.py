@@ -31,12 +31,24 @@ TAGS = {
 }
 
 
+def _lines(path: str) -> list[bytes]:
+    """metrics.jsonl's lines, each ending in a newline, but for a last one torn by a killed write."""
+    with open(path, "rb") as f:  # bytes: json.loads checks the UTF-8 of each line, as a ValueError
+        lines = f.readlines()
+    if lines and not lines[-1].endswith(b"\n"):
+        try:  # whole but for its newline (an editor's save drops it): a record, not a tear
+            json.loads(lines[-1])["step"]
+            lines[-1] += b"\n"
+        except (ValueError, TypeError, KeyError):
+            lines.pop()
+    return lines
+
+
 def rewind_jsonl(path: str, step: int):
     """Keep the records up to step: a resumed run logs the later ones again."""
     if not os.path.exists(path):
         return
-    with open(path, "rb") as f:  # bytes: json.loads checks the UTF-8 of each line, as a ValueError
-        lines = [line for line in f if line.endswith(b"\n")]  # a killed write leaves a torn last line
+    lines = _lines(path)
     kept = []
     for number, line in enumerate(lines, 1):
         try:
@@ -45,9 +57,11 @@ def rewind_jsonl(path: str, step: int):
         except (ValueError, TypeError, KeyError):  # someone's edit: theirs to fix, not ours to drop
             raise MidgptError(f"line {number} of {path} is not a metrics record; fix or remove it, "
                               "then resume") from None
-    if kept == lines[:len(kept)]:  # records come in step order: a run's file keeps its first lines
-        # Cut in place, one call a kill cannot tear: the same file, which `tail -f` goes on following.
-        os.truncate(path, sum(map(len, kept)))
+    # Records in step order, as a run writes them: the file keeps its first lines, cut in place in one call that a
+    # kill cannot tear (the same file, which `tail -f` goes on following); unless the last, given its newline
+    # above, is kept.
+    if kept == lines[:len(kept)] and (size := sum(map(len, kept))) <= os.path.getsize(path):
+        os.truncate(path, size)
     else:
         write_atomically(path, b"".join(kept))
 
@@ -55,8 +69,7 @@ def rewind_jsonl(path: str, step: int):
 def last_step(path: str) -> int:
     """The latest step that metrics.jsonl records; 0 for none, or for a file that cannot be read as records."""
     with contextlib.suppress(OSError, ValueError, TypeError, KeyError):
-        with open(path, "rb") as f:
-            return max((json.loads(line)["step"] for line in f if line.endswith(b"\n")), default=0)
+        return max((json.loads(line)["step"] for line in _lines(path)), default=0)
     return 0
 
 
