@@ -127,6 +127,29 @@ def test_rewinding_event_files_keeps_the_steps_up_to_the_checkpoint_and_drops_a_
     assert points(tmp_path) == {}
 
 
+@pytest.mark.parametrize("damage", ["a record's event", "a record's length", "no events file"])
+def test_a_damaged_event_file_is_refused_not_cut_at_the_damage(tmp_path, damage):
+    # Damage short of the file's end was taken for a kill's tear: the file was cut there, every later event lost.
+    with SummaryWriter(str(tmp_path)) as writer:
+        for step in range(1, 11):
+            writer.add_scalar("train/loss", 1 / step, step)
+    [path] = tmp_path.glob("events.out.tfevents.*")
+    data, starts = bytearray(path.read_bytes()), [0]
+    while starts[-1] < len(data):
+        starts.append(starts[-1] + 16 + struct.unpack("<Q", data[starts[-1]:starts[-1] + 8])[0])
+    at = starts[4]
+    if damage == "no events file":  # a file of one's own that the pattern matches
+        path, at = tmp_path / "events.out.tfevents.notes", 0
+        data = bytearray(b"my notes on this run\n")
+    else:
+        data[at + (12 if damage == "a record's event" else 1)] ^= 0xFF
+    path.write_bytes(data)
+    with pytest.raises(MidgptError, match=re.escape(f"{path} is damaged at byte {at} (no TensorBoard record there); "
+                                                    f"move it out of {tmp_path}, then resume")):
+        rewind_events(str(tmp_path), 5)
+    assert path.read_bytes() == data
+
+
 def test_rewinding_metrics_jsonl_drops_a_torn_line_keeps_a_whole_one_and_refuses_an_edited_one(tmp_path):
     path = tmp_path / "metrics.jsonl"
     path.write_text("".join(f'{{"step": {s}, "loss": {1 / s}}}\n' for s in range(1, 8)) + '{"step": 8, "lo')

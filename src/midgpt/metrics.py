@@ -11,6 +11,7 @@ from google.protobuf.message import DecodeError
 from tensorboardX.event_file_writer import EventsWriter
 from tensorboardX.proto.event_pb2 import Event
 from tensorboardX.proto.summary_pb2 import Summary
+from tensorboardX.record_writer import masked_crc32c
 from tensorboardX.summary import scalar, text
 
 from midgpt.errors import MidgptError
@@ -85,14 +86,22 @@ def rewind_events(rundir: str, step: int):
         with open(path, "rb") as f:
             data = f.read()
         kept, at = [], 0
-        while at + 12 <= len(data):  # a record: length (8 bytes), its crc (4), the event, its crc (4)
-            end = at + 16 + struct.unpack("<Q", data[at:at + 8])[0]
+        # A record: length (8 bytes), its crc (4), the event, its crc (4). A kill tears the last one alone, short
+        # of its end; damage elsewhere was taken for a tear, and every event after it dropped without a word.
+        damaged = lambda at: MidgptError(f"{path} is damaged at byte {at} (no TensorBoard record there); move it "
+                                         f"out of {rundir}, then resume (TensorBoard reads it up to there)")
+        while at + 12 <= len(data):
+            header, end = data[at:at + 8], at + 16 + struct.unpack("<Q", data[at:at + 8])[0]
+            if struct.unpack("<I", data[at + 8:at + 12])[0] != masked_crc32c(header):
+                raise damaged(at)
+            if end > len(data):  # torn by a kill
+                break
             try:
                 event = Event.FromString(data[at + 12:end - 4])
-            except DecodeError:  # torn by a kill, as is all that follows
-                break
+            except DecodeError:
+                raise damaged(at) from None
             is_config = any(v.tag.startswith("config") for v in event.summary.value)
-            if end <= len(data) and (event.step < step or event.step == step and not is_config):
+            if event.step < step or event.step == step and not is_config:
                 kept.append(data[at:end])
             at = end
         if (cut := b"".join(kept)) != data:  # a resume at the newest step cuts nothing: no rewrite of every event
