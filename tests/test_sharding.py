@@ -686,7 +686,10 @@ def test_a_process_the_others_never_join_gives_up_in_one_line(tmp_path, cluster,
     (["--mesh_shape=2,2"], "mesh_shape=2,2 does not fit the 8 devices"),
     (["--batch_size=12"], "batch_size=12 does not split over the 8 devices of the mesh; use a multiple of 8 "
                           "(--batch_size=8 or --batch_size=16; g_accum_iters can keep the global batch near 12 rows)"),
-    (["--batch_size=5"], "use a multiple of 8 (--batch_size=8; g_accum_iters"),  # no batch of 0
+    # No batch of 0; and no g_accum_iters brings 8 rows a micro-batch near 5 (with 4096 devices, near 12, it said).
+    (["--batch_size=5"], "use a multiple of 8 (--batch_size=8)\n"),
+    (["--batch_size=5", "--g_accum_iters=4"], "use a multiple of 8 (--batch_size=8; g_accum_iters can keep the "
+                                              "global batch near 20 rows)"),
 ])
 def test_a_mesh_that_does_not_fit_or_a_batch_that_does_not_divide_is_one_line(args, fragment, shakespeare_data_dir,
                                                                               tmp_path):

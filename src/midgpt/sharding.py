@@ -41,9 +41,11 @@ def make_mesh(config: Config, resuming: bool = False) -> Mesh:
                      else f"({_either(divisors)}) with another --mesh_shape, e.g. --mesh_shape=1,-1")
             raise MidgptError(f"this run's batch_size={B} does not split over the {n} devices of the mesh; "
                               f"resume it on a device count that divides {B} {where}")
-        near = " or ".join(f"--batch_size={b}" for b in (B // n * n, B // n * n + n) if b)
+        near = [b for b in (B // n * n, B // n * n + n) if b]
+        rows = B * config.g_accum_iters  # which fewer rows a micro-batch, more of them, keep; none past it does
+        keep = f"; g_accum_iters can keep the global batch near {rows} rows" if near[0] < rows else ""
         raise MidgptError(f"batch_size={B} does not split over the {n} devices of the mesh; use a multiple of {n} "
-                          f"({near}; g_accum_iters can keep the global batch near {B * config.g_accum_iters} rows)")
+                          f"({' or '.join(f'--batch_size={b}' for b in near)}{keep})")
     # Auto axes: XLA propagates shardings from the declared inputs and outputs.
     return jax.make_mesh(shape, DATA_AXES, axis_types=(AxisType.Auto,) * 2)
 
