@@ -7,6 +7,7 @@ next run in ~/.cache/midgpt/xla (JAX_COMPILATION_CACHE_DIR=DIR elsewhere, JAX_EN
 """
 
 import contextlib
+import errno
 import itertools
 import os
 import re
@@ -59,6 +60,12 @@ def check_new_rundir(rundir: str) -> None:
     if os.path.exists(rundir) and not os.path.isdir(rundir):
         raise MidgptError(f"--rundir={rundir} is a file, not a directory; pass a new --rundir")
     if os.path.islink(rundir) and not os.path.exists(rundir):  # os.makedirs would say "File exists"
+        try:
+            os.stat(rundir)
+        except OSError as e:  # a loop of links, which no folder made ends: it was told to make one
+            if e.errno == errno.ELOOP:
+                raise MidgptError(f"--rundir={rundir} is a link that leads back to itself; remove it, or pass another "
+                                  "--rundir") from None
         raise MidgptError(f"--rundir={rundir} is a link to {os.readlink(rundir)}, which does not exist; make that "
                           "folder, or pass another --rundir")
     if not os.path.isdir(rundir):

@@ -982,13 +982,16 @@ def test_resuming_keeps_the_run_where_its_config_changed_since_and_follows_moved
 
 @pytest.mark.parametrize("case", ["a file", "foreign files", "another program's config.json",
                                   "a file where checkpoints go",
-                                  "a dangling link"])
+                                  "a dangling link", "a loop of links"])
 def test_a_new_run_never_overwrites_what_its_rundir_holds(shakespeare_data_dir, tmp_path, case):
     rundir = tmp_path / "run"
     if case == "a file":
         rundir.write_text("notes")
     elif case == "a dangling link":  # a scratch folder not mounted yet, say
         rundir.symlink_to(tmp_path / "scratch")
+    elif case == "a loop of links":  # it was told to make the folder that the link names: itself
+        rundir.symlink_to(tmp_path / "elsewhere")
+        (tmp_path / "elsewhere").symlink_to(rundir)
     else:
         rundir.mkdir()
         (rundir / "meta.json").write_text('{"tokenizer": "gpt2"}')
@@ -1004,6 +1007,7 @@ def test_a_new_run_never_overwrites_what_its_rundir_holds(shakespeare_data_dir, 
     fragment = {"a file": "is a file, not a directory", "foreign files": "holds files but no run",
                 "another program's config.json": "holds files but no run (no config.json that launch.py wrote)",
                 "a dangling link": f"is a link to {tmp_path}/scratch, which does not exist; make that folder, or pass",
+                "a loop of links": "is a link that leads back to itself; remove it, or pass another --rundir",
                 "a file where checkpoints go":
                     "; fix that, or pass a --rundir you can write to"}[case]  # not "free space"
     assert_one_line_error(result, fragment)
