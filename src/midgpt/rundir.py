@@ -56,7 +56,7 @@ def resume_config(saved: Config, named: Config, overrides: list[str]) -> tuple[C
 
 
 def is_step(name: str) -> bool:
-    """Whether a folder's name is a checkpoint's step: ASCII digits (str.isdigit alone takes "²", which int() refuses)."""
+    """Whether a folder's name is a checkpoint's step: ASCII digits (str.isdigit takes "²", which int() refuses)."""
     return name.isascii() and name.isdigit()
 
 
