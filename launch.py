@@ -62,7 +62,7 @@ def check_new_rundir(rundir: str) -> None:
     if os.path.islink(rundir) and not os.path.exists(rundir):  # os.makedirs would say "File exists"
         try:
             os.stat(rundir)
-        except OSError as e:  # a loop of links, which no folder made ends: it was told to make one
+        except OSError as e:  # a loop of links, which no folder made would end: it was told to make one
             if e.errno == errno.ELOOP:
                 raise MidgptError(f"--rundir={rundir} is a link that leads back to itself; remove it, or pass another "
                                   "--rundir") from None

@@ -42,7 +42,7 @@ def make_mesh(config: Config, resuming: bool = False) -> Mesh:
             raise MidgptError(f"this run's batch_size={B} does not split over the {n} devices of the mesh; "
                               f"resume it on a device count that divides {B} {where}")
         near = [b for b in (B // n * n, B // n * n + n) if b]
-        rows = B * config.g_accum_iters  # which fewer rows a micro-batch, more of them, keep; none past it does
+        rows = B * config.g_accum_iters  # smaller micro-batches, more of them, keep it; one already above, never
         keep = f"; g_accum_iters can keep the global batch near {rows} rows" if near[0] < rows else ""
         raise MidgptError(f"batch_size={B} does not split over the {n} devices of the mesh; use a multiple of {n} "
                           f"({' or '.join(f'--batch_size={b}' for b in near)}{keep})")
