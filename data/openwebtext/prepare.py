@@ -451,17 +451,19 @@ def main() -> None:
             formats = {BUILDER_OF.get(Path(f).suffix.lower(), FORMATS) for f in args.data_files}
             parser.error(f"--data_files are read by --dataset, which names their format: add --dataset "
                          f"{formats.pop() if len(formats) == 1 else FORMATS}, or pass them as --input FILE ...")
-        if args.dataset in FILE_BUILDERS:  # a local pattern that matched nothing was an empty dataset, or a traceback
-            if nothing := [f for f in args.data_files if "://" not in f and glob.has_magic(f)
-                           and not glob.glob(os.path.expanduser(f), recursive=True)]:
-                raise MidgptError(f"--data_files {nothing[0]} matches no file; pass files that exist")
-            # Named alone, datasets' line was "Unable to find" of either.
-            for f in (f for f in args.data_files if "://" not in f and not glob.has_magic(f)):
-                if os.path.isdir(path := os.path.expanduser(f)):
+        if args.dataset in FILE_BUILDERS:
+            for f in (f for f in args.data_files if "://" not in f):  # the local ones
+                path = os.path.expanduser(f)
+                # A pattern that matched nothing was an empty dataset, or a traceback; a file named alone, missing
+                # or a directory, datasets' "Unable to find" of either.
+                if glob.has_magic(f):
+                    if not glob.glob(path, recursive=True):
+                        raise MidgptError(f"--data_files {f} matches no file; pass files that exist")
+                elif os.path.isdir(path):
                     suffix = {builder: suffix for suffix, builder in BUILDER_OF.items()}.get(args.dataset, "")
                     raise MidgptError(f"--data_files {f} is a directory; pass its files, e.g. "
                                       f"{os.path.join(f, '*' + suffix)}")
-                if not os.path.exists(path):
+                elif not os.path.exists(path):
                     raise MidgptError(f"--data_files {f}: no such file; pass files that exist")
             if args.dataset in TEXT_BUILDERS:
                 check_text_files(args.data_files)
