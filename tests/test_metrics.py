@@ -103,6 +103,15 @@ def test_progress_bar_shows_the_last_logged_loss_and_rate_timed_or_not(shakespea
     assert last["step"] == 11 and shown == (f"{last['loss']:.4f}", f"{last['lr']:.2e}"), (shown, last)
 
 
+def record_starts(data: bytes) -> list[int]:
+    """Where each record of an events file starts, and where the last ends: length (8 bytes), its crc (4), the
+    event, its crc (4)."""
+    starts = [0]
+    while starts[-1] < len(data):
+        starts.append(starts[-1] + 16 + struct.unpack("<Q", data[starts[-1]:starts[-1] + 8])[0])
+    return starts
+
+
 @pytest.mark.parametrize("torn", [7, 3])  # into the event, or its checksum alone
 def test_rewinding_event_files_keeps_the_steps_up_to_the_checkpoint_and_drops_a_torn_record(tmp_path, torn):
     with SummaryWriter(str(tmp_path)) as writer:
@@ -114,10 +123,8 @@ def test_rewinding_event_files_keeps_the_steps_up_to_the_checkpoint_and_drops_a_
     (tmp_path / f"{path.name}.tmp").write_bytes(path.read_bytes())  # and a rewrite of it, before its rename
     rewind_events(str(tmp_path), 10)
     assert [step for step, _ in scalars(tmp_path)["train/loss"]] == list(range(1, 10))  # each once
-    data, at = path.read_bytes(), 0
-    while at < len(data):  # whole records (length 8 bytes, its crc 4, the event, its crc 4): the next one appends
-        at += 16 + struct.unpack("<Q", data[at:at + 8])[0]
-    assert at == len(data)
+    data = path.read_bytes()
+    assert record_starts(data)[-1] == len(data)  # whole records: the next one appends
     inode = path.stat().st_ino
     rewind_events(str(tmp_path), 10)  # nothing to cut: the file is left as it is, not written again
     assert path.stat().st_ino == inode
@@ -134,10 +141,8 @@ def test_a_damaged_event_file_is_refused_not_cut_at_the_damage(tmp_path, damage)
         for step in range(1, 11):
             writer.add_scalar("train/loss", 1 / step, step)
     [path] = tmp_path.glob("events.out.tfevents.*")
-    data, starts = bytearray(path.read_bytes()), [0]
-    while starts[-1] < len(data):
-        starts.append(starts[-1] + 16 + struct.unpack("<Q", data[starts[-1]:starts[-1] + 8])[0])
-    at = starts[4]
+    data = bytearray(path.read_bytes())
+    at = record_starts(data)[4]
     if damage == "no events file":  # a file of one's own that the pattern matches
         path, at = tmp_path / "events.out.tfevents.notes", 0
         data = bytearray(b"my notes on this run\n")
