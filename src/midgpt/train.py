@@ -92,6 +92,32 @@ def check_diverged(metrics: dict, step: int, last_checkpoint: int | None, vocab_
                           f"{kept}")
 
 
+def say_setup(config: Config, model: GPT, mesh: Mesh, rundir: str, pieces: int, timer: mfu.StepTimer, say):
+    """The lines that describe a run before its first step: its size, devices, and what MFU is against."""
+    n, processes = jax.device_count(), jax.process_count()
+    say(f"{count_params(model):,} parameters; mesh {dict(mesh.shape)} over {n} {jax.devices()[0].platform} "
+        f"device{'s' * (n > 1)} in {processes} process{'es' * (processes > 1)}; run directory {rundir}")
+    if pieces > 1:
+        say(f"each micro-batch of {config.batch_size} rows runs as {pieces} of {config.batch_size // pieces} "
+            "in training and evaluation: faster on a lone CPU")
+    if (per_call := steps_a_call(config)) < config.steps_per_call:
+        say(f"steps_per_call={config.steps_per_call} runs {per_call} at a time: a call ends where the loop logs, "
+            f"evaluates or saves, so it divides log_interval, eval_interval and checkpoint_interval")
+    step_flops = mfu.flops_per_token(config.model) * timer.tokens_per_step
+    say(f"MFU is against the {timer.source}: {timer.peak / 1e12:.3g} TFLOP/s per device, "
+        f"{n} device{'s' * (n > 1)}; {step_flops / 1e9:.4g} GFLOP a step")
+
+
+def compiled_line(config: Config, steps: range, seconds: float, start: int, peak_memory: int | None) -> str:
+    """What a program's first call took, compile included; and a resume's learning rate, which a longer
+    lr_decay_steps moves (its cosine, stretched, rises again)."""
+    resumed_here = start and steps[0] == start + 1
+    return (f"{cli.named_steps(steps)} (compile included) took {seconds:.1f} s"
+            + (f", {'at' if len(steps) == 1 else 'from'} learning rate {float(lr_schedule(config)(start)):.3g}"
+               if resumed_here else "")
+            + (f"; peak memory {memory.readable(peak_memory)} per device" if peak_memory else ""))
+
+
 def train(config: Config, rundir: str, debug: bool = False, resume: bool = False, notes: Sequence[str] = (),
           signals: cli.StopSignals | None = None, resume_with: str = checkpoint.SAME_COMMAND) -> GPT:
     """Train into rundir (config.json, metrics.jsonl, TensorBoard events, checkpoints/), resuming if asked.
@@ -202,20 +228,9 @@ def _train(config: Config, rundir: str, debug: bool, resume: bool, notes: Sequen
     if state is None:
         state = init_state(config, optimizer, mesh)
     train_step = make_train_step(config, optimizer, mesh, pieces)
-    n, processes = jax.device_count(), jax.process_count()
-    say(f"{count_params(state.model):,} parameters; mesh {dict(mesh.shape)} over {n} {jax.devices()[0].platform} "
-        f"device{'s' * (n > 1)} in {processes} process{'es' * (processes > 1)}; run directory {rundir}")
-    if pieces > 1:
-        say(f"each micro-batch of {config.batch_size} rows runs as {pieces} of {config.batch_size // pieces} "
-            "in training and evaluation: faster on a lone CPU")
-    if per_call < config.steps_per_call:
-        say(f"steps_per_call={config.steps_per_call} runs {per_call} at a time: a call ends where the loop logs, "
-            f"evaluates or saves, so it divides log_interval, eval_interval and checkpoint_interval")
     tokens_per_step = config.g_accum_iters * config.batch_size * config.model.block_size
     timer = mfu.StepTimer(config.model, tokens_per_step, compute_dtype)
-    step_flops = mfu.flops_per_token(config.model) * tokens_per_step
-    say(f"MFU is against the {timer.source}: {timer.peak / 1e12:.3g} TFLOP/s per device, "
-        f"{n} device{'s' * (n > 1)}; {step_flops / 1e9:.4g} GFLOP a step")
+    say_setup(config, state.model, mesh, rundir, pieces, timer, say)
     trace = TraceWindow(start, config.max_steps, rundir, debug, say, records=is_main)  # one trace, process 0's
 
     # Off a terminal (CI, log files), redraw rarely rather than fill the log with frames.
@@ -260,11 +275,7 @@ def _train(config: Config, rundir: str, debug: bool, resume: bool, notes: Sequen
             if compiles:  # leave the compile out of the throughput
                 jax.block_until_ready(state)
                 peak_memory = memory.peak_in_use()
-                # And a resume's rate, which a longer lr_decay_steps moves: its cosine, stretched, rises again.
-                say(f"{cli.named_steps(steps)} (compile included) took {timer.seconds:.1f} s"
-                    + (f", {'at' if len(steps) == 1 else 'from'} learning rate {float(lr_schedule(config)(start)):.3g}"
-                       if start and steps[0] == start + 1 else "")
-                    + (f"; peak memory {memory.readable(peak_memory)} per device" if peak_memory else ""))
+                say(compiled_line(config, steps, timer.seconds, start, peak_memory))
                 timer.restart()
 
             if is_log:
