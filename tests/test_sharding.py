@@ -551,6 +551,26 @@ def test_a_failed_collective_of_gloo_or_nccl_is_told_apart_from_other_errors(mon
         "run X to resume")
 
 
+def test_a_process_lost_during_a_save_is_told_as_a_lost_process_not_as_a_failed_save(monkeypatch, tmp_path):
+    # A peer killed while orbax's save waited for it in a barrier: the line blamed the save ("fix the cause") and
+    # never said that another process had stopped. Raised as it came, the loop words it as a lost process.
+    import orbax.checkpoint as ocp
+
+    from midgpt import checkpoint
+
+    manager = ocp.CheckpointManager(tmp_path / "checkpoints")
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    gloo = jax.errors.JaxRuntimeError("UNKNOWN: Gloo AllGather failed: Connection closed by peer [127.0.0.1]:1372")
+    with pytest.raises(jax.errors.JaxRuntimeError) as raised, checkpoint.failed_saves_in_one_line(manager, "X"):
+        raise gloo
+    assert raised.value is gloo
+    with pytest.raises(checkpoint.SaveFailed, match=r"^a checkpoint save failed \(No space left on device\); no "
+                       "checkpoint was finished: fix the cause and run again$"):
+        with checkpoint.failed_saves_in_one_line(manager, "X"):
+            raise OSError("write failed, os_error_code=28")
+    manager.close()
+
+
 @pytest.mark.parametrize("other, differ", [
     ({"extra": [[], ["--max_steps=13"]]}, "the processes differ in --max_steps"),
     ({"extra": [[], ["--rundir=RUN_2"]]}, "the processes differ in --rundir (as an absolute path)"),

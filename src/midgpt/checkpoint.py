@@ -148,6 +148,8 @@ def failed_saves_in_one_line(manager: ocp.CheckpointManager, resume_with: str):
     try:
         yield  # orbax raises a background failure at the next save or wait
     except Exception as e:
+        if multihost.failed_collective(e):  # another process stopped in the save's barrier: the loop's line says so
+            raise
         intact = newest_committed(os.path.dirname(str(manager.directory)))
         # tensorstore appends the OS error's number: "No space left on device" says more than its first words.
         code = re.search(r"os_error_code='?(\d+)", str(e))
