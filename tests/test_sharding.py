@@ -450,6 +450,32 @@ def test_a_process_that_dies_mid_run_stops_the_other_in_one_line_that_says_how_t
     assert "Error dispatching computation" not in line and "Traceback" not in err and "Check failure" not in err, err
 
 
+def test_a_second_copy_of_a_running_job_is_refused_before_it_joins_the_first_copys_processes(shakespeare_data_dir,
+                                                                                                tmp_path):
+    # A job requeued while its first copy still runs: the copy's process 1 joined the running coordinator, whose
+    # JAX aborted process 0 in C++ ("a different incarnation"), its save under way left unfinished.
+    from test_resume import wait_for_step
+
+    rundir = tmp_path / "run"
+    args = ("--config=shakespeare_char_cpu", f"--data_dir={shakespeare_data_dir}", "--batch_size=16",
+            "--max_steps=100000", "--log_interval=5", "--checkpoint_interval=10", f"--rundir={rundir}")
+    first = two_processes(*args, devices=(1, 1))
+    try:
+        wait_for_step(rundir, 5, first[0])
+        address = next(a for a in first[0].args if a.startswith("--coordinator_address="))
+        copy = launch(*args, "--multihost", address, "--num_processes=2", "--process_id=1", devices=1)
+        (_, err), = outputs([copy], timeout=60)
+        assert copy.returncode == 1 and err.splitlines()[-1] == (
+            f"error: another launch.py is training the run in {rundir}; wait for it to end (or stop it), or pass "
+            "another --rundir"), err
+        wait_for_step(rundir, 25, first[0])  # the first copy trains on, past a save
+        assert first[1].poll() is None
+    finally:
+        for proc in first:
+            proc.kill()
+            proc.communicate()
+
+
 @pytest.mark.parametrize("limit_kib, fix", [
     # At the start, its config.json; then a log step's records.
     (0, "raise the file size limit (ulimit -f), or pass a --rundir you can write to"),
