@@ -257,11 +257,13 @@ def launch(*args, devices: int, cwd=REPO_ROOT, wrapper=()):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def two_processes(*args, extra=([], []), wrappers=((), ()), devices=(4, 4), num_processes=(2, 2)):
+def two_processes(*args, extra=([], []), wrappers=((), ()), devices=(4, 4), num_processes=(2, 2),
+                  cwds=(REPO_ROOT, REPO_ROOT)):
     """launch.py as processes 0 and 1 of one run, 4 CPU devices each unless told."""
     port = free_port()
     return [launch(*args, *extra[i], "--multihost", f"--coordinator_address=127.0.0.1:{port}",
-                   f"--num_processes={num_processes[i]}", f"--process_id={i}", devices=devices[i], wrapper=wrappers[i])
+                   f"--num_processes={num_processes[i]}", f"--process_id={i}", devices=devices[i], wrapper=wrappers[i],
+                   cwd=cwds[i])
             for i in range(2)]
 
 
@@ -450,6 +452,69 @@ def test_a_process_that_dies_mid_run_stops_the_other_in_one_line_that_says_how_t
     assert "Error dispatching computation" not in line and "Traceback" not in err and "Check failure" not in err, err
 
 
+@pytest.mark.parametrize("other_host", ["no data", "other data"])
+def test_a_host_without_the_data_or_with_other_data_stops_every_process_in_one_line(other_host, shakespeare_text,
+                                                                                   shakespeare_data_dir, tmp_path):
+    # Each host reads --data_dir on its own disk. One without it stopped alone, and the other died of the lost
+    # collective in a traceback, then JAX's abort; one with other text trained the run on two vocabularies, silently.
+    here = os.path.dirname(shakespeare_data_dir)
+    other = tmp_path / "other_host"
+    other.mkdir()
+    if other_host == "other data":
+        text = tmp_path / "half.txt"
+        text.write_bytes(open(shakespeare_text, "rb").read()[:300_000])
+        subprocess.run([sys.executable, str(REPO_ROOT / "data" / "shakespeare_char" / "prepare.py"), "--input",
+                        str(text), "--out_dir", str(other / os.path.basename(shakespeare_data_dir))], check=True,
+                       capture_output=True)
+    procs = two_processes("--config=shakespeare_char_cpu", f"--data_dir={os.path.basename(shakespeare_data_dir)}",
+                          "--model.n_layer=1", "--max_steps=2", f"--rundir={tmp_path}/run", devices=(1, 1),
+                          cwds=(here, other))
+    results = outputs(procs, timeout=120)
+    assert [p.returncode for p in procs] == [1, 1], results
+    lines = [err.strip().splitlines()[-1] for _, err in results]
+    if other_host == "no data":
+        assert lines[1].startswith(f"error: {os.path.basename(shakespeare_data_dir)} not found"), lines
+        assert lines[0] == f"error: process 1: {lines[1].removeprefix('error: ')}", lines
+    else:
+        assert lines == [f"error: {os.path.basename(shakespeare_data_dir)} holds other data on some hosts (its "
+                         "meta.json differs between processes); prepare the same data on every host (copy one "
+                         "host's), or put it where every host sees it"] * 2, results
+    assert not any("Traceback" in err for _, err in results), results
+    assert not (tmp_path / "run").exists()
+
+
+LOST_BEFORE_A_CHECK = """
+import os, sys
+import jax, numpy as np
+from jax.experimental import multihost_utils
+from midgpt import multihost
+from midgpt.errors import MidgptError
+jax.distributed.initialize(coordinator_address=sys.argv[1], num_processes=2, process_id=int(sys.argv[2]))
+multihost_utils.process_allgather(np.int32(0))  # connected, as check_same_arguments leaves them
+if jax.process_index() == 1:
+    os._exit(3)  # stopped outside failing_together, as a host's own error once did
+try:
+    with multihost.failing_together():
+        pass
+except MidgptError as e:
+    print(type(e).__name__, e, flush=True)
+os._exit(0)
+"""
+
+
+def test_a_process_that_stopped_before_a_shared_check_is_one_line_on_the_others():
+    # The others' gather in failing_together failed: a traceback, then JAX's abort as it waited for that process.
+    port = free_port()
+    procs = [subprocess.Popen([sys.executable, "-c", LOST_BEFORE_A_CHECK, f"127.0.0.1:{port}", str(i)],
+                              env=this_tree_env(XLA_FLAGS="--xla_force_host_platform_device_count=1"),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    (said, err), _ = outputs(procs, timeout=120)
+    assert [p.returncode for p in procs] == [0, 3], err
+    assert re.fullmatch(r"LostProcess a collective across the 2 processes failed \(\w+: .*Gloo.*\); another process "
+                        r"has most likely stopped \(see its output\); once every process has stopped, fix what stopped "
+                        r"the other and run the same command again", said.splitlines()[-1]), (said, err)
+
+
 def test_a_second_copy_of_a_running_job_is_refused_before_it_joins_the_first_copys_processes(shakespeare_data_dir,
                                                                                                 tmp_path):
     # A job requeued while its first copy still runs: the copy's process 1 joined the running coordinator, whose
@@ -571,7 +636,7 @@ def test_a_failed_collective_of_gloo_or_nccl_is_told_apart_from_other_errors(mon
     monkeypatch.setattr(jax, "process_count", lambda: 2)
     assert multihost.failed_collective(nccl) and multihost.failed_collective(ValueError("Gloo: connection closed"))
     assert not multihost.failed_collective(jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory"))
-    assert str(multihost.collective_error(nccl, 7, "run X to resume")) == (
+    assert str(multihost.collective_error(nccl, "run X to resume", 7)) == (
         "training stopped at step 7: a collective across the 2 processes failed (INTERNAL: NCCL operation "
         "ncclAllReduce failed: unhandled system error); another process has most likely stopped (see its output); "
         "run X to resume")
@@ -594,6 +659,31 @@ def test_a_process_lost_during_a_save_is_told_as_a_lost_process_not_as_a_failed_
                        "checkpoint was finished: fix the cause and run again$"):
         with checkpoint.failed_saves_in_one_line(manager, "X"):
             raise OSError("write failed, os_error_code=28")
+    manager.close()
+
+
+def test_a_process_lost_during_a_restore_moves_no_checkpoint_aside_as_damaged(monkeypatch, tmp_path):
+    # The read's failure was taken for the checkpoint's damage: with an older one to resume from, the newest
+    # would be moved out of checkpoints/.
+    from midgpt import checkpoint
+    from midgpt.config import load_config
+
+    rundir = str(tmp_path / "run")
+    manager = checkpoint.make_manager(rundir, load_config("shakespeare_char_cpu"))
+    state = {"step": jnp.int32(20), "w_D": jnp.zeros(3)}
+    checkpoint.save(manager, 20, state, load_config("shakespeare_char_cpu"))
+    checkpoint.wait(manager)
+    gloo = jax.errors.JaxRuntimeError("UNKNOWN: Gloo AllGather failed: Connection closed by peer [127.0.0.1]:1372")
+
+    def lost(*_):
+        raise gloo
+
+    monkeypatch.setattr(checkpoint, "restore", lost)
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    with pytest.raises(jax.errors.JaxRuntimeError) as raised:
+        checkpoint.restore_newest(manager, rundir, state, None, say=print)
+    assert raised.value is gloo
+    assert checkpoint.committed(rundir, 20) and not os.path.exists(os.path.join(rundir, "checkpoints_damaged"))
     manager.close()
 
 

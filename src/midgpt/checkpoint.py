@@ -177,6 +177,8 @@ def restore(manager: ocp.CheckpointManager, step: int, like, shardings):
             restored = handler.restore(pathlib.Path(str(manager.directory), str(step), "state"),
                                        args=ocp.args.StandardRestore(target))
         except Exception as e:  # described here, where its cause is at hand, for the other processes' lines
+            if multihost.failed_collective(e):  # another process stopped: failing_together says so
+                raise
             raise MidgptError(describe(e)) from e
     check_fingerprints(manager, step, restored)
     return eqx.combine(restored, static)
@@ -258,6 +260,8 @@ def restore_newest(manager: ocp.CheckpointManager, rundir: str, like, shardings,
             try:
                 state = restore(manager, step, like, shardings)
             except Exception as e:  # orbax and tensorstore raise many types for damaged files; every process alike
+                if multihost.failed_collective(e):  # another process stopped: no damage of the checkpoint's
+                    raise
                 problem = describe(e)
             else:
                 # A folder copied or renamed by hand: resumed as it is named, its learning rate was another step's.

@@ -80,11 +80,24 @@ def check_same_arguments(config: Config, rundir: str, debug: bool, resume: bool,
     arguments = {"--config": config.name, "--rundir (as an absolute path)": os.path.abspath(rundir),
                  "--debug": debug, **fields, "files in --rundir (it must be on a filesystem every host sees)": resume,
                  "compute_dtype auto (CPUs of other kinds: pass --compute_dtype)": compute_dtype}
-    digests = [hashlib.sha256(json.dumps(value).encode()).digest()[:4] for value in arguments.values()]
-    gathered = multihost_utils.process_allgather(np.frombuffer(b"".join(digests), np.int32))  # processes x arguments
-    if differ := [name for name, column in zip(arguments, gathered.T) if len(set(column.tolist())) > 1]:
+    if differ := differing({name: json.dumps(value).encode() for name, value in arguments.items()}):
         shown = ", ".join(differ[:4]) + (f" and {len(differ) - 4} more" if len(differ) > 4 else "")
         raise MidgptError(f"the processes differ in {shown}; start every process with the same arguments")
+
+
+def check_same_data(data_dir: str, meta: bytes) -> None:
+    """Raise MidgptError unless every process's data has the same meta.json (vocabulary, sizes, checksums)."""
+    # Each host reads its own data_dir: another copy's token ids trained the run, silently, on two vocabularies.
+    if jax.process_count() > 1 and differing({"meta": meta}):
+        raise MidgptError(f"{data_dir} holds other data on some hosts (its meta.json differs between processes); "
+                          "prepare the same data on every host (copy one host's), or put it where every host sees it")
+
+
+def differing(values: dict[str, bytes]) -> list[str]:
+    """The names whose values are not the same on every process (a collective: every process calls it)."""
+    digests = [hashlib.sha256(value).digest()[:4] for value in values.values()]
+    gathered = multihost_utils.process_allgather(np.frombuffer(b"".join(digests), np.int32))  # processes x values
+    return [name for name, column in zip(values, gathered.T) if len(set(column.tolist())) > 1]
 
 
 def check_devices_alike() -> None:
@@ -116,7 +129,15 @@ def failing_together():
         if error is not None and not (isinstance(error, MidgptError) and line):
             line = f"{type(error).__name__}: {line}"
         line_bytes = line.encode(errors="backslashreplace")[:1024].ljust(1024, b"\0")  # a path may not be UTF-8
-        lines = multihost_utils.process_allgather(np.frombuffer(line_bytes, np.uint8))  # (processes, 1024)
+        try:
+            lines = multihost_utils.process_allgather(np.frombuffer(line_bytes, np.uint8))  # (processes, 1024)
+        except Exception as e:  # a process that stopped before it (a host's own error, outside such a block)
+            if error is not None and not failed_collective(error):  # this process's own says more
+                raise error from None
+            if failed_collective(e):  # not a traceback, then JAX's abort as it waits for that process at exit
+                raise collective_error(e, "once every process has stopped, fix what stopped the other and run the "
+                                          "same command again") from None
+            raise
         if error is None and (met := [i for i, row in enumerate(lines) if row.any()]):
             text = bytes(lines[met[0]]).rstrip(b"\0").decode(errors="replace")
             error = MidgptError(f"process {met[0]}: {text}")
@@ -135,16 +156,27 @@ def compile_together(lowered: jax.stages.Lowered) -> None:
     multihost_utils.sync_global_devices("midgpt: compiled")
 
 
+class LostProcess(MidgptError):
+    """A collective of several processes failed, as one that stopped leaves the others; `what` is JAX's word."""
+
+    def __init__(self, message: str, what: str):
+        super().__init__(message)
+        self.what = what
+
+
 def failed_collective(error: BaseException) -> bool:
     """Whether error is a collective of several processes that failed, as one that stopped leaves the others."""
     # JAX raises it as a JaxRuntimeError, or from some dispatches as a ValueError; the library says which.
-    return (jax.process_count() > 1 and isinstance(error, (jax.errors.JaxRuntimeError, ValueError))
-            and re.search(r"\b(Gloo|NCCL)\b", str(error)) is not None)
+    return isinstance(error, LostProcess) or (
+        jax.process_count() > 1 and isinstance(error, (jax.errors.JaxRuntimeError, ValueError))
+        and re.search(r"\b(Gloo|NCCL)\b", str(error)) is not None)
 
 
-def collective_error(error: BaseException, step: int, fix: str) -> MidgptError:
-    """The line for a step whose collective failed: most likely another process stopped."""
+def collective_error(error: BaseException, fix: str, step: int | None = None) -> LostProcess:
+    """The line for a collective that failed (a step's, if step is given): most likely another process stopped."""
     # XLA repeats its prefix once for each nested dispatch.
-    what = re.sub(r"(Error dispatching computation: )+", "", str(error).splitlines()[0])
-    return MidgptError(f"training stopped at step {step}: a collective across the {jax.process_count()} processes "
-                       f"failed ({what}); another process has most likely stopped (see its output); {fix}")
+    what = error.what if isinstance(error, LostProcess) else re.sub(
+        r"(Error dispatching computation: )+", "", str(error).splitlines()[0])
+    return LostProcess(("" if step is None else f"training stopped at step {step}: ") + f"a collective across the "
+                       f"{jax.process_count()} processes failed ({what}); another process has most likely stopped "
+                       f"(see its output); {fix}", what)

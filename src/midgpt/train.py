@@ -146,12 +146,13 @@ def _train(config: Config, rundir: str, debug: bool, resume: bool, notes: Sequen
     # last. Read again at the copy into the run, seconds later, it was of the data prepared since, and a resume on that
     # passed as the run's own.
     meta = data.meta_bytes(config.data_dir)
-    if resume:  # first: load_splits' advice for a larger vocabulary would be another model
-        data.check_same_data(rundir, config.data_dir)
-    train_tokens, val_tokens = data.load_splits(config)
-    with multihost.failing_together():  # a host's own copy of the data, prepared again there: every process stops
+    with multihost.failing_together():  # a host without the data, or whose copy changed: every process stops
+        if resume:  # first: load_splits' advice for a larger vocabulary would be another model
+            data.check_same_data(rundir, config.data_dir)
+        train_tokens, val_tokens = data.load_splits(config)
         if data.meta_bytes(config.data_dir) != meta:
             raise MidgptError(f"{config.data_dir} was prepared again as this run started; run the same command again")
+    multihost.check_same_data(config.data_dir, meta)
     mesh = sharding.make_mesh(config, resuming=resume)
     is_main = jax.process_index() == 0
     say = cli.say if is_main else lambda _: None
@@ -335,7 +336,7 @@ def _train(config: Config, rundir: str, debug: bool, resume: bool, notes: Sequen
             with contextlib.suppress(Exception) if quietly else contextlib.nullcontext():
                 checkpoint.close(manager, resume_with)
         if lost:
-            raise multihost.collective_error(e, step, f"once every process has stopped, {resume_fix()}") from e
+            raise multihost.collective_error(e, f"once every process has stopped, {resume_fix()}", step) from e
         if memory.ran_out(e):  # the estimate is rough: a step can still need more than the device has
             # Once a checkpoint is saved, the run's batch is fixed, as on any resume.
             batch_fixed = resume or last_checkpoint is not None
