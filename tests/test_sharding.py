@@ -593,6 +593,38 @@ def test_any_error_on_one_process_stops_the_other_at_the_end_of_the_block():
         "MidgptError: ", "MidgptError: process 0: MidgptError: "], results
 
 
+SEES_RUNDIR = """
+import json, os, sys
+import jax
+from midgpt import multihost
+from midgpt.errors import MidgptError
+from midgpt.files import lock_run
+jax.distributed.initialize(coordinator_address=sys.argv[1], num_processes=2, process_id=int(sys.argv[2]))
+said = []
+# The second: each host's own disk, played by a folder of each process's.
+for rundir in [f"{sys.argv[3]}/shared", f"{sys.argv[3]}/own_{jax.process_index()}"]:
+    os.makedirs(rundir, exist_ok=True)
+    if jax.process_index() == 0:
+        lock = lock_run(rundir)
+    try:
+        multihost.check_same_rundir(rundir)
+        said.append("alike")
+    except MidgptError as e:
+        said.append(str(e))
+print(json.dumps(said))
+"""
+
+
+def test_a_rundir_that_is_each_hosts_own_is_refused_before_a_new_run_trains_in_it(tmp_path):
+    # A new run (nothing to resume, so launch.py's check of the files alike passed) trained to its end, then
+    # waited for ever: orbax commits a checkpoint once every process's part is in its folder, and none did.
+    results = script_as_two_processes(SEES_RUNDIR, str(tmp_path))
+    refusal = (f"{tmp_path}/own_1 is not the directory process 0 writes in (its .lock is missing or another's): "
+               "--rundir must be on a filesystem every host sees")
+    assert [json.loads(stdout.splitlines()[-1]) for stdout, _ in results] == [
+        ["alike", f"process 1: {refusal}"], ["alike", refusal]], results
+
+
 CHECKED_ALIKE = """
 import json, os, sys
 import jax

@@ -14,6 +14,7 @@ from jax.sharding import Mesh
 from midgpt import sharding
 from midgpt.config import Config
 from midgpt.errors import MidgptError
+from midgpt.files import read_or_none
 from midgpt.prepare import differences
 from midgpt.rundir import read_config_json
 
@@ -96,11 +97,7 @@ def load_meta(data_dir: str, fix: str = "prepare the data again", vocab_size: in
 
 def meta_bytes(data_dir: str) -> bytes | None:
     """<data_dir>/meta.json as stored, or None where it cannot be read."""
-    try:
-        with open(os.path.join(data_dir, "meta.json"), "rb") as f:
-            return f.read()
-    except OSError:
-        return None
+    return read_or_none(os.path.join(data_dir, "meta.json"))
 
 
 def load_run_meta(rundir: str, data_dir: str) -> dict | None:

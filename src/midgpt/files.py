@@ -47,7 +47,7 @@ def lock_run(rundir: str):
     # Two copies of one run (a job requeued while it still runs) would write the same files, and
     # the second's rewind would drop the first's metrics. flock dies with its process: no stale lock.
     os.makedirs(rundir, exist_ok=True)
-    f = open(os.path.join(rundir, LOCK), "a")  # never written: a refused start changes no file
+    f = open(os.path.join(rundir, LOCK), "a")  # written by its holder alone: a refused start changes no file
     try:
         _lock(f, f"another launch.py is training the run in {rundir}; wait for it to end (or stop it), "
               "or pass another --rundir")
@@ -79,3 +79,12 @@ def _lock(file, busy: str) -> None:
         raise MidgptError(busy) from None
     except OSError:  # a filesystem without locks: go on unguarded, as before
         pass
+
+
+def read_or_none(path: str | os.PathLike) -> bytes | None:
+    """The file's bytes, or None where it cannot be read."""
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError:
+        return None

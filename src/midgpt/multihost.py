@@ -21,6 +21,7 @@ from jax.experimental import multihost_utils
 from midgpt.cli import exit_in_one_line
 from midgpt.config import Config, leaves
 from midgpt.errors import MidgptError
+from midgpt.files import LOCK, read_or_none, writing_to
 
 
 def check_port_free(coordinator_address: str) -> None:
@@ -98,6 +99,24 @@ def differing(values: dict[str, bytes]) -> list[str]:
     digests = [hashlib.sha256(value).digest()[:4] for value in values.values()]
     gathered = multihost_utils.process_allgather(np.frombuffer(b"".join(digests), np.int32))  # processes x values
     return [name for name, column in zip(values, gathered.T) if len(set(column.tolist())) > 1]
+
+
+def check_same_rundir(rundir: str) -> None:
+    """Raise MidgptError unless every process sees what process 0 writes in rundir (process 0 holds its lock)."""
+    # orbax commits a checkpoint once every process's part is in its folder: a new run whose --rundir was each
+    # host's own disk trained to its end, then waited for ever, no save committed.
+    if jax.process_count() == 1:
+        return
+    token = np.asarray(multihost_utils.broadcast_one_to_all(np.frombuffer(os.urandom(16), np.uint8))).tobytes()
+    path = os.path.join(rundir, LOCK)  # its holder alone writes it; other launches only open it to try the lock
+    with failing_together(), writing_to(rundir):
+        if jax.process_index() == 0:
+            with open(path, "wb") as f:
+                f.write(token)
+    with failing_together():
+        if jax.process_index() != 0 and read_or_none(path) != token:
+            raise MidgptError(f"{rundir} is not the directory process 0 writes in (its {LOCK} is missing or "
+                              "another's): --rundir must be on a filesystem every host sees")
 
 
 def check_devices_alike() -> None:
