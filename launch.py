@@ -62,7 +62,7 @@ def check_new_rundir(rundir: str) -> None:
     if os.path.islink(rundir) and not os.path.exists(rundir):  # os.makedirs would say "File exists"
         try:
             os.stat(rundir)
-        except OSError as e:  # a loop of links, which no folder made would end: it was told to make one
+        except OSError as e:  # a loop of links: the advice below, to make the folder it names, could not fix it
             if e.errno == errno.ELOOP:
                 raise MidgptError(f"--rundir={rundir} is a link that leads back to itself; remove it, or pass another "
                                   "--rundir") from None
@@ -128,6 +128,61 @@ def fields_help(argv: list[str]) -> str:
             + "\n".join(f"  --{k}={text(v)}" for k, v in leaves(config).items() if k != "name"))
 
 
+def check_cluster_arguments(parser: ArgumentParser, args) -> None:
+    """Refuse the --multihost flags that JAX would refuse in a traceback; each may be given alone."""
+    if args.num_processes is not None and args.num_processes < 1:  # JAX's word for 0 was about process_id
+        parser.error(f"--num_processes must be at least 1, got {args.num_processes}")
+    # A process 0 told it is alone waits for no other: it trained the run by itself, and any other process
+    # that joined it aborted in C++ ("Unexpected task registered").
+    if args.num_processes == 1:
+        parser.error("--num_processes=1 with --multihost runs this process alone; give every process the number "
+                     "of processes in the run, or drop --multihost for one")
+    if args.process_id is not None and not 0 <= args.process_id < (args.num_processes or args.process_id + 1):
+        parser.error(f"--process_id must be from 0 to --num_processes - 1, got {args.process_id}")
+    if args.coordinator_address is not None and not (
+            (port := re.fullmatch(r".+:(\d+)", args.coordinator_address)) and 0 < int(port[1]) < 2**16):
+        parser.error(f"--coordinator_address={args.coordinator_address} is not HOST:PORT, a port from 1 to 65535")
+
+
+def join_processes(args, signals: StopSignals) -> None:
+    """Join the other --multihost processes (jax.distributed.initialize), then start and check the devices."""
+    import jax
+
+    from midgpt import multihost
+
+    if os.path.isdir(args.rundir):  # before joining: a requeued copy's process joined the running copy's
+        with lock_run(args.rundir):  # coordinator, and JAX aborted that copy mid-save
+            pass
+    if args.process_id == 0 and args.coordinator_address:  # JAX's coordinator would crash on a taken port
+        multihost.check_port_free(args.coordinator_address)
+    # Said first: a process that never comes leaves the others silent until the timeout.
+    timeout = args.join_timeout or JOIN_TIMEOUT
+    print(f"waiting for every process to join (jax.distributed.initialize, at most {timeout} s; "
+          "Ctrl-C stops it)", flush=True)
+    every = f"all {args.num_processes} processes" if args.num_processes else "every process"
+    fix = (f"start {every} with the same --coordinator_address and --num_processes, each with its own "
+           "--process_id" if args.coordinator_address else "check that every task of the job started")
+    cluster = dict(coordinator_address=args.coordinator_address, num_processes=args.num_processes,
+                   process_id=args.process_id)
+    # It waits in C++ for the other processes, where Python's handlers never run: let Ctrl-C, SIGTERM
+    # (scancel, timeout) and SIGHUP kill it. With them handled, it waited out the whole --join_timeout.
+    # Listened to again after: initialize took SIGTERM for JAX's preemption notices.
+    try:
+        with signals.unheard():
+            multihost.initialize_within(cluster, timeout, fix)
+    except (ValueError, RuntimeError) as e:  # no cluster detected, the coordinator never answered
+        raise MidgptError(f"--multihost could not join the other processes ({str(e).strip().splitlines()[0]}); "
+                          "where no cluster is detected, pass --coordinator_address=HOST:PORT "
+                          "--num_processes=N --process_id=I") from None
+    start_devices()
+    multihost.check_devices_alike()
+    with multihost.failing_together():  # JAX takes process 0's count: another one elsewhere would go unseen
+        if args.num_processes not in (None, jax.process_count()):
+            # failing_together names the process on the others' lines.
+            raise MidgptError(f"--num_processes={args.num_processes}, but {jax.process_count()} joined; give "
+                              "every process the same --num_processes")
+
+
 def main(argv: list[str]) -> None:
     # Heard from the start, as training hears them: a KeyboardInterrupt raised in `import jax` was a
     # traceback, and one raised in a garbage-collection callback of JAX's was dropped and the run went on.
@@ -152,15 +207,14 @@ def launch(argv: list[str], signals: StopSignals) -> None:
     parser.add_argument("--join_timeout", type=positive_int,
                         help=f"with --multihost, seconds to wait for every process to join (default: {JOIN_TIMEOUT})")
     args, overrides = parser.parse_known_args(argv)
-    cluster = dict(coordinator_address=args.coordinator_address, num_processes=args.num_processes,
-                   process_id=args.process_id)
-    if not args.multihost and any(v is not None for v in [*cluster.values(), args.join_timeout]):
+    cluster_flags = (args.coordinator_address, args.num_processes, args.process_id, args.join_timeout)
+    if not args.multihost and any(v is not None for v in cluster_flags):
         parser.error("--coordinator_address, --num_processes, --process_id and --join_timeout need --multihost")
     if (args.join_timeout or 0) > MAX_JOIN_TIMEOUT:
         parser.error(f"--join_timeout must be at most {MAX_JOIN_TIMEOUT} s (a week), got {args.join_timeout}")
     if args.rundir == "":  # an unset $RUNDIR in a resume script would otherwise start a new run
         parser.error("--rundir is empty")
-    where = os.path.abspath(args.rundir or "outputs")  # the working directory's name counts: orbax saves there
+    where = os.path.abspath(args.rundir or "outputs")  # orbax writes to the absolute path, the working directory's too
     try:
         where.encode()
     except UnicodeEncodeError:  # what tensorstore, orbax's writer, fails on, and only at the first save
@@ -168,20 +222,7 @@ def launch(argv: list[str], signals: StopSignals) -> None:
                      "whole path is UTF-8")
     if args.multihost and not args.rundir:  # each process would name its own from its clock
         parser.error("--multihost needs --rundir: one directory that every process writes to")
-    # Checked here, as JAX's own errors are tracebacks; any of them may be given alone, to override
-    # what JAX detects of a cluster.
-    if args.num_processes is not None and args.num_processes < 1:  # JAX's word for 0 was about process_id
-        parser.error(f"--num_processes must be at least 1, got {args.num_processes}")
-    # A process 0 told it is alone waits for no other: it trained the run by itself, and any other process
-    # that joined it aborted in C++ ("Unexpected task registered").
-    if args.num_processes == 1:
-        parser.error("--num_processes=1 with --multihost runs this process alone; give every process the number "
-                     "of processes in the run, or drop --multihost for one")
-    if args.process_id is not None and not 0 <= args.process_id < (args.num_processes or args.process_id + 1):
-        parser.error(f"--process_id must be from 0 to --num_processes - 1, got {args.process_id}")
-    if args.coordinator_address is not None and not (
-            (port := re.fullmatch(r".+:(\d+)", args.coordinator_address)) and 0 < int(port[1]) < 2**16):
-        parser.error(f"--coordinator_address={args.coordinator_address} is not HOST:PORT, a port from 1 to 65535")
+    check_cluster_arguments(parser, args)  # here, as JAX's own errors are tracebacks
     config = apply_overrides(load_config(args.config), overrides, options=list(vars(args)))
     resume = resumes(args.rundir)
     if resume and args.debug:
@@ -197,41 +238,9 @@ def launch(argv: list[str], signals: StopSignals) -> None:
         check_new_rundir(args.rundir)
     rundir = args.rundir or new_rundir()  # made only now that the arguments are good
 
-    import jax  # only once the arguments are good
-
-    cache_compiled_programs()
+    cache_compiled_programs()  # imports jax: only once the arguments are good
     if args.multihost:  # before anything touches a device
-        # It waits in C++ for the other processes, where Python's handlers never run: let Ctrl-C, SIGTERM
-        # (scancel, timeout) and SIGHUP kill it. With them handled, it waited out the whole --join_timeout.
-        from midgpt import multihost
-
-        if os.path.isdir(rundir):  # before joining: a requeued copy's process joined the running copy's
-            with lock_run(rundir):  # coordinator, and JAX aborted that copy mid-save
-                pass
-        if args.process_id == 0 and args.coordinator_address:  # JAX's coordinator would crash on a taken port
-            multihost.check_port_free(args.coordinator_address)
-        # Said first: a process that never comes leaves the others silent until the timeout.
-        timeout = args.join_timeout or JOIN_TIMEOUT
-        print(f"waiting for every process to join (jax.distributed.initialize, at most {timeout} s; "
-              "Ctrl-C stops it)", flush=True)
-        every = f"all {args.num_processes} processes" if args.num_processes else "every process"
-        fix = (f"start {every} with the same --coordinator_address and --num_processes, each with its own "
-               "--process_id" if args.coordinator_address else "check that every task of the job started")
-        # Listened to again after: initialize took SIGTERM for JAX's preemption notices.
-        try:
-            with signals.unheard():
-                multihost.initialize_within(cluster, timeout, fix)
-        except (ValueError, RuntimeError) as e:  # no cluster detected, the coordinator never answered
-            raise MidgptError(f"--multihost could not join the other processes ({str(e).strip().splitlines()[0]}); "
-                              "where no cluster is detected, pass --coordinator_address=HOST:PORT "
-                              "--num_processes=N --process_id=I") from None
-        start_devices()
-        multihost.check_devices_alike()
-        with multihost.failing_together():  # JAX takes process 0's count: another one elsewhere would go unseen
-            if args.num_processes not in (None, jax.process_count()):
-                # failing_together names the process on the others' lines.
-                raise MidgptError(f"--num_processes={args.num_processes}, but {jax.process_count()} joined; give "
-                                  "every process the same --num_processes")
+        join_processes(args, signals)
     else:
         start_devices()
     notes = []

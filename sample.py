@@ -14,6 +14,39 @@ from midgpt.errors import MidgptError
 from midgpt.tokenizer import read_utf8
 
 
+def read_prompt(parser: ArgumentParser, start: str) -> str:
+    """--start's text: the prompt as given, or the file that FILE:path names."""
+    if start == "FILE:":  # an unset $PROMPT: "cannot read the prompt file : Is a directory"
+        parser.error("--start=FILE: names no file; give FILE:path")
+    if not start.startswith("FILE:"):
+        if not start:
+            parser.error("the prompt is empty; give --start at least one character")
+        return start
+    try:
+        # ~ is expanded, as it is in --rundir. Its line ends as they are: main reads them as "\n"
+        # unless the run's characters hold "\r" (text prepared with CRLF).
+        text = read_utf8(path := os.path.expanduser(start.removeprefix("FILE:")))
+    except OSError as e:  # a missing file is not a usage error: no "see --help"
+        raise MidgptError(f"cannot read the prompt file {path}: {e.strerror or e}") from None
+    except MidgptError as e:  # not UTF-8: what to convert it from, not a usage error
+        raise MidgptError(f"cannot read the prompt file {e}") from None
+    if not text:  # named: as a missing file, not a usage error
+        raise MidgptError(f"the prompt file {path} is empty; write the prompt in it")
+    return text
+
+
+def check_stdout_holds(meta: dict) -> None:
+    """Refuse a stdout whose encoding cannot write every character the run may sample, before any text."""
+    # A locale's ascii or latin-1 stdout stopped a sample in a traceback at its first emoji. GPT-2's text may
+    # hold any character: a codec that writes these four is one of the whole of Unicode.
+    can_come = "".join(meta["chars"]) if meta["tokenizer"] == "char" else "\xe9\u4e2d\ufffd\U0001f600"
+    try:
+        can_come.encode(sys.stdout.encoding or "utf-8", sys.stdout.errors or "strict")
+    except (UnicodeEncodeError, LookupError):
+        raise MidgptError(f"stdout writes {sys.stdout.encoding}, which cannot hold every character this run may "
+                          "sample; set PYTHONIOENCODING=utf-8 (or a UTF-8 locale)") from None
+
+
 def main(argv: list[str]) -> None:
     # Nothing to save: Ctrl-C ends it at once. Python's KeyboardInterrupt would wait for the
     # generation, which runs in C++ (minutes, for a long sample), and end in a traceback.
@@ -41,22 +74,7 @@ def main(argv: list[str]) -> None:
     if not 0 <= args.seed < 2**32:  # jax.random.key keeps 32 bits: 2**32 would draw as 0 does
         parser.error(f"seed must be in [0, 2**32), got {args.seed}")
 
-    start = args.start
-    if start == "FILE:":  # an unset $PROMPT: "cannot read the prompt file : Is a directory"
-        parser.error("--start=FILE: names no file; give FILE:path")
-    if start.startswith("FILE:"):
-        try:
-            # ~ is expanded, as it is in --rundir. Its line ends as they are: below, they are read as "\n"
-            # unless the run's characters hold "\r" (text prepared with CRLF).
-            start = read_utf8(path := os.path.expanduser(start.removeprefix("FILE:")))
-        except OSError as e:  # a missing file is not a usage error: no "see --help"
-            raise MidgptError(f"cannot read the prompt file {path}: {e.strerror or e}") from None
-        except MidgptError as e:  # not UTF-8: what to convert it from, not a usage error
-            raise MidgptError(f"cannot read the prompt file {e}") from None
-    if not start and args.start.startswith("FILE:"):  # named: as a missing file, not a usage error
-        raise MidgptError(f"the prompt file {path} is empty; write the prompt in it")
-    if not start:
-        parser.error("the prompt is empty; give --start at least one character")
+    start = read_prompt(parser, args.start)
 
     import jax  # only once the arguments are good
     import jax.numpy as jnp
@@ -74,14 +92,7 @@ def main(argv: list[str]) -> None:
     config, model = load_model(args.rundir, args.step, say=notes.append)
     meta = run_meta(args.rundir, config, say=notes.append)
     model = cast_floats(model, jnp.dtype(compute_dtype(config.compute_dtype)))
-    # Before any text: a locale's ascii or latin-1 stdout stopped a sample in a traceback at its first emoji. GPT-2's
-    # text may hold any character: a codec that writes these four is one of the whole of Unicode.
-    can_come = "".join(meta["chars"]) if meta["tokenizer"] == "char" else "\xe9\u4e2d\ufffd\U0001f600"
-    try:
-        can_come.encode(sys.stdout.encoding or "utf-8", sys.stdout.errors or "strict")
-    except (UnicodeEncodeError, LookupError):
-        raise MidgptError(f"stdout writes {sys.stdout.encoding}, which cannot hold every character this run may "
-                          "sample; set PYTHONIOENCODING=utf-8 (or a UTF-8 locale)") from None
+    check_stdout_holds(meta)
     if args.start.startswith("FILE:") and not (meta["tokenizer"] == "char" and "\r" in meta["chars"]):
         start = start.replace("\r\n", "\n").replace("\r", "\n")  # as Python's text mode reads them
     try:

@@ -259,18 +259,19 @@ class PipeSafe:
         self.gone = False  # whether a write found the reader gone
 
     def write(self, text: str) -> int:
-        try:
+        with self._unless_gone():
             return self.stream.write(text)
-        except OSError as e:
-            if not _reader_gone(e):
-                raise
-            _discard(self.stream)
-            self.gone = True
-            return len(text)
+        return len(text)
 
     def flush(self) -> None:
-        try:
+        with self._unless_gone():
             self.stream.flush()
+
+    @contextlib.contextmanager
+    def _unless_gone(self):
+        """Raise the block's OSError, unless its reader is gone: then later writes go to /dev/null."""
+        try:
+            yield
         except OSError as e:
             if not _reader_gone(e):
                 raise

@@ -80,8 +80,9 @@ def steps_a_call(config: Config) -> int:
     """The steps a call runs: the most, up to steps_per_call, that divide every interval the loop acts at."""
     every = math.gcd(config.log_interval, config.eval_interval, config.checkpoint_interval)
     most = min(config.steps_per_call, every)
-    # Over divisor pairs (i, every // i): counting up to most took minutes for intervals of 10**9.
-    return max(d for i in range(1, math.isqrt(every) + 1) if every % i == 0 for d in (i, every // i) if d <= most)
+    # Found as pairs (i, every // i), i up to sqrt(every): counting up to `most` took minutes for intervals of 10**9.
+    divisors = {d for i in range(1, math.isqrt(every) + 1) if every % i == 0 for d in (i, every // i)}
+    return max(d for d in divisors if d <= most)
 
 
 def config_names() -> list[str]:
@@ -126,11 +127,12 @@ def load_config(name: str) -> Config:
         if dataclasses.is_dataclass(group) and not isinstance(value := getattr(config, field), group):
             raise MidgptError(f"{where}: each group of the config must be its dataclass ({field}="
                               f"{group.__name__}(...)), not a {type(value).__name__}")
+    # Through JSON, as config.json reads back: a list where a tuple goes becomes the tuple, a bad type an error.
     try:
-        checked = config_from_dict(json.loads(json.dumps(config_to_dict(config))))  # as config.json reads back
+        checked = config_from_dict(json.loads(json.dumps(config_to_dict(config))))
     except (MidgptError, TypeError, ValueError) as e:  # json's: a value no JSON holds (a numpy number)
         raise MidgptError(f"{where}: {e}") from None
-    return dataclasses.replace(checked, name=name)  # a list where a tuple goes, read as config.json would read it
+    return dataclasses.replace(checked, name=name)
 
 
 def apply_overrides(config: Config, overrides: list[str], options: Sequence[str] = ()) -> Config:

@@ -41,9 +41,12 @@ def _require(data_dir: str, name: str, vocab_size: int | None = None) -> str:
         text, out_dir = (data_dir, "DIR") if os.path.isfile(data_dir) else (None, data_dir)  # the text itself?
         chars = f"python data/shakespeare_char/prepare.py --input {text or 'TEXT'} --out_dir {out_dir} (characters)"
         bpe = f"python data/openwebtext/prepare.py --input {text or 'FILES'} --out_dir {out_dir} (GPT-2 BPE)"
-        # GPT-2's ids need its vocabulary; a smaller one can only be characters'.
-        how = (f"python {script}" if os.path.exists(script) else f"{chars} or {bpe}" if vocab_size is None
-               else bpe if vocab_size >= GPT2_VOCAB_SIZE else chars)
+        if os.path.exists(script):
+            how = f"python {script}"
+        elif vocab_size is None:
+            how = f"{chars} or {bpe}"
+        else:  # GPT-2's ids need its vocabulary; a smaller one can only be characters'
+            how = bpe if vocab_size >= GPT2_VOCAB_SIZE else chars
         if os.path.isfile(data_dir):
             raise MidgptError(f"data_dir {data_dir} is a file, not a folder of prepared data; run {how}, "
                               "then pass --data_dir=DIR")

@@ -58,9 +58,9 @@ def rewind_jsonl(path: str, step: int):
         except (ValueError, TypeError, KeyError):  # someone's edit: theirs to fix, not ours to drop
             raise MidgptError(f"line {number} of {path} is not a metrics record; fix or remove it, "
                               "then resume") from None
-    # Records in step order, as a run writes them: the file keeps its first lines, cut in place in one call that a
-    # kill cannot tear (the same file, which `tail -f` goes on following); unless the last, given its newline
-    # above, is kept.
+    # Where the kept records are the file's first lines, as a run writes them, truncate: one call that a kill cannot
+    # tear, and `tail -f` goes on following the same file. Else rewrite it: a record out of order, or a kept last
+    # line that _lines gave the newline the file lacks.
     if kept == lines[:len(kept)] and (size := sum(map(len, kept))) <= os.path.getsize(path):
         os.truncate(path, size)
     else:
@@ -91,7 +91,8 @@ def rewind_events(rundir: str, step: int):
         damaged = lambda at: MidgptError(f"{path} is damaged at byte {at} (no TensorBoard record there); move it "
                                          f"out of {rundir}, then resume (TensorBoard reads it up to there)")
         while at + 12 <= len(data):
-            header, end = data[at:at + 8], at + 16 + struct.unpack("<Q", data[at:at + 8])[0]
+            header = data[at:at + 8]
+            end = at + 16 + struct.unpack("<Q", header)[0]
             if struct.unpack("<I", data[at + 8:at + 12])[0] != masked_crc32c(header):
                 raise damaged(at)
             if end > len(data):  # torn by a kill

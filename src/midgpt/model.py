@@ -50,16 +50,16 @@ def rotary_tables(positions_T, head_dim: int, base: float):
     constants for numpy positions."""
     inv_freq_R = base ** (-np.arange(0, head_dim, 2) / head_dim)  # R = C/2 rotated pairs; numpy float64, a constant
     if isinstance(positions_T, np.ndarray):
-        # Positions known as the step is traced (training, evaluation): constants, in float64. Left to XLA, the
-        # tables came out otherwise in a call's loop than in a step alone (folded into constants in one only, it
-        # seems), and in float32 the two programs' parameters ended 2e-7 apart.
+        # Positions known at trace time (training, evaluation): numpy constants, made in float64. Left to XLA, a
+        # K-step call and a lone step built different tables (it folded them into constants in one only), and
+        # the two programs' float32 parameters drifted 2e-7 apart.
         angle_TxR = positions_T[:, None] * inv_freq_R
         angle_TxC = np.concatenate([angle_TxR, angle_TxR], axis=-1)
         return np.sin(angle_TxC).astype(np.float32), np.cos(angle_TxC).astype(np.float32)
-    # position * inv_freq in float32 keeps fewer of the angle's bits the larger the position: a sample's
-    # ten-millionth token was rotated so far off that its log-probabilities moved by 0.2 (an error of 0.35
-    # rad). Summed over the position's bytes instead, each byte's step reduced mod 2 pi in float64, the
-    # angle is off by 4e-4 rad at most (800,000 positions drawn over int32's range; 2e-5 in the first thousand).
+    # Traced positions (decoding). position * inv_freq in float32 loses the angle's low bits as positions grow:
+    # a sample's ten-millionth token was 0.35 rad off, its log-probabilities 0.2. So the angle is summed over the
+    # position's 4 bytes, each byte's step reduced mod 2 pi in float64 first: at most 4e-4 rad off over int32's
+    # range (800,000 positions drawn; 2e-5 in the first thousand).
     positions_T = positions_T.astype(jnp.int32)
     angle_TxR = sum(
         ((positions_T >> 8 * i) & 255).astype(jnp.float32)[:, None]
@@ -113,10 +113,26 @@ def softmax_attention(q_BxTxHxC, k_BxSxHxC, v_BxSxHxC, mask_TxS, rate: float, ke
     return matmul("bhts,bshc->bthc", prob_BxHxTxS, v_BxSxHxC).astype(q_BxTxHxC.dtype)
 
 
+def einsum_attention(q_BxTxHxC, k_BxSxHxC, v_BxSxHxC, mask_TxS, causal: bool, rate: float, key):
+    """softmax_attention, in two halves of the queries where the mask is causal (S = T), else whole."""
+    # Positions before heads, as projected: XLA:CPU's bf16 matmul kernels do not take
+    # the layout that a transpose to heads first gives, and would run in float32.
+    T, S = q_BxTxHxC.shape[1], k_BxSxHxC.shape[1]
+    # Causal: the first half of the queries sees only the first half of the keys, and scoring them against
+    # those alone skips a quarter of the work (shakespeare_char on a CPU: 5.0 s -> 4.4 s a step).
+    parts = [(0, T // 2, T // 2), (T // 2, T, S)] if causal else [(0, T, S)]  # (query from, to, keys to)
+    keys = jax.random.split(key, len(parts)) if key is not None else [None] * len(parts)
+    return jnp.concatenate([
+        softmax_attention(q_BxTxHxC[:, t0:t1], k_BxSxHxC[:, :s1], v_BxSxHxC[:, :s1], mask_TxS[t0:t1, :s1], rate,
+                          part_key)
+        for (t0, t1, s1), part_key in zip(parts, keys)
+    ], axis=1)
+
+
 def attention_implementation(attention: str, dtype, with_dropout: bool, head_dim: int) -> str:
     """What ModelConfig.attention runs as: "einsum", or jax.nn.dot_product_attention's "xla" or "cudnn" (no dropout)."""
     if attention != "auto":
-        if with_dropout and attention != "einsum":  # runs are refused in check_config; a GPT built by hand is here
+        if with_dropout and attention != "einsum":  # check_config refuses this for runs: here for a GPT made in code
             raise ValueError(f"attention={attention} (jax.nn.dot_product_attention) has no dropout: its probabilities "
                              "would be kept whole; use attention='einsum' or dropout=0")
         return attention
@@ -182,7 +198,6 @@ class Attention(eqx.Module):
         With a cache, the new keys and values go to slots_T first. Returns (out, the updated cache or None).
         """
         attn_key, out_key = jax.random.split(key) if key is not None else (None, None)
-        dtype = x_BxTxD.dtype
         q_BxTxHxC = project("btd,dhc->bthc", x_BxTxD, self.wq_DxHxC)
         k_BxTxHxC = project("btd,dhc->bthc", x_BxTxD, self.wk_DxHxC)
         v_BxTxHxC = project("btd,dhc->bthc", x_BxTxD, self.wv_DxHxC)
@@ -192,14 +207,14 @@ class Attention(eqx.Module):
         k_BxTxHxC = apply_rotary(self.k_norm(k_BxTxHxC), sin_TxC, cos_TxC)
         k_BxSxHxC, v_BxSxHxC = k_BxTxHxC, v_BxTxHxC
         if cache is not None:
-            # Into the stack of every layer's, in place: a new copy (a scan's stacked output, as it was) held the
-            # cache twice and moved all of it at each token. The slots follow each other: see GPT.hidden.
+            # Written in place into the cache of every layer: returned as a scan's stacked output, it was held
+            # twice and copied whole at each token. The T slots are consecutive (GPT.hidden), so one slice.
             write = lambda c_LxBxSxHxC, c_BxTxHxC: jax.lax.dynamic_update_slice(
                 c_LxBxSxHxC, c_BxTxHxC[None], (layer, 0, slots_T[0], 0, 0))
             cache = KVCache(write(cache.k_LxBxSxHxC, k_BxTxHxC), write(cache.v_LxBxSxHxC, v_BxTxHxC), cache.positions_S)
             k_BxSxHxC, v_BxSxHxC = cache.k_LxBxSxHxC[layer], cache.v_LxBxSxHxC[layer]
-        implementation = attention_implementation(
-            self.attention, dtype, with_dropout=key is not None and self.dropout > 0, head_dim=q_BxTxHxC.shape[-1])
+        with_dropout = key is not None and self.dropout > 0
+        implementation = attention_implementation(self.attention, x_BxTxD.dtype, with_dropout, q_BxTxHxC.shape[-1])
         if cache is None and implementation != "einsum":
             # Without a cache, S = T and mask_TxS is causal within a window of block_size.
             T = q_BxTxHxC.shape[1]
@@ -209,19 +224,8 @@ class Attention(eqx.Module):
                 implementation=implementation,
             )
         else:
-            # Positions before heads, as projected: XLA:CPU's bf16 matmul kernels do not take
-            # the layout that a transpose to heads first gives, and would run in float32.
-            T, S = q_BxTxHxC.shape[1], k_BxSxHxC.shape[1]
-            # Without a cache the mask is causal, so the first half of the queries sees
-            # only the first half of the keys: scoring them against those alone skips a
-            # quarter of the work (shakespeare_char on a CPU: 5.0 s -> 4.4 s a step).
-            parts = [(0, T // 2, T // 2), (T // 2, T, S)] if cache is None else [(0, T, S)]  # (query from, to, keys to)
-            keys = jax.random.split(attn_key, len(parts)) if attn_key is not None else [None] * len(parts)
-            out_BxTxHxC = jnp.concatenate([
-                softmax_attention(q_BxTxHxC[:, t0:t1], k_BxSxHxC[:, :s1], v_BxSxHxC[:, :s1],
-                                  mask_TxS[t0:t1, :s1], self.dropout, part_key)
-                for (t0, t1, s1), part_key in zip(parts, keys)
-            ], axis=1)
+            out_BxTxHxC = einsum_attention(q_BxTxHxC, k_BxSxHxC, v_BxSxHxC, mask_TxS, causal=cache is None,
+                                           rate=self.dropout, key=attn_key)
         out_BxTxD = project("bthc,hcd->btd", out_BxTxHxC, self.wo_HxCxD)
         out_BxTxD = dropout(out_BxTxD, self.dropout, out_key)
         return out_BxTxD, cache
@@ -316,16 +320,15 @@ class GPT(eqx.Module):
         sin_TxC, cos_TxC = rotary_tables(positions_T, cfg.head_dim, cfg.rope_base)
         slots_T, key_positions_S, layers_L = None, positions_T, None
         if cache is not None:
-            # The tokens sit at positions_T after those already cached. Their keys are written before
-            # they attend, so several at once must not pass position block_size (one at a time past it,
-            # as sample.generate decodes): they would overwrite keys that earlier ones still see. Checked as the
-            # call is traced: a check in the program (eqx.error_if) is a host callback, and JAX's persistent
-            # cache keeps no program that has one. They are consecutive positions, so their slots follow each other.
+            # Keys are written before the tokens attend: several tokens at once reaching block_size would
+            # overwrite keys that the earlier ones still see. Past it, decode one at a time (as sample.generate
+            # does). Checked at trace time: eqx.error_if is a host callback, and JAX's persistent cache keeps no
+            # program that has one.
             if tokens_BxT.shape[1] > 1 and (isinstance(positions_T, jax.core.Tracer)
                                             or int(positions_T[-1]) >= cfg.block_size):
                 raise ValueError("several tokens at once with a cache take positions known as the call is traced "
                                  "(numpy), all below block_size; past it, pass them one at a time")
-            slots_T = positions_T % cfg.block_size
+            slots_T = positions_T % cfg.block_size  # consecutive: Attention writes them as one slice
             key_positions_S = cache.positions_S.at[slots_T].set(positions_T)
             cache = KVCache(cache.k_LxBxSxHxC, cache.v_LxBxSxHxC, key_positions_S)
             layers_L = jnp.arange(cfg.n_layer)  # each layer's index into the cache, carried whole

@@ -26,9 +26,10 @@ def check_samples_fit(model: GPT, num_samples: int, prompt_tokens: int, max_new_
     decoding chunk, the larger, and the tokens generate holds."""
     if max_new_tokens == 0:  # the prompt alone is shown: neither program runs
         return
-    # Far from it, no compiles (seconds each): the model, 16 caches a sample (XLA needs two or three) and every
-    # value the programs trace, held at once: a long prompt's attention scores or a large vocabulary's logits
-    # outgrow the caches (4 samples of a 2048-token prompt, one layer of 8 heads: 0.5 GiB, 16 caches 0.06 GiB).
+    # Well within the memory, skip the compiles (seconds each). The bound: the model, 16 caches a sample (XLA needs
+    # two or three) and every value the programs trace, all held at once (a long prompt's attention scores or a large
+    # vocabulary's logits outgrow the caches: 4 samples of a 2048-token prompt, one layer of 8 heads: 0.5 GiB, 16
+    # caches 0.06 GiB).
     cache_bytes = memory.tree_bytes(jax.eval_shape(lambda: model.empty_cache(1)))
     programs = _programs(model, num_samples, prompt_tokens, max_new_tokens, **sampling)
     traced = max((traced_bytes(program.trace(*args, **sampling).jaxpr.jaxpr) for program, args in programs), default=0)
@@ -218,6 +219,9 @@ def prompt_key(seed: int, ids: list[int]) -> jax.Array:
     return jax.random.fold_in(jax.random.key(seed), zlib.crc32(np.asarray(ids, np.int32).tobytes()))
 
 
+DECODE_CHUNK = 64  # tokens a call of _decode makes, at most
+
+
 def generate(model: GPT, prompt_BxP, max_new_tokens: int, key, temperature: float = 1.0, top_k: int | None = None,
              vocab: int | None = None):
     """Prompt followed by max_new_tokens generated tokens, (B, P + max_new_tokens); new ids below vocab if given."""
@@ -226,7 +230,7 @@ def generate(model: GPT, prompt_BxP, max_new_tokens: int, key, temperature: floa
 
 
 def generate_chunks(model: GPT, prompt_BxP, max_new_tokens: int, key, temperature: float = 1.0,
-                    top_k: int | None = None, vocab: int | None = None, chunk: int = 64):
+                    top_k: int | None = None, vocab: int | None = None, chunk: int = DECODE_CHUNK):
     """The new tokens of `generate`, (B, n) arrays of at most `chunk` positions each: to show them as they come.
 
     Past block_size the context slides, as in the model's forward pass: each layer attends to the block_size
@@ -240,10 +244,9 @@ def generate_chunks(model: GPT, prompt_BxP, max_new_tokens: int, key, temperatur
     return _chunks(model, prompt_BxP, max_new_tokens, key, chunk, temperature=temperature, top_k=top_k, vocab=vocab)
 
 
-def _chunk_length(max_new_tokens: int, chunk: int = 64) -> int:
-    """Tokens a call of _decode makes: whole chunks, the last one cut, make one compiled program whatever
-    max_new_tokens is; no more than the tokens after the first, or a 20-token sample decoded 64 positions
-    (slower than no cache)."""
+def _chunk_length(max_new_tokens: int, chunk: int = DECODE_CHUNK) -> int:
+    """Tokens a call of _decode makes: `chunk`, one compiled program for any max_new_tokens (_chunks cuts the last)."""
+    # No more than the tokens after the first: a 20-token sample decoded 64 positions, slower than no cache.
     return max(1, min(chunk, max_new_tokens - 1))
 
 

@@ -36,13 +36,17 @@ def make_mesh(config: Config, resuming: bool = False) -> Mesh:
         if resuming:  # a resumed run keeps its batch, so the devices must change instead
             divisors = [d for d in range(1, B + 1) if B % d == 0]
             fitting = [d for d in divisors if _resolve(config.mesh_shape, d)]
-            where = (f"({_either(fitting)})" if fitting == divisors else
-                     f"and that mesh_shape={given} fits ({_either(fitting)}), or pass another --mesh_shape" if fitting
-                     else f"({_either(divisors)}) with another --mesh_shape, e.g. --mesh_shape=1,-1")
+            if fitting == divisors:
+                where = f"({_either(fitting)})"
+            elif fitting:
+                where = f"and that mesh_shape={given} fits ({_either(fitting)}), or pass another --mesh_shape"
+            else:
+                where = f"({_either(divisors)}) with another --mesh_shape, e.g. --mesh_shape=1,-1"
             raise MidgptError(f"this run's batch_size={B} does not split over the {n} devices of the mesh; "
                               f"resume it on a device count that divides {B} {where}")
         near = [b for b in (B // n * n, B // n * n + n) if b]
-        rows = B * config.g_accum_iters  # smaller micro-batches, more of them, keep it; one already above, never
+        # Below the global batch, more accumulation of the smaller micro-batch can keep it; above, nothing can.
+        rows = B * config.g_accum_iters
         keep = f"; g_accum_iters can keep the global batch near {rows} rows" if near[0] < rows else ""
         raise MidgptError(f"batch_size={B} does not split over the {n} devices of the mesh; use a multiple of {n} "
                           f"({' or '.join(f'--batch_size={b}' for b in near)}{keep})")

@@ -188,12 +188,14 @@ def eval_loss(model: GPT, x_ExBxT, y_ExBxT, compute_dtype: str, pieces: int = 1,
     x_MxbxT, y_MxbxT = (in_pieces(a, pieces) for a in (x_ExBxT, y_ExBxT))
     M, b, T = x_MxbxT.shape
     at_once = min(ACTIVATIONS_AT_ONCE // (b * T * model.config.n_embd), M)  # pieces in the budget
-    # lax.map's batch_size=1 adds a vmap of one, which XLA:CPU ran 10% slower on pieces that fill the
-    # budget (shakespeare_char's) but in a quarter less time on its whole 64-row batches.
-    if at_once > 1:  # smaller pieces, several at a time: their matmuls alone are too small to keep a
-        batch_size = at_once  # CPU busy (shakespeare_char_cpu's evaluation: 0.21 s -> 0.17 s here)
+    # Pieces under the budget run several at a time: alone, their matmuls are too small to keep a CPU busy
+    # (shakespeare_char_cpu's evaluation: 0.21 s -> 0.17 s). One that fills it runs alone (None): lax.map's
+    # batch_size=1 adds a vmap of one, which XLA:CPU ran 10% slower there, but a quarter faster on a piece
+    # over the budget (shakespeare_char's whole 64-row batches).
+    if at_once > 1:
+        batch_size = at_once
     else:
-        batch_size = None if at_once == 1 else 1  # filling the budget, or over it
+        batch_size = None if at_once == 1 else 1
     # Whole groups, the last filled up with pieces that the mean leaves out: lax.map would trace the
     # model a second time for a remainder (0.6 s of shakespeare_char_cpu's 1.8 s evaluation compile).
     pad = -M % batch_size if batch_size else 0
