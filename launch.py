@@ -24,7 +24,7 @@ from midgpt.cli import (ArgumentParser, StopSignals, add_config_option, cache_co
                         start_devices)
 from midgpt.config import apply_overrides, check_config, leaves, load_config
 from midgpt.errors import MidgptError
-from midgpt.files import LOCK, lock_run
+from midgpt.files import LOCK, check_run_free
 from midgpt.metrics import last_step
 from midgpt.rundir import (CHECKPOINTS, FIXED_ON_RESUME, FREE_ON_RESUME, check_as_checkpointed, check_saved_config,
                            read_config_json, resume_config, runs_near, saved_steps)
@@ -150,9 +150,8 @@ def join_processes(args, signals: StopSignals) -> None:
 
     from midgpt import multihost
 
-    if os.path.isdir(args.rundir):  # before joining: a requeued copy's process joined the running copy's
-        with lock_run(args.rundir):  # coordinator, and JAX aborted that copy mid-save
-            pass
+    # Before joining: a requeued copy's process joined the running copy's coordinator, and JAX aborted that copy.
+    check_run_free(args.rundir)
     if args.process_id == 0 and args.coordinator_address:  # JAX's coordinator would crash on a taken port
         multihost.check_port_free(args.coordinator_address)
     # Said first: a process that never comes leaves the others silent until the timeout.

@@ -3,6 +3,7 @@ and real multi-process training through jax.distributed."""
 
 import contextlib
 import dataclasses
+import fcntl
 import json
 import os
 import re
@@ -24,7 +25,9 @@ from jax.sharding import PartitionSpec as P
 from conftest import REPO_ROOT, small_files, this_tree_env
 from midgpt import mfu
 from midgpt.config import Config, ModelConfig
+from midgpt.errors import MidgptError
 from midgpt.optimizer import make_optimizer
+from midgpt.prepare import DATA_IDENTITY
 from midgpt.sharding import FSDP, make_mesh, param_spec
 from midgpt.step import init_state, make_train_step
 
@@ -476,9 +479,13 @@ def test_a_host_without_the_data_or_with_other_data_stops_every_process_in_one_l
         assert lines[1].startswith(f"error: {os.path.basename(shakespeare_data_dir)} not found"), lines
         assert lines[0] == f"error: process 1: {lines[1].removeprefix('error: ')}", lines
     else:
-        assert lines == [f"error: {os.path.basename(shakespeare_data_dir)} holds other data on some hosts (its "
-                         "meta.json differs between processes); prepare the same data on every host (copy one "
-                         "host's), or put it where every host sees it"] * 2, results
+        metas = [json.load(open(os.path.join(d, os.path.basename(shakespeare_data_dir), "meta.json")))
+                 for d in (here, other)]
+        differ = [key for key in DATA_IDENTITY if metas[0].get(key) != metas[1].get(key)]
+        assert "train_tokens" in differ
+        assert lines == [f"error: {os.path.basename(shakespeare_data_dir)} holds other data on some hosts "
+                         f"({', '.join(differ)} in its meta.json differ between processes); prepare the same data on "
+                         "every host (copy one host's), or put it where every host sees it"] * 2, results
     assert not any("Traceback" in err for _, err in results), results
     assert not (tmp_path / "run").exists()
 
@@ -513,6 +520,20 @@ def test_a_process_that_stopped_before_a_shared_check_is_one_line_on_the_others(
     assert re.fullmatch(r"LostProcess a collective across the 2 processes failed \(\w+: .*Gloo.*\); another process "
                         r"has most likely stopped \(see its output\); once every process has stopped, fix what stopped "
                         r"the other and run the same command again", said.splitlines()[-1]), (said, err)
+
+
+def test_a_runs_lock_checked_before_joining_refuses_a_holder_not_the_jobs_other_processes_checking_too(tmp_path):
+    # Each process of a job checks the lock as it starts, at about the same moment: an exclusive probe of one
+    # refused another, and the rest waited out --join_timeout for it.
+    from midgpt.files import LOCK, check_run_free, lock_run
+
+    check_run_free(str(tmp_path / "none"))  # no run yet
+    (tmp_path / LOCK).touch()
+    with open(tmp_path / LOCK, "rb") as sibling:  # another process of the job, checking at this moment
+        fcntl.flock(sibling, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        check_run_free(str(tmp_path))
+    with lock_run(str(tmp_path)), pytest.raises(MidgptError, match="another launch.py is training the run in "):
+        check_run_free(str(tmp_path))
 
 
 def test_a_second_copy_of_a_running_job_is_refused_before_it_joins_the_first_copys_processes(shakespeare_data_dir,
@@ -676,17 +697,23 @@ def test_a_failed_collective_of_gloo_or_nccl_is_told_apart_from_other_errors(mon
 
 def test_a_process_lost_during_a_save_is_told_as_a_lost_process_not_as_a_failed_save(monkeypatch, tmp_path):
     # A peer killed while orbax's save waited for it in a barrier: the line blamed the save ("fix the cause") and
-    # never said that another process had stopped. Raised as it came, the loop words it as a lost process.
+    # never said that another process had stopped. The run's last save, which the loop's line does not cover too.
     import orbax.checkpoint as ocp
 
-    from midgpt import checkpoint
+    from midgpt import checkpoint, multihost
 
     manager = ocp.CheckpointManager(tmp_path / "checkpoints")
     monkeypatch.setattr(jax, "process_count", lambda: 2)
     gloo = jax.errors.JaxRuntimeError("UNKNOWN: Gloo AllGather failed: Connection closed by peer [127.0.0.1]:1372")
-    with pytest.raises(jax.errors.JaxRuntimeError) as raised, checkpoint.failed_saves_in_one_line(manager, "X"):
+    with pytest.raises(multihost.LostProcess) as raised, checkpoint.failed_saves_in_one_line(manager, "X"):
         raise gloo
-    assert raised.value is gloo
+    assert str(raised.value) == (
+        "a collective across the 2 processes failed (UNKNOWN: Gloo AllGather failed: Connection closed by peer "
+        "[127.0.0.1]:1372); another process has most likely stopped (see its output); once every process has "
+        "stopped, run X to start again")
+    # In the loop, its line names the step.
+    assert str(multihost.collective_error(raised.value, "F", 9)).startswith(
+        "training stopped at step 9: a collective across the 2 processes failed (UNKNOWN: Gloo AllGather failed: ")
     with pytest.raises(checkpoint.SaveFailed, match=r"^a checkpoint save failed \(No space left on device\); no "
                        "checkpoint was finished: fix the cause and run again$"):
         with checkpoint.failed_saves_in_one_line(manager, "X"):

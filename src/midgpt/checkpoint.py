@@ -148,9 +148,10 @@ def failed_saves_in_one_line(manager: ocp.CheckpointManager, resume_with: str):
     try:
         yield  # orbax raises a background failure at the next save or wait
     except Exception as e:
-        if multihost.failed_collective(e):  # another process stopped in the save's barrier: the loop's line says so
-            raise
         intact = newest_committed(os.path.dirname(str(manager.directory)))
+        if multihost.failed_collective(e):  # another process stopped, in the save's barrier: no fault of the disk's
+            raise multihost.collective_error(e, f"once every process has stopped, run {resume_with} to " + (
+                f"resume from checkpoint {intact}" if intact is not None else "start again")) from e
         # tensorstore appends the OS error's number: "No space left on device" says more than its first words.
         code = re.search(r"os_error_code='?(\d+)", str(e))
         raise SaveFailed(f"a checkpoint save failed ({os.strerror(int(code[1])) if code else describe(e)}); " + (

@@ -136,7 +136,7 @@ def keep_freed_memory(keep: int = 1 << 30) -> None:
 
 def cache_compiled_programs(max_bytes: int = 2 << 30) -> None:
     """Keep XLA's compiled programs in ~/.cache/midgpt/xla: a rerun or a resume loads its step, not compiles it."""
-    import jax  # its callers have imported it; the arguments' errors come before
+    import jax  # here, not at the top: the arguments' errors come before its import
 
     # JAX's own variables win: JAX_COMPILATION_CACHE_DIR for another directory,
     # JAX_ENABLE_COMPILATION_CACHE=false for none.

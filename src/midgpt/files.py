@@ -49,12 +49,27 @@ def lock_run(rundir: str):
     os.makedirs(rundir, exist_ok=True)
     f = open(os.path.join(rundir, LOCK), "a")  # written by its holder alone: a refused start changes no file
     try:
-        _lock(f, f"another launch.py is training the run in {rundir}; wait for it to end (or stop it), "
-              "or pass another --rundir")
+        _lock(f, _training(rundir))
     except MidgptError:
         f.close()
         raise
     return f
+
+
+def check_run_free(rundir: str) -> None:
+    """Raise MidgptError if a launch.py holds the lock of the run in rundir; take none."""
+    # Shared, and let go at once: the processes of one job, checking together, do not refuse each other.
+    try:
+        f = open(os.path.join(rundir, LOCK), "rb")  # read: a shared lock over NFS is a POSIX read lock
+    except OSError:  # none: no launch holds it (each makes it); unreadable: the run's own checks say so
+        return
+    with f:
+        _lock(f, _training(rundir), fcntl.LOCK_SH)
+
+
+def _training(rundir: str) -> str:
+    return (f"another launch.py is training the run in {rundir}; wait for it to end (or stop it), "
+            "or pass another --rundir")
 
 
 def lock_directory(path: str | os.PathLike, busy: str) -> int:
@@ -71,10 +86,10 @@ def lock_directory(path: str | os.PathLike, busy: str) -> int:
     return fd
 
 
-def _lock(file, busy: str) -> None:
-    """flock an open file or descriptor exclusively; MidgptError(busy) if another process holds it."""
+def _lock(file, busy: str, kind: int = fcntl.LOCK_EX) -> None:
+    """flock an open file or descriptor (exclusively unless told); MidgptError(busy) if another process holds it."""
     try:
-        fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(file, kind | fcntl.LOCK_NB)
     except BlockingIOError:
         raise MidgptError(busy) from None
     except OSError:  # a filesystem without locks: go on unguarded, as before

@@ -22,6 +22,7 @@ from midgpt.cli import exit_in_one_line
 from midgpt.config import Config, leaves
 from midgpt.errors import MidgptError
 from midgpt.files import LOCK, read_or_none, writing_to
+from midgpt.prepare import DATA_IDENTITY
 
 
 def check_port_free(coordinator_address: str) -> None:
@@ -87,11 +88,15 @@ def check_same_arguments(config: Config, rundir: str, debug: bool, resume: bool,
 
 
 def check_same_data(data_dir: str, meta: bytes) -> None:
-    """Raise MidgptError unless every process's data has the same meta.json (vocabulary, sizes, checksums)."""
+    """Raise MidgptError unless every process's data is the same (meta.json's vocabulary, sizes and checksums)."""
     # Each host reads its own data_dir: another copy's token ids trained the run, silently, on two vocabularies.
-    if jax.process_count() > 1 and differing({"meta": meta}):
-        raise MidgptError(f"{data_dir} holds other data on some hosts (its meta.json differs between processes); "
-                          "prepare the same data on every host (copy one host's), or put it where every host sees it")
+    if jax.process_count() == 1:
+        return
+    saved = json.loads(meta)  # load_splits has read it
+    if differ := differing({key: json.dumps(saved.get(key)).encode() for key in DATA_IDENTITY}):
+        raise MidgptError(f"{data_dir} holds other data on some hosts ({', '.join(differ)} in its meta.json differ "
+                          "between processes); prepare the same data on every host (copy one host's), or put it "
+                          "where every host sees it")
 
 
 def differing(values: dict[str, bytes]) -> list[str]:
@@ -151,12 +156,12 @@ def failing_together():
         try:
             lines = multihost_utils.process_allgather(np.frombuffer(line_bytes, np.uint8))  # (processes, 1024)
         except Exception as e:  # a process that stopped before it (a host's own error, outside such a block)
-            if error is not None and not failed_collective(error):  # this process's own says more
-                raise error from None
-            if failed_collective(e):  # not a traceback, then JAX's abort as it waits for that process at exit
+            if error is None or failed_collective(error):  # else this process's own, raised below, says more
+                if not failed_collective(e):
+                    raise
+                # Not a traceback, then JAX's abort as it waits for that process at exit.
                 raise collective_error(e, "once every process has stopped, fix what stopped the other and run the "
                                           "same command again") from None
-            raise
         if error is None and (met := [i for i, row in enumerate(lines) if row.any()]):
             text = bytes(lines[met[0]]).rstrip(b"\0").decode(errors="replace")
             error = MidgptError(f"process {met[0]}: {text}")

@@ -245,7 +245,7 @@ def generate_chunks(model: GPT, prompt_BxP, max_new_tokens: int, key, temperatur
 
 
 def _chunk_length(max_new_tokens: int, chunk: int = DECODE_CHUNK) -> int:
-    """Tokens a call of _decode makes: `chunk`, one compiled program for any max_new_tokens (_chunks cuts the last)."""
+    """Tokens a call of _decode makes, at most `chunk`: one compiled program for any max_new_tokens."""
     # No more than the tokens after the first: a 20-token sample decoded 64 positions, slower than no cache.
     return max(1, min(chunk, max_new_tokens - 1))
 

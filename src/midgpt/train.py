@@ -187,7 +187,8 @@ def _train(config: Config, rundir: str, debug: bool, resume: bool, notes: Sequen
     pieces = pieces_per_micro_batch(config, mesh)
     if not existed:  # before the first write
         lock()
-    multihost.check_same_rundir(rundir)
+    if not debug:  # which commits no checkpoint
+        multihost.check_same_rundir(rundir)
     with multihost.failing_together(), writing_to(rundir):  # not in orbax's barrier, where the others wait
         if is_main and not debug:
             checkpoint.delete_unfinished_saves(rundir)
