@@ -156,12 +156,13 @@ def failing_together():
         try:
             lines = multihost_utils.process_allgather(np.frombuffer(line_bytes, np.uint8))  # (processes, 1024)
         except Exception as e:  # a process that stopped before it (a host's own error, outside such a block)
-            if error is None or failed_collective(error):  # else this process's own, raised below, says more
-                if not failed_collective(e):
-                    raise
-                # Not a traceback, then JAX's abort as it waits for that process at exit.
+            if error is not None and not failed_collective(error):
+                pass  # this process's own error, raised below, says more
+            elif failed_collective(e):  # not a traceback, then JAX's abort as it waits for that process at exit
                 raise collective_error(e, "once every process has stopped, fix what stopped the other and run the "
                                           "same command again") from None
+            else:
+                raise
         if error is None and (met := [i for i, row in enumerate(lines) if row.any()]):
             text = bytes(lines[met[0]]).rstrip(b"\0").decode(errors="replace")
             error = MidgptError(f"process {met[0]}: {text}")
