@@ -315,41 +315,41 @@ def test_two_processes_train_like_one_process_with_eight_devices(shakespeare_dat
     # float32: the two runs reduce in different orders, and bf16 would round those differences up.
     # fsdp_min_size=0: every array sharded, so each process's checkpoint files hold only its own shards.
     common = ["--config=shakespeare_char_cpu", f"--data_dir={shakespeare_data_dir}", "--compute_dtype=float32",
-              "--batch_size=16",
-              "--g_accum_iters=2", "--max_steps=12", "--eval_interval=6", "--eval_iters=2", "--log_interval=3",
+              "--batch_size=16", "--model.n_layer=1",
+              "--g_accum_iters=2", "--max_steps=8", "--eval_interval=4", "--eval_iters=2", "--log_interval=2",
               "--fsdp_min_size=0"]
     # One run directory for both, as on a cluster's shared filesystem: orbax's
     # multi-process checkpoints need every process to see the same directory.
-    procs = two_processes(*common, f"--rundir={tmp_path}/multi", "--checkpoint_interval=6")
+    procs = two_processes(*common, f"--rundir={tmp_path}/multi", "--checkpoint_interval=4")
     single = launch(*common, f"--rundir={tmp_path}/single", devices=8)
     for p, (_, stderr) in zip([*procs, single], outputs([*procs, single], timeout=300)):
         assert p.returncode == 0, stderr
     multi = [json.loads(line) for line in open(tmp_path / "multi" / "metrics.jsonl")]
     alone = [json.loads(line) for line in open(tmp_path / "single" / "metrics.jsonl")]
     # Each step once: only process 0 writes.
-    assert [r["step"] for r in multi] == [r["step"] for r in alone] == [3, 6, 9, 12]
-    assert sorted(os.listdir(tmp_path / "multi" / "checkpoints")) == ["12", "6"]
+    assert [r["step"] for r in multi] == [r["step"] for r in alone] == [2, 4, 6, 8]
+    assert sorted(os.listdir(tmp_path / "multi" / "checkpoints")) == ["4", "8"]
     for m, a in zip(multi, alone):
         for key in ("loss", "grad_norm", "train_loss", "val_loss"):
             if key in a:
                 assert m[key] == pytest.approx(a[key], rel=1e-5), (m["step"], key)
 
     trained = metrics(tmp_path / "multi")
-    # Damaged in process 1's files only: process 0 restores it. Both skip it, alike, to checkpoint 6;
+    # Damaged in process 1's files only: process 0 restores it. Both skip it, alike, to checkpoint 4;
     # orbax's restore had them wait for each other in a barrier that process 1 never came to.
-    for f in (tmp_path / "multi" / "checkpoints" / "12" / "state").glob("ocdbt.process_1/d/*"):
+    for f in (tmp_path / "multi" / "checkpoints" / "8" / "state").glob("ocdbt.process_1/d/*"):
         f.write_bytes(f.read_bytes()[:10])
-    resumed = two_processes(*common, f"--rundir={tmp_path}/multi", "--checkpoint_interval=6", "--max_steps=15")
+    resumed = two_processes(*common, f"--rundir={tmp_path}/multi", "--checkpoint_interval=4", "--max_steps=10")
     results = outputs(resumed, timeout=120)
     assert [p.returncode for p in resumed] == [0, 0], results
     out = results[0][0]
-    damaged = re.search(r"checkpoint 12 is damaged \(process 1: \w+: .*\); moved to \S+\nresuming from checkpoint 6\n",
+    damaged = re.search(r"checkpoint 8 is damaged \(process 1: \w+: .*\); moved to \S+\nresuming from checkpoint 4\n",
                         out)
     assert damaged and "Encountered error" not in damaged[0], out  # what orbax's read error wraps, not its wrapper
     assert len(os.listdir(tmp_path / "multi" / "checkpoints_damaged")) == 1
     again = metrics(tmp_path / "multi")
-    assert [r["step"] for r in again] == [3, 6, 9, 12, 15]
-    assert again[:4] == trained  # steps 7-12 trained again, identically
+    assert [r["step"] for r in again] == [2, 4, 6, 8, 10]
+    assert again[:4] == trained  # steps 5-8 trained again, identically
 
 
 def test_a_checkpoint_that_one_process_cannot_read_stops_both_in_one_line_and_is_kept(shakespeare_data_dir, tmp_path):
@@ -386,7 +386,7 @@ def test_a_signalled_process_stops_both_at_the_next_log_step_with_a_checkpoint(s
 
     rundir = tmp_path / "run"
     procs = two_processes("--config=shakespeare_char_cpu", f"--data_dir={shakespeare_data_dir}", "--batch_size=16",
-                          "--max_steps=100000", "--log_interval=7", f"--rundir={rundir}")
+                          "--model.n_layer=1", "--max_steps=100000", "--log_interval=7", f"--rundir={rundir}")
     wait_for_step(rundir, 7, procs[0])
     procs[signalled].send_signal(signal.SIGTERM)  # one process's alone: it tells the other at the next log step
     results = outputs(procs, timeout=120)
@@ -436,8 +436,8 @@ def test_a_process_that_dies_mid_run_stops_the_other_in_one_line_that_says_how_t
 
     rundir = tmp_path / "run"
     procs = two_processes("--config=shakespeare_char_cpu", f"--data_dir={shakespeare_data_dir}", "--batch_size=16",
-                          "--max_steps=100000", "--log_interval=5", "--checkpoint_interval=10", f"--rundir={rundir}",
-                          devices=(1, 1))
+                          "--model.n_layer=1", "--max_steps=100000", "--log_interval=5", "--checkpoint_interval=10",
+                          f"--rundir={rundir}", devices=(1, 1))
     wait_for_step(rundir, 12, procs[0])
     # Killed as a crashed host is: process 0 waited for it in a collective, and JAX's heartbeat aborted it in C++
     # 100 s later. Stopped first, so that process 0 is in that collective. One device each: with several, one of
@@ -544,7 +544,8 @@ def test_a_second_copy_of_a_running_job_is_refused_before_it_joins_the_first_cop
 
     rundir = tmp_path / "run"
     args = ("--config=shakespeare_char_cpu", f"--data_dir={shakespeare_data_dir}", "--batch_size=16",
-            "--max_steps=100000", "--log_interval=5", "--checkpoint_interval=10", f"--rundir={rundir}")
+            "--model.n_layer=1", "--max_steps=100000", "--log_interval=5", "--checkpoint_interval=10",
+            f"--rundir={rundir}")
     first = two_processes(*args, devices=(1, 1))
     try:
         wait_for_step(rundir, 5, first[0])
