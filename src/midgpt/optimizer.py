@@ -18,6 +18,13 @@ def lr_schedule(config: Config) -> optax.Schedule:
     return lambda count: cosine(count + 1)
 
 
+def lr_at(config: Config, count: int) -> float:
+    """The learning rate of the update that follows `count` earlier ones, as a number to print."""
+    # One program: called on a number, optax's schedule runs a dozen operations, each compiled on its own
+    # (0.4 s of every launch's start here, against 0.06 s).
+    return float(jax.jit(lr_schedule(config))(count))
+
+
 def schedule_note(config: Config) -> str | None:
     """What a run whose max_steps is not lr_decay_steps should know of its learning rate's end."""
     if config.lr_decay_steps < config.max_steps:  # as extending a finished run with --max_steps alone does
@@ -26,7 +33,7 @@ def schedule_note(config: Config) -> str | None:
     if config.lr_decay_steps == config.max_steps:
         return None
     # A short try of a long config: its last steps are not annealed, so its last loss is not the config's.
-    last_lr = float(lr_schedule(config)(config.max_steps - 1))
+    last_lr = lr_at(config, config.max_steps - 1)
     warming = config.warmup_steps >= config.max_steps  # then the advice must shorten warmup too, to be valid
     fix = f"--lr_decay_steps={config.max_steps}" + (f" --warmup_steps={config.max_steps // 10}" if warming else "")
     return (f"the run ends at step {config.max_steps}, at learning rate {last_lr:.3g}"

@@ -21,7 +21,7 @@ from midgpt.errors import MidgptError
 from midgpt.files import lock_run, write_atomically, writing_to
 from midgpt.metrics import MetricsLog
 from midgpt.model import GPT, check_cudnn, count_params
-from midgpt.optimizer import lr_schedule, make_optimizer, schedule_note
+from midgpt.optimizer import lr_at, make_optimizer, schedule_note
 from midgpt.profiler import TraceWindow
 from midgpt.step import (eval_loss, fresh_state, init_state, loss_chunks, make_train_step, memory_estimator,
                          pieces_per_micro_batch, state_layout)
@@ -113,7 +113,7 @@ def compiled_line(config: Config, steps: range, seconds: float, start: int, peak
     lr_decay_steps moves (its cosine, stretched, rises again)."""
     resumed_here = start and steps[0] == start + 1
     return (f"{cli.named_steps(steps)} (compile included) took {seconds:.1f} s"
-            + (f", {'at' if len(steps) == 1 else 'from'} learning rate {float(lr_schedule(config)(start)):.3g}"
+            + (f", {'at' if len(steps) == 1 else 'from'} learning rate {lr_at(config, start):.3g}"
                if resumed_here else "")
             + (f"; peak memory {memory.readable(peak_memory)} per device" if peak_memory else ""))
 
