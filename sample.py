@@ -11,6 +11,7 @@ import sys
 
 from midgpt.cli import ArgumentParser, cache_compiled_programs, positive_int, run, say, start_devices
 from midgpt.errors import MidgptError
+from midgpt.rundir import read_run_config
 from midgpt.tokenizer import read_utf8
 
 
@@ -75,8 +76,9 @@ def main(argv: list[str]) -> None:
         parser.error(f"seed must be in [0, 2**32), got {args.seed}")
 
     start = read_prompt(parser, args.start)
+    read_run_config(args.rundir)  # a wrong --rundir told at once, not after JAX's import (a second)
 
-    import jax  # only once the arguments are good
+    import jax  # only once the arguments and the run are good
     import jax.numpy as jnp
 
     cache_compiled_programs()

@@ -1063,6 +1063,21 @@ def test_resuming_with_another_model_is_refused(short_run, shakespeare_data_dir)
     assert open(os.path.join(short_run, "metrics.jsonl")).read() == before
 
 
+def test_a_wrong_rundir_is_told_before_sample_imports_jax(short_run, tmp_path):
+    # Its line came after JAX's import, a second later.
+    edited = tmp_path / "edited"
+    shutil.copytree(short_run, edited)
+    config = json.loads((edited / "config.json").read_text())
+    (edited / "config.json").write_text(json.dumps({**config, "model": {**config["model"], "n_layer": 3}}))
+    for rundir, fragment in [(tmp_path / "nope", "does not exist"), (os.path.dirname(short_run), "holds runs"),
+                             (edited, "has model.n_layer=3 but checkpoint")]:
+        result = subprocess.run([sys.executable, "-X", "importtime", "sample.py", f"--rundir={rundir}"],
+                                cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
+        *imports, line = result.stderr.strip().splitlines()
+        assert result.returncode == 1 and line.startswith("error: ") and fragment in line, result.stderr
+        assert not [i for i in imports if i.endswith(("| jax", "| orbax.checkpoint"))], result.stderr
+
+
 def test_sample_errors_are_one_line(short_run, shakespeare_data_dir, tmp_path):
     assert_one_line_error(run("sample.py", f"--rundir={tmp_path}"), "config.json")
     assert_one_line_error(run("sample.py", "--rundir="), "--rundir is empty")

@@ -159,6 +159,14 @@ def read_config_json(rundir: str) -> Config:
         raise MidgptError(f"{path}: {e}; {undo}, or use the version of midgpt that wrote it") from None
 
 
+def read_run_config(rundir: str) -> Config:
+    """A finished or running run's config.json, refused where it is not what its checkpoints trained with."""
+    config = read_config_json(rundir)
+    check_as_checkpointed(rundir, config)
+    check_saved_config(rundir, config, config)  # a hand edit launch.py would refuse
+    return config
+
+
 def check_saved_config(rundir: str, config: Config, saved: Config, fix: str = "fix it there") -> None:
     """check_config of a run's config: `saved`, its config.json, with overrides; its errors from there name the file."""
     try:

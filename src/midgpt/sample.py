@@ -17,7 +17,7 @@ from midgpt import checkpoint, data, memory, sharding
 from midgpt.config import Config
 from midgpt.errors import MidgptError
 from midgpt.model import GPT, fresh_model, project
-from midgpt.rundir import check_as_checkpointed, check_saved_config, read_config_json, saved_steps
+from midgpt.rundir import read_run_config, saved_steps
 
 
 def check_samples_fit(model: GPT, num_samples: int, prompt_tokens: int, max_new_tokens: int, available: int,
@@ -112,9 +112,7 @@ def fitting_memory(num_samples: int, tokens: int):
 
 def load_model(rundir: str, step: int | None = None, say=None) -> tuple[Config, GPT]:
     """The run's config and its parameters at step (default: the newest that restores, said with say), on one device."""
-    config = read_config_json(rundir)
-    check_as_checkpointed(rundir, config)
-    check_saved_config(rundir, config, config)  # a hand edit launch.py would refuse
+    config = read_run_config(rundir)
     if not os.path.isdir(checkpoint.directory(rundir)):
         raise MidgptError(f"{rundir} has no checkpoints yet (runs with --debug write none)")
     like = eqx.filter_eval_shape(fresh_model, config)
