@@ -232,9 +232,9 @@ def test_a_stop_signal_saves_and_exits_0_when_nobody_reads_the_output(shakespear
 def test_a_stop_during_an_evaluation_says_it_waits_for_the_evaluation(shakespeare_data_dir, tmp_path):
     # shakespeare_char's evaluation takes minutes on a CPU, and the notice said "after this step".
     rundir = tmp_path / "run"
-    proc = launch(rundir, shakespeare_data_dir, "--max_steps=100000", "--eval_interval=1", "--eval_iters=300",
+    proc = launch(rundir, shakespeare_data_dir, "--max_steps=100000", "--eval_interval=1", "--eval_iters=100",
                   stderr=subprocess.STDOUT)
-    for line in proc.stdout:  # step 1's evaluation (its compile, then 600 batches: seconds) follows this line
+    for line in proc.stdout:  # step 1's evaluation (its compile, then 200 batches: seconds) follows this line
         if line.startswith("step 1 (compile included)"):
             time.sleep(0.5)
             proc.send_signal(signal.SIGINT)
