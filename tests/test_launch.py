@@ -723,13 +723,13 @@ def test_a_checkpoint_save_that_fails_is_one_line_and_keeps_the_last_good_one(sh
 
 
 def test_a_log_write_that_fails_is_one_line_and_the_run_resumes(short_run, shakespeare_data_dir, tmp_path):
-    # The disk fills between checkpoints: metrics.jsonl and the event file meet the 64 KiB limit at a log
-    # step (about step 300) long before the final save. It was four tracebacks, one from TensorBoard's thread.
+    # The disk fills between checkpoints: metrics.jsonl and the event file meet the 16 KiB limit at a log
+    # step (about step 100) long before the final save. It was four tracebacks, one from TensorBoard's thread.
     rundir = tmp_path / "run"
     shutil.copytree(short_run, rundir)
     args = ["launch.py", "--config=shakespeare_char_cpu", *TINY, f"--rundir={rundir}",
             f"--data_dir={shakespeare_data_dir}", "--log_interval=1", "--checkpoint_interval=2000"]
-    result = subprocess.run([*small_files(64), sys.executable, *args, "--max_steps=2000"], cwd=REPO_ROOT,
+    result = subprocess.run([*small_files(16), sys.executable, *args, "--max_steps=2000"], cwd=REPO_ROOT,
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 1 and result.stderr.strip().splitlines()[-1] == (
         f"error: cannot write to {rundir} ([Errno 27] File too large); raise the file size limit (ulimit -f) "
