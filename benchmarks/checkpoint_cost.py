@@ -14,12 +14,8 @@ import statistics
 import tempfile
 import time
 
-import equinox as eqx
-import jax
-
-from midgpt import checkpoint
 from midgpt.cli import ArgumentParser, add_config_option, positive_int, run, say
-from train_throughput import calls_for, checked_config, setup, steps_in, time_steps
+from train_throughput import calls_for, check_device, checked_config, setup, steps_in, time_steps
 
 
 def directory_bytes(path: str) -> int:
@@ -40,6 +36,13 @@ def main(argv: list[str]) -> None:
                      "use an interval of at most --steps")
     config = checked_config(args.config, [*overrides, f"--checkpoint_interval={args.interval}",
                                           "--keep_checkpoints=1000000"], list(vars(args)))
+
+    import equinox as eqx
+    import jax  # only once the arguments are good
+
+    from midgpt import checkpoint
+
+    check_device(config)
     state, train_step, batches = setup(config)
     state, _ = time_steps(train_step, state, batches, 1)  # compile
     per_call = steps_in(batches[0])

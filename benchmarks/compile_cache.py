@@ -15,11 +15,9 @@ import sys
 import tempfile
 import time
 
-import jax
-
 from midgpt.cli import ArgumentParser, add_config_option, positive_int, run, say
 from midgpt.errors import MidgptError
-from train_throughput import checked_config
+from train_throughput import check_device, checked_config
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -40,7 +38,11 @@ def main(argv: list[str]) -> None:
     add_config_option(parser, required=True)
     parser.add_argument("--rounds", type=positive_int, default=2, help="cold and warm runs of each")
     args, overrides = parser.parse_known_args(argv)
-    checked_config(args.config, overrides, list(vars(args)))  # its errors before any run
+    config = checked_config(args.config, overrides, list(vars(args)))  # its errors before any run
+
+    import jax  # only once the arguments are good
+
+    check_device(config)
     if not jax.config.jax_enable_compilation_cache:
         raise MidgptError("JAX_ENABLE_COMPILATION_CACHE turns off the cache that this measures; unset it")
     seconds = {f"{what}_{cache}": [] for what in ("launch_s", "first_step_s", "sample_s") for cache in ("cold", "warm")}

@@ -9,6 +9,7 @@ import json
 import os
 
 from midgpt.cli import ArgumentParser, add_config_option, positive_int, run, say
+from train_throughput import check_device, checked_config
 
 
 def main(argv: list[str]) -> None:
@@ -17,6 +18,7 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--devices", type=positive_int, default=8, help="CPU devices to fake")
     parser.add_argument("--abstract", action="store_true", help="compute the layout without allocating it")
     args, overrides = parser.parse_known_args(argv)
+    config = checked_config(args.config, overrides, list(vars(args)))
     # Before JAX starts; on CPU devices, which alone can be faked, also on a GPU host.
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={args.devices}"
     os.environ["JAX_PLATFORMS"] = "cpu"
@@ -28,9 +30,8 @@ def main(argv: list[str]) -> None:
     from midgpt.optimizer import make_optimizer
     from midgpt.sharding import is_abstract, make_mesh
     from midgpt.step import fresh_state, init_state, state_layout
-    from train_throughput import checked_config
 
-    config = checked_config(args.config, overrides, list(vars(args)))
+    check_device(config)
     optimizer, mesh = make_optimizer(config), make_mesh(config)
     shardings, _ = state_layout(config, optimizer, mesh)
     like = eqx.filter_eval_shape(fresh_state, config, optimizer)

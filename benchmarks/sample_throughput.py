@@ -7,23 +7,29 @@ config's model (randomly initialised: speed does not depend on the weights) in i
 compute dtype.
 """
 
+from __future__ import annotations
+
 import json
 import time
-
-import equinox as eqx
-import jax
-import jax.numpy as jnp
+from typing import TYPE_CHECKING
 
 from midgpt.cli import ArgumentParser, add_config_option, positive_int, run, say
-from midgpt.model import GPT, cast_floats
-from midgpt.precision import compute_dtype
-from midgpt.sample import fitting_memory, generate, sample_token
-from train_throughput import checked_config
+from train_throughput import check_device, checked_config
+
+if TYPE_CHECKING:  # for the annotation alone: it imports JAX, which main imports once the arguments are good
+    from midgpt.model import GPT
 
 
-@eqx.filter_jit
 def generate_recomputing(model: GPT, prompt_BxP, max_new_tokens: int, key, temperature: float = 1.0):
-    """The reference path, for this comparison only: every token runs the model over a full window."""
+    """The reference path, for this comparison only: every token runs the model over a full window.
+
+    main jits it: eqx.filter_jit here would import JAX before the arguments are checked.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    from midgpt.sample import sample_token
+
     B, P = prompt_BxP.shape
     total = P + max_new_tokens
     W = min(model.config.block_size, total)
@@ -39,6 +45,8 @@ def generate_recomputing(model: GPT, prompt_BxP, max_new_tokens: int, key, tempe
 
 
 def tokens_per_sec(fn, *args) -> float:
+    import jax
+
     jax.block_until_ready(fn(*args))  # compile
     start = time.perf_counter()
     jax.block_until_ready(fn(*args))
@@ -52,13 +60,24 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--max_new_tokens", type=positive_int, default=500, help="tokens each")
     args, overrides = parser.parse_known_args(argv)
     config = checked_config(args.config, overrides, list(vars(args)))
+
+    import equinox as eqx
+    import jax  # only once the arguments are good
+    import jax.numpy as jnp
+
+    from midgpt.model import GPT, cast_floats
+    from midgpt.precision import compute_dtype
+    from midgpt.sample import fitting_memory, generate
+
+    check_device(config)
     dtype = compute_dtype(config.compute_dtype)
     model = cast_floats(GPT(config.model, key=jax.random.key(0)), jnp.dtype(dtype))
     prompt_BxP = jnp.zeros((args.num_samples, 1), jnp.int32)
     key = jax.random.key(0)
     with fitting_memory(args.num_samples, 1 + args.max_new_tokens):
         cached = tokens_per_sec(generate, model, prompt_BxP, args.max_new_tokens, key)
-        recomputing = tokens_per_sec(generate_recomputing, model, prompt_BxP, args.max_new_tokens, key)
+        recomputing = tokens_per_sec(eqx.filter_jit(generate_recomputing), model, prompt_BxP,
+                                     args.max_new_tokens, key)
     say(json.dumps({
         "config": args.config, "overrides": overrides, "backend": jax.default_backend(),
         "device": jax.devices()[0].device_kind, "compute_dtype": dtype,

@@ -8,16 +8,8 @@ device, and memory.estimate's parts. Runs unchanged on a CPU, a GPU or a TPU.
 
 import json
 
-import equinox as eqx
-import jax
-import jax.numpy as jnp
-
-from midgpt import memory
 from midgpt.cli import ArgumentParser, add_config_option, positive_int, run, say
-from midgpt.optimizer import make_optimizer
-from midgpt.sharding import make_mesh
-from midgpt.step import fresh_state, init_state, loss_chunks, make_train_step, pieces_per_micro_batch, state_layout
-from train_throughput import call_shape, checked_config, run_fields
+from train_throughput import call_shape, check_device, checked_config, run_fields
 
 
 def positive_ints(text: str) -> list[int]:
@@ -40,6 +32,17 @@ def main(argv: list[str]) -> None:
     for chunks in args.chunks or []:
         if T % chunks:
             parser.error(f"--chunks={chunks} does not divide model.block_size={T}; use divisors of it")
+
+    import equinox as eqx
+    import jax  # only once the arguments are good
+    import jax.numpy as jnp
+
+    from midgpt import memory
+    from midgpt.optimizer import make_optimizer
+    from midgpt.sharding import make_mesh
+    from midgpt.step import fresh_state, init_state, loss_chunks, make_train_step, pieces_per_micro_batch, state_layout
+
+    check_device(config)
     optimizer, mesh = make_optimizer(config), make_mesh(config)
     pieces = args.pieces or pieces_per_micro_batch(config, mesh)
     state = init_state(config, optimizer, mesh)

@@ -16,11 +16,8 @@ import statistics
 import tempfile
 from pathlib import Path
 
-import equinox as eqx
-import jax
-
 from midgpt.cli import ArgumentParser, add_config_option, positive_int, run, say
-from train_throughput import calls_for, checked_config, run_fields, setup, steps_in, time_steps
+from train_throughput import calls_for, check_device, checked_config, run_fields, setup, steps_in, time_steps
 
 COLLECTIVE = re.compile(r" (all-gather|all-reduce|reduce-scatter|collective-permute|all-to-all)(-start|-done)?\(")
 MATMUL = re.compile(r" (dot|convolution)\(")
@@ -78,6 +75,8 @@ def op_times(trace_dir: str, module: str) -> tuple[collections.Counter, collecti
 
     GPU kernels, where a device plane has them; else the host threads' op events (a CPU's).
     """
+    import jax
+
     (path,) = Path(trace_dir).rglob("*.xplane.pb")
     found = []  # (is a device, timeline, own ns, calls)
     for plane in jax.profiler.ProfileData.from_file(str(path)).planes:
@@ -113,7 +112,13 @@ def main(argv: list[str]) -> None:
     # XLA's GPU command buffers launch a step's kernels as one, which the trace would show as one op
     # of kind "other"; set before the backend starts, which setup() does.
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_gpu_enable_command_buffer=".strip()
-    state, train_step, batches = setup(checked_config(args.config, overrides, list(vars(args))))
+    config = checked_config(args.config, overrides, list(vars(args)))
+
+    import equinox as eqx
+    import jax  # only once the arguments are good
+
+    check_device(config)
+    state, train_step, batches = setup(config)
 
     # The compiled step itself, so that its HLO names the ops of the trace.
     compiled = train_step.lower(state, batches[0], batches[0]).compile()

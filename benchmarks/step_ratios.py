@@ -11,14 +11,11 @@ and the median of those over the first variant's.
 import json
 import statistics
 
-import jax
-
 from midgpt import cli
 from midgpt.cli import ArgumentParser, add_config_option, positive_int, say
 from midgpt.config import abbreviated
 from midgpt.errors import MidgptError
-from midgpt.sharding import make_mesh
-from train_throughput import calls_for, checked_config, setup, time_steps
+from train_throughput import calls_for, check_device, checked_config, setup, time_steps
 
 
 def main(argv: list[str]) -> None:
@@ -36,6 +33,7 @@ def main(argv: list[str]) -> None:
         raise MidgptError(f"unrecognized arguments: {' '.join(unknown)}; variants go after --, each one quoted: "
                           f'-- "" "{unknown[0]}"')
     # Every variant is checked before the first compiles: a typo in the last should not cost minutes.
+    # What needs no devices is checked first, before JAX's import.
     configs, options = [], []
     for variant in args.variants:
         xla = [item for item in variant.split() if item.startswith("--xla_")]
@@ -45,10 +43,20 @@ def main(argv: list[str]) -> None:
             pairs = [item.removeprefix("--").split("=", 1) for item in xla]
             # XLA_FLAGS's true and false: as compile options, XLA takes Python's bools, or "True", not these
             options.append({name: {"true": True, "false": False}.get(value, value) for name, value in pairs})
-            if options[-1]:  # XLA knows each name and value
-                jax.jit(lambda: 0).lower().compile(compiler_options=options[-1])
             configs.append(checked_config(args.config, [item for item in variant.split() if item not in xla]))
-            make_mesh(configs[-1])  # its batch must split over the devices
+        except MidgptError as e:
+            raise MidgptError(f"variant {variant!r}: {e}") from None
+
+    import jax  # only once the arguments are good
+
+    from midgpt.sharding import make_mesh
+
+    for variant, config, xla_options in zip(args.variants, configs, options):
+        try:
+            if xla_options:  # XLA knows each name and value
+                jax.jit(lambda: 0).lower().compile(compiler_options=xla_options)
+            check_device(config)
+            make_mesh(config)  # its batch must split over the devices
         except (MidgptError, jax.errors.JaxRuntimeError) as e:
             raise MidgptError(f"variant {variant!r}: {e}") from None
     runs = []

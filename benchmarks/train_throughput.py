@@ -13,28 +13,32 @@ import statistics
 import time
 from collections.abc import Sequence
 
-import jax
-import numpy as np
-
-from midgpt import mfu, precision
+# JAX, and the midgpt modules that import it, are imported where they are used: the benchmarks check
+# their arguments with checked_config before JAX's import, a second that --help and a typo need not wait.
 from midgpt.cli import ArgumentParser, add_config_option, positive_int, run, say
 from midgpt.config import Config, apply_overrides, check_config, load_config, steps_a_call
-from midgpt.model import check_cudnn, count_params
-from midgpt.optimizer import make_optimizer
-from midgpt.sharding import batch_sharding, make_mesh
-from midgpt.step import init_state, make_train_step
 
 
 def checked_config(name: str, overrides: list[str], options: Sequence[str] = ()) -> Config:
-    """Config `name` with the overrides; a MidgptError, before anything compiles, if it cannot run.
+    """Config `name` with the overrides; a MidgptError, before JAX is imported, if it is not a valid one.
 
     options: the benchmark's own flags, which apply_overrides suggests for a mistyped one.
+    Whether the devices can run it is check_device's, once JAX is imported.
     """
     config = apply_overrides(load_config(name), overrides, options)
     check_config(config)
+    return config
+
+
+def check_device(config: Config) -> None:
+    """A MidgptError, before anything compiles, if the first device cannot run config."""
+    import jax
+
+    from midgpt import precision
+    from midgpt.model import check_cudnn
+
     # As train() does: a cuDNN that cannot run it is one line, not a traceback from the compile.
     check_cudnn(config.model, precision.compute_dtype(config.compute_dtype), jax.devices()[0])
-    return config
 
 
 def call_shape(config: Config) -> tuple[int, ...]:
@@ -49,6 +53,13 @@ def setup(config: Config, compiler_options: dict | None = None):
 
     Each batch is a call's, as launch.py makes them: stacked for steps_a_call(config) steps if more than one.
     """
+    import jax
+    import numpy as np
+
+    from midgpt.optimizer import make_optimizer
+    from midgpt.sharding import batch_sharding, make_mesh
+    from midgpt.step import init_state, make_train_step
+
     optimizer, mesh = make_optimizer(config), make_mesh(config)
     state = init_state(config, optimizer, mesh)
     train_step = make_train_step(config, optimizer, mesh, compiler_options=compiler_options)
@@ -67,12 +78,16 @@ def steps_in(batch) -> int:
 
 def run_fields(name: str, overrides: list[str]) -> dict:
     """What a result was measured on, and of what: the first fields of a benchmark's JSON line."""
+    import jax
+
     return {"backend": jax.default_backend(), "device_kind": jax.devices()[0].device_kind,
             "device_count": jax.device_count(), "config": name, "overrides": overrides}
 
 
 def time_steps(train_step, state, batches, n: int):
     """(state after n calls, each call's seconds per step), waiting for each call to finish."""
+    import jax
+
     times = []
     for i in range(n):
         x = batches[i % len(batches)]
@@ -95,6 +110,13 @@ def main(argv: list[str]) -> None:
                         help="timed steps, after the compile and 2 warm-up calls")
     args, overrides = parser.parse_known_args(argv)
     config = checked_config(args.config, overrides, list(vars(args)))
+
+    import jax  # only once the arguments are good
+
+    from midgpt import mfu, precision
+    from midgpt.model import count_params
+
+    check_device(config)
     state, train_step, batches = setup(config)
     # The peak before the steps and after: a host slowed while one was measured would lower the
     # peak and so raise the MFU (a 2x dip was seen on a shared CPU host); the higher is kept.

@@ -126,6 +126,32 @@ def test_help_shows_each_default_once():
     assert "--step STEP the checkpoint to use (default: the newest)" in sample
 
 
+@pytest.mark.parametrize("script, args, fragment", [
+    ("train_throughput", [CONFIG, "--model.remat=ful"], "model.remat"),
+    ("step_ratios", [CONFIG, "--", " ".join(TINY), " ".join(TINY) + " --model.remat=ful"], "model.remat"),
+    ("step_profile", [CONFIG, "--top=0"], "--top"),
+    ("step_memory", [CONFIG, *TINY, "--chunks=1,3"], "--chunks"),
+    ("compile_cache", [CONFIG, "--rounds=0"], "--rounds"),
+    ("checkpoint_cost", [CONFIG, "--interval=0"], "--interval"),
+    ("sample_throughput", [CONFIG, "--max_new_tokens=0"], "--max_new_tokens"),
+    ("fsdp_memory", [CONFIG, "--model.remat=ful"], "model.remat"),
+])
+def test_benchmark_answers_help_and_bad_arguments_before_importing_jax(script, args, fragment):
+    # Each imported JAX before it checked its arguments: --help and a typo waited a second and more for it.
+    for argv, status in [(["--help"], 0), (args, 1)]:
+        result = subprocess.run([sys.executable, "-X", "importtime", f"benchmarks/{script}.py", *argv], cwd=REPO_ROOT,
+                                capture_output=True, text=True, timeout=60)
+        # "import time: self | cumulative | module", the module indented by how deep it was imported
+        modules = [line.rsplit("|", 1)[1].strip() for line in result.stderr.splitlines()
+                   if line.startswith("import time:")]
+        said = [line for line in result.stderr.splitlines() if not line.startswith("import time:")]
+        assert result.returncode == status and "jax" not in modules, result.stderr
+        if status == 0:
+            assert "usage:" in result.stdout and not said, result.stderr
+        else:
+            assert len(said) == 1 and said[0].startswith("error: ") and fragment in said[0], result.stderr
+
+
 def test_checkpoint_cost_times_both_loops_and_reports_their_ratio():
     result = subprocess.run([sys.executable, "benchmarks/checkpoint_cost.py", CONFIG, *TINY, "--steps=5",
                              "--interval=2", "--rounds=1"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
