@@ -12,7 +12,11 @@ import sys
 from midgpt.cli import ArgumentParser, cache_compiled_programs, positive_int, run, say, start_devices
 from midgpt.errors import MidgptError
 from midgpt.rundir import read_run_config
-from midgpt.tokenizer import read_utf8
+from midgpt.tokenizer import TooLarge, read_utf8
+
+
+# A prompt file larger is no prompt (/dev/zero, a disk image): read whole, it filled the memory.
+PROMPT_MAX_BYTES = 64 << 20
 
 
 def read_prompt(parser: ArgumentParser, start: str) -> str:
@@ -26,9 +30,12 @@ def read_prompt(parser: ArgumentParser, start: str) -> str:
     try:
         # ~ is expanded, as it is in --rundir. Its line ends as they are: main reads them as "\n"
         # unless the run's characters hold "\r" (text prepared with CRLF).
-        text = read_utf8(path := os.path.expanduser(start.removeprefix("FILE:")))
+        text = read_utf8(path := os.path.expanduser(start.removeprefix("FILE:")), PROMPT_MAX_BYTES)
     except OSError as e:  # a missing file is not a usage error: no "see --help"
         raise MidgptError(f"cannot read the prompt file {path}: {e.strerror or e}") from None
+    except TooLarge as e:
+        raise MidgptError(f"cannot read the prompt file {e}; the model sees only a prompt's end (its last block_size "
+                          f"tokens): give that, e.g. tail -c 100000 {path} > end.txt") from None
     except MidgptError as e:  # not UTF-8: what to convert it from, not a usage error
         raise MidgptError(f"cannot read the prompt file {e}") from None
     if not text:  # named: as a missing file, not a usage error

@@ -424,6 +424,20 @@ def test_a_prompt_file_that_cannot_be_read_is_one_line_naming_it_and_why(tmp_pat
             result.stderr
 
 
+def test_a_prompt_file_past_64_mib_is_refused_without_reading_it_whole(tmp_path):
+    # --start=FILE:/dev/zero read until the memory was full.
+    huge = tmp_path / "huge.txt"
+    with open(huge, "wb") as f:
+        f.truncate((64 << 20) + 1)  # sparse: no disk taken
+    for path in [huge, "/dev/zero"]:
+        result = subprocess.run(["bash", "-c", 'ulimit -v 4000000 && exec "$@"', "bash", sys.executable, "sample.py",
+                                 f"--rundir={tmp_path / 'no_run'}", f"--start=FILE:{path}"], cwd=REPO_ROOT,
+                                capture_output=True, text=True, timeout=60)
+        assert result.returncode == 1 and result.stderr == (
+            f"error: cannot read the prompt file {path}: holds more than 64 MiB; the model sees only a prompt's end "
+            f"(its last block_size tokens): give that, e.g. tail -c 100000 {path} > end.txt\n"), result.stderr
+
+
 def test_a_long_prompt_whose_attention_outgrows_the_caches_is_refused_too():
     # The check skipped its compiles below 16 caches a sample: a 512-token prompt's scores, 8 MiB a sample in one
     # layer, are 32 of its caches, and 4 samples that needed twice the memory went on to the kernel's kill.

@@ -5,7 +5,6 @@ import functools
 import os
 import re
 from collections.abc import Iterator
-from pathlib import Path
 
 import tiktoken
 
@@ -100,13 +99,18 @@ def not_utf8_advice(path: str | os.PathLike, reason: str) -> str:
             or f"{path}: not UTF-8 text ({reason}); convert it, e.g. iconv -f latin1 -t utf-8")
 
 
-def read_utf8(path: str | os.PathLike) -> str:
-    """A UTF-8 file's text exactly as stored but for a byte-order mark; MidgptError saying how to convert any other.
+class TooLarge(MidgptError):
+    """A file holds more than its reader takes."""
 
-    An OSError (no such file) is the caller's to word.
-    """
+
+def read_utf8(path: str | os.PathLike, max_bytes: int | None = None) -> str:
+    """A UTF-8 file's text exactly as stored but for a byte-order mark; MidgptError saying how to convert any other,
+    or that it holds more than max_bytes. An OSError (no such file) is the caller's to word."""
     # Bytes then decode: text mode would translate newlines, and an error's position would be the read buffer's.
-    data = Path(path).read_bytes()
+    with open(path, "rb") as f:
+        data = f.read() if max_bytes is None else f.read(max_bytes + 1)  # + 1: to know there is more
+    if max_bytes is not None and len(data) > max_bytes:
+        raise TooLarge(f"{path}: holds more than {max_bytes / 2**20:g} MiB")
     body = data.removeprefix(codecs.BOM_UTF8)  # a byte-order mark is not text
     try:
         text = body.decode("utf-8")
