@@ -83,7 +83,7 @@ def main(argv: list[str]) -> None:
         parser.error(f"seed must be in [0, 2**32), got {args.seed}")
 
     start = read_prompt(parser, args.start)
-    read_run_config(args.rundir)  # a wrong --rundir told at once, not after JAX's import (a second)
+    config = read_run_config(args.rundir)  # a wrong --rundir told at once, not after JAX's import (a second)
 
     import jax  # only once the arguments and the run are good
     import jax.numpy as jnp
@@ -98,7 +98,7 @@ def main(argv: list[str]) -> None:
                                prompt_key, run_meta)
 
     notes = []  # for stderr (stdout is the text alone), shown with the text
-    config, model = load_model(args.rundir, args.step, say=notes.append)
+    config, model = load_model(args.rundir, args.step, say=notes.append, config=config)
     meta = run_meta(args.rundir, config, say=notes.append)
     model = cast_floats(model, jnp.dtype(compute_dtype(config.compute_dtype)))
     check_stdout_holds(meta)

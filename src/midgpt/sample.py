@@ -110,9 +110,10 @@ def fitting_memory(num_samples: int, tokens: int):
                           "or --max_new_tokens") from None
 
 
-def load_model(rundir: str, step: int | None = None, say=None) -> tuple[Config, GPT]:
-    """The run's config and its parameters at step (default: the newest that restores, said with say), on one device."""
-    config = read_run_config(rundir)
+def load_model(rundir: str, step: int | None = None, say=None, config: Config | None = None) -> tuple[Config, GPT]:
+    """The run's config (read_run_config's, unless given) and its parameters at step (default: the newest that
+    restores, said with say), on one device."""
+    config = config or read_run_config(rundir)
     if not os.path.isdir(checkpoint.directory(rundir)):
         raise MidgptError(f"{rundir} has no checkpoints yet (runs with --debug write none)")
     like = eqx.filter_eval_shape(fresh_model, config)
