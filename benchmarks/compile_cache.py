@@ -3,7 +3,8 @@
 python benchmarks/compile_cache.py --config=shakespeare_char_cpu [--rounds=2] [--FIELD=VALUE ...]
 prints one JSON line: the wall time of a one-step launch.py run (its evaluation included) and of its first
 step, and of a sample.py run, cold and warm, medians over the rounds, and the cache's size. The config's data
-must be prepared. JAX caches only programs that took at least JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS (1 s).
+must be prepared. Both keep every program they compile, or, where JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS
+is set, those that took at least that long.
 """
 
 import json

@@ -25,7 +25,6 @@ def pytest_configure(config):
     if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
         config._midgpt_xla_cache = tempfile.mkdtemp(prefix="midgpt-xla-cache-")
         os.environ["JAX_COMPILATION_CACHE_DIR"] = config._midgpt_xla_cache
-        os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
         # A size limit turns on JAX's file lock around each entry: unlocked, an entry is written in
         # place, and a process of the other test worker could read it half-written.
         os.environ["JAX_COMPILATION_CACHE_MAX_SIZE"] = str(64 << 30)
