@@ -245,7 +245,7 @@ def launch(argv: list[str], signals: StopSignals) -> None:
     notes = []
     if resume:
         notes.append(f"resuming the run in {rundir}" + "".join(f"; {c}" for c in changes))
-        if kept:  # a default changed since the run began, or another --config
+        if kept:  # overrides the run began with, a default changed since, or a config renamed or removed since
             notes.append(f"the run keeps its saved values where --config={args.config} differs: {', '.join(kept)}")
     elif os.path.exists(os.path.join(rundir, "config.json")):  # a run that saved no checkpoint: nothing to resume
         notes.append(f"{rundir} holds no checkpoint (a --debug run's, or one stopped before its first save): "

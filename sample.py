@@ -69,7 +69,8 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--top_k", type=positive_int, default=None, help="draw from the k likeliest tokens only "
                         "(default: from all)")
     parser.add_argument("--seed", type=int, default=0, help="the same seed draws the same text")
-    parser.add_argument("--step", type=int, default=None, help="the checkpoint to use (default: the newest)")
+    parser.add_argument("--step", type=int, default=None,
+                        help="the checkpoint to use (default: the newest that finished and restores)")
     args = parser.parse_args(argv)
     if args.rundir == "":  # an unset $RUNDIR: as launch.py says it
         parser.error("--rundir is empty")

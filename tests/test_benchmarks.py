@@ -123,7 +123,7 @@ def test_help_shows_each_default_once():
         "benchmarks/sample_throughput.py")
     sample = options("sample.py")
     assert "--temperature TEMPERATURE 0 is greedy (default: 0.8)" in sample and sample.count("(default:") == 7
-    assert "--step STEP the checkpoint to use (default: the newest)" in sample
+    assert "--step STEP the checkpoint to use (default: the newest that finished and restores)" in sample
 
 
 @pytest.mark.parametrize("script, args, fragment", [

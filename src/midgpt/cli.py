@@ -1,4 +1,5 @@
-"""Command-line plumbing: input errors are one line, output survives a closed pipe, signals ask for a stop."""
+"""Command-line plumbing: input errors are one line, output survives a closed pipe, signals ask for a stop; the
+malloc settings, compilation cache and device start that the entry points share."""
 
 import argparse
 import contextlib

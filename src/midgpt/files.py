@@ -1,4 +1,5 @@
-"""Files a kill cannot tear: each is written beside its path, then renamed over it."""
+"""Files a kill cannot tear (each written beside its path, then renamed over it); the run's .lock and other locks;
+a failed write as one line."""
 
 import contextlib
 import errno

@@ -138,7 +138,8 @@ def gathered_bytes(config: Config, mesh: Mesh, state_like, state_shardings) -> i
 
 def estimate(config: Config, mesh: Mesh, state_like, state_shardings, pieces: int = 1,
              chunks: int = 1) -> dict[str, int]:
-    """Per-device bytes of parameters, gradients, optimiser state, activations and gathered parameters.
+    """Per-device bytes of parameters, gradients, optimiser state, the compute copy, activations, gathered parameters
+    and batches, and their total.
 
     pieces and chunks: as the step cuts micro-batches (step.pieces_per_micro_batch) and logits (step.loss_chunks).
     """

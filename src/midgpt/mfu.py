@@ -53,7 +53,7 @@ def flops_per_token(cfg: ModelConfig, causal: bool = True) -> float:
     L, D, T, V = cfg.n_layer, cfg.n_embd, cfg.block_size, cfg.vocab_size
     matmul_weights = L * 12 * D * D + V * D  # q, k, v, out: 4 D^2; MLP: 8 D^2; the tied output layer
     keys = (T + 1) / 2 if causal else T
-    # Per layer, q.k and prob.v are each 2 D FLOPs per key, forward; backward doubles it.
+    # Per layer, q.k and prob.v are each 2 D FLOPs per key, forward; backward costs twice the forward: 3x in all.
     return 6 * matmul_weights + 3 * L * 4 * D * keys
 
 

@@ -49,7 +49,8 @@ def _matmul_bwd(spec, residuals, g):
     inputs, out = spec.split("->")
     x_spec, y_spec = inputs.split(",")
     # Autodiff would multiply the float32 cotangent with a bf16 operand, which XLA runs at the f32
-    # rate; cast to bf16 first, bf16 x bf16 -> f32 runs about twice as fast (CPUs with AVX512-BF16 or AMX too).
+    # rate; cast to bf16 first, bf16 x bf16 -> f32 runs about twice as fast (on GPUs, and on the CPUs
+    # multiplies_bf16_faster picks: AMX, or AMD's AVX512-BF16).
     g = g.astype(x.dtype)
     dx = jnp.einsum(f"{out},{y_spec}->{x_spec}", g, y, preferred_element_type=jnp.float32)
     dy = _leading_contraction(g, out, x, x_spec, y_spec)  # sums the leading axes: batch, positions

@@ -120,7 +120,7 @@ def compiled_line(config: Config, steps: range, seconds: float, start: int, peak
 
 def train(config: Config, rundir: str, debug: bool = False, resume: bool = False, notes: Sequence[str] = (),
           signals: cli.StopSignals | None = None, resume_with: str = checkpoint.SAME_COMMAND) -> GPT:
-    """Train into rundir (config.json, metrics.jsonl, TensorBoard events, checkpoints/), resuming if asked.
+    """Train into rundir (config.json, meta.json, metrics.jsonl, TensorBoard events, checkpoints/), resuming if asked.
 
     Every process runs it (JAX's multi-controller model) and saves its part of each checkpoint; process 0 alone
     writes the run's other files and prints (but for a stop's notice).
