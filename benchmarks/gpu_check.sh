@@ -57,7 +57,8 @@ fi
 export PYTHONPATH=src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 # One compilation cache for every run below, so a short lease compiles less: XLA's GEMM
 # autotuning carries over between the variants (they share their matmuls' shapes), and a
-# program compiled once (the profiled step is the first variant's) is not compiled again.
+# program compiled once with the same XLA flags is not compiled again (the profiled step is:
+# step_profile.py turns GPU command buffers off, another flag, so another key).
 # The table's later compile times are therefore those of a warm autotuning cache.
 if [ -z "${JAX_COMPILATION_CACHE_DIR:-}" ]; then
     JAX_COMPILATION_CACHE_DIR=$(mktemp -d)

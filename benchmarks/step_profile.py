@@ -1,7 +1,7 @@
 """Where the training step's time goes: its XLA ops, traced with jax.profiler, summed by op and by kind.
 
 python benchmarks/step_profile.py --config=shakespeare_char [--steps=5] [--top=15] [--FIELD=VALUE ...]
-compiles the step that launch.py runs, traces `steps` steps of it and prints one JSON line: the
+compiles the step that launch.py runs, traces `steps` steps of it (whole calls) and prints one JSON line: the
 median step, the op time a step (summed over a CPU's threads, or over the GPUs), that time by kind
 (matmul, attention, collective, copy, other fusion, other), by part of the model and pass ("attention,
 backward", "mlp, recompute", ...) and the `top` ops with their HLO.
@@ -106,7 +106,8 @@ def main(argv: list[str]) -> None:
     parser = ArgumentParser(description=__doc__)
     add_config_option(parser, required=True)
     parser.add_argument("--steps", type=positive_int, default=5,
-                        help="traced steps, after the compile and 2 warm-up steps")
+                        help="traced steps, after the compile and 2 warm-up calls; rounds up to whole calls "
+                             "(steps_per_call)")
     parser.add_argument("--top", type=positive_int, default=15, help="ops to list, the longest first")
     args, overrides = parser.parse_known_args(argv)
     # XLA's GPU command buffers launch a step's kernels as one, which the trace would show as one op

@@ -17,7 +17,7 @@ config = dataclasses.replace(
     model=dataclasses.replace(shakespeare_char.config.model, n_layer=4, n_head=4, n_embd=128, block_size=64,
                               dropout=0.0, remat=REMAT, scan_unroll=SCAN_UNROLL),
     batch_size=12,
-    # Ten steps a call, one call between log steps: in launch.py's loop on the Intel Xeon, 0.90-0.94x the
+    # Ten steps a call, one call between log steps: in launch.py's loop on the Intel Xeon, 0.90-0.95x the
     # step time of one step a call (benchmarks/RESULTS.md).
     steps_per_call=10,
     max_steps=2000,
