@@ -18,7 +18,7 @@ from tensorboard.util.tensor_util import make_ndarray
 from conftest import one_layer_config
 from midgpt import checkpoint, cli, data, mfu, precision
 from midgpt.errors import MidgptError
-from midgpt.metrics import TAGS, last_step, rewind_events, rewind_jsonl
+from midgpt.metrics import last_step, rewind_events, rewind_jsonl
 from midgpt.sharding import make_mesh
 from midgpt.model import fresh_model
 from midgpt.step import loss_fn
@@ -35,6 +35,13 @@ def points(rundir) -> dict[str, list[tuple[int, object]]]:
                 value = v.simple_value if v.HasField("simple_value") else make_ndarray(v.tensor)
                 found.setdefault(v.tag, []).append((event.step, value))
     return {tag: sorted(values, key=lambda point: point[0]) for tag, values in found.items()}
+
+
+# The event files' tags by metrics.jsonl's keys, as README lists them: written out here, not read from
+# metrics.TAGS, which these tests check.
+README_TAGS = {"loss": "train/loss", "lr": "train/lr", "grad_norm": "train/grad_norm", "param_norm": "train/param_norm",
+               "train_loss": "eval/train_loss", "val_loss": "eval/val_loss", "tokens_per_sec": "perf/tokens_per_sec",
+               "step_ms": "perf/step_ms", "mfu": "perf/mfu", "peak_memory_gib": "perf/peak_memory_gib"}
 
 
 def scalars(rundir) -> dict[str, list[tuple[int, float]]]:
@@ -61,13 +68,15 @@ def resumed_run(shakespeare_data_dir, tmp_path_factory):
 def test_event_files_hold_every_metric_at_its_steps(resumed_run):
     rundir, before, first, _ = resumed_run
     log_steps, eval_steps = [5, 10, 15, 20, 25, 30], [20, 30]
-    assert set(before) == set(TAGS.values()) - {"perf/peak_memory_gib"}  # CPUs report no peak memory
+    assert set(before) == set(README_TAGS.values()) - {"perf/peak_memory_gib"}  # CPUs report no peak memory
     for tag, points in before.items():  # the first call (steps 1-5) compiles: not timed
         steps = eval_steps if tag.startswith("eval/") else log_steps[1:] if tag.startswith("perf/") else log_steps
         assert [step for step, _ in points] == steps, tag
-    # The curves are the log's numbers.
+    # The curves are the log's numbers, each under the tag README names for it (steps 5-20: the resume
+    # rewrote the log past 20).
     for record in read_metrics(rundir)[:4]:
-        assert dict(before["train/loss"])[record["step"]] == pytest.approx(record["loss"])
+        for key in record.keys() - {"step"}:
+            assert dict(before[README_TAGS[key]])[record["step"]] == pytest.approx(record[key]), key
     assert all(0 < mfu < 1 for _, mfu in before["perf/mfu"])
 
 
@@ -243,13 +252,13 @@ def test_step_ms_leaves_out_saves_and_evaluations(shakespeare_data_dir, tmp_path
     slow = getattr(module, name)
     monkeypatch.setattr(module, name, lambda *args: (time.sleep(1.0), slow(*args))[1])
     config = one_layer_config(shakespeare_data_dir, "--max_steps=10", "--log_interval=2", "--checkpoint_interval=4",
-                              "--eval_interval=4", "--eval_iters=1")
+                              "--eval_interval=4", "--eval_iters=1", "--g_accum_iters=2")
     train(config, str(tmp_path))
     records = [record for record in read_metrics(tmp_path) if "step_ms" in record]
     timed = [record["step_ms"] for record in records]
     assert len(timed) == 4 and max(timed) < 250, timed  # two steps a call; the first call's compile untimed
-    # tokens/s is of every step the call ran: at a step's ms, it makes a step's tokens.
-    tokens_per_step = config.batch_size * config.model.block_size
+    # tokens/s is of every step the call ran: at a step's ms, it makes a step's tokens, of all its micro-batches.
+    tokens_per_step = config.g_accum_iters * config.batch_size * config.model.block_size
     assert all(r["tokens_per_sec"] * r["step_ms"] / 1000 == pytest.approx(tokens_per_step, rel=1e-3) for r in records)
 
 

@@ -304,6 +304,13 @@ def test_calls_end_at_every_step_the_loop_acts_at_and_take_two_lengths():
         cut = dataclasses.replace(config, log_interval=every, eval_interval=every, checkpoint_interval=every,
                                   steps_per_call=most)
         assert steps_a_call(cut) == max(n for n in range(1, min(most, every) + 1) if every % n == 0), (every, most)
+    # Each interval its own: a call that divided the log interval alone ran past an evaluation (25 of 10, 25, 30).
+    for intervals in itertools.product(range(1, 13), repeat=4):
+        log, evaluation, save, most = intervals
+        cut = dataclasses.replace(config, log_interval=log, eval_interval=evaluation, checkpoint_interval=save,
+                                  steps_per_call=most)
+        assert steps_a_call(cut) == max(n for n in range(1, most + 1) if log % n == evaluation % n == save % n == 0), (
+            intervals)
     config = dataclasses.replace(config, steps_per_call=5)
     named = lambda cut: [(r[0], r[-1]) for r in cut]
     assert named(calls(0, config, range(0))) == [(s, s + 4) for s in range(1, 61, 5)] + [(61, 61), (62, 62), (63, 63)]
