@@ -1,5 +1,8 @@
 """Model promises: causality, relative rotary positions, scan equals a loop, one tied embedding, dropout, bf16."""
 
+import dataclasses
+import itertools
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -220,6 +223,15 @@ def test_attention_dropout_zeroes_a_share_of_the_probabilities_and_scales_up_the
                                rtol=1e-5)
 
 
+@pytest.mark.parametrize("rate", [1 / 256, 0.25])
+def test_dropout_zeroes_its_rate_of_the_elements_and_keeps_their_mean(rate):
+    n = 2**20
+    y_N = np.asarray(dropout(jnp.ones(n), rate, jax.random.key(0)))
+    # Within 5 standard deviations of fair draws; a threshold one 256th off is 9 or more away.
+    assert abs((y_N == 0).mean() - rate) < 5 * np.sqrt(rate * (1 - rate) / n)
+    assert abs(y_N.mean() - 1) < 5 * np.sqrt(rate / (1 - rate) / n)
+
+
 def test_with_dropout_the_scan_is_still_the_loop_and_each_layer_draws_its_own_masks():
     model, tokens_BxT, key = make_model(dropout=0.3), random_tokens(4), jax.random.key(7)
     # The model's keys: one for the embedding's dropout, and one a layer from the blocks' split.
@@ -270,21 +282,23 @@ def test_bfloat16_compute_returns_float32_logits_close_to_float32_model():
     assert err_BxTxV.max() > 0  # the cast model really computed in bf16
 
 
-def test_the_forward_pass_is_the_gpt_the_readme_describes():
+@pytest.mark.parametrize("rope_base", [10000.0, 500.0])
+def test_the_forward_pass_is_the_gpt_the_readme_describes(rope_base):
     # Written again in float64 numpy from the README's words, not from the model's pieces: pre-norm RMSNorm,
     # q and k each LayerNormed (centred, no bias) then rotated by position, causal softmax attention, a 4x
     # GELU MLP (tanh form, jax.nn.gelu's default), a final RMSNorm and the input embedding as output layer.
     rng = np.random.default_rng(0)
+    gpt = GPT(dataclasses.replace(model_config(), rope_base=rope_base), key=jax.random.key(0))
     model = jax.tree.map(lambda x: x * (1 + 0.3 * rng.standard_normal(x.shape)).astype(np.float32) if eqx.is_array(x)
-                         else x, make_model())  # the gains too, which start at one
+                         else x, gpt)  # the gains too, which start at one
     p = jax.tree.map(lambda x: np.asarray(x, np.float64), eqx.filter(model, eqx.is_array))
     tokens_BxT = random_tokens(1)
 
     def rms_norm(x, gain):
         return x / np.sqrt(np.mean(x**2, axis=-1, keepdims=True) + 1e-6) * gain
 
-    def rotate(x_BxTxHxC):  # features i and i + C/2 form a pair, turned by position * 10000^(-2i/C)
-        angle_TxR = np.arange(T)[:, None] * 10000.0 ** (-np.arange(0, C, 2) / C)
+    def rotate(x_BxTxHxC):  # features i and i + C/2 form a pair, turned by position * rope_base^(-2i/C)
+        angle_TxR = np.arange(T)[:, None] * rope_base ** (-np.arange(0, C, 2) / C)
         cos, sin = np.cos(angle_TxR)[:, None], np.sin(angle_TxR)[:, None]
         x1, x2 = x_BxTxHxC[..., : C // 2], x_BxTxHxC[..., C // 2:]
         return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
@@ -316,12 +330,19 @@ def test_initialisation_has_gpt2_scales_and_follows_the_seed():
     make = lambda seed: fresh_model(Config(data_dir="unused", model=model, seed=seed))
     gpt, D, L, F = make(0), model.n_embd, model.n_layer, 4 * model.n_embd
     cut = 0.8796  # the standard deviation of a unit normal cut at +-2
-    scales = {"embed_VxD": 1 / np.sqrt(D), "wq_DxHxC": cut / np.sqrt(D), "wo_HxCxD": cut / np.sqrt(2 * D * L),
-              "w_in_DxF": cut / np.sqrt(D), "w_out_DxF": cut / np.sqrt(2 * F * L)}
-    arrays = {"embed_VxD": gpt.embed_VxD, "wq_DxHxC": gpt.blocks.attn.wq_DxHxC, "wo_HxCxD": gpt.blocks.attn.wo_HxCxD,
-              "w_in_DxF": gpt.blocks.mlp.w_in_DxF, "w_out_DxF": gpt.blocks.mlp.w_out_DxF}
+    attn = gpt.blocks.attn
+    scales = {"embed_VxD": 1 / np.sqrt(D), "wq_DxHxC": cut / np.sqrt(D), "wk_DxHxC": cut / np.sqrt(D),
+              "wv_DxHxC": cut / np.sqrt(D), "wo_HxCxD": cut / np.sqrt(2 * D * L), "w_in_DxF": cut / np.sqrt(D),
+              "w_out_DxF": cut / np.sqrt(2 * F * L)}
+    arrays = {"embed_VxD": gpt.embed_VxD, "wq_DxHxC": attn.wq_DxHxC, "wk_DxHxC": attn.wk_DxHxC,
+              "wv_DxHxC": attn.wv_DxHxC, "wo_HxCxD": attn.wo_HxCxD, "w_in_DxF": gpt.blocks.mlp.w_in_DxF,
+              "w_out_DxF": gpt.blocks.mlp.w_out_DxF}
     for name, x in arrays.items():
         assert float(jnp.std(x)) == pytest.approx(scales[name], rel=0.03), name
+    # Each drawn with its own key: over L D^2 = 49,152 pairs, a correlation of 0.02 is 4.4 standard deviations.
+    same_shape = [attn.wq_DxHxC, attn.wk_DxHxC, attn.wv_DxHxC, attn.wo_HxCxD.reshape(attn.wq_DxHxC.shape)]
+    for a, b in itertools.combinations(same_shape, 2):
+        assert abs(np.corrcoef(np.ravel(a), np.ravel(b))[0, 1]) < 0.02
     same, other = make(0), make(1)
     assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(gpt), jax.tree.leaves(same)))
     assert not np.array_equal(gpt.embed_VxD, other.embed_VxD)
