@@ -68,10 +68,20 @@ def test_flops_per_token_counts_causal_attention_over_the_keys_each_query_sees()
     ("NVIDIA H200", "bfloat16", 989e12),
     ("NVIDIA H800", "bfloat16", 989e12),
     ("NVIDIA GB200", "bfloat16", 2500e12),  # not the B200's
+    ("NVIDIA H100 NVL", "bfloat16", 835e12),
+    ("NVIDIA L40S", "bfloat16", 362e12),
+    ("NVIDIA H800 PCIe", "bfloat16", 756e12),
+    ("TPU v6 lite", "bfloat16", 918e12),  # v6e, as JAX names it
     ("cpu", "bfloat16", None),
 ])
 def test_peak_table_matches_the_most_specific_device_kind(kind, dtype, peak):
     assert mfu.table_peak(kind, dtype) == peak
+
+
+def test_every_row_of_the_peak_table_is_the_one_its_own_name_finds():
+    # A row behind a shorter name that matches first ("L40" before "L40S") would never be read.
+    for kind, bf16, f32 in mfu.PEAK_FLOPS:
+        assert (mfu.table_peak(kind, "bfloat16"), mfu.table_peak(kind, "float32")) == (bf16, f32), kind
 
 
 def interleaved_best(*measures, rounds: int = 3) -> list[float]:
