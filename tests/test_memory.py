@@ -70,8 +70,8 @@ def test_activation_estimate_is_close_to_what_xla_allocates(remat, unroll, n_lay
     pieces = pieces_per_micro_batch(config, mesh)
     assert pieces == {8: 1, 32: 2}[batch_size]
     # XLA fuses and reuses buffers as it likes, and differently on each backend: close, not exact,
-    # and rather over than under (1.08-1.44 here).
-    assert 0.8 < (ratio := memory.activation_bytes(config, mesh, pieces)
+    # and over, not under (1.08-1.44 here): least_needed takes it as at most ACTIVATIONS_HIGH_BY over.
+    assert 1.0 < (ratio := memory.activation_bytes(config, mesh, pieces)
                            / xla_bytes) < memory.ACTIVATIONS_HIGH_BY, ratio
 
 
@@ -87,7 +87,7 @@ def test_the_loss_in_slices_bounds_the_logits_memory_and_the_estimate_follows():
     # Measured: 289 MB -> 68 MB. Slices save more than a whole float32 copy of the logits.
     assert xla_bytes[1] - xla_bytes[8] > logits_bytes
     for chunks, xla in xla_bytes.items():
-        assert 0.6 < memory.activation_bytes(config, mesh, 1, chunks) / xla < memory.ACTIVATIONS_HIGH_BY
+        assert 0.85 < memory.activation_bytes(config, mesh, 1, chunks) / xla < memory.ACTIVATIONS_HIGH_BY
 
 
 @pytest.mark.parametrize("batch_size, pieces, chunks", [(128, 1, 8), (16, 1, 1), (128, 16, 1), (2**15, 1, 1024)])
@@ -175,6 +175,7 @@ def test_a_gpu_tries_a_run_the_estimate_may_overstate_and_a_host_does_not(monkey
     parts = estimate(config)
     least = memory.least_needed(parts)  # the activations / ACTIVATIONS_HIGH_BY: below XLA's (-k close)
     assert parts["total"] - parts["activations"] < least < parts["total"]  # the state's bytes are exact
+    assert least == parts["total"] - parts["activations"] + int(parts["activations"] / 1.5)  # the 1.5x it says
     assert memory.device_memory()[2] is False  # this CPU's memory (or its cgroup's): a run past it is refused
 
     def plan(available, hard_limit):

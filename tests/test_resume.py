@@ -382,10 +382,10 @@ def test_a_fingerprint_changes_with_any_one_value_or_an_order():
     before = fingerprint_dict(tree)
     assert fingerprint_dict(tree) == before and list(before) == ["h", "step", "w"]
     changed = []
-    for name, at in [("w", (10, 3)), ("h", (4, 2))]:  # the lowest bit of one value: one ulp
+    # One bit of one value: the lowest (one ulp), or the top (a sign), which an even weight would shift out.
+    for name, at, bit in [("w", (10, 3), 0), ("h", (4, 2), 0), ("w", (0, 1), 31), ("h", (0, 1), 15)]:
         edited = {**tree, name: tree[name].copy()}
-        bits = edited[name].view(np.uint32 if name == "w" else np.uint16)
-        bits[at] ^= 1
+        edited[name].view(np.uint32 if name == "w" else np.uint16)[at] ^= 1 << bit
         changed.append(fingerprint_dict(edited))
     changed.append(fingerprint_dict({**tree, "w": tree["w"][::-1]}))  # the same values, rows in another order
     changed.append(fingerprint_dict({**tree, "step": np.int32(8)}))
