@@ -25,6 +25,9 @@ def pytest_configure(config):
     if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
         config._midgpt_xla_cache = tempfile.mkdtemp(prefix="midgpt-xla-cache-")
         os.environ["JAX_COMPILATION_CACHE_DIR"] = config._midgpt_xla_cache
+        # Every program, however fast it compiles: launch.py and sample.py keep them so themselves, the
+        # benchmarks (which the tests start too) would keep only those of JAX's default second.
+        os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
         # A size limit turns on JAX's file lock around each entry: unlocked, an entry is written in
         # place, and a process of the other test worker could read it half-written.
         os.environ["JAX_COMPILATION_CACHE_MAX_SIZE"] = str(64 << 30)
