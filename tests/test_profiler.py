@@ -67,15 +67,21 @@ def test_the_window_closes_at_its_last_step_and_an_error_inside_it_still_writes_
         assert len(list((tmp_path / run / "profile").rglob("*.xplane.pb"))) == 1, run
 
 
-def test_a_trace_that_cannot_be_written_at_an_error_leaves_that_error_to_be_raised(tmp_path):
-    # failed() runs as the step's error propagates: raising over it would hide why the run stopped.
+@pytest.mark.parametrize("where", ["failed", "after"])
+def test_a_trace_that_cannot_be_written_at_an_error_leaves_that_error_to_be_raised(tmp_path, where):
+    # failed() runs as the step's error propagates: raising over it would hide why the run stopped. A window that
+    # cannot close is such an error, and the failed() that follows it must not try the trace again.
     lines = []
     trace = TraceWindow(0, 100, str(tmp_path), True, lines.append)
     trace.before(3)
     shutil.rmtree(tmp_path / "profile", ignore_errors=True)
     (tmp_path / "profile").write_text("")  # stop_trace fails: "... is not a directory"
     try:
-        trace.failed(3)
+        if where == "after":
+            with pytest.raises(Exception, match="directory"):
+                trace.after(5, jnp.ones(3))
+            assert not trace.tracing  # else failed() below would stop the broken trace a second time
+        trace.failed(5)
         assert not trace.tracing and lines[1:] == []  # no line that says a trace was written
     finally:  # the profiler is still started: stop it where it can write, for the tests after this one
         (tmp_path / "profile").unlink()

@@ -121,6 +121,7 @@ def test_fsdp_shards_the_largest_dimension_it_divides_but_never_the_layer_axis()
     assert spec((2, 12, 32, 16), stacked=True) == P(None, None, FSDP, None)  # 12 does not divide by 8
     assert spec((2, 12, 6), stacked=True) == P()  # nothing divides: replicated
     assert param_spec(jax.ShapeDtypeStruct((64, 8), jnp.float32), False, CONFIG, 8) == P()  # under fsdp_min_size
+    assert param_spec(jax.ShapeDtypeStruct((128, 8), jnp.float32), False, CONFIG, 8) == P(FSDP, None)  # at it
     assert param_spec(jax.ShapeDtypeStruct((64, 8), jnp.float32), False, config, 1) == P()  # one device
 
 
@@ -142,6 +143,36 @@ def test_the_state_is_whole_on_each_device_unless_fsdp_may_split_it(fsdp, shard_
     sharded = {path for path, spec in specs.items() if spec != P()}
     assert sharded == (set() if not shard_model else {f".{part}embed_VxD" for part in ("model.", "opt_state[1].mu.",
                                                                                          "opt_state[1].nu.")})
+
+
+def test_fsdp_splits_over_the_fsdp_axis_alone_and_a_batch_over_every_device():
+    # On a (2, 4) mesh a dimension of 100 divides by fsdp's 4, not by all 8 devices: sharded 4 ways, not left whole.
+    from jax.sharding import AbstractMesh
+
+    from midgpt.sharding import state_shardings
+
+    config = dataclasses.replace(CONFIG, fsdp_min_size=1)
+    tree = {"w": jax.ShapeDtypeStruct((100, 3), jnp.float32), "v": jax.ShapeDtypeStruct((6, 10), jnp.float32)}
+    specs = jax.tree.map(lambda s: s.spec, state_shardings(tree, AbstractMesh((2, 4), ("replica", FSDP)), config))
+    assert specs == {"w": P(FSDP, None), "v": P()}
+
+
+def test_every_evaluation_calls_the_program_the_first_compiled(caplog):
+    # gather_params(mesh) is a static argument of eval_loss: a new function at each call would compile it again.
+    from midgpt.train import evaluate
+
+    config = dataclasses.replace(CONFIG, batch_size=2, eval_iters=1)
+    mesh = make_mesh(config)
+    state = init_state(config, make_optimizer(config), mesh)
+    tokens = np.arange(200, dtype=np.uint16) % 64
+    losses = []
+    with jax.log_compiles():
+        for _ in range(3):
+            caplog.clear()
+            losses.append(evaluate(state.model, tokens, config, mesh, stream=1))
+            compiled = [r.getMessage() for r in caplog.records if "Compiling" in r.getMessage()]
+            assert bool(compiled) == (len(losses) == 1), compiled
+    assert losses[0] == losses[1] == losses[2] > 0
 
 
 def test_fsdp_holds_one_eighth_of_each_large_parameter_and_its_adam_moments():
@@ -882,6 +913,8 @@ def test_a_process_the_others_never_join_gives_up_in_one_line(tmp_path, cluster,
     (["--mesh_shape=2,2"], "mesh_shape=2,2 does not fit the 8 devices"),
     (["--batch_size=12"], "batch_size=12 does not split over the 8 devices of the mesh; use a multiple of 8 "
                           "(--batch_size=8 or --batch_size=16; g_accum_iters can keep the global batch near 12 rows)"),
+    # Over every device, not the fsdp axis alone, which 12 rows would split over.
+    (["--mesh_shape=2,4", "--batch_size=12"], "batch_size=12 does not split over the 8 devices of the mesh"),
     # No batch of 0; and no g_accum_iters brings 8 rows a micro-batch near 5 (with 4096 devices, near 12, it said).
     (["--batch_size=5"], "use a multiple of 8 (--batch_size=8)\n"),
     (["--batch_size=5", "--g_accum_iters=4"], "use a multiple of 8 (--batch_size=8; g_accum_iters can keep the "
