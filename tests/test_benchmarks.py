@@ -1,15 +1,18 @@
 """The benchmarks refuse bad input in one line, before any compile; some results (more: test_mfu, test_memory)."""
 
+import importlib
 import json
 import os
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
 
 from conftest import REPO_ROOT
 from midgpt.config import config_names
+from midgpt.tokenizer import gpt2
 
 CONFIG = "--config=shakespeare_char_cpu"
 TINY = ["--model.n_layer=1", "--model.n_embd=32", "--model.n_head=2", "--batch_size=4", "--model.block_size=32"]
@@ -154,10 +157,11 @@ def test_benchmark_answers_help_and_bad_arguments_before_importing_jax(script, a
 
 def test_checkpoint_cost_times_both_loops_and_reports_their_ratio():
     result = subprocess.run([sys.executable, "benchmarks/checkpoint_cost.py", CONFIG, *TINY, "--steps=5",
-                             "--interval=2", "--rounds=1"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+                             "--interval=2", "--rounds=2"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     out = json.loads(result.stdout.strip().splitlines()[-1])
-    # launch.py's program: the config's 10 steps a call, cut to 2 to divide the interval; 5 steps round up to 3 calls.
+    # launch.py's program: the config's 10 steps a call, cut to 2 to divide the interval; 5 steps round up to 3 calls,
+    # each a save, in each of the 2 rounds.
     assert (out["steps_per_call"], out["steps"], out["saves_per_round"]) == (2, 6, 3)
     assert out["train_s_with"] > 0 and out["train_s_without"] > 0 and out["save_blocking_s_median"] > 0
     assert out["slowdown"] == pytest.approx(out["train_s_with"] / out["train_s_without"] - 1)
@@ -182,7 +186,9 @@ def test_compile_cache_times_a_warm_first_step_faster_than_a_cold_one(shakespear
     assert result.returncode == 0, result.stderr
     out = json.loads(result.stdout)
     assert out["first_step_s_warm"] < out["first_step_s_cold"] / 2 and out["launch_s_warm"] < out["launch_s_cold"]
-    assert 0 < out["first_step_s_cold"] < out["launch_s_cold"] and out["cache_mib"] > 0
+    assert 0 < out["first_step_s_cold"] < out["launch_s_cold"] and 0 < out["cache_mib"] < 16  # MiB, not KiB
+    # sample.py's own time: it compiles less than launch.py, and reads that from the cache too.
+    assert 0 < out["sample_s_warm"] < out["sample_s_cold"] < out["launch_s_cold"]
 
 
 def test_sample_throughput_times_the_tokens_it_asked_for_with_and_without_the_cache():
@@ -194,3 +200,33 @@ def test_sample_throughput_times_the_tokens_it_asked_for_with_and_without_the_ca
     assert (out["num_samples"], out["max_new_tokens"], out["overrides"]) == (2, 20, ["--model.n_layer=1"])
     assert out["cached_tokens_per_sec"] > 0 and out["recompute_tokens_per_sec"] > 0
     assert out["speedup"] == pytest.approx(out["cached_tokens_per_sec"] / out["recompute_tokens_per_sec"])
+
+
+def benchmark(name: str, monkeypatch):
+    """A script of benchmarks/ as a module, its own imports found as when it runs."""
+    monkeypatch.syspath_prepend(str(REPO_ROOT / "benchmarks"))
+    return importlib.import_module(name)
+
+
+def test_sample_throughput_counts_every_samples_tokens_and_leaves_the_compile_out(monkeypatch):
+    calls = []
+
+    def generate(model, prompt_BxP, max_new_tokens, key):  # its first call compiles
+        calls.append(max_new_tokens)
+        time.sleep(0.5 if len(calls) == 1 else 0.1)
+        return np.zeros(1)
+
+    rate = benchmark("sample_throughput", monkeypatch).tokens_per_sec(generate, None, np.zeros((3, 1)), 20, None)
+    assert calls == [20, 20] and 300 < rate <= 3 * 20 / 0.1
+
+
+def test_prepare_benchmark_counts_every_document_and_token_of_its_corpus(tmp_path, monkeypatch):
+    benchmark("prepare_openwebtext", monkeypatch).write_corpus(str(tmp_path / "corpus.txt"), 1)  # as --sizes_mb 1 does
+    docs = [doc for doc in (tmp_path / "corpus.txt").read_text().split("\n\n") if doc]
+    result = subprocess.run([sys.executable, "benchmarks/prepare_openwebtext.py", "--sizes_mb", "1", "--num_proc", "1",
+                             "--val_fraction", "0.1"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout)
+    assert out["documents"] == len(docs) and out["tokens"] == sum(len(gpt2().encode_ordinary(d)) + 1 for d in docs)
+    assert out["tokens_per_sec"] == pytest.approx(out["tokens"] / out["seconds"], rel=0.01)
+    assert out["peak_rss_mb"] == max(out["parent_peak_rss_mb"], out["worker_peak_rss_mb"]) > 0
