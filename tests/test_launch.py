@@ -8,6 +8,7 @@ import os
 import re
 import resource
 import select
+import shlex
 import shutil
 import signal
 import subprocess
@@ -62,6 +63,10 @@ def test_a_run_whose_checkpoints_were_removed_is_refused_not_trained_over(short_
     assert_one_line_error(result, f"--rundir={rundir} logged training up to step 40 but holds no checkpoints/ "
                           "(removed?); a new run there would overwrite its logs and config.json: pass a new --rundir, "
                           f"or delete {rundir} to train there afresh")
+    assert {name: (rundir / name).read_bytes() for name in os.listdir(rundir)} == before
+    result = run("launch.py", "--config=shakespeare_char_cpu", f"--rundir={rundir}", *TINY,  # nor by a debug run
+                 f"--data_dir={shakespeare_data_dir}", "--max_steps=1", "--debug")
+    assert_one_line_error(result, "logged training up to step 40 but holds no checkpoints/")
     assert {name: (rundir / name).read_bytes() for name in os.listdir(rundir)} == before
     logged_to = lambda last: b"".join(line for line in before["metrics.jsonl"].splitlines(True)
                                       if json.loads(line)["step"] <= last)
@@ -182,6 +187,17 @@ def test_a_finished_run_says_last_where_its_checkpoint_is_and_how_to_sample_it(s
     assert last == (f"trained to step 40: checkpoint 40 in {short_run}/checkpoints; "
                     f"python sample.py --rundir={short_run} samples from it")
     command = last.split("; ")[1].removesuffix(" samples from it").split()
+    assert run(command[1], *command[2:], "--max_new_tokens=5").returncode == 0
+
+
+def test_the_sample_command_a_run_ends_with_can_be_pasted_where_its_rundir_has_a_space(shakespeare_data_dir,
+                                                                                     tmp_path):
+    rundir = tmp_path / "my run"
+    result = run("launch.py", "--config=shakespeare_char_cpu", f"--rundir={rundir}",
+                 f"--data_dir={shakespeare_data_dir}", "--max_steps=1", *TINY)
+    assert result.returncode == 0, result.stderr
+    command = shlex.split(result.stdout.splitlines()[-1].split("; ")[1].removesuffix(" samples from it"))
+    assert command[:3] == ["python", "sample.py", f"--rundir={rundir}"], command
     assert run(command[1], *command[2:], "--max_new_tokens=5").returncode == 0
 
 
@@ -614,8 +630,9 @@ def assert_one_line_error(result, *fragments):
 
 
 @pytest.mark.parametrize("args, fragments", [
-    (["--config=shakespeare_chars"], ["shakespeare_char"]),
-    (["--config=shakespeare_char_cpu", "--max_stepz=3"], ["max_steps"]),
+    (["--config=shakespeare_chars"], ["unknown config 'shakespeare_chars'; did you mean 'shakespeare_char'?"]),
+    (["--config=shakespeare_char_cpu", "--max_stepz=3"],
+     ["unknown config field 'max_stepz'; did you mean 'max_steps'?"]),
     # launch.py's own flags, mistyped, came as a malformed override or an unknown field, and the 34 fields
     (["--config=shakespeare_char_cpu", "--multi_host"], ["unknown argument --multi_host; did you mean --multihost?"]),
     (["--config=shakespeare_char_cpu", "--debg"], ["unknown argument --debg; did you mean --debug?"]),
@@ -851,6 +868,8 @@ def test_checkpoints_without_their_config_json_are_refused_and_say_how_to_put_it
     (["--multihost"], "--multihost needs --rundir"),  # each process would name one from its own clock
     (["--process_id=1"], "need --multihost"),
     (["--join_timeout=5"], "need --multihost"),
+    (["--num_processes=2"], "need --multihost"),  # not a lone process that thinks itself one of two
+    (["--coordinator_address=127.0.0.1:1234"], "need --multihost"),
 ])
 def test_multihost_flags_are_checked_before_anything_starts(args, fragment, tmp_path):
     assert_one_line_error(run("launch.py", "--config=shakespeare_char_cpu", *args, cwd=tmp_path), fragment)
@@ -972,14 +991,16 @@ def test_resuming_keeps_the_run_where_its_config_changed_since_and_follows_moved
     moved = shutil.copytree(shakespeare_data_dir, tmp_path / "scratch" / "data")
     before = (rundir / "metrics.jsonl").read_text()
     result = run("launch.py", "--config=shakespeare_char_cpu", f"--rundir={rundir}", f"--data_dir={moved}",
-                 "--max_steps=41")  # one step more: a resume with nothing to train records nothing
+                 "--max_steps=46")  # past a save: a resume with nothing to train records nothing
     assert result.returncode == 0, result.stderr
     assert "the run keeps its saved values where --config=shakespeare_char_cpu differs: " in result.stdout
     assert "model.n_layer=2 (config: 4)" in result.stdout and "batch_size=8 (config: 12)" in result.stdout
     assert "resuming from checkpoint 40" in result.stdout
     assert (rundir / "metrics.jsonl").read_text().startswith(before)
     assert read_config_json(rundir) == dataclasses.replace(read_config_json(short_run), data_dir=str(moved),
-                                                           max_steps=41)
+                                                           max_steps=46)
+    # Saved on the run's grid of 15 (and at the end), not every 15 steps from the resume; the newest 2 kept.
+    assert sorted(os.listdir(rundir / "checkpoints"), key=int) == ["45", "46"]
 
 
 @pytest.mark.parametrize("case", ["a file", "foreign files", "another program's config.json",
