@@ -708,6 +708,9 @@ def test_a_launch_that_fails_after_making_its_default_run_directory_leaves_none(
     (tmp_path / "outputs" / "earlier").mkdir(parents=True)  # others' runs: outputs/ stays
     assert_one_line_error(run(*command, cwd=tmp_path), "model.vocab_size is 10")
     assert os.listdir(tmp_path / "outputs") == ["earlier"]
+    (tmp_path / "mine").mkdir()  # a --rundir made by its user, empty: theirs to keep
+    assert_one_line_error(run(*command, "--rundir=mine", cwd=tmp_path), "model.vocab_size is 10")
+    assert os.listdir(tmp_path / "mine") == []
 
 
 def test_a_split_shorter_than_one_window_is_one_line(shakespeare_data_dir, tmp_path):
