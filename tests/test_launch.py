@@ -227,14 +227,17 @@ def test_sample_prints_text_from_the_trained_run(short_run):
                  "--max_new_tokens=50", "--seed=3")
     assert result.returncode == 0, result.stderr
     samples = result.stdout.split("-" * 40 + "\n")
-    assert len(samples) == 2
-    assert all(s.startswith("ROMEO:") and len(s.rstrip("\n")) == len("ROMEO:") + 50 for s in samples)
+    assert len(samples) == 2 and samples[0] != samples[1]  # each row draws its own
+    assert all(s.startswith("ROMEO:") and len(s) == len("ROMEO:") + 50 + 1 and s.endswith("\n") for s in samples)
     again, other = (run("sample.py", f"--rundir={short_run}", "--start=ROMEO:", "--num_samples=2",
                         "--max_new_tokens=50", f"--seed={seed}") for seed in (3, 4))
     assert again.stdout == result.stdout != other.stdout
     greedy = [run("sample.py", f"--rundir={short_run}", "--start=ROMEO:", "--max_new_tokens=50", "--temperature=0",
                   f"--seed={seed}").stdout for seed in (3, 4)]
     assert greedy[0] == greedy[1] != result.stdout.split("-" * 40)[0]  # --temperature reaches the draws: none at 0
+    top_1 = run("sample.py", f"--rundir={short_run}", "--start=ROMEO:", "--max_new_tokens=50", "--temperature=1",
+                "--top_k=1", "--seed=3").stdout
+    assert top_1 == greedy[0]  # --top_k reaches them too: of one candidate, the argmax
     # The draws follow the prompt too (prompt_key): with the seed's alone, continuations of different prompts fell
     # into the same text. sample.py draws what generate draws with that key (in a process that compiles as it does).
     drawn = subprocess.run([sys.executable, "-c", textwrap.dedent(f"""
@@ -280,11 +283,12 @@ def test_one_sample_is_shown_as_it_is_generated(short_run):
         shown, deadline = b"", time.monotonic() + 120
         while len(shown) < 1000 and select.select([sampling.stdout], [], [], max(0, deadline - time.monotonic()))[0]:
             shown += os.read(sampling.stdout.fileno(), 1 << 16)
-        assert shown.startswith(b"ROMEO:") and len(shown) >= 1000, sampling.stderr.read1() if shown == b"" else shown
-        assert sampling.poll() is None  # 16M tokens: far from done
-    finally:
+        running = sampling.poll() is None  # 16M tokens: far from done
+    finally:  # killed before its stderr is read: a live sample.py that writes none would block the read
         sampling.kill()
-        sampling.wait()
+        stderr = sampling.communicate()[1]
+    assert shown.startswith(b"ROMEO:") and len(shown) >= 1000, stderr if shown == b"" else shown
+    assert running
 
 
 def test_sample_takes_the_newest_checkpoint_whose_save_finished(short_run, tmp_path):
@@ -358,6 +362,9 @@ def test_sample_reads_a_prompt_file_and_keeps_the_end_of_a_long_prompt(short_run
     assert f"the prompt's first {len(prompt) - 64} tokens are left out" in result.stderr  # else silently
     assert result.stdout.startswith(prompt[-64:]) and len(result.stdout.rstrip("\n")) >= 64 + 19
     assert not result.stdout.startswith(prompt[-65:])
+    whole = prompt[-64:]  # exactly block_size: all of it is kept
+    result = run("sample.py", f"--rundir={short_run}", f"--start={whole}", "--max_new_tokens=5")
+    assert result.stdout.startswith(whole) and "left out" not in result.stderr, result.stderr
     (tmp_path / "bom.txt").write_text("\ufeffROMEO:")  # as Windows editors save it: the mark is no text
     # ~ is expanded, as in --rundir (quoted, the shell leaves it to sample.py)
     result = run("sample.py", f"--rundir={short_run}", "--start=FILE:~/bom.txt", "--max_new_tokens=5",
@@ -1283,6 +1290,11 @@ def test_bpe_configs_shrunk_train_and_sample(name, bpe_data_dir, tmp_path):
         sample = run("sample.py", f"--rundir={rundir}", "--start=" + "\U0001f99c" * 12, "--max_new_tokens=1")
         assert sample.returncode == 0 and sample.stdout.startswith("\U0001f99c" * 10), sample.stdout
         assert "the prompt's first 6 tokens are left out: the model sees its last 30" in sample.stderr
+        # GPT-2's tokens decode to any character: an ascii stdout is refused before any text, as for a char run's.
+        refused = run("sample.py", f"--rundir={rundir}", "--max_new_tokens=5",
+                      env=this_tree_env(PYTHONIOENCODING="ascii"))
+        assert_one_line_error(refused, "stdout writes ascii, which cannot hold every character this run may sample")
+        assert refused.stdout == ""
     if name == "openwebtext":  # its table's 50304 rows, 47 past GPT-2's ids, which no tokenizer decodes
         # At a huge temperature every row is as likely: 10,000 draws from all 50304 would meet one (all but 1e-4).
         sample = run("sample.py", f"--rundir={rundir}", "--temperature=1e30", "--num_samples=50",

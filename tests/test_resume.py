@@ -468,6 +468,11 @@ def test_when_no_checkpoint_restores_the_run_stops_and_moves_nothing(uninterrupt
     assert sampled.returncode == 0, sampled.stderr
     assert re.fullmatch(rf"checkpoint 60 of {rundir} does not restore \(.+\): sampling from checkpoint 40\n",
                         sampled.stderr), sampled.stderr
+    asked = subprocess.run([sys.executable, str(REPO_ROOT / "sample.py"), f"--rundir={rundir}", "--step=60"],
+                           capture_output=True, text=True)  # asked for by its step: told which others to ask for
+    assert asked.returncode == 1 and re.fullmatch(rf"error: checkpoint 60 of {rundir} does not restore \(.+\); try "
+                                                  r"--step= another of \[20, 40\], or none for the newest that "
+                                                  r"restores\n", asked.stderr), asked.stderr
     damage("40")
     damage("20")
     for _ in range(3):  # orbax's reads are collected at exit in some runs only
