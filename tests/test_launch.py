@@ -1001,7 +1001,7 @@ def test_resuming_keeps_the_run_where_its_config_changed_since_and_follows_moved
     moved = shutil.copytree(shakespeare_data_dir, tmp_path / "scratch" / "data")
     before = (rundir / "metrics.jsonl").read_text()
     result = run("launch.py", "--config=shakespeare_char_cpu", f"--rundir={rundir}", f"--data_dir={moved}",
-                 "--max_steps=46")  # past a save: a resume with nothing to train records nothing
+                 "--max_steps=46")  # past the run's next save, at 45 (one with nothing to train records nothing)
     assert result.returncode == 0, result.stderr
     assert "the run keeps its saved values where --config=shakespeare_char_cpu differs: " in result.stdout
     assert "model.n_layer=2 (config: 4)" in result.stdout and "batch_size=8 (config: 12)" in result.stdout

@@ -145,7 +145,7 @@ def test_the_state_is_whole_on_each_device_unless_fsdp_may_split_it(fsdp, shard_
                                                                                          "opt_state[1].nu.")})
 
 
-def test_fsdp_splits_over_the_fsdp_axis_alone_and_a_batch_over_every_device():
+def test_fsdp_divides_a_dimension_by_the_fsdp_axis_alone_not_by_every_device():
     # On a (2, 4) mesh a dimension of 100 divides by fsdp's 4, not by all 8 devices: sharded 4 ways, not left whole.
     from jax.sharding import AbstractMesh
 
