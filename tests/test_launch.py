@@ -58,25 +58,23 @@ def test_a_run_whose_checkpoints_were_removed_is_refused_not_trained_over(short_
     shutil.copytree(short_run, rundir)
     shutil.rmtree(rundir / "checkpoints")  # to free the disk, say, once it had finished
     before = {name: (rundir / name).read_bytes() for name in os.listdir(rundir)}
-    result = run("launch.py", "--config=shakespeare_char_cpu", f"--rundir={rundir}", *TINY,
-                 f"--data_dir={shakespeare_data_dir}")
+    launch = lambda *args: run("launch.py", "--config=shakespeare_char_cpu", f"--rundir={rundir}", *TINY,
+                               f"--data_dir={shakespeare_data_dir}", *args)
+    result = launch()
     assert_one_line_error(result, f"--rundir={rundir} logged training up to step 40 but holds no checkpoints/ "
                           "(removed?); a new run there would overwrite its logs and config.json: pass a new --rundir, "
                           f"or delete {rundir} to train there afresh")
     assert {name: (rundir / name).read_bytes() for name in os.listdir(rundir)} == before
-    result = run("launch.py", "--config=shakespeare_char_cpu", f"--rundir={rundir}", *TINY,  # nor by a debug run
-                 f"--data_dir={shakespeare_data_dir}", "--max_steps=1", "--debug")
-    assert_one_line_error(result, "logged training up to step 40 but holds no checkpoints/")
+    assert_one_line_error(launch("--max_steps=1", "--debug"),  # nor by a debug run
+                          "logged training up to step 40 but holds no checkpoints/")
     assert {name: (rundir / name).read_bytes() for name in os.listdir(rundir)} == before
     logged_to = lambda last: b"".join(line for line in before["metrics.jsonl"].splitlines(True)
                                       if json.loads(line)["step"] <= last)
     (rundir / "metrics.jsonl").write_bytes(logged_to(15))  # to the step of the first save, which was made
-    assert_one_line_error(run("launch.py", "--config=shakespeare_char_cpu", f"--rundir={rundir}", *TINY,
-                              f"--data_dir={shakespeare_data_dir}"), "logged training up to step 15 but holds no")
+    assert_one_line_error(launch(), "logged training up to step 15 but holds no")
     # Logs short of a save (a --debug run's, one killed before its first save) are a run to start afresh.
     (rundir / "metrics.jsonl").write_bytes(logged_to(14))
-    result = run("launch.py", "--config=shakespeare_char_cpu", f"--rundir={rundir}", *TINY,
-                 f"--data_dir={shakespeare_data_dir}", "--max_steps=1")
+    result = launch("--max_steps=1")
     assert result.returncode == 0, result.stderr
     assert [r["step"] for r in read_metrics(rundir)] == [1]
     # And a --debug run's, past its checkpoint_interval: it saved nothing, and again starts afresh.
@@ -186,8 +184,14 @@ def test_a_finished_run_says_last_where_its_checkpoint_is_and_how_to_sample_it(s
     last = Path(short_run + ".stdout").read_text().splitlines()[-1]
     assert last == (f"trained to step 40: checkpoint 40 in {short_run}/checkpoints; "
                     f"python sample.py --rundir={short_run} samples from it")
-    command = last.split("; ")[1].removesuffix(" samples from it").split()
-    assert run(command[1], *command[2:], "--max_new_tokens=5").returncode == 0
+    assert sample_as_told(last)[1].returncode == 0
+
+
+def sample_as_told(last_line: str) -> tuple[list[str], subprocess.CompletedProcess]:
+    """The sample command that a finished run's last line gives, as a shell splits it, and its run."""
+    command = shlex.split(last_line.split("; ")[1].removesuffix(" samples from it"))
+    assert command[:2] == ["python", "sample.py"], command
+    return command, run(command[1], *command[2:], "--max_new_tokens=5")
 
 
 def test_the_sample_command_a_run_ends_with_can_be_pasted_where_its_rundir_has_a_space(shakespeare_data_dir,
@@ -196,9 +200,8 @@ def test_the_sample_command_a_run_ends_with_can_be_pasted_where_its_rundir_has_a
     result = run("launch.py", "--config=shakespeare_char_cpu", f"--rundir={rundir}",
                  f"--data_dir={shakespeare_data_dir}", "--max_steps=1", *TINY)
     assert result.returncode == 0, result.stderr
-    command = shlex.split(result.stdout.splitlines()[-1].split("; ")[1].removesuffix(" samples from it"))
-    assert command[:3] == ["python", "sample.py", f"--rundir={rundir}"], command
-    assert run(command[1], *command[2:], "--max_new_tokens=5").returncode == 0
+    command, sampled = sample_as_told(result.stdout.splitlines()[-1])
+    assert command[2] == f"--rundir={rundir}" and sampled.returncode == 0, (command, sampled.stderr)
 
 
 def test_metrics_log_every_interval_and_evaluate_at_eval_steps_and_the_end(short_run):
@@ -223,21 +226,18 @@ def test_training_lowers_the_loss(short_run):
 
 
 def test_sample_prints_text_from_the_trained_run(short_run):
-    result = run("sample.py", f"--rundir={short_run}", "--start=ROMEO:", "--num_samples=2",
-                 "--max_new_tokens=50", "--seed=3")
+    sample = lambda *args: run("sample.py", f"--rundir={short_run}", "--start=ROMEO:", "--max_new_tokens=50", *args)
+    result = sample("--num_samples=2", "--seed=3")
     assert result.returncode == 0, result.stderr
     samples = result.stdout.split("-" * 40 + "\n")
     assert len(samples) == 2 and samples[0] != samples[1]  # each row draws its own
     assert all(s.startswith("ROMEO:") and len(s) == len("ROMEO:") + 50 + 1 and s.endswith("\n") for s in samples)
-    again, other = (run("sample.py", f"--rundir={short_run}", "--start=ROMEO:", "--num_samples=2",
-                        "--max_new_tokens=50", f"--seed={seed}") for seed in (3, 4))
+    again, other = (sample("--num_samples=2", f"--seed={seed}") for seed in (3, 4))
     assert again.stdout == result.stdout != other.stdout
-    greedy = [run("sample.py", f"--rundir={short_run}", "--start=ROMEO:", "--max_new_tokens=50", "--temperature=0",
-                  f"--seed={seed}").stdout for seed in (3, 4)]
+    greedy = [sample("--temperature=0", f"--seed={seed}").stdout for seed in (3, 4)]
     assert greedy[0] == greedy[1] != result.stdout.split("-" * 40)[0]  # --temperature reaches the draws: none at 0
-    top_1 = run("sample.py", f"--rundir={short_run}", "--start=ROMEO:", "--max_new_tokens=50", "--temperature=1",
-                "--top_k=1", "--seed=3").stdout
-    assert top_1 == greedy[0]  # --top_k reaches them too: of one candidate, the argmax
+    # --top_k reaches them too: of one candidate, the argmax
+    assert sample("--temperature=1", "--top_k=1", "--seed=3").stdout == greedy[0]
     # The draws follow the prompt too (prompt_key): with the seed's alone, continuations of different prompts fell
     # into the same text. sample.py draws what generate draws with that key (in a process that compiles as it does).
     drawn = subprocess.run([sys.executable, "-c", textwrap.dedent(f"""
@@ -255,9 +255,7 @@ def test_sample_prints_text_from_the_trained_run(short_run):
         print(tokenizer.decode(meta, jax.device_get(new)[0].tolist()))
     """)], capture_output=True, text=True, env=this_tree_env(), timeout=300)
     assert drawn.returncode == 0, drawn.stderr
-    sampled = run("sample.py", f"--rundir={short_run}", "--start=ROMEO:", "--max_new_tokens=50", "--seed=3",
-                  "--temperature=0.5")
-    assert drawn.stdout == sampled.stdout != greedy[0]
+    assert drawn.stdout == sample("--seed=3", "--temperature=0.5").stdout != greedy[0]
 
 
 @pytest.mark.parametrize("start, tokens", [("\n", 11), ("ROMEO:", 16)])

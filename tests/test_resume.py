@@ -453,8 +453,8 @@ def test_when_no_checkpoint_restores_the_run_stops_and_moves_nothing(uninterrupt
     assert {p: p.read_bytes() for p in sorted(rundir.rglob("*")) if p.is_file()} == before  # nothing touched
     # sample.py reads the parameters only, which one truncated file may have spared: every file, then. As a
     # resume does, it takes the newest that restores; it said to try --step= another, which was damaged too.
-    sample = lambda: subprocess.run([sys.executable, str(REPO_ROOT / "sample.py"), f"--rundir={rundir}",
-                                     "--max_new_tokens=5"], capture_output=True, text=True)
+    sample = lambda *args: subprocess.run([sys.executable, str(REPO_ROOT / "sample.py"), f"--rundir={rundir}",
+                                           "--max_new_tokens=5", *args], capture_output=True, text=True)
     def damage(step: str):
         for d, _, files in os.walk(rundir / "checkpoints" / step):
             for f in files if "/d" in d else []:
@@ -468,8 +468,7 @@ def test_when_no_checkpoint_restores_the_run_stops_and_moves_nothing(uninterrupt
     assert sampled.returncode == 0, sampled.stderr
     assert re.fullmatch(rf"checkpoint 60 of {rundir} does not restore \(.+\): sampling from checkpoint 40\n",
                         sampled.stderr), sampled.stderr
-    asked = subprocess.run([sys.executable, str(REPO_ROOT / "sample.py"), f"--rundir={rundir}", "--step=60"],
-                           capture_output=True, text=True)  # asked for by its step: told which others to ask for
+    asked = sample("--step=60")  # asked for by its step: told which others to ask for
     assert asked.returncode == 1 and re.fullmatch(rf"error: checkpoint 60 of {rundir} does not restore \(.+\); try "
                                                   r"--step= another of \[20, 40\], or none for the newest that "
                                                   r"restores\n", asked.stderr), asked.stderr
