@@ -110,9 +110,10 @@ def measure(corpus: str, out_dir: str, num_proc: int, val_fraction: float) -> di
 def main(argv: list[str]) -> None:
     parser = ArgumentParser(description=__doc__)
     parser.add_argument("--sizes_mb", type=positive_int, nargs="+", default=[10, 100],
-                        help="the corpora's sizes, in MB of text (default: 10 100)")
+                        help="the corpora's sizes, in MiB of text (default: 10 100)")
     parser.add_argument("--num_proc", type=positive_int, default=2, help="tokenizer processes")
-    # 0.01, not prepare.py's 0.0005: a 10 MB corpus holds ~2,000 documents, and val must not be empty.
+    # 0.01, prepare.py's own for --input files (not OpenWebText's 0.0005): a 10 MiB corpus holds ~2,000 documents,
+    # and val must not be empty.
     parser.add_argument("--val_fraction", type=float, default=0.01, help="share of documents for val")
     parser.add_argument("--text", help="build the corpora from this real text's paragraphs instead of made-up words")
     args = parser.parse_args(argv)

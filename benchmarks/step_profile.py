@@ -111,7 +111,7 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--top", type=positive_int, default=15, help="ops to list, the longest first")
     args, overrides = parser.parse_known_args(argv)
     # XLA's GPU command buffers launch a step's kernels as one, which the trace would show as one op
-    # of kind "other"; set before the backend starts, which setup() does.
+    # of kind "other"; set before the backend starts (check_device's first jax.devices()).
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_gpu_enable_command_buffer=".strip()
     config = checked_config(args.config, overrides, list(vars(args)))
 
