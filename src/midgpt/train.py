@@ -254,7 +254,7 @@ def _train(config: Config, rundir: str, debug: bool, resume: bool, notes: Sequen
             step = steps[-1]  # the loop acts after the call's last step alone
             is_eval = step % config.eval_interval == 0 or step == config.max_steps
             is_log = is_eval or step % config.log_interval == 0
-            # An evaluation is one jitted call (minutes of shakespeare_char's on a CPU), and a stop waits for
+            # An evaluation is a jitted call a split (minutes of shakespeare_char's on a CPU), and a stop waits for
             # it: a resume would not evaluate this step again.
             ending = "this step" if len(steps) == 1 else f"step {step}"
             after_call = f"after {ending}" if jax.process_count() == 1 else stop_after

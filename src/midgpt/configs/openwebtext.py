@@ -1,4 +1,4 @@
-"""midGPT's 124M GPT on OpenWebText (GPT-2 BPE): the GPT-2 small shape, bf16 compute.
+"""midGPT's 124M GPT on OpenWebText (GPT-2 BPE): the GPT-2 small shape, bf16 compute on GPUs and TPUs (`auto`).
 
 A global batch of 128 x 16 = 2048 sequences of 1024 tokens (2M tokens) per step,
 accumulated over 16 micro-batches. Data: python data/openwebtext/prepare.py.
