@@ -1136,6 +1136,11 @@ def test_sample_errors_are_one_line(short_run, shakespeare_data_dir, tmp_path):
                           f"error: {project}/outputs/run does not exist; pass a run directory made by launch.py")
     assert_one_line_error(run("sample.py", f"--rundir={short_run}", "--start=€"),
                           "['€']: leave them out of the prompt")
+    removed = tmp_path / "removed"  # every run makes checkpoints/ (--debug's empty): it was removed
+    shutil.copytree(short_run, removed)
+    shutil.rmtree(removed / "checkpoints")
+    assert_one_line_error(run("sample.py", f"--rundir={removed}"),
+                          f"error: {removed} holds no checkpoints/ (removed?): put the run's checkpoints back there")
     unfinished = tmp_path / "unfinished"  # a run killed during its first save, or still before it
     shutil.copytree(short_run, unfinished)
     for marker in unfinished.glob(f"checkpoints/*/{checkpoint.COMMIT_MARKER}"):

@@ -17,7 +17,7 @@ from midgpt import checkpoint, data, memory, sharding
 from midgpt.config import Config
 from midgpt.errors import MidgptError
 from midgpt.model import GPT, fresh_model, project
-from midgpt.rundir import read_run_config, saved_steps
+from midgpt.rundir import CHECKPOINTS, read_run_config, saved_steps
 
 
 def check_samples_fit(model: GPT, num_samples: int, prompt_tokens: int, max_new_tokens: int, available: int,
@@ -115,7 +115,9 @@ def load_model(rundir: str, step: int | None = None, say=None, config: Config | 
     restores, said with say), on one device."""
     config = config or read_run_config(rundir)
     if not os.path.isdir(checkpoint.directory(rundir)):
-        raise MidgptError(f"{rundir} has no checkpoints yet (runs with --debug write none)")
+        # Every run makes it (--debug's empty) before its config.json: a run without it had it removed.
+        raise MidgptError(f"{rundir} holds no {CHECKPOINTS}/ (removed?): put the run's checkpoints back "
+                          "there to sample from it")
     like = eqx.filter_eval_shape(fresh_model, config)
     failed = {}  # step: why, of the newest checkpoints, which did not restore
     # A run in training removes its oldest checkpoint as each new one commits, maybe while orbax reads
@@ -168,7 +170,8 @@ def restore_on_one_device(rundir: str, config: Config, step: int, like: GPT) -> 
     """The model of checkpoint step, on one device."""
     one_device = jax.tree.map(lambda _: SingleDeviceSharding(jax.devices()[0]),
                               eqx.filter(like, sharding.is_abstract))
-    manager = checkpoint.make_manager(rundir, config)  # after the checks: orbax warns of each unfinished save
+    # Made only for a step whose save finished (load_model's checks): orbax warns of each unfinished save.
+    manager = checkpoint.make_manager(rundir, config)
     try:
         # Another model is no damage: said apart.
         checkpoint.check_arrays(checkpoint.step_directory(rundir, step), like, part="model")
@@ -270,7 +273,7 @@ def _last_logits(model: GPT, tokens_BxT, positions_T, cache):
     return project("bd,vd->bv", x_BxTxD[:, -1], embed_VxD, out_dtype=jnp.float32), cache
 
 
-SAMPLING = ("temperature", "top_k", "vocab")  # generate's static arguments
+SAMPLING = ("temperature", "top_k", "vocab")  # the sampling options, static in _prefill and _decode
 
 
 @functools.partial(jax.jit, static_argnames=SAMPLING)
