@@ -89,7 +89,7 @@ def check_new_rundir(rundir: str) -> None:
 
 
 def resumes(rundir: str | None) -> bool:
-    """Whether launch resumes the run in rundir (one with a checkpoint, finished or not) rather than start a run there."""
+    """Whether launch resumes the run in rundir (one with a checkpoint, finished or not) rather than start one there."""
     # A run is its checkpoints: a directory without any (--debug's, a run killed before its
     # first save) starts afresh from this command, as its config.json would start at step 0 too.
     return bool(rundir and saved_steps(rundir))
