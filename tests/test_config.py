@@ -350,6 +350,16 @@ def test_a_config_file_with_a_mistake_is_refused_in_one_line_naming_it(tmp_path,
     ("--batch_size=20000000", "eval_iters x batch_size x model.block_size is 64,000,000,000 tokens at once"),
     ("--mesh_shape=0,4", "mesh_shape=0,4 needs positive sizes"),  # 0,-1 was a ZeroDivisionError in make_mesh
     ("--beta1=-0.5", "'beta1' must be in [0, 1)"),  # a negative momentum trained, silently
+    # 1 in float32: beta2's bias correction divided by 0, and a run with no update finished, exit 0; beta1's
+    # first update was inf, "lower --learning_rate".
+    ("--beta2=0.99999999999", "beta2=0.99999999999 is 1 in float32, in which the optimiser runs; use at most "
+                              "0.9999999403953552"),
+    ("--beta1=0.99999999999", "beta1=0.99999999999 is 1 in float32"),
+    # 0 in float32, at the warmup's first step or as a clip: no update, exit 0.
+    ("--learning_rate=1e-37 --weight_decay=0 --min_lr=0", "learning_rate=1e-37 over warmup_steps=100 starts at "
+                                                          "1e-39, 0 in float32"),
+    ("--grad_clip=1e-45", "grad_clip=1e-45 is 0 in float32 and would zero every update; pass --grad_clip=0 for "
+                          "no clipping"),
     ("--fsdp_min_size=-1", "'fsdp_min_size' must be 0 or more"),
     # Heads one feature wide: rotary embeddings rotate pairs, and the forward pass failed in a traceback.
     ("--model.n_head=128", "model.n_embd=128 must split into model.n_head=128 heads of even width"),
@@ -363,6 +373,13 @@ def test_values_that_parse_but_cannot_train_are_refused(config, override, fragme
     with pytest.raises(MidgptError) as info:
         check_config(apply_overrides(config, override.split(" ")))
     assert fragment in str(info.value)
+
+
+def test_values_at_float32s_edges_are_let_through(config):
+    # The largest beta below 1 in float32, the smallest normal rate and clip: each moves the weights.
+    check_config(apply_overrides(config, ["--beta1=0.9999999403953552", "--beta2=0.9999999403953552",
+                                          "--grad_clip=1.2e-38", "--warmup_steps=0", "--learning_rate=1.2e-38",
+                                          "--weight_decay=0", "--min_lr=0"]))
 
 
 def test_an_override_may_mend_a_value_that_config_json_was_edited_to(config):

@@ -67,6 +67,15 @@ def test_prepare_with_missing_input_prints_one_line_and_writes_nothing(tmp_path)
     assert not out_dir.exists()
 
 
+def test_prepare_refuses_an_input_that_is_no_regular_file(tmp_path):
+    # /dev/zero was read until memory ran out (7 GB in 10 s).
+    result = subprocess.run([sys.executable, str(PREPARE), "--input", "/dev/zero", "--out_dir", str(tmp_path / "out")],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1 and result.stderr == (
+        "prepare.py: /dev/zero is not a regular file (a pipe or a device); write its text to a file and pass that\n")
+    assert not (tmp_path / "out").exists()
+
+
 def test_prepare_that_cannot_write_is_one_line_and_leaves_a_prepared_dataset_as_it_was(shakespeare_text, tmp_path):
     out_dir = tmp_path / "out"
     command = [sys.executable, str(PREPARE), "--input", shakespeare_text, "--out_dir", str(out_dir)]

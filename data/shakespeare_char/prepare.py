@@ -23,6 +23,9 @@ URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshake
 
 def read_text(path: Path) -> str:
     """Return the file's text exactly as stored but for a byte-order mark, or exit with one line on stderr."""
+    if path.exists() and not path.is_file() and not path.is_dir():  # /dev/zero was read until memory ran out
+        sys.exit(f"prepare.py: {path} is not a regular file (a pipe or a device); write its text to a file and "
+                 "pass that")
     try:
         return read_utf8(path)  # exactly: text mode would translate newlines and break exact round trips
     except FileNotFoundError:

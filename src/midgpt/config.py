@@ -10,6 +10,7 @@ import math
 import os
 import pkgutil
 import re
+import struct
 import sys
 import traceback
 import typing
@@ -289,6 +290,14 @@ def _from_dict(cls: type, d, prefix: str):
     return cls(**kwargs)
 
 
+FLOAT32_TINY = 1.2e-38  # about float32's smallest normal number: below it, a CPU takes a float32 for 0
+
+
+def float32(x: float) -> float:
+    """x rounded to float32, as the optimiser holds it."""
+    return struct.unpack("f", struct.pack("f", x))[0]
+
+
 def check_config(config: Config) -> None:
     """Raise MidgptError for values that parse but cannot run."""
     m = config.model
@@ -330,7 +339,7 @@ def check_config(config: Config) -> None:
     # The optimiser's arithmetic is float32: a learning_rate of 1e-300 there was 0, and the decay's
     # factor weight_decay / learning_rate inf, which made every weight NaN.
     too_large = config.learning_rate > 3.4e38
-    if config.learning_rate < 1.2e-38 or too_large or config.weight_decay / config.learning_rate > 3.4e38:
+    if config.learning_rate < FLOAT32_TINY or too_large or config.weight_decay / config.learning_rate > 3.4e38:
         fix = "lower --learning_rate" if too_large else "raise --learning_rate or lower --weight_decay"
         raise MidgptError(f"learning_rate={config.learning_rate} with weight_decay={config.weight_decay} is beyond "
                           f"float32, in which the optimiser runs; {fix}")
@@ -343,9 +352,24 @@ def check_config(config: Config) -> None:
     for name in ("beta1", "beta2"):
         if not 0 <= getattr(config, name) < 1:
             raise MidgptError(f"config field {name!r} must be in [0, 1), got {getattr(config, name)}")
+        # 1 in float32: beta2's bias correction divided by 0 (every update 0, and the run "finished"), beta1's
+        # made the first update inf.
+        if float32(getattr(config, name)) == 1:
+            raise MidgptError(f"{name}={getattr(config, name)} is 1 in float32, in which the optimiser runs; "
+                              f"use at most {float32(1 - 2**-24)!r}")
     for name in ("weight_decay", "grad_clip", "fsdp_min_size"):  # grad_clip=0: no clipping, as in nanoGPT
         if getattr(config, name) < 0:
             raise MidgptError(f"config field {name!r} must be 0 or more, got {getattr(config, name)}")
+    # Below float32's smallest normal number, a rate or a clip is 0 on a CPU, and no step moves a weight: the
+    # run trained nothing and exited 0. The warmup's first step takes learning_rate / warmup_steps.
+    first_lr = config.learning_rate / max(config.warmup_steps, 1)
+    if first_lr < FLOAT32_TINY:
+        raise MidgptError(f"learning_rate={config.learning_rate} over warmup_steps={config.warmup_steps} starts at "
+                          f"{first_lr:.3g}, 0 in float32, in which the optimiser runs; raise --learning_rate or lower "
+                          "--warmup_steps")
+    if 0 < config.grad_clip < FLOAT32_TINY:
+        raise MidgptError(f"grad_clip={config.grad_clip} is 0 in float32 and would zero every update; pass "
+                          f"--grad_clip=0 for no clipping, or at least {FLOAT32_TINY}")
     # Independent of the learning rate, a step at its peak scales each decayed weight by 1 - weight_decay: 1
     # zeroed them every step, and the run sat at a uniform guess's loss with no error.
     if config.weight_decay >= 1:
