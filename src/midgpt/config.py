@@ -290,7 +290,7 @@ def _from_dict(cls: type, d, prefix: str):
     return cls(**kwargs)
 
 
-FLOAT32_TINY = 1.2e-38  # about float32's smallest normal number: below it, a CPU takes a float32 for 0
+FLOAT32_TINY = 1.2e-38  # about float32's smallest normal number: XLA flushes a float32 below it to 0
 
 
 def float32(x: float) -> float:
@@ -360,7 +360,7 @@ def check_config(config: Config) -> None:
     for name in ("weight_decay", "grad_clip", "fsdp_min_size"):  # grad_clip=0: no clipping, as in nanoGPT
         if getattr(config, name) < 0:
             raise MidgptError(f"config field {name!r} must be 0 or more, got {getattr(config, name)}")
-    # Below float32's smallest normal number, a rate or a clip is 0 on a CPU, and no step moves a weight: the
+    # Below float32's smallest normal number, XLA flushes a rate or a clip to 0, and no step moves a weight: the
     # run trained nothing and exited 0. The warmup's first step takes learning_rate / warmup_steps.
     first_lr = config.learning_rate / max(config.warmup_steps, 1)
     if first_lr < FLOAT32_TINY:
