@@ -496,6 +496,18 @@ def test_sample_refuses_parameters_whose_values_were_changed_on_disk(uninterrupt
                         r"changed\): sampling from checkpoint 40\n", sampled.stderr), sampled.stderr
 
 
+def test_sample_skips_a_checkpoint_folder_that_holds_another_steps_state(uninterrupted, tmp_path):
+    # A copy of step 40 named 60 was sampled as "checkpoint 60"; a resume refuses it (copy_of_the_one_before).
+    rundir = tmp_path / "run"
+    shutil.copytree(uninterrupted, rundir)
+    copy_of_the_one_before(str(rundir / "checkpoints" / "60"))
+    sampled = subprocess.run([sys.executable, str(REPO_ROOT / "sample.py"), f"--rundir={rundir}", "--max_new_tokens=5"],
+                             capture_output=True, text=True)
+    assert sampled.returncode == 0 and sampled.stderr == (
+        f"checkpoint 60 of {rundir} does not restore (ValueError: it holds the state after step 40: a folder renamed, "
+        "or copied from another?): sampling from checkpoint 40\n"), sampled.stderr
+
+
 def test_checkpoint_of_another_model_is_refused_not_taken_for_damage(uninterrupted, shakespeare_data_dir, tmp_path):
     rundir = tmp_path / "run"
     shutil.copytree(uninterrupted, rundir)

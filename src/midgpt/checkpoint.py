@@ -188,12 +188,20 @@ def restore(manager: ocp.CheckpointManager, step: int, like, shardings):
 def restore_model(manager: ocp.CheckpointManager, step: int, like_model, shardings):
     """The model alone of the state saved at step: the optimiser state, twice its size, is never read."""
     target, static = placed(like_model, shardings)
-    item = {"model": target}  # the state's other fields are left out of the read
+    # The step count too, checked as a resume checks it; the state's other fields are left out of the read.
+    step_like = jax.ShapeDtypeStruct((), jnp.int32, sharding=jax.tree.leaves(shardings)[0])
+    item = {"model": target, "step": step_like}
     args = ocp.args.PyTreeRestore(item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
                                   partial_restore=True)
     restored = manager.restore(step, args=ocp.args.Composite(state=args))["state"]
     check_fingerprints(manager, step, restored)
+    if (saved := int(restored["step"])) != step:  # sampled as named, it was another step's model
+        raise ValueError(holds_another_step(saved))
     return eqx.combine(restored["model"], static)
+
+
+def holds_another_step(saved: int) -> str:
+    return f"it holds the state after step {saved}: a folder renamed, or copied from another?"
 
 
 def array_shapes(tree) -> dict[str, tuple[int, ...]]:
@@ -269,7 +277,7 @@ def restore_newest(manager: ocp.CheckpointManager, rundir: str, like, shardings,
                 if (saved := int(state.step)) == step:
                     found = state, step
                     break
-                problem = f"it holds the state after step {saved}: a folder renamed, or copied from another?"
+                problem = holds_another_step(saved)
         else:
             problem = f"no {COMMIT_MARKER}: its save did not finish"
         damaged.append((step, problem, finished))
