@@ -288,7 +288,8 @@ def test_sampling_reads_the_parameters_only(shakespeare_data_dir, tmp_path):
         "--model.n_layer=1", "--model.n_embd=32", "--model.n_head=2", f"--data_dir={shakespeare_data_dir}"])
     state = fresh_state(config, make_optimizer(config))
     params = eqx.filter(state.model, eqx.is_array)
-    state = eqx.tree_at(lambda s: s.opt_state, state, optax.sgd(0.1, momentum=0.9).init(params))
+    state = eqx.tree_at(lambda s: (s.opt_state, s.step), state, (optax.sgd(0.1, momentum=0.9).init(params),
+                                                                 jnp.int32(7)))  # saved as step 7's
     rundir = str(tmp_path / "run")
     write_config(config, rundir, data.meta_bytes(config.data_dir))
     manager = checkpoint.make_manager(rundir, config)
@@ -309,17 +310,18 @@ def test_a_checkpoint_that_training_removes_as_it_is_read_gives_way_to_the_newer
     config = apply_overrides(load_config("shakespeare_char_cpu"), [
         "--model.n_layer=1", "--model.n_embd=32", "--model.n_head=2", f"--data_dir={shakespeare_data_dir}"])
     state = fresh_state(config, make_optimizer(config))
-    rundir = tmp_path / "run"
-    write_config(config, str(rundir), data.meta_bytes(config.data_dir))
-    manager = checkpoint.make_manager(str(rundir), config)
-    checkpoint.save(manager, 7, state, config)
-    checkpoint.wait(manager)
-    manager.close()
+    rundir, later = tmp_path / "run", tmp_path / "later"  # later: the trainer's save of step 9, put in place below
+    for where, saved in [(rundir, 7), (later, 9)]:
+        write_config(config, str(where), data.meta_bytes(config.data_dir))
+        manager = checkpoint.make_manager(str(where), config)
+        checkpoint.save(manager, saved, eqx.tree_at(lambda s: s.step, state, jnp.int32(saved)), config)
+        checkpoint.wait(manager)
+        manager.close()
     restore = sample.restore_on_one_device
 
     def as_training_saves_and_removes(rundir_, config_, chosen, like):
         if chosen == 7:  # the trainer's save of step 9 commits, and step 7 goes
-            shutil.copytree(rundir / "checkpoints" / "7", rundir / "checkpoints" / "9")
+            shutil.copytree(later / "checkpoints" / "9", rundir / "checkpoints" / "9")
             shutil.rmtree(rundir / "checkpoints" / "7")
         return restore(rundir_, config_, chosen, like)
 
