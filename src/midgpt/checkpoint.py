@@ -201,6 +201,7 @@ def restore_model(manager: ocp.CheckpointManager, step: int, like_model, shardin
 
 
 def holds_another_step(saved: int) -> str:
+    """Why a checkpoint whose state is of another step than its folder's name does not restore."""
     return f"it holds the state after step {saved}: a folder renamed, or copied from another?"
 
 

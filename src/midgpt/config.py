@@ -291,6 +291,7 @@ def _from_dict(cls: type, d, prefix: str):
 
 
 FLOAT32_TINY = 1.2e-38  # about float32's smallest normal number: XLA flushes a float32 below it to 0
+FLOAT32_MAX = 3.4e38  # about its largest: past it, inf
 
 
 def float32(x: float) -> float:
@@ -338,8 +339,8 @@ def check_config(config: Config) -> None:
                               f"got {getattr(config, name)}")
     # The optimiser's arithmetic is float32: a learning_rate of 1e-300 there was 0, and the decay's
     # factor weight_decay / learning_rate inf, which made every weight NaN.
-    too_large = config.learning_rate > 3.4e38
-    if config.learning_rate < FLOAT32_TINY or too_large or config.weight_decay / config.learning_rate > 3.4e38:
+    too_large = config.learning_rate > FLOAT32_MAX
+    if config.learning_rate < FLOAT32_TINY or too_large or config.weight_decay / config.learning_rate > FLOAT32_MAX:
         fix = "lower --learning_rate" if too_large else "raise --learning_rate or lower --weight_decay"
         raise MidgptError(f"learning_rate={config.learning_rate} with weight_decay={config.weight_decay} is beyond "
                           f"float32, in which the optimiser runs; {fix}")
