@@ -22,10 +22,11 @@ def compute_dtype(name: str) -> str:
 
 def multiplies_bf16_faster(cpuinfo_text: str) -> bool:
     """Whether XLA's bf16 matmuls outrun its float32 ones on this x86 CPU, by /proc/cpuinfo (others: not measured)."""
-    # Measured in XLA (benchmarks/RESULTS.md): Intel's AMX tiles, 3.3x float32's rate; AMD's avx512_bf16 (Zen 4,
-    # whose 512-bit float32 multiply-adds run in two halves), 2.0-2.6x. Intel's avx512_bf16 alone (an Emerald Rapids
-    # whose VM hides AMX) multiplies bf16 pairs no faster than float32 ones and converts too: 0.3-1.0x. With
-    # neither, XLA widens bf16 to float32 before multiplying: 0.6x (an AVX2 AMD EPYC).
+    # Measured in XLA (benchmarks/RESULTS.md): Intel's AMX tiles, 3.3x float32's rate; AMD's avx512_bf16, 2.0-2.6x
+    # on Zen 4 (whose 512-bit float32 multiply-adds run in two halves) and 1.7-2.4x on Zen 5 (whose run whole).
+    # Intel's avx512_bf16 alone (an Emerald Rapids whose VM hides AMX) multiplies bf16 pairs no faster than float32
+    # ones and converts too: 0.3-1.0x. With neither, XLA widens bf16 to float32 before multiplying: 0.6x (an AVX2
+    # AMD EPYC).
     flags = cpu.flags(cpuinfo_text)
     return "amx_bf16" in flags or ("avx512_bf16" in flags and cpu.field(cpuinfo_text, "vendor_id") == "AuthenticAMD")
 
