@@ -52,6 +52,40 @@ def evaluate(model: GPT, tokens, config: Config, mesh: Mesh, stream: int) -> flo
                            loss_chunks(config, mesh, pieces), shardings))
 
 
+def load_data(config: Config, rundir: str, resume: bool) -> tuple[np.ndarray, np.ndarray, bytes]:
+    """(train tokens, val tokens, the data's meta.json), the same on every process and, on a resume, the run's own."""
+    # meta.json is read around the tokens: prepare.py renames its files over the old ones, meta.json last. Read
+    # again at the copy into the run, seconds later, it was of the data prepared since, and a resume on that
+    # passed as the run's own.
+    meta = data.meta_bytes(config.data_dir)
+    with multihost.failing_together():  # a host without the data, or whose copy changed: every process stops
+        if resume:  # first: load_splits' advice for a larger vocabulary would be another model
+            data.check_same_data(rundir, config.data_dir)
+        train_tokens, val_tokens = data.load_splits(config)
+        if data.meta_bytes(config.data_dir) != meta:
+            raise MidgptError(f"{config.data_dir} was prepared again as this run started; run the same command again")
+    multihost.check_same_data(config.data_dir, meta)
+    return train_tokens, val_tokens, meta
+
+
+def open_checkpoints(config: Config, rundir: str, debug: bool, say):
+    """The run's checkpoint manager, its folder cleared of unfinished saves and checked writable; None with --debug."""
+    if debug:  # an empty checkpoints/: logs past checkpoint_interval without a save are a debug run's, not a loss
+        with writing_to(rundir):
+            os.makedirs(checkpoint.directory(rundir), exist_ok=True)
+        say("debug: no checkpoints are written")
+        return None
+    multihost.check_same_rundir(rundir)
+    with multihost.failing_together(), writing_to(rundir):  # not in orbax's barrier, where the others wait
+        if jax.process_index() == 0:
+            checkpoint.delete_unfinished_saves(rundir)
+    with writing_to(rundir):
+        manager = checkpoint.make_manager(rundir, config)
+    with multihost.failing_together(), writing_to(rundir):
+        checkpoint.check_writable(rundir)
+    return manager
+
+
 def write_config(config: Config, rundir: str, meta: bytes):
     """config.json, and meta (the data's meta.json, read with its tokens): the run decodes them anywhere, as trained."""
     if jax.process_index() == 0:
@@ -142,17 +176,7 @@ def _train(config: Config, rundir: str, debug: bool, resume: bool, notes: Sequen
     compute_dtype = precision.compute_dtype(config.compute_dtype)  # "auto" by this host's CPU, so it is compared
     multihost.check_same_arguments(config, rundir, debug, resume, compute_dtype)
     check_cudnn(config.model, compute_dtype, jax.devices()[0])
-    # The meta.json of the data mapped below, read around it: prepare.py renames its files over the old ones, meta.json
-    # last. Read again at the copy into the run, seconds later, it was of the data prepared since, and a resume on that
-    # passed as the run's own.
-    meta = data.meta_bytes(config.data_dir)
-    with multihost.failing_together():  # a host without the data, or whose copy changed: every process stops
-        if resume:  # first: load_splits' advice for a larger vocabulary would be another model
-            data.check_same_data(rundir, config.data_dir)
-        train_tokens, val_tokens = data.load_splits(config)
-        if data.meta_bytes(config.data_dir) != meta:
-            raise MidgptError(f"{config.data_dir} was prepared again as this run started; run the same command again")
-    multihost.check_same_data(config.data_dir, meta)
+    train_tokens, val_tokens, meta = load_data(config, rundir, resume)
     mesh = sharding.make_mesh(config, resuming=resume)
     is_main = jax.process_index() == 0
     say = cli.say if is_main else lambda _: None
@@ -187,20 +211,7 @@ def _train(config: Config, rundir: str, debug: bool, resume: bool, notes: Sequen
     pieces = pieces_per_micro_batch(config, mesh)
     if not existed:  # before the first write
         lock()
-    if not debug:  # which commits no checkpoint
-        multihost.check_same_rundir(rundir)
-    with multihost.failing_together(), writing_to(rundir):  # not in orbax's barrier, where the others wait
-        if is_main and not debug:
-            checkpoint.delete_unfinished_saves(rundir)
-    with writing_to(rundir):
-        manager = None if debug else checkpoint.make_manager(rundir, config)
-        if debug:  # an empty one: logs past checkpoint_interval without a save are a debug run's, not a loss
-            os.makedirs(checkpoint.directory(rundir), exist_ok=True)
-    with multihost.failing_together(), writing_to(rundir):
-        if manager:
-            checkpoint.check_writable(rundir)
-    if debug:
-        say("debug: no checkpoints are written")
+    manager = open_checkpoints(config, rundir, debug, say)
 
     state, start = None, 0
     if resume:
