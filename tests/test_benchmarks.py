@@ -164,7 +164,8 @@ def test_checkpoint_cost_times_both_loops_and_reports_their_ratio():
     # launch.py's program: the config's 10 steps a call, cut to 2 to divide the interval; 5 steps round up to 3 calls,
     # each a save, in each of the 2 rounds.
     assert (out["steps_per_call"], out["steps"], out["saves_per_round"]) == (2, 6, 3)
-    assert len(out["train_s_without_rounds"]) == len(out["train_s_with_rounds"]) == 2 and len(out["save_blocking_s"]) == 6
+    assert len(out["train_s_without_rounds"]) == len(out["train_s_with_rounds"]) == 2
+    assert len(out["save_blocking_s"]) == 6
     # Each loop's best round (noise only adds), the median save.
     assert out["train_s_without"] == min(out["train_s_without_rounds"]) > 0
     assert out["train_s_with"] == min(out["train_s_with_rounds"]) > 0

@@ -17,12 +17,13 @@ from tensorboard.util.tensor_util import make_ndarray
 
 from conftest import one_layer_config
 from midgpt import checkpoint, cli, data, mfu, precision
+from midgpt.data import EVAL_TRAIN_STREAM, EVAL_VAL_STREAM
 from midgpt.errors import MidgptError
 from midgpt.metrics import last_step, rewind_events, rewind_jsonl
 from midgpt.sharding import make_mesh
 from midgpt.model import fresh_model
 from midgpt.step import loss_fn
-from midgpt.train import EVAL_TRAIN_STREAM, EVAL_VAL_STREAM, evaluate, train
+from midgpt.train import evaluate, train
 from test_launch import TINY, read_metrics, run
 
 

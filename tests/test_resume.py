@@ -22,8 +22,9 @@ from conftest import REPO_ROOT, one_layer_config, this_tree_env
 from midgpt import data
 from midgpt.checkpoint import committed, delete_unfinished_saves, make_manager
 from midgpt.config import apply_overrides, load_config, steps_a_call
+from midgpt.data import TRAIN_STREAM
 from midgpt.errors import MidgptError
-from midgpt.train import TRAIN_STREAM, train
+from midgpt.train import train
 
 STEPS = 60  # checkpoints at 20, 40 and 60
 ARGS = ["--config=shakespeare_char_cpu", "--model.n_layer=2", "--max_steps=60", "--checkpoint_interval=20",

@@ -86,13 +86,12 @@ def fingerprint(x: jax.Array) -> jax.Array:
 
 
 def fingerprint_dict(tree) -> dict[str, int]:
-    """{dotted path: fingerprint} of a tree's arrays, keyed as array_shapes keys them."""
+    """{dotted path: fingerprint} of a tree's arrays."""
     # An array at a time, each fetched before the next is started. XLA:CPU holds the weighted bits whole,
     # and a whole state's would be its size again. With several processes, XLA:CPU's programs in flight
     # together deadlocked in gloo's all-reduce: 6 of 12 two-process runs hung at a save.
     found = jax.tree.map(lambda x: jax.device_get(fingerprint(x)), eqx.filter(tree, eqx.is_array))
-    return {jax.tree_util.keystr(path, simple=True, separator="."): int(x)
-            for path, x in jax.tree.leaves_with_path(found)}
+    return by_path(found, int)
 
 
 def check_fingerprints(manager: ocp.CheckpointManager, step: int, tree) -> None:
@@ -205,10 +204,15 @@ def holds_another_step(saved: int) -> str:
     return f"it holds the state after step {saved}: a folder renamed, or copied from another?"
 
 
-def array_shapes(tree) -> dict[str, tuple[int, ...]]:
-    """{dotted path: shape} of a tree's arrays; a state and orbax's metadata of it give the same keys."""
-    return {jax.tree_util.keystr(path, simple=True, separator="."): tuple(x.shape)
+def by_path(tree, value) -> dict:
+    """{dotted path: value(array)} of a tree's arrays; a state and orbax's metadata of it give the same paths."""
+    return {jax.tree_util.keystr(path, simple=True, separator="."): value(x)
             for path, x in jax.tree.leaves_with_path(tree) if hasattr(x, "shape")}
+
+
+def array_shapes(tree) -> dict[str, tuple[int, ...]]:
+    """{dotted path: shape} of a tree's arrays."""
+    return by_path(tree, lambda x: tuple(x.shape))
 
 
 def check_arrays(step_dir: str, like, part: str | None = None) -> None:

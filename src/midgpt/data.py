@@ -164,15 +164,20 @@ def check_same_data(rundir: str, data_dir: str) -> None:
                           f"differ from {saved}); {advice}")
 
 
+# Streams of batch seeds, (seed, TRAIN_STREAM, step) in training and (seed, stream) in evaluation: the
+# stream keeps them apart.
+TRAIN_STREAM, EVAL_TRAIN_STREAM, EVAL_VAL_STREAM = 0, 1, 2
+
+
 def get_batch(
     tokens: np.ndarray,
-    key: tuple[int, ...],
+    seed: tuple[int, ...],
     batch_size: int,
     block_size: int,
     rows: slice | np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """The global batch fixed by key, or its rows, as int32 (x_bxT, y_bxT), y = x shifted by one."""
-    rng = np.random.default_rng(key)
+    """The global batch fixed by seed, or its rows, as int32 (x_bxT, y_bxT), y = x shifted by one."""
+    rng = np.random.default_rng(seed)
     # Every row's offset is drawn, so each process's share comes from the same global batch.
     offsets_B = rng.integers(0, len(tokens) - block_size, size=batch_size)
     offsets_b = offsets_B if rows is None else offsets_B[rows]  # the b rows asked for
@@ -181,21 +186,21 @@ def get_batch(
     return window_bxT1[:, :-1], window_bxT1[:, 1:]
 
 
-def global_batch(tokens: np.ndarray, key: tuple[int, ...] | list[tuple[int, ...]], G: int, config: Config,
+def global_batch(tokens: np.ndarray, seed: tuple[int, ...] | list[tuple[int, ...]], G: int, config: Config,
                  mesh: Mesh):
-    """The G batches fixed by key, (x_GxBxT, y_GxBxT), on the mesh: each process reads only its own rows.
+    """The G batches fixed by seed, (x_GxBxT, y_GxBxT), on the mesh: each process reads only its own rows.
 
-    G: the step's micro-batches, or an evaluation's batches (E elsewhere). A list of K keys gives K steps'
+    G: the step's micro-batches, or an evaluation's batches (E elsewhere). A list of K seeds gives K steps'
     batches, stacked: (x_KxGxBxT, y_KxGxBxT).
     """
-    keys = key if isinstance(key, list) else [key]
+    seeds = seed if isinstance(seed, list) else [seed]
     B, T = config.batch_size, config.model.block_size
-    lead = (len(keys), G) if isinstance(key, list) else (G,)  # the axes before B's
+    lead = (len(seeds), G) if isinstance(seed, list) else (G,)  # the axes before B's
     batch_sharding = sharding.batch_sharding(mesh, ndim=len(lead) + 2, batch_axis=len(lead))
     rows_b = sharding.process_rows(batch_sharding, (*lead, B, T), batch_axis=len(lead))  # this process's b of B
-    # Row b of micro-batch g is row g * B + b of the G * B rows drawn for the key.
+    # Row b of micro-batch g is row g * B + b of the G * B rows drawn for the seed.
     index_Gb = (np.arange(G)[:, None] * B + rows_b).ravel()
-    x_KxGbxT, y_KxGbxT = (np.stack(a) for a in zip(*(get_batch(tokens, k, G * B, T, rows=index_Gb) for k in keys)))
+    x_KxGbxT, y_KxGbxT = (np.stack(a) for a in zip(*(get_batch(tokens, s, G * B, T, rows=index_Gb) for s in seeds)))
     # Ids past the table look up nothing: the loss turns NaN, and the learning rate would be blamed.
     if x_KxGbxT.size and (top := int(max(x_KxGbxT.max(), y_KxGbxT.max()))) >= config.model.vocab_size:
         raise MidgptError(f"{getattr(tokens, 'filename', None) or 'the data'} holds token id {top}, past "

@@ -41,8 +41,9 @@ class Norm(eqx.Module):
         return (x32_xD * jax.lax.rsqrt(ms_x1 + self.eps) * self.weight_D.astype(jnp.float32)).astype(x_xD.dtype)
 
 
-def _normal(key, shape, std):
-    return std * jax.random.truncated_normal(key, -2.0, 2.0, shape)
+def _truncated_normal(key, shape, scale):
+    """N(0, scale²) cut at ±2 scale: its standard deviation is 0.88 scale."""
+    return scale * jax.random.truncated_normal(key, -2.0, 2.0, shape)
 
 
 def rotary_tables(positions_T, head_dim: int, base: float):
@@ -176,24 +177,25 @@ class Attention(eqx.Module):
     wo_HxCxD: jax.Array
     q_norm: Norm
     k_norm: Norm
-    dropout: float = eqx.field(static=True)
+    dropout_rate: float = eqx.field(static=True)
     attention: str = eqx.field(static=True)  # ModelConfig.attention
     block_size: int = eqx.field(static=True)
 
     def __init__(self, cfg: ModelConfig, *, key):
         D, H, C = cfg.n_embd, cfg.n_head, cfg.head_dim
         kq, kk, kv, ko = jax.random.split(key, 4)
-        self.wq_DxHxC = _normal(kq, (D, H, C), 1 / math.sqrt(D))
-        self.wk_DxHxC = _normal(kk, (D, H, C), 1 / math.sqrt(D))
-        self.wv_DxHxC = _normal(kv, (D, H, C), 1 / math.sqrt(D))
-        self.wo_HxCxD = _normal(ko, (H, C, D), 1 / math.sqrt(D * 2 * cfg.n_layer))
+        self.wq_DxHxC = _truncated_normal(kq, (D, H, C), 1 / math.sqrt(D))
+        self.wk_DxHxC = _truncated_normal(kk, (D, H, C), 1 / math.sqrt(D))
+        self.wv_DxHxC = _truncated_normal(kv, (D, H, C), 1 / math.sqrt(D))
+        self.wo_HxCxD = _truncated_normal(ko, (H, C, D), 1 / math.sqrt(D * 2 * cfg.n_layer))
         self.q_norm, self.k_norm = Norm(C, centre=True), Norm(C, centre=True)
-        self.dropout = cfg.dropout
+        self.dropout_rate = cfg.dropout
         self.attention, self.block_size = cfg.attention, cfg.block_size
 
     @jax.named_scope("attention")
-    def __call__(self, x_BxTxD, sin_TxC, cos_TxC, mask_TxS, *, key=None, cache=None, layer=None, slots_T=None):
-        """Attention of the T tokens to S keys: themselves, or layer `layer` of the cache once they are written to it.
+    def __call__(self, x_BxTxD, sin_TxC, cos_TxC, mask_TxS, *, key=None, cache=None, layer_index=None,
+                 slots_T=None):
+        """Attention of the T tokens to S keys: themselves, or with a cache its layer `layer_index`.
 
         With a cache, the new keys and values go to slots_T first. Returns (out, the updated cache or None).
         """
@@ -210,10 +212,10 @@ class Attention(eqx.Module):
             # Written in place into the cache of every layer: returned as a scan's stacked output, it was held
             # twice and copied whole at each token. The T slots are consecutive (GPT.hidden), so one slice.
             write = lambda c_LxBxSxHxC, c_BxTxHxC: jax.lax.dynamic_update_slice(
-                c_LxBxSxHxC, c_BxTxHxC[None], (layer, 0, slots_T[0], 0, 0))
+                c_LxBxSxHxC, c_BxTxHxC[None], (layer_index, 0, slots_T[0], 0, 0))
             cache = KVCache(write(cache.k_LxBxSxHxC, k_BxTxHxC), write(cache.v_LxBxSxHxC, v_BxTxHxC), cache.positions_S)
-            k_BxSxHxC, v_BxSxHxC = cache.k_LxBxSxHxC[layer], cache.v_LxBxSxHxC[layer]
-        with_dropout = key is not None and self.dropout > 0
+            k_BxSxHxC, v_BxSxHxC = cache.k_LxBxSxHxC[layer_index], cache.v_LxBxSxHxC[layer_index]
+        with_dropout = key is not None and self.dropout_rate > 0
         implementation = attention_implementation(self.attention, x_BxTxD.dtype, with_dropout, q_BxTxHxC.shape[-1])
         if cache is None and implementation != "einsum":
             # Without a cache, S = T and mask_TxS is causal within a window of block_size.
@@ -225,23 +227,23 @@ class Attention(eqx.Module):
             )
         else:
             out_BxTxHxC = einsum_attention(q_BxTxHxC, k_BxSxHxC, v_BxSxHxC, mask_TxS, causal=cache is None,
-                                           rate=self.dropout, key=attn_key)
+                                           rate=self.dropout_rate, key=attn_key)
         out_BxTxD = project("bthc,hcd->btd", out_BxTxHxC, self.wo_HxCxD)
-        out_BxTxD = dropout(out_BxTxD, self.dropout, out_key)
+        out_BxTxD = dropout(out_BxTxD, self.dropout_rate, out_key)
         return out_BxTxD, cache
 
 
 class MLP(eqx.Module):
     w_in_DxF: jax.Array
     w_out_DxF: jax.Array  # D x F like w_in: its gradient then transposes the D-wide cotangent, not the F-wide hidden
-    dropout: float = eqx.field(static=True)
+    dropout_rate: float = eqx.field(static=True)
 
     def __init__(self, cfg: ModelConfig, *, key):
         D, F = cfg.n_embd, 4 * cfg.n_embd
         k_in, k_out = jax.random.split(key)
-        self.w_in_DxF = _normal(k_in, (D, F), 1 / math.sqrt(D))
-        self.w_out_DxF = _normal(k_out, (D, F), 1 / math.sqrt(F * 2 * cfg.n_layer))
-        self.dropout = cfg.dropout
+        self.w_in_DxF = _truncated_normal(k_in, (D, F), 1 / math.sqrt(D))
+        self.w_out_DxF = _truncated_normal(k_out, (D, F), 1 / math.sqrt(F * 2 * cfg.n_layer))
+        self.dropout_rate = cfg.dropout
 
     @jax.named_scope("mlp")
     def __call__(self, x_BxTxD, *, key=None):
@@ -249,7 +251,7 @@ class MLP(eqx.Module):
         # GELU in float32, rounded once: in bf16, XLA rounds after each of its ten elementwise ops.
         h_BxTxF = jax.nn.gelu(h_BxTxF.astype(jnp.float32)).astype(x_BxTxD.dtype)
         out_BxTxD = project("btf,df->btd", h_BxTxF, self.w_out_DxF)
-        return dropout(out_BxTxD, self.dropout, key)
+        return dropout(out_BxTxD, self.dropout_rate, key)
 
 
 class Block(eqx.Module):
@@ -264,11 +266,12 @@ class Block(eqx.Module):
         self.attn = Attention(cfg, key=k_attn)
         self.mlp = MLP(cfg, key=k_mlp)
 
-    def __call__(self, x_BxTxD, sin_TxC, cos_TxC, mask_TxS, *, key=None, cache=None, layer=None, slots_T=None):
+    def __call__(self, x_BxTxD, sin_TxC, cos_TxC, mask_TxS, *, key=None, cache=None, layer_index=None,
+                 slots_T=None):
         """(x after the layer, the updated cache or None), as Attention's."""
         attn_key, mlp_key = jax.random.split(key) if key is not None else (None, None)
         attn_BxTxD, cache = self.attn(self.attn_norm(x_BxTxD), sin_TxC, cos_TxC, mask_TxS,
-                                      key=attn_key, cache=cache, layer=layer, slots_T=slots_T)
+                                      key=attn_key, cache=cache, layer_index=layer_index, slots_T=slots_T)
         x_BxTxD = x_BxTxD + attn_BxTxD
         x_BxTxD = x_BxTxD + self.mlp(self.mlp_norm(x_BxTxD), key=mlp_key)
         return x_BxTxD, cache
@@ -331,26 +334,26 @@ class GPT(eqx.Module):
             slots_T = positions_T % cfg.block_size  # consecutive: Attention writes them as one slice
             key_positions_S = cache.positions_S.at[slots_T].set(positions_T)
             cache = KVCache(cache.k_LxBxSxHxC, cache.v_LxBxSxHxC, key_positions_S)
-            layers_L = jnp.arange(cfg.n_layer)  # each layer's index into the cache, carried whole
+            layers_L = jnp.arange(cfg.n_layer)  # scanned with the layers: each one's index into the whole cache
         # Each token sees itself and the block_size - 1 before it: causal within block_size, a sliding window beyond.
         distance_TxS = positions_T[:, None] - key_positions_S[None, :]
         mask_TxS = (distance_TxS >= 0) & (distance_TxS < cfg.block_size)
 
         block_params, block_static = eqx.partition(self.blocks, eqx.is_array)
 
-        def layer(carry, inputs):
+        def run_layer(carry, inputs):
             x_BxTxD, cache = carry
-            params, layer_key, index = inputs
+            params, layer_key, layer_index = inputs
             block = eqx.combine(gather(params), block_static)
-            return block(x_BxTxD, sin_TxC, cos_TxC, mask_TxS, key=layer_key, cache=cache, layer=index,
-                         slots_T=slots_T), None
+            return block(x_BxTxD, sin_TxC, cos_TxC, mask_TxS, key=layer_key, cache=cache,
+                         layer_index=layer_index, slots_T=slots_T), None
 
         # Rematerialise in the backward pass: activation memory then holds what the policy saves
         # of each layer, and the internals of one scan iteration's scan_unroll layers at a time.
         if cfg.remat != "none":
-            layer = jax.checkpoint(layer, policy=REMAT_POLICIES[cfg.remat])
+            run_layer = jax.checkpoint(run_layer, policy=REMAT_POLICIES[cfg.remat])
 
-        (x_BxTxD, cache), _ = jax.lax.scan(layer, (x_BxTxD, cache), (block_params, block_keys_L, layers_L),
+        (x_BxTxD, cache), _ = jax.lax.scan(run_layer, (x_BxTxD, cache), (block_params, block_keys_L, layers_L),
                                            unroll=cfg.scan_unroll)
         x_BxTxD = gather(self.final_norm)(x_BxTxD)
         return x_BxTxD, embed_VxD, cache

@@ -208,9 +208,9 @@ def sample_token(logits_BxV, key, temperature: float, top_k: int | None, vocab: 
     # k of V or more is every token: drawn as without top_k, or --top_k=65 would write other text than none.
     if top_k is not None and top_k < logits_BxV.shape[-1]:
         # A draw among exactly k, ties or not, chosen by the logits (a huge temperature ties all).
-        ids_BxK = jax.lax.top_k(logits_BxV, top_k)[1]
-        drawn_B = jax.random.categorical(key, jnp.take_along_axis(scaled_BxV, ids_BxK, axis=-1), axis=-1)
-        return jnp.take_along_axis(ids_BxK, drawn_B[:, None], axis=-1)[:, 0]
+        top_ids_Bxk = jax.lax.top_k(logits_BxV, top_k)[1]
+        drawn_B = jax.random.categorical(key, jnp.take_along_axis(scaled_BxV, top_ids_Bxk, axis=-1), axis=-1)
+        return jnp.take_along_axis(top_ids_Bxk, drawn_B[:, None], axis=-1)[:, 0]
     return jax.random.categorical(key, scaled_BxV, axis=-1)
 
 

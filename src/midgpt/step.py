@@ -18,8 +18,8 @@ class TrainState(eqx.Module):
 
     model: GPT  # parameters in param_dtype
     opt_state: optax.OptState
-    # Updates done so far: the next one trains on the batch of loop step `step + 1` (data.get_batch's key
-    # (seed, train.TRAIN_STREAM, step + 1)), with dropout masks from dropout_key folded with `step`.
+    # Updates done so far: the next one trains on the batch of loop step `step + 1` (data.get_batch's seed
+    # (seed, data.TRAIN_STREAM, step + 1)), with dropout masks from dropout_key folded with `step`.
     step: jax.Array
     dropout_key: jax.Array  # raw key data (uint32), so checkpoints hold plain arrays
 
@@ -164,14 +164,14 @@ def make_train_step(config: Config, optimizer: optax.GradientTransformation, mes
                        compiler_options=compiler_options)
 
     one, many = jit(step, batch_sharding), jit(steps, sharding.batch_sharding(mesh, ndim=4, batch_axis=2))
-    jitted = lambda x: one if x.ndim == 3 else many
+    program_for = lambda x: one if x.ndim == 3 else many  # one step's batches, or several steps' stacked
 
     def train_step(state: TrainState, x, y):
-        state_arrays, metrics = jitted(x)(eqx.filter(state, eqx.is_array), x, y)
+        state_arrays, metrics = program_for(x)(eqx.filter(state, eqx.is_array), x, y)
         return eqx.combine(state_arrays, static), metrics
 
     # For inspecting the compiled step (memory, collectives), as with any jitted function.
-    train_step.lower = lambda state, x, y: jitted(x).lower(eqx.filter(state, eqx.is_array), x, y)
+    train_step.lower = lambda state, x, y: program_for(x).lower(eqx.filter(state, eqx.is_array), x, y)
     return train_step
 
 
@@ -192,16 +192,13 @@ def eval_loss(model: GPT, x_ExBxT, y_ExBxT, compute_dtype: str, pieces: int = 1,
     # (shakespeare_char_cpu's evaluation: 0.21 s -> 0.17 s). One that fills it runs alone (None): lax.map's
     # batch_size=1 adds a vmap of one, which XLA:CPU ran 10% slower there, but a quarter faster on a piece
     # over the budget (shakespeare_char's whole 64-row batches).
-    if at_once > 1:
-        batch_size = at_once
-    else:
-        batch_size = None if at_once == 1 else 1
+    map_size = at_once if at_once > 1 else None if at_once == 1 else 1  # pieces a lax.map iteration
     # Whole groups, the last filled up with pieces that the mean leaves out: lax.map would trace the
     # model a second time for a remainder (0.6 s of shakespeare_char_cpu's 1.8 s evaluation compile).
-    pad = -M % batch_size if batch_size else 0
+    pad = -M % map_size if map_size else 0
     x_QxbxT, y_QxbxT = (jnp.concatenate([a, a[:pad]]) for a in (x_MxbxT, y_MxbxT))  # Q = M + pad pieces
     loss_Q = jax.lax.map(lambda batch: loss_fn(model, *batch, gather=gather, chunks=chunks), (x_QxbxT, y_QxbxT),
-                         batch_size=batch_size)
+                         batch_size=map_size)
     return loss_Q[:M].mean()
 
 

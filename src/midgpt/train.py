@@ -26,11 +26,6 @@ from midgpt.profiler import TraceWindow
 from midgpt.step import (eval_loss, fresh_state, init_state, loss_chunks, make_train_step, memory_estimator,
                          pieces_per_micro_batch, state_layout)
 
-# Streams of batch keys, (seed, TRAIN_STREAM, step) in training and (seed, stream) in evaluation: the
-# stream keeps them apart.
-TRAIN_STREAM, EVAL_TRAIN_STREAM, EVAL_VAL_STREAM = 0, 1, 2
-
-
 def calls(start: int, config: Config, traced: range) -> Iterator[range]:
     """The steps after start as the loop runs them: steps_a_call at a time, ending where the loop acts, or one
     at a time where they do not fit (a resume off that grid, the last steps, `traced` ones): two programs."""
@@ -251,14 +246,14 @@ def _train(config: Config, rundir: str, debug: bool, resume: bool, notes: Sequen
     bar = tqdm(initial=start, total=config.max_steps, desc="train", dynamic_ncols=True, disable=not is_main,
                mininterval=0.1 if sys.stderr.isatty() else 30, file=cli.PipeSafe(sys.stderr))
     make_batches = lambda steps: data.global_batch(  # of one step, or stacked for several
-        train_tokens, [(config.seed, TRAIN_STREAM, step) for step in steps] if len(steps) > 1
-        else (config.seed, TRAIN_STREAM, steps[0]), config.g_accum_iters, config, mesh
+        train_tokens, [(config.seed, data.TRAIN_STREAM, step) for step in steps] if len(steps) > 1
+        else (config.seed, data.TRAIN_STREAM, steps[0]), config.g_accum_iters, config, mesh
     )
     peak_memory, speed = None, {}  # speed: the bar's last measured tokens/s and MFU
     timer.restart()
     step = start  # for an error before the first step
     stopped = False  # by a stop signal: not finished
-    called = set()  # the step's programs called so far, by steps a call: one, or several (see calls)
+    called = set()  # which of the step's two programs have run: one step a call (False), several (True)
 
     try:
         for steps, (x, y) in data.prefetch(make_batches, calls(start, config, trace.steps)):
@@ -272,9 +267,9 @@ def _train(config: Config, rundir: str, debug: bool, resume: bool, notes: Sequen
             signals.when = f"after {ending}'s evaluation" if is_eval else after_call
             # The first call of each of the two programs compiles it (or loads it from the cache): the run's
             # first call, and the other program's first, at the last steps, a resume off the grid or a trace.
-            program = len(steps) > 1
-            compiles = program not in called
-            called.add(program)
+            stacked = len(steps) > 1
+            compiles = stacked not in called
+            called.add(stacked)
             if compiles:
                 jax.block_until_ready(state)  # so that the line below times this call alone
                 timer.restart()
@@ -302,8 +297,8 @@ def _train(config: Config, rundir: str, debug: bool, resume: bool, notes: Sequen
                 if peak_memory:
                     record["peak_memory_gib"] = memory.peak_in_use() / 2**30
                 if is_eval:
-                    record["train_loss"] = evaluate(state.model, train_tokens, config, mesh, EVAL_TRAIN_STREAM)
-                    record["val_loss"] = evaluate(state.model, val_tokens, config, mesh, EVAL_VAL_STREAM)
+                    record["train_loss"] = evaluate(state.model, train_tokens, config, mesh, data.EVAL_TRAIN_STREAM)
+                    record["val_loss"] = evaluate(state.model, val_tokens, config, mesh, data.EVAL_VAL_STREAM)
                     signals.when = after_call  # evaluated: a stop that comes now waits for no evaluation
                     say(f"step {step}: train loss {record['train_loss']:.4f}, val loss {record['val_loss']:.4f}")
                     check_diverged(record, step, last_checkpoint, config.model.vocab_size, resume_with)
