@@ -75,13 +75,13 @@ def main(argv: list[str]) -> None:
     if args.rundir == "":  # an unset $RUNDIR: as launch.py says it
         parser.error("--rundir is empty")
     if args.num_samples >= 2**31:  # JAX indexes the samples in int32: it warned, then the memory check refused them
-        parser.error(f"num_samples must be below 2**31 (int32 indices), got {args.num_samples}")
+        parser.error(f"--num_samples must be below 2**31 (int32 indices), got {args.num_samples}")
     if not 0 <= args.max_new_tokens <= 2**30:
-        parser.error(f"max_new_tokens must be in [0, 2**30] (int32 positions), got {args.max_new_tokens}")
+        parser.error(f"--max_new_tokens must be in [0, 2**30] (int32 positions), got {args.max_new_tokens}")
     if not 0 <= args.temperature < float("inf"):  # also refuses nan, which would draw token 0 every time
-        parser.error(f"temperature must be a finite number >= 0, got {args.temperature}")
+        parser.error(f"--temperature must be a finite number >= 0, got {args.temperature}")
     if not 0 <= args.seed < 2**32:  # jax.random.key keeps 32 bits: 2**32 would draw as 0 does
-        parser.error(f"seed must be in [0, 2**32), got {args.seed}")
+        parser.error(f"--seed must be in [0, 2**32), got {args.seed}")
 
     start = read_prompt(parser, args.start)
     config = read_run_config(args.rundir)  # a wrong --rundir told at once, not after JAX's import (a second)

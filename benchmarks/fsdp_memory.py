@@ -26,7 +26,7 @@ def main(argv: list[str]) -> None:
     import equinox as eqx
     import jax
 
-    from midgpt.memory import sharded_bytes
+    from midgpt.memory import sharded_bytes, tree_bytes
     from midgpt.optimizer import make_optimizer
     from midgpt.sharding import is_abstract, make_mesh
     from midgpt.step import fresh_state, init_state, state_layout
@@ -35,8 +35,7 @@ def main(argv: list[str]) -> None:
     optimizer, mesh = make_optimizer(config), make_mesh(config)
     shardings, _ = state_layout(config, optimizer, mesh)
     like = eqx.filter_eval_shape(fresh_state, config, optimizer)
-    arrays = jax.tree.leaves(eqx.filter(like, is_abstract))
-    total = sum(x.size * x.dtype.itemsize for x in arrays)
+    total = tree_bytes(eqx.filter(like, is_abstract))
     if args.abstract:  # every device holds the same share
         per_device = [sharded_bytes(like, shardings)]
     else:

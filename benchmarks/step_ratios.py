@@ -11,8 +11,7 @@ and the median of those over the first variant's.
 import json
 import statistics
 
-from midgpt import cli
-from midgpt.cli import ArgumentParser, add_config_option, positive_int, say
+from midgpt.cli import ArgumentParser, add_config_option, positive_int, run, say
 from midgpt.config import abbreviated
 from midgpt.errors import MidgptError
 from train_throughput import calls_for, check_device, checked_config, setup, time_steps
@@ -59,24 +58,24 @@ def main(argv: list[str]) -> None:
             make_mesh(config)  # its batch must split over the devices
         except (MidgptError, jax.errors.JaxRuntimeError) as e:
             raise MidgptError(f"variant {variant!r}: {e}") from None
-    runs = []
+    records = []
     for variant, config, xla_options in zip(args.variants, configs, options):
         state, train_step, batches = setup(config, xla_options)
         state, _ = time_steps(train_step, state, batches, 2)  # the compile, and a warm-up
-        runs.append({"variant": variant, "state": state, "step": train_step, "batches": batches, "step_ms": []})
+        records.append({"variant": variant, "state": state, "step": train_step, "batches": batches, "step_ms": []})
     for _ in range(args.rounds):
-        for run in runs:
-            run["state"], times = time_steps(run["step"], run["state"], run["batches"],
-                                             calls_for(args.steps, run["batches"]))
-            run["step_ms"].append(1000 * statistics.median(times))
-    first = statistics.median(runs[0]["step_ms"])
-    for run in runs:  # the ratio of unrounded times: a 1 ms step's, rounded to 0.1 ms first, was 10% off
+        for record in records:
+            record["state"], times = time_steps(record["step"], record["state"], record["batches"],
+                                                calls_for(args.steps, record["batches"]))
+            record["step_ms"].append(1000 * statistics.median(times))
+    first = statistics.median(records[0]["step_ms"])
+    for record in records:  # the ratio of unrounded times: a 1 ms step's, rounded to 0.1 ms first, was 10% off
         say(json.dumps({
-            "config": args.config, "variant": run["variant"], "backend": jax.default_backend(),
-            "step_ms_per_round": [round(ms, 2) for ms in run["step_ms"]],
-            "ratio": round(statistics.median(run["step_ms"]) / first, 3),
+            "config": args.config, "variant": record["variant"], "backend": jax.default_backend(),
+            "step_ms_per_round": [round(ms, 2) for ms in record["step_ms"]],
+            "ratio": round(statistics.median(record["step_ms"]) / first, 3),
         }))
 
 
 if __name__ == "__main__":
-    cli.run(main)  # qualified: main names each variant's record `run`
+    run(main)

@@ -1149,7 +1149,7 @@ def test_sample_errors_are_one_line(short_run, shakespeare_data_dir, tmp_path):
                           "training has saved one (every 15 steps")
     assert_one_line_error(run("sample.py", f"--rundir={short_run}", "--num_samples=0"), "num_samples")
     assert_one_line_error(run("sample.py", f"--rundir={short_run}", f"--num_samples={10**12}"),
-                          f"num_samples must be below 2**31 (int32 indices), got {10**12}")
+                          f"--num_samples must be below 2**31 (int32 indices), got {10**12}")
     assert_one_line_error(run("sample.py", f"--rundir={short_run}", "--top_k=0"), "top_k")
     assert_one_line_error(run("sample.py", f"--rundir={short_run}", "--step=7"), "no checkpoint at step 7")
     assert_one_line_error(run("sample.py", f"--rundir={short_run}", "--start=FILE:/no/such/prompt"), "/no/such/prompt")
@@ -1165,15 +1165,15 @@ def test_sample_errors_are_one_line(short_run, shakespeare_data_dir, tmp_path):
     assert_one_line_error(run("sample.py", f"--rundir={short_run}", "--temperature=hot"), "temperature")
     assert_one_line_error(run("sample.py", f"--rundir={short_run}", "--temperature=nan"), "temperature")
     assert_one_line_error(run("sample.py", f"--rundir={short_run}", "--temperature=inf"),
-                          "temperature must be a finite number >= 0, got inf")
-    assert_one_line_error(run("sample.py", f"--rundir={short_run}", "--seed=-1"), "seed must be in [0, 2**32)")
+                          "--temperature must be a finite number >= 0, got inf")
+    assert_one_line_error(run("sample.py", f"--rundir={short_run}", "--seed=-1"), "--seed must be in [0, 2**32)")
     # jax.random.key keeps 32 bits: 2**32 would draw as seed 0 does
-    assert_one_line_error(run("sample.py", f"--rundir={short_run}", f"--seed={2**32}"), "seed must be in [0, 2**32)")
+    assert_one_line_error(run("sample.py", f"--rundir={short_run}", f"--seed={2**32}"), "--seed must be in [0, 2**32)")
     assert_one_line_error(run("sample.py", f"--rundir={short_run}", f"--max_new_tokens={2**31}"), "max_new_tokens")
     assert_one_line_error(run("sample.py", f"--rundir={short_run}", "--max_new_tokens=-1"),
-                          "max_new_tokens must be in [0, 2**30] (int32 positions), got -1")
+                          "--max_new_tokens must be in [0, 2**30] (int32 positions), got -1")
     assert_one_line_error(run("sample.py", f"--rundir={short_run}", "--temperature=-1"),
-                          "temperature must be a finite number >= 0, got -1.0")
+                          "--temperature must be a finite number >= 0, got -1.0")
     edited = tmp_path / "edited"  # config.json says another model than the checkpoints hold
     shutil.copytree(short_run, edited)
     config = json.loads((edited / "config.json").read_text())

@@ -197,7 +197,7 @@ def test_a_lone_surrogate_in_jsonl_becomes_a_replacement_character(tmp_path):
 def test_a_val_fraction_that_leaves_a_split_empty_is_refused_before_tokenizing(tmp_path, val_fraction):
     corpus = write_corpus(tmp_path / "corpus.txt", DOCS[:20])
     result = run_prepare("--input", corpus, "--out_dir", tmp_path / "out", "--val_fraction", val_fraction)
-    assert result.returncode == 1 and "need 0 < --val_fraction < 1" in result.stderr, result.stderr
+    assert result.returncode == 1 and "--val_fraction must be between 0 and 1" in result.stderr, result.stderr
     assert not (tmp_path / "out").exists()
 
 

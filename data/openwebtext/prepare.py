@@ -2,7 +2,7 @@
 
 Sources, all streamed so memory stays flat however large the corpus:
   default    the Hugging Face dataset --dataset (Skylion007/openwebtext), its parquet export
-  --dataset json --data_files F   your own files, read by Hugging Face datasets (also parquet, csv, text)
+  --dataset json --data_files F   your own files, read by Hugging Face datasets (also parquet, csv, text, arrow)
   --input    local files: .txt holds ONE DOCUMENT PER BLANK-LINE-SEPARATED BLOCK (documents
              separated by one or more empty or whitespace-only lines), .jsonl a "text" field
              per line, .parquet a "text" column
@@ -48,7 +48,8 @@ SPLITS = ("train", "val")
 REVISION = "refs/convert/parquet"  # the Hub's parquet export of a dataset
 # A null may be a document lost upstream: refused, where an empty text is a document that says nothing.
 FILL_NULLS = "drop such rows, or fill them with '' (empty texts are skipped)"
-FORMATS = "json, parquet, csv, text or arrow"  # the FILE_BUILDERS that read text: pandas' reads pickles
+# The FILE_BUILDERS --dataset may name: not pandas, whose files are pickles that may run code.
+FORMATS = "json, parquet, csv, text or arrow"
 TEXT_BUILDERS = ("json", "csv", "text")  # the FILE_BUILDERS that read text files, not binary ones
 BUILDER_OF = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "text",
               ".arrow": "arrow"}
@@ -304,7 +305,7 @@ def raise_stopped(signum, frame):
     raise Stopped(signal.Signals(signum).name)
 
 
-STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}  # not SIGHUP, unlike launch.py's (midgpt.cli.STOP_SIGNALS)
 
 
 def quiet_worker():
@@ -417,7 +418,7 @@ def main() -> None:
                         "OpenWebText's 8M; 0.01 of your own files, which hold far fewer)")
     parser.add_argument("--out_dir", type=os.path.expanduser,
                         help="default: data/openwebtext, or data/bpe_corpus for your own files")
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    for sig in STOP_SIGNALS:
         signal.signal(sig, raise_stopped)
     try:
         args = parser.parse_args()
@@ -473,7 +474,7 @@ def main() -> None:
         if args.out_dir is None:  # your own text never replaces a prepared OpenWebText
             args.out_dir = str(Path(__file__).resolve().parent.parent / ("bpe_corpus" if own else "openwebtext"))
         if not 0.0 < args.val_fraction < 1.0:  # 0 or 1 leaves a split empty
-            raise MidgptError(f"need 0 < --val_fraction < 1, got {args.val_fraction}")
+            raise MidgptError(f"--val_fraction must be between 0 and 1, got {args.val_fraction}")
         if not 1 <= args.num_proc <= cpus:  # each one more copy of the tokenizer, in memory; 10,000 were a fork bomb
             raise MidgptError(f"--num_proc must be from 1 to {cpus}, the CPUs this process may use; "
                               f"got {args.num_proc}")

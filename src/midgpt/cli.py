@@ -87,8 +87,8 @@ def run(main) -> None:
     # a failed save is raised again at the next save or wait, and becomes one line here.
     logging.getLogger("absl").addFilter(_one_line)
     sys.unraisablehook = _ignoring_abandoned_io(sys.unraisablehook)
-    logging.getLogger("asyncio").addFilter(_retrieved)
-    # As _retrieved says: a coroutine of orbax's, abandoned with a failed read, warned of as it is collected.
+    logging.getLogger("asyncio").addFilter(_drop_never_retrieved)
+    # As _drop_never_retrieved says: a coroutine of orbax's, abandoned with a failed read, warned of as it is collected.
     warnings.filterwarnings("ignore", r"coroutine '.*' was never awaited", RuntimeWarning)
     keep_freed_memory()
     try:
@@ -224,7 +224,7 @@ def _ignoring_abandoned_io(hook):
     return ignore
 
 
-def _retrieved(record: logging.LogRecord) -> bool:
+def _drop_never_retrieved(record: logging.LogRecord) -> bool:
     """A logging filter that drops asyncio's "Task (or Future) exception was never retrieved"."""
     # midgpt runs no asyncio of its own: such a task or future is one that orbax or tensorstore
     # abandoned, whose failure was raised once already (a tensorstore future's has no frames to tell).

@@ -66,7 +66,7 @@ class Config:
     steps_per_call: int = 1
     param_dtype: str = "float32"  # the only choice (check_config says why); config.json names it
     # "bfloat16" (matmul inputs; sums in float32), "float32", or "auto": bfloat16, but float32 on a
-    # CPU that multiplies float32 faster (precision.compute_dtype). Like the model's "how the
+    # CPU not known to multiply bf16 faster (precision.multiplies_bf16_faster). Like the model's "how the
     # step runs" fields, "auto" may change when a run resumes on another machine.
     compute_dtype: str = "auto"
     # Device mesh (replica, fsdp): one entry may be -1, "all remaining devices".

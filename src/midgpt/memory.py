@@ -101,16 +101,16 @@ def activation_bytes(config: Config, mesh: Mesh, pieces: int = 1, chunks: int = 
     Per layer what remat saved, the internals of the layers in one scan iteration, one loss slice's logits.
     """
     m = config.model
-    B = config.batch_size // mesh.size // pieces  # rows per device at once: the batch is split over every device
+    b = config.batch_size // mesh.size // pieces  # a piece's rows on one device: the batch is split over every device
     T, D, V = m.block_size, m.n_embd, m.vocab_size
     s = compute_itemsize(config)
     dtype, attention = compute_dtype(config.compute_dtype), training_attention(config)
     # Traced, not counted: without remat, a layer keeps float32 copies inside the norms and the GELU
     # too (168 bytes per token and feature at width 128; XLA:CPU allocated 187).
-    internals = B * layer_bytes_per_row(m, dtype, "none", attention)
+    internals = b * layer_bytes_per_row(m, dtype, "none", attention)
     # A slice's float32 logits and their gradient in the compute dtype (XLA computes the
     # exponentials inside both); the loss's gradients, for the hidden states and the table.
-    logits = B * T // chunks * V * (4 + s) + B * T * D * s + V * D * (4 + s)
+    logits = b * T // chunks * V * (4 + s) + b * T * D * s + V * D * (4 + s)
     if m.scan_unroll >= m.n_layer:
         # No loop: XLA:CPU sees the whole stack and keeps what it likes, the same buffers whatever
         # the remat policy, and fewer than the trace of every layer (0.7 to 0.85 of it).
@@ -118,7 +118,7 @@ def activation_bytes(config: Config, mesh: Mesh, pieces: int = 1, chunks: int = 
     # The backward pass makes one scan iteration's internals at a time, all its layers' at once,
     # whatever the remat policy: XLA:CPU held 0.6 to 1.3 times one layer's with a layer an
     # iteration, 1.6 times with two.
-    saved = B * layer_bytes_per_row(m, dtype, m.remat, attention)
+    saved = b * layer_bytes_per_row(m, dtype, m.remat, attention)
     return m.n_layer * saved + m.scan_unroll * internals + logits
 
 

@@ -27,11 +27,7 @@ def check_out_dir(out_dir: Path, tokenizer: str, source: dict | None = None) -> 
         if (out_dir / name).is_dir():
             raise MidgptError(f"--out_dir {out_dir} holds a folder named {name}, where this file goes; move it "
                               "away, or pass another --out_dir")
-    try:
-        old = json.loads((out_dir / "meta.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):  # none, or damaged: nothing whole to lose
-        return
-    if not isinstance(old, dict):
+    if (old := _old_meta(out_dir)) is None:  # none, or damaged: nothing whole to lose
         return
     from_hub = lambda source: (source.get("dataset") if isinstance(source, dict)
                                and source.get("dataset") not in FILE_BUILDERS else None)
@@ -43,6 +39,15 @@ def check_out_dir(out_dir: Path, tokenizer: str, source: dict | None = None) -> 
         return
     raise MidgptError(f"--out_dir {out_dir} holds {kind}, which this would replace; pass another --out_dir, "
                       f"or remove its {', '.join(FILES[:-1])} and {FILES[-1]} first")
+
+
+def _old_meta(out_dir: Path) -> dict | None:
+    """out_dir's meta.json, or None where it is missing, damaged or not a JSON object."""
+    try:
+        old = json.loads((out_dir / "meta.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return old if isinstance(old, dict) else None
 
 
 # What says that two prepared datasets are the same: their vocabulary, their splits' sizes and
@@ -60,11 +65,7 @@ def replace_dataset(out_dir: Path, written: dict[str, Path]) -> str:
 
     Returns what the final line adds: that the old dataset held other data, or nothing.
     """
-    try:
-        old = json.loads((out_dir / "meta.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):  # none, or damaged
-        old = {}
-    differ = differences(old, json.loads(written["meta.json"].read_text())) if isinstance(old, dict) else []
+    differ = differences(_old_meta(out_dir) or {}, json.loads(written["meta.json"].read_text()))
     # A stale meta.json beside half-replaced .bin files would vouch for the wrong data.
     (out_dir / "meta.json").unlink(missing_ok=True)
     for name in FILES:

@@ -43,7 +43,7 @@ def resume_config(saved: Config, named: Config, overrides: list[str]) -> tuple[C
                           f"resume it with --config={saved.name}, or pass a new --rundir")
     resumed = apply_overrides(dataclasses.replace(saved, name=saved.name if known else named.name), overrides)
     given = {arg[2:].partition("=")[0] for arg in overrides}
-    was, now, config = leaves(saved), leaves(resumed), leaves(named)
+    was, now, named_values = leaves(saved), leaves(resumed), leaves(named)
     fields = [n for n in was if n != "name"]
     if name := changes_the_run(resumed, saved):
         raise MidgptError(
@@ -51,7 +51,8 @@ def resume_config(saved: Config, named: Config, overrides: list[str]) -> tuple[C
             f"{now[name]!r}; that is another model or other batches: pass a new --rundir"
         )
     changes = [f"{n}: {was[n]!r} -> {now[n]!r}" for n in ["name", *fields] if was[n] != now[n]]
-    kept = [f"{n}={was[n]!r} (config: {config[n]!r})" for n in fields if n not in given and was[n] != config[n]]
+    kept = [f"{n}={was[n]!r} (config: {named_values[n]!r})" for n in fields
+            if n not in given and was[n] != named_values[n]]
     return resumed, changes, kept
 
 
