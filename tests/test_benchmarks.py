@@ -199,13 +199,16 @@ def test_compile_cache_times_a_warm_first_step_faster_than_a_cold_one(shakespear
 
 def test_sample_throughput_times_the_tokens_it_asked_for_with_and_without_the_cache():
     result = subprocess.run([sys.executable, "benchmarks/sample_throughput.py", CONFIG, "--model.n_layer=1",
-                             "--num_samples=2", "--max_new_tokens=20"], cwd=REPO_ROOT, capture_output=True, text=True,
+                             "--num_samples=2", "--max_new_tokens=200"], cwd=REPO_ROOT, capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == 0, result.stderr
     out = json.loads(result.stdout)
-    assert (out["num_samples"], out["max_new_tokens"], out["overrides"]) == (2, 20, ["--model.n_layer=1"])
+    assert (out["num_samples"], out["max_new_tokens"], out["overrides"]) == (2, 200, ["--model.n_layer=1"])
     assert out["cached_tokens_per_sec"] > 0 and out["recompute_tokens_per_sec"] > 0
     assert out["speedup"] == pytest.approx(out["cached_tokens_per_sec"] / out["recompute_tokens_per_sec"])
+    # Each token recomputed over a window of 64 against one token's step with the cache: 6.2x measured, and 1x
+    # were one path timed twice.
+    assert out["speedup"] > 2, out
 
 
 def benchmark(name: str, monkeypatch):

@@ -148,6 +148,9 @@ def test_auto_attention_keeps_the_einsum_path_for_dropout_where_cudnn_fits(monke
     monkeypatch.setattr(model, "cudnn_flash_fits", lambda dtype, head_dim, device: True)
     assert attention_implementation("auto", jnp.bfloat16, False, 64) == "cudnn"
     assert attention_implementation("auto", jnp.bfloat16, True, 64) == "einsum"
+    # And the model asks with its dropout: here, without cuDNN, the cuDNN path would not even trace.
+    gpt = cast_floats(GPT(dataclasses.replace(CONFIG, dropout=0.1), key=jax.random.key(0)), jnp.bfloat16)
+    jax.make_jaxpr(lambda tokens_BxT: gpt(tokens_BxT, key=jax.random.key(1)))(jnp.zeros((2, 16), jnp.int32))
 
 
 # /proc/cpuinfo's vendor and flags, cut to those that matter, of the processors midgpt was measured on
@@ -156,13 +159,13 @@ AMD, INTEL = "vendor_id\t: AuthenticAMD\n", "vendor_id\t: GenuineIntel\n"
 
 
 @pytest.mark.parametrize("cpuinfo, faster", [
-    ((AMD + "flags\t\t: fpu sse2 avx2 fma avx512f avx512_bf16\n") * 2, True),  # 2.0-2.6x
+    ((AMD + "flags\t\t: fpu sse2 avx2 fma avx512f avx512_bf16\n") * 2, True),  # Zen 4 2.0-2.6x, Zen 5 1.7-2.4x
     (INTEL + "flags\t\t: fpu sse2 avx2 fma avx512f avx512_bf16 amx_bf16 amx_tile\n", True),  # 3.3x
     (INTEL + "flags\t\t: fpu sse2 avx2 fma avx512f avx512_bf16 avx512_fp16\n", False),  # 0.3-1.0x
     (AMD + "flags\t\t: fpu sse2 avx2 fma\nbugs\t\t: avx512_bf16\n", False),  # 0.6x
     ("Features\t: fp asimd bf16 i8mm\n", False),  # how XLA runs bf16 there is not measured
     ("", False),
-], ids=["AMD EPYC Zen 4", "Intel Xeon AMX", "Intel Xeon AMX hidden", "AMD EPYC Zen 3", "Arm", "not Linux"])
+], ids=["AMD EPYC Zen 4 or 5", "Intel Xeon AMX", "Intel Xeon AMX hidden", "AMD EPYC Zen 3", "Arm", "not Linux"])
 def test_auto_compute_dtype_is_bfloat16_on_cpus_that_multiply_it_faster(cpuinfo, faster, monkeypatch):
     assert multiplies_bf16_faster(cpuinfo) == faster
     monkeypatch.setattr(cpu, "info", lambda: cpuinfo)
@@ -170,7 +173,10 @@ def test_auto_compute_dtype_is_bfloat16_on_cpus_that_multiply_it_faster(cpuinfo,
     assert compute_dtype("auto") == ("float32" if on_cpu and not faster else "bfloat16")
 
 
-def test_a_compute_dtype_other_than_auto_is_kept_whatever_the_cpu():
+@pytest.mark.parametrize("cpuinfo", [AMD + "flags\t\t: avx512_bf16\n", INTEL + "flags\t\t: avx512_bf16\n", ""],
+                         ids=["bf16 faster", "bf16 slower", "not Linux"])
+def test_a_compute_dtype_other_than_auto_is_kept_whatever_the_cpu(cpuinfo, monkeypatch):
+    monkeypatch.setattr(cpu, "info", lambda: cpuinfo)
     assert compute_dtype("float32") == "float32" and compute_dtype("bfloat16") == "bfloat16"
 
 

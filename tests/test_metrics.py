@@ -263,6 +263,25 @@ def test_step_ms_leaves_out_saves_and_evaluations(shakespeare_data_dir, tmp_path
     assert all(r["tokens_per_sec"] * r["step_ms"] / 1000 == pytest.approx(tokens_per_step, rel=1e-3) for r in records)
 
 
+def test_step_ms_is_one_steps_share_of_a_call_of_several(shakespeare_data_dir, tmp_path, monkeypatch):
+    # Each call of two steps made 0.2 s slower: a step's time is half of it, not all.
+    from midgpt import train as training
+    make = training.make_train_step
+
+    def slowed(*args):
+        train_step = make(*args)
+        slow_step = lambda *state_x_y: (time.sleep(0.2), train_step(*state_x_y))[1]
+        slow_step.lower = train_step.lower
+        return slow_step
+
+    monkeypatch.setattr(training, "make_train_step", slowed)
+    config = one_layer_config(shakespeare_data_dir, "--max_steps=8", "--log_interval=2", "--steps_per_call=2",
+                              "--eval_interval=100", "--eval_iters=1", "--checkpoint_interval=100")
+    train(config, str(tmp_path))
+    timed = [record["step_ms"] for record in read_metrics(tmp_path) if "step_ms" in record]
+    assert len(timed) == 3 and all(100 <= ms < 180 for ms in timed), timed  # steps 3-4, 5-6, 7-8
+
+
 def test_the_first_call_of_each_program_is_left_out_of_the_timing(shakespeare_data_dir, tmp_path, capsys):
     # Two steps a call where they fit, else one: each program's first call compiles it (or loads it from the
     # cache), in seconds against milliseconds a step, so the log step after it reads no speed.

@@ -123,14 +123,19 @@ def test_auto_compute_dtype_is_the_faster_of_the_two_here(optimized):
     assert precision.compute_dtype("auto") == ("float32" if float32 > bfloat16 else "bfloat16")
 
 
-def test_throughput_benchmark_times_the_real_step_and_prints_json():
+def throughput(*overrides: str) -> dict:
+    """train_throughput.py's JSON line for a small shakespeare_char_cpu, three steps timed."""
     result = subprocess.run(
         [sys.executable, str(REPO_ROOT / "benchmarks" / "train_throughput.py"), "--config=shakespeare_char_cpu",
-         "--steps=3", "--model.n_layer=2", "--model.n_embd=64", "--model.n_head=2", "--batch_size=4"],
+         "--steps=3", "--model.n_layer=2", "--model.n_embd=64", "--model.n_head=2", "--batch_size=4", *overrides],
         capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stderr
-    out = json.loads(result.stdout.strip().splitlines()[-1])
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_throughput_benchmark_times_the_real_step_and_prints_json():
+    out = throughput()
     # shakespeare_char_cpu's steps run 10 to a call: timed by the call, counted by the step.
     assert out["backend"] == "cpu" and out["device_count"] == 1 and out["tokens_per_step"] == 4 * 64
     assert out["steps_per_call"] == 10
@@ -138,6 +143,9 @@ def test_throughput_benchmark_times_the_real_step_and_prints_json():
     assert 0 < out["mfu"] < 1 and out["peak_source"].startswith(f"measured {precision.compute_dtype('auto')}")
     assert 0 < out["compile_s"] < out["first_step_s"] < out["compile_s"] + 1  # the first call's 10 steps: ms
     assert out["compute_dtype"] == precision.compute_dtype("auto")  # what "auto" chose, not "auto"
+    # A step's time, not its call's: within twice that of one step a call (a call's would be 10 times it).
+    alone = throughput("--steps_per_call=1")
+    assert alone["steps_per_call"] == 1 and 0.5 < out["step_ms"] / alone["step_ms"] < 2, (out, alone)
 
 
 def test_throughput_benchmark_counts_every_device_and_micro_batch():

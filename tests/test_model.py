@@ -11,7 +11,7 @@ import optax
 import pytest
 
 from midgpt.config import Config, ModelConfig
-from midgpt.model import (GPT, Norm, apply_rotary, cast_floats, count_params, dropout, rotary_tables,
+from midgpt.model import (GPT, Attention, Norm, apply_rotary, cast_floats, count_params, dropout, rotary_tables,
                           softmax_attention)
 from midgpt.optimizer import make_optimizer
 from midgpt.sharding import make_mesh
@@ -221,6 +221,22 @@ def test_attention_dropout_zeroes_a_share_of_the_probabilities_and_scales_up_the
     assert abs(zeroed.mean() - 0.25) < 0.02  # of 8,320 probabilities: 4 standard deviations
     np.testing.assert_allclose(dropped_BxSxHxS[seen_BxSxHxS][~zeroed], prob_BxSxHxS[seen_BxSxHxS][~zeroed] / 0.75,
                                rtol=1e-5)
+
+
+def test_the_attention_module_drops_its_probabilities_at_its_rate():
+    # With one key, a head's probability is 1: dropping it zeroes that head's whole output at the token, where the
+    # output's own dropout zeroes single features. Identity value and output projections let both be seen.
+    B, C = 512, D // H
+    cfg = ModelConfig(vocab_size=V, block_size=1, n_layer=1, n_head=H, n_embd=D, dropout=0.5)
+    eye_DxD = jnp.eye(D)
+    attention = eqx.tree_at(lambda a: (a.wv_DxHxC, a.wo_HxCxD), Attention(cfg, key=jax.random.key(0)),
+                            (eye_DxD.reshape(D, H, C), eye_DxD.reshape(H, C, D)))
+    x_Bx1xD = jax.random.normal(jax.random.key(1), (B, 1, D))
+    sin_1xC, cos_1xC = rotary_tables(np.arange(1), C, cfg.rope_base)
+    out_Bx1xD, _ = attention(x_Bx1xD, sin_1xC, cos_1xC, np.ones((1, 1), bool), key=jax.random.key(2))
+    dropped_BxH = np.all(np.asarray(out_Bx1xD).reshape(B, H, C) == 0, axis=-1)
+    # Of 1,024 heads, within 4.5 standard deviations of half; without the probabilities' dropout, 0.5**16 of them.
+    assert abs(dropped_BxH.mean() - 0.5) < 0.07
 
 
 @pytest.mark.parametrize("rate", [1 / 256, 0.25])
