@@ -1,4 +1,5 @@
-"""Text generation from a trained run: temperature, top-k, a sliding context window."""
+"""Text generation from a trained run: a checkpoint restored on one device, the samples checked to fit in its
+memory, then temperature, top-k and a sliding context window over a KV cache."""
 
 import contextlib
 import functools
