@@ -1,4 +1,5 @@
-"""Tokenizers named by a dataset's meta.json: "char" (its own vocabulary) or "gpt2" (GPT-2 BPE)."""
+"""Tokenizers named by a dataset's meta.json: "char" (its own vocabulary) or "gpt2" (GPT-2 BPE); and the text they
+take from a file, read as UTF-8, or the one line that says what to convert it from (UTF-16, gzip, ...)."""
 
 import codecs
 import functools
