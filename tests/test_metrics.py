@@ -279,7 +279,7 @@ def test_step_ms_is_one_steps_share_of_a_call_of_several(shakespeare_data_dir, t
                               "--eval_interval=100", "--eval_iters=1", "--checkpoint_interval=100")
     train(config, str(tmp_path))
     timed = [record["step_ms"] for record in read_metrics(tmp_path) if "step_ms" in record]
-    assert len(timed) == 3 and all(100 <= ms < 180 for ms in timed), timed  # steps 3-4, 5-6, 7-8
+    assert len(timed) == 3 and all(100 <= ms < 200 for ms in timed), timed  # steps 3-4, 5-6, 7-8
 
 
 def test_the_first_call_of_each_program_is_left_out_of_the_timing(shakespeare_data_dir, tmp_path, capsys):

@@ -124,7 +124,7 @@ def test_auto_compute_dtype_is_the_faster_of_the_two_here(optimized):
 
 
 def throughput(*overrides: str) -> dict:
-    """train_throughput.py's JSON line for a small shakespeare_char_cpu, three steps timed."""
+    """train_throughput.py's JSON line for a small shakespeare_char_cpu, at least three steps timed."""
     result = subprocess.run(
         [sys.executable, str(REPO_ROOT / "benchmarks" / "train_throughput.py"), "--config=shakespeare_char_cpu",
          "--steps=3", "--model.n_layer=2", "--model.n_embd=64", "--model.n_head=2", "--batch_size=4", *overrides],
@@ -143,9 +143,9 @@ def test_throughput_benchmark_times_the_real_step_and_prints_json():
     assert 0 < out["mfu"] < 1 and out["peak_source"].startswith(f"measured {precision.compute_dtype('auto')}")
     assert 0 < out["compile_s"] < out["first_step_s"] < out["compile_s"] + 1  # the first call's 10 steps: ms
     assert out["compute_dtype"] == precision.compute_dtype("auto")  # what "auto" chose, not "auto"
-    # A step's time, not its call's: within twice that of one step a call (a call's would be 10 times it).
+    # A step's time, not its call's: near that of one step a call (a call's would be 10 times it).
     alone = throughput("--steps_per_call=1")
-    assert alone["steps_per_call"] == 1 and 0.5 < out["step_ms"] / alone["step_ms"] < 2, (out, alone)
+    assert alone["steps_per_call"] == 1 and 0.25 < out["step_ms"] / alone["step_ms"] < 4, (out, alone)
 
 
 def test_throughput_benchmark_counts_every_device_and_micro_batch():

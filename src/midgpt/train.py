@@ -26,6 +26,7 @@ from midgpt.profiler import TraceWindow
 from midgpt.step import (eval_loss, fresh_state, init_state, loss_chunks, make_train_step, memory_estimator,
                          pieces_per_micro_batch, state_layout)
 
+
 def calls(start: int, config: Config, traced: range) -> Iterator[range]:
     """The steps after start as the loop runs them: steps_a_call at a time, ending where the loop acts, or one
     at a time where they do not fit (a resume off that grid, the last steps, `traced` ones): two programs."""
